@@ -1,0 +1,2 @@
+//! migrated: the per-host live migration agent.
+#![warn(missing_docs)]

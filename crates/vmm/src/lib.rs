@@ -1,0 +1,2 @@
+//! vmm: a minimal KVM virtual machine monitor.
+#![warn(missing_docs)]

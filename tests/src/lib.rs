@@ -1,0 +1,46 @@
+//! Fixtures for the end-to-end tests: locating the guest image and the project's binaries,
+//! driving the guest agent over a serial line, and starting guests under the reference VMM.
+//!
+//! Tests that need /dev/kvm call [`kvm_available`] first: without KVM they report themselves
+//! skipped, unless `REQUIRE_KVM=1` (CI) makes that a failure.
+
+pub mod agent;
+pub mod image;
+pub mod qemu;
+
+use std::path::PathBuf;
+
+/// Whether KVM tests can run here. Without /dev/kvm this prints why the caller skips, or panics
+/// when `REQUIRE_KVM=1`.
+pub fn kvm_available(test: &str) -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        if std::env::var("REQUIRE_KVM").as_deref() == Ok("1") {
+            panic!("{test}: /dev/kvm is not usable and REQUIRE_KVM=1");
+        }
+        eprintln!("SKIPPED {test}: /dev/kvm is not usable on this machine");
+    }
+    ok
+}
+
+/// Path of one of the workspace's binaries, built by `cargo build --workspace --bins`.
+pub fn binary(name: &str) -> PathBuf {
+    // Test executables live in target/<profile>/deps/.
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .to_path_buf();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` (scripts/test does)",
+        path.display()
+    );
+    path
+}
