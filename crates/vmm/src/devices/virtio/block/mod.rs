@@ -1,0 +1,11 @@
+//! virtio-blk: one request queue, served off the vCPU threads by an async worker with many
+//! requests in flight, over a local file or a storaged volume.
+
+mod backend;
+mod device;
+mod request;
+mod worker;
+
+pub use backend::{Backend, BackendError, FileBackend};
+pub use device::{Block, BlockError, QUEUE_SIZE, SECTOR_SIZE};
+pub use request::{Request, RequestError, RequestKind};

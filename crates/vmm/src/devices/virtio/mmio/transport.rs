@@ -1,0 +1,273 @@
+//! Register file of a virtio-mmio device (virtio spec 1.2, section 4.2.2).
+//!
+//! The driver's sequence: reset (status 0), ACKNOWLEDGE, DRIVER, read device features and
+//! write driver features (32 bits at a time, selected by the *FeaturesSel registers),
+//! FEATURES_OK, set up each queue (QueueSel, QueueNum, the three ring addresses, QueueReady),
+//! then DRIVER_OK, at which point the device is activated with the queues. A notification
+//! write (QueueNotify) normally never reaches this code: KVM matches it against the ioeventfd
+//! registered for that queue and signals the device directly.
+
+use super::super::{Activation, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use crate::bus::BusDevice;
+use crate::memory::GuestMem;
+use std::sync::Arc;
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+const MAGIC_VALUE: u32 = 0x7472_6976; // "virt"
+const MMIO_VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0x564d_4850; // "PHMV"
+
+const REG_MAGIC: u64 = 0x000;
+const REG_VERSION: u64 = 0x004;
+const REG_DEVICE_ID: u64 = 0x008;
+const REG_VENDOR_ID: u64 = 0x00c;
+const REG_DEVICE_FEATURES: u64 = 0x010;
+const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+const REG_DRIVER_FEATURES: u64 = 0x020;
+const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+const REG_QUEUE_SEL: u64 = 0x030;
+const REG_QUEUE_NUM_MAX: u64 = 0x034;
+const REG_QUEUE_NUM: u64 = 0x038;
+const REG_QUEUE_READY: u64 = 0x044;
+/// QueueNotify: the offset the ioeventfds are registered at.
+pub const QUEUE_NOTIFY_OFFSET: u64 = 0x050;
+const REG_INTERRUPT_STATUS: u64 = 0x060;
+const REG_INTERRUPT_ACK: u64 = 0x064;
+const REG_STATUS: u64 = 0x070;
+const REG_QUEUE_DESC_LOW: u64 = 0x080;
+const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
+const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
+const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
+const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+const REG_CONFIG_GENERATION: u64 = 0x0fc;
+const CONFIG_SPACE: u64 = 0x100;
+
+const STATUS_DRIVER_OK: u32 = 4;
+const STATUS_FEATURES_OK: u32 = 8;
+const STATUS_FAILED: u32 = 0x80;
+
+/// One virtio-mmio device window.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: Arc<GuestMem>,
+    interrupt: Arc<VirtioInterrupt>,
+    queue_evts: Vec<EventFd>,
+    queues: Vec<Queue>,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    status: u32,
+    activated: bool,
+}
+
+impl MmioTransport {
+    /// Wraps `device`; `queue_evts[i]` is the ioeventfd registered for queue `i`.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: Arc<GuestMem>,
+        interrupt: Arc<VirtioInterrupt>,
+        queue_evts: Vec<EventFd>,
+    ) -> MmioTransport {
+        let queues = Self::fresh_queues(device.as_ref());
+        MmioTransport {
+            device,
+            mem,
+            interrupt,
+            queue_evts,
+            queues,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            status: 0,
+            activated: false,
+        }
+    }
+
+    fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
+        device
+            .queue_max_sizes()
+            .iter()
+            .map(|&max| Queue::new(max).expect("queue sizes are powers of two"))
+            .collect()
+    }
+
+    fn features(&self) -> u64 {
+        self.device.features() | VIRTIO_F_VERSION_1
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        if self.activated {
+            return None;
+        }
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn reset(&mut self) {
+        if self.activated {
+            self.device.reset();
+        }
+        self.activated = false;
+        self.queues = Self::fresh_queues(self.device.as_ref());
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.queue_sel = 0;
+        self.status = 0;
+        self.interrupt.ack(u32::MAX);
+    }
+
+    fn set_status(&mut self, status: u32) {
+        if status == 0 {
+            self.reset();
+            return;
+        }
+        if status & STATUS_FEATURES_OK != 0 && self.driver_features & !self.features() != 0 {
+            // The driver accepted features we never offered: refuse FEATURES_OK.
+            self.status = status & !STATUS_FEATURES_OK;
+            return;
+        }
+        self.status = status;
+        if status & STATUS_DRIVER_OK != 0 && !self.activated {
+            if let Err(e) = self.activate() {
+                tracing::error!(error = %e, "virtio device activation failed");
+                self.status |= STATUS_FAILED;
+            }
+        }
+    }
+
+    fn activate(&mut self) -> Result<(), super::super::VirtioError> {
+        for (i, q) in self.queues.iter().enumerate() {
+            if !q.is_valid(self.mem.as_ref()) {
+                return Err(super::super::VirtioError::InvalidQueue(i));
+            }
+        }
+        let mut queues = Vec::new();
+        for (q, evt) in self.queues.iter().zip(&self.queue_evts) {
+            let evt = evt
+                .try_clone()
+                .map_err(|e| super::super::VirtioError::Activate("clone queue eventfd", e))?;
+            // The device gets its own copy; the transport's stays for register reads.
+            let q = Queue::try_from(q.state())
+                .map_err(|_| super::super::VirtioError::InvalidQueue(queues.len()))?;
+            queues.push((q, evt));
+        }
+        self.device.activate(Activation {
+            mem: self.mem.clone(),
+            queues,
+            features: self.driver_features,
+            interrupt: self.interrupt.clone(),
+        })?;
+        self.activated = true;
+        Ok(())
+    }
+
+    fn read_reg(&self, offset: u64) -> u32 {
+        let q = self.queues.get(self.queue_sel as usize);
+        match offset {
+            REG_MAGIC => MAGIC_VALUE,
+            REG_VERSION => MMIO_VERSION,
+            REG_DEVICE_ID => self.device.device_type(),
+            REG_VENDOR_ID => VENDOR_ID,
+            REG_DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.features() as u32,
+                1 => (self.features() >> 32) as u32,
+                _ => 0,
+            },
+            REG_QUEUE_NUM_MAX => q.map_or(0, |q| u32::from(q.max_size())),
+            REG_QUEUE_READY => q.map_or(0, |q| u32::from(q.ready())),
+            REG_INTERRUPT_STATUS => self.interrupt.status(),
+            REG_STATUS => self.status,
+            REG_CONFIG_GENERATION => 0,
+            _ => 0,
+        }
+    }
+
+    fn write_reg(&mut self, offset: u64, v: u32) {
+        match offset {
+            REG_DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            REG_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            REG_DRIVER_FEATURES => match self.driver_features_sel {
+                0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
+                1 => {
+                    self.driver_features =
+                        (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
+                }
+                _ => {}
+            },
+            REG_QUEUE_SEL => self.queue_sel = v,
+            REG_QUEUE_NUM => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_size(v as u16)
+                }
+            }
+            REG_QUEUE_READY => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_ready(v == 1)
+                }
+            }
+            REG_QUEUE_DESC_LOW | REG_QUEUE_DESC_HIGH => {
+                let (lo, hi) = split(offset == REG_QUEUE_DESC_LOW, v);
+                if let Some(q) = self.selected_queue() {
+                    q.set_desc_table_address(lo, hi)
+                }
+            }
+            REG_QUEUE_DRIVER_LOW | REG_QUEUE_DRIVER_HIGH => {
+                let (lo, hi) = split(offset == REG_QUEUE_DRIVER_LOW, v);
+                if let Some(q) = self.selected_queue() {
+                    q.set_avail_ring_address(lo, hi)
+                }
+            }
+            REG_QUEUE_DEVICE_LOW | REG_QUEUE_DEVICE_HIGH => {
+                let (lo, hi) = split(offset == REG_QUEUE_DEVICE_LOW, v);
+                if let Some(q) = self.selected_queue() {
+                    q.set_used_ring_address(lo, hi)
+                }
+            }
+            QUEUE_NOTIFY_OFFSET => {
+                // Only reached if the ioeventfd did not match (e.g. an odd access width).
+                if let Some(evt) = self.queue_evts.get(v as usize) {
+                    let _ = evt.write(1);
+                }
+            }
+            REG_INTERRUPT_ACK => self.interrupt.ack(v),
+            REG_STATUS => self.set_status(v),
+            _ => tracing::debug!(
+                offset,
+                v,
+                "virtio-mmio write to read-only or unknown register"
+            ),
+        }
+    }
+}
+
+fn split(low: bool, v: u32) -> (Option<u32>, Option<u32>) {
+    if low {
+        (Some(v), None)
+    } else {
+        (None, Some(v))
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_SPACE {
+            self.device.read_config(offset - CONFIG_SPACE, data);
+        } else if data.len() == 4 {
+            data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
+        } else {
+            data.fill(0);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_SPACE {
+            self.device.write_config(offset - CONFIG_SPACE, data);
+        } else if let Ok(bytes) = <[u8; 4]>::try_from(data) {
+            self.write_reg(offset, u32::from_le_bytes(bytes));
+        }
+    }
+}

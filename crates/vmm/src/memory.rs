@@ -1,0 +1,141 @@
+//! Guest physical memory: memfd-backed regions with a dirty bitmap, and the guest physical
+//! address map (RAM, the MMIO hole below 4 GiB, the device windows).
+//!
+//! The memory is a memfd so that it has a file descriptor: a later local migration or a
+//! vhost-user backend can map the same pages. Each region carries an [`AtomicBitmap`] that
+//! vm-memory sets on every write made through the [`vm_memory::Bytes`] interface; KVM's own
+//! dirty log covers only the guest's writes.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::sync::Arc;
+use thiserror::Error;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, GuestUsize};
+
+/// Guest memory with a per-page dirty bitmap: the only type through which the VMM writes.
+pub type GuestMem = GuestMemoryMmap<AtomicBitmap>;
+
+/// Guest page size for dirty tracking.
+pub const PAGE_SIZE: usize = 4096;
+/// Start of the hole below 4 GiB that holds device MMIO, the IOAPIC and the LAPIC.
+pub const MMIO_HOLE_START: u64 = 0xc000_0000;
+/// End of the MMIO hole: RAM continues here.
+pub const MMIO_HOLE_END: u64 = 1 << 32;
+/// Base of the virtio-mmio device windows (inside the hole, clear of IOAPIC/LAPIC).
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Size of one virtio-mmio device window.
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// Address the kernel expects for the first I/O APIC (also in the MP table).
+pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
+/// Address of the local APICs.
+pub const LAPIC_ADDR: u32 = 0xfee0_0000;
+/// KVM's TSS (three pages) sits just below the BIOS area at the top of the hole (Intel only;
+/// KVM requires it before the first KVM_RUN).
+pub const KVM_TSS_ADDR: usize = 0xfffb_d000;
+
+/// Errors while creating guest memory.
+#[derive(Debug, Error)]
+pub enum MemoryError {
+    /// The memory size is zero or not page aligned.
+    #[error("guest memory size {0} MiB is not usable")]
+    BadSize(u64),
+    /// memfd_create failed.
+    #[error("memfd_create")]
+    Memfd(#[source] std::io::Error),
+    /// Sizing the memfd failed.
+    #[error("size the memfd")]
+    Truncate(#[source] std::io::Error),
+    /// mmap of a region failed.
+    #[error("map guest memory")]
+    Mmap(#[source] vm_memory::mmap::MmapRegionError),
+    /// Regions overlap or are out of order.
+    #[error("assemble guest memory regions")]
+    Regions(#[source] vm_memory::GuestRegionCollectionError),
+}
+
+/// The RAM ranges `(guest address, size)` for `mem_bytes` of memory: below the MMIO hole, and
+/// the rest above 4 GiB.
+pub fn ram_ranges(mem_bytes: u64) -> Vec<(GuestAddress, u64)> {
+    if mem_bytes <= MMIO_HOLE_START {
+        vec![(GuestAddress(0), mem_bytes)]
+    } else {
+        vec![
+            (GuestAddress(0), MMIO_HOLE_START),
+            (GuestAddress(MMIO_HOLE_END), mem_bytes - MMIO_HOLE_START),
+        ]
+    }
+}
+
+/// Creates `mib` MiB of guest memory in one memfd, mapped shared, with a dirty bitmap per
+/// region. Returns the memory and the memfd.
+pub fn create_guest_memory(mib: u64) -> Result<(Arc<GuestMem>, Arc<File>), MemoryError> {
+    let bytes = mib.checked_mul(1 << 20).ok_or(MemoryError::BadSize(mib))?;
+    if bytes == 0 || bytes > (1 << 46) {
+        return Err(MemoryError::BadSize(mib));
+    }
+    // SAFETY: the name is a valid NUL-terminated string and the flags are valid; the return
+    // value is checked before use.
+    let fd = unsafe { libc::memfd_create(c"guest-mem".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
+    let file = Arc::new(unsafe { File::from_raw_fd(fd) });
+    file.set_len(bytes).map_err(MemoryError::Truncate)?;
+
+    let mut regions = Vec::new();
+    let mut file_offset = 0u64;
+    for (addr, size) in ram_ranges(bytes) {
+        let size_usize = size as usize;
+        let bitmap = AtomicBitmap::new(
+            size_usize,
+            std::num::NonZeroUsize::new(PAGE_SIZE).expect("page size"),
+        );
+        let region = MmapRegionBuilder::new_with_bitmap(size_usize, bitmap)
+            .with_file_offset(FileOffset::from_arc(file.clone(), file_offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+            .build()
+            .map_err(MemoryError::Mmap)?;
+        regions.push(Arc::new(
+            GuestRegionMmap::new(region, addr).ok_or(MemoryError::BadSize(mib))?,
+        ));
+        file_offset += size;
+    }
+    let mem = GuestMem::from_arc_regions(regions).map_err(MemoryError::Regions)?;
+    Ok((Arc::new(mem), file))
+}
+
+/// Total RAM in bytes.
+pub fn ram_size(mem: &GuestMem) -> GuestUsize {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    mem.iter().map(|r| r.len()).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemoryBackend};
+
+    #[test]
+    fn vmm_writes_are_marked_dirty() {
+        let (mem, _fd) = create_guest_memory(4).unwrap();
+        let region = mem.find_region(GuestAddress(0x5000)).unwrap();
+        assert!(!region.bitmap().is_addr_set(0x5000));
+        mem.write_slice(&[1, 2, 3], GuestAddress(0x5ffe)).unwrap();
+        assert!(region.bitmap().is_addr_set(0x5000));
+        assert!(region.bitmap().is_addr_set(0x6000));
+        assert!(!region.bitmap().is_addr_set(0x7000));
+    }
+
+    #[test]
+    fn memory_above_the_hole_starts_at_4g() {
+        let r = ram_ranges(4 << 30);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[1].0, GuestAddress(MMIO_HOLE_END));
+        assert_eq!(r[0].1 + r[1].1, 4 << 30);
+        assert_eq!(ram_ranges(1 << 30), vec![(GuestAddress(0), 1 << 30)]);
+    }
+}
