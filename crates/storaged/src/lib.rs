@@ -1,2 +1,20 @@
 //! storaged: block volumes over NBD with per-host leases.
+//!
+//! - [`protocol`]: the NBD wire format and the project's lease extension;
+//! - [`lease`]: the lease table and its transitions; [`flip`]: applying them to live connections;
+//! - [`volume`], [`store`], [`registry`]: volume files, durable metadata, the running set;
+//! - [`server`]: the NBD server; [`api`]: the REST control API and its client;
+//! - [`client`]: the lease-aware async NBD client used by the VMM and the tests.
 #![warn(missing_docs)]
+
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod flip;
+pub mod gate;
+pub mod lease;
+pub mod protocol;
+pub mod registry;
+pub mod server;
+pub mod store;
+pub mod volume;

@@ -1,4 +1,424 @@
-fn main() {
-    eprintln!("storaged: not built yet");
-    std::process::exit(2);
+//! `storaged`: the block storage daemon and its command-line client.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use hyper::Method;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use storaged::api::client::ApiClient;
+use storaged::api::{FlipMode, FlipRequest, RevokeRequest};
+use storaged::config::{ServeConfig, ServeConfigFile};
+use storaged::registry::{LeaseView, Registry, VolumeInfo};
+use storaged::volume::{AnonymousPolicy, VolumeConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "storaged",
+    version,
+    about = "Block volumes over NBD with per-host leases (primary / standby / deactivated) \
+             and the flip that hands a volume from one host to another."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon: NBD server and REST control API.
+    Serve(ServeArgs),
+    /// Manage volumes through the REST API.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Inspect and change leases through the REST API.
+    #[command(subcommand)]
+    Lease(LeaseCmd),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML file with the same settings as the flags (flags win).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Directory for volume files (volumes/NAME.img) and metadata (meta.redb).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// NBD listen address [default: 127.0.0.1:10809]; port 0 picks a free port.
+    #[arg(long)]
+    nbd_listen: Option<std::net::SocketAddr>,
+    /// REST API listen address [default: 127.0.0.1:10810]; port 0 picks a free port.
+    #[arg(long)]
+    api_listen: Option<std::net::SocketAddr>,
+    /// Write {"nbd": ADDR, "api": ADDR} here once both listeners are bound.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+    /// Seconds open connections get to finish after SIGTERM [default: 30].
+    #[arg(long)]
+    shutdown_grace_secs: Option<u64>,
+    /// Seconds a flip waits for the old primary's admitted requests [default: 30].
+    #[arg(long)]
+    drain_limit_secs: Option<u64>,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+#[derive(Args, Clone)]
+struct ApiArgs {
+    /// Address of the storaged REST API.
+    #[arg(long, env = "STORAGED_API", default_value = "127.0.0.1:10810")]
+    api: String,
+}
+
+#[derive(Subcommand)]
+enum VolumeCmd {
+    /// Create a sparse volume.
+    Create {
+        /// Volume name (also the NBD export name).
+        name: String,
+        /// Size: bytes, or with a K/M/G/T suffix (powers of 1024).
+        #[arg(long)]
+        size: String,
+        /// Access for clients without a lease.
+        #[arg(long, value_enum, default_value = "read-only-without-primary")]
+        anonymous: Anonymous,
+        /// The first data command of a standby connection flips the lease to it.
+        #[arg(long)]
+        flip_on_first_access: bool,
+        /// Default deadline (ms) of armed flips.
+        #[arg(long)]
+        flip_timeout_ms: Option<u64>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List volumes.
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Show one volume.
+    Show {
+        /// Volume name.
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Delete a volume without open connections (its data is removed).
+    Delete {
+        /// Volume name.
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Anonymous {
+    ReadOnlyWithoutPrimary,
+    ReadOnly,
+    ReadWriteWithoutPrimary,
+    Deny,
+}
+
+#[derive(Subcommand)]
+enum LeaseCmd {
+    /// List the leases of a volume.
+    List {
+        /// Volume name.
+        volume: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Promote a standby to primary (deactivating the old primary); prints the step timings.
+    Flip {
+        /// Volume name.
+        volume: String,
+        /// Host to promote (default: the only standby).
+        #[arg(long)]
+        to: Option<String>,
+        /// Arm the flip instead: it completes on the standby's first I/O or after the timeout.
+        #[arg(long)]
+        armed: bool,
+        /// Deadline of an armed flip in ms.
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Terminate a host's lease (primary, standby or deactivated) and close its connections.
+    Revoke {
+        /// Volume name.
+        volume: String,
+        /// Host id.
+        #[arg(long)]
+        host: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Restore the lease table from before the last flip.
+    Rollback {
+        /// Volume name.
+        volume: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+fn parse_size(s: &str) -> Result<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        Some('T' | 't') => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().with_context(|| format!("size {s:?}"))?;
+    n.checked_mul(mult).context("size overflows")
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+async fn volume_cmd(cmd: VolumeCmd) -> Result<()> {
+    match cmd {
+        VolumeCmd::Create {
+            name,
+            size,
+            anonymous,
+            flip_on_first_access,
+            flip_timeout_ms,
+            api,
+        } => {
+            let cfg = VolumeConfig {
+                name,
+                size: parse_size(&size)?,
+                anonymous: match anonymous {
+                    Anonymous::ReadOnlyWithoutPrimary => AnonymousPolicy::ReadOnlyWithoutPrimary,
+                    Anonymous::ReadOnly => AnonymousPolicy::ReadOnly,
+                    Anonymous::ReadWriteWithoutPrimary => AnonymousPolicy::ReadWriteWithoutPrimary,
+                    Anonymous::Deny => AnonymousPolicy::Deny,
+                },
+                flip_on_first_access,
+                flip_timeout_ms,
+            };
+            let v: VolumeInfo = ApiClient::new(api.api)
+                .call(Method::POST, "/v1/volumes", Some(&cfg))
+                .await?;
+            print_json(&v)
+        }
+        VolumeCmd::List { api } => {
+            let vs: Vec<VolumeInfo> = ApiClient::new(api.api)
+                .call(Method::GET, "/v1/volumes", None::<&()>)
+                .await?;
+            println!(
+                "{:<24} {:>16} {:>6} {:>5}  ANONYMOUS",
+                "NAME", "SIZE", "EPOCH", "CONNS"
+            );
+            for v in vs {
+                println!(
+                    "{:<24} {:>16} {:>6} {:>5}  {}",
+                    v.config.name,
+                    v.config.size,
+                    v.epoch,
+                    v.connections,
+                    serde_json::to_value(v.config.anonymous)?
+                        .as_str()
+                        .unwrap_or("?")
+                );
+            }
+            Ok(())
+        }
+        VolumeCmd::Show { name, api } => {
+            let v: VolumeInfo = ApiClient::new(api.api)
+                .call(Method::GET, &format!("/v1/volumes/{name}"), None::<&()>)
+                .await?;
+            print_json(&v)
+        }
+        VolumeCmd::Delete { name, api } => {
+            let _: serde_json::Value = ApiClient::new(api.api)
+                .call(Method::DELETE, &format!("/v1/volumes/{name}"), None::<&()>)
+                .await?;
+            println!("deleted {name}");
+            Ok(())
+        }
+    }
+}
+
+async fn lease_cmd(cmd: LeaseCmd) -> Result<()> {
+    match cmd {
+        LeaseCmd::List { volume, api } => {
+            let v: LeaseView = ApiClient::new(api.api)
+                .call(
+                    Method::GET,
+                    &format!("/v1/volumes/{volume}/leases"),
+                    None::<&()>,
+                )
+                .await?;
+            println!("volume {} epoch {}", v.volume, v.epoch);
+            println!("{:<24} {:<24} {:<12} CONNS", "HOST", "INSTANCE", "STATE");
+            for l in &v.leases {
+                let state = serde_json::to_value(l.state)?;
+                println!(
+                    "{:<24} {:<24} {:<12} {}",
+                    l.host,
+                    l.instance,
+                    state.as_str().unwrap_or("?"),
+                    l.connections
+                );
+            }
+            println!(
+                "anonymous connections: {}; flip pending: {}; rollback possible: {}",
+                v.anonymous_connections, v.flip_pending, v.can_roll_back
+            );
+            Ok(())
+        }
+        LeaseCmd::Flip {
+            volume,
+            to,
+            armed,
+            timeout_ms,
+            api,
+        } => {
+            let req = FlipRequest {
+                to,
+                mode: if armed {
+                    FlipMode::Armed
+                } else {
+                    FlipMode::Now
+                },
+                timeout_ms,
+            };
+            let v: serde_json::Value = ApiClient::new(api.api)
+                .call(
+                    Method::POST,
+                    &format!("/v1/volumes/{volume}/flip"),
+                    Some(&req),
+                )
+                .await?;
+            print_json(&v)
+        }
+        LeaseCmd::Revoke { volume, host, api } => {
+            let v: LeaseView = ApiClient::new(api.api)
+                .call(
+                    Method::POST,
+                    &format!("/v1/volumes/{volume}/leases/revoke"),
+                    Some(&RevokeRequest { host }),
+                )
+                .await?;
+            print_json(&v)
+        }
+        LeaseCmd::Rollback { volume, api } => {
+            let v: serde_json::Value = ApiClient::new(api.api)
+                .call(
+                    Method::POST,
+                    &format!("/v1/volumes/{volume}/rollback"),
+                    None::<&()>,
+                )
+                .await?;
+            print_json(&v)
+        }
+    }
+}
+
+async fn serve(cfg: ServeConfig) -> Result<()> {
+    let mut reg = Registry::open(&cfg.data_dir)
+        .with_context(|| format!("opening data dir {}", cfg.data_dir.display()))?;
+    reg.drain_limit = Duration::from_secs(cfg.drain_limit_secs);
+    let reg = Arc::new(reg);
+    let nbd = tokio::net::TcpListener::bind(cfg.nbd_listen)
+        .await
+        .with_context(|| format!("binding NBD {}", cfg.nbd_listen))?;
+    let api = tokio::net::TcpListener::bind(cfg.api_listen)
+        .await
+        .with_context(|| format!("binding API {}", cfg.api_listen))?;
+    let (nbd_addr, api_addr) = (nbd.local_addr()?, api.local_addr()?);
+    tracing::info!(nbd = %nbd_addr, api = %api_addr, data_dir = %cfg.data_dir.display(),
+        volumes = reg.list().len(), "storaged listening");
+    if let Some(path) = &cfg.ready_file {
+        let tmp = path.with_extension("tmp");
+        let body = serde_json::json!({"nbd": nbd_addr.to_string(), "api": api_addr.to_string()});
+        std::fs::write(&tmp, body.to_string())?;
+        std::fs::rename(&tmp, path)?;
+    }
+    // Harmless without systemd (no NOTIFY_SOCKET).
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+
+    let (sd_tx, sd_rx) = tokio::sync::watch::channel(false);
+    let grace = Duration::from_secs(cfg.shutdown_grace_secs);
+    let nbd_task = tokio::spawn(storaged::server::run(
+        nbd,
+        reg.clone(),
+        sd_rx.clone(),
+        grace,
+    ));
+    let mut api_sd = sd_rx.clone();
+    let router = storaged::api::router(reg.clone());
+    let api_task = tokio::spawn(async move {
+        axum::serve(api, router)
+            .with_graceful_shutdown(async move {
+                let _ = api_sd.wait_for(|s| *s).await;
+            })
+            .await
+    });
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    sd_tx.send_replace(true);
+    nbd_task.await?;
+    api_task.await??;
+    for v in reg.list() {
+        let f = v.file.clone();
+        tokio::task::spawn_blocking(move || f.flush())
+            .await?
+            .with_context(|| format!("fsync of volume {}", v.config.name))?;
+    }
+    tracing::info!("storaged stopped cleanly");
+    Ok(())
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new()?;
+    match cli.cmd {
+        Cmd::Serve(a) => {
+            init_logging(a.log_json);
+            let file = match &a.config {
+                Some(p) => ServeConfigFile::load(p)?,
+                None => ServeConfigFile::default(),
+            };
+            let flags = ServeConfigFile {
+                data_dir: a.data_dir,
+                nbd_listen: a.nbd_listen,
+                api_listen: a.api_listen,
+                ready_file: a.ready_file,
+                shutdown_grace_secs: a.shutdown_grace_secs,
+                drain_limit_secs: a.drain_limit_secs,
+            };
+            let cfg = file.merge(flags)?;
+            rt.block_on(serve(cfg))
+        }
+        Cmd::Volume(c) => rt.block_on(volume_cmd(c)),
+        Cmd::Lease(c) => rt.block_on(lease_cmd(c)),
+    }
 }

@@ -1,0 +1,271 @@
+//! The flip: hand a volume's primary lease from one host to another without a stale write.
+//!
+//! Order, each step timed into a [`FlipReport`]:
+//! 1. deactivate: the old primary's connections get the barrier (new requests fail EPERM);
+//! 2. drain: wait until the requests admitted before the barrier have finished on disk;
+//! 3. disconnect: close the old primary's connections;
+//! 4. persist: write the new table (old primary deactivated, standby primary, epoch + 1);
+//! 5. promote: the standby's connections get read/write access.
+//!
+//! Then the caller acknowledges. If drain or persist fails the flip is abandoned and the old
+//! table stays in force (a drain failure also lifts the barrier again).
+//!
+//! Also here: rollback (restore the table before the last flip), revoke (terminate a host's
+//! lease), and armed flips that complete on the standby's first access or at a deadline.
+
+use crate::gate::Access;
+use crate::lease::{Holder, LeaseTable};
+use crate::protocol::FlipReport;
+use crate::registry::{ConnEntry, PendingFlip, Registry, RegistryError, Volume};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Why a flip ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlipTrigger {
+    /// `POST /v1/volumes/{id}/flip`.
+    Api,
+    /// `NBD_CMD_LEASE_FLIP` on the standby connection.
+    Nbd,
+    /// The standby's first data command.
+    FirstAccess,
+    /// An armed flip's deadline.
+    Timeout,
+}
+
+/// A lease-changing operation's errors are registry errors.
+pub type FlipError = RegistryError;
+
+fn us(since: Instant) -> u64 {
+    since.elapsed().as_micros() as u64
+}
+
+/// The connections behind a barrier, with the access each had before.
+type Fenced = Vec<(ConnEntry, Access)>;
+
+/// Raises the barrier on the connections of `host`; returns them and the number of requests
+/// that were in flight at that instant.
+fn raise_barrier(vol: &Volume, host: &str) -> (Fenced, u64) {
+    let mut inflight = 0;
+    let fenced = vol
+        .conns_of_host(host)
+        .into_iter()
+        .map(|c| {
+            let before = c.gate.access();
+            inflight += c.gate.set_access(Access::Fenced);
+            (c, before)
+        })
+        .collect();
+    (fenced, inflight)
+}
+
+/// Waits for the fenced connections' admitted requests; on a timeout lifts the barrier again.
+async fn drain(reg: &Registry, fenced: &Fenced) -> Result<(), FlipError> {
+    for (c, _) in fenced {
+        if let Err(e) = c.gate.drained(reg.drain_limit).await {
+            for (c, a) in fenced {
+                c.gate.set_access(*a);
+            }
+            return Err(RegistryError::Drain(c.peer.to_string(), e));
+        }
+    }
+    Ok(())
+}
+
+/// Barrier and drain in one.
+async fn fence_host(reg: &Registry, vol: &Volume, host: &str) -> Result<u64, FlipError> {
+    let (fenced, inflight) = raise_barrier(vol, host);
+    drain(reg, &fenced).await?;
+    Ok(inflight)
+}
+
+/// Closes the (already fenced and drained) connections of `host`.
+async fn disconnect_host(vol: &Volume, host: &str) {
+    let conns = vol.conns_of_host(host);
+    for c in &conns {
+        c.gate.set_access(Access::Closed);
+    }
+    for c in &conns {
+        // The barrier already stops its I/O; this only bounds how long we wait for the socket.
+        if c.gate.gone(Duration::from_secs(5)).await.is_err() {
+            tracing::warn!(volume = %vol.config.name, peer = %c.peer,
+                "fenced connection slow to close");
+        }
+    }
+}
+
+fn set_host_access(vol: &Volume, host: &str, access: Access) {
+    for c in vol.conns_of_host(host) {
+        c.gate.set_access(access);
+    }
+}
+
+/// Promotes the standby on `to` (or the only standby) to primary.
+pub async fn flip(
+    reg: &Registry,
+    vol: &Arc<Volume>,
+    to: Option<&str>,
+    trigger: FlipTrigger,
+) -> Result<FlipReport, FlipError> {
+    let _l = vol.lease_lock.lock().await;
+    flip_locked(reg, vol, to, trigger).await
+}
+
+async fn flip_locked(
+    reg: &Registry,
+    vol: &Arc<Volume>,
+    to: Option<&str>,
+    trigger: FlipTrigger,
+) -> Result<FlipReport, FlipError> {
+    let start = Instant::now();
+    let plan = vol.table().flip(to)?;
+    let mut rep = FlipReport::default();
+
+    let t = Instant::now();
+    let old_host = plan.old_primary.as_ref().map(|h| h.host.clone());
+    let (fenced, inflight) = match &old_host {
+        Some(host) => raise_barrier(vol, host),
+        None => (Vec::new(), 0),
+    };
+    rep.drained_requests = inflight;
+    rep.deactivate_us = us(t);
+
+    let t = Instant::now();
+    drain(reg, &fenced).await?;
+    rep.drain_us = us(t);
+
+    let t = Instant::now();
+    if let Some(host) = &old_host {
+        disconnect_host(vol, host).await;
+    }
+    rep.disconnect_us = us(t);
+
+    let t = Instant::now();
+    reg.commit_table(vol, plan.table.clone()).await?;
+    rep.persist_us = us(t);
+
+    let t = Instant::now();
+    set_host_access(vol, &plan.new_primary.host, Access::ReadWrite);
+    *vol.pending.lock().expect("pending lock") = None;
+    rep.promote_us = us(t);
+
+    rep.epoch = plan.table.epoch;
+    rep.total_us = us(start);
+    tracing::info!(target: "storaged::lease", volume = %vol.config.name, event = "flip",
+        trigger = ?trigger, from = ?plan.old_primary.as_ref().map(Holder::to_string),
+        to = %plan.new_primary, epoch = rep.epoch, deactivate_us = rep.deactivate_us,
+        drain_us = rep.drain_us, disconnect_us = rep.disconnect_us,
+        persist_us = rep.persist_us, promote_us = rep.promote_us, total_us = rep.total_us,
+        drained_requests = rep.drained_requests, "lease flipped");
+    Ok(rep)
+}
+
+/// Restores the table before the last flip. The current primary is fenced and drained and
+/// goes back to standby on its open connections; the restored primary reconnects.
+pub async fn rollback(reg: &Registry, vol: &Arc<Volume>) -> Result<FlipReport, FlipError> {
+    let _l = vol.lease_lock.lock().await;
+    let start = Instant::now();
+    let current = vol.table();
+    let table = current.rollback()?;
+    let mut rep = FlipReport::default();
+    let t = Instant::now();
+    if let Some(p) = &current.primary {
+        rep.drained_requests = fence_host(reg, vol, &p.host).await?;
+    }
+    rep.drain_us = us(t);
+    let t = Instant::now();
+    reg.commit_table(vol, table.clone()).await?;
+    rep.persist_us = us(t);
+    let t = Instant::now();
+    apply_access(vol, &table);
+    rep.promote_us = us(t);
+    rep.epoch = table.epoch;
+    rep.total_us = us(start);
+    tracing::info!(target: "storaged::lease", volume = %vol.config.name, event = "rollback",
+        from = ?current.primary.as_ref().map(Holder::to_string),
+        to = ?table.primary.as_ref().map(Holder::to_string), epoch = table.epoch,
+        total_us = rep.total_us, "lease rolled back");
+    Ok(rep)
+}
+
+/// Gives every lease connection the access its holder has in `table`.
+fn apply_access(vol: &Volume, table: &LeaseTable) {
+    for h in table.primary.iter() {
+        set_host_access(vol, &h.host, Access::ReadWrite);
+    }
+    for h in &table.standby {
+        set_host_access(vol, &h.host, Access::Standby);
+    }
+}
+
+/// Terminates every lease of `host` on the volume and closes its connections.
+pub async fn revoke(
+    reg: &Registry,
+    vol: &Arc<Volume>,
+    host: &str,
+) -> Result<LeaseTable, FlipError> {
+    let _l = vol.lease_lock.lock().await;
+    let current = vol.table();
+    let table = current.revoke(host)?;
+    fence_host(reg, vol, host).await?;
+    disconnect_host(vol, host).await;
+    reg.commit_table(vol, table.clone()).await?;
+    tracing::info!(target: "storaged::lease", volume = %vol.config.name, event = "revoke",
+        host = %host, epoch = table.epoch, "lease terminated");
+    Ok(table)
+}
+
+/// Arms a flip to `to` that completes on the standby's first data command or after `timeout`.
+pub fn arm(reg: &Arc<Registry>, vol: &Arc<Volume>, to: Option<String>, timeout: Duration) {
+    let generation = vol.pending_gen.fetch_add(1, Ordering::Relaxed) + 1;
+    *vol.pending.lock().expect("pending lock") = Some(PendingFlip {
+        to: to.clone(),
+        generation,
+    });
+    tracing::info!(target: "storaged::lease", volume = %vol.config.name, event = "flip_armed",
+        to = ?to, timeout_ms = timeout.as_millis() as u64, "flip armed");
+    let (reg, vol) = (reg.clone(), vol.clone());
+    tokio::spawn(async move {
+        tokio::time::sleep(timeout).await;
+        let _l = vol.lease_lock.lock().await;
+        let due = vol
+            .pending
+            .lock()
+            .expect("pending lock")
+            .as_ref()
+            .is_some_and(|p| p.generation == generation);
+        if due {
+            if let Err(e) = flip_locked(&reg, &vol, to.as_deref(), FlipTrigger::Timeout).await {
+                tracing::warn!(target: "storaged::lease", volume = %vol.config.name,
+                    event = "flip_failed", trigger = "timeout", error = %e, "armed flip failed");
+            }
+            *vol.pending.lock().expect("pending lock") = None;
+        }
+    });
+}
+
+/// Called when a standby connection of `holder` issues a data command: flips when the volume
+/// flips on first access or an armed flip targets this host. Returns whether it flipped.
+pub async fn on_first_access(
+    reg: &Registry,
+    vol: &Arc<Volume>,
+    holder: &Holder,
+) -> Result<bool, FlipError> {
+    let armed_for_us = vol
+        .pending
+        .lock()
+        .expect("pending lock")
+        .as_ref()
+        .is_some_and(|p| p.to.as_deref().is_none_or(|h| h == holder.host));
+    if !armed_for_us && !vol.config.flip_on_first_access {
+        return Ok(false);
+    }
+    let _l = vol.lease_lock.lock().await;
+    // Another request of the same standby may have flipped meanwhile.
+    if vol.table().primary.as_ref() == Some(holder) {
+        return Ok(true);
+    }
+    flip_locked(reg, vol, Some(&holder.host), FlipTrigger::FirstAccess).await?;
+    Ok(true)
+}

@@ -1,0 +1,284 @@
+//! Volumes: their configuration and the sparse file that holds their data.
+//!
+//! I/O is positional (`pread`/`pwrite`) on one shared file descriptor, so requests from many
+//! connections run in parallel without a seek position to protect. Durability: `FLUSH` is
+//! `fdatasync`; an FUA write is a `pwritev2(RWF_DSYNC)`, which makes just that range durable.
+
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// A volume operation that failed.
+#[derive(Debug, Error)]
+pub enum VolumeError {
+    /// The volume name is not usable as a file name.
+    #[error("invalid volume name {0:?}: use 1-64 of [A-Za-z0-9._-], not starting with '.'")]
+    InvalidName(String),
+    /// The size is zero or not a multiple of 512.
+    #[error("invalid size {0}: must be a non-zero multiple of 512")]
+    InvalidSize(u64),
+    /// File system error on the volume's file.
+    #[error("volume file {path}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Who may use a volume without the lease option (standard NBD tools).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AnonymousPolicy {
+    /// Read-only, and only while no primary lease exists.
+    #[default]
+    ReadOnlyWithoutPrimary,
+    /// Read-only, also while a primary exists.
+    ReadOnly,
+    /// Read-write while no primary lease exists (for imports with qemu-img and the like).
+    ReadWriteWithoutPrimary,
+    /// Refused.
+    Deny,
+}
+
+/// A volume as the operator configured it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeConfig {
+    /// Name, also the NBD export name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Access for clients without a lease.
+    #[serde(default)]
+    pub anonymous: AnonymousPolicy,
+    /// The first data command on a standby connection flips the lease to it.
+    #[serde(default)]
+    pub flip_on_first_access: bool,
+    /// Default time after which an armed flip completes by itself, in milliseconds.
+    #[serde(default)]
+    pub flip_timeout_ms: Option<u64>,
+}
+
+impl VolumeConfig {
+    /// Checks name and size.
+    pub fn validate(&self) -> Result<(), VolumeError> {
+        let ok = !self.name.is_empty()
+            && self.name.len() <= 64
+            && !self.name.starts_with('.')
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !ok {
+            return Err(VolumeError::InvalidName(self.name.clone()));
+        }
+        if self.size == 0 || !self.size.is_multiple_of(512) {
+            return Err(VolumeError::InvalidSize(self.size));
+        }
+        Ok(())
+    }
+}
+
+/// The file behind a volume.
+#[derive(Debug)]
+pub struct VolumeFile {
+    file: File,
+    path: PathBuf,
+    size: u64,
+}
+
+impl VolumeFile {
+    /// Path of a volume's file in `dir`.
+    pub fn path_in(dir: &Path, name: &str) -> PathBuf {
+        dir.join(format!("{name}.img"))
+    }
+
+    /// Creates (or opens, when it already exists) the sparse file of `size` bytes.
+    pub fn create(path: &Path, size: u64) -> Result<VolumeFile, VolumeError> {
+        let io_err = |source| VolumeError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(io_err)?;
+        if file.metadata().map_err(io_err)?.len() != size {
+            file.set_len(size).map_err(io_err)?;
+        }
+        file.sync_all().map_err(io_err)?;
+        if let Some(dir) = path.parent() {
+            File::open(dir).and_then(|d| d.sync_all()).map_err(io_err)?;
+        }
+        Ok(VolumeFile {
+            file,
+            path: path.to_path_buf(),
+            size,
+        })
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Path of the file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    /// Writes all of `buf` at `offset`; with `fua` the range is durable on return.
+    pub fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        if !fua {
+            return self.file.write_all_at(buf, offset);
+        }
+        let mut done = 0usize;
+        while done < buf.len() {
+            let rest = &buf[done..];
+            let iov = libc::iovec {
+                iov_base: rest.as_ptr() as *mut libc::c_void,
+                iov_len: rest.len(),
+            };
+            // SAFETY: `iov` points into `buf`, which outlives the call; the kernel only reads it.
+            let n = unsafe {
+                libc::pwritev2(
+                    self.file.as_raw_fd(),
+                    &iov,
+                    1,
+                    (offset + done as u64) as libc::off_t,
+                    libc::RWF_DSYNC,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                    self.file.write_all_at(rest, offset + done as u64)?;
+                    return self.file.sync_data();
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable.
+    pub fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Deallocates a range (reads return zeroes afterwards).
+    pub fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+    }
+
+    /// Zeroes a range, keeping it allocated when `no_hole`; durable on return with `fua`.
+    pub fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool, fua: bool) -> io::Result<()> {
+        let mode = if no_hole {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        if self.fallocate(mode, offset, len).is_err() {
+            // File systems without the fallocate mode: write real zeroes.
+            let zeroes = vec![0u8; len.min(1 << 20) as usize];
+            let mut at = offset;
+            while at < offset + len {
+                let n = (offset + len - at).min(zeroes.len() as u64) as usize;
+                self.file.write_all_at(&zeroes[..n], at)?;
+                at += n as u64;
+            }
+        }
+        if fua {
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        // SAFETY: fallocate only acts on the descriptor we own; no memory is passed.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_sizes() {
+        let mut c = VolumeConfig {
+            name: "vol-1.a_b".into(),
+            size: 1 << 20,
+            anonymous: AnonymousPolicy::default(),
+            flip_on_first_access: false,
+            flip_timeout_ms: None,
+        };
+        assert!(c.validate().is_ok());
+        for bad in ["", ".hidden", "a/b", "x y", &"n".repeat(65)] {
+            c.name = bad.into();
+            assert!(c.validate().is_err(), "{bad}");
+        }
+        c.name = "ok".into();
+        c.size = 1000;
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn file_io() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = VolumeFile::create(&VolumeFile::path_in(dir.path(), "v"), 1 << 20).unwrap();
+        f.write_at(&[7u8; 4096], 8192, false).unwrap();
+        f.write_at(&[9u8; 512], 0, true).unwrap();
+        let mut b = vec![0u8; 4096];
+        f.read_at(&mut b, 8192).unwrap();
+        assert!(b.iter().all(|&x| x == 7));
+        f.write_zeroes(8192, 4096, false, true).unwrap();
+        f.read_at(&mut b, 8192).unwrap();
+        assert!(b.iter().all(|&x| x == 0));
+        f.write_at(&[1u8; 4096], 8192, false).unwrap();
+        f.trim(8192, 4096).unwrap();
+        f.read_at(&mut b, 8192).unwrap();
+        assert!(b.iter().all(|&x| x == 0));
+        f.write_zeroes(0, 512, true, false).unwrap();
+        f.read_at(&mut b[..512], 0).unwrap();
+        assert!(b[..512].iter().all(|&x| x == 0));
+        f.flush().unwrap();
+        assert!(f.read_at(&mut b, (1 << 20) - 100).is_err());
+    }
+}
