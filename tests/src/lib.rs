@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod image;
 pub mod qemu;
+pub mod storaged;
 
 use std::path::PathBuf;
 

@@ -386,23 +386,7 @@ impl Registry {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let table = vol.table();
         let (access, state) = match &lease {
-            None => {
-                let has_primary = table.primary.is_some();
-                let access = match vol.config.anonymous {
-                    AnonymousPolicy::Deny => {
-                        return Err(RegistryError::Anonymous("this volume requires a lease"))
-                    }
-                    AnonymousPolicy::ReadOnly => Access::ReadOnly,
-                    _ if has_primary => {
-                        return Err(RegistryError::Anonymous(
-                            "a primary lease exists on this volume",
-                        ))
-                    }
-                    AnonymousPolicy::ReadWriteWithoutPrimary => Access::ReadWrite,
-                    AnonymousPolicy::ReadOnlyWithoutPrimary => Access::ReadOnly,
-                };
-                (access, None)
-            }
+            None => (anonymous_access(vol, &table)?, None),
             Some(req) => {
                 let next = match table.grant(req) {
                     Ok(t) => t,
@@ -446,6 +430,15 @@ impl Registry {
         })
     }
 
+    /// Answers `NBD_OPT_INFO`: would `attach` accept this connection? Changes nothing.
+    pub fn preview(&self, vol: &Volume, lease: Option<&LeaseRequest>) -> Result<(), RegistryError> {
+        let table = vol.table();
+        match lease {
+            None => anonymous_access(vol, &table).map(|_| ()),
+            Some(req) => table.grant(req).map(|_| ()).map_err(Into::into),
+        }
+    }
+
     /// Closes the anonymous connections that only existed while there was no primary.
     async fn fence_anonymous(&self, vol: &Volume) -> Result<(), RegistryError> {
         if vol.config.anonymous == AnonymousPolicy::ReadOnly {
@@ -463,4 +456,22 @@ impl Registry {
         }
         Ok(())
     }
+}
+
+/// The access an anonymous connection gets under the volume's policy, or the refusal.
+fn anonymous_access(vol: &Volume, table: &LeaseTable) -> Result<Access, RegistryError> {
+    let has_primary = table.primary.is_some();
+    Ok(match vol.config.anonymous {
+        AnonymousPolicy::Deny => {
+            return Err(RegistryError::Anonymous("this volume requires a lease"))
+        }
+        AnonymousPolicy::ReadOnly => Access::ReadOnly,
+        _ if has_primary => {
+            return Err(RegistryError::Anonymous(
+                "a primary lease exists on this volume",
+            ))
+        }
+        AnonymousPolicy::ReadWriteWithoutPrimary => Access::ReadWrite,
+        AnonymousPolicy::ReadOnlyWithoutPrimary => Access::ReadOnly,
+    })
 }

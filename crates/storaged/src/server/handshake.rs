@@ -194,6 +194,9 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                             continue;
                         }
                     }
+                } else if let Err(e) = reg.preview(&vol, lease.as_ref().map(request_of).as_ref()) {
+                    reply(s, opt, refusal_code(&e), e.to_string().as_bytes()).await?;
+                    continue;
                 } else {
                     None
                 };

@@ -1,0 +1,196 @@
+//! A real `storaged` process for the end-to-end tests: started on ephemeral 127.0.0.1 ports
+//! (read back from its `--ready-file`), driven through its CLI, REST API and NBD port, and
+//! killed on drop.
+
+use anyhow::{bail, Context, Result};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Generous: the machine is shared with guest boots and builds.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Polls `cond` until it returns `Some` or `limit` passes.
+pub fn wait_for<T>(what: &str, limit: Duration, mut cond: impl FnMut() -> Option<T>) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = cond() {
+            return Ok(v);
+        }
+        if start.elapsed() > limit {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs a command and fails with its output unless it succeeds.
+pub fn run_ok(cmd: &mut Command) -> Result<Output> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}
+
+/// A running storaged.
+pub struct Storaged {
+    child: Option<Child>,
+    /// Data directory (kept across restarts).
+    pub data_dir: PathBuf,
+    /// Work directory (ready file, log).
+    pub work_dir: PathBuf,
+    /// Bound NBD address.
+    pub nbd: SocketAddr,
+    /// Bound API address.
+    pub api: SocketAddr,
+    /// stderr log of this run.
+    pub log_path: PathBuf,
+}
+
+impl Storaged {
+    /// Starts storaged with its data in `work_dir/data`.
+    pub fn start(work_dir: &Path) -> Result<Storaged> {
+        Self::start_with(work_dir, &[])
+    }
+
+    /// Starts storaged with extra `serve` flags.
+    pub fn start_with(work_dir: &Path, extra: &[&str]) -> Result<Storaged> {
+        let data_dir = work_dir.join("data");
+        let ready = work_dir.join("ready.json");
+        let _ = std::fs::remove_file(&ready);
+        let n = std::fs::read_dir(work_dir)?.count();
+        let log_path = work_dir.join(format!("storaged.{n}.log"));
+        let log = std::fs::File::create(&log_path)?;
+        let child = Command::new(crate::binary("storaged"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(["--nbd-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
+            .arg("--ready-file")
+            .arg(&ready)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawning storaged")?;
+        let mut s = Storaged {
+            child: Some(child),
+            data_dir,
+            work_dir: work_dir.to_path_buf(),
+            nbd: "127.0.0.1:0".parse()?,
+            api: "127.0.0.1:0".parse()?,
+            log_path,
+        };
+        let child = s.child.as_mut().expect("child");
+        let json: serde_json::Value = wait_for("storaged ready file", DEADLINE, || {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Some(Err(anyhow::anyhow!("storaged exited early: {st}")));
+            }
+            let text = std::fs::read_to_string(&ready).ok()?;
+            serde_json::from_str(&text).ok().map(Ok)
+        })??;
+        s.nbd = json["nbd"].as_str().context("nbd")?.parse()?;
+        s.api = json["api"].as_str().context("api")?.parse()?;
+        Ok(s)
+    }
+
+    /// Starts again on the same data dir (new ports).
+    pub fn restart(&mut self, extra: &[&str]) -> Result<()> {
+        self.kill9();
+        let fresh = Storaged::start_with(&self.work_dir, extra)?;
+        *self = fresh;
+        Ok(())
+    }
+
+    /// `nbd://` URI of a volume.
+    pub fn uri(&self, volume: &str) -> String {
+        format!("nbd://{}/{volume}", self.nbd)
+    }
+
+    /// Runs a `storaged` CLI subcommand against this server; returns stdout.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = run_ok(
+            Command::new(crate::binary("storaged"))
+                .args(args)
+                .arg("--api")
+                .arg(self.api.to_string()),
+        )?;
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// Creates a volume through the CLI.
+    pub fn create_volume(&self, name: &str, size: &str, extra: &[&str]) -> Result<()> {
+        let mut args = vec!["volume", "create", name, "--size", size];
+        args.extend_from_slice(extra);
+        self.cli(&args)?;
+        Ok(())
+    }
+
+    /// The file behind a volume.
+    pub fn volume_file(&self, name: &str) -> PathBuf {
+        self.data_dir.join("volumes").join(format!("{name}.img"))
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// SIGKILL, no cleanup.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn terminate(&mut self) -> Result<ExitStatus> {
+        let mut c = self.child.take().context("not running")?;
+        // SAFETY: kill(2) on the pid of a child we own and have not reaped.
+        let r = unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+        if r != 0 {
+            bail!("kill: {}", std::io::Error::last_os_error());
+        }
+        wait_for("storaged to exit", DEADLINE, || c.try_wait().ok().flatten())
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for Storaged {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A lease-aware client configuration for `volume` on `s`.
+pub fn client_config(
+    s: &Storaged,
+    volume: &str,
+    host: &str,
+    state: storaged::protocol::RequestedState,
+) -> storaged::client::ClientConfig {
+    storaged::client::ClientConfig::new(vec![s.nbd.to_string()], volume).with_lease(
+        storaged::client::LeaseSpec {
+            host: host.into(),
+            instance: format!("{host}-vm"),
+            state,
+            expected_epoch: 0,
+        },
+    )
+}
