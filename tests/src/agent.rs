@@ -1,7 +1,7 @@
 //! A host-side connection to the guest agent over the guest's serial line.
 
 use anyhow::{anyhow, bail, Context, Result};
-use guest_agent::{Fields, Reply};
+use agent_proto::{Fields, Reply};
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;

@@ -4,7 +4,7 @@
 
 use e2e::image::guest_image;
 use e2e::qemu::{QemuConfig, QemuGuest};
-use guest_agent::{expected_checksum, Record, RECORD_SIZE};
+use agent_proto::{expected_checksum, Record, RECORD_SIZE};
 use std::time::{Duration, Instant};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);

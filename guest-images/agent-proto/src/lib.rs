@@ -36,9 +36,16 @@
 //! consecutive records from the start of the device.
 //!
 //! Version policy: the `version` in the ready line changes whenever a reply changes meaning.
+#![no_std]
 #![warn(missing_docs)]
 
-use std::collections::HashMap;
+extern crate alloc;
+#[cfg(test)]
+extern crate std;
+
+use alloc::collections::BTreeMap;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
 
 /// Every agent line starts with this.
 pub const LINE_PREFIX: &str = "@agent ";
@@ -62,7 +69,7 @@ pub fn pattern(seq: u64, index: u64) -> u64 {
 }
 
 /// The word range of thread `thread` out of `threads` over a buffer of `words` words.
-pub fn thread_range(words: usize, threads: usize, thread: usize) -> std::ops::Range<usize> {
+pub fn thread_range(words: usize, threads: usize, thread: usize) -> core::ops::Range<usize> {
     let per = words / threads;
     let start = per * thread;
     let end = if thread + 1 == threads {
@@ -159,7 +166,7 @@ pub struct Fields {
     /// Words without `=`, in order.
     pub words: Vec<String>,
     /// `key=value` pairs.
-    pub values: HashMap<String, String>,
+    pub values: BTreeMap<String, String>,
 }
 
 impl Fields {
@@ -215,6 +222,8 @@ impl Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::vec;
+
 
     #[test]
     fn record_round_trip_and_corruption() {

@@ -1,14 +1,14 @@
 //! The disk workload: append checksummed records to a block device with O_DIRECT, a batch per
 //! write followed by fsync, and verify them.
 
-use crate::sys::{self, AlignedBuf};
-use guest_agent::{Record, RECORD_SIZE};
-use std::fs::{File, OpenOptions};
-use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use crate::rt::{self, Thread};
+use crate::sys::{self, AlignedBuf, Fd};
+use agent_proto::{Record, RECORD_SIZE};
+use alloc::format;
+use alloc::string::String;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
 /// Records per write: 256 KiB, so that the per-syscall cost (milliseconds here) stays small.
 const BATCH: usize = 64;
@@ -29,15 +29,12 @@ struct Shared {
 /// A running disk writer.
 pub struct Disk {
     shared: Arc<Shared>,
-    handle: Option<JoinHandle<()>>,
+    thread: Thread,
 }
 
-fn open(dev: &str, write: bool) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(write)
-        .custom_flags(libc::O_DIRECT)
-        .open(dev)
+fn open(dev: &str, write: bool) -> sys::Result<Fd> {
+    let mode = if write { libc::O_RDWR } else { libc::O_RDONLY };
+    Fd::open(dev, mode | libc::O_DIRECT)
 }
 
 /// Result of scanning a device from its start.
@@ -49,9 +46,8 @@ pub struct Scan {
 }
 
 /// Counts the valid consecutive records at the start of the device.
-pub fn scan(dev: &File) -> io::Result<Scan> {
-    let size = sys::block_device_size(dev)?;
-    let total = size / RECORD_SIZE as u64;
+pub fn scan(dev: &Fd) -> sys::Result<Scan> {
+    let total = dev.block_device_size()? / RECORD_SIZE as u64;
     let mut buf = AlignedBuf::new(SCAN_BATCH * RECORD_SIZE);
     let mut seq = 0u64;
     let mut boot_ids: Vec<[u8; 16]> = Vec::new();
@@ -66,44 +62,30 @@ pub fn scan(dev: &File) -> io::Result<Scan> {
                     }
                     seq += 1;
                 }
-                None => {
-                    return Ok(Scan {
-                        valid: seq,
-                        boot_ids: boot_ids.len(),
-                    })
-                }
+                None => return Ok(Scan { valid: seq, boot_ids: boot_ids.len() }),
             }
         }
     }
-    Ok(Scan {
-        valid: seq,
-        boot_ids: boot_ids.len(),
-    })
+    Ok(Scan { valid: seq, boot_ids: boot_ids.len() })
 }
 
 impl Disk {
     /// Opens `dev`, finds the end of the existing records and starts appending after them.
-    pub fn start(dev: &str, boot_id: [u8; 16]) -> io::Result<(Disk, u64)> {
+    pub fn start(dev: &str, boot_id: [u8; 16]) -> sys::Result<(Disk, u64)> {
         let file = open(dev, true)?;
         let next = scan(&file)?.valid;
-        let total = sys::block_device_size(&file)? / RECORD_SIZE as u64;
+        let total = file.block_device_size()? / RECORD_SIZE as u64;
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             acked: AtomicU64::new(next),
             state: AtomicU8::new(RUNNING),
         });
         let s = shared.clone();
-        let handle = std::thread::spawn(move || {
+        let thread = rt::spawn(move || {
             let end = write_loop(&file, &s, next, total, boot_id);
             s.state.store(end, Ordering::Relaxed);
         });
-        Ok((
-            Disk {
-                shared,
-                handle: Some(handle),
-            },
-            next,
-        ))
+        Ok((Disk { shared, thread }, next))
     }
 
     /// The status reply body.
@@ -114,23 +96,18 @@ impl Disk {
             FULL => "full",
             _ => "failed",
         };
-        format!(
-            "disk state={state} acked={}",
-            self.shared.acked.load(Ordering::Relaxed)
-        )
+        format!("disk state={state} acked={}", self.shared.acked.load(Ordering::Relaxed))
     }
 
     /// Stops the writer after its current batch and returns the number of durable records.
-    pub fn stop(mut self) -> u64 {
+    pub fn stop(self) -> u64 {
         self.shared.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
+        self.thread.join();
         self.shared.acked.load(Ordering::Relaxed)
     }
 }
 
-fn write_loop(file: &File, shared: &Shared, mut next: u64, total: u64, boot_id: [u8; 16]) -> u8 {
+fn write_loop(file: &Fd, shared: &Shared, mut next: u64, total: u64, boot_id: [u8; 16]) -> u8 {
     let mut buf = AlignedBuf::new(BATCH * RECORD_SIZE);
     while !shared.stop.load(Ordering::Relaxed) {
         if next >= total {
@@ -138,11 +115,7 @@ fn write_loop(file: &File, shared: &Shared, mut next: u64, total: u64, boot_id: 
         }
         let n = (total - next).min(BATCH as u64) as usize;
         for (i, chunk) in buf[..n * RECORD_SIZE].chunks_mut(RECORD_SIZE).enumerate() {
-            Record {
-                seq: next + i as u64,
-                boot_id,
-            }
-            .encode(chunk);
+            Record { seq: next + i as u64, boot_id }.encode(chunk);
         }
         let written = file.write_all_at(&buf[..n * RECORD_SIZE], next * RECORD_SIZE as u64);
         if written.and_then(|()| file.sync_data()).is_err() {
@@ -155,6 +128,6 @@ fn write_loop(file: &File, shared: &Shared, mut next: u64, total: u64, boot_id: 
 }
 
 /// Opens `dev` read-only and scans it.
-pub fn verify(dev: &str) -> io::Result<Scan> {
+pub fn verify(dev: &str) -> sys::Result<Scan> {
     scan(&open(dev, false)?)
 }

@@ -1,81 +1,88 @@
-//! The test guest's init. See the library docs for the protocol it speaks on /dev/ttyS0.
+//! The test guest's init: a no_std program linked statically against musl. See the
+//! agent-proto crate for the protocol it speaks on /dev/ttyS0.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
 
 mod disk;
 mod memory;
+mod rt;
 mod sys;
 
-use guest_agent::{LINE_PREFIX, PROTOCOL_VERSION};
-use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use agent_proto::{LINE_PREFIX, PROTOCOL_VERSION};
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use sys::Fd;
 
 const SERIAL: &str = "/dev/ttyS0";
 const DEFAULT_DISK: &str = "/dev/vdb";
 
 struct Agent {
-    out: File,
+    out: Fd,
     boot_id: String,
     memory: Option<memory::Memory>,
     disk: Option<disk::Disk>,
 }
 
-fn main() {
+#[no_mangle]
+extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) -> libc::c_int {
     for (fs, dir) in [("proc", "/proc"), ("sysfs", "/sys"), ("devtmpfs", "/dev")] {
         if let Err(e) = sys::mount(fs, dir) {
-            eprintln!("agent: mount {fs} on {dir}: {e}");
+            rt::eprint(&format!("agent: mount {fs} on {dir}: {e}\n"));
         }
     }
     // Console messages below "error" would interleave with the protocol.
-    let _ = std::fs::write("/proc/sys/kernel/printk", "4");
+    let _ = sys::write_text("/proc/sys/kernel/printk", "4");
     let serial = loop {
-        match OpenOptions::new().read(true).write(true).open(SERIAL) {
+        match Fd::open(SERIAL, libc::O_RDWR | libc::O_NOCTTY) {
             Ok(f) => break f,
             Err(e) => {
                 // As init we may not exit; say why and retry.
-                eprintln!("agent: open {SERIAL}: {e}");
-                std::thread::sleep(std::time::Duration::from_secs(1));
+                rt::eprint(&format!("agent: open {SERIAL}: {e}\n"));
+                sys::sleep_ms(1000);
             }
         }
     };
-    if let Err(e) = sys::set_raw(&serial) {
-        eprintln!("agent: raw mode on {SERIAL}: {e}");
+    if let Err(e) = serial.set_raw() {
+        rt::eprint(&format!("agent: raw mode on {SERIAL}: {e}\n"));
     }
-    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+    let boot_id = sys::read_text("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into());
-    let mut agent = Agent {
-        out: serial.try_clone().expect("dup serial fd"),
-        boot_id,
-        memory: None,
-        disk: None,
-    };
+    let mut agent = Agent { out: serial.dup().expect("dup serial"), boot_id, memory: None, disk: None };
     let ready = format!(
         "ready version={PROTOCOL_VERSION} boot_id={} uptime_ms={} cpus={}",
         agent.boot_id,
         uptime_ms(),
-        sys::cpu_count()
+        sys::cpus().len()
     );
     agent.send(&ready);
-    let mut input = BufReader::new(serial);
-    let mut line = String::new();
+
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 512];
     loop {
-        line.clear();
-        match input.read_line(&mut line) {
-            Ok(0) => std::thread::sleep(std::time::Duration::from_millis(100)),
-            Ok(_) => {
-                let cmd = line.trim();
-                if cmd.is_empty() {
-                    continue;
-                }
-                let reply = match agent.handle(cmd) {
-                    Ok(text) => format!("ok {text}"),
-                    Err(text) => format!("err {text}"),
-                };
-                agent.send(&reply);
-            }
+        match serial.read(&mut buf) {
+            Ok(0) => sys::sleep_ms(100),
+            Ok(n) => pending.extend_from_slice(&buf[..n]),
             Err(e) => {
-                eprintln!("agent: read {SERIAL}: {e}");
-                std::thread::sleep(std::time::Duration::from_secs(1));
+                rt::eprint(&format!("agent: read {SERIAL}: {e}\n"));
+                sys::sleep_ms(1000);
             }
+        }
+        while let Some(end) = pending.iter().position(|&b| b == b'\n' || b == b'\r') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let cmd = String::from_utf8_lossy(&line);
+            let cmd = cmd.trim();
+            if cmd.is_empty() {
+                continue;
+            }
+            let reply = match agent.handle(cmd) {
+                Ok(text) => format!("ok {text}"),
+                Err(text) => format!("err {text}"),
+            };
+            agent.send(&reply);
         }
     }
 }
@@ -84,12 +91,14 @@ fn uptime_ms() -> u64 {
     sys::clock_ns(libc::CLOCK_BOOTTIME) / 1_000_000
 }
 
+fn number(s: &str, what: &str) -> Result<usize, String> {
+    s.parse().map_err(|_| format!("{what}: not a number: {s}"))
+}
+
 impl Agent {
     fn send(&mut self, body: &str) {
         // One write per line: the console may interleave between writes, not within.
-        let _ = self
-            .out
-            .write_all(format!("\n{LINE_PREFIX}{body}\n").as_bytes());
+        let _ = self.out.write_all(format!("\n{LINE_PREFIX}{body}\n").as_bytes());
     }
 
     fn boot_id_bytes(&self) -> [u8; 16] {
@@ -104,11 +113,7 @@ impl Agent {
         let words: Vec<&str> = cmd.split_whitespace().collect();
         match words.as_slice() {
             ["ping"] => Ok("pong".into()),
-            ["clock"] => Ok(format!(
-                "clock boot_id={} uptime_ms={}",
-                self.boot_id,
-                uptime_ms()
-            )),
+            ["clock"] => Ok(format!("clock boot_id={} uptime_ms={}", self.boot_id, uptime_ms())),
             ["mem", "start", rest @ ..] => {
                 if self.memory.is_some() {
                     return Err("mem already running".into());
@@ -118,14 +123,11 @@ impl Agent {
                 if mib == 0 || threads == 0 || threads > 64 {
                     return Err("mem start: MiB and threads must be positive, threads <= 64".into());
                 }
-                let started = std::time::Instant::now();
-                let m =
-                    memory::Memory::start(mib, threads).map_err(|e| format!("mem start: {e}"))?;
+                let started = uptime_ms();
+                let m = memory::Memory::start(mib, threads).map_err(|e| format!("mem start: {e}"))?;
                 self.memory = Some(m);
-                Ok(format!(
-                    "mem started mib={mib} threads={threads} touch_ms={}",
-                    started.elapsed().as_millis()
-                ))
+                let touch = uptime_ms() - started;
+                Ok(format!("mem started mib={mib} threads={threads} touch_ms={touch}"))
             }
             ["mem", "status"] => match &self.memory {
                 Some(m) => Ok(m.status()),
@@ -159,10 +161,7 @@ impl Agent {
                 }
                 let dev = rest.first().copied().unwrap_or(DEFAULT_DISK);
                 let scan = disk::verify(dev).map_err(|e| format!("disk verify {dev}: {e}"))?;
-                Ok(format!(
-                    "disk verified={} boot_ids={}",
-                    scan.valid, scan.boot_ids
-                ))
+                Ok(format!("disk verified={} boot_ids={}", scan.valid, scan.boot_ids))
             }
             ["reboot"] => {
                 self.send("ok rebooting");
@@ -177,8 +176,4 @@ impl Agent {
             _ => Err(format!("unknown command: {cmd}")),
         }
     }
-}
-
-fn number(s: &str, what: &str) -> Result<usize, String> {
-    s.parse().map_err(|_| format!("{what}: not a number: {s}"))
 }

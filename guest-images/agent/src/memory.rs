@@ -1,11 +1,14 @@
 //! The memory workload: threads that rewrite a buffer with a sequence-numbered pattern,
 //! checking every word before they overwrite it, and timing each page step with the TSC.
 
-use crate::sys::{self, Region};
-use guest_agent::{pattern, thread_range, WORDS_PER_MIB};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use crate::rt::{self, SpinLock, Thread};
+use crate::sys;
+use agent_proto::{pattern, thread_range, WORDS_PER_MIB};
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 const WORDS_PER_PAGE: usize = 512;
 
@@ -20,52 +23,51 @@ struct Shared {
     stop: AtomicBool,
     errors: AtomicU64,
     max_gap_tsc: AtomicU64,
-    progress: Vec<Mutex<Progress>>,
+    progress: Vec<SpinLock<Progress>>,
     cpus: Vec<AtomicU64>,
 }
 
 /// A running memory workload.
 pub struct Memory {
     shared: Arc<Shared>,
-    threads: Vec<JoinHandle<()>>,
-    _region: Arc<Region>,
+    threads: Vec<Thread>,
     calib_tsc: u64,
     calib_ns: u64,
 }
 
 impl Memory {
     /// Maps and touches `mib` MiB, then starts `threads` writer threads pinned one per CPU.
-    pub fn start(mib: usize, threads: usize) -> std::io::Result<Memory> {
-        let region = Arc::new(Region::populated(mib * WORDS_PER_MIB * 8)?);
+    pub fn start(mib: usize, threads: usize) -> sys::Result<Memory> {
+        let buffer = sys::populated_words(mib * WORDS_PER_MIB)?;
+        let words = buffer.len();
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             errors: AtomicU64::new(0),
             max_gap_tsc: AtomicU64::new(0),
-            progress: (0..threads)
-                .map(|_| Mutex::new(Progress::default()))
-                .collect(),
+            progress: (0..threads).map(|_| SpinLock::new(Progress::default())).collect(),
             cpus: (0..threads).map(|_| AtomicU64::new(u64::MAX)).collect(),
         });
-        let cpus = sys::cpu_count();
+        let cpus = sys::cpus();
+        let mut rest = buffer;
         let mut handles = Vec::new();
         for t in 0..threads {
-            let range = thread_range(region.words(), threads, t);
-            let (shared, region) = (shared.clone(), region.clone());
-            handles.push(std::thread::spawn(move || {
+            let range = thread_range(words, threads, t);
+            let (mine, tail) = core::mem::take(&mut rest).split_at_mut(range.len());
+            rest = tail;
+            let shared = shared.clone();
+            let cpu = cpus[t % cpus.len()];
+            handles.push(rt::spawn(move || {
                 if threads > 1 {
-                    // Best effort: one thread per CPU is what "both CPUs run it" means.
-                    let _ = sys::pin_to_cpu(t % cpus);
+                    // Best effort: one thread per CPU is what "every CPU runs it" means.
+                    let _ = sys::pin_to_cpu(cpu);
                 }
                 shared.cpus[t].store(sys::current_cpu() as u64, Ordering::Relaxed);
-                // SAFETY: thread_range gives each thread a disjoint range.
-                let words = unsafe { region.slice(range.clone()) };
-                run(&shared, t, words, range.start as u64);
+                run(&shared, t, mine, range.start as u64);
             }));
         }
         Ok(Memory {
             shared,
             threads: handles,
-            _region: region,
             calib_tsc: sys::rdtsc(),
             calib_ns: sys::clock_ns(libc::CLOCK_MONOTONIC),
         })
@@ -73,28 +75,15 @@ impl Memory {
 
     /// The status reply body; resets the maximum gap.
     pub fn status(&self) -> String {
-        let progress: Vec<Progress> = self
-            .shared
-            .progress
-            .iter()
-            .map(|p| *p.lock().unwrap())
-            .collect();
-        let seqs: Vec<String> = progress.iter().map(|p| p.seq.to_string()).collect();
-        let cpus: Vec<String> = self
-            .shared
-            .cpus
-            .iter()
-            .map(|c| c.load(Ordering::Relaxed).to_string())
-            .collect();
-        let checksum = progress
-            .iter()
-            .fold(0u64, |a, p| a.wrapping_add(p.checksum));
+        let progress: Vec<Progress> = self.shared.progress.iter().map(|p| p.with(|p| *p)).collect();
+        let list = |v: &mut dyn Iterator<Item = u64>| v.map(|x| x.to_string()).collect::<Vec<_>>().join(",");
+        let checksum = progress.iter().fold(0u64, |a, p| a.wrapping_add(p.checksum));
         let gap = self.shared.max_gap_tsc.swap(0, Ordering::Relaxed);
         format!(
             "mem seq={} seqs={} cpus={} errors={} checksum=0x{:x} maxgap_us={}",
             progress.iter().map(|p| p.seq).min().unwrap_or(0),
-            seqs.join(","),
-            cpus.join(","),
+            list(&mut progress.iter().map(|p| p.seq)),
+            list(&mut self.shared.cpus.iter().map(|c| c.load(Ordering::Relaxed))),
             self.shared.errors.load(Ordering::Relaxed),
             checksum,
             self.tsc_to_us(gap),
@@ -105,29 +94,21 @@ impl Memory {
     fn tsc_to_us(&self, ticks: u64) -> u64 {
         let dt = sys::rdtsc().wrapping_sub(self.calib_tsc);
         let dns = sys::clock_ns(libc::CLOCK_MONOTONIC).saturating_sub(self.calib_ns);
-        if dt == 0 || dns == 0 {
+        if dt == 0 || dns == 0 || dt > u64::MAX / 2 {
             return 0;
         }
         ((ticks as u128 * dns as u128) / (dt as u128 * 1000)) as u64
     }
 
-    /// Stops the threads and returns the final status.
-    pub fn stop(mut self) -> String {
+    /// Stops the threads and returns the final status. The buffer stays mapped (see
+    /// `sys::populated_words`).
+    pub fn stop(self) -> String {
         self.shared.stop.store(true, Ordering::Relaxed);
-        for h in self.threads.drain(..) {
-            let _ = h.join();
+        for h in self.threads {
+            h.join();
         }
-        let seq = self
-            .shared
-            .progress
-            .iter()
-            .map(|p| p.lock().unwrap().seq)
-            .min()
-            .unwrap_or(0);
-        format!(
-            "mem stopped seq={seq} errors={}",
-            self.shared.errors.load(Ordering::Relaxed)
-        )
+        let seq = self.shared.progress.iter().map(|p| p.with(|p| p.seq)).min().unwrap_or(0);
+        format!("mem stopped seq={seq} errors={}", self.shared.errors.load(Ordering::Relaxed))
     }
 }
 
@@ -152,7 +133,7 @@ fn run(shared: &Shared, t: usize, words: &mut [u64], base: u64) {
             }
             let now = sys::rdtsc();
             let gap = now.wrapping_sub(last);
-            // A TSC that went backwards (a restored guest on another host) is not a gap.
+            // A TSC that went backwards (a guest restored on another host) is not a gap.
             if gap < u64::MAX / 2 {
                 shared.max_gap_tsc.fetch_max(gap, Ordering::Relaxed);
             }
@@ -161,7 +142,7 @@ fn run(shared: &Shared, t: usize, words: &mut [u64], base: u64) {
         if errors > 0 {
             shared.errors.fetch_add(errors, Ordering::Relaxed);
         }
-        *shared.progress[t].lock().unwrap() = Progress { seq, checksum: sum };
+        shared.progress[t].with(|p| *p = Progress { seq, checksum: sum });
         seq += 1;
     }
 }
