@@ -1,0 +1,147 @@
+//! Durability and lifecycle: kill -9 after acknowledged writes and lease changes, restart;
+//! SIGTERM finishes admitted requests and exits 0; volumes through the CLI.
+
+use anyhow::{bail, ensure, Result};
+use e2e::storaged::{client_config, Storaged};
+use storaged::client::{Client, ClientError};
+use storaged::protocol::RequestedState::{Primary, Standby};
+
+fn pattern(i: u64) -> Vec<u8> {
+    (0..65536u64).map(|j| (i * 13 + j) as u8).collect()
+}
+
+#[test]
+fn kill_9_keeps_data_and_the_lease_table() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut s = Storaged::start(dir.path())?;
+    s.create_volume("vol", "64M", &[])?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let a = Client::connect(&client_config(&s, "vol", "host-a", Primary)).await?;
+        let b = Client::connect(&client_config(&s, "vol", "host-b", Standby)).await?;
+        for i in 0..64 {
+            a.write(i * 65536, pattern(i), i % 2 == 0).await?;
+        }
+        a.flush().await?;
+        b.flip().await?;
+        for i in 64..128 {
+            b.write(i * 65536, pattern(i), true).await?;
+        }
+        anyhow::Ok(())
+    })?;
+    s.restart(&[])?;
+    let leases = s.cli(&["lease", "list", "vol"])?;
+    ensure!(leases.contains("epoch 2"), "{leases}");
+    ensure!(
+        leases
+            .lines()
+            .any(|l| l.starts_with("host-a") && l.contains("deactivated")),
+        "{leases}"
+    );
+    ensure!(
+        leases
+            .lines()
+            .any(|l| l.starts_with("host-b") && l.contains("primary")),
+        "{leases}"
+    );
+    rt.block_on(async {
+        match Client::connect(&client_config(&s, "vol", "host-a", Primary)).await {
+            Err(ClientError::Deactivated { .. }) => {}
+            other => bail!("host-a must stay deactivated after a restart: {other:?}"),
+        }
+        let b = Client::connect(&client_config(&s, "vol", "host-b", Primary)).await?;
+        assert_eq!(b.lease(), Some((Primary, 2)));
+        for i in 0..128 {
+            ensure!(
+                b.read(i * 65536, 65536).await? == pattern(i),
+                "block {i} lost"
+            );
+        }
+        Ok(())
+    })?;
+    // Rollback information survives as well.
+    let out = s.cli(&["lease", "rollback", "vol"])?;
+    ensure!(out.contains("\"epoch\": 3"), "{out}");
+    Ok(())
+}
+
+#[test]
+fn sigterm_finishes_admitted_requests_and_exits_zero() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut s = Storaged::start(dir.path())?;
+    s.create_volume("vol", "64M", &[])?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let (acked, c) = rt.block_on(async {
+        let c = Client::connect(&client_config(&s, "vol", "host-a", Primary)).await?;
+        let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        for t in 0..8u64 {
+            let (c, acked) = (c.clone(), acked.clone());
+            tokio::spawn(async move {
+                for i in 0.. {
+                    let blk = t * 128 + i % 128;
+                    if c.write(blk * 65536, pattern(blk), false).await.is_err() {
+                        break;
+                    }
+                    acked.lock().unwrap().push(blk);
+                }
+            });
+        }
+        e2e::storaged::wait_for("writes", e2e::storaged::DEADLINE, || {
+            (acked.lock().unwrap().len() > 100).then_some(())
+        })?;
+        anyhow::Ok((acked, c))
+    })?;
+    let status = s.terminate()?;
+    ensure!(status.success(), "storaged exited with {status}");
+    ensure!(s.log().contains("storaged stopped cleanly"));
+    let _ = c;
+    let file = std::fs::read(s.volume_file("vol"))?;
+    for blk in acked.lock().unwrap().iter() {
+        let at = *blk as usize * 65536;
+        ensure!(
+            file[at..at + 65536] == pattern(*blk)[..],
+            "acknowledged block {blk} missing"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn volumes_through_the_cli_survive_a_restart() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut s = Storaged::start(dir.path())?;
+    s.create_volume("one", "1G", &["--anonymous", "deny"])?;
+    s.create_volume("two", "4M", &[])?;
+    ensure!(s.create_volume("one", "1M", &[]).is_err(), "duplicate name");
+    ensure!(s.create_volume("bad/name", "1M", &[]).is_err());
+    ensure!(s.create_volume("odd", "1000", &[]).is_err());
+    let show = s.cli(&["volume", "show", "one"])?;
+    ensure!(
+        show.contains("\"anonymous\": \"deny\"") && show.contains("1073741824"),
+        "{show}"
+    );
+    // A sparse file: 1 GiB apparent, almost nothing allocated.
+    let meta = std::fs::metadata(s.volume_file("one"))?;
+    ensure!(std::os::unix::fs::MetadataExt::blocks(&meta) < 1024);
+    s.restart(&[])?;
+    let list = s.cli(&["volume", "list"])?;
+    ensure!(list.contains("one") && list.contains("two"), "{list}");
+    let rt = tokio::runtime::Runtime::new()?;
+    let c = rt.block_on(Client::connect(&client_config(&s, "two", "h", Primary)))?;
+    ensure!(
+        s.cli(&["volume", "delete", "two"]).is_err(),
+        "busy volume must not be deleted"
+    );
+    rt.block_on(c.disconnect())?;
+    drop(c);
+    e2e::storaged::wait_for("the connection to close", e2e::storaged::DEADLINE, || {
+        s.cli(&["volume", "show", "two"])
+            .ok()
+            .filter(|o| o.contains("\"connections\": 0"))
+    })?;
+    s.cli(&["volume", "delete", "two"])?;
+    ensure!(!s.volume_file("two").exists());
+    s.restart(&[])?;
+    ensure!(!s.cli(&["volume", "list"])?.contains("two"));
+    Ok(())
+}

@@ -1,0 +1,194 @@
+//! Lease transitions on a running storaged: already-primary retry, conflicts, epochs, flip on
+//! first access, armed flips with a deadline, rollback, revoke, and the address fallback.
+
+use anyhow::{bail, ensure, Result};
+use e2e::storaged::{client_config, wait_for, Storaged, DEADLINE};
+use std::time::Duration;
+use storaged::client::{Client, ClientConfig, ClientError};
+use storaged::protocol::RequestedState::{self, Primary, Standby};
+
+fn setup(extra: &[&str]) -> Result<(tempfile::TempDir, Storaged, tokio::runtime::Runtime)> {
+    let dir = tempfile::tempdir()?;
+    let s = Storaged::start(dir.path())?;
+    s.create_volume("vol", "16M", extra)?;
+    Ok((dir, s, tokio::runtime::Runtime::new()?))
+}
+
+async fn connect(s: &Storaged, host: &str, state: RequestedState) -> Result<Client, ClientError> {
+    Client::connect(&client_config(s, "vol", host, state)).await
+}
+
+fn lease_line(s: &Storaged, host: &str) -> Result<String> {
+    let out = s.cli(&["lease", "list", "vol"])?;
+    Ok(out
+        .lines()
+        .find(|l| l.starts_with(host))
+        .unwrap_or("")
+        .to_string())
+}
+
+#[test]
+fn standby_request_from_the_primary_host_is_retried_as_primary() -> Result<()> {
+    let (_d, s, rt) = setup(&[])?;
+    rt.block_on(async {
+        let a = connect(&s, "host-a", Primary).await?;
+        a.write(0, vec![1; 4096], true).await?;
+        // The same host reconnecting as standby (e.g. after restarting its VMM) gets primary.
+        let again = connect(&s, "host-a", Standby).await?;
+        assert_eq!(again.lease(), Some((Primary, 1)));
+        assert_eq!(again.read(0, 4096).await?, vec![1; 4096]);
+        Ok(())
+    })
+}
+
+#[test]
+fn second_primary_and_stale_epoch_are_refused() -> Result<()> {
+    let (_d, s, rt) = setup(&[])?;
+    rt.block_on(async {
+        let _a = connect(&s, "host-a", Primary).await?;
+        match connect(&s, "host-c", Primary).await {
+            Err(ClientError::Conflict { message }) => ensure!(message.contains("host-a")),
+            other => bail!("expected a conflict, got {other:?}"),
+        }
+        let mut cfg = client_config(&s, "vol", "host-b", Standby);
+        cfg.lease.as_mut().unwrap().expected_epoch = 7;
+        match Client::connect(&cfg).await {
+            Err(ClientError::EpochMismatch { message }) => ensure!(message.contains("7")),
+            other => bail!("expected an epoch mismatch, got {other:?}"),
+        }
+        cfg.lease.as_mut().unwrap().expected_epoch = 1;
+        Client::connect(&cfg).await?;
+        Ok(())
+    })
+}
+
+#[test]
+fn flip_on_first_access_promotes_the_standby() -> Result<()> {
+    let (_d, s, rt) = setup(&["--flip-on-first-access"])?;
+    rt.block_on(async {
+        let a = connect(&s, "host-a", Primary).await?;
+        a.write(0, vec![0xaa; 4096], false).await?;
+        let b = connect(&s, "host-b", Standby).await?;
+        // B's first read flips the lease and is then served.
+        assert_eq!(b.read(0, 4096).await?, vec![0xaa; 4096]);
+        b.write(4096, vec![0xbb; 4096], true).await?;
+        ensure!(a.write(0, vec![0; 4096], false).await.is_err());
+        Ok(())
+    })?;
+    ensure!(lease_line(&s, "host-b")?.contains("primary"));
+    ensure!(lease_line(&s, "host-a")?.contains("deactivated"));
+    Ok(())
+}
+
+#[test]
+fn armed_flip_completes_at_its_deadline() -> Result<()> {
+    let (_d, s, rt) = setup(&[])?;
+    let (a, _b) = rt.block_on(async {
+        let a = connect(&s, "host-a", Primary).await?;
+        let b = connect(&s, "host-b", Standby).await?;
+        anyhow::Ok((a, b))
+    })?;
+    let out = s.cli(&["lease", "flip", "vol", "--armed", "--timeout-ms", "300"])?;
+    ensure!(out.contains("\"armed\": true"), "{out}");
+    wait_for("the armed flip to complete", DEADLINE, || {
+        lease_line(&s, "host-b")
+            .ok()
+            .filter(|l| l.contains("primary"))
+    })?;
+    rt.block_on(async {
+        ensure!(a.read(0, 512).await.is_err());
+        Ok(())
+    })?;
+    ensure!(s.log().contains("trigger=Timeout"), "{}", s.log());
+    Ok(())
+}
+
+#[test]
+fn armed_flip_completes_on_first_access_before_its_deadline() -> Result<()> {
+    let (_d, s, rt) = setup(&[])?;
+    rt.block_on(async {
+        let _a = connect(&s, "host-a", Primary).await?;
+        let b = connect(&s, "host-b", Standby).await?;
+        s.cli(&["lease", "flip", "vol", "--armed", "--timeout-ms", "600000"])?;
+        b.write(0, vec![3; 512], false).await?;
+        anyhow::Ok(())
+    })?;
+    ensure!(lease_line(&s, "host-b")?.contains("primary"));
+    ensure!(s.log().contains("trigger=FirstAccess"));
+    Ok(())
+}
+
+#[test]
+fn rollback_restores_the_previous_lease_table() -> Result<()> {
+    let (_d, s, rt) = setup(&[])?;
+    rt.block_on(async {
+        let a = connect(&s, "host-a", Primary).await?;
+        let b = connect(&s, "host-b", Standby).await?;
+        a.write(0, vec![1; 512], false).await?;
+        b.flip().await?;
+        b.write(0, vec![2; 512], false).await?;
+        let out = s.cli(&["lease", "rollback", "vol"])?;
+        ensure!(out.contains("\"epoch\": 3"), "{out}");
+        // B is standby again on its open connection; A may come back as primary.
+        ensure!(matches!(
+            b.write(0, vec![9; 512], false).await,
+            Err(ClientError::NotPermitted)
+        ));
+        let a2 = connect(&s, "host-a", Primary).await?;
+        assert_eq!(a2.lease(), Some((Primary, 3)));
+        assert_eq!(a2.read(0, 512).await?, vec![2; 512]);
+        drop(a);
+        // Nothing left to roll back.
+        ensure!(s.cli(&["lease", "rollback", "vol"]).is_err());
+        Ok(())
+    })
+}
+
+#[test]
+fn revoke_terminates_leases() -> Result<()> {
+    let (_d, s, rt) = setup(&[])?;
+    rt.block_on(async {
+        let _a = connect(&s, "host-a", Primary).await?;
+        let b = connect(&s, "host-b", Standby).await?;
+        b.flip().await?;
+        ensure!(matches!(
+            connect(&s, "host-a", Standby).await,
+            Err(ClientError::Deactivated { .. })
+        ));
+        // Revoking the deactivated host lets it connect again (as standby).
+        s.cli(&["lease", "revoke", "vol", "--host", "host-a"])?;
+        let a = connect(&s, "host-a", Standby).await?;
+        // Revoking the primary closes its connection.
+        s.cli(&["lease", "revoke", "vol", "--host", "host-b"])?;
+        ensure!(b.read(0, 512).await.is_err());
+        ensure!(a.read(0, 512).await.is_err(), "still standby");
+        Ok(())
+    })?;
+    ensure!(lease_line(&s, "host-b")?.is_empty());
+    ensure!(s
+        .cli(&["lease", "revoke", "vol", "--host", "nobody"])
+        .is_err());
+    Ok(())
+}
+
+#[test]
+fn client_moves_on_to_the_next_address_and_reports_unreachable() -> Result<()> {
+    let (_d, s, rt) = setup(&[])?;
+    // A port with nothing listening: bind, note the port, close.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .to_string();
+    rt.block_on(async {
+        let mut cfg = ClientConfig::new(vec![dead.clone(), s.nbd.to_string()], "vol");
+        cfg.backoff_initial = Duration::from_millis(1);
+        let c = Client::connect(&cfg).await?;
+        ensure!(c.size() == 16 << 20);
+        let mut cfg = ClientConfig::new(vec![dead.clone()], "vol");
+        cfg.backoff_initial = Duration::from_millis(1);
+        cfg.rounds = 2;
+        match Client::connect(&cfg).await {
+            Err(ClientError::Unreachable { attempts: 2, .. }) => Ok(()),
+            other => bail!("expected unreachable, got {other:?}"),
+        }
+    })
+}
