@@ -1,0 +1,280 @@
+//! Malformed and hostile input over raw sockets: the server answers with the protocol's error
+//! or disconnects cleanly, logs it, never half-writes, and keeps serving everyone else.
+
+use anyhow::{ensure, Result};
+use e2e::storaged::{run_ok, wait_for, Storaged, DEADLINE};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
+use storaged::protocol::*;
+
+fn greet(s: &Storaged) -> Result<TcpStream> {
+    let mut t = TcpStream::connect(s.nbd)?;
+    t.set_read_timeout(Some(DEADLINE))?;
+    let mut hello = [0u8; 18];
+    t.read_exact(&mut hello)?;
+    ensure!(hello[..8] == NBDMAGIC.to_be_bytes() && hello[8..16] == IHAVEOPT.to_be_bytes());
+    t.write_all(&(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES).to_be_bytes())?;
+    Ok(t)
+}
+
+fn option(t: &mut TcpStream, option: u32, data: &[u8]) -> Result<()> {
+    let h = OptionHeader {
+        option,
+        length: data.len() as u32,
+    };
+    t.write_all(&h.encode())?;
+    t.write_all(data)?;
+    Ok(())
+}
+
+fn option_reply(t: &mut TcpStream) -> Result<(OptionReplyHeader, Vec<u8>)> {
+    let mut b = [0u8; OPTION_REPLY_LEN];
+    t.read_exact(&mut b)?;
+    let h = OptionReplyHeader::decode(&b)?;
+    let mut d = vec![0u8; h.length as usize];
+    t.read_exact(&mut d)?;
+    Ok((h, d))
+}
+
+/// Handshake with GO on `export`; returns the socket in transmission.
+fn go(t: &mut TcpStream, export: &str) -> Result<()> {
+    let g = GoOption {
+        name: export.into(),
+        info: vec![],
+    };
+    option(t, NBD_OPT_GO, &g.encode())?;
+    loop {
+        let (h, d) = option_reply(t)?;
+        ensure!(!h.is_error(), "GO refused: {}", String::from_utf8_lossy(&d));
+        if h.reply == NBD_REP_ACK {
+            return Ok(());
+        }
+    }
+}
+
+fn request(t: &mut TcpStream, kind: u16, flags: u16, offset: u64, length: u32) -> Result<()> {
+    let r = Request {
+        flags,
+        kind,
+        handle: 0x1234_5678,
+        offset,
+        length,
+    };
+    t.write_all(&r.encode())?;
+    Ok(())
+}
+
+fn reply(t: &mut TcpStream) -> Result<u32> {
+    let mut b = [0u8; SIMPLE_REPLY_LEN];
+    t.read_exact(&mut b)?;
+    let (err, handle) = decode_simple_reply(&b)?;
+    ensure!(handle == 0x1234_5678);
+    Ok(err)
+}
+
+fn closed(t: &mut TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    matches!(t.read(&mut b), Ok(0) | Err(_))
+}
+
+fn start() -> Result<(tempfile::TempDir, Storaged)> {
+    let dir = tempfile::tempdir()?;
+    let s = Storaged::start(dir.path())?;
+    s.create_volume("v", "1M", &["--anonymous", "read-write-without-primary"])?;
+    Ok((dir, s))
+}
+
+#[test]
+fn bad_handshake_input_disconnects_and_the_server_keeps_serving() -> Result<()> {
+    let (_d, s) = start()?;
+    // Wrong option magic.
+    let mut t = greet(&s)?;
+    t.write_all(&[0x42; 16])?;
+    ensure!(closed(&mut t));
+    // Unknown client flags.
+    let mut t = TcpStream::connect(s.nbd)?;
+    t.read_exact(&mut [0u8; 18])?;
+    t.write_all(&0x8000_0000u32.to_be_bytes())?;
+    ensure!(closed(&mut t));
+    // Oversized option data.
+    let mut t = greet(&s)?;
+    t.write_all(
+        &OptionHeader {
+            option: NBD_OPT_GO,
+            length: 1 << 30,
+        }
+        .encode(),
+    )?;
+    ensure!(closed(&mut t));
+    // Unknown option, malformed GO and malformed lease: error replies, then GO still works.
+    let mut t = greet(&s)?;
+    option(&mut t, 0x77, b"abc")?;
+    ensure!(option_reply(&mut t)?.0.reply == NBD_REP_ERR_UNSUP);
+    option(&mut t, NBD_OPT_GO, &[0, 0, 0, 9, b'v'])?;
+    ensure!(option_reply(&mut t)?.0.reply == NBD_REP_ERR_INVALID);
+    option(&mut t, NBD_OPT_LEASE, &[0, 1, 1])?;
+    ensure!(option_reply(&mut t)?.0.reply == NBD_REP_ERR_INVALID);
+    option(&mut t, NBD_OPT_STRUCTURED_REPLY, b"x")?;
+    ensure!(option_reply(&mut t)?.0.reply == NBD_REP_ERR_INVALID);
+    let g = GoOption {
+        name: "nope".into(),
+        info: vec![],
+    };
+    option(&mut t, NBD_OPT_GO, &g.encode())?;
+    let (h, msg) = option_reply(&mut t)?;
+    ensure!(h.reply == NBD_REP_ERR_UNKNOWN && String::from_utf8_lossy(&msg).contains("nope"));
+    go(&mut t, "v")?;
+    // EXPORT_NAME of an unknown export: the protocol allows only a disconnect.
+    let mut t = greet(&s)?;
+    option(&mut t, NBD_OPT_EXPORT_NAME, b"nope")?;
+    ensure!(closed(&mut t));
+    // EXPORT_NAME of a real one: size and flags, no zeroes (negotiated away).
+    let mut t = greet(&s)?;
+    option(&mut t, NBD_OPT_EXPORT_NAME, b"v")?;
+    let mut b = [0u8; 10];
+    t.read_exact(&mut b)?;
+    ensure!(u64::from_be_bytes(b[..8].try_into()?) == 1 << 20);
+    run_ok(Command::new("nbdinfo").arg(s.uri("v")))?;
+    ensure!(s.log().contains("handshake failed"));
+    ensure!(s.log().contains("bad magic"), "{}", s.log());
+    Ok(())
+}
+
+#[test]
+fn bad_requests_get_nbd_errors_and_the_stream_stays_in_sync() -> Result<()> {
+    let (_d, s) = start()?;
+    let mut t = greet(&s)?;
+    go(&mut t, "v")?;
+    let end = 1u64 << 20;
+    request(&mut t, 99, 0, 0, 0)?;
+    ensure!(reply(&mut t)? == NBD_EINVAL, "unknown command");
+    request(&mut t, NBD_CMD_READ, 0, end - 100, 512)?;
+    ensure!(reply(&mut t)? == NBD_EINVAL, "read past the end");
+    request(&mut t, NBD_CMD_READ, 0, u64::MAX - 10, 512)?;
+    ensure!(reply(&mut t)? == NBD_EINVAL, "offset overflow");
+    request(&mut t, NBD_CMD_READ, 0x4000, 0, 512)?;
+    ensure!(reply(&mut t)? == NBD_EINVAL, "unknown flag");
+    request(&mut t, NBD_CMD_READ, 0, 0, MAX_REQUEST_LEN + 1)?;
+    ensure!(reply(&mut t)? == NBD_EOVERFLOW, "oversize read");
+    request(&mut t, NBD_CMD_WRITE, 0, end - 256, 512)?;
+    t.write_all(&[0xab; 512])?;
+    ensure!(reply(&mut t)? == NBD_ENOSPC, "write past the end");
+    request(&mut t, NBD_CMD_TRIM, 0, end, 1)?;
+    ensure!(reply(&mut t)? == NBD_EINVAL, "trim past the end");
+    // An oversize write: the payload is read and dropped, the stream stays usable.
+    let big = MAX_REQUEST_LEN as usize + 4096;
+    request(&mut t, NBD_CMD_WRITE, 0, 0, big as u32)?;
+    t.write_all(&vec![0xcd; big])?;
+    ensure!(reply(&mut t)? == NBD_EOVERFLOW, "oversize write");
+    // Nothing of the refused writes reached the disk; a normal read still works.
+    request(&mut t, NBD_CMD_READ, 0, end - 512, 512)?;
+    ensure!(reply(&mut t)? == 0);
+    let mut data = vec![0u8; 512];
+    t.read_exact(&mut data)?;
+    ensure!(data.iter().all(|&b| b == 0));
+    let file = std::fs::read(s.volume_file("v"))?;
+    ensure!(
+        file.iter().all(|&b| b == 0),
+        "a refused write reached the disk"
+    );
+    // The flip command on an anonymous connection is refused.
+    request(&mut t, NBD_CMD_LEASE_FLIP, 0, 0, FLIP_REPORT_LEN)?;
+    ensure!(reply(&mut t)? == NBD_EINVAL);
+    // Wrong request magic: disconnect.
+    t.write_all(&[0u8; REQUEST_LEN])?;
+    ensure!(closed(&mut t));
+    ensure!(s.log().contains("oversize write"));
+    Ok(())
+}
+
+#[test]
+fn client_vanishing_mid_write_leaves_no_partial_data() -> Result<()> {
+    let (_d, s) = start()?;
+    let mut t = greet(&s)?;
+    go(&mut t, "v")?;
+    request(&mut t, NBD_CMD_WRITE, 0, 4096, 65536)?;
+    t.write_all(&[0xee; 30000])?;
+    t.flush()?;
+    drop(t);
+    wait_for("the server to log the vanished client", DEADLINE, || {
+        s.log().contains("connection dropped").then_some(())
+    })?;
+    let file = std::fs::read(s.volume_file("v"))?;
+    ensure!(
+        file.iter().all(|&b| b == 0),
+        "a partial write reached the disk"
+    );
+    // Also a client that vanishes in the handshake, mid-option.
+    let mut t = greet(&s)?;
+    t.write_all(
+        &OptionHeader {
+            option: NBD_OPT_GO,
+            length: 100,
+        }
+        .encode()[..10],
+    )?;
+    drop(t);
+    let out =
+        run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0 0 1M", &s.uri("v")]))?;
+    ensure!(!String::from_utf8_lossy(&out.stdout).contains("failed"));
+    Ok(())
+}
+
+#[test]
+fn many_pipelined_requests_are_each_answered_once() -> Result<()> {
+    let (_d, s) = start()?;
+    let mut t = greet(&s)?;
+    go(&mut t, "v")?;
+    t.set_read_timeout(Some(Duration::from_secs(60)))?;
+    // 64 pipelined writes without waiting, then 64 reads; every handle is answered once.
+    let mut sent = std::collections::BTreeSet::new();
+    let mut wbuf = Vec::new();
+    for i in 0..64u64 {
+        let r = Request {
+            flags: 0,
+            kind: NBD_CMD_WRITE,
+            handle: i,
+            offset: i * 4096,
+            length: 4096,
+        };
+        wbuf.extend_from_slice(&r.encode());
+        wbuf.extend(std::iter::repeat_n(i as u8, 4096));
+        sent.insert(i);
+    }
+    t.write_all(&wbuf)?;
+    for _ in 0..64 {
+        let mut b = [0u8; SIMPLE_REPLY_LEN];
+        t.read_exact(&mut b)?;
+        let (err, h) = decode_simple_reply(&b)?;
+        ensure!(err == 0 && sent.remove(&h), "handle {h} err {err}");
+    }
+    let mut rbuf = Vec::new();
+    for i in 0..64u64 {
+        let r = Request {
+            flags: 0,
+            kind: NBD_CMD_READ,
+            handle: 100 + i,
+            offset: i * 4096,
+            length: 4096,
+        };
+        rbuf.extend_from_slice(&r.encode());
+    }
+    t.write_all(&rbuf)?;
+    for _ in 0..64 {
+        let mut b = [0u8; SIMPLE_REPLY_LEN];
+        t.read_exact(&mut b)?;
+        let (err, h) = decode_simple_reply(&b)?;
+        ensure!(err == 0 && (100..164).contains(&h));
+        let mut d = vec![0u8; 4096];
+        t.read_exact(&mut d)?;
+        ensure!(
+            d.iter().all(|&x| x == (h - 100) as u8),
+            "handle {h} got wrong data"
+        );
+    }
+    request(&mut t, NBD_CMD_DISC, 0, 0, 0)?;
+    ensure!(closed(&mut t));
+    Ok(())
+}
