@@ -8,6 +8,7 @@ pub mod agent;
 pub mod image;
 pub mod qemu;
 pub mod storaged;
+pub mod vmm;
 
 use std::path::PathBuf;
 

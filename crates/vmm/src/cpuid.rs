@@ -10,6 +10,15 @@
 //! 3. **Hide what the VMM does not emulate**: MONITOR/MWAIT (no idle emulation; the guest would
 //!    spin or fault), VMX/SVM (no nesting offered), the architectural PMU (leaf 0xA: no PMU
 //!    virtualization is configured), and the thermal/power leaf 0x6 bits beyond ARAT.
+//! 4. **KVM paravirt features: the clock and interrupt ones only** (leaf 0x4000_0001 EAX):
+//!    kvm-clock, no-op I/O delay, steal time, PV EOI, async page faults and the stable-clock
+//!    bit, the same set QEMU gives its `kvm64` model. The hypercall-based optimizations (PV
+//!    IPIs, PV TLB flush, sched yield, unhalt/kick) are hidden: observed on an emulating host
+//!    (kvm_pvm), a secondary vCPU that issues the send-IPI hypercall never gets past it and the
+//!    boot vCPU then spins forever waiting for it; plain IPIs through the in-kernel LAPIC work.
+//! 5. **AMD topology leaves agree with 1-3**: 0x8000_0008 ECX (cores per package, APIC id
+//!    bits) and 0x8000_001E (extended APIC id, core id, node), which AMD guests read instead
+//!    of leaf 0xB.
 //!
 //! Everything else passes through. On a host with hardware virtualization this is what the
 //! guest sees. On an emulating host (kvm_pvm), KVM overrides leaf 7 and forces some leaf-1 bits
@@ -34,6 +43,15 @@ const LEAF_POWER: u32 = 0x6;
 const LEAF_PMU: u32 = 0xa;
 const LEAF_TOPOLOGY: u32 = 0xb;
 const LEAF_TOPOLOGY_V2: u32 = 0x1f;
+const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
+const LEAF_AMD_SIZES: u32 = 0x8000_0008;
+const LEAF_AMD_TOPOLOGY: u32 = 0x8000_001e;
+
+/// KVM PV features offered (bit numbers from linux/kvm_para.h): CLOCKSOURCE (0),
+/// NOP_IO_DELAY (1), CLOCKSOURCE2 (3), ASYNC_PF (4), STEAL_TIME (5), PV_EOI (6),
+/// CLOCKSOURCE_STABLE_BIT (24).
+const KVM_FEATURES_OFFERED: u32 =
+    (1 << 0) | (1 << 1) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 24);
 
 const ECX_MONITOR: u32 = 1 << 3;
 const ECX_VMX: u32 = 1 << 5;
@@ -104,6 +122,18 @@ pub fn vcpu_cpuid(supported: &CpuId, index: u8, count: u8) -> Result<CpuId, Cpui
                 }
             }
             0x8000_0001 => e.ecx &= !EXT_ECX_SVM,
+            LEAF_KVM_FEATURES => e.eax &= KVM_FEATURES_OFFERED,
+            LEAF_AMD_SIZES => {
+                // ECX[15:12]: APIC id bits for the core; ECX[7:0]: cores - 1.
+                e.ecx = (e.ecx & !0xf0ff) | (core_shift << 12) | (count32 - 1);
+            }
+            LEAF_AMD_TOPOLOGY => {
+                e.eax = apic_id;
+                // EBX[15:8]: threads per core - 1 (one); EBX[7:0]: core id.
+                e.ebx = apic_id & 0xff;
+                // ECX[10:8]: nodes per package - 1 (one); ECX[7:0]: node id.
+                e.ecx = 0;
+            }
             _ => {}
         }
     }

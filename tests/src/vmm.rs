@@ -1,0 +1,229 @@
+//! Our VMM: the test guest under the real `vmm` binary, its serial line on a Unix socket and
+//! its API on another, plus a minimal HTTP client for that API.
+
+use crate::agent::AgentConn;
+use crate::image::GuestImage;
+use anyhow::{bail, Context, Result};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long the VMM may take to create its sockets (it does so before the guest runs).
+const SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A disk for the guest, in order after the root disk.
+#[derive(Debug, Clone)]
+pub enum Disk {
+    /// A raw file.
+    File {
+        /// Path.
+        path: PathBuf,
+        /// Offered read-only.
+        read_only: bool,
+    },
+    /// A storaged volume: the value of `--disk` after `storaged=`, e.g.
+    /// `127.0.0.1:10809,volume=root,host=a`.
+    Storaged(String),
+}
+
+impl Disk {
+    fn arg(&self) -> String {
+        match self {
+            Disk::File { path, read_only } => {
+                format!(
+                    "path={}{}",
+                    path.display(),
+                    if *read_only { ",ro" } else { "" }
+                )
+            }
+            Disk::Storaged(spec) => format!("storaged={spec}"),
+        }
+    }
+}
+
+/// What to run.
+pub struct VmmConfig<'a> {
+    /// Kernel and command line (the root file system is `root`).
+    pub image: &'a GuestImage,
+    /// The root disk (vda); `None` uses the image's root file system, read-only.
+    pub root: Option<Disk>,
+    /// Further disks (vdb, ...).
+    pub data_disks: Vec<Disk>,
+    /// Guest memory in MiB.
+    pub mem_mib: u32,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Directory for sockets and logs.
+    pub work_dir: &'a Path,
+}
+
+/// A guest running under `vmm`; killed on drop.
+pub struct VmmGuest {
+    child: Child,
+    /// The agent on the guest's serial line.
+    pub agent: AgentConn,
+    /// Where the serial output is logged.
+    pub serial_log: PathBuf,
+    /// The VMM's stderr.
+    pub stderr_log: PathBuf,
+    /// The API socket.
+    pub api_socket: PathBuf,
+    /// When the process was spawned.
+    pub started: Instant,
+}
+
+/// Waits for a Unix socket to accept, while `child` lives.
+fn connect(path: &Path, child: &mut Child, stderr: &Path) -> Result<UnixStream> {
+    let deadline = Instant::now() + SOCKET_TIMEOUT;
+    loop {
+        if let Ok(s) = UnixStream::connect(path) {
+            return Ok(s);
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "vmm exited ({status}) before opening {}; stderr:\n{}",
+                path.display(),
+                std::fs::read_to_string(stderr).unwrap_or_default()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} did not appear within {SOCKET_TIMEOUT:?}",
+                path.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl VmmGuest {
+    /// The `vmm run` command line for `cfg`, with sockets in the work directory.
+    pub fn command(cfg: &VmmConfig) -> Command {
+        let mut cmd = Command::new(crate::binary("vmm"));
+        cmd.arg("run")
+            .arg("--kernel")
+            .arg(&cfg.image.kernel)
+            .args(["--cmdline", &cfg.image.cmdline])
+            .args(["--memory", &cfg.mem_mib.to_string()])
+            .args(["--vcpus", &cfg.vcpus.to_string()])
+            .arg("--serial")
+            .arg(format!(
+                "unix:{}",
+                cfg.work_dir.join("serial.sock").display()
+            ))
+            .arg("--api-socket")
+            .arg(cfg.work_dir.join("api.sock"));
+        let root = cfg.root.clone().unwrap_or(Disk::File {
+            path: cfg.image.rootfs.clone(),
+            read_only: true,
+        });
+        for d in std::iter::once(&root).chain(&cfg.data_disks) {
+            cmd.arg("--disk").arg(d.arg());
+        }
+        cmd
+    }
+
+    /// Starts the VMM and connects to its serial socket.
+    pub fn start(cfg: &VmmConfig) -> Result<VmmGuest> {
+        let stderr_log = cfg.work_dir.join("vmm.stderr");
+        let api_socket = cfg.work_dir.join("api.sock");
+        let serial_socket = cfg.work_dir.join("serial.sock");
+        let _ = std::fs::remove_file(&serial_socket);
+        let _ = std::fs::remove_file(&api_socket);
+        let started = Instant::now();
+        let mut child = Self::command(cfg)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr_log)?)
+            .spawn()
+            .context("spawn vmm")?;
+        let serial = match connect(&serial_socket, &mut child, &stderr_log) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
+            }
+        };
+        let serial_log = cfg.work_dir.join("serial.log");
+        let agent = AgentConn::new(serial.try_clone()?, serial, &serial_log)?;
+        Ok(VmmGuest {
+            child,
+            agent,
+            serial_log,
+            stderr_log,
+            api_socket,
+            started,
+        })
+    }
+
+    /// One API call: returns the HTTP status and the body.
+    pub fn api(&self, method: &str, path: &str) -> Result<(u16, String)> {
+        api_call(&self.api_socket, method, path)
+    }
+
+    /// The VMM's stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    /// Waits for the VMM to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "vmm still running after {timeout:?}; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The VMM's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for VmmGuest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal HTTP/1.1 request over a Unix socket (`Connection: close`).
+pub fn api_call(socket: &Path, method: &str, path: &str) -> Result<(u16, String)> {
+    let mut s =
+        UnixStream::connect(socket).with_context(|| format!("connect {}", socket.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("bad HTTP response: {text:?}"))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The value of a top-level string field in a JSON body (enough for `state`).
+pub fn json_str(body: &str, key: &str) -> Option<String> {
+    let at = body.find(&format!("\"{key}\":\""))? + key.len() + 4;
+    Some(body[at..].split('"').next()?.to_string())
+}

@@ -1,0 +1,201 @@
+//! The test guest under our VMM: it boots to the agent over the serial socket, the memory,
+//! disk and clock workloads answer correctly on a local-file data disk, the API reports the
+//! VM, and a guest reboot (i8042 reset, `reboot=k`) ends the VMM with status 0.
+
+use agent_proto::{expected_checksum, Record, RECORD_SIZE};
+use e2e::image::guest_image;
+use e2e::vmm::{json_str, Disk, VmmConfig, VmmGuest};
+use std::time::{Duration, Instant};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+const REPLY: Duration = Duration::from_secs(60);
+
+#[test]
+fn vmm_boots_guest_and_workloads_answer() {
+    if !e2e::kvm_available("vmm_boots_guest_and_workloads_answer") {
+        return;
+    }
+    let image = guest_image();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data.img");
+    std::fs::File::create(&data)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let mut guest = VmmGuest::start(&VmmConfig {
+        image: &image,
+        root: None,
+        data_disks: vec![Disk::File {
+            path: data.clone(),
+            read_only: false,
+        }],
+        mem_mib: 256,
+        vcpus: 1,
+        work_dir: dir.path(),
+    })
+    .unwrap();
+    let ready = guest.agent.wait_ready(BOOT_TIMEOUT).unwrap();
+    let boot_id = ready.get("boot_id").unwrap().to_string();
+    eprintln!(
+        "agent ready: {} ms after kernel start, {} ms after vmm start",
+        ready.num("uptime_ms").unwrap(),
+        guest.started.elapsed().as_millis()
+    );
+    assert_eq!(ready.num("cpus"), Some(1));
+
+    let (code, body) = guest.api("GET", "/v1/vm").unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        json_str(&body, "state").as_deref(),
+        Some("running"),
+        "{body}"
+    );
+    assert!(
+        body.contains("virtio_mmio.device=4K@0xd0001000:6"),
+        "{body}"
+    );
+
+    let agent = &mut guest.agent;
+    agent.command("ping", REPLY).unwrap();
+    let c1 = agent.command("clock", REPLY).unwrap();
+    assert_eq!(c1.get("boot_id"), Some(boot_id.as_str()));
+
+    // Memory: the sequence advances with no errors and a matching checksum.
+    const MIB: usize = 16;
+    agent.command(&format!("mem start {MIB}"), REPLY).unwrap();
+    let first = agent.command("mem status", REPLY).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        let s = agent.command("mem status", REPLY).unwrap();
+        if s.num("seq").unwrap() > first.num("seq").unwrap() + 5 {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "memory sequence stuck: {s:?}");
+    };
+    assert_eq!(status.num("errors"), Some(0), "{status:?}");
+    assert_eq!(
+        status.num("checksum").unwrap(),
+        expected_checksum(MIB, &status.nums("seqs").unwrap()),
+        "{status:?}"
+    );
+    assert_eq!(
+        agent.command("mem stop", REPLY).unwrap().num("errors"),
+        Some(0)
+    );
+
+    // Disk: records are acknowledged, the guest verifies them, and so does the host.
+    let d = agent.command("disk start", REPLY).unwrap();
+    assert_eq!(d.num("next"), Some(0), "fresh disk: {d:?}");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let s = agent.command("disk status", REPLY).unwrap();
+        assert_eq!(s.get("state"), Some("running"), "{s:?}");
+        if s.num("acked").unwrap() >= 256 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "disk writer too slow: {s:?}");
+    }
+    let acked = agent
+        .command("disk stop", REPLY)
+        .unwrap()
+        .num("acked")
+        .unwrap();
+    let v = agent.command("disk verify", REPLY).unwrap();
+    assert_eq!(v.num("verified"), Some(acked), "{v:?}");
+    assert_eq!(v.num("boot_ids"), Some(1));
+    let bytes = std::fs::read(&data).unwrap();
+    for seq in 0..acked {
+        let at = seq as usize * RECORD_SIZE;
+        let rec = Record::decode(&bytes[at..at + RECORD_SIZE], seq)
+            .unwrap_or_else(|| panic!("record {seq} of {acked} invalid on the host side"));
+        assert_eq!(&rec.boot_id[..], &boot_id.as_bytes()[..16]);
+    }
+    let again = agent.command("disk start", REPLY).unwrap();
+    assert_eq!(again.num("next"), Some(acked));
+    agent.command("disk stop", REPLY).unwrap();
+
+    let c2 = agent.command("clock", REPLY).unwrap();
+    assert_eq!(c2.get("boot_id"), Some(boot_id.as_str()));
+    assert!(c2.num("uptime_ms").unwrap() > c1.num("uptime_ms").unwrap());
+
+    // The guest reboots through the i8042 (reboot=k): the VMM ends cleanly.
+    agent.command("reboot", REPLY).unwrap();
+    let status = guest.wait_exit(Duration::from_secs(120)).unwrap();
+    assert_eq!(status.code(), Some(0), "{}", guest.stderr());
+    assert!(
+        guest.stderr().contains("the guest reset the machine"),
+        "{}",
+        guest.stderr()
+    );
+}
+
+#[test]
+fn vmm_read_only_root_refuses_writes_and_a_locked_disk_is_refused() {
+    if !e2e::kvm_available("vmm_read_only_root_refuses_writes_and_a_locked_disk_is_refused") {
+        return;
+    }
+    let image = guest_image();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data.img");
+    std::fs::File::create(&data)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let mut guest = VmmGuest::start(&small(&image, &data, dir.path())).unwrap();
+    guest.agent.wait_ready(BOOT_TIMEOUT).unwrap();
+    // vda is offered read-only: the writer fails instead of changing the root image.
+    let root_before = std::fs::read(&image.rootfs).unwrap();
+    let r = guest.agent.command("disk start /dev/vda", REPLY);
+    if r.is_ok() {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let s = guest.agent.command("disk status", REPLY).unwrap();
+            if s.get("state") == Some("failed") {
+                break;
+            }
+            assert_ne!(s.get("state"), Some("stopped"), "{s:?}");
+            assert!(
+                s.num("acked").unwrap_or(0) == 0,
+                "write to a read-only disk acked: {s:?}"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "writer on read-only vda neither failed nor acked: {s:?}"
+            );
+        }
+    }
+    assert_eq!(std::fs::read(&image.rootfs).unwrap(), root_before);
+
+    // A second VMM on the same writable file is refused with a clear error.
+    let dir2 = tempfile::tempdir().unwrap();
+    let out = VmmGuest::command(&small(&image, &data, dir2.path()))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use by another process"), "{err}");
+
+    // Shutdown through the API.
+    let (code, _) = guest.api("PUT", "/v1/vm/shutdown").unwrap();
+    assert_eq!(code, 200);
+    let status = guest.wait_exit(Duration::from_secs(60)).unwrap();
+    assert_eq!(status.code(), Some(0), "{}", guest.stderr());
+}
+
+fn small<'a>(
+    image: &'a e2e::image::GuestImage,
+    data: &std::path::Path,
+    work_dir: &'a std::path::Path,
+) -> VmmConfig<'a> {
+    VmmConfig {
+        image,
+        root: None,
+        data_disks: vec![Disk::File {
+            path: data.to_path_buf(),
+            read_only: false,
+        }],
+        mem_mib: 128,
+        vcpus: 1,
+        work_dir,
+    }
+}
