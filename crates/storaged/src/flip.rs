@@ -269,3 +269,136 @@ pub async fn on_first_access(
     flip_locked(reg, vol, Some(&holder.host), FlipTrigger::FirstAccess).await?;
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gate::Need;
+    use crate::lease::{LeaseRequest, LeaseState};
+    use crate::protocol::RequestedState;
+    use crate::volume::{AnonymousPolicy, VolumeConfig};
+
+    fn req(host: &str, state: RequestedState) -> LeaseRequest {
+        LeaseRequest {
+            holder: Holder {
+                host: host.into(),
+                instance: "vm".into(),
+            },
+            state,
+            expected_epoch: 0,
+        }
+    }
+
+    async fn setup(dir: &std::path::Path) -> (Arc<Registry>, Arc<Volume>) {
+        let reg = Arc::new(Registry::open(dir).unwrap());
+        let vol = reg
+            .create(VolumeConfig {
+                name: "v".into(),
+                size: 1 << 20,
+                anonymous: AnonymousPolicy::default(),
+                flip_on_first_access: false,
+                flip_timeout_ms: None,
+            })
+            .await
+            .unwrap();
+        (reg, vol)
+    }
+
+    /// Stands in for a connection task: detaches once the gate closes.
+    fn conn_task(vol: &Arc<Volume>, id: u64, gate: Arc<crate::gate::Gate>) {
+        let vol = vol.clone();
+        tokio::spawn(async move {
+            gate.closed().await;
+            vol.detach(id);
+        });
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn flip_waits_for_admitted_requests_then_promotes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (reg, vol) = setup(dir.path()).await;
+        let peer = "127.0.0.1:1".parse().unwrap();
+        let a = reg
+            .attach(&vol, Some(req("a", RequestedState::Primary)), peer)
+            .await
+            .unwrap();
+        let b = reg
+            .attach(&vol, Some(req("b", RequestedState::Standby)), peer)
+            .await
+            .unwrap();
+        conn_task(&vol, a.entry.id, a.entry.gate.clone());
+        let admitted = a.entry.gate.admit(Need::Write).unwrap();
+        assert_eq!(
+            b.entry.gate.admit(Need::Read).unwrap_err(),
+            crate::gate::Refusal::Standby
+        );
+
+        let (r2, v2) = (reg.clone(), vol.clone());
+        let flipping = tokio::spawn(async move { flip(&r2, &v2, None, FlipTrigger::Api).await });
+        // The barrier goes up while the admitted request is still running...
+        while a.entry.gate.access() != Access::Fenced {
+            tokio::task::yield_now().await;
+        }
+        assert!(a.entry.gate.admit(Need::Write).is_err());
+        assert!(!flipping.is_finished());
+        assert_eq!(vol.table().epoch, 1, "nothing persisted before the drain");
+        // ...and the flip completes only after it finished.
+        drop(admitted);
+        let rep = flipping.await.unwrap().unwrap();
+        assert_eq!(rep.epoch, 2);
+        assert_eq!(rep.drained_requests, 1);
+        assert_eq!(b.entry.gate.access(), Access::ReadWrite);
+        assert_eq!(a.entry.gate.access(), Access::Closed);
+        let t = vol.table();
+        assert_eq!(t.state_of("a").unwrap().0, LeaseState::Deactivated);
+        assert_eq!(t.state_of("b").unwrap().0, LeaseState::Primary);
+        // Durable: a fresh registry on the same dir sees the new table.
+        drop(reg);
+        let again = Registry::open(dir.path()).unwrap();
+        assert_eq!(again.get("v").unwrap().table(), t);
+    }
+
+    #[tokio::test]
+    async fn rollback_and_revoke_apply_to_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        let (reg, vol) = setup(dir.path()).await;
+        let peer = "127.0.0.1:1".parse().unwrap();
+        let a = reg
+            .attach(&vol, Some(req("a", RequestedState::Primary)), peer)
+            .await
+            .unwrap();
+        conn_task(&vol, a.entry.id, a.entry.gate.clone());
+        let b = reg
+            .attach(&vol, Some(req("b", RequestedState::Standby)), peer)
+            .await
+            .unwrap();
+        conn_task(&vol, b.entry.id, b.entry.gate.clone());
+        flip(&reg, &vol, Some("b"), FlipTrigger::Nbd).await.unwrap();
+        let rep = rollback(&reg, &vol).await.unwrap();
+        assert_eq!(rep.epoch, 3);
+        assert_eq!(b.entry.gate.access(), Access::Standby);
+        assert_eq!(vol.table().primary.unwrap().host, "a");
+        assert!(rollback(&reg, &vol).await.is_err());
+        revoke(&reg, &vol, "b").await.unwrap();
+        assert_eq!(b.entry.gate.access(), Access::Closed);
+        assert!(vol.table().state_of("b").is_none());
+        assert!(revoke(&reg, &vol, "b").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn illegal_flips_change_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (reg, vol) = setup(dir.path()).await;
+        let peer = "127.0.0.1:1".parse().unwrap();
+        let a = reg
+            .attach(&vol, Some(req("a", RequestedState::Primary)), peer)
+            .await
+            .unwrap();
+        assert!(flip(&reg, &vol, None, FlipTrigger::Api).await.is_err());
+        assert!(flip(&reg, &vol, Some("a"), FlipTrigger::Api).await.is_err());
+        assert_eq!(a.entry.gate.access(), Access::ReadWrite);
+        assert_eq!(vol.table().epoch, 1);
+        // Anonymous access is refused while a primary exists.
+        assert!(reg.attach(&vol, None, peer).await.is_err());
+    }
+}

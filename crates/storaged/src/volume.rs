@@ -182,6 +182,61 @@ impl VolumeFile {
         Ok(())
     }
 
+    /// Reads from the page cache only (`preadv2(RWF_NOWAIT)`): `Ok(true)` when all of `buf`
+    /// was filled without blocking; `Ok(false)` when the caller must do a blocking read.
+    pub fn read_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        // SAFETY: `iov` describes `buf`, which is exclusively borrowed for the call.
+        let n = unsafe {
+            libc::preadv2(
+                self.file.as_raw_fd(),
+                &iov,
+                1,
+                offset as libc::off_t,
+                libc::RWF_NOWAIT,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::EINTR) => Ok(false),
+                _ => Err(e),
+            };
+        }
+        Ok(n as usize == buf.len())
+    }
+
+    /// Writes into the page cache only if that cannot block (`pwritev2(RWF_NOWAIT)`):
+    /// `Ok(true)` when all of `buf` was written; `Ok(false)` when the caller must do a blocking
+    /// write of the whole buffer (rewriting a prefix that did land is harmless).
+    pub fn write_cached(&self, buf: &[u8], offset: u64) -> io::Result<bool> {
+        let iov = libc::iovec {
+            iov_base: buf.as_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        // SAFETY: `iov` points into `buf`, which outlives the call; the kernel only reads it.
+        let n = unsafe {
+            libc::pwritev2(
+                self.file.as_raw_fd(),
+                &iov,
+                1,
+                offset as libc::off_t,
+                libc::RWF_NOWAIT,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::EINTR) => Ok(false),
+                _ => Err(e),
+            };
+        }
+        Ok(n as usize == buf.len())
+    }
+
     /// Makes every completed write durable.
     pub fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
@@ -280,5 +335,14 @@ mod tests {
         assert!(b[..512].iter().all(|&x| x == 0));
         f.flush().unwrap();
         assert!(f.read_at(&mut b, (1 << 20) - 100).is_err());
+        // The non-blocking variants either complete or tell the caller to block.
+        if f.write_cached(&[5u8; 4096], 0).unwrap() {
+            f.read_at(&mut b, 0).unwrap();
+            assert!(b.iter().all(|&x| x == 5));
+        }
+        let mut c = vec![0u8; 4096];
+        if f.read_cached(&mut c, 8192).unwrap() {
+            assert!(c.iter().all(|&x| x == 0));
+        }
     }
 }

@@ -242,6 +242,21 @@ async fn handle(ctx: &Ctx, r: &mut Rd, req: Request) -> Result<Option<End>, Conn
                 match ctx.admit(Need::Write, req.kind).await {
                     Err(e) => ctx.send(Reply::err(h, e)),
                     Ok(adm) => {
+                        // Fast path: a write the page cache takes without blocking is done
+                        // here, saving the hop to a blocking thread.
+                        if !fua {
+                            match file.write_cached(&buf, req.offset) {
+                                Ok(false) => {}
+                                done => {
+                                    drop(adm);
+                                    let error = done.as_ref().map_or_else(io_errno, |_| 0);
+                                    let mut rep = Reply::err(h, error);
+                                    rep._permit = Some(permit);
+                                    ctx.send(rep);
+                                    return Ok(None);
+                                }
+                            }
+                        }
                         tokio::task::spawn_blocking(move || {
                             let res = file.write_at(&buf, req.offset, fua);
                             drop(adm);
@@ -265,8 +280,25 @@ async fn handle(ctx: &Ctx, r: &mut Rd, req: Request) -> Result<Option<End>, Conn
                 match ctx.admit(Need::Read, req.kind).await {
                     Err(e) => ctx.send(Reply::err(h, e)),
                     Ok(adm) => {
+                        let mut buf = vec![0u8; req.length as usize];
+                        // Fast path: data in the page cache is copied here, without the hop
+                        // to a blocking thread.
+                        match file.read_cached(&mut buf, req.offset) {
+                            Ok(false) => {}
+                            done => {
+                                drop(adm);
+                                ctx.send(Reply {
+                                    handle: h,
+                                    offset: req.offset,
+                                    error: done.as_ref().map_or_else(io_errno, |_| 0),
+                                    data: Some(buf),
+                                    carries_data: true,
+                                    _permit: Some(permit),
+                                });
+                                return Ok(None);
+                            }
+                        }
                         tokio::task::spawn_blocking(move || {
-                            let mut buf = vec![0u8; req.length as usize];
                             let res = file.read_at(&mut buf, req.offset);
                             drop(adm);
                             let _ = tx.send(Reply {
@@ -397,6 +429,10 @@ pub async fn serve(
         peer: entry.peer,
         refusal_logged: Default::default(),
     };
+    let closed = entry.gate.closed();
+    tokio::pin!(closed);
+    let stop = shutdown.wait_for(|s| *s);
+    tokio::pin!(stop);
     let end: Result<End, ConnError> = loop {
         let step = async {
             let mut hb = [0u8; REQUEST_LEN];
@@ -412,8 +448,8 @@ pub async fn serve(
         };
         tokio::select! {
             biased;
-            _ = entry.gate.closed() => break Ok(End::Fenced),
-            _ = shutdown.wait_for(|s| *s) => break Ok(End::Shutdown),
+            _ = &mut closed => break Ok(End::Fenced),
+            _ = &mut stop => break Ok(End::Shutdown),
             r = step => match r {
                 Ok(None) => {}
                 Ok(Some(end)) => break Ok(end),
