@@ -1,0 +1,123 @@
+//! Test hosts as network namespaces joined by veth pairs to a bridge in a switch namespace.
+//!
+//! Addresses come from 198.18.0.0/15 (RFC 2544, set aside for network benchmarks), so nothing a
+//! test sends can be mistaken for, or reach, a real network: the namespaces have no route out.
+//! Everything is removed on drop.
+
+use anyhow::{bail, Context, Result};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// A set of namespaces on one bridge; removed on drop.
+pub struct Rig {
+    prefix: String,
+    switch: String,
+    hosts: Vec<Host>,
+}
+
+/// One test host.
+#[derive(Debug, Clone)]
+pub struct Host {
+    /// Short name given by the test ("storage", "a", "b").
+    pub name: String,
+    /// Namespace name.
+    pub netns: String,
+    /// Address on the rig's network.
+    pub addr: std::net::Ipv4Addr,
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("run ip (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+static RIGS: AtomicU32 = AtomicU32::new(0);
+
+impl Rig {
+    /// Creates one namespace per name, each with an address on a shared bridge.
+    pub fn new(names: &[&str]) -> Result<Rig> {
+        let id = std::process::id() % 100_000;
+        let n = RIGS.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("vh{id}x{n}");
+        let switch = format!("{prefix}-sw");
+        let mut rig = Rig {
+            prefix: prefix.clone(),
+            switch: switch.clone(),
+            hosts: Vec::new(),
+        };
+        ip(&["netns", "add", &switch])?;
+        ip(&["-n", &switch, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &switch, "link", "set", "br0", "up"])?;
+        for (i, name) in names.iter().enumerate() {
+            let netns = format!("{prefix}-{name}");
+            ip(&["netns", "add", &netns])?;
+            let addr = std::net::Ipv4Addr::new(198, 18, (n % 250) as u8, 10 + i as u8);
+            rig.hosts.push(Host {
+                name: name.to_string(),
+                netns: netns.clone(),
+                addr,
+            });
+            // Interface names are limited to 15 bytes: keep them short and unique per rig.
+            let (inner, outer) = (format!("v{n}h{i}"), format!("v{n}s{i}"));
+            ip(&[
+                "-n", &netns, "link", "add", &inner, "type", "veth", "peer", "name", &outer,
+                "netns", &switch,
+            ])?;
+            ip(&["-n", &switch, "link", "set", &outer, "master", "br0", "up"])?;
+            ip(&[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                &inner,
+            ])?;
+            ip(&["-n", &netns, "link", "set", &inner, "up"])?;
+            ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+        }
+        Ok(rig)
+    }
+
+    /// The host called `name`.
+    pub fn host(&self, name: &str) -> &Host {
+        self.hosts
+            .iter()
+            .find(|h| h.name == name)
+            .unwrap_or_else(|| panic!("no host {name}"))
+    }
+
+    /// Namespace name prefix of this rig.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+}
+
+impl Host {
+    /// A command that runs inside this host's namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.netns]).arg(program);
+        c
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        for h in &self.hosts {
+            let _ = ip(&["netns", "del", &h.netns]);
+        }
+        let _ = ip(&["netns", "del", &self.switch]);
+    }
+}
