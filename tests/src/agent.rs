@@ -1,13 +1,13 @@
 //! A host-side connection to the guest agent over the guest's serial line.
 
-use anyhow::{anyhow, bail, Context, Result};
 use agent_proto::{Fields, Reply};
+use anyhow::{anyhow, bail, Context, Result};
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Lines of console output kept for error messages.
 const TAIL_LINES: usize = 60;
@@ -95,13 +95,9 @@ impl AgentConn {
 
     /// Waits for the agent's ready line and returns its fields.
     pub fn wait_ready(&self, timeout: Duration) -> Result<Fields> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.next_reply(left, "ready")? {
-                Reply::Ready(f) => return Ok(f),
-                other => bail!("expected the ready line, got {other:?}"),
-            }
+        match self.next_reply(timeout, "ready")? {
+            Reply::Ready(f) => Ok(f),
+            other => bail!("expected the ready line, got {other:?}"),
         }
     }
 
