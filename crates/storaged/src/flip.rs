@@ -133,6 +133,10 @@ async fn flip_locked(
 
     let t = Instant::now();
     drain(reg, &fenced).await?;
+    if old_host.is_none() {
+        // The first primary of the volume: anonymous access "while no primary exists" ends.
+        reg.fence_anonymous(vol).await?;
+    }
     rep.drain_us = us(t);
 
     let t = Instant::now();
@@ -146,7 +150,9 @@ async fn flip_locked(
     rep.persist_us = us(t);
 
     let t = Instant::now();
-    set_host_access(vol, &plan.new_primary.host, Access::ReadWrite);
+    for c in vol.conns_of_holder(&plan.new_primary) {
+        c.gate.set_access(Access::ReadWrite);
+    }
     *vol.pending.lock().expect("pending lock") = None;
     rep.promote_us = us(t);
 
@@ -399,6 +405,21 @@ mod tests {
         assert_eq!(a.entry.gate.access(), Access::ReadWrite);
         assert_eq!(vol.table().epoch, 1);
         // Anonymous access is refused while a primary exists.
+        assert!(reg.attach(&vol, None, peer).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn first_primary_by_flip_ends_anonymous_access() {
+        let dir = tempfile::tempdir().unwrap();
+        let (reg, vol) = setup(dir.path()).await;
+        let peer = "127.0.0.1:1".parse().unwrap();
+        let anon = reg.attach(&vol, None, peer).await.unwrap();
+        assert_eq!(anon.entry.gate.access(), Access::ReadOnly);
+        reg.attach(&vol, Some(req("b", RequestedState::Standby)), peer)
+            .await
+            .unwrap();
+        flip(&reg, &vol, None, FlipTrigger::Api).await.unwrap();
+        assert_eq!(anon.entry.gate.access(), Access::Closed);
         assert!(reg.attach(&vol, None, peer).await.is_err());
     }
 }

@@ -180,6 +180,17 @@ impl Volume {
             .collect()
     }
 
+    /// Connections of exactly this holder.
+    pub(crate) fn conns_of_holder(&self, holder: &Holder) -> Vec<ConnEntry> {
+        self.conns
+            .lock()
+            .expect("conns lock")
+            .iter()
+            .filter(|c| c.holder.as_ref() == Some(holder))
+            .cloned()
+            .collect()
+    }
+
     /// Anonymous connections.
     pub(crate) fn anonymous_conns(&self) -> Vec<ConnEntry> {
         self.conns
@@ -440,7 +451,7 @@ impl Registry {
     }
 
     /// Closes the anonymous connections that only existed while there was no primary.
-    async fn fence_anonymous(&self, vol: &Volume) -> Result<(), RegistryError> {
+    pub(crate) async fn fence_anonymous(&self, vol: &Volume) -> Result<(), RegistryError> {
         if vol.config.anonymous == AnonymousPolicy::ReadOnly {
             return Ok(());
         }

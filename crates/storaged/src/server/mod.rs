@@ -48,11 +48,18 @@ pub async fn run(
         conns.spawn(async move {
             let mut stream = stream;
             let down = sd.clone();
-            let hs = tokio::time::timeout(
-                HANDSHAKE_LIMIT,
-                handshake::handshake(&mut stream, &reg, peer, move || *down.borrow()),
-            )
-            .await;
+            let mut stop = sd.clone();
+            let hs = tokio::select! {
+                r = tokio::time::timeout(
+                    HANDSHAKE_LIMIT,
+                    handshake::handshake(&mut stream, &reg, peer, move || *down.borrow()),
+                ) => r,
+                // A client idling in the handshake must not hold up a shutdown.
+                _ = stop.wait_for(|s| *s) => {
+                    tracing::info!(%peer, "shutdown during the handshake");
+                    return;
+                }
+            };
             match hs {
                 Err(_) => tracing::warn!(%peer, "handshake timed out"),
                 Ok(Err(e)) => tracing::warn!(%peer, error = %e,
