@@ -134,6 +134,8 @@ impl VmmGuest {
         let _ = std::fs::remove_file(&api_socket);
         let started = Instant::now();
         let mut child = Self::command(cfg)
+            // vCPU register dumps on pause (see `diagnose`).
+            .env("RUST_LOG", "info,vmm::vcpu=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr_log)?)
@@ -183,6 +185,27 @@ impl VmmGuest {
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// What to look at when the guest stops answering: pauses the VM (the VMM then logs every
+    /// vCPU's registers and the code at RIP), resumes it, and returns the VMM's stderr and the
+    /// console tail.
+    pub fn diagnose(&self) -> String {
+        let pause = self.api("PUT", "/v1/vm/pause");
+        let _ = self.api("PUT", "/v1/vm/resume");
+        format!(
+            "pause: {pause:?}\nvmm stderr:\n{}\nconsole:\n{}",
+            self.stderr(),
+            self.agent.console_tail()
+        )
+    }
+
+    /// Unwraps `r`, or panics with [`Self::diagnose`].
+    pub fn ok<T>(&self, r: Result<T>) -> T {
+        match r {
+            Ok(v) => v,
+            Err(e) => panic!("{e:#}\n{}", self.diagnose()),
         }
     }
 

@@ -8,7 +8,7 @@ use e2e::vmm::{json_str, Disk, VmmConfig, VmmGuest};
 use std::time::{Duration, Instant};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
-const REPLY: Duration = Duration::from_secs(60);
+const REPLY: Duration = Duration::from_secs(180);
 
 #[test]
 fn vmm_boots_guest_and_workloads_answer() {

@@ -7,7 +7,7 @@ use e2e::vmm::{json_str, VmmConfig, VmmGuest};
 use std::time::{Duration, Instant};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
-const REPLY: Duration = Duration::from_secs(60);
+const REPLY: Duration = Duration::from_secs(180);
 const MIB: usize = 16;
 
 fn seq_after(guest: &mut VmmGuest, after: u64) -> agent_proto::Fields {

@@ -7,7 +7,7 @@ use e2e::vmm::{VmmConfig, VmmGuest};
 use std::time::{Duration, Instant};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
-const REPLY: Duration = Duration::from_secs(60);
+const REPLY: Duration = Duration::from_secs(180);
 
 #[test]
 fn vmm_two_vcpus_boot_and_both_run_the_workload() {

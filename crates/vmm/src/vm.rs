@@ -22,7 +22,7 @@ use crate::devices::serial::{
     start_console, ConsoleError, ConsoleOut, InputEvents, SerialDevice, COM1_IRQ, COM1_PORT_BASE,
     COM1_PORT_LEN,
 };
-use crate::devices::virtio::block::{Backend, Block, FileBackend};
+use crate::devices::virtio::block::{Backend, Block, FileBackend, StoragedBackend};
 use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::devices::virtio::VirtioInterrupt;
 use crate::devices::IrqLine;
@@ -286,15 +286,18 @@ impl Vm {
                     FileBackend::open(path, disk.read_only)
                         .map_err(|e| VmError::Disk(name.clone(), e))?,
                 ),
-                _ => {
-                    return Err(VmError::DiskUnsupported(
-                        name,
-                        "storaged volumes are not supported by this build yet",
-                    ))
+                (None, Some(volume)) => Backend::Storaged(
+                    runtime
+                        .block_on(StoragedBackend::connect(volume))
+                        .map_err(|e| VmError::Disk(name.clone(), e))?,
+                ),
+                (None, None) => {
+                    return Err(VmError::DiskUnsupported(name, "neither path nor storaged"))
                 }
             };
+            let read_only = disk.read_only || backend.read_only();
             let id = format!("vmhop-disk{i}");
-            let block = Block::new(backend, disk.read_only, &id, runtime.handle().clone());
+            let block = Block::new(backend, read_only, &id, runtime.handle().clone());
             let interrupt = Arc::new(VirtioInterrupt::new(irq_line(&vm_fd, irq)?));
             let notify = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
             // Queue 0's notification: KVM signals the eventfd on a 4-byte write of 0 to
@@ -310,7 +313,7 @@ impl Vm {
                 MmioTransport::new(Box::new(block), mem.clone(), interrupt, vec![notify]);
             mmio.insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)?;
             announced.push((base, VIRTIO_MMIO_SIZE, irq));
-            tracing::info!(disk = %name, base, irq, read_only = disk.read_only, "disk");
+            tracing::info!(disk = %name, base, irq, read_only, "disk");
         }
 
         let loaded = boot::load(

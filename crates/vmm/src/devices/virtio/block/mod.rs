@@ -6,6 +6,6 @@ mod device;
 mod request;
 mod worker;
 
-pub use backend::{Backend, BackendError, FileBackend};
+pub use backend::{Backend, BackendError, FileBackend, StoragedBackend};
 pub use device::{Block, BlockError, QUEUE_SIZE, SECTOR_SIZE};
 pub use request::{Request, RequestError, RequestKind};

@@ -1,12 +1,19 @@
 //! Where a block device's data lives. Every operation is async so the worker can keep many
 //! requests in flight: a local file runs each request on tokio's blocking pool (positional
 //! I/O, no shared file offset); the storaged client pipelines requests on its NBD connection.
+//!
+//! Mapping of virtio-blk requests: IN/OUT to read/write, FLUSH to fsync or NBD_CMD_FLUSH
+//! (virtio-blk has no per-request FUA: the guest orders durability with FLUSH, which is why
+//! VIRTIO_BLK_F_FLUSH is always offered), DISCARD to a hole punch or NBD_CMD_TRIM,
+//! WRITE_ZEROES to FALLOC_FL_ZERO_RANGE or NBD_CMD_WRITE_ZEROES.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
+mod file;
+mod storaged;
+
+pub use file::FileBackend;
+pub use storaged::StoragedBackend;
+
 use std::os::unix::fs::FileExt;
-use std::path::Path;
-use std::sync::Arc;
 use thiserror::Error;
 
 /// Errors from a backend.
@@ -24,65 +31,9 @@ pub enum BackendError {
     /// The blocking task was lost (runtime shutting down).
     #[error("I/O task lost")]
     TaskLost,
-}
-
-/// A raw image in a local file.
-#[derive(Debug)]
-pub struct FileBackend {
-    file: Arc<File>,
-    size: u64,
-}
-
-impl FileBackend {
-    /// Opens `path`, locked shared for read-only use and exclusive otherwise, so two VMMs never
-    /// write one image.
-    pub fn open(path: &Path, read_only: bool) -> Result<FileBackend, BackendError> {
-        let name = path.display().to_string();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|e| BackendError::Open(name.clone(), e))?;
-        let op = if read_only {
-            libc::LOCK_SH
-        } else {
-            libc::LOCK_EX
-        };
-        // SAFETY: flock on a valid, owned file descriptor; no memory is passed.
-        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
-            return Err(BackendError::Locked(name));
-        }
-        let size = file
-            .metadata()
-            .map_err(|e| BackendError::Open(name, e))?
-            .len();
-        Ok(FileBackend {
-            file: Arc::new(file),
-            size,
-        })
-    }
-
-    async fn blocking<T: Send + 'static>(
-        &self,
-        what: &'static str,
-        f: impl FnOnce(&File) -> std::io::Result<T> + Send + 'static,
-    ) -> Result<T, BackendError> {
-        let file = self.file.clone();
-        tokio::task::spawn_blocking(move || f(&file))
-            .await
-            .map_err(|_| BackendError::TaskLost)?
-            .map_err(|e| BackendError::Io(what, e))
-    }
-
-    fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> std::io::Result<()> {
-        // SAFETY: fallocate on a valid, owned descriptor with plain integer arguments.
-        let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, len as i64) };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
-    }
+    /// The storaged client failed (connect, lease or I/O).
+    #[error("storaged")]
+    Storaged(#[from] ::storaged::client::ClientError),
 }
 
 /// A block device's backend.
@@ -90,6 +41,8 @@ impl FileBackend {
 pub enum Backend {
     /// A local file.
     File(FileBackend),
+    /// A storaged volume.
+    Storaged(StoragedBackend),
 }
 
 impl Backend {
@@ -97,6 +50,15 @@ impl Backend {
     pub fn size(&self) -> u64 {
         match self {
             Backend::File(f) => f.size,
+            Backend::Storaged(s) => s.size(),
+        }
+    }
+
+    /// Whether the backend itself is read-only (the device is then offered read-only).
+    pub fn read_only(&self) -> bool {
+        match self {
+            Backend::File(_) => false,
+            Backend::Storaged(s) => s.read_only(),
         }
     }
 
@@ -104,6 +66,7 @@ impl Backend {
     pub fn supports_discard(&self) -> bool {
         match self {
             Backend::File(_) => true,
+            Backend::Storaged(s) => s.supports_discard(),
         }
     }
 
@@ -118,6 +81,7 @@ impl Backend {
                 })
                 .await
             }
+            Backend::Storaged(s) => s.read(offset, len).await,
         }
     }
 
@@ -128,6 +92,7 @@ impl Backend {
                 f.blocking("write", move |file| file.write_all_at(&data, offset))
                     .await
             }
+            Backend::Storaged(s) => s.write(offset, data).await,
         }
     }
 
@@ -135,6 +100,7 @@ impl Backend {
     pub async fn flush(&self) -> Result<(), BackendError> {
         match self {
             Backend::File(f) => f.blocking("flush", |file| file.sync_data()).await,
+            Backend::Storaged(s) => s.flush().await,
         }
     }
 
@@ -152,6 +118,7 @@ impl Backend {
                 })
                 .await
             }
+            Backend::Storaged(s) => s.discard(offset, len).await,
         }
     }
 
@@ -180,6 +147,7 @@ impl Backend {
                 })
                 .await
             }
+            Backend::Storaged(s) => s.write_zeroes(offset, len).await,
         }
     }
 }

@@ -1,0 +1,139 @@
+//! The guest's disks on storaged volumes, held as primary through the lease-aware client:
+//! the root file system boots from a volume, the disk workload's records survive a VMM
+//! restart (new process, same volumes, same host), and a second VMM from another host asking
+//! for the same volume as primary is refused with a clear error before its guest runs.
+
+use e2e::image::guest_image;
+use e2e::storaged::{run_ok, Storaged};
+use e2e::vmm::{Disk, VmmConfig, VmmGuest};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+const REPLY: Duration = Duration::from_secs(180);
+
+fn volume(s: &Storaged, name: &str, host: &str, ro: bool) -> Disk {
+    Disk::Storaged(format!(
+        "{},volume={name},host={host}{}",
+        s.nbd,
+        if ro { ",ro" } else { "" }
+    ))
+}
+
+#[test]
+fn vmm_disks_on_storaged_volumes_survive_restart_and_are_fenced() {
+    if !e2e::kvm_available("vmm_disks_on_storaged_volumes_survive_restart_and_are_fenced") {
+        return;
+    }
+    let image = guest_image();
+    let dir = tempfile::tempdir().unwrap();
+    let sd_dir = dir.path().join("storaged");
+    std::fs::create_dir_all(&sd_dir).unwrap();
+    let storaged = Storaged::start(&sd_dir).unwrap();
+    // The root volume is filled anonymously (before any primary exists), then used leased.
+    let root_size = std::fs::metadata(&image.rootfs).unwrap().len().to_string();
+    storaged
+        .create_volume(
+            "root",
+            &root_size,
+            &["--anonymous", "read-write-without-primary"],
+        )
+        .unwrap();
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(&image.rootfs)
+            .arg(storaged.uri("root")),
+    )
+    .unwrap();
+    storaged.create_volume("data", "64M", &[]).unwrap();
+
+    let run_dir = |n: &str| {
+        let d = dir.path().join(n);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    };
+    let (first_dir, second_dir, rival_dir) = (run_dir("vm1"), run_dir("vm2"), run_dir("rival"));
+    let cfg1 = config(&image, &storaged, &first_dir, "host-a");
+
+    // First boot: write records.
+    let mut guest = VmmGuest::start(&cfg1).unwrap();
+    let ready = guest.agent.wait_ready(BOOT_TIMEOUT);
+    let ready = guest.ok(ready);
+    let boot1 = ready.get("boot_id").unwrap().to_string();
+    let r = guest.agent.command("disk start", REPLY);
+    assert_eq!(guest.ok(r).num("next"), Some(0));
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let r = guest.agent.command("disk status", REPLY);
+        let s = guest.ok(r);
+        assert_eq!(s.get("state"), Some("running"), "{s:?}");
+        if s.num("acked").unwrap() >= 64 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "disk writer too slow: {s:?}");
+    }
+    let r = guest.agent.command("disk stop", REPLY);
+    let acked = guest.ok(r).num("acked").unwrap();
+
+    // Another host asking for the data volume as primary is refused, and its guest never runs.
+    let out = VmmGuest::command(&config(&image, &storaged, &rival_dir, "host-b"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("storaged://") && err.contains("lease conflict"),
+        "{err}"
+    );
+    assert!(!err.contains("first KVM_RUN"), "{err}");
+    // The first guest is unaffected.
+    let r = guest.agent.command("ping", REPLY);
+    guest.ok(r);
+
+    // End the first VMM through the API, then start a new process on the same volumes.
+    let (code, body) = guest.api("PUT", "/v1/vm/shutdown").unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        guest.wait_exit(Duration::from_secs(60)).unwrap().code(),
+        Some(0)
+    );
+    drop(guest);
+
+    let mut guest = VmmGuest::start(&config(&image, &storaged, &second_dir, "host-a")).unwrap();
+    let ready = guest.agent.wait_ready(BOOT_TIMEOUT);
+    let ready = guest.ok(ready);
+    assert_ne!(ready.get("boot_id"), Some(boot1.as_str()), "a new boot");
+    let r = guest.agent.command("disk verify", REPLY);
+    let v = guest.ok(r);
+    assert_eq!(v.num("verified"), Some(acked), "{v:?}");
+    assert_eq!(
+        v.num("boot_ids"),
+        Some(1),
+        "all written by the first boot: {v:?}"
+    );
+    let r = guest.agent.command("disk start", REPLY);
+    assert_eq!(
+        guest.ok(r).num("next"),
+        Some(acked),
+        "the writer continues after them"
+    );
+    let r = guest.agent.command("disk stop", REPLY);
+    guest.ok(r);
+}
+
+fn config<'a>(
+    image: &'a e2e::image::GuestImage,
+    storaged: &Storaged,
+    work_dir: &'a std::path::Path,
+    host: &str,
+) -> VmmConfig<'a> {
+    VmmConfig {
+        image,
+        root: Some(volume(storaged, "root", host, true)),
+        data_disks: vec![volume(storaged, "data", host, false)],
+        mem_mib: 256,
+        vcpus: 1,
+        work_dir,
+    }
+}
