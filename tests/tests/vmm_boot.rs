@@ -7,7 +7,7 @@ use e2e::image::guest_image;
 use e2e::vmm::{json_str, Disk, VmmConfig, VmmGuest};
 use std::time::{Duration, Instant};
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
 const REPLY: Duration = Duration::from_secs(180);
 
 #[test]

@@ -6,7 +6,7 @@ use e2e::image::guest_image;
 use e2e::vmm::{VmmConfig, VmmGuest};
 use std::time::{Duration, Instant};
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
 const REPLY: Duration = Duration::from_secs(180);
 
 #[test]

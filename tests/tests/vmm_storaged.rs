@@ -9,7 +9,7 @@ use e2e::vmm::{Disk, VmmConfig, VmmGuest};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
 const REPLY: Duration = Duration::from_secs(180);
 
 fn volume(s: &Storaged, name: &str, host: &str, ro: bool) -> Disk {
