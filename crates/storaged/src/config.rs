@@ -35,6 +35,8 @@ pub struct ServeConfigFile {
     pub shutdown_grace_secs: Option<u64>,
     /// Seconds a flip waits for the old primary's admitted requests.
     pub drain_limit_secs: Option<u64>,
+    /// Buffered writes up to this many bytes run on the connection task (0: never).
+    pub inline_write_max: Option<u32>,
 }
 
 /// Effective settings of `storaged serve`.
@@ -52,6 +54,8 @@ pub struct ServeConfig {
     pub shutdown_grace_secs: u64,
     /// Seconds a flip waits for draining.
     pub drain_limit_secs: u64,
+    /// Buffered writes up to this many bytes run on the connection task.
+    pub inline_write_max: u32,
 }
 
 impl ServeConfigFile {
@@ -85,6 +89,10 @@ impl ServeConfigFile {
                 .drain_limit_secs
                 .or(self.drain_limit_secs)
                 .unwrap_or(30),
+            inline_write_max: over
+                .inline_write_max
+                .or(self.inline_write_max)
+                .unwrap_or(64 << 10),
         })
     }
 }

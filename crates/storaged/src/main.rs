@@ -59,6 +59,10 @@ struct ServeArgs {
     /// Seconds a flip waits for the old primary's admitted requests [default: 30].
     #[arg(long)]
     drain_limit_secs: Option<u64>,
+    /// Buffered writes up to this many bytes run on the connection task instead of a
+    /// blocking thread; 0 sends every write to a blocking thread [default: 65536].
+    #[arg(long)]
+    inline_write_max: Option<u32>,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -328,6 +332,7 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
     let mut reg = Registry::open(&cfg.data_dir)
         .with_context(|| format!("opening data dir {}", cfg.data_dir.display()))?;
     reg.drain_limit = Duration::from_secs(cfg.drain_limit_secs);
+    reg.inline_write_max = cfg.inline_write_max;
     let reg = Arc::new(reg);
     let nbd = tokio::net::TcpListener::bind(cfg.nbd_listen)
         .await
@@ -415,6 +420,7 @@ fn main() -> Result<()> {
                 ready_file: a.ready_file,
                 shutdown_grace_secs: a.shutdown_grace_secs,
                 drain_limit_secs: a.drain_limit_secs,
+                inline_write_max: a.inline_write_max,
             };
             let cfg = file.merge(flags)?;
             rt.block_on(serve(cfg))

@@ -270,6 +270,9 @@ pub struct Registry {
     next_conn: AtomicU64,
     /// How long a flip waits for the old primary's admitted requests.
     pub drain_limit: Duration,
+    /// Buffered writes up to this size run on the connection's task instead of a blocking
+    /// thread (0: never).
+    pub inline_write_max: u32,
 }
 
 impl Registry {
@@ -294,6 +297,7 @@ impl Registry {
             volumes: RwLock::new(volumes),
             next_conn: AtomicU64::new(1),
             drain_limit: Duration::from_secs(30),
+            inline_write_max: 64 << 10,
         })
     }
 

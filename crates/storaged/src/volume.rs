@@ -10,6 +10,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use thiserror::Error;
 
 /// A volume operation that failed.
@@ -91,6 +92,8 @@ pub struct VolumeFile {
     file: File,
     path: PathBuf,
     size: u64,
+    /// The file system refused `RWF_NOWAIT` for buffered writes (ext4 does): skip the attempt.
+    nowait_writes_unsupported: AtomicBool,
 }
 
 impl VolumeFile {
@@ -123,6 +126,7 @@ impl VolumeFile {
             file,
             path: path.to_path_buf(),
             size,
+            nowait_writes_unsupported: AtomicBool::new(false),
         })
     }
 
@@ -213,6 +217,9 @@ impl VolumeFile {
     /// `Ok(true)` when all of `buf` was written; `Ok(false)` when the caller must do a blocking
     /// write of the whole buffer (rewriting a prefix that did land is harmless).
     pub fn write_cached(&self, buf: &[u8], offset: u64) -> io::Result<bool> {
+        if self.nowait_writes_unsupported.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
         let iov = libc::iovec {
             iov_base: buf.as_ptr() as *mut libc::c_void,
             iov_len: buf.len(),
@@ -230,7 +237,12 @@ impl VolumeFile {
         if n < 0 {
             let e = io::Error::last_os_error();
             return match e.raw_os_error() {
-                Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::EINTR) => Ok(false),
+                Some(libc::EOPNOTSUPP) => {
+                    self.nowait_writes_unsupported
+                        .store(true, Ordering::Relaxed);
+                    Ok(false)
+                }
+                Some(libc::EAGAIN | libc::EINTR) => Ok(false),
                 _ => Err(e),
             };
         }
