@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod image;
+pub mod migrated;
 pub mod netns;
 pub mod qemu;
 pub mod storaged;

@@ -1,0 +1,400 @@
+//! A real `migrated` per test host (optionally inside a network namespace of a
+//! [`crate::netns::Rig`]), driven through `migratectl --json`; plus a storaged inside a
+//! namespace for the multi-host tests. Everything is killed on drop, including the VMMs the
+//! agents started (found through their `vmm.pid` files).
+
+use crate::netns::Host;
+use crate::storaged::{run_ok, wait_for, DEADLINE};
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+/// How a migrated is started.
+#[derive(Debug, Clone)]
+pub struct MigratedOptions {
+    /// Host id.
+    pub host_id: String,
+    /// REST listen address (`127.0.0.1:0` on loopback).
+    pub listen: String,
+    /// storaged REST API.
+    pub storaged_api: String,
+    /// storaged NBD.
+    pub storaged_nbd: String,
+    /// Peers: id and REST address.
+    pub peers: Vec<(String, String)>,
+    /// Run inside this namespace.
+    pub netns: Option<Host>,
+    /// Peer loss timeout.
+    pub peer_timeout_ms: u64,
+}
+
+impl MigratedOptions {
+    /// On loopback, with storaged at the given addresses.
+    pub fn local(host_id: &str, storaged_api: &str, storaged_nbd: &str) -> MigratedOptions {
+        MigratedOptions {
+            host_id: host_id.into(),
+            listen: "127.0.0.1:0".into(),
+            storaged_api: storaged_api.into(),
+            storaged_nbd: storaged_nbd.into(),
+            peers: Vec::new(),
+            netns: None,
+            peer_timeout_ms: 5000,
+        }
+    }
+}
+
+/// A running migrated.
+pub struct Migrated {
+    child: Option<Child>,
+    opts: MigratedOptions,
+    /// Work directory (state, socket, logs).
+    pub work_dir: PathBuf,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Unix socket.
+    pub socket: PathBuf,
+    /// Bound REST address.
+    pub listen: String,
+    /// stderr of the current run.
+    pub log_path: PathBuf,
+}
+
+impl Migrated {
+    /// Starts migrated with its state under `work_dir`.
+    pub fn start(work_dir: &Path, opts: MigratedOptions) -> Result<Migrated> {
+        std::fs::create_dir_all(work_dir)?;
+        let mut m = Migrated {
+            child: None,
+            opts,
+            work_dir: work_dir.to_path_buf(),
+            state_dir: work_dir.join("state"),
+            socket: work_dir.join("migrated.sock"),
+            listen: String::new(),
+            log_path: PathBuf::new(),
+        };
+        m.spawn()?;
+        Ok(m)
+    }
+
+    /// The command line (without the namespace wrapper).
+    fn spawn(&mut self) -> Result<()> {
+        let ready = self.work_dir.join("ready.json");
+        let _ = std::fs::remove_file(&ready);
+        let n = std::fs::read_dir(&self.work_dir)?.count();
+        self.log_path = self.work_dir.join(format!("migrated.{n}.log"));
+        let bin = crate::binary("migrated");
+        let mut cmd = match &self.opts.netns {
+            Some(h) => h.command(&bin),
+            None => Command::new(&bin),
+        };
+        cmd.args(["--host-id", &self.opts.host_id])
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .args(["--listen", &self.opts.listen])
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(["--storaged-api", &self.opts.storaged_api])
+            .args(["--storaged-nbd", &self.opts.storaged_nbd])
+            .arg("--vmm-binary")
+            .arg(crate::binary("vmm"))
+            .args(["--peer-timeout-ms", &self.opts.peer_timeout_ms.to_string()])
+            .arg("--ready-file")
+            .arg(&ready);
+        for (id, addr) in &self.opts.peers {
+            cmd.arg("--peer").arg(format!("{id}={addr}"));
+        }
+        let log = std::fs::File::create(&self.log_path)?;
+        let mut child = cmd
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawning migrated")?;
+        let json: Value = wait_for("migrated ready file", DEADLINE, || {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Some(Err(anyhow::anyhow!(
+                    "migrated exited early ({st}):\n{}",
+                    std::fs::read_to_string(&self.log_path).unwrap_or_default()
+                )));
+            }
+            let text = std::fs::read_to_string(&ready).ok()?;
+            serde_json::from_str(&text).ok().map(Ok)
+        })??;
+        self.listen = json["listen"].as_str().context("listen")?.to_string();
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL, then a new run on the same state.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill9();
+        self.spawn()
+    }
+
+    /// Starts again after [`Migrated::kill9`] or [`Migrated::terminate`].
+    pub fn start_again(&mut self) -> Result<()> {
+        if self.is_running() {
+            bail!("migrated is still running");
+        }
+        self.spawn()
+    }
+
+    /// SIGKILL, no cleanup (the VMMs it started keep running).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM; returns the exit status.
+    pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        let mut c = self.child.take().context("not running")?;
+        // SAFETY: kill(2) on the pid of a child we own and have not reaped.
+        if unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) } != 0 {
+            bail!("kill: {}", std::io::Error::last_os_error());
+        }
+        wait_for("migrated to exit", DEADLINE, || c.try_wait().ok().flatten())
+    }
+
+    /// Whether the process runs.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// The log of the current run.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// `migratectl --socket SOCKET ARGS...`, whatever its exit status.
+    pub fn ctl_raw(&self, args: &[&str]) -> Result<Output> {
+        Command::new(crate::binary("migratectl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("running migratectl")
+    }
+
+    /// `migratectl --json ARGS...`; fails unless it succeeds; returns the JSON.
+    pub fn ctl(&self, args: &[&str]) -> Result<Value> {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = run_ok(
+            Command::new(crate::binary("migratectl"))
+                .arg("--socket")
+                .arg(&self.socket)
+                .args(&all),
+        )?;
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "migratectl output: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// One instance's record.
+    pub fn instance(&self, name: &str) -> Result<Value> {
+        self.ctl(&["show", name])
+    }
+
+    /// Waits until instance `name` is in `state`.
+    pub fn wait_state(&self, name: &str, state: &str, limit: Duration) -> Result<Value> {
+        wait_for(&format!("{name} to be {state}"), limit, || {
+            self.instance(name)
+                .ok()
+                .filter(|v| v["state"].as_str() == Some(state))
+        })
+    }
+
+    /// The pids in the `vmm.pid` files of this agent's instances that are live VMMs.
+    pub fn vmm_pids(&self) -> Vec<u32> {
+        let mut out = Vec::new();
+        let Ok(dirs) = std::fs::read_dir(self.state_dir.join("instances")) else {
+            return out;
+        };
+        for d in dirs.flatten() {
+            let Ok(text) = std::fs::read_to_string(d.path().join("vmm.pid")) else {
+                continue;
+            };
+            if let Ok(pid) = text.trim().parse::<u32>() {
+                if is_vmm(pid) {
+                    out.push(pid);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Whether `pid` is a live (non-zombie) process of the project's `vmm` binary.
+pub fn is_vmm(pid: u32) -> bool {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let zombie = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.trim_start().starts_with('Z'))
+        .unwrap_or(true);
+    !zombie && exe.is_some_and(|e| e.file_name().is_some_and(|n| n == "vmm"))
+}
+
+/// Every live `vmm` process whose command line mentions `needle`.
+pub fn vmm_processes_with(needle: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if is_vmm(pid) && String::from_utf8_lossy(&cmdline).contains(needle) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+impl Drop for Migrated {
+    fn drop(&mut self) {
+        self.kill9();
+        for pid in self.vmm_pids() {
+            // SAFETY: kill(2) on a pid just checked to be one of our VMM processes.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// A storaged inside a namespace, on fixed ports of the host's address.
+pub struct NsStoraged {
+    child: Option<Child>,
+    host: Host,
+    /// REST API address.
+    pub api: String,
+    /// NBD address.
+    pub nbd: String,
+    /// Log.
+    pub log_path: PathBuf,
+}
+
+impl NsStoraged {
+    /// Starts storaged in `host`'s namespace with its data under `work_dir`.
+    pub fn start(host: &Host, work_dir: &Path) -> Result<NsStoraged> {
+        std::fs::create_dir_all(work_dir)?;
+        let ready = work_dir.join("ready.json");
+        let _ = std::fs::remove_file(&ready);
+        let api = format!("{}:10810", host.addr);
+        let nbd = format!("{}:10809", host.addr);
+        let log_path = work_dir.join("storaged.log");
+        let mut child = host
+            .command(crate::binary("storaged"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(work_dir.join("data"))
+            .args(["--nbd-listen", &nbd, "--api-listen", &api])
+            .arg("--ready-file")
+            .arg(&ready)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path)?)
+            .spawn()
+            .context("spawning storaged")?;
+        wait_for("storaged ready file", DEADLINE, || {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Some(Err(anyhow::anyhow!("storaged exited early: {st}")));
+            }
+            ready.exists().then_some(Ok(()))
+        })??;
+        Ok(NsStoraged {
+            child: Some(child),
+            host: host.clone(),
+            api,
+            nbd,
+            log_path,
+        })
+    }
+
+    /// `storaged ARGS... --api API` inside the namespace; returns stdout.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = run_ok(
+            self.host
+                .command(crate::binary("storaged"))
+                .args(args)
+                .args(["--api", &self.api]),
+        )?;
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// The leases of a volume as (host, state) pairs, from `storaged lease list`.
+    pub fn leases(&self, volume: &str) -> Result<Vec<(String, String)>> {
+        let text = self.cli(&["lease", "list", volume])?;
+        Ok(text
+            .lines()
+            .skip(2)
+            .filter(|l| !l.starts_with("anonymous"))
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() == 4).then(|| (f[0].to_string(), f[2].to_string()))
+            })
+            .collect())
+    }
+}
+
+impl Drop for NsStoraged {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Writes a guest description for `migratectl run`.
+pub fn write_guest_toml(
+    path: &Path,
+    name: &str,
+    image: &crate::image::GuestImage,
+    memory_mib: u32,
+    data_volumes: &[&str],
+) -> Result<()> {
+    let mut t = format!(
+        "name = {:?}\nkernel = {:?}\ncmdline = {:?}\nmemory_mib = {memory_mib}\nvcpus = 1\n",
+        name,
+        image.kernel.display().to_string(),
+        image.cmdline
+    );
+    t.push_str(&format!(
+        "[[disks]]\npath = {:?}\nread_only = true\n",
+        image.rootfs.display().to_string()
+    ));
+    for v in data_volumes {
+        t.push_str(&format!("[[disks]]\nvolume = {v:?}\n"));
+    }
+    std::fs::write(path, t)?;
+    Ok(())
+}
+
+/// Connects to an instance's serial socket and returns the agent connection.
+pub fn agent_of(instance: &Value, log: &Path) -> Result<crate::agent::AgentConn> {
+    let path = instance["serial_socket"]
+        .as_str()
+        .context("serial_socket")?
+        .to_string();
+    let s = std::os::unix::net::UnixStream::connect(&path)
+        .with_context(|| format!("connect {path}"))?;
+    crate::agent::AgentConn::new(s.try_clone()?, s, log)
+}

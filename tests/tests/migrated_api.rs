@@ -1,0 +1,139 @@
+//! migrated on its own: it starts, reports itself and its peers, answers bad input with clear
+//! errors without falling over, refuses a guest whose VMM cannot start (and says why), and
+//! stops on SIGTERM. No guest boots here.
+
+use e2e::migrated::{Migrated, MigratedOptions};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+
+fn raw_http(socket: &std::path::Path, req: &str) -> (u16, String) {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.write_all(req.as_bytes()).unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (code, body.to_string())
+}
+
+#[test]
+fn migrated_serves_its_api_and_cli_and_survives_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = MigratedOptions::local("host-a", "127.0.0.1:9", "127.0.0.1:9");
+    // A peer nobody listens on.
+    opts.peers.push(("host-b".into(), "127.0.0.1:9".into()));
+    let mut m = Migrated::start(dir.path(), opts).unwrap();
+
+    let hosts = m.ctl(&["hosts"]).unwrap();
+    let hosts = hosts.as_array().unwrap();
+    assert_eq!(hosts.len(), 2, "{hosts:?}");
+    assert_eq!(hosts[0]["host_id"], "host-a");
+    assert_eq!(hosts[0]["local"], true);
+    assert_eq!(hosts[1]["host_id"], "host-b");
+    assert_eq!(hosts[1]["reachable"], false);
+    assert!(hosts[1]["error"].as_str().unwrap().contains("127.0.0.1:9"));
+    // Text output too.
+    let out = m.ctl_raw(&["hosts"]).unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("host-b") && text.contains("unreachable"),
+        "{text}"
+    );
+
+    assert_eq!(m.ctl(&["instances"]).unwrap(), serde_json::json!([]));
+    assert_eq!(m.ctl(&["migrations"]).unwrap(), serde_json::json!([]));
+
+    // The same API over TCP, as peers and `--host` use it.
+    let out = std::process::Command::new(e2e::binary("migratectl"))
+        .args(["--host", &m.listen, "--json", "hosts"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let remote: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(remote[0]["host_id"], "host-a");
+
+    // Bad input: clear errors, non-zero exit, the daemon keeps serving.
+    for (args, needle) in [
+        (vec!["stop", "nope"], "instance nope not found"),
+        (vec!["show", "nope"], "instance nope not found"),
+        (
+            vec!["migrate", "nope", "--to", "host-b"],
+            "instance nope not found",
+        ),
+        (vec!["migrations", "x"], "migration x not found"),
+    ] {
+        let out = m.ctl_raw(&args).unwrap();
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    let bad_toml = dir.path().join("bad.toml");
+    std::fs::write(&bad_toml, "name = 'vm1'\nkernel = '/k'\nvcpus = 0\n").unwrap();
+    let out = m.ctl_raw(&["run", bad_toml.to_str().unwrap()]).unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("vcpus must be"),
+        "{out:?}"
+    );
+    for req in [
+        "POST /v1/instances HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 5\r\nConnection: close\r\n\r\n{nope",
+        "POST /v1/instances HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n[]",
+        "POST /v1/incoming HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+        "POST /v1/instances/..%2F..%2Fetc/stop HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    ] {
+        let (code, body) = raw_http(&m.socket, req);
+        assert!((400..500).contains(&code), "{req:?} -> {code} {body}");
+        assert!(body.contains("error"), "{body}");
+    }
+    let (code, body) = raw_http(
+        &m.socket,
+        "GET /v1/host HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"host_id\":\"host-a\""), "{body}");
+    assert!(m.is_running());
+
+    // SIGTERM: clean exit, socket removed; a restart on the same state serves again.
+    let status = m.terminate().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(!m.socket.exists());
+    m.start_again().unwrap();
+    assert_eq!(m.ctl(&["instances"]).unwrap(), serde_json::json!([]));
+    assert!(m.log().contains("migrated serving"));
+}
+
+#[test]
+fn migrated_reports_a_vmm_that_cannot_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Migrated::start(
+        dir.path(),
+        MigratedOptions::local("host-a", "127.0.0.1:9", "127.0.0.1:9"),
+    )
+    .unwrap();
+    let guest = dir.path().join("vm.toml");
+    std::fs::write(
+        &guest,
+        "name = 'vm1'\nkernel = '/nonexistent/vmlinux'\nmemory_mib = 64\n",
+    )
+    .unwrap();
+    let out = m.ctl_raw(&["run", guest.to_str().unwrap()]).unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the VMM exited"), "{err}");
+    assert!(
+        err.contains("/nonexistent/vmlinux"),
+        "the VMM's own message: {err}"
+    );
+    let rec = m.instance("vm1").unwrap();
+    assert_eq!(rec["state"], "failed", "{rec}");
+    assert!(m.vmm_pids().is_empty());
+    // A failed instance does not block a new attempt under the same name.
+    let out = m.ctl_raw(&["run", guest.to_str().unwrap()]).unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the VMM exited"));
+    assert!(m.log().contains("instance vm1 is Failed"), "{}", m.log());
+}
