@@ -286,11 +286,23 @@ impl Client {
         };
         let sent = async {
             let mut w = self.inner.writer.lock().await;
-            w.write_all(&req.encode()).await?;
-            if let Some(p) = payload {
-                w.write_all(p).await?;
+            if self.inner.dead.load(Ordering::SeqCst) {
+                return Err(std::io::ErrorKind::NotConnected.into());
             }
-            w.flush().await
+            // Dropping this future half-way through a request would leave the stream out of
+            // step with the server: the guard then takes the connection down instead.
+            let mut guard = SendGuard {
+                inner: &self.inner,
+                writer: &mut w,
+                done: false,
+            };
+            guard.writer.write_all(&req.encode()).await?;
+            if let Some(p) = payload {
+                guard.writer.write_all(p).await?;
+            }
+            guard.writer.flush().await?;
+            guard.done = true;
+            Ok::<(), std::io::Error>(())
         }
         .await;
         if let Err(e) = sent {
@@ -299,7 +311,11 @@ impl Client {
                 .lock()
                 .expect("pending lock")
                 .remove(&handle);
-            return Err(e.into());
+            return Err(if self.inner.dead.load(Ordering::SeqCst) {
+                ClientError::Disconnected
+            } else {
+                e.into()
+            });
         }
         rx.await.map_err(|_| ClientError::Disconnected)?
     }
@@ -392,6 +408,28 @@ impl Client {
         w.flush().await?;
         w.shutdown().await?;
         Ok(())
+    }
+}
+
+/// Takes the connection down unless the request it guards was sent completely.
+struct SendGuard<'a> {
+    inner: &'a Inner,
+    writer: &'a mut BufWriter<OwnedWriteHalf>,
+    done: bool,
+}
+
+impl Drop for SendGuard<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        self.inner.dead.store(true, Ordering::SeqCst);
+        let fd = std::os::unix::io::AsRawFd::as_raw_fd(self.writer.get_ref().as_ref());
+        // SAFETY: shutdown(2) on the socket this client owns; the descriptor stays open (and
+        // owned by the stream), only further traffic is stopped, which also ends the reader.
+        unsafe {
+            libc::shutdown(fd, libc::SHUT_RDWR);
+        }
     }
 }
 
