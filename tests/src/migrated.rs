@@ -248,7 +248,18 @@ pub fn is_vmm(pid: u32) -> bool {
         .rsplit_once(')')
         .map(|(_, r)| r.trim_start().starts_with('Z'))
         .unwrap_or(true);
-    !zombie && exe.is_some_and(|e| e.file_name().is_some_and(|n| n == "vmm"))
+    !zombie && !process_gone(pid) && exe.is_some_and(|e| e.file_name().is_some_and(|n| n == "vmm"))
+}
+
+/// Whether `pid` has ended: gone, a zombie, or tearing down (task flag PF_EXITING).
+pub fn process_gone(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return true;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let flags: u64 = f.get(6).and_then(|x| x.parse().ok()).unwrap_or(0);
+    matches!(f.first(), Some(&"Z") | Some(&"X") | None) || flags & 0x4 != 0
 }
 
 /// Every live `vmm` process whose command line mentions `needle`.

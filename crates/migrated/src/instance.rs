@@ -145,8 +145,11 @@ impl InstanceRecord {
     }
 }
 
-/// The start time of `pid` from `/proc/PID/stat`, or `None` when it does not exist or is a
-/// zombie.
+/// The kernel's task flag for a process that is exiting (`include/linux/sched.h`).
+const PF_EXITING: u64 = 0x4;
+
+/// The start time of `pid` from `/proc/PID/stat`, or `None` when it does not exist, is a
+/// zombie or is exiting.
 pub fn proc_start_time(pid: u32) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) is in parentheses and may contain spaces: split after it.
@@ -154,6 +157,11 @@ pub fn proc_start_time(pid: u32) -> Option<u64> {
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // rest starts at field 3 (state); field 22 is index 19.
     if fields.first() == Some(&"Z") || fields.first() == Some(&"X") {
+        return None;
+    }
+    // Field 9 holds the task flags; a process tearing down after a fatal signal is not alive.
+    let flags: u64 = fields.get(6)?.parse().ok()?;
+    if flags & PF_EXITING != 0 {
         return None;
     }
     fields.get(19)?.parse().ok()
