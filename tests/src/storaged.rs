@@ -62,6 +62,15 @@ impl Storaged {
 
     /// Starts storaged with extra `serve` flags.
     pub fn start_with(work_dir: &Path, extra: &[&str]) -> Result<Storaged> {
+        Self::start_with_env(work_dir, extra, &[])
+    }
+
+    /// Starts storaged with extra `serve` flags and environment variables.
+    pub fn start_with_env(
+        work_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Storaged> {
         let data_dir = work_dir.join("data");
         let ready = work_dir.join("ready.json");
         let _ = std::fs::remove_file(&ready);
@@ -77,6 +86,7 @@ impl Storaged {
             .arg(&ready)
             .args(extra)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

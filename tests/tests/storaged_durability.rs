@@ -145,3 +145,58 @@ fn volumes_through_the_cli_survive_a_restart() -> Result<()> {
     ensure!(!s.cli(&["volume", "list"])?.contains("two"));
     Ok(())
 }
+
+#[test]
+fn readiness_is_notified_to_systemd() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let sock_path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path)?;
+    sock.set_read_timeout(Some(e2e::storaged::DEADLINE))?;
+    let work = dir.path().join("work");
+    std::fs::create_dir(&work)?;
+    let mut s = Storaged::start_with_env(
+        &work,
+        &[],
+        &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())],
+    )?;
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf)?;
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    ensure!(msg.contains("READY=1"), "{msg}");
+    ensure!(s.terminate()?.success());
+    let n = sock.recv(&mut buf)?;
+    ensure!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    Ok(())
+}
+
+#[test]
+fn config_file_is_read_and_bad_ones_are_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("storaged.toml");
+    std::fs::write(
+        &cfg,
+        "shutdown_grace_secs = 5\ndrain_limit_secs = 5\ninline_write_max = 0\n",
+    )?;
+    let work = dir.path().join("work");
+    std::fs::create_dir(&work)?;
+    let s = Storaged::start_with(&work, &["--config", cfg.to_str().unwrap()])?;
+    s.create_volume("v", "4M", &["--anonymous", "read-write-without-primary"])?;
+    // inline_write_max = 0: every write takes the blocking-thread path.
+    e2e::storaged::run_ok(std::process::Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x42 0 64k",
+        "-c",
+        "read -P 0x42 0 64k",
+        &s.uri("v"),
+    ]))?;
+    std::fs::write(&cfg, "no_such_setting = 1\n")?;
+    let out = std::process::Command::new(e2e::binary("storaged"))
+        .args(["serve", "--config", cfg.to_str().unwrap(), "--data-dir"])
+        .arg(dir.path().join("other"))
+        .output()?;
+    ensure!(!out.status.success());
+    ensure!(String::from_utf8_lossy(&out.stderr).contains("no_such_setting"));
+    Ok(())
+}
