@@ -333,6 +333,12 @@ mod tests {
             .await
             .unwrap();
         conn_task(&vol, a.entry.id, a.entry.gate.clone());
+        // A second connection of the same primary holder (multi-connection clients).
+        let a2 = reg
+            .attach(&vol, Some(req("a", RequestedState::Primary)), peer)
+            .await
+            .unwrap();
+        conn_task(&vol, a2.entry.id, a2.entry.gate.clone());
         let admitted = a.entry.gate.admit(Need::Write).unwrap();
         assert_eq!(
             b.entry.gate.admit(Need::Read).unwrap_err(),
@@ -355,6 +361,8 @@ mod tests {
         assert_eq!(rep.drained_requests, 1);
         assert_eq!(b.entry.gate.access(), Access::ReadWrite);
         assert_eq!(a.entry.gate.access(), Access::Closed);
+        assert_eq!(a2.entry.gate.access(), Access::Closed);
+        assert_eq!(vol.connection_count(), 1, "only the new primary is left");
         let t = vol.table();
         assert_eq!(t.state_of("a").unwrap().0, LeaseState::Deactivated);
         assert_eq!(t.state_of("b").unwrap().0, LeaseState::Primary);
