@@ -33,13 +33,12 @@ pub fn kvm_available(test: &str) -> bool {
 
 /// Path of one of the workspace's binaries, built by `cargo build --workspace --bins`.
 pub fn binary(name: &str) -> PathBuf {
-    // Test executables live in target/<profile>/deps/.
+    // Test executables live in target/<profile>/deps/, the demo in target/<profile>/.
     let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target dir")
-        .to_path_buf();
+    let mut dir = exe.parent().expect("executable dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
     let path = dir.join(name);
     assert!(
         path.exists(),

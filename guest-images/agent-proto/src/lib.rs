@@ -224,7 +224,6 @@ mod tests {
     use super::*;
     use alloc::vec;
 
-
     #[test]
     fn record_round_trip_and_corruption() {
         let rec = Record {

@@ -62,11 +62,19 @@ pub fn scan(dev: &Fd) -> sys::Result<Scan> {
                     }
                     seq += 1;
                 }
-                None => return Ok(Scan { valid: seq, boot_ids: boot_ids.len() }),
+                None => {
+                    return Ok(Scan {
+                        valid: seq,
+                        boot_ids: boot_ids.len(),
+                    })
+                }
             }
         }
     }
-    Ok(Scan { valid: seq, boot_ids: boot_ids.len() })
+    Ok(Scan {
+        valid: seq,
+        boot_ids: boot_ids.len(),
+    })
 }
 
 impl Disk {
@@ -96,7 +104,10 @@ impl Disk {
             FULL => "full",
             _ => "failed",
         };
-        format!("disk state={state} acked={}", self.shared.acked.load(Ordering::Relaxed))
+        format!(
+            "disk state={state} acked={}",
+            self.shared.acked.load(Ordering::Relaxed)
+        )
     }
 
     /// Stops the writer after its current batch and returns the number of durable records.
@@ -115,7 +126,11 @@ fn write_loop(file: &Fd, shared: &Shared, mut next: u64, total: u64, boot_id: [u
         }
         let n = (total - next).min(BATCH as u64) as usize;
         for (i, chunk) in buf[..n * RECORD_SIZE].chunks_mut(RECORD_SIZE).enumerate() {
-            Record { seq: next + i as u64, boot_id }.encode(chunk);
+            Record {
+                seq: next + i as u64,
+                boot_id,
+            }
+            .encode(chunk);
         }
         let written = file.write_all_at(&buf[..n * RECORD_SIZE], next * RECORD_SIZE as u64);
         if written.and_then(|()| file.sync_data()).is_err() {

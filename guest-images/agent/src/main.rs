@@ -51,7 +51,12 @@ extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) -> lib
     let boot_id = sys::read_text("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into());
-    let mut agent = Agent { out: serial.dup().expect("dup serial"), boot_id, memory: None, disk: None };
+    let mut agent = Agent {
+        out: serial.dup().expect("dup serial"),
+        boot_id,
+        memory: None,
+        disk: None,
+    };
     let ready = format!(
         "ready version={PROTOCOL_VERSION} boot_id={} uptime_ms={} cpus={}",
         agent.boot_id,
@@ -98,7 +103,9 @@ fn number(s: &str, what: &str) -> Result<usize, String> {
 impl Agent {
     fn send(&mut self, body: &str) {
         // One write per line: the console may interleave between writes, not within.
-        let _ = self.out.write_all(format!("\n{LINE_PREFIX}{body}\n").as_bytes());
+        let _ = self
+            .out
+            .write_all(format!("\n{LINE_PREFIX}{body}\n").as_bytes());
     }
 
     fn boot_id_bytes(&self) -> [u8; 16] {
@@ -113,7 +120,11 @@ impl Agent {
         let words: Vec<&str> = cmd.split_whitespace().collect();
         match words.as_slice() {
             ["ping"] => Ok("pong".into()),
-            ["clock"] => Ok(format!("clock boot_id={} uptime_ms={}", self.boot_id, uptime_ms())),
+            ["clock"] => Ok(format!(
+                "clock boot_id={} uptime_ms={}",
+                self.boot_id,
+                uptime_ms()
+            )),
             ["mem", "start", rest @ ..] => {
                 if self.memory.is_some() {
                     return Err("mem already running".into());
@@ -124,10 +135,13 @@ impl Agent {
                     return Err("mem start: MiB and threads must be positive, threads <= 64".into());
                 }
                 let started = uptime_ms();
-                let m = memory::Memory::start(mib, threads).map_err(|e| format!("mem start: {e}"))?;
+                let m =
+                    memory::Memory::start(mib, threads).map_err(|e| format!("mem start: {e}"))?;
                 self.memory = Some(m);
                 let touch = uptime_ms() - started;
-                Ok(format!("mem started mib={mib} threads={threads} touch_ms={touch}"))
+                Ok(format!(
+                    "mem started mib={mib} threads={threads} touch_ms={touch}"
+                ))
             }
             ["mem", "status"] => match &self.memory {
                 Some(m) => Ok(m.status()),
@@ -161,7 +175,10 @@ impl Agent {
                 }
                 let dev = rest.first().copied().unwrap_or(DEFAULT_DISK);
                 let scan = disk::verify(dev).map_err(|e| format!("disk verify {dev}: {e}"))?;
-                Ok(format!("disk verified={} boot_ids={}", scan.valid, scan.boot_ids))
+                Ok(format!(
+                    "disk verified={} boot_ids={}",
+                    scan.valid, scan.boot_ids
+                ))
             }
             ["reboot"] => {
                 self.send("ok rebooting");

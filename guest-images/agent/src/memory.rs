@@ -44,7 +44,9 @@ impl Memory {
             stop: AtomicBool::new(false),
             errors: AtomicU64::new(0),
             max_gap_tsc: AtomicU64::new(0),
-            progress: (0..threads).map(|_| SpinLock::new(Progress::default())).collect(),
+            progress: (0..threads)
+                .map(|_| SpinLock::new(Progress::default()))
+                .collect(),
             cpus: (0..threads).map(|_| AtomicU64::new(u64::MAX)).collect(),
         });
         let cpus = sys::cpus();
@@ -75,9 +77,18 @@ impl Memory {
 
     /// The status reply body; resets the maximum gap.
     pub fn status(&self) -> String {
-        let progress: Vec<Progress> = self.shared.progress.iter().map(|p| p.with(|p| *p)).collect();
-        let list = |v: &mut dyn Iterator<Item = u64>| v.map(|x| x.to_string()).collect::<Vec<_>>().join(",");
-        let checksum = progress.iter().fold(0u64, |a, p| a.wrapping_add(p.checksum));
+        let progress: Vec<Progress> = self
+            .shared
+            .progress
+            .iter()
+            .map(|p| p.with(|p| *p))
+            .collect();
+        let list = |v: &mut dyn Iterator<Item = u64>| {
+            v.map(|x| x.to_string()).collect::<Vec<_>>().join(",")
+        };
+        let checksum = progress
+            .iter()
+            .fold(0u64, |a, p| a.wrapping_add(p.checksum));
         let gap = self.shared.max_gap_tsc.swap(0, Ordering::Relaxed);
         format!(
             "mem seq={} seqs={} cpus={} errors={} checksum=0x{:x} maxgap_us={}",
@@ -107,8 +118,17 @@ impl Memory {
         for h in self.threads {
             h.join();
         }
-        let seq = self.shared.progress.iter().map(|p| p.with(|p| p.seq)).min().unwrap_or(0);
-        format!("mem stopped seq={seq} errors={}", self.shared.errors.load(Ordering::Relaxed))
+        let seq = self
+            .shared
+            .progress
+            .iter()
+            .map(|p| p.with(|p| p.seq))
+            .min()
+            .unwrap_or(0);
+        format!(
+            "mem stopped seq={seq} errors={}",
+            self.shared.errors.load(Ordering::Relaxed)
+        )
     }
 }
 

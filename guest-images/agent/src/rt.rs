@@ -88,7 +88,10 @@ unsafe impl<T: Send> Sync for SpinLock<T> {}
 impl<T> SpinLock<T> {
     /// A new unlocked lock.
     pub const fn new(value: T) -> Self {
-        SpinLock { locked: AtomicBool::new(false), value: UnsafeCell::new(value) }
+        SpinLock {
+            locked: AtomicBool::new(false),
+            value: UnsafeCell::new(value),
+        }
     }
 
     /// Runs `f` with the value locked.
@@ -100,7 +103,7 @@ impl<T> SpinLock<T> {
             .is_err()
         {
             spins += 1;
-            if spins % 1024 == 0 {
+            if spins.is_multiple_of(1024) {
                 // The holder may be preempted on this same CPU: let it run.
                 // SAFETY: no preconditions.
                 unsafe { libc::sched_yield() };

@@ -90,7 +90,12 @@ impl Fd {
             let rest = &mut buf[done..];
             // SAFETY: `rest` is valid for `len` bytes of writes.
             let n = unsafe {
-                libc::pread(self.0, rest.as_mut_ptr().cast(), rest.len(), (offset + done as u64) as i64)
+                libc::pread(
+                    self.0,
+                    rest.as_mut_ptr().cast(),
+                    rest.len(),
+                    (offset + done as u64) as i64,
+                )
             };
             match check(n as libc::c_long) {
                 Err(Errno(libc::EINTR)) => continue,
@@ -109,7 +114,12 @@ impl Fd {
             let rest = &buf[done..];
             // SAFETY: `rest` is valid for `len` bytes of reads.
             let n = unsafe {
-                libc::pwrite(self.0, rest.as_ptr().cast(), rest.len(), (offset + done as u64) as i64)
+                libc::pwrite(
+                    self.0,
+                    rest.as_ptr().cast(),
+                    rest.len(),
+                    (offset + done as u64) as i64,
+                )
             };
             match check(n as libc::c_long) {
                 Err(Errno(libc::EINTR)) => continue,
@@ -176,7 +186,13 @@ pub fn mount(fstype: &str, target: &str) -> Result<()> {
     let (src, dst) = (cstr(fstype), cstr(target));
     // SAFETY: both strings are NUL-terminated and outlive the call.
     let ret = unsafe {
-        libc::mount(src.as_ptr().cast(), dst.as_ptr().cast(), src.as_ptr().cast(), 0, core::ptr::null())
+        libc::mount(
+            src.as_ptr().cast(),
+            dst.as_ptr().cast(),
+            src.as_ptr().cast(),
+            0,
+            core::ptr::null(),
+        )
     };
     match check(ret as libc::c_long) {
         Err(Errno(libc::EBUSY)) => Ok(()),
@@ -186,7 +202,10 @@ pub fn mount(fstype: &str, target: &str) -> Result<()> {
 
 /// Sleeps (only where nothing else can be waited on: an init that must not exit).
 pub fn sleep_ms(ms: u64) {
-    let ts = libc::timespec { tv_sec: (ms / 1000) as _, tv_nsec: ((ms % 1000) * 1_000_000) as _ };
+    let ts = libc::timespec {
+        tv_sec: (ms / 1000) as _,
+        tv_nsec: ((ms % 1000) * 1_000_000) as _,
+    };
     // SAFETY: `ts` is valid; the remainder pointer may be null.
     unsafe { libc::nanosleep(&ts, core::ptr::null_mut()) };
 }
@@ -211,12 +230,15 @@ pub fn cpus() -> Vec<usize> {
     // SAFETY: cpu_set_t is plain data.
     let mut set: libc::cpu_set_t = unsafe { core::mem::zeroed() };
     // SAFETY: pointer and size describe `set`.
-    let ret = unsafe { libc::sched_getaffinity(0, core::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    let ret =
+        unsafe { libc::sched_getaffinity(0, core::mem::size_of::<libc::cpu_set_t>(), &mut set) };
     if ret != 0 {
         return alloc::vec![0];
     }
     // SAFETY: CPU_ISSET reads inside `set` for cpu < CPU_SETSIZE.
-    (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect()
+    (0..libc::CPU_SETSIZE as usize)
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect()
 }
 
 /// Pins the calling thread to one CPU.
@@ -289,7 +311,11 @@ impl core::ops::DerefMut for AlignedBuf {
 pub fn reboot(power_off: bool) {
     // SAFETY: no memory access.
     unsafe { libc::sync() };
-    let cmd = if power_off { libc::RB_POWER_OFF } else { libc::RB_AUTOBOOT };
+    let cmd = if power_off {
+        libc::RB_POWER_OFF
+    } else {
+        libc::RB_AUTOBOOT
+    };
     // SAFETY: no memory access; returns only on failure.
     unsafe { libc::reboot(cmd) };
 }
