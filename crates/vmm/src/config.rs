@@ -57,6 +57,10 @@ pub enum BootProtocol {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
+    /// The VM's name: the lease instance id of its storaged volumes unless a disk sets its
+    /// own, so a restarted VMM for the same VM is the same lease holder.
+    #[serde(default = "default_name")]
+    pub name: String,
     /// Uncompressed ELF vmlinux.
     pub kernel: PathBuf,
     /// Optional initramfs.
@@ -85,6 +89,11 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
 }
 
+/// The name of a VM whose configuration gives none.
+pub fn default_name() -> String {
+    "vm".into()
+}
+
 fn default_memory_mib() -> u64 {
     256
 }
@@ -110,6 +119,9 @@ impl VmConfig {
                 "memory_mib must be 16..=1048576, not {}",
                 self.memory_mib
             ));
+        }
+        if self.name.is_empty() || self.name.len() > 64 {
+            return bad("name must be 1..=64 bytes".into());
         }
         if self.disks.len() > MAX_DISKS {
             return bad(format!("at most {MAX_DISKS} disks"));
@@ -166,7 +178,7 @@ pub struct StoragedDiskConfig {
     pub volume: String,
     /// This host's id, as the lease holder.
     pub host_id: String,
-    /// Instance id of this VM (defaults to the process id).
+    /// Instance id of this VM (defaults to the VM's name).
     #[serde(default)]
     pub instance_id: Option<String>,
     /// Lease asked for: `primary` (default) or `standby`.

@@ -36,6 +36,9 @@ struct RunArgs {
     /// TOML file with the VM configuration (see the vmm::config docs).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// The VM's name (default `vm`): the lease instance id of its storaged volumes.
+    #[arg(long)]
+    name: Option<String>,
     /// Uncompressed ELF vmlinux.
     #[arg(long)]
     kernel: Option<PathBuf>,
@@ -71,6 +74,7 @@ impl RunArgs {
         let mut c = match &self.config {
             Some(path) => VmConfig::from_toml_file(path)?,
             None => VmConfig {
+                name: vmm::config::default_name(),
                 kernel: self
                     .kernel
                     .clone()
@@ -85,6 +89,9 @@ impl RunArgs {
                 api_socket: None,
             },
         };
+        if let Some(n) = self.name {
+            c.name = n;
+        }
         if let Some(k) = self.kernel {
             c.kernel = k;
         }

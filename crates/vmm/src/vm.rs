@@ -288,7 +288,7 @@ impl Vm {
                 ),
                 (None, Some(volume)) => Backend::Storaged(
                     runtime
-                        .block_on(StoragedBackend::connect(volume))
+                        .block_on(StoragedBackend::connect(volume, &config.name))
                         .map_err(|e| VmError::Disk(name.clone(), e))?,
                 ),
                 (None, None) => {
@@ -397,6 +397,7 @@ impl Vm {
 
     fn info(&self) -> VmInfo {
         VmInfo {
+            name: self.config.name.clone(),
             state: match self.state {
                 RunState::Running => "running",
                 RunState::Paused => "paused",

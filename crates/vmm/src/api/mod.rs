@@ -51,6 +51,8 @@ pub enum ApiResponse {
 /// `GET /v1/vm`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmInfo {
+    /// The VM's name.
+    pub name: String,
     /// `running` or `paused`.
     pub state: String,
     /// vCPU count.

@@ -24,7 +24,10 @@ pub struct StoragedBackend {
 impl StoragedBackend {
     /// Connects to the volume with the configured lease. Must run inside the tokio runtime
     /// that will serve the I/O (the client's reader task lives there).
-    pub async fn connect(cfg: &StoragedDiskConfig) -> Result<StoragedBackend, BackendError> {
+    pub async fn connect(
+        cfg: &StoragedDiskConfig,
+        vm_name: &str,
+    ) -> Result<StoragedBackend, BackendError> {
         let state = match cfg.lease.as_str() {
             "standby" => RequestedState::Standby,
             _ => RequestedState::Primary,
@@ -32,7 +35,7 @@ impl StoragedBackend {
         let instance = cfg
             .instance_id
             .clone()
-            .unwrap_or_else(|| format!("vmm-{}", std::process::id()));
+            .unwrap_or_else(|| vm_name.to_string());
         let client_cfg = ClientConfig::new(vec![cfg.address.clone()], cfg.volume.clone())
             .with_lease(LeaseSpec {
                 host: cfg.host_id.clone(),
