@@ -5,6 +5,10 @@
 //! - [`volume`], [`store`], [`registry`]: volume files, durable metadata, the running set;
 //! - [`server`]: the NBD server; [`api`]: the REST control API and its client;
 //! - [`client`]: the lease-aware async NBD client used by the VMM and the tests.
+//!
+//! A lease-aware client sends the project option [`protocol::NBD_OPT_LEASE`] (0x4C45_4153)
+//! before `NBD_OPT_GO`; a standby connection asks for promotion with
+//! [`protocol::NBD_CMD_LEASE_FLIP`]. Both are specified in [`protocol`].
 #![warn(missing_docs)]
 
 pub mod api;
