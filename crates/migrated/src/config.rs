@@ -332,6 +332,22 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_examples_parse() {
+        let agent: AgentConfigFile = toml::from_str(include_str!(
+            "../../../scripts/systemd/migrated.toml.example"
+        ))
+        .unwrap();
+        let c = agent.merge(AgentConfigFile::default()).unwrap();
+        assert_eq!(c.peers.len(), 2);
+        let guest: InstanceConfig = toml::from_str(include_str!(
+            "../../../scripts/systemd/migrated-guest.toml.example"
+        ))
+        .unwrap();
+        guest.validate().unwrap();
+        assert_eq!(guest.volumes(), vec!["vm1-root", "vm1-data"]);
+    }
+
+    #[test]
     fn guest_descriptions_are_checked() {
         let ok: InstanceConfig = toml::from_str(
             "name='vm1'\nkernel='/k'\n[[disks]]\nvolume='r'\n[[disks]]\npath='/x'\nread_only=true",
