@@ -201,12 +201,12 @@ impl Vcpu {
             match cmd {
                 Some(VcpuCommand::Exit) => break,
                 Some(VcpuCommand::Pause) => {
-                    if std::env::var_os("VMM_DUMP_ON_PAUSE").is_some() {
-                        eprintln!(
-                            "{}",
-                            dump::report(&self.fd, &self.mem, self.index, "paused")
-                        );
-                    }
+                    // Where each vCPU stopped: the first thing to look at when a guest hangs.
+                    // The report is only built when debug logging is on for this module.
+                    tracing::debug!(
+                        "{}",
+                        dump::report(&self.fd, &self.mem, self.index, "paused")
+                    );
                     state = VcpuState::Paused;
                     let _ = states.send(state);
                     continue;
