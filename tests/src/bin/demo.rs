@@ -16,7 +16,9 @@ use storaged::protocol::RequestedState;
 
 const BOOT: Duration = Duration::from_secs(300);
 const REPLY: Duration = Duration::from_secs(60);
-const MEM_MIB: usize = 16;
+const MEM_MIB: usize = 8;
+/// `mem start` faults its buffer in, page by page in emulated guest kernel code.
+const MEM_START: Duration = Duration::from_secs(600);
 
 fn step(n: u32, text: &str) {
     println!("\n[{n}] {text}");
@@ -93,7 +95,7 @@ fn main() -> Result<()> {
 
     step(3, "the agent's workloads");
     let agent = &mut vm.agent;
-    let m = agent.command(&format!("mem start {MIB}", MIB = MEM_MIB), REPLY)?;
+    let m = agent.command(&format!("mem start {MEM_MIB}"), MEM_START)?;
     say(format!(
         "memory: {MEM_MIB} MiB rewritten pass after pass (touched in {} ms)",
         m.get("touch_ms").unwrap_or("?")
