@@ -329,6 +329,11 @@ async fn lease_cmd(cmd: LeaseCmd) -> Result<()> {
 }
 
 async fn serve(cfg: ServeConfig) -> Result<()> {
+    // Before anyone can learn that we are ready: a SIGTERM right after READY=1 must find the
+    // handler in place, not the default action.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let mut reg = Registry::open(&cfg.data_dir)
         .with_context(|| format!("opening data dir {}", cfg.data_dir.display()))?;
     reg.drain_limit = Duration::from_secs(cfg.drain_limit_secs);
@@ -370,10 +375,9 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
             .await
     });
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     sd_tx.send_replace(true);

@@ -214,6 +214,19 @@ async fn discard<R: tokio::io::AsyncRead + Unpin>(r: &mut R, len: u32) -> std::i
 
 type Rd = BufReader<tokio::net::tcp::OwnedReadHalf>;
 
+/// Receives a write payload into a fresh buffer without zero-filling it first.
+async fn read_payload(r: &mut Rd, len: u32) -> std::io::Result<Vec<u8>> {
+    let len = len as usize;
+    let mut buf = Vec::with_capacity(len);
+    let mut limited = r.take(len as u64);
+    while buf.len() < len {
+        if limited.read_buf(&mut buf).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(buf)
+}
+
 /// Handles one request; `Some(end)` stops the reader.
 async fn handle(ctx: &Ctx, r: &mut Rd, req: Request) -> Result<Option<End>, ConnError> {
     let h = req.handle;
@@ -232,8 +245,7 @@ async fn handle(ctx: &Ctx, r: &mut Rd, req: Request) -> Result<Option<End>, Conn
                 return Ok(None);
             }
             let permit = ctx.permit(req.length).await;
-            let mut buf = vec![0u8; req.length as usize];
-            r.read_exact(&mut buf).await?;
+            let buf = read_payload(r, req.length).await?;
             if bad_flags {
                 ctx.send(Reply::err(h, NBD_EINVAL));
             } else if !ctx.in_range(req.offset, req.length as u64) {
