@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use storaged::client::{Client, ClientError};
 use storaged::protocol::RequestedState;
 
-const BOOT: Duration = Duration::from_secs(300);
+const BOOT: Duration = Duration::from_secs(600);
 const REPLY: Duration = Duration::from_secs(60);
 const MEM_MIB: usize = 8;
 /// `mem start` faults its buffer in, page by page in emulated guest kernel code.
