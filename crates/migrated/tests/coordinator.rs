@@ -515,3 +515,130 @@ async fn a_failed_stream_aborts_and_a_second_migration_can_follow() {
     );
     assert!(again.is_err());
 }
+
+/// Records a migration as if migrated had died in `phase` after flipping `flipped` at
+/// storaged, and starts a fresh agent on the same state directory.
+async fn restarted_in(s: Setup, phase: Phase, flipped: &[&str]) -> (Setup, String) {
+    let mut standby = Vec::new();
+    for v in VOLUMES {
+        standby.push(lease(&s._storage, v, "b", RequestedState::Standby).await);
+    }
+    s.peer.lock().await.disks = standby;
+    let id = "vm1.a.1".to_string();
+    let inst = s
+        .agent
+        .update_instance("vm1", |r| {
+            r.state = InstanceState::Migrating;
+            r.migration = Some(id.clone());
+        })
+        .unwrap();
+    assert!(inst.vmm_alive());
+    let mut rec = MigrationRecord {
+        id: id.clone(),
+        instance: "vm1".into(),
+        role: Role::Source,
+        source: "a".into(),
+        destination: "b".into(),
+        peer_addr: s.agent.cfg.peers["b"].clone(),
+        params: MigrationParams::default(),
+        phase: Phase::Created,
+        stream_addr: Some("127.0.0.1:1".into()),
+        volumes: VOLUMES.iter().map(|v| v.to_string()).collect(),
+        flipped: vec![],
+        steps: vec![],
+        started_ms: migrated::instance::now_ms(),
+        ended_ms: None,
+        error: None,
+        figures: Figures::default(),
+    };
+    rec.step(phase, "recorded before the crash");
+    let mut at_destination = rec.clone();
+    at_destination.role = Role::Destination;
+    at_destination.phase = Phase::Precopy;
+    s.peer.lock().await.record = Some(at_destination);
+    s.agent.put_migration(rec).unwrap();
+    for v in flipped {
+        s.leases.flip(v, "b").await.unwrap();
+    }
+    let Setup {
+        agent,
+        vmm,
+        peer,
+        peer_task,
+        leases,
+        _storage,
+        _dir,
+    } = s;
+    let cfg = agent.cfg.clone();
+    drop(agent);
+    let agent = Agent::open(cfg).unwrap();
+    agent.recover().unwrap();
+    (
+        Setup {
+            agent,
+            vmm,
+            peer,
+            peer_task,
+            leases,
+            _storage,
+            _dir,
+        },
+        id,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_in_the_middle_of_the_flips_rolls_back_and_resumes_the_source() {
+    let s = setup(Stream::HandOverAfter(u32::MAX), vec![]).await;
+    let (s, id) = restarted_in(s, Phase::Flipping, &["v1"]).await;
+    let r = wait_phase(&s, &id, Phase::is_terminal).await;
+    assert_eq!(r.phase, Phase::Aborted, "{r:?}");
+    assert!(
+        r.error.as_deref().unwrap().contains("migrated restarted"),
+        "{r:?}"
+    );
+    for v in VOLUMES {
+        assert_eq!(holder(&s, v, "a").await, Some(LeaseState::Primary), "{v}");
+        assert_eq!(holder(&s, v, "b").await, None, "{v}");
+    }
+    let calls = s.vmm.lock().unwrap().calls.clone();
+    assert!(
+        calls.ends_with(&["abort".to_string(), "resume".to_string()]),
+        "{calls:?}"
+    );
+    let inst = s.agent.instance("vm1").unwrap();
+    assert_eq!(inst.state, InstanceState::Running);
+    assert!(inst.vmm_alive());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_after_every_flip_completes_on_the_destination() {
+    let s = setup(Stream::HandOverAfter(u32::MAX), vec![]).await;
+    let (s, id) = restarted_in(s, Phase::Flipping, &VOLUMES).await;
+    let r = wait_phase(&s, &id, Phase::is_terminal).await;
+    assert_eq!(r.phase, Phase::Completed, "{r:?}");
+    assert_eq!(r.flipped, VOLUMES.to_vec());
+    assert_eq!(s.peer.lock().await.calls, vec!["resume"]);
+    let calls = s.vmm.lock().unwrap().calls.clone();
+    assert_eq!(calls, vec!["shutdown"], "the source must not resume");
+    assert_eq!(
+        s.agent.instance("vm1").unwrap().state,
+        InstanceState::MigratedAway
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_during_precopy_aborts_and_resumes_the_source() {
+    let s = setup(Stream::HandOverAfter(u32::MAX), vec![]).await;
+    let (s, id) = restarted_in(s, Phase::Precopy, &[]).await;
+    let r = wait_phase(&s, &id, Phase::is_terminal).await;
+    assert_eq!(r.phase, Phase::Aborted, "{r:?}");
+    assert_eq!(s.peer.lock().await.calls, vec!["abort"]);
+    for v in VOLUMES {
+        assert_eq!(holder(&s, v, "b").await, None, "{v}");
+    }
+    assert_eq!(
+        s.agent.instance("vm1").unwrap().state,
+        InstanceState::Running
+    );
+}
