@@ -127,6 +127,11 @@ impl VmmGuest {
 
     /// Starts the VMM and connects to its serial socket.
     pub fn start(cfg: &VmmConfig) -> Result<VmmGuest> {
+        Self::start_with(cfg, &[])
+    }
+
+    /// [`Self::start`] with further `vmm run` arguments (e.g. `--boot linux64`).
+    pub fn start_with(cfg: &VmmConfig, extra_args: &[&str]) -> Result<VmmGuest> {
         let stderr_log = cfg.work_dir.join("vmm.stderr");
         let api_socket = cfg.work_dir.join("api.sock");
         let serial_socket = cfg.work_dir.join("serial.sock");
@@ -134,6 +139,7 @@ impl VmmGuest {
         let _ = std::fs::remove_file(&api_socket);
         let started = Instant::now();
         let mut child = Self::command(cfg)
+            .args(extra_args)
             // vCPU register dumps on pause (see `diagnose`).
             .env("RUST_LOG", "info,vmm::vcpu=debug")
             .stdin(Stdio::null())

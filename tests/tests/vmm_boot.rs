@@ -199,3 +199,35 @@ fn small<'a>(
         work_dir,
     }
 }
+
+#[test]
+fn vmm_boots_guest_through_the_64_bit_boot_protocol() {
+    if !e2e::kvm_available("vmm_boots_guest_through_the_64_bit_boot_protocol") {
+        return;
+    }
+    let image = guest_image();
+    let dir = tempfile::tempdir().unwrap();
+    let mut guest = VmmGuest::start_with(
+        &VmmConfig {
+            image: &image,
+            root: None,
+            data_disks: vec![],
+            mem_mib: 128,
+            vcpus: 1,
+            work_dir: dir.path(),
+        },
+        &["--boot", "linux64"],
+    )
+    .unwrap();
+    let ready = guest.agent.wait_ready(BOOT_TIMEOUT);
+    guest.ok(ready);
+    assert!(guest.stderr().contains("Linux64"), "{}", guest.stderr());
+    let r = guest.agent.command("ping", REPLY);
+    guest.ok(r);
+    let (code, _) = guest.api("PUT", "/v1/vm/shutdown").unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(
+        guest.wait_exit(Duration::from_secs(60)).unwrap().code(),
+        Some(0)
+    );
+}
