@@ -129,7 +129,8 @@ fn fio_nbd_engine_writes_and_verifies() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let s = Storaged::start(dir.path())?;
     s.create_volume("fio", "64M", &["--anonymous", "read-write-without-primary"])?;
-    let out = tool_output(Command::new("fio").args([
+    // fio leaves its verify state file in the working directory: keep it in the temp dir.
+    let out = tool_output(Command::new("fio").current_dir(dir.path()).args([
         "--name=verify",
         "--ioengine=nbd",
         &format!("--uri={}", s.uri("fio")),
