@@ -11,6 +11,7 @@ pub mod netns;
 pub mod qemu;
 pub mod storaged;
 pub mod vmm;
+pub mod workload;
 
 use std::path::PathBuf;
 

@@ -2,9 +2,9 @@
 //! disk and clock workloads answer correctly on a local-file data disk, the API reports the
 //! VM, and a guest reboot (i8042 reset, `reboot=k`) ends the VMM with status 0.
 
-use agent_proto::{expected_checksum, Record, RECORD_SIZE};
 use e2e::image::guest_image;
 use e2e::vmm::{json_str, Disk, VmmConfig, VmmGuest};
+use e2e::workload::{check_disk, check_memory};
 use std::time::{Duration, Instant};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
@@ -61,58 +61,10 @@ fn vmm_boots_guest_and_workloads_answer() {
     assert_eq!(c1.get("boot_id"), Some(boot_id.as_str()));
 
     // Memory: the sequence advances with no errors and a matching checksum.
-    const MIB: usize = 16;
-    agent.command(&format!("mem start {MIB}"), REPLY).unwrap();
-    let first = agent.command("mem status", REPLY).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        let s = agent.command("mem status", REPLY).unwrap();
-        if s.num("seq").unwrap() > first.num("seq").unwrap() + 5 {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "memory sequence stuck: {s:?}");
-    };
-    assert_eq!(status.num("errors"), Some(0), "{status:?}");
-    assert_eq!(
-        status.num("checksum").unwrap(),
-        expected_checksum(MIB, &status.nums("seqs").unwrap()),
-        "{status:?}"
-    );
-    assert_eq!(
-        agent.command("mem stop", REPLY).unwrap().num("errors"),
-        Some(0)
-    );
+    check_memory(agent, 16);
 
     // Disk: records are acknowledged, the guest verifies them, and so does the host.
-    let d = agent.command("disk start", REPLY).unwrap();
-    assert_eq!(d.num("next"), Some(0), "fresh disk: {d:?}");
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let s = agent.command("disk status", REPLY).unwrap();
-        assert_eq!(s.get("state"), Some("running"), "{s:?}");
-        if s.num("acked").unwrap() >= 256 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "disk writer too slow: {s:?}");
-    }
-    let acked = agent
-        .command("disk stop", REPLY)
-        .unwrap()
-        .num("acked")
-        .unwrap();
-    let v = agent.command("disk verify", REPLY).unwrap();
-    assert_eq!(v.num("verified"), Some(acked), "{v:?}");
-    assert_eq!(v.num("boot_ids"), Some(1));
-    let bytes = std::fs::read(&data).unwrap();
-    for seq in 0..acked {
-        let at = seq as usize * RECORD_SIZE;
-        let rec = Record::decode(&bytes[at..at + RECORD_SIZE], seq)
-            .unwrap_or_else(|| panic!("record {seq} of {acked} invalid on the host side"));
-        assert_eq!(&rec.boot_id[..], &boot_id.as_bytes()[..16]);
-    }
-    let again = agent.command("disk start", REPLY).unwrap();
-    assert_eq!(again.num("next"), Some(acked));
-    agent.command("disk stop", REPLY).unwrap();
+    check_disk(agent, &data, &boot_id);
 
     let c2 = agent.command("clock", REPLY).unwrap();
     assert_eq!(c2.get("boot_id"), Some(boot_id.as_str()));

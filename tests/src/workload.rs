@@ -1,0 +1,74 @@
+//! Checks of the guest agent's workloads that several end-to-end tests share.
+
+use crate::agent::AgentConn;
+use agent_proto::{expected_checksum, Record, RECORD_SIZE};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// `mem start` faults its buffer in; the guest kernel zeroes each page emulated (~1 MB/s idle,
+/// several times slower when other guests share the cores).
+pub const MEM_START: Duration = Duration::from_secs(600);
+/// One agent reply.
+pub const REPLY: Duration = Duration::from_secs(180);
+
+/// Runs the memory workload over `mib` MiB until its sequence has advanced, checks that no word
+/// was ever wrong and that the checksum matches the pattern, then stops it.
+pub fn check_memory(agent: &mut AgentConn, mib: usize) {
+    let m = agent
+        .command(&format!("mem start {mib}"), MEM_START)
+        .unwrap();
+    eprintln!("mem started: touch {} ms", m.num("touch_ms").unwrap());
+    let first = agent.command("mem status", REPLY).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        let s = agent.command("mem status", REPLY).unwrap();
+        if s.num("seq").unwrap() > first.num("seq").unwrap() + 5 {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "memory sequence stuck: {s:?}");
+    };
+    assert_eq!(status.num("errors"), Some(0), "{status:?}");
+    assert_eq!(
+        status.num("checksum").unwrap(),
+        expected_checksum(mib, &status.nums("seqs").unwrap()),
+        "{status:?}"
+    );
+    assert!(status.get("maxgap_us").is_some());
+    let stopped = agent.command("mem stop", REPLY).unwrap();
+    assert_eq!(stopped.num("errors"), Some(0));
+}
+
+/// Runs the disk workload on a fresh data disk backed by the host file `data` until at least
+/// 256 records are durable; the guest verifies them, the host decodes each one (written by the
+/// guest with boot id `boot_id`), and a restarted writer continues after the last record.
+pub fn check_disk(agent: &mut AgentConn, data: &Path, boot_id: &str) {
+    let d = agent.command("disk start", REPLY).unwrap();
+    assert_eq!(d.num("next"), Some(0), "fresh disk: {d:?}");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let s = agent.command("disk status", REPLY).unwrap();
+        assert_eq!(s.get("state"), Some("running"), "{s:?}");
+        if s.num("acked").unwrap() >= 256 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "disk writer too slow: {s:?}");
+    }
+    let acked = agent
+        .command("disk stop", REPLY)
+        .unwrap()
+        .num("acked")
+        .unwrap();
+    let v = agent.command("disk verify", REPLY).unwrap();
+    assert_eq!(v.num("verified"), Some(acked), "{v:?}");
+    assert_eq!(v.num("boot_ids"), Some(1));
+    let bytes = std::fs::read(data).unwrap();
+    for seq in 0..acked {
+        let at = seq as usize * RECORD_SIZE;
+        let rec = Record::decode(&bytes[at..at + RECORD_SIZE], seq)
+            .unwrap_or_else(|| panic!("record {seq} of {acked} invalid on the host side"));
+        assert_eq!(&rec.boot_id[..], &boot_id.as_bytes()[..16]);
+    }
+    let again = agent.command("disk start", REPLY).unwrap();
+    assert_eq!(again.num("next"), Some(acked));
+    agent.command("disk stop", REPLY).unwrap();
+}
