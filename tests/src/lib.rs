@@ -48,3 +48,10 @@ pub fn binary(name: &str) -> PathBuf {
     );
     path
 }
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (for a listener another process binds).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}

@@ -172,6 +172,64 @@ impl VmmGuest {
         api_call(&self.api_socket, method, path)
     }
 
+    /// One API call with a JSON body.
+    pub fn api_json(&self, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
+        api_call_body(&self.api_socket, method, path, body)
+    }
+
+    /// Starts a VMM that waits for an incoming migration on `addr` (nothing boots).
+    pub fn start_incoming(cfg: &VmmConfig, addr: &str) -> Result<VmmGuest> {
+        let mut g = Self::start_with(cfg, &["--incoming", addr])?;
+        // The VM loop answers once the VM is built, and so the stream listener bound.
+        let deadline = Instant::now() + SOCKET_TIMEOUT;
+        while g.migration().is_err() {
+            if let Some(status) = g.child.try_wait()? {
+                bail!("vmm exited ({status}); stderr:\n{}", g.stderr());
+            }
+            if Instant::now() > deadline {
+                bail!("the incoming VMM did not answer within {SOCKET_TIMEOUT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(g)
+    }
+
+    /// `GET /v1/migration` as JSON.
+    pub fn migration(&self) -> Result<serde_json::Value> {
+        let (code, body) = self.api("GET", "/v1/migration")?;
+        if code != 200 {
+            bail!("GET /v1/migration: {code} {body}");
+        }
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// Polls the migration status until its phase is one of `phases`; fails early on
+    /// `failed`/`aborted` unless asked for, or when the VMM exits.
+    pub fn wait_migration(
+        &mut self,
+        phases: &[&str],
+        timeout: Duration,
+    ) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("vmm exited ({status}); stderr:\n{}", self.stderr());
+            }
+            let m = self.migration()?;
+            let phase = m["phase"].as_str().unwrap_or_default().to_string();
+            if phases.contains(&phase.as_str()) {
+                return Ok(m);
+            }
+            if phase == "failed" || phase == "aborted" {
+                bail!("migration {phase}: {m}\nstderr:\n{}", self.stderr());
+            }
+            if Instant::now() > deadline {
+                bail!("migration still {phase} after {timeout:?}: {m}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The VMM's stderr so far.
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
@@ -230,12 +288,19 @@ impl Drop for VmmGuest {
 
 /// A minimal HTTP/1.1 request over a Unix socket (`Connection: close`).
 pub fn api_call(socket: &Path, method: &str, path: &str) -> Result<(u16, String)> {
+    api_call_body(socket, method, path, "")
+}
+
+/// [`api_call`] with a JSON body.
+pub fn api_call_body(socket: &Path, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
     let mut s =
         UnixStream::connect(socket).with_context(|| format!("connect {}", socket.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    s.set_read_timeout(Some(Duration::from_secs(150)))?;
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     )?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;

@@ -17,5 +17,20 @@ pub mod config;
 pub mod cpuid;
 pub mod devices;
 pub mod memory;
+pub mod migration;
+pub mod snapshot;
+pub mod state;
 pub mod vcpu;
 pub mod vm;
+
+/// An error and its sources on one line: `a: b: c`.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

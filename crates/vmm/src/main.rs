@@ -9,14 +9,15 @@
 //! Exit status: 0 when the guest reset or powered off, or an operator ended it (API shutdown,
 //! SIGTERM, SIGINT); 1 when the VM could not be built; 3 on a guest triple fault; 4 when a
 //! vCPU stopped on a KVM internal error or an unhandled exit (the registers and instruction
-//! bytes are printed on stderr).
+//! bytes are printed on stderr); 5 when an incoming migration failed or was aborted before
+//! the hand-over.
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Instant;
 use vmm::config::{BootProtocol, DiskConfig, SerialConfig, VmConfig};
-use vmm::vm::{ExitReason, Vm};
+use vmm::vm::{ExitReason, StartMode, Vm};
 
 #[derive(Parser)]
 #[command(name = "vmm", version, about = "A minimal KVM VMM")]
@@ -67,6 +68,14 @@ struct RunArgs {
     /// Path of the API socket.
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    /// Boot nothing: receive a running guest from another VMM on this `HOST:PORT`
+    /// (`PUT /v1/migration/send` on the source). Give the same VM configuration as the source.
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "restore")]
+    incoming: Option<String>,
+    /// Boot nothing: load this snapshot (`PUT /v1/vm/snapshot`) and run it. Give the same VM
+    /// configuration as when it was taken, with its disks in the state they had then.
+    #[arg(long, value_name = "FILE")]
+    restore: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -145,8 +154,13 @@ fn main() {
 }
 
 fn run(args: RunArgs, started: Instant) -> Result<ExitReason> {
+    let mode = match (&args.incoming, &args.restore) {
+        (Some(addr), _) => StartMode::Incoming(addr.clone()),
+        (None, Some(path)) => StartMode::Restore(path.clone()),
+        (None, None) => StartMode::Boot,
+    };
     let config = args.into_config()?;
-    let vm = Vm::build(config, started).context("build the VM")?;
+    let vm = Vm::build(config, started, mode).context("build the VM")?;
     Ok(vm.run())
 }
 
@@ -159,6 +173,12 @@ fn report(reason: &ExitReason) -> i32 {
         ExitReason::Terminated(sig) => eprintln!("vmm: stopped by {sig}; exiting ({code})"),
         ExitReason::TripleFault(r) => eprintln!("vmm: guest triple fault; exiting ({code})\n{r}"),
         ExitReason::VcpuFailed(r) => eprintln!("vmm: vCPU failed; exiting ({code})\n{r}"),
+        ExitReason::IncomingFailed(r) => {
+            eprintln!("vmm: incoming migration failed: {r}; exiting ({code})")
+        }
+        ExitReason::IncomingAborted => {
+            eprintln!("vmm: incoming migration aborted; exiting ({code})")
+        }
     }
     code
 }

@@ -71,10 +71,7 @@ pub fn ram_ranges(mem_bytes: u64) -> Vec<(GuestAddress, u64)> {
 /// Creates `mib` MiB of guest memory in one memfd, mapped shared, with a dirty bitmap per
 /// region. Returns the memory and the memfd.
 pub fn create_guest_memory(mib: u64) -> Result<(Arc<GuestMem>, Arc<File>), MemoryError> {
-    let bytes = mib.checked_mul(1 << 20).ok_or(MemoryError::BadSize(mib))?;
-    if bytes == 0 || bytes > (1 << 46) {
-        return Err(MemoryError::BadSize(mib));
-    }
+    let bytes = check_size(mib)?;
     // SAFETY: the name is a valid NUL-terminated string and the flags are valid; the return
     // value is checked before use.
     let fd = unsafe { libc::memfd_create(c"guest-mem".as_ptr(), libc::MFD_CLOEXEC) };
@@ -84,9 +81,38 @@ pub fn create_guest_memory(mib: u64) -> Result<(Arc<GuestMem>, Arc<File>), Memor
     // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
     let file = Arc::new(unsafe { File::from_raw_fd(fd) });
     file.set_len(bytes).map_err(MemoryError::Truncate)?;
+    let mem = map_regions(mib, &file, 0, libc::MAP_SHARED)?;
+    Ok((mem, file))
+}
 
+/// Guest memory mapped privately (copy on write) from `file` at `offset`, where a snapshot
+/// keeps the guest's RAM: pages are read from the file only when first touched.
+pub fn map_guest_memory_from_file(
+    mib: u64,
+    file: &Arc<File>,
+    offset: u64,
+) -> Result<Arc<GuestMem>, MemoryError> {
+    check_size(mib)?;
+    map_regions(mib, file, offset, libc::MAP_PRIVATE)
+}
+
+fn check_size(mib: u64) -> Result<u64, MemoryError> {
+    let bytes = mib.checked_mul(1 << 20).ok_or(MemoryError::BadSize(mib))?;
+    if bytes == 0 || bytes > (1 << 46) {
+        return Err(MemoryError::BadSize(mib));
+    }
+    Ok(bytes)
+}
+
+fn map_regions(
+    mib: u64,
+    file: &Arc<File>,
+    offset: u64,
+    share: libc::c_int,
+) -> Result<Arc<GuestMem>, MemoryError> {
+    let bytes = mib << 20;
     let mut regions = Vec::new();
-    let mut file_offset = 0u64;
+    let mut file_offset = offset;
     for (addr, size) in ram_ranges(bytes) {
         let size_usize = size as usize;
         let bitmap = AtomicBitmap::new(
@@ -96,7 +122,7 @@ pub fn create_guest_memory(mib: u64) -> Result<(Arc<GuestMem>, Arc<File>), Memor
         let region = MmapRegionBuilder::new_with_bitmap(size_usize, bitmap)
             .with_file_offset(FileOffset::from_arc(file.clone(), file_offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+            .with_mmap_flags(share | libc::MAP_NORESERVE)
             .build()
             .map_err(MemoryError::Mmap)?;
         regions.push(Arc::new(
@@ -105,7 +131,34 @@ pub fn create_guest_memory(mib: u64) -> Result<(Arc<GuestMem>, Arc<File>), Memor
         file_offset += size;
     }
     let mem = GuestMem::from_arc_regions(regions).map_err(MemoryError::Regions)?;
-    Ok((Arc::new(mem), file))
+    Ok(Arc::new(mem))
+}
+
+/// Registers every region of `mem` with KVM as memory slot 0, 1, ..., with KVM's dirty log on
+/// or off. Called once at build and again to switch the dirty log.
+pub fn register_slots(
+    vm_fd: &kvm_ioctls::VmFd,
+    mem: &GuestMem,
+    log_dirty: bool,
+) -> Result<(), kvm_ioctls::Error> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    for (slot, region) in mem.iter().enumerate() {
+        let r = kvm_bindings::kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: if log_dirty {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
+        };
+        // SAFETY: the mapping is owned by `mem`, which the VM keeps alive (and the vCPUs and
+        // devices hold references to) for as long as the VM fd exists.
+        unsafe { vm_fd.set_user_memory_region(r) }?;
+    }
+    Ok(())
 }
 
 /// Total RAM in bytes.

@@ -11,6 +11,10 @@
 //! 5. The kernel and boot structures are written into guest memory.
 //! 6. `KVM_CREATE_VCPU` and each vCPU's setup (see [`crate::vcpu::regs`] for its own order),
 //!    then the vCPU threads start.
+//!
+//! A VM started for an incoming migration (or from a snapshot) skips step 5 and the boot
+//! registers: its vCPU threads start paused, and the saved state replaces everything, in the
+//! order given in [`crate::state`] (VM-wide) and [`crate::vcpu::state`] (per vCPU).
 
 use crate::api::{self, ApiRequest, ApiResponse, DiskInfo, VmInfo};
 use crate::boot::{self, BootError};
@@ -27,17 +31,28 @@ use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::devices::virtio::VirtioInterrupt;
 use crate::devices::IrqLine;
 use crate::memory::{self, GuestMem, MemoryError, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use crate::migration::dirty::DirtyLog;
+use crate::migration::receive::{CommitDone, DestCtx};
+use crate::migration::send::{Outcome, SourceCtx, StopCopy};
+use crate::migration::wire::Commit;
+use crate::migration::{self, MigrationStatus, Phase, SendParams, SharedStatus};
+use crate::state::{self, KvmVmState, Shape, VmState};
 use crate::vcpu::regs::{self, RegsError};
 use crate::vcpu::{kick, Vcpu, VcpuCommand, VcpuError, VcpuHandle, VcpuState};
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use crate::vcpu::{wall_us, VcpuShared};
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
+use std::fs::File;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use thiserror::Error;
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+/// How long the API server may take to finish the answers in progress at exit.
+const API_DRAIN: Duration = Duration::from_secs(2);
 /// How long a vCPU may take to acknowledge pause, resume or exit.
 pub const VCPU_ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// IRQ lines for disks, in order: ISA lines not taken by legacy devices, then the I/O APIC's
@@ -107,6 +122,26 @@ pub enum VmError {
     /// A vCPU did not do as told.
     #[error("vCPU")]
     Vcpu(#[from] VcpuError),
+    /// The migration listener could not be bound.
+    #[error("listen for the migration stream on {0}")]
+    Listen(String, #[source] std::io::Error),
+    /// A snapshot could not be loaded.
+    #[error("restore the snapshot")]
+    Restore(#[source] crate::snapshot::SnapshotError),
+    /// A saved state could not be loaded.
+    #[error("load the saved state: {0}")]
+    LoadState(String),
+}
+
+/// How a VM starts.
+#[derive(Debug, Clone)]
+pub enum StartMode {
+    /// Boot the kernel.
+    Boot,
+    /// Receive a running guest on this `HOST:PORT` (see [`crate::migration`]).
+    Incoming(String),
+    /// Load a snapshot file (see [`crate::snapshot`]) and run it.
+    Restore(std::path::PathBuf),
 }
 
 /// Everything the control loop reacts to.
@@ -123,6 +158,16 @@ pub enum VmEvent {
     Api(ApiRequest, tokio::sync::oneshot::Sender<ApiResponse>),
     /// The VMM process was asked to stop (SIGTERM, SIGINT).
     Terminate(&'static str),
+    /// Source: pre-copy is done; pause, drain and save (the answer carries the state).
+    MigrationStop(Sender<Result<StopCopy, String>>),
+    /// Source: the migration thread ended.
+    MigrationEnded(Outcome),
+    /// Destination: the state arrived; load it.
+    IncomingState(Vec<u8>, Sender<Result<(), String>>),
+    /// Destination: the guest is ours (resume now if the flag says `auto`).
+    IncomingCommit(Commit, bool, Sender<Result<CommitDone, String>>),
+    /// Destination: the stream failed before the hand-over.
+    IncomingFailed(String),
 }
 
 /// Why the VM ended: decides the process exit status.
@@ -140,11 +185,16 @@ pub enum ExitReason {
     TripleFault(String),
     /// A vCPU failure.
     VcpuFailed(String),
+    /// An incoming migration failed before the hand-over (the source keeps the guest).
+    IncomingFailed(String),
+    /// An incoming migration was aborted through the API.
+    IncomingAborted,
 }
 
 impl ExitReason {
     /// Exit status: 0 for ends the guest or an operator asked for, 3 for a triple fault, 4 for
-    /// a vCPU failure (KVM internal error, unhandled exit).
+    /// a vCPU failure (KVM internal error, unhandled exit), 5 for an incoming migration that
+    /// did not complete.
     pub fn exit_code(&self) -> i32 {
         match self {
             ExitReason::GuestReset
@@ -153,6 +203,7 @@ impl ExitReason {
             | ExitReason::Terminated(_) => 0,
             ExitReason::TripleFault(_) => 3,
             ExitReason::VcpuFailed(_) => 4,
+            ExitReason::IncomingFailed(_) | ExitReason::IncomingAborted => 5,
         }
     }
 }
@@ -166,19 +217,74 @@ pub enum RunState {
     Paused,
 }
 
+/// Who has the guest while a migration is under way or after one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// No migration, or one that ended with the guest here.
+    Own,
+    /// Source: a migration thread runs.
+    Sending,
+    /// Source: the guest was handed over and the destination waits; it stays paused here
+    /// and an abort can still take it back.
+    HandedOver,
+    /// Source: the destination runs the guest; only a shutdown remains.
+    Gone,
+    /// Destination: waiting for the stream.
+    Incoming,
+    /// Destination: the state is loaded; waiting for COMMIT.
+    Loaded,
+    /// Destination: committed, waiting for `PUT /v1/vm/resume`.
+    Committed,
+}
+
+/// A source migration in progress.
+struct Sending {
+    abort: Arc<AtomicBool>,
+    stream: Arc<Mutex<Option<TcpStream>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// The loop paused the guest for the stop-and-copy.
+    paused: bool,
+    /// The destination resumes by itself after the hand-over.
+    auto: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    crate::error_chain(e)
+}
+
 /// A built, running VM.
 pub struct Vm {
     config: VmConfig,
     _kvm: Kvm,
-    _vm_fd: VmFd,
-    _mem: Arc<GuestMem>,
+    vm_fd: Arc<VmFd>,
+    mem: Arc<GuestMem>,
+    memfd: Option<Arc<File>>,
+    serial: Arc<Mutex<SerialDevice>>,
+    disks: Vec<Arc<Mutex<MmioTransport>>>,
+    vcpu_shared: Arc<VcpuShared>,
     vcpus: Vec<VcpuHandle>,
     events: Receiver<VmEvent>,
-    _events_tx: Sender<VmEvent>,
+    events_tx: Sender<VmEvent>,
     runtime: Option<tokio::runtime::Runtime>,
     state: RunState,
     cmdline: String,
     started: Instant,
+    role: Role,
+    migration: SharedStatus,
+    sending: Option<Sending>,
+    /// Destination: when the source paused (for the downtime).
+    source_paused_at_us: u64,
+    /// Destination: when the source started (for the total time).
+    source_started_at_us: u64,
+    /// Stops the API server gracefully (the last answers are written before the exit).
+    api_server: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    )>,
 }
 
 fn check_kvm(kvm: &Kvm) -> Result<(), VmError> {
@@ -212,8 +318,9 @@ fn irq_line(vm_fd: &VmFd, gsi: u32) -> Result<IrqLine, VmError> {
 }
 
 impl Vm {
-    /// Builds the VM and starts its vCPUs. `started` is when the process began.
-    pub fn build(config: VmConfig, started: Instant) -> Result<Vm, VmError> {
+    /// Builds the VM and starts its vCPUs (paused unless it boots). `started` is when the
+    /// process began.
+    pub fn build(config: VmConfig, started: Instant, mode: StartMode) -> Result<Vm, VmError> {
         config.validate()?;
         kick::install_handler().map_err(VmError::Signal)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -242,20 +349,19 @@ impl Vm {
             })
             .map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
 
-        let (mem, _memfd) = memory::create_guest_memory(config.memory_mib)?;
-        for (slot, region) in mem.iter().enumerate() {
-            let r = kvm_userspace_memory_region {
-                slot: slot as u32,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: region.as_ptr() as u64,
-                flags: 0,
-            };
-            // SAFETY: the mapping is owned by `mem`, which this VM keeps alive (and the vCPUs
-            // and devices hold references to) for as long as the VM fd exists.
-            unsafe { vm_fd.set_user_memory_region(r) }
-                .map_err(|e| VmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
-        }
+        let (mem, memfd, snapshot_state) = match &mode {
+            StartMode::Restore(path) => {
+                let (mem, st) =
+                    crate::snapshot::open(path, config.memory_mib).map_err(VmError::Restore)?;
+                (mem, None, Some(st))
+            }
+            _ => {
+                let (mem, fd) = memory::create_guest_memory(config.memory_mib)?;
+                (mem, Some(fd), None)
+            }
+        };
+        memory::register_slots(&vm_fd, &mem, false)
+            .map_err(|e| VmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
 
         let mut pio = Bus::default();
         let (console_tx, console_rx) = std::sync::mpsc::channel();
@@ -268,7 +374,7 @@ impl Vm {
             ConsoleOut(console_tx),
         )));
         start_console(&config.serial, console_rx, serial.clone(), &fifo_empty)?;
-        pio.insert(serial, COM1_PORT_BASE, COM1_PORT_LEN)?;
+        pio.insert(serial.clone(), COM1_PORT_BASE, COM1_PORT_LEN)?;
         pio.insert(
             Arc::new(Mutex::new(I8042::new(events_tx.clone()))),
             I8042_PORT_BASE,
@@ -277,6 +383,7 @@ impl Vm {
 
         let mut mmio = Bus::default();
         let mut announced = Vec::new();
+        let mut disks = Vec::new();
         for (i, disk) in config.disks.iter().enumerate() {
             let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
             let irq = DISK_IRQS[i];
@@ -309,27 +416,48 @@ impl Vm {
                     0u32,
                 )
                 .map_err(|e| VmError::Kvm("KVM_IOEVENTFD", e))?;
-            let transport =
-                MmioTransport::new(Box::new(block), mem.clone(), interrupt, vec![notify]);
-            mmio.insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)?;
+            let transport = Arc::new(Mutex::new(MmioTransport::new(
+                Box::new(block),
+                mem.clone(),
+                interrupt,
+                vec![notify],
+            )));
+            mmio.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
+            disks.push(transport);
             announced.push((base, VIRTIO_MMIO_SIZE, irq));
             tracing::info!(disk = %name, base, irq, read_only, "disk");
         }
 
-        let loaded = boot::load(
-            &mem,
-            &config.kernel,
-            config.initramfs.as_deref(),
-            &config.cmdline,
-            &announced,
-            config.vcpus,
-            config.boot,
-        )?;
-        tracing::info!(entry = ?loaded.entry, cmdline = %loaded.cmdline, "kernel loaded");
+        let booting = matches!(mode, StartMode::Boot);
+        let mut entry = None;
+        let mut cmdline = config.cmdline.clone();
+        if booting {
+            let loaded = boot::load(
+                &mem,
+                &config.kernel,
+                config.initramfs.as_deref(),
+                &config.cmdline,
+                &announced,
+                config.vcpus,
+                config.boot,
+            )?;
+            tracing::info!(entry = ?loaded.entry, cmdline = %loaded.cmdline, "kernel loaded");
+            entry = Some(loaded.entry);
+            cmdline = loaded.cmdline;
+        }
 
         let supported = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+        let msr_list = kvm
+            .get_msr_index_list()
+            .map_err(|e| VmError::Kvm("KVM_GET_MSR_INDEX_LIST", e))?
+            .as_slice()
+            .to_vec();
+        let vcpu_shared = Arc::new(VcpuShared {
+            msr_list,
+            ..Default::default()
+        });
         let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
         let mut vcpu_fds = Vec::new();
         for i in 0..config.vcpus {
@@ -339,17 +467,19 @@ impl Vm {
             fd.set_cpuid2(&cpuid::vcpu_cpuid(&supported, i, config.vcpus)?)
                 .map_err(|e| VmError::Kvm("KVM_SET_CPUID2", e))?;
             regs::setup_common(&fd)?;
-            if i == 0 {
-                regs::setup_boot_vcpu(&fd, &mem, loaded.entry)?;
+            if let (0, Some(entry)) = (i, entry) {
+                regs::setup_boot_vcpu(&fd, &mem, entry)?;
             }
             vcpu_fds.push(fd);
         }
 
         let api_tx = events_tx.clone();
+        let mut api_server = None;
         if let Some(path) = &config.api_socket {
             let _guard = runtime.enter();
-            let server = api::bind(path, api_tx)?;
-            runtime.spawn(server);
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+            let server = api::bind(path, api_tx, stop_rx)?;
+            api_server = Some((stop_tx, runtime.spawn(server)));
         }
         let sig_tx = events_tx.clone();
         runtime.spawn(async move {
@@ -377,22 +507,83 @@ impl Vm {
                 mem.clone(),
                 events_tx.clone(),
                 started,
+                vcpu_shared.clone(),
             );
-            vcpus.push(vcpu.spawn(false)?);
+            vcpus.push(vcpu.spawn(!booting)?);
         }
-        Ok(Vm {
+        let mut vm = Vm {
             config,
             _kvm: kvm,
-            _vm_fd: vm_fd,
-            _mem: mem,
+            vm_fd: Arc::new(vm_fd),
+            mem,
+            memfd,
+            serial,
+            disks,
+            vcpu_shared,
             vcpus,
             events,
-            _events_tx: events_tx,
+            events_tx,
             runtime: Some(runtime),
-            state: RunState::Running,
-            cmdline: loaded.cmdline,
+            state: if booting {
+                RunState::Running
+            } else {
+                RunState::Paused
+            },
+            cmdline,
             started,
-        })
+            role: Role::Own,
+            migration: Arc::new(Mutex::new(MigrationStatus::default())),
+            sending: None,
+            source_paused_at_us: 0,
+            source_started_at_us: 0,
+            api_server,
+        };
+        match mode {
+            StartMode::Boot => {}
+            StartMode::Incoming(addr) => vm.listen(&addr)?,
+            StartMode::Restore(path) => {
+                let st = snapshot_state.expect("restore mode has a state");
+                if let Err(e) = vm.load_state(st).and_then(|_| vm.resume_here()) {
+                    vm.stop();
+                    return Err(VmError::LoadState(e));
+                }
+                tracing::info!(snapshot = %path.display(), "restored and running");
+            }
+        }
+        Ok(vm)
+    }
+
+    fn shape(&self) -> Shape {
+        Shape {
+            memory_mib: self.config.memory_mib,
+            vcpus: self.config.vcpus,
+            disks: self.config.disks.len(),
+        }
+    }
+
+    /// Destination: binds the stream listener and starts the receiving thread.
+    fn listen(&mut self, addr: &str) -> Result<(), VmError> {
+        let listener =
+            std::net::TcpListener::bind(addr).map_err(|e| VmError::Listen(addr.to_string(), e))?;
+        tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            "waiting for an incoming migration");
+        self.role = Role::Incoming;
+        migration::update(&self.migration, |s| {
+            s.role = "destination".into();
+            s.phase = Phase::Idle;
+        });
+        let ctx = DestCtx {
+            listener,
+            shape: self.shape(),
+            mem: self.mem.clone(),
+            status: self.migration.clone(),
+            events: self.events_tx.clone(),
+        };
+        std::thread::Builder::new()
+            .name("mig-receive".into())
+            .spawn(move || migration::receive::run(ctx))
+            .map_err(|e| VmError::Listen(addr.to_string(), e))?;
+        Ok(())
     }
 
     fn info(&self) -> VmInfo {
@@ -422,9 +613,13 @@ impl Vm {
     }
 
     /// Sends `cmd` to every vCPU, then waits until each reports `want`.
-    fn all_vcpus(&mut self, cmd: VcpuCommand, want: VcpuState) -> Result<(), VcpuError> {
+    fn all_vcpus(
+        &mut self,
+        cmd: impl Fn() -> VcpuCommand,
+        want: VcpuState,
+    ) -> Result<(), VcpuError> {
         for v in &self.vcpus {
-            v.send(cmd)?;
+            v.send(cmd())?;
         }
         for v in &mut self.vcpus {
             v.wait_for(want, VCPU_ACK_TIMEOUT)?;
@@ -432,27 +627,348 @@ impl Vm {
         Ok(())
     }
 
+    /// Pauses every vCPU; returns the wall-clock time when the last one stopped.
+    fn pause_vcpus(&mut self) -> Result<u64, String> {
+        if self.state == RunState::Running {
+            let t = Instant::now();
+            self.all_vcpus(|| VcpuCommand::Pause, VcpuState::Paused)
+                .map_err(|e| error_chain(&e))?;
+            self.state = RunState::Paused;
+            tracing::info!(took_us = t.elapsed().as_micros() as u64, "vm paused");
+        }
+        Ok(wall_us())
+    }
+
+    /// Runs the guest here: the devices' data paths first, then the vCPUs.
+    fn resume_here(&mut self) -> Result<(), String> {
+        for d in &self.disks {
+            lock(d).unquiesce().map_err(|e| error_chain(&e))?;
+        }
+        if self.state == RunState::Paused {
+            self.vcpu_shared.resumed_at_us.store(0, Ordering::SeqCst);
+            self.all_vcpus(|| VcpuCommand::Resume, VcpuState::Running)
+                .map_err(|e| error_chain(&e))?;
+            self.state = RunState::Running;
+            tracing::info!("vm resumed");
+        }
+        Ok(())
+    }
+
+    /// Pauses the guest, drains every device and saves the whole state (see
+    /// [`crate::state`] and [`crate::vcpu::state`] for the order of the KVM calls). Returns
+    /// the state and when the vCPUs stopped. On failure the VM is as it was.
+    fn pause_and_save(&mut self) -> Result<(VmState, u64), String> {
+        let was_running = self.state == RunState::Running;
+        let paused_at = self.pause_vcpus()?;
+        let saved = self.save_paused();
+        if saved.is_err() && was_running {
+            if let Err(e) = self.resume_here() {
+                tracing::error!(error = %e, "could not resume after a failed save");
+            }
+        }
+        saved.map(|st| (st, paused_at))
+    }
+
+    fn save_paused(&mut self) -> Result<VmState, String> {
+        let t = Instant::now();
+        for d in &self.disks {
+            lock(d).quiesce().map_err(|e| error_chain(&e))?;
+        }
+        let drained_us = t.elapsed().as_micros() as u64;
+        let kvm = KvmVmState::save(&self.vm_fd).map_err(|e| error_chain(&e))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        for v in &self.vcpus {
+            v.send(VcpuCommand::Save(tx.clone()))
+                .map_err(|e| error_chain(&e))?;
+        }
+        let mut vcpus = Vec::new();
+        for _ in &self.vcpus {
+            let r = rx
+                .recv_timeout(VCPU_ACK_TIMEOUT)
+                .map_err(|_| "a vCPU did not save its state in time".to_string())?;
+            vcpus.push(*r?);
+        }
+        vcpus.sort_by_key(|v| v.index);
+        let serial = lock(&self.serial).save();
+        let mut disks = Vec::new();
+        for d in &self.disks {
+            disks.push(lock(d).save()?);
+        }
+        tracing::info!(
+            drained_us,
+            total_us = t.elapsed().as_micros() as u64,
+            "vm state saved"
+        );
+        Ok(VmState {
+            shape: self.shape(),
+            kvm,
+            vcpus,
+            serial,
+            disks,
+        })
+    }
+
+    /// Loads a saved state into this VM, whose vCPUs have never run; the data paths stay
+    /// stopped until [`Self::resume_here`].
+    fn load_state(&mut self, st: VmState) -> Result<(), String> {
+        let t = Instant::now();
+        st.check_shape(&self.shape()).map_err(|e| error_chain(&e))?;
+        st.kvm.restore(&self.vm_fd).map_err(|e| error_chain(&e))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        for (v, saved) in self.vcpus.iter().zip(st.vcpus) {
+            v.send(VcpuCommand::Restore(Box::new(saved), tx.clone()))
+                .map_err(|e| error_chain(&e))?;
+        }
+        for _ in &self.vcpus {
+            rx.recv_timeout(VCPU_ACK_TIMEOUT)
+                .map_err(|_| "a vCPU did not load its state in time".to_string())??;
+        }
+        lock(&self.serial).restore(&st.serial)?;
+        for (i, (d, saved)) in self.disks.iter().zip(&st.disks).enumerate() {
+            lock(d)
+                .restore(saved)
+                .map_err(|e| format!("disk {i}: {e}"))?;
+        }
+        tracing::info!(took_us = t.elapsed().as_micros() as u64, "vm state loaded");
+        Ok(())
+    }
+
+    fn start_migration(&mut self, params: SendParams) -> Result<ApiResponse, String> {
+        params.validate()?;
+        if self.role != Role::Own {
+            return Ok(ApiResponse::Refused(format!(
+                "a migration is already under way or done here ({:?})",
+                self.role
+            )));
+        }
+        let abort = Arc::new(AtomicBool::new(false));
+        let stream = Arc::new(Mutex::new(None));
+        *lock(&self.migration) = MigrationStatus {
+            role: "source".into(),
+            phase: Phase::Precopy,
+            ..Default::default()
+        };
+        let ctx = SourceCtx {
+            params: params.clone(),
+            name: self.config.name.clone(),
+            shape: self.shape(),
+            mem: self.mem.clone(),
+            memfd: self.memfd.clone(),
+            dirty: DirtyLog::new(self.vm_fd.clone(), self.mem.clone()),
+            status: self.migration.clone(),
+            abort: abort.clone(),
+            stream: stream.clone(),
+            events: self.events_tx.clone(),
+            kickers: self.vcpus.iter().filter_map(|v| v.kicker()).collect(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("mig-send".into())
+            .spawn(move || migration::send::run(ctx))
+            .map_err(|e| format!("start the migration thread: {e}"))?;
+        tracing::info!(destination = %params.destination, downtime_limit_ms = params.downtime_limit_ms,
+            max_iterations = params.max_iterations, throttle = params.throttle,
+            resume = %params.resume, "migration started");
+        self.sending = Some(Sending {
+            abort,
+            stream,
+            thread: Some(thread),
+            paused: false,
+            auto: params.resume == "auto",
+        });
+        self.role = Role::Sending;
+        Ok(ApiResponse::Accepted(migration::snapshot(&self.migration)))
+    }
+
+    fn abort_sending(&mut self) {
+        if let Some(s) = &self.sending {
+            s.abort.store(true, Ordering::SeqCst);
+            if let Some(stream) = lock(&s.stream).as_ref() {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+
+    fn on_migration_stop(&mut self) -> Result<StopCopy, String> {
+        let Some(sending) = &self.sending else {
+            return Err("no migration".into());
+        };
+        if sending.abort.load(Ordering::SeqCst) {
+            return Err("aborted on request".into());
+        }
+        let was_running = self.state == RunState::Running;
+        let (st, paused_at_us) = self.pause_and_save()?;
+        if let Some(s) = &mut self.sending {
+            s.paused = was_running;
+        }
+        let state = state::encode(&st).map_err(|e| error_chain(&e))?;
+        Ok(StopCopy {
+            state,
+            paused_at_us,
+        })
+    }
+
+    fn on_migration_ended(&mut self, outcome: Outcome) {
+        let Some(mut sending) = self.sending.take() else {
+            return;
+        };
+        if let Some(t) = sending.thread.take() {
+            let _ = t.join();
+        }
+        match outcome {
+            Outcome::HandedOver => {
+                self.role = if sending.auto {
+                    Role::Gone
+                } else {
+                    Role::HandedOver
+                };
+            }
+            Outcome::NotHandedOver => {
+                self.role = Role::Own;
+                if sending.paused || self.disks_quiesced() {
+                    if let Err(e) = self.resume_here() {
+                        tracing::error!(error = %e, "could not resume the guest after the failed migration");
+                    }
+                }
+            }
+        }
+    }
+
+    fn disks_quiesced(&self) -> bool {
+        self.disks.iter().any(|d| lock(d).is_quiesced())
+    }
+
+    fn on_incoming_state(&mut self, bytes: &[u8]) -> Result<(), String> {
+        if self.role != Role::Incoming {
+            return Err(format!("unexpected state (role {:?})", self.role));
+        }
+        let st = state::decode(bytes).map_err(|e| error_chain(&e))?;
+        self.load_state(st)?;
+        self.role = Role::Loaded;
+        Ok(())
+    }
+
+    fn on_incoming_commit(&mut self, c: Commit, auto: bool) -> Result<CommitDone, String> {
+        if self.role != Role::Loaded {
+            return Err(format!("unexpected commit (role {:?})", self.role));
+        }
+        self.source_paused_at_us = c.paused_at_us;
+        self.source_started_at_us = c.started_at_us;
+        if !auto {
+            self.role = Role::Committed;
+            migration::update(&self.migration, |s| s.phase = Phase::HandedOver);
+            tracing::info!("migration handed over; waiting for PUT /v1/vm/resume");
+            return Ok(CommitDone { resumed_at_us: 0 });
+        }
+        self.finish_incoming()
+    }
+
+    /// Destination: runs the guest and records the final figures.
+    fn finish_incoming(&mut self) -> Result<CommitDone, String> {
+        self.resume_here()?;
+        self.role = Role::Own;
+        let resumed_at_us = match self.vcpu_shared.resumed_at_us.load(Ordering::SeqCst) {
+            0 => wall_us(),
+            t => t,
+        };
+        let downtime_us = resumed_at_us.saturating_sub(self.source_paused_at_us);
+        let total_ms = resumed_at_us.saturating_sub(self.source_started_at_us) / 1000;
+        migration::update(&self.migration, |s| {
+            s.phase = Phase::Completed;
+            s.downtime_us = downtime_us;
+            s.downtime_ms = downtime_us.div_ceil(1000);
+            s.total_ms = total_ms;
+            s.bytes_remaining = 0;
+        });
+        tracing::info!(
+            downtime_us,
+            total_ms,
+            "incoming migration completed; the guest runs here"
+        );
+        Ok(CommitDone { resumed_at_us })
+    }
+
     fn handle_api(&mut self, req: ApiRequest) -> Result<ApiResponse, String> {
         match req {
-            ApiRequest::Info => {}
+            ApiRequest::Info | ApiRequest::Shutdown => {}
             ApiRequest::Pause => {
-                if self.state == RunState::Running {
-                    let t = Instant::now();
-                    self.all_vcpus(VcpuCommand::Pause, VcpuState::Paused)
-                        .map_err(|e| e.to_string())?;
-                    self.state = RunState::Paused;
-                    tracing::info!(took_us = t.elapsed().as_micros() as u64, "vm paused");
-                }
+                self.pause_vcpus()?;
             }
             ApiRequest::Resume => {
-                if self.state == RunState::Paused {
-                    self.all_vcpus(VcpuCommand::Resume, VcpuState::Running)
-                        .map_err(|e| e.to_string())?;
-                    self.state = RunState::Running;
-                    tracing::info!("vm resumed");
+                match self.role {
+                    Role::Own => self.resume_here()?,
+                    Role::Committed => {
+                        self.finish_incoming()?;
+                    }
+                    Role::Incoming | Role::Loaded => {
+                        return Ok(ApiResponse::Refused(
+                            "no guest here yet: the incoming migration has not handed over".into(),
+                        ))
+                    }
+                    Role::Sending => {
+                        return Ok(ApiResponse::Refused(
+                            "a migration is under way: PUT /v1/migration/abort first".into(),
+                        ))
+                    }
+                    Role::HandedOver => return Ok(ApiResponse::Refused(
+                        "the guest was handed over to the destination: PUT /v1/migration/abort \
+                         takes it back"
+                            .into(),
+                    )),
+                    Role::Gone => {
+                        return Ok(ApiResponse::Refused(
+                            "the guest runs on the destination now".into(),
+                        ))
+                    }
                 }
             }
-            ApiRequest::Shutdown => {}
+            ApiRequest::MigrationSend(params) => return self.start_migration(params),
+            ApiRequest::MigrationStatus => {
+                return Ok(ApiResponse::Migration(migration::snapshot(&self.migration)))
+            }
+            ApiRequest::MigrationAbort => {
+                match self.role {
+                    Role::Sending => self.abort_sending(),
+                    Role::HandedOver => {
+                        self.resume_here()?;
+                        self.role = Role::Own;
+                        migration::update(&self.migration, |s| {
+                            s.phase = Phase::Aborted;
+                            s.error =
+                                Some("aborted after the hand-over; the guest runs here".into());
+                        });
+                        tracing::warn!(
+                            "migration aborted after the hand-over; the guest runs here again"
+                        );
+                    }
+                    _ => {
+                        return Ok(ApiResponse::Refused(format!(
+                            "no migration to abort here ({:?})",
+                            self.role
+                        )))
+                    }
+                }
+                return Ok(ApiResponse::Migration(migration::snapshot(&self.migration)));
+            }
+            ApiRequest::Snapshot(path) => {
+                if self.role != Role::Own {
+                    return Ok(ApiResponse::Refused(format!(
+                        "cannot snapshot during a migration ({:?})",
+                        self.role
+                    )));
+                }
+                let was_running = self.state == RunState::Running;
+                let (st, _) = self.pause_and_save()?;
+                let written =
+                    crate::snapshot::write(&path, &st, &self.mem).map_err(|e| error_chain(&e));
+                if was_running {
+                    self.resume_here()?;
+                } else {
+                    for d in &self.disks {
+                        lock(d).unquiesce().map_err(|e| error_chain(&e))?;
+                    }
+                }
+                written?;
+            }
         }
         Ok(ApiResponse::Info(self.info()))
     }
@@ -461,7 +977,7 @@ impl Vm {
     pub fn run(mut self) -> ExitReason {
         let reason = loop {
             let Ok(event) = self.events.recv() else {
-                // Unreachable while `_events_tx` lives; end cleanly if it ever happens.
+                // Unreachable while `events_tx` lives; end cleanly if it ever happens.
                 break ExitReason::Terminated("event channel closed");
             };
             match event {
@@ -474,9 +990,40 @@ impl Vm {
                     let _ = reply.send(ApiResponse::Info(self.info()));
                     break ExitReason::ApiShutdown;
                 }
+                VmEvent::Api(ApiRequest::MigrationAbort, reply)
+                    if matches!(self.role, Role::Incoming | Role::Loaded | Role::Committed) =>
+                {
+                    migration::update(&self.migration, |s| {
+                        s.phase = Phase::Aborted;
+                        s.error = Some("aborted on request".into());
+                    });
+                    let _ =
+                        reply.send(ApiResponse::Migration(migration::snapshot(&self.migration)));
+                    break ExitReason::IncomingAborted;
+                }
                 VmEvent::Api(req, reply) => {
                     let resp = self.handle_api(req).unwrap_or_else(ApiResponse::Error);
                     let _ = reply.send(resp);
+                }
+                VmEvent::MigrationStop(reply) => {
+                    let _ = reply.send(self.on_migration_stop());
+                }
+                VmEvent::MigrationEnded(outcome) => self.on_migration_ended(outcome),
+                VmEvent::IncomingState(bytes, reply) => {
+                    let r = self.on_incoming_state(&bytes);
+                    if let Err(e) = &r {
+                        tracing::error!(error = %e, "incoming state refused");
+                    }
+                    let _ = reply.send(r);
+                }
+                VmEvent::IncomingCommit(c, auto, reply) => {
+                    let _ = reply.send(self.on_incoming_commit(c, auto));
+                }
+                VmEvent::IncomingFailed(e) => {
+                    if matches!(self.role, Role::Incoming | Role::Loaded) {
+                        break ExitReason::IncomingFailed(e);
+                    }
+                    tracing::warn!(error = %e, "migration stream error after the hand-over");
                 }
             }
         };
@@ -486,6 +1033,8 @@ impl Vm {
 
     /// Stops the vCPU threads and the I/O runtime.
     fn stop(&mut self) {
+        // A migration thread still running is cut off; it ends on its own.
+        self.abort_sending();
         for v in &self.vcpus {
             let _ = v.send(VcpuCommand::Exit);
         }
@@ -497,6 +1046,10 @@ impl Vm {
             v.join();
         }
         if let Some(rt) = self.runtime.take() {
+            if let Some((stop, server)) = self.api_server.take() {
+                let _ = stop.send(());
+                let _ = rt.block_on(async { tokio::time::timeout(API_DRAIN, server).await });
+            }
             rt.shutdown_timeout(Duration::from_secs(2));
         }
     }

@@ -7,8 +7,14 @@
 //! | PUT    | /v1/vm/pause      | pause all vCPUs (idempotent)           |
 //! | PUT    | /v1/vm/resume     | resume them (idempotent)               |
 //! | PUT    | /v1/vm/shutdown   | end the VM; the VMM exits with 0       |
+//! | PUT    | /v1/vm/snapshot   | `{"path"}`: state + memory to a file   |
+//! | PUT    | /v1/migration/send| start a live migration (202)           |
+//! | GET    | /v1/migration     | migration progress and final figures   |
+//! | PUT    | /v1/migration/abort | stop it; the source keeps the guest  |
 //!
-//! Every success returns the VM info after the action; errors return `{"error": "..."}`.
+//! The vm endpoints return the VM info after the action, the migration ones the migration
+//! status; errors return `{"error": "..."}` with 400 (bad request), 409 (not in this state)
+//! or 500.
 //! Handlers only forward requests to the VM's control loop and wait for its answer.
 
 mod server;
@@ -27,7 +33,7 @@ pub enum ApiError {
 }
 
 /// A request for the control loop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApiRequest {
     /// Report info.
     Info,
@@ -37,6 +43,14 @@ pub enum ApiRequest {
     Resume,
     /// End the VM.
     Shutdown,
+    /// Write a snapshot (the VM keeps its run state).
+    Snapshot(std::path::PathBuf),
+    /// Start a live migration.
+    MigrationSend(crate::migration::SendParams),
+    /// Report the migration status.
+    MigrationStatus,
+    /// Abort the migration.
+    MigrationAbort,
 }
 
 /// The control loop's answer.
@@ -44,8 +58,22 @@ pub enum ApiRequest {
 pub enum ApiResponse {
     /// Success, with the VM's info after the action.
     Info(VmInfo),
+    /// The migration status.
+    Migration(crate::migration::MigrationStatus),
+    /// A migration was started (202).
+    Accepted(crate::migration::MigrationStatus),
+    /// Not possible in the VM's current state (409).
+    Refused(String),
     /// Failure.
     Error(String),
+}
+
+/// `PUT /v1/vm/snapshot`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// Where the snapshot file goes (replaced if it exists).
+    pub path: std::path::PathBuf,
 }
 
 /// `GET /v1/vm`.

@@ -13,12 +13,15 @@
 pub mod dump;
 pub mod kick;
 pub mod regs;
+pub mod state;
 
 use crate::bus::Bus;
 use crate::memory::GuestMem;
 use crate::vm::VmEvent;
 use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use state::VcpuSaved;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -41,7 +44,6 @@ pub enum VcpuError {
 }
 
 /// What a vCPU thread is asked to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VcpuCommand {
     /// Leave KVM_RUN and wait.
     Pause,
@@ -49,6 +51,30 @@ pub enum VcpuCommand {
     Resume,
     /// End the thread.
     Exit,
+    /// Paused only: save the vCPU's state and send it back.
+    Save(Sender<Result<Box<VcpuSaved>, String>>),
+    /// Paused only: load this state (into a vCPU that has not run yet).
+    Restore(Box<VcpuSaved>, Sender<Result<(), String>>),
+    /// Running only: stay out of the guest this long (the migration throttle).
+    Throttle(Duration),
+}
+
+/// State the vCPU threads share with the VM loop.
+#[derive(Debug, Default)]
+pub struct VcpuShared {
+    /// KVM's MSR index list, for saving.
+    pub msr_list: Vec<u32>,
+    /// Wall-clock microseconds when a vCPU last went from paused to running: the loop clears
+    /// it before a resume and the first vCPU to run sets it (the end of a migration's
+    /// downtime).
+    pub resumed_at_us: std::sync::atomic::AtomicU64,
+}
+
+/// Microseconds since the Unix epoch (comparable between processes on one host).
+pub fn wall_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// The state a vCPU thread reports after each transition.
@@ -72,7 +98,36 @@ pub struct VcpuHandle {
     state: VcpuState,
 }
 
+/// A way to send commands to a vCPU thread from outside the VM loop (the migration throttle).
+#[derive(Clone)]
+pub struct VcpuKicker {
+    commands: Sender<VcpuCommand>,
+    thread: libc::pthread_t,
+}
+
+impl VcpuKicker {
+    /// Sends a command and kicks the thread out of KVM_RUN; false if the thread is gone.
+    pub fn send(&self, cmd: VcpuCommand) -> bool {
+        if self.commands.send(cmd).is_err() {
+            return false;
+        }
+        // SAFETY: the pthread_t belongs to a vCPU thread that is joined only after the VM
+        // loop stopped every user of this kicker (the migration threads end first).
+        unsafe { libc::pthread_kill(self.thread, kick::kick_signal()) };
+        true
+    }
+}
+
 impl VcpuHandle {
+    /// A kicker for this vCPU.
+    pub fn kicker(&self) -> Option<VcpuKicker> {
+        use std::os::unix::thread::JoinHandleExt;
+        Some(VcpuKicker {
+            commands: self.commands.clone(),
+            thread: self.thread.as_ref()?.as_pthread_t(),
+        })
+    }
+
     /// Sends a command and kicks the thread out of KVM_RUN.
     pub fn send(&self, cmd: VcpuCommand) -> Result<(), VcpuError> {
         self.commands
@@ -129,11 +184,13 @@ pub struct Vcpu {
     mem: Arc<GuestMem>,
     events: Sender<VmEvent>,
     started: Instant,
+    shared: Arc<VcpuShared>,
 }
 
 impl Vcpu {
     /// Wraps a configured vCPU fd. `started` is when the VMM process began, for the
     /// first-instruction log line.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         index: u8,
         fd: VcpuFd,
@@ -142,6 +199,7 @@ impl Vcpu {
         mem: Arc<GuestMem>,
         events: Sender<VmEvent>,
         started: Instant,
+        shared: Arc<VcpuShared>,
     ) -> Vcpu {
         Vcpu {
             index,
@@ -151,6 +209,7 @@ impl Vcpu {
             mem,
             events,
             started,
+            shared,
         }
     }
 
@@ -212,8 +271,42 @@ impl Vcpu {
                     continue;
                 }
                 Some(VcpuCommand::Resume) => {
+                    if state == VcpuState::Paused {
+                        let _ = self.shared.resumed_at_us.compare_exchange(
+                            0,
+                            wall_us(),
+                            Ordering::SeqCst,
+                            Ordering::SeqCst,
+                        );
+                    }
                     state = VcpuState::Running;
                     let _ = states.send(state);
+                }
+                Some(VcpuCommand::Save(reply)) => {
+                    let r = if state == VcpuState::Paused {
+                        VcpuSaved::save(self.index, &self.fd, &self.shared.msr_list)
+                            .map(Box::new)
+                            .map_err(|e| crate::error_chain(&e))
+                    } else {
+                        Err(format!("vCPU {} is running", self.index))
+                    };
+                    let _ = reply.send(r);
+                    continue;
+                }
+                Some(VcpuCommand::Restore(saved, reply)) => {
+                    let r = if state == VcpuState::Paused {
+                        saved.restore(&self.fd).map_err(|e| crate::error_chain(&e))
+                    } else {
+                        Err(format!("vCPU {} is running", self.index))
+                    };
+                    let _ = reply.send(r);
+                    continue;
+                }
+                Some(VcpuCommand::Throttle(d)) => {
+                    if state == VcpuState::Running {
+                        std::thread::sleep(d);
+                    }
+                    continue;
                 }
                 None => {}
             }

@@ -6,9 +6,10 @@
 
 use super::super::IrqLine;
 use crate::bus::BusDevice;
+use crate::state::SerialSaved;
 use std::io::Write;
 use std::sync::mpsc::Sender;
-use vm_superio::serial::SerialEvents;
+use vm_superio::serial::{SerialEvents, SerialState};
 use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -61,6 +62,56 @@ impl SerialDevice {
         SerialDevice {
             serial: Serial::with_events(irq, events, out),
         }
+    }
+
+    /// The UART's registers and receive FIFO.
+    pub fn save(&self) -> SerialSaved {
+        let s = self.serial.state();
+        SerialSaved {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// Loads saved registers; the interrupt line, events and output stay this device's.
+    pub fn restore(&mut self, saved: &SerialSaved) -> Result<(), String> {
+        let state = SerialState {
+            baud_divisor_low: saved.baud_divisor_low,
+            baud_divisor_high: saved.baud_divisor_high,
+            interrupt_enable: saved.interrupt_enable,
+            interrupt_identification: saved.interrupt_identification,
+            line_control: saved.line_control,
+            line_status: saved.line_status,
+            modem_control: saved.modem_control,
+            modem_status: saved.modem_status,
+            scratch: saved.scratch,
+            in_buffer: saved.in_buffer.clone(),
+        };
+        let irq = self.serial.interrupt_evt();
+        let irq = IrqLine {
+            evt: irq.evt.try_clone().map_err(|e| e.to_string())?,
+            gsi: irq.gsi,
+        };
+        let events = InputEvents {
+            fifo_empty: self
+                .serial
+                .events()
+                .fifo_empty
+                .try_clone()
+                .map_err(|e| e.to_string())?,
+        };
+        let out = self.serial.writer().clone();
+        self.serial = Serial::from_state(&state, irq, events, out)
+            .map_err(|e| format!("restore the UART: {e:?}"))?;
+        Ok(())
     }
 
     /// Puts as much of `bytes` into the receive FIFO as fits; returns how many.

@@ -31,6 +31,12 @@ pub enum VirtioError {
     /// The device could not start its data path.
     #[error("activate {0}")]
     Activate(&'static str, #[source] std::io::Error),
+    /// The data path did not stop in time.
+    #[error("the data path did not drain within {0:?}")]
+    DrainTimeout(std::time::Duration),
+    /// The data path is gone.
+    #[error("the data path ended before it could be drained")]
+    DataPathGone,
 }
 
 /// A device's interrupt: the MMIO InterruptStatus register plus the irqfd line.
@@ -67,6 +73,11 @@ impl VirtioInterrupt {
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
+
+    /// Sets the InterruptStatus register (restoring a saved state).
+    pub fn set_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+    }
 }
 
 /// What a device gets when the driver sets DRIVER_OK.
@@ -97,6 +108,10 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, activation: Activation) -> Result<(), VirtioError>;
     /// Stops the data path after a driver reset; the transport then resets its own state.
     fn reset(&mut self);
+    /// Stops the data path once every request in flight has completed and been returned to
+    /// the driver, and gives back the queues as the data path left them (for a saved state,
+    /// or to restart it with [`VirtioDevice::activate`]).
+    fn quiesce(&mut self) -> Result<Vec<Queue>, VirtioError>;
 }
 
 /// Copies `data.len()` bytes of `config` from `offset`; bytes past its end read as zero.

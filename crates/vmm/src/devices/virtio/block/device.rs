@@ -1,7 +1,7 @@
 //! The virtio-blk device: features, configuration space, and starting/stopping the worker.
 
 use super::backend::Backend;
-use super::worker::QueueWorker;
+use super::worker::{QueueWorker, Stop};
 use crate::devices::virtio::{
     read_config_bytes, Activation, VirtioDevice, VirtioError, VIRTIO_RING_F_EVENT_IDX,
 };
@@ -40,8 +40,11 @@ pub struct Block {
     config: Vec<u8>,
     features: u64,
     runtime: tokio::runtime::Handle,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    stop: Option<tokio::sync::oneshot::Sender<Stop>>,
 }
+
+/// How long a drain may take: requests in flight on a network volume must finish first.
+pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Block {
     /// A device over `backend`; `id` is what GET_ID returns (truncated to 20 bytes). Its worker
@@ -143,7 +146,23 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+            let _ = stop.send(Stop::Reset);
+        }
+    }
+
+    fn quiesce(&mut self) -> Result<Vec<virtio_queue::Queue>, VirtioError> {
+        let Some(stop) = self.stop.take() else {
+            return Err(VirtioError::DataPathGone);
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        stop.send(Stop::Drain(tx))
+            .map_err(|_| VirtioError::DataPathGone)?;
+        match rx.recv_timeout(DRAIN_TIMEOUT) {
+            Ok(queue) => Ok(vec![queue]),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                Err(VirtioError::DrainTimeout(DRAIN_TIMEOUT))
+            }
+            Err(_) => Err(VirtioError::DataPathGone),
         }
     }
 }

@@ -29,6 +29,14 @@ struct Completion {
     data: Vec<u8>,
 }
 
+/// Why a worker is told to stop.
+pub enum Stop {
+    /// The driver reset the device: stop now; requests in flight finish unreported.
+    Reset,
+    /// Complete every request in flight, return them to the driver, then hand the queue back.
+    Drain(std::sync::mpsc::Sender<Queue>),
+}
+
 /// The worker of one queue.
 pub struct QueueWorker {
     mem: Arc<GuestMem>,
@@ -40,6 +48,8 @@ pub struct QueueWorker {
     id: [u8; 20],
     completions_tx: mpsc::UnboundedSender<Completion>,
     completions_rx: mpsc::UnboundedReceiver<Completion>,
+    /// Requests submitted and not yet completed.
+    in_flight: usize,
 }
 
 impl QueueWorker {
@@ -71,17 +81,25 @@ impl QueueWorker {
             id,
             completions_tx,
             completions_rx,
+            in_flight: 0,
         })
     }
 
-    /// Serves the queue until `stop` fires (device reset) or the VM goes away. Requests still
-    /// in flight at a stop complete in the backend but are not reported to the guest.
-    pub async fn run(mut self, mut stop: tokio::sync::oneshot::Receiver<()>) {
-        // The driver may have queued requests before the worker started listening.
+    /// Serves the queue until `stop` fires or the VM goes away. After a reset, requests still
+    /// in flight complete in the backend but are not reported to the guest; a drain reports
+    /// them all first.
+    pub async fn run(mut self, mut stop: tokio::sync::oneshot::Receiver<Stop>) {
+        // The driver may have queued requests before the worker started listening (or before
+        // a migration moved the queue here).
         self.process_queue();
         loop {
             tokio::select! {
-                _ = &mut stop => return,
+                s = &mut stop => {
+                    if let Ok(Stop::Drain(reply)) = s {
+                        self.drain(reply).await;
+                    }
+                    return;
+                }
                 ready = self.notify.readable() => {
                     let Ok(mut guard) = ready else { return };
                     if guard.try_io(|fd| fd.get_ref().read()).is_ok() {
@@ -96,6 +114,24 @@ impl QueueWorker {
                     self.notify_guest();
                 }
             }
+        }
+    }
+
+    async fn drain(&mut self, reply: std::sync::mpsc::Sender<Queue>) {
+        let waiting = self.in_flight;
+        while self.in_flight > 0 {
+            match self.completions_rx.recv().await {
+                Some(c) => self.complete(c),
+                None => break,
+            }
+        }
+        self.notify_guest();
+        tracing::debug!(waited_for = waiting, "virtio-blk: queue drained");
+        match Queue::try_from(self.queue.state()) {
+            Ok(q) => {
+                let _ = reply.send(q);
+            }
+            Err(e) => tracing::error!(error = ?e, "virtio-blk: queue state not reusable"),
         }
     }
 
@@ -145,6 +181,7 @@ impl QueueWorker {
     }
 
     fn submit(&mut self, req: Request) {
+        self.in_flight += 1;
         let backend = self.backend.clone();
         let tx = self.completions_tx.clone();
         let finish = move |req: Request, r: Result<Vec<u8>, BackendError>| {
@@ -244,6 +281,7 @@ impl QueueWorker {
 
     /// Writes the result into guest memory and returns the chain to the driver.
     fn complete(&mut self, c: Completion) {
+        self.in_flight = self.in_flight.saturating_sub(1);
         let mem = self.mem.clone();
         let mut status = c.status;
         let mut written = 0usize;

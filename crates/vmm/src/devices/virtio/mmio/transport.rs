@@ -10,6 +10,7 @@
 use super::super::{Activation, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::bus::BusDevice;
 use crate::memory::GuestMem;
+use crate::state::{QueueSaved, TransportSaved};
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
@@ -60,7 +61,11 @@ pub struct MmioTransport {
     driver_features: u64,
     queue_sel: u32,
     status: u32,
+    /// DRIVER_OK was accepted.
     activated: bool,
+    /// The device's data path runs (false while quiesced for a saved state, and on a
+    /// migration's destination until the guest resumes).
+    data_path: bool,
 }
 
 impl MmioTransport {
@@ -84,6 +89,7 @@ impl MmioTransport {
             queue_sel: 0,
             status: 0,
             activated: false,
+            data_path: false,
         }
     }
 
@@ -107,10 +113,11 @@ impl MmioTransport {
     }
 
     fn reset(&mut self) {
-        if self.activated {
+        if self.data_path {
             self.device.reset();
         }
         self.activated = false;
+        self.data_path = false;
         self.queues = Self::fresh_queues(self.device.as_ref());
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
@@ -132,19 +139,133 @@ impl MmioTransport {
         }
         self.status = status;
         if status & STATUS_DRIVER_OK != 0 && !self.activated {
-            if let Err(e) = self.activate() {
+            for (i, q) in self.queues.iter().enumerate() {
+                if !q.is_valid(self.mem.as_ref()) {
+                    tracing::error!(queue = i, "virtio device activation failed: invalid queue");
+                    self.status |= STATUS_FAILED;
+                    return;
+                }
+            }
+            if let Err(e) = self.start_data_path() {
                 tracing::error!(error = %e, "virtio device activation failed");
                 self.status |= STATUS_FAILED;
+                return;
             }
+            self.activated = true;
         }
     }
 
-    fn activate(&mut self) -> Result<(), super::super::VirtioError> {
-        for (i, q) in self.queues.iter().enumerate() {
-            if !q.is_valid(self.mem.as_ref()) {
-                return Err(super::super::VirtioError::InvalidQueue(i));
+    /// Stops the data path with every request in flight completed (see
+    /// [`VirtioDevice::quiesce`]); the queues' positions come back here for [`Self::save`].
+    pub fn quiesce(&mut self) -> Result<(), super::super::VirtioError> {
+        if self.data_path {
+            self.queues = self.device.quiesce()?;
+            self.data_path = false;
+        }
+        Ok(())
+    }
+
+    /// The device is activated but its data path is stopped.
+    pub fn is_quiesced(&self) -> bool {
+        self.activated && !self.data_path
+    }
+
+    /// Restarts the data path of an activated device after [`Self::quiesce`] or
+    /// [`Self::restore`].
+    pub fn unquiesce(&mut self) -> Result<(), super::super::VirtioError> {
+        if self.activated && !self.data_path {
+            self.start_data_path()?;
+        }
+        Ok(())
+    }
+
+    /// The registers and queues; the data path must be quiesced.
+    pub fn save(&self) -> Result<TransportSaved, String> {
+        if self.data_path {
+            return Err("virtio device saved while its data path runs".into());
+        }
+        Ok(TransportSaved {
+            device_type: self.device.device_type(),
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            activated: self.activated,
+            interrupt_status: self.interrupt.status(),
+            queues: self
+                .queues
+                .iter()
+                .map(|q| {
+                    let s = q.state();
+                    QueueSaved {
+                        max_size: s.max_size,
+                        size: s.size,
+                        ready: s.ready,
+                        desc_table: s.desc_table,
+                        avail_ring: s.avail_ring,
+                        used_ring: s.used_ring,
+                        next_avail: s.next_avail,
+                        next_used: s.next_used,
+                        event_idx: s.event_idx_enabled,
+                    }
+                })
+                .collect(),
+        })
+    }
+
+    /// Loads saved registers and queues into a device that the guest has not touched; the
+    /// data path stays stopped until [`Self::unquiesce`].
+    pub fn restore(&mut self, saved: &TransportSaved) -> Result<(), String> {
+        if saved.device_type != self.device.device_type() {
+            return Err(format!(
+                "saved virtio device type {}, this one is {}",
+                saved.device_type,
+                self.device.device_type()
+            ));
+        }
+        if saved.queues.len() != self.queues.len() {
+            return Err(format!(
+                "{} saved queues for a device with {}",
+                saved.queues.len(),
+                self.queues.len()
+            ));
+        }
+        let mut queues = Vec::new();
+        for (i, q) in saved.queues.iter().enumerate() {
+            let state = virtio_queue::QueueState {
+                max_size: q.max_size,
+                next_avail: q.next_avail,
+                next_used: q.next_used,
+                event_idx_enabled: q.event_idx,
+                size: q.size,
+                ready: q.ready,
+                desc_table: q.desc_table,
+                avail_ring: q.avail_ring,
+                used_ring: q.used_ring,
+            };
+            queues.push(Queue::try_from(state).map_err(|e| format!("saved queue {i}: {e:?}"))?);
+        }
+        if saved.activated {
+            for (i, q) in queues.iter().enumerate() {
+                if !q.is_valid(self.mem.as_ref()) {
+                    return Err(format!("saved queue {i} is not valid in guest memory"));
+                }
             }
         }
+        self.queues = queues;
+        self.device_features_sel = saved.device_features_sel;
+        self.driver_features_sel = saved.driver_features_sel;
+        self.driver_features = saved.driver_features;
+        self.queue_sel = saved.queue_sel;
+        self.status = saved.status;
+        self.activated = saved.activated;
+        self.data_path = false;
+        self.interrupt.set_status(saved.interrupt_status);
+        Ok(())
+    }
+
+    fn start_data_path(&mut self) -> Result<(), super::super::VirtioError> {
         let mut queues = Vec::new();
         for (q, evt) in self.queues.iter().zip(&self.queue_evts) {
             let evt = evt
@@ -161,7 +282,7 @@ impl MmioTransport {
             features: self.driver_features,
             interrupt: self.interrupt.clone(),
         })?;
-        self.activated = true;
+        self.data_path = true;
         Ok(())
     }
 

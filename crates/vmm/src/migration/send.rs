@@ -1,0 +1,491 @@
+//! The source side: one thread per migration, started by `PUT /v1/migration/send`.
+//!
+//! Pre-copy runs beside the guest; the thread asks the VM loop to pause the guest and save
+//! its state ([`crate::vm::VmEvent::MigrationStop`]) and tells it how it ended
+//! ([`crate::vm::VmEvent::MigrationEnded`]), so that every vCPU and device change stays in
+//! the loop.
+
+use super::dirty::{DirtyLog, DirtyPages};
+use super::wire::{self, Commit, Hello, Kind, PageBatch, Progress, Reply, Resumed};
+use super::{update, Phase, SendParams, SharedStatus};
+use crate::memory::{GuestMem, PAGE_SIZE};
+use crate::state::Shape;
+use crate::vcpu::{wall_us, VcpuCommand, VcpuKicker};
+use crate::vm::VmEvent;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+/// Connect deadline.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline of each read or write on the stream (a stuck destination fails the migration).
+const IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// Size of a PAGES frame.
+const BATCH_BYTES: usize = 1 << 20;
+/// Read granularity of the full pass.
+const CHUNK: usize = 64 * PAGE_SIZE;
+/// The throttle's period: each vCPU is held out of the guest for a share of it.
+const THROTTLE_PERIOD: Duration = Duration::from_millis(20);
+static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+
+/// What the VM loop hands over when the guest is paused for the stop-and-copy.
+pub struct StopCopy {
+    /// The state envelope.
+    pub state: Vec<u8>,
+    /// Wall-clock microseconds when the last vCPU paused.
+    pub paused_at_us: u64,
+}
+
+/// How a migration ended, for the VM loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The destination runs the guest (`auto`), or has it and waits (`wait`): the source
+    /// stays paused.
+    HandedOver,
+    /// Failed or aborted before the hand-over: the source runs the guest again.
+    NotHandedOver,
+}
+
+/// Everything the thread needs.
+pub struct SourceCtx {
+    /// The request.
+    pub params: SendParams,
+    /// VM name.
+    pub name: String,
+    /// VM shape.
+    pub shape: Shape,
+    /// Guest memory.
+    pub mem: Arc<GuestMem>,
+    /// The memfd behind it, to skip holes on the full pass.
+    pub memfd: Option<Arc<File>>,
+    /// Dirty tracking.
+    pub dirty: DirtyLog,
+    /// Shared progress.
+    pub status: SharedStatus,
+    /// Set by `PUT /v1/migration/abort`.
+    pub abort: Arc<AtomicBool>,
+    /// The stream, for the loop to shut down on abort.
+    pub stream: Arc<Mutex<Option<TcpStream>>>,
+    /// To the VM loop.
+    pub events: Sender<VmEvent>,
+    /// The vCPUs, for the throttle.
+    pub kickers: Vec<VcpuKicker>,
+}
+
+/// Runs a migration to its end and reports the outcome to the VM loop.
+pub fn run(ctx: SourceCtx) {
+    let started = Instant::now();
+    let result = send(&ctx, started);
+    if let Err(e) = ctx.dirty.stop() {
+        tracing::warn!(error = %e, "turning the dirty log off");
+    }
+    let outcome = match result {
+        Ok(()) => Outcome::HandedOver,
+        Err(e) => {
+            let aborted = ctx.abort.load(Ordering::SeqCst);
+            update(&ctx.status, |s| {
+                s.phase = if aborted {
+                    Phase::Aborted
+                } else {
+                    Phase::Failed
+                };
+                s.error = Some(e.clone());
+                s.total_ms = started.elapsed().as_millis() as u64;
+            });
+            if aborted {
+                tracing::warn!(reason = %e, "migration aborted; the guest stays here");
+            } else {
+                tracing::error!(error = %e, "migration failed; the guest stays here");
+            }
+            Outcome::NotHandedOver
+        }
+    };
+    let _ = ctx.events.send(VmEvent::MigrationEnded(outcome));
+}
+
+type Wr = BufWriter<TcpStream>;
+
+fn check_abort(ctx: &SourceCtx) -> Result<(), String> {
+    if ctx.abort.load(Ordering::SeqCst) {
+        return Err("aborted on request".into());
+    }
+    Ok(())
+}
+
+fn connect(addr: &str) -> Result<TcpStream, String> {
+    let addrs = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("destination {addr}: {e}"))?;
+    let mut last = format!("destination {addr}: no address");
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = format!("connect to {a}: {e}"),
+        }
+    }
+    Err(last)
+}
+
+fn send(ctx: &SourceCtx, started: Instant) -> Result<(), String> {
+    let started_at_us = wall_us();
+    let p = &ctx.params;
+    let stream = connect(&p.destination)?;
+    let io = |e: std::io::Error| format!("migration stream: {e}");
+    stream.set_nodelay(true).map_err(io)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
+    stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)?;
+    if let Ok(mut slot) = ctx.stream.lock() {
+        *slot = Some(stream.try_clone().map_err(io)?);
+    }
+    let mut reader = wire::FrameReader::new(stream.try_clone().map_err(io)?);
+    let mut w = BufWriter::with_capacity(BATCH_BYTES * 2, stream);
+    let we = |e: wire::WireError| crate::error_chain(&e);
+
+    wire::write_preamble(&mut w).map_err(we)?;
+    let hello = Hello {
+        name: ctx.name.clone(),
+        shape: ctx.shape.clone(),
+        resume: p.resume.clone(),
+    };
+    wire::write_json(&mut w, Kind::Hello, &hello).map_err(we)?;
+    w.flush().map_err(io)?;
+    let reply: Reply = reader
+        .read_json(Kind::Reply, "answer to HELLO")
+        .map_err(we)?;
+    if !reply.ok {
+        return Err(format!(
+            "the destination refused the migration: {}",
+            reply.error.unwrap_or_default()
+        ));
+    }
+    tracing::info!(destination = %p.destination, "migration: destination accepted");
+
+    ctx.dirty
+        .start()
+        .map_err(|e| format!("turn on KVM's dirty log: {e}"))?;
+    let mut sent = 0u64;
+    let t = Instant::now();
+    sent += full_pass(ctx, &mut w)?;
+    w.flush().map_err(io)?;
+    let mut send_rate = rate(sent, t.elapsed());
+    tracing::info!(
+        bytes = sent,
+        ms = t.elapsed().as_millis() as u64,
+        "migration: full pass sent"
+    );
+
+    let throttle = Throttle::start(ctx.kickers.clone());
+    let mut pending;
+    let mut iteration = 0u64;
+    let mut last_fetch = Instant::now();
+    loop {
+        check_abort(ctx)?;
+        let dirty = ctx
+            .dirty
+            .fetch_and_clear()
+            .map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}"))?;
+        let since = last_fetch.elapsed();
+        last_fetch = Instant::now();
+        let bytes = dirty.count() * PAGE_SIZE as u64;
+        let dirty_rate = rate(bytes, since);
+        let expected_ms = bytes * 1000 / send_rate.max(1);
+        update(&ctx.status, |s| {
+            s.iteration = iteration;
+            s.bytes_remaining = bytes;
+            s.dirty_rate_bytes_per_sec = dirty_rate;
+            s.expected_downtime_ms = expected_ms;
+            s.total_ms = started.elapsed().as_millis() as u64;
+        });
+        wire::write_json(
+            &mut w,
+            Kind::Progress,
+            &Progress {
+                iteration,
+                bytes_remaining: bytes,
+            },
+        )
+        .map_err(we)?;
+        iteration += 1;
+        if expected_ms <= p.downtime_limit_ms || iteration > u64::from(p.max_iterations) {
+            pending = dirty;
+            break;
+        }
+        if p.throttle && iteration >= 2 && dirty_rate > send_rate / 2 {
+            let pct = throttle.raise();
+            update(&ctx.status, |s| s.throttle_percent = pct);
+            tracing::info!(
+                percent = pct,
+                dirty_rate,
+                send_rate,
+                "migration: throttling the vCPUs"
+            );
+        }
+        let t = Instant::now();
+        let n = send_pages(ctx, &mut w, &dirty)?;
+        w.flush().map_err(io)?;
+        sent += n;
+        send_rate = send_rate.max(1) / 2 + rate(n, t.elapsed()) / 2;
+        update(&ctx.status, |s| s.bytes_sent = sent);
+    }
+    throttle.stop();
+    tracing::info!(
+        iterations = iteration,
+        remaining = pending.count() * PAGE_SIZE as u64,
+        "migration: stop and copy"
+    );
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    ctx.events
+        .send(VmEvent::MigrationStop(tx))
+        .map_err(|_| "the VM is shutting down".to_string())?;
+    let stop = rx
+        .recv_timeout(Duration::from_secs(120))
+        .map_err(|_| "the VM did not pause for the stop-and-copy".to_string())??;
+    update(&ctx.status, |s| s.phase = Phase::Stopcopy);
+    let last = ctx
+        .dirty
+        .fetch_and_clear()
+        .map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}"))?;
+    pending.merge(&last);
+    sent += send_pages(ctx, &mut w, &pending)?;
+    wire::write_frame(&mut w, Kind::State, &stop.state).map_err(we)?;
+    sent += 12 + stop.state.len() as u64;
+    w.flush().map_err(io)?;
+    let ready: Reply = reader
+        .read_json(Kind::Ready, "answer to STATE")
+        .map_err(we)?;
+    if !ready.ok {
+        return Err(format!(
+            "the destination could not load the state: {}",
+            ready.error.unwrap_or_default()
+        ));
+    }
+    check_abort(ctx)?;
+    let commit = Commit {
+        paused_at_us: stop.paused_at_us,
+        started_at_us,
+    };
+    wire::write_json(&mut w, Kind::Commit, &commit).map_err(we)?;
+    w.flush().map_err(io)?;
+    // From here on the guest is the destination's: nothing below may resume it here.
+    let auto = p.resume == "auto";
+    update(&ctx.status, |s| {
+        s.phase = if auto {
+            Phase::Completed
+        } else {
+            Phase::HandedOver
+        };
+        s.bytes_sent = sent;
+        s.bytes_remaining = 0;
+        s.total_ms = started.elapsed().as_millis() as u64;
+    });
+    if auto {
+        match reader.read_json::<Resumed>(Kind::Resumed, "answer to COMMIT") {
+            Ok(r) => {
+                let us = r.resumed_at_us.saturating_sub(stop.paused_at_us);
+                update(&ctx.status, |s| {
+                    s.downtime_us = us;
+                    s.downtime_ms = us.div_ceil(1000);
+                    s.total_ms = started.elapsed().as_millis() as u64;
+                });
+                tracing::info!(
+                    downtime_us = us,
+                    total_ms = started.elapsed().as_millis() as u64,
+                    bytes = sent,
+                    "migration completed"
+                );
+            }
+            Err(e) => tracing::warn!(
+                error = %crate::error_chain(&e),
+                "migration handed over, but the destination did not report its resume"
+            ),
+        }
+    } else {
+        tracing::info!(
+            bytes = sent,
+            total_ms = started.elapsed().as_millis() as u64,
+            "migration handed over; the destination waits for its resume"
+        );
+    }
+    Ok(())
+}
+
+fn rate(bytes: u64, d: Duration) -> u64 {
+    (bytes as u128 * 1_000_000 / d.as_micros().max(1)) as u64
+}
+
+/// Data extents `(offset, length)` of `len` bytes of `file` from `start` (SEEK_DATA/SEEK_HOLE),
+/// relative to `start`; the whole range when the file cannot say.
+fn data_extents(file: &File, start: u64, len: u64) -> Vec<(u64, u64)> {
+    let fd = file.as_raw_fd();
+    let end = start + len;
+    let mut out = Vec::new();
+    let mut at = start;
+    while at < end {
+        // SAFETY: lseek on a descriptor this process owns; only the offset changes.
+        let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                break; // no data after `at`
+            }
+            return vec![(0, len)];
+        }
+        let data = data as u64;
+        if data >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        let hole = if hole < 0 {
+            end
+        } else {
+            (hole as u64).min(end)
+        };
+        out.push((data - start, hole - data));
+        at = hole;
+    }
+    out
+}
+
+/// Sends every non-zero page (the destination's memory starts zeroed).
+fn full_pass(ctx: &SourceCtx, w: &mut Wr) -> Result<u64, String> {
+    let mut batch = PageBatch::new(BATCH_BYTES);
+    let mut chunk = vec![0u8; CHUNK];
+    let mut sent = 0u64;
+    let mut pages = 0u64;
+    for region in ctx.mem.iter() {
+        let base = region.start_addr().0;
+        let extents = match (&ctx.memfd, region.file_offset()) {
+            (Some(f), Some(fo)) => data_extents(f, fo.start(), region.len()),
+            _ => vec![(0, region.len())],
+        };
+        for (off, len) in extents {
+            let mut at = off & !(PAGE_SIZE as u64 - 1);
+            let end = off + len;
+            while at < end {
+                check_abort(ctx)?;
+                let n = ((end - at) as usize).min(CHUNK).next_multiple_of(PAGE_SIZE);
+                let n = n.min((region.len() - at) as usize);
+                let buf = &mut chunk[..n];
+                ctx.mem
+                    .read_slice(buf, GuestAddress(base + at))
+                    .map_err(|e| format!("read guest memory at {:#x}: {e}", base + at))?;
+                for (i, page) in buf.chunks(PAGE_SIZE).enumerate() {
+                    if page != ZERO_PAGE.as_slice() {
+                        batch.push(base + at + (i * PAGE_SIZE) as u64, page);
+                        pages += 1;
+                    }
+                    if batch.full() {
+                        sent += batch.flush(w).map_err(|e| crate::error_chain(&e))?;
+                        update(&ctx.status, |s| {
+                            s.bytes_sent += BATCH_BYTES as u64;
+                            s.pages_sent = pages;
+                        });
+                    }
+                }
+                at += n as u64;
+            }
+        }
+    }
+    sent += batch.flush(w).map_err(|e| crate::error_chain(&e))?;
+    update(&ctx.status, |s| {
+        s.bytes_sent = sent;
+        s.pages_sent = pages;
+    });
+    Ok(sent)
+}
+
+/// Sends the pages in `dirty`, zero pages as markers.
+fn send_pages(ctx: &SourceCtx, w: &mut Wr, dirty: &DirtyPages) -> Result<u64, String> {
+    let mut batch = PageBatch::new(BATCH_BYTES);
+    let mut page = [0u8; PAGE_SIZE];
+    let mut sent = 0u64;
+    let (mut pages, mut zeroes) = (0u64, 0u64);
+    for addr in dirty.addresses() {
+        ctx.mem
+            .read_slice(&mut page, GuestAddress(addr))
+            .map_err(|e| format!("read guest memory at {addr:#x}: {e}"))?;
+        if page == ZERO_PAGE {
+            batch.push_zero(addr);
+            zeroes += 1;
+        } else {
+            batch.push(addr, &page);
+            pages += 1;
+        }
+        if batch.full() {
+            check_abort(ctx)?;
+            sent += batch.flush(w).map_err(|e| crate::error_chain(&e))?;
+        }
+    }
+    sent += batch.flush(w).map_err(|e| crate::error_chain(&e))?;
+    update(&ctx.status, |s| {
+        s.pages_sent += pages;
+        s.zero_pages_sent += zeroes;
+    });
+    Ok(sent)
+}
+
+/// Holds every vCPU out of the guest for a share of each [`THROTTLE_PERIOD`].
+struct Throttle {
+    percent: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Throttle {
+    fn start(kickers: Vec<VcpuKicker>) -> Throttle {
+        let percent = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, s) = (percent.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("mig-throttle".into())
+            .spawn(move || {
+                while !s.load(Ordering::SeqCst) {
+                    let pct = p.load(Ordering::SeqCst);
+                    if pct > 0 {
+                        let hold = THROTTLE_PERIOD * pct as u32 / 100;
+                        for k in &kickers {
+                            k.send(VcpuCommand::Throttle(hold));
+                        }
+                    }
+                    std::thread::sleep(THROTTLE_PERIOD);
+                }
+            })
+            .ok();
+        Throttle {
+            percent,
+            stop,
+            thread,
+        }
+    }
+
+    /// Raises the throttle one step (30%, then +20% up to 90%) and returns it.
+    fn raise(&self) -> u64 {
+        let now = self.percent.load(Ordering::SeqCst);
+        let next = if now == 0 { 30 } else { (now + 20).min(90) };
+        self.percent.store(next, Ordering::SeqCst);
+        next
+    }
+
+    fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

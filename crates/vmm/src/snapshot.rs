@@ -1,0 +1,169 @@
+//! Snapshots: a paused VM's state and memory in one file, restored by `vmm run --restore`.
+//!
+//! ```text
+//! offset 0     header, 4 KiB: "VMHOPSNP" | u32 version | u32 0 | u64 memory MiB |
+//!              u64 state offset | u64 state length | u64 memory offset | u64 memory length |
+//!              u32 CRC-32 of the bytes before it
+//! offset 4096  the state envelope (crate::state)
+//! memory offset (page aligned)  guest RAM, regions back to back; zero pages are holes
+//! ```
+//! Restoring maps the memory image privately (copy on write), so pages are read from the file
+//! only when the guest touches them, and the file is never written. The file is written under
+//! a temporary name, fsynced and renamed, so a crash never leaves a partial snapshot behind
+//! under the final name.
+
+use crate::memory::{self, GuestMem, PAGE_SIZE};
+use crate::state::{self, StateError, VmState};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+const MAGIC: &[u8; 8] = b"VMHOPSNP";
+const VERSION: u32 = 1;
+const HEADER: u64 = 4096;
+const HEADER_FIELDS: usize = 56;
+const CHUNK: usize = 256 * PAGE_SIZE;
+
+/// Errors writing or reading a snapshot.
+#[derive(Debug, Error)]
+pub enum SnapshotError {
+    /// File I/O.
+    #[error("{0} {1}")]
+    Io(&'static str, PathBuf, #[source] std::io::Error),
+    /// Not a snapshot, or a damaged header.
+    #[error("{0} is not a vmhop snapshot: {1}")]
+    Header(PathBuf, String),
+    /// A snapshot of another VM shape.
+    #[error("{0} holds {1} MiB of memory; this VM has {2} MiB")]
+    Memory(PathBuf, u64, u64),
+    /// The state inside.
+    #[error("{0}")]
+    State(PathBuf, #[source] StateError),
+    /// Guest memory.
+    #[error("guest memory")]
+    Guest(#[source] memory::MemoryError),
+    /// Reading guest memory.
+    #[error("read guest memory")]
+    ReadGuest(#[source] vm_memory::GuestMemoryError),
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SnapshotError + 'a {
+    move |e| SnapshotError::Io(what, path.to_path_buf(), e)
+}
+
+/// Writes `st` and the memory of a paused VM to `path`.
+pub fn write(path: &Path, st: &VmState, mem: &GuestMem) -> Result<(), SnapshotError> {
+    let t = std::time::Instant::now();
+    let envelope = state::encode(st).map_err(|e| SnapshotError::State(path.to_path_buf(), e))?;
+    let mem_offset = (HEADER + envelope.len() as u64).next_multiple_of(2 << 20);
+    let mem_len = memory::ram_size(mem);
+    let mut h = Vec::with_capacity(HEADER as usize);
+    h.extend_from_slice(MAGIC);
+    h.extend_from_slice(&VERSION.to_le_bytes());
+    h.extend_from_slice(&0u32.to_le_bytes());
+    for v in [
+        st.shape.memory_mib,
+        HEADER,
+        envelope.len() as u64,
+        mem_offset,
+        mem_len,
+    ] {
+        h.extend_from_slice(&v.to_le_bytes());
+    }
+    debug_assert_eq!(h.len(), HEADER_FIELDS);
+    let crc = crc32fast::hash(&h);
+    h.extend_from_slice(&crc.to_le_bytes());
+    h.resize(HEADER as usize, 0);
+
+    let tmp = path.with_extension("partial");
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(io("create", &tmp))?;
+    f.write_all(&h).map_err(io("write", &tmp))?;
+    f.write_all(&envelope).map_err(io("write", &tmp))?;
+    f.set_len(mem_offset + mem_len).map_err(io("size", &tmp))?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut file_at = mem_offset;
+    let mut data_pages = 0u64;
+    for region in mem.iter() {
+        let mut at = 0u64;
+        while at < region.len() {
+            let n = ((region.len() - at) as usize).min(CHUNK);
+            mem.read_slice(&mut buf[..n], GuestAddress(region.start_addr().0 + at))
+                .map_err(SnapshotError::ReadGuest)?;
+            for (i, page) in buf[..n].chunks(PAGE_SIZE).enumerate() {
+                if page.iter().any(|&b| b != 0) {
+                    f.write_all_at(page, file_at + at + (i * PAGE_SIZE) as u64)
+                        .map_err(io("write", &tmp))?;
+                    data_pages += 1;
+                }
+            }
+            at += n as u64;
+        }
+        file_at += region.len();
+    }
+    f.sync_all().map_err(io("fsync", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(io("rename to", path))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("fsync", dir))?;
+    }
+    tracing::info!(
+        path = %path.display(),
+        data_mib = (data_pages * PAGE_SIZE as u64) >> 20,
+        ms = t.elapsed().as_millis() as u64,
+        "snapshot written"
+    );
+    Ok(())
+}
+
+/// Opens a snapshot for a VM of `memory_mib`: the memory mapped lazily, and the state.
+pub fn open(path: &Path, memory_mib: u64) -> Result<(Arc<GuestMem>, VmState), SnapshotError> {
+    let bad = |m: String| SnapshotError::Header(path.to_path_buf(), m);
+    let mut f = File::open(path).map_err(io("open", path))?;
+    let mut h = vec![0u8; HEADER as usize];
+    f.read_exact(&mut h).map_err(io("read", path))?;
+    if &h[..8] != MAGIC {
+        return Err(bad(format!("magic {:02x?}", &h[..8])));
+    }
+    let u64_at = |i: usize| u64::from_le_bytes(h[i..i + 8].try_into().expect("8 bytes"));
+    let version = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
+    if version != VERSION {
+        return Err(bad(format!(
+            "version {version}; this VMM reads version {VERSION}"
+        )));
+    }
+    let crc = u32::from_le_bytes(h[56..60].try_into().expect("4 bytes"));
+    if crc32fast::hash(&h[..HEADER_FIELDS]) != crc {
+        return Err(bad("header checksum mismatch".into()));
+    }
+    let (mib, state_off, state_len, mem_off, mem_len) =
+        (u64_at(16), u64_at(24), u64_at(32), u64_at(40), u64_at(48));
+    if mib != memory_mib {
+        return Err(SnapshotError::Memory(path.to_path_buf(), mib, memory_mib));
+    }
+    let size = f.metadata().map_err(io("stat", path))?.len();
+    if mem_len != mib << 20 || mem_off % PAGE_SIZE as u64 != 0 || mem_off + mem_len > size {
+        return Err(bad(format!(
+            "memory at {mem_off} ({mem_len} bytes) does not fit a {size}-byte file"
+        )));
+    }
+    if state_len > 64 << 20 {
+        return Err(bad(format!("state of {state_len} bytes")));
+    }
+    let mut envelope = vec![0u8; state_len as usize];
+    f.read_exact_at(&mut envelope, state_off)
+        .map_err(io("read", path))?;
+    let st = state::decode(&envelope).map_err(|e| SnapshotError::State(path.to_path_buf(), e))?;
+    let mem = memory::map_guest_memory_from_file(mib, &Arc::new(f), mem_off)
+        .map_err(SnapshotError::Guest)?;
+    Ok((mem, st))
+}
