@@ -1,0 +1,227 @@
+//! Bad migration streams are refused with a clear error and the guest stays where it was.
+//!
+//! Destination side (nothing boots, so these are quick): a stream of another version, one
+//! that is not a migration stream at all, a corrupted frame, and a stream that ends before the
+//! hand-over each make the incoming VMM exit with status 5 and say why.
+//! Source side (one booted guest): a destination that answers garbage, one that dies in the
+//! middle of the stream, and an abort while the destination stalls each leave the guest
+//! running on the source with its memory workload intact, and a migration afterwards still
+//! succeeds.
+
+use e2e::image::guest_image;
+use e2e::vmm::{VmmConfig, VmmGuest};
+use e2e::workload::{MEM_START, REPLY};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
+const EXIT: Duration = Duration::from_secs(60);
+
+fn cfg<'a>(image: &'a e2e::image::GuestImage, dir: &'a Path) -> VmmConfig<'a> {
+    std::fs::create_dir_all(dir).unwrap();
+    VmmConfig {
+        image,
+        root: None,
+        data_disks: Vec::new(),
+        mem_mib: 64,
+        vcpus: 1,
+        work_dir: dir,
+    }
+}
+
+fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![kind, 0, 0, 0];
+    f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    f.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+fn preamble(version: u32) -> Vec<u8> {
+    let mut p = b"VMHOPMIG".to_vec();
+    p.extend_from_slice(&version.to_le_bytes());
+    p
+}
+
+/// Starts an incoming VMM, feeds it `bytes`, and returns its exit status and stderr.
+fn feed_incoming(image: &e2e::image::GuestImage, dir: &Path, bytes: &[u8]) -> (i32, String) {
+    let addr = format!("127.0.0.1:{}", e2e::free_port().unwrap());
+    let mut vmm = VmmGuest::start_incoming(&cfg(image, dir), &addr).unwrap();
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.write_all(bytes).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let status = vmm.wait_exit(EXIT).unwrap();
+    (status.code().unwrap_or(-1), vmm.stderr())
+}
+
+#[test]
+fn incoming_vmm_refuses_bad_streams_with_a_clear_error() {
+    if !e2e::kvm_available("incoming_vmm_refuses_bad_streams_with_a_clear_error") {
+        return;
+    }
+    let image = guest_image();
+    let dir = tempfile::tempdir().unwrap();
+
+    let (code, err) = feed_incoming(&image, &dir.path().join("v"), &preamble(99));
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("migration stream version 99"), "{err}");
+
+    let (code, err) = feed_incoming(&image, &dir.path().join("m"), b"GET / HTTP/1.1\r\n\r\n");
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("not a vmhop migration stream"), "{err}");
+
+    let hello = br#"{"name":"vm","shape":{"memory_mib":64,"vcpus":1,"disks":1},"resume":"auto"}"#;
+    let mut corrupt = preamble(1);
+    corrupt.extend(frame(1, hello));
+    let mut pages = frame(3, &[0u8; 8 + 4096]);
+    let last = pages.len() - 1;
+    pages[last] ^= 0xff;
+    corrupt.extend(pages);
+    let (code, err) = feed_incoming(&image, &dir.path().join("c"), &corrupt);
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("checksum"), "{err}");
+
+    let mut short = preamble(1);
+    short.extend(frame(1, hello));
+    short.extend(frame(3, &[0u8; 8 + 4096]));
+    let (code, err) = feed_incoming(&image, &dir.path().join("s"), &short);
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("closed the stream before the hand-over"), "{err}");
+
+    let other = br#"{"name":"vm","shape":{"memory_mib":128,"vcpus":1,"disks":1},"resume":"auto"}"#;
+    let mut wrong = preamble(1);
+    wrong.extend(frame(1, other));
+    let (code, err) = feed_incoming(&image, &dir.path().join("w"), &wrong);
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("memory_mib: 128"), "{err}");
+}
+
+/// The source's memory workload still runs with no error.
+fn still_running(guest: &mut VmmGuest, after_seq: &mut u64) {
+    let (code, body) = guest.api("GET", "/v1/vm").unwrap();
+    assert_eq!(code, 200);
+    assert!(body.contains(r#""state":"running""#), "{body}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let m = guest.agent.command("mem status", REPLY);
+        let m = guest.ok(m);
+        assert_eq!(m.num("errors"), Some(0), "{m:?}");
+        let seq = m.num("seq").unwrap();
+        if seq > *after_seq + 1 {
+            *after_seq = seq;
+            return;
+        }
+        assert!(Instant::now() < deadline, "workload stuck: {m:?}");
+    }
+}
+
+fn send(guest: &VmmGuest, addr: &str) {
+    let (code, body) = guest
+        .api_json(
+            "PUT",
+            "/v1/migration/send",
+            &format!(r#"{{"destination":"{addr}","resume":"auto"}}"#),
+        )
+        .unwrap();
+    assert_eq!(code, 202, "{body}");
+}
+
+/// A fake destination: accepts one connection and runs `f` on it in a thread.
+fn fake_destination(f: impl FnOnce(TcpStream) + Send + 'static) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        if let Ok((s, _)) = l.accept() {
+            f(s)
+        }
+    });
+    addr
+}
+
+fn read_exactly(s: &mut TcpStream, n: usize) {
+    let mut buf = vec![0u8; n];
+    let _ = s.read_exact(&mut buf);
+}
+
+#[test]
+fn source_keeps_the_guest_when_the_destination_fails() {
+    if !e2e::kvm_available("source_keeps_the_guest_when_the_destination_fails") {
+        return;
+    }
+    let image = guest_image();
+    let dir = tempfile::tempdir().unwrap();
+    let mut guest = VmmGuest::start(&cfg(&image, &dir.path().join("src"))).unwrap();
+    let r = guest.agent.wait_ready(BOOT_TIMEOUT);
+    guest.ok(r);
+    let r = guest.agent.command("mem start 4", MEM_START);
+    guest.ok(r);
+    let mut seq = 0;
+    still_running(&mut guest, &mut seq);
+
+    // A destination that answers HELLO with a corrupt frame.
+    let addr = fake_destination(|mut s| {
+        read_exactly(&mut s, 12);
+        let mut reply = frame(2, br#"{"ok":true,"error":null}"#);
+        reply[12] ^= 0x20;
+        let _ = s.write_all(&reply);
+        read_exactly(&mut s, 1 << 20);
+    });
+    send(&guest, &addr);
+    let m = guest.wait_migration(&["failed"], EXIT).unwrap();
+    assert!(m["error"].as_str().unwrap().contains("checksum"), "{m}");
+    still_running(&mut guest, &mut seq);
+
+    // A destination that dies after 1 MiB of the stream.
+    let addr = fake_destination(|mut s| {
+        read_exactly(&mut s, 12);
+        let mut len = [0u8; 12];
+        let _ = s.read_exact(&mut len);
+        let n = u32::from_le_bytes(len[4..8].try_into().unwrap()) as usize;
+        read_exactly(&mut s, n);
+        let _ = s.write_all(&frame(2, br#"{"ok":true,"error":null}"#));
+        read_exactly(&mut s, 1 << 20);
+    });
+    send(&guest, &addr);
+    let m = guest.wait_migration(&["failed"], EXIT).unwrap();
+    eprintln!("destination died mid-stream: {m}");
+    still_running(&mut guest, &mut seq);
+
+    // A destination that stops reading; the operator aborts.
+    let (hold_tx, hold_rx) = std::sync::mpsc::channel::<()>();
+    let addr = fake_destination(move |mut s| {
+        read_exactly(&mut s, 12);
+        let mut len = [0u8; 12];
+        let _ = s.read_exact(&mut len);
+        let n = u32::from_le_bytes(len[4..8].try_into().unwrap()) as usize;
+        read_exactly(&mut s, n);
+        let _ = s.write_all(&frame(2, br#"{"ok":true,"error":null}"#));
+        let _ = hold_rx.recv();
+    });
+    send(&guest, &addr);
+    let m = guest.wait_migration(&["precopy"], EXIT).unwrap();
+    assert_eq!(m["phase"], "precopy");
+    let (code, body) = guest.api("PUT", "/v1/migration/abort").unwrap();
+    assert_eq!(code, 200, "{body}");
+    let m = guest.wait_migration(&["aborted"], EXIT).unwrap();
+    eprintln!("aborted: {m}");
+    drop(hold_tx);
+    still_running(&mut guest, &mut seq);
+
+    // And a real destination still takes it.
+    let addr = format!("127.0.0.1:{}", e2e::free_port().unwrap());
+    let mut dst = VmmGuest::start_incoming(&cfg(&image, &dir.path().join("dst")), &addr).unwrap();
+    send(&guest, &addr);
+    let m = guest.wait_migration(&["completed"], EXIT).unwrap();
+    eprintln!("migrated after the failures: {m}");
+    dst.wait_migration(&["completed"], EXIT).unwrap();
+    let (code, body) = guest.api("GET", "/v1/vm").unwrap();
+    assert!(code == 200 && body.contains(r#""state":"paused""#), "{body}");
+    let mut seq_dst = seq;
+    still_running(&mut dst, &mut seq_dst);
+    let m = dst.agent.command("mem stop", REPLY);
+    assert_eq!(dst.ok(m).num("errors"), Some(0));
+}
