@@ -505,9 +505,16 @@ impl Source {
     async fn cleanup(&self, rec: &MigrationRecord) -> Result<(), String> {
         let inst = self.inst().map_err(|e| error_chain(&e))?;
         self.agent.end_vmm(&inst).await;
+        if inst.vmm_alive() {
+            return Err(format!(
+                "the source VMM (pid {:?}) did not end; its leases stay deactivated",
+                inst.pid
+            ));
+        }
         for f in ["api.sock", "serial.sock", "vm.toml", "vmm.pid"] {
             let _ = std::fs::remove_file(inst.work_dir.join(f));
         }
+        self.release_deactivated(rec).await;
         let to = rec.destination.clone();
         self.agent
             .update_instance(&inst.name, |r| {
@@ -523,6 +530,44 @@ impl Source {
         })
         .map_err(|e| error_chain(&e))?;
         Ok(())
+    }
+
+    /// With the source VMM confirmed gone, ends this host's deactivated lease on every volume:
+    /// storaged refuses a deactivated host for good, so without this the guest could never
+    /// come back here. A failure is recorded and left to the operator (`storaged lease revoke`).
+    async fn release_deactivated(&self, rec: &MigrationRecord) {
+        let me = &self.agent.cfg.host_id;
+        for v in &rec.volumes {
+            let outcome = match self.leases.state_of(v, me).await {
+                Ok(Some(LeaseState::Deactivated)) => self
+                    .leases
+                    .revoke(v, me)
+                    .await
+                    .map(|_| format!("volume {v}: deactivated lease of {me} released")),
+                Ok(other) => Ok(format!(
+                    "volume {v}: {me} holds {other:?}; nothing to release"
+                )),
+                Err(e) => Err(e),
+            };
+            let note = match outcome {
+                Ok(note) => note,
+                Err(e) => {
+                    tracing::warn!(migration = %rec.id, volume = %v, error = %error_chain(&e),
+                        "releasing the old host's deactivated lease");
+                    format!(
+                        "volume {v}: the deactivated lease of {me} stays (run `storaged lease revoke {v} --host {me}`): {}",
+                        error_chain(&e)
+                    )
+                }
+            };
+            let _ = self.modify(|r| {
+                r.steps.push(Step {
+                    at_ms: crate::instance::now_ms(),
+                    phase: Phase::Cleanup,
+                    note,
+                })
+            });
+        }
     }
 
     /// Past the point of no return and stuck: record it for the operator.
