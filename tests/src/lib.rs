@@ -9,6 +9,7 @@ pub mod image;
 pub mod migrated;
 pub mod netns;
 pub mod qemu;
+pub mod snapshot;
 pub mod storaged;
 pub mod vmm;
 pub mod workload;

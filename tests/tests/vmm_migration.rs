@@ -12,7 +12,6 @@ use e2e::workload::{MEM_START, REPLY};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
 const MEM_MIB: usize = 8;
 
@@ -30,7 +29,7 @@ fn config<'a>(
             "{},volume=data,host={host},lease={lease}",
             storaged.nbd
         ))],
-        mem_mib: 128,
+        mem_mib: e2e::snapshot::MEM_MIB,
         vcpus: 1,
         work_dir: dir,
     }
@@ -101,15 +100,18 @@ fn vmm_migrates_a_running_guest_three_round_trips() {
     let sd_dir = dir.path().join("storaged");
     std::fs::create_dir_all(&sd_dir).unwrap();
     let storaged = Storaged::start(&sd_dir).unwrap();
-    storaged.create_volume("data", "64M", &[]).unwrap();
+    let data_size = e2e::snapshot::DATA_DISK_BYTES.to_string();
+    storaged.create_volume("data", &data_size, &[]).unwrap();
+    let booted = e2e::snapshot::booted(&image).unwrap();
 
     let first = dir.path().join("vm0");
     std::fs::create_dir_all(&first).unwrap();
-    let mut guest =
-        VmmGuest::start(&config(&image, &storaged, &first, "host-a", "primary")).unwrap();
-    let ready = guest.agent.wait_ready(BOOT_TIMEOUT);
-    let ready = guest.ok(ready);
-    let boot_id = ready.get("boot_id").unwrap().to_string();
+    let mut guest = VmmGuest::restore(
+        &config(&image, &storaged, &first, "host-a", "primary"),
+        &booted,
+    )
+    .unwrap();
+    let boot_id = booted.boot_id.clone();
     let r = guest
         .agent
         .command(&format!("mem start {MEM_MIB}"), MEM_START);

@@ -3,29 +3,37 @@
 //! Destination side (nothing boots, so these are quick): a stream of another version, one
 //! that is not a migration stream at all, a corrupted frame, and a stream that ends before the
 //! hand-over each make the incoming VMM exit with status 5 and say why.
-//! Source side (one booted guest): a destination that answers garbage, one that dies in the
+//! Source side (the suite's restored guest): a destination that answers garbage, one that dies in the
 //! middle of the stream, and an abort while the destination stalls each leave the guest
 //! running on the source with its memory workload intact, and a migration afterwards still
 //! succeeds.
 
 use e2e::image::guest_image;
-use e2e::vmm::{VmmConfig, VmmGuest};
+use e2e::vmm::{Disk, VmmConfig, VmmGuest};
 use e2e::workload::{MEM_START, REPLY};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
 const EXIT: Duration = Duration::from_secs(60);
 
+/// The suite snapshot's shape, with a fresh data disk in `dir`.
 fn cfg<'a>(image: &'a e2e::image::GuestImage, dir: &'a Path) -> VmmConfig<'a> {
     std::fs::create_dir_all(dir).unwrap();
+    let data = dir.join("data.img");
+    std::fs::File::create(&data)
+        .unwrap()
+        .set_len(e2e::snapshot::DATA_DISK_BYTES)
+        .unwrap();
     VmmConfig {
         image,
         root: None,
-        data_disks: Vec::new(),
-        mem_mib: 64,
+        data_disks: vec![Disk::File {
+            path: data,
+            read_only: false,
+        }],
+        mem_mib: e2e::snapshot::MEM_MIB,
         vcpus: 1,
         work_dir: dir,
     }
@@ -74,7 +82,7 @@ fn incoming_vmm_refuses_bad_streams_with_a_clear_error() {
     assert_eq!(code, 5, "{err}");
     assert!(err.contains("not a vmhop migration stream"), "{err}");
 
-    let hello = br#"{"name":"vm","shape":{"memory_mib":64,"vcpus":1,"disks":1},"resume":"auto"}"#;
+    let hello = br#"{"name":"vm","shape":{"memory_mib":128,"vcpus":1,"disks":2},"resume":"auto"}"#;
     let mut corrupt = preamble(1);
     corrupt.extend(frame(1, hello));
     let mut pages = frame(3, &[0u8; 8 + 4096]);
@@ -90,14 +98,17 @@ fn incoming_vmm_refuses_bad_streams_with_a_clear_error() {
     short.extend(frame(3, &[0u8; 8 + 4096]));
     let (code, err) = feed_incoming(&image, &dir.path().join("s"), &short);
     assert_eq!(code, 5, "{err}");
-    assert!(err.contains("closed the stream before the hand-over"), "{err}");
+    assert!(
+        err.contains("closed the stream before the hand-over"),
+        "{err}"
+    );
 
-    let other = br#"{"name":"vm","shape":{"memory_mib":128,"vcpus":1,"disks":1},"resume":"auto"}"#;
+    let other = br#"{"name":"vm","shape":{"memory_mib":256,"vcpus":1,"disks":2},"resume":"auto"}"#;
     let mut wrong = preamble(1);
     wrong.extend(frame(1, other));
     let (code, err) = feed_incoming(&image, &dir.path().join("w"), &wrong);
     assert_eq!(code, 5, "{err}");
-    assert!(err.contains("memory_mib: 128"), "{err}");
+    assert!(err.contains("memory_mib: 256"), "{err}");
 }
 
 /// The source's memory workload still runs with no error.
@@ -154,9 +165,8 @@ fn source_keeps_the_guest_when_the_destination_fails() {
     }
     let image = guest_image();
     let dir = tempfile::tempdir().unwrap();
-    let mut guest = VmmGuest::start(&cfg(&image, &dir.path().join("src"))).unwrap();
-    let r = guest.agent.wait_ready(BOOT_TIMEOUT);
-    guest.ok(r);
+    let booted = e2e::snapshot::booted(&image).unwrap();
+    let mut guest = VmmGuest::restore(&cfg(&image, &dir.path().join("src")), &booted).unwrap();
     let r = guest.agent.command("mem start 4", MEM_START);
     guest.ok(r);
     let mut seq = 0;
@@ -219,7 +229,10 @@ fn source_keeps_the_guest_when_the_destination_fails() {
     eprintln!("migrated after the failures: {m}");
     dst.wait_migration(&["completed"], EXIT).unwrap();
     let (code, body) = guest.api("GET", "/v1/vm").unwrap();
-    assert!(code == 200 && body.contains(r#""state":"paused""#), "{body}");
+    assert!(
+        code == 200 && body.contains(r#""state":"paused""#),
+        "{body}"
+    );
     let mut seq_dst = seq;
     still_running(&mut dst, &mut seq_dst);
     let m = dst.agent.command("mem stop", REPLY);

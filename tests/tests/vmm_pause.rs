@@ -3,10 +3,9 @@
 
 use agent_proto::expected_checksum;
 use e2e::image::guest_image;
-use e2e::vmm::{json_str, VmmConfig, VmmGuest};
+use e2e::vmm::{json_str, Disk, VmmConfig, VmmGuest};
 use std::time::{Duration, Instant};
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
 const REPLY: Duration = Duration::from_secs(180);
 const MIB: usize = 16;
 
@@ -28,17 +27,28 @@ fn vmm_pause_resume_while_memory_workload_runs() {
         return;
     }
     let image = guest_image();
+    let booted = e2e::snapshot::booted(&image).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut guest = VmmGuest::start(&VmmConfig {
-        image: &image,
-        root: None,
-        data_disks: vec![],
-        mem_mib: 256,
-        vcpus: 1,
-        work_dir: dir.path(),
-    })
+    let data = dir.path().join("data.img");
+    std::fs::File::create(&data)
+        .unwrap()
+        .set_len(e2e::snapshot::DATA_DISK_BYTES)
+        .unwrap();
+    let mut guest = VmmGuest::restore(
+        &VmmConfig {
+            image: &image,
+            root: None,
+            data_disks: vec![Disk::File {
+                path: data,
+                read_only: false,
+            }],
+            mem_mib: e2e::snapshot::MEM_MIB,
+            vcpus: 1,
+            work_dir: dir.path(),
+        },
+        &booted,
+    )
     .unwrap();
-    guest.agent.wait_ready(BOOT_TIMEOUT).unwrap();
     guest
         .agent
         .command(&format!("mem start {MIB}"), REPLY)

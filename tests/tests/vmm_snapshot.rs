@@ -10,8 +10,6 @@ use e2e::vmm::{Disk, VmmConfig, VmmGuest};
 use e2e::workload::{MEM_START, REPLY};
 use std::time::{Duration, Instant};
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
-
 #[test]
 fn snapshot_restores_into_a_new_vmm_and_the_workloads_continue() {
     if !e2e::kvm_available("snapshot_restores_into_a_new_vmm_and_the_workloads_continue") {
@@ -22,7 +20,7 @@ fn snapshot_restores_into_a_new_vmm_and_the_workloads_continue() {
     let data = dir.path().join("data.img");
     std::fs::File::create(&data)
         .unwrap()
-        .set_len(64 << 20)
+        .set_len(e2e::snapshot::DATA_DISK_BYTES)
         .unwrap();
     let cfg = |d: &str| {
         let work = dir.path().join(d);
@@ -37,14 +35,14 @@ fn snapshot_restores_into_a_new_vmm_and_the_workloads_continue() {
             path: data.clone(),
             read_only: false,
         }],
-        mem_mib: 128,
+        mem_mib: e2e::snapshot::MEM_MIB,
         vcpus: 1,
         work_dir: w,
     };
 
-    let mut guest = VmmGuest::start(&config(&w1)).unwrap();
-    let r = guest.agent.wait_ready(BOOT_TIMEOUT);
-    let boot_id = guest.ok(r).get("boot_id").unwrap().to_string();
+    let booted = e2e::snapshot::booted(&image).unwrap();
+    let mut guest = VmmGuest::restore(&config(&w1), &booted).unwrap();
+    let boot_id = booted.boot_id.clone();
     let r = guest.agent.command("mem start 4", MEM_START);
     guest.ok(r);
     let r = guest.agent.command("disk start", REPLY);
@@ -84,12 +82,16 @@ fn snapshot_restores_into_a_new_vmm_and_the_workloads_continue() {
     guest.wait_exit(Duration::from_secs(30)).unwrap();
 
     let t = Instant::now();
-    let mut restored = VmmGuest::start_with(&config(&w2), &["--restore", snap.to_str().unwrap()])
-        .unwrap();
+    let mut restored =
+        VmmGuest::start_with(&config(&w2), &["--restore", snap.to_str().unwrap()]).unwrap();
     let c = restored.agent.command("clock", REPLY);
     let c = restored.ok(c);
     eprintln!("restored and answering in {} ms", t.elapsed().as_millis());
-    assert_eq!(c.get("boot_id"), Some(boot_id.as_str()), "the guest rebooted");
+    assert_eq!(
+        c.get("boot_id"),
+        Some(boot_id.as_str()),
+        "the guest rebooted"
+    );
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let m = restored.agent.command("mem status", REPLY);

@@ -1,7 +1,8 @@
 //! The guest's disks on storaged volumes, held as primary through the lease-aware client:
-//! the root file system boots from a volume, the disk workload's records survive a VMM
-//! restart (new process, same volumes, same host), and a second VMM from another host asking
-//! for the same volume as primary is refused with a clear error before its guest runs.
+//! the disk workload's records (written by the suite's restored guest) survive a VMM restart
+//! (new process, same volumes, same host) whose guest boots from the root volume, and a second
+//! VMM from another host asking for the same volume as primary is refused with a clear error
+//! before its guest runs.
 
 use e2e::image::guest_image;
 use e2e::storaged::{run_ok, Storaged};
@@ -46,7 +47,8 @@ fn vmm_disks_on_storaged_volumes_survive_restart_and_are_fenced() {
             .arg(storaged.uri("root")),
     )
     .unwrap();
-    storaged.create_volume("data", "64M", &[]).unwrap();
+    let data_size = e2e::snapshot::DATA_DISK_BYTES.to_string();
+    storaged.create_volume("data", &data_size, &[]).unwrap();
 
     let run_dir = |n: &str| {
         let d = dir.path().join(n);
@@ -57,10 +59,8 @@ fn vmm_disks_on_storaged_volumes_survive_restart_and_are_fenced() {
     let cfg1 = config(&image, &storaged, &first_dir, "host-a");
 
     // First boot: write records.
-    let mut guest = VmmGuest::start(&cfg1).unwrap();
-    let ready = guest.agent.wait_ready(BOOT_TIMEOUT);
-    let ready = guest.ok(ready);
-    let boot1 = ready.get("boot_id").unwrap().to_string();
+    let booted = e2e::snapshot::booted(&image).unwrap();
+    let mut guest = VmmGuest::restore(&cfg1, &booted).unwrap();
     let r = guest.agent.command("disk start", REPLY);
     assert_eq!(guest.ok(r).num("next"), Some(0));
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -100,10 +100,15 @@ fn vmm_disks_on_storaged_volumes_survive_restart_and_are_fenced() {
     );
     drop(guest);
 
+    // The new VMM boots the guest from the root volume.
     let mut guest = VmmGuest::start(&config(&image, &storaged, &second_dir, "host-a")).unwrap();
     let ready = guest.agent.wait_ready(BOOT_TIMEOUT);
     let ready = guest.ok(ready);
-    assert_ne!(ready.get("boot_id"), Some(boot1.as_str()), "a new boot");
+    assert_ne!(
+        ready.get("boot_id"),
+        Some(booted.boot_id.as_str()),
+        "a new boot"
+    );
     let r = guest.agent.command("disk verify", REPLY);
     let v = guest.ok(r);
     assert_eq!(v.num("verified"), Some(acked), "{v:?}");
@@ -132,7 +137,7 @@ fn config<'a>(
         image,
         root: Some(volume(storaged, "root", host, true)),
         data_disks: vec![volume(storaged, "data", host, false)],
-        mem_mib: 256,
+        mem_mib: e2e::snapshot::MEM_MIB,
         vcpus: 1,
         work_dir,
     }
