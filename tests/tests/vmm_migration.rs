@@ -190,3 +190,84 @@ fn vmm_migrates_a_running_guest_three_round_trips() {
     }
     eprintln!("{acked} disk records verified after 6 migrations");
 }
+
+/// A guest that rewrites its memory faster than a 1 ms downtime budget allows: pre-copy does
+/// not converge on its own, the throttle holds the vCPU back more each iteration until it does
+/// (or the iteration cap ends pre-copy), and the migration completes with the workload intact.
+#[test]
+fn vmm_busy_guest_completes_with_the_throttle() {
+    if !e2e::kvm_available("vmm_busy_guest_completes_with_the_throttle") {
+        return;
+    }
+    let image = guest_image();
+    let booted = e2e::snapshot::booted(&image).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file_cfg = |name: &str| {
+        let work = dir.path().join(name);
+        std::fs::create_dir_all(&work).unwrap();
+        let data = work.join("data.img");
+        std::fs::File::create(&data)
+            .unwrap()
+            .set_len(e2e::snapshot::DATA_DISK_BYTES)
+            .unwrap();
+        (work, data)
+    };
+    let (w1, d1) = file_cfg("src");
+    let (w2, d2) = file_cfg("dst");
+    let cfg = |work, data: &Path| VmmConfig {
+        image: &image,
+        root: None,
+        data_disks: vec![Disk::File {
+            path: data.to_path_buf(),
+            read_only: false,
+        }],
+        mem_mib: e2e::snapshot::MEM_MIB,
+        vcpus: 1,
+        work_dir: work,
+    };
+    let mut guest = VmmGuest::restore(&cfg(&w1, &d1), &booted).unwrap();
+    let r = guest
+        .agent
+        .command(&format!("mem start {MEM_MIB}"), MEM_START);
+    guest.ok(r);
+    let r = guest.agent.command("mem status", REPLY);
+    let before = guest.ok(r).num("seq").unwrap();
+
+    let addr = format!("127.0.0.1:{}", e2e::free_port().unwrap());
+    let mut dst = VmmGuest::start_incoming(&cfg(&w2, &d2), &addr).unwrap();
+    let (code, body) = guest
+        .api_json(
+            "PUT",
+            "/v1/migration/send",
+            &format!(
+                r#"{{"destination":"{addr}","downtime_limit_ms":1,"max_iterations":8,"throttle":true,"resume":"auto"}}"#
+            ),
+        )
+        .unwrap();
+    assert_eq!(code, 202, "{body}");
+    let m = guest.wait_migration(&["completed"], MIGRATION_TIMEOUT);
+    let m = guest.ok(m);
+    eprintln!("busy guest migrated: {m}");
+    assert!(m["iteration"].as_u64().unwrap() >= 2, "{m}");
+    assert!(
+        m["throttle_percent"].as_u64().unwrap() > 0,
+        "the throttle never engaged: {m}"
+    );
+    dst.wait_migration(&["completed"], MIGRATION_TIMEOUT)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = dst.agent.command("mem status", REPLY);
+        let s = dst.ok(s);
+        assert_eq!(s.num("errors"), Some(0), "{s:?}");
+        if s.num("seq").unwrap() > before + 3 {
+            assert_eq!(
+                s.num("checksum").unwrap(),
+                expected_checksum(MEM_MIB, &s.nums("seqs").unwrap()),
+                "{s:?}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "workload stuck: {s:?}");
+    }
+}
