@@ -641,9 +641,7 @@ impl Vm {
 
     /// Runs the guest here: the devices' data paths first, then the vCPUs.
     fn resume_here(&mut self) -> Result<(), String> {
-        for d in &self.disks {
-            lock(d).unquiesce().map_err(|e| error_chain(&e))?;
-        }
+        self.restart_data_paths()?;
         if self.state == RunState::Paused {
             self.vcpu_shared.resumed_at_us.store(0, Ordering::SeqCst);
             self.all_vcpus(|| VcpuCommand::Resume, VcpuState::Running)
@@ -661,8 +659,13 @@ impl Vm {
         let was_running = self.state == RunState::Running;
         let paused_at = self.pause_vcpus()?;
         let saved = self.save_paused();
-        if saved.is_err() && was_running {
-            if let Err(e) = self.resume_here() {
+        if saved.is_err() {
+            let r = if was_running {
+                self.resume_here()
+            } else {
+                self.restart_data_paths()
+            };
+            if let Err(e) = r {
                 tracing::error!(error = %e, "could not resume after a failed save");
             }
         }
@@ -824,17 +827,25 @@ impl Vm {
             }
             Outcome::NotHandedOver => {
                 self.role = Role::Own;
-                if sending.paused || self.disks_quiesced() {
-                    if let Err(e) = self.resume_here() {
-                        tracing::error!(error = %e, "could not resume the guest after the failed migration");
-                    }
+                // The guest runs again as it did before: the data paths restart, and the vCPUs
+                // if the stop-and-copy paused them (an operator's pause stays).
+                let r = if sending.paused {
+                    self.resume_here()
+                } else {
+                    self.restart_data_paths()
+                };
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "could not resume the guest after the failed migration");
                 }
             }
         }
     }
 
-    fn disks_quiesced(&self) -> bool {
-        self.disks.iter().any(|d| lock(d).is_quiesced())
+    fn restart_data_paths(&self) -> Result<(), String> {
+        for d in &self.disks {
+            lock(d).unquiesce().map_err(|e| error_chain(&e))?;
+        }
+        Ok(())
     }
 
     fn on_incoming_state(&mut self, bytes: &[u8]) -> Result<(), String> {
@@ -963,9 +974,7 @@ impl Vm {
                 if was_running {
                     self.resume_here()?;
                 } else {
-                    for d in &self.disks {
-                        lock(d).unquiesce().map_err(|e| error_chain(&e))?;
-                    }
+                    self.restart_data_paths()?;
                 }
                 written?;
             }

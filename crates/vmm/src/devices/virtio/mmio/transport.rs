@@ -165,11 +165,6 @@ impl MmioTransport {
         Ok(())
     }
 
-    /// The device is activated but its data path is stopped.
-    pub fn is_quiesced(&self) -> bool {
-        self.activated && !self.data_path
-    }
-
     /// Restarts the data path of an activated device after [`Self::quiesce`] or
     /// [`Self::restore`].
     pub fn unquiesce(&mut self) -> Result<(), super::super::VirtioError> {
