@@ -336,9 +336,19 @@ impl Client {
 
     /// Writes `data` at `offset`; `fua`: durable before the reply.
     pub async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), ClientError> {
+        self.write_slice(offset, &data, fua).await
+    }
+
+    /// Writes `data` at `offset` without taking it (a caller that may retry keeps it).
+    pub async fn write_slice(
+        &self,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+    ) -> Result<(), ClientError> {
         let l = self.check_len(data.len())?;
         let flags = if fua { NBD_CMD_FLAG_FUA } else { 0 };
-        self.submit(NBD_CMD_WRITE, flags, offset, l, Some(&data), 0)
+        self.submit(NBD_CMD_WRITE, flags, offset, l, Some(data), 0)
             .await
             .map(|_| ())
     }
