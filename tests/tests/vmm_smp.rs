@@ -1,5 +1,6 @@
 //! Two vCPUs: the guest brings up both (MP table, CPUID topology, in-kernel LAPIC) and the
-//! memory workload runs one thread on each.
+//! memory workload runs one thread on each; then the guest migrates to another VMM process
+//! (both vCPUs' state, the application processor's LAPIC included) and both threads go on.
 
 use agent_proto::expected_checksum;
 use e2e::image::guest_image;
@@ -16,15 +17,18 @@ fn vmm_two_vcpus_boot_and_both_run_the_workload() {
     }
     let image = guest_image();
     let dir = tempfile::tempdir().unwrap();
-    let mut guest = VmmGuest::start(&VmmConfig {
+    let config = |work| VmmConfig {
         image: &image,
         root: None,
         data_disks: vec![],
         mem_mib: 256,
         vcpus: 2,
-        work_dir: dir.path(),
-    })
-    .unwrap();
+        work_dir: work,
+    };
+    let (src_dir, dst_dir) = (dir.path().join("src"), dir.path().join("dst"));
+    std::fs::create_dir_all(&src_dir).unwrap();
+    std::fs::create_dir_all(&dst_dir).unwrap();
+    let mut guest = VmmGuest::start(&config(&src_dir)).unwrap();
     let ready = guest.agent.wait_ready(BOOT_TIMEOUT).unwrap();
     assert_eq!(ready.num("cpus"), Some(2), "{ready:?}");
     const MIB: usize = 16;
@@ -42,13 +46,46 @@ fn vmm_two_vcpus_boot_and_both_run_the_workload() {
         }
         assert!(Instant::now() < deadline, "memory sequence stuck: {s:?}");
     };
+    check(&status, MIB);
+
+    let addr = format!("127.0.0.1:{}", e2e::free_port().unwrap());
+    let mut dst = VmmGuest::start_incoming(&config(&dst_dir), &addr).unwrap();
+    let (code, body) = guest
+        .api_json(
+            "PUT",
+            "/v1/migration/send",
+            &format!(r#"{{"destination":"{addr}","resume":"auto"}}"#),
+        )
+        .unwrap();
+    assert_eq!(code, 202, "{body}");
+    let m = guest.wait_migration(&["completed"], Duration::from_secs(300));
+    eprintln!("two vCPUs migrated: {}", guest.ok(m));
+    let moved = status.num("seq").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        let s = dst.agent.command("mem status", REPLY);
+        let s = dst.ok(s);
+        assert_eq!(s.num("errors"), Some(0), "{s:?}");
+        if s.num("seq").unwrap() > moved + 4 {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "memory sequence stuck after the migration: {s:?}"
+        );
+    };
+    check(&status, MIB);
+    dst.agent.command("mem stop", REPLY).unwrap();
+}
+
+/// Both vCPUs ran the workload and the memory holds exactly the expected pattern.
+fn check(status: &agent_proto::Fields, mib: usize) {
     let mut cpus = status.nums("cpus").unwrap();
     cpus.sort();
     assert_eq!(cpus, vec![0, 1], "{status:?}");
     assert_eq!(
         status.num("checksum").unwrap(),
-        expected_checksum(MIB, &status.nums("seqs").unwrap()),
+        expected_checksum(mib, &status.nums("seqs").unwrap()),
         "{status:?}"
     );
-    guest.agent.command("mem stop", REPLY).unwrap();
 }
