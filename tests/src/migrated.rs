@@ -350,6 +350,17 @@ impl NsStoraged {
         Ok(String::from_utf8(out.stdout)?)
     }
 
+    /// Sends `sig` to storaged (SIGSTOP holds every answer, NBD and REST, until SIGCONT).
+    pub fn signal(&self, sig: libc::c_int) -> Result<()> {
+        let pid = self.child.as_ref().context("not running")?.id();
+        // SAFETY: kill(2) on the pid of a child we own and have not reaped (`ip netns exec`
+        // execs storaged in place, so this is storaged itself).
+        if unsafe { libc::kill(pid as libc::pid_t, sig) } != 0 {
+            bail!("kill: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// The leases of a volume as (host, state) pairs, from `storaged lease list`.
     pub fn leases(&self, volume: &str) -> Result<Vec<(String, String)>> {
         let text = self.cli(&["lease", "list", volume])?;
@@ -408,4 +419,120 @@ pub fn agent_of(instance: &Value, log: &Path) -> Result<crate::agent::AgentConn>
     let s = std::os::unix::net::UnixStream::connect(&path)
         .with_context(|| format!("connect {path}"))?;
     crate::agent::AgentConn::new(s.try_clone()?, s, log)
+}
+
+/// storaged and two hosts "a" and "b", each in its own network namespace with its own
+/// migrated (REST on port 7070 of its address), peers of each other.
+pub struct TwoHosts {
+    // Field order is drop order: the agents (and their VMMs) first, the namespaces last.
+    /// Host a.
+    pub a: Migrated,
+    /// Host b.
+    pub b: Migrated,
+    /// The storage host.
+    pub storaged: NsStoraged,
+    /// The namespaces.
+    pub rig: crate::netns::Rig,
+}
+
+/// The REST port of the agents of [`TwoHosts`].
+pub const AGENT_PORT: u16 = 7070;
+
+impl TwoHosts {
+    /// Starts everything under `dir` and creates the 64 MiB volumes `volumes`. The agents
+    /// declare a peer lost after `peer_timeout_ms`.
+    pub fn start(dir: &Path, volumes: &[&str], peer_timeout_ms: u64) -> Result<TwoHosts> {
+        let rig = crate::netns::Rig::new(&["storage", "a", "b"])?;
+        let storaged = NsStoraged::start(rig.host("storage"), &dir.join("storaged"))?;
+        for v in volumes {
+            storaged.cli(&["volume", "create", v, "--size", "64M"])?;
+        }
+        let addr = |h: &str| format!("{}:{AGENT_PORT}", rig.host(h).addr);
+        let opts = |me: &str, peer: &str| MigratedOptions {
+            host_id: me.into(),
+            listen: addr(me),
+            storaged_api: storaged.api.clone(),
+            storaged_nbd: storaged.nbd.clone(),
+            peers: vec![(peer.into(), addr(peer))],
+            netns: Some(rig.host(me).clone()),
+            peer_timeout_ms,
+        };
+        let a = Migrated::start(&dir.join("a"), opts("a", "b"))?;
+        let b = Migrated::start(&dir.join("b"), opts("b", "a"))?;
+        Ok(TwoHosts {
+            a,
+            b,
+            storaged,
+            rig,
+        })
+    }
+
+    /// The agent of host `name`.
+    pub fn agent(&self, name: &str) -> &Migrated {
+        match name {
+            "a" => &self.a,
+            "b" => &self.b,
+            _ => panic!("no host {name}"),
+        }
+    }
+}
+
+/// `migratectl --socket SOCKET --json migrate ARGS...` started in the background: the
+/// migration's final record comes from [`Migration::wait`].
+pub struct Migration {
+    child: Child,
+}
+
+impl Migration {
+    /// Starts `migratectl --json migrate ARGS` against `agent`.
+    pub fn start(agent: &Migrated, args: &[&str]) -> Result<Migration> {
+        let child = Command::new(crate::binary("migratectl"))
+            .arg("--socket")
+            .arg(&agent.socket)
+            .arg("--json")
+            .arg("migrate")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running migratectl")?;
+        Ok(Migration { child })
+    }
+
+    /// Waits for migratectl: its exit status and the record it printed (`Value::Null` when
+    /// it printed none, e.g. because its migrated was killed).
+    pub fn wait(self) -> Result<(bool, Value, String)> {
+        let out = self.child.wait_with_output()?;
+        let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        Ok((
+            out.status.success(),
+            v,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+}
+
+impl Migrated {
+    /// The migrations this agent knows, newest last.
+    pub fn migrations(&self) -> Result<Vec<Value>> {
+        let v = self.ctl(&["migrations"])?;
+        Ok(v.as_array().cloned().unwrap_or_default())
+    }
+
+    /// Waits until the newest migration of instance `name` here is in `phase`; returns it.
+    pub fn wait_migration_phase(&self, name: &str, phase: &str, limit: Duration) -> Result<Value> {
+        wait_for(
+            &format!("a migration of {name} in phase {phase}"),
+            limit,
+            || {
+                self.migrations()
+                    .ok()?
+                    .into_iter()
+                    .filter(|m| m["instance"] == name)
+                    .max_by_key(|m| m["started_ms"].as_u64())
+                    .filter(|m| m["phase"] == phase)
+            },
+        )
+    }
 }

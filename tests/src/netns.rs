@@ -24,6 +24,8 @@ pub struct Host {
     pub netns: String,
     /// Address on the rig's network.
     pub addr: std::net::Ipv4Addr,
+    /// The host's end of its veth pair.
+    pub iface: String,
 }
 
 fn ip(args: &[&str]) -> Result<()> {
@@ -63,13 +65,14 @@ impl Rig {
             let netns = format!("{prefix}-{name}");
             ip(&["netns", "add", &netns])?;
             let addr = std::net::Ipv4Addr::new(198, 18, (n % 250) as u8, 10 + i as u8);
+            // Interface names are limited to 15 bytes: keep them short and unique per rig.
+            let (inner, outer) = (format!("v{n}h{i}"), format!("v{n}s{i}"));
             rig.hosts.push(Host {
                 name: name.to_string(),
                 netns: netns.clone(),
                 addr,
+                iface: inner.clone(),
             });
-            // Interface names are limited to 15 bytes: keep them short and unique per rig.
-            let (inner, outer) = (format!("v{n}h{i}"), format!("v{n}s{i}"));
             ip(&[
                 "-n", &netns, "link", "add", &inner, "type", "veth", "peer", "name", &outer,
                 "netns", &switch,
@@ -110,6 +113,80 @@ impl Host {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.netns]).arg(program);
         c
+    }
+}
+
+/// `tc ARGS` inside a namespace.
+fn tc(netns: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "tc"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("run tc (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "tc {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+impl Host {
+    /// Slows the TCP traffic this host sends to `dst` down to `rate` (tc's syntax: `1mbit`),
+    /// except what goes to port `except_port` (a control API that must stay responsive).
+    /// Everything else leaves unshaped. Replaces any earlier shaping; see [`Host::unshape`].
+    /// Built from what the test machines' kernel offers: an htb qdisc and u32 filters.
+    pub fn shape(
+        &self,
+        dst: std::net::Ipv4Addr,
+        except_port: Option<u16>,
+        rate: &str,
+    ) -> Result<()> {
+        self.unshape()?;
+        let dev = self.iface.as_str();
+        tc(
+            &self.netns,
+            &[
+                "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "10",
+            ],
+        )?;
+        for (class, rate) in [("1:10", "10gbit"), ("1:20", rate)] {
+            tc(
+                &self.netns,
+                &[
+                    "class", "add", "dev", dev, "parent", "1:", "classid", class, "htb", "rate",
+                    rate,
+                ],
+            )?;
+        }
+        let dst = format!("{dst}/32");
+        if let Some(port) = except_port {
+            let port = port.to_string();
+            tc(
+                &self.netns,
+                &[
+                    "filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio", "1",
+                    "u32", "match", "ip", "dst", &dst, "match", "ip", "dport", &port, "0xffff",
+                    "flowid", "1:10",
+                ],
+            )?;
+        }
+        tc(
+            &self.netns,
+            &[
+                "filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio", "2", "u32",
+                "match", "ip", "dst", &dst, "flowid", "1:20",
+            ],
+        )
+    }
+
+    /// Removes the shaping of [`Host::shape`] (nothing to remove is fine).
+    pub fn unshape(&self) -> Result<()> {
+        let _ = tc(&self.netns, &["qdisc", "del", "dev", &self.iface, "root"]);
+        Ok(())
     }
 }
 

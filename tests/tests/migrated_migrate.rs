@@ -7,8 +7,7 @@
 use agent_proto::{expected_checksum, Fields};
 use e2e::agent::AgentConn;
 use e2e::image::guest_image;
-use e2e::migrated::{agent_of, write_guest_toml, Migrated, MigratedOptions, NsStoraged};
-use e2e::netns::Rig;
+use e2e::migrated::{agent_of, write_guest_toml, Migrated, TwoHosts};
 use e2e::storaged::wait_for;
 use serde_json::Value;
 use std::path::Path;
@@ -18,38 +17,10 @@ const BOOT: Duration = Duration::from_secs(400);
 const REPLY: Duration = Duration::from_secs(120);
 const MIB: usize = 8;
 
-struct Hosts {
-    // Field order is drop order: agents (and their VMMs) first, the namespaces last.
-    a: Migrated,
-    b: Migrated,
-    storaged: NsStoraged,
-    _rig: Rig,
-}
+type Hosts = TwoHosts;
 
 fn hosts(dir: &Path) -> Hosts {
-    let rig = Rig::new(&["storage", "a", "b"]).unwrap();
-    let storaged = NsStoraged::start(rig.host("storage"), &dir.join("storaged")).unwrap();
-    storaged
-        .cli(&["volume", "create", "vm1-data", "--size", "64M"])
-        .unwrap();
-    let addr = |h: &str| format!("{}:7070", rig.host(h).addr);
-    let opts = |me: &str, peer: &str| MigratedOptions {
-        host_id: me.into(),
-        listen: addr(me),
-        storaged_api: storaged.api.clone(),
-        storaged_nbd: storaged.nbd.clone(),
-        peers: vec![(peer.into(), addr(peer))],
-        netns: Some(rig.host(me).clone()),
-        peer_timeout_ms: 3000,
-    };
-    let a = Migrated::start(&dir.join("a"), opts("a", "b")).unwrap();
-    let b = Migrated::start(&dir.join("b"), opts("b", "a")).unwrap();
-    Hosts {
-        a,
-        b,
-        storaged,
-        _rig: rig,
-    }
+    TwoHosts::start(dir, &["vm1-data"], 3000).unwrap()
 }
 
 /// Waits for the memory workload to pass `after` and checks it is intact.
