@@ -172,6 +172,8 @@ fn migrated_migrates_a_guest_there_and_back() {
         assert!(m["figures"][k].as_u64().is_some(), "{k}: {m}");
     }
     assert!(m["figures"]["bytes_sent"].as_u64().unwrap() > 0);
+    // The destination VMM measured the pause, source's last vCPU pause to its first run.
+    assert!(m["figures"]["vmm_downtime_us"].as_u64().unwrap() > 0, "{m}");
     let on_a = h.a.instance("vm1").unwrap();
     assert_eq!(on_a["state"], "migrated-away", "{on_a}");
     assert!(e2e::migrated::process_gone(

@@ -381,7 +381,6 @@ impl Source {
                             self.paused_at.get_or_insert_with(Instant::now);
                             self.modify(|r| {
                                 r.figures.bytes_sent = st.bytes_sent;
-                                r.figures.vmm_downtime_ms = st.downtime_ms;
                                 r.step(
                                     Phase::HandedOver,
                                     format!(
@@ -473,9 +472,9 @@ impl Source {
     async fn resume_destination(&mut self, rec: &MigrationRecord) -> Result<(), String> {
         let deadline =
             Instant::now() + Duration::from_millis(self.agent.cfg.peer_timeout_ms.max(1000) * 6);
-        loop {
+        let resumed = loop {
             match self.peer.resume(&rec.id).await {
-                Ok(_) => break,
+                Ok(dest) => break dest,
                 Err(err) if Instant::now() > deadline => {
                     return Err(format!(
                         "the destination did not confirm the resume: {}",
@@ -488,13 +487,15 @@ impl Source {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
-        }
+        };
         let downtime = self
             .paused_at
             .map(|p| p.elapsed().as_millis() as u64)
             .unwrap_or(0);
         self.modify(|r| {
             r.figures.downtime_ms = downtime;
+            r.figures.vmm_downtime_ms = resumed.figures.vmm_downtime_ms;
+            r.figures.vmm_downtime_us = resumed.figures.vmm_downtime_us;
             r.step(Phase::Cleanup, "the destination runs the guest");
         })
         .map_err(|e| error_chain(&e))?;

@@ -132,14 +132,36 @@ pub async fn resume(agent: &Arc<Agent>, id: &str) -> Result<MigrationRecord, Age
     modify(agent, id, |r| r.step(Phase::Resuming, "resuming the guest"))?;
     let inst = agent.instance(&mig.instance)?;
     agent.vmm(&inst).resume().await?;
+    let (downtime_ms, downtime_us) = vmm_downtime(agent, &inst).await;
     agent.update_instance(&inst.name, |r| {
         r.state = InstanceState::Running;
         r.migration = None;
         r.incoming = None;
     })?;
     modify(agent, id, |r| {
+        r.figures.vmm_downtime_ms = downtime_ms;
+        r.figures.vmm_downtime_us = downtime_us;
         r.step(Phase::Completed, "the guest runs here");
     })
+}
+
+/// How long to wait for the resumed VMM to report its figures.
+const FIGURES_WAIT: Duration = Duration::from_secs(5);
+
+/// The downtime the resumed VMM measured (it reports it once its vCPUs ran); zero if it does
+/// not tell in time (the figure is informative, the guest runs either way).
+async fn vmm_downtime(agent: &Agent, inst: &InstanceRecord) -> (u64, u64) {
+    let vmm = agent.vmm(inst).with_timeout(Duration::from_secs(2));
+    let deadline = Instant::now() + FIGURES_WAIT;
+    while Instant::now() < deadline {
+        if let Ok(s) = vmm.migration().await {
+            if s.phase == "completed" {
+                return (s.downtime_ms, s.downtime_us);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (0, 0)
 }
 
 /// `POST /v1/incoming/{id}/abort`: ends the incoming VMM (refused once the guest runs here).

@@ -117,8 +117,12 @@ pub struct Figures {
     /// From the source pause (first seen in stop-and-copy) to the destination's resume ack, as
     /// migrated measures it.
     pub downtime_ms: u64,
-    /// Downtime as the source VMM reports it.
+    /// Downtime as the destination VMM measures it: from the source's last vCPU pause to its
+    /// own first vCPU run (wall clocks of both hosts).
     pub vmm_downtime_ms: u64,
+    /// Same, in microseconds.
+    #[serde(default)]
+    pub vmm_downtime_us: u64,
     /// Time spent flipping the leases at storaged.
     pub flip_ms: u64,
     /// Bytes the source VMM sent.

@@ -78,8 +78,10 @@ pub struct MigrationStatus {
     pub expected_downtime_ms: u64,
     /// Time since the migration started.
     pub total_ms: u64,
-    /// Pause time.
+    /// Pause time (known at the destination after its resume).
     pub downtime_ms: u64,
+    /// Same, in microseconds.
+    pub downtime_us: u64,
     /// Why it failed.
     pub error: Option<String>,
 }
