@@ -86,8 +86,7 @@ pub fn booted(image: &GuestImage) -> Result<Booted> {
 }
 
 fn make(image: &GuestImage, dir: &Path, path: &Path) -> Result<String> {
-    let data = dir.join("data.img");
-    std::fs::File::create(&data)?.set_len(DATA_DISK_BYTES)?;
+    let data = crate::workload::fresh_disk(&dir.join("data.img"), DATA_DISK_BYTES);
     let cfg = VmmConfig {
         image,
         root: None,

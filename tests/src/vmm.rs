@@ -140,8 +140,12 @@ impl VmmGuest {
         let started = Instant::now();
         let mut child = Self::command(cfg)
             .args(extra_args)
-            // vCPU register dumps on pause (see `diagnose`).
-            .env("RUST_LOG", "info,vmm::vcpu=debug")
+            // vCPU register dumps on pause (see `diagnose`); benchmarks set E2E_VMM_LOG=info
+            // so that a pause costs what it costs in production.
+            .env(
+                "RUST_LOG",
+                std::env::var("E2E_VMM_LOG").unwrap_or_else(|_| "info,vmm::vcpu=debug".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr_log)?)

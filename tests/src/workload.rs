@@ -72,3 +72,23 @@ pub fn check_disk(agent: &mut AgentConn, data: &Path, boot_id: &str) {
     assert_eq!(again.num("next"), Some(acked));
     agent.command("disk stop", REPLY).unwrap();
 }
+
+/// Waits until the memory workload's sequence passes `after`, checking on every status that no
+/// word was ever wrong; returns that status.
+pub fn mem_seq_after(agent: &mut AgentConn, after: u64) -> agent_proto::Fields {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = agent.command("mem status", REPLY).unwrap();
+        assert_eq!(s.num("errors"), Some(0), "{s:?}");
+        if s.num("seq").unwrap() > after {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "memory sequence stuck: {s:?}");
+    }
+}
+
+/// A fresh, zeroed (sparse) disk image of `bytes` at `path`.
+pub fn fresh_disk(path: &Path, bytes: u64) -> std::path::PathBuf {
+    std::fs::File::create(path).unwrap().set_len(bytes).unwrap();
+    path.to_path_buf()
+}

@@ -10,22 +10,18 @@
 
 use e2e::image::guest_image;
 use e2e::vmm::{Disk, VmmConfig, VmmGuest};
-use e2e::workload::{MEM_START, REPLY};
+use e2e::workload::{fresh_disk, mem_seq_after, MEM_START, REPLY};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const EXIT: Duration = Duration::from_secs(60);
 
 /// The suite snapshot's shape, with a fresh data disk in `dir`.
 fn cfg<'a>(image: &'a e2e::image::GuestImage, dir: &'a Path) -> VmmConfig<'a> {
     std::fs::create_dir_all(dir).unwrap();
-    let data = dir.join("data.img");
-    std::fs::File::create(&data)
-        .unwrap()
-        .set_len(e2e::snapshot::DATA_DISK_BYTES)
-        .unwrap();
+    let data = fresh_disk(&dir.join("data.img"), e2e::snapshot::DATA_DISK_BYTES);
     VmmConfig {
         image,
         root: None,
@@ -111,23 +107,13 @@ fn incoming_vmm_refuses_bad_streams_with_a_clear_error() {
     assert!(err.contains("memory_mib: 256"), "{err}");
 }
 
-/// The source's memory workload still runs with no error.
+/// The source still runs its guest, whose memory workload goes on with no error.
 fn still_running(guest: &mut VmmGuest, after_seq: &mut u64) {
     let (code, body) = guest.api("GET", "/v1/vm").unwrap();
     assert_eq!(code, 200);
     assert!(body.contains(r#""state":"running""#), "{body}");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let m = guest.agent.command("mem status", REPLY);
-        let m = guest.ok(m);
-        assert_eq!(m.num("errors"), Some(0), "{m:?}");
-        let seq = m.num("seq").unwrap();
-        if seq > *after_seq + 1 {
-            *after_seq = seq;
-            return;
-        }
-        assert!(Instant::now() < deadline, "workload stuck: {m:?}");
-    }
+    let s = mem_seq_after(&mut guest.agent, *after_seq + 1);
+    *after_seq = s.num("seq").unwrap();
 }
 
 fn send(guest: &VmmGuest, addr: &str) {
@@ -156,6 +142,16 @@ fn fake_destination(f: impl FnOnce(TcpStream) + Send + 'static) -> String {
 fn read_exactly(s: &mut TcpStream, n: usize) {
     let mut buf = vec![0u8; n];
     let _ = s.read_exact(&mut buf);
+}
+
+/// Reads the preamble and HELLO like a destination, and accepts.
+fn accept_hello(s: &mut TcpStream) {
+    read_exactly(s, 12);
+    let mut header = [0u8; 12];
+    let _ = s.read_exact(&mut header);
+    let n = u32::from_le_bytes(header[4..8].try_into().unwrap()) as usize;
+    read_exactly(s, n);
+    let _ = s.write_all(&frame(2, br#"{"ok":true,"error":null}"#));
 }
 
 #[test]
@@ -187,12 +183,7 @@ fn source_keeps_the_guest_when_the_destination_fails() {
 
     // A destination that dies after 1 MiB of the stream.
     let addr = fake_destination(|mut s| {
-        read_exactly(&mut s, 12);
-        let mut len = [0u8; 12];
-        let _ = s.read_exact(&mut len);
-        let n = u32::from_le_bytes(len[4..8].try_into().unwrap()) as usize;
-        read_exactly(&mut s, n);
-        let _ = s.write_all(&frame(2, br#"{"ok":true,"error":null}"#));
+        accept_hello(&mut s);
         read_exactly(&mut s, 1 << 20);
     });
     send(&guest, &addr);
@@ -203,12 +194,7 @@ fn source_keeps_the_guest_when_the_destination_fails() {
     // A destination that stops reading; the operator aborts.
     let (hold_tx, hold_rx) = std::sync::mpsc::channel::<()>();
     let addr = fake_destination(move |mut s| {
-        read_exactly(&mut s, 12);
-        let mut len = [0u8; 12];
-        let _ = s.read_exact(&mut len);
-        let n = u32::from_le_bytes(len[4..8].try_into().unwrap()) as usize;
-        read_exactly(&mut s, n);
-        let _ = s.write_all(&frame(2, br#"{"ok":true,"error":null}"#));
+        accept_hello(&mut s);
         let _ = hold_rx.recv();
     });
     send(&guest, &addr);

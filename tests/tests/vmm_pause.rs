@@ -4,21 +4,14 @@
 use agent_proto::expected_checksum;
 use e2e::image::guest_image;
 use e2e::vmm::{json_str, Disk, VmmConfig, VmmGuest};
-use std::time::{Duration, Instant};
+use e2e::workload::{fresh_disk, mem_seq_after};
+use std::time::Duration;
 
 const REPLY: Duration = Duration::from_secs(180);
 const MIB: usize = 16;
 
 fn seq_after(guest: &mut VmmGuest, after: u64) -> agent_proto::Fields {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let s = guest.agent.command("mem status", REPLY).unwrap();
-        assert_eq!(s.num("errors"), Some(0), "{s:?}");
-        if s.num("seq").unwrap() > after {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "memory sequence stuck: {s:?}");
-    }
+    mem_seq_after(&mut guest.agent, after)
 }
 
 #[test]
@@ -29,11 +22,7 @@ fn vmm_pause_resume_while_memory_workload_runs() {
     let image = guest_image();
     let booted = e2e::snapshot::booted(&image).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data.img");
-    std::fs::File::create(&data)
-        .unwrap()
-        .set_len(e2e::snapshot::DATA_DISK_BYTES)
-        .unwrap();
+    let data = fresh_disk(&dir.path().join("data.img"), e2e::snapshot::DATA_DISK_BYTES);
     let mut guest = VmmGuest::restore(
         &VmmConfig {
             image: &image,

@@ -5,7 +5,8 @@
 use agent_proto::expected_checksum;
 use e2e::image::guest_image;
 use e2e::vmm::{VmmConfig, VmmGuest};
-use std::time::{Duration, Instant};
+use e2e::workload::mem_seq_after;
+use std::time::Duration;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
 const REPLY: Duration = Duration::from_secs(180);
@@ -37,15 +38,7 @@ fn vmm_two_vcpus_boot_and_both_run_the_workload() {
         .command(&format!("mem start {MIB} 2"), REPLY)
         .unwrap();
     assert_eq!(m.num("threads"), Some(2), "{m:?}");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        let s = guest.agent.command("mem status", REPLY).unwrap();
-        assert_eq!(s.num("errors"), Some(0), "{s:?}");
-        if s.num("seq").unwrap() > 5 {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "memory sequence stuck: {s:?}");
-    };
+    let status = mem_seq_after(&mut guest.agent, 5);
     check(&status, MIB);
 
     let addr = format!("127.0.0.1:{}", e2e::free_port().unwrap());
@@ -60,20 +53,7 @@ fn vmm_two_vcpus_boot_and_both_run_the_workload() {
     assert_eq!(code, 202, "{body}");
     let m = guest.wait_migration(&["completed"], Duration::from_secs(300));
     eprintln!("two vCPUs migrated: {}", guest.ok(m));
-    let moved = status.num("seq").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        let s = dst.agent.command("mem status", REPLY);
-        let s = dst.ok(s);
-        assert_eq!(s.num("errors"), Some(0), "{s:?}");
-        if s.num("seq").unwrap() > moved + 4 {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "memory sequence stuck after the migration: {s:?}"
-        );
-    };
+    let status = mem_seq_after(&mut dst.agent, status.num("seq").unwrap() + 4);
     check(&status, MIB);
     dst.agent.command("mem stop", REPLY).unwrap();
 }

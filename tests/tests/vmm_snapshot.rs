@@ -7,7 +7,7 @@
 use agent_proto::{expected_checksum, Record, RECORD_SIZE};
 use e2e::image::guest_image;
 use e2e::vmm::{Disk, VmmConfig, VmmGuest};
-use e2e::workload::{MEM_START, REPLY};
+use e2e::workload::{fresh_disk, MEM_START, REPLY};
 use std::time::{Duration, Instant};
 
 #[test]
@@ -17,11 +17,7 @@ fn snapshot_restores_into_a_new_vmm_and_the_workloads_continue() {
     }
     let image = guest_image();
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data.img");
-    std::fs::File::create(&data)
-        .unwrap()
-        .set_len(e2e::snapshot::DATA_DISK_BYTES)
-        .unwrap();
+    let data = fresh_disk(&dir.path().join("data.img"), e2e::snapshot::DATA_DISK_BYTES);
     let cfg = |d: &str| {
         let work = dir.path().join(d);
         std::fs::create_dir_all(&work).unwrap();

@@ -170,6 +170,7 @@ fn send(ctx: &SourceCtx, started: Instant) -> Result<(), String> {
         .start()
         .map_err(|e| format!("turn on KVM's dirty log: {e}"))?;
     let mut sent = 0u64;
+    // The dirty log runs from here: the first fetch holds what the guest wrote during the pass.
     let t = Instant::now();
     sent += full_pass(ctx, &mut w)?;
     w.flush().map_err(io)?;
@@ -183,7 +184,7 @@ fn send(ctx: &SourceCtx, started: Instant) -> Result<(), String> {
     let throttle = Throttle::start(ctx.kickers.clone());
     let mut pending;
     let mut iteration = 0u64;
-    let mut last_fetch = Instant::now();
+    let mut last_fetch = t;
     loop {
         check_abort(ctx)?;
         let dirty = ctx
@@ -247,19 +248,32 @@ fn send(ctx: &SourceCtx, started: Instant) -> Result<(), String> {
     let stop = rx
         .recv_timeout(Duration::from_secs(120))
         .map_err(|_| "the VM did not pause for the stop-and-copy".to_string())??;
-    update(&ctx.status, |s| s.phase = Phase::Stopcopy);
+    let paused = Instant::now();
+    update(&ctx.status, |s| {
+        s.phase = Phase::Stopcopy;
+        s.iteration = iteration;
+    });
     let last = ctx
         .dirty
         .fetch_and_clear()
         .map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}"))?;
     pending.merge(&last);
-    sent += send_pages(ctx, &mut w, &pending)?;
+    let final_bytes = send_pages(ctx, &mut w, &pending)?;
+    sent += final_bytes;
     wire::write_frame(&mut w, Kind::State, &stop.state).map_err(we)?;
     sent += 12 + stop.state.len() as u64;
     w.flush().map_err(io)?;
+    let sent_us = paused.elapsed().as_micros() as u64;
     let ready: Reply = reader
         .read_json(Kind::Ready, "answer to STATE")
         .map_err(we)?;
+    tracing::info!(
+        pages_bytes = final_bytes,
+        state_bytes = stop.state.len(),
+        sent_us,
+        loaded_us = paused.elapsed().as_micros() as u64,
+        "migration: stop-and-copy sent and loaded"
+    );
     if !ready.ok {
         return Err(format!(
             "the destination could not load the state: {}",
