@@ -1,21 +1,25 @@
-//! The demo that `scripts/demo` runs: the product end to end, as far as it exists, narrated.
+//! The demo that `scripts/demo` runs: the product end to end, narrated.
 //!
-//! storaged serves the guest's volumes; the VMM boots the test guest with its root and data
-//! disks on storaged, held as primary by host "a"; the agent's workloads run; the data volume's
-//! lease is flipped to host "b" and host "a" is fenced. Everything started is stopped at the end.
+//! storaged and two hosts "a" and "b", each in its own network namespace joined by veth, each
+//! host with its own migrated. The test guest boots on host a from a storaged root volume (and
+//! a data volume for its disk workload); its memory and disk workloads run; migratectl moves
+//! it to host b and back with its progress bar, and the figures are printed. Between the two
+//! legs, a connection host a opened as the volume's primary before the flip tries to write:
+//! refused, and so is a new connection from host a. Everything started is stopped at the end.
 
-use agent_proto::{expected_checksum, Record, RECORD_SIZE};
 use anyhow::{bail, Context, Result};
+use e2e::agent::AgentConn;
 use e2e::image::guest_image;
-use e2e::storaged::{client_config, Storaged};
-use e2e::vmm::{Disk, VmmConfig, VmmGuest};
-use std::process::Command;
+use e2e::migrated::{agent_of, TwoHosts};
+use serde_json::Value;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use storaged::client::{Client, ClientError};
+use storaged::client::{Client, ClientConfig, LeaseSpec};
 use storaged::protocol::RequestedState;
 
 const BOOT: Duration = Duration::from_secs(600);
-const REPLY: Duration = Duration::from_secs(60);
+const REPLY: Duration = Duration::from_secs(120);
 const MEM_MIB: usize = 8;
 /// `mem start` faults its buffer in, page by page in emulated guest kernel code.
 const MEM_START: Duration = Duration::from_secs(600);
@@ -25,7 +29,9 @@ fn step(n: u32, text: &str) {
 }
 
 fn say(text: impl AsRef<str>) {
-    println!("    {}", text.as_ref());
+    for line in text.as_ref().lines() {
+        println!("    {line}");
+    }
 }
 
 fn main() -> Result<()> {
@@ -41,160 +47,326 @@ fn main() -> Result<()> {
     }
     let image = guest_image();
     let dir = tempfile::Builder::new().prefix("vmhop-demo.").tempdir()?;
-    let rt = tokio::runtime::Runtime::new()?;
 
-    step(1, "storaged: volumes over NBD with per-host leases");
-    let storaged = Storaged::start(dir.path())?;
+    step(
+        1,
+        "three hosts, each a network namespace on one bridge: storage, a and b",
+    );
+    let h = TwoHosts::start(dir.path(), &["vm1-data"], 3000)?;
+    for name in ["storage", "a", "b"] {
+        let host = h.rig.host(name);
+        say(format!("{name:<8} {} (netns {})", host.addr, host.netns));
+    }
     say(format!(
-        "NBD on {}, REST API on {}",
-        storaged.nbd, storaged.api
+        "storaged on storage: NBD {}, REST API {}",
+        h.storaged.nbd, h.storaged.api
     ));
+    say(format!(
+        "migrated on a: {}, on b: {} (peers of each other)",
+        h.a.listen, h.b.listen
+    ));
+
+    step(2, "the guest's volumes on storaged");
     let root_size = std::fs::metadata(&image.rootfs)?.len();
-    storaged.create_volume(
+    h.storaged.cli(&[
+        "volume",
+        "create",
         "vm1-root",
+        "--size",
         &root_size.to_string(),
-        &["--anonymous", "read-write-without-primary"],
-    )?;
-    storaged.create_volume("vm1-data", "64M", &[])?;
-    let out = Command::new("qemu-img")
+        "--anonymous",
+        "read-write-without-primary",
+    ])?;
+    let out = h
+        .rig
+        .host("storage")
+        .command("qemu-img")
         .args(["convert", "-n", "-f", "raw", "-O", "raw"])
         .arg(&image.rootfs)
-        .arg(storaged.uri("vm1-root"))
+        .arg(format!("nbd://{}/vm1-root", h.storaged.nbd))
         .output()?;
     if !out.status.success() {
         bail!("qemu-img convert: {}", String::from_utf8_lossy(&out.stderr));
     }
     say(format!(
-        "volume vm1-root ({} MiB): the guest's root filesystem, written by an unmodified qemu-img over NBD",
+        "vm1-root ({} MiB): the guest's root filesystem, written by an unmodified qemu-img over NBD",
         root_size >> 20
     ));
-    say("volume vm1-data (64 MiB): the agent's disk workload");
+    say("vm1-data (64 MiB): the agent's disk workload");
 
     step(
-        2,
-        "vmm on host a: the test guest boots from its storaged volumes (leases: primary)",
+        3,
+        "migratectl run: the guest boots on host a from its storaged volumes",
     );
-    let spec = |vol: &str| format!("{},volume={vol},host=a,instance=vm1", storaged.nbd);
-    let mut vm = VmmGuest::start(&VmmConfig {
-        image: &image,
-        root: Some(Disk::Storaged(spec("vm1-root"))),
-        data_disks: vec![Disk::Storaged(spec("vm1-data"))],
-        mem_mib: 256,
-        vcpus: 1,
-        work_dir: dir.path(),
-    })?;
-    let ready = vm.agent.wait_ready(BOOT).context("guest boot")?;
+    let toml = dir.path().join("vm1.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "name = \"vm1\"\nkernel = {:?}\ncmdline = {:?}\nmemory_mib = 256\nvcpus = 1\n\
+             [[disks]]\nvolume = \"vm1-root\"\n[[disks]]\nvolume = \"vm1-data\"\n",
+            image.kernel.display().to_string(),
+            image.cmdline
+        ),
+    )?;
+    let t = Instant::now();
+    let rec = h.a.ctl(&["run", toml.to_str().context("path")?])?;
+    let mut agent = agent_of(&rec, &dir.path().join("serial-a.log"))?;
+    let ready = agent.wait_ready(BOOT).context("guest boot")?;
     say(format!(
-        "guest agent ready: {:.1} s after the VMM started ({:.1} s of it guest kernel boot, emulated here)",
-        vm.started.elapsed().as_secs_f64(),
-        ready.num("uptime_ms").unwrap_or(0) as f64 / 1000.0
+        "guest agent ready {:.1} s after `run` (guest kernel boot, emulated on this machine)",
+        t.elapsed().as_secs_f64()
     ));
     let boot_id = ready.get("boot_id").unwrap_or("?").to_string();
-    say(format!("boot id {boot_id}"));
-    say(storaged.cli(&["lease", "list", "vm1-data"])?.trim_end());
+    say(format!(
+        "VMM pid {} on a, guest boot id {boot_id}",
+        rec["pid"]
+    ));
+    say(h.storaged.cli(&["lease", "list", "vm1-data"])?.trim_end());
 
-    step(3, "the agent's workloads");
-    let agent = &mut vm.agent;
+    step(4, "the agent's workloads");
     let m = agent.command(&format!("mem start {MEM_MIB}"), MEM_START)?;
     say(format!(
-        "memory: {MEM_MIB} MiB rewritten pass after pass (touched in {} ms)",
+        "memory: {MEM_MIB} MiB rewritten pass after pass, verified word by word (touched in {} ms)",
         m.get("touch_ms").unwrap_or("?")
     ));
     agent.command("disk start", REPLY)?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let disk = loop {
-        let d = agent.command("disk status", REPLY)?;
-        if d.num("acked").unwrap_or(0) >= 512 || Instant::now() > deadline {
-            break d;
-        }
-    };
-    let mem = agent.command("mem status", REPLY)?;
-    let seqs = mem.nums("seqs").unwrap_or_default();
-    let sum_ok = mem.num("checksum") == Some(expected_checksum(MEM_MIB, &seqs));
-    say(format!(
-        "memory: pass {}, {} wrong words, checksum {} , largest pause {} us",
-        mem.num("seq").unwrap_or(0),
-        mem.num("errors").unwrap_or(0),
-        if sum_ok { "verified" } else { "WRONG" },
-        mem.num("maxgap_us").unwrap_or(0)
-    ));
-    say(format!(
-        "disk: {} records durable on vm1-data (O_DIRECT + fsync through storaged)",
-        disk.num("acked").unwrap_or(0)
-    ));
+    let w = workloads(&mut agent, 0, 0)?;
+    say(&w.text);
 
-    step(4, "pause and resume through the VMM's API");
-    let (code, _) = vm.api("PUT", "/v1/vm/pause")?;
-    say(format!("PUT /v1/vm/pause -> {code}"));
-    let (_, info) = vm.api("GET", "/v1/vm")?;
-    say(format!("GET /v1/vm -> {}", info.trim()));
-    let (code, _) = vm.api("PUT", "/v1/vm/resume")?;
-    say(format!("PUT /v1/vm/resume -> {code}"));
-    let after = vm.agent.command("mem status", REPLY)?;
-    say(format!(
-        "memory: pass {} after resume, {} wrong words, the guest saw a pause of {} us",
-        after.num("seq").unwrap_or(0),
-        after.num("errors").unwrap_or(0),
-        after.num("maxgap_us").unwrap_or(0)
-    ));
+    // A second connection of host a to vm1-data, as the primary holder, opened before the
+    // flip: what a slow or buggy old host could still try to write with.
+    let stale = StaleWriter::open(&h, "vm1-data")?;
+    say(format!("host a: {}", stale.opened));
 
-    step(
-        5,
-        "lease flip: host b takes vm1-data over, host a is fenced",
-    );
-    let standby = client_config(&storaged, "vm1-data", "b", RequestedState::Standby);
-    let b = rt.block_on(Client::connect(&standby))?;
-    say("host b: standby connection open (handshake done, no data access)");
-    let report = rt.block_on(b.flip())?;
-    say(format!("flip acknowledged: {report:?}"));
-    say(storaged.cli(&["lease", "list", "vm1-data"])?.trim_end());
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let fenced = loop {
-        let d = vm.agent.command("disk status", REPLY)?;
-        if d.get("state") != Some("running") || Instant::now() > deadline {
-            break d;
-        }
-    };
+    step(5, "migratectl migrate vm1 --to b");
+    let (rec, figures) = migrate(&h, "a", "b")?;
+    say(figures);
+    drop(agent);
+    let on_b = h.b.instance("vm1")?;
+    let mut agent = agent_of(&on_b, &dir.path().join("serial-b.log"))?;
+    let w = workloads(&mut agent, w.seq, w.acked)?;
+    same_boot(&mut agent, &boot_id)?;
     say(format!(
-        "guest on host a: disk writer {} after {} durable records (its writes are refused)",
-        fenced.get("state").unwrap_or("?"),
-        fenced.num("acked").unwrap_or(0)
+        "on b (VMM pid {}), same boot {boot_id}, nothing lost:",
+        on_b["pid"]
     ));
-    let again = client_config(&storaged, "vm1-data", "a", RequestedState::Primary);
-    match rt.block_on(Client::connect(&again)) {
-        Err(ClientError::Deactivated { message }) => say(format!(
-            "host a reconnecting: refused, deactivated ({message})"
-        )),
-        Err(e) => say(format!("host a reconnecting: refused ({e})")),
-        Ok(_) => bail!("host a could reconnect after the flip"),
-    }
-    let acked = fenced.num("acked").unwrap_or(0);
-    let mut valid = 0;
-    while valid < acked {
-        let data = rt.block_on(b.read(valid * RECORD_SIZE as u64, RECORD_SIZE))?;
-        if Record::decode(&data, valid).is_none() {
-            break;
-        }
-        valid += 1;
-    }
+    say(&w.text);
     say(format!(
-        "host b reads vm1-data: {valid} of the {acked} records host a had made durable verify"
+        "host a: instance {}, VMM gone",
+        h.a.instance("vm1")?["state"]
     ));
-    if valid != acked {
-        bail!("records lost across the flip");
+    for s in rec["steps"].as_array().into_iter().flatten() {
+        let note = s["note"].as_str().unwrap_or("");
+        if note.starts_with("volume ") {
+            say(format!("step: {note}"));
+        }
+    }
+    say(h.storaged.cli(&["lease", "list", "vm1-data"])?.trim_end());
+
+    step(6, "fencing: host a writes after the flip");
+    for line in stale.attempt()? {
+        say(line);
     }
 
-    step(6, "live migration");
-    say("not there yet: the VMM's migration stream and migrated (the per-host agent and");
-    say("migratectl) are the next pieces; this demo will then move the guest between two");
-    say("hosts in network namespaces and back, with the figures.");
-
-    step(7, "teardown");
-    drop(vm);
-    drop(storaged);
+    step(7, "migratectl migrate vm1 --to a: and back");
+    let (_, figures) = migrate(&h, "b", "a")?;
+    say(figures);
+    drop(agent);
+    let on_a = h.a.instance("vm1")?;
+    let mut agent = agent_of(&on_a, &dir.path().join("serial-a2.log"))?;
+    let w = workloads(&mut agent, w.seq, w.acked)?;
+    same_boot(&mut agent, &boot_id)?;
+    say(format!("on a again (VMM pid {}), same boot:", on_a["pid"]));
+    say(&w.text);
+    let acked = agent.command("disk stop", REPLY)?.num("acked").unwrap_or(0);
+    let v = agent.command("disk verify", REPLY)?;
     say(format!(
-        "everything stopped; demo took {:.0} s",
+        "disk: {} of the {acked} acknowledged records verify, written by {} boot(s)",
+        v.num("verified").unwrap_or(0),
+        v.num("boot_ids").unwrap_or(0)
+    ));
+    if v.num("verified") != Some(acked) {
+        bail!("acknowledged disk records lost");
+    }
+    let vmms = h.a.vmm_pids().len() + h.b.vmm_pids().len();
+    say(format!("VMMs running the guest: {vmms}"));
+
+    step(8, "teardown");
+    let stopped = h.a.ctl(&["stop", "vm1"])?;
+    say(format!("migratectl stop vm1: {}", stopped["state"]));
+    drop(agent);
+    drop(h);
+    say(format!(
+        "agents, storaged and namespaces removed; demo took {:.0} s",
         started.elapsed().as_secs_f64()
     ));
     Ok(())
+}
+
+/// What the workloads report.
+struct Workloads {
+    seq: u64,
+    acked: u64,
+    text: String,
+}
+
+/// Waits until both workloads passed `seq` and `acked`, checking them.
+fn workloads(agent: &mut AgentConn, seq: u64, acked: u64) -> Result<Workloads> {
+    let deadline = Instant::now() + REPLY;
+    loop {
+        let m = agent.command("mem status", REPLY)?;
+        let d = agent.command("disk status", REPLY)?;
+        let (s, a) = (m.num("seq").unwrap_or(0), d.num("acked").unwrap_or(0));
+        if m.num("errors") != Some(0) {
+            bail!("memory pattern broken: {m:?}");
+        }
+        if d.get("state") != Some("running") {
+            bail!("disk writer stopped: {d:?}");
+        }
+        let sum_ok = m.num("checksum")
+            == Some(agent_proto::expected_checksum(
+                MEM_MIB,
+                &m.nums("seqs").unwrap_or_default(),
+            ));
+        if s > seq && a > acked && sum_ok {
+            return Ok(Workloads {
+                seq: s,
+                acked: a,
+                text: format!(
+                    "memory: pass {s}, 0 wrong words, checksum verified, largest pause the guest saw {} us\n\
+                     disk: {a} records durable on vm1-data (O_DIRECT + fsync through storaged)",
+                    m.num("maxgap_us").unwrap_or(0)
+                ),
+            });
+        }
+        if Instant::now() > deadline {
+            bail!("workloads stuck: {m:?} {d:?}");
+        }
+    }
+}
+
+fn same_boot(agent: &mut AgentConn, boot_id: &str) -> Result<()> {
+    let c = agent.command("clock", REPLY)?;
+    if c.get("boot_id") != Some(boot_id) {
+        bail!("the guest rebooted: {c:?}");
+    }
+    Ok(())
+}
+
+/// Runs `migratectl migrate` on `from` with its progress bar on the terminal, then returns the
+/// record and the figures.
+fn migrate(h: &TwoHosts, from: &str, to: &str) -> Result<(Value, String)> {
+    let agent = h.agent(from);
+    let status = Command::new(e2e::binary("migratectl"))
+        .arg("--socket")
+        .arg(&agent.socket)
+        .args(["migrate", "vm1", "--to", to])
+        .stdin(Stdio::null())
+        .status()?;
+    let all = agent.migrations()?;
+    let rec = all
+        .into_iter()
+        .filter(|m| m["instance"] == "vm1" && m["source"] == from)
+        .max_by_key(|m| m["started_ms"].as_u64())
+        .context("no migration record")?;
+    if !status.success() {
+        bail!("the migration failed: {rec}");
+    }
+    let f = &rec["figures"];
+    Ok((
+        rec.clone(),
+        format!(
+            "figures: total {} ms; downtime {:.1} ms from the source's last vCPU pause to the \
+             destination's first vCPU run (the VMMs' measure), {} ms as migrated sees it (pause \
+             observed to resume acknowledged); lease flips {} ms; {:.1} MiB sent",
+            f["total_ms"],
+            f["vmm_downtime_us"].as_u64().unwrap_or(0) as f64 / 1000.0,
+            f["downtime_ms"],
+            f["flip_ms"],
+            f["bytes_sent"].as_u64().unwrap_or(0) as f64 / (1u64 << 20) as f64
+        ),
+    ))
+}
+
+/// A storaged connection from host a's namespace, as holder (a, vm1), on a thread of its own
+/// (the namespace is per thread).
+struct StaleWriter {
+    opened: String,
+    go: mpsc::Sender<()>,
+    result: mpsc::Receiver<Vec<String>>,
+}
+
+impl StaleWriter {
+    fn open(h: &TwoHosts, volume: &str) -> Result<StaleWriter> {
+        let netns = format!("/var/run/netns/{}", h.rig.host("a").netns);
+        let cfg = ClientConfig::new(vec![h.storaged.nbd.clone()], volume).with_lease(LeaseSpec {
+            host: "a".into(),
+            instance: "vm1".into(),
+            state: RequestedState::Primary,
+            expected_epoch: 0,
+        });
+        let (opened_tx, opened_rx) = mpsc::channel();
+        let (go, go_rx) = mpsc::channel::<()>();
+        let (result_tx, result) = mpsc::channel();
+        std::thread::spawn(move || {
+            let run = || -> Result<()> {
+                let ns = std::fs::File::open(&netns)?;
+                // SAFETY: setns(2) on a namespace file we opened; it changes only this
+                // thread's network namespace, which the sockets made below then use.
+                if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) }
+                    != 0
+                {
+                    bail!("setns {netns}: {}", std::io::Error::last_os_error());
+                }
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                let c = rt.block_on(Client::connect(&cfg))?;
+                let block = rt.block_on(c.read(0, 4096))?;
+                let _ = opened_tx.send(Ok(format!(
+                    "second connection to vm1-data as its primary holder (lease {:?}); read 4 KiB",
+                    c.lease()
+                )));
+                if go_rx.recv().is_err() {
+                    return Ok(());
+                }
+                let mut out = Vec::new();
+                // The same bytes it read: harmless if it were (wrongly) accepted.
+                match rt.block_on(c.write(0, block, true)) {
+                    Ok(()) => out
+                        .push("write through the old connection: ACCEPTED (fencing broken)".into()),
+                    Err(e) => out.push(format!(
+                        "write through its connection opened before the flip: refused ({e}: storaged fenced and closed it at the flip)"
+                    )),
+                }
+                match rt.block_on(Client::connect(&cfg)) {
+                    Ok(_) => out.push(
+                        "new connection from host a as primary: ACCEPTED (fencing broken)".into(),
+                    ),
+                    Err(e) => out.push(format!(
+                        "new connection from host a as primary: refused ({e})"
+                    )),
+                }
+                let _ = result_tx.send(out);
+                Ok(())
+            };
+            if let Err(e) = run() {
+                let _ = opened_tx.send(Err(e));
+            }
+        });
+        let opened = opened_rx.recv().context("the connection thread ended")??;
+        Ok(StaleWriter { opened, go, result })
+    }
+
+    fn attempt(self) -> Result<Vec<String>> {
+        self.go.send(()).context("the connection thread ended")?;
+        let out = self.result.recv().context("the connection thread ended")?;
+        if out.iter().any(|l| l.contains("ACCEPTED")) {
+            for l in &out {
+                say(l);
+            }
+            bail!("host a was not fenced");
+        }
+        Ok(out)
+    }
 }
