@@ -1,5 +1,5 @@
 //! The source-side state machine against a real storaged (in process, real NBD lease
-//! connections, real flips and rollbacks) with the two parties it cannot have yet replaced by
+//! connections, real flips and rollbacks) with the two parties replaced by
 //! test doubles that follow the contract: a VMM API on a Unix socket that pretends to stream
 //! (`vmm_client`'s contract), and a destination migrated on TCP whose incoming VMM holds
 //! standby leases. The `VMM process` is a `sleep` child that the double's shutdown ends.
@@ -8,6 +8,11 @@
 //! source ends); a flip storaged refuses (the flipped volume is rolled back, the destination's
 //! standby lease revoked, the source resumes); a destination lost during pre-copy; a stream
 //! the source VMM reports failed.
+//!
+//! The doubles make the timing of each phase the test's to choose (a pre-copy that lasts, a
+//! restart between two flips) and record every call made to them. The same paths with the
+//! real `vmm` are in `real_vmm.rs` (completion, a refused flip) and, with real guests on
+//! namespaced hosts, in the end-to-end tests (`tests/tests/migrated_*.rs`).
 
 use axum::extract::State;
 use axum::routing::{get, post, put};
