@@ -7,7 +7,9 @@
 //!
 //! Covered: a migration there and back (every lease flips, the destination VMM runs, the source
 //! VMM ends and its deactivated leases are released); a flip storaged refuses after another
-//! volume flipped (rolled back, the destination's VMM ended, the real source VMM resumed).
+//! volume flipped (rolled back, the destination's VMM ended, the real source VMM resumed); a
+//! destination still deactivated on a volume (its incoming VMM is refused: the migration
+//! aborts before anything moved).
 //! The phases a real guest needs time in (pre-copy, a restart in the middle) are driven with
 //! doubles in `coordinator.rs` and with real guests in the end-to-end tests.
 
@@ -24,8 +26,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use storaged::client::{Client, ClientConfig, LeaseSpec};
 use storaged::flip::{self, FlipTrigger};
 use storaged::lease::LeaseState;
+use storaged::protocol::RequestedState;
 use storaged::registry::Registry;
 use storaged::volume::{AnonymousPolicy, VolumeConfig};
 
@@ -146,6 +150,7 @@ async fn flip_v2(
 struct Storage {
     api: String,
     nbd: String,
+    reg: Arc<Registry>,
     refuse_v2: Arc<AtomicBool>,
     _stop: tokio::sync::watch::Sender<bool>,
 }
@@ -170,6 +175,7 @@ async fn storage(dir: &Path) -> Storage {
     let s = Storage {
         api: api.local_addr().unwrap().to_string(),
         nbd: nbd.local_addr().unwrap().to_string(),
+        reg: reg.clone(),
         refuse_v2: refuse_v2.clone(),
         _stop: tx,
     };
@@ -376,4 +382,50 @@ async fn a_refused_flip_rolls_back_and_the_real_source_vmm_resumes() {
     let r = migrate(&h.a, "b").await;
     assert_eq!(r.phase, Phase::Completed, "{r:?}");
     runs_only_on(&h, &h.b, &h.a).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_deactivated_on_a_volume_aborts_before_anything_moves() {
+    if !kvm_available("a_destination_deactivated_on_a_volume_aborts_before_anything_moves") {
+        return;
+    }
+    let h = hosts().await;
+    // v1 was b's and went to a with a flip; b's deactivated lease was never released.
+    let connect = |host: &str, state| {
+        let cfg = ClientConfig::new(vec![h.storage.nbd.clone()], "v1").with_lease(LeaseSpec {
+            host: host.into(),
+            instance: "vm1".into(),
+            state,
+            expected_epoch: 0,
+        });
+        async move { Client::connect(&cfg).await.unwrap() }
+    };
+    let old = connect("b", RequestedState::Primary).await;
+    let new = connect("a", RequestedState::Standby).await;
+    let v1 = h.storage.reg.get("v1").unwrap();
+    flip::flip(&h.storage.reg, &v1, Some("a"), FlipTrigger::Api)
+        .await
+        .unwrap();
+    drop((old, new));
+    assert_eq!(holder(&h, "v1", "b").await, Some(LeaseState::Deactivated));
+    let started = h.a.run(guest(&h.kernel)).await.unwrap();
+
+    let r = migrate(&h.a, "b").await;
+    assert_eq!(r.phase, Phase::Aborted, "{r:?}");
+    let err = r.error.as_deref().unwrap();
+    assert!(err.contains("could not prepare"), "{err}");
+    assert!(err.contains("deactivated"), "{err}");
+    assert!(r.flipped.is_empty(), "{r:?}");
+    let i = h.a.instance("vm1").unwrap();
+    assert_eq!(i.pid, started.pid);
+    assert_eq!(i.state, InstanceState::Running, "{i:?}");
+    let info = h.a.vmm(&i).info().await.unwrap();
+    assert_eq!(info.state, "running", "{info:?}");
+    for v in VOLUMES {
+        assert_eq!(holder(&h, v, "a").await, Some(LeaseState::Primary), "{v}");
+    }
+    assert_eq!(holder(&h, "v1", "b").await, Some(LeaseState::Deactivated));
+    if let Ok(b) = h.b.instance("vm1") {
+        assert!(b.state.is_terminal() && !b.vmm_alive(), "{b:?}");
+    }
 }
