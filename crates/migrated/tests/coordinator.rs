@@ -99,6 +99,16 @@ struct FakeVmm {
     _disks: Vec<Client>,
 }
 
+impl Drop for FakeVmm {
+    fn drop(&mut self) {
+        // A source that resumed still has its `VMM process`: end it with the test.
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 type Vmm = Arc<Mutex<FakeVmm>>;
 
 fn vmm_router(vmm: Vmm) -> Router {
@@ -267,6 +277,9 @@ async fn setup(stream: Stream, standby_for: Vec<&'static str>) -> Setup {
     }
     let child = std::process::Command::new("sleep")
         .arg("600")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let pid = child.id();
