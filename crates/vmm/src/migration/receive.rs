@@ -138,6 +138,9 @@ fn receive(ctx: &DestCtx) -> Result<(), String> {
                 .map_err(|e| format!("migration stream corrupt: PAGES frame: {e}"))?;
                 update(&ctx.status, |s| s.pages_sent = pages);
             }
+            Kind::Sync => {
+                wire::write_frame(&mut w, Kind::Synced, &[]).map_err(we)?;
+            }
             Kind::Progress => {
                 let p: Progress = wire::json(kind, &buf).map_err(we)?;
                 update(&ctx.status, |s| {

@@ -26,6 +26,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Deadline of each read or write on the stream (a stuck destination fails the migration).
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the VM loop may take to pause, drain and save.
+const STOP_TIMEOUT: Duration = Duration::from_secs(120);
+/// A rest this small goes in the stop-and-copy without another round.
+const SMALL_REST: u64 = 256 << 10;
 /// Size of a PAGES frame.
 const BATCH_BYTES: usize = 1 << 20;
 /// Read granularity of the full pass.
@@ -185,6 +189,7 @@ fn send(ctx: &SourceCtx, started: Instant) -> Result<(), String> {
     let mut pending;
     let mut iteration = 0u64;
     let mut last_fetch = t;
+    let mut prev_bytes: Option<u64> = None;
     loop {
         check_abort(ctx)?;
         let dirty = ctx
@@ -213,20 +218,33 @@ fn send(ctx: &SourceCtx, started: Instant) -> Result<(), String> {
         )
         .map_err(we)?;
         iteration += 1;
-        if expected_ms <= p.downtime_limit_ms || iteration > u64::from(p.max_iterations) {
-            pending = dirty;
-            break;
+        let round = Round {
+            iteration,
+            bytes,
+            prev_bytes,
+            expected_ms,
+            dirty_rate,
+            send_rate,
+        };
+        match decide(p, &round) {
+            Next::StopAndCopy => {
+                pending = dirty;
+                break;
+            }
+            Next::Round { raise_throttle } => {
+                if raise_throttle {
+                    let pct = throttle.raise();
+                    update(&ctx.status, |s| s.throttle_percent = pct);
+                    tracing::info!(
+                        percent = pct,
+                        dirty_rate,
+                        send_rate,
+                        "migration: throttling the vCPUs"
+                    );
+                }
+            }
         }
-        if p.throttle && iteration >= 2 && dirty_rate > send_rate / 2 {
-            let pct = throttle.raise();
-            update(&ctx.status, |s| s.throttle_percent = pct);
-            tracing::info!(
-                percent = pct,
-                dirty_rate,
-                send_rate,
-                "migration: throttling the vCPUs"
-            );
-        }
+        prev_bytes = Some(bytes);
         let t = Instant::now();
         let n = send_pages(ctx, &mut w, &dirty)?;
         w.flush().map_err(io)?;
@@ -235,6 +253,15 @@ fn send(ctx: &SourceCtx, started: Instant) -> Result<(), String> {
         update(&ctx.status, |s| s.bytes_sent = sent);
     }
     throttle.stop();
+    // Let the destination work off what is still in flight before the guest stops, so that
+    // the pause holds only the last dirty pages and the state.
+    wire::write_frame(&mut w, Kind::Sync, &[]).map_err(we)?;
+    w.flush().map_err(io)?;
+    let mut buf = Vec::new();
+    match reader.read(&mut buf).map_err(we)? {
+        Kind::Synced => {}
+        other => return Err(we(wire::WireError::Unexpected(other, "answer to SYNC"))),
+    }
     tracing::info!(
         iterations = iteration,
         remaining = pending.count() * PAGE_SIZE as u64,
@@ -245,9 +272,16 @@ fn send(ctx: &SourceCtx, started: Instant) -> Result<(), String> {
     ctx.events
         .send(VmEvent::MigrationStop(tx))
         .map_err(|_| "the VM is shutting down".to_string())?;
-    let stop = rx
-        .recv_timeout(Duration::from_secs(120))
-        .map_err(|_| "the VM did not pause for the stop-and-copy".to_string())??;
+    let asked = Instant::now();
+    let stop = loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(r) => break r?,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if asked.elapsed() < STOP_TIMEOUT => {
+                check_abort(ctx)?
+            }
+            Err(_) => return Err("the VM did not pause for the stop-and-copy".into()),
+        }
+    };
     let paused = Instant::now();
     update(&ctx.status, |s| {
         s.phase = Phase::Stopcopy;
@@ -328,6 +362,52 @@ fn send(ctx: &SourceCtx, started: Instant) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+/// What pre-copy knows after fetching a round's dirty pages.
+#[derive(Debug, Clone, Copy)]
+struct Round {
+    /// Rounds fetched so far, this one included.
+    iteration: u64,
+    /// Dirty bytes fetched.
+    bytes: u64,
+    /// The round before's.
+    prev_bytes: Option<u64>,
+    /// Time to send them at the measured rate.
+    expected_ms: u64,
+    /// Bytes per second the guest dirtied.
+    dirty_rate: u64,
+    /// Bytes per second the stream carried.
+    send_rate: u64,
+}
+
+/// What pre-copy does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// Pause the guest and send the rest.
+    StopAndCopy,
+    /// Send this round's pages, first raising the throttle if asked.
+    Round {
+        /// The guest dirties faster than half the link carries (with the throttle enabled).
+        raise_throttle: bool,
+    },
+}
+
+/// Stop once the rest fits the budget, unless another round still pays off: while each round
+/// at least halves what is left, one more shortens the pause (the guest dirties less during a
+/// short round than during the long one before). The iteration cap ends pre-copy regardless.
+/// From the second round on, a guest dirtying faster than half the link's rate is throttled
+/// (when enabled), a step more each round.
+fn decide(p: &SendParams, r: &Round) -> Next {
+    let fits = r.expected_ms <= p.downtime_limit_ms;
+    let small = r.bytes <= SMALL_REST;
+    let shrinking = r.prev_bytes.is_none_or(|prev| r.bytes * 2 <= prev);
+    if r.iteration > u64::from(p.max_iterations) || (fits && (small || !shrinking)) {
+        return Next::StopAndCopy;
+    }
+    Next::Round {
+        raise_throttle: p.throttle && r.iteration >= 2 && r.dirty_rate > r.send_rate / 2,
+    }
 }
 
 fn rate(bytes: u64, d: Duration) -> u64 {
@@ -501,5 +581,93 @@ impl Drop for Throttle {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(throttle: bool) -> SendParams {
+        SendParams {
+            destination: "x:1".into(),
+            downtime_limit_ms: 10,
+            max_iterations: 5,
+            throttle,
+            resume: "auto".into(),
+        }
+    }
+
+    fn round(iteration: u64, bytes: u64, prev: Option<u64>, dirty_rate: u64) -> Round {
+        let send_rate = 1 << 30;
+        Round {
+            iteration,
+            bytes,
+            prev_bytes: prev,
+            expected_ms: bytes * 1000 / send_rate,
+            dirty_rate,
+            send_rate,
+        }
+    }
+
+    #[test]
+    fn pre_copy_stops_when_the_rest_fits_and_stops_shrinking() {
+        let p = params(false);
+        // A small rest goes at once.
+        assert_eq!(decide(&p, &round(1, 64 << 10, None, 0)), Next::StopAndCopy);
+        // Fits the budget but is large: one more round while it halves.
+        let big = 8 << 20;
+        assert!(matches!(
+            decide(&p, &round(1, big, None, 0)),
+            Next::Round { .. }
+        ));
+        assert!(matches!(
+            decide(&p, &round(2, big / 4, Some(big), 0)),
+            Next::Round { .. }
+        ));
+        assert_eq!(
+            decide(&p, &round(3, big / 5, Some(big / 4), 0)),
+            Next::StopAndCopy
+        );
+        // Does not fit: go on until the cap.
+        let huge = 1 << 30;
+        assert!(matches!(
+            decide(&p, &round(5, huge, Some(huge), 0)),
+            Next::Round { .. }
+        ));
+        assert_eq!(
+            decide(&p, &round(6, huge, Some(huge), 0)),
+            Next::StopAndCopy
+        );
+    }
+
+    #[test]
+    fn the_throttle_rises_only_when_enabled_and_the_guest_outruns_the_link() {
+        let huge = 1 << 30;
+        let fast = 1 << 30;
+        assert_eq!(
+            decide(&params(true), &round(2, huge, Some(huge), fast)),
+            Next::Round {
+                raise_throttle: true
+            }
+        );
+        assert_eq!(
+            decide(&params(true), &round(1, huge, None, fast)),
+            Next::Round {
+                raise_throttle: false
+            }
+        );
+        assert_eq!(
+            decide(&params(false), &round(2, huge, Some(huge), fast)),
+            Next::Round {
+                raise_throttle: false
+            }
+        );
+        assert_eq!(
+            decide(&params(true), &round(2, huge, Some(huge), 1 << 20)),
+            Next::Round {
+                raise_throttle: false
+            }
+        );
     }
 }

@@ -16,6 +16,8 @@
 //! | 7 COMMIT   | s->d | [`Commit`]: the guest is the destination's            |
 //! | 8 ABORT    | s->d | [`Reply`] with the reason                             |
 //! | 9 RESUMED  | d->s | [`Resumed`]: when the destination's vCPUs ran (auto)  |
+//! | 10 SYNC    | s->d | empty: answer once everything before is in memory     |
+//! | 11 SYNCED  | d->s | empty: the answer to SYNC                             |
 //! Little-endian throughout. A frame whose checksum does not match, an unknown kind, or a
 //! length above [`MAX_FRAME`] ends the stream with an error.
 
@@ -54,6 +56,10 @@ pub enum Kind {
     Abort = 8,
     /// The destination ran the guest.
     Resumed = 9,
+    /// Source asks the destination to catch up.
+    Sync = 10,
+    /// Destination caught up.
+    Synced = 11,
 }
 
 impl Kind {
@@ -68,6 +74,8 @@ impl Kind {
             7 => Kind::Commit,
             8 => Kind::Abort,
             9 => Kind::Resumed,
+            10 => Kind::Sync,
+            11 => Kind::Synced,
             _ => return None,
         })
     }
