@@ -1042,8 +1042,16 @@ impl Vm {
 
     /// Stops the vCPU threads and the I/O runtime.
     fn stop(&mut self) {
-        // A migration thread still running is cut off; it ends on its own.
+        // A migration thread still running is cut off and waited for (it kicks the vCPU
+        // threads, which must outlive it). Events still queued are dropped, so that a request
+        // of it waiting for an answer fails at once.
         self.abort_sending();
+        if let Some(mut s) = self.sending.take() {
+            while self.events.try_recv().is_ok() {}
+            if let Some(t) = s.thread.take() {
+                let _ = t.join();
+            }
+        }
         for v in &self.vcpus {
             let _ = v.send(VcpuCommand::Exit);
         }
