@@ -20,7 +20,7 @@ use e2e::agent::AgentConn;
 use e2e::image::{guest_image, GuestImage};
 use e2e::vmm::{VmmConfig, VmmGuest};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -249,12 +249,6 @@ impl Gap {
     }
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// Connects to a Unix socket that a process is about to create.
 fn connect(path: &Path) -> Result<UnixStream> {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -385,7 +379,7 @@ impl Drop for Qemu {
 }
 
 fn migrate_qemu(c: &Case) -> Result<Outcome> {
-    let port = free_port()?;
+    let port = e2e::free_port()?;
     let mut dst = Qemu::start(c, &c.dir.join("dst"), Some(port))?;
     let mut src = Qemu::start(c, &c.dir.join("src"), None)?;
     src.agent.wait_ready(BOOT)?;
@@ -423,37 +417,22 @@ fn migrate_qemu(c: &Case) -> Result<Outcome> {
 
 /// One API call with a JSON body: the HTTP status and the parsed body (`null` if empty).
 fn api(socket: &Path, method: &str, path: &str, body: &Value) -> Result<(u16, Value)> {
-    let mut s =
-        UnixStream::connect(socket).with_context(|| format!("connect {}", socket.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
     let body = if body.is_null() {
         String::new()
     } else {
         body.to_string()
     };
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("bad HTTP response: {text:?}"))?;
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).trim();
-    let value = serde_json::from_str(body).unwrap_or_else(|_| Value::String(body.to_string()));
-    Ok((status, if body.is_empty() { Value::Null } else { value }))
+    let (status, text) = e2e::vmm::api_call_body(socket, method, path, &body)?;
+    let text = text.trim();
+    let value = serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_string()));
+    Ok((status, if text.is_empty() { Value::Null } else { value }))
 }
 
 fn migrate_vmm(c: &Case) -> Result<Outcome> {
     if let Ok(why) = std::env::var("BENCH_VMM_UNAVAILABLE") {
         bail!("{why}");
     }
-    let addr = format!("127.0.0.1:{}", free_port()?);
+    let addr = format!("127.0.0.1:{}", e2e::free_port()?);
     let cfg = |dir| VmmConfig {
         image: c.image,
         root: None,
