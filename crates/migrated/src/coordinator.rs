@@ -31,8 +31,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use storaged::lease::LeaseState;
 
-/// How often the source VMM's progress is read.
-const POLL: Duration = Duration::from_millis(100);
+/// How often the source VMM's progress is read. The flip waits for the hand-over to be seen
+/// here, with the guest paused: this interval is added to the downtime (up to its length).
+const POLL: Duration = Duration::from_millis(5);
 /// How often the destination is checked during pre-copy.
 const PEER_CHECK: Duration = Duration::from_secs(1);
 
@@ -488,10 +489,15 @@ impl Source {
                 }
             }
         };
-        let downtime = self
-            .paused_at
-            .map(|p| p.elapsed().as_millis() as u64)
-            .unwrap_or(0);
+        // The destination VMM's measure (from the source's last vCPU pause) when it reports
+        // one; else from the moment we saw the source paused.
+        let downtime = match resumed.figures.vmm_downtime_us {
+            0 => self
+                .paused_at
+                .map(|p| p.elapsed().as_millis() as u64)
+                .unwrap_or(0),
+            us => us.div_ceil(1000),
+        };
         self.modify(|r| {
             r.figures.downtime_ms = downtime;
             r.figures.vmm_downtime_ms = resumed.figures.vmm_downtime_ms;

@@ -114,8 +114,9 @@ pub struct Step {
 pub struct Figures {
     /// From the request to the destination running the guest.
     pub total_ms: u64,
-    /// From the source pause (first seen in stop-and-copy) to the destination's resume ack, as
-    /// migrated measures it.
+    /// The guest's pause: from the source's last vCPU pause to the destination's first vCPU
+    /// run as the destination VMM measures it (`vmm_downtime_us`, rounded up); when it reports
+    /// none, from the pause migrated saw at the source to the destination's resume ack.
     pub downtime_ms: u64,
     /// Downtime as the destination VMM measures it: from the source's last vCPU pause to its
     /// own first vCPU run (wall clocks of both hosts).

@@ -276,12 +276,10 @@ fn migrate(h: &TwoHosts, from: &str, to: &str) -> Result<(Value, String)> {
     Ok((
         rec.clone(),
         format!(
-            "figures: total {} ms; downtime {:.1} ms from the source's last vCPU pause to the \
-             destination's first vCPU run (the VMMs' measure), {} ms as migrated sees it (pause \
-             observed to resume acknowledged); lease flips {} ms; {:.1} MiB sent",
+            "figures: total {} ms; downtime {:.1} ms (from the source's last vCPU pause to the \
+             destination's first vCPU run, lease flips included); lease flips {} ms; {:.1} MiB sent",
             f["total_ms"],
             f["vmm_downtime_us"].as_u64().unwrap_or(0) as f64 / 1000.0,
-            f["downtime_ms"],
             f["flip_ms"],
             f["bytes_sent"].as_u64().unwrap_or(0) as f64 / (1u64 << 20) as f64
         ),

@@ -372,10 +372,13 @@ fn summary(r: &MigrationRecord) {
     if r.phase == Phase::Completed {
         let f = &r.figures;
         println!(
-            "  total {} ms, downtime {} ms (VMM: {:.1} ms), flip {} ms, {} sent",
+            "  total {} ms, downtime {:.1} ms, flip {} ms, {} sent",
             f.total_ms,
-            f.downtime_ms,
-            f.vmm_downtime_us as f64 / 1000.0,
+            if f.vmm_downtime_us > 0 {
+                f.vmm_downtime_us as f64 / 1000.0
+            } else {
+                f.downtime_ms as f64
+            },
             f.flip_ms,
             mib(f.bytes_sent)
         );
