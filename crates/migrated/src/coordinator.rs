@@ -34,6 +34,8 @@ use storaged::lease::LeaseState;
 /// How often the source VMM's progress is read. The flip waits for the hand-over to be seen
 /// here, with the guest paused: this interval is added to the downtime (up to its length).
 const POLL: Duration = Duration::from_millis(5);
+/// How long the live source VMM's API may fail to answer before the migration gives up.
+const VMM_SILENCE: Duration = Duration::from_secs(5);
 /// How often the destination is checked during pre-copy.
 const PEER_CHECK: Duration = Duration::from_secs(1);
 
@@ -352,11 +354,11 @@ impl Source {
         let timeout = Duration::from_millis(self.agent.cfg.peer_timeout_ms);
         let mut peer_ok = Instant::now();
         let mut peer_checked = Instant::now();
-        let mut vmm_failures = 0u32;
+        let mut vmm_failing: Option<Instant> = None;
         loop {
             match vmm.migration().await {
                 Ok(st) => {
-                    vmm_failures = 0;
+                    vmm_failing = None;
                     let elapsed = self.started.elapsed();
                     let rate = st.bytes_sent as f64 / elapsed.as_secs_f64().max(0.001);
                     let eta_ms =
@@ -404,8 +406,8 @@ impl Source {
                     }
                 }
                 Err(err) => {
-                    vmm_failures += 1;
-                    if !inst.vmm_alive() || vmm_failures > 50 {
+                    let since = *vmm_failing.get_or_insert_with(Instant::now);
+                    if !inst.vmm_alive() || since.elapsed() > VMM_SILENCE {
                         return Err(format!("lost the source VMM: {}", error_chain(&err)));
                     }
                 }
