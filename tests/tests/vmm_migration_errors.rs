@@ -3,10 +3,10 @@
 //! Destination side (nothing boots, so these are quick): a stream of another version, one
 //! that is not a migration stream at all, a corrupted frame, and a stream that ends before the
 //! hand-over each make the incoming VMM exit with status 5 and say why.
-//! Source side (the suite's restored guest): a destination that answers garbage, one that dies in the
-//! middle of the stream, and an abort while the destination stalls each leave the guest
-//! running on the source with its memory workload intact, and a migration afterwards still
-//! succeeds.
+//! Source side (the suite's restored guest): a destination that answers garbage, one that dies
+//! in the middle of the stream, a destination VMM killed in the middle of the stream, and an
+//! abort while the destination stalls each leave the guest running on the source with its
+//! memory workload intact, and a migration afterwards still succeeds.
 
 use e2e::image::guest_image;
 use e2e::vmm::{Disk, VmmConfig, VmmGuest};
@@ -189,6 +189,32 @@ fn source_keeps_the_guest_when_the_destination_fails() {
     send(&guest, &addr);
     let m = guest.wait_migration(&["failed"], EXIT).unwrap();
     eprintln!("destination died mid-stream: {m}");
+    still_running(&mut guest, &mut seq);
+
+    // A real destination VMM killed (SIGKILL) in the middle of the stream: frozen once the
+    // first pages went out, so that it cannot reach the hand-over, then killed.
+    let addr = format!("127.0.0.1:{}", e2e::free_port().unwrap());
+    let mut victim =
+        VmmGuest::start_incoming(&cfg(&image, &dir.path().join("victim")), &addr).unwrap();
+    send(&guest, &addr);
+    let deadline = std::time::Instant::now() + EXIT;
+    loop {
+        let m = guest.migration().unwrap();
+        if m["bytes_sent"].as_u64().unwrap() > 0 {
+            break;
+        }
+        assert_eq!(m["phase"], "precopy", "{m}");
+        assert!(std::time::Instant::now() < deadline, "no pages sent: {m}");
+    }
+    let pid = victim.pid() as libc::pid_t;
+    // SAFETY: signals to the destination VMM this test started and still owns.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    assert_eq!(guest.migration().unwrap()["phase"], "precopy");
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let m = guest.wait_migration(&["failed"], EXIT).unwrap();
+    eprintln!("destination VMM killed mid-stream: {m}");
+    assert!(!victim.wait_exit(EXIT).unwrap().success());
     still_running(&mut guest, &mut seq);
 
     // A destination that stops reading; the operator aborts.
