@@ -30,6 +30,7 @@ use crate::devices::virtio::block::{Backend, Block, FileBackend, StoragedBackend
 use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::devices::virtio::VirtioInterrupt;
 use crate::devices::IrqLine;
+use crate::error_chain;
 use crate::memory::{self, GuestMem, MemoryError, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
 use crate::migration::dirty::DirtyLog;
 use crate::migration::receive::{CommitDone, DestCtx};
@@ -250,10 +251,6 @@ struct Sending {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    crate::error_chain(e)
 }
 
 /// A built, running VM.
@@ -779,7 +776,7 @@ impl Vm {
             auto: params.resume == "auto",
         });
         self.role = Role::Sending;
-        Ok(ApiResponse::Accepted(migration::snapshot(&self.migration)))
+        Ok(ApiResponse::Accepted(migration::current(&self.migration)))
     }
 
     fn abort_sending(&mut self) {
@@ -934,7 +931,7 @@ impl Vm {
             }
             ApiRequest::MigrationSend(params) => return self.start_migration(params),
             ApiRequest::MigrationStatus => {
-                return Ok(ApiResponse::Migration(migration::snapshot(&self.migration)))
+                return Ok(ApiResponse::Migration(migration::current(&self.migration)))
             }
             ApiRequest::MigrationAbort => {
                 match self.role {
@@ -958,7 +955,7 @@ impl Vm {
                         )))
                     }
                 }
-                return Ok(ApiResponse::Migration(migration::snapshot(&self.migration)));
+                return Ok(ApiResponse::Migration(migration::current(&self.migration)));
             }
             ApiRequest::Snapshot(path) => {
                 if self.role != Role::Own {
@@ -1006,8 +1003,7 @@ impl Vm {
                         s.phase = Phase::Aborted;
                         s.error = Some("aborted on request".into());
                     });
-                    let _ =
-                        reply.send(ApiResponse::Migration(migration::snapshot(&self.migration)));
+                    let _ = reply.send(ApiResponse::Migration(migration::current(&self.migration)));
                     break ExitReason::IncomingAborted;
                 }
                 VmEvent::Api(req, reply) => {

@@ -147,8 +147,8 @@ pub fn update(status: &SharedStatus, f: impl FnOnce(&mut MigrationStatus)) {
     }
 }
 
-/// Reads a shared status.
-pub fn snapshot(status: &SharedStatus) -> MigrationStatus {
+/// A copy of a shared status as it is now.
+pub fn current(status: &SharedStatus) -> MigrationStatus {
     match status.lock() {
         Ok(s) => s.clone(),
         Err(poisoned) => poisoned.into_inner().clone(),
