@@ -73,7 +73,8 @@ struct RunArgs {
     #[arg(long, value_name = "HOST:PORT", conflicts_with = "restore")]
     incoming: Option<String>,
     /// Boot nothing: load this snapshot (`PUT /v1/vm/snapshot`) and run it. Give the same VM
-    /// configuration as when it was taken, with its disks in the state they had then.
+    /// configuration as when it was taken, with its disks in the state they had then. The
+    /// guest's memory is mapped from the file: do not write into it while the VM runs.
     #[arg(long, value_name = "FILE")]
     restore: Option<PathBuf>,
 }

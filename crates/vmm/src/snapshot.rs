@@ -8,7 +8,9 @@
 //! memory offset (page aligned)  guest RAM, regions back to back; zero pages are holes
 //! ```
 //! Restoring maps the memory image privately (copy on write), so pages are read from the file
-//! only when the guest touches them, and the file is never written. The file is written under
+//! only when the guest touches them, and the file is never written. The file must stay as it
+//! is while a VM restored from it runs (deleting or replacing it is fine: the mapping keeps
+//! the old inode; writing into it is not). The file is written under
 //! a temporary name, fsynced and renamed, so a crash never leaves a partial snapshot behind
 //! under the final name.
 
