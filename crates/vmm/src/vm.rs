@@ -753,7 +753,7 @@ impl Vm {
             name: self.config.name.clone(),
             shape: self.shape(),
             mem: self.mem.clone(),
-            memfd: self.memfd.clone(),
+            private_memory: self.memfd.is_none(),
             dirty: DirtyLog::new(self.vm_fd.clone(), self.mem.clone()),
             status: self.migration.clone(),
             abort: abort.clone(),

@@ -66,8 +66,9 @@ pub struct SourceCtx {
     pub shape: Shape,
     /// Guest memory.
     pub mem: Arc<GuestMem>,
-    /// The memfd behind it, to skip holes on the full pass.
-    pub memfd: Option<Arc<File>>,
+    /// The memory is a private (copy-on-write) mapping of a snapshot file rather than a
+    /// shared memfd: pages the guest wrote since the restore are not in the file.
+    pub private_memory: bool,
     /// Dirty tracking.
     pub dirty: DirtyLog,
     /// Shared progress.
@@ -447,6 +448,48 @@ fn data_extents(file: &File, start: u64, len: u64) -> Vec<(u64, u64)> {
     out
 }
 
+/// Pagemap bits (Documentation/admin-guide/mm/pagemap.rst): present, swapped, file-backed.
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAPPED: u64 = 1 << 62;
+const PM_FILE: u64 = 1 << 61;
+
+/// Extents of a privately mapped snapshot region that may hold data: the file's data extents,
+/// and every page the guest wrote since the restore (an anonymous copy, present or swapped,
+/// as /proc/self/pagemap tells). Everything else reads as the file's holes: zero.
+fn private_extents(file: &File, start: u64, host_addr: u64, len: u64) -> Vec<(u64, u64)> {
+    let pages = (len / PAGE_SIZE as u64) as usize;
+    let mut maybe = vec![false; pages];
+    for (off, n) in data_extents(file, start, len) {
+        let first = (off / PAGE_SIZE as u64) as usize;
+        let last = (off + n).div_ceil(PAGE_SIZE as u64) as usize;
+        maybe[first..last.min(pages)].fill(true);
+    }
+    let mut entries = vec![0u8; pages * 8];
+    let read = File::open("/proc/self/pagemap").and_then(|pm| {
+        use std::os::unix::fs::FileExt;
+        pm.read_exact_at(&mut entries, host_addr / PAGE_SIZE as u64 * 8)
+    });
+    if let Err(e) = read {
+        tracing::warn!(error = %e, "cannot read /proc/self/pagemap; scanning all guest memory");
+        return vec![(0, len)];
+    }
+    for (i, e) in entries.chunks_exact(8).enumerate() {
+        let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+        if e & PM_SWAPPED != 0 || (e & PM_PRESENT != 0 && e & PM_FILE == 0) {
+            maybe[i] = true;
+        }
+    }
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (i, _) in maybe.iter().enumerate().filter(|(_, m)| **m) {
+        let at = (i * PAGE_SIZE) as u64;
+        match out.last_mut() {
+            Some((o, n)) if *o + *n == at => *n += PAGE_SIZE as u64,
+            _ => out.push((at, PAGE_SIZE as u64)),
+        }
+    }
+    out
+}
+
 /// Sends every non-zero page (the destination's memory starts zeroed).
 fn full_pass(ctx: &SourceCtx, w: &mut Wr) -> Result<u64, String> {
     let mut batch = PageBatch::new(BATCH_BYTES);
@@ -455,9 +498,12 @@ fn full_pass(ctx: &SourceCtx, w: &mut Wr) -> Result<u64, String> {
     let mut pages = 0u64;
     for region in ctx.mem.iter() {
         let base = region.start_addr().0;
-        let extents = match (&ctx.memfd, region.file_offset()) {
-            (Some(f), Some(fo)) => data_extents(f, fo.start(), region.len()),
-            _ => vec![(0, region.len())],
+        let extents = match region.file_offset() {
+            Some(fo) if ctx.private_memory => {
+                private_extents(fo.file(), fo.start(), region.as_ptr() as u64, region.len())
+            }
+            Some(fo) => data_extents(fo.file(), fo.start(), region.len()),
+            None => vec![(0, region.len())],
         };
         for (off, len) in extents {
             let mut at = off & !(PAGE_SIZE as u64 - 1);
