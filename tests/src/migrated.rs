@@ -393,12 +393,45 @@ pub fn write_guest_toml(
     memory_mib: u32,
     data_volumes: &[&str],
 ) -> Result<()> {
+    write_toml(path, name, image, memory_mib, data_volumes, None)
+}
+
+/// Writes a guest description for `migratectl run` that starts from the suite's booted guest
+/// (see [`crate::snapshot`]) with one fresh data volume; its boot id is `booted.boot_id`.
+pub fn write_restored_guest_toml(
+    path: &Path,
+    name: &str,
+    image: &crate::image::GuestImage,
+    booted: &crate::snapshot::Booted,
+    data_volume: &str,
+) -> Result<()> {
+    write_toml(
+        path,
+        name,
+        image,
+        crate::snapshot::MEM_MIB,
+        &[data_volume],
+        Some(&booted.path),
+    )
+}
+
+fn write_toml(
+    path: &Path,
+    name: &str,
+    image: &crate::image::GuestImage,
+    memory_mib: u32,
+    data_volumes: &[&str],
+    restore: Option<&Path>,
+) -> Result<()> {
     let mut t = format!(
         "name = {:?}\nkernel = {:?}\ncmdline = {:?}\nmemory_mib = {memory_mib}\nvcpus = 1\n",
         name,
         image.kernel.display().to_string(),
         image.cmdline
     );
+    if let Some(r) = restore {
+        t.push_str(&format!("restore = {:?}\n", r.display().to_string()));
+    }
     t.push_str(&format!(
         "[[disks]]\npath = {:?}\nread_only = true\n",
         image.rootfs.display().to_string()

@@ -14,7 +14,9 @@
 use agent_proto::{expected_checksum, Fields};
 use e2e::agent::AgentConn;
 use e2e::image::guest_image;
-use e2e::migrated::{agent_of, write_guest_toml, Migration, TwoHosts, AGENT_PORT};
+use e2e::migrated::{
+    agent_of, write_guest_toml, write_restored_guest_toml, Migration, TwoHosts, AGENT_PORT,
+};
 use e2e::storaged::wait_for;
 use serde_json::Value;
 use std::path::Path;
@@ -36,14 +38,32 @@ struct Guest {
 
 fn boot_on_a(h: &TwoHosts, dir: &Path, volumes: &[&str]) -> (Guest, AgentConn) {
     let toml = dir.join("vm1.toml");
-    write_guest_toml(&toml, "vm1", &guest_image(), 256, volumes).unwrap();
+    // One data volume: the suite's booted guest fits; more: a boot of its own.
+    let image = guest_image();
+    let booted = match volumes {
+        [volume] => {
+            let booted = e2e::snapshot::booted(&image).unwrap();
+            write_restored_guest_toml(&toml, "vm1", &image, &booted, volume).unwrap();
+            Some(booted)
+        }
+        _ => {
+            write_guest_toml(&toml, "vm1", &image, 256, volumes).unwrap();
+            None
+        }
+    };
     let rec = h.a.ctl(&["run", toml.to_str().unwrap()]).unwrap();
     let mut agent = agent_of(&rec, &dir.join("serial-a.log")).unwrap();
-    let ready = agent.wait_ready(BOOT).unwrap();
+    let boot_id = match booted {
+        Some(b) => b.boot_id,
+        None => {
+            let ready = agent.wait_ready(BOOT).unwrap();
+            ready.get("boot_id").unwrap().to_string()
+        }
+    };
     agent.command(&format!("mem start {MIB}"), REPLY).unwrap();
     agent.command("disk start", REPLY).unwrap();
     let mut g = Guest {
-        boot_id: ready.get("boot_id").unwrap().to_string(),
+        boot_id,
         seq: 0,
         acked: 0,
     };

@@ -1,15 +1,16 @@
-//! A guest run through migratectl: it boots with its data disk on a storaged volume held as
+//! A guest run through migratectl (started from the suite's booted guest) with its data disk on a storaged volume held as
 //! primary by the host; migrated killed with SIGKILL and restarted re-adopts the running VMM
 //! (same pid, one process, the guest never noticed) instead of starting it again; a second
 //! `run` of the same name is refused; `stop` ends it and a restart leaves it stopped; a VMM
 //! that died while migrated was down is reported lost and not restarted.
 
 use e2e::image::guest_image;
-use e2e::migrated::{agent_of, vmm_processes_with, write_guest_toml, Migrated, MigratedOptions};
+use e2e::migrated::{
+    agent_of, vmm_processes_with, write_restored_guest_toml, Migrated, MigratedOptions,
+};
 use e2e::storaged::{wait_for, Storaged};
 use std::time::Duration;
 
-const BOOT: Duration = Duration::from_secs(400);
 const REPLY: Duration = Duration::from_secs(120);
 
 fn lease_state(s: &Storaged, volume: &str, host: &str) -> Option<String> {
@@ -41,7 +42,8 @@ fn migrated_runs_readopts_and_stops_a_guest() {
     )
     .unwrap();
     let guest_toml = dir.path().join("vm1.toml");
-    write_guest_toml(&guest_toml, "vm1", &image, 256, &["vm1-data"]).unwrap();
+    let booted = e2e::snapshot::booted(&image).unwrap();
+    write_restored_guest_toml(&guest_toml, "vm1", &image, &booted, "vm1-data").unwrap();
     let toml = guest_toml.to_str().unwrap();
 
     let rec = m.ctl(&["run", toml]).unwrap();
@@ -50,8 +52,7 @@ fn migrated_runs_readopts_and_stops_a_guest() {
     let vm_toml = rec["work_dir"].as_str().unwrap().to_string() + "/vm.toml";
     assert_eq!(vmm_processes_with(&vm_toml), vec![pid as u32]);
     let mut agent = agent_of(&rec, &dir.path().join("serial.log")).unwrap();
-    let ready = agent.wait_ready(BOOT).unwrap();
-    let boot_id = ready.get("boot_id").unwrap().to_string();
+    let boot_id = booted.boot_id.clone();
     agent.command("mem start 8", REPLY).unwrap();
     assert_eq!(
         lease_state(&storaged, "vm1-data", "host-a").as_deref(),

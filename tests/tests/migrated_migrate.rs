@@ -7,13 +7,12 @@
 use agent_proto::{expected_checksum, Fields};
 use e2e::agent::AgentConn;
 use e2e::image::guest_image;
-use e2e::migrated::{agent_of, write_guest_toml, Migrated, TwoHosts};
+use e2e::migrated::{agent_of, write_restored_guest_toml, Migrated, TwoHosts};
 use e2e::storaged::wait_for;
 use serde_json::Value;
 use std::path::Path;
 use std::time::Duration;
 
-const BOOT: Duration = Duration::from_secs(400);
 const REPLY: Duration = Duration::from_secs(120);
 const MIB: usize = 8;
 
@@ -68,12 +67,12 @@ fn migrate(m: &Migrated, args: &[&str]) -> (bool, Value) {
 fn start_guest(h: &Hosts, dir: &Path) -> (Value, AgentConn, String) {
     let image = guest_image();
     let toml = dir.join("vm1.toml");
-    write_guest_toml(&toml, "vm1", &image, 256, &["vm1-data"]).unwrap();
+    let booted = e2e::snapshot::booted(&image).unwrap();
+    write_restored_guest_toml(&toml, "vm1", &image, &booted, "vm1-data").unwrap();
     let rec = h.a.ctl(&["run", toml.to_str().unwrap()]).unwrap();
     let mut agent = agent_of(&rec, &dir.join("serial-a.log")).unwrap();
-    let ready = agent.wait_ready(BOOT).unwrap();
     agent.command(&format!("mem start {MIB}"), REPLY).unwrap();
-    (rec, agent, ready.get("boot_id").unwrap().to_string())
+    (rec, agent, booted.boot_id)
 }
 
 fn assert_runs_on_a(h: &Hosts, agent: &mut AgentConn, pid: u64) {

@@ -236,6 +236,11 @@ pub struct InstanceConfig {
     /// Disks in order (the first is /dev/vda).
     #[serde(default)]
     pub disks: Vec<DiskSpec>,
+    /// Start the guest from this snapshot (`vmm run --restore`, taken with `PUT /v1/vm/snapshot`
+    /// of a VM of the same shape and disks in the same state) instead of booting the kernel.
+    /// Only the first start on a host uses it; a migration carries the running guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<PathBuf>,
 }
 
 fn default_memory_mib() -> u64 {
@@ -258,6 +263,9 @@ impl InstanceConfig {
             }
         };
         abs(&mut c.kernel);
+        if let Some(r) = &mut c.restore {
+            abs(r);
+        }
         for d in &mut c.disks {
             if let Some(p) = &mut d.path {
                 abs(p);
@@ -288,6 +296,9 @@ impl InstanceConfig {
                 "kernel {}: not an absolute path",
                 self.kernel.display()
             ));
+        }
+        if let Some(r) = self.restore.as_ref().filter(|r| !r.is_absolute()) {
+            return bad(format!("restore {}: not an absolute path", r.display()));
         }
         for d in &self.disks {
             match (&d.volume, &d.path) {
@@ -365,9 +376,21 @@ mod tests {
             read_only: false,
         });
         assert!(bad.validate().is_err());
+        let mut bad = ok.clone();
+        bad.restore = Some("relative.snap".into());
+        assert!(bad.validate().is_err());
         let mut bad = ok;
         bad.vcpus = 0;
         assert!(bad.validate().is_err());
         assert!(toml::from_str::<InstanceConfig>("name='a'\nkernel='/k'\nbogus=1").is_err());
+    }
+
+    #[test]
+    fn a_guest_file_resolves_its_snapshot_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm1.toml");
+        std::fs::write(&path, "name='vm1'\nkernel='/k'\nrestore='vm1.snap'\n").unwrap();
+        let g = InstanceConfig::load(&path).unwrap();
+        assert_eq!(g.restore, Some(dir.path().join("vm1.snap")));
     }
 }

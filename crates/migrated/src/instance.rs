@@ -249,8 +249,9 @@ pub fn prepare_work_dir(rec: &InstanceRecord, vm_toml: &str) -> Result<PathBuf, 
     Ok(path)
 }
 
-/// Starts `vmm run --config WORK/vm.toml [--incoming ADDR]` in its own process group (so a
-/// signal to migrated's group does not reach the guest), output appended to the log.
+/// Starts `vmm run --config WORK/vm.toml [--incoming ADDR | --restore SNAPSHOT]` in its own
+/// process group (so a signal to migrated's group does not reach the guest), output appended
+/// to the log.
 pub fn spawn_vmm(
     vmm_binary: &Path,
     rec: &InstanceRecord,
@@ -267,8 +268,14 @@ pub fn spawn_vmm(
         .map_err(|e| InstanceError::WorkDir(rec.log.clone(), e))?;
     let mut cmd = tokio::process::Command::new(vmm_binary);
     cmd.arg("run").arg("--config").arg(config_path);
-    if let Some(addr) = incoming {
-        cmd.arg("--incoming").arg(addr);
+    match (incoming, &rec.config.restore) {
+        (Some(addr), _) => {
+            cmd.arg("--incoming").arg(addr);
+        }
+        (None, Some(snapshot)) => {
+            cmd.arg("--restore").arg(snapshot);
+        }
+        (None, None) => {}
     }
     cmd.stdin(std::process::Stdio::null())
         .stdout(log)
@@ -310,6 +317,7 @@ mod tests {
                 memory_mib: 64,
                 vcpus: 1,
                 disks: vec![],
+                restore: None,
             },
             Path::new("/s"),
             InstanceState::Running,
@@ -342,6 +350,7 @@ mod tests {
                         read_only: true,
                     },
                 ],
+                restore: None,
             },
             Path::new("/s"),
             InstanceState::Running,

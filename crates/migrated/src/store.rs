@@ -117,6 +117,7 @@ mod tests {
                 memory_mib: 64,
                 vcpus: 1,
                 disks: vec![],
+                restore: None,
             },
             dir.path(),
             InstanceState::Starting,

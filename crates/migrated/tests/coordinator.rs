@@ -340,6 +340,7 @@ async fn setup(stream: Stream, standby_for: Vec<&'static str>) -> Setup {
                     read_only: false,
                 })
                 .collect(),
+            restore: None,
         },
         &dir.path().join("state"),
         InstanceState::Running,

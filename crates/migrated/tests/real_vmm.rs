@@ -268,6 +268,7 @@ fn guest(kernel: &Path) -> InstanceConfig {
                 read_only: false,
             })
             .collect(),
+        restore: None,
     }
 }
 
