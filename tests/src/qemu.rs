@@ -31,8 +31,9 @@ pub struct QemuConfig<'a> {
 }
 
 impl QemuGuest {
-    /// Starts QEMU with the serial line on its stdio.
-    pub fn start(cfg: &QemuConfig) -> Result<QemuGuest> {
+    /// The reference command line for `cfg`: machine, CPU, memory, kernel, command line and
+    /// the disks; the caller adds where the serial line (and a monitor) go.
+    pub fn command(cfg: &QemuConfig) -> Command {
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args([
             "-enable-kvm",
@@ -54,7 +55,6 @@ impl QemuGuest {
             "none",
             "-no-reboot",
         ])
-        .args(["-serial", "stdio"])
         .arg("-kernel")
         .arg(&cfg.image.kernel)
         .args(["-append", &cfg.image.cmdline]);
@@ -77,6 +77,13 @@ impl QemuGuest {
                 &format!("virtio-blk-device,drive=d{i}"),
             ]);
         }
+        cmd
+    }
+
+    /// Starts QEMU with the serial line on its stdio.
+    pub fn start(cfg: &QemuConfig) -> Result<QemuGuest> {
+        let mut cmd = Self::command(cfg);
+        cmd.args(["-serial", "stdio"]);
         let stderr_log = cfg.work_dir.join("qemu.stderr");
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())

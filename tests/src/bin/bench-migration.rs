@@ -18,12 +18,13 @@
 use anyhow::{bail, Context, Result};
 use e2e::agent::AgentConn;
 use e2e::image::{guest_image, GuestImage};
+use e2e::qemu::{QemuConfig, QemuGuest};
 use e2e::vmm::{VmmConfig, VmmGuest};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 /// Agent ready after process start (guest kernel code is emulated on the development machines).
@@ -319,39 +320,21 @@ impl Qemu {
     fn start(c: &Case, dir: &Path, incoming: Option<u16>) -> Result<Qemu> {
         std::fs::create_dir_all(dir)?;
         let (serial, qmp) = (dir.join("serial.sock"), dir.join("qmp.sock"));
-        let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args([
-            "-enable-kvm",
-            "-M",
-            "microvm,acpi=off",
-            "-cpu",
-            "kvm64,-cx16",
-        ])
-        .args(["-m", &c.mem_mib.to_string(), "-smp", "1"])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
-        .arg("-chardev")
-        .arg(format!(
-            "socket,id=ser,path={},server=on,wait=off",
-            serial.display()
-        ))
-        .args(["-serial", "chardev:ser"])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .arg("-kernel")
-        .arg(&c.image.kernel)
-        .args(["-append", &c.image.cmdline])
-        .arg("-drive")
-        .arg(format!(
-            "id=d0,file={},format=raw,if=none,readonly=on,cache=none,aio=threads",
-            c.image.rootfs.display()
-        ))
-        .args(["-device", "virtio-blk-device,drive=d0"]);
+        let mut cmd = QemuGuest::command(&QemuConfig {
+            image: c.image,
+            data_disks: Vec::new(),
+            mem_mib: c.mem_mib,
+            vcpus: 1,
+            work_dir: dir,
+        });
+        cmd.arg("-chardev")
+            .arg(format!(
+                "socket,id=ser,path={},server=on,wait=off",
+                serial.display()
+            ))
+            .args(["-serial", "chardev:ser"])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()));
         if let Some(port) = incoming {
             cmd.args(["-incoming", &format!("tcp:127.0.0.1:{port}")]);
         }
