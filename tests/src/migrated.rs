@@ -9,7 +9,10 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
 use std::time::Duration;
+use storaged::client::{Client, ClientConfig, LeaseSpec};
+use storaged::protocol::RequestedState;
 
 /// How a migrated is started.
 #[derive(Debug, Clone)]
@@ -567,5 +570,89 @@ impl Migrated {
                     .filter(|m| m["phase"] == phase)
             },
         )
+    }
+}
+
+/// A storaged connection from a host's namespace, as the holder (host, vm1) of a volume, opened
+/// while that host is primary, on a thread of its own (the namespace is per thread): what a
+/// slow or buggy old host could still try to write with after a flip.
+pub struct StaleWriter {
+    /// What the connection did when it opened.
+    pub opened: String,
+    go: mpsc::Sender<()>,
+    result: mpsc::Receiver<Vec<String>>,
+}
+
+impl StaleWriter {
+    /// Opens the connection (and reads a block through it).
+    pub fn open(h: &TwoHosts, host: &str, volume: &str) -> Result<StaleWriter> {
+        let netns = format!("/var/run/netns/{}", h.rig.host(host).netns);
+        let cfg = ClientConfig::new(vec![h.storaged.nbd.clone()], volume).with_lease(LeaseSpec {
+            host: host.into(),
+            instance: "vm1".into(),
+            state: RequestedState::Primary,
+            expected_epoch: 0,
+        });
+        let what = format!("second connection to {volume} as its primary holder");
+        let (opened_tx, opened_rx) = mpsc::channel();
+        let (go, go_rx) = mpsc::channel::<()>();
+        let (result_tx, result) = mpsc::channel();
+        std::thread::spawn(move || {
+            let run = || -> Result<()> {
+                let ns = std::fs::File::open(&netns)?;
+                // SAFETY: setns(2) on a namespace file we opened; it changes only this
+                // thread's network namespace, which the sockets made below then use.
+                if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) }
+                    != 0
+                {
+                    bail!("setns {netns}: {}", std::io::Error::last_os_error());
+                }
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                let c = rt.block_on(Client::connect(&cfg))?;
+                let block = rt.block_on(c.read(0, 4096))?;
+                let _ = opened_tx.send(Ok(format!("{what} (lease {:?}); read 4 KiB", c.lease())));
+                if go_rx.recv().is_err() {
+                    return Ok(());
+                }
+                let mut out = Vec::new();
+                // The same bytes it read: harmless if it were (wrongly) accepted.
+                match rt.block_on(c.write(0, block, true)) {
+                    Ok(()) => out
+                        .push("write through the old connection: ACCEPTED (fencing broken)".into()),
+                    Err(e) => out.push(format!(
+                        "write through its connection opened before the flip: refused ({e}: storaged fenced and closed it at the flip)"
+                    )),
+                }
+                match rt.block_on(Client::connect(&cfg)) {
+                    Ok(_) => out.push(
+                        "new connection from the old host as primary: ACCEPTED (fencing broken)"
+                            .into(),
+                    ),
+                    Err(e) => out.push(format!(
+                        "new connection from the old host as primary: refused ({e})"
+                    )),
+                }
+                let _ = result_tx.send(out);
+                Ok(())
+            };
+            if let Err(e) = run() {
+                let _ = opened_tx.send(Err(e));
+            }
+        });
+        let opened = opened_rx.recv().context("the connection thread ended")??;
+        Ok(StaleWriter { opened, go, result })
+    }
+
+    /// Writes through the old connection, then opens a new one as primary; fails if either is
+    /// accepted, else returns how each was refused.
+    pub fn attempt(self) -> Result<Vec<String>> {
+        self.go.send(()).context("the connection thread ended")?;
+        let out = self.result.recv().context("the connection thread ended")?;
+        if out.iter().any(|l| l.contains("ACCEPTED")) {
+            bail!("the old host was not fenced: {}", out.join("; "));
+        }
+        Ok(out)
     }
 }

@@ -1,13 +1,14 @@
 //! Migrations between two hosts, each a network namespace with its own migrated, storaged in a
-//! third. What can be checked before the VMM streams guests: a migration to a host whose
-//! migrated is down, and one whose source VMM has no migration API, both end `aborted` with a
-//! clear reason while the guest keeps running on the source, which keeps its lease. The full
-//! migration there and back is written and waits for the VMM's migration stream.
+//! third. A migration to a host whose migrated is down ends `aborted` with a clear reason while
+//! the guest keeps running on the source, which keeps its lease. A migration there and back
+//! with the workloads running: the memory sequence and the disk records continue, the guest
+//! never reboots, the figures are reported, and after the flip host a is fenced (a write
+//! through its old connection and a new primary connection are refused).
 
 use agent_proto::{expected_checksum, Fields};
 use e2e::agent::AgentConn;
 use e2e::image::guest_image;
-use e2e::migrated::{agent_of, write_restored_guest_toml, Migrated, TwoHosts};
+use e2e::migrated::{agent_of, write_restored_guest_toml, Migrated, StaleWriter, TwoHosts};
 use e2e::storaged::wait_for;
 use serde_json::Value;
 use std::path::Path;
@@ -163,9 +164,14 @@ fn migrated_migrates_a_guest_there_and_back() {
     let seq = mem_advances(&mut agent_a, 1).num("seq").unwrap();
     let acked = disk_advances(&mut agent_a, 0);
     drop(agent_a);
+    // What a slow or buggy host a could still write with after the flip.
+    let stale = StaleWriter::open(&h, "a", "vm1-data").unwrap();
 
     let (ok, m) = migrate(&h.a, &["vm1", "--to", "b", "--downtime-ms", "300"]);
     assert!(ok, "{m}");
+    // Fenced: its old connection's write and a new primary connection are both refused.
+    let refusals = stale.attempt().unwrap();
+    eprintln!("host a after the flip: {refusals:?}");
     assert_eq!(m["phase"], "completed", "{m}");
     for k in ["total_ms", "downtime_ms", "flip_ms", "bytes_sent"] {
         assert!(m["figures"][k].as_u64().is_some(), "{k}: {m}");

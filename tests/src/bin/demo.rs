@@ -10,13 +10,10 @@
 use anyhow::{bail, Context, Result};
 use e2e::agent::AgentConn;
 use e2e::image::guest_image;
-use e2e::migrated::{agent_of, TwoHosts};
+use e2e::migrated::{agent_of, StaleWriter, TwoHosts};
 use serde_json::Value;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use storaged::client::{Client, ClientConfig, LeaseSpec};
-use storaged::protocol::RequestedState;
 
 const BOOT: Duration = Duration::from_secs(600);
 const REPLY: Duration = Duration::from_secs(120);
@@ -135,7 +132,7 @@ fn main() -> Result<()> {
 
     // A second connection of host a to vm1-data, as the primary holder, opened before the
     // flip: what a slow or buggy old host could still try to write with.
-    let stale = StaleWriter::open(&h, "vm1-data")?;
+    let stale = StaleWriter::open(&h, "a", "vm1-data")?;
     say(format!("host a: {}", stale.opened));
 
     step(5, "migratectl migrate vm1 --to b");
@@ -284,87 +281,4 @@ fn migrate(h: &TwoHosts, from: &str, to: &str) -> Result<(Value, String)> {
             f["bytes_sent"].as_u64().unwrap_or(0) as f64 / (1u64 << 20) as f64
         ),
     ))
-}
-
-/// A storaged connection from host a's namespace, as holder (a, vm1), on a thread of its own
-/// (the namespace is per thread).
-struct StaleWriter {
-    opened: String,
-    go: mpsc::Sender<()>,
-    result: mpsc::Receiver<Vec<String>>,
-}
-
-impl StaleWriter {
-    fn open(h: &TwoHosts, volume: &str) -> Result<StaleWriter> {
-        let netns = format!("/var/run/netns/{}", h.rig.host("a").netns);
-        let cfg = ClientConfig::new(vec![h.storaged.nbd.clone()], volume).with_lease(LeaseSpec {
-            host: "a".into(),
-            instance: "vm1".into(),
-            state: RequestedState::Primary,
-            expected_epoch: 0,
-        });
-        let (opened_tx, opened_rx) = mpsc::channel();
-        let (go, go_rx) = mpsc::channel::<()>();
-        let (result_tx, result) = mpsc::channel();
-        std::thread::spawn(move || {
-            let run = || -> Result<()> {
-                let ns = std::fs::File::open(&netns)?;
-                // SAFETY: setns(2) on a namespace file we opened; it changes only this
-                // thread's network namespace, which the sockets made below then use.
-                if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) }
-                    != 0
-                {
-                    bail!("setns {netns}: {}", std::io::Error::last_os_error());
-                }
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
-                let c = rt.block_on(Client::connect(&cfg))?;
-                let block = rt.block_on(c.read(0, 4096))?;
-                let _ = opened_tx.send(Ok(format!(
-                    "second connection to vm1-data as its primary holder (lease {:?}); read 4 KiB",
-                    c.lease()
-                )));
-                if go_rx.recv().is_err() {
-                    return Ok(());
-                }
-                let mut out = Vec::new();
-                // The same bytes it read: harmless if it were (wrongly) accepted.
-                match rt.block_on(c.write(0, block, true)) {
-                    Ok(()) => out
-                        .push("write through the old connection: ACCEPTED (fencing broken)".into()),
-                    Err(e) => out.push(format!(
-                        "write through its connection opened before the flip: refused ({e}: storaged fenced and closed it at the flip)"
-                    )),
-                }
-                match rt.block_on(Client::connect(&cfg)) {
-                    Ok(_) => out.push(
-                        "new connection from host a as primary: ACCEPTED (fencing broken)".into(),
-                    ),
-                    Err(e) => out.push(format!(
-                        "new connection from host a as primary: refused ({e})"
-                    )),
-                }
-                let _ = result_tx.send(out);
-                Ok(())
-            };
-            if let Err(e) = run() {
-                let _ = opened_tx.send(Err(e));
-            }
-        });
-        let opened = opened_rx.recv().context("the connection thread ended")??;
-        Ok(StaleWriter { opened, go, result })
-    }
-
-    fn attempt(self) -> Result<Vec<String>> {
-        self.go.send(()).context("the connection thread ended")?;
-        let out = self.result.recv().context("the connection thread ended")?;
-        if out.iter().any(|l| l.contains("ACCEPTED")) {
-            for l in &out {
-                say(l);
-            }
-            bail!("host a was not fenced");
-        }
-        Ok(out)
-    }
 }
