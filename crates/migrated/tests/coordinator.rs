@@ -14,6 +14,8 @@
 //! real `vmm` are in `real_vmm.rs` (completion, a refused flip) and, with real guests on
 //! namespaced hosts, in the end-to-end tests (`tests/tests/migrated_*.rs`).
 
+mod common;
+
 use axum::extract::State;
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -30,49 +32,10 @@ use std::time::{Duration, Instant};
 use storaged::client::{Client, ClientConfig, LeaseSpec};
 use storaged::lease::LeaseState;
 use storaged::protocol::RequestedState;
-use storaged::registry::Registry;
-use storaged::volume::{AnonymousPolicy, VolumeConfig};
 
 const VOLUMES: [&str; 2] = ["v1", "v2"];
 
-struct Storage {
-    api: String,
-    nbd: String,
-    _stop: tokio::sync::watch::Sender<bool>,
-}
-
-async fn storage(dir: &std::path::Path) -> Storage {
-    let reg = Arc::new(Registry::open(dir).unwrap());
-    for v in VOLUMES {
-        reg.create(VolumeConfig {
-            name: v.into(),
-            size: 1 << 20,
-            anonymous: AnonymousPolicy::default(),
-            flip_on_first_access: false,
-            flip_timeout_ms: None,
-        })
-        .await
-        .unwrap();
-    }
-    let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    let s = Storage {
-        api: api.local_addr().unwrap().to_string(),
-        nbd: nbd.local_addr().unwrap().to_string(),
-        _stop: tx,
-    };
-    tokio::spawn(storaged::server::run(
-        nbd,
-        reg.clone(),
-        rx,
-        Duration::from_secs(1),
-    ));
-    tokio::spawn(async move { axum::serve(api, storaged::api::router(reg)).await });
-    s
-}
-
-async fn lease(s: &Storage, volume: &str, host: &str, state: RequestedState) -> Client {
+async fn lease(s: &common::Storage, volume: &str, host: &str, state: RequestedState) -> Client {
     let cfg = ClientConfig::new(vec![s.nbd.clone()], volume).with_lease(LeaseSpec {
         host: host.into(),
         instance: "vm1".into(),
@@ -264,13 +227,13 @@ struct Setup {
     peer: Peer,
     peer_task: tokio::task::JoinHandle<()>,
     leases: Leases,
-    _storage: Storage,
+    _storage: common::Storage,
     _dir: tempfile::TempDir,
 }
 
 async fn setup(stream: Stream, standby_for: Vec<&'static str>) -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let storage = storage(&dir.path().join("storaged")).await;
+    let storage = common::storage(&dir.path().join("storaged"), &VOLUMES, |_| Router::new()).await;
     let mut disks = Vec::new();
     for v in VOLUMES {
         disks.push(lease(&storage, v, "a", RequestedState::Primary).await);

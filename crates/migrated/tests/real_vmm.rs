@@ -13,6 +13,8 @@
 //! The phases a real guest needs time in (pre-copy, a restart in the middle) are driven with
 //! doubles in `coordinator.rs` and with real guests in the end-to-end tests.
 
+mod common;
+
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
@@ -31,7 +33,6 @@ use storaged::flip::{self, FlipTrigger};
 use storaged::lease::LeaseState;
 use storaged::protocol::RequestedState;
 use storaged::registry::Registry;
-use storaged::volume::{AnonymousPolicy, VolumeConfig};
 
 const VOLUMES: [&str; 2] = ["v1", "v2"];
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -147,53 +148,32 @@ async fn flip_v2(
     Ok(Json(report))
 }
 
+/// storaged with a switch that makes it refuse flips of v2.
 struct Storage {
-    api: String,
-    nbd: String,
-    reg: Arc<Registry>,
+    inner: common::Storage,
     refuse_v2: Arc<AtomicBool>,
-    _stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl std::ops::Deref for Storage {
+    type Target = common::Storage;
+    fn deref(&self) -> &common::Storage {
+        &self.inner
+    }
 }
 
 async fn storage(dir: &Path) -> Storage {
-    let reg = Arc::new(Registry::open(dir).unwrap());
-    for v in VOLUMES {
-        reg.create(VolumeConfig {
-            name: v.into(),
-            size: 1 << 20,
-            anonymous: AnonymousPolicy::default(),
-            flip_on_first_access: false,
-            flip_timeout_ms: None,
-        })
-        .await
-        .unwrap();
-    }
-    let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (tx, rx) = tokio::sync::watch::channel(false);
     let refuse_v2 = Arc::new(AtomicBool::new(false));
-    let s = Storage {
-        api: api.local_addr().unwrap().to_string(),
-        nbd: nbd.local_addr().unwrap().to_string(),
-        reg: reg.clone(),
-        refuse_v2: refuse_v2.clone(),
-        _stop: tx,
-    };
-    tokio::spawn(storaged::server::run(
-        nbd,
-        reg.clone(),
-        rx,
-        Duration::from_secs(1),
-    ));
-    let router = Router::new()
-        .route("/v1/volumes/v2/flip", post(flip_v2))
-        .with_state(StorageState {
-            reg: reg.clone(),
-            refuse_v2,
-        })
-        .merge(storaged::api::router(reg));
-    tokio::spawn(async move { axum::serve(api, router).await });
-    s
+    let state_refuse = refuse_v2.clone();
+    let inner = common::storage(dir, &VOLUMES, move |reg| {
+        Router::new()
+            .route("/v1/volumes/v2/flip", post(flip_v2))
+            .with_state(StorageState {
+                reg,
+                refuse_v2: state_refuse,
+            })
+    })
+    .await;
+    Storage { inner, refuse_v2 }
 }
 
 struct Hosts {

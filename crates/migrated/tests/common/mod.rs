@@ -1,0 +1,61 @@
+//! What migrated's integration tests share: an in-process storaged (NBD listener and REST API
+//! on ephemeral 127.0.0.1 ports) with small volumes, stopped when dropped.
+
+use axum::Router;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use storaged::registry::Registry;
+use storaged::volume::{AnonymousPolicy, VolumeConfig};
+
+/// A running in-process storaged.
+pub struct Storage {
+    /// REST API address.
+    pub api: String,
+    /// NBD address.
+    pub nbd: String,
+    /// Its volumes (real_vmm.rs flips through them; coordinator.rs does not, and each test
+    /// binary compiles this module on its own).
+    #[allow(dead_code)]
+    pub reg: Arc<Registry>,
+    _stop: tokio::sync::watch::Sender<bool>,
+}
+
+/// Starts storaged with its data in `dir` and 1 MiB `volumes`; the routes `extra` builds go in
+/// front of the REST API (to stand in for one of its endpoints).
+pub async fn storage(
+    dir: &Path,
+    volumes: &[&str],
+    extra: impl FnOnce(Arc<Registry>) -> Router,
+) -> Storage {
+    let reg = Arc::new(Registry::open(dir).unwrap());
+    for v in volumes {
+        reg.create(VolumeConfig {
+            name: (*v).into(),
+            size: 1 << 20,
+            anonymous: AnonymousPolicy::default(),
+            flip_on_first_access: false,
+            flip_timeout_ms: None,
+        })
+        .await
+        .unwrap();
+    }
+    let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let s = Storage {
+        api: api.local_addr().unwrap().to_string(),
+        nbd: nbd.local_addr().unwrap().to_string(),
+        reg: reg.clone(),
+        _stop: tx,
+    };
+    tokio::spawn(storaged::server::run(
+        nbd,
+        reg.clone(),
+        rx,
+        Duration::from_secs(1),
+    ));
+    let router = extra(reg.clone()).merge(storaged::api::router(reg));
+    tokio::spawn(async move { axum::serve(api, router).await });
+    s
+}
