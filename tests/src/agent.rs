@@ -103,10 +103,20 @@ impl AgentConn {
 
     /// Sends one command and returns the fields of its `ok` reply; an `err` reply is an error.
     pub fn command(&mut self, cmd: &str, timeout: Duration) -> Result<Fields> {
+        self.send(cmd)?;
+        self.reply(cmd, timeout)
+    }
+
+    /// Writes one command without waiting for its reply (see [`Self::reply`]).
+    pub fn send(&mut self, cmd: &str) -> Result<()> {
         self.input
             .write_all(format!("{cmd}\n").as_bytes())
             .context("write to serial")?;
-        self.input.flush()?;
+        Ok(self.input.flush()?)
+    }
+
+    /// Waits for the reply to `cmd`, sent earlier with [`Self::send`].
+    pub fn reply(&mut self, cmd: &str, timeout: Duration) -> Result<Fields> {
         match self.next_reply(timeout, cmd)? {
             Reply::Ok(f) => Ok(f),
             Reply::Err(e) => bail!("agent refused `{cmd}`: {e}"),

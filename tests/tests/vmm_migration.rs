@@ -2,7 +2,8 @@
 //! whose lease is flipped between the hand-over and the resume: three round trips while the
 //! guest's memory and disk workloads run. Afterwards the memory sequence continued with no
 //! reset, the checksum verifies, the guest never rebooted, and every acknowledged disk record
-//! verifies in the guest and on the host.
+//! verifies in the guest and on the host. A command typed at the destination's console before
+//! the guest arrives is answered once it runs there.
 
 use agent_proto::{expected_checksum, Record, RECORD_SIZE};
 use e2e::image::guest_image;
@@ -49,6 +50,8 @@ fn migrate(
     let addr = format!("127.0.0.1:{port}");
     let mut dst =
         VmmGuest::start_incoming(&config(image, storaged, dir, host, "standby"), &addr).unwrap();
+    // Typed at the destination's console before the guest is there: answered once it runs.
+    dst.agent.send("clock").unwrap();
     let t = Instant::now();
     let (code, body) = src
         .api_json(
@@ -128,7 +131,7 @@ fn vmm_migrates_a_running_guest_three_round_trips() {
         guest = migrate(&mut guest, &image, &storaged, &next_dir, host);
 
         // The guest continues where it was: same boot, clock forward, workloads advancing.
-        let c = guest.agent.command("clock", REPLY);
+        let c = guest.agent.reply("clock", REPLY);
         let c = guest.ok(c);
         assert_eq!(
             c.get("boot_id"),

@@ -369,6 +369,7 @@ impl Vm {
                 fifo_empty: fifo_empty.try_clone().map_err(VmError::EventFd)?,
             },
             ConsoleOut(console_tx),
+            matches!(mode, StartMode::Boot),
         )));
         start_console(&config.serial, console_rx, serial.clone(), &fifo_empty)?;
         pio.insert(serial.clone(), COM1_PORT_BASE, COM1_PORT_LEN)?;
@@ -723,7 +724,11 @@ impl Vm {
             rx.recv_timeout(VCPU_ACK_TIMEOUT)
                 .map_err(|_| "a vCPU did not load its state in time".to_string())??;
         }
-        lock(&self.serial).restore(&st.serial)?;
+        {
+            let mut serial = lock(&self.serial);
+            serial.restore(&st.serial)?;
+            serial.open_input();
+        }
         for (i, (d, saved)) in self.disks.iter().zip(&st.disks).enumerate() {
             lock(d)
                 .restore(saved)

@@ -54,14 +54,30 @@ impl SerialEvents for InputEvents {
 /// COM1.
 pub struct SerialDevice {
     serial: Serial<IrqLine, InputEvents, ConsoleOut>,
+    /// Whether input is taken. A VM that restores a saved guest keeps its input out until the
+    /// saved UART is loaded, so that no byte typed before that is overwritten and lost.
+    input_open: bool,
 }
 
 impl SerialDevice {
-    /// A UART raising `irq`, writing to `out`, reporting FIFO space through `events`.
-    pub fn new(irq: IrqLine, events: InputEvents, out: ConsoleOut) -> SerialDevice {
+    /// A UART raising `irq`, writing to `out`, reporting FIFO space through `events`; it takes
+    /// input from the start when `input_open`, otherwise once [`Self::open_input`] is called.
+    pub fn new(
+        irq: IrqLine,
+        events: InputEvents,
+        out: ConsoleOut,
+        input_open: bool,
+    ) -> SerialDevice {
         SerialDevice {
             serial: Serial::with_events(irq, events, out),
+            input_open,
         }
+    }
+
+    /// Starts taking input, waking any console thread that waits to deliver some.
+    pub fn open_input(&mut self) {
+        self.input_open = true;
+        let _ = self.serial.events().fifo_empty.write(1);
     }
 
     /// The UART's registers and receive FIFO.
@@ -114,8 +130,12 @@ impl SerialDevice {
         Ok(())
     }
 
-    /// Puts as much of `bytes` into the receive FIFO as fits; returns how many.
+    /// Puts as much of `bytes` into the receive FIFO as fits; returns how many (none while the
+    /// input is not open yet).
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        if !self.input_open {
+            return 0;
+        }
         let n = bytes.len().min(self.serial.fifo_capacity());
         if n == 0 {
             return 0;
