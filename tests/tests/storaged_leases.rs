@@ -158,6 +158,21 @@ fn revoke_terminates_leases() -> Result<()> {
         // Revoking the deactivated host lets it connect again (as standby).
         s.cli(&["lease", "revoke", "vol", "--host", "host-a"])?;
         let a = connect(&s, "host-a", Standby).await?;
+        // A revoke limited to the standby state leaves the primary alone (409, unchanged).
+        let refused = s
+            .cli(&[
+                "lease",
+                "revoke",
+                "vol",
+                "--host",
+                "host-b",
+                "--only-if",
+                "standby",
+            ])
+            .unwrap_err()
+            .to_string();
+        ensure!(refused.contains("not Standby"), "{refused}");
+        ensure!(b.read(0, 512).await.is_ok());
         // Revoking the primary closes its connection.
         s.cli(&["lease", "revoke", "vol", "--host", "host-b"])?;
         ensure!(b.read(0, 512).await.is_err());

@@ -550,7 +550,7 @@ impl Source {
             let outcome = match self.leases.state_of(v, me).await {
                 Ok(Some(LeaseState::Deactivated)) => self
                     .leases
-                    .revoke(v, me)
+                    .revoke(v, me, Some(LeaseState::Deactivated))
                     .await
                     .map(|_| format!("volume {v}: deactivated lease of {me} released")),
                 Ok(other) => Ok(format!(
@@ -618,21 +618,27 @@ impl Source {
             }
         }
         // The destination may not take over once we resume: end its standby leases, and make
-        // sure we still hold every volume.
+        // sure we still hold every volume. The revoke is conditional, so a destination that
+        // took a volume over at this very moment keeps it (and the source does not resume).
         for v in &rec.volumes {
+            let refused = match self
+                .leases
+                .revoke(v, &rec.destination, Some(LeaseState::Standby))
+                .await
+            {
+                Ok(_) => continue,
+                Err(e) => e,
+            };
             match self.leases.state_of(v, &rec.destination).await {
-                Ok(Some(LeaseState::Standby)) => {
-                    if let Err(e) = self.leases.revoke(v, &rec.destination).await {
-                        tracing::warn!(migration = %rec.id, volume = %v,
-                            error = %error_chain(&e), "revoking the destination's standby lease");
-                    }
-                }
                 Ok(Some(LeaseState::Primary)) => {
                     return self.fail(&format!(
                         "{reason}; but the destination holds volume {v}: the source cannot resume"
                     ))
                 }
-                Ok(_) => {}
+                Ok(None | Some(LeaseState::Deactivated)) => {}
+                Ok(Some(LeaseState::Standby)) => tracing::warn!(migration = %rec.id,
+                    volume = %v, error = %error_chain(&refused),
+                    "revoking the destination's standby lease"),
                 Err(e) => tracing::warn!(migration = %rec.id, volume = %v,
                     error = %error_chain(&e), "reading the leases during the abort"),
             }

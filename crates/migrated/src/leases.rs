@@ -79,10 +79,17 @@ impl Leases {
         .await
     }
 
-    /// Ends every lease `host` holds on `volume`.
-    pub async fn revoke(&self, volume: &str, host: &str) -> Result<LeaseView, LeaseError> {
+    /// Ends every lease `host` holds on `volume`; with `only_if`, only a lease in that state
+    /// (storaged decides under the volume's lease lock and refuses otherwise).
+    pub async fn revoke(
+        &self,
+        volume: &str,
+        host: &str,
+        only_if: Option<LeaseState>,
+    ) -> Result<LeaseView, LeaseError> {
         let req = RevokeRequest {
             host: host.to_string(),
+            only_if,
         };
         self.call(
             "revoke",

@@ -139,7 +139,7 @@ async fn flip_v2(
     let to = req.to.as_deref();
     if s.refuse_v2.load(Ordering::SeqCst) {
         if let Some(host) = to {
-            flip::revoke(&s.reg, &vol, host).await.map_err(err)?;
+            flip::revoke(&s.reg, &vol, host, None).await.map_err(err)?;
         }
     }
     let report = flip::flip(&s.reg, &vol, to, FlipTrigger::Api)

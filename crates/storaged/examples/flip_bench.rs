@@ -56,6 +56,7 @@ async fn main() -> Result<()> {
                 &format!("/v1/volumes/{vol}/leases/revoke"),
                 Some(&RevokeRequest {
                     host: hosts[p].into(),
+                    only_if: None,
                 }),
             )
             .await?;

@@ -14,7 +14,7 @@
 //! lease), and armed flips that complete on the standby's first access or at a deadline.
 
 use crate::gate::Access;
-use crate::lease::{Holder, LeaseTable};
+use crate::lease::{Holder, LeaseState, LeaseTable};
 use crate::protocol::FlipReport;
 use crate::registry::{ConnEntry, PendingFlip, Registry, RegistryError, Volume};
 use std::sync::atomic::Ordering;
@@ -205,15 +205,17 @@ fn apply_access(vol: &Volume, table: &LeaseTable) {
     }
 }
 
-/// Terminates every lease of `host` on the volume and closes its connections.
+/// Terminates every lease of `host` on the volume and closes its connections; with `only_if`,
+/// only if the host holds a lease in that state (decided under the volume's lease lock).
 pub async fn revoke(
     reg: &Registry,
     vol: &Arc<Volume>,
     host: &str,
+    only_if: Option<LeaseState>,
 ) -> Result<LeaseTable, FlipError> {
     let _l = vol.lease_lock.lock().await;
     let current = vol.table();
-    let table = current.revoke(host)?;
+    let table = current.revoke(host, only_if)?;
     fence_host(reg, vol, host).await?;
     disconnect_host(vol, host).await;
     reg.commit_table(vol, table.clone()).await?;
@@ -393,10 +395,10 @@ mod tests {
         assert_eq!(b.entry.gate.access(), Access::Standby);
         assert_eq!(vol.table().primary.unwrap().host, "a");
         assert!(rollback(&reg, &vol).await.is_err());
-        revoke(&reg, &vol, "b").await.unwrap();
+        revoke(&reg, &vol, "b", None).await.unwrap();
         assert_eq!(b.entry.gate.access(), Access::Closed);
         assert!(vol.table().state_of("b").is_none());
-        assert!(revoke(&reg, &vol, "b").await.is_err());
+        assert!(revoke(&reg, &vol, "b", None).await.is_err());
     }
 
     #[tokio::test]

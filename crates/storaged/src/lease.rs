@@ -57,6 +57,16 @@ pub enum LeaseError {
     /// Revoke of a host that has no lease.
     #[error("host {0} has no lease on this volume")]
     NoLease(String),
+    /// A conditional revoke found the host in another state than the one it names.
+    #[error("host {host} holds a {actual:?} lease, not {expected:?}: nothing revoked")]
+    NotInState {
+        /// The host.
+        host: String,
+        /// The state the revoke was limited to.
+        expected: LeaseState,
+        /// The host's state.
+        actual: LeaseState,
+    },
 }
 
 /// Who holds a lease: a host and the instance (VM) on it.
@@ -215,10 +225,23 @@ impl LeaseTable {
         Ok(table)
     }
 
-    /// The table after removing every lease of `host` (termination by the control plane).
-    pub fn revoke(&self, host: &str) -> Result<LeaseTable, LeaseError> {
-        if self.state_of(host).is_none() {
+    /// The table after removing every lease of `host` (termination by the control plane);
+    /// with `only_if`, refused unless the host is in that state (so a control plane can end a
+    /// standby lease without racing a flip that just made it primary).
+    pub fn revoke(
+        &self,
+        host: &str,
+        only_if: Option<LeaseState>,
+    ) -> Result<LeaseTable, LeaseError> {
+        let Some((actual, _)) = self.state_of(host) else {
             return Err(LeaseError::NoLease(host.to_string()));
+        };
+        if let Some(expected) = only_if.filter(|&e| e != actual) {
+            return Err(LeaseError::NotInState {
+                host: host.to_string(),
+                expected,
+                actual,
+            });
         }
         let mut table = self.clone();
         if table.primary.as_ref().is_some_and(|p| p.host == host) {
@@ -411,17 +434,35 @@ mod tests {
     #[test]
     fn revoke_terminates_every_state() {
         let t = with_primary_a_standby_b().flip(None).unwrap().table;
-        let r = t.revoke("a").unwrap();
+        let r = t.revoke("a", None).unwrap();
         assert!(r.state_of("a").is_none());
         assert!(r.grant(&req("a", RequestedState::Standby)).is_ok());
-        let r = t.revoke("b").unwrap();
+        let r = t.revoke("b", None).unwrap();
         assert_eq!(r.primary, None);
         assert_eq!(r.epoch, t.epoch + 1);
         assert_eq!(r.previous, None);
-        assert_eq!(r.revoke("zz"), Err(LeaseError::NoLease("zz".into())));
-        let s = with_primary_a_standby_b().revoke("b").unwrap();
+        assert_eq!(r.revoke("zz", None), Err(LeaseError::NoLease("zz".into())));
+        let s = with_primary_a_standby_b().revoke("b", None).unwrap();
         assert!(s.standby.is_empty());
         assert_eq!(s.epoch, 1);
+    }
+
+    #[test]
+    fn conditional_revoke_takes_only_the_named_state() {
+        let t = with_primary_a_standby_b();
+        let s = t.revoke("b", Some(LeaseState::Standby)).unwrap();
+        assert!(s.standby.is_empty());
+        // After a flip b is primary: a revoke limited to standby leaves it alone.
+        let flipped = t.flip(None).unwrap().table;
+        assert_eq!(
+            flipped.revoke("b", Some(LeaseState::Standby)),
+            Err(LeaseError::NotInState {
+                host: "b".into(),
+                expected: LeaseState::Standby,
+                actual: LeaseState::Primary,
+            })
+        );
+        assert!(flipped.revoke("a", Some(LeaseState::Deactivated)).is_ok());
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::time::Duration;
 use storaged::api::client::ApiClient;
 use storaged::api::{FlipMode, FlipRequest, RevokeRequest};
 use storaged::config::{ServeConfig, ServeConfigFile};
+use storaged::lease::LeaseState;
 use storaged::registry::{LeaseView, Registry, VolumeInfo};
 use storaged::volume::{AnonymousPolicy, VolumeConfig};
 
@@ -125,6 +126,23 @@ enum Anonymous {
     Deny,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LeaseStateArg {
+    Primary,
+    Standby,
+    Deactivated,
+}
+
+impl From<LeaseStateArg> for LeaseState {
+    fn from(s: LeaseStateArg) -> LeaseState {
+        match s {
+            LeaseStateArg::Primary => LeaseState::Primary,
+            LeaseStateArg::Standby => LeaseState::Standby,
+            LeaseStateArg::Deactivated => LeaseState::Deactivated,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum LeaseCmd {
     /// List the leases of a volume.
@@ -157,6 +175,9 @@ enum LeaseCmd {
         /// Host id.
         #[arg(long)]
         host: String,
+        /// Only if the host's lease is in this state; otherwise refused and nothing changes.
+        #[arg(long, value_name = "STATE")]
+        only_if: Option<LeaseStateArg>,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -305,12 +326,20 @@ async fn lease_cmd(cmd: LeaseCmd) -> Result<()> {
                 .await?;
             print_json(&v)
         }
-        LeaseCmd::Revoke { volume, host, api } => {
+        LeaseCmd::Revoke {
+            volume,
+            host,
+            only_if,
+            api,
+        } => {
             let v: LeaseView = ApiClient::new(api.api)
                 .call(
                     Method::POST,
                     &format!("/v1/volumes/{volume}/leases/revoke"),
-                    Some(&RevokeRequest { host }),
+                    Some(&RevokeRequest {
+                        host,
+                        only_if: only_if.map(Into::into),
+                    }),
                 )
                 .await?;
             print_json(&v)

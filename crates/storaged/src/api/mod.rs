@@ -18,6 +18,7 @@
 pub mod client;
 
 use crate::flip::{self, FlipTrigger};
+use crate::lease::LeaseState;
 use crate::protocol::FlipReport;
 use crate::registry::{LeaseView, Registry, RegistryError, VolumeInfo};
 use crate::volume::VolumeConfig;
@@ -106,6 +107,9 @@ pub struct ArmedFlip {
 pub struct RevokeRequest {
     /// Host whose lease ends.
     pub host: String,
+    /// Revoke only if the host's lease is in this state (409 otherwise, nothing changed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub only_if: Option<LeaseState>,
 }
 
 type Reg = State<Arc<Registry>>;
@@ -191,6 +195,6 @@ async fn revoke(
     Json(req): Json<RevokeRequest>,
 ) -> ApiResult<Json<LeaseView>> {
     let vol = reg.get(&id)?;
-    flip::revoke(&reg, &vol, &req.host).await?;
+    flip::revoke(&reg, &vol, &req.host, req.only_if).await?;
     Ok(Json(vol.lease_view()))
 }
