@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use storaged::config::load_toml;
 use thiserror::Error;
 
 /// Default REST listen address.
@@ -52,12 +53,9 @@ pub const MAX_DISKS: usize = 16;
 /// A configuration that cannot be used.
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    /// The file could not be read.
-    #[error("reading {0}")]
-    Read(PathBuf, #[source] std::io::Error),
-    /// The file does not parse for this schema.
-    #[error("parsing {0}")]
-    Parse(PathBuf, #[source] toml::de::Error),
+    /// The file could not be read or does not parse for this schema.
+    #[error(transparent)]
+    File(#[from] storaged::config::ConfigError),
     /// A required setting is missing.
     #[error("missing setting {0} (flag or config file)")]
     Missing(&'static str),
@@ -125,8 +123,7 @@ pub struct AgentConfig {
 impl AgentConfigFile {
     /// Reads a TOML file.
     pub fn load(path: &Path) -> Result<AgentConfigFile, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.into(), e))?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse(path.into(), e))
+        Ok(load_toml(path)?)
     }
 
     /// Applies `over` (flags) on top of `self` (file), fills defaults and validates.
@@ -253,9 +250,7 @@ fn default_vcpus() -> u8 {
 impl InstanceConfig {
     /// Reads a guest description; relative paths are taken from the file's directory.
     pub fn load(path: &Path) -> Result<InstanceConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.into(), e))?;
-        let mut c: InstanceConfig =
-            toml::from_str(&text).map_err(|e| ConfigError::Parse(path.into(), e))?;
+        let mut c: InstanceConfig = load_toml(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         let abs = |p: &mut PathBuf| {
             if p.is_relative() {
@@ -383,6 +378,19 @@ mod tests {
         bad.vcpus = 0;
         assert!(bad.validate().is_err());
         assert!(toml::from_str::<InstanceConfig>("name='a'\nkernel='/k'\nbogus=1").is_err());
+    }
+
+    #[test]
+    fn file_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        let e = AgentConfigFile::load(&path).unwrap_err();
+        assert_eq!(e.to_string(), format!("reading {}", path.display()));
+        let cause = std::error::Error::source(&e).unwrap();
+        assert!(cause.is::<std::io::Error>());
+        std::fs::write(&path, "bogus = 1").unwrap();
+        let e = InstanceConfig::load(&path).unwrap_err();
+        assert_eq!(e.to_string(), format!("parsing {}", path.display()));
     }
 
     #[test]

@@ -72,23 +72,9 @@ fn parse_peer(s: &str) -> Result<(String, String), String> {
     Ok((id.to_string(), addr.to_string()))
 }
 
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if json {
-        b.json().init();
-    } else {
-        b.init();
-    }
-}
-
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    init_logging(cli.log_json);
+    storaged::logging::init(cli.log_json);
     let file = match &cli.config {
         Some(p) => AgentConfigFile::load(p)?,
         None => AgentConfigFile::default(),

@@ -38,11 +38,7 @@ pub struct Store {
 impl Store {
     /// Opens or creates the database at `path`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = Database::create(path).map_err(db_err)?;
-        let txn = db.begin_write().map_err(db_err)?;
-        txn.open_table(INSTANCES).map_err(db_err)?;
-        txn.open_table(MIGRATIONS).map_err(db_err)?;
-        txn.commit().map_err(db_err)?;
+        let db = storaged::store::create_database(path, &[INSTANCES, MIGRATIONS])?;
         Ok(Store { db })
     }
 

@@ -1,5 +1,6 @@
 //! `storaged serve` settings: a TOML file, overridden by command-line flags.
 
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,6 +18,12 @@ pub enum ConfigError {
     /// A required setting is missing.
     #[error("missing setting {0} (flag or config file)")]
     Missing(&'static str),
+}
+
+/// Reads the TOML file at `path` into `T`; migrated reads its settings with it too.
+pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.into(), e))?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse(path.into(), e))
 }
 
 /// The `[serve]` settings as written in the TOML file; every field optional.
@@ -61,8 +68,7 @@ pub struct ServeConfig {
 impl ServeConfigFile {
     /// Reads a TOML file.
     pub fn load(path: &Path) -> Result<ServeConfigFile, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.into(), e))?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse(path.into(), e))
+        load_toml(path)
     }
 
     /// Applies `over` (flags) on top of `self` (file) and fills defaults.

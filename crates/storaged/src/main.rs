@@ -422,26 +422,12 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
     Ok(())
 }
 
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if json {
-        b.json().init();
-    } else {
-        b.init();
-    }
-}
-
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new()?;
     match cli.cmd {
         Cmd::Serve(a) => {
-            init_logging(a.log_json);
+            storaged::logging::init(a.log_json);
             let file = match &a.config {
                 Some(p) => ServeConfigFile::load(p)?,
                 None => ServeConfigFile::default(),

@@ -34,6 +34,21 @@ fn db_err(e: impl Into<redb::Error>) -> StoreError {
     StoreError::Db(e.into())
 }
 
+/// Opens or creates the redb database at `path` and creates the missing `tables` in one
+/// committed transaction, so that readers always find them. Also opens migrated's state.
+pub fn create_database(
+    path: &Path,
+    tables: &[TableDefinition<&str, &[u8]>],
+) -> Result<Database, redb::Error> {
+    let db = Database::create(path)?;
+    let txn = db.begin_write()?;
+    for &table in tables {
+        txn.open_table(table)?;
+    }
+    txn.commit()?;
+    Ok(db)
+}
+
 /// The metadata database.
 pub struct Store {
     db: Database,
@@ -42,11 +57,7 @@ pub struct Store {
 impl Store {
     /// Opens or creates the database at `path`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = Database::create(path).map_err(db_err)?;
-        let txn = db.begin_write().map_err(db_err)?;
-        txn.open_table(VOLUMES).map_err(db_err)?;
-        txn.open_table(LEASES).map_err(db_err)?;
-        txn.commit().map_err(db_err)?;
+        let db = create_database(path, &[VOLUMES, LEASES])?;
         Ok(Store { db })
     }
 
