@@ -284,18 +284,12 @@ mod tests {
     use crate::gate::Need;
     use crate::lease::{LeaseRequest, LeaseState};
     use crate::protocol::RequestedState;
+    use crate::registry::Attachment;
     use crate::volume::{AnonymousPolicy, VolumeConfig};
+    use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
-    fn req(host: &str, state: RequestedState) -> LeaseRequest {
-        LeaseRequest {
-            holder: Holder {
-                host: host.into(),
-                instance: "vm".into(),
-            },
-            state,
-            expected_epoch: 0,
-        }
-    }
+    /// The connections' peer address: the flip never looks at it.
+    const PEER: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1));
 
     async fn setup(dir: &std::path::Path) -> (Arc<Registry>, Arc<Volume>) {
         let reg = Arc::new(Registry::open(dir).unwrap());
@@ -312,9 +306,27 @@ mod tests {
         (reg, vol)
     }
 
-    /// Stands in for a connection task: detaches once the gate closes.
-    fn conn_task(vol: &Arc<Volume>, id: u64, gate: Arc<crate::gate::Gate>) {
-        let vol = vol.clone();
+    /// Attaches a connection of `host`'s instance "vm" that asks for `state` at epoch 0.
+    async fn attach(
+        reg: &Registry,
+        vol: &Arc<Volume>,
+        host: &str,
+        state: RequestedState,
+    ) -> Attachment {
+        let lease = LeaseRequest {
+            holder: Holder {
+                host: host.into(),
+                instance: "vm".into(),
+            },
+            state,
+            expected_epoch: 0,
+        };
+        reg.attach(vol, Some(lease), PEER).await.unwrap()
+    }
+
+    /// Stands in for the task of connection `conn`: detaches once its gate closes.
+    fn conn_task(vol: &Arc<Volume>, conn: &Attachment) {
+        let (vol, id, gate) = (vol.clone(), conn.entry.id, conn.entry.gate.clone());
         tokio::spawn(async move {
             gate.closed().await;
             vol.detach(id);
@@ -325,22 +337,12 @@ mod tests {
     async fn flip_waits_for_admitted_requests_then_promotes() {
         let dir = tempfile::tempdir().unwrap();
         let (reg, vol) = setup(dir.path()).await;
-        let peer = "127.0.0.1:1".parse().unwrap();
-        let a = reg
-            .attach(&vol, Some(req("a", RequestedState::Primary)), peer)
-            .await
-            .unwrap();
-        let b = reg
-            .attach(&vol, Some(req("b", RequestedState::Standby)), peer)
-            .await
-            .unwrap();
-        conn_task(&vol, a.entry.id, a.entry.gate.clone());
+        let a = attach(&reg, &vol, "a", RequestedState::Primary).await;
+        let b = attach(&reg, &vol, "b", RequestedState::Standby).await;
+        conn_task(&vol, &a);
         // A second connection of the same primary holder (multi-connection clients).
-        let a2 = reg
-            .attach(&vol, Some(req("a", RequestedState::Primary)), peer)
-            .await
-            .unwrap();
-        conn_task(&vol, a2.entry.id, a2.entry.gate.clone());
+        let a2 = attach(&reg, &vol, "a", RequestedState::Primary).await;
+        conn_task(&vol, &a2);
         let admitted = a.entry.gate.admit(Need::Write).unwrap();
         assert_eq!(
             b.entry.gate.admit(Need::Read).unwrap_err(),
@@ -378,17 +380,10 @@ mod tests {
     async fn rollback_and_revoke_apply_to_connections() {
         let dir = tempfile::tempdir().unwrap();
         let (reg, vol) = setup(dir.path()).await;
-        let peer = "127.0.0.1:1".parse().unwrap();
-        let a = reg
-            .attach(&vol, Some(req("a", RequestedState::Primary)), peer)
-            .await
-            .unwrap();
-        conn_task(&vol, a.entry.id, a.entry.gate.clone());
-        let b = reg
-            .attach(&vol, Some(req("b", RequestedState::Standby)), peer)
-            .await
-            .unwrap();
-        conn_task(&vol, b.entry.id, b.entry.gate.clone());
+        let a = attach(&reg, &vol, "a", RequestedState::Primary).await;
+        conn_task(&vol, &a);
+        let b = attach(&reg, &vol, "b", RequestedState::Standby).await;
+        conn_task(&vol, &b);
         flip(&reg, &vol, Some("b"), FlipTrigger::Nbd).await.unwrap();
         let rep = rollback(&reg, &vol).await.unwrap();
         assert_eq!(rep.epoch, 3);
@@ -405,31 +400,24 @@ mod tests {
     async fn illegal_flips_change_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let (reg, vol) = setup(dir.path()).await;
-        let peer = "127.0.0.1:1".parse().unwrap();
-        let a = reg
-            .attach(&vol, Some(req("a", RequestedState::Primary)), peer)
-            .await
-            .unwrap();
+        let a = attach(&reg, &vol, "a", RequestedState::Primary).await;
         assert!(flip(&reg, &vol, None, FlipTrigger::Api).await.is_err());
         assert!(flip(&reg, &vol, Some("a"), FlipTrigger::Api).await.is_err());
         assert_eq!(a.entry.gate.access(), Access::ReadWrite);
         assert_eq!(vol.table().epoch, 1);
         // Anonymous access is refused while a primary exists.
-        assert!(reg.attach(&vol, None, peer).await.is_err());
+        assert!(reg.attach(&vol, None, PEER).await.is_err());
     }
 
     #[tokio::test]
     async fn first_primary_by_flip_ends_anonymous_access() {
         let dir = tempfile::tempdir().unwrap();
         let (reg, vol) = setup(dir.path()).await;
-        let peer = "127.0.0.1:1".parse().unwrap();
-        let anon = reg.attach(&vol, None, peer).await.unwrap();
+        let anon = reg.attach(&vol, None, PEER).await.unwrap();
         assert_eq!(anon.entry.gate.access(), Access::ReadOnly);
-        reg.attach(&vol, Some(req("b", RequestedState::Standby)), peer)
-            .await
-            .unwrap();
+        attach(&reg, &vol, "b", RequestedState::Standby).await;
         flip(&reg, &vol, None, FlipTrigger::Api).await.unwrap();
         assert_eq!(anon.entry.gate.access(), Access::Closed);
-        assert!(reg.attach(&vol, None, peer).await.is_err());
+        assert!(reg.attach(&vol, None, PEER).await.is_err());
     }
 }

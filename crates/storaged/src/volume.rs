@@ -153,35 +153,17 @@ impl VolumeFile {
         let mut done = 0usize;
         while done < buf.len() {
             let rest = &buf[done..];
-            let iov = libc::iovec {
-                iov_base: rest.as_ptr() as *mut libc::c_void,
-                iov_len: rest.len(),
-            };
-            // SAFETY: `iov` points into `buf`, which outlives the call; the kernel only reads it.
-            let n = unsafe {
-                libc::pwritev2(
-                    self.file.as_raw_fd(),
-                    &iov,
-                    1,
-                    (offset + done as u64) as libc::off_t,
-                    libc::RWF_DSYNC,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
-                    self.file.write_all_at(rest, offset + done as u64)?;
+            let at = offset + done as u64;
+            match self.pwritev2(rest, at, libc::RWF_DSYNC) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                    self.file.write_all_at(rest, at)?;
                     return self.file.sync_data();
                 }
-                return Err(e);
+                Err(e) => return Err(e),
             }
-            if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            done += n as usize;
         }
         Ok(())
     }
@@ -189,28 +171,14 @@ impl VolumeFile {
     /// Reads from the page cache only (`preadv2(RWF_NOWAIT)`): `Ok(true)` when all of `buf`
     /// was filled without blocking; `Ok(false)` when the caller must do a blocking read.
     pub fn read_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
-        let iov = libc::iovec {
-            iov_base: buf.as_mut_ptr() as *mut libc::c_void,
-            iov_len: buf.len(),
-        };
-        // SAFETY: `iov` describes `buf`, which is exclusively borrowed for the call.
-        let n = unsafe {
-            libc::preadv2(
-                self.file.as_raw_fd(),
-                &iov,
-                1,
-                offset as libc::off_t,
-                libc::RWF_NOWAIT,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return match e.raw_os_error() {
+        let len = buf.len();
+        match self.preadv2(buf, offset, libc::RWF_NOWAIT) {
+            Ok(n) => Ok(n == len),
+            Err(e) => match e.raw_os_error() {
                 Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::EINTR) => Ok(false),
                 _ => Err(e),
-            };
+            },
         }
-        Ok(n as usize == buf.len())
     }
 
     /// Writes into the page cache only if that cannot block (`pwritev2(RWF_NOWAIT)`):
@@ -220,23 +188,9 @@ impl VolumeFile {
         if self.nowait_writes_unsupported.load(Ordering::Relaxed) {
             return Ok(false);
         }
-        let iov = libc::iovec {
-            iov_base: buf.as_ptr() as *mut libc::c_void,
-            iov_len: buf.len(),
-        };
-        // SAFETY: `iov` points into `buf`, which outlives the call; the kernel only reads it.
-        let n = unsafe {
-            libc::pwritev2(
-                self.file.as_raw_fd(),
-                &iov,
-                1,
-                offset as libc::off_t,
-                libc::RWF_NOWAIT,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return match e.raw_os_error() {
+        match self.pwritev2(buf, offset, libc::RWF_NOWAIT) {
+            Ok(n) => Ok(n == buf.len()),
+            Err(e) => match e.raw_os_error() {
                 Some(libc::EOPNOTSUPP) => {
                     self.nowait_writes_unsupported
                         .store(true, Ordering::Relaxed);
@@ -244,9 +198,38 @@ impl VolumeFile {
                 }
                 Some(libc::EAGAIN | libc::EINTR) => Ok(false),
                 _ => Err(e),
-            };
+            },
         }
-        Ok(n as usize == buf.len())
+    }
+
+    /// One `preadv2` into `buf` at `offset`: the count read, which may be short.
+    fn preadv2(&self, buf: &mut [u8], offset: u64, flags: libc::c_int) -> io::Result<usize> {
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        // SAFETY: `iov` describes `buf`, which is exclusively borrowed for the call.
+        let n =
+            unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, offset as libc::off_t, flags) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    /// One `pwritev2` of `buf` at `offset`: the count written, which may be short.
+    fn pwritev2(&self, buf: &[u8], offset: u64, flags: libc::c_int) -> io::Result<usize> {
+        let iov = libc::iovec {
+            iov_base: buf.as_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        // SAFETY: `iov` points into `buf`, which outlives the call; the kernel only reads it.
+        let n =
+            unsafe { libc::pwritev2(self.file.as_raw_fd(), &iov, 1, offset as libc::off_t, flags) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
     }
 
     /// Makes every completed write durable.
