@@ -20,30 +20,21 @@ use axum::extract::State;
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use migrated::agent::Agent;
-use migrated::config::{AgentConfig, DiskSpec, InstanceConfig};
+use migrated::config::AgentConfig;
 use migrated::instance::{proc_start_time, InstanceRecord, InstanceState};
 use migrated::leases::Leases;
 use migrated::migration::{
     Figures, IncomingReady, MigrateRequest, MigrationParams, MigrationRecord, Phase, Role,
 };
 use serde_json::{json, Value};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use storaged::client::{Client, ClientConfig, LeaseSpec};
+use storaged::client::Client;
 use storaged::lease::LeaseState;
 use storaged::protocol::RequestedState;
 
 const VOLUMES: [&str; 2] = ["v1", "v2"];
-
-async fn lease(s: &common::Storage, volume: &str, host: &str, state: RequestedState) -> Client {
-    let cfg = ClientConfig::new(vec![s.nbd.clone()], volume).with_lease(LeaseSpec {
-        host: host.into(),
-        instance: "vm1".into(),
-        state,
-        expected_epoch: 0,
-    });
-    Client::connect(&cfg).await.unwrap()
-}
 
 /// How the VMM double's stream ends.
 #[derive(Clone, Copy)]
@@ -62,9 +53,9 @@ struct FakeVmm {
     _disks: Vec<Client>,
 }
 
-impl Drop for FakeVmm {
-    fn drop(&mut self) {
-        // A source that resumed still has its `VMM process`: end it with the test.
+impl FakeVmm {
+    /// Ends the `VMM process`, if it still runs.
+    fn end_process(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -72,7 +63,21 @@ impl Drop for FakeVmm {
     }
 }
 
+impl Drop for FakeVmm {
+    fn drop(&mut self) {
+        // A source that resumed still has its `VMM process`: end it with the test.
+        self.end_process();
+    }
+}
+
 type Vmm = Arc<Mutex<FakeVmm>>;
+
+/// Locks the VMM double and records a call to `what`.
+fn called(v: &Vmm, what: String) -> MutexGuard<'_, FakeVmm> {
+    let mut v = v.lock().unwrap();
+    v.calls.push(what);
+    v
+}
 
 fn vmm_router(vmm: Vmm) -> Router {
     async fn info(State(v): State<Vmm>) -> Json<Value> {
@@ -80,26 +85,20 @@ fn vmm_router(vmm: Vmm) -> Router {
         Json(json!({"state": v.state, "pid": 1}))
     }
     async fn resume(State(v): State<Vmm>) -> Json<Value> {
-        let mut v = v.lock().unwrap();
-        v.calls.push("resume".into());
+        let mut v = called(&v, "resume".into());
         v.state = "running".into();
         Json(json!({"state": "running"}))
     }
     async fn shutdown(State(v): State<Vmm>) -> Json<Value> {
-        let mut v = v.lock().unwrap();
-        v.calls.push("shutdown".into());
-        if let Some(mut c) = v.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        let mut v = called(&v, "shutdown".into());
+        v.end_process();
         Json(json!({"state": "paused"}))
     }
     async fn send(
         State(v): State<Vmm>,
         Json(body): Json<Value>,
     ) -> (axum::http::StatusCode, Json<Value>) {
-        let mut v = v.lock().unwrap();
-        v.calls.push(format!("send {body}"));
+        let mut v = called(&v, format!("send {body}"));
         v.phase = "precopy".into();
         (axum::http::StatusCode::ACCEPTED, Json(json!({})))
     }
@@ -127,8 +126,7 @@ fn vmm_router(vmm: Vmm) -> Router {
         }))
     }
     async fn abort(State(v): State<Vmm>) -> Json<Value> {
-        let mut v = v.lock().unwrap();
-        v.calls.push("abort".into());
+        let mut v = called(&v, "abort".into());
         v.phase = "aborted".into();
         v.state = "running".into();
         Json(json!({}))
@@ -141,6 +139,29 @@ fn vmm_router(vmm: Vmm) -> Router {
         .route("/v1/migration", get(status))
         .route("/v1/migration/abort", put(abort))
         .with_state(vmm)
+}
+
+/// The record of a migration `id` of vm1 from a to b, as `role` keeps it: created, nothing done
+/// yet, the destination VMM's stream at 127.0.0.1:1; no peer address, no volumes, started at 0.
+fn a_to_b(id: &str, role: Role) -> MigrationRecord {
+    MigrationRecord {
+        id: id.into(),
+        instance: "vm1".into(),
+        role,
+        source: "a".into(),
+        destination: "b".into(),
+        peer_addr: String::new(),
+        params: MigrationParams::default(),
+        phase: Phase::Created,
+        stream_addr: Some("127.0.0.1:1".into()),
+        volumes: vec![],
+        flipped: vec![],
+        steps: vec![],
+        started_ms: 0,
+        ended_ms: None,
+        error: None,
+        figures: Figures::default(),
+    }
 }
 
 struct FakePeer {
@@ -162,32 +183,13 @@ fn peer_router(peer: Peer) -> Router {
         let mut p = p.lock().await;
         p.calls.push("prepare".into());
         for v in p.standby_for.clone() {
-            let cfg = ClientConfig::new(vec![p.storage_nbd.clone()], v).with_lease(LeaseSpec {
-                host: "b".into(),
-                instance: "vm1".into(),
-                state: RequestedState::Standby,
-                expected_epoch: 0,
-            });
-            let c = Client::connect(&cfg).await.unwrap();
+            let c = common::lease(&p.storage_nbd, v, "b", RequestedState::Standby).await;
             p.disks.push(c);
         }
         p.record = Some(MigrationRecord {
-            id: req["migration"].as_str().unwrap().into(),
-            instance: "vm1".into(),
-            role: Role::Destination,
-            source: "a".into(),
-            destination: "b".into(),
             peer_addr: "x".into(),
-            params: MigrationParams::default(),
             phase: Phase::Precopy,
-            stream_addr: Some("127.0.0.1:1".into()),
-            volumes: vec![],
-            flipped: vec![],
-            steps: vec![],
-            started_ms: 0,
-            ended_ms: None,
-            error: None,
-            figures: Figures::default(),
+            ..a_to_b(req["migration"].as_str().unwrap(), Role::Destination)
         });
         Json(IncomingReady {
             host: "b".into(),
@@ -236,7 +238,7 @@ async fn setup(stream: Stream, standby_for: Vec<&'static str>) -> Setup {
     let storage = common::storage(&dir.path().join("storaged"), &VOLUMES, |_| Router::new()).await;
     let mut disks = Vec::new();
     for v in VOLUMES {
-        disks.push(lease(&storage, v, "a", RequestedState::Primary).await);
+        disks.push(common::lease(&storage.nbd, v, "a", RequestedState::Primary).await);
     }
     let child = std::process::Command::new("sleep")
         .arg("600")
@@ -289,22 +291,7 @@ async fn setup(stream: Stream, standby_for: Vec<&'static str>) -> Setup {
     };
     let agent = Agent::open(cfg).unwrap();
     let mut rec = InstanceRecord::new(
-        InstanceConfig {
-            name: "vm1".into(),
-            kernel: "/k".into(),
-            cmdline: String::new(),
-            memory_mib: 64,
-            vcpus: 1,
-            disks: VOLUMES
-                .iter()
-                .map(|v| DiskSpec {
-                    volume: Some(v.to_string()),
-                    path: None,
-                    read_only: false,
-                })
-                .collect(),
-            restore: None,
-        },
+        common::guest(Path::new("/k"), &VOLUMES),
         &dir.path().join("state"),
         InstanceState::Running,
     );
@@ -507,10 +494,10 @@ async fn a_failed_stream_aborts_and_a_second_migration_can_follow() {
 
 /// Records a migration as if migrated had died in `phase` after flipping `flipped` at
 /// storaged, and starts a fresh agent on the same state directory.
-async fn restarted_in(s: Setup, phase: Phase, flipped: &[&str]) -> (Setup, String) {
+async fn restarted_in(mut s: Setup, phase: Phase, flipped: &[&str]) -> (Setup, String) {
     let mut standby = Vec::new();
     for v in VOLUMES {
-        standby.push(lease(&s._storage, v, "b", RequestedState::Standby).await);
+        standby.push(common::lease(&s._storage.nbd, v, "b", RequestedState::Standby).await);
     }
     s.peer.lock().await.disks = standby;
     let id = "vm1.a.1".to_string();
@@ -523,22 +510,10 @@ async fn restarted_in(s: Setup, phase: Phase, flipped: &[&str]) -> (Setup, Strin
         .unwrap();
     assert!(inst.vmm_alive());
     let mut rec = MigrationRecord {
-        id: id.clone(),
-        instance: "vm1".into(),
-        role: Role::Source,
-        source: "a".into(),
-        destination: "b".into(),
         peer_addr: s.agent.cfg.peers["b"].clone(),
-        params: MigrationParams::default(),
-        phase: Phase::Created,
-        stream_addr: Some("127.0.0.1:1".into()),
         volumes: VOLUMES.iter().map(|v| v.to_string()).collect(),
-        flipped: vec![],
-        steps: vec![],
         started_ms: migrated::instance::now_ms(),
-        ended_ms: None,
-        error: None,
-        figures: Figures::default(),
+        ..a_to_b(&id, Role::Source)
     };
     rec.step(phase, "recorded before the crash");
     let mut at_destination = rec.clone();
@@ -549,31 +524,12 @@ async fn restarted_in(s: Setup, phase: Phase, flipped: &[&str]) -> (Setup, Strin
     for v in flipped {
         s.leases.flip(v, "b").await.unwrap();
     }
-    let Setup {
-        agent,
-        vmm,
-        peer,
-        peer_task,
-        leases,
-        _storage,
-        _dir,
-    } = s;
-    let cfg = agent.cfg.clone();
-    drop(agent);
-    let agent = Agent::open(cfg).unwrap();
-    agent.recover().unwrap();
-    (
-        Setup {
-            agent,
-            vmm,
-            peer,
-            peer_task,
-            leases,
-            _storage,
-            _dir,
-        },
-        id,
-    )
+    let cfg = s.agent.cfg.clone();
+    // The old agent holds the state database open: it goes before the new one opens it.
+    drop(s.agent);
+    s.agent = Agent::open(cfg).unwrap();
+    s.agent.recover().unwrap();
+    (s, id)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

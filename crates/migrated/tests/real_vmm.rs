@@ -20,7 +20,7 @@ use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Json, Router};
 use migrated::agent::Agent;
-use migrated::config::{AgentConfig, DiskSpec, InstanceConfig};
+use migrated::config::AgentConfig;
 use migrated::instance::InstanceState;
 use migrated::leases::Leases;
 use migrated::migration::{MigrateRequest, MigrationParams, MigrationRecord, Phase};
@@ -28,7 +28,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use storaged::client::{Client, ClientConfig, LeaseSpec};
 use storaged::flip::{self, FlipTrigger};
 use storaged::lease::LeaseState;
 use storaged::protocol::RequestedState;
@@ -233,25 +232,6 @@ async fn hosts() -> Hosts {
     }
 }
 
-fn guest(kernel: &Path) -> InstanceConfig {
-    InstanceConfig {
-        name: "vm1".into(),
-        kernel: kernel.to_path_buf(),
-        cmdline: String::new(),
-        memory_mib: 64,
-        vcpus: 1,
-        disks: VOLUMES
-            .iter()
-            .map(|v| DiskSpec {
-                volume: Some(v.to_string()),
-                path: None,
-                read_only: false,
-            })
-            .collect(),
-        restore: None,
-    }
-}
-
 async fn migrate(from: &Arc<Agent>, to: &str) -> MigrationRecord {
     let rec = migrated::coordinator::start(
         from,
@@ -304,7 +284,7 @@ async fn real_vmms_migrate_there_and_back_flipping_and_releasing_every_lease() {
         return;
     }
     let h = hosts().await;
-    h.a.run(guest(&h.kernel)).await.unwrap();
+    h.a.run(common::guest(&h.kernel, &VOLUMES)).await.unwrap();
     runs_only_on(&h, &h.a, &h.b).await;
 
     let r = migrate(&h.a, "b").await;
@@ -329,7 +309,7 @@ async fn a_refused_flip_rolls_back_and_the_real_source_vmm_resumes() {
         return;
     }
     let h = hosts().await;
-    let started = h.a.run(guest(&h.kernel)).await.unwrap();
+    let started = h.a.run(common::guest(&h.kernel, &VOLUMES)).await.unwrap();
     h.storage.refuse_v2.store(true, Ordering::SeqCst);
 
     let r = migrate(&h.a, "b").await;
@@ -372,24 +352,15 @@ async fn a_destination_deactivated_on_a_volume_aborts_before_anything_moves() {
     }
     let h = hosts().await;
     // v1 was b's and went to a with a flip; b's deactivated lease was never released.
-    let connect = |host: &str, state| {
-        let cfg = ClientConfig::new(vec![h.storage.nbd.clone()], "v1").with_lease(LeaseSpec {
-            host: host.into(),
-            instance: "vm1".into(),
-            state,
-            expected_epoch: 0,
-        });
-        async move { Client::connect(&cfg).await.unwrap() }
-    };
-    let old = connect("b", RequestedState::Primary).await;
-    let new = connect("a", RequestedState::Standby).await;
+    let old = common::lease(&h.storage.nbd, "v1", "b", RequestedState::Primary).await;
+    let new = common::lease(&h.storage.nbd, "v1", "a", RequestedState::Standby).await;
     let v1 = h.storage.reg.get("v1").unwrap();
     flip::flip(&h.storage.reg, &v1, Some("a"), FlipTrigger::Api)
         .await
         .unwrap();
     drop((old, new));
     assert_eq!(holder(&h, "v1", "b").await, Some(LeaseState::Deactivated));
-    let started = h.a.run(guest(&h.kernel)).await.unwrap();
+    let started = h.a.run(common::guest(&h.kernel, &VOLUMES)).await.unwrap();
 
     let r = migrate(&h.a, "b").await;
     assert_eq!(r.phase, Phase::Aborted, "{r:?}");

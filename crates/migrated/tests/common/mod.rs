@@ -1,10 +1,14 @@
 //! What migrated's integration tests share: an in-process storaged (NBD listener and REST API
-//! on ephemeral 127.0.0.1 ports) with small volumes, stopped when dropped.
+//! on ephemeral 127.0.0.1 ports) with small volumes, stopped when dropped; lease connections to
+//! it; the test guest `vm1` on its volumes.
 
 use axum::Router;
+use migrated::config::{DiskSpec, InstanceConfig};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+use storaged::client::{Client, ClientConfig, LeaseSpec};
+use storaged::protocol::RequestedState;
 use storaged::registry::Registry;
 use storaged::volume::{AnonymousPolicy, VolumeConfig};
 
@@ -58,4 +62,36 @@ pub async fn storage(
     let router = extra(reg.clone()).merge(storaged::api::router(reg));
     tokio::spawn(async move { axum::serve(api, router).await });
     s
+}
+
+/// A connection to `volume` at the storaged NBD address `nbd` holding a `state` lease for
+/// instance `vm1` on `host` (as a VMM's disk would); the lease goes when it is dropped.
+pub async fn lease(nbd: &str, volume: &str, host: &str, state: RequestedState) -> Client {
+    let cfg = ClientConfig::new(vec![nbd.to_string()], volume).with_lease(LeaseSpec {
+        host: host.into(),
+        instance: "vm1".into(),
+        state,
+        expected_epoch: 0,
+    });
+    Client::connect(&cfg).await.unwrap()
+}
+
+/// The test instance `vm1`: `kernel`, 64 MiB, one vCPU, a read-write disk on each of `volumes`.
+pub fn guest(kernel: &Path, volumes: &[&str]) -> InstanceConfig {
+    InstanceConfig {
+        name: "vm1".into(),
+        kernel: kernel.to_path_buf(),
+        cmdline: String::new(),
+        memory_mib: 64,
+        vcpus: 1,
+        disks: volumes
+            .iter()
+            .map(|v| DiskSpec {
+                volume: Some(v.to_string()),
+                path: None,
+                read_only: false,
+            })
+            .collect(),
+        restore: None,
+    }
 }
