@@ -1,8 +1,9 @@
 //! Fixtures for the end-to-end tests: locating the guest image and the project's binaries,
 //! driving the guest agent over a serial line, and starting guests under the reference VMM.
 //!
-//! Tests that need /dev/kvm call [`kvm_available`] first: without KVM they report themselves
-//! skipped, unless `REQUIRE_KVM=1` (CI) makes that a failure.
+//! Tests that need /dev/kvm call [`kvm_available`] first (or start from [`GuestTest::new`],
+//! which does): without KVM they report themselves skipped, unless `REQUIRE_KVM=1` (CI) makes
+//! that a failure.
 
 pub mod agent;
 pub mod image;
@@ -14,6 +15,7 @@ pub mod storaged;
 pub mod vmm;
 pub mod workload;
 
+use crate::image::GuestImage;
 use std::path::PathBuf;
 
 /// Whether KVM tests can run here. Without /dev/kvm this prints why the caller skips, or panics
@@ -31,6 +33,30 @@ pub fn kvm_available(test: &str) -> bool {
         eprintln!("SKIPPED {test}: /dev/kvm is not usable on this machine");
     }
     ok
+}
+
+/// What a test of the guest starts from: the test guest's image and a directory of the test's
+/// own (for its VMMs, disks and daemons; removed when the test ends).
+pub struct GuestTest {
+    /// The test guest.
+    pub image: GuestImage,
+    /// The test's directory.
+    pub dir: tempfile::TempDir,
+}
+
+impl GuestTest {
+    /// The fixture of `test`, or `None` when the test cannot run here and reports itself skipped
+    /// (no /dev/kvm: see [`kvm_available`]). Panics with the command that builds the guest image
+    /// when it is missing.
+    pub fn new(test: &str) -> Option<GuestTest> {
+        if !kvm_available(test) {
+            return None;
+        }
+        Some(GuestTest {
+            image: crate::image::guest_image(),
+            dir: tempfile::tempdir().unwrap(),
+        })
+    }
 }
 
 /// Path of one of the workspace's binaries, built by `cargo build --workspace --bins`.

@@ -86,19 +86,7 @@ pub fn booted(image: &GuestImage) -> Result<Booted> {
 }
 
 fn make(image: &GuestImage, dir: &Path, path: &Path) -> Result<String> {
-    let data = crate::workload::fresh_disk(&dir.join("data.img"), DATA_DISK_BYTES);
-    let cfg = VmmConfig {
-        image,
-        root: None,
-        data_disks: vec![crate::vmm::Disk::File {
-            path: data.clone(),
-            read_only: false,
-        }],
-        mem_mib: MEM_MIB,
-        vcpus: 1,
-        work_dir: dir,
-    };
-    let mut guest = VmmGuest::start(&cfg)?;
+    let mut guest = VmmGuest::start(&vm_config(image, dir))?;
     let ready = guest.agent.wait_ready(BOOT_TIMEOUT)?;
     let boot_id = ready.get("boot_id").context("no boot id")?.to_string();
     let (code, body) = guest.api("PUT", "/v1/vm/pause")?;
@@ -115,8 +103,27 @@ fn make(image: &GuestImage, dir: &Path, path: &Path) -> Result<String> {
     }
     let _ = guest.api("PUT", "/v1/vm/shutdown");
     guest.wait_exit(Duration::from_secs(30))?;
-    std::fs::remove_file(&data)?;
+    std::fs::remove_file(dir.join("data.img"))?;
     Ok(boot_id)
+}
+
+/// A VM of the snapshot's shape with its own fresh data disk (`data.img`) in `dir`, which is
+/// created: what boots the guest to save it, and what [`VmmGuest::restore`] or an incoming
+/// migration of a restored guest takes.
+pub fn vm_config<'a>(image: &'a GuestImage, dir: &'a Path) -> VmmConfig<'a> {
+    std::fs::create_dir_all(dir).unwrap();
+    let data = crate::workload::fresh_disk(&dir.join("data.img"), DATA_DISK_BYTES);
+    VmmConfig {
+        image,
+        root: None,
+        data_disks: vec![crate::vmm::Disk::File {
+            path: data,
+            read_only: false,
+        }],
+        mem_mib: MEM_MIB,
+        vcpus: 1,
+        work_dir: dir,
+    }
 }
 
 impl VmmGuest {

@@ -113,6 +113,16 @@ impl Storaged {
         Ok(s)
     }
 
+    /// Starts storaged in `work_dir` (created) with an empty volume `data_volume` the size of the
+    /// suite snapshot's data disk ([`crate::snapshot::DATA_DISK_BYTES`]).
+    pub fn start_with_data_volume(work_dir: &Path, data_volume: &str) -> Result<Storaged> {
+        std::fs::create_dir_all(work_dir)?;
+        let s = Self::start(work_dir)?;
+        let size = crate::snapshot::DATA_DISK_BYTES.to_string();
+        s.create_volume(data_volume, &size, &[])?;
+        Ok(s)
+    }
+
     /// Starts again on the same data dir (new ports).
     pub fn restart(&mut self, extra: &[&str]) -> Result<()> {
         self.kill9();

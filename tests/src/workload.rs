@@ -1,7 +1,7 @@
 //! Checks of the guest agent's workloads that several end-to-end tests share.
 
 use crate::agent::AgentConn;
-use agent_proto::{expected_checksum, Record, RECORD_SIZE};
+use agent_proto::{expected_checksum, Fields, Record, RECORD_SIZE};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -10,6 +10,25 @@ use std::time::{Duration, Instant};
 pub const MEM_START: Duration = Duration::from_secs(600);
 /// One agent reply.
 pub const REPLY: Duration = Duration::from_secs(180);
+
+/// Waits for the agent of a guest booting under `vmm` (started at `started`) to say it is ready,
+/// and logs how long that took since the kernel started and since `vmm` did. Returns the ready
+/// line and the boot id.
+pub fn wait_booted(
+    agent: &AgentConn,
+    timeout: Duration,
+    vmm: &str,
+    started: Instant,
+) -> (Fields, String) {
+    let ready = agent.wait_ready(timeout).unwrap();
+    let boot_id = ready.get("boot_id").unwrap().to_string();
+    eprintln!(
+        "agent ready: {} ms after kernel start, {} ms after {vmm} start",
+        ready.num("uptime_ms").unwrap(),
+        started.elapsed().as_millis()
+    );
+    (ready, boot_id)
+}
 
 /// Runs the memory workload over `mib` MiB until its sequence has advanced, checks that no word
 /// was ever wrong and that the checksum matches the pattern, then stops it.

@@ -4,11 +4,11 @@
 //! `run` of the same name is refused; `stop` ends it and a restart leaves it stopped; a VMM
 //! that died while migrated was down is reported lost and not restarted.
 
-use e2e::image::guest_image;
 use e2e::migrated::{
     agent_of, vmm_processes_with, write_restored_guest_toml, Migrated, MigratedOptions,
 };
 use e2e::storaged::{wait_for, Storaged};
+use e2e::GuestTest;
 use std::time::Duration;
 
 const REPLY: Duration = Duration::from_secs(120);
@@ -23,15 +23,12 @@ fn lease_state(s: &Storaged, volume: &str, host: &str) -> Option<String> {
 
 #[test]
 fn migrated_runs_readopts_and_stops_a_guest() {
-    if !e2e::kvm_available("migrated_runs_readopts_and_stops_a_guest") {
+    let Some(GuestTest { image, dir }) = GuestTest::new("migrated_runs_readopts_and_stops_a_guest")
+    else {
         return;
-    }
-    let image = guest_image();
-    let dir = tempfile::tempdir().unwrap();
-    let sd_dir = dir.path().join("storaged");
-    std::fs::create_dir_all(&sd_dir).unwrap();
-    let storaged = Storaged::start(&sd_dir).unwrap();
-    storaged.create_volume("vm1-data", "64M", &[]).unwrap();
+    };
+    let storaged =
+        Storaged::start_with_data_volume(&dir.path().join("storaged"), "vm1-data").unwrap();
     let mut m = Migrated::start(
         &dir.path().join("host-a"),
         MigratedOptions::local(

@@ -2,25 +2,21 @@
 //! memory, disk and clock workloads answer correctly. This proves the image independently of
 //! our own VMM.
 
-use e2e::image::guest_image;
 use e2e::qemu::{QemuConfig, QemuGuest};
-use e2e::workload::{check_disk, check_memory, REPLY};
+use e2e::workload::{check_disk, check_memory, fresh_disk, wait_booted, REPLY};
+use e2e::GuestTest;
 use std::time::{Duration, Instant};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 
 #[test]
 fn guest_boots_and_workloads_answer_under_qemu() {
-    if !e2e::kvm_available("guest_boots_and_workloads_answer_under_qemu") {
+    let Some(GuestTest { image, dir }) =
+        GuestTest::new("guest_boots_and_workloads_answer_under_qemu")
+    else {
         return;
-    }
-    let image = guest_image();
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data.img");
-    std::fs::File::create(&data)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
+    };
+    let data = fresh_disk(&dir.path().join("data.img"), 64 << 20);
 
     let started = Instant::now();
     let mut guest = QemuGuest::start(&QemuConfig {
@@ -31,13 +27,7 @@ fn guest_boots_and_workloads_answer_under_qemu() {
         work_dir: dir.path(),
     })
     .unwrap();
-    let ready = guest.agent.wait_ready(BOOT_TIMEOUT).unwrap();
-    let boot_id = ready.get("boot_id").unwrap().to_string();
-    eprintln!(
-        "agent ready: {} ms after kernel start, {} ms after qemu start",
-        ready.num("uptime_ms").unwrap(),
-        started.elapsed().as_millis()
-    );
+    let (ready, boot_id) = wait_booted(&guest.agent, BOOT_TIMEOUT, "qemu", started);
     let agent = &mut guest.agent;
     agent.command("ping", REPLY).unwrap();
 

@@ -2,9 +2,9 @@
 //! disk and clock workloads answer correctly on a local-file data disk, the API reports the
 //! VM, and a guest reboot (i8042 reset, `reboot=k`) ends the VMM with status 0.
 
-use e2e::image::guest_image;
 use e2e::vmm::{json_str, Disk, VmmConfig, VmmGuest};
-use e2e::workload::{check_disk, check_memory};
+use e2e::workload::{check_disk, check_memory, fresh_disk, wait_booted};
+use e2e::GuestTest;
 use std::time::{Duration, Instant};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
@@ -12,16 +12,11 @@ const REPLY: Duration = Duration::from_secs(180);
 
 #[test]
 fn vmm_boots_guest_and_workloads_answer() {
-    if !e2e::kvm_available("vmm_boots_guest_and_workloads_answer") {
+    let Some(GuestTest { image, dir }) = GuestTest::new("vmm_boots_guest_and_workloads_answer")
+    else {
         return;
-    }
-    let image = guest_image();
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data.img");
-    std::fs::File::create(&data)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
+    };
+    let data = fresh_disk(&dir.path().join("data.img"), 64 << 20);
     let mut guest = VmmGuest::start(&VmmConfig {
         image: &image,
         root: None,
@@ -34,13 +29,7 @@ fn vmm_boots_guest_and_workloads_answer() {
         work_dir: dir.path(),
     })
     .unwrap();
-    let ready = guest.agent.wait_ready(BOOT_TIMEOUT).unwrap();
-    let boot_id = ready.get("boot_id").unwrap().to_string();
-    eprintln!(
-        "agent ready: {} ms after kernel start, {} ms after vmm start",
-        ready.num("uptime_ms").unwrap(),
-        guest.started.elapsed().as_millis()
-    );
+    let (ready, boot_id) = wait_booted(&guest.agent, BOOT_TIMEOUT, "vmm", guest.started);
     assert_eq!(ready.num("cpus"), Some(1));
 
     let (code, body) = guest.api("GET", "/v1/vm").unwrap();
@@ -83,16 +72,12 @@ fn vmm_boots_guest_and_workloads_answer() {
 
 #[test]
 fn vmm_read_only_root_refuses_writes_and_a_locked_disk_is_refused() {
-    if !e2e::kvm_available("vmm_read_only_root_refuses_writes_and_a_locked_disk_is_refused") {
+    let Some(GuestTest { image, dir }) =
+        GuestTest::new("vmm_read_only_root_refuses_writes_and_a_locked_disk_is_refused")
+    else {
         return;
-    }
-    let image = guest_image();
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data.img");
-    std::fs::File::create(&data)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
+    };
+    let data = fresh_disk(&dir.path().join("data.img"), 16 << 20);
     let mut guest = VmmGuest::start(&small(&image, &data, dir.path())).unwrap();
     guest.agent.wait_ready(BOOT_TIMEOUT).unwrap();
     // vda is offered read-only: the writer fails instead of changing the root image.
@@ -154,11 +139,11 @@ fn small<'a>(
 
 #[test]
 fn vmm_boots_guest_through_the_64_bit_boot_protocol() {
-    if !e2e::kvm_available("vmm_boots_guest_through_the_64_bit_boot_protocol") {
+    let Some(GuestTest { image, dir }) =
+        GuestTest::new("vmm_boots_guest_through_the_64_bit_boot_protocol")
+    else {
         return;
-    }
-    let image = guest_image();
-    let dir = tempfile::tempdir().unwrap();
+    };
     let mut guest = VmmGuest::start_with(
         &VmmConfig {
             image: &image,

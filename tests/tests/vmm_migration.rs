@@ -6,10 +6,10 @@
 //! the guest arrives is answered once it runs there.
 
 use agent_proto::{expected_checksum, Record, RECORD_SIZE};
-use e2e::image::guest_image;
 use e2e::storaged::Storaged;
 use e2e::vmm::{Disk, VmmConfig, VmmGuest};
-use e2e::workload::{fresh_disk, mem_seq_after, MEM_START, REPLY};
+use e2e::workload::{mem_seq_after, MEM_START, REPLY};
+use e2e::GuestTest;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -95,16 +95,12 @@ fn migrate(
 
 #[test]
 fn vmm_migrates_a_running_guest_three_round_trips() {
-    if !e2e::kvm_available("vmm_migrates_a_running_guest_three_round_trips") {
+    let Some(GuestTest { image, dir }) =
+        GuestTest::new("vmm_migrates_a_running_guest_three_round_trips")
+    else {
         return;
-    }
-    let image = guest_image();
-    let dir = tempfile::tempdir().unwrap();
-    let sd_dir = dir.path().join("storaged");
-    std::fs::create_dir_all(&sd_dir).unwrap();
-    let storaged = Storaged::start(&sd_dir).unwrap();
-    let data_size = e2e::snapshot::DATA_DISK_BYTES.to_string();
-    storaged.create_volume("data", &data_size, &[]).unwrap();
+    };
+    let storaged = Storaged::start_with_data_volume(&dir.path().join("storaged"), "data").unwrap();
     let booted = e2e::snapshot::booted(&image).unwrap();
 
     let first = dir.path().join("vm0");
@@ -200,32 +196,15 @@ fn vmm_migrates_a_running_guest_three_round_trips() {
 /// workload intact. (When the throttle rises is unit-tested in vmm::migration::send.)
 #[test]
 fn vmm_busy_guest_completes_with_the_throttle() {
-    if !e2e::kvm_available("vmm_busy_guest_completes_with_the_throttle") {
+    let Some(GuestTest { image, dir }) =
+        GuestTest::new("vmm_busy_guest_completes_with_the_throttle")
+    else {
         return;
-    }
-    let image = guest_image();
+    };
     let booted = e2e::snapshot::booted(&image).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let file_cfg = |name: &str| {
-        let work = dir.path().join(name);
-        std::fs::create_dir_all(&work).unwrap();
-        let data = fresh_disk(&work.join("data.img"), e2e::snapshot::DATA_DISK_BYTES);
-        (work, data)
-    };
-    let (w1, d1) = file_cfg("src");
-    let (w2, d2) = file_cfg("dst");
-    let cfg = |work, data: &Path| VmmConfig {
-        image: &image,
-        root: None,
-        data_disks: vec![Disk::File {
-            path: data.to_path_buf(),
-            read_only: false,
-        }],
-        mem_mib: e2e::snapshot::MEM_MIB,
-        vcpus: 1,
-        work_dir: work,
-    };
-    let mut guest = VmmGuest::restore(&cfg(&w1, &d1), &booted).unwrap();
+    let (src_dir, dst_dir) = (dir.path().join("src"), dir.path().join("dst"));
+    let mut guest =
+        VmmGuest::restore(&e2e::snapshot::vm_config(&image, &src_dir), &booted).unwrap();
     let r = guest
         .agent
         .command(&format!("mem start {MEM_MIB}"), MEM_START);
@@ -234,7 +213,8 @@ fn vmm_busy_guest_completes_with_the_throttle() {
     let before = guest.ok(r).num("seq").unwrap();
 
     let addr = format!("127.0.0.1:{}", e2e::free_port().unwrap());
-    let mut dst = VmmGuest::start_incoming(&cfg(&w2, &d2), &addr).unwrap();
+    let mut dst =
+        VmmGuest::start_incoming(&e2e::snapshot::vm_config(&image, &dst_dir), &addr).unwrap();
     let (code, body) = guest
         .api_json(
             "PUT",

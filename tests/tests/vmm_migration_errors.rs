@@ -8,32 +8,17 @@
 //! abort while the destination stalls each leave the guest running on the source with its
 //! memory workload intact, and a migration afterwards still succeeds.
 
-use e2e::image::guest_image;
-use e2e::vmm::{Disk, VmmConfig, VmmGuest};
-use e2e::workload::{fresh_disk, mem_seq_after, MEM_START, REPLY};
+use e2e::image::GuestImage;
+use e2e::snapshot::vm_config;
+use e2e::vmm::VmmGuest;
+use e2e::workload::{mem_seq_after, MEM_START, REPLY};
+use e2e::GuestTest;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
 const EXIT: Duration = Duration::from_secs(60);
-
-/// The suite snapshot's shape, with a fresh data disk in `dir`.
-fn cfg<'a>(image: &'a e2e::image::GuestImage, dir: &'a Path) -> VmmConfig<'a> {
-    std::fs::create_dir_all(dir).unwrap();
-    let data = fresh_disk(&dir.join("data.img"), e2e::snapshot::DATA_DISK_BYTES);
-    VmmConfig {
-        image,
-        root: None,
-        data_disks: vec![Disk::File {
-            path: data,
-            read_only: false,
-        }],
-        mem_mib: e2e::snapshot::MEM_MIB,
-        vcpus: 1,
-        work_dir: dir,
-    }
-}
 
 fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
     let mut f = vec![kind, 0, 0, 0];
@@ -50,9 +35,9 @@ fn preamble(version: u32) -> Vec<u8> {
 }
 
 /// Starts an incoming VMM, feeds it `bytes`, and returns its exit status and stderr.
-fn feed_incoming(image: &e2e::image::GuestImage, dir: &Path, bytes: &[u8]) -> (i32, String) {
+fn feed_incoming(image: &GuestImage, dir: &Path, bytes: &[u8]) -> (i32, String) {
     let addr = format!("127.0.0.1:{}", e2e::free_port().unwrap());
-    let mut vmm = VmmGuest::start_incoming(&cfg(image, dir), &addr).unwrap();
+    let mut vmm = VmmGuest::start_incoming(&vm_config(image, dir), &addr).unwrap();
     let mut s = TcpStream::connect(&addr).unwrap();
     s.write_all(bytes).unwrap();
     s.shutdown(std::net::Shutdown::Write).unwrap();
@@ -64,11 +49,11 @@ fn feed_incoming(image: &e2e::image::GuestImage, dir: &Path, bytes: &[u8]) -> (i
 
 #[test]
 fn incoming_vmm_refuses_bad_streams_with_a_clear_error() {
-    if !e2e::kvm_available("incoming_vmm_refuses_bad_streams_with_a_clear_error") {
+    let Some(GuestTest { image, dir }) =
+        GuestTest::new("incoming_vmm_refuses_bad_streams_with_a_clear_error")
+    else {
         return;
-    }
-    let image = guest_image();
-    let dir = tempfile::tempdir().unwrap();
+    };
 
     let (code, err) = feed_incoming(&image, &dir.path().join("v"), &preamble(99));
     assert_eq!(code, 5, "{err}");
@@ -156,13 +141,14 @@ fn accept_hello(s: &mut TcpStream) {
 
 #[test]
 fn source_keeps_the_guest_when_the_destination_fails() {
-    if !e2e::kvm_available("source_keeps_the_guest_when_the_destination_fails") {
+    let Some(GuestTest { image, dir }) =
+        GuestTest::new("source_keeps_the_guest_when_the_destination_fails")
+    else {
         return;
-    }
-    let image = guest_image();
-    let dir = tempfile::tempdir().unwrap();
+    };
     let booted = e2e::snapshot::booted(&image).unwrap();
-    let mut guest = VmmGuest::restore(&cfg(&image, &dir.path().join("src")), &booted).unwrap();
+    let mut guest =
+        VmmGuest::restore(&vm_config(&image, &dir.path().join("src")), &booted).unwrap();
     let r = guest.agent.command("mem start 4", MEM_START);
     guest.ok(r);
     let mut seq = 0;
@@ -195,7 +181,7 @@ fn source_keeps_the_guest_when_the_destination_fails() {
     // first pages went out, so that it cannot reach the hand-over, then killed.
     let addr = format!("127.0.0.1:{}", e2e::free_port().unwrap());
     let mut victim =
-        VmmGuest::start_incoming(&cfg(&image, &dir.path().join("victim")), &addr).unwrap();
+        VmmGuest::start_incoming(&vm_config(&image, &dir.path().join("victim")), &addr).unwrap();
     send(&guest, &addr);
     let deadline = std::time::Instant::now() + EXIT;
     loop {
@@ -235,7 +221,8 @@ fn source_keeps_the_guest_when_the_destination_fails() {
 
     // And a real destination still takes it.
     let addr = format!("127.0.0.1:{}", e2e::free_port().unwrap());
-    let mut dst = VmmGuest::start_incoming(&cfg(&image, &dir.path().join("dst")), &addr).unwrap();
+    let mut dst =
+        VmmGuest::start_incoming(&vm_config(&image, &dir.path().join("dst")), &addr).unwrap();
     send(&guest, &addr);
     let m = guest.wait_migration(&["completed"], EXIT).unwrap();
     eprintln!("migrated after the failures: {m}");

@@ -2,9 +2,10 @@
 //! silent while paused, and afterwards the sequence continues with no errors.
 
 use agent_proto::expected_checksum;
-use e2e::image::guest_image;
-use e2e::vmm::{json_str, Disk, VmmConfig, VmmGuest};
-use e2e::workload::{fresh_disk, mem_seq_after};
+use e2e::snapshot::vm_config;
+use e2e::vmm::{json_str, VmmGuest};
+use e2e::workload::mem_seq_after;
+use e2e::GuestTest;
 use std::time::Duration;
 
 const REPLY: Duration = Duration::from_secs(180);
@@ -16,28 +17,13 @@ fn seq_after(guest: &mut VmmGuest, after: u64) -> agent_proto::Fields {
 
 #[test]
 fn vmm_pause_resume_while_memory_workload_runs() {
-    if !e2e::kvm_available("vmm_pause_resume_while_memory_workload_runs") {
+    let Some(GuestTest { image, dir }) =
+        GuestTest::new("vmm_pause_resume_while_memory_workload_runs")
+    else {
         return;
-    }
-    let image = guest_image();
+    };
     let booted = e2e::snapshot::booted(&image).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let data = fresh_disk(&dir.path().join("data.img"), e2e::snapshot::DATA_DISK_BYTES);
-    let mut guest = VmmGuest::restore(
-        &VmmConfig {
-            image: &image,
-            root: None,
-            data_disks: vec![Disk::File {
-                path: data,
-                read_only: false,
-            }],
-            mem_mib: e2e::snapshot::MEM_MIB,
-            vcpus: 1,
-            work_dir: dir.path(),
-        },
-        &booted,
-    )
-    .unwrap();
+    let mut guest = VmmGuest::restore(&vm_config(&image, dir.path()), &booted).unwrap();
     guest
         .agent
         .command(&format!("mem start {MIB}"), REPLY)

@@ -3,9 +3,9 @@
 //! (both vCPUs' state, the application processor's LAPIC included) and both threads go on.
 
 use agent_proto::expected_checksum;
-use e2e::image::guest_image;
 use e2e::vmm::{VmmConfig, VmmGuest};
 use e2e::workload::mem_seq_after;
+use e2e::GuestTest;
 use std::time::Duration;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
@@ -13,11 +13,11 @@ const REPLY: Duration = Duration::from_secs(180);
 
 #[test]
 fn vmm_two_vcpus_boot_and_both_run_the_workload() {
-    if !e2e::kvm_available("vmm_two_vcpus_boot_and_both_run_the_workload") {
+    let Some(GuestTest { image, dir }) =
+        GuestTest::new("vmm_two_vcpus_boot_and_both_run_the_workload")
+    else {
         return;
-    }
-    let image = guest_image();
-    let dir = tempfile::tempdir().unwrap();
+    };
     let config = |work| VmmConfig {
         image: &image,
         root: None,

@@ -4,9 +4,9 @@
 //! VMM from another host asking for the same volume as primary is refused with a clear error
 //! before its guest runs.
 
-use e2e::image::guest_image;
 use e2e::storaged::{run_ok, Storaged};
 use e2e::vmm::{Disk, VmmConfig, VmmGuest};
+use e2e::GuestTest;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -23,14 +23,12 @@ fn volume(s: &Storaged, name: &str, host: &str, ro: bool) -> Disk {
 
 #[test]
 fn vmm_disks_on_storaged_volumes_survive_restart_and_are_fenced() {
-    if !e2e::kvm_available("vmm_disks_on_storaged_volumes_survive_restart_and_are_fenced") {
+    let Some(GuestTest { image, dir }) =
+        GuestTest::new("vmm_disks_on_storaged_volumes_survive_restart_and_are_fenced")
+    else {
         return;
-    }
-    let image = guest_image();
-    let dir = tempfile::tempdir().unwrap();
-    let sd_dir = dir.path().join("storaged");
-    std::fs::create_dir_all(&sd_dir).unwrap();
-    let storaged = Storaged::start(&sd_dir).unwrap();
+    };
+    let storaged = Storaged::start_with_data_volume(&dir.path().join("storaged"), "data").unwrap();
     // The root volume is filled anonymously (before any primary exists), then used leased.
     let root_size = std::fs::metadata(&image.rootfs).unwrap().len().to_string();
     storaged
@@ -47,8 +45,6 @@ fn vmm_disks_on_storaged_volumes_survive_restart_and_are_fenced() {
             .arg(storaged.uri("root")),
     )
     .unwrap();
-    let data_size = e2e::snapshot::DATA_DISK_BYTES.to_string();
-    storaged.create_volume("data", &data_size, &[]).unwrap();
 
     let run_dir = |n: &str| {
         let d = dir.path().join(n);
