@@ -72,14 +72,7 @@ pub fn check_disk(agent: &mut AgentConn, data: &Path, boot_id: &str) {
         }
         assert!(Instant::now() < deadline, "disk writer too slow: {s:?}");
     }
-    let acked = agent
-        .command("disk stop", REPLY)
-        .unwrap()
-        .num("acked")
-        .unwrap();
-    let v = agent.command("disk verify", REPLY).unwrap();
-    assert_eq!(v.num("verified"), Some(acked), "{v:?}");
-    assert_eq!(v.num("boot_ids"), Some(1));
+    let acked = stop_and_verify_disk(agent);
     let bytes = std::fs::read(data).unwrap();
     for seq in 0..acked {
         let at = seq as usize * RECORD_SIZE;
@@ -90,6 +83,26 @@ pub fn check_disk(agent: &mut AgentConn, data: &Path, boot_id: &str) {
     let again = agent.command("disk start", REPLY).unwrap();
     assert_eq!(again.num("next"), Some(acked));
     agent.command("disk stop", REPLY).unwrap();
+}
+
+/// Stops the disk writer; returns how many records it acknowledged.
+pub fn stop_disk(agent: &mut AgentConn) -> u64 {
+    agent
+        .command("disk stop", REPLY)
+        .unwrap()
+        .num("acked")
+        .unwrap()
+}
+
+/// Stops the disk writer and has the guest verify every record it acknowledged, all written by
+/// one boot; returns how many there are.
+pub fn stop_and_verify_disk(agent: &mut AgentConn) -> u64 {
+    let acked = stop_disk(agent);
+    let v = agent.command("disk verify", REPLY).unwrap();
+    assert_eq!(v.num("verified"), Some(acked), "{v:?}");
+    assert_eq!(v.num("boot_ids"), Some(1), "{v:?}");
+    eprintln!("{acked} disk records verified");
+    acked
 }
 
 /// Waits until the memory workload's sequence passes `after`, checking on every status that no

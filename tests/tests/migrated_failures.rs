@@ -13,11 +13,13 @@
 
 use agent_proto::{expected_checksum, Fields};
 use e2e::agent::AgentConn;
-use e2e::image::guest_image;
+use e2e::image::GuestImage;
 use e2e::migrated::{
     agent_of, write_guest_toml, write_restored_guest_toml, Migration, TwoHosts, AGENT_PORT,
 };
 use e2e::storaged::wait_for;
+use e2e::workload::{stop_and_verify_disk, stop_disk};
+use e2e::GuestTest;
 use serde_json::Value;
 use std::path::Path;
 use std::time::Duration;
@@ -29,25 +31,40 @@ const MIB: usize = 8;
 /// The rate the migration stream is slowed to while the test acts.
 const SLOW: &str = "1mbit";
 
-/// A running guest on host a and what it has done so far.
+/// A running guest started on host a and what it has done so far.
 struct Guest {
+    /// The pid of its VMM on a.
+    pid: Option<u64>,
     boot_id: String,
     seq: u64,
     acked: u64,
 }
 
-fn boot_on_a(h: &TwoHosts, dir: &Path, volumes: &[&str]) -> (Guest, AgentConn) {
+/// What each test starts from: two namespaced hosts sharing a storaged with `volumes`, and the
+/// guest running on a (see [`boot_on_a`]). `None` when the test is skipped (see
+/// [`GuestTest::new`]).
+fn guest_on_a(
+    test: &str,
+    volumes: &[&str],
+) -> Option<(tempfile::TempDir, TwoHosts, Guest, AgentConn)> {
+    let GuestTest { image, dir } = GuestTest::new(test)?;
+    let h = TwoHosts::start(dir.path(), volumes, 3000).unwrap();
+    let (g, agent) = boot_on_a(&h, &image, dir.path(), volumes);
+    Some((dir, h, g, agent))
+}
+
+/// Starts the guest on a with its memory and disk workloads running.
+fn boot_on_a(h: &TwoHosts, image: &GuestImage, dir: &Path, volumes: &[&str]) -> (Guest, AgentConn) {
     let toml = dir.join("vm1.toml");
     // One data volume: the suite's booted guest fits; more: a boot of its own.
-    let image = guest_image();
     let booted = match volumes {
         [volume] => {
-            let booted = e2e::snapshot::booted(&image).unwrap();
-            write_restored_guest_toml(&toml, "vm1", &image, &booted, volume).unwrap();
+            let booted = e2e::snapshot::booted(image).unwrap();
+            write_restored_guest_toml(&toml, "vm1", image, &booted, volume).unwrap();
             Some(booted)
         }
         _ => {
-            write_guest_toml(&toml, "vm1", &image, 256, volumes).unwrap();
+            write_guest_toml(&toml, "vm1", image, 256, volumes).unwrap();
             None
         }
     };
@@ -63,11 +80,13 @@ fn boot_on_a(h: &TwoHosts, dir: &Path, volumes: &[&str]) -> (Guest, AgentConn) {
     agent.command(&format!("mem start {MIB}"), REPLY).unwrap();
     agent.command("disk start", REPLY).unwrap();
     let mut g = Guest {
+        pid: None,
         boot_id,
         seq: 0,
         acked: 0,
     };
     advances(&mut agent, &mut g);
+    g.pid = h.a.instance("vm1").unwrap()["pid"].as_u64();
     (g, agent)
 }
 
@@ -140,17 +159,12 @@ fn runs_only_on(h: &TwoHosts, host: &str, volumes: &[&str]) -> Value {
     rec
 }
 
-/// Stops the disk writer and checks every acknowledged record, in the guest.
-fn disk_verifies(agent: &mut AgentConn) {
-    let acked = agent
-        .command("disk stop", REPLY)
-        .unwrap()
-        .num("acked")
-        .unwrap();
-    let v = agent.command("disk verify", REPLY).unwrap();
-    assert_eq!(v.num("verified"), Some(acked), "{v:?}");
-    assert_eq!(v.num("boot_ids"), Some(1), "{v:?}");
-    eprintln!("{acked} disk records verified");
+/// The guest runs on a only (see [`runs_only_on`]), in the VMM process it started in, and goes
+/// on (see [`advances`]).
+fn still_on_a(h: &TwoHosts, volumes: &[&str], agent: &mut AgentConn, g: &mut Guest) {
+    let on_a = runs_only_on(h, "a", volumes);
+    assert_eq!(on_a["pid"].as_u64(), g.pid);
+    advances(agent, g);
 }
 
 /// The migration stream from a to b crawls (the agents' REST calls do not).
@@ -159,6 +173,15 @@ fn slow_stream(h: &TwoHosts) {
         .host("a")
         .shape(h.rig.host("b").addr, Some(AGENT_PORT), SLOW)
         .unwrap();
+}
+
+/// Starts migrating vm1 from a to b with the stream crawling (see [`slow_stream`]) and waits
+/// until the source is in pre-copy; returns the `migratectl migrate` run and the source's record.
+fn migrate_slowly(h: &TwoHosts) -> (Migration, Value) {
+    slow_stream(h);
+    let m = Migration::start(&h.a, &["vm1", "--to", "b"]).unwrap();
+    let rec = h.a.wait_migration_phase("vm1", "precopy", PHASE).unwrap();
+    (m, rec)
 }
 
 fn unshape(h: &TwoHosts) {
@@ -178,20 +201,17 @@ fn steps(m: &Value) -> Vec<String> {
 
 #[test]
 fn migrated_refused_flip_rolls_back_and_the_source_keeps_the_guest() {
-    if !e2e::kvm_available("migrated_refused_flip_rolls_back_and_the_source_keeps_the_guest") {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
     let volumes = ["vm1-data", "vm1-extra"];
-    let h = TwoHosts::start(dir.path(), &volumes, 3000).unwrap();
-    let (mut g, mut agent) = boot_on_a(&h, dir.path(), &volumes);
-    let pid = h.a.instance("vm1").unwrap()["pid"].as_u64();
+    let Some((_dir, h, mut g, mut agent)) = guest_on_a(
+        "migrated_refused_flip_rolls_back_and_the_source_keeps_the_guest",
+        &volumes,
+    ) else {
+        return;
+    };
 
     // During pre-copy, storaged loses b's standby lease on the second volume: the first volume
     // flips to b, the second flip is refused, the first is rolled back.
-    slow_stream(&h);
-    let m = Migration::start(&h.a, &["vm1", "--to", "b"]).unwrap();
-    h.a.wait_migration_phase("vm1", "precopy", PHASE).unwrap();
+    let (m, _) = migrate_slowly(&h);
     h.storaged
         .cli(&["lease", "revoke", "vm1-extra", "--host", "b"])
         .unwrap();
@@ -217,28 +237,21 @@ fn migrated_refused_flip_rolls_back_and_the_source_keeps_the_guest() {
 
     // The source VMM resumed; its connection to vm1-data, cut by the flip, reconnected as
     // primary and the disk writer never saw an error.
-    let on_a = runs_only_on(&h, "a", &volumes);
-    assert_eq!(on_a["pid"].as_u64(), pid);
-    advances(&mut agent, &mut g);
-    disk_verifies(&mut agent);
+    still_on_a(&h, &volumes, &mut agent, &mut g);
+    stop_and_verify_disk(&mut agent);
 }
 
 #[test]
 fn migrated_destination_vmm_killed_during_precopy_leaves_the_guest_on_the_source() {
-    if !e2e::kvm_available(
-        "migrated_destination_vmm_killed_during_precopy_leaves_the_guest_on_the_source",
-    ) {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
     let volumes = ["vm1-data"];
-    let h = TwoHosts::start(dir.path(), &volumes, 3000).unwrap();
-    let (mut g, mut agent) = boot_on_a(&h, dir.path(), &volumes);
-    let pid = h.a.instance("vm1").unwrap()["pid"].as_u64();
+    let Some((_dir, h, mut g, mut agent)) = guest_on_a(
+        "migrated_destination_vmm_killed_during_precopy_leaves_the_guest_on_the_source",
+        &volumes,
+    ) else {
+        return;
+    };
 
-    slow_stream(&h);
-    let m = Migration::start(&h.a, &["vm1", "--to", "b"]).unwrap();
-    h.a.wait_migration_phase("vm1", "precopy", PHASE).unwrap();
+    let (m, _) = migrate_slowly(&h);
     let dest = h.b.vmm_pids();
     assert_eq!(dest.len(), 1, "{dest:?}");
     // SAFETY: kill(2) on the pid of the destination VMM, just read from its pid file and
@@ -252,38 +265,28 @@ fn migrated_destination_vmm_killed_during_precopy_leaves_the_guest_on_the_source
     assert_eq!(rec["phase"], "aborted", "{rec}");
     eprintln!("aborted: {}", rec["error"]);
 
-    let on_a = runs_only_on(&h, "a", &volumes);
-    assert_eq!(on_a["pid"].as_u64(), pid);
-    advances(&mut agent, &mut g);
-    disk_verifies(&mut agent);
+    still_on_a(&h, &volumes, &mut agent, &mut g);
+    stop_and_verify_disk(&mut agent);
 }
 
 #[test]
 fn migrated_source_agent_killed_after_the_hot_copy_completes_on_the_destination() {
-    if !e2e::kvm_available(
-        "migrated_source_agent_killed_after_the_hot_copy_completes_on_the_destination",
-    ) {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
     let volumes = ["vm1-data"];
-    let mut h = TwoHosts::start(dir.path(), &volumes, 3000).unwrap();
-    let (mut g, mut agent) = boot_on_a(&h, dir.path(), &volumes);
+    let Some((dir, mut h, mut g, mut agent)) = guest_on_a(
+        "migrated_source_agent_killed_after_the_hot_copy_completes_on_the_destination",
+        &volumes,
+    ) else {
+        return;
+    };
     // storaged is stopped while the source waits on the flip: no disk request may be in
     // flight then (the source's drain would wait for it), so the writer pauses meanwhile.
-    let acked = agent
-        .command("disk stop", REPLY)
-        .unwrap()
-        .num("acked")
-        .unwrap();
+    let acked = stop_disk(&mut agent);
     drop(agent);
 
     // storaged stops answering: the source hands the guest over, then waits on the flip, and
     // is killed there.
     // (After the destination VMM opened its standby connection, while the stream crawls.)
-    slow_stream(&h);
-    let m = Migration::start(&h.a, &["vm1", "--to", "b"]).unwrap();
-    h.a.wait_migration_phase("vm1", "precopy", PHASE).unwrap();
+    let (m, _) = migrate_slowly(&h);
     h.storaged.signal(libc::SIGSTOP).unwrap();
     unshape(&h);
     let rec = h.a.wait_migration_phase("vm1", "flipping", PHASE);
@@ -325,25 +328,21 @@ fn migrated_source_agent_killed_after_the_hot_copy_completes_on_the_destination(
     assert_eq!(on_a["state"], "migrated-away", "{on_a}");
     runs_only_on(&h, "b", &volumes);
     advances(&mut agent, &mut g);
-    disk_verifies(&mut agent);
+    stop_and_verify_disk(&mut agent);
 }
 
 #[test]
 fn migrated_restarted_during_precopy_on_either_side() {
-    if !e2e::kvm_available("migrated_restarted_during_precopy_on_either_side") {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
     let volumes = ["vm1-data"];
-    let mut h = TwoHosts::start(dir.path(), &volumes, 3000).unwrap();
-    let (mut g, mut agent) = boot_on_a(&h, dir.path(), &volumes);
-    let pid = h.a.instance("vm1").unwrap()["pid"].as_u64();
+    let Some((dir, mut h, mut g, mut agent)) =
+        guest_on_a("migrated_restarted_during_precopy_on_either_side", &volumes)
+    else {
+        return;
+    };
 
     // The source agent restarts during pre-copy: it cannot know how far the stream got, so it
     // aborts: the stream stops, the destination ends its VMM, the guest runs on at a.
-    slow_stream(&h);
-    let m = Migration::start(&h.a, &["vm1", "--to", "b"]).unwrap();
-    let rec = h.a.wait_migration_phase("vm1", "precopy", PHASE).unwrap();
+    let (m, rec) = migrate_slowly(&h);
     let id = rec["id"].as_str().unwrap().to_string();
     h.a.restart().unwrap();
     let _ = m.wait().unwrap();
@@ -361,15 +360,11 @@ fn migrated_restarted_during_precopy_on_either_side() {
         "{done}"
     );
     h.b.wait_state("vm1", "stopped", PHASE).unwrap();
-    let on_a = runs_only_on(&h, "a", &volumes);
-    assert_eq!(on_a["pid"].as_u64(), pid);
-    advances(&mut agent, &mut g);
+    still_on_a(&h, &volumes, &mut agent, &mut g);
 
     // The destination agent restarts during pre-copy: it re-adopts the incoming VMM and the
     // migration completes.
-    slow_stream(&h);
-    let m = Migration::start(&h.a, &["vm1", "--to", "b"]).unwrap();
-    h.a.wait_migration_phase("vm1", "precopy", PHASE).unwrap();
+    let (m, _) = migrate_slowly(&h);
     h.b.restart().unwrap();
     unshape(&h);
     let (ok, rec, err) = m.wait().unwrap();
@@ -379,5 +374,5 @@ fn migrated_restarted_during_precopy_on_either_side() {
     let on_b = runs_only_on(&h, "b", &volumes);
     let mut agent = agent_of(&on_b, &dir.path().join("serial-b.log")).unwrap();
     advances(&mut agent, &mut g);
-    disk_verifies(&mut agent);
+    stop_and_verify_disk(&mut agent);
 }
