@@ -31,6 +31,8 @@ pub struct MigratedOptions {
     pub netns: Option<Host>,
     /// Peer loss timeout.
     pub peer_timeout_ms: u64,
+    /// The cluster's token file (`--token-file`).
+    pub token_file: Option<PathBuf>,
 }
 
 impl MigratedOptions {
@@ -44,6 +46,7 @@ impl MigratedOptions {
             peers: Vec::new(),
             netns: None,
             peer_timeout_ms: 5000,
+            token_file: None,
         }
     }
 }
@@ -107,6 +110,9 @@ impl Migrated {
             .arg(&ready);
         for (id, addr) in &self.opts.peers {
             cmd.arg("--peer").arg(format!("{id}={addr}"));
+        }
+        if let Some(t) = &self.opts.token_file {
+            cmd.arg("--token-file").arg(t);
         }
         let log = std::fs::File::create(&self.log_path)?;
         let mut child = cmd
@@ -471,6 +477,15 @@ pub struct TwoHosts {
     pub rig: crate::netns::Rig,
 }
 
+/// Writes `secret` as a cluster token file (mode 0600) in `dir`; returns its path.
+pub fn write_token(dir: &Path, secret: &str) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("cluster.token");
+    std::fs::write(&path, format!("{secret}\n"))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(path)
+}
+
 /// The REST port of the agents of [`TwoHosts`].
 pub const AGENT_PORT: u16 = 7070;
 
@@ -484,6 +499,8 @@ impl TwoHosts {
             storaged.cli(&["volume", "create", v, "--size", "64M"])?;
         }
         let addr = |h: &str| format!("{}:{AGENT_PORT}", rig.host(h).addr);
+        // The agents share a token: every peer call is authenticated.
+        let token_file = write_token(dir, "two-hosts-cluster-secret")?;
         let opts = |me: &str, peer: &str| MigratedOptions {
             host_id: me.into(),
             listen: addr(me),
@@ -492,6 +509,7 @@ impl TwoHosts {
             peers: vec![(peer.into(), addr(peer))],
             netns: Some(rig.host(me).clone()),
             peer_timeout_ms,
+            token_file: Some(token_file.clone()),
         };
         let a = Migrated::start(&dir.join("a"), opts("a", "b"))?;
         let b = Migrated::start(&dir.join("b"), opts("b", "a"))?;

@@ -1,13 +1,18 @@
 //! migrated on its own: it starts, reports itself and its peers, answers bad input with clear
 //! errors without falling over, refuses a guest whose VMM cannot start (and says why), and
-//! stops on SIGTERM. No guest boots here.
+//! stops on SIGTERM; with a cluster token its TCP API refuses requests that lack it. No guest
+//! boots here.
 
-use e2e::migrated::{Migrated, MigratedOptions};
+use e2e::migrated::{write_token, Migrated, MigratedOptions};
 use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 
 fn raw_http(socket: &std::path::Path, req: &str) -> (u16, String) {
-    let mut s = UnixStream::connect(socket).unwrap();
+    exchange(UnixStream::connect(socket).unwrap(), req)
+}
+
+fn exchange(mut s: impl Read + Write, req: &str) -> (u16, String) {
     s.write_all(req.as_bytes()).unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
@@ -136,4 +141,82 @@ fn migrated_reports_a_vmm_that_cannot_start() {
     let out = m.ctl_raw(&["run", guest.to_str().unwrap()]).unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("the VMM exited"));
     assert!(m.log().contains("instance vm1 is Failed"), "{}", m.log());
+}
+
+#[test]
+fn migrated_tcp_api_takes_only_requests_with_the_cluster_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = write_token(dir.path(), "e2e-cluster-secret-0123456789").unwrap();
+    let with_token = |host: &str, peers: Vec<(String, String)>| {
+        let mut o = MigratedOptions::local(host, "127.0.0.1:9", "127.0.0.1:9");
+        o.token_file = Some(token.clone());
+        o.peers = peers;
+        o
+    };
+    let b = Migrated::start(&dir.path().join("b"), with_token("host-b", vec![])).unwrap();
+    let a = Migrated::start(
+        &dir.path().join("a"),
+        with_token("host-a", vec![("host-b".into(), b.listen.clone())]),
+    )
+    .unwrap();
+
+    // Peers that share the token reach each other; the local socket needs none.
+    let hosts = a.ctl(&["hosts"]).unwrap();
+    assert_eq!(hosts[1]["host_id"], "host-b");
+    assert_eq!(hosts[1]["reachable"], true, "{hosts}");
+
+    // Over TCP: no token or a wrong one is refused with 401 and a clear reason.
+    let get = |auth: &str| {
+        let req =
+            format!("GET /v1/instances HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n");
+        exchange(TcpStream::connect(&a.listen).unwrap(), &req)
+    };
+    let (code, body) = get("");
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("missing bearer token"), "{body}");
+    let (code, body) = get("Authorization: Bearer e2e-cluster-secret-0123456780\r\n");
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("wrong bearer token"), "{body}");
+    let (code, body) = get("Authorization: Bearer e2e-cluster-secret-0123456789\r\n");
+    assert_eq!(code, 200, "{body}");
+    assert!(a.log().contains("request refused"), "{}", a.log());
+
+    // migratectl --host: refused without the token file, served with it.
+    let ctl = |extra: &[&str]| {
+        std::process::Command::new(e2e::binary("migratectl"))
+            .args(["--host", &a.listen])
+            .args(extra)
+            .args(["--json", "instances"])
+            .output()
+            .unwrap()
+    };
+    let out = ctl(&[]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("missing bearer token"),
+        "{out:?}"
+    );
+    let out = ctl(&["--token-file", token.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(),
+        serde_json::json!([])
+    );
+
+    // A token file that cannot serve is refused at start, with the reason.
+    let short = dir.path().join("short.token");
+    std::fs::write(&short, "abc\n").unwrap();
+    let out = std::process::Command::new(e2e::binary("migrated"))
+        .args(["--host-id", "host-c", "--listen", "127.0.0.1:0"])
+        .arg("--state-dir")
+        .arg(dir.path().join("c"))
+        .arg("--socket")
+        .arg(dir.path().join("c.sock"))
+        .arg("--token-file")
+        .arg(&short)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("holds 3 characters"), "{err}");
 }

@@ -1,7 +1,8 @@
 //! The REST API, served on TCP (for peers and remote `migratectl --host`) and on the Unix
 //! socket (for local tools). HTTP/1.1, JSON bodies; errors are `{"error": "..."}` with 400
 //! (bad input), 404 (unknown instance or migration), 409 (conflicts with the current state),
-//! 502 (a VMM or peer failed) or 500.
+//! 502 (a VMM or peer failed) or 500; on TCP, 401 for a request without the cluster's token
+//! when one is set ([`crate::token`]).
 //!
 //! | method | path                              | body               | answer                |
 //! |--------|-----------------------------------|--------------------|-----------------------|
@@ -26,6 +27,7 @@ use crate::migration::{
     IncomingReady, IncomingRequest, MigrateRequest, MigrationInfo, MigrationRecord, Role,
 };
 use crate::peer::{HostInfo, Peer};
+use crate::token;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -111,6 +113,15 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .with_state(agent)
 }
 
+/// The routes as served on TCP: with a token, only requests that carry it pass
+/// (see [`crate::token`]).
+pub fn tcp_router(agent: Arc<Agent>) -> Router {
+    match agent.cfg.token.clone() {
+        Some(t) => router(agent).layer(axum::middleware::from_fn_with_state(t, token::require)),
+        None => router(agent),
+    }
+}
+
 /// This host's summary.
 pub fn host_info(agent: &Agent) -> HostInfo {
     HostInfo {
@@ -144,18 +155,19 @@ async fn hosts(State(a): St) -> Json<Vec<HostEntry>> {
         error: None,
     }];
     let peers: Vec<(String, String)> = a.cfg.peers.clone().into_iter().collect();
-    let probes = peers.into_iter().map(|(id, addr)| async move {
-        let r = Peer::new(&addr)
-            .with_timeout(Duration::from_secs(2))
-            .host()
-            .await;
-        HostEntry {
-            host_id: id,
-            addr,
-            local: false,
-            reachable: r.is_ok(),
-            error: r.as_ref().err().map(|e| crate::error_chain(e)),
-            info: r.ok(),
+    let token = a.cfg.token.clone();
+    let probes = peers.into_iter().map(|(id, addr)| {
+        let peer = Peer::new(&addr, token.as_ref());
+        async move {
+            let r = peer.with_timeout(Duration::from_secs(2)).host().await;
+            HostEntry {
+                host_id: id,
+                addr,
+                local: false,
+                reachable: r.is_ok(),
+                error: r.as_ref().err().map(|e| crate::error_chain(e)),
+                info: r.ok(),
+            }
         }
     });
     out.extend(futures_join(probes).await);

@@ -10,6 +10,7 @@
 //! storaged_api = "10.0.0.9:10810"
 //! storaged_nbd = "10.0.0.9:10809"
 //! vmm_binary = "/usr/local/bin/vmm"
+//! token_file = "/etc/migrated/token"  # the cluster's shared secret for the REST API
 //! [peers]
 //! host-b = "10.0.0.2:7070"
 //! ```
@@ -28,6 +29,7 @@
 //! read_only = true
 //! ```
 
+use crate::token::Token;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -62,6 +64,9 @@ pub enum ConfigError {
     /// A value is out of range or inconsistent.
     #[error("{0}")]
     Invalid(String),
+    /// The token file cannot be used.
+    #[error(transparent)]
+    Token(#[from] crate::token::TokenError),
 }
 
 /// The agent's settings as written in its TOML file; every field optional (flags win).
@@ -91,6 +96,9 @@ pub struct AgentConfigFile {
     pub peers: BTreeMap<String, String>,
     /// File written with `{"listen": ADDR, "socket": PATH}` once the agent serves.
     pub ready_file: Option<PathBuf>,
+    /// File with the cluster's shared secret: the REST API (TCP) takes only requests that
+    /// carry it, and requests to peers carry it (see [`crate::token`]).
+    pub token_file: Option<PathBuf>,
 }
 
 /// Effective settings.
@@ -118,6 +126,9 @@ pub struct AgentConfig {
     pub peers: BTreeMap<String, String>,
     /// Ready file.
     pub ready_file: Option<PathBuf>,
+    /// The cluster's shared secret, if one is set.
+    #[serde(skip)]
+    pub token: Option<Token>,
 }
 
 impl AgentConfigFile {
@@ -177,6 +188,11 @@ impl AgentConfigFile {
                 .unwrap_or(5_000),
             peers,
             ready_file: over.ready_file.or(self.ready_file),
+            token: over
+                .token_file
+                .or(self.token_file)
+                .map(|p| Token::load(&p))
+                .transpose()?,
         })
     }
 }
@@ -339,12 +355,19 @@ mod tests {
 
     #[test]
     fn the_shipped_examples_parse() {
-        let agent: AgentConfigFile = toml::from_str(include_str!(
+        let mut agent: AgentConfigFile = toml::from_str(include_str!(
             "../../../scripts/systemd/migrated.toml.example"
         ))
         .unwrap();
+        assert_eq!(agent.token_file, Some("/etc/migrated/token".into()));
+        // The token file itself is the host's; one of this test's own stands in.
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "0123456789abcdef\n").unwrap();
+        agent.token_file = Some(token);
         let c = agent.merge(AgentConfigFile::default()).unwrap();
         assert_eq!(c.peers.len(), 2);
+        assert_eq!(c.token.unwrap().secret(), "0123456789abcdef");
         let guest: InstanceConfig = toml::from_str(include_str!(
             "../../../scripts/systemd/migrated-guest.toml.example"
         ))

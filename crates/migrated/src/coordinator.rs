@@ -148,7 +148,7 @@ struct Source {
 impl Source {
     fn new(agent: Arc<Agent>, rec: &MigrationRecord) -> Source {
         Source {
-            peer: Peer::new(&rec.peer_addr),
+            peer: Peer::new(&rec.peer_addr, agent.cfg.token.as_ref()),
             leases: Leases::new(&agent.cfg.storaged_api),
             agent,
             id: rec.id.clone(),

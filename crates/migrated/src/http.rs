@@ -2,6 +2,7 @@
 //! Unix-socket API, another migrated's REST API (TCP) and the local migrated's Unix socket
 //! (migratectl). One connection per request; every request has a deadline.
 
+use crate::token::Token;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
@@ -79,6 +80,7 @@ impl std::fmt::Display for Target {
 pub struct Client {
     target: Target,
     timeout: Duration,
+    bearer: Option<Token>,
 }
 
 async fn exchange<S>(
@@ -113,7 +115,19 @@ where
 impl Client {
     /// A client for `target` whose requests fail after `timeout`.
     pub fn new(target: Target, timeout: Duration) -> Client {
-        Client { target, timeout }
+        Client {
+            target,
+            timeout,
+            bearer: None,
+        }
+    }
+
+    /// The same client, sending `token` as `Authorization: Bearer` with every request.
+    pub fn with_token(self, token: Option<Token>) -> Client {
+        Client {
+            bearer: token,
+            ..self
+        }
     }
 
     /// The target.
@@ -124,8 +138,8 @@ impl Client {
     /// The same client with another deadline.
     pub fn with_timeout(&self, timeout: Duration) -> Client {
         Client {
-            target: self.target.clone(),
             timeout,
+            ..self.clone()
         }
     }
 
@@ -143,6 +157,9 @@ impl Client {
             .header("host", "localhost");
         if body.is_some() {
             req = req.header("content-type", "application/json");
+        }
+        if let Some(t) = &self.bearer {
+            req = req.header("authorization", format!("Bearer {}", t.secret()));
         }
         let req = match req.body(Full::new(Bytes::from(body.unwrap_or_default()))) {
             Ok(r) => r,

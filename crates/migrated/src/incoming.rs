@@ -233,7 +233,8 @@ async fn watch(agent: Arc<Agent>, id: String) {
     let Ok(rec) = agent.migration(&id) else {
         return;
     };
-    let peer = Peer::new(&rec.peer_addr).with_timeout(Duration::from_secs(2));
+    let peer =
+        Peer::new(&rec.peer_addr, agent.cfg.token.as_ref()).with_timeout(Duration::from_secs(2));
     let timeout = Duration::from_millis(agent.cfg.peer_timeout_ms);
     let mut heard = Instant::now();
     loop {

@@ -3,7 +3,8 @@
 //! ```text
 //! migrated --host-id host-a --state-dir /var/lib/migrated --listen 10.0.0.1:7070 \
 //!          --socket /run/migrated/migrated.sock --storaged-api 10.0.0.9:10810 \
-//!          --storaged-nbd 10.0.0.9:10809 --vmm-binary /usr/local/bin/vmm --peer host-b=10.0.0.2:7070
+//!          --storaged-nbd 10.0.0.9:10809 --vmm-binary /usr/local/bin/vmm --peer host-b=10.0.0.2:7070 \
+//!          --token-file /etc/migrated/token
 //! migrated --config /etc/migrated/migrated.toml [flags override the file]
 //! ```
 //! SIGTERM or SIGINT stops the agent; the guests keep running and are re-adopted by the next
@@ -57,6 +58,10 @@ struct Cli {
     /// A peer: `ID=HOST:PORT` (repeat).
     #[arg(long = "peer", value_parser = parse_peer)]
     peers: Vec<(String, String)>,
+    /// File with the cluster's shared secret: the REST API takes only requests carrying it,
+    /// and requests to peers carry it. Without one the REST API is open to all who reach it.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
     /// Write `{"listen": ADDR, "socket": PATH, "pid": N}` here once serving.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -91,6 +96,7 @@ fn main() -> Result<()> {
         peer_timeout_ms: cli.peer_timeout_ms,
         peers: cli.peers.into_iter().collect::<BTreeMap<_, _>>(),
         ready_file: cli.ready_file,
+        token_file: cli.token_file,
     };
     let cfg = file.merge(flags)?;
     let rt = tokio::runtime::Runtime::new()?;
@@ -123,9 +129,13 @@ async fn serve(mut cfg: AgentConfig) -> Result<()> {
         state_dir = %cfg.state_dir.display(), peers = ?cfg.peers, "migrated serving");
 
     let (sd_tx, sd_rx) = tokio::sync::watch::channel(false);
+    if cfg.token.is_none() && !cfg.listen.ip().is_loopback() {
+        tracing::warn!(listen = %cfg.listen,
+            "no token_file: the REST API takes requests from anyone who can reach this address");
+    }
     let router = migrated::api::router(agent.clone());
     let mut rx1 = sd_rx.clone();
-    let tcp_router = router.clone();
+    let tcp_router = migrated::api::tcp_router(agent.clone());
     let tcp_task = tokio::spawn(async move {
         axum::serve(tcp, tcp_router)
             .with_graceful_shutdown(async move {

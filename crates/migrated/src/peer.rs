@@ -2,6 +2,7 @@
 
 use crate::http::{Client, HttpError, Target};
 use crate::migration::{IncomingReady, IncomingRequest, MigrationRecord};
+use crate::token::Token;
 use hyper::Method;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -33,10 +34,11 @@ pub struct Peer {
 }
 
 impl Peer {
-    /// A client for the peer at `addr` (`host:port`).
-    pub fn new(addr: &str) -> Peer {
+    /// A client for the peer at `addr` (`host:port`), sending the cluster's `token`.
+    pub fn new(addr: &str, token: Option<&Token>) -> Peer {
         Peer {
-            http: Client::new(Target::Tcp(addr.to_string()), PEER_TIMEOUT),
+            http: Client::new(Target::Tcp(addr.to_string()), PEER_TIMEOUT)
+                .with_token(token.cloned()),
         }
     }
 

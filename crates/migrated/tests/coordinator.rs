@@ -288,6 +288,7 @@ async fn setup(stream: Stream, standby_for: Vec<&'static str>) -> Setup {
         peer_timeout_ms: 500,
         peers: [("b".to_string(), peer_addr)].into_iter().collect(),
         ready_file: None,
+        token: None,
     };
     let agent = Agent::open(cfg).unwrap();
     let mut rec = InstanceRecord::new(

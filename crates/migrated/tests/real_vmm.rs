@@ -24,6 +24,7 @@ use migrated::config::AgentConfig;
 use migrated::instance::InstanceState;
 use migrated::leases::Leases;
 use migrated::migration::{MigrateRequest, MigrationParams, MigrationRecord, Phase};
+use migrated::token::Token;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -201,6 +202,10 @@ async fn hosts() -> Hosts {
     let la = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let lb = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (addr_a, addr_b) = (la.local_addr().unwrap(), lb.local_addr().unwrap());
+    // The two hosts share a token: every peer call below is authenticated.
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "real-vmm-test-cluster-secret\n").unwrap();
+    let token = Token::load(&token_file).unwrap();
     let cfg = |me: &str, listen: std::net::SocketAddr, peer: &str, peer_addr: String| AgentConfig {
         host_id: me.into(),
         state_dir: dir.path().join(me).join("state"),
@@ -213,11 +218,12 @@ async fn hosts() -> Hosts {
         peer_timeout_ms: 3000,
         peers: [(peer.to_string(), peer_addr)].into_iter().collect(),
         ready_file: None,
+        token: Some(token.clone()),
     };
     let a = Agent::open(cfg("a", addr_a, "b", addr_b.to_string())).unwrap();
     let b = Agent::open(cfg("b", addr_b, "a", addr_a.to_string())).unwrap();
     for (l, agent) in [(la, &a), (lb, &b)] {
-        let r = migrated::api::router(agent.clone());
+        let r = migrated::api::tcp_router(agent.clone());
         tokio::spawn(async move { axum::serve(l, r).await });
     }
     let kernel = dir.path().join("hlt.elf");

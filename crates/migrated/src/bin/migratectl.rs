@@ -1,7 +1,7 @@
 //! `migratectl`: the operator's command line for migrated.
 //!
 //! ```text
-//! migratectl [--socket PATH | --host ADDR] [--json] hosts
+//! migratectl [--socket PATH | --host ADDR [--token-file FILE]] [--json] hosts
 //! migratectl instances | show NAME | run CONFIG.toml | stop NAME
 //! migratectl migrate NAME --to HOST [--downtime-ms N] [--max-iterations N] [--throttle]
 //! migratectl migrations [ID]
@@ -18,6 +18,7 @@ use migrated::config::InstanceConfig;
 use migrated::http::{Client, Target};
 use migrated::instance::InstanceRecord;
 use migrated::migration::{MigrateRequest, MigrationInfo, MigrationParams, MigrationRecord, Phase};
+use migrated::token::Token;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -35,6 +36,9 @@ struct Cli {
     /// A migrated's REST address instead of the local socket.
     #[arg(long, env = "MIGRATED_HOST")]
     host: Option<String>,
+    /// With --host: the file with the cluster's token (the socket needs none).
+    #[arg(long, env = "MIGRATED_TOKEN_FILE", requires = "host")]
+    token_file: Option<PathBuf>,
     /// Print JSON.
     #[arg(long, global = true)]
     json: bool,
@@ -108,7 +112,8 @@ fn main() -> Result<()> {
         Some(h) => Target::Tcp(h.clone()),
         None => Target::Unix(cli.socket.clone()),
     };
-    let client = Client::new(target, Duration::from_secs(cli.timeout_secs));
+    let token = cli.token_file.as_deref().map(Token::load).transpose()?;
+    let client = Client::new(target, Duration::from_secs(cli.timeout_secs)).with_token(token);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
