@@ -82,3 +82,12 @@ pub fn free_port() -> std::io::Result<u16> {
         .local_addr()?
         .port())
 }
+
+/// Writes `secret` as a cluster token file (mode 0600) in `dir`; returns its path.
+pub fn write_token(dir: &std::path::Path, secret: &str) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("cluster.token");
+    std::fs::write(&path, format!("{secret}\n"))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(path)
+}

@@ -33,6 +33,8 @@ pub struct MigratedOptions {
     pub peer_timeout_ms: u64,
     /// The cluster's token file (`--token-file`).
     pub token_file: Option<PathBuf>,
+    /// storaged's API token file (`--storaged-token-file`).
+    pub storaged_token_file: Option<PathBuf>,
 }
 
 impl MigratedOptions {
@@ -47,6 +49,7 @@ impl MigratedOptions {
             netns: None,
             peer_timeout_ms: 5000,
             token_file: None,
+            storaged_token_file: None,
         }
     }
 }
@@ -113,6 +116,9 @@ impl Migrated {
         }
         if let Some(t) = &self.opts.token_file {
             cmd.arg("--token-file").arg(t);
+        }
+        if let Some(t) = &self.opts.storaged_token_file {
+            cmd.arg("--storaged-token-file").arg(t);
         }
         let log = std::fs::File::create(&self.log_path)?;
         let mut child = cmd
@@ -302,6 +308,7 @@ impl Drop for Migrated {
 pub struct NsStoraged {
     child: Option<Child>,
     host: Host,
+    token_file: PathBuf,
     /// REST API address.
     pub api: String,
     /// NBD address.
@@ -311,8 +318,9 @@ pub struct NsStoraged {
 }
 
 impl NsStoraged {
-    /// Starts storaged in `host`'s namespace with its data under `work_dir`.
-    pub fn start(host: &Host, work_dir: &Path) -> Result<NsStoraged> {
+    /// Starts storaged in `host`'s namespace with its data under `work_dir`; its API requires
+    /// the token in `token_file`.
+    pub fn start(host: &Host, work_dir: &Path, token_file: &Path) -> Result<NsStoraged> {
         std::fs::create_dir_all(work_dir)?;
         let ready = work_dir.join("ready.json");
         let _ = std::fs::remove_file(&ready);
@@ -325,6 +333,8 @@ impl NsStoraged {
             .arg("--data-dir")
             .arg(work_dir.join("data"))
             .args(["--nbd-listen", &nbd, "--api-listen", &api])
+            .arg("--api-token-file")
+            .arg(token_file)
             .arg("--ready-file")
             .arg(&ready)
             .env("RUST_LOG", "info")
@@ -342,6 +352,7 @@ impl NsStoraged {
         Ok(NsStoraged {
             child: Some(child),
             host: host.clone(),
+            token_file: token_file.to_path_buf(),
             api,
             nbd,
             log_path,
@@ -354,7 +365,9 @@ impl NsStoraged {
             self.host
                 .command(crate::binary("storaged"))
                 .args(args)
-                .args(["--api", &self.api]),
+                .args(["--api", &self.api])
+                .arg("--token-file")
+                .arg(&self.token_file),
         )?;
         Ok(String::from_utf8(out.stdout)?)
     }
@@ -477,15 +490,6 @@ pub struct TwoHosts {
     pub rig: crate::netns::Rig,
 }
 
-/// Writes `secret` as a cluster token file (mode 0600) in `dir`; returns its path.
-pub fn write_token(dir: &Path, secret: &str) -> Result<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = dir.join("cluster.token");
-    std::fs::write(&path, format!("{secret}\n"))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(path)
-}
-
 /// The REST port of the agents of [`TwoHosts`].
 pub const AGENT_PORT: u16 = 7070;
 
@@ -494,13 +498,14 @@ impl TwoHosts {
     /// declare a peer lost after `peer_timeout_ms`.
     pub fn start(dir: &Path, volumes: &[&str], peer_timeout_ms: u64) -> Result<TwoHosts> {
         let rig = crate::netns::Rig::new(&["storage", "a", "b"])?;
-        let storaged = NsStoraged::start(rig.host("storage"), &dir.join("storaged"))?;
+        // One token for the cluster: storaged's API and the agents' APIs require it, and every
+        // call between them carries it.
+        let token_file = crate::write_token(dir, "two-hosts-cluster-secret")?;
+        let storaged = NsStoraged::start(rig.host("storage"), &dir.join("storaged"), &token_file)?;
         for v in volumes {
             storaged.cli(&["volume", "create", v, "--size", "64M"])?;
         }
         let addr = |h: &str| format!("{}:{AGENT_PORT}", rig.host(h).addr);
-        // The agents share a token: every peer call is authenticated.
-        let token_file = write_token(dir, "two-hosts-cluster-secret")?;
         let opts = |me: &str, peer: &str| MigratedOptions {
             host_id: me.into(),
             listen: addr(me),
@@ -510,6 +515,7 @@ impl TwoHosts {
             netns: Some(rig.host(me).clone()),
             peer_timeout_ms,
             token_file: Some(token_file.clone()),
+            storaged_token_file: Some(token_file.clone()),
         };
         let a = Migrated::start(&dir.join("a"), opts("a", "b"))?;
         let b = Migrated::start(&dir.join("b"), opts("b", "a"))?;

@@ -3,7 +3,8 @@
 //! stops on SIGTERM; with a cluster token its TCP API refuses requests that lack it. No guest
 //! boots here.
 
-use e2e::migrated::{write_token, Migrated, MigratedOptions};
+use e2e::migrated::{Migrated, MigratedOptions};
+use e2e::write_token;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;

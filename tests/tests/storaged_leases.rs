@@ -1,5 +1,6 @@
 //! Lease transitions on a running storaged: already-primary retry, conflicts, epochs, flip on
-//! first access, armed flips with a deadline, rollback, revoke, and the address fallback.
+//! first access, armed flips with a deadline, rollback, revoke, the address fallback, and an
+//! API that takes only requests carrying its token.
 
 use anyhow::{bail, ensure, Result};
 use e2e::storaged::{client_config, wait_for, Storaged, DEADLINE};
@@ -205,5 +206,41 @@ fn client_moves_on_to_the_next_address_and_reports_unreachable() -> Result<()> {
             Err(ClientError::Unreachable { attempts: 2, .. }) => Ok(()),
             other => bail!("expected unreachable, got {other:?}"),
         }
+    })
+}
+
+#[test]
+fn an_api_with_a_token_refuses_requests_without_it() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let token = e2e::write_token(dir.path(), "storaged-api-secret-0123")?;
+    let s = Storaged::start_with(dir.path(), &["--api-token-file", token.to_str().unwrap()])?;
+    let api = s.api.to_string();
+    let cli = |extra: &[&str]| {
+        std::process::Command::new(e2e::binary("storaged"))
+            .args(["volume", "create", "vol", "--size", "1M", "--api", &api])
+            .args(extra)
+            .output()
+    };
+    let out = cli(&[])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "created without the token");
+    ensure!(
+        err.contains("401") && err.contains("missing bearer token"),
+        "{err}"
+    );
+    let other = tempfile::tempdir()?;
+    let wrong = e2e::write_token(other.path(), "storaged-api-secret-0124")?;
+    let out = cli(&["--token-file", wrong.to_str().unwrap()])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(err.contains("wrong bearer token"), "{err}");
+    let out = cli(&["--token-file", token.to_str().unwrap()])?;
+    ensure!(out.status.success(), "{out:?}");
+    ensure!(s.log().contains("request refused"), "{}", s.log());
+    // The data path is unaffected: NBD clients need no token.
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let c = connect(&s, "host-a", Primary).await?;
+        c.read(0, 512).await?;
+        Ok(())
     })
 }

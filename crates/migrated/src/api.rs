@@ -2,7 +2,7 @@
 //! socket (for local tools). HTTP/1.1, JSON bodies; errors are `{"error": "..."}` with 400
 //! (bad input), 404 (unknown instance or migration), 409 (conflicts with the current state),
 //! 502 (a VMM or peer failed) or 500; on TCP, 401 for a request without the cluster's token
-//! when one is set ([`crate::token`]).
+//! when one is set ([`storaged::api::token`]).
 //!
 //! | method | path                              | body               | answer                |
 //! |--------|-----------------------------------|--------------------|-----------------------|
@@ -27,7 +27,6 @@ use crate::migration::{
     IncomingReady, IncomingRequest, MigrateRequest, MigrationInfo, MigrationRecord, Role,
 };
 use crate::peer::{HostInfo, Peer};
-use crate::token;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -37,6 +36,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
+use storaged::api::token;
 use thiserror::Error;
 
 /// A failed API call as the server maps it to HTTP.
@@ -114,7 +114,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
 }
 
 /// The routes as served on TCP: with a token, only requests that carry it pass
-/// (see [`crate::token`]).
+/// (see [`storaged::api::token`]).
 pub fn tcp_router(agent: Arc<Agent>) -> Router {
     match agent.cfg.token.clone() {
         Some(t) => router(agent).layer(axum::middleware::from_fn_with_state(t, token::require)),

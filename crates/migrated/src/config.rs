@@ -11,6 +11,7 @@
 //! storaged_nbd = "10.0.0.9:10809"
 //! vmm_binary = "/usr/local/bin/vmm"
 //! token_file = "/etc/migrated/token"  # the cluster's shared secret for the REST API
+//! storaged_token_file = "/etc/migrated/token"  # storaged's API token, if it has one
 //! [peers]
 //! host-b = "10.0.0.2:7070"
 //! ```
@@ -29,11 +30,11 @@
 //! read_only = true
 //! ```
 
-use crate::token::Token;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use storaged::api::token::Token;
 use storaged::config::load_toml;
 use thiserror::Error;
 
@@ -66,7 +67,7 @@ pub enum ConfigError {
     Invalid(String),
     /// The token file cannot be used.
     #[error(transparent)]
-    Token(#[from] crate::token::TokenError),
+    Token(#[from] storaged::api::token::TokenError),
 }
 
 /// The agent's settings as written in its TOML file; every field optional (flags win).
@@ -97,8 +98,10 @@ pub struct AgentConfigFile {
     /// File written with `{"listen": ADDR, "socket": PATH}` once the agent serves.
     pub ready_file: Option<PathBuf>,
     /// File with the cluster's shared secret: the REST API (TCP) takes only requests that
-    /// carry it, and requests to peers carry it (see [`crate::token`]).
+    /// carry it, and requests to peers carry it (see [`storaged::api::token`]).
     pub token_file: Option<PathBuf>,
+    /// File with the token storaged's REST API requires (`storaged serve --api-token-file`).
+    pub storaged_token_file: Option<PathBuf>,
 }
 
 /// Effective settings.
@@ -129,6 +132,9 @@ pub struct AgentConfig {
     /// The cluster's shared secret, if one is set.
     #[serde(skip)]
     pub token: Option<Token>,
+    /// The token of storaged's API, if it requires one.
+    #[serde(skip)]
+    pub storaged_token: Option<Token>,
 }
 
 impl AgentConfigFile {
@@ -191,6 +197,11 @@ impl AgentConfigFile {
             token: over
                 .token_file
                 .or(self.token_file)
+                .map(|p| Token::load(&p))
+                .transpose()?,
+            storaged_token: over
+                .storaged_token_file
+                .or(self.storaged_token_file)
                 .map(|p| Token::load(&p))
                 .transpose()?,
         })
@@ -364,7 +375,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let token = dir.path().join("token");
         std::fs::write(&token, "0123456789abcdef\n").unwrap();
-        agent.token_file = Some(token);
+        agent.token_file = Some(token.clone());
+        agent.storaged_token_file = Some(token);
         let c = agent.merge(AgentConfigFile::default()).unwrap();
         assert_eq!(c.peers.len(), 2);
         assert_eq!(c.token.unwrap().secret(), "0123456789abcdef");

@@ -149,7 +149,7 @@ impl Source {
     fn new(agent: Arc<Agent>, rec: &MigrationRecord) -> Source {
         Source {
             peer: Peer::new(&rec.peer_addr, agent.cfg.token.as_ref()),
-            leases: Leases::new(&agent.cfg.storaged_api),
+            leases: Leases::new(&agent.cfg.storaged_api, agent.cfg.storaged_token.as_ref()),
             agent,
             id: rec.id.clone(),
             started: Instant::now(),

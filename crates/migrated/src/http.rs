@@ -2,7 +2,6 @@
 //! Unix-socket API, another migrated's REST API (TCP) and the local migrated's Unix socket
 //! (migratectl). One connection per request; every request has a deadline.
 
-use crate::token::Token;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
@@ -11,6 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Duration;
+use storaged::api::token::Token;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite};
 

@@ -301,7 +301,7 @@ async fn take_over_or_abort(agent: &Arc<Agent>, rec: &MigrationRecord, why: &str
     }
     tracing::warn!(migration = %rec.id, reason = %why,
         "source lost after the hand-over: taking the leases over");
-    let leases = Leases::new(&agent.cfg.storaged_api);
+    let leases = Leases::new(&agent.cfg.storaged_api, agent.cfg.storaged_token.as_ref());
     let me = &agent.cfg.host_id;
     let mut flipped = Vec::new();
     for v in &rec.volumes {

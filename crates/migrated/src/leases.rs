@@ -4,6 +4,7 @@
 use hyper::Method;
 use std::time::Duration;
 use storaged::api::client::{ApiClient, ApiClientError};
+use storaged::api::token::Token;
 use storaged::api::{FlipMode, FlipRequest, RevokeRequest};
 use storaged::lease::LeaseState;
 use storaged::protocol::FlipReport;
@@ -31,10 +32,10 @@ pub struct Leases {
 }
 
 impl Leases {
-    /// A client for storaged's API at `addr`.
-    pub fn new(addr: &str) -> Leases {
+    /// A client for storaged's API at `addr`, sending `token` when storaged requires one.
+    pub fn new(addr: &str, token: Option<&Token>) -> Leases {
         Leases {
-            api: ApiClient::new(addr),
+            api: ApiClient::new(addr).with_token(token.cloned()),
         }
     }
 

@@ -6,7 +6,7 @@
 //! ([`store`]), serves a REST API to its peers and to local tools ([`api`]), and drives
 //! migrations: the source side in [`coordinator`], the destination side in [`incoming`]. It
 //! talks to the VMM through [`vmm_client`], to storaged through [`leases`], and to other hosts
-//! through [`peer`]; its TCP API takes only requests that carry the cluster's [`token`].
+//! through [`peer`]; its TCP API takes only requests that carry the cluster's token ([`storaged::api::token`]).
 #![warn(missing_docs)]
 
 pub mod agent;
@@ -20,7 +20,6 @@ pub mod leases;
 pub mod migration;
 pub mod peer;
 pub mod store;
-pub mod token;
 pub mod vmm_client;
 
 /// An error and its causes on one line, `outer: cause: cause`.

@@ -62,6 +62,9 @@ struct Cli {
     /// and requests to peers carry it. Without one the REST API is open to all who reach it.
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// File with the token of storaged's REST API, when it has one.
+    #[arg(long)]
+    storaged_token_file: Option<PathBuf>,
     /// Write `{"listen": ADDR, "socket": PATH, "pid": N}` here once serving.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -97,6 +100,7 @@ fn main() -> Result<()> {
         peers: cli.peers.into_iter().collect::<BTreeMap<_, _>>(),
         ready_file: cli.ready_file,
         token_file: cli.token_file,
+        storaged_token_file: cli.storaged_token_file,
     };
     let cfg = file.merge(flags)?;
     let rt = tokio::runtime::Runtime::new()?;

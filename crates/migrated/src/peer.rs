@@ -2,10 +2,10 @@
 
 use crate::http::{Client, HttpError, Target};
 use crate::migration::{IncomingReady, IncomingRequest, MigrationRecord};
-use crate::token::Token;
 use hyper::Method;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
+use storaged::api::token::Token;
 
 /// Deadline of ordinary peer calls.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(10);

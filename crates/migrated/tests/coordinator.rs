@@ -289,6 +289,7 @@ async fn setup(stream: Stream, standby_for: Vec<&'static str>) -> Setup {
         peers: [("b".to_string(), peer_addr)].into_iter().collect(),
         ready_file: None,
         token: None,
+        storaged_token: None,
     };
     let agent = Agent::open(cfg).unwrap();
     let mut rec = InstanceRecord::new(
@@ -305,7 +306,7 @@ async fn setup(stream: Stream, standby_for: Vec<&'static str>) -> Setup {
         vmm,
         peer,
         peer_task,
-        leases: Leases::new(&storage.api),
+        leases: Leases::new(&storage.api, None),
         _storage: storage,
         _dir: dir,
     }

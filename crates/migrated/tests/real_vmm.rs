@@ -24,11 +24,11 @@ use migrated::config::AgentConfig;
 use migrated::instance::InstanceState;
 use migrated::leases::Leases;
 use migrated::migration::{MigrateRequest, MigrationParams, MigrationRecord, Phase};
-use migrated::token::Token;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use storaged::api::token::Token;
 use storaged::flip::{self, FlipTrigger};
 use storaged::lease::LeaseState;
 use storaged::protocol::RequestedState;
@@ -219,6 +219,7 @@ async fn hosts() -> Hosts {
         peers: [(peer.to_string(), peer_addr)].into_iter().collect(),
         ready_file: None,
         token: Some(token.clone()),
+        storaged_token: None,
     };
     let a = Agent::open(cfg("a", addr_a, "b", addr_b.to_string())).unwrap();
     let b = Agent::open(cfg("b", addr_b, "a", addr_a.to_string())).unwrap();
@@ -231,7 +232,7 @@ async fn hosts() -> Hosts {
     Hosts {
         a,
         b,
-        leases: Leases::new(&storage.api),
+        leases: Leases::new(&storage.api, None),
         storage,
         kernel,
         _dir: dir,

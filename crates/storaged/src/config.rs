@@ -44,6 +44,8 @@ pub struct ServeConfigFile {
     pub drain_limit_secs: Option<u64>,
     /// Buffered writes up to this many bytes run on the connection task (0: never).
     pub inline_write_max: Option<u32>,
+    /// File with the token the REST API requires ([`crate::api::token`]).
+    pub api_token_file: Option<PathBuf>,
 }
 
 /// Effective settings of `storaged serve`.
@@ -63,6 +65,8 @@ pub struct ServeConfig {
     pub drain_limit_secs: u64,
     /// Buffered writes up to this many bytes run on the connection task.
     pub inline_write_max: u32,
+    /// File with the token the REST API requires.
+    pub api_token_file: Option<PathBuf>,
 }
 
 impl ServeConfigFile {
@@ -99,6 +103,7 @@ impl ServeConfigFile {
                 .inline_write_max
                 .or(self.inline_write_max)
                 .unwrap_or(64 << 10),
+            api_token_file: over.api_token_file.or(self.api_token_file),
         })
     }
 }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use storaged::api::client::ApiClient;
+use storaged::api::token::Token;
 use storaged::api::{FlipMode, FlipRequest, RevokeRequest};
 use storaged::config::{ServeConfig, ServeConfigFile};
 use storaged::lease::LeaseState;
@@ -64,6 +65,11 @@ struct ServeArgs {
     /// blocking thread; 0 sends every write to a blocking thread [default: 65536].
     #[arg(long)]
     inline_write_max: Option<u32>,
+    /// File with the cluster's token: the REST API refuses requests that do not carry it
+    /// (401). Without one, anyone who reaches the API address may create volumes and flip
+    /// leases.
+    #[arg(long)]
+    api_token_file: Option<PathBuf>,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -74,6 +80,16 @@ struct ApiArgs {
     /// Address of the storaged REST API.
     #[arg(long, env = "STORAGED_API", default_value = "127.0.0.1:10810")]
     api: String,
+    /// File with the API's token, when the server has one (`serve --api-token-file`).
+    #[arg(long, env = "STORAGED_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+impl ApiArgs {
+    fn client(self) -> Result<ApiClient> {
+        let token = self.token_file.as_deref().map(Token::load).transpose()?;
+        Ok(ApiClient::new(self.api).with_token(token))
+    }
 }
 
 #[derive(Subcommand)]
@@ -230,13 +246,15 @@ async fn volume_cmd(cmd: VolumeCmd) -> Result<()> {
                 flip_on_first_access,
                 flip_timeout_ms,
             };
-            let v: VolumeInfo = ApiClient::new(api.api)
+            let v: VolumeInfo = api
+                .client()?
                 .call(Method::POST, "/v1/volumes", Some(&cfg))
                 .await?;
             print_json(&v)
         }
         VolumeCmd::List { api } => {
-            let vs: Vec<VolumeInfo> = ApiClient::new(api.api)
+            let vs: Vec<VolumeInfo> = api
+                .client()?
                 .call(Method::GET, "/v1/volumes", None::<&()>)
                 .await?;
             println!(
@@ -258,13 +276,15 @@ async fn volume_cmd(cmd: VolumeCmd) -> Result<()> {
             Ok(())
         }
         VolumeCmd::Show { name, api } => {
-            let v: VolumeInfo = ApiClient::new(api.api)
+            let v: VolumeInfo = api
+                .client()?
                 .call(Method::GET, &format!("/v1/volumes/{name}"), None::<&()>)
                 .await?;
             print_json(&v)
         }
         VolumeCmd::Delete { name, api } => {
-            let _: serde_json::Value = ApiClient::new(api.api)
+            let _: serde_json::Value = api
+                .client()?
                 .call(Method::DELETE, &format!("/v1/volumes/{name}"), None::<&()>)
                 .await?;
             println!("deleted {name}");
@@ -276,7 +296,8 @@ async fn volume_cmd(cmd: VolumeCmd) -> Result<()> {
 async fn lease_cmd(cmd: LeaseCmd) -> Result<()> {
     match cmd {
         LeaseCmd::List { volume, api } => {
-            let v: LeaseView = ApiClient::new(api.api)
+            let v: LeaseView = api
+                .client()?
                 .call(
                     Method::GET,
                     &format!("/v1/volumes/{volume}/leases"),
@@ -317,7 +338,8 @@ async fn lease_cmd(cmd: LeaseCmd) -> Result<()> {
                 },
                 timeout_ms,
             };
-            let v: serde_json::Value = ApiClient::new(api.api)
+            let v: serde_json::Value = api
+                .client()?
                 .call(
                     Method::POST,
                     &format!("/v1/volumes/{volume}/flip"),
@@ -332,7 +354,8 @@ async fn lease_cmd(cmd: LeaseCmd) -> Result<()> {
             only_if,
             api,
         } => {
-            let v: LeaseView = ApiClient::new(api.api)
+            let v: LeaseView = api
+                .client()?
                 .call(
                     Method::POST,
                     &format!("/v1/volumes/{volume}/leases/revoke"),
@@ -345,7 +368,8 @@ async fn lease_cmd(cmd: LeaseCmd) -> Result<()> {
             print_json(&v)
         }
         LeaseCmd::Rollback { volume, api } => {
-            let v: serde_json::Value = ApiClient::new(api.api)
+            let v: serde_json::Value = api
+                .client()?
                 .call(
                     Method::POST,
                     &format!("/v1/volumes/{volume}/rollback"),
@@ -395,7 +419,18 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
         grace,
     ));
     let mut api_sd = sd_rx.clone();
-    let router = storaged::api::router(reg.clone());
+    let token = cfg.api_token_file.as_deref().map(Token::load).transpose()?;
+    if token.is_none() && !api_addr.ip().is_loopback() {
+        tracing::warn!(api = %api_addr,
+            "no api_token_file: anyone who reaches the API may create volumes and flip leases");
+    }
+    let router = match token {
+        Some(t) => storaged::api::router(reg.clone()).layer(axum::middleware::from_fn_with_state(
+            t,
+            storaged::api::token::require,
+        )),
+        None => storaged::api::router(reg.clone()),
+    };
     let api_task = tokio::spawn(async move {
         axum::serve(api, router)
             .with_graceful_shutdown(async move {
@@ -440,6 +475,7 @@ fn main() -> Result<()> {
                 shutdown_grace_secs: a.shutdown_grace_secs,
                 drain_limit_secs: a.drain_limit_secs,
                 inline_write_max: a.inline_write_max,
+                api_token_file: a.api_token_file,
             };
             let cfg = file.merge(flags)?;
             rt.block_on(serve(cfg))

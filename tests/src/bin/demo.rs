@@ -55,7 +55,8 @@ fn main() -> Result<()> {
         say(format!("{name:<8} {} (netns {})", host.addr, host.netns));
     }
     say(format!(
-        "storaged on storage: NBD {}, REST API {}",
+        "storaged on storage: NBD {}, REST API {} (it and both agents' APIs take only requests \
+         with the cluster's token)",
         h.storaged.nbd, h.storaged.api
     ));
     say(format!(

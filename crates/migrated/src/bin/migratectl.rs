@@ -18,10 +18,10 @@ use migrated::config::InstanceConfig;
 use migrated::http::{Client, Target};
 use migrated::instance::InstanceRecord;
 use migrated::migration::{MigrateRequest, MigrationInfo, MigrationParams, MigrationRecord, Phase};
-use migrated::token::Token;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Duration;
+use storaged::api::token::Token;
 
 #[derive(Parser)]
 #[command(

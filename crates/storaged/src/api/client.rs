@@ -1,5 +1,6 @@
 //! A small HTTP/1 client for the control API (used by the CLI and the tests).
 
+use super::token::Token;
 use super::ErrorBody;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -36,12 +37,21 @@ pub enum ApiClientError {
 #[derive(Debug, Clone)]
 pub struct ApiClient {
     addr: String,
+    token: Option<Token>,
 }
 
 impl ApiClient {
     /// A client for `addr`.
     pub fn new(addr: impl Into<String>) -> ApiClient {
-        ApiClient { addr: addr.into() }
+        ApiClient {
+            addr: addr.into(),
+            token: None,
+        }
+    }
+
+    /// The same client, sending `token` as `Authorization: Bearer` with every request.
+    pub fn with_token(self, token: Option<Token>) -> ApiClient {
+        ApiClient { token, ..self }
     }
 
     /// Sends one request; returns status and body bytes.
@@ -63,6 +73,9 @@ impl ApiClient {
             .header("host", &self.addr);
         if body.is_some() {
             req = req.header("content-type", "application/json");
+        }
+        if let Some(t) = &self.token {
+            req = req.header("authorization", format!("Bearer {}", t.secret()));
         }
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))

@@ -16,6 +16,7 @@
 //! the lease state machine or busy) or 500.
 
 pub mod client;
+pub mod token;
 
 use crate::flip::{self, FlipTrigger};
 use crate::lease::LeaseState;

@@ -1,10 +1,10 @@
-//! The shared secret that guards migrated's TCP API.
+//! The shared secret that guards a REST API on TCP: storaged's control API and migrated's API.
 //!
-//! Every host of a cluster reads the same secret from a file (`token_file`); peers and
-//! `migratectl --host` send it as `Authorization: Bearer <secret>`, and the TCP API refuses any
-//! request without it (401). The Unix socket is guarded by its file permissions instead and
-//! takes no token. Without a token file the TCP API is open to whoever can reach it, which is
-//! only sensible on loopback; migrated says so in its log.
+//! The secret is read from a file (the same on every host of a cluster); clients send it as
+//! `Authorization: Bearer <secret>`, and the API refuses any request without it (401).
+//! migrated's Unix socket is guarded by its file permissions instead and takes no token.
+//! Without a token file an API is open to whoever can reach it, which is only sensible on
+//! loopback; the daemons say so in their logs.
 
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
@@ -99,13 +99,13 @@ pub async fn require(State(token): State<Token>, req: Request, next: Next) -> Re
             } else {
                 "missing bearer token"
             };
-            tracing::warn!(target: "migrated::api", method = %req.method(), path = %req.uri().path(),
+            tracing::warn!(target: "api", method = %req.method(), path = %req.uri().path(),
                 why, "request refused");
             (
                 StatusCode::UNAUTHORIZED,
                 [(header::WWW_AUTHENTICATE, "Bearer")],
                 Json(serde_json::json!({
-                    "error": format!("{why}: this API needs the cluster's token (token_file)")
+                    "error": format!("{why}: this API needs the cluster's token")
                 })),
             )
                 .into_response()
