@@ -285,7 +285,7 @@ mod tests {
     use crate::lease::{LeaseRequest, LeaseState};
     use crate::protocol::RequestedState;
     use crate::registry::Attachment;
-    use crate::volume::{AnonymousPolicy, VolumeConfig};
+    use crate::volume::VolumeConfig;
     use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
     /// The connections' peer address: the flip never looks at it.
@@ -293,16 +293,7 @@ mod tests {
 
     async fn setup(dir: &std::path::Path) -> (Arc<Registry>, Arc<Volume>) {
         let reg = Arc::new(Registry::open(dir).unwrap());
-        let vol = reg
-            .create(VolumeConfig {
-                name: "v".into(),
-                size: 1 << 20,
-                anonymous: AnonymousPolicy::default(),
-                flip_on_first_access: false,
-                flip_timeout_ms: None,
-            })
-            .await
-            .unwrap();
+        let vol = reg.create(VolumeConfig::new("v", 1 << 20)).await.unwrap();
         (reg, vol)
     }
 

@@ -67,6 +67,18 @@ pub struct VolumeConfig {
 }
 
 impl VolumeConfig {
+    /// A volume of `size` bytes with the defaults: the default anonymous policy, no flip on
+    /// first access, no default flip deadline.
+    pub fn new(name: impl Into<String>, size: u64) -> VolumeConfig {
+        VolumeConfig {
+            name: name.into(),
+            size,
+            anonymous: AnonymousPolicy::default(),
+            flip_on_first_access: false,
+            flip_timeout_ms: None,
+        }
+    }
+
     /// Checks name and size.
     pub fn validate(&self) -> Result<(), VolumeError> {
         let ok = !self.name.is_empty()
@@ -292,13 +304,7 @@ mod tests {
 
     #[test]
     fn names_and_sizes() {
-        let mut c = VolumeConfig {
-            name: "vol-1.a_b".into(),
-            size: 1 << 20,
-            anonymous: AnonymousPolicy::default(),
-            flip_on_first_access: false,
-            flip_timeout_ms: None,
-        };
+        let mut c = VolumeConfig::new("vol-1.a_b", 1 << 20);
         assert!(c.validate().is_ok());
         for bad in ["", ".hidden", "a/b", "x y", &"n".repeat(65)] {
             c.name = bad.into();

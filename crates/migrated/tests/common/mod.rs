@@ -10,7 +10,7 @@ use std::time::Duration;
 use storaged::client::{Client, ClientConfig, LeaseSpec};
 use storaged::protocol::RequestedState;
 use storaged::registry::Registry;
-use storaged::volume::{AnonymousPolicy, VolumeConfig};
+use storaged::volume::VolumeConfig;
 
 /// A running in-process storaged.
 pub struct Storage {
@@ -34,15 +34,7 @@ pub async fn storage(
 ) -> Storage {
     let reg = Arc::new(Registry::open(dir).unwrap());
     for v in volumes {
-        reg.create(VolumeConfig {
-            name: (*v).into(),
-            size: 1 << 20,
-            anonymous: AnonymousPolicy::default(),
-            flip_on_first_access: false,
-            flip_timeout_ms: None,
-        })
-        .await
-        .unwrap();
+        reg.create(VolumeConfig::new(*v, 1 << 20)).await.unwrap();
     }
     let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -235,22 +235,14 @@ mod tests {
     use std::time::Duration;
     use storaged::flip::{self, FlipTrigger};
     use storaged::registry::Registry;
-    use storaged::volume::{AnonymousPolicy, VolumeConfig};
+    use storaged::volume::VolumeConfig;
 
     /// An in-process storaged with one 1 MiB volume `v`; the registry drives flips directly.
     async fn storage(
         dir: &std::path::Path,
     ) -> (Arc<Registry>, String, tokio::sync::watch::Sender<bool>) {
         let reg = Arc::new(Registry::open(dir).unwrap());
-        reg.create(VolumeConfig {
-            name: "v".into(),
-            size: 1 << 20,
-            anonymous: AnonymousPolicy::default(),
-            flip_on_first_access: false,
-            flip_timeout_ms: None,
-        })
-        .await
-        .unwrap();
+        reg.create(VolumeConfig::new("v", 1 << 20)).await.unwrap();
         let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = nbd.local_addr().unwrap().to_string();
         let (tx, rx) = tokio::sync::watch::channel(false);
