@@ -9,6 +9,7 @@ pub mod agent;
 pub mod image;
 pub mod migrated;
 pub mod netns;
+pub mod process;
 pub mod qemu;
 pub mod snapshot;
 pub mod storaged;
@@ -57,6 +58,26 @@ impl GuestTest {
             dir: tempfile::tempdir().unwrap(),
         })
     }
+}
+
+/// Runs `fut` to completion on a runtime of its own, on a thread of its own: the fixtures'
+/// synchronous helpers call async clients with it, from plain tests and async ones alike.
+pub fn block_on<F>(fut: F) -> F::Output
+where
+    F: std::future::Future + Send,
+    F::Output: Send,
+{
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a tokio runtime")
+                .block_on(fut)
+        })
+        .join()
+        .expect("the runtime thread")
+    })
 }
 
 /// Path of one of the workspace's binaries, built by `cargo build --workspace --bins`.

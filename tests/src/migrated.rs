@@ -4,15 +4,16 @@
 //! agents started (found through their `vmm.pid` files).
 
 use crate::netns::Host;
-use crate::storaged::{run_ok, wait_for, DEADLINE};
+use crate::process::{run_ok, wait_for};
+use crate::storaged::DEADLINE;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
-use storaged::client::{Client, ClientConfig, LeaseSpec};
-use storaged::protocol::RequestedState;
+use storaged_client::nbd::{Client, ClientConfig, LeaseSpec};
+use storaged_client::protocol::RequestedState;
 
 /// How a migrated is started.
 #[derive(Debug, Clone)]

@@ -2,42 +2,15 @@
 //! (read back from its `--ready-file`), driven through its CLI, REST API and NBD port, and
 //! killed on drop.
 
+use crate::process::{run_ok, wait_for};
 use anyhow::{bail, Context, Result};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
 
 /// Generous: the machine is shared with guest boots and builds.
 pub const DEADLINE: Duration = Duration::from_secs(60);
-
-/// Polls `cond` until it returns `Some` or `limit` passes.
-pub fn wait_for<T>(what: &str, limit: Duration, mut cond: impl FnMut() -> Option<T>) -> Result<T> {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = cond() {
-            return Ok(v);
-        }
-        if start.elapsed() > limit {
-            bail!("timed out after {limit:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Runs a command and fails with its output unless it succeeds.
-pub fn run_ok(cmd: &mut Command) -> Result<Output> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(out)
-}
 
 /// A running storaged.
 pub struct Storaged {
@@ -203,10 +176,10 @@ pub fn client_config(
     s: &Storaged,
     volume: &str,
     host: &str,
-    state: storaged::protocol::RequestedState,
-) -> storaged::client::ClientConfig {
-    storaged::client::ClientConfig::new(vec![s.nbd.to_string()], volume).with_lease(
-        storaged::client::LeaseSpec {
+    state: storaged_client::protocol::RequestedState,
+) -> storaged_client::nbd::ClientConfig {
+    storaged_client::nbd::ClientConfig::new(vec![s.nbd.to_string()], volume).with_lease(
+        storaged_client::nbd::LeaseSpec {
             host: host.into(),
             instance: format!("{host}-vm"),
             state,

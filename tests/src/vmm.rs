@@ -1,15 +1,18 @@
 //! Our VMM: the test guest under the real `vmm` binary, its serial line on a Unix socket and
-//! its API on another, plus a minimal HTTP client for that API.
+//! its API on another.
 
 use crate::agent::AgentConn;
 use crate::image::GuestImage;
 use anyhow::{bail, Context, Result};
-use std::io::{Read, Write};
+use hyper::Method;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+use vmhop_common::http::{Client, Target};
 
+/// How long one API call may take (a snapshot writes the guest's memory).
+const API_TIMEOUT: Duration = Duration::from_secs(150);
 /// How long the VMM may take to create its sockets (it does so before the guest runs).
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -290,34 +293,23 @@ impl Drop for VmmGuest {
     }
 }
 
-/// A minimal HTTP/1.1 request over a Unix socket (`Connection: close`).
+/// One API call over the VMM's socket, through the project's HTTP client: the HTTP status and
+/// the body. Callable from any thread, inside a tokio runtime or not.
 pub fn api_call(socket: &Path, method: &str, path: &str) -> Result<(u16, String)> {
     api_call_body(socket, method, path, "")
 }
 
-/// [`api_call`] with a JSON body.
+/// [`api_call`] with a JSON body (none when empty).
 pub fn api_call_body(socket: &Path, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
-    let mut s =
-        UnixStream::connect(socket).with_context(|| format!("connect {}", socket.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(150)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("bad HTTP response: {text:?}"))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
+    let client = Client::new(Target::Unix(socket.to_path_buf()), API_TIMEOUT);
+    let method = Method::from_bytes(method.as_bytes())?;
+    let body = (!body.is_empty()).then(|| body.as_bytes().to_vec());
+    let (status, bytes) = crate::block_on(client.raw(method, path, body))
+        .with_context(|| format!("{} {path}", socket.display()))?;
+    Ok((
+        status.as_u16(),
+        String::from_utf8_lossy(&bytes).into_owned(),
+    ))
 }
 
 /// The value of a top-level string field in a JSON body (enough for `state`).

@@ -17,7 +17,7 @@ use e2e::image::GuestImage;
 use e2e::migrated::{
     agent_of, write_guest_toml, write_restored_guest_toml, Migration, TwoHosts, AGENT_PORT,
 };
-use e2e::storaged::wait_for;
+use e2e::process::wait_for;
 use e2e::workload::{stop_and_verify_disk, stop_disk};
 use e2e::GuestTest;
 use serde_json::Value;

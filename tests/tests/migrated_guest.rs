@@ -7,7 +7,8 @@
 use e2e::migrated::{
     agent_of, vmm_processes_with, write_restored_guest_toml, Migrated, MigratedOptions,
 };
-use e2e::storaged::{wait_for, Storaged};
+use e2e::process::wait_for;
+use e2e::storaged::Storaged;
 use e2e::GuestTest;
 use std::time::Duration;
 

@@ -9,7 +9,7 @@ use agent_proto::{expected_checksum, Fields};
 use e2e::agent::AgentConn;
 use e2e::image::guest_image;
 use e2e::migrated::{agent_of, write_restored_guest_toml, Migrated, StaleWriter, TwoHosts};
-use e2e::storaged::wait_for;
+use e2e::process::wait_for;
 use serde_json::Value;
 use std::path::Path;
 use std::time::Duration;

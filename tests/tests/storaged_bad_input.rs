@@ -2,12 +2,13 @@
 //! or disconnects cleanly, logs it, never half-writes, and keeps serving everyone else.
 
 use anyhow::{ensure, Result};
-use e2e::storaged::{run_ok, wait_for, Storaged, DEADLINE};
+use e2e::process::{run_ok, wait_for};
+use e2e::storaged::{Storaged, DEADLINE};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
-use storaged::protocol::*;
+use storaged_client::protocol::*;
 
 fn greet(s: &Storaged) -> Result<TcpStream> {
     let mut t = TcpStream::connect(s.nbd)?;

@@ -3,8 +3,8 @@
 
 use anyhow::{bail, ensure, Result};
 use e2e::storaged::{client_config, Storaged};
-use storaged::client::{Client, ClientError};
-use storaged::protocol::RequestedState::{Primary, Standby};
+use storaged_client::nbd::{Client, ClientError};
+use storaged_client::protocol::RequestedState::{Primary, Standby};
 
 fn pattern(i: u64) -> Vec<u8> {
     (0..65536u64).map(|j| (i * 13 + j) as u8).collect()
@@ -86,7 +86,7 @@ fn sigterm_finishes_admitted_requests_and_exits_zero() -> Result<()> {
                 }
             });
         }
-        e2e::storaged::wait_for("writes", e2e::storaged::DEADLINE, || {
+        e2e::process::wait_for("writes", e2e::storaged::DEADLINE, || {
             (acked.lock().unwrap().len() > 100).then_some(())
         })?;
         anyhow::Ok((acked, c))
@@ -134,7 +134,7 @@ fn volumes_through_the_cli_survive_a_restart() -> Result<()> {
     );
     rt.block_on(c.disconnect())?;
     drop(c);
-    e2e::storaged::wait_for("the connection to close", e2e::storaged::DEADLINE, || {
+    e2e::process::wait_for("the connection to close", e2e::storaged::DEADLINE, || {
         s.cli(&["volume", "show", "two"])
             .ok()
             .filter(|o| o.contains("\"connections\": 0"))
@@ -182,7 +182,7 @@ fn config_file_is_read_and_bad_ones_are_refused() -> Result<()> {
     let s = Storaged::start_with(&work, &["--config", cfg.to_str().unwrap()])?;
     s.create_volume("v", "4M", &["--anonymous", "read-write-without-primary"])?;
     // inline_write_max = 0: every write takes the blocking-thread path.
-    e2e::storaged::run_ok(std::process::Command::new("qemu-io").args([
+    e2e::process::run_ok(std::process::Command::new("qemu-io").args([
         "-f",
         "raw",
         "-c",

@@ -3,12 +3,13 @@
 //! the new primary reads everything the old one had acknowledged.
 
 use anyhow::{bail, ensure, Context, Result};
-use e2e::storaged::{client_config, wait_for, Storaged, DEADLINE};
+use e2e::process::wait_for;
+use e2e::storaged::{client_config, Storaged, DEADLINE};
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use storaged::client::{Client, ClientError};
-use storaged::protocol::RequestedState;
+use storaged_client::nbd::{Client, ClientError};
+use storaged_client::protocol::RequestedState;
 
 const BLOCK: usize = 4096;
 /// Slots available to the records (volume of 256 MiB).

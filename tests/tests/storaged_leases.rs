@@ -3,10 +3,11 @@
 //! API that takes only requests carrying its token.
 
 use anyhow::{bail, ensure, Result};
-use e2e::storaged::{client_config, wait_for, Storaged, DEADLINE};
+use e2e::process::wait_for;
+use e2e::storaged::{client_config, Storaged, DEADLINE};
 use std::time::Duration;
-use storaged::client::{Client, ClientConfig, ClientError};
-use storaged::protocol::RequestedState::{self, Primary, Standby};
+use storaged_client::nbd::{Client, ClientConfig, ClientError};
+use storaged_client::protocol::RequestedState::{self, Primary, Standby};
 
 fn setup(extra: &[&str]) -> Result<(tempfile::TempDir, Storaged, tokio::runtime::Runtime)> {
     let dir = tempfile::tempdir()?;

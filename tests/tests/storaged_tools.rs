@@ -1,10 +1,11 @@
 //! Unmodified NBD tools against a running storaged: qemu-img, qemu-io, nbdinfo, fio.
 
 use anyhow::{Context, Result};
-use e2e::storaged::{client_config, run_ok, Storaged};
+use e2e::process::run_ok;
+use e2e::storaged::{client_config, Storaged};
 use std::process::Command;
-use storaged::client::Client;
-use storaged::protocol::RequestedState;
+use storaged_client::nbd::Client;
+use storaged_client::protocol::RequestedState;
 
 fn tool_output(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8(run_ok(cmd)?.stdout)?)

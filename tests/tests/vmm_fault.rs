@@ -78,7 +78,7 @@ fn vmm_reports_an_unhandled_guest_stop_with_registers_and_code() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let status = e2e::storaged::wait_for("vmm to stop", Duration::from_secs(120), || {
+    let status = e2e::process::wait_for("vmm to stop", Duration::from_secs(120), || {
         child.try_wait().ok().flatten()
     });
     if status.is_err() {

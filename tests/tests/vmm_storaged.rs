@@ -4,7 +4,8 @@
 //! VMM from another host asking for the same volume as primary is refused with a clear error
 //! before its guest runs.
 
-use e2e::storaged::{run_ok, Storaged};
+use e2e::process::run_ok;
+use e2e::storaged::Storaged;
 use e2e::vmm::{Disk, VmmConfig, VmmGuest};
 use e2e::GuestTest;
 use std::process::Command;

@@ -1,0 +1,442 @@
+//! The agent's shared state: configuration, the durable store, the instance and migration
+//! records (always written to the store before they change in memory), and the lifecycle of
+//! the host's VMM processes: run, stop, watch, and re-adoption after a restart.
+//!
+//! Every change of a record is one structured event line (target `migrated::state`).
+
+use crate::config::{AgentConfig, ConfigError, InstanceConfig};
+use crate::instance::{
+    log_tail, prepare_work_dir, proc_start_time, spawn_vmm, vmm_config, InstanceError,
+    InstanceRecord, InstanceState,
+};
+use crate::migration::{MigrationRecord, Progress};
+use crate::store::{Store, StoreError};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use vmhop_common::http::HttpError;
+use vmm_api::client::{VmmClient, VmmError};
+use vmm_api::config::LeaseMode;
+
+/// How long a new VMM may take to answer on its API socket.
+pub const VMM_START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a VMM gets to exit after `PUT /v1/vm/shutdown` before SIGTERM, then SIGKILL.
+pub const VMM_STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// Interval of the liveness poll of adopted VMMs.
+const ADOPTED_POLL: Duration = Duration::from_millis(250);
+
+/// An operation the agent refused or could not complete.
+#[derive(Debug, Error)]
+pub enum AgentError {
+    /// No such instance or migration.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The request conflicts with the current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// The request is invalid.
+    #[error("invalid request")]
+    Invalid(#[from] ConfigError),
+    /// Something named in the request is unknown or unusable.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The state store failed.
+    #[error("state store")]
+    Store(#[from] StoreError),
+    /// A VMM process could not be managed.
+    #[error("VMM process")]
+    Instance(#[from] InstanceError),
+    /// A VMM API call failed.
+    #[error("VMM")]
+    Vmm(#[from] VmmError),
+    /// A peer migrated failed or is unreachable.
+    #[error("peer {0}")]
+    Peer(String, #[source] HttpError),
+}
+
+/// The agent.
+pub struct Agent {
+    /// Settings.
+    pub cfg: AgentConfig,
+    store: Store,
+    instances: Mutex<BTreeMap<String, InstanceRecord>>,
+    migrations: Mutex<BTreeMap<String, MigrationRecord>>,
+    progress: Mutex<HashMap<String, Progress>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain data behind; keep serving.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn log_instance(r: &InstanceRecord) {
+    tracing::info!(target: "migrated::state", event = "instance", instance = %r.name,
+        state = ?r.state, pid = ?r.pid, migration = ?r.migration, exit = ?r.exit,
+        "instance {} is {:?}", r.name, r.state);
+}
+
+fn log_migration(r: &MigrationRecord) {
+    let note = r.steps.last().map(|s| s.note.as_str()).unwrap_or("");
+    tracing::info!(target: "migrated::state", event = "migration", migration = %r.id,
+        instance = %r.instance, role = ?r.role, phase = ?r.phase, source = %r.source,
+        destination = %r.destination, flipped = ?r.flipped, error = ?r.error, note = %note,
+        "migration {} {:?}", r.id, r.phase);
+}
+
+impl Agent {
+    /// Opens the state directory and loads the records (no process is touched yet; see
+    /// [`Agent::recover`]).
+    pub fn open(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
+        std::fs::create_dir_all(cfg.state_dir.join("instances"))
+            .map_err(|e| AgentError::Instance(InstanceError::WorkDir(cfg.state_dir.clone(), e)))?;
+        let store = Store::open(&cfg.state_dir.join("state.redb"))?;
+        let instances = store
+            .instances()?
+            .into_iter()
+            .map(|r| (r.name.clone(), r))
+            .collect();
+        let migrations = store
+            .migrations()?
+            .into_iter()
+            .map(|r| (r.id.clone(), r))
+            .collect();
+        Ok(Arc::new(Agent {
+            cfg,
+            store,
+            instances: Mutex::new(instances),
+            migrations: Mutex::new(migrations),
+            progress: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    // ----- records -----
+
+    /// Writes an instance record durably, then publishes it.
+    pub fn put_instance(&self, rec: InstanceRecord) -> Result<(), AgentError> {
+        let mut map = lock(&self.instances);
+        let mut rec = rec;
+        rec.updated_ms = crate::instance::now_ms();
+        self.store.put_instance(&rec)?;
+        log_instance(&rec);
+        map.insert(rec.name.clone(), rec);
+        Ok(())
+    }
+
+    /// Changes an instance record with `f` (under the lock), durably.
+    pub fn update_instance(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut InstanceRecord),
+    ) -> Result<InstanceRecord, AgentError> {
+        let mut map = lock(&self.instances);
+        let mut rec = map
+            .get(name)
+            .cloned()
+            .ok_or_else(|| AgentError::NotFound(format!("instance {name}")))?;
+        f(&mut rec);
+        rec.updated_ms = crate::instance::now_ms();
+        self.store.put_instance(&rec)?;
+        log_instance(&rec);
+        map.insert(name.to_string(), rec.clone());
+        Ok(rec)
+    }
+
+    /// One instance.
+    pub fn instance(&self, name: &str) -> Result<InstanceRecord, AgentError> {
+        lock(&self.instances)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| AgentError::NotFound(format!("instance {name}")))
+    }
+
+    /// Every instance.
+    pub fn instances(&self) -> Vec<InstanceRecord> {
+        lock(&self.instances).values().cloned().collect()
+    }
+
+    /// Writes a migration record durably, then publishes it.
+    pub fn put_migration(&self, rec: MigrationRecord) -> Result<(), AgentError> {
+        let mut map = lock(&self.migrations);
+        self.store.put_migration(&rec)?;
+        log_migration(&rec);
+        if rec.phase.is_terminal() {
+            lock(&self.progress).remove(&rec.id);
+        }
+        map.insert(rec.id.clone(), rec);
+        Ok(())
+    }
+
+    /// One migration.
+    pub fn migration(&self, id: &str) -> Result<MigrationRecord, AgentError> {
+        lock(&self.migrations)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| AgentError::NotFound(format!("migration {id}")))
+    }
+
+    /// Every migration.
+    pub fn migrations(&self) -> Vec<MigrationRecord> {
+        lock(&self.migrations).values().cloned().collect()
+    }
+
+    /// Publishes live progress.
+    pub fn set_progress(&self, id: &str, p: Progress) {
+        lock(&self.progress).insert(id.to_string(), p);
+    }
+
+    /// Live progress of a running migration.
+    pub fn progress(&self, id: &str) -> Option<Progress> {
+        lock(&self.progress).get(id).cloned()
+    }
+
+    // ----- VMM processes -----
+
+    /// A client for an instance's VMM API.
+    pub fn vmm(&self, rec: &InstanceRecord) -> VmmClient {
+        VmmClient::new(&rec.api_socket)
+    }
+
+    /// Spawns the VMM of `rec` (already recorded as starting or incoming), records its pid,
+    /// watches it, and waits for its API. On failure the instance is marked failed.
+    pub async fn start_vmm(
+        self: &Arc<Self>,
+        rec: &InstanceRecord,
+        incoming: Option<&str>,
+    ) -> Result<InstanceRecord, AgentError> {
+        let lease = if incoming.is_some() {
+            LeaseMode::Standby
+        } else {
+            LeaseMode::Primary
+        };
+        let result = self.spawn_and_wait(rec, incoming, lease).await;
+        if let Err(e) = &result {
+            let why = vmhop_common::error::chain(e);
+            let _ = self.update_instance(&rec.name, |r| {
+                r.state = InstanceState::Failed;
+                r.exit = Some(why);
+            });
+            if let Ok(r) = self.instance(&rec.name) {
+                if r.vmm_alive() {
+                    kill_pid(&r, libc::SIGKILL);
+                }
+            }
+        }
+        result
+    }
+
+    async fn spawn_and_wait(
+        self: &Arc<Self>,
+        rec: &InstanceRecord,
+        incoming: Option<&str>,
+        lease: LeaseMode,
+    ) -> Result<InstanceRecord, AgentError> {
+        let vm = vmm_config(rec, &self.cfg.host_id, &self.cfg.storaged_nbd, lease);
+        let config_path = prepare_work_dir(rec, &vm)?;
+        let child = spawn_vmm(&self.cfg.vmm_binary, rec, &config_path, incoming)?;
+        let pid = child.id().unwrap_or(0);
+        let start = proc_start_time(pid);
+        let rec = self.update_instance(&rec.name, |r| {
+            r.pid = Some(pid);
+            r.pid_start = start;
+            r.exit = None;
+        })?;
+        let me = self.clone();
+        let name = rec.name.clone();
+        tokio::spawn(async move {
+            let mut child = child;
+            let status = match child.wait().await {
+                Ok(s) => s.to_string(),
+                Err(e) => format!("wait failed: {e}"),
+            };
+            me.on_vmm_exit(&name, pid, status);
+        });
+        self.wait_api(&rec).await?;
+        Ok(rec)
+    }
+
+    /// Polls the VMM's API until it answers, failing early when the process is gone.
+    async fn wait_api(&self, rec: &InstanceRecord) -> Result<(), AgentError> {
+        let deadline = Instant::now() + VMM_START_TIMEOUT;
+        let vmm = self.vmm(rec).with_timeout(Duration::from_secs(5));
+        loop {
+            if vmm.info().await.is_ok() {
+                return Ok(());
+            }
+            if !rec.vmm_alive() {
+                // Let the exit watcher record the status first, for the message.
+                let status = wait_exit_status(self, &rec.name).await;
+                return Err(InstanceError::EarlyExit {
+                    status,
+                    log: log_tail(&rec.log, 2000),
+                }
+                .into());
+            }
+            if Instant::now() > deadline {
+                return Err(InstanceError::ApiTimeout(VMM_START_TIMEOUT).into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Records the end of the VMM `pid` of `name` (if the record still refers to it).
+    pub fn on_vmm_exit(&self, name: &str, pid: u32, status: String) {
+        let res = self.update_instance(name, |r| {
+            if r.pid != Some(pid) {
+                return;
+            }
+            r.exit = Some(status.clone());
+            r.state = match r.state {
+                InstanceState::Stopping => InstanceState::Stopped,
+                InstanceState::Incoming => InstanceState::Failed,
+                s if s.is_terminal() => s,
+                _ => InstanceState::Exited,
+            };
+        });
+        if let Err(e) = res {
+            tracing::error!(instance = %name, error = %vmhop_common::error::chain(&e),
+                "recording the VMM's exit");
+        }
+    }
+
+    /// Starts a guest on this host.
+    pub async fn run(
+        self: &Arc<Self>,
+        config: InstanceConfig,
+    ) -> Result<InstanceRecord, AgentError> {
+        config.validate()?;
+        {
+            let map = lock(&self.instances);
+            if let Some(r) = map.get(&config.name) {
+                if !r.state.is_terminal() {
+                    return Err(AgentError::Conflict(format!(
+                        "instance {} already exists here ({:?})",
+                        r.name, r.state
+                    )));
+                }
+            }
+        }
+        let rec = InstanceRecord::new(config, &self.cfg.state_dir, InstanceState::Starting);
+        self.put_instance(rec.clone())?;
+        self.start_vmm(&rec, None).await?;
+        self.update_instance(&rec.name, |r| r.state = InstanceState::Running)
+    }
+
+    /// Stops a guest: API shutdown, then SIGTERM, then SIGKILL, each with a deadline.
+    pub async fn stop(self: &Arc<Self>, name: &str) -> Result<InstanceRecord, AgentError> {
+        let rec = self.instance(name)?;
+        match rec.state {
+            InstanceState::Running | InstanceState::Starting | InstanceState::Stopping => {}
+            s if s.is_terminal() => return Ok(rec),
+            s => {
+                return Err(AgentError::Conflict(format!(
+                    "instance {name} is {s:?}: a migration owns it"
+                )))
+            }
+        }
+        let rec = self.update_instance(name, |r| r.state = InstanceState::Stopping)?;
+        self.end_vmm(&rec).await;
+        self.update_instance(name, |r| {
+            if !r.state.is_terminal() {
+                r.state = InstanceState::Stopped;
+            }
+            if r.exit.is_none() {
+                r.exit = Some("stopped".into());
+            }
+        })
+    }
+
+    /// Ends the VMM of `rec` and waits until it is gone.
+    pub async fn end_vmm(&self, rec: &InstanceRecord) {
+        if !rec.vmm_alive() {
+            return;
+        }
+        let vmm = self.vmm(rec).with_timeout(Duration::from_secs(10));
+        let _ = vmm.shutdown().await;
+        for sig in [None, Some(libc::SIGTERM), Some(libc::SIGKILL)] {
+            if let Some(sig) = sig {
+                kill_pid(rec, sig);
+            }
+            let deadline = Instant::now() + VMM_STOP_TIMEOUT;
+            while rec.vmm_alive() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if !rec.vmm_alive() {
+                return;
+            }
+            tracing::warn!(instance = %rec.name, pid = ?rec.pid, "VMM still running; signalling");
+        }
+    }
+
+    /// After a restart: re-adopts live VMMs, marks dead ones lost, resumes unfinished
+    /// migrations. Never starts a VMM.
+    pub fn recover(self: &Arc<Self>) -> Result<(), AgentError> {
+        for rec in self.instances() {
+            if rec.state.is_terminal() {
+                continue;
+            }
+            if rec.vmm_alive() {
+                tracing::info!(target: "migrated::state", event = "adopt", instance = %rec.name,
+                    pid = ?rec.pid, "re-adopting the running VMM of {}", rec.name);
+                if rec.state == InstanceState::Starting {
+                    self.update_instance(&rec.name, |r| r.state = InstanceState::Running)?;
+                }
+                self.watch_adopted(&rec);
+            } else {
+                self.update_instance(&rec.name, |r| {
+                    r.state = InstanceState::Lost;
+                    r.exit = Some("the VMM was not running when migrated started".into());
+                })?;
+            }
+        }
+        for m in self.migrations() {
+            if !m.phase.is_terminal() {
+                crate::coordinator::resume_after_restart(self.clone(), m);
+            }
+        }
+        Ok(())
+    }
+
+    /// Watches a VMM that is not our child by polling its pid and start time.
+    pub fn watch_adopted(self: &Arc<Self>, rec: &InstanceRecord) {
+        let me = self.clone();
+        let rec = rec.clone();
+        tokio::spawn(async move {
+            while rec.vmm_alive() {
+                tokio::time::sleep(ADOPTED_POLL).await;
+            }
+            me.on_vmm_exit(
+                &rec.name,
+                rec.pid.unwrap_or(0),
+                "exited (status unknown: adopted after a restart)".into(),
+            );
+        });
+    }
+}
+
+/// Waits briefly for the exit watcher to record the status of `name`'s VMM.
+async fn wait_exit_status(agent: &Agent, name: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        if let Ok(r) = agent.instance(name) {
+            if let Some(e) = r.exit {
+                return e;
+            }
+        }
+        if Instant::now() > deadline {
+            return "exited".into();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sends `sig` to the VMM of `rec` if it is still the same process.
+pub fn kill_pid(rec: &InstanceRecord, sig: libc::c_int) {
+    if let (Some(pid), true) = (rec.pid, rec.vmm_alive()) {
+        // SAFETY: kill(2) has no memory effects; the pid was checked against its recorded
+        // start time just before, so it is the VMM we started and not a reused pid.
+        unsafe {
+            libc::kill(pid as libc::pid_t, sig);
+        }
+    }
+}

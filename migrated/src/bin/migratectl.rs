@@ -1,0 +1,391 @@
+//! `migratectl`: the operator's command line for migrated.
+//!
+//! ```text
+//! migratectl [--socket PATH | --host ADDR [--token-file FILE]] [--json] hosts
+//! migratectl instances | show NAME | run CONFIG.toml | stop NAME
+//! migratectl migrate NAME --to HOST [--downtime-ms N] [--max-iterations N] [--throttle]
+//! migratectl migrations [ID]
+//! ```
+//! Talks to the local migrated's Unix socket by default, or to any migrated's REST address
+//! with `--host`. `--json` prints the API's JSON instead of text; exit status 1 on any
+//! failure (including a migration that aborted).
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use hyper::Method;
+use migrated::api::HostEntry;
+use migrated::config::InstanceConfig;
+use migrated::instance::InstanceRecord;
+use migrated::migration::{MigrateRequest, MigrationInfo, MigrationParams, MigrationRecord, Phase};
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+use vmhop_common::http::{Client, Target};
+use vmhop_common::token::Token;
+
+#[derive(Parser)]
+#[command(
+    name = "migratectl",
+    version,
+    about = "Run and migrate guests through migrated"
+)]
+struct Cli {
+    /// The local migrated's Unix socket.
+    #[arg(long, env = "MIGRATED_SOCKET", default_value = migrated::config::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// A migrated's REST address instead of the local socket.
+    #[arg(long, env = "MIGRATED_HOST")]
+    host: Option<String>,
+    /// With --host: the file with the cluster's token (the socket needs none).
+    #[arg(long, env = "MIGRATED_TOKEN_FILE", requires = "host")]
+    token_file: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Seconds to wait for an answer (starting a guest waits for its VMM).
+    #[arg(long, default_value_t = 120)]
+    timeout_secs: u64,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// This host and its peers, and whether they answer.
+    Hosts,
+    /// The instances this host knows.
+    Instances,
+    /// One instance.
+    Show {
+        /// Instance name.
+        name: String,
+    },
+    /// Start a guest from a TOML description (name, kernel, cmdline, memory_mib, vcpus, disks).
+    Run {
+        /// The guest's TOML file.
+        config: PathBuf,
+    },
+    /// Stop a guest.
+    Stop {
+        /// Instance name.
+        name: String,
+    },
+    /// Move a running guest to another host, showing progress, then the figures.
+    Migrate {
+        /// Instance name.
+        name: String,
+        /// Destination host id (a peer of this migrated) or its REST address.
+        #[arg(long)]
+        to: String,
+        /// Longest pause the guest may see.
+        #[arg(long, default_value_t = 300)]
+        downtime_ms: u64,
+        /// Pre-copy iterations before giving up on convergence.
+        #[arg(long, default_value_t = 30)]
+        max_iterations: u32,
+        /// Slow the guest down if it does not converge.
+        #[arg(long)]
+        throttle: bool,
+        /// Return once the migration started.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Migrations this host took part in, or one of them.
+    Migrations {
+        /// Migration id.
+        id: Option<String>,
+    },
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let target = match &cli.host {
+        Some(h) => Target::Tcp(h.clone()),
+        None => Target::Unix(cli.socket.clone()),
+    };
+    let token = cli.token_file.as_deref().map(Token::load).transpose()?;
+    let client = Client::new(target, Duration::from_secs(cli.timeout_secs)).with_token(token);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run(cli, client))
+}
+
+async fn run(cli: Cli, c: Client) -> Result<()> {
+    let none = None::<&()>;
+    match cli.cmd {
+        Cmd::Hosts => {
+            let hosts: Vec<HostEntry> = c.call(Method::GET, "/v1/hosts", none).await?;
+            if cli.json {
+                return print_json(&hosts);
+            }
+            println!(
+                "{:<16} {:<22} {:<12} {:>9}",
+                "HOST", "ADDRESS", "STATUS", "INSTANCES"
+            );
+            for h in hosts {
+                let status = match (h.local, h.reachable) {
+                    (true, _) => "this host".to_string(),
+                    (false, true) => "up".to_string(),
+                    (false, false) => "unreachable".to_string(),
+                };
+                let n = h
+                    .info
+                    .map(|i| i.active_instances.to_string())
+                    .unwrap_or_else(|| "-".into());
+                println!("{:<16} {:<22} {:<12} {:>9}", h.host_id, h.addr, status, n);
+            }
+        }
+        Cmd::Instances => {
+            let list: Vec<InstanceRecord> = c.call(Method::GET, "/v1/instances", none).await?;
+            if cli.json {
+                return print_json(&list);
+            }
+            println!(
+                "{:<16} {:<14} {:>8} {:>7} {:>5}  DISKS",
+                "NAME", "STATE", "PID", "MEM", "VCPUS"
+            );
+            for r in list {
+                let disks: Vec<String> = r
+                    .config
+                    .disks
+                    .iter()
+                    .map(|d| match (&d.volume, &d.path) {
+                        (Some(v), _) => format!("volume:{v}"),
+                        (_, Some(p)) => p.display().to_string(),
+                        _ => "?".into(),
+                    })
+                    .collect();
+                let state = serde_json::to_value(r.state)?;
+                println!(
+                    "{:<16} {:<14} {:>8} {:>7} {:>5}  {}",
+                    r.name,
+                    state.as_str().unwrap_or("?"),
+                    r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                    format!("{}M", r.config.memory_mib),
+                    r.config.vcpus,
+                    disks.join(",")
+                );
+            }
+        }
+        Cmd::Show { name } => {
+            let r: InstanceRecord = c
+                .call(Method::GET, &format!("/v1/instances/{name}"), none)
+                .await?;
+            print_json(&r)?;
+        }
+        Cmd::Run { config } => {
+            let cfg = InstanceConfig::load(&config)
+                .with_context(|| format!("reading {}", config.display()))?;
+            let r: InstanceRecord = c.call(Method::POST, "/v1/instances", Some(&cfg)).await?;
+            if cli.json {
+                return print_json(&r);
+            }
+            println!(
+                "{} running (pid {}), serial {}, API {}",
+                r.name,
+                r.pid.unwrap_or(0),
+                r.serial_socket.display(),
+                r.api_socket.display()
+            );
+        }
+        Cmd::Stop { name } => {
+            let r: InstanceRecord = c
+                .call(Method::POST, &format!("/v1/instances/{name}/stop"), none)
+                .await?;
+            if cli.json {
+                return print_json(&r);
+            }
+            println!(
+                "{} stopped ({})",
+                r.name,
+                r.exit.as_deref().unwrap_or("stopped")
+            );
+        }
+        Cmd::Migrate {
+            name,
+            to,
+            downtime_ms,
+            max_iterations,
+            throttle,
+            no_wait,
+        } => {
+            let req = MigrateRequest {
+                to,
+                params: MigrationParams {
+                    downtime_ms,
+                    max_iterations,
+                    throttle,
+                },
+            };
+            let rec: MigrationRecord = c
+                .call(
+                    Method::POST,
+                    &format!("/v1/instances/{name}/migrate"),
+                    Some(&req),
+                )
+                .await?;
+            if no_wait {
+                return if cli.json {
+                    print_json(&rec)
+                } else {
+                    println!("migration {} started", rec.id);
+                    Ok(())
+                };
+            }
+            let done = follow(&c, &rec.id, cli.json).await?;
+            if cli.json {
+                print_json(&done)?;
+            } else {
+                summary(&done.record);
+            }
+            if done.record.phase != Phase::Completed {
+                std::process::exit(1);
+            }
+        }
+        Cmd::Migrations { id } => match id {
+            Some(id) => {
+                let m: MigrationInfo = c
+                    .call(Method::GET, &format!("/v1/migrations/{id}"), none)
+                    .await?;
+                if cli.json {
+                    return print_json(&m);
+                }
+                summary(&m.record);
+                for s in &m.record.steps {
+                    let phase = serde_json::to_value(s.phase)?;
+                    println!(
+                        "  {} {:<12} {}",
+                        s.at_ms,
+                        phase.as_str().unwrap_or("?"),
+                        s.note
+                    );
+                }
+            }
+            None => {
+                let all: Vec<MigrationInfo> = c.call(Method::GET, "/v1/migrations", none).await?;
+                if cli.json {
+                    return print_json(&all);
+                }
+                for m in all {
+                    let r = m.record;
+                    let phase = serde_json::to_value(r.phase)?;
+                    println!(
+                        "{:<40} {:<12} {} -> {}",
+                        r.id,
+                        phase.as_str().unwrap_or("?"),
+                        r.source,
+                        r.destination
+                    );
+                }
+            }
+        },
+    }
+    Ok(())
+}
+
+/// Polls the migration until it ends, drawing the progress line.
+async fn follow(c: &Client, id: &str, quiet: bool) -> Result<MigrationInfo> {
+    let tty = std::io::stderr().is_terminal();
+    let mut last = String::new();
+    let mut failures = 0;
+    loop {
+        let m: MigrationInfo = match c
+            .call(Method::GET, &format!("/v1/migrations/{id}"), None::<&()>)
+            .await
+        {
+            Ok(m) => {
+                failures = 0;
+                m
+            }
+            Err(e) => {
+                failures += 1;
+                if failures > 50 {
+                    bail!("lost contact with migrated while following {id}: {e}");
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        if !quiet {
+            let line = progress_line(&m);
+            if line != last {
+                if tty {
+                    eprint!("\r\x1b[2K{line}");
+                } else {
+                    eprintln!("{line}");
+                }
+                let _ = std::io::stderr().flush();
+                last = line;
+            }
+        }
+        if m.record.phase.is_terminal() {
+            if tty && !quiet {
+                eprintln!();
+            }
+            return Ok(m);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn progress_line(m: &MigrationInfo) -> String {
+    let phase = serde_json::to_value(m.record.phase)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default();
+    match &m.progress {
+        Some(p) => format!(
+            "{phase:<12} vmm {:<11} iteration {:>3}  {:>10} left  dirty {:>8}/s  ETA {}  ({:.1} s)",
+            p.vmm_phase,
+            p.iteration,
+            mib(p.bytes_remaining),
+            mib(p.dirty_rate_bytes_per_sec),
+            p.eta_ms
+                .map(|e| format!("{:.1} s", e as f64 / 1000.0))
+                .unwrap_or_else(|| "?".into()),
+            p.elapsed_ms as f64 / 1000.0
+        ),
+        None => format!(
+            "{phase:<12} {}",
+            m.record.steps.last().map(|s| s.note.as_str()).unwrap_or("")
+        ),
+    }
+}
+
+fn summary(r: &MigrationRecord) {
+    let phase = serde_json::to_value(r.phase)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default();
+    println!(
+        "migration {} of {}: {} -> {}: {}",
+        r.id, r.instance, r.source, r.destination, phase
+    );
+    if let Some(e) = &r.error {
+        println!("  reason: {e}");
+    }
+    if r.phase == Phase::Completed {
+        let f = &r.figures;
+        println!(
+            "  total {} ms, downtime {:.1} ms, flip {} ms, {} sent",
+            f.total_ms,
+            if f.vmm_downtime_us > 0 {
+                f.vmm_downtime_us as f64 / 1000.0
+            } else {
+                f.downtime_ms as f64
+            },
+            f.flip_ms,
+            mib(f.bytes_sent)
+        );
+    }
+}

@@ -1,0 +1,675 @@
+//! The source side of a migration: the state machine that migrated on the guest's current
+//! host drives, one task per migration.
+//!
+//! ```text
+//!  operator      source migrated            source VMM        dest migrated / VMM     storaged
+//!     | migrate ----> created: peer + VMM checks
+//!     |               preparing ------------------------------> POST /v1/incoming
+//!     |                                                          vmm run --incoming (standby)
+//!     |               precopy --------------> PUT migration/send ==== stream ====>
+//!     |                 poll GET /v1/migration until handed-over
+//!     |               handed-over, flipping ----------------------------------------> flip (each volume)
+//!     |               flipped, resuming ----------------------> POST /v1/incoming/{id}/resume
+//!     |               cleanup --------------> PUT vm/shutdown
+//!     |               completed
+//! ```
+//! Each phase is written to the store before its action. Before `flipped` every failure
+//! aborts: volumes already flipped are rolled back, the destination's standby leases are
+//! revoked (so it can no longer take over), the destination is told to abort and the source
+//! VMM resumes. From `flipped` on the guest may only continue on the destination.
+
+use crate::agent::{Agent, AgentError};
+use crate::instance::{InstanceRecord, InstanceState};
+use crate::migration::{
+    Figures, IncomingRequest, MigrateRequest, MigrationRecord, Phase, Progress, Role, Step,
+};
+use crate::peer::Peer;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use storaged_client::api::LeaseState;
+use storaged_client::rest::StoragedApi;
+use vmhop_common::error::chain as error_chain;
+use vmm_api::migration::{Phase as VmmPhase, ResumeMode, SendParams};
+
+/// How often the source VMM's progress is read. The flip waits for the hand-over to be seen
+/// here, with the guest paused: this interval is added to the downtime (up to its length).
+const POLL: Duration = Duration::from_millis(5);
+/// How long the live source VMM's API may fail to answer before the migration gives up.
+const VMM_SILENCE: Duration = Duration::from_secs(5);
+/// How often the destination is checked during pre-copy.
+const PEER_CHECK: Duration = Duration::from_secs(1);
+
+/// Starts migrating instance `name` (answers once the migration is recorded).
+pub fn start(
+    agent: &Arc<Agent>,
+    name: &str,
+    req: MigrateRequest,
+) -> Result<MigrationRecord, AgentError> {
+    if req.params.max_iterations == 0 || req.params.downtime_ms == 0 {
+        return Err(AgentError::BadRequest(
+            "downtime_ms and max_iterations must be at least 1".into(),
+        ));
+    }
+    let (destination, peer_addr) = match agent.cfg.peers.get(&req.to) {
+        Some(addr) => (req.to.clone(), addr.clone()),
+        None if req.to.parse::<std::net::SocketAddr>().is_ok() => (String::new(), req.to.clone()),
+        None => {
+            return Err(AgentError::BadRequest(format!(
+                "unknown host {:?}: not a configured peer ({}) nor an address",
+                req.to,
+                agent
+                    .cfg
+                    .peers
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )))
+        }
+    };
+    if destination == agent.cfg.host_id {
+        return Err(AgentError::BadRequest(format!(
+            "{destination} is this host"
+        )));
+    }
+    let id = format!("{name}.{}.{}", agent.cfg.host_id, crate::instance::now_ms());
+    let mut claimed = None;
+    let inst = agent.update_instance(name, |r| {
+        if r.state == InstanceState::Running && r.migration.is_none() {
+            claimed = Some(r.state);
+            r.state = InstanceState::Migrating;
+            r.migration = Some(id.clone());
+        } else {
+            claimed = None;
+        }
+    })?;
+    if claimed.is_none() {
+        return Err(AgentError::Conflict(format!(
+            "instance {name} is {:?}{}: only a running instance can migrate",
+            inst.state,
+            inst.migration
+                .as_ref()
+                .map(|m| format!(" (migration {m})"))
+                .unwrap_or_default()
+        )));
+    }
+    let mut rec = MigrationRecord {
+        id: id.clone(),
+        instance: name.to_string(),
+        role: Role::Source,
+        source: agent.cfg.host_id.clone(),
+        destination,
+        peer_addr,
+        params: req.params,
+        phase: Phase::Created,
+        stream_addr: None,
+        volumes: inst.config.volumes(),
+        flipped: Vec::new(),
+        steps: Vec::new(),
+        started_ms: crate::instance::now_ms(),
+        ended_ms: None,
+        error: None,
+        figures: Figures::default(),
+    };
+    rec.step(Phase::Created, format!("requested: to {}", req.to));
+    if let Err(e) = agent.put_migration(rec.clone()) {
+        let _ = agent.update_instance(name, |r| {
+            r.state = InstanceState::Running;
+            r.migration = None;
+        });
+        return Err(e);
+    }
+    let src = Source::new(agent.clone(), &rec);
+    tokio::spawn(src.run());
+    Ok(rec)
+}
+
+/// Picks up a migration left unfinished by a previous run of migrated.
+pub fn resume_after_restart(agent: Arc<Agent>, rec: MigrationRecord) {
+    match rec.role {
+        Role::Source => {
+            let src = Source::new(agent, &rec);
+            tokio::spawn(src.recover());
+        }
+        Role::Destination => crate::incoming::resume_after_restart(agent, rec),
+    }
+}
+
+struct Source {
+    agent: Arc<Agent>,
+    id: String,
+    peer: Peer,
+    leases: StoragedApi,
+    started: Instant,
+    paused_at: Option<Instant>,
+    flip_ms: u64,
+}
+
+impl Source {
+    fn new(agent: Arc<Agent>, rec: &MigrationRecord) -> Source {
+        Source {
+            peer: Peer::new(&rec.peer_addr, agent.cfg.token.as_ref()),
+            leases: StoragedApi::new(&agent.cfg.storaged_api, agent.cfg.storaged_token.clone()),
+            agent,
+            id: rec.id.clone(),
+            started: Instant::now(),
+            paused_at: None,
+            flip_ms: 0,
+        }
+    }
+
+    fn rec(&self) -> Result<MigrationRecord, AgentError> {
+        self.agent.migration(&self.id)
+    }
+
+    fn inst(&self) -> Result<InstanceRecord, AgentError> {
+        self.agent.instance(&self.rec()?.instance)
+    }
+
+    /// Records `phase` (durably) before the caller acts on it.
+    fn set(&self, phase: Phase, note: impl Into<String>) -> Result<MigrationRecord, AgentError> {
+        self.modify(|r| r.step(phase, note))
+    }
+
+    fn modify(&self, f: impl FnOnce(&mut MigrationRecord)) -> Result<MigrationRecord, AgentError> {
+        let mut r = self.rec()?;
+        f(&mut r);
+        self.agent.put_migration(r.clone())?;
+        Ok(r)
+    }
+
+    async fn run(mut self) {
+        let outcome = self.drive().await;
+        self.finish(outcome).await;
+    }
+
+    async fn finish(mut self, outcome: Result<(), String>) {
+        let Err(reason) = outcome else { return };
+        let phase = self.rec().map(|r| r.phase).unwrap_or(Phase::Failed);
+        if phase.past_point_of_no_return() {
+            self.fail(&reason);
+        } else if phase != Phase::Aborted && phase != Phase::Failed {
+            self.abort(&reason).await;
+        }
+    }
+
+    async fn recover(mut self) {
+        let Ok(rec) = self.rec() else { return };
+        let note = format!("migrated restarted during {:?}", rec.phase);
+        let outcome = match rec.phase {
+            Phase::Created | Phase::Preparing | Phase::Precopy => Err(note),
+            Phase::HandedOver | Phase::Flipping => {
+                // Which leases did the destination get before the restart?
+                match self.flipped_volumes(&rec).await {
+                    Ok(flipped) => {
+                        let all = flipped.len() == rec.volumes.len();
+                        let _ = self.modify(|r| r.flipped = flipped);
+                        if all {
+                            match self
+                                .set(Phase::Flipped, format!("{note}: every lease had flipped"))
+                            {
+                                Ok(_) => self.drive().await,
+                                Err(e) => Err(error_chain(&e)),
+                            }
+                        } else {
+                            Err(note)
+                        }
+                    }
+                    Err(e) => Err(format!("{note}; reading the leases: {e}")),
+                }
+            }
+            Phase::RollingBack => Err(rec.error.clone().unwrap_or(note)),
+            _ => self.drive().await,
+        };
+        self.finish(outcome).await;
+    }
+
+    async fn flipped_volumes(&self, rec: &MigrationRecord) -> Result<Vec<String>, String> {
+        let mut out = Vec::new();
+        for v in &rec.volumes {
+            let s = self
+                .leases
+                .state_of(v, &rec.destination)
+                .await
+                .map_err(|e| error_chain(&e))?;
+            if s == Some(LeaseState::Primary) {
+                out.push(v.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    async fn drive(&mut self) -> Result<(), String> {
+        let e = |e: AgentError| error_chain(&e);
+        loop {
+            let rec = self.rec().map_err(e)?;
+            match rec.phase {
+                Phase::Created => self.check(&rec).await?,
+                Phase::Preparing => self.prepare(&rec).await?,
+                Phase::Precopy => self.precopy(&rec).await?,
+                Phase::HandedOver => {
+                    self.set(Phase::Flipping, "flipping the leases")
+                        .map_err(e)?;
+                }
+                Phase::Flipping => self.flip(&rec).await?,
+                Phase::Flipped => {
+                    self.set(Phase::Resuming, "resuming the destination")
+                        .map_err(e)?;
+                }
+                Phase::Resuming => self.resume_destination(&rec).await?,
+                Phase::Cleanup => return self.cleanup(&rec).await,
+                Phase::RollingBack => {
+                    return Err(rec.error.unwrap_or_else(|| "rolling back".into()))
+                }
+                Phase::Completed | Phase::Aborted | Phase::Failed => return Ok(()),
+            }
+        }
+    }
+
+    /// created: the destination answers, and the source VMM can migrate.
+    async fn check(&self, rec: &MigrationRecord) -> Result<(), String> {
+        let host = self.peer.host().await.map_err(|err| {
+            format!(
+                "destination {} ({}) unreachable: {}",
+                rec.destination,
+                rec.peer_addr,
+                error_chain(&err)
+            )
+        })?;
+        if !rec.destination.is_empty() && host.host_id != rec.destination {
+            return Err(format!(
+                "{} answers as host {}, not {}",
+                rec.peer_addr, host.host_id, rec.destination
+            ));
+        }
+        if host.host_id == self.agent.cfg.host_id {
+            return Err(format!("{} is this host", rec.peer_addr));
+        }
+        let inst = self.inst().map_err(|e| error_chain(&e))?;
+        let status = self
+            .agent
+            .vmm(&inst)
+            .migration()
+            .await
+            .map_err(|e| error_chain(&e))?;
+        if !matches!(
+            status.phase.as_str(),
+            "idle" | "completed" | "failed" | "aborted"
+        ) {
+            return Err(format!(
+                "the source VMM is already migrating (phase {})",
+                status.phase
+            ));
+        }
+        self.modify(|r| {
+            r.destination = host.host_id.clone();
+            r.step(Phase::Preparing, "destination reachable, source VMM ready");
+        })
+        .map_err(|e| error_chain(&e))?;
+        Ok(())
+    }
+
+    /// preparing: the destination starts its VMM in incoming mode.
+    async fn prepare(&self, rec: &MigrationRecord) -> Result<(), String> {
+        let inst = self.inst().map_err(|e| error_chain(&e))?;
+        let req = IncomingRequest {
+            migration: rec.id.clone(),
+            source: self.agent.cfg.host_id.clone(),
+            source_addr: self.agent.cfg.listen.to_string(),
+            config: inst.config.clone(),
+            params: rec.params,
+        };
+        let ready = self.peer.prepare(&req).await.map_err(|err| {
+            format!(
+                "destination {} could not prepare: {}",
+                rec.destination,
+                error_chain(&err)
+            )
+        })?;
+        self.modify(|r| {
+            r.stream_addr = Some(ready.stream_addr.clone());
+            r.step(
+                Phase::Precopy,
+                format!("destination VMM listening on {}", ready.stream_addr),
+            );
+        })
+        .map_err(|e| error_chain(&e))?;
+        Ok(())
+    }
+
+    /// precopy: start the stream, follow it until the hand-over.
+    async fn precopy(&mut self, rec: &MigrationRecord) -> Result<(), String> {
+        let inst = self.inst().map_err(|e| error_chain(&e))?;
+        let vmm = self.agent.vmm(&inst);
+        let stream_addr = rec.stream_addr.clone().ok_or("no stream address")?;
+        vmm.send(&SendParams {
+            destination: stream_addr,
+            downtime_limit_ms: rec.params.downtime_ms,
+            max_iterations: rec.params.max_iterations,
+            throttle: rec.params.throttle,
+            resume: ResumeMode::Wait,
+        })
+        .await
+        .map_err(|e| error_chain(&e))?;
+        let timeout = Duration::from_millis(self.agent.cfg.peer_timeout_ms);
+        let mut peer_ok = Instant::now();
+        let mut peer_checked = Instant::now();
+        let mut vmm_failing: Option<Instant> = None;
+        loop {
+            match vmm.migration().await {
+                Ok(st) => {
+                    vmm_failing = None;
+                    let elapsed = self.started.elapsed();
+                    let rate = st.bytes_sent as f64 / elapsed.as_secs_f64().max(0.001);
+                    let eta_ms =
+                        (rate > 0.0).then(|| (st.bytes_remaining as f64 / rate * 1000.0) as u64);
+                    self.agent.set_progress(
+                        &rec.id,
+                        Progress {
+                            vmm_phase: st.phase,
+                            iteration: st.iteration,
+                            bytes_sent: st.bytes_sent,
+                            bytes_remaining: st.bytes_remaining,
+                            dirty_rate_bytes_per_sec: st.dirty_rate_bytes_per_sec,
+                            expected_downtime_ms: st.expected_downtime_ms,
+                            eta_ms,
+                            elapsed_ms: elapsed.as_millis() as u64,
+                        },
+                    );
+                    match st.phase {
+                        VmmPhase::Stopcopy => {
+                            self.paused_at.get_or_insert_with(Instant::now);
+                        }
+                        VmmPhase::HandedOver | VmmPhase::Completed => {
+                            self.paused_at.get_or_insert_with(Instant::now);
+                            self.modify(|r| {
+                                r.figures.bytes_sent = st.bytes_sent;
+                                r.step(
+                                    Phase::HandedOver,
+                                    format!(
+                                        "source paused, destination holds the state ({} iterations, {} bytes)",
+                                        st.iteration, st.bytes_sent
+                                    ),
+                                );
+                            })
+                            .map_err(|e| error_chain(&e))?;
+                            return Ok(());
+                        }
+                        VmmPhase::Failed | VmmPhase::Aborted => {
+                            return Err(format!(
+                                "the source VMM reports the stream {}: {}",
+                                st.phase,
+                                st.error.unwrap_or_else(|| "no reason given".into())
+                            ))
+                        }
+                        _ => {}
+                    }
+                }
+                Err(err) => {
+                    let since = *vmm_failing.get_or_insert_with(Instant::now);
+                    if !inst.vmm_alive() || since.elapsed() > VMM_SILENCE {
+                        return Err(format!("lost the source VMM: {}", error_chain(&err)));
+                    }
+                }
+            }
+            if peer_checked.elapsed() >= PEER_CHECK {
+                peer_checked = Instant::now();
+                match self.peer.with_timeout(timeout).incoming(&rec.id).await {
+                    Ok(d) if matches!(d.phase, Phase::Aborted | Phase::Failed) => {
+                        return Err(format!(
+                            "the destination gave up: {}",
+                            d.error.unwrap_or_default()
+                        ))
+                    }
+                    Ok(_) => peer_ok = Instant::now(),
+                    Err(err) if peer_ok.elapsed() > timeout => {
+                        return Err(format!(
+                            "destination {} lost before the flip: {}",
+                            rec.destination,
+                            error_chain(&err)
+                        ))
+                    }
+                    Err(_) => {}
+                }
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// flipping: every volume's lease goes to the destination.
+    async fn flip(&mut self, rec: &MigrationRecord) -> Result<(), String> {
+        let t = Instant::now();
+        for v in &rec.volumes {
+            if rec.flipped.contains(v) {
+                continue;
+            }
+            let report = self
+                .leases
+                .flip_to(v, &rec.destination)
+                .await
+                .map_err(|e| format!("flip refused: {}", error_chain(&e)))?;
+            self.modify(|r| {
+                r.flipped.push(v.clone());
+                r.steps.push(Step {
+                    at_ms: crate::instance::now_ms(),
+                    phase: Phase::Flipping,
+                    note: format!(
+                        "volume {v}: lease flipped to {} (epoch {}, {} us)",
+                        rec.destination, report.epoch, report.total_us
+                    ),
+                });
+            })
+            .map_err(|e| error_chain(&e))?;
+        }
+        self.flip_ms += t.elapsed().as_millis() as u64;
+        let flip_ms = self.flip_ms;
+        self.modify(|r| {
+            r.figures.flip_ms = flip_ms;
+            r.step(Phase::Flipped, "every lease belongs to the destination");
+        })
+        .map_err(|e| error_chain(&e))?;
+        Ok(())
+    }
+
+    /// resuming: the destination runs the guest. Retried: there is no way back from here.
+    async fn resume_destination(&mut self, rec: &MigrationRecord) -> Result<(), String> {
+        let deadline =
+            Instant::now() + Duration::from_millis(self.agent.cfg.peer_timeout_ms.max(1000) * 6);
+        let resumed = loop {
+            match self.peer.resume(&rec.id).await {
+                Ok(dest) => break dest,
+                Err(err) if Instant::now() > deadline => {
+                    return Err(format!(
+                        "the destination did not confirm the resume: {}",
+                        error_chain(&err)
+                    ))
+                }
+                Err(err) => {
+                    tracing::warn!(migration = %rec.id, error = %error_chain(&err),
+                        "resume at the destination failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        };
+        // The destination VMM's measure (from the source's last vCPU pause) when it reports
+        // one; else from the moment we saw the source paused.
+        let downtime = match resumed.figures.vmm_downtime_us {
+            0 => self
+                .paused_at
+                .map(|p| p.elapsed().as_millis() as u64)
+                .unwrap_or(0),
+            us => us.div_ceil(1000),
+        };
+        self.modify(|r| {
+            r.figures.downtime_ms = downtime;
+            r.figures.vmm_downtime_ms = resumed.figures.vmm_downtime_ms;
+            r.figures.vmm_downtime_us = resumed.figures.vmm_downtime_us;
+            r.step(Phase::Cleanup, "the destination runs the guest");
+        })
+        .map_err(|e| error_chain(&e))?;
+        Ok(())
+    }
+
+    /// cleanup: the source VMM ends and its files go (the log stays).
+    async fn cleanup(&self, rec: &MigrationRecord) -> Result<(), String> {
+        let inst = self.inst().map_err(|e| error_chain(&e))?;
+        self.agent.end_vmm(&inst).await;
+        if inst.vmm_alive() {
+            return Err(format!(
+                "the source VMM (pid {:?}) did not end; its leases stay deactivated",
+                inst.pid
+            ));
+        }
+        for f in ["api.sock", "serial.sock", "vm.toml", "vmm.pid"] {
+            let _ = std::fs::remove_file(inst.work_dir.join(f));
+        }
+        self.release_deactivated(rec).await;
+        let to = rec.destination.clone();
+        self.agent
+            .update_instance(&inst.name, |r| {
+                r.state = InstanceState::MigratedAway;
+                r.migration = None;
+                r.exit = Some(format!("migrated to {to}"));
+            })
+            .map_err(|e| error_chain(&e))?;
+        let total = crate::instance::now_ms().saturating_sub(rec.started_ms);
+        self.modify(|r| {
+            r.figures.total_ms = total;
+            r.step(Phase::Completed, format!("the guest runs on {to} only"));
+        })
+        .map_err(|e| error_chain(&e))?;
+        Ok(())
+    }
+
+    /// With the source VMM confirmed gone, ends this host's deactivated lease on every volume:
+    /// storaged refuses a deactivated host for good, so without this the guest could never
+    /// come back here. A failure is recorded and left to the operator (`storaged lease revoke`).
+    async fn release_deactivated(&self, rec: &MigrationRecord) {
+        let me = &self.agent.cfg.host_id;
+        for v in &rec.volumes {
+            let outcome = match self.leases.state_of(v, me).await {
+                Ok(Some(LeaseState::Deactivated)) => self
+                    .leases
+                    .revoke_host(v, me, Some(LeaseState::Deactivated))
+                    .await
+                    .map(|_| format!("volume {v}: deactivated lease of {me} released")),
+                Ok(other) => Ok(format!(
+                    "volume {v}: {me} holds {other:?}; nothing to release"
+                )),
+                Err(e) => Err(e),
+            };
+            let note = match outcome {
+                Ok(note) => note,
+                Err(e) => {
+                    tracing::warn!(migration = %rec.id, volume = %v, error = %error_chain(&e),
+                        "releasing the old host's deactivated lease");
+                    format!(
+                        "volume {v}: the deactivated lease of {me} stays (run `storaged lease revoke {v} --host {me}`): {}",
+                        error_chain(&e)
+                    )
+                }
+            };
+            let _ = self.modify(|r| {
+                r.steps.push(Step {
+                    at_ms: crate::instance::now_ms(),
+                    phase: Phase::Cleanup,
+                    note,
+                })
+            });
+        }
+    }
+
+    /// Past the point of no return and stuck: record it for the operator.
+    fn fail(&self, reason: &str) {
+        tracing::error!(migration = %self.id, reason = %reason,
+            "migration failed after the leases flipped; the source stays paused");
+        let _ = self.modify(|r| {
+            r.error = Some(reason.to_string());
+            r.step(Phase::Failed, reason.to_string());
+        });
+    }
+
+    /// The abort path: roll back, fence the destination off, resume the source.
+    async fn abort(&mut self, reason: &str) {
+        let Ok(rec) = self.modify(|r| {
+            r.error = Some(reason.to_string());
+            r.step(Phase::RollingBack, reason.to_string());
+        }) else {
+            return;
+        };
+        for v in rec.flipped.iter().rev() {
+            match self.leases.rollback(v).await {
+                Ok(rep) => {
+                    let _ = self.modify(|r| {
+                        r.flipped.retain(|f| f != v);
+                        r.steps.push(Step {
+                            at_ms: crate::instance::now_ms(),
+                            phase: Phase::RollingBack,
+                            note: format!("volume {v}: lease rolled back (epoch {})", rep.epoch),
+                        });
+                    });
+                }
+                Err(e) => {
+                    return self.fail(&format!(
+                        "{reason}; then the rollback of volume {v} failed: {}",
+                        error_chain(&e)
+                    ))
+                }
+            }
+        }
+        // The destination may not take over once we resume: end its standby leases, and make
+        // sure we still hold every volume. The revoke is conditional, so a destination that
+        // took a volume over at this very moment keeps it (and the source does not resume).
+        for v in &rec.volumes {
+            let refused = match self
+                .leases
+                .revoke_host(v, &rec.destination, Some(LeaseState::Standby))
+                .await
+            {
+                Ok(_) => continue,
+                Err(e) => e,
+            };
+            match self.leases.state_of(v, &rec.destination).await {
+                Ok(Some(LeaseState::Primary)) => {
+                    return self.fail(&format!(
+                        "{reason}; but the destination holds volume {v}: the source cannot resume"
+                    ))
+                }
+                Ok(None | Some(LeaseState::Deactivated)) => {}
+                Ok(Some(LeaseState::Standby)) => tracing::warn!(migration = %rec.id,
+                    volume = %v, error = %error_chain(&refused),
+                    "revoking the destination's standby lease"),
+                Err(e) => tracing::warn!(migration = %rec.id, volume = %v,
+                    error = %error_chain(&e), "reading the leases during the abort"),
+            }
+        }
+        if let Err(e) = self.peer.abort(&rec.id).await {
+            tracing::info!(migration = %rec.id, error = %error_chain(&e),
+                "the destination did not take the abort (it may be gone)");
+        }
+        let Ok(inst) = self.inst() else { return };
+        let vmm = self.agent.vmm(&inst);
+        if let Err(e) = vmm.abort().await {
+            tracing::debug!(migration = %rec.id, error = %error_chain(&e),
+                "migration abort at the source VMM");
+        }
+        let resumed = vmm.resume().await;
+        let alive = inst.vmm_alive();
+        let _ = self.agent.update_instance(&inst.name, |r| {
+            r.migration = None;
+            if r.state == InstanceState::Migrating {
+                r.state = if alive {
+                    InstanceState::Running
+                } else {
+                    InstanceState::Exited
+                };
+            }
+        });
+        let note = match (alive, resumed) {
+            (true, Ok(_)) => "the guest runs on the source".to_string(),
+            (true, Err(e)) => format!("the source VMM did not resume: {}", error_chain(&e)),
+            (false, _) => "the source VMM is gone".to_string(),
+        };
+        let _ = self.modify(|r| r.step(Phase::Aborted, note));
+    }
+}

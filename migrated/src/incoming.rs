@@ -1,0 +1,334 @@
+//! The destination side of a migration: start the VMM in incoming mode, watch the source
+//! while the state arrives, resume when told (or take over when the source is lost after the
+//! hand-over), or abort.
+//!
+//! The watch asks the source for its record every [`WATCH`]: if the source aborted, the
+//! incoming VMM is ended; if the source passed the flip, the guest resumes here. If the source
+//! stays silent for `peer_timeout_ms`, the destination decides alone: a VMM that holds the whole
+//! state (`handed-over`) takes the leases over and resumes, anything earlier is abandoned.
+//! storaged arbitrates a race with a source that aborts at the same moment: the source revokes
+//! our standby leases before resuming, and a flip to a host without a standby lease fails.
+
+use crate::agent::{Agent, AgentError};
+use crate::instance::{InstanceRecord, InstanceState};
+use crate::migration::{Figures, IncomingReady, IncomingRequest, MigrationRecord, Phase, Role};
+use crate::peer::Peer;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use storaged_client::api::LeaseState;
+use storaged_client::rest::StoragedApi;
+use vmhop_common::error::chain as error_chain;
+
+/// Interval of the watch of the source.
+const WATCH: Duration = Duration::from_millis(500);
+
+/// Serialises resume and abort of incoming migrations (API calls and the watch).
+static DECIDE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// `POST /v1/incoming`: records the instance and the migration, starts the VMM in incoming
+/// mode and answers with its stream address once its API answers.
+pub async fn prepare(
+    agent: &Arc<Agent>,
+    req: IncomingRequest,
+) -> Result<IncomingReady, AgentError> {
+    req.config.validate()?;
+    let name = req.config.name.clone();
+    if let Ok(r) = agent.instance(&name) {
+        if !r.state.is_terminal() {
+            return Err(AgentError::Conflict(format!(
+                "instance {name} already exists here ({:?})",
+                r.state
+            )));
+        }
+    }
+    if agent.migration(&req.migration).is_ok() {
+        return Err(AgentError::Conflict(format!(
+            "migration {} is known here already",
+            req.migration
+        )));
+    }
+    let port = free_port(agent.cfg.migration_ip)
+        .map_err(|e| AgentError::BadRequest(format!("no free migration port: {e}")))?;
+    let stream_addr = std::net::SocketAddr::new(agent.cfg.migration_ip, port).to_string();
+    let mut mig = MigrationRecord {
+        id: req.migration.clone(),
+        instance: name.clone(),
+        role: Role::Destination,
+        source: req.source.clone(),
+        destination: agent.cfg.host_id.clone(),
+        peer_addr: req.source_addr.clone(),
+        params: req.params,
+        phase: Phase::Preparing,
+        stream_addr: Some(stream_addr.clone()),
+        volumes: req.config.volumes(),
+        flipped: Vec::new(),
+        steps: Vec::new(),
+        started_ms: crate::instance::now_ms(),
+        ended_ms: None,
+        error: None,
+        figures: Figures::default(),
+    };
+    mig.step(
+        Phase::Preparing,
+        format!("starting the incoming VMM on {stream_addr}"),
+    );
+    agent.put_migration(mig.clone())?;
+    let mut rec = InstanceRecord::new(req.config, &agent.cfg.state_dir, InstanceState::Incoming);
+    rec.migration = Some(mig.id.clone());
+    rec.incoming = Some(stream_addr.clone());
+    agent.put_instance(rec.clone())?;
+    if let Err(e) = agent.start_vmm(&rec, Some(&stream_addr)).await {
+        mig.error = Some(error_chain(&e));
+        mig.step(Phase::Aborted, "the incoming VMM did not start");
+        let _ = agent.put_migration(mig);
+        return Err(e);
+    }
+    mig.step(Phase::Precopy, "incoming VMM ready");
+    agent.put_migration(mig.clone())?;
+    tokio::spawn(watch(agent.clone(), mig.id.clone()));
+    Ok(IncomingReady {
+        host: agent.cfg.host_id.clone(),
+        stream_addr,
+    })
+}
+
+/// Picks a free TCP port on `ip` for the destination VMM. The port is released before the VMM
+/// binds it; a collision makes the VMM fail to start and the migration abort cleanly.
+fn free_port(ip: std::net::IpAddr) -> std::io::Result<u16> {
+    let l = std::net::TcpListener::bind((ip, 0))?;
+    Ok(l.local_addr()?.port())
+}
+
+fn modify(
+    agent: &Agent,
+    id: &str,
+    f: impl FnOnce(&mut MigrationRecord),
+) -> Result<MigrationRecord, AgentError> {
+    let mut r = agent.migration(id)?;
+    f(&mut r);
+    agent.put_migration(r.clone())?;
+    Ok(r)
+}
+
+/// `POST /v1/incoming/{id}/resume`: the leases are ours; the guest runs here.
+pub async fn resume(agent: &Arc<Agent>, id: &str) -> Result<MigrationRecord, AgentError> {
+    let _d = DECIDE.lock().await;
+    let mig = agent.migration(id)?;
+    if mig.role != Role::Destination {
+        return Err(AgentError::Conflict(format!(
+            "{id}: not an incoming migration"
+        )));
+    }
+    match mig.phase {
+        Phase::Completed => return Ok(mig),
+        Phase::Aborted | Phase::Failed => {
+            return Err(AgentError::Conflict(format!(
+                "migration {id} was abandoned here: {}",
+                mig.error.unwrap_or_default()
+            )))
+        }
+        _ => {}
+    }
+    modify(agent, id, |r| r.step(Phase::Resuming, "resuming the guest"))?;
+    let inst = agent.instance(&mig.instance)?;
+    agent.vmm(&inst).resume().await?;
+    let (downtime_ms, downtime_us) = vmm_downtime(agent, &inst).await;
+    agent.update_instance(&inst.name, |r| {
+        r.state = InstanceState::Running;
+        r.migration = None;
+        r.incoming = None;
+    })?;
+    modify(agent, id, |r| {
+        r.figures.vmm_downtime_ms = downtime_ms;
+        r.figures.vmm_downtime_us = downtime_us;
+        r.step(Phase::Completed, "the guest runs here");
+    })
+}
+
+/// How long to wait for the resumed VMM to report its figures.
+const FIGURES_WAIT: Duration = Duration::from_secs(5);
+
+/// The downtime the resumed VMM measured (it reports it once its vCPUs ran); zero if it does
+/// not tell in time (the figure is informative, the guest runs either way).
+async fn vmm_downtime(agent: &Agent, inst: &InstanceRecord) -> (u64, u64) {
+    let vmm = agent.vmm(inst).with_timeout(Duration::from_secs(2));
+    let deadline = Instant::now() + FIGURES_WAIT;
+    while Instant::now() < deadline {
+        if let Ok(s) = vmm.migration().await {
+            if s.phase == vmm_api::migration::Phase::Completed {
+                return (s.downtime_ms, s.downtime_us);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (0, 0)
+}
+
+/// `POST /v1/incoming/{id}/abort`: ends the incoming VMM (refused once the guest runs here).
+pub async fn abort(
+    agent: &Arc<Agent>,
+    id: &str,
+    reason: &str,
+) -> Result<MigrationRecord, AgentError> {
+    let _d = DECIDE.lock().await;
+    abort_locked(agent, id, reason).await
+}
+
+async fn abort_locked(
+    agent: &Arc<Agent>,
+    id: &str,
+    reason: &str,
+) -> Result<MigrationRecord, AgentError> {
+    let mig = agent.migration(id)?;
+    if mig.role != Role::Destination {
+        return Err(AgentError::Conflict(format!(
+            "{id}: not an incoming migration"
+        )));
+    }
+    match mig.phase {
+        Phase::Aborted | Phase::Failed => return Ok(mig),
+        Phase::Resuming | Phase::Completed => {
+            return Err(AgentError::Conflict(format!(
+                "migration {id}: the guest already runs here"
+            )))
+        }
+        _ => {}
+    }
+    if let Ok(inst) = agent.instance(&mig.instance) {
+        if inst.migration.as_deref() == Some(id) {
+            agent.end_vmm(&inst).await;
+            agent.update_instance(&inst.name, |r| {
+                if r.state == InstanceState::Incoming || r.state == InstanceState::Failed {
+                    r.state = InstanceState::Stopped;
+                }
+                r.migration = None;
+                r.exit = Some(format!("incoming migration abandoned: {reason}"));
+            })?;
+        }
+    }
+    modify(agent, id, |r| {
+        r.error = Some(reason.to_string());
+        r.step(Phase::Aborted, reason.to_string());
+    })
+}
+
+/// Re-attaches to an incoming migration after a restart of migrated.
+pub fn resume_after_restart(agent: Arc<Agent>, rec: MigrationRecord) {
+    tokio::spawn(async move {
+        let alive = agent
+            .instance(&rec.instance)
+            .map(|i| i.vmm_alive())
+            .unwrap_or(false);
+        if alive {
+            watch(agent, rec.id).await;
+        } else if let Err(e) = abort(&agent, &rec.id, "the incoming VMM is gone").await {
+            tracing::warn!(migration = %rec.id, error = %error_chain(&e),
+                "abandoning an incoming migration after a restart");
+        }
+    });
+}
+
+/// Watches the source until the migration ends here.
+async fn watch(agent: Arc<Agent>, id: String) {
+    let Ok(rec) = agent.migration(&id) else {
+        return;
+    };
+    let peer =
+        Peer::new(&rec.peer_addr, agent.cfg.token.as_ref()).with_timeout(Duration::from_secs(2));
+    let timeout = Duration::from_millis(agent.cfg.peer_timeout_ms);
+    let mut heard = Instant::now();
+    loop {
+        tokio::time::sleep(WATCH).await;
+        let Ok(rec) = agent.migration(&id) else {
+            return;
+        };
+        if rec.phase.is_terminal() {
+            return;
+        }
+        let vmm_alive = agent
+            .instance(&rec.instance)
+            .map(|i| i.vmm_alive())
+            .unwrap_or(false);
+        if !vmm_alive {
+            let _ = abort(&agent, &id, "the incoming VMM exited").await;
+            return;
+        }
+        match peer.migration(&id).await {
+            Ok(src) => {
+                heard = Instant::now();
+                if matches!(src.phase, Phase::RollingBack | Phase::Aborted) {
+                    let why = format!("the source aborted: {}", src.error.unwrap_or_default());
+                    let _ = abort(&agent, &id, &why).await;
+                    return;
+                }
+                let all_flipped = src.flipped.len() == src.volumes.len();
+                if src.phase.past_point_of_no_return()
+                    || (src.phase == Phase::Failed && all_flipped && !src.volumes.is_empty())
+                {
+                    if let Err(e) = resume(&agent, &id).await {
+                        tracing::warn!(migration = %id, error = %error_chain(&e),
+                            "resuming after the source flipped");
+                    }
+                }
+            }
+            Err(err) if heard.elapsed() > timeout => {
+                let why = format!("source {} lost: {}", rec.source, error_chain(&err));
+                take_over_or_abort(&agent, &rec, &why).await;
+                return;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// The source is gone: complete here if the whole state arrived, else give up.
+async fn take_over_or_abort(agent: &Arc<Agent>, rec: &MigrationRecord, why: &str) {
+    let _d = DECIDE.lock().await;
+    let handed_over = match agent.instance(&rec.instance) {
+        Ok(inst) => agent
+            .vmm(&inst)
+            .migration()
+            .await
+            .map(|s| s.phase == vmm_api::migration::Phase::HandedOver)
+            .unwrap_or(false),
+        Err(_) => false,
+    };
+    if !handed_over {
+        if let Err(e) = abort_locked(agent, &rec.id, why).await {
+            tracing::warn!(migration = %rec.id, error = %error_chain(&e), "abandoning");
+        }
+        return;
+    }
+    tracing::warn!(migration = %rec.id, reason = %why,
+        "source lost after the hand-over: taking the leases over");
+    let leases = StoragedApi::new(&agent.cfg.storaged_api, agent.cfg.storaged_token.clone());
+    let me = &agent.cfg.host_id;
+    let mut flipped = Vec::new();
+    for v in &rec.volumes {
+        let result = match leases.state_of(v, me).await {
+            Ok(Some(LeaseState::Primary)) => Ok(()),
+            Ok(_) => leases.flip_to(v, me).await.map(drop),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => {
+                flipped.push(v.clone());
+                let _ = modify(agent, &rec.id, |r| r.flipped = flipped.clone());
+            }
+            Err(e) => {
+                // The source kept (or took back) this volume: give the others back, give up.
+                for f in flipped.iter().rev() {
+                    let _ = leases.rollback(f).await;
+                }
+                let why = format!("{why}; flip of {v} refused: {}", error_chain(&e));
+                let _ = abort_locked(agent, &rec.id, &why).await;
+                return;
+            }
+        }
+    }
+    drop(_d);
+    if let Err(e) = resume(agent, &rec.id).await {
+        tracing::error!(migration = %rec.id, error = %error_chain(&e),
+            "resuming after taking over");
+    }
+}

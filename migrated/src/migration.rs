@@ -1,0 +1,248 @@
+//! A migration's durable record: its phases, the volumes flipped so far, the steps taken, and
+//! the figures; plus the live progress reported while it runs.
+//!
+//! Source-side phases, in order (each persisted before the action it names is taken):
+//! ```text
+//! created -> preparing -> precopy -> handed-over -> flipping -> flipped -> resuming -> cleanup
+//!    -> completed
+//!   any phase before flipped: -> rolling-back -> aborted   (the guest resumes on the source)
+//! ```
+//! Destination-side records use `preparing` (incoming VMM started), `precopy`, `resuming`,
+//! `completed` or `aborted`.
+
+use serde::{Deserialize, Serialize};
+
+/// Which end of the migration this host is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// The guest runs here at the start.
+    Source,
+    /// The guest runs here at the end.
+    Destination,
+}
+
+/// Phase of a migration as migrated tracks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// Recorded, nothing done yet.
+    Created,
+    /// Starting the destination VMM in incoming mode.
+    Preparing,
+    /// The source VMM streams memory.
+    Precopy,
+    /// Source paused, destination holds all state and waits.
+    HandedOver,
+    /// Flipping the volumes' leases at storaged.
+    Flipping,
+    /// Every lease belongs to the destination.
+    Flipped,
+    /// Resuming the guest on the destination.
+    Resuming,
+    /// Destination runs the guest; the source VMM is being shut down.
+    Cleanup,
+    /// Done: the guest runs on the destination only.
+    Completed,
+    /// Undoing: rolling back flipped leases, resuming the source.
+    RollingBack,
+    /// Undone: the guest runs on the source only.
+    Aborted,
+    /// Ended in a state that needs an operator (see `error`).
+    Failed,
+}
+
+impl Phase {
+    /// True once nothing more will happen.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Phase::Completed | Phase::Aborted | Phase::Failed)
+    }
+
+    /// True from the point where the guest may only continue on the destination.
+    pub fn past_point_of_no_return(self) -> bool {
+        matches!(
+            self,
+            Phase::Flipped | Phase::Resuming | Phase::Cleanup | Phase::Completed
+        )
+    }
+}
+
+/// Tuning of a migration, passed to the source VMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationParams {
+    /// Longest pause the guest may see, in ms.
+    #[serde(default = "default_downtime")]
+    pub downtime_ms: u64,
+    /// Pre-copy iterations before giving up on convergence.
+    #[serde(default = "default_iterations")]
+    pub max_iterations: u32,
+    /// Slow the vCPUs down when the guest dirties memory faster than the link.
+    #[serde(default)]
+    pub throttle: bool,
+}
+
+fn default_downtime() -> u64 {
+    300
+}
+fn default_iterations() -> u32 {
+    30
+}
+
+impl Default for MigrationParams {
+    fn default() -> Self {
+        MigrationParams {
+            downtime_ms: default_downtime(),
+            max_iterations: default_iterations(),
+            throttle: false,
+        }
+    }
+}
+
+/// One recorded step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    /// When (ms since the epoch).
+    pub at_ms: u64,
+    /// Phase entered.
+    pub phase: Phase,
+    /// What happened.
+    pub note: String,
+}
+
+/// Final figures.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Figures {
+    /// From the request to the destination running the guest.
+    pub total_ms: u64,
+    /// The guest's pause: from the source's last vCPU pause to the destination's first vCPU
+    /// run as the destination VMM measures it (`vmm_downtime_us`, rounded up); when it reports
+    /// none, from the pause migrated saw at the source to the destination's resume ack.
+    pub downtime_ms: u64,
+    /// Downtime as the destination VMM measures it: from the source's last vCPU pause to its
+    /// own first vCPU run (wall clocks of both hosts).
+    pub vmm_downtime_ms: u64,
+    /// Same, in microseconds.
+    #[serde(default)]
+    pub vmm_downtime_us: u64,
+    /// Time spent flipping the leases at storaged.
+    pub flip_ms: u64,
+    /// Bytes the source VMM sent.
+    pub bytes_sent: u64,
+}
+
+/// The durable record of one migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationRecord {
+    /// Migration id (unique across hosts: instance, source and a timestamp).
+    pub id: String,
+    /// The instance moved.
+    pub instance: String,
+    /// This host's end.
+    pub role: Role,
+    /// Source host id.
+    pub source: String,
+    /// Destination host id.
+    pub destination: String,
+    /// REST address of the other end.
+    pub peer_addr: String,
+    /// Tuning.
+    pub params: MigrationParams,
+    /// Current phase.
+    pub phase: Phase,
+    /// Migration stream address of the destination VMM.
+    pub stream_addr: Option<String>,
+    /// The instance's storaged volumes.
+    pub volumes: Vec<String>,
+    /// Volumes whose lease was flipped to the destination.
+    pub flipped: Vec<String>,
+    /// Steps taken.
+    pub steps: Vec<Step>,
+    /// Start (ms since the epoch).
+    pub started_ms: u64,
+    /// End (ms since the epoch).
+    pub ended_ms: Option<u64>,
+    /// Why it aborted or failed.
+    pub error: Option<String>,
+    /// Figures (complete once `completed`).
+    pub figures: Figures,
+}
+
+/// Live progress, as the source VMM reports it (not persisted).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// The VMM's migration phase.
+    pub vmm_phase: vmm_api::migration::Phase,
+    /// Pre-copy iteration.
+    pub iteration: u64,
+    /// Bytes sent so far.
+    pub bytes_sent: u64,
+    /// Bytes still to send.
+    pub bytes_remaining: u64,
+    /// Rate at which the guest dirties memory.
+    pub dirty_rate_bytes_per_sec: u64,
+    /// Downtime expected if stop-and-copy started now.
+    pub expected_downtime_ms: u64,
+    /// Estimated time to completion.
+    pub eta_ms: Option<u64>,
+    /// Time since the migration started.
+    pub elapsed_ms: u64,
+}
+
+/// What the API returns: the record and, while running, the progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationInfo {
+    /// Durable record.
+    #[serde(flatten)]
+    pub record: MigrationRecord,
+    /// Live progress.
+    pub progress: Option<Progress>,
+}
+
+/// Body of `POST /v1/instances/{name}/migrate`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateRequest {
+    /// Destination host id (a configured peer) or its REST address.
+    pub to: String,
+    /// Tuning.
+    #[serde(flatten)]
+    pub params: MigrationParams,
+}
+
+/// Body of the peer call `POST /v1/incoming`: prepare a destination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncomingRequest {
+    /// Migration id.
+    pub migration: String,
+    /// Source host id.
+    pub source: String,
+    /// Source migrated's REST address (for the destination's watch of the source).
+    pub source_addr: String,
+    /// The guest.
+    pub config: crate::config::InstanceConfig,
+    /// Tuning (recorded at the destination for the operator).
+    pub params: MigrationParams,
+}
+
+/// Answer to `POST /v1/incoming`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncomingReady {
+    /// Destination host id.
+    pub host: String,
+    /// Where the destination VMM listens for the stream.
+    pub stream_addr: String,
+}
+
+impl MigrationRecord {
+    /// Appends a step and moves to `phase`.
+    pub fn step(&mut self, phase: Phase, note: impl Into<String>) {
+        self.phase = phase;
+        self.steps.push(Step {
+            at_ms: crate::instance::now_ms(),
+            phase,
+            note: note.into(),
+        });
+        if phase.is_terminal() {
+            self.ended_ms = Some(crate::instance::now_ms());
+        }
+    }
+}

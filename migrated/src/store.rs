@@ -1,0 +1,132 @@
+//! Durable state: instance and migration records in a redb database (`STATE_DIR/state.redb`).
+//!
+//! Every write is one transaction committed with immediate durability (fsync) before the
+//! method returns, so a record written before an action survives a crash during it. Values are
+//! JSON: readable, and tolerant of added fields.
+
+use crate::instance::InstanceRecord;
+use crate::migration::MigrationRecord;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::path::Path;
+use thiserror::Error;
+
+const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
+const MIGRATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("migrations");
+
+/// A state store failure.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// The database failed.
+    #[error("state database")]
+    Db(#[from] redb::Error),
+    /// A record could not be encoded or decoded.
+    #[error("corrupt state record {0}")]
+    Corrupt(String, #[source] serde_json::Error),
+}
+
+fn db_err(e: impl Into<redb::Error>) -> StoreError {
+    StoreError::Db(e.into())
+}
+
+/// The state database.
+pub struct Store {
+    db: Database,
+}
+
+impl Store {
+    /// Opens or creates the database at `path`.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let db = vmhop_common::store::create_database(path, &[INSTANCES, MIGRATIONS])?;
+        Ok(Store { db })
+    }
+
+    fn load<T: DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<T>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let t = txn.open_table(table).map_err(db_err)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(db_err)? {
+            let (k, v) = row.map_err(db_err)?;
+            out.push(
+                serde_json::from_slice(v.value())
+                    .map_err(|e| StoreError::Corrupt(k.value().to_string(), e))?,
+            );
+        }
+        Ok(out)
+    }
+
+    fn put<T: Serialize>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+        value: &T,
+    ) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(value).map_err(|e| StoreError::Corrupt(key.into(), e))?;
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut t = txn.open_table(table).map_err(db_err)?;
+            t.insert(key, json.as_slice()).map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)
+    }
+
+    /// Every instance record.
+    pub fn instances(&self) -> Result<Vec<InstanceRecord>, StoreError> {
+        self.load(INSTANCES)
+    }
+
+    /// Every migration record.
+    pub fn migrations(&self) -> Result<Vec<MigrationRecord>, StoreError> {
+        self.load(MIGRATIONS)
+    }
+
+    /// Writes an instance record durably.
+    pub fn put_instance(&self, rec: &InstanceRecord) -> Result<(), StoreError> {
+        self.put(INSTANCES, &rec.name, rec)
+    }
+
+    /// Writes a migration record durably.
+    pub fn put_migration(&self, rec: &MigrationRecord) -> Result<(), StoreError> {
+        self.put(MIGRATIONS, &rec.id, rec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::InstanceConfig;
+    use crate::instance::InstanceState;
+
+    #[test]
+    fn records_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let mut rec = InstanceRecord::new(
+            InstanceConfig {
+                name: "vm1".into(),
+                kernel: "/k".into(),
+                cmdline: String::new(),
+                memory_mib: 64,
+                vcpus: 1,
+                disks: vec![],
+                restore: None,
+            },
+            dir.path(),
+            InstanceState::Starting,
+        );
+        {
+            let s = Store::open(&path).unwrap();
+            s.put_instance(&rec).unwrap();
+            rec.state = InstanceState::Running;
+            rec.pid = Some(7);
+            s.put_instance(&rec).unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.instances().unwrap(), vec![rec]);
+        assert!(s.migrations().unwrap().is_empty());
+    }
+}

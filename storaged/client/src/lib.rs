@@ -1,0 +1,17 @@
+//! storaged's client side: everything a process needs to use storaged without linking the
+//! daemon (its server framework, its database).
+//!
+//! - [`protocol`]: the NBD wire format and the project's lease extension;
+//! - [`nbd`]: the lease-aware async NBD client (the VMM's disks, the tests);
+//! - [`api`]: the REST API's request and answer types, lease states among them;
+//! - [`rest`]: the REST API's client.
+//!
+//! A lease-aware client sends the project option [`protocol::NBD_OPT_LEASE`] (0x4C45_4153)
+//! before `NBD_OPT_GO`; a standby connection asks for promotion with
+//! [`protocol::NBD_CMD_LEASE_FLIP`]. Both are specified in [`protocol`].
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod nbd;
+pub mod protocol;
+pub mod rest;

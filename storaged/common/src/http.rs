@@ -1,0 +1,223 @@
+//! The HTTP/1.1 + JSON client of the project's APIs: storaged's REST API and migrated's over
+//! TCP, a VMM's and the local migrated's over a Unix socket. One connection per request; every
+//! request has a deadline; error answers (`{"error": "..."}`) become [`HttpError::Status`].
+
+use crate::token::Token;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::Duration;
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// A failed request.
+#[derive(Debug, Error)]
+pub enum HttpError {
+    /// The server could not be reached.
+    #[error("connecting to {0}")]
+    Connect(String, #[source] std::io::Error),
+    /// The exchange failed at the HTTP level.
+    #[error("HTTP exchange with {0}")]
+    Http(String, #[source] hyper::Error),
+    /// No answer within the deadline.
+    #[error("{0} did not answer within {1:?}")]
+    Timeout(String, Duration),
+    /// The server answered with an error status.
+    #[error("{target}: {status}: {message}")]
+    Status {
+        /// Who answered.
+        target: String,
+        /// HTTP status.
+        status: StatusCode,
+        /// The `error` field of the body, or the body.
+        message: String,
+    },
+    /// The answer was not the JSON expected.
+    #[error("decoding the answer of {0}")]
+    Decode(String, #[source] serde_json::Error),
+}
+
+impl HttpError {
+    /// The HTTP status, when the server answered one.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            HttpError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// True when the server could not be reached at all (nothing listening, no route, timeout
+    /// while connecting).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, HttpError::Connect(..) | HttpError::Timeout(..))
+    }
+}
+
+/// Where requests go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// `host:port` over TCP.
+    Tcp(String),
+    /// A Unix socket.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Tcp(a) => write!(f, "{a}"),
+            Target::Unix(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// A JSON client for one target with one default deadline.
+#[derive(Debug, Clone)]
+pub struct Client {
+    target: Target,
+    timeout: Duration,
+    bearer: Option<Token>,
+}
+
+async fn exchange<S>(
+    io: S,
+    req: Request<Full<Bytes>>,
+    name: &str,
+) -> Result<(StatusCode, Bytes), HttpError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let http = |e| HttpError::Http(name.to_string(), e);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(http)?;
+    let driver = tokio::spawn(conn);
+    let resp = sender.send_request(req).await.map_err(http);
+    let out = match resp {
+        Ok(resp) => {
+            let status = resp.status();
+            resp.into_body()
+                .collect()
+                .await
+                .map(|b| (status, b.to_bytes()))
+                .map_err(http)
+        }
+        Err(e) => Err(e),
+    };
+    driver.abort();
+    out
+}
+
+impl Client {
+    /// A client for `target` whose requests fail after `timeout`.
+    pub fn new(target: Target, timeout: Duration) -> Client {
+        Client {
+            target,
+            timeout,
+            bearer: None,
+        }
+    }
+
+    /// The same client, sending `token` as `Authorization: Bearer` with every request.
+    pub fn with_token(self, token: Option<Token>) -> Client {
+        Client {
+            bearer: token,
+            ..self
+        }
+    }
+
+    /// The target.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// The same client with another deadline.
+    pub fn with_timeout(&self, timeout: Duration) -> Client {
+        Client {
+            timeout,
+            ..self.clone()
+        }
+    }
+
+    /// Sends one request; returns the status and the body.
+    pub async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Bytes), HttpError> {
+        let name = self.target.to_string();
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "localhost");
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        if let Some(t) = &self.bearer {
+            req = req.header("authorization", format!("Bearer {}", t.secret()));
+        }
+        let req = match req.body(Full::new(Bytes::from(body.unwrap_or_default()))) {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(HttpError::Connect(
+                    name,
+                    std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+                ))
+            }
+        };
+        let fut = async {
+            match &self.target {
+                Target::Tcp(addr) => {
+                    let s = tokio::net::TcpStream::connect(addr)
+                        .await
+                        .map_err(|e| HttpError::Connect(name.clone(), e))?;
+                    exchange(s, req, &name).await
+                }
+                Target::Unix(path) => {
+                    let s = tokio::net::UnixStream::connect(path)
+                        .await
+                        .map_err(|e| HttpError::Connect(name.clone(), e))?;
+                    exchange(s, req, &name).await
+                }
+            }
+        };
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(HttpError::Timeout(name, self.timeout)),
+        }
+    }
+
+    /// Sends a request with an optional JSON body and decodes a JSON answer (an empty body
+    /// decodes as `null`).
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&(impl Serialize + ?Sized)>,
+    ) -> Result<T, HttpError> {
+        let name = self.target.to_string();
+        let body = body
+            .map(serde_json::to_vec)
+            .transpose()
+            .map_err(|e| HttpError::Decode(name.clone(), e))?;
+        let (status, bytes) = self.raw(method, path, body).await?;
+        if !status.is_success() {
+            let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
+                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).trim().to_string());
+            return Err(HttpError::Status {
+                target: name,
+                status,
+                message,
+            });
+        }
+        let bytes: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
+        serde_json::from_slice(bytes).map_err(|e| HttpError::Decode(name, e))
+    }
+}

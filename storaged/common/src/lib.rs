@@ -1,0 +1,19 @@
+//! What the project's daemons and tools share, one concern a module:
+//!
+//! - [`logging`]: `tracing` to stderr, as text or JSON lines;
+//! - [`config`]: reading a TOML settings file;
+//! - [`error`]: an error and its causes on one line, for API answers and exit messages;
+//! - [`http`]: the HTTP/1.1 + JSON client for TCP and Unix-socket APIs (storaged's REST API,
+//!   migrated's, a VMM's), every request with a deadline;
+//! - [`token`]: the cluster token that guards the REST APIs on TCP (and, with the `server`
+//!   feature, the axum middleware that checks it);
+//! - [`store`] (feature `store`): opening the redb databases the daemons keep their records in.
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod logging;
+#[cfg(feature = "store")]
+pub mod store;
+pub mod token;

@@ -1,0 +1,448 @@
+//! The lease table of one volume and its transitions, as pure data.
+//!
+//! States of a host on a volume:
+//! ```text
+//!   (none) --grant Primary (no primary yet)------------------> Primary
+//!   (none) --grant Standby-----------------------------------> Standby
+//!   Standby --flip----> Primary        (old primary --flip--> Deactivated)
+//!   Primary | Standby | Deactivated --revoke--> (none)   ("terminated")
+//!   any table --rollback--> the table before the last flip (epoch still increases)
+//! ```
+//! Invariants: at most one primary; a host is in at most one of primary / standby /
+//! deactivated; the epoch never decreases and grows on every change of the primary.
+//! This module decides; the runtime (`flip.rs`, `server`) applies, persists and logs.
+
+use serde::{Deserialize, Serialize};
+use storaged_client::api::{Holder, LeaseState};
+use storaged_client::protocol::RequestedState;
+use thiserror::Error;
+
+/// A refused lease transition.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum LeaseError {
+    /// The host was deactivated on this volume.
+    #[error("host {host} is deactivated on this volume")]
+    Deactivated {
+        /// The refused host.
+        host: String,
+    },
+    /// Standby was asked for by the host that already holds the primary lease.
+    #[error("host {host} already holds the primary lease")]
+    AlreadyPrimary {
+        /// The host.
+        host: String,
+    },
+    /// Primary was asked for while another holder is primary.
+    #[error("primary lease is held by {holder}")]
+    Conflict {
+        /// The current primary.
+        holder: Holder,
+    },
+    /// The client's expected epoch is not the current one.
+    #[error("expected epoch {expected}, current epoch is {current}")]
+    Epoch {
+        /// What the client expected.
+        expected: u64,
+        /// The volume's epoch.
+        current: u64,
+    },
+    /// A flip named a host that is not standby.
+    #[error("host {0} holds no standby lease")]
+    NotStandby(String),
+    /// A flip named no host and there is not exactly one standby.
+    #[error("{0} standby holders: name the one to promote")]
+    NoSingleStandby(usize),
+    /// Rollback without a previous table.
+    #[error("nothing to roll back")]
+    NothingToRollBack,
+    /// Revoke of a host that has no lease.
+    #[error("host {0} has no lease on this volume")]
+    NoLease(String),
+    /// A conditional revoke found the host in another state than the one it names.
+    #[error("host {host} holds a {actual:?} lease, not {expected:?}: nothing revoked")]
+    NotInState {
+        /// The host.
+        host: String,
+        /// The state the revoke was limited to.
+        expected: LeaseState,
+        /// The host's state.
+        actual: LeaseState,
+    },
+}
+
+/// A lease asked for by a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRequest {
+    /// Who asks.
+    pub holder: Holder,
+    /// What it asks for.
+    pub state: RequestedState,
+    /// Epoch the client believes current (0 = any).
+    pub expected_epoch: u64,
+}
+
+/// The persisted lease table of one volume.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseTable {
+    /// Grows with every change of the primary.
+    pub epoch: u64,
+    /// The primary holder, if any.
+    pub primary: Option<Holder>,
+    /// Standby holders.
+    pub standby: Vec<Holder>,
+    /// Former primaries that may not connect again.
+    pub deactivated: Vec<Holder>,
+    /// The table before the last flip, for rollback (its own `previous` is always empty).
+    #[serde(default)]
+    pub previous: Option<Box<LeaseTable>>,
+}
+
+/// What a flip changes, for the runtime to apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlipPlan {
+    /// The primary being deactivated, if any.
+    pub old_primary: Option<Holder>,
+    /// The standby being promoted.
+    pub new_primary: Holder,
+    /// The table after the flip.
+    pub table: LeaseTable,
+}
+
+impl LeaseTable {
+    /// The state of `host` on this volume.
+    pub fn state_of(&self, host: &str) -> Option<(LeaseState, &Holder)> {
+        if let Some(p) = self.primary.as_ref().filter(|p| p.host == host) {
+            return Some((LeaseState::Primary, p));
+        }
+        if let Some(s) = self.standby.iter().find(|s| s.host == host) {
+            return Some((LeaseState::Standby, s));
+        }
+        self.deactivated
+            .iter()
+            .find(|d| d.host == host)
+            .map(|d| (LeaseState::Deactivated, d))
+    }
+
+    /// Decides a connection's lease request; returns the table after granting it.
+    pub fn grant(&self, req: &LeaseRequest) -> Result<LeaseTable, LeaseError> {
+        let host = &req.holder.host;
+        if self.deactivated.iter().any(|d| &d.host == host) {
+            return Err(LeaseError::Deactivated { host: host.clone() });
+        }
+        if req.expected_epoch != 0 && req.expected_epoch != self.epoch {
+            return Err(LeaseError::Epoch {
+                expected: req.expected_epoch,
+                current: self.epoch,
+            });
+        }
+        let mut next = self.clone();
+        match req.state {
+            RequestedState::Primary => match &self.primary {
+                Some(p) if *p == req.holder => {}
+                Some(p) => return Err(LeaseError::Conflict { holder: p.clone() }),
+                None => {
+                    next.standby.retain(|s| &s.host != host);
+                    next.primary = Some(req.holder.clone());
+                    next.epoch += 1;
+                }
+            },
+            RequestedState::Standby => {
+                if self.primary.as_ref().is_some_and(|p| &p.host == host) {
+                    return Err(LeaseError::AlreadyPrimary { host: host.clone() });
+                }
+                // One standby entry per host: a restarted instance replaces the old one.
+                next.standby.retain(|s| &s.host != host);
+                next.standby.push(req.holder.clone());
+            }
+        }
+        Ok(next)
+    }
+
+    /// Plans promoting the standby on `to` (or the only standby) to primary.
+    pub fn flip(&self, to: Option<&str>) -> Result<FlipPlan, LeaseError> {
+        let target = match to {
+            Some(host) => self
+                .standby
+                .iter()
+                .find(|s| s.host == host)
+                .ok_or_else(|| LeaseError::NotStandby(host.to_string()))?,
+            None if self.standby.len() == 1 => &self.standby[0],
+            None => return Err(LeaseError::NoSingleStandby(self.standby.len())),
+        };
+        let mut before = self.clone();
+        before.previous = None;
+        let mut table = before.clone();
+        table.standby.retain(|s| s != target);
+        if let Some(old) = table.primary.take() {
+            table.deactivated.retain(|d| d.host != old.host);
+            table.deactivated.push(old);
+        }
+        table.primary = Some(target.clone());
+        table.epoch = self.epoch + 1;
+        table.previous = Some(Box::new(before));
+        Ok(FlipPlan {
+            old_primary: self.primary.clone(),
+            new_primary: target.clone(),
+            table,
+        })
+    }
+
+    /// The table restored by a rollback: the one before the last flip, with a new epoch.
+    pub fn rollback(&self) -> Result<LeaseTable, LeaseError> {
+        let prev = self
+            .previous
+            .as_deref()
+            .ok_or(LeaseError::NothingToRollBack)?;
+        let mut table = prev.clone();
+        table.epoch = self.epoch + 1;
+        table.previous = None;
+        Ok(table)
+    }
+
+    /// The table after removing every lease of `host` (termination by the control plane);
+    /// with `only_if`, refused unless the host is in that state (so a control plane can end a
+    /// standby lease without racing a flip that just made it primary).
+    pub fn revoke(
+        &self,
+        host: &str,
+        only_if: Option<LeaseState>,
+    ) -> Result<LeaseTable, LeaseError> {
+        let Some((actual, _)) = self.state_of(host) else {
+            return Err(LeaseError::NoLease(host.to_string()));
+        };
+        if let Some(expected) = only_if.filter(|&e| e != actual) {
+            return Err(LeaseError::NotInState {
+                host: host.to_string(),
+                expected,
+                actual,
+            });
+        }
+        let mut table = self.clone();
+        if table.primary.as_ref().is_some_and(|p| p.host == host) {
+            table.primary = None;
+            table.epoch += 1;
+        }
+        table.standby.retain(|s| s.host != host);
+        table.deactivated.retain(|d| d.host != host);
+        table.previous = None;
+        Ok(table)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(host: &str) -> Holder {
+        Holder {
+            host: host.into(),
+            instance: format!("{host}-vm"),
+        }
+    }
+    fn req(host: &str, state: RequestedState) -> LeaseRequest {
+        LeaseRequest {
+            holder: h(host),
+            state,
+            expected_epoch: 0,
+        }
+    }
+    fn with_primary_a_standby_b() -> LeaseTable {
+        let t = LeaseTable::default()
+            .grant(&req("a", RequestedState::Primary))
+            .unwrap();
+        t.grant(&req("b", RequestedState::Standby)).unwrap()
+    }
+
+    #[test]
+    fn first_primary_is_granted_and_bumps_epoch() {
+        let t = LeaseTable::default()
+            .grant(&req("a", RequestedState::Primary))
+            .unwrap();
+        assert_eq!(t.primary, Some(h("a")));
+        assert_eq!(t.epoch, 1);
+        assert_eq!(t.state_of("a").unwrap().0, LeaseState::Primary);
+    }
+
+    #[test]
+    fn primary_reconnect_is_idempotent() {
+        let t = with_primary_a_standby_b();
+        assert_eq!(t.grant(&req("a", RequestedState::Primary)).unwrap(), t);
+    }
+
+    #[test]
+    fn second_primary_conflicts() {
+        let t = with_primary_a_standby_b();
+        assert!(matches!(
+            t.grant(&req("c", RequestedState::Primary)),
+            Err(LeaseError::Conflict { .. })
+        ));
+        // Same host, other instance: still a conflict (one primary holder).
+        let other = LeaseRequest {
+            holder: Holder {
+                host: "a".into(),
+                instance: "other".into(),
+            },
+            state: RequestedState::Primary,
+            expected_epoch: 0,
+        };
+        assert!(matches!(t.grant(&other), Err(LeaseError::Conflict { .. })));
+    }
+
+    #[test]
+    fn standby_from_primary_host_is_already_primary() {
+        let t = with_primary_a_standby_b();
+        assert_eq!(
+            t.grant(&req("a", RequestedState::Standby)),
+            Err(LeaseError::AlreadyPrimary { host: "a".into() })
+        );
+    }
+
+    #[test]
+    fn standby_without_primary_and_replacement() {
+        let t = LeaseTable::default()
+            .grant(&req("b", RequestedState::Standby))
+            .unwrap();
+        assert_eq!(t.standby, vec![h("b")]);
+        assert_eq!(t.epoch, 0);
+        let again = LeaseRequest {
+            holder: Holder {
+                host: "b".into(),
+                instance: "new".into(),
+            },
+            state: RequestedState::Standby,
+            expected_epoch: 0,
+        };
+        let t2 = t.grant(&again).unwrap();
+        assert_eq!(t2.standby, vec![again.holder]);
+    }
+
+    #[test]
+    fn standby_asking_primary_without_primary_is_promoted() {
+        let t = LeaseTable::default()
+            .grant(&req("b", RequestedState::Standby))
+            .unwrap()
+            .grant(&req("b", RequestedState::Primary))
+            .unwrap();
+        assert_eq!(t.primary, Some(h("b")));
+        assert!(t.standby.is_empty());
+    }
+
+    #[test]
+    fn epoch_mismatch_is_refused() {
+        let t = with_primary_a_standby_b();
+        let mut r = req("c", RequestedState::Standby);
+        r.expected_epoch = 9;
+        assert_eq!(
+            t.grant(&r),
+            Err(LeaseError::Epoch {
+                expected: 9,
+                current: 1
+            })
+        );
+        r.expected_epoch = 1;
+        assert!(t.grant(&r).is_ok());
+    }
+
+    #[test]
+    fn flip_promotes_deactivates_and_bumps_epoch() {
+        let t = with_primary_a_standby_b();
+        let plan = t.flip(None).unwrap();
+        assert_eq!(plan.old_primary, Some(h("a")));
+        assert_eq!(plan.new_primary, h("b"));
+        let n = &plan.table;
+        assert_eq!(n.primary, Some(h("b")));
+        assert!(n.standby.is_empty());
+        assert_eq!(n.deactivated, vec![h("a")]);
+        assert_eq!(n.epoch, t.epoch + 1);
+        assert_eq!(n.state_of("a").unwrap().0, LeaseState::Deactivated);
+        // The deactivated host is refused in every state.
+        for s in [RequestedState::Primary, RequestedState::Standby] {
+            assert_eq!(
+                n.grant(&req("a", s)),
+                Err(LeaseError::Deactivated { host: "a".into() })
+            );
+        }
+    }
+
+    #[test]
+    fn flip_without_primary_only_promotes() {
+        let t = LeaseTable::default()
+            .grant(&req("b", RequestedState::Standby))
+            .unwrap();
+        let plan = t.flip(Some("b")).unwrap();
+        assert_eq!(plan.old_primary, None);
+        assert!(plan.table.deactivated.is_empty());
+        assert_eq!(plan.table.epoch, 1);
+    }
+
+    #[test]
+    fn illegal_flips() {
+        let t = LeaseTable::default()
+            .grant(&req("a", RequestedState::Primary))
+            .unwrap();
+        assert_eq!(t.flip(None), Err(LeaseError::NoSingleStandby(0)));
+        assert_eq!(t.flip(Some("a")), Err(LeaseError::NotStandby("a".into())));
+        let two = t
+            .grant(&req("b", RequestedState::Standby))
+            .unwrap()
+            .grant(&req("c", RequestedState::Standby))
+            .unwrap();
+        assert_eq!(two.flip(None), Err(LeaseError::NoSingleStandby(2)));
+        let plan = two.flip(Some("c")).unwrap();
+        assert_eq!(plan.table.standby, vec![h("b")]);
+    }
+
+    #[test]
+    fn rollback_restores_previous_table() {
+        let t = with_primary_a_standby_b();
+        let flipped = t.flip(None).unwrap().table;
+        let back = flipped.rollback().unwrap();
+        assert_eq!(back.primary, Some(h("a")));
+        assert_eq!(back.standby, vec![h("b")]);
+        assert!(back.deactivated.is_empty());
+        assert_eq!(back.epoch, flipped.epoch + 1);
+        assert_eq!(back.rollback(), Err(LeaseError::NothingToRollBack));
+        assert_eq!(t.rollback(), Err(LeaseError::NothingToRollBack));
+    }
+
+    #[test]
+    fn revoke_terminates_every_state() {
+        let t = with_primary_a_standby_b().flip(None).unwrap().table;
+        let r = t.revoke("a", None).unwrap();
+        assert!(r.state_of("a").is_none());
+        assert!(r.grant(&req("a", RequestedState::Standby)).is_ok());
+        let r = t.revoke("b", None).unwrap();
+        assert_eq!(r.primary, None);
+        assert_eq!(r.epoch, t.epoch + 1);
+        assert_eq!(r.previous, None);
+        assert_eq!(r.revoke("zz", None), Err(LeaseError::NoLease("zz".into())));
+        let s = with_primary_a_standby_b().revoke("b", None).unwrap();
+        assert!(s.standby.is_empty());
+        assert_eq!(s.epoch, 1);
+    }
+
+    #[test]
+    fn conditional_revoke_takes_only_the_named_state() {
+        let t = with_primary_a_standby_b();
+        let s = t.revoke("b", Some(LeaseState::Standby)).unwrap();
+        assert!(s.standby.is_empty());
+        // After a flip b is primary: a revoke limited to standby leaves it alone.
+        let flipped = t.flip(None).unwrap().table;
+        assert_eq!(
+            flipped.revoke("b", Some(LeaseState::Standby)),
+            Err(LeaseError::NotInState {
+                host: "b".into(),
+                expected: LeaseState::Standby,
+                actual: LeaseState::Primary,
+            })
+        );
+        assert!(flipped.revoke("a", Some(LeaseState::Deactivated)).is_ok());
+    }
+
+    #[test]
+    fn table_survives_serde() {
+        let t = with_primary_a_standby_b().flip(None).unwrap().table;
+        let j = serde_json::to_vec(&t).unwrap();
+        assert_eq!(serde_json::from_slice::<LeaseTable>(&j).unwrap(), t);
+    }
+}

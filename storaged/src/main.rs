@@ -1,0 +1,415 @@
+//! `storaged`: the block storage daemon and its command-line client.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use storaged::config::{ServeConfig, ServeConfigFile};
+use storaged::registry::Registry;
+use storaged_client::api::{
+    AnonymousPolicy, FlipMode, FlipRequest, LeaseState, RevokeRequest, VolumeConfig,
+};
+use storaged_client::rest::StoragedApi;
+use vmhop_common::token::Token;
+
+#[derive(Parser)]
+#[command(
+    name = "storaged",
+    version,
+    about = "Block volumes over NBD with per-host leases (primary / standby / deactivated) \
+             and the flip that hands a volume from one host to another."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon: NBD server and REST control API.
+    Serve(ServeArgs),
+    /// Manage volumes through the REST API.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Inspect and change leases through the REST API.
+    #[command(subcommand)]
+    Lease(LeaseCmd),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML file with the same settings as the flags (flags win).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Directory for volume files (volumes/NAME.img) and metadata (meta.redb).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// NBD listen address [default: 127.0.0.1:10809]; port 0 picks a free port.
+    #[arg(long)]
+    nbd_listen: Option<std::net::SocketAddr>,
+    /// REST API listen address [default: 127.0.0.1:10810]; port 0 picks a free port.
+    #[arg(long)]
+    api_listen: Option<std::net::SocketAddr>,
+    /// Write {"nbd": ADDR, "api": ADDR} here once both listeners are bound.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+    /// Seconds open connections get to finish after SIGTERM [default: 30].
+    #[arg(long)]
+    shutdown_grace_secs: Option<u64>,
+    /// Seconds a flip waits for the old primary's admitted requests [default: 30].
+    #[arg(long)]
+    drain_limit_secs: Option<u64>,
+    /// Buffered writes up to this many bytes run on the connection task instead of a
+    /// blocking thread; 0 sends every write to a blocking thread [default: 65536].
+    #[arg(long)]
+    inline_write_max: Option<u32>,
+    /// File with the cluster's token: the REST API refuses requests that do not carry it
+    /// (401). Without one, anyone who reaches the API address may create volumes and flip
+    /// leases.
+    #[arg(long)]
+    api_token_file: Option<PathBuf>,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+#[derive(Args, Clone)]
+struct ApiArgs {
+    /// Address of the storaged REST API.
+    #[arg(long, env = "STORAGED_API", default_value = "127.0.0.1:10810")]
+    api: String,
+    /// File with the API's token, when the server has one (`serve --api-token-file`).
+    #[arg(long, env = "STORAGED_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+impl ApiArgs {
+    fn client(self) -> Result<StoragedApi> {
+        let token = self.token_file.as_deref().map(Token::load).transpose()?;
+        Ok(StoragedApi::new(&self.api, token))
+    }
+}
+
+#[derive(Subcommand)]
+enum VolumeCmd {
+    /// Create a sparse volume.
+    Create {
+        /// Volume name (also the NBD export name).
+        name: String,
+        /// Size: bytes, or with a K/M/G/T suffix (powers of 1024).
+        #[arg(long)]
+        size: String,
+        /// Access for clients without a lease.
+        #[arg(long, value_enum, default_value = "read-only-without-primary")]
+        anonymous: AnonymousPolicy,
+        /// The first data command of a standby connection flips the lease to it.
+        #[arg(long)]
+        flip_on_first_access: bool,
+        /// Default deadline (ms) of armed flips.
+        #[arg(long)]
+        flip_timeout_ms: Option<u64>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List volumes.
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Show one volume.
+    Show {
+        /// Volume name.
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Delete a volume without open connections (its data is removed).
+    Delete {
+        /// Volume name.
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum LeaseCmd {
+    /// List the leases of a volume.
+    List {
+        /// Volume name.
+        volume: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Promote a standby to primary (deactivating the old primary); prints the step timings.
+    Flip {
+        /// Volume name.
+        volume: String,
+        /// Host to promote (default: the only standby).
+        #[arg(long)]
+        to: Option<String>,
+        /// Arm the flip instead: it completes on the standby's first I/O or after the timeout.
+        #[arg(long)]
+        armed: bool,
+        /// Deadline of an armed flip in ms.
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Terminate a host's lease (primary, standby or deactivated) and close its connections.
+    Revoke {
+        /// Volume name.
+        volume: String,
+        /// Host id.
+        #[arg(long)]
+        host: String,
+        /// Only if the host's lease is in this state; otherwise refused and nothing changes.
+        #[arg(long, value_name = "STATE")]
+        only_if: Option<LeaseState>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Restore the lease table from before the last flip.
+    Rollback {
+        /// Volume name.
+        volume: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+fn parse_size(s: &str) -> Result<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        Some('T' | 't') => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().with_context(|| format!("size {s:?}"))?;
+    n.checked_mul(mult).context("size overflows")
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+async fn volume_cmd(cmd: VolumeCmd) -> Result<()> {
+    match cmd {
+        VolumeCmd::Create {
+            name,
+            size,
+            anonymous,
+            flip_on_first_access,
+            flip_timeout_ms,
+            api,
+        } => {
+            let cfg = VolumeConfig {
+                name,
+                size: parse_size(&size)?,
+                anonymous,
+                flip_on_first_access,
+                flip_timeout_ms,
+            };
+            let v = api.client()?.create_volume(&cfg).await?;
+            print_json(&v)
+        }
+        VolumeCmd::List { api } => {
+            let vs = api.client()?.volumes().await?;
+            println!(
+                "{:<24} {:>16} {:>6} {:>5}  ANONYMOUS",
+                "NAME", "SIZE", "EPOCH", "CONNS"
+            );
+            for v in vs {
+                println!(
+                    "{:<24} {:>16} {:>6} {:>5}  {}",
+                    v.config.name,
+                    v.config.size,
+                    v.epoch,
+                    v.connections,
+                    serde_json::to_value(v.config.anonymous)?
+                        .as_str()
+                        .unwrap_or("?")
+                );
+            }
+            Ok(())
+        }
+        VolumeCmd::Show { name, api } => {
+            let v = api.client()?.volume(&name).await?;
+            print_json(&v)
+        }
+        VolumeCmd::Delete { name, api } => {
+            api.client()?.delete_volume(&name).await?;
+            println!("deleted {name}");
+            Ok(())
+        }
+    }
+}
+
+async fn lease_cmd(cmd: LeaseCmd) -> Result<()> {
+    match cmd {
+        LeaseCmd::List { volume, api } => {
+            let v = api.client()?.leases(&volume).await?;
+            println!("volume {} epoch {}", v.volume, v.epoch);
+            println!("{:<24} {:<24} {:<12} CONNS", "HOST", "INSTANCE", "STATE");
+            for l in &v.leases {
+                let state = serde_json::to_value(l.state)?;
+                println!(
+                    "{:<24} {:<24} {:<12} {}",
+                    l.host,
+                    l.instance,
+                    state.as_str().unwrap_or("?"),
+                    l.connections
+                );
+            }
+            println!(
+                "anonymous connections: {}; flip pending: {}; rollback possible: {}",
+                v.anonymous_connections, v.flip_pending, v.can_roll_back
+            );
+            Ok(())
+        }
+        LeaseCmd::Flip {
+            volume,
+            to,
+            armed,
+            timeout_ms,
+            api,
+        } => {
+            let req = FlipRequest {
+                to,
+                mode: if armed {
+                    FlipMode::Armed
+                } else {
+                    FlipMode::Now
+                },
+                timeout_ms,
+            };
+            let v = api.client()?.flip(&volume, &req).await?;
+            print_json(&v)
+        }
+        LeaseCmd::Revoke {
+            volume,
+            host,
+            only_if,
+            api,
+        } => {
+            let v = api
+                .client()?
+                .revoke(&volume, &RevokeRequest { host, only_if })
+                .await?;
+            print_json(&v)
+        }
+        LeaseCmd::Rollback { volume, api } => {
+            let v = api.client()?.rollback(&volume).await?;
+            print_json(&v)
+        }
+    }
+}
+
+async fn serve(cfg: ServeConfig) -> Result<()> {
+    // Before anyone can learn that we are ready: a SIGTERM right after READY=1 must find the
+    // handler in place, not the default action.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut reg = Registry::open(&cfg.data_dir)
+        .with_context(|| format!("opening data dir {}", cfg.data_dir.display()))?;
+    reg.drain_limit = Duration::from_secs(cfg.drain_limit_secs);
+    reg.inline_write_max = cfg.inline_write_max;
+    let reg = Arc::new(reg);
+    let nbd = tokio::net::TcpListener::bind(cfg.nbd_listen)
+        .await
+        .with_context(|| format!("binding NBD {}", cfg.nbd_listen))?;
+    let api = tokio::net::TcpListener::bind(cfg.api_listen)
+        .await
+        .with_context(|| format!("binding API {}", cfg.api_listen))?;
+    let (nbd_addr, api_addr) = (nbd.local_addr()?, api.local_addr()?);
+    tracing::info!(nbd = %nbd_addr, api = %api_addr, data_dir = %cfg.data_dir.display(),
+        volumes = reg.list().len(), "storaged listening");
+    if let Some(path) = &cfg.ready_file {
+        let tmp = path.with_extension("tmp");
+        let body = serde_json::json!({"nbd": nbd_addr.to_string(), "api": api_addr.to_string()});
+        std::fs::write(&tmp, body.to_string())?;
+        std::fs::rename(&tmp, path)?;
+    }
+    // Harmless without systemd (no NOTIFY_SOCKET).
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+
+    let (sd_tx, sd_rx) = tokio::sync::watch::channel(false);
+    let grace = Duration::from_secs(cfg.shutdown_grace_secs);
+    let nbd_task = tokio::spawn(storaged::server::run(
+        nbd,
+        reg.clone(),
+        sd_rx.clone(),
+        grace,
+    ));
+    let mut api_sd = sd_rx.clone();
+    let token = cfg.api_token_file.as_deref().map(Token::load).transpose()?;
+    if token.is_none() && !api_addr.ip().is_loopback() {
+        tracing::warn!(api = %api_addr,
+            "no api_token_file: anyone who reaches the API may create volumes and flip leases");
+    }
+    let router = match token {
+        Some(t) => storaged::api::router(reg.clone()).layer(axum::middleware::from_fn_with_state(
+            t,
+            vmhop_common::token::require,
+        )),
+        None => storaged::api::router(reg.clone()),
+    };
+    let api_task = tokio::spawn(async move {
+        axum::serve(api, router)
+            .with_graceful_shutdown(async move {
+                let _ = api_sd.wait_for(|s| *s).await;
+            })
+            .await
+    });
+
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    sd_tx.send_replace(true);
+    nbd_task.await?;
+    api_task.await??;
+    for v in reg.list() {
+        let f = v.file.clone();
+        tokio::task::spawn_blocking(move || f.flush())
+            .await?
+            .with_context(|| format!("fsync of volume {}", v.config.name))?;
+    }
+    tracing::info!("storaged stopped cleanly");
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new()?;
+    match cli.cmd {
+        Cmd::Serve(a) => {
+            vmhop_common::logging::init(a.log_json);
+            let file = match &a.config {
+                Some(p) => ServeConfigFile::load(p)?,
+                None => ServeConfigFile::default(),
+            };
+            let flags = ServeConfigFile {
+                data_dir: a.data_dir,
+                nbd_listen: a.nbd_listen,
+                api_listen: a.api_listen,
+                ready_file: a.ready_file,
+                shutdown_grace_secs: a.shutdown_grace_secs,
+                drain_limit_secs: a.drain_limit_secs,
+                inline_write_max: a.inline_write_max,
+                api_token_file: a.api_token_file,
+            };
+            let cfg = file.merge(flags)?;
+            rt.block_on(serve(cfg))
+        }
+        Cmd::Volume(c) => rt.block_on(volume_cmd(c)),
+        Cmd::Lease(c) => rt.block_on(lease_cmd(c)),
+    }
+}

@@ -1,0 +1,452 @@
+//! The running set of volumes: their files, their current lease tables (as last persisted)
+//! and the connections attached to them.
+//!
+//! Every change of a lease table happens under the volume's `lease_lock` and is written to the
+//! [`Store`] before it becomes visible in memory or is acknowledged to anyone.
+
+use crate::gate::{Access, Gate};
+use crate::lease::{LeaseError, LeaseRequest, LeaseTable};
+use crate::store::{Store, StoreError};
+use crate::volume::{VolumeError, VolumeFile};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use storaged_client::api::{
+    AnonymousPolicy, Holder, LeaseEntry, LeaseState, LeaseView, VolumeConfig, VolumeInfo,
+};
+use storaged_client::protocol::RequestedState;
+use thiserror::Error;
+
+/// A registry operation that failed.
+#[derive(Debug, Error)]
+pub enum RegistryError {
+    /// No such volume.
+    #[error("no volume named {0}")]
+    NotFound(String),
+    /// The name is taken.
+    #[error("volume {0} already exists")]
+    Exists(String),
+    /// The volume has connections.
+    #[error("volume {0} has {1} open connections")]
+    Busy(String, usize),
+    /// The lease state machine refused.
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    /// The anonymous policy refused.
+    #[error("anonymous access refused: {0}")]
+    Anonymous(&'static str),
+    /// The volume's configuration or file.
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+    /// The metadata store.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// File system error in the data dir.
+    #[error("data dir {path}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A blocking task died.
+    #[error("internal task failed")]
+    Join(#[from] tokio::task::JoinError),
+    /// Waiting for a connection took too long.
+    #[error("connection of {0} did not drain")]
+    Drain(String, #[source] crate::gate::GateError),
+}
+
+/// One attached connection.
+#[derive(Debug, Clone)]
+pub struct ConnEntry {
+    /// Connection id, unique in this process.
+    pub id: u64,
+    /// Lease holder, or `None` for anonymous.
+    pub holder: Option<Holder>,
+    /// Remote address.
+    pub peer: SocketAddr,
+    /// Admission gate.
+    pub gate: Arc<Gate>,
+}
+
+/// A flip armed to complete on first access or at a deadline.
+#[derive(Debug, Clone)]
+pub(crate) struct PendingFlip {
+    pub(crate) to: Option<String>,
+    pub(crate) generation: u64,
+}
+
+/// A volume while the server runs.
+#[derive(Debug)]
+pub struct Volume {
+    /// Its configuration.
+    pub config: VolumeConfig,
+    /// Its data.
+    pub file: Arc<VolumeFile>,
+    table: Mutex<LeaseTable>,
+    conns: Mutex<Vec<ConnEntry>>,
+    /// Serialises lease changes (grants, flips, rollbacks, revokes).
+    pub(crate) lease_lock: tokio::sync::Mutex<()>,
+    pub(crate) pending: Mutex<Option<PendingFlip>>,
+    pub(crate) pending_gen: AtomicU64,
+}
+
+/// The result of attaching a connection.
+#[derive(Debug)]
+pub struct Attachment {
+    /// The connection's entry.
+    pub entry: ConnEntry,
+    /// Granted lease state (None for anonymous).
+    pub state: Option<RequestedState>,
+    /// Epoch at attach time.
+    pub epoch: u64,
+}
+
+impl Volume {
+    fn new(config: VolumeConfig, file: VolumeFile, table: LeaseTable) -> Volume {
+        Volume {
+            config,
+            file: Arc::new(file),
+            table: Mutex::new(table),
+            conns: Mutex::new(Vec::new()),
+            lease_lock: tokio::sync::Mutex::new(()),
+            pending: Mutex::new(None),
+            pending_gen: AtomicU64::new(0),
+        }
+    }
+
+    /// A copy of the current lease table.
+    pub fn table(&self) -> LeaseTable {
+        self.table.lock().expect("table lock").clone()
+    }
+
+    pub(crate) fn set_table(&self, t: LeaseTable) {
+        *self.table.lock().expect("table lock") = t;
+    }
+
+    /// Connections whose holder is on `host`.
+    pub(crate) fn conns_of_host(&self, host: &str) -> Vec<ConnEntry> {
+        self.conns
+            .lock()
+            .expect("conns lock")
+            .iter()
+            .filter(|c| c.holder.as_ref().is_some_and(|h| h.host == host))
+            .cloned()
+            .collect()
+    }
+
+    /// Connections of exactly this holder.
+    pub(crate) fn conns_of_holder(&self, holder: &Holder) -> Vec<ConnEntry> {
+        self.conns
+            .lock()
+            .expect("conns lock")
+            .iter()
+            .filter(|c| c.holder.as_ref() == Some(holder))
+            .cloned()
+            .collect()
+    }
+
+    /// Anonymous connections.
+    pub(crate) fn anonymous_conns(&self) -> Vec<ConnEntry> {
+        self.conns
+            .lock()
+            .expect("conns lock")
+            .iter()
+            .filter(|c| c.holder.is_none())
+            .cloned()
+            .collect()
+    }
+
+    /// Number of open connections.
+    pub fn connection_count(&self) -> usize {
+        self.conns.lock().expect("conns lock").len()
+    }
+
+    /// Removes a connection when its task ends.
+    pub fn detach(&self, id: u64) {
+        let mut conns = self.conns.lock().expect("conns lock");
+        if let Some(i) = conns.iter().position(|c| c.id == id) {
+            let c = conns.swap_remove(i);
+            c.gate.mark_gone();
+        }
+    }
+
+    /// Info for the API.
+    pub fn info(&self) -> VolumeInfo {
+        VolumeInfo {
+            config: self.config.clone(),
+            epoch: self.table().epoch,
+            connections: self.connection_count(),
+        }
+    }
+
+    /// Lease view for the API.
+    pub fn lease_view(&self) -> LeaseView {
+        let t = self.table();
+        let conns = self.conns.lock().expect("conns lock").clone();
+        let count = |h: &Holder| {
+            conns
+                .iter()
+                .filter(|c| c.holder.as_ref() == Some(h))
+                .count()
+        };
+        let mut leases = Vec::new();
+        let mut push = |h: &Holder, state| {
+            leases.push(LeaseEntry {
+                host: h.host.clone(),
+                instance: h.instance.clone(),
+                state,
+                connections: count(h),
+            })
+        };
+        if let Some(p) = &t.primary {
+            push(p, LeaseState::Primary);
+        }
+        t.standby.iter().for_each(|h| push(h, LeaseState::Standby));
+        t.deactivated
+            .iter()
+            .for_each(|h| push(h, LeaseState::Deactivated));
+        LeaseView {
+            volume: self.config.name.clone(),
+            epoch: t.epoch,
+            leases,
+            anonymous_connections: conns.iter().filter(|c| c.holder.is_none()).count(),
+            flip_pending: self.pending.lock().expect("pending lock").is_some(),
+            can_roll_back: t.previous.is_some(),
+        }
+    }
+}
+
+/// All volumes of this server.
+pub struct Registry {
+    dir: PathBuf,
+    store: Arc<Store>,
+    volumes: RwLock<BTreeMap<String, Arc<Volume>>>,
+    next_conn: AtomicU64,
+    /// How long a flip waits for the old primary's admitted requests.
+    pub drain_limit: Duration,
+    /// Buffered writes up to this size run on the connection's task instead of a blocking
+    /// thread (0: never).
+    pub inline_write_max: u32,
+}
+
+impl Registry {
+    /// Opens the data dir: the metadata store and every volume's file.
+    pub fn open(dir: &Path) -> Result<Registry, RegistryError> {
+        let vol_dir = dir.join("volumes");
+        std::fs::create_dir_all(&vol_dir).map_err(|source| RegistryError::Io {
+            path: vol_dir.clone(),
+            source,
+        })?;
+        let store = Store::open(&dir.join("meta.redb"))?;
+        let mut volumes = BTreeMap::new();
+        for (cfg, table) in store.load()? {
+            let file = VolumeFile::create(&VolumeFile::path_in(&vol_dir, &cfg.name), cfg.size)?;
+            tracing::info!(volume = %cfg.name, size = cfg.size, epoch = table.epoch,
+                primary = ?table.primary, deactivated = table.deactivated.len(), "volume loaded");
+            volumes.insert(cfg.name.clone(), Arc::new(Volume::new(cfg, file, table)));
+        }
+        Ok(Registry {
+            dir: vol_dir,
+            store: Arc::new(store),
+            volumes: RwLock::new(volumes),
+            next_conn: AtomicU64::new(1),
+            drain_limit: Duration::from_secs(30),
+            inline_write_max: 64 << 10,
+        })
+    }
+
+    /// The metadata store.
+    pub fn store(&self) -> Arc<Store> {
+        self.store.clone()
+    }
+
+    /// Looks a volume up.
+    pub fn get(&self, name: &str) -> Result<Arc<Volume>, RegistryError> {
+        self.volumes
+            .read()
+            .expect("volumes lock")
+            .get(name)
+            .cloned()
+            .ok_or_else(|| RegistryError::NotFound(name.to_string()))
+    }
+
+    /// All volumes, by name.
+    pub fn list(&self) -> Vec<Arc<Volume>> {
+        self.volumes
+            .read()
+            .expect("volumes lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Creates a volume: file first, then the durable record, then the in-memory entry.
+    pub async fn create(&self, cfg: VolumeConfig) -> Result<Arc<Volume>, RegistryError> {
+        cfg.validate().map_err(VolumeError::from)?;
+        if self.get(&cfg.name).is_ok() {
+            return Err(RegistryError::Exists(cfg.name));
+        }
+        let path = VolumeFile::path_in(&self.dir, &cfg.name);
+        let store = self.store.clone();
+        let c = cfg.clone();
+        let file = tokio::task::spawn_blocking(move || -> Result<VolumeFile, RegistryError> {
+            let file = VolumeFile::create(&path, c.size)?;
+            store.put_volume(&c, &LeaseTable::default())?;
+            Ok(file)
+        })
+        .await??;
+        let vol = Arc::new(Volume::new(cfg.clone(), file, LeaseTable::default()));
+        let mut map = self.volumes.write().expect("volumes lock");
+        if map.contains_key(&cfg.name) {
+            return Err(RegistryError::Exists(cfg.name));
+        }
+        map.insert(cfg.name.clone(), vol.clone());
+        tracing::info!(volume = %cfg.name, size = cfg.size, "volume created");
+        Ok(vol)
+    }
+
+    /// Deletes a volume without connections: record, then file.
+    pub async fn delete(&self, name: &str) -> Result<(), RegistryError> {
+        let vol = self.get(name)?;
+        let _l = vol.lease_lock.lock().await;
+        let n = vol.connection_count();
+        if n > 0 {
+            return Err(RegistryError::Busy(name.to_string(), n));
+        }
+        self.volumes.write().expect("volumes lock").remove(name);
+        let store = self.store.clone();
+        let path = vol.file.path().to_path_buf();
+        let owned = name.to_string();
+        tokio::task::spawn_blocking(move || -> Result<(), RegistryError> {
+            store.delete_volume(&owned)?;
+            match std::fs::remove_file(&path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(source) => Err(RegistryError::Io { path, source }),
+            }
+        })
+        .await??;
+        tracing::info!(volume = %name, "volume deleted");
+        Ok(())
+    }
+
+    /// Persists `table` for `vol` and then makes it current. Caller holds `lease_lock`.
+    pub(crate) async fn commit_table(
+        &self,
+        vol: &Volume,
+        table: LeaseTable,
+    ) -> Result<(), RegistryError> {
+        let store = self.store.clone();
+        let name = vol.config.name.clone();
+        let t = table.clone();
+        tokio::task::spawn_blocking(move || store.put_leases(&name, &t)).await??;
+        vol.set_table(table);
+        Ok(())
+    }
+
+    /// Attaches a new connection, deciding its lease (or anonymous access) durably.
+    pub async fn attach(
+        &self,
+        vol: &Arc<Volume>,
+        lease: Option<LeaseRequest>,
+        peer: SocketAddr,
+    ) -> Result<Attachment, RegistryError> {
+        let _l = vol.lease_lock.lock().await;
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let table = vol.table();
+        let (access, state) = match &lease {
+            None => (anonymous_access(vol, &table)?, None),
+            Some(req) => {
+                let next = match table.grant(req) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::warn!(target: "storaged::lease", volume = %vol.config.name,
+                            event = "refused", host = %req.holder.host,
+                            instance = %req.holder.instance, requested = ?req.state,
+                            epoch = table.epoch, reason = %e, "lease refused");
+                        return Err(e.into());
+                    }
+                };
+                if next != table {
+                    if req.state == RequestedState::Primary && table.primary.is_none() {
+                        // The anonymous "while no primary exists" access ends here.
+                        self.fence_anonymous(vol).await?;
+                    }
+                    self.commit_table(vol, next.clone()).await?;
+                    tracing::info!(target: "storaged::lease", volume = %vol.config.name,
+                        event = "grant", host = %req.holder.host,
+                        instance = %req.holder.instance, state = ?req.state,
+                        epoch = next.epoch, "lease granted");
+                }
+                let access = match req.state {
+                    RequestedState::Primary => Access::ReadWrite,
+                    RequestedState::Standby => Access::Standby,
+                };
+                (access, Some(req.state))
+            }
+        };
+        let entry = ConnEntry {
+            id,
+            holder: lease.map(|l| l.holder),
+            peer,
+            gate: Arc::new(Gate::new(access)),
+        };
+        vol.conns.lock().expect("conns lock").push(entry.clone());
+        Ok(Attachment {
+            entry,
+            state,
+            epoch: vol.table().epoch,
+        })
+    }
+
+    /// Answers `NBD_OPT_INFO`: would `attach` accept this connection? Changes nothing.
+    pub fn preview(&self, vol: &Volume, lease: Option<&LeaseRequest>) -> Result<(), RegistryError> {
+        let table = vol.table();
+        match lease {
+            None => anonymous_access(vol, &table).map(|_| ()),
+            Some(req) => table.grant(req).map(|_| ()).map_err(Into::into),
+        }
+    }
+
+    /// Closes the anonymous connections that only existed while there was no primary.
+    pub(crate) async fn fence_anonymous(&self, vol: &Volume) -> Result<(), RegistryError> {
+        if vol.config.anonymous == AnonymousPolicy::ReadOnly {
+            return Ok(());
+        }
+        for c in vol.anonymous_conns() {
+            c.gate.set_access(crate::gate::Access::Fenced);
+            c.gate
+                .drained(self.drain_limit)
+                .await
+                .map_err(|e| RegistryError::Drain(c.peer.to_string(), e))?;
+            c.gate.set_access(crate::gate::Access::Closed);
+            tracing::info!(volume = %vol.config.name, peer = %c.peer,
+                "anonymous connection closed: a primary lease was granted");
+        }
+        Ok(())
+    }
+}
+
+/// The access an anonymous connection gets under the volume's policy, or the refusal.
+fn anonymous_access(vol: &Volume, table: &LeaseTable) -> Result<Access, RegistryError> {
+    let has_primary = table.primary.is_some();
+    Ok(match vol.config.anonymous {
+        AnonymousPolicy::Deny => {
+            return Err(RegistryError::Anonymous("this volume requires a lease"))
+        }
+        AnonymousPolicy::ReadOnly => Access::ReadOnly,
+        _ if has_primary => {
+            return Err(RegistryError::Anonymous(
+                "a primary lease exists on this volume",
+            ))
+        }
+        AnonymousPolicy::ReadWriteWithoutPrimary => Access::ReadWrite,
+        AnonymousPolicy::ReadOnlyWithoutPrimary => Access::ReadOnly,
+    })
+}

@@ -1,0 +1,268 @@
+//! Volumes: their configuration and the sparse file that holds their data.
+//!
+//! I/O is positional (`pread`/`pwrite`) on one shared file descriptor, so requests from many
+//! connections run in parallel without a seek position to protect. Durability: `FLUSH` is
+//! `fdatasync`; an FUA write is a `pwritev2(RWF_DSYNC)`, which makes just that range durable.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use storaged_client::api::VolumeConfigError;
+use thiserror::Error;
+
+/// A volume operation that failed.
+#[derive(Debug, Error)]
+pub enum VolumeError {
+    /// The configuration is not usable.
+    #[error(transparent)]
+    Config(#[from] VolumeConfigError),
+    /// File system error on the volume's file.
+    #[error("volume file {path}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The file behind a volume.
+#[derive(Debug)]
+pub struct VolumeFile {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    /// The file system refused `RWF_NOWAIT` for buffered writes (ext4 does): skip the attempt.
+    nowait_writes_unsupported: AtomicBool,
+}
+
+impl VolumeFile {
+    /// Path of a volume's file in `dir`.
+    pub fn path_in(dir: &Path, name: &str) -> PathBuf {
+        dir.join(format!("{name}.img"))
+    }
+
+    /// Creates (or opens, when it already exists) the sparse file of `size` bytes.
+    pub fn create(path: &Path, size: u64) -> Result<VolumeFile, VolumeError> {
+        let io_err = |source| VolumeError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(io_err)?;
+        if file.metadata().map_err(io_err)?.len() != size {
+            file.set_len(size).map_err(io_err)?;
+        }
+        file.sync_all().map_err(io_err)?;
+        if let Some(dir) = path.parent() {
+            File::open(dir).and_then(|d| d.sync_all()).map_err(io_err)?;
+        }
+        Ok(VolumeFile {
+            file,
+            path: path.to_path_buf(),
+            size,
+            nowait_writes_unsupported: AtomicBool::new(false),
+        })
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Path of the file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    /// Writes all of `buf` at `offset`; with `fua` the range is durable on return.
+    pub fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        if !fua {
+            return self.file.write_all_at(buf, offset);
+        }
+        let mut done = 0usize;
+        while done < buf.len() {
+            let rest = &buf[done..];
+            let at = offset + done as u64;
+            match self.pwritev2(rest, at, libc::RWF_DSYNC) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                    self.file.write_all_at(rest, at)?;
+                    return self.file.sync_data();
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads from the page cache only (`preadv2(RWF_NOWAIT)`): `Ok(true)` when all of `buf`
+    /// was filled without blocking; `Ok(false)` when the caller must do a blocking read.
+    pub fn read_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        let len = buf.len();
+        match self.preadv2(buf, offset, libc::RWF_NOWAIT) {
+            Ok(n) => Ok(n == len),
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::EINTR) => Ok(false),
+                _ => Err(e),
+            },
+        }
+    }
+
+    /// Writes into the page cache only if that cannot block (`pwritev2(RWF_NOWAIT)`):
+    /// `Ok(true)` when all of `buf` was written; `Ok(false)` when the caller must do a blocking
+    /// write of the whole buffer (rewriting a prefix that did land is harmless).
+    pub fn write_cached(&self, buf: &[u8], offset: u64) -> io::Result<bool> {
+        if self.nowait_writes_unsupported.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        match self.pwritev2(buf, offset, libc::RWF_NOWAIT) {
+            Ok(n) => Ok(n == buf.len()),
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EOPNOTSUPP) => {
+                    self.nowait_writes_unsupported
+                        .store(true, Ordering::Relaxed);
+                    Ok(false)
+                }
+                Some(libc::EAGAIN | libc::EINTR) => Ok(false),
+                _ => Err(e),
+            },
+        }
+    }
+
+    /// One `preadv2` into `buf` at `offset`: the count read, which may be short.
+    fn preadv2(&self, buf: &mut [u8], offset: u64, flags: libc::c_int) -> io::Result<usize> {
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        // SAFETY: `iov` describes `buf`, which is exclusively borrowed for the call.
+        let n =
+            unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, offset as libc::off_t, flags) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    /// One `pwritev2` of `buf` at `offset`: the count written, which may be short.
+    fn pwritev2(&self, buf: &[u8], offset: u64, flags: libc::c_int) -> io::Result<usize> {
+        let iov = libc::iovec {
+            iov_base: buf.as_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        // SAFETY: `iov` points into `buf`, which outlives the call; the kernel only reads it.
+        let n =
+            unsafe { libc::pwritev2(self.file.as_raw_fd(), &iov, 1, offset as libc::off_t, flags) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    /// Makes every completed write durable.
+    pub fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Deallocates a range (reads return zeroes afterwards).
+    pub fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+    }
+
+    /// Zeroes a range, keeping it allocated when `no_hole`; durable on return with `fua`.
+    pub fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool, fua: bool) -> io::Result<()> {
+        let mode = if no_hole {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        if self.fallocate(mode, offset, len).is_err() {
+            // File systems without the fallocate mode: write real zeroes.
+            let zeroes = vec![0u8; len.min(1 << 20) as usize];
+            let mut at = offset;
+            while at < offset + len {
+                let n = (offset + len - at).min(zeroes.len() as u64) as usize;
+                self.file.write_all_at(&zeroes[..n], at)?;
+                at += n as u64;
+            }
+        }
+        if fua {
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        // SAFETY: fallocate only acts on the descriptor we own; no memory is passed.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_io() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = VolumeFile::create(&VolumeFile::path_in(dir.path(), "v"), 1 << 20).unwrap();
+        f.write_at(&[7u8; 4096], 8192, false).unwrap();
+        f.write_at(&[9u8; 512], 0, true).unwrap();
+        let mut b = vec![0u8; 4096];
+        f.read_at(&mut b, 8192).unwrap();
+        assert!(b.iter().all(|&x| x == 7));
+        f.write_zeroes(8192, 4096, false, true).unwrap();
+        f.read_at(&mut b, 8192).unwrap();
+        assert!(b.iter().all(|&x| x == 0));
+        f.write_at(&[1u8; 4096], 8192, false).unwrap();
+        f.trim(8192, 4096).unwrap();
+        f.read_at(&mut b, 8192).unwrap();
+        assert!(b.iter().all(|&x| x == 0));
+        f.write_zeroes(0, 512, true, false).unwrap();
+        f.read_at(&mut b[..512], 0).unwrap();
+        assert!(b[..512].iter().all(|&x| x == 0));
+        f.flush().unwrap();
+        assert!(f.read_at(&mut b, (1 << 20) - 100).is_err());
+        // The non-blocking variants either complete or tell the caller to block.
+        if f.write_cached(&[5u8; 4096], 0).unwrap() {
+            f.read_at(&mut b, 0).unwrap();
+            assert!(b.iter().all(|&x| x == 5));
+        }
+        let mut c = vec![0u8; 4096];
+        if f.read_cached(&mut c, 8192).unwrap() {
+            assert!(c.iter().all(|&x| x == 0));
+        }
+    }
+}

@@ -1,0 +1,362 @@
+//! User input: what VM to run. Read from a TOML file (`vmm run --config`) and/or flags; the
+//! flags' text forms (`--disk`, `--serial`) are parsed here too so both paths share validation.
+//!
+//! TOML example:
+//! ```toml
+//! kernel = "/path/vmlinux"
+//! cmdline = "console=ttyS0 root=/dev/vda ro"
+//! memory_mib = 256
+//! vcpus = 2
+//! serial = "unix:/run/vm1/serial.sock"
+//! api_socket = "/run/vm1/api.sock"
+//! [[disks]]
+//! path = "/images/rootfs.ext4"
+//! read_only = true
+//! [[disks]]
+//! storaged = { address = "127.0.0.1:10809", volume = "data1", host_id = "host-a" }
+//! ```
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::str::FromStr;
+use thiserror::Error;
+use vmhop_common::config::{load_toml, FileError};
+
+/// Upper bound on vCPUs: the MP table and APIC ids are sized for it.
+pub const MAX_VCPUS: u8 = 32;
+/// Upper bound on disks: each takes an IRQ line of the I/O APIC.
+pub const MAX_DISKS: usize = 16;
+
+/// Errors in the VM configuration.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The TOML file could not be read, does not parse or has unknown keys.
+    #[error(transparent)]
+    File(#[from] FileError),
+    /// A value is out of range or inconsistent.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// How the kernel is entered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum BootProtocol {
+    /// PVH when the ELF kernel has a PVH note, else the 64-bit Linux boot protocol.
+    #[default]
+    Auto,
+    /// The PVH entry (32-bit protected mode, `hvm_start_info`).
+    Pvh,
+    /// The 64-bit Linux boot protocol (long mode, `boot_params` with an e820 map).
+    Linux64,
+}
+
+/// The whole VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// The VM's name: the lease instance id of its storaged volumes unless a disk sets its
+    /// own, so a restarted VMM for the same VM is the same lease holder.
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// Uncompressed ELF vmlinux.
+    pub kernel: PathBuf,
+    /// Optional initramfs.
+    #[serde(default)]
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line; the VMM appends its devices.
+    #[serde(default)]
+    pub cmdline: String,
+    /// Guest memory in MiB.
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u64,
+    /// vCPU count.
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    /// Boot protocol.
+    #[serde(default)]
+    pub boot: BootProtocol,
+    /// Block devices, in order: the first is /dev/vda.
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    /// Where the first serial port goes.
+    #[serde(default)]
+    pub serial: SerialConfig,
+    /// Path of the API socket.
+    #[serde(default)]
+    pub api_socket: Option<PathBuf>,
+}
+
+/// The name of a VM whose configuration gives none.
+pub fn default_name() -> String {
+    "vm".into()
+}
+
+fn default_memory_mib() -> u64 {
+    256
+}
+fn default_vcpus() -> u8 {
+    1
+}
+
+impl VmConfig {
+    /// Reads a TOML file.
+    pub fn from_toml_file(path: &std::path::Path) -> Result<VmConfig, ConfigError> {
+        Ok(load_toml(path)?)
+    }
+
+    /// Checks ranges and consistency.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return bad(format!("vcpus must be 1..={MAX_VCPUS}, not {}", self.vcpus));
+        }
+        if self.memory_mib < 16 || self.memory_mib > (1 << 20) {
+            return bad(format!(
+                "memory_mib must be 16..=1048576, not {}",
+                self.memory_mib
+            ));
+        }
+        if self.name.is_empty() || self.name.len() > 64 {
+            return bad("name must be 1..=64 bytes".into());
+        }
+        if self.disks.len() > MAX_DISKS {
+            return bad(format!("at most {MAX_DISKS} disks"));
+        }
+        for d in &self.disks {
+            d.validate()?;
+        }
+        Ok(())
+    }
+}
+
+/// One block device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// A local file (raw image).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// A storaged volume.
+    #[serde(default)]
+    pub storaged: Option<StoragedDiskConfig>,
+    /// Offer the disk read-only (VIRTIO_BLK_F_RO) and refuse writes.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl DiskConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        match (&self.path, &self.storaged) {
+            (Some(_), None) | (None, Some(_)) => Ok(()),
+            _ => Err(ConfigError::Invalid(
+                "a disk needs exactly one of `path` and `storaged`".into(),
+            )),
+        }
+    }
+
+    /// A short name for logs and the API.
+    pub fn describe(&self) -> String {
+        match (&self.path, &self.storaged) {
+            (Some(p), _) => p.display().to_string(),
+            (_, Some(s)) => format!("storaged://{}/{}", s.address, s.volume),
+            _ => "?".into(),
+        }
+    }
+}
+
+/// A volume on a storaged host, opened with a lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoragedDiskConfig {
+    /// `host:port` of the NBD listener.
+    pub address: String,
+    /// Volume (export) name.
+    pub volume: String,
+    /// This host's id, as the lease holder.
+    pub host_id: String,
+    /// Instance id of this VM (defaults to the VM's name).
+    #[serde(default)]
+    pub instance_id: Option<String>,
+    /// Lease asked for.
+    #[serde(default)]
+    pub lease: LeaseMode,
+}
+
+/// The lease a VMM asks for on a storaged volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LeaseMode {
+    /// Read/write access now (a VM that runs).
+    #[default]
+    Primary,
+    /// Connected, no data access until a flip promotes it (a migration's destination).
+    Standby,
+}
+
+impl FromStr for LeaseMode {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "primary" => Ok(LeaseMode::Primary),
+            "standby" => Ok(LeaseMode::Standby),
+            _ => Err(ConfigError::Invalid(format!(
+                "lease `{s}`: expected primary or standby"
+            ))),
+        }
+    }
+}
+
+/// `--disk path=FILE[,ro]` or `--disk storaged=HOST:PORT,volume=NAME,host=ID[,instance=ID][,ro]`.
+impl FromStr for DiskConfig {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut path = None;
+        let mut read_only = false;
+        let (mut address, mut volume, mut host, mut instance) = (None, None, None, None);
+        let mut lease = LeaseMode::default();
+        for part in s.split(',') {
+            let (k, v) = part.split_once('=').unwrap_or((part, ""));
+            match k {
+                "path" => path = Some(PathBuf::from(v)),
+                "ro" | "readonly" | "read_only" => {
+                    read_only = matches!(v, "" | "on" | "true" | "1")
+                }
+                "storaged" => address = Some(v.to_string()),
+                "volume" => volume = Some(v.to_string()),
+                "host" | "host_id" => host = Some(v.to_string()),
+                "instance" | "instance_id" => instance = Some(v.to_string()),
+                "lease" => lease = v.parse()?,
+                _ => {
+                    return Err(ConfigError::Invalid(format!(
+                        "unknown disk option `{k}` in `{s}`"
+                    )))
+                }
+            }
+        }
+        let storaged = match address {
+            None => None,
+            Some(address) => Some(StoragedDiskConfig {
+                address,
+                volume: volume
+                    .ok_or_else(|| ConfigError::Invalid(format!("`{s}`: volume= missing")))?,
+                host_id: host
+                    .ok_or_else(|| ConfigError::Invalid(format!("`{s}`: host= missing")))?,
+                instance_id: instance,
+                lease,
+            }),
+        };
+        let d = DiskConfig {
+            path,
+            storaged,
+            read_only,
+        };
+        d.validate()?;
+        Ok(d)
+    }
+}
+
+/// Where the guest's first serial port (COM1) is connected.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum SerialConfig {
+    /// Output to stdout, input from stdin.
+    #[default]
+    Stdio,
+    /// Output appended to a file; no input.
+    File(PathBuf),
+    /// A Unix socket the VMM listens on: one client at a time gets the output (earlier output
+    /// is kept for it, bounded) and its input goes to the guest.
+    Socket(PathBuf),
+    /// Discarded.
+    None,
+}
+
+impl FromStr for SerialConfig {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "stdio" => SerialConfig::Stdio,
+            "none" => SerialConfig::None,
+            _ => match s.split_once(':') {
+                Some(("file", p)) if !p.is_empty() => SerialConfig::File(p.into()),
+                Some(("unix", p)) if !p.is_empty() => SerialConfig::Socket(p.into()),
+                _ => {
+                    return Err(ConfigError::Invalid(format!(
+                        "serial `{s}`: expected stdio, none, file:PATH or unix:PATH"
+                    )))
+                }
+            },
+        })
+    }
+}
+
+impl TryFrom<String> for SerialConfig {
+    type Error = ConfigError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<SerialConfig> for String {
+    fn from(s: SerialConfig) -> String {
+        match s {
+            SerialConfig::Stdio => "stdio".into(),
+            SerialConfig::None => "none".into(),
+            SerialConfig::File(p) => format!("file:{}", p.display()),
+            SerialConfig::Socket(p) => format!("unix:{}", p.display()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_toml_with_both_disk_kinds() {
+        let c: VmConfig = toml::from_str(
+            r#"
+            kernel = "/k"
+            vcpus = 2
+            serial = "unix:/tmp/s.sock"
+            [[disks]]
+            path = "/root.img"
+            read_only = true
+            [[disks]]
+            storaged = { address = "127.0.0.1:10809", volume = "v", host_id = "a" }
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.memory_mib, 256);
+        assert_eq!(c.serial, SerialConfig::Socket("/tmp/s.sock".into()));
+        assert!(c.disks[0].read_only);
+        assert_eq!(
+            c.disks[1].storaged.as_ref().unwrap().lease,
+            LeaseMode::Primary
+        );
+    }
+
+    #[test]
+    fn rejects_bad_input_with_a_message() {
+        assert!(toml::from_str::<VmConfig>("kernel='/k'\nbogus=1").is_err());
+        assert!("path=/a,storaged=x:1,volume=v,host=h"
+            .parse::<DiskConfig>()
+            .is_err());
+        assert!("storaged=x:1".parse::<DiskConfig>().is_err());
+        assert!("tcp:1".parse::<SerialConfig>().is_err());
+        let mut c: VmConfig = toml::from_str("kernel='/k'").unwrap();
+        c.vcpus = 0;
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn parses_disk_flags() {
+        let d: DiskConfig = "path=/x.img,ro".parse().unwrap();
+        assert!(d.read_only);
+        let d: DiskConfig = "storaged=h:1,volume=v,host=a,instance=i".parse().unwrap();
+        assert_eq!(d.storaged.unwrap().instance_id.as_deref(), Some("i"));
+    }
+}

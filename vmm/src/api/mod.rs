@@ -1,0 +1,68 @@
+//! The VMM's control API: HTTP/1.1 with JSON bodies on a Unix socket. The contract is
+//! `vmm/openapi.yaml`; its request and answer types are in the `vmm-api` crate.
+//!
+//! | method | path              | does                                   |
+//! |--------|-------------------|----------------------------------------|
+//! | GET    | /v1/vm            | VM info and state                      |
+//! | PUT    | /v1/vm/pause      | pause all vCPUs (idempotent)           |
+//! | PUT    | /v1/vm/resume     | resume them (idempotent)               |
+//! | PUT    | /v1/vm/shutdown   | end the VM; the VMM exits with 0       |
+//! | PUT    | /v1/vm/snapshot   | `{"path"}`: state + memory to a file   |
+//! | PUT    | /v1/migration/send| start a live migration (202)           |
+//! | GET    | /v1/migration     | migration progress and final figures   |
+//! | PUT    | /v1/migration/abort | stop it; the source keeps the guest  |
+//!
+//! The vm endpoints return the VM info after the action, the migration ones the migration
+//! status; errors return `{"error": "..."}` with 400 (bad request), 409 (not in this state)
+//! or 500.
+//! Handlers only forward requests to the VM's control loop and wait for its answer.
+
+mod server;
+
+pub use server::bind;
+
+use thiserror::Error;
+
+/// Errors starting the API server.
+#[derive(Debug, Error)]
+pub enum ApiError {
+    /// The socket could not be bound.
+    #[error("bind {0}")]
+    Bind(String, #[source] std::io::Error),
+}
+
+/// A request for the control loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiRequest {
+    /// Report info.
+    Info,
+    /// Pause the vCPUs.
+    Pause,
+    /// Resume them.
+    Resume,
+    /// End the VM.
+    Shutdown,
+    /// Write a snapshot (the VM keeps its run state).
+    Snapshot(std::path::PathBuf),
+    /// Start a live migration.
+    MigrationSend(vmm_api::migration::SendParams),
+    /// Report the migration status.
+    MigrationStatus,
+    /// Abort the migration.
+    MigrationAbort,
+}
+
+/// The control loop's answer.
+#[derive(Debug, Clone)]
+pub enum ApiResponse {
+    /// Success, with the VM's info after the action.
+    Info(vmm_api::vm::VmInfo),
+    /// The migration status.
+    Migration(vmm_api::migration::MigrationStatus),
+    /// A migration was started (202).
+    Accepted(vmm_api::migration::MigrationStatus),
+    /// Not possible in the VM's current state (409).
+    Refused(String),
+    /// Failure.
+    Error(String),
+}

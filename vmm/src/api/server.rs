@@ -1,0 +1,125 @@
+//! The HTTP side: axum on a tokio Unix listener.
+
+use super::{ApiError, ApiRequest, ApiResponse};
+use crate::vm::VmEvent;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use std::future::Future;
+use std::path::Path;
+use std::sync::mpsc::Sender;
+use std::time::Duration;
+
+/// How long a handler waits for the control loop (a pause waits for every vCPU; a snapshot
+/// writes the guest's memory).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
+
+type Events = Sender<VmEvent>;
+type Reply = (StatusCode, Json<serde_json::Value>);
+
+/// Binds the socket at `path` (replacing a stale one) and returns the server future, which
+/// ends once `stop` fires and the requests in progress have been answered. Must be called
+/// inside the tokio runtime.
+pub fn bind(
+    path: &Path,
+    events: Sender<VmEvent>,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) -> Result<impl Future<Output = ()> + Send + 'static, ApiError> {
+    let err = |e| ApiError::Bind(path.display().to_string(), e);
+    let _ = std::fs::remove_file(path);
+    let std_listener = std::os::unix::net::UnixListener::bind(path).map_err(err)?;
+    std_listener.set_nonblocking(true).map_err(err)?;
+    let listener = tokio::net::UnixListener::from_std(std_listener).map_err(err)?;
+    let app = Router::new()
+        .route("/v1/vm", get(info))
+        .route("/v1/vm/pause", put(pause))
+        .route("/v1/vm/resume", put(resume))
+        .route("/v1/vm/shutdown", put(shutdown))
+        .route("/v1/vm/snapshot", put(snapshot))
+        .route("/v1/migration", get(migration))
+        .route("/v1/migration/send", put(send))
+        .route("/v1/migration/abort", put(abort))
+        .with_state(events);
+    Ok(async move {
+        let stopped = async move {
+            let _ = stop.await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stopped)
+            .await
+        {
+            tracing::error!(error = %e, "API server stopped");
+        }
+    })
+}
+
+async fn call(events: &Events, req: ApiRequest) -> Reply {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if events.send(VmEvent::Api(req, tx)).is_err() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the VM is shutting down");
+    }
+    match tokio::time::timeout(REPLY_TIMEOUT, rx).await {
+        Ok(Ok(ApiResponse::Info(info))) => (
+            StatusCode::OK,
+            Json(serde_json::to_value(info).unwrap_or_default()),
+        ),
+        Ok(Ok(ApiResponse::Migration(m))) => (
+            StatusCode::OK,
+            Json(serde_json::to_value(m).unwrap_or_default()),
+        ),
+        Ok(Ok(ApiResponse::Accepted(m))) => (
+            StatusCode::ACCEPTED,
+            Json(serde_json::to_value(m).unwrap_or_default()),
+        ),
+        Ok(Ok(ApiResponse::Refused(e))) => error(StatusCode::CONFLICT, &e),
+        Ok(Ok(ApiResponse::Error(e))) => error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+        Ok(Err(_)) => error(StatusCode::SERVICE_UNAVAILABLE, "the VM is shutting down"),
+        Err(_) => error(StatusCode::GATEWAY_TIMEOUT, "the VM did not answer in time"),
+    }
+}
+
+fn error(code: StatusCode, msg: &str) -> Reply {
+    (code, Json(serde_json::json!({ "error": msg })))
+}
+
+async fn info(State(e): State<Events>) -> Reply {
+    call(&e, ApiRequest::Info).await
+}
+async fn pause(State(e): State<Events>) -> Reply {
+    call(&e, ApiRequest::Pause).await
+}
+async fn resume(State(e): State<Events>) -> Reply {
+    call(&e, ApiRequest::Resume).await
+}
+async fn shutdown(State(e): State<Events>) -> Reply {
+    call(&e, ApiRequest::Shutdown).await
+}
+async fn migration(State(e): State<Events>) -> Reply {
+    call(&e, ApiRequest::MigrationStatus).await
+}
+async fn abort(State(e): State<Events>) -> Reply {
+    call(&e, ApiRequest::MigrationAbort).await
+}
+
+/// Parses a JSON body, answering 400 with the parser's message when it does not fit.
+fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Reply> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("request body: {e}")))
+}
+
+async fn send(State(e): State<Events>, bytes: axum::body::Bytes) -> Reply {
+    match body::<vmm_api::migration::SendParams>(&bytes) {
+        Ok(p) => match p.validate() {
+            Ok(()) => call(&e, ApiRequest::MigrationSend(p)).await,
+            Err(m) => error(StatusCode::BAD_REQUEST, &m.to_string()),
+        },
+        Err(r) => r,
+    }
+}
+async fn snapshot(State(e): State<Events>, bytes: axum::body::Bytes) -> Reply {
+    match body::<vmm_api::vm::SnapshotRequest>(&bytes) {
+        Ok(r) => call(&e, ApiRequest::Snapshot(r.path)).await,
+        Err(r) => r,
+    }
+}

@@ -1,0 +1,353 @@
+//! A storaged volume over NBD, opened with a lease through storaged's async client.
+//!
+//! The first connection is made when the VM is built: a volume another host holds as
+//! primary, or one this host was deactivated on, is refused there with the server's reason,
+//! before the guest runs. Requests are pipelined on the one connection (the client allows
+//! any number in flight; replies complete out of order). A request larger than the server's
+//! maximum is split.
+//!
+//! When the connection breaks (storaged restarted, the network cut, or a lease flip that
+//! disconnected this host and was then rolled back), the next request reconnects with the
+//! configured lease, through the client's connection logic ("already primary" is retried as
+//! primary, so a standby that was promoted comes back as primary), and is retried once on the
+//! new connection. A write retried this way is idempotent: the guest has not seen it complete,
+//! so it has issued nothing after it that depends on it. A "deactivated" refusal is final:
+//! another host took the volume over, and every later request fails at once with that error
+//! (an I/O error in the guest) without asking storaged again. A request storaged fenced
+//! (EPERM, the barrier of a flip) is never retried: it fails, and the request after it
+//! reconnects (storaged closes the fenced connection) and learns the outcome of the flip.
+
+use super::BackendError;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use storaged_client::nbd::{Client, ClientConfig, ClientError, LeaseSpec};
+use storaged_client::protocol::{
+    RequestedState, NBD_FLAG_READ_ONLY, NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES,
+};
+use vmm_api::config::{LeaseMode, StoragedDiskConfig};
+
+/// The connection in use, and how many times it was replaced.
+#[derive(Debug)]
+struct Conn {
+    client: Client,
+    generation: u64,
+    /// The deactivated refusal that ended this backend for good.
+    deactivated: Option<String>,
+}
+
+/// A connected volume.
+#[derive(Debug)]
+pub struct StoragedBackend {
+    conn: Mutex<Conn>,
+    /// Serialises reconnects: requests failing together make one new connection.
+    reconnect: tokio::sync::Mutex<()>,
+    cfg: Arc<ClientConfig>,
+    size: u64,
+    flags: u16,
+    max: u64,
+}
+
+impl StoragedBackend {
+    /// Connects to the volume with the configured lease. Must run inside the tokio runtime
+    /// that will serve the I/O (the client's reader task lives there).
+    pub async fn connect(
+        cfg: &StoragedDiskConfig,
+        vm_name: &str,
+    ) -> Result<StoragedBackend, BackendError> {
+        let state = match cfg.lease {
+            LeaseMode::Standby => RequestedState::Standby,
+            LeaseMode::Primary => RequestedState::Primary,
+        };
+        let instance = cfg
+            .instance_id
+            .clone()
+            .unwrap_or_else(|| vm_name.to_string());
+        let client_cfg = ClientConfig::new(vec![cfg.address.clone()], cfg.volume.clone())
+            .with_lease(LeaseSpec {
+                host: cfg.host_id.clone(),
+                instance,
+                state,
+                expected_epoch: 0,
+            });
+        let client = Client::connect(&client_cfg).await?;
+        tracing::info!(
+            volume = %cfg.volume,
+            host = %cfg.host_id,
+            lease = ?client.lease(),
+            size = client.size(),
+            "storaged volume connected"
+        );
+        Ok(StoragedBackend {
+            size: client.size(),
+            flags: client.flags(),
+            max: u64::from(client.max_request().max(4096)),
+            conn: Mutex::new(Conn {
+                client,
+                generation: 0,
+                deactivated: None,
+            }),
+            reconnect: tokio::sync::Mutex::new(()),
+            cfg: Arc::new(client_cfg),
+        })
+    }
+
+    pub(super) fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub(super) fn read_only(&self) -> bool {
+        self.flags & NBD_FLAG_READ_ONLY != 0
+    }
+
+    pub(super) fn supports_discard(&self) -> bool {
+        self.flags & NBD_FLAG_SEND_TRIM != 0 && self.flags & NBD_FLAG_SEND_WRITE_ZEROES != 0
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Conn> {
+        // The guarded data is replaced whole; a panic elsewhere cannot leave it half-written.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The client to use, with its generation; the final refusal if there is one.
+    fn current(&self) -> Result<(Client, u64), ClientError> {
+        let c = self.conn();
+        match &c.deactivated {
+            Some(message) => Err(ClientError::Deactivated {
+                message: message.clone(),
+            }),
+            None => Ok((c.client.clone(), c.generation)),
+        }
+    }
+
+    /// Replaces the connection of generation `seen` (unless another request already did).
+    async fn reconnect(&self, seen: u64, cause: &ClientError) -> Result<Client, ClientError> {
+        let _one = self.reconnect.lock().await;
+        let (client, generation) = self.current()?;
+        if generation != seen && client.is_connected() {
+            return Ok(client);
+        }
+        let lease = self.cfg.lease.as_ref();
+        tracing::warn!(volume = %self.cfg.export, host = ?lease.map(|l| &l.host),
+            error = %cause, "storaged connection lost; reconnecting");
+        match Client::connect(&self.cfg).await {
+            Ok(client) => {
+                tracing::info!(target: "vmm::lease", volume = %self.cfg.export,
+                    host = ?lease.map(|l| &l.host), lease = ?client.lease(),
+                    generation = generation + 1, "storaged volume reconnected");
+                let mut c = self.conn();
+                c.client = client.clone();
+                c.generation = generation + 1;
+                Ok(client)
+            }
+            Err(ClientError::Deactivated { message }) => {
+                tracing::error!(target: "vmm::lease", volume = %self.cfg.export,
+                    host = ?lease.map(|l| &l.host), reason = %message,
+                    "deactivated on the volume: every further request fails");
+                self.conn().deactivated = Some(message.clone());
+                Err(ClientError::Deactivated { message })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Runs `op` on the connection; if the connection is broken, reconnects and runs it once
+    /// more on the new one.
+    async fn with_retry<T, F, Fut>(&self, op: F) -> Result<T, BackendError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, ClientError>>,
+    {
+        let (client, generation) = self.current()?;
+        let cause = if client.is_connected() {
+            match op(client).await {
+                Err(e) if is_broken(&e) => e,
+                other => return Ok(other?),
+            }
+        } else {
+            ClientError::Disconnected
+        };
+        let client = self.reconnect(generation, &cause).await?;
+        Ok(op(client).await?)
+    }
+
+    /// Splits `offset..offset+len` into pieces the server accepts.
+    fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let max = self.max;
+        (0..len.div_ceil(max)).map(move |i| {
+            let at = i * max;
+            (offset + at, (len - at).min(max))
+        })
+    }
+
+    pub(super) async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, BackendError> {
+        let mut out = Vec::with_capacity(len);
+        for (at, n) in self.pieces(offset, len as u64) {
+            let piece = self
+                .with_retry(|c| async move { c.read(at, n as usize).await })
+                .await?;
+            if out.is_empty() && n == len as u64 {
+                return Ok(piece);
+            }
+            out.extend(piece);
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn write(&self, offset: u64, data: Vec<u8>) -> Result<(), BackendError> {
+        for (at, n) in self.pieces(offset, data.len() as u64) {
+            let piece = &data[(at - offset) as usize..(at - offset + n) as usize];
+            self.with_retry(|c| async move { c.write_slice(at, piece, false).await })
+                .await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn flush(&self) -> Result<(), BackendError> {
+        self.with_retry(|c| async move { c.flush().await }).await
+    }
+
+    pub(super) async fn discard(&self, offset: u64, len: u64) -> Result<(), BackendError> {
+        for (at, n) in self.pieces(offset, len) {
+            self.with_retry(|c| async move { c.trim(at, n as u32).await })
+                .await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackendError> {
+        for (at, n) in self.pieces(offset, len) {
+            // no_hole: the device reports write_zeroes_may_unmap = 0.
+            self.with_retry(|c| async move { c.write_zeroes(at, n as u32, true, false).await })
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether `e` means the connection is gone (reconnect) rather than an answer to the request.
+fn is_broken(e: &ClientError) -> bool {
+    matches!(e, ClientError::Disconnected | ClientError::Io(_))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use storaged::flip::{self, FlipTrigger};
+    use storaged::registry::Registry;
+    use storaged_client::api::VolumeConfig;
+
+    /// An in-process storaged with one 1 MiB volume `v`; the registry drives flips directly.
+    async fn storage(
+        dir: &std::path::Path,
+    ) -> (Arc<Registry>, String, tokio::sync::watch::Sender<bool>) {
+        let reg = Arc::new(Registry::open(dir).unwrap());
+        reg.create(VolumeConfig::new("v", 1 << 20)).await.unwrap();
+        let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = nbd.local_addr().unwrap().to_string();
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(storaged::server::run(
+            nbd,
+            reg.clone(),
+            rx,
+            Duration::from_secs(1),
+        ));
+        (reg, addr, tx)
+    }
+
+    fn disk(addr: &str, host: &str, lease: LeaseMode) -> StoragedDiskConfig {
+        StoragedDiskConfig {
+            address: addr.into(),
+            volume: "v".into(),
+            host_id: host.into(),
+            instance_id: None,
+            lease,
+        }
+    }
+
+    fn deactivated(r: Result<impl std::fmt::Debug, BackendError>) -> bool {
+        matches!(
+            r,
+            Err(BackendError::Storaged(ClientError::Deactivated { .. }))
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rolled_back_flip_reconnects_and_a_completed_one_is_final() {
+        let dir = tempfile::tempdir().unwrap();
+        let (reg, addr, _stop) = storage(dir.path()).await;
+        let vol = reg.get("v").unwrap();
+        let a = StoragedBackend::connect(&disk(&addr, "a", LeaseMode::Primary), "vm1")
+            .await
+            .unwrap();
+        a.write(0, vec![1; 4096]).await.unwrap();
+        let b = StoragedBackend::connect(&disk(&addr, "b", LeaseMode::Standby), "vm1")
+            .await
+            .unwrap();
+
+        // A flip to b cuts a's connection; rolled back, a is primary again: its next requests
+        // reconnect as primary and succeed, the guest sees no error.
+        flip::flip(&reg, &vol, Some("b"), FlipTrigger::Api)
+            .await
+            .unwrap();
+        flip::rollback(&reg, &vol).await.unwrap();
+        a.write(4096, vec![2; 8192]).await.unwrap();
+        a.flush().await.unwrap();
+        assert_eq!(a.read(0, 4096).await.unwrap(), vec![1; 4096]);
+        assert_eq!(a.read(4096, 8192).await.unwrap(), vec![2; 8192]);
+        assert_eq!(a.conn().generation, 1);
+
+        // Flipped for good: a's reconnect is refused as deactivated; that is final, and every
+        // later request fails at once without a new connection.
+        flip::flip(&reg, &vol, Some("b"), FlipTrigger::Api)
+            .await
+            .unwrap();
+        assert!(deactivated(a.write(0, vec![3; 4096]).await));
+        assert!(deactivated(a.read(0, 4096).await));
+        assert!(deactivated(a.flush().await));
+        assert!(deactivated(a.discard(0, 4096).await));
+        assert!(deactivated(a.write_zeroes(0, 4096).await));
+        assert!(a.conn().deactivated.is_some());
+        assert_eq!(a.conn().generation, 1);
+
+        // The promoted standby reads what a wrote before the flip, never a's refused write.
+        assert_eq!(b.read(0, 4096).await.unwrap(), vec![1; 4096]);
+        b.write(0, vec![4; 4096]).await.unwrap();
+        assert_eq!(b.read(0, 4096).await.unwrap(), vec![4; 4096]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_split_and_failing_together_make_one_new_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let (reg, addr, _stop) = storage(dir.path()).await;
+        let vol = reg.get("v").unwrap();
+        let mut a = StoragedBackend::connect(&disk(&addr, "a", LeaseMode::Primary), "vm1")
+            .await
+            .unwrap();
+        // Small pieces, as if the server's maximum were one page.
+        a.max = 4096;
+        let a = Arc::new(a);
+        let _b = StoragedBackend::connect(&disk(&addr, "b", LeaseMode::Standby), "vm1")
+            .await
+            .unwrap();
+        flip::flip(&reg, &vol, Some("b"), FlipTrigger::Api)
+            .await
+            .unwrap();
+        flip::rollback(&reg, &vol).await.unwrap();
+        let len = 4096 * 5 + 512;
+        let mut tasks = Vec::new();
+        for i in 0..8u8 {
+            let a = a.clone();
+            tasks.push(tokio::spawn(async move {
+                a.write(u64::from(i) * 4096, vec![i; 4096]).await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(a.conn().generation, 1);
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        a.write(0, data.clone()).await.unwrap();
+        assert_eq!(a.read(0, len).await.unwrap(), data);
+    }
+}

@@ -1,0 +1,179 @@
+//! `vmm`: runs one KVM guest.
+//!
+//! ```text
+//! vmm run --kernel vmlinux --disk path=rootfs.ext4,ro --disk path=data.img \
+//!         --cmdline "console=ttyS0 root=/dev/vda ro" --memory 256 --vcpus 2 \
+//!         --serial unix:/tmp/vm.serial --api-socket /tmp/vm.api
+//! vmm run --config vm.toml [flags override the file; --disk flags append]
+//! ```
+//! Exit status: 0 when the guest reset or powered off, or an operator ended it (API shutdown,
+//! SIGTERM, SIGINT); 1 when the VM could not be built; 3 on a guest triple fault; 4 when a
+//! vCPU stopped on a KVM internal error or an unhandled exit (the registers and instruction
+//! bytes are printed on stderr); 5 when an incoming migration failed or was aborted before
+//! the hand-over.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Instant;
+use vmm::vm::{ExitReason, StartMode, Vm};
+use vmm_api::config::{BootProtocol, DiskConfig, SerialConfig, VmConfig};
+
+#[derive(Parser)]
+#[command(name = "vmm", version, about = "A minimal KVM VMM")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a guest and run it until it ends.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// TOML file with the VM configuration (the fields of `vmm_api::config::VmConfig`, vmm/api/src/config.rs).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The VM's name (default `vm`): the lease instance id of its storaged volumes.
+    #[arg(long)]
+    name: Option<String>,
+    /// Uncompressed ELF vmlinux.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initramfs.
+    #[arg(long)]
+    initramfs: Option<PathBuf>,
+    /// Kernel command line (the VMM appends its virtio-mmio devices).
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Guest memory in MiB.
+    #[arg(long)]
+    memory: Option<u64>,
+    /// vCPUs.
+    #[arg(long)]
+    vcpus: Option<u8>,
+    /// Boot protocol.
+    #[arg(long, value_enum)]
+    boot: Option<BootProtocol>,
+    /// A disk: `path=FILE[,ro]` or `storaged=HOST:PORT,volume=NAME,host=ID[,instance=ID][,ro]`.
+    /// Repeat for more; the first is /dev/vda.
+    #[arg(long = "disk")]
+    disks: Vec<DiskConfig>,
+    /// COM1: `stdio`, `none`, `file:PATH` or `unix:PATH`.
+    #[arg(long)]
+    serial: Option<SerialConfig>,
+    /// Path of the API socket.
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// Boot nothing: receive a running guest from another VMM on this `HOST:PORT`
+    /// (`PUT /v1/migration/send` on the source). Give the same VM configuration as the source.
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "restore")]
+    incoming: Option<String>,
+    /// Boot nothing: load this snapshot (`PUT /v1/vm/snapshot`) and run it. Give the same VM
+    /// configuration as when it was taken, with its disks in the state they had then. The
+    /// guest's memory is mapped from the file: do not write into it while the VM runs.
+    #[arg(long, value_name = "FILE")]
+    restore: Option<PathBuf>,
+}
+
+impl RunArgs {
+    fn into_config(self) -> Result<VmConfig> {
+        let mut c = match &self.config {
+            Some(path) => VmConfig::from_toml_file(path)?,
+            None => VmConfig {
+                name: vmm_api::config::default_name(),
+                kernel: self
+                    .kernel
+                    .clone()
+                    .context("--kernel or --config is required")?,
+                initramfs: None,
+                cmdline: String::new(),
+                memory_mib: 256,
+                vcpus: 1,
+                boot: BootProtocol::Auto,
+                disks: Vec::new(),
+                serial: SerialConfig::Stdio,
+                api_socket: None,
+            },
+        };
+        if let Some(n) = self.name {
+            c.name = n;
+        }
+        if let Some(k) = self.kernel {
+            c.kernel = k;
+        }
+        if let Some(i) = self.initramfs {
+            c.initramfs = Some(i);
+        }
+        if let Some(s) = self.cmdline {
+            c.cmdline = s;
+        }
+        if let Some(m) = self.memory {
+            c.memory_mib = m;
+        }
+        if let Some(v) = self.vcpus {
+            c.vcpus = v;
+        }
+        if let Some(b) = self.boot {
+            c.boot = b;
+        }
+        c.disks.extend(self.disks);
+        if let Some(s) = self.serial {
+            c.serial = s;
+        }
+        if let Some(a) = self.api_socket {
+            c.api_socket = Some(a);
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+fn main() {
+    let started = Instant::now();
+    vmhop_common::logging::init(false);
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Run(args) => match run(args, started) {
+            Ok(reason) => report(&reason),
+            Err(e) => {
+                eprintln!("vmm: {e:#}");
+                1
+            }
+        },
+    };
+    std::process::exit(code);
+}
+
+fn run(args: RunArgs, started: Instant) -> Result<ExitReason> {
+    let mode = match (&args.incoming, &args.restore) {
+        (Some(addr), _) => StartMode::Incoming(addr.clone()),
+        (None, Some(path)) => StartMode::Restore(path.clone()),
+        (None, None) => StartMode::Boot,
+    };
+    let config = args.into_config()?;
+    let vm = Vm::build(config, started, mode).context("build the VM")?;
+    Ok(vm.run())
+}
+
+fn report(reason: &ExitReason) -> i32 {
+    let code = reason.exit_code();
+    match reason {
+        ExitReason::GuestReset => eprintln!("vmm: the guest reset the machine; exiting ({code})"),
+        ExitReason::GuestShutdown => eprintln!("vmm: the guest powered off; exiting ({code})"),
+        ExitReason::ApiShutdown => eprintln!("vmm: shut down through the API; exiting ({code})"),
+        ExitReason::Terminated(sig) => eprintln!("vmm: stopped by {sig}; exiting ({code})"),
+        ExitReason::TripleFault(r) => eprintln!("vmm: guest triple fault; exiting ({code})\n{r}"),
+        ExitReason::VcpuFailed(r) => eprintln!("vmm: vCPU failed; exiting ({code})\n{r}"),
+        ExitReason::IncomingFailed(r) => {
+            eprintln!("vmm: incoming migration failed: {r}; exiting ({code})")
+        }
+        ExitReason::IncomingAborted => {
+            eprintln!("vmm: incoming migration aborted; exiting ({code})")
+        }
+    }
+    code
+}

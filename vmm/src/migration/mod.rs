@@ -1,0 +1,52 @@
+//! Live migration between two VMM processes over TCP, and the dirty-page tracking it needs.
+//!
+//! ```text
+//!  source VMM (PUT /v1/migration/send)            destination VMM (vmm run --incoming ADDR)
+//!   connect ───── preamble + HELLO ─────────────►  checks version and VM shape
+//!           ◄──── HELLO reply ────────────────────
+//!   dirty log on; full pass (zero pages skipped)►  pages written into guest memory
+//!   iterations: fetch-and-clear the dirty log,
+//!   send those pages, until the rest fits the
+//!   downtime limit (and stops halving each
+//!   round) or the iteration cap (the throttle
+//!   slows the vCPUs if enabled)
+//!   SYNC ──────────────────────────────────────►  answered once all earlier frames are in
+//!           ◄──── SYNCED ──────────────────────────   memory (the pause then holds no backlog)
+//!   pause vCPUs, drain block I/O, save state
+//!   last dirty pages + STATE ──────────────────►  restores VM, vCPUs, devices (data path off)
+//!           ◄──── READY ──────────────────────────
+//!   COMMIT (pause time) ───────────────────────►  resume: "auto" runs the guest now,
+//!           ◄──── RESUMED (auto only) ────────────          "wait" waits for PUT /v1/vm/resume
+//! ```
+//! Until COMMIT is written the source can resume at any failure (the destination then exits);
+//! after it, the guest belongs to the destination and the source stays paused. The wire format
+//! is in [`wire`]; the source side in [`send`], the destination side in [`receive`].
+
+pub mod dirty;
+pub mod receive;
+pub mod send;
+pub mod wire;
+
+use std::sync::{Arc, Mutex};
+pub(crate) use vmm_api::migration::{
+    MigrationRole, MigrationStatus, Phase, ResumeMode, SendParams,
+};
+
+/// The status shared between a migration thread, the VM loop and the API.
+pub type SharedStatus = Arc<Mutex<MigrationStatus>>;
+
+/// Updates a shared status.
+pub fn update(status: &SharedStatus, f: impl FnOnce(&mut MigrationStatus)) {
+    match status.lock() {
+        Ok(mut s) => f(&mut s),
+        Err(poisoned) => f(&mut poisoned.into_inner()),
+    }
+}
+
+/// A copy of a shared status as it is now.
+pub fn current(status: &SharedStatus) -> MigrationStatus {
+    match status.lock() {
+        Ok(s) => s.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    }
+}

@@ -1,0 +1,396 @@
+//! The migration stream's framing.
+//!
+//! ```text
+//! preamble = "VMHOPMIG" | u32 version            (source -> destination, once)
+//! frame    = u8 kind | u8 0 | u16 0 | u32 length | u32 CRC-32 of the payload | payload
+//! ```
+//! Kinds and payloads (JSON unless said otherwise):
+//! | kind | dir | payload                                                        |
+//! |------|-----|----------------------------------------------------------------|
+//! | 1 HELLO    | s->d | [`Hello`]: the VM's shape, resume mode                |
+//! | 2 REPLY    | d->s | [`Reply`]: ok or the reason for refusing              |
+//! | 3 PAGES    | s->d | binary: entries `u64 address|flags` (+ 4096 bytes of data unless flag ZERO) |
+//! | 4 PROGRESS | s->d | [`Progress`]: iteration and bytes left (for the destination's status) |
+//! | 5 STATE    | s->d | binary: a [`crate::state`] envelope                   |
+//! | 6 READY    | d->s | [`Reply`]: the state is loaded (or why not)           |
+//! | 7 COMMIT   | s->d | [`Commit`]: the guest is the destination's            |
+//! | 8 ABORT    | s->d | [`Reply`] with the reason                             |
+//! | 9 RESUMED  | d->s | [`Resumed`]: when the destination's vCPUs ran (auto)  |
+//! | 10 SYNC    | s->d | empty: answer once everything before is in memory     |
+//! | 11 SYNCED  | d->s | empty: the answer to SYNC                             |
+//! Little-endian throughout. A frame whose checksum does not match, an unknown kind, or a
+//! length above [`MAX_FRAME`] ends the stream with an error.
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::io::{Read, Write};
+use thiserror::Error;
+
+/// First bytes of a stream.
+pub const MAGIC: &[u8; 8] = b"VMHOPMIG";
+/// Stream version.
+pub const VERSION: u32 = 1;
+/// Largest frame payload.
+pub const MAX_FRAME: u32 = 64 << 20;
+/// Flag in a page entry's address: the page is all zeroes and no data follows.
+pub const PAGE_ZERO: u64 = 1;
+
+/// Frame kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// Source's greeting.
+    Hello = 1,
+    /// Destination's answer to HELLO.
+    Reply = 2,
+    /// Memory pages.
+    Pages = 3,
+    /// Pre-copy progress.
+    Progress = 4,
+    /// The saved state.
+    State = 5,
+    /// Destination loaded the state.
+    Ready = 6,
+    /// The hand-over.
+    Commit = 7,
+    /// The source gives up.
+    Abort = 8,
+    /// The destination ran the guest.
+    Resumed = 9,
+    /// Source asks the destination to catch up.
+    Sync = 10,
+    /// Destination caught up.
+    Synced = 11,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Option<Kind> {
+        Some(match v {
+            1 => Kind::Hello,
+            2 => Kind::Reply,
+            3 => Kind::Pages,
+            4 => Kind::Progress,
+            5 => Kind::State,
+            6 => Kind::Ready,
+            7 => Kind::Commit,
+            8 => Kind::Abort,
+            9 => Kind::Resumed,
+            10 => Kind::Sync,
+            11 => Kind::Synced,
+            _ => return None,
+        })
+    }
+}
+
+/// Errors on the stream.
+#[derive(Debug, Error)]
+pub enum WireError {
+    /// The connection failed or closed.
+    #[error("migration stream I/O")]
+    Io(#[from] std::io::Error),
+    /// Not a migration stream.
+    #[error("not a vmhop migration stream (preamble {0:02x?})")]
+    Magic(Vec<u8>),
+    /// A stream of another version.
+    #[error("migration stream version {0}; this VMM speaks version {VERSION}")]
+    Version(u32),
+    /// A frame's checksum does not match.
+    #[error("migration stream corrupt: frame {0} ({1:?}) checksum {2:#010x}, computed {3:#010x}")]
+    Checksum(u64, Kind, u32, u32),
+    /// Unknown frame kind or a bad header.
+    #[error("migration stream corrupt: frame {0}: {1}")]
+    Frame(u64, String),
+    /// A frame that is not valid here.
+    #[error("migration stream: unexpected {0:?} frame ({1})")]
+    Unexpected(Kind, &'static str),
+    /// A JSON payload that does not decode.
+    #[error("migration stream: bad {0:?} payload")]
+    Json(Kind, #[source] serde_json::Error),
+}
+
+/// HELLO.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The VM's name on the source.
+    pub name: String,
+    /// Its shape; the destination must have the same.
+    pub shape: crate::state::Shape,
+    /// When the destination runs the guest.
+    pub resume: vmm_api::migration::ResumeMode,
+}
+
+/// REPLY, READY and ABORT.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    /// Accepted.
+    pub ok: bool,
+    /// Otherwise why not.
+    pub error: Option<String>,
+}
+
+/// PROGRESS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Iteration just finished (0 = full pass).
+    pub iteration: u64,
+    /// Dirty bytes the source still has to send.
+    pub bytes_remaining: u64,
+}
+
+/// COMMIT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Commit {
+    /// Wall-clock microseconds when the source's last vCPU paused.
+    pub paused_at_us: u64,
+    /// Wall-clock microseconds when the source started the migration.
+    pub started_at_us: u64,
+}
+
+/// RESUMED.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resumed {
+    /// Wall-clock microseconds when the destination's first vCPU ran.
+    pub resumed_at_us: u64,
+}
+
+/// Writes the preamble.
+pub fn write_preamble(w: &mut impl Write) -> Result<(), WireError> {
+    let mut p = [0u8; 12];
+    p[..8].copy_from_slice(MAGIC);
+    p[8..].copy_from_slice(&VERSION.to_le_bytes());
+    w.write_all(&p)?;
+    Ok(())
+}
+
+/// Reads and checks the preamble.
+pub fn read_preamble(r: &mut impl Read) -> Result<(), WireError> {
+    let mut p = [0u8; 12];
+    r.read_exact(&mut p)?;
+    if &p[..8] != MAGIC {
+        return Err(WireError::Magic(p[..8].to_vec()));
+    }
+    let v = u32::from_le_bytes(p[8..].try_into().expect("4 bytes"));
+    if v != VERSION {
+        return Err(WireError::Version(v));
+    }
+    Ok(())
+}
+
+/// Writes one frame.
+pub fn write_frame(w: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<(), WireError> {
+    let mut h = [0u8; 12];
+    h[0] = kind as u8;
+    h[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    h[8..12].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    w.write_all(&h)?;
+    w.write_all(payload)?;
+    Ok(())
+}
+
+/// Writes a frame with a JSON payload.
+pub fn write_json(w: &mut impl Write, kind: Kind, v: &impl Serialize) -> Result<(), WireError> {
+    let payload = serde_json::to_vec(v).map_err(|e| WireError::Json(kind, e))?;
+    write_frame(w, kind, &payload)
+}
+
+/// Reads frames, counting them for error messages.
+pub struct FrameReader<R> {
+    inner: R,
+    frames: u64,
+    /// Payload bytes read so far.
+    pub bytes: u64,
+}
+
+impl<R: Read> FrameReader<R> {
+    /// Frames from `inner`.
+    pub fn new(inner: R) -> FrameReader<R> {
+        FrameReader {
+            inner,
+            frames: 0,
+            bytes: 0,
+        }
+    }
+
+    /// The underlying reader.
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
+    }
+
+    /// Reads one frame into `buf` and returns its kind.
+    pub fn read(&mut self, buf: &mut Vec<u8>) -> Result<Kind, WireError> {
+        let n = self.frames;
+        self.frames += 1;
+        let mut h = [0u8; 12];
+        self.inner.read_exact(&mut h)?;
+        let kind = Kind::from_u8(h[0])
+            .ok_or_else(|| WireError::Frame(n, format!("unknown frame kind {}", h[0])))?;
+        if h[1..4] != [0, 0, 0] {
+            return Err(WireError::Frame(
+                n,
+                "reserved header bytes are not zero".into(),
+            ));
+        }
+        let len = u32::from_le_bytes(h[4..8].try_into().expect("4 bytes"));
+        if len > MAX_FRAME {
+            return Err(WireError::Frame(
+                n,
+                format!("length {len} above {MAX_FRAME}"),
+            ));
+        }
+        let stored = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
+        buf.resize(len as usize, 0);
+        self.inner.read_exact(buf)?;
+        self.bytes += 12 + u64::from(len);
+        let computed = crc32fast::hash(buf);
+        if computed != stored {
+            return Err(WireError::Checksum(n, kind, stored, computed));
+        }
+        Ok(kind)
+    }
+
+    /// Reads one frame of kind `want` with a JSON payload.
+    pub fn read_json<T: DeserializeOwned>(
+        &mut self,
+        want: Kind,
+        context: &'static str,
+    ) -> Result<T, WireError> {
+        let mut buf = Vec::new();
+        let kind = self.read(&mut buf)?;
+        if kind != want {
+            return Err(WireError::Unexpected(kind, context));
+        }
+        serde_json::from_slice(&buf).map_err(|e| WireError::Json(kind, e))
+    }
+}
+
+/// Decodes a JSON payload.
+pub fn json<T: DeserializeOwned>(kind: Kind, buf: &[u8]) -> Result<T, WireError> {
+    serde_json::from_slice(buf).map_err(|e| WireError::Json(kind, e))
+}
+
+/// Builds PAGES payloads of at most `max` bytes.
+pub struct PageBatch {
+    buf: Vec<u8>,
+    max: usize,
+    /// Pages with data in the batch.
+    pub pages: u64,
+    /// Zero markers in the batch.
+    pub zeroes: u64,
+}
+
+impl PageBatch {
+    /// An empty batch.
+    pub fn new(max: usize) -> PageBatch {
+        PageBatch {
+            buf: Vec::with_capacity(max + 4096 + 8),
+            max,
+            pages: 0,
+            zeroes: 0,
+        }
+    }
+
+    /// Adds a page with data.
+    pub fn push(&mut self, addr: u64, data: &[u8]) {
+        self.buf.extend_from_slice(&addr.to_le_bytes());
+        self.buf.extend_from_slice(data);
+        self.pages += 1;
+    }
+
+    /// Adds a zero page marker.
+    pub fn push_zero(&mut self, addr: u64) {
+        self.buf
+            .extend_from_slice(&(addr | PAGE_ZERO).to_le_bytes());
+        self.zeroes += 1;
+    }
+
+    /// The batch is full.
+    pub fn full(&self) -> bool {
+        self.buf.len() >= self.max
+    }
+
+    /// Sends the batch if not empty and empties it; returns the bytes written.
+    pub fn flush(&mut self, w: &mut impl Write) -> Result<u64, WireError> {
+        if self.buf.is_empty() {
+            return Ok(0);
+        }
+        write_frame(w, Kind::Pages, &self.buf)?;
+        let n = 12 + self.buf.len() as u64;
+        self.buf.clear();
+        Ok(n)
+    }
+}
+
+/// Walks a PAGES payload: calls `page(addr, Some(data))` or `page(addr, None)` for a zero page.
+pub fn parse_pages(
+    payload: &[u8],
+    mut page: impl FnMut(u64, Option<&[u8]>) -> Result<(), String>,
+) -> Result<(), String> {
+    let mut at = 0;
+    while at < payload.len() {
+        let Some(head) = payload.get(at..at + 8) else {
+            return Err(format!("page entry header cut at byte {at}"));
+        };
+        let v = u64::from_le_bytes(head.try_into().expect("8 bytes"));
+        at += 8;
+        let addr = v & !(crate::memory::PAGE_SIZE as u64 - 1);
+        if v & PAGE_ZERO != 0 {
+            page(addr, None)?;
+        } else {
+            let Some(data) = payload.get(at..at + crate::memory::PAGE_SIZE) else {
+                return Err(format!("page {addr:#x}: data cut at byte {at}"));
+            };
+            at += crate::memory::PAGE_SIZE;
+            page(addr, Some(data))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_corruption_is_caught() {
+        let mut out = Vec::new();
+        write_preamble(&mut out).unwrap();
+        let mut b = PageBatch::new(1 << 20);
+        b.push(0x1000, &[7u8; 4096]);
+        b.push_zero(0x3000);
+        b.flush(&mut out).unwrap();
+        write_json(&mut out, Kind::Progress, &Progress::default()).unwrap();
+
+        let mut r = FrameReader::new(&out[..]);
+        read_preamble(r.get_mut()).unwrap();
+        let mut buf = Vec::new();
+        assert_eq!(r.read(&mut buf).unwrap(), Kind::Pages);
+        let mut seen = Vec::new();
+        parse_pages(&buf, |a, d| {
+            seen.push((a, d.map(|d| d[0])));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, vec![(0x1000, Some(7)), (0x3000, None)]);
+        let _: Progress = r.read_json(Kind::Progress, "test").unwrap();
+
+        let mut bad = out.clone();
+        bad[12 + 12 + 100] ^= 1;
+        let mut r = FrameReader::new(&bad[..]);
+        read_preamble(r.get_mut()).unwrap();
+        assert!(matches!(
+            r.read(&mut buf),
+            Err(WireError::Checksum(0, Kind::Pages, ..))
+        ));
+
+        let mut v2 = out.clone();
+        v2[8] = 9;
+        assert!(matches!(
+            read_preamble(&mut &v2[..]),
+            Err(WireError::Version(9))
+        ));
+        assert!(matches!(
+            read_preamble(&mut &b"GET / HTTP/1.1\r\n"[..]),
+            Err(WireError::Magic(_))
+        ));
+        assert!(parse_pages(&[1, 2, 3], |_, _| Ok(())).is_err());
+    }
+}

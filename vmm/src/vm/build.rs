@@ -1,0 +1,310 @@
+//! Building a VM: KVM checks, memory, devices, vCPUs, in the order the module docs of
+//! [`super`] give.
+
+use super::{Role, StartMode, Vm, VmError, VmEvent, KVM_API_VERSION};
+use crate::api;
+use crate::boot;
+use crate::bus::Bus;
+use crate::cpuid;
+use crate::devices::i8042::{I8042, I8042_PORT_BASE, I8042_PORT_LEN};
+use crate::devices::serial::{
+    start_console, ConsoleOut, InputEvents, SerialDevice, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN,
+};
+use crate::devices::virtio::block::{Backend, Block, FileBackend, StoragedBackend};
+use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+use crate::devices::virtio::VirtioInterrupt;
+use crate::devices::IrqLine;
+use crate::memory::{self, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use crate::state::Shape;
+use crate::vcpu::regs;
+use crate::vcpu::VcpuShared;
+use crate::vcpu::{kick, Vcpu};
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use vmm_api::config::VmConfig;
+use vmm_api::migration::MigrationStatus;
+use vmm_api::vm::RunState;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// IRQ lines for disks, in order: ISA lines not taken by legacy devices, then the I/O APIC's
+/// upper pins.
+const DISK_IRQS: [u32; vmm_api::config::MAX_DISKS] =
+    [5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21];
+
+fn check_kvm(kvm: &Kvm) -> Result<(), VmError> {
+    let v = kvm.get_api_version();
+    if v != KVM_API_VERSION {
+        return Err(VmError::KvmVersion(v));
+    }
+    for cap in [
+        Cap::Irqchip,
+        Cap::UserMemory,
+        Cap::Ioeventfd,
+        Cap::Irqfd,
+        Cap::Pit2,
+        Cap::ImmediateExit,
+        Cap::ExtCpuid,
+        Cap::SetTssAddr,
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::MissingCap(cap));
+        }
+    }
+    Ok(())
+}
+
+fn irq_line(vm_fd: &VmFd, gsi: u32) -> Result<IrqLine, VmError> {
+    let evt = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
+    vm_fd
+        .register_irqfd(&evt, gsi)
+        .map_err(|e| VmError::Kvm("KVM_IRQFD", e))?;
+    Ok(IrqLine { evt, gsi })
+}
+
+impl Vm {
+    /// Builds the VM and starts its vCPUs (paused unless it boots). `started` is when the
+    /// process began.
+    pub fn build(config: VmConfig, started: Instant, mode: StartMode) -> Result<Vm, VmError> {
+        config.validate()?;
+        kick::install_handler().map_err(VmError::Signal)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("vmm-io")
+            .enable_all()
+            .build()
+            .map_err(VmError::Runtime)?;
+        let (events_tx, events) = std::sync::mpsc::channel();
+
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        check_kvm(&kvm)?;
+        let vm_fd = kvm
+            .create_vm()
+            .map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
+        vm_fd
+            .set_tss_address(memory::KVM_TSS_ADDR)
+            .map_err(|e| VmError::Kvm("KVM_SET_TSS_ADDR", e))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(|e| VmError::Kvm("KVM_CREATE_IRQCHIP", e))?;
+        vm_fd
+            .create_pit2(kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            })
+            .map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
+
+        let (mem, memfd, snapshot_state) = match &mode {
+            StartMode::Restore(path) => {
+                let (mem, st) =
+                    crate::snapshot::open(path, config.memory_mib).map_err(VmError::Restore)?;
+                (mem, None, Some(st))
+            }
+            _ => {
+                let (mem, fd) = memory::create_guest_memory(config.memory_mib)?;
+                (mem, Some(fd), None)
+            }
+        };
+        memory::register_slots(&vm_fd, &mem, false)
+            .map_err(|e| VmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+
+        let mut pio = Bus::default();
+        let (console_tx, console_rx) = std::sync::mpsc::channel();
+        let fifo_empty = EventFd::new(0).map_err(VmError::EventFd)?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            irq_line(&vm_fd, COM1_IRQ)?,
+            InputEvents {
+                fifo_empty: fifo_empty.try_clone().map_err(VmError::EventFd)?,
+            },
+            ConsoleOut(console_tx),
+            matches!(mode, StartMode::Boot),
+        )));
+        start_console(&config.serial, console_rx, serial.clone(), &fifo_empty)?;
+        pio.insert(serial.clone(), COM1_PORT_BASE, COM1_PORT_LEN)?;
+        pio.insert(
+            Arc::new(Mutex::new(I8042::new(events_tx.clone()))),
+            I8042_PORT_BASE,
+            I8042_PORT_LEN,
+        )?;
+
+        let mut mmio = Bus::default();
+        let mut announced = Vec::new();
+        let mut disks = Vec::new();
+        for (i, disk) in config.disks.iter().enumerate() {
+            let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
+            let irq = DISK_IRQS[i];
+            let name = disk.describe();
+            let backend = match (&disk.path, &disk.storaged) {
+                (Some(path), _) => Backend::File(
+                    FileBackend::open(path, disk.read_only)
+                        .map_err(|e| VmError::Disk(name.clone(), e))?,
+                ),
+                (None, Some(volume)) => Backend::Storaged(
+                    runtime
+                        .block_on(StoragedBackend::connect(volume, &config.name))
+                        .map_err(|e| VmError::Disk(name.clone(), e))?,
+                ),
+                (None, None) => {
+                    return Err(VmError::DiskUnsupported(name, "neither path nor storaged"))
+                }
+            };
+            let read_only = disk.read_only || backend.read_only();
+            let id = format!("vmhop-disk{i}");
+            let block = Block::new(backend, read_only, &id, runtime.handle().clone());
+            let interrupt = Arc::new(VirtioInterrupt::new(irq_line(&vm_fd, irq)?));
+            let notify = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
+            // Queue 0's notification: KVM signals the eventfd on a 4-byte write of 0 to
+            // QueueNotify without leaving the kernel.
+            vm_fd
+                .register_ioevent(
+                    &notify,
+                    &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
+                    0u32,
+                )
+                .map_err(|e| VmError::Kvm("KVM_IOEVENTFD", e))?;
+            let transport = Arc::new(Mutex::new(MmioTransport::new(
+                Box::new(block),
+                mem.clone(),
+                interrupt,
+                vec![notify],
+            )));
+            mmio.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
+            disks.push(transport);
+            announced.push((base, VIRTIO_MMIO_SIZE, irq));
+            tracing::info!(disk = %name, base, irq, read_only, "disk");
+        }
+
+        let booting = matches!(mode, StartMode::Boot);
+        let mut entry = None;
+        let mut cmdline = config.cmdline.clone();
+        if booting {
+            let loaded = boot::load(
+                &mem,
+                &config.kernel,
+                config.initramfs.as_deref(),
+                &config.cmdline,
+                &announced,
+                config.vcpus,
+                config.boot,
+            )?;
+            tracing::info!(entry = ?loaded.entry, cmdline = %loaded.cmdline, "kernel loaded");
+            entry = Some(loaded.entry);
+            cmdline = loaded.cmdline;
+        }
+
+        let supported = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| VmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+        let msr_list = kvm
+            .get_msr_index_list()
+            .map_err(|e| VmError::Kvm("KVM_GET_MSR_INDEX_LIST", e))?
+            .as_slice()
+            .to_vec();
+        let vcpu_shared = Arc::new(VcpuShared {
+            msr_list,
+            ..Default::default()
+        });
+        let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+        let mut vcpu_fds = Vec::new();
+        for i in 0..config.vcpus {
+            let fd = vm_fd
+                .create_vcpu(u64::from(i))
+                .map_err(|e| VmError::Kvm("KVM_CREATE_VCPU", e))?;
+            fd.set_cpuid2(&cpuid::vcpu_cpuid(&supported, i, config.vcpus)?)
+                .map_err(|e| VmError::Kvm("KVM_SET_CPUID2", e))?;
+            regs::setup_common(&fd)?;
+            if let (0, Some(entry)) = (i, entry) {
+                regs::setup_boot_vcpu(&fd, &mem, entry)?;
+            }
+            vcpu_fds.push(fd);
+        }
+
+        let api_tx = events_tx.clone();
+        let mut api_server = None;
+        if let Some(path) = &config.api_socket {
+            let _guard = runtime.enter();
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+            let server = api::bind(path, api_tx, stop_rx)?;
+            api_server = Some((stop_tx, runtime.spawn(server)));
+        }
+        let sig_tx = events_tx.clone();
+        runtime.spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
+            };
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            let _ = sig_tx.send(VmEvent::Terminate(name));
+        });
+
+        let mut vcpus = Vec::new();
+        for (i, fd) in vcpu_fds.into_iter().enumerate() {
+            let vcpu = Vcpu::new(
+                i as u8,
+                fd,
+                pio.clone(),
+                mmio.clone(),
+                mem.clone(),
+                events_tx.clone(),
+                started,
+                vcpu_shared.clone(),
+            );
+            vcpus.push(vcpu.spawn(!booting)?);
+        }
+        let mut vm = Vm {
+            config,
+            _kvm: kvm,
+            vm_fd: Arc::new(vm_fd),
+            mem,
+            memfd,
+            serial,
+            disks,
+            vcpu_shared,
+            vcpus,
+            events,
+            events_tx,
+            runtime: Some(runtime),
+            state: if booting {
+                RunState::Running
+            } else {
+                RunState::Paused
+            },
+            cmdline,
+            started,
+            role: Role::Own,
+            migration: Arc::new(Mutex::new(MigrationStatus::default())),
+            sending: None,
+            source_paused_at_us: 0,
+            source_started_at_us: 0,
+            api_server,
+        };
+        match mode {
+            StartMode::Boot => {}
+            StartMode::Incoming(addr) => vm.listen(&addr)?,
+            StartMode::Restore(path) => {
+                let st = snapshot_state.expect("restore mode has a state");
+                if let Err(e) = vm.load_state(st).and_then(|_| vm.resume_here()) {
+                    vm.stop();
+                    return Err(VmError::LoadState(e));
+                }
+                tracing::info!(snapshot = %path.display(), "restored and running");
+            }
+        }
+        Ok(vm)
+    }
+
+    pub(super) fn shape(&self) -> Shape {
+        Shape {
+            memory_mib: self.config.memory_mib,
+            vcpus: self.config.vcpus,
+            disks: self.config.disks.len(),
+        }
+    }
+}

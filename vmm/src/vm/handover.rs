@@ -1,0 +1,299 @@
+//! Moving the guest: saving and loading the whole state, and the control loop's side of an
+//! outgoing or incoming migration (the streams themselves are [`crate::migration`]).
+
+use super::{lock, Role, Sending, Vm, VmError, VCPU_ACK_TIMEOUT};
+use crate::api::ApiResponse;
+use crate::migration::dirty::DirtyLog;
+use crate::migration::receive::{CommitDone, DestCtx};
+use crate::migration::send::{Outcome, SourceCtx, StopCopy};
+use crate::migration::wire::Commit;
+use crate::migration::{self, MigrationRole, MigrationStatus, Phase, ResumeMode, SendParams};
+use crate::state::{self, KvmVmState, VmState};
+use crate::vcpu::wall_us;
+use crate::vcpu::VcpuCommand;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use vmhop_common::error::chain as error_chain;
+use vmm_api::vm::RunState;
+
+impl Vm {
+    /// Destination: binds the stream listener and starts the receiving thread.
+    pub(super) fn listen(&mut self, addr: &str) -> Result<(), VmError> {
+        let listener =
+            std::net::TcpListener::bind(addr).map_err(|e| VmError::Listen(addr.to_string(), e))?;
+        tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            "waiting for an incoming migration");
+        self.role = Role::Incoming;
+        migration::update(&self.migration, |s| {
+            s.role = MigrationRole::Destination;
+            s.phase = Phase::Idle;
+        });
+        let ctx = DestCtx {
+            listener,
+            shape: self.shape(),
+            mem: self.mem.clone(),
+            status: self.migration.clone(),
+            events: self.events_tx.clone(),
+        };
+        std::thread::Builder::new()
+            .name("mig-receive".into())
+            .spawn(move || migration::receive::run(ctx))
+            .map_err(|e| VmError::Listen(addr.to_string(), e))?;
+        Ok(())
+    }
+
+    /// Pauses the guest, drains every device and saves the whole state (see
+    /// [`crate::state`] and [`crate::vcpu::state`] for the order of the KVM calls). Returns
+    /// the state and when the vCPUs stopped. On failure the VM is as it was.
+    pub(super) fn pause_and_save(&mut self) -> Result<(VmState, u64), String> {
+        let was_running = self.state == RunState::Running;
+        let paused_at = self.pause_vcpus()?;
+        let saved = self.save_paused();
+        if saved.is_err() {
+            let r = if was_running {
+                self.resume_here()
+            } else {
+                self.restart_data_paths()
+            };
+            if let Err(e) = r {
+                tracing::error!(error = %e, "could not resume after a failed save");
+            }
+        }
+        saved.map(|st| (st, paused_at))
+    }
+
+    pub(super) fn save_paused(&mut self) -> Result<VmState, String> {
+        let t = Instant::now();
+        for d in &self.disks {
+            lock(d).quiesce().map_err(|e| error_chain(&e))?;
+        }
+        let drained_us = t.elapsed().as_micros() as u64;
+        let kvm = KvmVmState::save(&self.vm_fd).map_err(|e| error_chain(&e))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        for v in &self.vcpus {
+            v.send(VcpuCommand::Save(tx.clone()))
+                .map_err(|e| error_chain(&e))?;
+        }
+        let mut vcpus = Vec::new();
+        for _ in &self.vcpus {
+            let r = rx
+                .recv_timeout(VCPU_ACK_TIMEOUT)
+                .map_err(|_| "a vCPU did not save its state in time".to_string())?;
+            vcpus.push(*r?);
+        }
+        vcpus.sort_by_key(|v| v.index);
+        let serial = lock(&self.serial).save();
+        let mut disks = Vec::new();
+        for d in &self.disks {
+            disks.push(lock(d).save()?);
+        }
+        tracing::info!(
+            drained_us,
+            total_us = t.elapsed().as_micros() as u64,
+            "vm state saved"
+        );
+        Ok(VmState {
+            shape: self.shape(),
+            kvm,
+            vcpus,
+            serial,
+            disks,
+        })
+    }
+
+    /// Loads a saved state into this VM, whose vCPUs have never run; the data paths stay
+    /// stopped until [`Self::resume_here`].
+    pub(super) fn load_state(&mut self, st: VmState) -> Result<(), String> {
+        let t = Instant::now();
+        st.check_shape(&self.shape()).map_err(|e| error_chain(&e))?;
+        st.kvm.restore(&self.vm_fd).map_err(|e| error_chain(&e))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        for (v, saved) in self.vcpus.iter().zip(st.vcpus) {
+            v.send(VcpuCommand::Restore(Box::new(saved), tx.clone()))
+                .map_err(|e| error_chain(&e))?;
+        }
+        for _ in &self.vcpus {
+            rx.recv_timeout(VCPU_ACK_TIMEOUT)
+                .map_err(|_| "a vCPU did not load its state in time".to_string())??;
+        }
+        {
+            let mut serial = lock(&self.serial);
+            serial.restore(&st.serial)?;
+            serial.open_input();
+        }
+        for (i, (d, saved)) in self.disks.iter().zip(&st.disks).enumerate() {
+            lock(d)
+                .restore(saved)
+                .map_err(|e| format!("disk {i}: {e}"))?;
+        }
+        tracing::info!(took_us = t.elapsed().as_micros() as u64, "vm state loaded");
+        Ok(())
+    }
+
+    pub(super) fn start_migration(&mut self, params: SendParams) -> Result<ApiResponse, String> {
+        params.validate().map_err(|e| e.to_string())?;
+        if self.role != Role::Own {
+            return Ok(ApiResponse::Refused(format!(
+                "a migration is already under way or done here ({:?})",
+                self.role
+            )));
+        }
+        let abort = Arc::new(AtomicBool::new(false));
+        let stream = Arc::new(Mutex::new(None));
+        *lock(&self.migration) = MigrationStatus {
+            role: MigrationRole::Source,
+            phase: Phase::Precopy,
+            ..Default::default()
+        };
+        let ctx = SourceCtx {
+            params: params.clone(),
+            name: self.config.name.clone(),
+            shape: self.shape(),
+            mem: self.mem.clone(),
+            private_memory: self.memfd.is_none(),
+            dirty: DirtyLog::new(self.vm_fd.clone(), self.mem.clone()),
+            status: self.migration.clone(),
+            abort: abort.clone(),
+            stream: stream.clone(),
+            events: self.events_tx.clone(),
+            kickers: self.vcpus.iter().filter_map(|v| v.kicker()).collect(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("mig-send".into())
+            .spawn(move || migration::send::run(ctx))
+            .map_err(|e| format!("start the migration thread: {e}"))?;
+        tracing::info!(destination = %params.destination, downtime_limit_ms = params.downtime_limit_ms,
+            max_iterations = params.max_iterations, throttle = params.throttle,
+            resume = %params.resume, "migration started");
+        self.sending = Some(Sending {
+            abort,
+            stream,
+            thread: Some(thread),
+            paused: false,
+            auto: params.resume == ResumeMode::Auto,
+        });
+        self.role = Role::Sending;
+        Ok(ApiResponse::Accepted(migration::current(&self.migration)))
+    }
+
+    pub(super) fn abort_sending(&mut self) {
+        if let Some(s) = &self.sending {
+            s.abort.store(true, Ordering::SeqCst);
+            if let Some(stream) = lock(&s.stream).as_ref() {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+
+    pub(super) fn on_migration_stop(&mut self) -> Result<StopCopy, String> {
+        let Some(sending) = &self.sending else {
+            return Err("no migration".into());
+        };
+        if sending.abort.load(Ordering::SeqCst) {
+            return Err("aborted on request".into());
+        }
+        let was_running = self.state == RunState::Running;
+        let (st, paused_at_us) = self.pause_and_save()?;
+        if let Some(s) = &mut self.sending {
+            s.paused = was_running;
+        }
+        let state = state::encode(&st).map_err(|e| error_chain(&e))?;
+        Ok(StopCopy {
+            state,
+            paused_at_us,
+        })
+    }
+
+    pub(super) fn on_migration_ended(&mut self, outcome: Outcome) {
+        let Some(mut sending) = self.sending.take() else {
+            return;
+        };
+        if let Some(t) = sending.thread.take() {
+            let _ = t.join();
+        }
+        match outcome {
+            Outcome::HandedOver => {
+                self.role = if sending.auto {
+                    Role::Gone
+                } else {
+                    Role::HandedOver
+                };
+            }
+            Outcome::NotHandedOver => {
+                self.role = Role::Own;
+                // The guest runs again as it did before: the data paths restart, and the vCPUs
+                // if the stop-and-copy paused them (an operator's pause stays).
+                let r = if sending.paused {
+                    self.resume_here()
+                } else {
+                    self.restart_data_paths()
+                };
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "could not resume the guest after the failed migration");
+                }
+            }
+        }
+    }
+
+    pub(super) fn restart_data_paths(&self) -> Result<(), String> {
+        for d in &self.disks {
+            lock(d).unquiesce().map_err(|e| error_chain(&e))?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn on_incoming_state(&mut self, bytes: &[u8]) -> Result<(), String> {
+        if self.role != Role::Incoming {
+            return Err(format!("unexpected state (role {:?})", self.role));
+        }
+        let st = state::decode(bytes).map_err(|e| error_chain(&e))?;
+        self.load_state(st)?;
+        self.role = Role::Loaded;
+        Ok(())
+    }
+
+    pub(super) fn on_incoming_commit(
+        &mut self,
+        c: Commit,
+        auto: bool,
+    ) -> Result<CommitDone, String> {
+        if self.role != Role::Loaded {
+            return Err(format!("unexpected commit (role {:?})", self.role));
+        }
+        self.source_paused_at_us = c.paused_at_us;
+        self.source_started_at_us = c.started_at_us;
+        if !auto {
+            self.role = Role::Committed;
+            migration::update(&self.migration, |s| s.phase = Phase::HandedOver);
+            tracing::info!("migration handed over; waiting for PUT /v1/vm/resume");
+            return Ok(CommitDone { resumed_at_us: 0 });
+        }
+        self.finish_incoming()
+    }
+
+    /// Destination: runs the guest and records the final figures.
+    pub(super) fn finish_incoming(&mut self) -> Result<CommitDone, String> {
+        self.resume_here()?;
+        self.role = Role::Own;
+        let resumed_at_us = match self.vcpu_shared.resumed_at_us.load(Ordering::SeqCst) {
+            0 => wall_us(),
+            t => t,
+        };
+        let downtime_us = resumed_at_us.saturating_sub(self.source_paused_at_us);
+        let total_ms = resumed_at_us.saturating_sub(self.source_started_at_us) / 1000;
+        migration::update(&self.migration, |s| {
+            s.phase = Phase::Completed;
+            s.downtime_us = downtime_us;
+            s.downtime_ms = downtime_us.div_ceil(1000);
+            s.total_ms = total_ms;
+            s.bytes_remaining = 0;
+        });
+        tracing::info!(
+            downtime_us,
+            total_ms,
+            "incoming migration completed; the guest runs here"
+        );
+        Ok(CommitDone { resumed_at_us })
+    }
+}

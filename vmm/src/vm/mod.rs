@@ -1,0 +1,501 @@
+//! The VM: built from a [`VmConfig`], then driven by one control loop that owns all state
+//! changes. vCPU threads, devices, the API server and signal handlers only send [`VmEvent`]s.
+//!
+//! Order of KVM calls while building (the order matters):
+//! 1. `KVM_CREATE_VM`, then `KVM_SET_TSS_ADDR` (Intel needs it before any vCPU runs).
+//! 2. `KVM_CREATE_IRQCHIP` before any vCPU exists: each vCPU gets its in-kernel LAPIC only
+//!    when the irqchip is already there. Then `KVM_CREATE_PIT2`, which needs the irqchip.
+//! 3. `KVM_SET_USER_MEMORY_REGION` for each RAM region.
+//! 4. Devices: `KVM_IRQFD` for each interrupt line (needs the irqchip), `KVM_IOEVENTFD` for each
+//!    virtio queue's notify register.
+//! 5. The kernel and boot structures are written into guest memory.
+//! 6. `KVM_CREATE_VCPU` and each vCPU's setup (see [`crate::vcpu::regs`] for its own order),
+//!    then the vCPU threads start.
+//!
+//! A VM started for an incoming migration (or from a snapshot) skips step 5 and the boot
+//! registers: its vCPU threads start paused, and the saved state replaces everything, in the
+//! order given in [`crate::state`] (VM-wide) and [`crate::vcpu::state`] (per vCPU).
+
+mod build;
+mod handover;
+
+use crate::api::{self, ApiRequest, ApiResponse};
+use crate::boot::BootError;
+use crate::bus::BusError;
+use crate::cpuid::CpuidError;
+use crate::devices::serial::{ConsoleError, SerialDevice};
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::memory::{GuestMem, MemoryError};
+use crate::migration::receive::CommitDone;
+use crate::migration::send::{Outcome, StopCopy};
+use crate::migration::wire::Commit;
+use crate::migration::{self, Phase, SharedStatus};
+use crate::vcpu::regs::RegsError;
+use crate::vcpu::{wall_us, VcpuShared};
+use crate::vcpu::{VcpuCommand, VcpuError, VcpuHandle, VcpuState};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use std::fs::File;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use vmhop_common::error::chain as error_chain;
+use vmm_api::config::{ConfigError, VmConfig};
+use vmm_api::vm::{DiskInfo, RunState, VmInfo};
+
+/// How long the API server may take to finish the answers in progress at exit.
+const API_DRAIN: Duration = Duration::from_secs(2);
+/// How long a vCPU may take to acknowledge pause, resume or exit.
+pub const VCPU_ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// KVM's API version this code is written for.
+const KVM_API_VERSION: i32 = 12;
+
+/// Errors while building or running the VM.
+#[derive(Debug, Error)]
+pub enum VmError {
+    /// The configuration is invalid.
+    #[error("configuration")]
+    Config(#[from] ConfigError),
+    /// /dev/kvm could not be opened.
+    #[error("open /dev/kvm")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// The KVM API version is not the one this VMM speaks.
+    #[error("KVM API version {0}, expected {KVM_API_VERSION}")]
+    KvmVersion(i32),
+    /// A KVM capability the VMM depends on is missing.
+    #[error("KVM lacks {0:?}")]
+    MissingCap(Cap),
+    /// A VM-level KVM ioctl failed.
+    #[error("{0}")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// Guest memory.
+    #[error("guest memory")]
+    Memory(#[from] MemoryError),
+    /// Boot preparation.
+    #[error("boot")]
+    Boot(#[from] BootError),
+    /// vCPU register setup.
+    #[error("vCPU setup")]
+    Regs(#[from] RegsError),
+    /// CPUID policy.
+    #[error("CPUID")]
+    Cpuid(#[from] CpuidError),
+    /// Device layout.
+    #[error("device layout")]
+    Bus(#[from] BusError),
+    /// Console.
+    #[error("serial console")]
+    Console(#[from] ConsoleError),
+    /// A disk could not be opened.
+    #[error("disk {0}")]
+    Disk(
+        String,
+        #[source] crate::devices::virtio::block::BackendError,
+    ),
+    /// A disk kind this build cannot open.
+    #[error("disk {0}: {1}")]
+    DiskUnsupported(String, &'static str),
+    /// An eventfd could not be created.
+    #[error("eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// The I/O runtime could not start.
+    #[error("start the I/O runtime")]
+    Runtime(#[source] std::io::Error),
+    /// The API socket could not be served.
+    #[error("API socket")]
+    Api(#[from] api::ApiError),
+    /// The kick signal handler could not be installed.
+    #[error("install the vCPU kick signal handler")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    /// A vCPU did not do as told.
+    #[error("vCPU")]
+    Vcpu(#[from] VcpuError),
+    /// The migration listener could not be bound.
+    #[error("listen for the migration stream on {0}")]
+    Listen(String, #[source] std::io::Error),
+    /// A snapshot could not be loaded.
+    #[error("restore the snapshot")]
+    Restore(#[source] crate::snapshot::SnapshotError),
+    /// A saved state could not be loaded.
+    #[error("load the saved state: {0}")]
+    LoadState(String),
+}
+
+/// How a VM starts.
+#[derive(Debug, Clone)]
+pub enum StartMode {
+    /// Boot the kernel.
+    Boot,
+    /// Receive a running guest on this `HOST:PORT` (see [`crate::migration`]).
+    Incoming(String),
+    /// Load a snapshot file (see [`crate::snapshot`]) and run it.
+    Restore(std::path::PathBuf),
+}
+
+/// Everything the control loop reacts to.
+pub enum VmEvent {
+    /// The guest reset the machine (i8042 reset line or a KVM reset event).
+    GuestReset,
+    /// The guest asked for power off.
+    GuestShutdown,
+    /// A vCPU triple-faulted; the report has its registers.
+    TripleFault(String),
+    /// A vCPU stopped on an error or unhandled exit; the report has its registers.
+    VcpuFailed(String),
+    /// An API request with the channel for its answer.
+    Api(ApiRequest, tokio::sync::oneshot::Sender<ApiResponse>),
+    /// The VMM process was asked to stop (SIGTERM, SIGINT).
+    Terminate(&'static str),
+    /// Source: pre-copy is done; pause, drain and save (the answer carries the state).
+    MigrationStop(Sender<Result<StopCopy, String>>),
+    /// Source: the migration thread ended.
+    MigrationEnded(Outcome),
+    /// Destination: the state arrived; load it.
+    IncomingState(Vec<u8>, Sender<Result<(), String>>),
+    /// Destination: the guest is ours (resume now if the flag says `auto`).
+    IncomingCommit(Commit, bool, Sender<Result<CommitDone, String>>),
+    /// Destination: the stream failed before the hand-over.
+    IncomingFailed(String),
+}
+
+/// Why the VM ended: decides the process exit status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest reset itself (`reboot=k`): a clean end.
+    GuestReset,
+    /// The guest powered off.
+    GuestShutdown,
+    /// `PUT /v1/vm/shutdown`.
+    ApiShutdown,
+    /// A signal.
+    Terminated(&'static str),
+    /// A triple fault.
+    TripleFault(String),
+    /// A vCPU failure.
+    VcpuFailed(String),
+    /// An incoming migration failed before the hand-over (the source keeps the guest).
+    IncomingFailed(String),
+    /// An incoming migration was aborted through the API.
+    IncomingAborted,
+}
+
+impl ExitReason {
+    /// Exit status: 0 for ends the guest or an operator asked for, 3 for a triple fault, 4 for
+    /// a vCPU failure (KVM internal error, unhandled exit), 5 for an incoming migration that
+    /// did not complete.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ExitReason::GuestReset
+            | ExitReason::GuestShutdown
+            | ExitReason::ApiShutdown
+            | ExitReason::Terminated(_) => 0,
+            ExitReason::TripleFault(_) => 3,
+            ExitReason::VcpuFailed(_) => 4,
+            ExitReason::IncomingFailed(_) | ExitReason::IncomingAborted => 5,
+        }
+    }
+}
+
+/// Who has the guest while a migration is under way or after one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// No migration, or one that ended with the guest here.
+    Own,
+    /// Source: a migration thread runs.
+    Sending,
+    /// Source: the guest was handed over and the destination waits; it stays paused here
+    /// and an abort can still take it back.
+    HandedOver,
+    /// Source: the destination runs the guest; only a shutdown remains.
+    Gone,
+    /// Destination: waiting for the stream.
+    Incoming,
+    /// Destination: the state is loaded; waiting for COMMIT.
+    Loaded,
+    /// Destination: committed, waiting for `PUT /v1/vm/resume`.
+    Committed,
+}
+
+/// A source migration in progress.
+struct Sending {
+    abort: Arc<AtomicBool>,
+    stream: Arc<Mutex<Option<TcpStream>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// The loop paused the guest for the stop-and-copy.
+    paused: bool,
+    /// The destination resumes by itself after the hand-over.
+    auto: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A built, running VM.
+pub struct Vm {
+    config: VmConfig,
+    _kvm: Kvm,
+    vm_fd: Arc<VmFd>,
+    mem: Arc<GuestMem>,
+    memfd: Option<Arc<File>>,
+    serial: Arc<Mutex<SerialDevice>>,
+    disks: Vec<Arc<Mutex<MmioTransport>>>,
+    vcpu_shared: Arc<VcpuShared>,
+    vcpus: Vec<VcpuHandle>,
+    events: Receiver<VmEvent>,
+    events_tx: Sender<VmEvent>,
+    runtime: Option<tokio::runtime::Runtime>,
+    state: RunState,
+    cmdline: String,
+    started: Instant,
+    role: Role,
+    migration: SharedStatus,
+    sending: Option<Sending>,
+    /// Destination: when the source paused (for the downtime).
+    source_paused_at_us: u64,
+    /// Destination: when the source started (for the total time).
+    source_started_at_us: u64,
+    /// Stops the API server gracefully (the last answers are written before the exit).
+    api_server: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    )>,
+}
+
+impl Vm {
+    fn info(&self) -> VmInfo {
+        VmInfo {
+            name: self.config.name.clone(),
+            state: self.state,
+            vcpus: self.config.vcpus,
+            memory_mib: self.config.memory_mib,
+            kernel: self.config.kernel.display().to_string(),
+            cmdline: self.cmdline.clone(),
+            disks: self
+                .config
+                .disks
+                .iter()
+                .map(|d| DiskInfo {
+                    name: d.describe(),
+                    read_only: d.read_only,
+                })
+                .collect(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            pid: std::process::id(),
+        }
+    }
+
+    /// Sends `cmd` to every vCPU, then waits until each reports `want`.
+    fn all_vcpus(
+        &mut self,
+        cmd: impl Fn() -> VcpuCommand,
+        want: VcpuState,
+    ) -> Result<(), VcpuError> {
+        for v in &self.vcpus {
+            v.send(cmd())?;
+        }
+        for v in &mut self.vcpus {
+            v.wait_for(want, VCPU_ACK_TIMEOUT)?;
+        }
+        Ok(())
+    }
+
+    /// Pauses every vCPU; returns the wall-clock time when the last one stopped.
+    fn pause_vcpus(&mut self) -> Result<u64, String> {
+        if self.state == RunState::Running {
+            let t = Instant::now();
+            self.all_vcpus(|| VcpuCommand::Pause, VcpuState::Paused)
+                .map_err(|e| error_chain(&e))?;
+            self.state = RunState::Paused;
+            tracing::info!(took_us = t.elapsed().as_micros() as u64, "vm paused");
+        }
+        Ok(wall_us())
+    }
+
+    /// Runs the guest here: the devices' data paths first, then the vCPUs.
+    fn resume_here(&mut self) -> Result<(), String> {
+        self.restart_data_paths()?;
+        if self.state == RunState::Paused {
+            self.vcpu_shared.resumed_at_us.store(0, Ordering::SeqCst);
+            self.all_vcpus(|| VcpuCommand::Resume, VcpuState::Running)
+                .map_err(|e| error_chain(&e))?;
+            self.state = RunState::Running;
+            tracing::info!("vm resumed");
+        }
+        Ok(())
+    }
+
+    fn handle_api(&mut self, req: ApiRequest) -> Result<ApiResponse, String> {
+        match req {
+            ApiRequest::Info | ApiRequest::Shutdown => {}
+            ApiRequest::Pause => {
+                self.pause_vcpus()?;
+            }
+            ApiRequest::Resume => {
+                match self.role {
+                    Role::Own => self.resume_here()?,
+                    Role::Committed => {
+                        self.finish_incoming()?;
+                    }
+                    Role::Incoming | Role::Loaded => {
+                        return Ok(ApiResponse::Refused(
+                            "no guest here yet: the incoming migration has not handed over".into(),
+                        ))
+                    }
+                    Role::Sending => {
+                        return Ok(ApiResponse::Refused(
+                            "a migration is under way: PUT /v1/migration/abort first".into(),
+                        ))
+                    }
+                    Role::HandedOver => return Ok(ApiResponse::Refused(
+                        "the guest was handed over to the destination: PUT /v1/migration/abort \
+                         takes it back"
+                            .into(),
+                    )),
+                    Role::Gone => {
+                        return Ok(ApiResponse::Refused(
+                            "the guest runs on the destination now".into(),
+                        ))
+                    }
+                }
+            }
+            ApiRequest::MigrationSend(params) => return self.start_migration(params),
+            ApiRequest::MigrationStatus => {
+                return Ok(ApiResponse::Migration(migration::current(&self.migration)))
+            }
+            ApiRequest::MigrationAbort => {
+                match self.role {
+                    Role::Sending => self.abort_sending(),
+                    Role::HandedOver => {
+                        self.resume_here()?;
+                        self.role = Role::Own;
+                        migration::update(&self.migration, |s| {
+                            s.phase = Phase::Aborted;
+                            s.error =
+                                Some("aborted after the hand-over; the guest runs here".into());
+                        });
+                        tracing::warn!(
+                            "migration aborted after the hand-over; the guest runs here again"
+                        );
+                    }
+                    _ => {
+                        return Ok(ApiResponse::Refused(format!(
+                            "no migration to abort here ({:?})",
+                            self.role
+                        )))
+                    }
+                }
+                return Ok(ApiResponse::Migration(migration::current(&self.migration)));
+            }
+            ApiRequest::Snapshot(path) => {
+                if self.role != Role::Own {
+                    return Ok(ApiResponse::Refused(format!(
+                        "cannot snapshot during a migration ({:?})",
+                        self.role
+                    )));
+                }
+                let was_running = self.state == RunState::Running;
+                let (st, _) = self.pause_and_save()?;
+                let written =
+                    crate::snapshot::write(&path, &st, &self.mem).map_err(|e| error_chain(&e));
+                if was_running {
+                    self.resume_here()?;
+                } else {
+                    self.restart_data_paths()?;
+                }
+                written?;
+            }
+        }
+        Ok(ApiResponse::Info(self.info()))
+    }
+
+    /// Runs the control loop until the VM ends, then stops every vCPU.
+    pub fn run(mut self) -> ExitReason {
+        let reason = loop {
+            let Ok(event) = self.events.recv() else {
+                // Unreachable while `events_tx` lives; end cleanly if it ever happens.
+                break ExitReason::Terminated("event channel closed");
+            };
+            match event {
+                VmEvent::GuestReset => break ExitReason::GuestReset,
+                VmEvent::GuestShutdown => break ExitReason::GuestShutdown,
+                VmEvent::TripleFault(r) => break ExitReason::TripleFault(r),
+                VmEvent::VcpuFailed(r) => break ExitReason::VcpuFailed(r),
+                VmEvent::Terminate(sig) => break ExitReason::Terminated(sig),
+                VmEvent::Api(ApiRequest::Shutdown, reply) => {
+                    let _ = reply.send(ApiResponse::Info(self.info()));
+                    break ExitReason::ApiShutdown;
+                }
+                VmEvent::Api(ApiRequest::MigrationAbort, reply)
+                    if matches!(self.role, Role::Incoming | Role::Loaded | Role::Committed) =>
+                {
+                    migration::update(&self.migration, |s| {
+                        s.phase = Phase::Aborted;
+                        s.error = Some("aborted on request".into());
+                    });
+                    let _ = reply.send(ApiResponse::Migration(migration::current(&self.migration)));
+                    break ExitReason::IncomingAborted;
+                }
+                VmEvent::Api(req, reply) => {
+                    let resp = self.handle_api(req).unwrap_or_else(ApiResponse::Error);
+                    let _ = reply.send(resp);
+                }
+                VmEvent::MigrationStop(reply) => {
+                    let _ = reply.send(self.on_migration_stop());
+                }
+                VmEvent::MigrationEnded(outcome) => self.on_migration_ended(outcome),
+                VmEvent::IncomingState(bytes, reply) => {
+                    let r = self.on_incoming_state(&bytes);
+                    if let Err(e) = &r {
+                        tracing::error!(error = %e, "incoming state refused");
+                    }
+                    let _ = reply.send(r);
+                }
+                VmEvent::IncomingCommit(c, auto, reply) => {
+                    let _ = reply.send(self.on_incoming_commit(c, auto));
+                }
+                VmEvent::IncomingFailed(e) => {
+                    if matches!(self.role, Role::Incoming | Role::Loaded) {
+                        break ExitReason::IncomingFailed(e);
+                    }
+                    tracing::warn!(error = %e, "migration stream error after the hand-over");
+                }
+            }
+        };
+        self.stop();
+        reason
+    }
+
+    /// Stops the vCPU threads and the I/O runtime.
+    fn stop(&mut self) {
+        // A migration thread still running is cut off and waited for (it kicks the vCPU
+        // threads, which must outlive it). Events still queued are dropped, so that a request
+        // of it waiting for an answer fails at once.
+        self.abort_sending();
+        if let Some(mut s) = self.sending.take() {
+            while self.events.try_recv().is_ok() {}
+            if let Some(t) = s.thread.take() {
+                let _ = t.join();
+            }
+        }
+        for v in &self.vcpus {
+            let _ = v.send(VcpuCommand::Exit);
+        }
+        for v in &mut self.vcpus {
+            if let Err(e) = v.wait_for(VcpuState::Exited, VCPU_ACK_TIMEOUT) {
+                tracing::warn!(error = %e, "vCPU did not exit");
+                continue;
+            }
+            v.join();
+        }
+        if let Some(rt) = self.runtime.take() {
+            if let Some((stop, server)) = self.api_server.take() {
+                let _ = stop.send(());
+                let _ = rt.block_on(async { tokio::time::timeout(API_DRAIN, server).await });
+            }
+            rt.shutdown_timeout(Duration::from_secs(2));
+        }
+    }
+}
