@@ -29,6 +29,10 @@ use thiserror::Error;
 pub const MAGIC: &[u8; 8] = b"VMHOPMIG";
 /// Stream version.
 pub const VERSION: u32 = 1;
+/// Bytes of the preamble.
+pub const PREAMBLE_LEN: usize = 12;
+/// Bytes of a frame's header.
+pub const FRAME_HEADER: usize = 12;
 /// Largest frame payload.
 pub const MAX_FRAME: u32 = 64 << 20;
 /// Flag in a page entry's address: the page is all zeroes and no data follows.
@@ -154,7 +158,7 @@ pub struct Resumed {
 
 /// Writes the preamble.
 pub fn write_preamble(w: &mut impl Write) -> Result<(), WireError> {
-    let mut p = [0u8; 12];
+    let mut p = [0u8; PREAMBLE_LEN];
     p[..8].copy_from_slice(MAGIC);
     p[8..].copy_from_slice(&VERSION.to_le_bytes());
     w.write_all(&p)?;
@@ -163,7 +167,7 @@ pub fn write_preamble(w: &mut impl Write) -> Result<(), WireError> {
 
 /// Reads and checks the preamble.
 pub fn read_preamble(r: &mut impl Read) -> Result<(), WireError> {
-    let mut p = [0u8; 12];
+    let mut p = [0u8; PREAMBLE_LEN];
     r.read_exact(&mut p)?;
     if &p[..8] != MAGIC {
         return Err(WireError::Magic(p[..8].to_vec()));
@@ -177,7 +181,7 @@ pub fn read_preamble(r: &mut impl Read) -> Result<(), WireError> {
 
 /// Writes one frame.
 pub fn write_frame(w: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<(), WireError> {
-    let mut h = [0u8; 12];
+    let mut h = [0u8; FRAME_HEADER];
     h[0] = kind as u8;
     h[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
     h[8..12].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
@@ -219,7 +223,7 @@ impl<R: Read> FrameReader<R> {
     pub fn read(&mut self, buf: &mut Vec<u8>) -> Result<Kind, WireError> {
         let n = self.frames;
         self.frames += 1;
-        let mut h = [0u8; 12];
+        let mut h = [0u8; FRAME_HEADER];
         self.inner.read_exact(&mut h)?;
         let kind = Kind::from_u8(h[0])
             .ok_or_else(|| WireError::Frame(n, format!("unknown frame kind {}", h[0])))?;
@@ -239,7 +243,7 @@ impl<R: Read> FrameReader<R> {
         let stored = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
         buf.resize(len as usize, 0);
         self.inner.read_exact(buf)?;
-        self.bytes += 12 + u64::from(len);
+        self.bytes += (FRAME_HEADER as u64) + u64::from(len);
         let computed = crc32fast::hash(buf);
         if computed != stored {
             return Err(WireError::Checksum(n, kind, stored, computed));
@@ -313,7 +317,7 @@ impl PageBatch {
             return Ok(0);
         }
         write_frame(w, Kind::Pages, &self.buf)?;
-        let n = 12 + self.buf.len() as u64;
+        let n = (FRAME_HEADER + self.buf.len()) as u64;
         self.buf.clear();
         Ok(n)
     }
