@@ -4,7 +4,7 @@
 //! offset 0     header, 4 KiB: "VMHOPSNP" | u32 version | u32 0 | u64 memory MiB |
 //!              u64 state offset | u64 state length | u64 memory offset | u64 memory length |
 //!              u32 CRC-32 of the bytes before it
-//! offset 4096  the state envelope (crate::state)
+//! offset 4096  the state envelope (crate::persist)
 //! memory offset (page aligned)  guest RAM, regions back to back; zero pages are holes
 //! ```
 //! Restoring maps the memory image privately (copy on write), so pages are read from the file
@@ -15,7 +15,7 @@
 //! under the final name.
 
 use crate::memory::{self, GuestMem, PAGE_SIZE};
-use crate::state::{self, StateError, VmState};
+use crate::persist::{self, PersistError, VmState};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
@@ -44,7 +44,7 @@ pub enum SnapshotError {
     Memory(PathBuf, u64, u64),
     /// The state inside.
     #[error("{0}")]
-    State(PathBuf, #[source] StateError),
+    State(PathBuf, #[source] PersistError),
     /// Guest memory.
     #[error("guest memory")]
     Guest(#[source] memory::MemoryError),
@@ -60,7 +60,7 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
 /// Writes `st` and the memory of a paused VM to `path`.
 pub fn write(path: &Path, st: &VmState, mem: &GuestMem) -> Result<(), SnapshotError> {
     let t = std::time::Instant::now();
-    let envelope = state::encode(st).map_err(|e| SnapshotError::State(path.to_path_buf(), e))?;
+    let envelope = persist::encode(st).map_err(|e| SnapshotError::State(path.to_path_buf(), e))?;
     let mem_offset = (HEADER + envelope.len() as u64).next_multiple_of(2 << 20);
     let mem_len = memory::ram_size(mem);
     let mut h = Vec::with_capacity(HEADER as usize);
@@ -164,7 +164,7 @@ pub fn open(path: &Path, memory_mib: u64) -> Result<(Arc<GuestMem>, VmState), Sn
     let mut envelope = vec![0u8; state_len as usize];
     f.read_exact_at(&mut envelope, state_off)
         .map_err(io("read", path))?;
-    let st = state::decode(&envelope).map_err(|e| SnapshotError::State(path.to_path_buf(), e))?;
+    let st = persist::decode(&envelope).map_err(|e| SnapshotError::State(path.to_path_buf(), e))?;
     let mem = memory::map_guest_memory_from_file(mib, &Arc::new(f), mem_off)
         .map_err(SnapshotError::Guest)?;
     Ok((mem, st))

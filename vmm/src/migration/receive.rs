@@ -7,7 +7,7 @@
 use super::wire::{self, Commit, Hello, Kind, Progress, Reply, Resumed, WireError};
 use super::{update, Phase, SharedStatus};
 use crate::memory::{GuestMem, PAGE_SIZE};
-use crate::state::Shape;
+use crate::persist::Shape;
 use crate::vm::VmEvent;
 use std::io::{BufReader, Write};
 use std::net::{TcpListener, TcpStream};

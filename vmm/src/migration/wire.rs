@@ -11,7 +11,7 @@
 //! | 2 REPLY    | d->s | [`Reply`]: ok or the reason for refusing              |
 //! | 3 PAGES    | s->d | binary: entries `u64 address|flags` (+ 4096 bytes of data unless flag ZERO) |
 //! | 4 PROGRESS | s->d | [`Progress`]: iteration and bytes left (for the destination's status) |
-//! | 5 STATE    | s->d | binary: a [`crate::state`] envelope                   |
+//! | 5 STATE    | s->d | binary: a [`crate::persist`] envelope                 |
 //! | 6 READY    | d->s | [`Reply`]: the state is loaded (or why not)           |
 //! | 7 COMMIT   | s->d | [`Commit`]: the guest is the destination's            |
 //! | 8 ABORT    | s->d | [`Reply`] with the reason                             |
@@ -117,7 +117,7 @@ pub struct Hello {
     /// The VM's name on the source.
     pub name: String,
     /// Its shape; the destination must have the same.
-    pub shape: crate::state::Shape,
+    pub shape: crate::persist::Shape,
     /// When the destination runs the guest.
     pub resume: vmm_api::migration::ResumeMode,
 }

@@ -15,7 +15,7 @@ use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::devices::virtio::VirtioInterrupt;
 use crate::devices::IrqLine;
 use crate::memory::{self, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
-use crate::state::Shape;
+use crate::persist::Shape;
 use crate::vcpu::regs;
 use crate::vcpu::VcpuShared;
 use crate::vcpu::{kick, Vcpu};
@@ -122,11 +122,8 @@ impl Vm {
         )));
         start_console(&config.serial, console_rx, serial.clone(), &fifo_empty)?;
         pio.insert(serial.clone(), COM1_PORT_BASE, COM1_PORT_LEN)?;
-        pio.insert(
-            Arc::new(Mutex::new(I8042::new(events_tx.clone()))),
-            I8042_PORT_BASE,
-            I8042_PORT_LEN,
-        )?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(events_tx.clone())));
+        pio.insert(i8042.clone(), I8042_PORT_BASE, I8042_PORT_LEN)?;
 
         let mut mmio = Bus::default();
         let mut announced = Vec::new();
@@ -164,7 +161,7 @@ impl Vm {
                 )
                 .map_err(|e| VmError::Kvm("KVM_IOEVENTFD", e))?;
             let transport = Arc::new(Mutex::new(MmioTransport::new(
-                Box::new(block),
+                block,
                 mem.clone(),
                 interrupt,
                 vec![notify],
@@ -265,6 +262,7 @@ impl Vm {
             mem,
             memfd,
             serial,
+            i8042,
             disks,
             vcpu_shared,
             vcpus,

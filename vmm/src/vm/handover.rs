@@ -1,6 +1,7 @@
 //! Moving the guest: saving and loading the whole state, and the control loop's side of an
 //! outgoing or incoming migration (the streams themselves are [`crate::migration`]).
 
+use super::kvm_state::KvmVmState;
 use super::{lock, Role, Sending, Vm, VmError, VCPU_ACK_TIMEOUT};
 use crate::api::ApiResponse;
 use crate::migration::dirty::DirtyLog;
@@ -8,7 +9,7 @@ use crate::migration::receive::{CommitDone, DestCtx};
 use crate::migration::send::{Outcome, SourceCtx, StopCopy};
 use crate::migration::wire::Commit;
 use crate::migration::{self, MigrationRole, MigrationStatus, Phase, ResumeMode, SendParams};
-use crate::state::{self, KvmVmState, VmState};
+use crate::persist::{self, Persist, VmState};
 use crate::vcpu::wall_us;
 use crate::vcpu::VcpuCommand;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,7 +45,7 @@ impl Vm {
     }
 
     /// Pauses the guest, drains every device and saves the whole state (see
-    /// [`crate::state`] and [`crate::vcpu::state`] for the order of the KVM calls). Returns
+    /// [`super::kvm_state`], [`crate::vcpu::state`] and [`crate::persist`] for the order of the KVM calls). Returns
     /// the state and when the vCPUs stopped. On failure the VM is as it was.
     pub(super) fn pause_and_save(&mut self) -> Result<(VmState, u64), String> {
         let was_running = self.state == RunState::Running;
@@ -83,10 +84,11 @@ impl Vm {
             vcpus.push(*r?);
         }
         vcpus.sort_by_key(|v| v.index);
-        let serial = lock(&self.serial).save();
+        let serial = lock(&self.serial).save().map_err(|e| error_chain(&e))?;
+        let i8042 = lock(&self.i8042).save().map_err(|e| error_chain(&e))?;
         let mut disks = Vec::new();
         for d in &self.disks {
-            disks.push(lock(d).save()?);
+            disks.push(lock(d).save().map_err(|e| error_chain(&e))?);
         }
         tracing::info!(
             drained_us,
@@ -98,6 +100,7 @@ impl Vm {
             kvm,
             vcpus,
             serial,
+            i8042,
             disks,
         })
     }
@@ -119,13 +122,16 @@ impl Vm {
         }
         {
             let mut serial = lock(&self.serial);
-            serial.restore(&st.serial)?;
+            serial.restore(&st.serial).map_err(|e| error_chain(&e))?;
             serial.open_input();
         }
+        lock(&self.i8042)
+            .restore(&st.i8042)
+            .map_err(|e| error_chain(&e))?;
         for (i, (d, saved)) in self.disks.iter().zip(&st.disks).enumerate() {
             lock(d)
                 .restore(saved)
-                .map_err(|e| format!("disk {i}: {e}"))?;
+                .map_err(|e| format!("disk {i}: {}", error_chain(&e)))?;
         }
         tracing::info!(took_us = t.elapsed().as_micros() as u64, "vm state loaded");
         Ok(())
@@ -198,7 +204,7 @@ impl Vm {
         if let Some(s) = &mut self.sending {
             s.paused = was_running;
         }
-        let state = state::encode(&st).map_err(|e| error_chain(&e))?;
+        let state = persist::encode(&st).map_err(|e| error_chain(&e))?;
         Ok(StopCopy {
             state,
             paused_at_us,
@@ -247,7 +253,7 @@ impl Vm {
         if self.role != Role::Incoming {
             return Err(format!("unexpected state (role {:?})", self.role));
         }
-        let st = state::decode(bytes).map_err(|e| error_chain(&e))?;
+        let st = persist::decode(bytes).map_err(|e| error_chain(&e))?;
         self.load_state(st)?;
         self.role = Role::Loaded;
         Ok(())

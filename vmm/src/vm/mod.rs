@@ -14,16 +14,20 @@
 //!
 //! A VM started for an incoming migration (or from a snapshot) skips step 5 and the boot
 //! registers: its vCPU threads start paused, and the saved state replaces everything, in the
-//! order given in [`crate::state`] (VM-wide) and [`crate::vcpu::state`] (per vCPU).
+//! order given in [`kvm_state`] (VM-wide), [`crate::vcpu::state`] (per vCPU) and
+//! [`crate::persist`] (devices).
 
 mod build;
 mod handover;
+pub mod kvm_state;
 
 use crate::api::{self, ApiRequest, ApiResponse};
 use crate::boot::BootError;
 use crate::bus::BusError;
 use crate::cpuid::CpuidError;
+use crate::devices::i8042::I8042;
 use crate::devices::serial::{ConsoleError, SerialDevice};
+use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::memory::{GuestMem, MemoryError};
 use crate::migration::receive::CommitDone;
@@ -241,7 +245,8 @@ pub struct Vm {
     mem: Arc<GuestMem>,
     memfd: Option<Arc<File>>,
     serial: Arc<Mutex<SerialDevice>>,
-    disks: Vec<Arc<Mutex<MmioTransport>>>,
+    i8042: Arc<Mutex<I8042>>,
+    disks: Vec<Arc<Mutex<MmioTransport<Block>>>>,
     vcpu_shared: Arc<VcpuShared>,
     vcpus: Vec<VcpuHandle>,
     events: Receiver<VmEvent>,

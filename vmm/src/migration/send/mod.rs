@@ -5,10 +5,10 @@
 //! ([`crate::vm::VmEvent::MigrationEnded`]), so that every vCPU and device change stays in
 //! the loop.
 //!
-//! The phases of the sequence in [`super`], one module each, in order: [`handshake`]
-//! (connect, HELLO), [`precopy`] (the full pass and the dirty rounds, with the [`throttle`]),
-//! [`stopcopy`] (SYNC, the pause, the last pages and STATE) and [`commit`] (COMMIT,
-//! RESUMED). [`pages`] turns guest memory into PAGES frames for the first three.
+//! The phases of the sequence in [`super`], one module each, in order: `handshake`
+//! (connect, HELLO), `precopy` (the full pass and the dirty rounds, with the `throttle`),
+//! `stopcopy` (SYNC, the pause, the last pages and STATE) and `commit` (COMMIT,
+//! RESUMED). `pages` turns guest memory into PAGES frames for the first three.
 
 mod commit;
 mod handshake;
@@ -21,7 +21,7 @@ use super::dirty::DirtyLog;
 use super::wire::WireError;
 use super::{update, Phase, SendParams, SharedStatus};
 use crate::memory::GuestMem;
-use crate::state::Shape;
+use crate::persist::Shape;
 use crate::vcpu::{wall_us, VcpuKicker};
 use crate::vm::VmEvent;
 use std::net::{SocketAddr, TcpStream};
