@@ -21,6 +21,7 @@
 //! Little-endian throughout. A frame whose checksum does not match, an unknown kind, or a
 //! length above [`MAX_FRAME`] ends the stream with an error.
 
+use crate::memory::PAGE_SIZE;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::io::{Read, Write};
 use thiserror::Error;
@@ -100,9 +101,18 @@ pub enum WireError {
     /// A frame's checksum does not match.
     #[error("migration stream corrupt: frame {0} ({1:?}) checksum {2:#010x}, computed {3:#010x}")]
     Checksum(u64, Kind, u32, u32),
-    /// Unknown frame kind or a bad header.
-    #[error("migration stream corrupt: frame {0}: {1}")]
-    Frame(u64, String),
+    /// A frame of a kind this VMM does not know.
+    #[error("migration stream corrupt: frame {0}: unknown frame kind {1}")]
+    UnknownKind(u64, u8),
+    /// A frame whose reserved header bytes are set.
+    #[error("migration stream corrupt: frame {0}: reserved header bytes are not zero")]
+    Reserved(u64),
+    /// A frame longer than [`MAX_FRAME`].
+    #[error("migration stream corrupt: frame {0}: length {1} above {MAX_FRAME}")]
+    TooLong(u64, u32),
+    /// A PAGES payload that ends inside an entry.
+    #[error("migration stream corrupt: PAGES frame: entry cut at byte {0}")]
+    PageCut(usize),
     /// A frame that is not valid here.
     #[error("migration stream: unexpected {0:?} frame ({1})")]
     Unexpected(Kind, &'static str),
@@ -225,20 +235,13 @@ impl<R: Read> FrameReader<R> {
         self.frames += 1;
         let mut h = [0u8; FRAME_HEADER];
         self.inner.read_exact(&mut h)?;
-        let kind = Kind::from_u8(h[0])
-            .ok_or_else(|| WireError::Frame(n, format!("unknown frame kind {}", h[0])))?;
+        let kind = Kind::from_u8(h[0]).ok_or(WireError::UnknownKind(n, h[0]))?;
         if h[1..4] != [0, 0, 0] {
-            return Err(WireError::Frame(
-                n,
-                "reserved header bytes are not zero".into(),
-            ));
+            return Err(WireError::Reserved(n));
         }
         let len = u32::from_le_bytes(h[4..8].try_into().expect("4 bytes"));
         if len > MAX_FRAME {
-            return Err(WireError::Frame(
-                n,
-                format!("length {len} above {MAX_FRAME}"),
-            ));
+            return Err(WireError::TooLong(n, len));
         }
         let stored = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
         buf.resize(len as usize, 0);
@@ -285,7 +288,7 @@ impl PageBatch {
     /// An empty batch.
     pub fn new(max: usize) -> PageBatch {
         PageBatch {
-            buf: Vec::with_capacity(max + 4096 + 8),
+            buf: Vec::with_capacity(max + PAGE_SIZE + 8),
             max,
             pages: 0,
             zeroes: 0,
@@ -323,30 +326,44 @@ impl PageBatch {
     }
 }
 
-/// Walks a PAGES payload: calls `page(addr, Some(data))` or `page(addr, None)` for a zero page.
-pub fn parse_pages(
-    payload: &[u8],
-    mut page: impl FnMut(u64, Option<&[u8]>) -> Result<(), String>,
-) -> Result<(), String> {
-    let mut at = 0;
-    while at < payload.len() {
-        let Some(head) = payload.get(at..at + 8) else {
-            return Err(format!("page entry header cut at byte {at}"));
+/// The entries of a PAGES payload, in order: `(address, Some(data))`, or `(address, None)`
+/// for a zero page.
+pub fn pages(payload: &[u8]) -> Pages<'_> {
+    Pages { payload, at: 0 }
+}
+
+/// Iterator over a PAGES payload; see [`pages`]. A cut entry ends it with an error.
+pub struct Pages<'a> {
+    payload: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Iterator for Pages<'a> {
+    type Item = Result<(u64, Option<&'a [u8]>), WireError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.at >= self.payload.len() {
+            return None;
+        }
+        let Some(head) = self.payload.get(self.at..self.at + 8) else {
+            let at = self.at;
+            self.at = self.payload.len();
+            return Some(Err(WireError::PageCut(at)));
         };
         let v = u64::from_le_bytes(head.try_into().expect("8 bytes"));
-        at += 8;
-        let addr = v & !(crate::memory::PAGE_SIZE as u64 - 1);
+        self.at += 8;
+        let addr = v & !(PAGE_SIZE as u64 - 1);
         if v & PAGE_ZERO != 0 {
-            page(addr, None)?;
-        } else {
-            let Some(data) = payload.get(at..at + crate::memory::PAGE_SIZE) else {
-                return Err(format!("page {addr:#x}: data cut at byte {at}"));
-            };
-            at += crate::memory::PAGE_SIZE;
-            page(addr, Some(data))?;
+            return Some(Ok((addr, None)));
         }
+        let Some(data) = self.payload.get(self.at..self.at + PAGE_SIZE) else {
+            let at = self.at;
+            self.at = self.payload.len();
+            return Some(Err(WireError::PageCut(at)));
+        };
+        self.at += PAGE_SIZE;
+        Some(Ok((addr, Some(data))))
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -367,12 +384,10 @@ mod tests {
         read_preamble(r.get_mut()).unwrap();
         let mut buf = Vec::new();
         assert_eq!(r.read(&mut buf).unwrap(), Kind::Pages);
-        let mut seen = Vec::new();
-        parse_pages(&buf, |a, d| {
-            seen.push((a, d.map(|d| d[0])));
-            Ok(())
-        })
-        .unwrap();
+        let seen: Vec<_> = pages(&buf)
+            .map(|p| p.map(|(a, d)| (a, d.map(|d| d[0]))))
+            .collect::<Result<_, _>>()
+            .unwrap();
         assert_eq!(seen, vec![(0x1000, Some(7)), (0x3000, None)]);
         let _: Progress = r.read_json(Kind::Progress, "test").unwrap();
 
@@ -395,6 +410,6 @@ mod tests {
             read_preamble(&mut &b"GET / HTTP/1.1\r\n"[..]),
             Err(WireError::Magic(_))
         ));
-        assert!(parse_pages(&[1, 2, 3], |_, _| Ok(())).is_err());
+        assert!(pages(&[1, 2, 3]).any(|p| p.is_err()));
     }
 }

@@ -23,7 +23,7 @@ use super::{update, Phase, SendParams, SharedStatus};
 use crate::memory::GuestMem;
 use crate::persist::Shape;
 use crate::vcpu::{wall_us, VcpuKicker};
-use crate::vm::VmEvent;
+use crate::vm::{VmError, VmEvent};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
@@ -71,8 +71,8 @@ pub enum SendError {
     #[error("the VM did not pause for the stop-and-copy")]
     StopTimeout,
     /// The VM loop could not pause the guest and save its state.
-    #[error("pause and save the VM: {0}")]
-    Stop(String),
+    #[error("pause and save the VM")]
+    Stop(#[source] VmError),
     /// The destination answered STATE with this reason.
     #[error("the destination could not load the state: {0}")]
     NotLoaded(String),
