@@ -117,6 +117,8 @@ impl VcpuKicker {
         if self.commands.send(cmd).is_err() {
             return false;
         }
+        // libc rather than nix: nix's pthread_kill takes only the standard signals, and the
+        // kick is a real-time one.
         // SAFETY: the pthread_t belongs to a vCPU thread that is joined only after the VM
         // loop stopped every user of this kicker (the migration threads end first).
         unsafe { libc::pthread_kill(self.thread, kick::kick_signal()) };
