@@ -49,7 +49,10 @@ pub enum SnapshotError {
     #[error("{0} is not a vmhop snapshot: header checksum mismatch")]
     HeaderChecksum(PathBuf),
     /// The memory image does not fit the file.
-    #[error("{path} is not a vmhop snapshot: memory at {offset} ({len} bytes) does not fit a {size}-byte file")]
+    #[error(
+        "{path} is not a vmhop snapshot: memory at {offset} ({len} bytes) does not fit a \
+         {size}-byte file"
+    )]
     Layout {
         /// The file.
         path: PathBuf,

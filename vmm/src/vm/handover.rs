@@ -45,8 +45,9 @@ impl Vm {
     }
 
     /// Pauses the guest, drains every device and saves the whole state (see
-    /// [`super::kvm_state`], [`crate::vcpu::state`] and [`crate::persist`] for the order of the KVM calls). Returns
-    /// the state and when the vCPUs stopped. On failure the VM is as it was.
+    /// [`super::kvm_state`], [`crate::vcpu::state`] and [`crate::persist`] for the order of
+    /// the KVM calls). Returns the state and when the vCPUs stopped. On failure the VM is as
+    /// it was.
     pub(super) fn pause_and_save(&mut self) -> Result<(VmState, u64), VmError> {
         let was_running = self.state == RunState::Running;
         let paused_at = self.pause_vcpus()?;
@@ -232,7 +233,10 @@ impl Vm {
                     self.restart_data_paths()
                 };
                 if let Err(e) = r {
-                    tracing::error!(error = %error_chain(&e), "could not resume the guest after the failed migration");
+                    tracing::error!(
+                        error = %error_chain(&e),
+                        "could not resume the guest after the failed migration"
+                    );
                 }
             }
         }

@@ -477,7 +477,10 @@ impl Vm {
                     if matches!(self.role, Role::Incoming | Role::Loaded) {
                         break ExitReason::IncomingFailed(e);
                     }
-                    tracing::warn!(error = %error_chain(&e), "migration stream error after the hand-over");
+                    tracing::warn!(
+                        error = %error_chain(&e),
+                        "migration stream error after the hand-over"
+                    );
                 }
             }
         };
