@@ -17,7 +17,7 @@ pub mod cpuid;
 pub mod devices;
 pub mod memory;
 pub mod migration;
+pub mod persist;
 pub mod snapshot;
-pub mod state;
 pub mod vcpu;
 pub mod vm;

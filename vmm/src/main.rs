@@ -168,8 +168,9 @@ fn report(reason: &ExitReason) -> i32 {
         ExitReason::Terminated(sig) => eprintln!("vmm: stopped by {sig}; exiting ({code})"),
         ExitReason::TripleFault(r) => eprintln!("vmm: guest triple fault; exiting ({code})\n{r}"),
         ExitReason::VcpuFailed(r) => eprintln!("vmm: vCPU failed; exiting ({code})\n{r}"),
-        ExitReason::IncomingFailed(r) => {
-            eprintln!("vmm: incoming migration failed: {r}; exiting ({code})")
+        ExitReason::IncomingFailed(e) => {
+            let why = vmhop_common::error::chain(e);
+            eprintln!("vmm: incoming migration failed: {why}; exiting ({code})")
         }
         ExitReason::IncomingAborted => {
             eprintln!("vmm: incoming migration aborted; exiting ({code})")

@@ -6,8 +6,10 @@
 //! vm-memory sets on every write made through the [`vm_memory::Bytes`] interface; KVM's own
 //! dirty log covers only the guest's writes.
 
+use nix::errno::Errno;
+use nix::sys::memfd::{memfd_create, MFdFlags};
+use nix::unistd::{lseek, Whence};
 use std::fs::File;
-use std::os::fd::FromRawFd;
 use std::sync::Arc;
 use thiserror::Error;
 use vm_memory::bitmap::AtomicBitmap;
@@ -72,14 +74,9 @@ pub fn ram_ranges(mem_bytes: u64) -> Vec<(GuestAddress, u64)> {
 /// region. Returns the memory and the memfd.
 pub fn create_guest_memory(mib: u64) -> Result<(Arc<GuestMem>, Arc<File>), MemoryError> {
     let bytes = check_size(mib)?;
-    // SAFETY: the name is a valid NUL-terminated string and the flags are valid; the return
-    // value is checked before use.
-    let fd = unsafe { libc::memfd_create(c"guest-mem".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
-    }
-    // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
-    let file = Arc::new(unsafe { File::from_raw_fd(fd) });
+    let fd = memfd_create(c"guest-mem", MFdFlags::MFD_CLOEXEC)
+        .map_err(|e| MemoryError::Memfd(e.into()))?;
+    let file = Arc::new(File::from(fd));
     file.set_len(bytes).map_err(MemoryError::Truncate)?;
     let mem = map_regions(mib, &file, 0, libc::MAP_SHARED)?;
     Ok((mem, file))
@@ -167,6 +164,72 @@ pub fn ram_size(mem: &GuestMem) -> GuestUsize {
     mem.iter().map(|r| r.len()).sum()
 }
 
+/// Data extents `(offset, length)` of `len` bytes of `file` from `start` (SEEK_DATA/SEEK_HOLE),
+/// relative to `start`; the whole range when the file cannot say.
+pub fn data_extents(file: &File, start: u64, len: u64) -> Vec<(u64, u64)> {
+    let end = start + len;
+    let mut out = Vec::new();
+    let mut at = start;
+    while at < end {
+        let data = match lseek(file, at as i64, Whence::SeekData) {
+            Ok(data) => data as u64,
+            Err(Errno::ENXIO) => break, // no data after `at`
+            Err(_) => return vec![(0, len)],
+        };
+        if data >= end {
+            break;
+        }
+        let hole = lseek(file, data as i64, Whence::SeekHole).map_or(end, |h| (h as u64).min(end));
+        out.push((data - start, hole - data));
+        at = hole;
+    }
+    out
+}
+
+/// Pagemap bits (Documentation/admin-guide/mm/pagemap.rst): present, swapped, file-backed.
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAPPED: u64 = 1 << 62;
+const PM_FILE: u64 = 1 << 61;
+/// Bytes per /proc/self/pagemap entry.
+const PM_ENTRY: usize = 8;
+
+/// Extents of a privately mapped snapshot region that may hold data: the file's data extents,
+/// and every page the guest wrote since the restore (an anonymous copy, present or swapped,
+/// as /proc/self/pagemap tells). Everything else reads as the file's holes: zero.
+pub fn private_extents(file: &File, start: u64, host_addr: u64, len: u64) -> Vec<(u64, u64)> {
+    let pages = (len / PAGE_SIZE as u64) as usize;
+    let mut maybe = vec![false; pages];
+    for (off, n) in data_extents(file, start, len) {
+        let first = (off / PAGE_SIZE as u64) as usize;
+        let last = (off + n).div_ceil(PAGE_SIZE as u64) as usize;
+        maybe[first..last.min(pages)].fill(true);
+    }
+    let mut entries = vec![0u8; pages * PM_ENTRY];
+    let read = File::open("/proc/self/pagemap").and_then(|pm| {
+        use std::os::unix::fs::FileExt;
+        pm.read_exact_at(&mut entries, host_addr / PAGE_SIZE as u64 * PM_ENTRY as u64)
+    });
+    if let Err(e) = read {
+        tracing::warn!(error = %e, "cannot read /proc/self/pagemap; scanning all guest memory");
+        return vec![(0, len)];
+    }
+    for (i, e) in entries.chunks_exact(PM_ENTRY).enumerate() {
+        let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+        if e & PM_SWAPPED != 0 || (e & PM_PRESENT != 0 && e & PM_FILE == 0) {
+            maybe[i] = true;
+        }
+    }
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (i, _) in maybe.iter().enumerate().filter(|(_, m)| **m) {
+        let at = (i * PAGE_SIZE) as u64;
+        match out.last_mut() {
+            Some((o, n)) if *o + *n == at => *n += PAGE_SIZE as u64,
+            _ => out.push((at, PAGE_SIZE as u64)),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,5 +253,22 @@ mod tests {
         assert_eq!(r[1].0, GuestAddress(MMIO_HOLE_END));
         assert_eq!(r[0].1 + r[1].1, 4 << 30);
         assert_eq!(ram_ranges(1 << 30), vec![(GuestAddress(0), 1 << 30)]);
+    }
+
+    #[test]
+    fn data_extents_skip_holes() {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(1 << 20).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&[1; PAGE_SIZE], 256 << 10).unwrap();
+        let ext = data_extents(&f, 0, 1 << 20);
+        assert!(ext
+            .iter()
+            .any(|&(o, n)| o <= 256 << 10 && o + n >= (256 << 10) + 4096));
+        assert!(
+            ext.iter().map(|&(_, n)| n).sum::<u64>() < 1 << 20,
+            "{ext:?}"
+        );
+        assert!(data_extents(&f, 512 << 10, 512 << 10).is_empty());
     }
 }

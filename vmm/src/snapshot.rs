@@ -4,7 +4,7 @@
 //! offset 0     header, 4 KiB: "VMHOPSNP" | u32 version | u32 0 | u64 memory MiB |
 //!              u64 state offset | u64 state length | u64 memory offset | u64 memory length |
 //!              u32 CRC-32 of the bytes before it
-//! offset 4096  the state envelope (crate::state)
+//! offset 4096  the state envelope (crate::persist)
 //! memory offset (page aligned)  guest RAM, regions back to back; zero pages are holes
 //! ```
 //! Restoring maps the memory image privately (copy on write), so pages are read from the file
@@ -15,7 +15,7 @@
 //! under the final name.
 
 use crate::memory::{self, GuestMem, PAGE_SIZE};
-use crate::state::{self, StateError, VmState};
+use crate::persist::{self, PersistError, VmState};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
@@ -27,7 +27,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 const MAGIC: &[u8; 8] = b"VMHOPSNP";
 const VERSION: u32 = 1;
 const HEADER: u64 = 4096;
+/// Bytes of the header's fields (the CRC-32 follows them).
 const HEADER_FIELDS: usize = 56;
+/// The largest state envelope a snapshot may hold.
+const MAX_STATE: u64 = 64 << 20;
 const CHUNK: usize = 256 * PAGE_SIZE;
 
 /// Errors writing or reading a snapshot.
@@ -36,15 +39,39 @@ pub enum SnapshotError {
     /// File I/O.
     #[error("{0} {1}")]
     Io(&'static str, PathBuf, #[source] std::io::Error),
-    /// Not a snapshot, or a damaged header.
-    #[error("{0} is not a vmhop snapshot: {1}")]
-    Header(PathBuf, String),
+    /// Not a snapshot.
+    #[error("{0} is not a vmhop snapshot: magic {1:02x?}")]
+    Magic(PathBuf, Vec<u8>),
+    /// A snapshot of another version.
+    #[error("{0} is not a vmhop snapshot: version {1}; this VMM reads version {VERSION}")]
+    Version(PathBuf, u32),
+    /// A damaged header.
+    #[error("{0} is not a vmhop snapshot: header checksum mismatch")]
+    HeaderChecksum(PathBuf),
+    /// The memory image does not fit the file.
+    #[error(
+        "{path} is not a vmhop snapshot: memory at {offset} ({len} bytes) does not fit a \
+         {size}-byte file"
+    )]
+    Layout {
+        /// The file.
+        path: PathBuf,
+        /// Where the header says the memory starts.
+        offset: u64,
+        /// Its length.
+        len: u64,
+        /// The file's size.
+        size: u64,
+    },
+    /// A state larger than any VM's.
+    #[error("{0} is not a vmhop snapshot: state of {1} bytes")]
+    StateSize(PathBuf, u64),
     /// A snapshot of another VM shape.
     #[error("{0} holds {1} MiB of memory; this VM has {2} MiB")]
     Memory(PathBuf, u64, u64),
     /// The state inside.
     #[error("{0}")]
-    State(PathBuf, #[source] StateError),
+    State(PathBuf, #[source] PersistError),
     /// Guest memory.
     #[error("guest memory")]
     Guest(#[source] memory::MemoryError),
@@ -60,7 +87,7 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
 /// Writes `st` and the memory of a paused VM to `path`.
 pub fn write(path: &Path, st: &VmState, mem: &GuestMem) -> Result<(), SnapshotError> {
     let t = std::time::Instant::now();
-    let envelope = state::encode(st).map_err(|e| SnapshotError::State(path.to_path_buf(), e))?;
+    let envelope = persist::encode(st).map_err(|e| SnapshotError::State(path.to_path_buf(), e))?;
     let mem_offset = (HEADER + envelope.len() as u64).next_multiple_of(2 << 20);
     let mem_len = memory::ram_size(mem);
     let mut h = Vec::with_capacity(HEADER as usize);
@@ -129,23 +156,20 @@ pub fn write(path: &Path, st: &VmState, mem: &GuestMem) -> Result<(), SnapshotEr
 
 /// Opens a snapshot for a VM of `memory_mib`: the memory mapped lazily, and the state.
 pub fn open(path: &Path, memory_mib: u64) -> Result<(Arc<GuestMem>, VmState), SnapshotError> {
-    let bad = |m: String| SnapshotError::Header(path.to_path_buf(), m);
     let mut f = File::open(path).map_err(io("open", path))?;
     let mut h = vec![0u8; HEADER as usize];
     f.read_exact(&mut h).map_err(io("read", path))?;
     if &h[..8] != MAGIC {
-        return Err(bad(format!("magic {:02x?}", &h[..8])));
+        return Err(SnapshotError::Magic(path.to_path_buf(), h[..8].to_vec()));
     }
     let u64_at = |i: usize| u64::from_le_bytes(h[i..i + 8].try_into().expect("8 bytes"));
     let version = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
     if version != VERSION {
-        return Err(bad(format!(
-            "version {version}; this VMM reads version {VERSION}"
-        )));
+        return Err(SnapshotError::Version(path.to_path_buf(), version));
     }
     let crc = u32::from_le_bytes(h[56..60].try_into().expect("4 bytes"));
     if crc32fast::hash(&h[..HEADER_FIELDS]) != crc {
-        return Err(bad("header checksum mismatch".into()));
+        return Err(SnapshotError::HeaderChecksum(path.to_path_buf()));
     }
     let (mib, state_off, state_len, mem_off, mem_len) =
         (u64_at(16), u64_at(24), u64_at(32), u64_at(40), u64_at(48));
@@ -154,17 +178,20 @@ pub fn open(path: &Path, memory_mib: u64) -> Result<(Arc<GuestMem>, VmState), Sn
     }
     let size = f.metadata().map_err(io("stat", path))?.len();
     if mem_len != mib << 20 || mem_off % PAGE_SIZE as u64 != 0 || mem_off + mem_len > size {
-        return Err(bad(format!(
-            "memory at {mem_off} ({mem_len} bytes) does not fit a {size}-byte file"
-        )));
+        return Err(SnapshotError::Layout {
+            path: path.to_path_buf(),
+            offset: mem_off,
+            len: mem_len,
+            size,
+        });
     }
-    if state_len > 64 << 20 {
-        return Err(bad(format!("state of {state_len} bytes")));
+    if state_len > MAX_STATE {
+        return Err(SnapshotError::StateSize(path.to_path_buf(), state_len));
     }
     let mut envelope = vec![0u8; state_len as usize];
     f.read_exact_at(&mut envelope, state_off)
         .map_err(io("read", path))?;
-    let st = state::decode(&envelope).map_err(|e| SnapshotError::State(path.to_path_buf(), e))?;
+    let st = persist::decode(&envelope).map_err(|e| SnapshotError::State(path.to_path_buf(), e))?;
     let mem = memory::map_guest_memory_from_file(mib, &Arc::new(f), mem_off)
         .map_err(SnapshotError::Guest)?;
     Ok((mem, st))

@@ -53,7 +53,7 @@ pub enum ApiRequest {
 }
 
 /// The control loop's answer.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum ApiResponse {
     /// Success, with the VM's info after the action.
     Info(vmm_api::vm::VmInfo),
@@ -61,8 +61,7 @@ pub enum ApiResponse {
     Migration(vmm_api::migration::MigrationStatus),
     /// A migration was started (202).
     Accepted(vmm_api::migration::MigrationStatus),
-    /// Not possible in the VM's current state (409).
-    Refused(String),
-    /// Failure.
-    Error(String),
+    /// The request failed: 409 when the error is a refusal in the VM's current state
+    /// ([`crate::vm::VmError::is_refusal`]), else 500.
+    Failed(crate::vm::VmError),
 }

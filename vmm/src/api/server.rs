@@ -1,7 +1,7 @@
 //! The HTTP side: axum on a tokio Unix listener.
 
 use super::{ApiError, ApiRequest, ApiResponse};
-use crate::vm::VmEvent;
+use crate::vm::{VmError, VmEvent};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, put};
@@ -72,11 +72,21 @@ async fn call(events: &Events, req: ApiRequest) -> Reply {
             StatusCode::ACCEPTED,
             Json(serde_json::to_value(m).unwrap_or_default()),
         ),
-        Ok(Ok(ApiResponse::Refused(e))) => error(StatusCode::CONFLICT, &e),
-        Ok(Ok(ApiResponse::Error(e))) => error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+        Ok(Ok(ApiResponse::Failed(e))) => failure(&e),
         Ok(Err(_)) => error(StatusCode::SERVICE_UNAVAILABLE, "the VM is shutting down"),
         Err(_) => error(StatusCode::GATEWAY_TIMEOUT, "the VM did not answer in time"),
     }
+}
+
+/// A failed request: 409 for a refusal in the VM's current state, 500 for the rest, with the
+/// error and its causes on one line.
+fn failure(e: &VmError) -> Reply {
+    let code = if e.is_refusal() {
+        StatusCode::CONFLICT
+    } else {
+        StatusCode::INTERNAL_SERVER_ERROR
+    };
+    error(code, &vmhop_common::error::chain(e))
 }
 
 fn error(code: StatusCode, msg: &str) -> Reply {
@@ -121,5 +131,30 @@ async fn snapshot(State(e): State<Events>, bytes: axum::body::Bytes) -> Reply {
     match body::<vmm_api::vm::SnapshotRequest>(&bytes) {
         Ok(r) => call(&e, ApiRequest::Snapshot(r.path)).await,
         Err(r) => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vcpu::{VcpuError, VcpuState};
+    use crate::vm::Role;
+
+    #[test]
+    fn refusals_answer_409_and_failures_500_with_their_causes() {
+        let (code, body) = failure(&VmError::HandedOver);
+        assert_eq!(code, StatusCode::CONFLICT);
+        assert!(body.0["error"].as_str().unwrap().contains("handed over"));
+        assert_eq!(
+            failure(&VmError::NothingToAbort(Role::Own)).0,
+            StatusCode::CONFLICT
+        );
+        let timeout = VcpuError::Timeout(1, VcpuState::Paused, Duration::from_secs(5));
+        let (code, body) = failure(&VmError::Pause(timeout));
+        assert_eq!(code, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            body.0["error"],
+            "pause the vCPUs: vCPU 1 did not reach Paused within 5s"
+        );
     }
 }

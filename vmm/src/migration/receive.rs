@@ -7,19 +7,68 @@
 use super::wire::{self, Commit, Hello, Kind, Progress, Reply, Resumed, WireError};
 use super::{update, Phase, SharedStatus};
 use crate::memory::{GuestMem, PAGE_SIZE};
-use crate::state::Shape;
-use crate::vm::VmEvent;
+use crate::persist::Shape;
+use crate::vm::{VmError, VmEvent};
 use std::io::{BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
+use vmhop_common::error::chain as error_chain;
 
 /// How long the VM loop may take to load the state or resume.
 const LOOP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Deadline of each read once a source is connected.
 const IO_TIMEOUT: Duration = Duration::from_secs(120);
+/// Read buffer of the stream (two PAGES frames).
+const READ_BUFFER: usize = 2 << 20;
+
+/// Why an incoming migration failed before the hand-over.
+#[derive(Debug, Error)]
+pub enum ReceiveError {
+    /// No source could connect.
+    #[error("accept a migration stream")]
+    Accept(#[source] std::io::Error),
+    /// The stream could not be set up.
+    #[error("migration stream")]
+    Stream(#[source] std::io::Error),
+    /// A frame could not be read or written, or was not valid here.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// The source's VM is not shaped like this one.
+    #[error("the source VM {name:?} is {theirs:?}; this VM is {ours:?}")]
+    Shape {
+        /// The source VM's name.
+        name: String,
+        /// Its shape.
+        theirs: Shape,
+        /// This VM's.
+        ours: Shape,
+    },
+    /// The stream ended before COMMIT.
+    #[error("the source closed the stream before the hand-over")]
+    ClosedEarly,
+    /// A page does not lie in guest memory.
+    #[error("page {0:#x} outside guest memory")]
+    PageOutside(u64, #[source] vm_memory::GuestMemoryError),
+    /// The VM loop is gone.
+    #[error("the VM is shutting down")]
+    VmGone,
+    /// The VM loop did not answer in time.
+    #[error("the VM did not load the state in time")]
+    LoadTimeout,
+    /// The VM loop could not load the state.
+    #[error("load the VM state")]
+    Load(#[source] VmError),
+    /// COMMIT came first.
+    #[error("migration stream: COMMIT before STATE")]
+    CommitBeforeState,
+    /// The source gave up, with this reason.
+    #[error("the source aborted the migration: {0}")]
+    SourceAborted(String),
+}
 
 /// What the destination thread needs.
 pub struct DestCtx {
@@ -46,58 +95,57 @@ pub fn run(ctx: DestCtx) {
     if let Err(e) = receive(&ctx) {
         update(&ctx.status, |s| {
             s.phase = Phase::Failed;
-            s.error = Some(e.clone());
+            s.error = Some(error_chain(&e));
         });
         let _ = ctx.events.send(VmEvent::IncomingFailed(e));
     }
 }
 
-fn refuse(w: &mut TcpStream, why: &str) {
+/// Answers HELLO with a refusal and this reason.
+fn refuse(w: &mut TcpStream, why: &ReceiveError) {
     let _ = wire::write_json(
         w,
         Kind::Reply,
         &Reply {
             ok: false,
-            error: Some(why.to_string()),
+            error: Some(error_chain(why)),
         },
     );
     let _ = w.flush();
 }
 
-fn receive(ctx: &DestCtx) -> Result<(), String> {
-    let (mut w, peer) = ctx
-        .listener
-        .accept()
-        .map_err(|e| format!("accept a migration stream: {e}"))?;
+fn receive(ctx: &DestCtx) -> Result<(), ReceiveError> {
+    let (mut w, peer) = ctx.listener.accept().map_err(ReceiveError::Accept)?;
     let started = Instant::now();
     tracing::info!(%peer, "migration stream connected");
-    let io = |e: std::io::Error| format!("migration stream: {e}");
-    w.set_nodelay(true).map_err(io)?;
-    w.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
-    w.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)?;
+    w.set_nodelay(true).map_err(ReceiveError::Stream)?;
+    w.set_read_timeout(Some(IO_TIMEOUT))
+        .map_err(ReceiveError::Stream)?;
+    w.set_write_timeout(Some(IO_TIMEOUT))
+        .map_err(ReceiveError::Stream)?;
     let mut r = wire::FrameReader::new(BufReader::with_capacity(
-        2 << 20,
-        w.try_clone().map_err(io)?,
+        READ_BUFFER,
+        w.try_clone().map_err(ReceiveError::Stream)?,
     ));
-    let we = |e: WireError| vmhop_common::error::chain(&e);
     update(&ctx.status, |s| {
         s.role = super::MigrationRole::Destination;
         s.phase = Phase::Precopy;
     });
 
     if let Err(e) = wire::read_preamble(r.get_mut()) {
-        let msg = we(e);
-        refuse(&mut w, &msg);
-        return Err(msg);
+        let e = ReceiveError::from(e);
+        refuse(&mut w, &e);
+        return Err(e);
     }
-    let hello: Hello = r.read_json(Kind::Hello, "expected HELLO").map_err(we)?;
+    let hello: Hello = r.read_json(Kind::Hello, "expected HELLO")?;
     if hello.shape != ctx.shape {
-        let msg = format!(
-            "the source VM {:?} is {:?}; this VM is {:?}",
-            hello.name, hello.shape, ctx.shape
-        );
-        refuse(&mut w, &msg);
-        return Err(msg);
+        let e = ReceiveError::Shape {
+            name: hello.name,
+            theirs: hello.shape,
+            ours: ctx.shape.clone(),
+        };
+        refuse(&mut w, &e);
+        return Err(e);
     }
     let auto = hello.resume == super::ResumeMode::Auto;
     wire::write_json(
@@ -107,8 +155,7 @@ fn receive(ctx: &DestCtx) -> Result<(), String> {
             ok: true,
             error: None,
         },
-    )
-    .map_err(we)?;
+    )?;
     tracing::info!(source = %hello.name, resume = %hello.resume, "migration accepted");
 
     let mut buf = Vec::new();
@@ -119,9 +166,9 @@ fn receive(ctx: &DestCtx) -> Result<(), String> {
         let kind = match r.read(&mut buf) {
             Ok(k) => k,
             Err(WireError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err("the source closed the stream before the hand-over".into())
+                return Err(ReceiveError::ClosedEarly)
             }
-            Err(e) => return Err(we(e)),
+            Err(e) => return Err(e.into()),
         };
         update(&ctx.status, |s| {
             s.bytes_sent = r.bytes;
@@ -129,20 +176,20 @@ fn receive(ctx: &DestCtx) -> Result<(), String> {
         });
         match kind {
             Kind::Pages => {
-                wire::parse_pages(&buf, |addr, data| {
+                for page in wire::pages(&buf) {
+                    let (addr, data) = page?;
                     pages += 1;
                     ctx.mem
                         .write_slice(data.unwrap_or(&zero), GuestAddress(addr))
-                        .map_err(|e| format!("page {addr:#x} outside guest memory: {e}"))
-                })
-                .map_err(|e| format!("migration stream corrupt: PAGES frame: {e}"))?;
+                        .map_err(|e| ReceiveError::PageOutside(addr, e))?;
+                }
                 update(&ctx.status, |s| s.pages_sent = pages);
             }
             Kind::Sync => {
-                wire::write_frame(&mut w, Kind::Synced, &[]).map_err(we)?;
+                wire::write_frame(&mut w, Kind::Synced, &[])?;
             }
             Kind::Progress => {
-                let p: Progress = wire::json(kind, &buf).map_err(we)?;
+                let p: Progress = wire::json(kind, &buf)?;
                 update(&ctx.status, |s| {
                     s.iteration = p.iteration;
                     s.bytes_remaining = p.bytes_remaining;
@@ -153,27 +200,28 @@ fn receive(ctx: &DestCtx) -> Result<(), String> {
                 let (tx, rx) = std::sync::mpsc::channel();
                 ctx.events
                     .send(VmEvent::IncomingState(std::mem::take(&mut buf), tx))
-                    .map_err(|_| "the VM is shutting down".to_string())?;
-                let loaded = rx
-                    .recv_timeout(LOOP_TIMEOUT)
-                    .unwrap_or_else(|_| Err("the VM did not load the state in time".into()));
+                    .map_err(|_| ReceiveError::VmGone)?;
+                let loaded = match rx.recv_timeout(LOOP_TIMEOUT) {
+                    Ok(r) => r.map_err(ReceiveError::Load),
+                    Err(_) => Err(ReceiveError::LoadTimeout),
+                };
                 let reply = Reply {
                     ok: loaded.is_ok(),
-                    error: loaded.clone().err(),
+                    error: loaded.as_ref().err().map(|e| error_chain(e)),
                 };
-                wire::write_json(&mut w, Kind::Ready, &reply).map_err(we)?;
-                loaded.map_err(|e| format!("load the VM state: {e}"))?;
+                wire::write_json(&mut w, Kind::Ready, &reply)?;
+                loaded?;
                 have_state = true;
             }
             Kind::Commit => {
                 if !have_state {
-                    return Err("migration stream: COMMIT before STATE".into());
+                    return Err(ReceiveError::CommitBeforeState);
                 }
-                let c: Commit = wire::json(kind, &buf).map_err(we)?;
+                let c: Commit = wire::json(kind, &buf)?;
                 let (tx, rx) = std::sync::mpsc::channel();
                 ctx.events
                     .send(VmEvent::IncomingCommit(c, auto, tx))
-                    .map_err(|_| "the VM is shutting down".to_string())?;
+                    .map_err(|_| ReceiveError::VmGone)?;
                 // The guest is ours now; what follows is only reporting.
                 if let Ok(Ok(done)) = rx.recv_timeout(LOOP_TIMEOUT) {
                     if auto {
@@ -189,13 +237,10 @@ fn receive(ctx: &DestCtx) -> Result<(), String> {
                 return Ok(());
             }
             Kind::Abort => {
-                let why: Reply = wire::json(kind, &buf).map_err(we)?;
-                return Err(format!(
-                    "the source aborted the migration: {}",
-                    why.error.unwrap_or_default()
-                ));
+                let why: Reply = wire::json(kind, &buf)?;
+                return Err(ReceiveError::SourceAborted(why.error.unwrap_or_default()));
             }
-            other => return Err(we(WireError::Unexpected(other, "during the transfer"))),
+            other => return Err(WireError::Unexpected(other, "during the transfer").into()),
         }
     }
 }

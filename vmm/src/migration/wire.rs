@@ -11,7 +11,7 @@
 //! | 2 REPLY    | d->s | [`Reply`]: ok or the reason for refusing              |
 //! | 3 PAGES    | s->d | binary: entries `u64 address|flags` (+ 4096 bytes of data unless flag ZERO) |
 //! | 4 PROGRESS | s->d | [`Progress`]: iteration and bytes left (for the destination's status) |
-//! | 5 STATE    | s->d | binary: a [`crate::state`] envelope                   |
+//! | 5 STATE    | s->d | binary: a [`crate::persist`] envelope                 |
 //! | 6 READY    | d->s | [`Reply`]: the state is loaded (or why not)           |
 //! | 7 COMMIT   | s->d | [`Commit`]: the guest is the destination's            |
 //! | 8 ABORT    | s->d | [`Reply`] with the reason                             |
@@ -21,6 +21,7 @@
 //! Little-endian throughout. A frame whose checksum does not match, an unknown kind, or a
 //! length above [`MAX_FRAME`] ends the stream with an error.
 
+use crate::memory::PAGE_SIZE;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::io::{Read, Write};
 use thiserror::Error;
@@ -29,6 +30,10 @@ use thiserror::Error;
 pub const MAGIC: &[u8; 8] = b"VMHOPMIG";
 /// Stream version.
 pub const VERSION: u32 = 1;
+/// Bytes of the preamble.
+pub const PREAMBLE_LEN: usize = 12;
+/// Bytes of a frame's header.
+pub const FRAME_HEADER: usize = 12;
 /// Largest frame payload.
 pub const MAX_FRAME: u32 = 64 << 20;
 /// Flag in a page entry's address: the page is all zeroes and no data follows.
@@ -96,9 +101,18 @@ pub enum WireError {
     /// A frame's checksum does not match.
     #[error("migration stream corrupt: frame {0} ({1:?}) checksum {2:#010x}, computed {3:#010x}")]
     Checksum(u64, Kind, u32, u32),
-    /// Unknown frame kind or a bad header.
-    #[error("migration stream corrupt: frame {0}: {1}")]
-    Frame(u64, String),
+    /// A frame of a kind this VMM does not know.
+    #[error("migration stream corrupt: frame {0}: unknown frame kind {1}")]
+    UnknownKind(u64, u8),
+    /// A frame whose reserved header bytes are set.
+    #[error("migration stream corrupt: frame {0}: reserved header bytes are not zero")]
+    Reserved(u64),
+    /// A frame longer than [`MAX_FRAME`].
+    #[error("migration stream corrupt: frame {0}: length {1} above {MAX_FRAME}")]
+    TooLong(u64, u32),
+    /// A PAGES payload that ends inside an entry.
+    #[error("migration stream corrupt: PAGES frame: entry cut at byte {0}")]
+    PageCut(usize),
     /// A frame that is not valid here.
     #[error("migration stream: unexpected {0:?} frame ({1})")]
     Unexpected(Kind, &'static str),
@@ -113,7 +127,7 @@ pub struct Hello {
     /// The VM's name on the source.
     pub name: String,
     /// Its shape; the destination must have the same.
-    pub shape: crate::state::Shape,
+    pub shape: crate::persist::Shape,
     /// When the destination runs the guest.
     pub resume: vmm_api::migration::ResumeMode,
 }
@@ -154,7 +168,7 @@ pub struct Resumed {
 
 /// Writes the preamble.
 pub fn write_preamble(w: &mut impl Write) -> Result<(), WireError> {
-    let mut p = [0u8; 12];
+    let mut p = [0u8; PREAMBLE_LEN];
     p[..8].copy_from_slice(MAGIC);
     p[8..].copy_from_slice(&VERSION.to_le_bytes());
     w.write_all(&p)?;
@@ -163,7 +177,7 @@ pub fn write_preamble(w: &mut impl Write) -> Result<(), WireError> {
 
 /// Reads and checks the preamble.
 pub fn read_preamble(r: &mut impl Read) -> Result<(), WireError> {
-    let mut p = [0u8; 12];
+    let mut p = [0u8; PREAMBLE_LEN];
     r.read_exact(&mut p)?;
     if &p[..8] != MAGIC {
         return Err(WireError::Magic(p[..8].to_vec()));
@@ -177,7 +191,7 @@ pub fn read_preamble(r: &mut impl Read) -> Result<(), WireError> {
 
 /// Writes one frame.
 pub fn write_frame(w: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<(), WireError> {
-    let mut h = [0u8; 12];
+    let mut h = [0u8; FRAME_HEADER];
     h[0] = kind as u8;
     h[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
     h[8..12].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
@@ -219,27 +233,20 @@ impl<R: Read> FrameReader<R> {
     pub fn read(&mut self, buf: &mut Vec<u8>) -> Result<Kind, WireError> {
         let n = self.frames;
         self.frames += 1;
-        let mut h = [0u8; 12];
+        let mut h = [0u8; FRAME_HEADER];
         self.inner.read_exact(&mut h)?;
-        let kind = Kind::from_u8(h[0])
-            .ok_or_else(|| WireError::Frame(n, format!("unknown frame kind {}", h[0])))?;
+        let kind = Kind::from_u8(h[0]).ok_or(WireError::UnknownKind(n, h[0]))?;
         if h[1..4] != [0, 0, 0] {
-            return Err(WireError::Frame(
-                n,
-                "reserved header bytes are not zero".into(),
-            ));
+            return Err(WireError::Reserved(n));
         }
         let len = u32::from_le_bytes(h[4..8].try_into().expect("4 bytes"));
         if len > MAX_FRAME {
-            return Err(WireError::Frame(
-                n,
-                format!("length {len} above {MAX_FRAME}"),
-            ));
+            return Err(WireError::TooLong(n, len));
         }
         let stored = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
         buf.resize(len as usize, 0);
         self.inner.read_exact(buf)?;
-        self.bytes += 12 + u64::from(len);
+        self.bytes += (FRAME_HEADER as u64) + u64::from(len);
         let computed = crc32fast::hash(buf);
         if computed != stored {
             return Err(WireError::Checksum(n, kind, stored, computed));
@@ -281,7 +288,7 @@ impl PageBatch {
     /// An empty batch.
     pub fn new(max: usize) -> PageBatch {
         PageBatch {
-            buf: Vec::with_capacity(max + 4096 + 8),
+            buf: Vec::with_capacity(max + PAGE_SIZE + 8),
             max,
             pages: 0,
             zeroes: 0,
@@ -313,36 +320,50 @@ impl PageBatch {
             return Ok(0);
         }
         write_frame(w, Kind::Pages, &self.buf)?;
-        let n = 12 + self.buf.len() as u64;
+        let n = (FRAME_HEADER + self.buf.len()) as u64;
         self.buf.clear();
         Ok(n)
     }
 }
 
-/// Walks a PAGES payload: calls `page(addr, Some(data))` or `page(addr, None)` for a zero page.
-pub fn parse_pages(
-    payload: &[u8],
-    mut page: impl FnMut(u64, Option<&[u8]>) -> Result<(), String>,
-) -> Result<(), String> {
-    let mut at = 0;
-    while at < payload.len() {
-        let Some(head) = payload.get(at..at + 8) else {
-            return Err(format!("page entry header cut at byte {at}"));
+/// The entries of a PAGES payload, in order: `(address, Some(data))`, or `(address, None)`
+/// for a zero page.
+pub fn pages(payload: &[u8]) -> Pages<'_> {
+    Pages { payload, at: 0 }
+}
+
+/// Iterator over a PAGES payload; see [`pages`]. A cut entry ends it with an error.
+pub struct Pages<'a> {
+    payload: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Iterator for Pages<'a> {
+    type Item = Result<(u64, Option<&'a [u8]>), WireError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.at >= self.payload.len() {
+            return None;
+        }
+        let Some(head) = self.payload.get(self.at..self.at + 8) else {
+            let at = self.at;
+            self.at = self.payload.len();
+            return Some(Err(WireError::PageCut(at)));
         };
         let v = u64::from_le_bytes(head.try_into().expect("8 bytes"));
-        at += 8;
-        let addr = v & !(crate::memory::PAGE_SIZE as u64 - 1);
+        self.at += 8;
+        let addr = v & !(PAGE_SIZE as u64 - 1);
         if v & PAGE_ZERO != 0 {
-            page(addr, None)?;
-        } else {
-            let Some(data) = payload.get(at..at + crate::memory::PAGE_SIZE) else {
-                return Err(format!("page {addr:#x}: data cut at byte {at}"));
-            };
-            at += crate::memory::PAGE_SIZE;
-            page(addr, Some(data))?;
+            return Some(Ok((addr, None)));
         }
+        let Some(data) = self.payload.get(self.at..self.at + PAGE_SIZE) else {
+            let at = self.at;
+            self.at = self.payload.len();
+            return Some(Err(WireError::PageCut(at)));
+        };
+        self.at += PAGE_SIZE;
+        Some(Ok((addr, Some(data))))
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -363,12 +384,10 @@ mod tests {
         read_preamble(r.get_mut()).unwrap();
         let mut buf = Vec::new();
         assert_eq!(r.read(&mut buf).unwrap(), Kind::Pages);
-        let mut seen = Vec::new();
-        parse_pages(&buf, |a, d| {
-            seen.push((a, d.map(|d| d[0])));
-            Ok(())
-        })
-        .unwrap();
+        let seen: Vec<_> = pages(&buf)
+            .map(|p| p.map(|(a, d)| (a, d.map(|d| d[0]))))
+            .collect::<Result<_, _>>()
+            .unwrap();
         assert_eq!(seen, vec![(0x1000, Some(7)), (0x3000, None)]);
         let _: Progress = r.read_json(Kind::Progress, "test").unwrap();
 
@@ -391,6 +410,6 @@ mod tests {
             read_preamble(&mut &b"GET / HTTP/1.1\r\n"[..]),
             Err(WireError::Magic(_))
         ));
-        assert!(parse_pages(&[1, 2, 3], |_, _| Ok(())).is_err());
+        assert!(pages(&[1, 2, 3]).any(|p| p.is_err()));
     }
 }

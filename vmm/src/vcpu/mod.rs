@@ -20,7 +20,7 @@ use crate::memory::GuestMem;
 use crate::vm::VmEvent;
 use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use state::VcpuSaved;
+use state::{VcpuSaved, VcpuStateError};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
@@ -41,6 +41,12 @@ pub enum VcpuError {
     /// The thread did not acknowledge in time.
     #[error("vCPU {0} did not reach {1:?} within {2:?}")]
     Timeout(u8, VcpuState, Duration),
+    /// Saving or restoring needs the vCPU paused.
+    #[error("vCPU {0} is running")]
+    Running(u8),
+    /// KVM refused to save or load the vCPU's state.
+    #[error(transparent)]
+    State(#[from] VcpuStateError),
 }
 
 /// What a vCPU thread is asked to do.
@@ -52,9 +58,9 @@ pub enum VcpuCommand {
     /// End the thread.
     Exit,
     /// Paused only: save the vCPU's state and send it back.
-    Save(Sender<Result<Box<VcpuSaved>, String>>),
+    Save(Sender<Result<Box<VcpuSaved>, VcpuError>>),
     /// Paused only: load this state (into a vCPU that has not run yet).
-    Restore(Box<VcpuSaved>, Sender<Result<(), String>>),
+    Restore(Box<VcpuSaved>, Sender<Result<(), VcpuError>>),
     /// Running only: stay out of the guest this long (the migration throttle).
     Throttle(Duration),
 }
@@ -111,6 +117,8 @@ impl VcpuKicker {
         if self.commands.send(cmd).is_err() {
             return false;
         }
+        // libc rather than nix: nix's pthread_kill takes only the standard signals, and the
+        // kick is a real-time one.
         // SAFETY: the pthread_t belongs to a vCPU thread that is joined only after the VM
         // loop stopped every user of this kicker (the migration threads end first).
         unsafe { libc::pthread_kill(self.thread, kick::kick_signal()) };
@@ -286,20 +294,18 @@ impl Vcpu {
                     let r = if state == VcpuState::Paused {
                         VcpuSaved::save(self.index, &self.fd, &self.shared.msr_list)
                             .map(Box::new)
-                            .map_err(|e| vmhop_common::error::chain(&e))
+                            .map_err(VcpuError::from)
                     } else {
-                        Err(format!("vCPU {} is running", self.index))
+                        Err(VcpuError::Running(self.index))
                     };
                     let _ = reply.send(r);
                     continue;
                 }
                 Some(VcpuCommand::Restore(saved, reply)) => {
                     let r = if state == VcpuState::Paused {
-                        saved
-                            .restore(&self.fd)
-                            .map_err(|e| vmhop_common::error::chain(&e))
+                        saved.restore(&self.fd).map_err(VcpuError::from)
                     } else {
-                        Err(format!("vCPU {} is running", self.index))
+                        Err(VcpuError::Running(self.index))
                     };
                     let _ = reply.send(r);
                     continue;

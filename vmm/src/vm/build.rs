@@ -1,42 +1,118 @@
 //! Building a VM: KVM checks, memory, devices, vCPUs, in the order the module docs of
 //! [`super`] give.
 
-use super::{Role, StartMode, Vm, VmError, VmEvent, KVM_API_VERSION};
-use crate::api;
-use crate::boot;
-use crate::bus::Bus;
-use crate::cpuid;
+use super::{Role, StartMode, Vm, VmError, VmEvent};
+use crate::api::{self, ApiError};
+use crate::boot::{self, BootError};
+use crate::bus::{Bus, BusError};
+use crate::cpuid::{self, CpuidError};
 use crate::devices::i8042::{I8042, I8042_PORT_BASE, I8042_PORT_LEN};
 use crate::devices::serial::{
-    start_console, ConsoleOut, InputEvents, SerialDevice, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN,
+    start_console, ConsoleError, ConsoleOut, InputEvents, SerialDevice, COM1_IRQ, COM1_PORT_BASE,
+    COM1_PORT_LEN,
 };
 use crate::devices::virtio::block::{Backend, Block, FileBackend, StoragedBackend};
 use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::devices::virtio::VirtioInterrupt;
 use crate::devices::IrqLine;
-use crate::memory::{self, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
-use crate::state::Shape;
-use crate::vcpu::regs;
-use crate::vcpu::VcpuShared;
+use crate::memory::{self, MemoryError, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use crate::persist::Shape;
+use crate::vcpu::regs::{self, RegsError};
 use crate::vcpu::{kick, Vcpu};
+use crate::vcpu::{VcpuError, VcpuShared};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use vmm_api::config::VmConfig;
+use thiserror::Error;
+use vmm_api::config::{ConfigError, VmConfig};
 use vmm_api::migration::MigrationStatus;
 use vmm_api::vm::RunState;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// KVM's API version this code is written for.
+const KVM_API_VERSION: i32 = 12;
+
+/// Errors while building the VM.
+#[derive(Debug, Error)]
+pub enum BuildError {
+    /// The configuration is invalid.
+    #[error("configuration")]
+    Config(#[from] ConfigError),
+    /// /dev/kvm could not be opened.
+    #[error("open /dev/kvm")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// The KVM API version is not the one this VMM speaks.
+    #[error("KVM API version {0}, expected {KVM_API_VERSION}")]
+    KvmVersion(i32),
+    /// A KVM capability the VMM depends on is missing.
+    #[error("KVM lacks {0:?}")]
+    MissingCap(Cap),
+    /// A VM-level KVM ioctl failed.
+    #[error("{0}")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// Guest memory.
+    #[error("guest memory")]
+    Memory(#[from] MemoryError),
+    /// Boot preparation.
+    #[error("boot")]
+    Boot(#[from] BootError),
+    /// vCPU register setup.
+    #[error("vCPU setup")]
+    Regs(#[from] RegsError),
+    /// CPUID policy.
+    #[error("CPUID")]
+    Cpuid(#[from] CpuidError),
+    /// Device layout.
+    #[error("device layout")]
+    Bus(#[from] BusError),
+    /// Console.
+    #[error("serial console")]
+    Console(#[from] ConsoleError),
+    /// A disk could not be opened.
+    #[error("disk {0}")]
+    Disk(
+        String,
+        #[source] crate::devices::virtio::block::BackendError,
+    ),
+    /// A disk kind this build cannot open.
+    #[error("disk {0}: {1}")]
+    DiskUnsupported(String, &'static str),
+    /// An eventfd could not be created.
+    #[error("eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// The I/O runtime could not start.
+    #[error("start the I/O runtime")]
+    Runtime(#[source] std::io::Error),
+    /// The API socket could not be served.
+    #[error("API socket")]
+    Api(#[from] ApiError),
+    /// The kick signal handler could not be installed.
+    #[error("install the vCPU kick signal handler")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    /// A vCPU did not do as told.
+    #[error("vCPU")]
+    Vcpu(#[from] VcpuError),
+    /// The migration listener could not be bound.
+    #[error("listen for the migration stream on {0}")]
+    Listen(String, #[source] std::io::Error),
+    /// A snapshot could not be loaded.
+    #[error("restore the snapshot")]
+    Restore(#[source] crate::snapshot::SnapshotError),
+    /// The snapshot's state could not be loaded or run.
+    #[error("load the saved state")]
+    LoadState(#[source] VmError),
+}
 
 /// IRQ lines for disks, in order: ISA lines not taken by legacy devices, then the I/O APIC's
 /// upper pins.
 const DISK_IRQS: [u32; vmm_api::config::MAX_DISKS] =
     [5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21];
 
-fn check_kvm(kvm: &Kvm) -> Result<(), VmError> {
+fn check_kvm(kvm: &Kvm) -> Result<(), BuildError> {
     let v = kvm.get_api_version();
     if v != KVM_API_VERSION {
-        return Err(VmError::KvmVersion(v));
+        return Err(BuildError::KvmVersion(v));
     }
     for cap in [
         Cap::Irqchip,
@@ -49,56 +125,56 @@ fn check_kvm(kvm: &Kvm) -> Result<(), VmError> {
         Cap::SetTssAddr,
     ] {
         if !kvm.check_extension(cap) {
-            return Err(VmError::MissingCap(cap));
+            return Err(BuildError::MissingCap(cap));
         }
     }
     Ok(())
 }
 
-fn irq_line(vm_fd: &VmFd, gsi: u32) -> Result<IrqLine, VmError> {
-    let evt = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
+fn irq_line(vm_fd: &VmFd, gsi: u32) -> Result<IrqLine, BuildError> {
+    let evt = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     vm_fd
         .register_irqfd(&evt, gsi)
-        .map_err(|e| VmError::Kvm("KVM_IRQFD", e))?;
+        .map_err(|e| BuildError::Kvm("KVM_IRQFD", e))?;
     Ok(IrqLine { evt, gsi })
 }
 
 impl Vm {
     /// Builds the VM and starts its vCPUs (paused unless it boots). `started` is when the
     /// process began.
-    pub fn build(config: VmConfig, started: Instant, mode: StartMode) -> Result<Vm, VmError> {
+    pub fn build(config: VmConfig, started: Instant, mode: StartMode) -> Result<Vm, BuildError> {
         config.validate()?;
-        kick::install_handler().map_err(VmError::Signal)?;
+        kick::install_handler().map_err(BuildError::Signal)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("vmm-io")
             .enable_all()
             .build()
-            .map_err(VmError::Runtime)?;
+            .map_err(BuildError::Runtime)?;
         let (events_tx, events) = std::sync::mpsc::channel();
 
-        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let kvm = Kvm::new().map_err(BuildError::OpenKvm)?;
         check_kvm(&kvm)?;
         let vm_fd = kvm
             .create_vm()
-            .map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
+            .map_err(|e| BuildError::Kvm("KVM_CREATE_VM", e))?;
         vm_fd
             .set_tss_address(memory::KVM_TSS_ADDR)
-            .map_err(|e| VmError::Kvm("KVM_SET_TSS_ADDR", e))?;
+            .map_err(|e| BuildError::Kvm("KVM_SET_TSS_ADDR", e))?;
         vm_fd
             .create_irq_chip()
-            .map_err(|e| VmError::Kvm("KVM_CREATE_IRQCHIP", e))?;
+            .map_err(|e| BuildError::Kvm("KVM_CREATE_IRQCHIP", e))?;
         vm_fd
             .create_pit2(kvm_pit_config {
                 flags: KVM_PIT_SPEAKER_DUMMY,
                 ..Default::default()
             })
-            .map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
+            .map_err(|e| BuildError::Kvm("KVM_CREATE_PIT2", e))?;
 
         let (mem, memfd, snapshot_state) = match &mode {
             StartMode::Restore(path) => {
                 let (mem, st) =
-                    crate::snapshot::open(path, config.memory_mib).map_err(VmError::Restore)?;
+                    crate::snapshot::open(path, config.memory_mib).map_err(BuildError::Restore)?;
                 (mem, None, Some(st))
             }
             _ => {
@@ -107,26 +183,23 @@ impl Vm {
             }
         };
         memory::register_slots(&vm_fd, &mem, false)
-            .map_err(|e| VmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+            .map_err(|e| BuildError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
 
         let mut pio = Bus::default();
         let (console_tx, console_rx) = std::sync::mpsc::channel();
-        let fifo_empty = EventFd::new(0).map_err(VmError::EventFd)?;
+        let fifo_empty = EventFd::new(0).map_err(BuildError::EventFd)?;
         let serial = Arc::new(Mutex::new(SerialDevice::new(
             irq_line(&vm_fd, COM1_IRQ)?,
             InputEvents {
-                fifo_empty: fifo_empty.try_clone().map_err(VmError::EventFd)?,
+                fifo_empty: fifo_empty.try_clone().map_err(BuildError::EventFd)?,
             },
             ConsoleOut(console_tx),
             matches!(mode, StartMode::Boot),
         )));
         start_console(&config.serial, console_rx, serial.clone(), &fifo_empty)?;
         pio.insert(serial.clone(), COM1_PORT_BASE, COM1_PORT_LEN)?;
-        pio.insert(
-            Arc::new(Mutex::new(I8042::new(events_tx.clone()))),
-            I8042_PORT_BASE,
-            I8042_PORT_LEN,
-        )?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(events_tx.clone())));
+        pio.insert(i8042.clone(), I8042_PORT_BASE, I8042_PORT_LEN)?;
 
         let mut mmio = Bus::default();
         let mut announced = Vec::new();
@@ -138,22 +211,25 @@ impl Vm {
             let backend = match (&disk.path, &disk.storaged) {
                 (Some(path), _) => Backend::File(
                     FileBackend::open(path, disk.read_only)
-                        .map_err(|e| VmError::Disk(name.clone(), e))?,
+                        .map_err(|e| BuildError::Disk(name.clone(), e))?,
                 ),
                 (None, Some(volume)) => Backend::Storaged(
                     runtime
                         .block_on(StoragedBackend::connect(volume, &config.name))
-                        .map_err(|e| VmError::Disk(name.clone(), e))?,
+                        .map_err(|e| BuildError::Disk(name.clone(), e))?,
                 ),
                 (None, None) => {
-                    return Err(VmError::DiskUnsupported(name, "neither path nor storaged"))
+                    return Err(BuildError::DiskUnsupported(
+                        name,
+                        "neither path nor storaged",
+                    ))
                 }
             };
             let read_only = disk.read_only || backend.read_only();
             let id = format!("vmhop-disk{i}");
             let block = Block::new(backend, read_only, &id, runtime.handle().clone());
             let interrupt = Arc::new(VirtioInterrupt::new(irq_line(&vm_fd, irq)?));
-            let notify = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
+            let notify = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
             // Queue 0's notification: KVM signals the eventfd on a 4-byte write of 0 to
             // QueueNotify without leaving the kernel.
             vm_fd
@@ -162,9 +238,9 @@ impl Vm {
                     &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
                     0u32,
                 )
-                .map_err(|e| VmError::Kvm("KVM_IOEVENTFD", e))?;
+                .map_err(|e| BuildError::Kvm("KVM_IOEVENTFD", e))?;
             let transport = Arc::new(Mutex::new(MmioTransport::new(
-                Box::new(block),
+                block,
                 mem.clone(),
                 interrupt,
                 vec![notify],
@@ -195,10 +271,10 @@ impl Vm {
 
         let supported = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| VmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+            .map_err(|e| BuildError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
         let msr_list = kvm
             .get_msr_index_list()
-            .map_err(|e| VmError::Kvm("KVM_GET_MSR_INDEX_LIST", e))?
+            .map_err(|e| BuildError::Kvm("KVM_GET_MSR_INDEX_LIST", e))?
             .as_slice()
             .to_vec();
         let vcpu_shared = Arc::new(VcpuShared {
@@ -210,9 +286,9 @@ impl Vm {
         for i in 0..config.vcpus {
             let fd = vm_fd
                 .create_vcpu(u64::from(i))
-                .map_err(|e| VmError::Kvm("KVM_CREATE_VCPU", e))?;
+                .map_err(|e| BuildError::Kvm("KVM_CREATE_VCPU", e))?;
             fd.set_cpuid2(&cpuid::vcpu_cpuid(&supported, i, config.vcpus)?)
-                .map_err(|e| VmError::Kvm("KVM_SET_CPUID2", e))?;
+                .map_err(|e| BuildError::Kvm("KVM_SET_CPUID2", e))?;
             regs::setup_common(&fd)?;
             if let (0, Some(entry)) = (i, entry) {
                 regs::setup_boot_vcpu(&fd, &mem, entry)?;
@@ -265,6 +341,7 @@ impl Vm {
             mem,
             memfd,
             serial,
+            i8042,
             disks,
             vcpu_shared,
             vcpus,
@@ -292,7 +369,7 @@ impl Vm {
                 let st = snapshot_state.expect("restore mode has a state");
                 if let Err(e) = vm.load_state(st).and_then(|_| vm.resume_here()) {
                     vm.stop();
-                    return Err(VmError::LoadState(e));
+                    return Err(BuildError::LoadState(e));
                 }
                 tracing::info!(snapshot = %path.display(), "restored and running");
             }

@@ -1,14 +1,15 @@
 //! Moving the guest: saving and loading the whole state, and the control loop's side of an
 //! outgoing or incoming migration (the streams themselves are [`crate::migration`]).
 
-use super::{lock, Role, Sending, Vm, VmError, VCPU_ACK_TIMEOUT};
+use super::kvm_state::KvmVmState;
+use super::{lock, BuildError, Role, Sending, Vm, VmError, VCPU_ACK_TIMEOUT};
 use crate::api::ApiResponse;
 use crate::migration::dirty::DirtyLog;
 use crate::migration::receive::{CommitDone, DestCtx};
 use crate::migration::send::{Outcome, SourceCtx, StopCopy};
 use crate::migration::wire::Commit;
 use crate::migration::{self, MigrationRole, MigrationStatus, Phase, ResumeMode, SendParams};
-use crate::state::{self, KvmVmState, VmState};
+use crate::persist::{self, Persist, VmState};
 use crate::vcpu::wall_us;
 use crate::vcpu::VcpuCommand;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,9 +20,9 @@ use vmm_api::vm::RunState;
 
 impl Vm {
     /// Destination: binds the stream listener and starts the receiving thread.
-    pub(super) fn listen(&mut self, addr: &str) -> Result<(), VmError> {
-        let listener =
-            std::net::TcpListener::bind(addr).map_err(|e| VmError::Listen(addr.to_string(), e))?;
+    pub(super) fn listen(&mut self, addr: &str) -> Result<(), BuildError> {
+        let listener = std::net::TcpListener::bind(addr)
+            .map_err(|e| BuildError::Listen(addr.to_string(), e))?;
         tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             "waiting for an incoming migration");
         self.role = Role::Incoming;
@@ -39,14 +40,15 @@ impl Vm {
         std::thread::Builder::new()
             .name("mig-receive".into())
             .spawn(move || migration::receive::run(ctx))
-            .map_err(|e| VmError::Listen(addr.to_string(), e))?;
+            .map_err(|e| BuildError::Listen(addr.to_string(), e))?;
         Ok(())
     }
 
     /// Pauses the guest, drains every device and saves the whole state (see
-    /// [`crate::state`] and [`crate::vcpu::state`] for the order of the KVM calls). Returns
-    /// the state and when the vCPUs stopped. On failure the VM is as it was.
-    pub(super) fn pause_and_save(&mut self) -> Result<(VmState, u64), String> {
+    /// [`super::kvm_state`], [`crate::vcpu::state`] and [`crate::persist`] for the order of
+    /// the KVM calls). Returns the state and when the vCPUs stopped. On failure the VM is as
+    /// it was.
+    pub(super) fn pause_and_save(&mut self) -> Result<(VmState, u64), VmError> {
         let was_running = self.state == RunState::Running;
         let paused_at = self.pause_vcpus()?;
         let saved = self.save_paused();
@@ -57,36 +59,37 @@ impl Vm {
                 self.restart_data_paths()
             };
             if let Err(e) = r {
-                tracing::error!(error = %e, "could not resume after a failed save");
+                tracing::error!(error = %error_chain(&e), "could not resume after a failed save");
             }
         }
         saved.map(|st| (st, paused_at))
     }
 
-    pub(super) fn save_paused(&mut self) -> Result<VmState, String> {
+    pub(super) fn save_paused(&mut self) -> Result<VmState, VmError> {
         let t = Instant::now();
-        for d in &self.disks {
-            lock(d).quiesce().map_err(|e| error_chain(&e))?;
+        for (i, d) in self.disks.iter().enumerate() {
+            lock(d).quiesce().map_err(|e| VmError::Quiesce(i, e))?;
         }
         let drained_us = t.elapsed().as_micros() as u64;
-        let kvm = KvmVmState::save(&self.vm_fd).map_err(|e| error_chain(&e))?;
+        let kvm = KvmVmState::save(&self.vm_fd).map_err(VmError::SaveKvm)?;
         let (tx, rx) = std::sync::mpsc::channel();
         for v in &self.vcpus {
             v.send(VcpuCommand::Save(tx.clone()))
-                .map_err(|e| error_chain(&e))?;
+                .map_err(VmError::SaveVcpu)?;
         }
         let mut vcpus = Vec::new();
         for _ in &self.vcpus {
             let r = rx
                 .recv_timeout(VCPU_ACK_TIMEOUT)
-                .map_err(|_| "a vCPU did not save its state in time".to_string())?;
-            vcpus.push(*r?);
+                .map_err(|_| VmError::SaveVcpuTimeout)?;
+            vcpus.push(*r.map_err(VmError::SaveVcpu)?);
         }
         vcpus.sort_by_key(|v| v.index);
-        let serial = lock(&self.serial).save();
+        let serial = lock(&self.serial).save().map_err(VmError::Serial)?;
+        let i8042 = lock(&self.i8042).save().unwrap_or_else(|e| match e {});
         let mut disks = Vec::new();
-        for d in &self.disks {
-            disks.push(lock(d).save()?);
+        for (i, d) in self.disks.iter().enumerate() {
+            disks.push(lock(d).save().map_err(|e| VmError::Disk(i, e))?);
         }
         tracing::info!(
             drained_us,
@@ -98,46 +101,46 @@ impl Vm {
             kvm,
             vcpus,
             serial,
+            i8042,
             disks,
         })
     }
 
     /// Loads a saved state into this VM, whose vCPUs have never run; the data paths stay
     /// stopped until [`Self::resume_here`].
-    pub(super) fn load_state(&mut self, st: VmState) -> Result<(), String> {
+    pub(super) fn load_state(&mut self, st: VmState) -> Result<(), VmError> {
         let t = Instant::now();
-        st.check_shape(&self.shape()).map_err(|e| error_chain(&e))?;
-        st.kvm.restore(&self.vm_fd).map_err(|e| error_chain(&e))?;
+        st.check_shape(&self.shape()).map_err(VmError::State)?;
+        st.kvm.restore(&self.vm_fd).map_err(VmError::LoadKvm)?;
         let (tx, rx) = std::sync::mpsc::channel();
         for (v, saved) in self.vcpus.iter().zip(st.vcpus) {
             v.send(VcpuCommand::Restore(Box::new(saved), tx.clone()))
-                .map_err(|e| error_chain(&e))?;
+                .map_err(VmError::LoadVcpu)?;
         }
         for _ in &self.vcpus {
             rx.recv_timeout(VCPU_ACK_TIMEOUT)
-                .map_err(|_| "a vCPU did not load its state in time".to_string())??;
+                .map_err(|_| VmError::LoadVcpuTimeout)?
+                .map_err(VmError::LoadVcpu)?;
         }
         {
             let mut serial = lock(&self.serial);
-            serial.restore(&st.serial)?;
+            serial.restore(&st.serial).map_err(VmError::Serial)?;
             serial.open_input();
         }
+        lock(&self.i8042)
+            .restore(&st.i8042)
+            .unwrap_or_else(|e| match e {});
         for (i, (d, saved)) in self.disks.iter().zip(&st.disks).enumerate() {
-            lock(d)
-                .restore(saved)
-                .map_err(|e| format!("disk {i}: {e}"))?;
+            lock(d).restore(saved).map_err(|e| VmError::Disk(i, e))?;
         }
         tracing::info!(took_us = t.elapsed().as_micros() as u64, "vm state loaded");
         Ok(())
     }
 
-    pub(super) fn start_migration(&mut self, params: SendParams) -> Result<ApiResponse, String> {
-        params.validate().map_err(|e| e.to_string())?;
+    pub(super) fn start_migration(&mut self, params: SendParams) -> Result<ApiResponse, VmError> {
+        params.validate().map_err(VmError::Params)?;
         if self.role != Role::Own {
-            return Ok(ApiResponse::Refused(format!(
-                "a migration is already under way or done here ({:?})",
-                self.role
-            )));
+            return Err(VmError::MigrationExists(self.role));
         }
         let abort = Arc::new(AtomicBool::new(false));
         let stream = Arc::new(Mutex::new(None));
@@ -162,7 +165,7 @@ impl Vm {
         let thread = std::thread::Builder::new()
             .name("mig-send".into())
             .spawn(move || migration::send::run(ctx))
-            .map_err(|e| format!("start the migration thread: {e}"))?;
+            .map_err(VmError::SpawnMigration)?;
         tracing::info!(destination = %params.destination, downtime_limit_ms = params.downtime_limit_ms,
             max_iterations = params.max_iterations, throttle = params.throttle,
             resume = %params.resume, "migration started");
@@ -186,19 +189,19 @@ impl Vm {
         }
     }
 
-    pub(super) fn on_migration_stop(&mut self) -> Result<StopCopy, String> {
+    pub(super) fn on_migration_stop(&mut self) -> Result<StopCopy, VmError> {
         let Some(sending) = &self.sending else {
-            return Err("no migration".into());
+            return Err(VmError::NoMigration);
         };
         if sending.abort.load(Ordering::SeqCst) {
-            return Err("aborted on request".into());
+            return Err(VmError::Aborted);
         }
         let was_running = self.state == RunState::Running;
         let (st, paused_at_us) = self.pause_and_save()?;
         if let Some(s) = &mut self.sending {
             s.paused = was_running;
         }
-        let state = state::encode(&st).map_err(|e| error_chain(&e))?;
+        let state = persist::encode(&st).map_err(VmError::State)?;
         Ok(StopCopy {
             state,
             paused_at_us,
@@ -230,24 +233,27 @@ impl Vm {
                     self.restart_data_paths()
                 };
                 if let Err(e) = r {
-                    tracing::error!(error = %e, "could not resume the guest after the failed migration");
+                    tracing::error!(
+                        error = %error_chain(&e),
+                        "could not resume the guest after the failed migration"
+                    );
                 }
             }
         }
     }
 
-    pub(super) fn restart_data_paths(&self) -> Result<(), String> {
-        for d in &self.disks {
-            lock(d).unquiesce().map_err(|e| error_chain(&e))?;
+    pub(super) fn restart_data_paths(&self) -> Result<(), VmError> {
+        for (i, d) in self.disks.iter().enumerate() {
+            lock(d).unquiesce().map_err(|e| VmError::Unquiesce(i, e))?;
         }
         Ok(())
     }
 
-    pub(super) fn on_incoming_state(&mut self, bytes: &[u8]) -> Result<(), String> {
+    pub(super) fn on_incoming_state(&mut self, bytes: &[u8]) -> Result<(), VmError> {
         if self.role != Role::Incoming {
-            return Err(format!("unexpected state (role {:?})", self.role));
+            return Err(VmError::UnexpectedState(self.role));
         }
-        let st = state::decode(bytes).map_err(|e| error_chain(&e))?;
+        let st = persist::decode(bytes).map_err(VmError::State)?;
         self.load_state(st)?;
         self.role = Role::Loaded;
         Ok(())
@@ -257,9 +263,9 @@ impl Vm {
         &mut self,
         c: Commit,
         auto: bool,
-    ) -> Result<CommitDone, String> {
+    ) -> Result<CommitDone, VmError> {
         if self.role != Role::Loaded {
-            return Err(format!("unexpected commit (role {:?})", self.role));
+            return Err(VmError::UnexpectedCommit(self.role));
         }
         self.source_paused_at_us = c.paused_at_us;
         self.source_started_at_us = c.started_at_us;
@@ -273,7 +279,7 @@ impl Vm {
     }
 
     /// Destination: runs the guest and records the final figures.
-    pub(super) fn finish_incoming(&mut self) -> Result<CommitDone, String> {
+    pub(super) fn finish_incoming(&mut self) -> Result<CommitDone, VmError> {
         self.resume_here()?;
         self.role = Role::Own;
         let resumed_at_us = match self.vcpu_shared.resumed_at_us.load(Ordering::SeqCst) {

@@ -14,26 +14,31 @@
 //!
 //! A VM started for an incoming migration (or from a snapshot) skips step 5 and the boot
 //! registers: its vCPU threads start paused, and the saved state replaces everything, in the
-//! order given in [`crate::state`] (VM-wide) and [`crate::vcpu::state`] (per vCPU).
+//! order given in [`kvm_state`] (VM-wide), [`crate::vcpu::state`] (per vCPU) and
+//! [`crate::persist`] (devices).
 
 mod build;
 mod handover;
+pub mod kvm_state;
 
-use crate::api::{self, ApiRequest, ApiResponse};
-use crate::boot::BootError;
-use crate::bus::BusError;
-use crate::cpuid::CpuidError;
-use crate::devices::serial::{ConsoleError, SerialDevice};
-use crate::devices::virtio::mmio::MmioTransport;
-use crate::memory::{GuestMem, MemoryError};
-use crate::migration::receive::CommitDone;
+pub use build::BuildError;
+
+use crate::api::{ApiRequest, ApiResponse};
+use crate::devices::i8042::I8042;
+use crate::devices::serial::{SerialDevice, SerialStateError};
+use crate::devices::virtio::block::{Block, BlockStateError};
+use crate::devices::virtio::mmio::{MmioTransport, TransportStateError};
+use crate::devices::virtio::VirtioError;
+use crate::memory::GuestMem;
+use crate::migration::receive::{CommitDone, ReceiveError};
 use crate::migration::send::{Outcome, StopCopy};
 use crate::migration::wire::Commit;
 use crate::migration::{self, Phase, SharedStatus};
-use crate::vcpu::regs::RegsError;
+use crate::persist::PersistError;
 use crate::vcpu::{wall_us, VcpuShared};
 use crate::vcpu::{VcpuCommand, VcpuError, VcpuHandle, VcpuState};
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Kvm, VmFd};
+use kvm_state::KvmStateError;
 use std::fs::File;
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,85 +47,122 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 use vmhop_common::error::chain as error_chain;
-use vmm_api::config::{ConfigError, VmConfig};
+use vmm_api::config::VmConfig;
+use vmm_api::migration::SendParamsError;
 use vmm_api::vm::{DiskInfo, RunState, VmInfo};
 
 /// How long the API server may take to finish the answers in progress at exit.
 const API_DRAIN: Duration = Duration::from_secs(2);
 /// How long a vCPU may take to acknowledge pause, resume or exit.
 pub const VCPU_ACK_TIMEOUT: Duration = Duration::from_secs(5);
-/// KVM's API version this code is written for.
-const KVM_API_VERSION: i32 = 12;
 
-/// Errors while building or running the VM.
+/// Why the control loop could not do what an event asked. The first group are refusals: the
+/// request does not fit the VM's current state (the API answers 409, see
+/// [`VmError::is_refusal`]); the rest are failures (500).
 #[derive(Debug, Error)]
 pub enum VmError {
-    /// The configuration is invalid.
-    #[error("configuration")]
-    Config(#[from] ConfigError),
-    /// /dev/kvm could not be opened.
-    #[error("open /dev/kvm")]
-    OpenKvm(#[source] kvm_ioctls::Error),
-    /// The KVM API version is not the one this VMM speaks.
-    #[error("KVM API version {0}, expected {KVM_API_VERSION}")]
-    KvmVersion(i32),
-    /// A KVM capability the VMM depends on is missing.
-    #[error("KVM lacks {0:?}")]
-    MissingCap(Cap),
-    /// A VM-level KVM ioctl failed.
-    #[error("{0}")]
-    Kvm(&'static str, #[source] kvm_ioctls::Error),
-    /// Guest memory.
-    #[error("guest memory")]
-    Memory(#[from] MemoryError),
-    /// Boot preparation.
-    #[error("boot")]
-    Boot(#[from] BootError),
-    /// vCPU register setup.
-    #[error("vCPU setup")]
-    Regs(#[from] RegsError),
-    /// CPUID policy.
-    #[error("CPUID")]
-    Cpuid(#[from] CpuidError),
-    /// Device layout.
-    #[error("device layout")]
-    Bus(#[from] BusError),
-    /// Console.
-    #[error("serial console")]
-    Console(#[from] ConsoleError),
-    /// A disk could not be opened.
+    /// Resume on a destination before the hand-over.
+    #[error("no guest here yet: the incoming migration has not handed over")]
+    NoGuestYet,
+    /// Resume during an outgoing migration.
+    #[error("a migration is under way: PUT /v1/migration/abort first")]
+    MigrationUnderWay,
+    /// Resume on a source that handed the guest over.
+    #[error("the guest was handed over to the destination: PUT /v1/migration/abort takes it back")]
+    HandedOver,
+    /// Resume on a source whose guest runs on the destination.
+    #[error("the guest runs on the destination now")]
+    GuestGone,
+    /// Abort with no migration here.
+    #[error("no migration to abort here ({0:?})")]
+    NothingToAbort(Role),
+    /// Snapshot during a migration.
+    #[error("cannot snapshot during a migration ({0:?})")]
+    SnapshotDuringMigration(Role),
+    /// A second migration.
+    #[error("a migration is already under way or done here ({0:?})")]
+    MigrationExists(Role),
+    /// A saved state arrived while the VM was not waiting for one.
+    #[error("unexpected state (role {0:?})")]
+    UnexpectedState(Role),
+    /// A COMMIT arrived while the VM was not waiting for one.
+    #[error("unexpected commit (role {0:?})")]
+    UnexpectedCommit(Role),
+    /// The stop-and-copy was asked for with no migration under way.
+    #[error("no migration")]
+    NoMigration,
+    /// The stop-and-copy was asked for after an abort.
+    #[error("aborted on request")]
+    Aborted,
+    /// The vCPUs did not pause.
+    #[error("pause the vCPUs")]
+    Pause(#[source] VcpuError),
+    /// The vCPUs did not resume.
+    #[error("resume the vCPUs")]
+    Resume(#[source] VcpuError),
+    /// A disk's data path did not drain.
+    #[error("disk {0}: drain the data path")]
+    Quiesce(usize, #[source] VirtioError),
+    /// A disk's data path did not restart.
+    #[error("disk {0}: restart the data path")]
+    Unquiesce(usize, #[source] VirtioError),
+    /// The VM-wide KVM state could not be read.
+    #[error("save the VM-wide KVM state")]
+    SaveKvm(#[source] KvmStateError),
+    /// The VM-wide KVM state could not be loaded.
+    #[error("load the VM-wide KVM state")]
+    LoadKvm(#[source] KvmStateError),
+    /// A vCPU could not save its state.
+    #[error("save the vCPU state")]
+    SaveVcpu(#[source] VcpuError),
+    /// A vCPU could not load its state.
+    #[error("load the vCPU state")]
+    LoadVcpu(#[source] VcpuError),
+    /// A vCPU did not answer the save in time.
+    #[error("a vCPU did not save its state in time")]
+    SaveVcpuTimeout,
+    /// A vCPU did not answer the load in time.
+    #[error("a vCPU did not load its state in time")]
+    LoadVcpuTimeout,
+    /// COM1's state.
+    #[error("COM1")]
+    Serial(#[source] SerialStateError),
+    /// A disk's state.
     #[error("disk {0}")]
-    Disk(
-        String,
-        #[source] crate::devices::virtio::block::BackendError,
-    ),
-    /// A disk kind this build cannot open.
-    #[error("disk {0}: {1}")]
-    DiskUnsupported(String, &'static str),
-    /// An eventfd could not be created.
-    #[error("eventfd")]
-    EventFd(#[source] std::io::Error),
-    /// The I/O runtime could not start.
-    #[error("start the I/O runtime")]
-    Runtime(#[source] std::io::Error),
-    /// The API socket could not be served.
-    #[error("API socket")]
-    Api(#[from] api::ApiError),
-    /// The kick signal handler could not be installed.
-    #[error("install the vCPU kick signal handler")]
-    Signal(#[source] vmm_sys_util::errno::Error),
-    /// A vCPU did not do as told.
-    #[error("vCPU")]
-    Vcpu(#[from] VcpuError),
-    /// The migration listener could not be bound.
-    #[error("listen for the migration stream on {0}")]
-    Listen(String, #[source] std::io::Error),
-    /// A snapshot could not be loaded.
-    #[error("restore the snapshot")]
-    Restore(#[source] crate::snapshot::SnapshotError),
-    /// A saved state could not be loaded.
-    #[error("load the saved state: {0}")]
-    LoadState(String),
+    Disk(usize, #[source] TransportStateError<BlockStateError>),
+    /// The state envelope, or a state for another VM shape.
+    #[error("VM state")]
+    State(#[source] PersistError),
+    /// The snapshot could not be written.
+    #[error("write the snapshot")]
+    Snapshot(#[source] crate::snapshot::SnapshotError),
+    /// Unusable migration parameters.
+    #[error("migration parameters")]
+    Params(#[source] SendParamsError),
+    /// The migration thread could not start.
+    #[error("start the migration thread")]
+    SpawnMigration(#[source] std::io::Error),
+}
+
+impl VmError {
+    /// The request does not fit the VM's current state (a conflict, not a failure): the API
+    /// answers 409 rather than 500.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            VmError::NoGuestYet
+                | VmError::MigrationUnderWay
+                | VmError::HandedOver
+                | VmError::GuestGone
+                | VmError::NothingToAbort(_)
+                | VmError::SnapshotDuringMigration(_)
+                | VmError::MigrationExists(_)
+                | VmError::UnexpectedState(_)
+                | VmError::UnexpectedCommit(_)
+                | VmError::NoMigration
+                | VmError::Aborted
+        )
+    }
 }
 
 /// How a VM starts.
@@ -149,19 +191,19 @@ pub enum VmEvent {
     /// The VMM process was asked to stop (SIGTERM, SIGINT).
     Terminate(&'static str),
     /// Source: pre-copy is done; pause, drain and save (the answer carries the state).
-    MigrationStop(Sender<Result<StopCopy, String>>),
+    MigrationStop(Sender<Result<StopCopy, VmError>>),
     /// Source: the migration thread ended.
     MigrationEnded(Outcome),
     /// Destination: the state arrived; load it.
-    IncomingState(Vec<u8>, Sender<Result<(), String>>),
+    IncomingState(Vec<u8>, Sender<Result<(), VmError>>),
     /// Destination: the guest is ours (resume now if the flag says `auto`).
-    IncomingCommit(Commit, bool, Sender<Result<CommitDone, String>>),
+    IncomingCommit(Commit, bool, Sender<Result<CommitDone, VmError>>),
     /// Destination: the stream failed before the hand-over.
-    IncomingFailed(String),
+    IncomingFailed(ReceiveError),
 }
 
 /// Why the VM ended: decides the process exit status.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum ExitReason {
     /// The guest reset itself (`reboot=k`): a clean end.
     GuestReset,
@@ -176,7 +218,7 @@ pub enum ExitReason {
     /// A vCPU failure.
     VcpuFailed(String),
     /// An incoming migration failed before the hand-over (the source keeps the guest).
-    IncomingFailed(String),
+    IncomingFailed(ReceiveError),
     /// An incoming migration was aborted through the API.
     IncomingAborted,
 }
@@ -200,7 +242,7 @@ impl ExitReason {
 
 /// Who has the guest while a migration is under way or after one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
+pub enum Role {
     /// No migration, or one that ended with the guest here.
     Own,
     /// Source: a migration thread runs.
@@ -241,7 +283,8 @@ pub struct Vm {
     mem: Arc<GuestMem>,
     memfd: Option<Arc<File>>,
     serial: Arc<Mutex<SerialDevice>>,
-    disks: Vec<Arc<Mutex<MmioTransport>>>,
+    i8042: Arc<Mutex<I8042>>,
+    disks: Vec<Arc<Mutex<MmioTransport<Block>>>>,
     vcpu_shared: Arc<VcpuShared>,
     vcpus: Vec<VcpuHandle>,
     events: Receiver<VmEvent>,
@@ -303,11 +346,11 @@ impl Vm {
     }
 
     /// Pauses every vCPU; returns the wall-clock time when the last one stopped.
-    fn pause_vcpus(&mut self) -> Result<u64, String> {
+    fn pause_vcpus(&mut self) -> Result<u64, VmError> {
         if self.state == RunState::Running {
             let t = Instant::now();
             self.all_vcpus(|| VcpuCommand::Pause, VcpuState::Paused)
-                .map_err(|e| error_chain(&e))?;
+                .map_err(VmError::Pause)?;
             self.state = RunState::Paused;
             tracing::info!(took_us = t.elapsed().as_micros() as u64, "vm paused");
         }
@@ -315,52 +358,34 @@ impl Vm {
     }
 
     /// Runs the guest here: the devices' data paths first, then the vCPUs.
-    fn resume_here(&mut self) -> Result<(), String> {
+    fn resume_here(&mut self) -> Result<(), VmError> {
         self.restart_data_paths()?;
         if self.state == RunState::Paused {
             self.vcpu_shared.resumed_at_us.store(0, Ordering::SeqCst);
             self.all_vcpus(|| VcpuCommand::Resume, VcpuState::Running)
-                .map_err(|e| error_chain(&e))?;
+                .map_err(VmError::Resume)?;
             self.state = RunState::Running;
             tracing::info!("vm resumed");
         }
         Ok(())
     }
 
-    fn handle_api(&mut self, req: ApiRequest) -> Result<ApiResponse, String> {
+    fn handle_api(&mut self, req: ApiRequest) -> Result<ApiResponse, VmError> {
         match req {
             ApiRequest::Info | ApiRequest::Shutdown => {}
             ApiRequest::Pause => {
                 self.pause_vcpus()?;
             }
-            ApiRequest::Resume => {
-                match self.role {
-                    Role::Own => self.resume_here()?,
-                    Role::Committed => {
-                        self.finish_incoming()?;
-                    }
-                    Role::Incoming | Role::Loaded => {
-                        return Ok(ApiResponse::Refused(
-                            "no guest here yet: the incoming migration has not handed over".into(),
-                        ))
-                    }
-                    Role::Sending => {
-                        return Ok(ApiResponse::Refused(
-                            "a migration is under way: PUT /v1/migration/abort first".into(),
-                        ))
-                    }
-                    Role::HandedOver => return Ok(ApiResponse::Refused(
-                        "the guest was handed over to the destination: PUT /v1/migration/abort \
-                         takes it back"
-                            .into(),
-                    )),
-                    Role::Gone => {
-                        return Ok(ApiResponse::Refused(
-                            "the guest runs on the destination now".into(),
-                        ))
-                    }
+            ApiRequest::Resume => match self.role {
+                Role::Own => self.resume_here()?,
+                Role::Committed => {
+                    self.finish_incoming()?;
                 }
-            }
+                Role::Incoming | Role::Loaded => return Err(VmError::NoGuestYet),
+                Role::Sending => return Err(VmError::MigrationUnderWay),
+                Role::HandedOver => return Err(VmError::HandedOver),
+                Role::Gone => return Err(VmError::GuestGone),
+            },
             ApiRequest::MigrationSend(params) => return self.start_migration(params),
             ApiRequest::MigrationStatus => {
                 return Ok(ApiResponse::Migration(migration::current(&self.migration)))
@@ -380,26 +405,18 @@ impl Vm {
                             "migration aborted after the hand-over; the guest runs here again"
                         );
                     }
-                    _ => {
-                        return Ok(ApiResponse::Refused(format!(
-                            "no migration to abort here ({:?})",
-                            self.role
-                        )))
-                    }
+                    role => return Err(VmError::NothingToAbort(role)),
                 }
                 return Ok(ApiResponse::Migration(migration::current(&self.migration)));
             }
             ApiRequest::Snapshot(path) => {
                 if self.role != Role::Own {
-                    return Ok(ApiResponse::Refused(format!(
-                        "cannot snapshot during a migration ({:?})",
-                        self.role
-                    )));
+                    return Err(VmError::SnapshotDuringMigration(self.role));
                 }
                 let was_running = self.state == RunState::Running;
                 let (st, _) = self.pause_and_save()?;
                 let written =
-                    crate::snapshot::write(&path, &st, &self.mem).map_err(|e| error_chain(&e));
+                    crate::snapshot::write(&path, &st, &self.mem).map_err(VmError::Snapshot);
                 if was_running {
                     self.resume_here()?;
                 } else {
@@ -439,7 +456,7 @@ impl Vm {
                     break ExitReason::IncomingAborted;
                 }
                 VmEvent::Api(req, reply) => {
-                    let resp = self.handle_api(req).unwrap_or_else(ApiResponse::Error);
+                    let resp = self.handle_api(req).unwrap_or_else(ApiResponse::Failed);
                     let _ = reply.send(resp);
                 }
                 VmEvent::MigrationStop(reply) => {
@@ -449,7 +466,7 @@ impl Vm {
                 VmEvent::IncomingState(bytes, reply) => {
                     let r = self.on_incoming_state(&bytes);
                     if let Err(e) = &r {
-                        tracing::error!(error = %e, "incoming state refused");
+                        tracing::error!(error = %error_chain(e), "incoming state refused");
                     }
                     let _ = reply.send(r);
                 }
@@ -460,7 +477,10 @@ impl Vm {
                     if matches!(self.role, Role::Incoming | Role::Loaded) {
                         break ExitReason::IncomingFailed(e);
                     }
-                    tracing::warn!(error = %e, "migration stream error after the hand-over");
+                    tracing::warn!(
+                        error = %error_chain(&e),
+                        "migration stream error after the hand-over"
+                    );
                 }
             }
         };
@@ -485,7 +505,7 @@ impl Vm {
         }
         for v in &mut self.vcpus {
             if let Err(e) = v.wait_for(VcpuState::Exited, VCPU_ACK_TIMEOUT) {
-                tracing::warn!(error = %e, "vCPU did not exit");
+                tracing::warn!(error = %error_chain(&e), "vCPU did not exit");
                 continue;
             }
             v.join();

@@ -3,4 +3,6 @@
 //! triple-faulting into an emulation failure.
 
 mod device;
+mod persist;
 pub use device::{ResetSignal, I8042, I8042_PORT_BASE, I8042_PORT_LEN};
+pub use persist::I8042State;

@@ -6,10 +6,9 @@
 
 use super::super::IrqLine;
 use crate::bus::BusDevice;
-use crate::state::SerialSaved;
 use std::io::Write;
 use std::sync::mpsc::Sender;
-use vm_superio::serial::{SerialEvents, SerialState};
+use vm_superio::serial::SerialEvents;
 use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -53,7 +52,7 @@ impl SerialEvents for InputEvents {
 
 /// COM1.
 pub struct SerialDevice {
-    serial: Serial<IrqLine, InputEvents, ConsoleOut>,
+    pub(super) serial: Serial<IrqLine, InputEvents, ConsoleOut>,
     /// Whether input is taken. A VM that restores a saved guest keeps its input out until the
     /// saved UART is loaded, so that no byte typed before that is overwritten and lost.
     input_open: bool,
@@ -78,56 +77,6 @@ impl SerialDevice {
     pub fn open_input(&mut self) {
         self.input_open = true;
         let _ = self.serial.events().fifo_empty.write(1);
-    }
-
-    /// The UART's registers and receive FIFO.
-    pub fn save(&self) -> SerialSaved {
-        let s = self.serial.state();
-        SerialSaved {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
-    }
-
-    /// Loads saved registers; the interrupt line, events and output stay this device's.
-    pub fn restore(&mut self, saved: &SerialSaved) -> Result<(), String> {
-        let state = SerialState {
-            baud_divisor_low: saved.baud_divisor_low,
-            baud_divisor_high: saved.baud_divisor_high,
-            interrupt_enable: saved.interrupt_enable,
-            interrupt_identification: saved.interrupt_identification,
-            line_control: saved.line_control,
-            line_status: saved.line_status,
-            modem_control: saved.modem_control,
-            modem_status: saved.modem_status,
-            scratch: saved.scratch,
-            in_buffer: saved.in_buffer.clone(),
-        };
-        let irq = self.serial.interrupt_evt();
-        let irq = IrqLine {
-            evt: irq.evt.try_clone().map_err(|e| e.to_string())?,
-            gsi: irq.gsi,
-        };
-        let events = InputEvents {
-            fifo_empty: self
-                .serial
-                .events()
-                .fifo_empty
-                .try_clone()
-                .map_err(|e| e.to_string())?,
-        };
-        let out = self.serial.writer().clone();
-        self.serial = Serial::from_state(&state, irq, events, out)
-            .map_err(|e| format!("restore the UART: {e:?}"))?;
-        Ok(())
     }
 
     /// Puts as much of `bytes` into the receive FIFO as fits; returns how many (none while the

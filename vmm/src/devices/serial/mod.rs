@@ -3,6 +3,8 @@
 
 mod console;
 mod device;
+mod persist;
 
 pub use console::{start_console, ConsoleError};
 pub use device::{ConsoleOut, InputEvents, SerialDevice, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN};
+pub use persist::{SerialState, SerialStateError};

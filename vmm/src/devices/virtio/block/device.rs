@@ -38,7 +38,10 @@ pub struct Block {
     read_only: bool,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
     config: Vec<u8>,
-    features: u64,
+    /// Disk size in bytes.
+    pub(super) size: u64,
+    /// Feature bits offered.
+    pub(super) features: u64,
     runtime: tokio::runtime::Handle,
     stop: Option<tokio::sync::oneshot::Sender<Stop>>,
 }
@@ -70,6 +73,7 @@ impl Block {
         id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
         Block {
             config: config_space(backend.size()),
+            size: backend.size(),
             backend: Arc::new(backend),
             read_only,
             id: id_bytes,

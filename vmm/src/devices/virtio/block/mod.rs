@@ -3,9 +3,11 @@
 
 mod backend;
 mod device;
+mod persist;
 mod request;
 mod worker;
 
 pub use backend::{Backend, BackendError, FileBackend, StoragedBackend};
 pub use device::{Block, BlockError, QUEUE_SIZE, SECTOR_SIZE};
+pub use persist::{BlockState, BlockStateError};
 pub use request::{Request, RequestError, RequestKind};

@@ -10,7 +10,6 @@
 use super::super::{Activation, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::bus::BusDevice;
 use crate::memory::GuestMem;
-use crate::state::{QueueSaved, TransportSaved};
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
@@ -25,58 +24,58 @@ const REG_DEVICE_ID: u64 = 0x008;
 const REG_VENDOR_ID: u64 = 0x00c;
 const REG_DEVICE_FEATURES: u64 = 0x010;
 const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
-const REG_DRIVER_FEATURES: u64 = 0x020;
-const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+pub(super) const REG_DRIVER_FEATURES: u64 = 0x020;
+pub(super) const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
 const REG_QUEUE_SEL: u64 = 0x030;
 const REG_QUEUE_NUM_MAX: u64 = 0x034;
-const REG_QUEUE_NUM: u64 = 0x038;
-const REG_QUEUE_READY: u64 = 0x044;
+pub(super) const REG_QUEUE_NUM: u64 = 0x038;
+pub(super) const REG_QUEUE_READY: u64 = 0x044;
 /// QueueNotify: the offset the ioeventfds are registered at.
 pub const QUEUE_NOTIFY_OFFSET: u64 = 0x050;
 const REG_INTERRUPT_STATUS: u64 = 0x060;
 const REG_INTERRUPT_ACK: u64 = 0x064;
-const REG_STATUS: u64 = 0x070;
-const REG_QUEUE_DESC_LOW: u64 = 0x080;
+pub(super) const REG_STATUS: u64 = 0x070;
+pub(super) const REG_QUEUE_DESC_LOW: u64 = 0x080;
 const REG_QUEUE_DESC_HIGH: u64 = 0x084;
-const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
+pub(super) const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
 const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
-const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
+pub(super) const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
 const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
 const REG_CONFIG_GENERATION: u64 = 0x0fc;
 const CONFIG_SPACE: u64 = 0x100;
 
-const STATUS_DRIVER_OK: u32 = 4;
-const STATUS_FEATURES_OK: u32 = 8;
+pub(super) const STATUS_DRIVER_OK: u32 = 4;
+pub(super) const STATUS_FEATURES_OK: u32 = 8;
 const STATUS_FAILED: u32 = 0x80;
 
-/// One virtio-mmio device window.
-pub struct MmioTransport {
-    device: Box<dyn VirtioDevice>,
-    mem: Arc<GuestMem>,
-    interrupt: Arc<VirtioInterrupt>,
+/// One virtio-mmio device window in front of device `D`.
+pub struct MmioTransport<D> {
+    pub(super) device: D,
+    pub(super) mem: Arc<GuestMem>,
+    pub(super) interrupt: Arc<VirtioInterrupt>,
     queue_evts: Vec<EventFd>,
-    queues: Vec<Queue>,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
-    queue_sel: u32,
-    status: u32,
+    pub(super) queues: Vec<Queue>,
+    pub(super) device_features_sel: u32,
+    pub(super) driver_features_sel: u32,
+    pub(super) driver_features: u64,
+    pub(super) queue_sel: u32,
+    pub(super) status: u32,
     /// DRIVER_OK was accepted.
-    activated: bool,
+    pub(super) activated: bool,
     /// The device's data path runs (false while quiesced for a saved state, and on a
     /// migration's destination until the guest resumes).
-    data_path: bool,
+    pub(super) data_path: bool,
 }
 
-impl MmioTransport {
+impl<D: VirtioDevice> MmioTransport<D> {
     /// Wraps `device`; `queue_evts[i]` is the ioeventfd registered for queue `i`.
     pub fn new(
-        device: Box<dyn VirtioDevice>,
+        device: D,
         mem: Arc<GuestMem>,
         interrupt: Arc<VirtioInterrupt>,
         queue_evts: Vec<EventFd>,
-    ) -> MmioTransport {
-        let queues = Self::fresh_queues(device.as_ref());
+    ) -> MmioTransport<D> {
+        let queues = Self::fresh_queues(&device);
         MmioTransport {
             device,
             mem,
@@ -118,7 +117,7 @@ impl MmioTransport {
         }
         self.activated = false;
         self.data_path = false;
-        self.queues = Self::fresh_queues(self.device.as_ref());
+        self.queues = Self::fresh_queues(&self.device);
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
         self.driver_features = 0;
@@ -156,7 +155,7 @@ impl MmioTransport {
     }
 
     /// Stops the data path with every request in flight completed (see
-    /// [`VirtioDevice::quiesce`]); the queues' positions come back here for [`Self::save`].
+    /// [`VirtioDevice::quiesce`]); the queues' positions come back here for a saved state.
     pub fn quiesce(&mut self) -> Result<(), super::super::VirtioError> {
         if self.data_path {
             self.queues = self.device.quiesce()?;
@@ -165,8 +164,7 @@ impl MmioTransport {
         Ok(())
     }
 
-    /// Restarts the data path of an activated device after [`Self::quiesce`] or
-    /// [`Self::restore`].
+    /// Restarts the data path of an activated device after [`Self::quiesce`] or a restore.
     pub fn unquiesce(&mut self) -> Result<(), super::super::VirtioError> {
         if self.activated && !self.data_path {
             self.start_data_path()?;
@@ -175,92 +173,6 @@ impl MmioTransport {
             // lost one would leave the guest waiting for a completion forever.
             self.interrupt.signal_used_queue();
         }
-        Ok(())
-    }
-
-    /// The registers and queues; the data path must be quiesced.
-    pub fn save(&self) -> Result<TransportSaved, String> {
-        if self.data_path {
-            return Err("virtio device saved while its data path runs".into());
-        }
-        Ok(TransportSaved {
-            device_type: self.device.device_type(),
-            device_features_sel: self.device_features_sel,
-            driver_features_sel: self.driver_features_sel,
-            driver_features: self.driver_features,
-            queue_sel: self.queue_sel,
-            status: self.status,
-            activated: self.activated,
-            interrupt_status: self.interrupt.status(),
-            queues: self
-                .queues
-                .iter()
-                .map(|q| {
-                    let s = q.state();
-                    QueueSaved {
-                        max_size: s.max_size,
-                        size: s.size,
-                        ready: s.ready,
-                        desc_table: s.desc_table,
-                        avail_ring: s.avail_ring,
-                        used_ring: s.used_ring,
-                        next_avail: s.next_avail,
-                        next_used: s.next_used,
-                        event_idx: s.event_idx_enabled,
-                    }
-                })
-                .collect(),
-        })
-    }
-
-    /// Loads saved registers and queues into a device that the guest has not touched; the
-    /// data path stays stopped until [`Self::unquiesce`].
-    pub fn restore(&mut self, saved: &TransportSaved) -> Result<(), String> {
-        if saved.device_type != self.device.device_type() {
-            return Err(format!(
-                "saved virtio device type {}, this one is {}",
-                saved.device_type,
-                self.device.device_type()
-            ));
-        }
-        if saved.queues.len() != self.queues.len() {
-            return Err(format!(
-                "{} saved queues for a device with {}",
-                saved.queues.len(),
-                self.queues.len()
-            ));
-        }
-        let mut queues = Vec::new();
-        for (i, q) in saved.queues.iter().enumerate() {
-            let state = virtio_queue::QueueState {
-                max_size: q.max_size,
-                next_avail: q.next_avail,
-                next_used: q.next_used,
-                event_idx_enabled: q.event_idx,
-                size: q.size,
-                ready: q.ready,
-                desc_table: q.desc_table,
-                avail_ring: q.avail_ring,
-                used_ring: q.used_ring,
-            };
-            queues.push(Queue::try_from(state).map_err(|e| format!("saved queue {i}: {e:?}"))?);
-        }
-        if saved.activated {
-            for (i, q) in queues.iter().enumerate() {
-                if !q.is_valid(self.mem.as_ref()) {
-                    return Err(format!("saved queue {i} is not valid in guest memory"));
-                }
-            }
-        }
-        self.queues = queues;
-        self.device_features_sel = saved.device_features_sel;
-        self.driver_features_sel = saved.driver_features_sel;
-        self.driver_features = saved.driver_features;
-        self.queue_sel = saved.queue_sel;
-        self.status = saved.status;
-        self.activated = saved.activated;
-        self.data_path = false;
-        self.interrupt.set_status(saved.interrupt_status);
         Ok(())
     }
 
@@ -372,7 +284,7 @@ fn split(low: bool, v: u32) -> (Option<u32>, Option<u32>) {
     }
 }
 
-impl BusDevice for MmioTransport {
+impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_SPACE {
             self.device.read_config(offset - CONFIG_SPACE, data);
@@ -389,116 +301,5 @@ impl BusDevice for MmioTransport {
         } else if let Ok(bytes) = <[u8; 4]>::try_from(data) {
             self.write_reg(offset, u32::from_le_bytes(bytes));
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::devices::virtio::{Activation, VirtioError};
-    use crate::devices::IrqLine;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-
-    /// A device that records activations and hands its queues back on quiesce.
-    struct Probe {
-        activations: Arc<AtomicUsize>,
-        queues: Vec<Queue>,
-    }
-
-    impl VirtioDevice for Probe {
-        fn device_type(&self) -> u32 {
-            2
-        }
-        fn queue_max_sizes(&self) -> &[u16] {
-            &[16]
-        }
-        fn features(&self) -> u64 {
-            0
-        }
-        fn read_config(&self, _offset: u64, data: &mut [u8]) {
-            data.fill(0);
-        }
-        fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-        fn activate(&mut self, a: Activation) -> Result<(), VirtioError> {
-            self.activations.fetch_add(1, Ordering::SeqCst);
-            self.queues = a.queues.into_iter().map(|(q, _)| q).collect();
-            Ok(())
-        }
-        fn reset(&mut self) {}
-        fn quiesce(&mut self) -> Result<Vec<Queue>, VirtioError> {
-            Ok(std::mem::take(&mut self.queues))
-        }
-    }
-
-    fn transport(mem: &Arc<GuestMem>) -> (MmioTransport, Arc<AtomicUsize>) {
-        let activations = Arc::new(AtomicUsize::new(0));
-        let probe = Probe {
-            activations: activations.clone(),
-            queues: Vec::new(),
-        };
-        let line = IrqLine {
-            evt: EventFd::new(EFD_NONBLOCK).unwrap(),
-            gsi: 5,
-        };
-        let t = MmioTransport::new(
-            Box::new(probe),
-            mem.clone(),
-            Arc::new(VirtioInterrupt::new(line)),
-            vec![EventFd::new(EFD_NONBLOCK).unwrap()],
-        );
-        (t, activations)
-    }
-
-    fn write(t: &mut MmioTransport, reg: u64, v: u32) {
-        BusDevice::write(t, reg, &v.to_le_bytes());
-    }
-
-    #[test]
-    fn a_saved_transport_restores_with_its_queue_and_restarts_on_unquiesce() {
-        let (mem, _fd) = crate::memory::create_guest_memory(16).unwrap();
-        let (mut t, activations) = transport(&mem);
-        for status in [1, 3] {
-            write(&mut t, REG_STATUS, status);
-        }
-        write(&mut t, REG_DRIVER_FEATURES_SEL, 1);
-        write(&mut t, REG_DRIVER_FEATURES, 1); // VIRTIO_F_VERSION_1
-        write(&mut t, REG_STATUS, 3 | STATUS_FEATURES_OK);
-        write(&mut t, REG_QUEUE_NUM, 16);
-        write(&mut t, REG_QUEUE_DESC_LOW, 0x10000);
-        write(&mut t, REG_QUEUE_DRIVER_LOW, 0x11000);
-        write(&mut t, REG_QUEUE_DEVICE_LOW, 0x12000);
-        write(&mut t, REG_QUEUE_READY, 1);
-        write(
-            &mut t,
-            REG_STATUS,
-            3 | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
-        );
-        assert_eq!(activations.load(Ordering::SeqCst), 1);
-        assert!(t.save().is_err(), "saved while the data path runs");
-
-        t.quiesce().unwrap();
-        let saved = t.save().unwrap();
-        assert!(saved.activated);
-        assert_eq!(saved.queues[0].desc_table, 0x10000);
-        assert_eq!(saved.queues[0].size, 16);
-
-        let (mut fresh, fresh_activations) = transport(&mem);
-        fresh.restore(&saved).unwrap();
-        assert_eq!(fresh.save().unwrap(), saved);
-        assert_eq!(
-            fresh_activations.load(Ordering::SeqCst),
-            0,
-            "no data path before resume"
-        );
-        fresh.unquiesce().unwrap();
-        assert_eq!(fresh_activations.load(Ordering::SeqCst), 1);
-
-        let mut other = saved.clone();
-        other.device_type = 1;
-        assert!(transport(&mem).0.restore(&other).is_err());
-        let mut outside = saved;
-        outside.queues[0].used_ring = 64 << 20;
-        assert!(transport(&mem).0.restore(&outside).is_err());
     }
 }

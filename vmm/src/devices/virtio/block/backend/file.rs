@@ -1,15 +1,16 @@
 //! A raw image in a local file: positional I/O on tokio's blocking pool.
 
 use super::BackendError;
+use nix::fcntl::{fallocate, FallocateFlags, Flock, FlockArg};
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
 /// A raw image in a local file.
 #[derive(Debug)]
 pub struct FileBackend {
-    file: Arc<File>,
+    /// Locked for as long as the backend lives (the lock goes with the descriptor).
+    file: Arc<Flock<File>>,
     pub(super) size: u64,
 }
 
@@ -23,15 +24,12 @@ impl FileBackend {
             .write(!read_only)
             .open(path)
             .map_err(|e| BackendError::Open(name.clone(), e))?;
-        let op = if read_only {
-            libc::LOCK_SH
+        let how = if read_only {
+            FlockArg::LockSharedNonblock
         } else {
-            libc::LOCK_EX
+            FlockArg::LockExclusiveNonblock
         };
-        // SAFETY: flock on a valid, owned file descriptor; no memory is passed.
-        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
-            return Err(BackendError::Locked(name));
-        }
+        let file = Flock::lock(file, how).map_err(|_| BackendError::Locked(name.clone()))?;
         let size = file
             .metadata()
             .map_err(|e| BackendError::Open(name, e))?
@@ -54,13 +52,12 @@ impl FileBackend {
             .map_err(|e| BackendError::Io(what, e))
     }
 
-    pub(super) fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> std::io::Result<()> {
-        // SAFETY: fallocate on a valid, owned descriptor with plain integer arguments.
-        let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, len as i64) };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
+    pub(super) fn fallocate(
+        file: &File,
+        mode: FallocateFlags,
+        offset: u64,
+        len: u64,
+    ) -> std::io::Result<()> {
+        Ok(fallocate(file, mode, offset as i64, len as i64)?)
     }
 }

@@ -13,6 +13,7 @@ mod storaged;
 pub use file::FileBackend;
 pub use storaged::StoragedBackend;
 
+use nix::fcntl::FallocateFlags;
 use std::os::unix::fs::FileExt;
 use thiserror::Error;
 
@@ -111,7 +112,7 @@ impl Backend {
                 f.blocking("discard", move |file| {
                     FileBackend::fallocate(
                         file,
-                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
                         offset,
                         len,
                     )
@@ -129,7 +130,7 @@ impl Backend {
                 f.blocking("write zeroes", move |file| {
                     FileBackend::fallocate(
                         file,
-                        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                        FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
                         offset,
                         len,
                     )
