@@ -1,7 +1,7 @@
 //! A raw image in a local file: positional I/O on tokio's blocking pool.
 
 use super::BackendError;
-use nix::fcntl::{fallocate, FallocateFlags, Flock, FlockArg};
+use nix::fcntl::{fallocate, FallocateFlags};
 use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
@@ -9,8 +9,9 @@ use std::sync::Arc;
 /// A raw image in a local file.
 #[derive(Debug)]
 pub struct FileBackend {
-    /// Locked for as long as the backend lives (the lock goes with the descriptor).
-    file: Arc<Flock<File>>,
+    /// Locked for as long as the backend lives: the lock (flock(2)) goes with the descriptor,
+    /// so closing it releases the lock and nothing can fail on the way out.
+    file: Arc<File>,
     pub(super) size: u64,
 }
 
@@ -24,12 +25,12 @@ impl FileBackend {
             .write(!read_only)
             .open(path)
             .map_err(|e| BackendError::Open(name.clone(), e))?;
-        let how = if read_only {
-            FlockArg::LockSharedNonblock
+        let locked = if read_only {
+            file.try_lock_shared()
         } else {
-            FlockArg::LockExclusiveNonblock
+            file.try_lock()
         };
-        let file = Flock::lock(file, how).map_err(|_| BackendError::Locked(name.clone()))?;
+        locked.map_err(|_| BackendError::Locked(name.clone()))?;
         let size = file
             .metadata()
             .map_err(|e| BackendError::Open(name, e))?
