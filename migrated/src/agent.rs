@@ -4,16 +4,19 @@
 //!
 //! Every change of a record is one structured event line (target `migrated::state`).
 
+use crate::api::{ErrorKind, HostInfo};
+use crate::client::MigratedClient;
 use crate::config::{AgentConfig, ConfigError, InstanceConfig};
 use crate::instance::{
     log_tail, prepare_work_dir, proc_start_time, spawn_vmm, vmm_config, InstanceError,
     InstanceRecord, InstanceState,
 };
-use crate::migration::{MigrationRecord, Progress};
+use crate::migration::record::{MigrationRecord, Progress};
 use crate::store::{Store, StoreError};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+use storaged_client::rest::StoragedApi;
 use thiserror::Error;
 use vmhop_common::http::HttpError;
 use vmm_api::client::{VmmClient, VmmError};
@@ -55,6 +58,21 @@ pub enum AgentError {
     Peer(String, #[source] HttpError),
 }
 
+impl AgentError {
+    /// What kind of failure this is, for the API's answer.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            AgentError::NotFound(_) => ErrorKind::NotFound,
+            AgentError::Conflict(_) => ErrorKind::Conflict,
+            AgentError::Invalid(_) | AgentError::BadRequest(_) => ErrorKind::BadRequest,
+            AgentError::Vmm(_) | AgentError::Peer(..) | AgentError::Instance(_) => {
+                ErrorKind::BadGateway
+            }
+            AgentError::Store(_) => ErrorKind::Internal,
+        }
+    }
+}
+
 /// The agent.
 pub struct Agent {
     /// Settings.
@@ -86,7 +104,7 @@ fn log_migration(r: &MigrationRecord) {
 
 impl Agent {
     /// Opens the state directory and loads the records (no process is touched yet; see
-    /// [`Agent::recover`]).
+    /// [`crate::recovery`]).
     pub fn open(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         std::fs::create_dir_all(cfg.state_dir.join("instances"))
             .map_err(|e| AgentError::Instance(InstanceError::WorkDir(cfg.state_dir.clone(), e)))?;
@@ -116,7 +134,7 @@ impl Agent {
     pub fn put_instance(&self, rec: InstanceRecord) -> Result<(), AgentError> {
         let mut map = lock(&self.instances);
         let mut rec = rec;
-        rec.updated_ms = crate::instance::now_ms();
+        rec.updated_ms = crate::now_ms();
         self.store.put_instance(&rec)?;
         log_instance(&rec);
         map.insert(rec.name.clone(), rec);
@@ -135,7 +153,7 @@ impl Agent {
             .cloned()
             .ok_or_else(|| AgentError::NotFound(format!("instance {name}")))?;
         f(&mut rec);
-        rec.updated_ms = crate::instance::now_ms();
+        rec.updated_ms = crate::now_ms();
         self.store.put_instance(&rec)?;
         log_instance(&rec);
         map.insert(name.to_string(), rec.clone());
@@ -167,6 +185,18 @@ impl Agent {
         Ok(())
     }
 
+    /// Changes a migration record with `f`, durably.
+    pub fn update_migration(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut MigrationRecord),
+    ) -> Result<MigrationRecord, AgentError> {
+        let mut rec = self.migration(id)?;
+        f(&mut rec);
+        self.put_migration(rec.clone())?;
+        Ok(rec)
+    }
+
     /// One migration.
     pub fn migration(&self, id: &str) -> Result<MigrationRecord, AgentError> {
         lock(&self.migrations)
@@ -180,6 +210,23 @@ impl Agent {
         lock(&self.migrations).values().cloned().collect()
     }
 
+    /// This host's summary (`GET /v1/host`).
+    pub fn host_info(&self) -> HostInfo {
+        HostInfo {
+            host_id: self.cfg.host_id.clone(),
+            listen: self.cfg.listen.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            active_instances: lock(&self.instances)
+                .values()
+                .filter(|i| !i.state.is_terminal())
+                .count(),
+            active_migrations: lock(&self.migrations)
+                .values()
+                .filter(|m| !m.phase.is_terminal())
+                .count(),
+        }
+    }
+
     /// Publishes live progress.
     pub fn set_progress(&self, id: &str, p: Progress) {
         lock(&self.progress).insert(id.to_string(), p);
@@ -188,6 +235,16 @@ impl Agent {
     /// Live progress of a running migration.
     pub fn progress(&self, id: &str) -> Option<Progress> {
         lock(&self.progress).get(id).cloned()
+    }
+
+    /// A client of the peer migrated at `addr`, with the cluster's token.
+    pub fn peer(&self, addr: &str) -> MigratedClient {
+        MigratedClient::peer(addr, self.cfg.token.as_ref())
+    }
+
+    /// A client of storaged's REST API (the leases).
+    pub fn storaged(&self) -> StoragedApi {
+        StoragedApi::new(&self.cfg.storaged_api, self.cfg.storaged_token.clone())
     }
 
     // ----- VMM processes -----
@@ -366,35 +423,6 @@ impl Agent {
             }
             tracing::warn!(instance = %rec.name, pid = ?rec.pid, "VMM still running; signalling");
         }
-    }
-
-    /// After a restart: re-adopts live VMMs, marks dead ones lost, resumes unfinished
-    /// migrations. Never starts a VMM.
-    pub fn recover(self: &Arc<Self>) -> Result<(), AgentError> {
-        for rec in self.instances() {
-            if rec.state.is_terminal() {
-                continue;
-            }
-            if rec.vmm_alive() {
-                tracing::info!(target: "migrated::state", event = "adopt", instance = %rec.name,
-                    pid = ?rec.pid, "re-adopting the running VMM of {}", rec.name);
-                if rec.state == InstanceState::Starting {
-                    self.update_instance(&rec.name, |r| r.state = InstanceState::Running)?;
-                }
-                self.watch_adopted(&rec);
-            } else {
-                self.update_instance(&rec.name, |r| {
-                    r.state = InstanceState::Lost;
-                    r.exit = Some("the VMM was not running when migrated started".into());
-                })?;
-            }
-        }
-        for m in self.migrations() {
-            if !m.phase.is_terminal() {
-                crate::coordinator::resume_after_restart(self.clone(), m);
-            }
-        }
-        Ok(())
     }
 
     /// Watches a VMM that is not our child by polling its pid and start time.

@@ -112,14 +112,6 @@ pub struct InstanceRecord {
     pub updated_ms: u64,
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 impl InstanceRecord {
     /// A new record for `config` with its work directory under `state_dir`.
     pub fn new(config: InstanceConfig, state_dir: &Path, state: InstanceState) -> InstanceRecord {
@@ -137,8 +129,8 @@ impl InstanceRecord {
             migration: None,
             incoming: None,
             exit: None,
-            created_ms: now_ms(),
-            updated_ms: now_ms(),
+            created_ms: crate::now_ms(),
+            updated_ms: crate::now_ms(),
         }
     }
 

@@ -125,9 +125,7 @@ async fn serve(mut cfg: AgentConfig) -> Result<()> {
     std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(0o660))?;
 
     let agent = Agent::open(cfg.clone()).context("opening the state directory")?;
-    agent
-        .recover()
-        .context("recovering the recorded instances")?;
+    migrated::recovery::recover(&agent).context("recovering the recorded instances")?;
     tracing::info!(target: "migrated::state", event = "started", host = %cfg.host_id,
         listen = %cfg.listen, socket = %cfg.socket.display(),
         state_dir = %cfg.state_dir.display(), peers = ?cfg.peers, "migrated serving");
@@ -137,9 +135,9 @@ async fn serve(mut cfg: AgentConfig) -> Result<()> {
         tracing::warn!(listen = %cfg.listen,
             "no token_file: the REST API takes requests from anyone who can reach this address");
     }
-    let router = migrated::api::router(agent.clone());
+    let router = migrated::server::router(agent.clone());
     let mut rx1 = sd_rx.clone();
-    let tcp_router = migrated::api::tcp_router(agent.clone());
+    let tcp_router = migrated::server::tcp_router(agent.clone());
     let tcp_task = tokio::spawn(async move {
         axum::serve(tcp, tcp_router)
             .with_graceful_shutdown(async move {

@@ -5,7 +5,7 @@
 //! JSON: readable, and tolerant of added fields.
 
 use crate::instance::InstanceRecord;
-use crate::migration::MigrationRecord;
+use crate::migration::record::MigrationRecord;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::Serialize;

@@ -12,15 +12,14 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use hyper::Method;
-use migrated::api::HostEntry;
+use migrated::api::{MigrateRequest, MigrationInfo};
+use migrated::client::MigratedClient;
 use migrated::config::InstanceConfig;
-use migrated::instance::InstanceRecord;
-use migrated::migration::{MigrateRequest, MigrationInfo, MigrationParams, MigrationRecord, Phase};
+use migrated::migration::record::{MigrationParams, MigrationRecord, Phase};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Duration;
-use vmhop_common::http::{Client, Target};
+use vmhop_common::http::Target;
 use vmhop_common::token::Token;
 
 #[derive(Parser)]
@@ -113,18 +112,17 @@ fn main() -> Result<()> {
         None => Target::Unix(cli.socket.clone()),
     };
     let token = cli.token_file.as_deref().map(Token::load).transpose()?;
-    let client = Client::new(target, Duration::from_secs(cli.timeout_secs)).with_token(token);
+    let client = MigratedClient::new(target, Duration::from_secs(cli.timeout_secs), token);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(run(cli, client))
 }
 
-async fn run(cli: Cli, c: Client) -> Result<()> {
-    let none = None::<&()>;
+async fn run(cli: Cli, c: MigratedClient) -> Result<()> {
     match cli.cmd {
         Cmd::Hosts => {
-            let hosts: Vec<HostEntry> = c.call(Method::GET, "/v1/hosts", none).await?;
+            let hosts = c.hosts().await?;
             if cli.json {
                 return print_json(&hosts);
             }
@@ -146,7 +144,7 @@ async fn run(cli: Cli, c: Client) -> Result<()> {
             }
         }
         Cmd::Instances => {
-            let list: Vec<InstanceRecord> = c.call(Method::GET, "/v1/instances", none).await?;
+            let list = c.instances().await?;
             if cli.json {
                 return print_json(&list);
             }
@@ -178,15 +176,13 @@ async fn run(cli: Cli, c: Client) -> Result<()> {
             }
         }
         Cmd::Show { name } => {
-            let r: InstanceRecord = c
-                .call(Method::GET, &format!("/v1/instances/{name}"), none)
-                .await?;
+            let r = c.instance(&name).await?;
             print_json(&r)?;
         }
         Cmd::Run { config } => {
             let cfg = InstanceConfig::load(&config)
                 .with_context(|| format!("reading {}", config.display()))?;
-            let r: InstanceRecord = c.call(Method::POST, "/v1/instances", Some(&cfg)).await?;
+            let r = c.run(&cfg).await?;
             if cli.json {
                 return print_json(&r);
             }
@@ -199,9 +195,7 @@ async fn run(cli: Cli, c: Client) -> Result<()> {
             );
         }
         Cmd::Stop { name } => {
-            let r: InstanceRecord = c
-                .call(Method::POST, &format!("/v1/instances/{name}/stop"), none)
-                .await?;
+            let r = c.stop(&name).await?;
             if cli.json {
                 return print_json(&r);
             }
@@ -227,13 +221,7 @@ async fn run(cli: Cli, c: Client) -> Result<()> {
                     throttle,
                 },
             };
-            let rec: MigrationRecord = c
-                .call(
-                    Method::POST,
-                    &format!("/v1/instances/{name}/migrate"),
-                    Some(&req),
-                )
-                .await?;
+            let rec = c.migrate(&name, &req).await?;
             if no_wait {
                 return if cli.json {
                     print_json(&rec)
@@ -254,9 +242,7 @@ async fn run(cli: Cli, c: Client) -> Result<()> {
         }
         Cmd::Migrations { id } => match id {
             Some(id) => {
-                let m: MigrationInfo = c
-                    .call(Method::GET, &format!("/v1/migrations/{id}"), none)
-                    .await?;
+                let m = c.migration(&id).await?;
                 if cli.json {
                     return print_json(&m);
                 }
@@ -272,7 +258,7 @@ async fn run(cli: Cli, c: Client) -> Result<()> {
                 }
             }
             None => {
-                let all: Vec<MigrationInfo> = c.call(Method::GET, "/v1/migrations", none).await?;
+                let all = c.migrations().await?;
                 if cli.json {
                     return print_json(&all);
                 }
@@ -294,15 +280,12 @@ async fn run(cli: Cli, c: Client) -> Result<()> {
 }
 
 /// Polls the migration until it ends, drawing the progress line.
-async fn follow(c: &Client, id: &str, quiet: bool) -> Result<MigrationInfo> {
+async fn follow(c: &MigratedClient, id: &str, quiet: bool) -> Result<MigrationInfo> {
     let tty = std::io::stderr().is_terminal();
     let mut last = String::new();
     let mut failures = 0;
     loop {
-        let m: MigrationInfo = match c
-            .call(Method::GET, &format!("/v1/migrations/{id}"), None::<&()>)
-            .await
-        {
+        let m = match c.migration(id).await {
             Ok(m) => {
                 failures = 0;
                 m

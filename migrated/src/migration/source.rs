@@ -1,29 +1,17 @@
 //! The source side of a migration: the state machine that migrated on the guest's current
-//! host drives, one task per migration.
+//! host drives, one task per migration, through the phases of [`super::record::Phase`] (see
+//! the sequence diagram in [`super`]).
 //!
-//! ```text
-//!  operator      source migrated            source VMM        dest migrated / VMM     storaged
-//!     | migrate ----> created: peer + VMM checks
-//!     |               preparing ------------------------------> POST /v1/incoming
-//!     |                                                          vmm run --incoming (standby)
-//!     |               precopy --------------> PUT migration/send ==== stream ====>
-//!     |                 poll GET /v1/migration until handed-over
-//!     |               handed-over, flipping ----------------------------------------> flip (each volume)
-//!     |               flipped, resuming ----------------------> POST /v1/incoming/{id}/resume
-//!     |               cleanup --------------> PUT vm/shutdown
-//!     |               completed
-//! ```
 //! Each phase is written to the store before its action. Before `flipped` every failure
 //! aborts: volumes already flipped are rolled back, the destination's standby leases are
 //! revoked (so it can no longer take over), the destination is told to abort and the source
 //! VMM resumes. From `flipped` on the guest may only continue on the destination.
 
 use crate::agent::{Agent, AgentError};
+use crate::api::{IncomingRequest, MigrateRequest};
+use crate::client::MigratedClient;
 use crate::instance::{InstanceRecord, InstanceState};
-use crate::migration::{
-    Figures, IncomingRequest, MigrateRequest, MigrationRecord, Phase, Progress, Role, Step,
-};
-use crate::peer::Peer;
+use crate::migration::record::{MigrationRecord, Phase, Progress, Role};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use storaged_client::api::LeaseState;
@@ -72,7 +60,7 @@ pub fn start(
             "{destination} is this host"
         )));
     }
-    let id = format!("{name}.{}.{}", agent.cfg.host_id, crate::instance::now_ms());
+    let id = format!("{name}.{}.{}", agent.cfg.host_id, crate::now_ms());
     let mut claimed = None;
     let inst = agent.update_instance(name, |r| {
         if r.state == InstanceState::Running && r.migration.is_none() {
@@ -94,22 +82,16 @@ pub fn start(
         )));
     }
     let mut rec = MigrationRecord {
-        id: id.clone(),
-        instance: name.to_string(),
-        role: Role::Source,
         source: agent.cfg.host_id.clone(),
         destination,
         peer_addr,
-        params: req.params,
-        phase: Phase::Created,
-        stream_addr: None,
-        volumes: inst.config.volumes(),
-        flipped: Vec::new(),
-        steps: Vec::new(),
-        started_ms: crate::instance::now_ms(),
-        ended_ms: None,
-        error: None,
-        figures: Figures::default(),
+        ..MigrationRecord::new(
+            id.clone(),
+            name.to_string(),
+            Role::Source,
+            req.params,
+            inst.config.volumes(),
+        )
     };
     rec.step(Phase::Created, format!("requested: to {}", req.to));
     if let Err(e) = agent.put_migration(rec.clone()) {
@@ -124,21 +106,16 @@ pub fn start(
     Ok(rec)
 }
 
-/// Picks up a migration left unfinished by a previous run of migrated.
+/// Picks up a source-side migration left unfinished by a previous run of migrated.
 pub fn resume_after_restart(agent: Arc<Agent>, rec: MigrationRecord) {
-    match rec.role {
-        Role::Source => {
-            let src = Source::new(agent, &rec);
-            tokio::spawn(src.recover());
-        }
-        Role::Destination => crate::incoming::resume_after_restart(agent, rec),
-    }
+    let src = Source::new(agent, &rec);
+    tokio::spawn(src.recover());
 }
 
 struct Source {
     agent: Arc<Agent>,
     id: String,
-    peer: Peer,
+    peer: MigratedClient,
     leases: StoragedApi,
     started: Instant,
     paused_at: Option<Instant>,
@@ -148,8 +125,8 @@ struct Source {
 impl Source {
     fn new(agent: Arc<Agent>, rec: &MigrationRecord) -> Source {
         Source {
-            peer: Peer::new(&rec.peer_addr, agent.cfg.token.as_ref()),
-            leases: StoragedApi::new(&agent.cfg.storaged_api, agent.cfg.storaged_token.clone()),
+            peer: agent.peer(&rec.peer_addr),
+            leases: agent.storaged(),
             agent,
             id: rec.id.clone(),
             started: Instant::now(),
@@ -172,10 +149,7 @@ impl Source {
     }
 
     fn modify(&self, f: impl FnOnce(&mut MigrationRecord)) -> Result<MigrationRecord, AgentError> {
-        let mut r = self.rec()?;
-        f(&mut r);
-        self.agent.put_migration(r.clone())?;
-        Ok(r)
+        self.agent.update_migration(&self.id, f)
     }
 
     async fn run(mut self) {
@@ -319,7 +293,7 @@ impl Source {
             config: inst.config.clone(),
             params: rec.params,
         };
-        let ready = self.peer.prepare(&req).await.map_err(|err| {
+        let ready = self.peer.prepare_incoming(&req).await.map_err(|err| {
             format!(
                 "destination {} could not prepare: {}",
                 rec.destination,
@@ -450,14 +424,10 @@ impl Source {
                 .map_err(|e| format!("flip refused: {}", error_chain(&e)))?;
             self.modify(|r| {
                 r.flipped.push(v.clone());
-                r.steps.push(Step {
-                    at_ms: crate::instance::now_ms(),
-                    phase: Phase::Flipping,
-                    note: format!(
-                        "volume {v}: lease flipped to {} (epoch {}, {} us)",
-                        rec.destination, report.epoch, report.total_us
-                    ),
-                });
+                r.note(format!(
+                    "volume {v}: lease flipped to {} (epoch {}, {} us)",
+                    rec.destination, report.epoch, report.total_us
+                ));
             })
             .map_err(|e| error_chain(&e))?;
         }
@@ -476,7 +446,7 @@ impl Source {
         let deadline =
             Instant::now() + Duration::from_millis(self.agent.cfg.peer_timeout_ms.max(1000) * 6);
         let resumed = loop {
-            match self.peer.resume(&rec.id).await {
+            match self.peer.resume_incoming(&rec.id).await {
                 Ok(dest) => break dest,
                 Err(err) if Instant::now() > deadline => {
                     return Err(format!(
@@ -532,7 +502,7 @@ impl Source {
                 r.exit = Some(format!("migrated to {to}"));
             })
             .map_err(|e| error_chain(&e))?;
-        let total = crate::instance::now_ms().saturating_sub(rec.started_ms);
+        let total = crate::now_ms().saturating_sub(rec.started_ms);
         self.modify(|r| {
             r.figures.total_ms = total;
             r.step(Phase::Completed, format!("the guest runs on {to} only"));
@@ -569,13 +539,7 @@ impl Source {
                     )
                 }
             };
-            let _ = self.modify(|r| {
-                r.steps.push(Step {
-                    at_ms: crate::instance::now_ms(),
-                    phase: Phase::Cleanup,
-                    note,
-                })
-            });
+            let _ = self.modify(|r| r.note(note));
         }
     }
 
@@ -602,11 +566,10 @@ impl Source {
                 Ok(rep) => {
                     let _ = self.modify(|r| {
                         r.flipped.retain(|f| f != v);
-                        r.steps.push(Step {
-                            at_ms: crate::instance::now_ms(),
-                            phase: Phase::RollingBack,
-                            note: format!("volume {v}: lease rolled back (epoch {})", rep.epoch),
-                        });
+                        r.note(format!(
+                            "volume {v}: lease rolled back (epoch {})",
+                            rep.epoch
+                        ));
                     });
                 }
                 Err(e) => {
@@ -643,7 +606,7 @@ impl Source {
                     error = %error_chain(&e), "reading the leases during the abort"),
             }
         }
-        if let Err(e) = self.peer.abort(&rec.id).await {
+        if let Err(e) = self.peer.abort_incoming(&rec.id).await {
             tracing::info!(migration = %rec.id, error = %error_chain(&e),
                 "the destination did not take the abort (it may be gone)");
         }

@@ -10,13 +10,12 @@
 //! our standby leases before resuming, and a flip to a host without a standby lease fails.
 
 use crate::agent::{Agent, AgentError};
+use crate::api::{IncomingReady, IncomingRequest};
 use crate::instance::{InstanceRecord, InstanceState};
-use crate::migration::{Figures, IncomingReady, IncomingRequest, MigrationRecord, Phase, Role};
-use crate::peer::Peer;
+use crate::migration::record::{MigrationRecord, Phase, Role};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use storaged_client::api::LeaseState;
-use storaged_client::rest::StoragedApi;
 use vmhop_common::error::chain as error_chain;
 
 /// Interval of the watch of the source.
@@ -51,22 +50,17 @@ pub async fn prepare(
         .map_err(|e| AgentError::BadRequest(format!("no free migration port: {e}")))?;
     let stream_addr = std::net::SocketAddr::new(agent.cfg.migration_ip, port).to_string();
     let mut mig = MigrationRecord {
-        id: req.migration.clone(),
-        instance: name.clone(),
-        role: Role::Destination,
         source: req.source.clone(),
         destination: agent.cfg.host_id.clone(),
         peer_addr: req.source_addr.clone(),
-        params: req.params,
-        phase: Phase::Preparing,
         stream_addr: Some(stream_addr.clone()),
-        volumes: req.config.volumes(),
-        flipped: Vec::new(),
-        steps: Vec::new(),
-        started_ms: crate::instance::now_ms(),
-        ended_ms: None,
-        error: None,
-        figures: Figures::default(),
+        ..MigrationRecord::new(
+            req.migration.clone(),
+            name.clone(),
+            Role::Destination,
+            req.params,
+            req.config.volumes(),
+        )
     };
     mig.step(
         Phase::Preparing,
@@ -99,17 +93,6 @@ fn free_port(ip: std::net::IpAddr) -> std::io::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-fn modify(
-    agent: &Agent,
-    id: &str,
-    f: impl FnOnce(&mut MigrationRecord),
-) -> Result<MigrationRecord, AgentError> {
-    let mut r = agent.migration(id)?;
-    f(&mut r);
-    agent.put_migration(r.clone())?;
-    Ok(r)
-}
-
 /// `POST /v1/incoming/{id}/resume`: the leases are ours; the guest runs here.
 pub async fn resume(agent: &Arc<Agent>, id: &str) -> Result<MigrationRecord, AgentError> {
     let _d = DECIDE.lock().await;
@@ -129,7 +112,7 @@ pub async fn resume(agent: &Arc<Agent>, id: &str) -> Result<MigrationRecord, Age
         }
         _ => {}
     }
-    modify(agent, id, |r| r.step(Phase::Resuming, "resuming the guest"))?;
+    agent.update_migration(id, |r| r.step(Phase::Resuming, "resuming the guest"))?;
     let inst = agent.instance(&mig.instance)?;
     agent.vmm(&inst).resume().await?;
     let (downtime_ms, downtime_us) = vmm_downtime(agent, &inst).await;
@@ -138,7 +121,7 @@ pub async fn resume(agent: &Arc<Agent>, id: &str) -> Result<MigrationRecord, Age
         r.migration = None;
         r.incoming = None;
     })?;
-    modify(agent, id, |r| {
+    agent.update_migration(id, |r| {
         r.figures.vmm_downtime_ms = downtime_ms;
         r.figures.vmm_downtime_us = downtime_us;
         r.step(Phase::Completed, "the guest runs here");
@@ -206,7 +189,7 @@ async fn abort_locked(
             })?;
         }
     }
-    modify(agent, id, |r| {
+    agent.update_migration(id, |r| {
         r.error = Some(reason.to_string());
         r.step(Phase::Aborted, reason.to_string());
     })
@@ -233,8 +216,9 @@ async fn watch(agent: Arc<Agent>, id: String) {
     let Ok(rec) = agent.migration(&id) else {
         return;
     };
-    let peer =
-        Peer::new(&rec.peer_addr, agent.cfg.token.as_ref()).with_timeout(Duration::from_secs(2));
+    let peer = agent
+        .peer(&rec.peer_addr)
+        .with_timeout(Duration::from_secs(2));
     let timeout = Duration::from_millis(agent.cfg.peer_timeout_ms);
     let mut heard = Instant::now();
     loop {
@@ -254,7 +238,8 @@ async fn watch(agent: Arc<Agent>, id: String) {
             return;
         }
         match peer.migration(&id).await {
-            Ok(src) => {
+            Ok(info) => {
+                let src = info.record;
                 heard = Instant::now();
                 if matches!(src.phase, Phase::RollingBack | Phase::Aborted) {
                     let why = format!("the source aborted: {}", src.error.unwrap_or_default());
@@ -301,7 +286,7 @@ async fn take_over_or_abort(agent: &Arc<Agent>, rec: &MigrationRecord, why: &str
     }
     tracing::warn!(migration = %rec.id, reason = %why,
         "source lost after the hand-over: taking the leases over");
-    let leases = StoragedApi::new(&agent.cfg.storaged_api, agent.cfg.storaged_token.clone());
+    let leases = agent.storaged();
     let me = &agent.cfg.host_id;
     let mut flipped = Vec::new();
     for v in &rec.volumes {
@@ -313,7 +298,7 @@ async fn take_over_or_abort(agent: &Arc<Agent>, rec: &MigrationRecord, why: &str
         match result {
             Ok(()) => {
                 flipped.push(v.clone());
-                let _ = modify(agent, &rec.id, |r| r.flipped = flipped.clone());
+                let _ = agent.update_migration(&rec.id, |r| r.flipped = flipped.clone());
             }
             Err(e) => {
                 // The source kept (or took back) this volume: give the others back, give up.
