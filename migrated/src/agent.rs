@@ -18,8 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use storaged_client::rest::StoragedApi;
 use thiserror::Error;
-use vmhop_common::http::HttpError;
-use vmm_api::client::{VmmClient, VmmError};
+use vmm_api::client::VmmClient;
 use vmm_api::config::LeaseMode;
 
 /// How long a new VMM may take to answer on its API socket.
@@ -32,42 +31,47 @@ const ADOPTED_POLL: Duration = Duration::from_millis(250);
 /// An operation the agent refused or could not complete.
 #[derive(Debug, Error)]
 pub enum AgentError {
-    /// No such instance or migration.
-    #[error("{0} not found")]
-    NotFound(String),
-    /// The request conflicts with the current state.
-    #[error("{0}")]
-    Conflict(String),
-    /// The request is invalid.
+    /// No instance of that name on this host.
+    #[error("instance {0} not found")]
+    NoInstance(String),
+    /// No migration of that id on this host.
+    #[error("migration {0} not found")]
+    NoMigration(String),
+    /// An instance of that name still has a VMM here.
+    #[error("instance {name} already exists here ({state:?})")]
+    InstanceExists {
+        /// The instance.
+        name: String,
+        /// Its state.
+        state: InstanceState,
+    },
+    /// A migration owns the instance: it cannot be stopped now.
+    #[error("instance {name} is {state:?}: a migration owns it")]
+    Migrating {
+        /// The instance.
+        name: String,
+        /// Its state.
+        state: InstanceState,
+    },
+    /// The guest's description is invalid.
     #[error("invalid request")]
     Invalid(#[from] ConfigError),
-    /// Something named in the request is unknown or unusable.
-    #[error("{0}")]
-    BadRequest(String),
     /// The state store failed.
     #[error("state store")]
     Store(#[from] StoreError),
     /// A VMM process could not be managed.
     #[error("VMM process")]
     Instance(#[from] InstanceError),
-    /// A VMM API call failed.
-    #[error("VMM")]
-    Vmm(#[from] VmmError),
-    /// A peer migrated failed or is unreachable.
-    #[error("peer {0}")]
-    Peer(String, #[source] HttpError),
 }
 
 impl AgentError {
     /// What kind of failure this is, for the API's answer.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            AgentError::NotFound(_) => ErrorKind::NotFound,
-            AgentError::Conflict(_) => ErrorKind::Conflict,
-            AgentError::Invalid(_) | AgentError::BadRequest(_) => ErrorKind::BadRequest,
-            AgentError::Vmm(_) | AgentError::Peer(..) | AgentError::Instance(_) => {
-                ErrorKind::BadGateway
-            }
+            AgentError::NoInstance(_) | AgentError::NoMigration(_) => ErrorKind::NotFound,
+            AgentError::InstanceExists { .. } | AgentError::Migrating { .. } => ErrorKind::Conflict,
+            AgentError::Invalid(_) => ErrorKind::BadRequest,
+            AgentError::Instance(_) => ErrorKind::BadGateway,
             AgentError::Store(_) => ErrorKind::Internal,
         }
     }
@@ -151,7 +155,7 @@ impl Agent {
         let mut rec = map
             .get(name)
             .cloned()
-            .ok_or_else(|| AgentError::NotFound(format!("instance {name}")))?;
+            .ok_or_else(|| AgentError::NoInstance(name.to_string()))?;
         f(&mut rec);
         rec.updated_ms = crate::now_ms();
         self.store.put_instance(&rec)?;
@@ -165,7 +169,7 @@ impl Agent {
         lock(&self.instances)
             .get(name)
             .cloned()
-            .ok_or_else(|| AgentError::NotFound(format!("instance {name}")))
+            .ok_or_else(|| AgentError::NoInstance(name.to_string()))
     }
 
     /// Every instance.
@@ -202,7 +206,7 @@ impl Agent {
         lock(&self.migrations)
             .get(id)
             .cloned()
-            .ok_or_else(|| AgentError::NotFound(format!("migration {id}")))
+            .ok_or_else(|| AgentError::NoMigration(id.to_string()))
     }
 
     /// Every migration.
@@ -356,23 +360,24 @@ impl Agent {
         }
     }
 
+    /// Refuses an invalid guest, or one whose name an instance with a VMM here has.
+    pub fn check_new_instance(&self, config: &InstanceConfig) -> Result<(), AgentError> {
+        config.validate()?;
+        match lock(&self.instances).get(&config.name) {
+            Some(r) if !r.state.is_terminal() => Err(AgentError::InstanceExists {
+                name: r.name.clone(),
+                state: r.state,
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Starts a guest on this host.
     pub async fn run(
         self: &Arc<Self>,
         config: InstanceConfig,
     ) -> Result<InstanceRecord, AgentError> {
-        config.validate()?;
-        {
-            let map = lock(&self.instances);
-            if let Some(r) = map.get(&config.name) {
-                if !r.state.is_terminal() {
-                    return Err(AgentError::Conflict(format!(
-                        "instance {} already exists here ({:?})",
-                        r.name, r.state
-                    )));
-                }
-            }
-        }
+        self.check_new_instance(&config)?;
         let rec = InstanceRecord::new(config, &self.cfg.state_dir, InstanceState::Starting);
         self.put_instance(rec.clone())?;
         self.start_vmm(&rec, None).await?;
@@ -385,10 +390,11 @@ impl Agent {
         match rec.state {
             InstanceState::Running | InstanceState::Starting | InstanceState::Stopping => {}
             s if s.is_terminal() => return Ok(rec),
-            s => {
-                return Err(AgentError::Conflict(format!(
-                    "instance {name} is {s:?}: a migration owns it"
-                )))
+            state => {
+                return Err(AgentError::Migrating {
+                    name: name.to_string(),
+                    state,
+                })
             }
         }
         let rec = self.update_instance(name, |r| r.state = InstanceState::Stopping)?;

@@ -68,6 +68,17 @@ pub enum ConfigError {
     /// The token file cannot be used.
     #[error(transparent)]
     Token(#[from] vmhop_common::token::TokenError),
+    /// A peer given on the command line is not `ID=HOST:PORT`.
+    #[error("{0:?}: expected ID=HOST:PORT")]
+    PeerSyntax(String),
+}
+
+/// A peer as `--peer` gives it: `ID=HOST:PORT`.
+pub fn parse_peer(s: &str) -> Result<(String, String), ConfigError> {
+    let (id, addr) = s
+        .split_once('=')
+        .ok_or_else(|| ConfigError::PeerSyntax(s.to_string()))?;
+    Ok((id.to_string(), addr.to_string()))
 }
 
 /// The agent's settings as written in its TOML file; every field optional (flags win).

@@ -13,7 +13,7 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use migrated::agent::Agent;
-use migrated::config::{AgentConfig, AgentConfigFile};
+use migrated::config::{parse_peer, AgentConfig, AgentConfigFile};
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -71,13 +71,6 @@ struct Cli {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
-}
-
-fn parse_peer(s: &str) -> Result<(String, String), String> {
-    let (id, addr) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?}: expected ID=HOST:PORT"))?;
-    Ok((id.to_string(), addr.to_string()))
 }
 
 fn main() -> Result<()> {

@@ -11,7 +11,9 @@ use crate::api::{
 use crate::client::MigratedClient;
 use crate::config::InstanceConfig;
 use crate::instance::InstanceRecord;
-use crate::migration::record::{MigrationRecord, Role};
+use crate::migration::destination::{self, DestinationError};
+use crate::migration::record::MigrationRecord;
+use crate::migration::source::{self, SourceError};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -29,16 +31,24 @@ pub enum ApiError {
     /// The agent refused or failed.
     #[error(transparent)]
     Agent(#[from] AgentError),
+    /// The migration could not start.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// This host cannot be, or go on as, the destination.
+    #[error(transparent)]
+    Destination(#[from] DestinationError),
     /// The body was not the JSON expected.
     #[error("bad request body: {0}")]
     Body(String),
 }
 
 impl ApiError {
-    /// What kind of failure this is.
+    /// What kind of failure this is: the answer's status.
     pub fn kind(&self) -> ErrorKind {
         match self {
             ApiError::Agent(e) => e.kind(),
+            ApiError::Source(e) => e.kind(),
+            ApiError::Destination(e) => e.kind(),
             ApiError::Body(_) => ErrorKind::BadRequest,
         }
     }
@@ -165,7 +175,7 @@ async fn migrate(
     body: Result<Json<MigrateRequest>, JsonRejection>,
 ) -> R<(StatusCode, Json<MigrationRecord>)> {
     let Json(req) = body?;
-    let rec = crate::migration::source::start(&a, &name, req)?;
+    let rec = source::start(&a, &name, req)?;
     Ok((StatusCode::ACCEPTED, Json(rec)))
 }
 
@@ -191,29 +201,18 @@ async fn incoming_prepare(
     body: Result<Json<IncomingRequest>, JsonRejection>,
 ) -> R<Json<IncomingReady>> {
     let Json(req) = body?;
-    Ok(Json(crate::migration::destination::prepare(&a, req).await?))
-}
-
-fn incoming_record(a: &Agent, id: &str) -> R<MigrationRecord> {
-    let m = a.migration(id)?;
-    if m.role != Role::Destination {
-        return Err(AgentError::NotFound(format!("incoming migration {id}")).into());
-    }
-    Ok(m)
+    Ok(Json(destination::prepare(&a, req).await?))
 }
 
 async fn incoming_show(State(a): St, Path(id): Path<String>) -> R<Json<MigrationRecord>> {
-    Ok(Json(incoming_record(&a, &id)?))
+    Ok(Json(destination::incoming(&a, &id)?))
 }
 
 async fn incoming_resume(State(a): St, Path(id): Path<String>) -> R<Json<MigrationRecord>> {
-    incoming_record(&a, &id)?;
-    Ok(Json(crate::migration::destination::resume(&a, &id).await?))
+    Ok(Json(destination::resume(&a, &id).await?))
 }
 
 async fn incoming_abort(State(a): St, Path(id): Path<String>) -> R<Json<MigrationRecord>> {
-    incoming_record(&a, &id)?;
-    Ok(Json(
-        crate::migration::destination::abort(&a, &id, "the source asked to abort").await?,
-    ))
+    let why = DestinationError::AbortRequested;
+    Ok(Json(destination::abort(&a, &id, &why).await?))
 }

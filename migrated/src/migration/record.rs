@@ -12,6 +12,8 @@
 //! `completed` or `aborted`.
 
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use vmm_api::migration::MigrationStatus;
 
 /// Which end of the migration this host is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -187,6 +189,24 @@ pub struct Progress {
     pub eta_ms: Option<u64>,
     /// Time since the migration started.
     pub elapsed_ms: u64,
+}
+
+impl Progress {
+    /// The progress the source VMM reports in `st`, `elapsed` into the migration, with the
+    /// time to completion estimated from the average rate so far.
+    pub fn of(st: &MigrationStatus, elapsed: Duration) -> Progress {
+        let rate = st.bytes_sent as f64 / elapsed.as_secs_f64().max(0.001);
+        Progress {
+            vmm_phase: st.phase,
+            iteration: st.iteration,
+            bytes_sent: st.bytes_sent,
+            bytes_remaining: st.bytes_remaining,
+            dirty_rate_bytes_per_sec: st.dirty_rate_bytes_per_sec,
+            expected_downtime_ms: st.expected_downtime_ms,
+            eta_ms: (rate > 0.0).then(|| (st.bytes_remaining as f64 / rate * 1000.0) as u64),
+            elapsed_ms: elapsed.as_millis() as u64,
+        }
+    }
 }
 
 impl MigrationRecord {
