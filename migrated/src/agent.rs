@@ -1,18 +1,19 @@
 //! The agent's shared state: configuration, the durable store, the instance and migration
-//! records (always written to the store before they change in memory), and the lifecycle of
-//! the host's VMM processes: run, stop, watch, and re-adoption after a restart.
+//! records (always written to the store before they change in memory), the clients of the
+//! VMMs, the peers and storaged, and the lifecycle of the guests and of the VMM processes
+//! behind them: run, stop, watch (the steps on one process are in [`crate::vmm_process`]).
 //!
 //! Every change of a record is one structured event line (target `migrated::state`).
 
 use crate::api::{ErrorKind, HostInfo};
 use crate::client::MigratedClient;
 use crate::config::{AgentConfig, ConfigError, InstanceConfig};
-use crate::instance::{
-    log_tail, prepare_work_dir, proc_start_time, spawn_vmm, vmm_config, InstanceError,
-    InstanceRecord, InstanceState,
-};
+use crate::instance::{proc_start_time, InstanceRecord, InstanceState};
 use crate::migration::record::{MigrationRecord, Progress};
 use crate::store::{Store, StoreError};
+use crate::vmm_process::{
+    kill_pid, log_tail, prepare_work_dir, spawn_vmm, vmm_config, VmmProcessError,
+};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -61,7 +62,7 @@ pub enum AgentError {
     Store(#[from] StoreError),
     /// A VMM process could not be managed.
     #[error("VMM process")]
-    Instance(#[from] InstanceError),
+    VmmProcess(#[from] VmmProcessError),
 }
 
 impl AgentError {
@@ -71,7 +72,7 @@ impl AgentError {
             AgentError::NoInstance(_) | AgentError::NoMigration(_) => ErrorKind::NotFound,
             AgentError::InstanceExists { .. } | AgentError::Migrating { .. } => ErrorKind::Conflict,
             AgentError::Invalid(_) => ErrorKind::BadRequest,
-            AgentError::Instance(_) => ErrorKind::BadGateway,
+            AgentError::VmmProcess(_) => ErrorKind::BadGateway,
             AgentError::Store(_) => ErrorKind::Internal,
         }
     }
@@ -110,8 +111,9 @@ impl Agent {
     /// Opens the state directory and loads the records (no process is touched yet; see
     /// [`crate::recovery`]).
     pub fn open(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
-        std::fs::create_dir_all(cfg.state_dir.join("instances"))
-            .map_err(|e| AgentError::Instance(InstanceError::WorkDir(cfg.state_dir.clone(), e)))?;
+        std::fs::create_dir_all(cfg.state_dir.join("instances")).map_err(|e| {
+            AgentError::VmmProcess(VmmProcessError::WorkDir(cfg.state_dir.clone(), e))
+        })?;
         let store = Store::open(&cfg.state_dir.join("state.redb"))?;
         let instances = store
             .instances()?
@@ -136,12 +138,7 @@ impl Agent {
 
     /// Writes an instance record durably, then publishes it.
     pub fn put_instance(&self, rec: InstanceRecord) -> Result<(), AgentError> {
-        let mut map = lock(&self.instances);
-        let mut rec = rec;
-        rec.updated_ms = crate::now_ms();
-        self.store.put_instance(&rec)?;
-        log_instance(&rec);
-        map.insert(rec.name.clone(), rec);
+        self.write_instance(&mut lock(&self.instances), rec)?;
         Ok(())
     }
 
@@ -157,10 +154,18 @@ impl Agent {
             .cloned()
             .ok_or_else(|| AgentError::NoInstance(name.to_string()))?;
         f(&mut rec);
+        self.write_instance(&mut map, rec)
+    }
+
+    fn write_instance(
+        &self,
+        map: &mut BTreeMap<String, InstanceRecord>,
+        mut rec: InstanceRecord,
+    ) -> Result<InstanceRecord, AgentError> {
         rec.updated_ms = crate::now_ms();
         self.store.put_instance(&rec)?;
         log_instance(&rec);
-        map.insert(name.to_string(), rec.clone());
+        map.insert(rec.name.clone(), rec.clone());
         Ok(rec)
     }
 
@@ -179,25 +184,36 @@ impl Agent {
 
     /// Writes a migration record durably, then publishes it.
     pub fn put_migration(&self, rec: MigrationRecord) -> Result<(), AgentError> {
-        let mut map = lock(&self.migrations);
-        self.store.put_migration(&rec)?;
-        log_migration(&rec);
-        if rec.phase.is_terminal() {
-            lock(&self.progress).remove(&rec.id);
-        }
-        map.insert(rec.id.clone(), rec);
+        self.write_migration(&mut lock(&self.migrations), rec)?;
         Ok(())
     }
 
-    /// Changes a migration record with `f`, durably.
+    /// Changes a migration record with `f` (under the lock), durably.
     pub fn update_migration(
         &self,
         id: &str,
         f: impl FnOnce(&mut MigrationRecord),
     ) -> Result<MigrationRecord, AgentError> {
-        let mut rec = self.migration(id)?;
+        let mut map = lock(&self.migrations);
+        let mut rec = map
+            .get(id)
+            .cloned()
+            .ok_or_else(|| AgentError::NoMigration(id.to_string()))?;
         f(&mut rec);
-        self.put_migration(rec.clone())?;
+        self.write_migration(&mut map, rec)
+    }
+
+    fn write_migration(
+        &self,
+        map: &mut BTreeMap<String, MigrationRecord>,
+        rec: MigrationRecord,
+    ) -> Result<MigrationRecord, AgentError> {
+        self.store.put_migration(&rec)?;
+        log_migration(&rec);
+        if rec.phase.is_terminal() {
+            lock(&self.progress).remove(&rec.id);
+        }
+        map.insert(rec.id.clone(), rec.clone());
         Ok(rec)
     }
 
@@ -251,12 +267,12 @@ impl Agent {
         StoragedApi::new(&self.cfg.storaged_api, self.cfg.storaged_token.clone())
     }
 
-    // ----- VMM processes -----
-
     /// A client for an instance's VMM API.
     pub fn vmm(&self, rec: &InstanceRecord) -> VmmClient {
         VmmClient::new(&rec.api_socket)
     }
+
+    // ----- VMM processes -----
 
     /// Spawns the VMM of `rec` (already recorded as starting or incoming), records its pid,
     /// watches it, and waits for its API. On failure the instance is marked failed.
@@ -327,14 +343,14 @@ impl Agent {
             if !rec.vmm_alive() {
                 // Let the exit watcher record the status first, for the message.
                 let status = wait_exit_status(self, &rec.name).await;
-                return Err(InstanceError::EarlyExit {
+                return Err(VmmProcessError::EarlyExit {
                     status,
                     log: log_tail(&rec.log, 2000),
                 }
                 .into());
             }
             if Instant::now() > deadline {
-                return Err(InstanceError::ApiTimeout(VMM_START_TIMEOUT).into());
+                return Err(VmmProcessError::ApiTimeout(VMM_START_TIMEOUT).into());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -358,6 +374,44 @@ impl Agent {
             tracing::error!(instance = %name, error = %vmhop_common::error::chain(&e),
                 "recording the VMM's exit");
         }
+    }
+
+    /// Ends the VMM of `rec` and waits until it is gone.
+    pub async fn end_vmm(&self, rec: &InstanceRecord) {
+        if !rec.vmm_alive() {
+            return;
+        }
+        let vmm = self.vmm(rec).with_timeout(Duration::from_secs(10));
+        let _ = vmm.shutdown().await;
+        for sig in [None, Some(libc::SIGTERM), Some(libc::SIGKILL)] {
+            if let Some(sig) = sig {
+                kill_pid(rec, sig);
+            }
+            let deadline = Instant::now() + VMM_STOP_TIMEOUT;
+            while rec.vmm_alive() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if !rec.vmm_alive() {
+                return;
+            }
+            tracing::warn!(instance = %rec.name, pid = ?rec.pid, "VMM still running; signalling");
+        }
+    }
+
+    /// Watches a VMM that is not our child by polling its pid and start time.
+    pub fn watch_adopted(self: &Arc<Self>, rec: &InstanceRecord) {
+        let me = self.clone();
+        let rec = rec.clone();
+        tokio::spawn(async move {
+            while rec.vmm_alive() {
+                tokio::time::sleep(ADOPTED_POLL).await;
+            }
+            me.on_vmm_exit(
+                &rec.name,
+                rec.pid.unwrap_or(0),
+                "exited (status unknown: adopted after a restart)".into(),
+            );
+        });
     }
 
     /// Refuses an invalid guest, or one whose name an instance with a VMM here has.
@@ -408,44 +462,6 @@ impl Agent {
             }
         })
     }
-
-    /// Ends the VMM of `rec` and waits until it is gone.
-    pub async fn end_vmm(&self, rec: &InstanceRecord) {
-        if !rec.vmm_alive() {
-            return;
-        }
-        let vmm = self.vmm(rec).with_timeout(Duration::from_secs(10));
-        let _ = vmm.shutdown().await;
-        for sig in [None, Some(libc::SIGTERM), Some(libc::SIGKILL)] {
-            if let Some(sig) = sig {
-                kill_pid(rec, sig);
-            }
-            let deadline = Instant::now() + VMM_STOP_TIMEOUT;
-            while rec.vmm_alive() && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            if !rec.vmm_alive() {
-                return;
-            }
-            tracing::warn!(instance = %rec.name, pid = ?rec.pid, "VMM still running; signalling");
-        }
-    }
-
-    /// Watches a VMM that is not our child by polling its pid and start time.
-    pub fn watch_adopted(self: &Arc<Self>, rec: &InstanceRecord) {
-        let me = self.clone();
-        let rec = rec.clone();
-        tokio::spawn(async move {
-            while rec.vmm_alive() {
-                tokio::time::sleep(ADOPTED_POLL).await;
-            }
-            me.on_vmm_exit(
-                &rec.name,
-                rec.pid.unwrap_or(0),
-                "exited (status unknown: adopted after a restart)".into(),
-            );
-        });
-    }
 }
 
 /// Waits briefly for the exit watcher to record the status of `name`'s VMM.
@@ -461,16 +477,5 @@ async fn wait_exit_status(agent: &Agent, name: &str) -> String {
             return "exited".into();
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Sends `sig` to the VMM of `rec` if it is still the same process.
-pub fn kill_pid(rec: &InstanceRecord, sig: libc::c_int) {
-    if let (Some(pid), true) = (rec.pid, rec.vmm_alive()) {
-        // SAFETY: kill(2) has no memory effects; the pid was checked against its recorded
-        // start time just before, so it is the VMM we started and not a reused pid.
-        unsafe {
-            libc::kill(pid as libc::pid_t, sig);
-        }
     }
 }

@@ -1,8 +1,8 @@
 //! migrated: the per-host live migration agent, the coordinator of migrations between hosts,
 //! and the library behind `migratectl`.
 //!
-//! One migrated runs on every host. It starts, tracks and stops the host's VMM processes
-//! ([`agent`], [`instance`]), records every instance and every migration step durably
+//! One migrated runs on every host. It starts, tracks and stops the host's guests ([`agent`],
+//! [`instance`]) and their VMM processes ([`vmm_process`]), records every instance and every migration step durably
 //! ([`store`]), picks up where it left off after a restart ([`recovery`]), serves a REST API
 //! ([`api`] for the contract, [`server`] for the routes) to its peers and to local tools, and
 //! drives migrations ([`migration`]: the [`migration::source`] and
@@ -12,8 +12,8 @@
 //! (`vmhop_common::token`).
 //!
 //! Modules depend one way: `config`, `instance`, `store`, `api` and `migration::record` are
-//! plain data; `agent` owns the records and the VMM processes; the two migration sides use
-//! the agent; `recovery` and `server` sit on top and are the only callers of the sides.
+//! plain data, `vmm_process` the steps on one VMM process; `agent` owns the records and
+//! sequences the VMM processes; the two migration sides use the agent; `recovery` and `server` sit on top and are the only callers of the sides.
 #![warn(missing_docs)]
 
 pub mod agent;
@@ -25,6 +25,7 @@ pub mod migration;
 pub mod recovery;
 pub mod server;
 pub mod store;
+pub mod vmm_process;
 
 /// Milliseconds since the Unix epoch (the records' timestamps).
 pub fn now_ms() -> u64 {

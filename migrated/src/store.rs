@@ -106,15 +106,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.redb");
         let mut rec = InstanceRecord::new(
-            InstanceConfig {
-                name: "vm1".into(),
-                kernel: "/k".into(),
-                cmdline: String::new(),
-                memory_mib: 64,
-                vcpus: 1,
-                disks: vec![],
-                restore: None,
-            },
+            InstanceConfig::for_tests("vm1"),
             dir.path(),
             InstanceState::Starting,
         );

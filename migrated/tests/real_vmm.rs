@@ -192,7 +192,7 @@ impl Drop for Hosts {
         // The VMMs are separate processes: end them with the test.
         for agent in [&self.a, &self.b] {
             for i in agent.instances() {
-                migrated::agent::kill_pid(&i, libc::SIGKILL);
+                migrated::vmm_process::kill_pid(&i, libc::SIGKILL);
             }
         }
     }

@@ -163,11 +163,10 @@ async fn run(cli: Cli, c: MigratedClient) -> Result<()> {
                         _ => "?".into(),
                     })
                     .collect();
-                let state = serde_json::to_value(r.state)?;
                 println!(
                     "{:<16} {:<14} {:>8} {:>7} {:>5}  {}",
                     r.name,
-                    state.as_str().unwrap_or("?"),
+                    r.state,
                     r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
                     format!("{}M", r.config.memory_mib),
                     r.config.vcpus,
@@ -248,13 +247,7 @@ async fn run(cli: Cli, c: MigratedClient) -> Result<()> {
                 }
                 summary(&m.record);
                 for s in &m.record.steps {
-                    let phase = serde_json::to_value(s.phase)?;
-                    println!(
-                        "  {} {:<12} {}",
-                        s.at_ms,
-                        phase.as_str().unwrap_or("?"),
-                        s.note
-                    );
+                    println!("  {} {:<12} {}", s.at_ms, s.phase, s.note);
                 }
             }
             None => {
@@ -264,13 +257,9 @@ async fn run(cli: Cli, c: MigratedClient) -> Result<()> {
                 }
                 for m in all {
                     let r = m.record;
-                    let phase = serde_json::to_value(r.phase)?;
                     println!(
                         "{:<40} {:<12} {} -> {}",
-                        r.id,
-                        phase.as_str().unwrap_or("?"),
-                        r.source,
-                        r.destination
+                        r.id, r.phase, r.source, r.destination
                     );
                 }
             }
@@ -322,10 +311,7 @@ async fn follow(c: &MigratedClient, id: &str, quiet: bool) -> Result<MigrationIn
 }
 
 fn progress_line(m: &MigrationInfo) -> String {
-    let phase = serde_json::to_value(m.record.phase)
-        .ok()
-        .and_then(|v| v.as_str().map(String::from))
-        .unwrap_or_default();
+    let phase = m.record.phase;
     match &m.progress {
         Some(p) => format!(
             "{phase:<12} vmm {:<11} iteration {:>3}  {:>10} left  dirty {:>8}/s  ETA {}  ({:.1} s)",
@@ -346,13 +332,9 @@ fn progress_line(m: &MigrationInfo) -> String {
 }
 
 fn summary(r: &MigrationRecord) {
-    let phase = serde_json::to_value(r.phase)
-        .ok()
-        .and_then(|v| v.as_str().map(String::from))
-        .unwrap_or_default();
     println!(
         "migration {} of {}: {} -> {}: {}",
-        r.id, r.instance, r.source, r.destination, phase
+        r.id, r.instance, r.source, r.destination, r.phase
     );
     if let Some(e) = &r.error {
         println!("  reason: {e}");

@@ -68,6 +68,30 @@ impl Phase {
             Phase::Flipped | Phase::Resuming | Phase::Cleanup | Phase::Completed
         )
     }
+
+    /// The phase's name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Created => "created",
+            Phase::Preparing => "preparing",
+            Phase::Precopy => "precopy",
+            Phase::HandedOver => "handed-over",
+            Phase::Flipping => "flipping",
+            Phase::Flipped => "flipped",
+            Phase::Resuming => "resuming",
+            Phase::Cleanup => "cleanup",
+            Phase::Completed => "completed",
+            Phase::RollingBack => "rolling-back",
+            Phase::Aborted => "aborted",
+            Phase::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
 }
 
 /// Tuning of a migration, passed to the source VMM.
@@ -255,5 +279,30 @@ impl MigrationRecord {
             phase: self.phase,
             note: note.into(),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phase_names_are_the_wire_names() {
+        for p in [
+            Phase::Created,
+            Phase::Preparing,
+            Phase::Precopy,
+            Phase::HandedOver,
+            Phase::Flipping,
+            Phase::Flipped,
+            Phase::Resuming,
+            Phase::Cleanup,
+            Phase::Completed,
+            Phase::RollingBack,
+            Phase::Aborted,
+            Phase::Failed,
+        ] {
+            assert_eq!(serde_json::to_value(p).unwrap(), p.as_str());
+        }
     }
 }
