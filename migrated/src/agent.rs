@@ -83,14 +83,76 @@ pub struct Agent {
     /// Settings.
     pub cfg: AgentConfig,
     store: Store,
-    instances: Mutex<BTreeMap<String, InstanceRecord>>,
-    migrations: Mutex<BTreeMap<String, MigrationRecord>>,
+    instances: Records<InstanceRecord>,
+    migrations: Records<MigrationRecord>,
     progress: Mutex<HashMap<String, Progress>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves plain data behind; keep serving.
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The records of one kind in memory, by key (an instance's name, a migration's id). A
+/// change is saved (durably) and published under the same lock, so readers never see a
+/// record the store does not hold and two changes never interleave.
+struct Records<T> {
+    map: Mutex<BTreeMap<String, T>>,
+    /// A record's key.
+    key: fn(&T) -> &str,
+    /// The error for a key with no record.
+    missing: fn(String) -> AgentError,
+}
+
+impl<T: Clone> Records<T> {
+    fn new(all: Vec<T>, key: fn(&T) -> &str, missing: fn(String) -> AgentError) -> Records<T> {
+        let map = all.into_iter().map(|r| (key(&r).to_string(), r)).collect();
+        Records {
+            map: Mutex::new(map),
+            key,
+            missing,
+        }
+    }
+
+    fn get(&self, key: &str) -> Result<T, AgentError> {
+        let rec = lock(&self.map).get(key).cloned();
+        rec.ok_or_else(|| (self.missing)(key.to_string()))
+    }
+
+    fn all(&self) -> Vec<T> {
+        lock(&self.map).values().cloned().collect()
+    }
+
+    /// Saves `rec` with `save`, then publishes it.
+    fn put(
+        &self,
+        mut rec: T,
+        save: impl FnOnce(&mut T) -> Result<(), AgentError>,
+    ) -> Result<(), AgentError> {
+        let mut map = lock(&self.map);
+        save(&mut rec)?;
+        map.insert((self.key)(&rec).to_string(), rec);
+        Ok(())
+    }
+
+    /// Changes the record `key` with `change`, then saves and publishes it as [`Self::put`]
+    /// does.
+    fn update(
+        &self,
+        key: &str,
+        change: impl FnOnce(&mut T),
+        save: impl FnOnce(&mut T) -> Result<(), AgentError>,
+    ) -> Result<T, AgentError> {
+        let mut map = lock(&self.map);
+        let mut rec = map
+            .get(key)
+            .cloned()
+            .ok_or_else(|| (self.missing)(key.to_string()))?;
+        change(&mut rec);
+        save(&mut rec)?;
+        map.insert(key.to_string(), rec.clone());
+        Ok(rec)
+    }
 }
 
 fn log_instance(r: &InstanceRecord) {
@@ -115,21 +177,13 @@ impl Agent {
             AgentError::VmmProcess(VmmProcessError::WorkDir(cfg.state_dir.clone(), e))
         })?;
         let store = Store::open(&cfg.state_dir.join("state.redb"))?;
-        let instances = store
-            .instances()?
-            .into_iter()
-            .map(|r| (r.name.clone(), r))
-            .collect();
-        let migrations = store
-            .migrations()?
-            .into_iter()
-            .map(|r| (r.id.clone(), r))
-            .collect();
+        let instances = Records::new(store.instances()?, |r| &r.name, AgentError::NoInstance);
+        let migrations = Records::new(store.migrations()?, |r| &r.id, AgentError::NoMigration);
         Ok(Arc::new(Agent {
             cfg,
             store,
-            instances: Mutex::new(instances),
-            migrations: Mutex::new(migrations),
+            instances,
+            migrations,
             progress: Mutex::new(HashMap::new()),
         }))
     }
@@ -138,8 +192,7 @@ impl Agent {
 
     /// Writes an instance record durably, then publishes it.
     pub fn put_instance(&self, rec: InstanceRecord) -> Result<(), AgentError> {
-        self.write_instance(&mut lock(&self.instances), rec)?;
-        Ok(())
+        self.instances.put(rec, |r| self.save_instance(r))
     }
 
     /// Changes an instance record with `f` (under the lock), durably.
@@ -148,44 +201,29 @@ impl Agent {
         name: &str,
         f: impl FnOnce(&mut InstanceRecord),
     ) -> Result<InstanceRecord, AgentError> {
-        let mut map = lock(&self.instances);
-        let mut rec = map
-            .get(name)
-            .cloned()
-            .ok_or_else(|| AgentError::NoInstance(name.to_string()))?;
-        f(&mut rec);
-        self.write_instance(&mut map, rec)
+        self.instances.update(name, f, |r| self.save_instance(r))
     }
 
-    fn write_instance(
-        &self,
-        map: &mut BTreeMap<String, InstanceRecord>,
-        mut rec: InstanceRecord,
-    ) -> Result<InstanceRecord, AgentError> {
+    fn save_instance(&self, rec: &mut InstanceRecord) -> Result<(), AgentError> {
         rec.updated_ms = crate::now_ms();
-        self.store.put_instance(&rec)?;
-        log_instance(&rec);
-        map.insert(rec.name.clone(), rec.clone());
-        Ok(rec)
+        self.store.put_instance(rec)?;
+        log_instance(rec);
+        Ok(())
     }
 
     /// One instance.
     pub fn instance(&self, name: &str) -> Result<InstanceRecord, AgentError> {
-        lock(&self.instances)
-            .get(name)
-            .cloned()
-            .ok_or_else(|| AgentError::NoInstance(name.to_string()))
+        self.instances.get(name)
     }
 
     /// Every instance.
     pub fn instances(&self) -> Vec<InstanceRecord> {
-        lock(&self.instances).values().cloned().collect()
+        self.instances.all()
     }
 
     /// Writes a migration record durably, then publishes it.
     pub fn put_migration(&self, rec: MigrationRecord) -> Result<(), AgentError> {
-        self.write_migration(&mut lock(&self.migrations), rec)?;
-        Ok(())
+        self.migrations.put(rec, |r| self.save_migration(r))
     }
 
     /// Changes a migration record with `f` (under the lock), durably.
@@ -194,40 +232,26 @@ impl Agent {
         id: &str,
         f: impl FnOnce(&mut MigrationRecord),
     ) -> Result<MigrationRecord, AgentError> {
-        let mut map = lock(&self.migrations);
-        let mut rec = map
-            .get(id)
-            .cloned()
-            .ok_or_else(|| AgentError::NoMigration(id.to_string()))?;
-        f(&mut rec);
-        self.write_migration(&mut map, rec)
+        self.migrations.update(id, f, |r| self.save_migration(r))
     }
 
-    fn write_migration(
-        &self,
-        map: &mut BTreeMap<String, MigrationRecord>,
-        rec: MigrationRecord,
-    ) -> Result<MigrationRecord, AgentError> {
-        self.store.put_migration(&rec)?;
-        log_migration(&rec);
+    fn save_migration(&self, rec: &mut MigrationRecord) -> Result<(), AgentError> {
+        self.store.put_migration(rec)?;
+        log_migration(rec);
         if rec.phase.is_terminal() {
             lock(&self.progress).remove(&rec.id);
         }
-        map.insert(rec.id.clone(), rec.clone());
-        Ok(rec)
+        Ok(())
     }
 
     /// One migration.
     pub fn migration(&self, id: &str) -> Result<MigrationRecord, AgentError> {
-        lock(&self.migrations)
-            .get(id)
-            .cloned()
-            .ok_or_else(|| AgentError::NoMigration(id.to_string()))
+        self.migrations.get(id)
     }
 
     /// Every migration.
     pub fn migrations(&self) -> Vec<MigrationRecord> {
-        lock(&self.migrations).values().cloned().collect()
+        self.migrations.all()
     }
 
     /// This host's summary (`GET /v1/host`).
@@ -236,12 +260,14 @@ impl Agent {
             host_id: self.cfg.host_id.clone(),
             listen: self.cfg.listen.to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
-            active_instances: lock(&self.instances)
-                .values()
+            active_instances: self
+                .instances()
+                .iter()
                 .filter(|i| !i.state.is_terminal())
                 .count(),
-            active_migrations: lock(&self.migrations)
-                .values()
+            active_migrations: self
+                .migrations()
+                .iter()
                 .filter(|m| !m.phase.is_terminal())
                 .count(),
         }
@@ -417,8 +443,8 @@ impl Agent {
     /// Refuses an invalid guest, or one whose name an instance with a VMM here has.
     pub fn check_new_instance(&self, config: &InstanceConfig) -> Result<(), AgentError> {
         config.validate()?;
-        match lock(&self.instances).get(&config.name) {
-            Some(r) if !r.state.is_terminal() => Err(AgentError::InstanceExists {
+        match self.instances.get(&config.name) {
+            Ok(r) if !r.state.is_terminal() => Err(AgentError::InstanceExists {
                 name: r.name.clone(),
                 state: r.state,
             }),

@@ -184,7 +184,20 @@ impl SourceError {
             SourceError::NoStreamAddr | SourceError::Restarted(_) | SourceError::RollingBack(_) => {
                 ErrorKind::Internal
             }
-            _ => ErrorKind::BadGateway,
+            SourceError::Unreachable { .. }
+            | SourceError::WrongHost { .. }
+            | SourceError::Vmm(_)
+            | SourceError::PrepareFailed { .. }
+            | SourceError::StreamFailed { .. }
+            | SourceError::VmmLost(_)
+            | SourceError::DestinationGaveUp(_)
+            | SourceError::DestinationLost { .. }
+            | SourceError::FlipRefused { .. }
+            | SourceError::ResumeUnconfirmed(_)
+            | SourceError::VmmStays(_)
+            | SourceError::LeasesUnknown { .. }
+            | SourceError::RollbackFailed { .. }
+            | SourceError::DestinationHolds(_) => ErrorKind::BadGateway,
         }
     }
 }
