@@ -1,22 +1,25 @@
 //! The agent's shared state: configuration, the durable store, the instance and migration
-//! records (always written to the store before they change in memory), and the lifecycle of
-//! the host's VMM processes: run, stop, watch, and re-adoption after a restart.
+//! records (always written to the store before they change in memory), the clients of the
+//! VMMs, the peers and storaged, and the lifecycle of the guests and of the VMM processes
+//! behind them: run, stop, watch (the steps on one process are in [`crate::vmm_process`]).
 //!
 //! Every change of a record is one structured event line (target `migrated::state`).
 
+use crate::api::{ErrorKind, HostInfo};
+use crate::client::MigratedClient;
 use crate::config::{AgentConfig, ConfigError, InstanceConfig};
-use crate::instance::{
-    log_tail, prepare_work_dir, proc_start_time, spawn_vmm, vmm_config, InstanceError,
-    InstanceRecord, InstanceState,
-};
-use crate::migration::{MigrationRecord, Progress};
+use crate::instance::{proc_start_time, InstanceRecord, InstanceState};
+use crate::migration::record::{MigrationRecord, Progress};
 use crate::store::{Store, StoreError};
+use crate::vmm_process::{
+    kill_pid, log_tail, prepare_work_dir, spawn_vmm, vmm_config, VmmProcessError,
+};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+use storaged_client::rest::StoragedApi;
 use thiserror::Error;
-use vmhop_common::http::HttpError;
-use vmm_api::client::{VmmClient, VmmError};
+use vmm_api::client::VmmClient;
 use vmm_api::config::LeaseMode;
 
 /// How long a new VMM may take to answer on its API socket.
@@ -29,30 +32,50 @@ const ADOPTED_POLL: Duration = Duration::from_millis(250);
 /// An operation the agent refused or could not complete.
 #[derive(Debug, Error)]
 pub enum AgentError {
-    /// No such instance or migration.
-    #[error("{0} not found")]
-    NotFound(String),
-    /// The request conflicts with the current state.
-    #[error("{0}")]
-    Conflict(String),
-    /// The request is invalid.
+    /// No instance of that name on this host.
+    #[error("instance {0} not found")]
+    NoInstance(String),
+    /// No migration of that id on this host.
+    #[error("migration {0} not found")]
+    NoMigration(String),
+    /// An instance of that name still has a VMM here.
+    #[error("instance {name} already exists here ({state:?})")]
+    InstanceExists {
+        /// The instance.
+        name: String,
+        /// Its state.
+        state: InstanceState,
+    },
+    /// A migration owns the instance: it cannot be stopped now.
+    #[error("instance {name} is {state:?}: a migration owns it")]
+    Migrating {
+        /// The instance.
+        name: String,
+        /// Its state.
+        state: InstanceState,
+    },
+    /// The guest's description is invalid.
     #[error("invalid request")]
     Invalid(#[from] ConfigError),
-    /// Something named in the request is unknown or unusable.
-    #[error("{0}")]
-    BadRequest(String),
     /// The state store failed.
     #[error("state store")]
     Store(#[from] StoreError),
     /// A VMM process could not be managed.
     #[error("VMM process")]
-    Instance(#[from] InstanceError),
-    /// A VMM API call failed.
-    #[error("VMM")]
-    Vmm(#[from] VmmError),
-    /// A peer migrated failed or is unreachable.
-    #[error("peer {0}")]
-    Peer(String, #[source] HttpError),
+    VmmProcess(#[from] VmmProcessError),
+}
+
+impl AgentError {
+    /// What kind of failure this is, for the API's answer.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            AgentError::NoInstance(_) | AgentError::NoMigration(_) => ErrorKind::NotFound,
+            AgentError::InstanceExists { .. } | AgentError::Migrating { .. } => ErrorKind::Conflict,
+            AgentError::Invalid(_) => ErrorKind::BadRequest,
+            AgentError::VmmProcess(_) => ErrorKind::BadGateway,
+            AgentError::Store(_) => ErrorKind::Internal,
+        }
+    }
 }
 
 /// The agent.
@@ -60,14 +83,76 @@ pub struct Agent {
     /// Settings.
     pub cfg: AgentConfig,
     store: Store,
-    instances: Mutex<BTreeMap<String, InstanceRecord>>,
-    migrations: Mutex<BTreeMap<String, MigrationRecord>>,
+    instances: Records<InstanceRecord>,
+    migrations: Records<MigrationRecord>,
     progress: Mutex<HashMap<String, Progress>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves plain data behind; keep serving.
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The records of one kind in memory, by key (an instance's name, a migration's id). A
+/// change is saved (durably) and published under the same lock, so readers never see a
+/// record the store does not hold and two changes never interleave.
+struct Records<T> {
+    map: Mutex<BTreeMap<String, T>>,
+    /// A record's key.
+    key: fn(&T) -> &str,
+    /// The error for a key with no record.
+    missing: fn(String) -> AgentError,
+}
+
+impl<T: Clone> Records<T> {
+    fn new(all: Vec<T>, key: fn(&T) -> &str, missing: fn(String) -> AgentError) -> Records<T> {
+        let map = all.into_iter().map(|r| (key(&r).to_string(), r)).collect();
+        Records {
+            map: Mutex::new(map),
+            key,
+            missing,
+        }
+    }
+
+    fn get(&self, key: &str) -> Result<T, AgentError> {
+        let rec = lock(&self.map).get(key).cloned();
+        rec.ok_or_else(|| (self.missing)(key.to_string()))
+    }
+
+    fn all(&self) -> Vec<T> {
+        lock(&self.map).values().cloned().collect()
+    }
+
+    /// Saves `rec` with `save`, then publishes it.
+    fn put(
+        &self,
+        mut rec: T,
+        save: impl FnOnce(&mut T) -> Result<(), AgentError>,
+    ) -> Result<(), AgentError> {
+        let mut map = lock(&self.map);
+        save(&mut rec)?;
+        map.insert((self.key)(&rec).to_string(), rec);
+        Ok(())
+    }
+
+    /// Changes the record `key` with `change`, then saves and publishes it as [`Self::put`]
+    /// does.
+    fn update(
+        &self,
+        key: &str,
+        change: impl FnOnce(&mut T),
+        save: impl FnOnce(&mut T) -> Result<(), AgentError>,
+    ) -> Result<T, AgentError> {
+        let mut map = lock(&self.map);
+        let mut rec = map
+            .get(key)
+            .cloned()
+            .ok_or_else(|| (self.missing)(key.to_string()))?;
+        change(&mut rec);
+        save(&mut rec)?;
+        map.insert(key.to_string(), rec.clone());
+        Ok(rec)
+    }
 }
 
 fn log_instance(r: &InstanceRecord) {
@@ -86,26 +171,19 @@ fn log_migration(r: &MigrationRecord) {
 
 impl Agent {
     /// Opens the state directory and loads the records (no process is touched yet; see
-    /// [`Agent::recover`]).
+    /// [`crate::recovery`]).
     pub fn open(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
-        std::fs::create_dir_all(cfg.state_dir.join("instances"))
-            .map_err(|e| AgentError::Instance(InstanceError::WorkDir(cfg.state_dir.clone(), e)))?;
+        std::fs::create_dir_all(cfg.state_dir.join("instances")).map_err(|e| {
+            AgentError::VmmProcess(VmmProcessError::WorkDir(cfg.state_dir.clone(), e))
+        })?;
         let store = Store::open(&cfg.state_dir.join("state.redb"))?;
-        let instances = store
-            .instances()?
-            .into_iter()
-            .map(|r| (r.name.clone(), r))
-            .collect();
-        let migrations = store
-            .migrations()?
-            .into_iter()
-            .map(|r| (r.id.clone(), r))
-            .collect();
+        let instances = Records::new(store.instances()?, |r| &r.name, AgentError::NoInstance);
+        let migrations = Records::new(store.migrations()?, |r| &r.id, AgentError::NoMigration);
         Ok(Arc::new(Agent {
             cfg,
             store,
-            instances: Mutex::new(instances),
-            migrations: Mutex::new(migrations),
+            instances,
+            migrations,
             progress: Mutex::new(HashMap::new()),
         }))
     }
@@ -114,13 +192,7 @@ impl Agent {
 
     /// Writes an instance record durably, then publishes it.
     pub fn put_instance(&self, rec: InstanceRecord) -> Result<(), AgentError> {
-        let mut map = lock(&self.instances);
-        let mut rec = rec;
-        rec.updated_ms = crate::instance::now_ms();
-        self.store.put_instance(&rec)?;
-        log_instance(&rec);
-        map.insert(rec.name.clone(), rec);
-        Ok(())
+        self.instances.put(rec, |r| self.save_instance(r))
     }
 
     /// Changes an instance record with `f` (under the lock), durably.
@@ -129,55 +201,76 @@ impl Agent {
         name: &str,
         f: impl FnOnce(&mut InstanceRecord),
     ) -> Result<InstanceRecord, AgentError> {
-        let mut map = lock(&self.instances);
-        let mut rec = map
-            .get(name)
-            .cloned()
-            .ok_or_else(|| AgentError::NotFound(format!("instance {name}")))?;
-        f(&mut rec);
-        rec.updated_ms = crate::instance::now_ms();
-        self.store.put_instance(&rec)?;
-        log_instance(&rec);
-        map.insert(name.to_string(), rec.clone());
-        Ok(rec)
+        self.instances.update(name, f, |r| self.save_instance(r))
+    }
+
+    fn save_instance(&self, rec: &mut InstanceRecord) -> Result<(), AgentError> {
+        rec.updated_ms = crate::now_ms();
+        self.store.put_instance(rec)?;
+        log_instance(rec);
+        Ok(())
     }
 
     /// One instance.
     pub fn instance(&self, name: &str) -> Result<InstanceRecord, AgentError> {
-        lock(&self.instances)
-            .get(name)
-            .cloned()
-            .ok_or_else(|| AgentError::NotFound(format!("instance {name}")))
+        self.instances.get(name)
     }
 
     /// Every instance.
     pub fn instances(&self) -> Vec<InstanceRecord> {
-        lock(&self.instances).values().cloned().collect()
+        self.instances.all()
     }
 
     /// Writes a migration record durably, then publishes it.
     pub fn put_migration(&self, rec: MigrationRecord) -> Result<(), AgentError> {
-        let mut map = lock(&self.migrations);
-        self.store.put_migration(&rec)?;
-        log_migration(&rec);
+        self.migrations.put(rec, |r| self.save_migration(r))
+    }
+
+    /// Changes a migration record with `f` (under the lock), durably.
+    pub fn update_migration(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut MigrationRecord),
+    ) -> Result<MigrationRecord, AgentError> {
+        self.migrations.update(id, f, |r| self.save_migration(r))
+    }
+
+    fn save_migration(&self, rec: &mut MigrationRecord) -> Result<(), AgentError> {
+        self.store.put_migration(rec)?;
+        log_migration(rec);
         if rec.phase.is_terminal() {
             lock(&self.progress).remove(&rec.id);
         }
-        map.insert(rec.id.clone(), rec);
         Ok(())
     }
 
     /// One migration.
     pub fn migration(&self, id: &str) -> Result<MigrationRecord, AgentError> {
-        lock(&self.migrations)
-            .get(id)
-            .cloned()
-            .ok_or_else(|| AgentError::NotFound(format!("migration {id}")))
+        self.migrations.get(id)
     }
 
     /// Every migration.
     pub fn migrations(&self) -> Vec<MigrationRecord> {
-        lock(&self.migrations).values().cloned().collect()
+        self.migrations.all()
+    }
+
+    /// This host's summary (`GET /v1/host`).
+    pub fn host_info(&self) -> HostInfo {
+        HostInfo {
+            host_id: self.cfg.host_id.clone(),
+            listen: self.cfg.listen.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            active_instances: self
+                .instances()
+                .iter()
+                .filter(|i| !i.state.is_terminal())
+                .count(),
+            active_migrations: self
+                .migrations()
+                .iter()
+                .filter(|m| !m.phase.is_terminal())
+                .count(),
+        }
     }
 
     /// Publishes live progress.
@@ -190,12 +283,22 @@ impl Agent {
         lock(&self.progress).get(id).cloned()
     }
 
-    // ----- VMM processes -----
+    /// A client of the peer migrated at `addr`, with the cluster's token.
+    pub fn peer(&self, addr: &str) -> MigratedClient {
+        MigratedClient::peer(addr, self.cfg.token.as_ref())
+    }
+
+    /// A client of storaged's REST API (the leases).
+    pub fn storaged(&self) -> StoragedApi {
+        StoragedApi::new(&self.cfg.storaged_api, self.cfg.storaged_token.clone())
+    }
 
     /// A client for an instance's VMM API.
     pub fn vmm(&self, rec: &InstanceRecord) -> VmmClient {
         VmmClient::new(&rec.api_socket)
     }
+
+    // ----- VMM processes -----
 
     /// Spawns the VMM of `rec` (already recorded as starting or incoming), records its pid,
     /// watches it, and waits for its API. On failure the instance is marked failed.
@@ -266,14 +369,14 @@ impl Agent {
             if !rec.vmm_alive() {
                 // Let the exit watcher record the status first, for the message.
                 let status = wait_exit_status(self, &rec.name).await;
-                return Err(InstanceError::EarlyExit {
+                return Err(VmmProcessError::EarlyExit {
                     status,
                     log: log_tail(&rec.log, 2000),
                 }
                 .into());
             }
             if Instant::now() > deadline {
-                return Err(InstanceError::ApiTimeout(VMM_START_TIMEOUT).into());
+                return Err(VmmProcessError::ApiTimeout(VMM_START_TIMEOUT).into());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -299,53 +402,6 @@ impl Agent {
         }
     }
 
-    /// Starts a guest on this host.
-    pub async fn run(
-        self: &Arc<Self>,
-        config: InstanceConfig,
-    ) -> Result<InstanceRecord, AgentError> {
-        config.validate()?;
-        {
-            let map = lock(&self.instances);
-            if let Some(r) = map.get(&config.name) {
-                if !r.state.is_terminal() {
-                    return Err(AgentError::Conflict(format!(
-                        "instance {} already exists here ({:?})",
-                        r.name, r.state
-                    )));
-                }
-            }
-        }
-        let rec = InstanceRecord::new(config, &self.cfg.state_dir, InstanceState::Starting);
-        self.put_instance(rec.clone())?;
-        self.start_vmm(&rec, None).await?;
-        self.update_instance(&rec.name, |r| r.state = InstanceState::Running)
-    }
-
-    /// Stops a guest: API shutdown, then SIGTERM, then SIGKILL, each with a deadline.
-    pub async fn stop(self: &Arc<Self>, name: &str) -> Result<InstanceRecord, AgentError> {
-        let rec = self.instance(name)?;
-        match rec.state {
-            InstanceState::Running | InstanceState::Starting | InstanceState::Stopping => {}
-            s if s.is_terminal() => return Ok(rec),
-            s => {
-                return Err(AgentError::Conflict(format!(
-                    "instance {name} is {s:?}: a migration owns it"
-                )))
-            }
-        }
-        let rec = self.update_instance(name, |r| r.state = InstanceState::Stopping)?;
-        self.end_vmm(&rec).await;
-        self.update_instance(name, |r| {
-            if !r.state.is_terminal() {
-                r.state = InstanceState::Stopped;
-            }
-            if r.exit.is_none() {
-                r.exit = Some("stopped".into());
-            }
-        })
-    }
-
     /// Ends the VMM of `rec` and waits until it is gone.
     pub async fn end_vmm(&self, rec: &InstanceRecord) {
         if !rec.vmm_alive() {
@@ -368,35 +424,6 @@ impl Agent {
         }
     }
 
-    /// After a restart: re-adopts live VMMs, marks dead ones lost, resumes unfinished
-    /// migrations. Never starts a VMM.
-    pub fn recover(self: &Arc<Self>) -> Result<(), AgentError> {
-        for rec in self.instances() {
-            if rec.state.is_terminal() {
-                continue;
-            }
-            if rec.vmm_alive() {
-                tracing::info!(target: "migrated::state", event = "adopt", instance = %rec.name,
-                    pid = ?rec.pid, "re-adopting the running VMM of {}", rec.name);
-                if rec.state == InstanceState::Starting {
-                    self.update_instance(&rec.name, |r| r.state = InstanceState::Running)?;
-                }
-                self.watch_adopted(&rec);
-            } else {
-                self.update_instance(&rec.name, |r| {
-                    r.state = InstanceState::Lost;
-                    r.exit = Some("the VMM was not running when migrated started".into());
-                })?;
-            }
-        }
-        for m in self.migrations() {
-            if !m.phase.is_terminal() {
-                crate::coordinator::resume_after_restart(self.clone(), m);
-            }
-        }
-        Ok(())
-    }
-
     /// Watches a VMM that is not our child by polling its pid and start time.
     pub fn watch_adopted(self: &Arc<Self>, rec: &InstanceRecord) {
         let me = self.clone();
@@ -411,6 +438,55 @@ impl Agent {
                 "exited (status unknown: adopted after a restart)".into(),
             );
         });
+    }
+
+    /// Refuses an invalid guest, or one whose name an instance with a VMM here has.
+    pub fn check_new_instance(&self, config: &InstanceConfig) -> Result<(), AgentError> {
+        config.validate()?;
+        match self.instances.get(&config.name) {
+            Ok(r) if !r.state.is_terminal() => Err(AgentError::InstanceExists {
+                name: r.name.clone(),
+                state: r.state,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Starts a guest on this host.
+    pub async fn run(
+        self: &Arc<Self>,
+        config: InstanceConfig,
+    ) -> Result<InstanceRecord, AgentError> {
+        self.check_new_instance(&config)?;
+        let rec = InstanceRecord::new(config, &self.cfg.state_dir, InstanceState::Starting);
+        self.put_instance(rec.clone())?;
+        self.start_vmm(&rec, None).await?;
+        self.update_instance(&rec.name, |r| r.state = InstanceState::Running)
+    }
+
+    /// Stops a guest: API shutdown, then SIGTERM, then SIGKILL, each with a deadline.
+    pub async fn stop(self: &Arc<Self>, name: &str) -> Result<InstanceRecord, AgentError> {
+        let rec = self.instance(name)?;
+        match rec.state {
+            InstanceState::Running | InstanceState::Starting | InstanceState::Stopping => {}
+            s if s.is_terminal() => return Ok(rec),
+            state => {
+                return Err(AgentError::Migrating {
+                    name: name.to_string(),
+                    state,
+                })
+            }
+        }
+        let rec = self.update_instance(name, |r| r.state = InstanceState::Stopping)?;
+        self.end_vmm(&rec).await;
+        self.update_instance(name, |r| {
+            if !r.state.is_terminal() {
+                r.state = InstanceState::Stopped;
+            }
+            if r.exit.is_none() {
+                r.exit = Some("stopped".into());
+            }
+        })
     }
 }
 
@@ -427,16 +503,5 @@ async fn wait_exit_status(agent: &Agent, name: &str) -> String {
             return "exited".into();
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Sends `sig` to the VMM of `rec` if it is still the same process.
-pub fn kill_pid(rec: &InstanceRecord, sig: libc::c_int) {
-    if let (Some(pid), true) = (rec.pid, rec.vmm_alive()) {
-        // SAFETY: kill(2) has no memory effects; the pid was checked against its recorded
-        // start time just before, so it is the VMM we started and not a reused pid.
-        unsafe {
-            libc::kill(pid as libc::pid_t, sig);
-        }
     }
 }

@@ -1,8 +1,13 @@
-//! The REST API, served on TCP (for peers and remote `migratectl --host`) and on the Unix
-//! socket (for local tools). HTTP/1.1, JSON bodies; errors are `{"error": "..."}` with 400
-//! (bad input), 404 (unknown instance or migration), 409 (conflicts with the current state),
-//! 502 (a VMM or peer failed) or 500; on TCP, 401 for a request without the cluster's token
-//! when one is set ([`vmhop_common::token`]).
+//! The contract of migrated's REST API: its routes, the bodies they take and answer, and the
+//! kinds of error with their HTTP status. The server ([`crate::server`]) and the one client
+//! ([`crate::client::MigratedClient`], used by peers and by `migratectl`) both build on these
+//! definitions, so a route or a body is written once.
+//!
+//! HTTP/1.1, JSON bodies, on TCP (peers, remote `migratectl --host`) and on a Unix socket
+//! (local tools). Errors are [`ErrorAnswer`] with the status of their [`ErrorKind`]; on TCP a
+//! request without the cluster's token, when one is set, gets 401 ([`vmhop_common::token`]).
+//! Version policy: the routes are under `/v1`; fields are only ever added (with serde
+//! defaults), an incompatible change gets a new prefix.
 //!
 //! | method | path                              | body               | answer                |
 //! |--------|-----------------------------------|--------------------|-----------------------|
@@ -20,59 +25,98 @@
 //! | POST   | /v1/incoming/{id}/resume          |                    | `MigrationRecord`     |
 //! | POST   | /v1/incoming/{id}/abort           |                    | `MigrationRecord`     |
 
-use crate::agent::{Agent, AgentError};
 use crate::config::InstanceConfig;
-use crate::instance::InstanceRecord;
-use crate::migration::{
-    IncomingReady, IncomingRequest, MigrateRequest, MigrationInfo, MigrationRecord, Role,
-};
-use crate::peer::{HostInfo, Peer};
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use crate::migration::record::{MigrationParams, MigrationRecord, Progress};
+use hyper::StatusCode;
 use serde::{Deserialize, Serialize};
-use std::sync::Arc;
-use std::time::Duration;
-use thiserror::Error;
-use vmhop_common::token;
 
-/// A failed API call as the server maps it to HTTP.
-#[derive(Debug, Error)]
-pub enum ApiError {
-    /// The agent refused or failed.
-    #[error(transparent)]
-    Agent(#[from] AgentError),
-    /// The body was not the JSON expected.
-    #[error("bad request body: {0}")]
-    Body(String),
-}
+/// The routes, in the server's syntax (`{name}` is a path parameter); [`route::fill`] makes
+/// a client's path of one.
+pub mod route {
+    /// This host's summary.
+    pub const HOST: &str = "/v1/host";
+    /// This host and its peers.
+    pub const HOSTS: &str = "/v1/hosts";
+    /// The instances (GET), or a new one (POST).
+    pub const INSTANCES: &str = "/v1/instances";
+    /// One instance.
+    pub const INSTANCE: &str = "/v1/instances/{name}";
+    /// Stops an instance.
+    pub const INSTANCE_STOP: &str = "/v1/instances/{name}/stop";
+    /// Starts migrating an instance.
+    pub const INSTANCE_MIGRATE: &str = "/v1/instances/{name}/migrate";
+    /// The migrations this host took part in.
+    pub const MIGRATIONS: &str = "/v1/migrations";
+    /// One migration, with its progress.
+    pub const MIGRATION: &str = "/v1/migrations/{id}";
+    /// Prepares this host as a destination (a peer call).
+    pub const INCOMING: &str = "/v1/incoming";
+    /// One incoming migration's record.
+    pub const INCOMING_ONE: &str = "/v1/incoming/{id}";
+    /// The leases are the destination's: resume the guest there.
+    pub const INCOMING_RESUME: &str = "/v1/incoming/{id}/resume";
+    /// The source gave up: end the incoming VMM.
+    pub const INCOMING_ABORT: &str = "/v1/incoming/{id}/abort";
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = match &self {
-            ApiError::Body(_) => StatusCode::BAD_REQUEST,
-            ApiError::Agent(a) => match a {
-                AgentError::NotFound(_) => StatusCode::NOT_FOUND,
-                AgentError::Conflict(_) => StatusCode::CONFLICT,
-                AgentError::Invalid(_) | AgentError::BadRequest(_) => StatusCode::BAD_REQUEST,
-                AgentError::Vmm(_) | AgentError::Peer(..) | AgentError::Instance(_) => {
-                    StatusCode::BAD_GATEWAY
-                }
-                AgentError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            },
-        };
-        let msg = vmhop_common::error::chain(&self);
-        (status, Json(serde_json::json!({ "error": msg }))).into_response()
+    /// `route` with its one parameter replaced by `arg`.
+    pub fn fill(route: &str, arg: &str) -> String {
+        match (route.find('{'), route.find('}')) {
+            (Some(open), Some(close)) => {
+                format!("{}{arg}{}", &route[..open], &route[close + 1..])
+            }
+            _ => route.to_string(),
+        }
     }
 }
 
-impl From<JsonRejection> for ApiError {
-    fn from(r: JsonRejection) -> Self {
-        ApiError::Body(r.body_text())
+/// The kind of a refused or failed request; each is answered with one HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request cannot be served as written (400).
+    BadRequest,
+    /// No such instance or migration (404).
+    NotFound,
+    /// The request conflicts with the current state (409).
+    Conflict,
+    /// A VMM, a peer or storaged failed (502).
+    BadGateway,
+    /// This migrated failed (500).
+    Internal,
+}
+
+impl ErrorKind {
+    /// The HTTP status of an answer of this kind.
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::Conflict => StatusCode::CONFLICT,
+            ErrorKind::BadGateway => StatusCode::BAD_GATEWAY,
+            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
     }
+}
+
+/// The body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorAnswer {
+    /// The error and its causes on one line.
+    pub error: String,
+}
+
+/// `GET /v1/host`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostInfo {
+    /// Host id.
+    pub host_id: String,
+    /// REST address.
+    pub listen: String,
+    /// migrated version.
+    pub version: String,
+    /// Instances with a VMM on this host.
+    pub active_instances: usize,
+    /// Migrations in progress.
+    pub active_migrations: usize,
 }
 
 /// One row of `GET /v1/hosts`.
@@ -92,180 +136,61 @@ pub struct HostEntry {
     pub error: Option<String>,
 }
 
-type St = State<Arc<Agent>>;
-type R<T> = Result<T, ApiError>;
-
-/// The API's routes.
-pub fn router(agent: Arc<Agent>) -> Router {
-    Router::new()
-        .route("/v1/host", get(host))
-        .route("/v1/hosts", get(hosts))
-        .route("/v1/instances", get(instances).post(run))
-        .route("/v1/instances/{name}", get(instance))
-        .route("/v1/instances/{name}/stop", post(stop))
-        .route("/v1/instances/{name}/migrate", post(migrate))
-        .route("/v1/migrations", get(migrations))
-        .route("/v1/migrations/{id}", get(migration))
-        .route("/v1/incoming", post(incoming_prepare))
-        .route("/v1/incoming/{id}", get(incoming_show))
-        .route("/v1/incoming/{id}/resume", post(incoming_resume))
-        .route("/v1/incoming/{id}/abort", post(incoming_abort))
-        .with_state(agent)
+/// Body of `POST /v1/instances/{name}/migrate`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateRequest {
+    /// Destination host id (a configured peer) or its REST address.
+    pub to: String,
+    /// Tuning.
+    #[serde(flatten)]
+    pub params: MigrationParams,
 }
 
-/// The routes as served on TCP: with a token, only requests that carry it pass
-/// (see [`vmhop_common::token`]).
-pub fn tcp_router(agent: Arc<Agent>) -> Router {
-    match agent.cfg.token.clone() {
-        Some(t) => router(agent).layer(axum::middleware::from_fn_with_state(t, token::require)),
-        None => router(agent),
+/// `GET /v1/migrations/{id}`: the record and, while it runs, the progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationInfo {
+    /// Durable record.
+    #[serde(flatten)]
+    pub record: MigrationRecord,
+    /// Live progress.
+    pub progress: Option<Progress>,
+}
+
+/// Body of the peer call `POST /v1/incoming`: prepare a destination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncomingRequest {
+    /// Migration id.
+    pub migration: String,
+    /// Source host id.
+    pub source: String,
+    /// Source migrated's REST address (for the destination's watch of the source).
+    pub source_addr: String,
+    /// The guest.
+    pub config: InstanceConfig,
+    /// Tuning (recorded at the destination for the operator).
+    pub params: MigrationParams,
+}
+
+/// Answer to `POST /v1/incoming`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncomingReady {
+    /// Destination host id.
+    pub host: String,
+    /// Where the destination VMM listens for the stream.
+    pub stream_addr: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::route;
+
+    #[test]
+    fn a_route_is_filled_with_its_parameter() {
+        assert_eq!(route::fill(route::INSTANCE, "vm1"), "/v1/instances/vm1");
+        assert_eq!(
+            route::fill(route::INCOMING_RESUME, "vm1.a.1"),
+            "/v1/incoming/vm1.a.1/resume"
+        );
+        assert_eq!(route::fill(route::HOSTS, "x"), "/v1/hosts");
     }
-}
-
-/// This host's summary.
-pub fn host_info(agent: &Agent) -> HostInfo {
-    HostInfo {
-        host_id: agent.cfg.host_id.clone(),
-        listen: agent.cfg.listen.to_string(),
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        active_instances: agent
-            .instances()
-            .iter()
-            .filter(|i| !i.state.is_terminal())
-            .count(),
-        active_migrations: agent
-            .migrations()
-            .iter()
-            .filter(|m| !m.phase.is_terminal())
-            .count(),
-    }
-}
-
-async fn host(State(a): St) -> Json<HostInfo> {
-    Json(host_info(&a))
-}
-
-async fn hosts(State(a): St) -> Json<Vec<HostEntry>> {
-    let mut out = vec![HostEntry {
-        host_id: a.cfg.host_id.clone(),
-        addr: a.cfg.listen.to_string(),
-        local: true,
-        reachable: true,
-        info: Some(host_info(&a)),
-        error: None,
-    }];
-    let peers: Vec<(String, String)> = a.cfg.peers.clone().into_iter().collect();
-    let token = a.cfg.token.clone();
-    let probes = peers.into_iter().map(|(id, addr)| {
-        let peer = Peer::new(&addr, token.as_ref());
-        async move {
-            let r = peer.with_timeout(Duration::from_secs(2)).host().await;
-            HostEntry {
-                host_id: id,
-                addr,
-                local: false,
-                reachable: r.is_ok(),
-                error: r.as_ref().err().map(|e| vmhop_common::error::chain(e)),
-                info: r.ok(),
-            }
-        }
-    });
-    out.extend(futures_join(probes).await);
-    Json(out)
-}
-
-/// Runs futures concurrently and collects their outputs in order.
-async fn futures_join<F>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = futs.map(tokio::spawn).collect();
-    let mut out = Vec::new();
-    for h in handles {
-        if let Ok(v) = h.await {
-            out.push(v);
-        }
-    }
-    out
-}
-
-async fn instances(State(a): St) -> Json<Vec<InstanceRecord>> {
-    Json(a.instances())
-}
-
-async fn instance(State(a): St, Path(name): Path<String>) -> R<Json<InstanceRecord>> {
-    Ok(Json(a.instance(&name)?))
-}
-
-async fn run(
-    State(a): St,
-    body: Result<Json<InstanceConfig>, JsonRejection>,
-) -> R<(StatusCode, Json<InstanceRecord>)> {
-    let Json(cfg) = body?;
-    let rec = a.run(cfg).await?;
-    Ok((StatusCode::CREATED, Json(rec)))
-}
-
-async fn stop(State(a): St, Path(name): Path<String>) -> R<Json<InstanceRecord>> {
-    Ok(Json(a.stop(&name).await?))
-}
-
-async fn migrate(
-    State(a): St,
-    Path(name): Path<String>,
-    body: Result<Json<MigrateRequest>, JsonRejection>,
-) -> R<(StatusCode, Json<MigrationRecord>)> {
-    let Json(req) = body?;
-    let rec = crate::coordinator::start(&a, &name, req)?;
-    Ok((StatusCode::ACCEPTED, Json(rec)))
-}
-
-fn info(a: &Agent, record: MigrationRecord) -> MigrationInfo {
-    MigrationInfo {
-        progress: a.progress(&record.id),
-        record,
-    }
-}
-
-async fn migrations(State(a): St) -> Json<Vec<MigrationInfo>> {
-    let mut all: Vec<_> = a.migrations().into_iter().map(|m| info(&a, m)).collect();
-    all.sort_by_key(|m| m.record.started_ms);
-    Json(all)
-}
-
-async fn migration(State(a): St, Path(id): Path<String>) -> R<Json<MigrationInfo>> {
-    Ok(Json(info(&a, a.migration(&id)?)))
-}
-
-async fn incoming_prepare(
-    State(a): St,
-    body: Result<Json<IncomingRequest>, JsonRejection>,
-) -> R<Json<IncomingReady>> {
-    let Json(req) = body?;
-    Ok(Json(crate::incoming::prepare(&a, req).await?))
-}
-
-fn incoming_record(a: &Agent, id: &str) -> R<MigrationRecord> {
-    let m = a.migration(id)?;
-    if m.role != Role::Destination {
-        return Err(AgentError::NotFound(format!("incoming migration {id}")).into());
-    }
-    Ok(m)
-}
-
-async fn incoming_show(State(a): St, Path(id): Path<String>) -> R<Json<MigrationRecord>> {
-    Ok(Json(incoming_record(&a, &id)?))
-}
-
-async fn incoming_resume(State(a): St, Path(id): Path<String>) -> R<Json<MigrationRecord>> {
-    incoming_record(&a, &id)?;
-    Ok(Json(crate::incoming::resume(&a, &id).await?))
-}
-
-async fn incoming_abort(State(a): St, Path(id): Path<String>) -> R<Json<MigrationRecord>> {
-    incoming_record(&a, &id)?;
-    Ok(Json(
-        crate::incoming::abort(&a, &id, "the source asked to abort").await?,
-    ))
 }

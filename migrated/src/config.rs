@@ -48,10 +48,8 @@ pub const DEFAULT_STORAGED_API: &str = "127.0.0.1:10810";
 pub const DEFAULT_STORAGED_NBD: &str = "127.0.0.1:10809";
 /// Default VMM binary.
 pub const DEFAULT_VMM_BINARY: &str = "/usr/local/bin/vmm";
-/// Upper bound on vCPUs accepted in a guest description.
-pub const MAX_VCPUS: u8 = 32;
-/// Upper bound on disks.
-pub const MAX_DISKS: usize = 16;
+/// The VMM's bounds on vCPUs and disks, checked here before a guest is accepted.
+pub use vmm_api::config::{MAX_DISKS, MAX_VCPUS};
 
 /// A configuration that cannot be used.
 #[derive(Debug, Error)]
@@ -68,6 +66,17 @@ pub enum ConfigError {
     /// The token file cannot be used.
     #[error(transparent)]
     Token(#[from] vmhop_common::token::TokenError),
+    /// A peer given on the command line is not `ID=HOST:PORT`.
+    #[error("{0:?}: expected ID=HOST:PORT")]
+    PeerSyntax(String),
+}
+
+/// A peer as `--peer` gives it: `ID=HOST:PORT`.
+pub fn parse_peer(s: &str) -> Result<(String, String), ConfigError> {
+    let (id, addr) = s
+        .split_once('=')
+        .ok_or_else(|| ConfigError::PeerSyntax(s.to_string()))?;
+    Ok((id.to_string(), addr.to_string()))
 }
 
 /// The agent's settings as written in its TOML file; every field optional (flags win).
@@ -338,6 +347,22 @@ impl InstanceConfig {
     /// The storaged volumes of this guest, in disk order.
     pub fn volumes(&self) -> Vec<String> {
         self.disks.iter().filter_map(|d| d.volume.clone()).collect()
+    }
+}
+
+/// A guest with no disks, for the unit tests.
+#[cfg(test)]
+impl InstanceConfig {
+    pub(crate) fn for_tests(name: &str) -> InstanceConfig {
+        InstanceConfig {
+            name: name.into(),
+            kernel: "/k".into(),
+            cmdline: String::new(),
+            memory_mib: 64,
+            vcpus: 1,
+            disks: vec![],
+            restore: None,
+        }
     }
 }
 

@@ -1,21 +1,36 @@
 //! migrated: the per-host live migration agent, the coordinator of migrations between hosts,
 //! and the library behind `migratectl`.
 //!
-//! One migrated runs on every host. It starts, tracks and stops the host's VMM processes
-//! ([`agent`], [`instance`]), records every instance and every migration step durably
-//! ([`store`]), serves a REST API to its peers and to local tools ([`api`]), and drives
-//! migrations: the source side in [`coordinator`], the destination side in [`incoming`]. It
-//! talks to the VMM through `vmm_api::client`, to storaged through `storaged_client::rest`,
-//! and to other hosts through [`peer`]; its TCP API takes only requests that carry the
-//! cluster's token (`vmhop_common::token`).
+//! One migrated runs on every host. It starts, tracks and stops the host's guests ([`agent`],
+//! [`instance`]) and their VMM processes ([`vmm_process`]), records every instance and every migration step durably
+//! ([`store`]), picks up where it left off after a restart ([`recovery`]), serves a REST API
+//! ([`api`] for the contract, [`server`] for the routes) to its peers and to local tools, and
+//! drives migrations ([`migration`]: the [`migration::source`] and
+//! [`migration::destination`] sides and their shared [`migration::record`]). It talks to the
+//! VMM through `vmm_api::client`, to storaged through `storaged_client::rest`, and to other
+//! hosts through [`client`]; its TCP API takes only requests that carry the cluster's token
+//! (`vmhop_common::token`).
+//!
+//! Modules depend one way: `config`, `instance`, `store`, `api` and `migration::record` are
+//! plain data, `vmm_process` the steps on one VMM process; `agent` owns the records and
+//! sequences the VMM processes; the two migration sides use the agent; `recovery` and `server` sit on top and are the only callers of the sides.
 #![warn(missing_docs)]
 
 pub mod agent;
 pub mod api;
+pub mod client;
 pub mod config;
-pub mod coordinator;
-pub mod incoming;
 pub mod instance;
 pub mod migration;
-pub mod peer;
+pub mod recovery;
+pub mod server;
 pub mod store;
+pub mod vmm_process;
+
+/// Milliseconds since the Unix epoch (the records' timestamps).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -13,7 +13,7 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use migrated::agent::Agent;
-use migrated::config::{AgentConfig, AgentConfigFile};
+use migrated::config::{parse_peer, AgentConfig, AgentConfigFile};
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -73,13 +73,6 @@ struct Cli {
     log_json: bool,
 }
 
-fn parse_peer(s: &str) -> Result<(String, String), String> {
-    let (id, addr) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?}: expected ID=HOST:PORT"))?;
-    Ok((id.to_string(), addr.to_string()))
-}
-
 fn main() -> Result<()> {
     let cli = Cli::parse();
     vmhop_common::logging::init(cli.log_json);
@@ -125,9 +118,7 @@ async fn serve(mut cfg: AgentConfig) -> Result<()> {
     std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(0o660))?;
 
     let agent = Agent::open(cfg.clone()).context("opening the state directory")?;
-    agent
-        .recover()
-        .context("recovering the recorded instances")?;
+    migrated::recovery::recover(&agent).context("recovering the recorded instances")?;
     tracing::info!(target: "migrated::state", event = "started", host = %cfg.host_id,
         listen = %cfg.listen, socket = %cfg.socket.display(),
         state_dir = %cfg.state_dir.display(), peers = ?cfg.peers, "migrated serving");
@@ -137,9 +128,9 @@ async fn serve(mut cfg: AgentConfig) -> Result<()> {
         tracing::warn!(listen = %cfg.listen,
             "no token_file: the REST API takes requests from anyone who can reach this address");
     }
-    let router = migrated::api::router(agent.clone());
+    let router = migrated::server::router(agent.clone());
     let mut rx1 = sd_rx.clone();
-    let tcp_router = migrated::api::tcp_router(agent.clone());
+    let tcp_router = migrated::server::tcp_router(agent.clone());
     let tcp_task = tokio::spawn(async move {
         axum::serve(tcp, tcp_router)
             .with_graceful_shutdown(async move {

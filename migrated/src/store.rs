@@ -5,7 +5,7 @@
 //! JSON: readable, and tolerant of added fields.
 
 use crate::instance::InstanceRecord;
-use crate::migration::MigrationRecord;
+use crate::migration::record::MigrationRecord;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -106,15 +106,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.redb");
         let mut rec = InstanceRecord::new(
-            InstanceConfig {
-                name: "vm1".into(),
-                kernel: "/k".into(),
-                cmdline: String::new(),
-                memory_mib: 64,
-                vcpus: 1,
-                disks: vec![],
-                restore: None,
-            },
+            InstanceConfig::for_tests("vm1"),
             dir.path(),
             InstanceState::Starting,
         );

@@ -11,7 +11,7 @@
 //! destination still deactivated on a volume (its incoming VMM is refused: the migration
 //! aborts before anything moved).
 //! The phases a real guest needs time in (pre-copy, a restart in the middle) are driven with
-//! doubles in `coordinator.rs` and with real guests in the end-to-end tests.
+//! doubles in `migration_source.rs` and with real guests in the end-to-end tests.
 
 mod common;
 
@@ -20,9 +20,10 @@ use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Json, Router};
 use migrated::agent::Agent;
+use migrated::api::MigrateRequest;
 use migrated::config::AgentConfig;
 use migrated::instance::InstanceState;
-use migrated::migration::{MigrateRequest, MigrationParams, MigrationRecord, Phase};
+use migrated::migration::record::{MigrationParams, MigrationRecord, Phase};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -191,7 +192,7 @@ impl Drop for Hosts {
         // The VMMs are separate processes: end them with the test.
         for agent in [&self.a, &self.b] {
             for i in agent.instances() {
-                migrated::agent::kill_pid(&i, libc::SIGKILL);
+                migrated::vmm_process::kill_pid(&i, libc::SIGKILL);
             }
         }
     }
@@ -225,7 +226,7 @@ async fn hosts() -> Hosts {
     let a = Agent::open(cfg("a", addr_a, "b", addr_b.to_string())).unwrap();
     let b = Agent::open(cfg("b", addr_b, "a", addr_a.to_string())).unwrap();
     for (l, agent) in [(la, &a), (lb, &b)] {
-        let r = migrated::api::tcp_router(agent.clone());
+        let r = migrated::server::tcp_router(agent.clone());
         tokio::spawn(async move { axum::serve(l, r).await });
     }
     let kernel = dir.path().join("hlt.elf");
@@ -241,7 +242,7 @@ async fn hosts() -> Hosts {
 }
 
 async fn migrate(from: &Arc<Agent>, to: &str) -> MigrationRecord {
-    let rec = migrated::coordinator::start(
+    let rec = migrated::migration::source::start(
         from,
         "vm1",
         MigrateRequest {

@@ -12,15 +12,16 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use hyper::Method;
-use migrated::api::HostEntry;
+use migrated::api::{HostEntry, MigrateRequest, MigrationInfo};
+use migrated::client::MigratedClient;
 use migrated::config::InstanceConfig;
 use migrated::instance::InstanceRecord;
-use migrated::migration::{MigrateRequest, MigrationInfo, MigrationParams, MigrationRecord, Phase};
+use migrated::migration::record::{MigrationParams, MigrationRecord, Phase};
+use serde::Serialize;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Duration;
-use vmhop_common::http::{Client, Target};
+use vmhop_common::http::Target;
 use vmhop_common::token::Token;
 
 #[derive(Parser)]
@@ -78,10 +79,10 @@ enum Cmd {
         #[arg(long)]
         to: String,
         /// Longest pause the guest may see.
-        #[arg(long, default_value_t = 300)]
+        #[arg(long, default_value_t = MigrationParams::default().downtime_ms)]
         downtime_ms: u64,
         /// Pre-copy iterations before giving up on convergence.
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, default_value_t = MigrationParams::default().max_iterations)]
         max_iterations: u32,
         /// Slow the guest down if it does not converge.
         #[arg(long)]
@@ -97,7 +98,7 @@ enum Cmd {
     },
 }
 
-fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+fn print_json<T: Serialize>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
@@ -113,104 +114,36 @@ fn main() -> Result<()> {
         None => Target::Unix(cli.socket.clone()),
     };
     let token = cli.token_file.as_deref().map(Token::load).transpose()?;
-    let client = Client::new(target, Duration::from_secs(cli.timeout_secs)).with_token(token);
+    let client = MigratedClient::new(target, Duration::from_secs(cli.timeout_secs), token);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(run(cli, client))
 }
 
-async fn run(cli: Cli, c: Client) -> Result<()> {
-    let none = None::<&()>;
+async fn run(cli: Cli, c: MigratedClient) -> Result<()> {
+    let json = cli.json;
     match cli.cmd {
-        Cmd::Hosts => {
-            let hosts: Vec<HostEntry> = c.call(Method::GET, "/v1/hosts", none).await?;
-            if cli.json {
-                return print_json(&hosts);
-            }
-            println!(
-                "{:<16} {:<22} {:<12} {:>9}",
-                "HOST", "ADDRESS", "STATUS", "INSTANCES"
-            );
-            for h in hosts {
-                let status = match (h.local, h.reachable) {
-                    (true, _) => "this host".to_string(),
-                    (false, true) => "up".to_string(),
-                    (false, false) => "unreachable".to_string(),
-                };
-                let n = h
-                    .info
-                    .map(|i| i.active_instances.to_string())
-                    .unwrap_or_else(|| "-".into());
-                println!("{:<16} {:<22} {:<12} {:>9}", h.host_id, h.addr, status, n);
-            }
-        }
-        Cmd::Instances => {
-            let list: Vec<InstanceRecord> = c.call(Method::GET, "/v1/instances", none).await?;
-            if cli.json {
-                return print_json(&list);
-            }
-            println!(
-                "{:<16} {:<14} {:>8} {:>7} {:>5}  DISKS",
-                "NAME", "STATE", "PID", "MEM", "VCPUS"
-            );
-            for r in list {
-                let disks: Vec<String> = r
-                    .config
-                    .disks
-                    .iter()
-                    .map(|d| match (&d.volume, &d.path) {
-                        (Some(v), _) => format!("volume:{v}"),
-                        (_, Some(p)) => p.display().to_string(),
-                        _ => "?".into(),
-                    })
-                    .collect();
-                let state = serde_json::to_value(r.state)?;
-                println!(
-                    "{:<16} {:<14} {:>8} {:>7} {:>5}  {}",
-                    r.name,
-                    state.as_str().unwrap_or("?"),
-                    r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-                    format!("{}M", r.config.memory_mib),
-                    r.config.vcpus,
-                    disks.join(",")
-                );
-            }
-        }
-        Cmd::Show { name } => {
-            let r: InstanceRecord = c
-                .call(Method::GET, &format!("/v1/instances/{name}"), none)
-                .await?;
-            print_json(&r)?;
-        }
+        Cmd::Hosts => output(json, &c.hosts().await?, |h| print_hosts(h)),
+        Cmd::Instances => output(json, &c.instances().await?, |l| print_instances(l)),
+        Cmd::Show { name } => print_json(&c.instance(&name).await?),
         Cmd::Run { config } => {
             let cfg = InstanceConfig::load(&config)
                 .with_context(|| format!("reading {}", config.display()))?;
-            let r: InstanceRecord = c.call(Method::POST, "/v1/instances", Some(&cfg)).await?;
-            if cli.json {
-                return print_json(&r);
-            }
-            println!(
-                "{} running (pid {}), serial {}, API {}",
-                r.name,
-                r.pid.unwrap_or(0),
-                r.serial_socket.display(),
-                r.api_socket.display()
-            );
+            output(json, &c.run(&cfg).await?, |r| {
+                println!(
+                    "{} running (pid {}), serial {}, API {}",
+                    r.name,
+                    r.pid.unwrap_or(0),
+                    r.serial_socket.display(),
+                    r.api_socket.display()
+                )
+            })
         }
-        Cmd::Stop { name } => {
-            let r: InstanceRecord = c
-                .call(Method::POST, &format!("/v1/instances/{name}/stop"), none)
-                .await?;
-            if cli.json {
-                return print_json(&r);
-            }
-            println!(
-                "{} stopped ({})",
-                r.name,
-                r.exit.as_deref().unwrap_or("stopped")
-            );
-        }
+        Cmd::Stop { name } => output(json, &c.stop(&name).await?, |r| {
+            let how = r.exit.as_deref().unwrap_or("stopped");
+            println!("{} stopped ({how})", r.name)
+        }),
         Cmd::Migrate {
             name,
             to,
@@ -227,82 +160,98 @@ async fn run(cli: Cli, c: Client) -> Result<()> {
                     throttle,
                 },
             };
-            let rec: MigrationRecord = c
-                .call(
-                    Method::POST,
-                    &format!("/v1/instances/{name}/migrate"),
-                    Some(&req),
-                )
-                .await?;
+            let rec = c.migrate(&name, &req).await?;
             if no_wait {
-                return if cli.json {
-                    print_json(&rec)
-                } else {
-                    println!("migration {} started", rec.id);
-                    Ok(())
-                };
+                return output(json, &rec, |r| println!("migration {} started", r.id));
             }
-            let done = follow(&c, &rec.id, cli.json).await?;
-            if cli.json {
-                print_json(&done)?;
-            } else {
-                summary(&done.record);
-            }
+            let done = follow(&c, &rec.id, json).await?;
+            output(json, &done, |m| summary(&m.record))?;
             if done.record.phase != Phase::Completed {
                 std::process::exit(1);
             }
+            Ok(())
         }
-        Cmd::Migrations { id } => match id {
-            Some(id) => {
-                let m: MigrationInfo = c
-                    .call(Method::GET, &format!("/v1/migrations/{id}"), none)
-                    .await?;
-                if cli.json {
-                    return print_json(&m);
-                }
-                summary(&m.record);
-                for s in &m.record.steps {
-                    let phase = serde_json::to_value(s.phase)?;
-                    println!(
-                        "  {} {:<12} {}",
-                        s.at_ms,
-                        phase.as_str().unwrap_or("?"),
-                        s.note
-                    );
-                }
+        Cmd::Migrations { id: Some(id) } => output(json, &c.migration(&id).await?, |m| {
+            summary(&m.record);
+            for s in &m.record.steps {
+                println!("  {} {:<12} {}", s.at_ms, s.phase, s.note);
             }
-            None => {
-                let all: Vec<MigrationInfo> = c.call(Method::GET, "/v1/migrations", none).await?;
-                if cli.json {
-                    return print_json(&all);
-                }
-                for m in all {
-                    let r = m.record;
-                    let phase = serde_json::to_value(r.phase)?;
-                    println!(
-                        "{:<40} {:<12} {} -> {}",
-                        r.id,
-                        phase.as_str().unwrap_or("?"),
-                        r.source,
-                        r.destination
-                    );
-                }
+        }),
+        Cmd::Migrations { id: None } => output(json, &c.migrations().await?, |all| {
+            for MigrationInfo { record: r, .. } in all {
+                println!(
+                    "{:<40} {:<12} {} -> {}",
+                    r.id, r.phase, r.source, r.destination
+                );
             }
-        },
+        }),
     }
+}
+
+/// Prints `v` as JSON with `--json`, else as `text` writes it for a person.
+fn output<T: Serialize>(json: bool, v: &T, text: impl FnOnce(&T)) -> Result<()> {
+    if json {
+        return print_json(v);
+    }
+    text(v);
     Ok(())
 }
 
+fn print_hosts(hosts: &[HostEntry]) {
+    println!(
+        "{:<16} {:<22} {:<12} {:>9}",
+        "HOST", "ADDRESS", "STATUS", "INSTANCES"
+    );
+    for h in hosts {
+        let status = match (h.local, h.reachable) {
+            (true, _) => "this host",
+            (false, true) => "up",
+            (false, false) => "unreachable",
+        };
+        let n = h
+            .info
+            .as_ref()
+            .map(|i| i.active_instances.to_string())
+            .unwrap_or_else(|| "-".into());
+        println!("{:<16} {:<22} {:<12} {:>9}", h.host_id, h.addr, status, n);
+    }
+}
+
+fn print_instances(list: &[InstanceRecord]) {
+    println!(
+        "{:<16} {:<14} {:>8} {:>7} {:>5}  DISKS",
+        "NAME", "STATE", "PID", "MEM", "VCPUS"
+    );
+    for r in list {
+        let disks: Vec<String> = r
+            .config
+            .disks
+            .iter()
+            .map(|d| match (&d.volume, &d.path) {
+                (Some(v), _) => format!("volume:{v}"),
+                (_, Some(p)) => p.display().to_string(),
+                _ => "?".into(),
+            })
+            .collect();
+        println!(
+            "{:<16} {:<14} {:>8} {:>7} {:>5}  {}",
+            r.name,
+            r.state,
+            r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            format!("{}M", r.config.memory_mib),
+            r.config.vcpus,
+            disks.join(",")
+        );
+    }
+}
+
 /// Polls the migration until it ends, drawing the progress line.
-async fn follow(c: &Client, id: &str, quiet: bool) -> Result<MigrationInfo> {
+async fn follow(c: &MigratedClient, id: &str, quiet: bool) -> Result<MigrationInfo> {
     let tty = std::io::stderr().is_terminal();
     let mut last = String::new();
     let mut failures = 0;
     loop {
-        let m: MigrationInfo = match c
-            .call(Method::GET, &format!("/v1/migrations/{id}"), None::<&()>)
-            .await
-        {
+        let m = match c.migration(id).await {
             Ok(m) => {
                 failures = 0;
                 m
@@ -339,10 +288,7 @@ async fn follow(c: &Client, id: &str, quiet: bool) -> Result<MigrationInfo> {
 }
 
 fn progress_line(m: &MigrationInfo) -> String {
-    let phase = serde_json::to_value(m.record.phase)
-        .ok()
-        .and_then(|v| v.as_str().map(String::from))
-        .unwrap_or_default();
+    let phase = m.record.phase;
     match &m.progress {
         Some(p) => format!(
             "{phase:<12} vmm {:<11} iteration {:>3}  {:>10} left  dirty {:>8}/s  ETA {}  ({:.1} s)",
@@ -363,13 +309,9 @@ fn progress_line(m: &MigrationInfo) -> String {
 }
 
 fn summary(r: &MigrationRecord) {
-    let phase = serde_json::to_value(r.phase)
-        .ok()
-        .and_then(|v| v.as_str().map(String::from))
-        .unwrap_or_default();
     println!(
         "migration {} of {}: {} -> {}: {}",
-        r.id, r.instance, r.source, r.destination, phase
+        r.id, r.instance, r.source, r.destination, r.phase
     );
     if let Some(e) = &r.error {
         println!("  reason: {e}");

@@ -18,7 +18,7 @@ pub struct Storage {
     pub api: String,
     /// NBD address.
     pub nbd: String,
-    /// Its volumes (real_vmm.rs flips through them; coordinator.rs does not, and each test
+    /// Its volumes (real_vmm.rs flips through them; migration_source.rs does not, and each test
     /// binary compiles this module on its own).
     #[allow(dead_code)]
     pub reg: Arc<Registry>,

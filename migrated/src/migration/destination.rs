@@ -8,19 +8,108 @@
 //! state (`handed-over`) takes the leases over and resumes, anything earlier is abandoned.
 //! storaged arbitrates a race with a source that aborts at the same moment: the source revokes
 //! our standby leases before resuming, and a flip to a host without a standby lease fails.
+//!
+//! Failures and the reasons to abandon are [`DestinationError`]s until they become the record's
+//! `error` text, a log line or an API answer.
 
 use crate::agent::{Agent, AgentError};
+use crate::api::{ErrorKind, IncomingReady, IncomingRequest};
 use crate::instance::{InstanceRecord, InstanceState};
-use crate::migration::{Figures, IncomingReady, IncomingRequest, MigrationRecord, Phase, Role};
-use crate::peer::Peer;
+use crate::migration::record::{MigrationRecord, Phase, Role};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use storaged_client::api::LeaseState;
-use storaged_client::rest::StoragedApi;
+use thiserror::Error;
 use vmhop_common::error::chain as error_chain;
+use vmhop_common::http::HttpError;
+use vmm_api::client::VmmError;
+use vmm_api::migration::Phase as VmmPhase;
 
 /// Interval of the watch of the source.
 const WATCH: Duration = Duration::from_millis(500);
+
+/// Why an incoming migration was refused, could not resume, or was abandoned here.
+#[derive(Debug, Error)]
+pub enum DestinationError {
+    /// The agent refused (an instance of that name runs here, an invalid guest) or its records
+    /// failed.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// A migration of that id is recorded here already.
+    #[error("migration {0} is known here already")]
+    Known(String),
+    /// No port is free for the incoming VMM's stream.
+    #[error("no free migration port")]
+    NoPort(#[source] std::io::Error),
+    /// No incoming migration of that id here.
+    #[error("incoming migration {0} not found")]
+    NotIncoming(String),
+    /// The migration was abandoned here: it cannot resume any more.
+    #[error("migration {id} was abandoned here: {reason}")]
+    Abandoned {
+        /// The migration.
+        id: String,
+        /// Its recorded reason.
+        reason: String,
+    },
+    /// The guest runs here already: too late to abort.
+    #[error("migration {0}: the guest already runs here")]
+    Resumed(String),
+    /// A call to the incoming VMM failed.
+    #[error("the incoming VMM")]
+    Vmm(#[source] VmmError),
+    /// The source asked for the abort.
+    #[error("the source asked to abort")]
+    AbortRequested,
+    /// The source rolled back or aborted (its recorded reason).
+    #[error("the source aborted: {0}")]
+    SourceAborted(String),
+    /// The source stopped answering.
+    #[error("source {host} lost")]
+    SourceLost {
+        /// Source host id.
+        host: String,
+        /// Cause.
+        #[source]
+        source: HttpError,
+    },
+    /// storaged refused to flip a volume here after the source was lost.
+    #[error("flip of {volume} refused")]
+    TakeOverRefused {
+        /// The volume.
+        volume: String,
+        /// Cause.
+        #[source]
+        source: HttpError,
+    },
+    /// The incoming VMM exited while the state arrived.
+    #[error("the incoming VMM exited")]
+    VmmExited,
+    /// The incoming VMM was not running when migrated started again.
+    #[error("the incoming VMM is gone")]
+    VmmGone,
+}
+
+impl DestinationError {
+    /// What kind of failure this is, for the API's answer.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            DestinationError::Agent(e) => e.kind(),
+            DestinationError::NoPort(_) => ErrorKind::BadRequest,
+            DestinationError::NotIncoming(_) => ErrorKind::NotFound,
+            DestinationError::Known(_)
+            | DestinationError::Abandoned { .. }
+            | DestinationError::Resumed(_)
+            | DestinationError::AbortRequested
+            | DestinationError::SourceAborted(_) => ErrorKind::Conflict,
+            DestinationError::Vmm(_)
+            | DestinationError::SourceLost { .. }
+            | DestinationError::TakeOverRefused { .. }
+            | DestinationError::VmmExited
+            | DestinationError::VmmGone => ErrorKind::BadGateway,
+        }
+    }
+}
 
 /// Serialises resume and abort of incoming migrations (API calls and the watch).
 static DECIDE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -30,43 +119,26 @@ static DECIDE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 pub async fn prepare(
     agent: &Arc<Agent>,
     req: IncomingRequest,
-) -> Result<IncomingReady, AgentError> {
-    req.config.validate()?;
+) -> Result<IncomingReady, DestinationError> {
+    agent.check_new_instance(&req.config)?;
     let name = req.config.name.clone();
-    if let Ok(r) = agent.instance(&name) {
-        if !r.state.is_terminal() {
-            return Err(AgentError::Conflict(format!(
-                "instance {name} already exists here ({:?})",
-                r.state
-            )));
-        }
-    }
     if agent.migration(&req.migration).is_ok() {
-        return Err(AgentError::Conflict(format!(
-            "migration {} is known here already",
-            req.migration
-        )));
+        return Err(DestinationError::Known(req.migration));
     }
-    let port = free_port(agent.cfg.migration_ip)
-        .map_err(|e| AgentError::BadRequest(format!("no free migration port: {e}")))?;
+    let port = free_port(agent.cfg.migration_ip).map_err(DestinationError::NoPort)?;
     let stream_addr = std::net::SocketAddr::new(agent.cfg.migration_ip, port).to_string();
     let mut mig = MigrationRecord {
-        id: req.migration.clone(),
-        instance: name.clone(),
-        role: Role::Destination,
         source: req.source.clone(),
         destination: agent.cfg.host_id.clone(),
         peer_addr: req.source_addr.clone(),
-        params: req.params,
-        phase: Phase::Preparing,
         stream_addr: Some(stream_addr.clone()),
-        volumes: req.config.volumes(),
-        flipped: Vec::new(),
-        steps: Vec::new(),
-        started_ms: crate::instance::now_ms(),
-        ended_ms: None,
-        error: None,
-        figures: Figures::default(),
+        ..MigrationRecord::new(
+            req.migration.clone(),
+            name.clone(),
+            Role::Destination,
+            req.params,
+            req.config.volumes(),
+        )
     };
     mig.step(
         Phase::Preparing,
@@ -81,7 +153,7 @@ pub async fn prepare(
         mig.error = Some(error_chain(&e));
         mig.step(Phase::Aborted, "the incoming VMM did not start");
         let _ = agent.put_migration(mig);
-        return Err(e);
+        return Err(e.into());
     }
     mig.step(Phase::Precopy, "incoming VMM ready");
     agent.put_migration(mig.clone())?;
@@ -99,50 +171,47 @@ fn free_port(ip: std::net::IpAddr) -> std::io::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-fn modify(
-    agent: &Agent,
-    id: &str,
-    f: impl FnOnce(&mut MigrationRecord),
-) -> Result<MigrationRecord, AgentError> {
-    let mut r = agent.migration(id)?;
-    f(&mut r);
-    agent.put_migration(r.clone())?;
-    Ok(r)
+/// `GET /v1/incoming/{id}`: the record of an incoming migration.
+pub fn incoming(agent: &Agent, id: &str) -> Result<MigrationRecord, DestinationError> {
+    let mig = agent.migration(id)?;
+    if mig.role != Role::Destination {
+        return Err(DestinationError::NotIncoming(id.to_string()));
+    }
+    Ok(mig)
 }
 
 /// `POST /v1/incoming/{id}/resume`: the leases are ours; the guest runs here.
-pub async fn resume(agent: &Arc<Agent>, id: &str) -> Result<MigrationRecord, AgentError> {
+pub async fn resume(agent: &Arc<Agent>, id: &str) -> Result<MigrationRecord, DestinationError> {
     let _d = DECIDE.lock().await;
-    let mig = agent.migration(id)?;
-    if mig.role != Role::Destination {
-        return Err(AgentError::Conflict(format!(
-            "{id}: not an incoming migration"
-        )));
-    }
+    let mig = incoming(agent, id)?;
     match mig.phase {
         Phase::Completed => return Ok(mig),
         Phase::Aborted | Phase::Failed => {
-            return Err(AgentError::Conflict(format!(
-                "migration {id} was abandoned here: {}",
-                mig.error.unwrap_or_default()
-            )))
+            return Err(DestinationError::Abandoned {
+                id: id.to_string(),
+                reason: mig.error.unwrap_or_default(),
+            })
         }
         _ => {}
     }
-    modify(agent, id, |r| r.step(Phase::Resuming, "resuming the guest"))?;
+    agent.update_migration(id, |r| r.step(Phase::Resuming, "resuming the guest"))?;
     let inst = agent.instance(&mig.instance)?;
-    agent.vmm(&inst).resume().await?;
+    agent
+        .vmm(&inst)
+        .resume()
+        .await
+        .map_err(DestinationError::Vmm)?;
     let (downtime_ms, downtime_us) = vmm_downtime(agent, &inst).await;
     agent.update_instance(&inst.name, |r| {
         r.state = InstanceState::Running;
         r.migration = None;
         r.incoming = None;
     })?;
-    modify(agent, id, |r| {
+    Ok(agent.update_migration(id, |r| {
         r.figures.vmm_downtime_ms = downtime_ms;
         r.figures.vmm_downtime_us = downtime_us;
         r.step(Phase::Completed, "the guest runs here");
-    })
+    })?)
 }
 
 /// How long to wait for the resumed VMM to report its figures.
@@ -155,7 +224,7 @@ async fn vmm_downtime(agent: &Agent, inst: &InstanceRecord) -> (u64, u64) {
     let deadline = Instant::now() + FIGURES_WAIT;
     while Instant::now() < deadline {
         if let Ok(s) = vmm.migration().await {
-            if s.phase == vmm_api::migration::Phase::Completed {
+            if s.phase == VmmPhase::Completed {
                 return (s.downtime_ms, s.downtime_us);
             }
         }
@@ -164,33 +233,28 @@ async fn vmm_downtime(agent: &Agent, inst: &InstanceRecord) -> (u64, u64) {
     (0, 0)
 }
 
-/// `POST /v1/incoming/{id}/abort`: ends the incoming VMM (refused once the guest runs here).
+/// `POST /v1/incoming/{id}/abort`: ends the incoming VMM for `reason` (refused once the guest
+/// runs here).
 pub async fn abort(
     agent: &Arc<Agent>,
     id: &str,
-    reason: &str,
-) -> Result<MigrationRecord, AgentError> {
+    reason: &DestinationError,
+) -> Result<MigrationRecord, DestinationError> {
     let _d = DECIDE.lock().await;
-    abort_locked(agent, id, reason).await
+    abort_locked(agent, id, &error_chain(reason)).await
 }
 
+/// Abandons the migration with `reason` as its recorded error; the caller holds [`DECIDE`].
 async fn abort_locked(
     agent: &Arc<Agent>,
     id: &str,
     reason: &str,
-) -> Result<MigrationRecord, AgentError> {
-    let mig = agent.migration(id)?;
-    if mig.role != Role::Destination {
-        return Err(AgentError::Conflict(format!(
-            "{id}: not an incoming migration"
-        )));
-    }
+) -> Result<MigrationRecord, DestinationError> {
+    let mig = incoming(agent, id)?;
     match mig.phase {
         Phase::Aborted | Phase::Failed => return Ok(mig),
         Phase::Resuming | Phase::Completed => {
-            return Err(AgentError::Conflict(format!(
-                "migration {id}: the guest already runs here"
-            )))
+            return Err(DestinationError::Resumed(id.to_string()))
         }
         _ => {}
     }
@@ -206,10 +270,10 @@ async fn abort_locked(
             })?;
         }
     }
-    modify(agent, id, |r| {
+    Ok(agent.update_migration(id, |r| {
         r.error = Some(reason.to_string());
         r.step(Phase::Aborted, reason.to_string());
-    })
+    })?)
 }
 
 /// Re-attaches to an incoming migration after a restart of migrated.
@@ -221,7 +285,7 @@ pub fn resume_after_restart(agent: Arc<Agent>, rec: MigrationRecord) {
             .unwrap_or(false);
         if alive {
             watch(agent, rec.id).await;
-        } else if let Err(e) = abort(&agent, &rec.id, "the incoming VMM is gone").await {
+        } else if let Err(e) = abort(&agent, &rec.id, &DestinationError::VmmGone).await {
             tracing::warn!(migration = %rec.id, error = %error_chain(&e),
                 "abandoning an incoming migration after a restart");
         }
@@ -233,8 +297,9 @@ async fn watch(agent: Arc<Agent>, id: String) {
     let Ok(rec) = agent.migration(&id) else {
         return;
     };
-    let peer =
-        Peer::new(&rec.peer_addr, agent.cfg.token.as_ref()).with_timeout(Duration::from_secs(2));
+    let peer = agent
+        .peer(&rec.peer_addr)
+        .with_timeout(Duration::from_secs(2));
     let timeout = Duration::from_millis(agent.cfg.peer_timeout_ms);
     let mut heard = Instant::now();
     loop {
@@ -250,14 +315,15 @@ async fn watch(agent: Arc<Agent>, id: String) {
             .map(|i| i.vmm_alive())
             .unwrap_or(false);
         if !vmm_alive {
-            let _ = abort(&agent, &id, "the incoming VMM exited").await;
+            let _ = abort(&agent, &id, &DestinationError::VmmExited).await;
             return;
         }
         match peer.migration(&id).await {
-            Ok(src) => {
+            Ok(info) => {
+                let src = info.record;
                 heard = Instant::now();
                 if matches!(src.phase, Phase::RollingBack | Phase::Aborted) {
-                    let why = format!("the source aborted: {}", src.error.unwrap_or_default());
+                    let why = DestinationError::SourceAborted(src.error.unwrap_or_default());
                     let _ = abort(&agent, &id, &why).await;
                     return;
                 }
@@ -271,8 +337,9 @@ async fn watch(agent: Arc<Agent>, id: String) {
                     }
                 }
             }
-            Err(err) if heard.elapsed() > timeout => {
-                let why = format!("source {} lost: {}", rec.source, error_chain(&err));
+            Err(source) if heard.elapsed() > timeout => {
+                let host = rec.source.clone();
+                let why = error_chain(&DestinationError::SourceLost { host, source });
                 take_over_or_abort(&agent, &rec, &why).await;
                 return;
             }
@@ -281,7 +348,7 @@ async fn watch(agent: Arc<Agent>, id: String) {
     }
 }
 
-/// The source is gone: complete here if the whole state arrived, else give up.
+/// The source is gone (`why`): complete here if the whole state arrived, else give up.
 async fn take_over_or_abort(agent: &Arc<Agent>, rec: &MigrationRecord, why: &str) {
     let _d = DECIDE.lock().await;
     let handed_over = match agent.instance(&rec.instance) {
@@ -289,7 +356,7 @@ async fn take_over_or_abort(agent: &Arc<Agent>, rec: &MigrationRecord, why: &str
             .vmm(&inst)
             .migration()
             .await
-            .map(|s| s.phase == vmm_api::migration::Phase::HandedOver)
+            .map(|s| s.phase == VmmPhase::HandedOver)
             .unwrap_or(false),
         Err(_) => false,
     };
@@ -301,7 +368,7 @@ async fn take_over_or_abort(agent: &Arc<Agent>, rec: &MigrationRecord, why: &str
     }
     tracing::warn!(migration = %rec.id, reason = %why,
         "source lost after the hand-over: taking the leases over");
-    let leases = StoragedApi::new(&agent.cfg.storaged_api, agent.cfg.storaged_token.clone());
+    let leases = agent.storaged();
     let me = &agent.cfg.host_id;
     let mut flipped = Vec::new();
     for v in &rec.volumes {
@@ -313,14 +380,16 @@ async fn take_over_or_abort(agent: &Arc<Agent>, rec: &MigrationRecord, why: &str
         match result {
             Ok(()) => {
                 flipped.push(v.clone());
-                let _ = modify(agent, &rec.id, |r| r.flipped = flipped.clone());
+                let _ = agent.update_migration(&rec.id, |r| r.flipped = flipped.clone());
             }
-            Err(e) => {
+            Err(source) => {
                 // The source kept (or took back) this volume: give the others back, give up.
                 for f in flipped.iter().rev() {
                     let _ = leases.rollback(f).await;
                 }
-                let why = format!("{why}; flip of {v} refused: {}", error_chain(&e));
+                let volume = v.clone();
+                let refused = DestinationError::TakeOverRefused { volume, source };
+                let why = format!("{why}; {}", error_chain(&refused));
                 let _ = abort_locked(agent, &rec.id, &why).await;
                 return;
             }

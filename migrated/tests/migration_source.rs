@@ -20,11 +20,10 @@ use axum::extract::State;
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use migrated::agent::Agent;
+use migrated::api::{IncomingReady, MigrateRequest};
 use migrated::config::AgentConfig;
 use migrated::instance::{proc_start_time, InstanceRecord, InstanceState};
-use migrated::migration::{
-    Figures, IncomingReady, MigrateRequest, MigrationParams, MigrationRecord, Phase, Role,
-};
+use migrated::migration::record::{Figures, MigrationParams, MigrationRecord, Phase, Role};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -325,7 +324,7 @@ async fn wait_phase(s: &Setup, id: &str, done: impl Fn(Phase) -> bool) -> Migrat
 }
 
 fn start(s: &Setup) -> String {
-    migrated::coordinator::start(
+    migrated::migration::source::start(
         &s.agent,
         "vm1",
         MigrateRequest {
@@ -483,7 +482,7 @@ async fn a_failed_stream_aborts_and_a_second_migration_can_follow() {
     s.vmm.lock().unwrap().stream = Stream::HandOverAfter(u32::MAX);
     let id2 = start(&s);
     assert_ne!(id, id2);
-    let again = migrated::coordinator::start(
+    let again = migrated::migration::source::start(
         &s.agent,
         "vm1",
         MigrateRequest {
@@ -514,7 +513,7 @@ async fn restarted_in(mut s: Setup, phase: Phase, flipped: &[&str]) -> (Setup, S
     let mut rec = MigrationRecord {
         peer_addr: s.agent.cfg.peers["b"].clone(),
         volumes: VOLUMES.iter().map(|v| v.to_string()).collect(),
-        started_ms: migrated::instance::now_ms(),
+        started_ms: migrated::now_ms(),
         ..a_to_b(&id, Role::Source)
     };
     rec.step(phase, "recorded before the crash");
@@ -530,7 +529,7 @@ async fn restarted_in(mut s: Setup, phase: Phase, flipped: &[&str]) -> (Setup, S
     // The old agent holds the state database open: it goes before the new one opens it.
     drop(s.agent);
     s.agent = Agent::open(cfg).unwrap();
-    s.agent.recover().unwrap();
+    migrated::recovery::recover(&s.agent).unwrap();
     (s, id)
 }
 

@@ -1,5 +1,6 @@
-//! A migration's durable record: its phases, the volumes flipped so far, the steps taken, and
-//! the figures; plus the live progress reported while it runs.
+//! A migration's durable record, the same at both ends: its phases, the volumes flipped so far,
+//! the steps taken and the figures; plus the tuning it was asked for and the live progress
+//! reported while it runs.
 //!
 //! Source-side phases, in order (each persisted before the action it names is taken):
 //! ```text
@@ -11,6 +12,8 @@
 //! `completed` or `aborted`.
 
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use vmm_api::migration::MigrationStatus;
 
 /// Which end of the migration this host is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +67,30 @@ impl Phase {
             self,
             Phase::Flipped | Phase::Resuming | Phase::Cleanup | Phase::Completed
         )
+    }
+
+    /// The phase's name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Created => "created",
+            Phase::Preparing => "preparing",
+            Phase::Precopy => "precopy",
+            Phase::HandedOver => "handed-over",
+            Phase::Flipping => "flipping",
+            Phase::Flipped => "flipped",
+            Phase::Resuming => "resuming",
+            Phase::Cleanup => "cleanup",
+            Phase::Completed => "completed",
+            Phase::RollingBack => "rolling-back",
+            Phase::Aborted => "aborted",
+            Phase::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
     }
 }
 
@@ -188,61 +215,84 @@ pub struct Progress {
     pub elapsed_ms: u64,
 }
 
-/// What the API returns: the record and, while running, the progress.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MigrationInfo {
-    /// Durable record.
-    #[serde(flatten)]
-    pub record: MigrationRecord,
-    /// Live progress.
-    pub progress: Option<Progress>,
-}
-
-/// Body of `POST /v1/instances/{name}/migrate`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MigrateRequest {
-    /// Destination host id (a configured peer) or its REST address.
-    pub to: String,
-    /// Tuning.
-    #[serde(flatten)]
-    pub params: MigrationParams,
-}
-
-/// Body of the peer call `POST /v1/incoming`: prepare a destination.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IncomingRequest {
-    /// Migration id.
-    pub migration: String,
-    /// Source host id.
-    pub source: String,
-    /// Source migrated's REST address (for the destination's watch of the source).
-    pub source_addr: String,
-    /// The guest.
-    pub config: crate::config::InstanceConfig,
-    /// Tuning (recorded at the destination for the operator).
-    pub params: MigrationParams,
-}
-
-/// Answer to `POST /v1/incoming`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IncomingReady {
-    /// Destination host id.
-    pub host: String,
-    /// Where the destination VMM listens for the stream.
-    pub stream_addr: String,
+impl Progress {
+    /// The progress the source VMM reports in `st`, `elapsed` into the migration, with the
+    /// time to completion estimated from the average rate so far.
+    pub fn of(st: &MigrationStatus, elapsed: Duration) -> Progress {
+        let rate = st.bytes_sent as f64 / elapsed.as_secs_f64().max(0.001);
+        Progress {
+            vmm_phase: st.phase,
+            iteration: st.iteration,
+            bytes_sent: st.bytes_sent,
+            bytes_remaining: st.bytes_remaining,
+            dirty_rate_bytes_per_sec: st.dirty_rate_bytes_per_sec,
+            expected_downtime_ms: st.expected_downtime_ms,
+            eta_ms: (rate > 0.0).then(|| (st.bytes_remaining as f64 / rate * 1000.0) as u64),
+            elapsed_ms: elapsed.as_millis() as u64,
+        }
+    }
 }
 
 impl MigrationRecord {
+    /// The record of a migration of `instance` that starts now, `created` with nothing done
+    /// yet; the caller names the hosts.
+    pub fn new(
+        id: String,
+        instance: String,
+        role: Role,
+        params: MigrationParams,
+        volumes: Vec<String>,
+    ) -> MigrationRecord {
+        MigrationRecord {
+            id,
+            instance,
+            role,
+            source: String::new(),
+            destination: String::new(),
+            peer_addr: String::new(),
+            params,
+            phase: Phase::Created,
+            stream_addr: None,
+            volumes,
+            flipped: Vec::new(),
+            steps: Vec::new(),
+            started_ms: crate::now_ms(),
+            ended_ms: None,
+            error: None,
+            figures: Figures::default(),
+        }
+    }
+
     /// Appends a step and moves to `phase`.
     pub fn step(&mut self, phase: Phase, note: impl Into<String>) {
         self.phase = phase;
+        self.note(note);
+        if phase.is_terminal() {
+            self.ended_ms = Some(crate::now_ms());
+        }
+    }
+
+    /// Appends a step that stays in the current phase.
+    pub fn note(&mut self, note: impl Into<String>) {
         self.steps.push(Step {
-            at_ms: crate::instance::now_ms(),
-            phase,
+            at_ms: crate::now_ms(),
+            phase: self.phase,
             note: note.into(),
         });
-        if phase.is_terminal() {
-            self.ended_ms = Some(crate::instance::now_ms());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phase_names_are_the_wire_names() {
+        let names = "created preparing precopy handed-over flipping flipped resuming cleanup \
+            completed rolling-back aborted failed";
+        for name in names.split_whitespace() {
+            let phase: Phase = serde_json::from_value(serde_json::json!(name)).unwrap();
+            assert_eq!(phase.as_str(), name);
         }
     }
 }

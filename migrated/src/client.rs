@@ -1,0 +1,138 @@
+//! The client of migrated's REST API ([`crate::api`]): what one migrated calls on its peers
+//! (over TCP, with the cluster's token) and what `migratectl` calls on the local migrated
+//! (Unix socket) or on a remote one.
+
+use crate::api::{
+    route, HostEntry, HostInfo, IncomingReady, IncomingRequest, MigrateRequest, MigrationInfo,
+};
+use crate::config::InstanceConfig;
+use crate::instance::InstanceRecord;
+use crate::migration::record::MigrationRecord;
+use hyper::Method;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::time::Duration;
+use vmhop_common::http::{Client, HttpError, Target};
+use vmhop_common::token::Token;
+
+/// Deadline of ordinary peer calls.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline of `POST /v1/incoming` (the destination starts a VMM and waits for its API).
+pub const PREPARE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// A client for one migrated.
+#[derive(Debug, Clone)]
+pub struct MigratedClient {
+    http: Client,
+}
+
+impl MigratedClient {
+    /// A client for the migrated at `target` whose calls fail after `timeout`, sending `token`.
+    pub fn new(target: Target, timeout: Duration, token: Option<Token>) -> MigratedClient {
+        MigratedClient {
+            http: Client::new(target, timeout).with_token(token),
+        }
+    }
+
+    /// A client for the peer at `addr` (`host:port`), sending the cluster's `token`.
+    pub fn peer(addr: &str, token: Option<&Token>) -> MigratedClient {
+        MigratedClient::new(Target::Tcp(addr.to_string()), PEER_TIMEOUT, token.cloned())
+    }
+
+    /// The same client with another deadline.
+    pub fn with_timeout(&self, t: Duration) -> MigratedClient {
+        MigratedClient {
+            http: self.http.with_timeout(t),
+        }
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, HttpError> {
+        self.http.call(Method::GET, path, None::<&()>).await
+    }
+
+    async fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T, HttpError> {
+        self.http.call(Method::POST, path, body).await
+    }
+
+    /// `GET /v1/host`.
+    pub async fn host(&self) -> Result<HostInfo, HttpError> {
+        self.get(route::HOST).await
+    }
+
+    /// `GET /v1/hosts`.
+    pub async fn hosts(&self) -> Result<Vec<HostEntry>, HttpError> {
+        self.get(route::HOSTS).await
+    }
+
+    /// `GET /v1/instances`.
+    pub async fn instances(&self) -> Result<Vec<InstanceRecord>, HttpError> {
+        self.get(route::INSTANCES).await
+    }
+
+    /// `GET /v1/instances/{name}`.
+    pub async fn instance(&self, name: &str) -> Result<InstanceRecord, HttpError> {
+        self.get(&route::fill(route::INSTANCE, name)).await
+    }
+
+    /// `POST /v1/instances`: starts a guest (answers once its VMM answers).
+    pub async fn run(&self, config: &InstanceConfig) -> Result<InstanceRecord, HttpError> {
+        self.post(route::INSTANCES, Some(config)).await
+    }
+
+    /// `POST /v1/instances/{name}/stop`.
+    pub async fn stop(&self, name: &str) -> Result<InstanceRecord, HttpError> {
+        self.post(&route::fill(route::INSTANCE_STOP, name), None::<&()>)
+            .await
+    }
+
+    /// `POST /v1/instances/{name}/migrate`: answers once the migration is recorded.
+    pub async fn migrate(
+        &self,
+        name: &str,
+        req: &MigrateRequest,
+    ) -> Result<MigrationRecord, HttpError> {
+        self.post(&route::fill(route::INSTANCE_MIGRATE, name), Some(req))
+            .await
+    }
+
+    /// `GET /v1/migrations`.
+    pub async fn migrations(&self) -> Result<Vec<MigrationInfo>, HttpError> {
+        self.get(route::MIGRATIONS).await
+    }
+
+    /// `GET /v1/migrations/{id}` (also the destination's watch of the source).
+    pub async fn migration(&self, id: &str) -> Result<MigrationInfo, HttpError> {
+        self.get(&route::fill(route::MIGRATION, id)).await
+    }
+
+    /// `POST /v1/incoming`, with the longer deadline of a VMM start.
+    pub async fn prepare_incoming(
+        &self,
+        req: &IncomingRequest,
+    ) -> Result<IncomingReady, HttpError> {
+        self.with_timeout(PREPARE_TIMEOUT)
+            .post(route::INCOMING, Some(req))
+            .await
+    }
+
+    /// `GET /v1/incoming/{id}`.
+    pub async fn incoming(&self, id: &str) -> Result<MigrationRecord, HttpError> {
+        self.get(&route::fill(route::INCOMING_ONE, id)).await
+    }
+
+    /// `POST /v1/incoming/{id}/resume`.
+    pub async fn resume_incoming(&self, id: &str) -> Result<MigrationRecord, HttpError> {
+        self.post(&route::fill(route::INCOMING_RESUME, id), None::<&()>)
+            .await
+    }
+
+    /// `POST /v1/incoming/{id}/abort`.
+    pub async fn abort_incoming(&self, id: &str) -> Result<MigrationRecord, HttpError> {
+        self.post(&route::fill(route::INCOMING_ABORT, id), None::<&()>)
+            .await
+    }
+}

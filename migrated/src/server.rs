@@ -1,0 +1,218 @@
+//! The REST API's server: the routes of [`crate::api`] on axum, served on TCP (behind the
+//! cluster's token when one is set) and on the Unix socket. Every handler hands its request to
+//! the agent or to one side of a migration; an error is answered with the status of its
+//! [`ErrorKind`].
+
+use crate::agent::{Agent, AgentError};
+use crate::api::{
+    route, ErrorAnswer, ErrorKind, HostEntry, HostInfo, IncomingReady, IncomingRequest,
+    MigrateRequest, MigrationInfo,
+};
+use crate::client::MigratedClient;
+use crate::config::InstanceConfig;
+use crate::instance::InstanceRecord;
+use crate::migration::destination::{self, DestinationError};
+use crate::migration::record::MigrationRecord;
+use crate::migration::source::{self, SourceError};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use std::sync::Arc;
+use std::time::Duration;
+use thiserror::Error;
+use vmhop_common::token;
+
+/// A request the server could not serve.
+#[derive(Debug, Error)]
+pub enum ApiError {
+    /// The agent refused or failed.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// The migration could not start.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// This host cannot be, or go on as, the destination.
+    #[error(transparent)]
+    Destination(#[from] DestinationError),
+    /// The body was not the JSON expected.
+    #[error("bad request body: {0}")]
+    Body(String),
+}
+
+impl ApiError {
+    /// What kind of failure this is: the answer's status.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ApiError::Agent(e) => e.kind(),
+            ApiError::Source(e) => e.kind(),
+            ApiError::Destination(e) => e.kind(),
+            ApiError::Body(_) => ErrorKind::BadRequest,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let answer = ErrorAnswer {
+            error: vmhop_common::error::chain(&self),
+        };
+        (self.kind().status(), Json(answer)).into_response()
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        ApiError::Body(r.body_text())
+    }
+}
+
+type St = State<Arc<Agent>>;
+type R<T> = Result<T, ApiError>;
+
+/// The API's routes.
+pub fn router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route(route::HOST, get(host))
+        .route(route::HOSTS, get(hosts))
+        .route(route::INSTANCES, get(instances).post(run))
+        .route(route::INSTANCE, get(instance))
+        .route(route::INSTANCE_STOP, post(stop))
+        .route(route::INSTANCE_MIGRATE, post(migrate))
+        .route(route::MIGRATIONS, get(migrations))
+        .route(route::MIGRATION, get(migration))
+        .route(route::INCOMING, post(incoming_prepare))
+        .route(route::INCOMING_ONE, get(incoming_show))
+        .route(route::INCOMING_RESUME, post(incoming_resume))
+        .route(route::INCOMING_ABORT, post(incoming_abort))
+        .with_state(agent)
+}
+
+/// The routes as served on TCP: with a token, only requests that carry it pass
+/// (see [`vmhop_common::token`]).
+pub fn tcp_router(agent: Arc<Agent>) -> Router {
+    match agent.cfg.token.clone() {
+        Some(t) => router(agent).layer(axum::middleware::from_fn_with_state(t, token::require)),
+        None => router(agent),
+    }
+}
+
+async fn host(State(a): St) -> Json<HostInfo> {
+    Json(a.host_info())
+}
+
+async fn hosts(State(a): St) -> Json<Vec<HostEntry>> {
+    let mut out = vec![HostEntry {
+        host_id: a.cfg.host_id.clone(),
+        addr: a.cfg.listen.to_string(),
+        local: true,
+        reachable: true,
+        info: Some(a.host_info()),
+        error: None,
+    }];
+    let peers: Vec<(String, String)> = a.cfg.peers.clone().into_iter().collect();
+    let token = a.cfg.token.clone();
+    let probes = peers.into_iter().map(|(id, addr)| {
+        let peer = MigratedClient::peer(&addr, token.as_ref());
+        async move {
+            let r = peer.with_timeout(Duration::from_secs(2)).host().await;
+            HostEntry {
+                host_id: id,
+                addr,
+                local: false,
+                reachable: r.is_ok(),
+                error: r.as_ref().err().map(|e| vmhop_common::error::chain(e)),
+                info: r.ok(),
+            }
+        }
+    });
+    out.extend(futures_join(probes).await);
+    Json(out)
+}
+
+/// Runs futures concurrently and collects their outputs in order.
+async fn futures_join<F>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        if let Ok(v) = h.await {
+            out.push(v);
+        }
+    }
+    out
+}
+
+async fn instances(State(a): St) -> Json<Vec<InstanceRecord>> {
+    Json(a.instances())
+}
+
+async fn instance(State(a): St, Path(name): Path<String>) -> R<Json<InstanceRecord>> {
+    Ok(Json(a.instance(&name)?))
+}
+
+async fn run(
+    State(a): St,
+    body: Result<Json<InstanceConfig>, JsonRejection>,
+) -> R<(StatusCode, Json<InstanceRecord>)> {
+    let Json(cfg) = body?;
+    let rec = a.run(cfg).await?;
+    Ok((StatusCode::CREATED, Json(rec)))
+}
+
+async fn stop(State(a): St, Path(name): Path<String>) -> R<Json<InstanceRecord>> {
+    Ok(Json(a.stop(&name).await?))
+}
+
+async fn migrate(
+    State(a): St,
+    Path(name): Path<String>,
+    body: Result<Json<MigrateRequest>, JsonRejection>,
+) -> R<(StatusCode, Json<MigrationRecord>)> {
+    let Json(req) = body?;
+    let rec = source::start(&a, &name, req)?;
+    Ok((StatusCode::ACCEPTED, Json(rec)))
+}
+
+fn info(a: &Agent, record: MigrationRecord) -> MigrationInfo {
+    MigrationInfo {
+        progress: a.progress(&record.id),
+        record,
+    }
+}
+
+async fn migrations(State(a): St) -> Json<Vec<MigrationInfo>> {
+    let mut all: Vec<_> = a.migrations().into_iter().map(|m| info(&a, m)).collect();
+    all.sort_by_key(|m| m.record.started_ms);
+    Json(all)
+}
+
+async fn migration(State(a): St, Path(id): Path<String>) -> R<Json<MigrationInfo>> {
+    Ok(Json(info(&a, a.migration(&id)?)))
+}
+
+async fn incoming_prepare(
+    State(a): St,
+    body: Result<Json<IncomingRequest>, JsonRejection>,
+) -> R<Json<IncomingReady>> {
+    let Json(req) = body?;
+    Ok(Json(destination::prepare(&a, req).await?))
+}
+
+async fn incoming_show(State(a): St, Path(id): Path<String>) -> R<Json<MigrationRecord>> {
+    Ok(Json(destination::incoming(&a, &id)?))
+}
+
+async fn incoming_resume(State(a): St, Path(id): Path<String>) -> R<Json<MigrationRecord>> {
+    Ok(Json(destination::resume(&a, &id).await?))
+}
+
+async fn incoming_abort(State(a): St, Path(id): Path<String>) -> R<Json<MigrationRecord>> {
+    let why = DestinationError::AbortRequested;
+    Ok(Json(destination::abort(&a, &id, &why).await?))
+}

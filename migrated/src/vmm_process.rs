@@ -1,0 +1,223 @@
+//! One VMM process, step by step: its work directory and `vm.toml`, the spawn of `vmm run` in
+//! its own process group, a signal to it, and the tail of its log for error messages. The
+//! agent ([`crate::agent`]) sequences these steps and records their outcome. A VMM is told
+//! apart from a process that reuses its pid by the start time ([`crate::instance`]).
+//!
+//! Each instance's work directory `STATE_DIR/instances/NAME/` holds the VMM's configuration
+//! (`vm.toml`), its API socket (`api.sock`), its serial socket (`serial.sock`), its log
+//! (`vmm.log`: stdout and stderr) and `vmm.pid`.
+
+use crate::config::DiskSpec;
+use crate::instance::InstanceRecord;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+use vmm_api::config::{
+    BootProtocol, DiskConfig, LeaseMode, SerialConfig, StoragedDiskConfig, VmConfig,
+};
+
+/// A VMM process that could not be prepared, started or reached.
+#[derive(Debug, Error)]
+pub enum VmmProcessError {
+    /// The work directory or a file in it could not be written.
+    #[error("preparing {0}")]
+    WorkDir(PathBuf, #[source] std::io::Error),
+    /// The VMM's configuration could not be written as TOML.
+    #[error("writing the VMM's configuration {0}")]
+    VmConfig(PathBuf, #[source] toml::ser::Error),
+    /// The VMM could not be started.
+    #[error("starting {0}")]
+    Spawn(PathBuf, #[source] std::io::Error),
+    /// The VMM exited before its API answered.
+    #[error("the VMM exited ({status}) before its API answered; its log ends with:\n{log}")]
+    EarlyExit {
+        /// Exit status.
+        status: String,
+        /// Tail of the VMM's log.
+        log: String,
+    },
+    /// The API did not answer in time.
+    #[error("the VMM's API did not answer within {0:?}")]
+    ApiTimeout(std::time::Duration),
+}
+
+/// The VMM's configuration (`vmm run --config`) for an instance: its name, its kernel and
+/// memory, its sockets in the work directory, and its disks (volumes at `storaged_nbd` with
+/// `lease`, held by `host_id` for the instance).
+pub fn vmm_config(
+    rec: &InstanceRecord,
+    host_id: &str,
+    storaged_nbd: &str,
+    lease: LeaseMode,
+) -> VmConfig {
+    let c = &rec.config;
+    let disks = c
+        .disks
+        .iter()
+        .map(|d| match d {
+            DiskSpec {
+                volume: Some(v), ..
+            } => DiskConfig {
+                path: None,
+                storaged: Some(StoragedDiskConfig {
+                    address: storaged_nbd.to_string(),
+                    volume: v.clone(),
+                    host_id: host_id.to_string(),
+                    instance_id: Some(rec.name.clone()),
+                    lease,
+                }),
+                read_only: d.read_only,
+            },
+            DiskSpec { path, .. } => DiskConfig {
+                path: path.clone(),
+                storaged: None,
+                read_only: d.read_only,
+            },
+        })
+        .collect();
+    VmConfig {
+        name: rec.name.clone(),
+        kernel: c.kernel.clone(),
+        initramfs: None,
+        cmdline: c.cmdline.clone(),
+        memory_mib: c.memory_mib,
+        vcpus: c.vcpus,
+        boot: BootProtocol::default(),
+        disks,
+        serial: SerialConfig::Socket(rec.serial_socket.clone()),
+        api_socket: Some(rec.api_socket.clone()),
+    }
+}
+
+/// Creates the work directory, removes stale sockets and writes `vm.toml`; returns its path.
+pub fn prepare_work_dir(rec: &InstanceRecord, vm: &VmConfig) -> Result<PathBuf, VmmProcessError> {
+    let err = |p: &Path| {
+        let p = p.to_path_buf();
+        move |e| VmmProcessError::WorkDir(p, e)
+    };
+    std::fs::create_dir_all(&rec.work_dir).map_err(err(&rec.work_dir))?;
+    for s in [&rec.api_socket, &rec.serial_socket] {
+        match std::fs::remove_file(s) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(VmmProcessError::WorkDir(s.clone(), e)),
+        }
+    }
+    let path = rec.work_dir.join("vm.toml");
+    let text = toml::to_string(vm).map_err(|e| VmmProcessError::VmConfig(path.clone(), e))?;
+    std::fs::write(&path, text).map_err(err(&path))?;
+    Ok(path)
+}
+
+/// Starts `vmm run --config WORK/vm.toml [--incoming ADDR | --restore SNAPSHOT]` in its own
+/// process group (so a signal to migrated's group does not reach the guest), output appended
+/// to the log.
+pub fn spawn_vmm(
+    vmm_binary: &Path,
+    rec: &InstanceRecord,
+    config_path: &Path,
+    incoming: Option<&str>,
+) -> Result<tokio::process::Child, VmmProcessError> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&rec.log)
+        .map_err(|e| VmmProcessError::WorkDir(rec.log.clone(), e))?;
+    let log2 = log
+        .try_clone()
+        .map_err(|e| VmmProcessError::WorkDir(rec.log.clone(), e))?;
+    let mut cmd = tokio::process::Command::new(vmm_binary);
+    cmd.arg("run").arg("--config").arg(config_path);
+    match (incoming, &rec.config.restore) {
+        (Some(addr), _) => {
+            cmd.arg("--incoming").arg(addr);
+        }
+        (None, Some(snapshot)) => {
+            cmd.arg("--restore").arg(snapshot);
+        }
+        (None, None) => {}
+    }
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .current_dir(&rec.work_dir)
+        .process_group(0)
+        .kill_on_drop(false);
+    let child = cmd
+        .spawn()
+        .map_err(|e| VmmProcessError::Spawn(vmm_binary.to_path_buf(), e))?;
+    if let Some(pid) = child.id() {
+        let pid_file = rec.work_dir.join("vmm.pid");
+        std::fs::write(&pid_file, format!("{pid}\n"))
+            .map_err(|e| VmmProcessError::WorkDir(pid_file, e))?;
+    }
+    Ok(child)
+}
+
+/// The last `max` bytes of a log file, for error messages.
+pub fn log_tail(path: &Path, max: usize) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let from = text.len().saturating_sub(max);
+    String::from_utf8_lossy(&text[from..]).trim().to_string()
+}
+
+/// Sends `sig` to the VMM of `rec` if it is still the same process.
+pub fn kill_pid(rec: &InstanceRecord, sig: libc::c_int) {
+    if let (Some(pid), true) = (rec.pid, rec.vmm_alive()) {
+        // SAFETY: kill(2) has no memory effects; the pid was checked against its recorded
+        // start time just before, so it is the VMM we started and not a reused pid.
+        unsafe {
+            libc::kill(pid as libc::pid_t, sig);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::InstanceConfig;
+    use crate::instance::InstanceState;
+
+    #[test]
+    fn vm_toml_is_the_vmms_config_with_the_name_and_the_lease() {
+        let mut rec = InstanceRecord::new(
+            InstanceConfig {
+                cmdline: "console=ttyS0 \"q\"".into(),
+                vcpus: 2,
+                disks: vec![
+                    DiskSpec {
+                        volume: Some("root".into()),
+                        path: None,
+                        read_only: false,
+                    },
+                    DiskSpec {
+                        volume: None,
+                        path: Some("/f".into()),
+                        read_only: true,
+                    },
+                ],
+                ..InstanceConfig::for_tests("vm1")
+            },
+            Path::new("/s"),
+            InstanceState::Running,
+        );
+        rec.name = "vm1".into();
+        let cfg = vmm_config(&rec, "a", "127.0.0.1:1", LeaseMode::Standby);
+        let dir = tempfile::tempdir().unwrap();
+        rec.work_dir = dir.path().join("vm1");
+        let path = prepare_work_dir(&rec, &cfg).unwrap();
+        let back = VmConfig::from_toml_file(&path).unwrap();
+        assert_eq!(back.name, "vm1");
+        assert_eq!(back.cmdline, "console=ttyS0 \"q\"");
+        let s = back.disks[0].storaged.as_ref().unwrap();
+        assert_eq!(
+            (s.lease, s.instance_id.as_deref()),
+            (LeaseMode::Standby, Some("vm1"))
+        );
+        assert_eq!(back.disks[1].path.as_deref(), Some(Path::new("/f")));
+        assert_eq!(
+            back.api_socket.as_deref(),
+            Some(Path::new("/s/instances/vm1/api.sock"))
+        );
+        back.validate().unwrap();
+    }
+}
