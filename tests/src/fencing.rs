@@ -18,6 +18,7 @@
 //!   or, if a command on it was in flight when the host was fenced, what that command would
 //!   have left;
 //! - the fenced host's writers all stopped with an error.
+//!
 //! The [`Verdict`] counts what was checked, so a test can report the checker's figures.
 
 use anyhow::{ensure, Context, Result};
