@@ -35,6 +35,77 @@ enum Cmd {
     /// Inspect and change leases through the REST API.
     #[command(subcommand)]
     Lease(LeaseCmd),
+    /// Make the cluster's CA and its hosts' certificates (identities for TLS).
+    #[command(subcommand)]
+    Pki(PkiCmd),
+}
+
+#[derive(Subcommand)]
+enum PkiCmd {
+    /// Make a new cluster CA: DIR/ca-cert.pem and DIR/ca-key.pem (mode 0600). Keep the key off
+    /// the hosts; it signs their certificates and nothing else.
+    Ca {
+        /// Directory for the CA (created; an existing CA is never overwritten).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The CA's name (its certificate's common name).
+        #[arg(long, default_value = "vmhop cluster CA")]
+        name: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+    /// Issue a host's certificate and write its TLS directory (ca-cert.pem, server-cert.pem,
+    /// server-key.pem, client-cert.pem, client-key.pem: the layout of QEMU's tls-creds-x509 and
+    /// libnbd's tls-certificates). The certificate's identity is HOST_ID: every daemon reads a
+    /// peer's host id from its certificate and nowhere else.
+    Host {
+        /// The host id (a DNS label: lower-case letters, digits, '-').
+        host_id: String,
+        /// The CA directory (from `storaged pki ca`).
+        #[arg(long)]
+        ca: PathBuf,
+        /// Where to write the host's TLS directory (created).
+        #[arg(long)]
+        out: PathBuf,
+        /// An IP address the host is reached at (repeatable; standard NBD clients check it).
+        #[arg(long = "ip")]
+        ips: Vec<std::net::IpAddr>,
+        /// A further DNS name the host is reached at (repeatable).
+        #[arg(long = "dns")]
+        dns_names: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+}
+
+fn pki_cmd(cmd: PkiCmd) -> Result<()> {
+    use vmhop_common::pki::{create_ca, issue_host, HostCertRequest};
+    match cmd {
+        PkiCmd::Ca { dir, name, days } => {
+            create_ca(&dir, &name, days)?;
+            println!("CA {name:?} in {}", dir.display());
+        }
+        PkiCmd::Host {
+            host_id,
+            ca,
+            out,
+            ips,
+            dns_names,
+            days,
+        } => {
+            let req = HostCertRequest {
+                host_id,
+                ips,
+                dns_names,
+                days,
+            };
+            issue_host(&ca, &req, &out)?;
+            println!("host {} in {}", req.host_id, out.display());
+        }
+    }
+    Ok(())
 }
 
 #[derive(Args)]
@@ -411,5 +482,6 @@ fn main() -> Result<()> {
         }
         Cmd::Volume(c) => rt.block_on(volume_cmd(c)),
         Cmd::Lease(c) => rt.block_on(lease_cmd(c)),
+        Cmd::Pki(c) => pki_cmd(c),
     }
 }

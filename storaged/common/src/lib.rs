@@ -7,13 +7,18 @@
 //!   migrated's, a VMM's), every request with a deadline;
 //! - [`token`]: the cluster token that guards the REST APIs on TCP (and, with the `server`
 //!   feature, the axum middleware that checks it);
-//! - [`store`] (feature `store`): opening the redb databases the daemons keep their records in.
+//! - [`store`] (feature `store`): opening the redb databases the daemons keep their records in;
+//! - [`tls`]: TLS with the cluster's host certificates, and the identity a peer's certificate
+//!   proves; [`pki`] (feature `pki`): making the CA and the host certificates.
 #![warn(missing_docs)]
 
 pub mod config;
 pub mod error;
 pub mod http;
 pub mod logging;
+#[cfg(feature = "pki")]
+pub mod pki;
 #[cfg(feature = "store")]
 pub mod store;
+pub mod tls;
 pub mod token;
