@@ -1,9 +1,11 @@
 //! The transmission phase of one connection.
 //!
-//! A reader task parses requests and, for each one, reserves memory from the connection's
-//! budget, receives the payload, passes the admission gate and hands the I/O to a blocking
-//! thread. Completed requests go over a channel to the writer task, which sends replies in
-//! completion order (so they may overtake each other) and flushes the socket when idle.
+//! A reader task takes frames from [`RequestDecoder`] and, for each request, reserves memory
+//! from the connection's budget, receives a write's data (the decoder yields it as the next
+//! frame, so it is buffered only once the budget allows), passes the admission gate and hands
+//! the I/O to a blocking thread. Completed requests go over a channel to the writer task, which
+//! encodes their replies with [`ReplyEncoder`] in completion order (so they may overtake each
+//! other) and writes them out whenever no more are ready.
 //! Memory per connection is bounded by [`INFLIGHT_BUDGET`]: each request costs its length plus
 //! [`REQUEST_OVERHEAD`], and the reader stops reading while the budget is spent.
 
@@ -11,52 +13,71 @@ use crate::flip::{self, FlipTrigger};
 use crate::gate::{Admitted, Need, Refusal};
 use crate::registry::Registry;
 use crate::server::handshake::Negotiated;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
+use storaged_client::codec::{
+    send_frame, CodecError, Reply, ReplyData, ReplyEncoder, RequestDecoder, RequestFrame,
+    READ_CHUNK,
+};
 use storaged_client::protocol::*;
-use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio_util::codec::FramedRead;
 
 /// Bytes of requests in flight per connection.
 pub const INFLIGHT_BUDGET: u32 = 64 << 20;
 /// Budget charged per request on top of its length (bounds the number of requests).
 pub const REQUEST_OVERHEAD: u32 = 256 << 10;
+/// Replies are gathered up to this many bytes per socket write while more are ready.
+const WRITE_BATCH: usize = 256 << 10;
 
-/// Why a connection ended abnormally.
-#[derive(Debug, Error)]
-pub enum ConnError {
-    /// Socket error or the client vanished.
-    #[error("connection")]
-    Io(#[from] std::io::Error),
-    /// The client broke the protocol.
-    #[error("protocol violation")]
-    Protocol(#[from] ProtocolError),
-}
+type Requests = FramedRead<OwnedReadHalf, RequestDecoder>;
 
-/// One reply for the writer task.
-struct Reply {
-    handle: u64,
-    /// Offset of the request (for structured data chunks).
-    offset: u64,
-    error: u32,
-    /// Payload for READ (and the flip report); `None` for no payload.
-    data: Option<Vec<u8>>,
-    /// Read-like reply: must be a structured data chunk when structured replies are on.
-    carries_data: bool,
+/// One reply for the writer task, holding its request's share of the memory budget until it
+/// is encoded.
+struct Outgoing {
+    reply: Reply<Vec<u8>>,
     _permit: Option<OwnedSemaphorePermit>,
 }
 
-impl Reply {
-    fn err(handle: u64, error: u32) -> Reply {
-        Reply {
-            handle,
-            offset: 0,
-            error,
-            data: None,
-            carries_data: false,
+impl Outgoing {
+    /// A reply without data.
+    fn status(handle: u64, error: u32) -> Outgoing {
+        Outgoing {
+            reply: Reply::status(handle, error),
             _permit: None,
+        }
+    }
+
+    /// The reply to a command without data, from its outcome.
+    fn done(handle: u64, res: std::io::Result<()>, permit: OwnedSemaphorePermit) -> Outgoing {
+        Outgoing {
+            reply: Reply::status(handle, res.as_ref().map_or_else(io_errno, |_| 0)),
+            _permit: Some(permit),
+        }
+    }
+
+    /// The reply to a read of `data` at `offset`, from its outcome.
+    fn read<T>(
+        req: &Request,
+        res: std::io::Result<T>,
+        data: Vec<u8>,
+        permit: OwnedSemaphorePermit,
+    ) -> Outgoing {
+        Outgoing {
+            reply: Reply {
+                handle: req.handle,
+                error: res.as_ref().map_or_else(io_errno, |_| 0),
+                data: Some(ReplyData {
+                    offset: req.offset,
+                    data,
+                }),
+            },
+            _permit: Some(permit),
         }
     }
 }
@@ -70,68 +91,24 @@ enum End {
     Shutdown,
 }
 
+/// Sends replies as they come, as many as are ready in one socket write; the data of long
+/// reads goes out from its own buffer (see [`send_frame`]).
 async fn writer(
-    mut w: BufWriter<tokio::net::tcp::OwnedWriteHalf>,
-    mut rx: mpsc::UnboundedReceiver<Reply>,
-    structured: bool,
+    mut wr: OwnedWriteHalf,
+    encoder: ReplyEncoder,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
 ) -> std::io::Result<()> {
-    while let Some(mut r) = rx.recv().await {
-        loop {
-            write_reply(&mut w, &r, structured).await?;
-            match rx.try_recv() {
-                Ok(next) => r = next,
-                Err(_) => break,
-            }
+    let mut buf = BytesMut::with_capacity(WRITE_BATCH);
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(Outgoing { reply, _permit }) = next {
+            let data = encoder.encode_head(&reply, &mut buf);
+            send_frame(&mut wr, &mut buf, data, WRITE_BATCH).await?;
+            next = rx.try_recv().ok();
         }
-        w.flush().await?;
+        wr.write_all_buf(&mut buf).await?;
     }
-    w.flush().await
-}
-
-async fn write_reply(
-    w: &mut BufWriter<tokio::net::tcp::OwnedWriteHalf>,
-    r: &Reply,
-    structured: bool,
-) -> std::io::Result<()> {
-    if !structured || !r.carries_data {
-        w.write_all(&encode_simple_reply(r.error, r.handle)).await?;
-        if r.error == 0 {
-            if let Some(d) = &r.data {
-                w.write_all(d).await?;
-            }
-        }
-        return Ok(());
-    }
-    if r.error != 0 {
-        let payload = encode_error_chunk(r.error, "");
-        let h = ChunkHeader {
-            flags: NBD_REPLY_FLAG_DONE,
-            kind: NBD_REPLY_TYPE_ERROR,
-            handle: r.handle,
-            length: payload.len() as u32,
-        };
-        w.write_all(&h.encode()).await?;
-        return w.write_all(&payload).await;
-    }
-    let data = r.data.as_deref().unwrap_or(&[]);
-    if data.is_empty() {
-        let h = ChunkHeader {
-            flags: NBD_REPLY_FLAG_DONE,
-            kind: NBD_REPLY_TYPE_NONE,
-            handle: r.handle,
-            length: 0,
-        };
-        return w.write_all(&h.encode()).await;
-    }
-    let h = ChunkHeader {
-        flags: NBD_REPLY_FLAG_DONE,
-        kind: NBD_REPLY_TYPE_OFFSET_DATA,
-        handle: r.handle,
-        length: data.len() as u32 + 8,
-    };
-    w.write_all(&h.encode()).await?;
-    w.write_all(&r.offset.to_be_bytes()).await?;
-    w.write_all(data).await
+    Ok(())
 }
 
 fn io_errno(e: &std::io::Error) -> u32 {
@@ -143,13 +120,24 @@ fn io_errno(e: &std::io::Error) -> u32 {
     }
 }
 
+/// Where replies go: the writer task. It only goes away when the socket failed, which the
+/// reader notices on its own, so a failed send is ignored.
+#[derive(Clone)]
+struct ReplyTx(mpsc::UnboundedSender<Outgoing>);
+
+impl ReplyTx {
+    fn send(&self, r: Outgoing) {
+        let _ = self.0.send(r);
+    }
+}
+
 /// What the request handlers share.
 struct Ctx {
     reg: Arc<Registry>,
     vol: Arc<crate::registry::Volume>,
     gate: Arc<crate::gate::Gate>,
     holder: Option<storaged_client::api::Holder>,
-    tx: mpsc::UnboundedSender<Reply>,
+    tx: ReplyTx,
     budget: Arc<Semaphore>,
     peer: std::net::SocketAddr,
     /// A refusal was already logged (a fenced client may retry thousands of times).
@@ -157,9 +145,8 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn send(&self, r: Reply) {
-        // The writer only goes away when the socket failed; the reader notices on its own.
-        let _ = self.tx.send(r);
+    fn send(&self, r: Outgoing) {
+        self.tx.send(r);
     }
 
     async fn permit(&self, len: u32) -> OwnedSemaphorePermit {
@@ -203,188 +190,170 @@ impl Ctx {
     }
 }
 
-/// Reads and drops `len` payload bytes the server will not use.
-async fn discard<R: tokio::io::AsyncRead + Unpin>(r: &mut R, len: u32) -> std::io::Result<()> {
-    let n = tokio::io::copy(&mut r.take(len as u64), &mut tokio::io::sink()).await?;
-    if n < len as u64 {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
-    }
-    Ok(())
-}
+/// Command flags the server knows; any other is refused with `EINVAL`.
+const KNOWN_FLAGS: u16 = NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE;
 
-type Rd = BufReader<tokio::net::tcp::OwnedReadHalf>;
-
-/// Receives a write payload into a fresh buffer without zero-filling it first.
-async fn read_payload(r: &mut Rd, len: u32) -> std::io::Result<Vec<u8>> {
-    let len = len as usize;
-    let mut buf = Vec::with_capacity(len);
-    let mut limited = r.take(len as u64);
-    while buf.len() < len {
-        if limited.read_buf(&mut buf).await? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
+/// Handles one frame; `Some(end)` stops the reader.
+async fn handle(
+    ctx: &Ctx,
+    rd: &mut Requests,
+    frame: RequestFrame,
+) -> Result<Option<End>, CodecError> {
+    let req = match frame {
+        RequestFrame::Request(req) => req,
+        RequestFrame::Oversize(req) => {
+            tracing::warn!(peer = %ctx.peer, length = req.length, "oversize write");
+            ctx.send(Outgoing::status(req.handle, NBD_EOVERFLOW));
+            return Ok(None);
         }
-    }
-    Ok(buf)
-}
-
-/// Handles one request; `Some(end)` stops the reader.
-async fn handle(ctx: &Ctx, r: &mut Rd, req: Request) -> Result<Option<End>, ConnError> {
-    let h = req.handle;
-    let known = NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE;
-    let bad_flags = req.flags & !known != 0;
-    let fua = req.flags & NBD_CMD_FLAG_FUA != 0;
-    let file = ctx.vol.file.clone();
-    let tx = ctx.tx.clone();
+        RequestFrame::WriteData(_) => {
+            return Err(ProtocolError::Invalid("write data without a write request").into())
+        }
+    };
     match req.kind {
         NBD_CMD_DISC => return Ok(Some(End::Disc)),
         NBD_CMD_WRITE => {
-            if req.length > MAX_REQUEST_LEN {
-                tracing::warn!(peer = %ctx.peer, length = req.length, "oversize write");
-                discard(r, req.length).await?;
-                ctx.send(Reply::err(h, NBD_EOVERFLOW));
-                return Ok(None);
-            }
             let permit = ctx.permit(req.length).await;
-            let buf = read_payload(r, req.length).await?;
-            if bad_flags {
-                ctx.send(Reply::err(h, NBD_EINVAL));
-            } else if !ctx.in_range(req.offset, req.length as u64) {
-                ctx.send(Reply::err(h, NBD_ENOSPC));
-            } else {
-                match ctx.admit(Need::Write, req.kind).await {
-                    Err(e) => ctx.send(Reply::err(h, e)),
-                    Ok(adm) => {
-                        // Fast path: small buffered writes only copy into the page cache, so
-                        // they run right here instead of paying the hop to a blocking thread
-                        // (measured: ~2x the IOPS at 4 KiB). Larger ones are tried with
-                        // RWF_NOWAIT where the file system supports it.
-                        if !fua {
-                            let done = if req.length <= ctx.reg.inline_write_max {
-                                Some(file.write_at(&buf, req.offset, false))
-                            } else {
-                                match file.write_cached(&buf, req.offset) {
-                                    Ok(false) => None,
-                                    r => Some(r.map(|_| ())),
-                                }
-                            };
-                            if let Some(done) = done {
-                                drop(adm);
-                                let error = done.as_ref().map_or_else(io_errno, |_| 0);
-                                let mut rep = Reply::err(h, error);
-                                rep._permit = Some(permit);
-                                ctx.send(rep);
-                                return Ok(None);
-                            }
-                        }
-                        tokio::task::spawn_blocking(move || {
-                            let res = file.write_at(&buf, req.offset, fua);
-                            drop(adm);
-                            let error = res.as_ref().map_or_else(io_errno, |_| 0);
-                            let mut rep = Reply::err(h, error);
-                            rep._permit = Some(permit);
-                            let _ = tx.send(rep);
-                        });
-                    }
-                }
-            }
+            let data = write_data(rd).await?;
+            write(ctx, req, data, permit).await;
         }
-        NBD_CMD_READ => {
-            if req.length > MAX_REQUEST_LEN {
-                tracing::warn!(peer = %ctx.peer, length = req.length, "oversize read");
-                ctx.send(Reply::err(h, NBD_EOVERFLOW));
-            } else if bad_flags || !ctx.in_range(req.offset, req.length as u64) {
-                ctx.send(Reply::err(h, NBD_EINVAL));
-            } else {
-                let permit = ctx.permit(req.length).await;
-                match ctx.admit(Need::Read, req.kind).await {
-                    Err(e) => ctx.send(Reply::err(h, e)),
-                    Ok(adm) => {
-                        let mut buf = vec![0u8; req.length as usize];
-                        // Fast path: data in the page cache is copied here, without the hop
-                        // to a blocking thread.
-                        match file.read_cached(&mut buf, req.offset) {
-                            Ok(false) => {}
-                            done => {
-                                drop(adm);
-                                ctx.send(Reply {
-                                    handle: h,
-                                    offset: req.offset,
-                                    error: done.as_ref().map_or_else(io_errno, |_| 0),
-                                    data: Some(buf),
-                                    carries_data: true,
-                                    _permit: Some(permit),
-                                });
-                                return Ok(None);
-                            }
-                        }
-                        tokio::task::spawn_blocking(move || {
-                            let res = file.read_at(&mut buf, req.offset);
-                            drop(adm);
-                            let _ = tx.send(Reply {
-                                handle: h,
-                                offset: req.offset,
-                                error: res.as_ref().map_or_else(io_errno, |_| 0),
-                                data: Some(buf),
-                                carries_data: true,
-                                _permit: Some(permit),
-                            });
-                        });
-                    }
-                }
-            }
-        }
-        NBD_CMD_FLUSH | NBD_CMD_TRIM | NBD_CMD_WRITE_ZEROES => {
-            let need = if req.kind == NBD_CMD_FLUSH {
-                Need::Read
-            } else {
-                Need::Write
-            };
-            if bad_flags || !ctx.in_range(req.offset, req.length as u64) {
-                ctx.send(Reply::err(h, NBD_EINVAL));
-                return Ok(None);
-            }
-            let no_hole = req.flags & NBD_CMD_FLAG_NO_HOLE != 0;
-            let (off, len) = (req.offset, req.length as u64);
-            match ctx.admit(need, req.kind).await {
-                Err(e) => ctx.send(Reply::err(h, e)),
-                Ok(adm) => {
-                    tokio::task::spawn_blocking(move || {
-                        let res = match req.kind {
-                            NBD_CMD_FLUSH => file.flush(),
-                            NBD_CMD_TRIM => file.trim(off, len).and_then(|()| {
-                                if fua {
-                                    file.flush()
-                                } else {
-                                    Ok(())
-                                }
-                            }),
-                            _ => file.write_zeroes(off, len, no_hole, fua),
-                        };
-                        drop(adm);
-                        let _ = tx.send(Reply::err(h, res.as_ref().map_or_else(io_errno, |_| 0)));
-                    });
-                }
-            }
-        }
+        NBD_CMD_READ => read(ctx, req).await,
+        NBD_CMD_FLUSH | NBD_CMD_TRIM | NBD_CMD_WRITE_ZEROES => without_data(ctx, req).await,
         NBD_CMD_LEASE_FLIP => flip_request(ctx, req).await,
         other => {
             tracing::warn!(peer = %ctx.peer, command = other, "unknown command");
-            ctx.send(Reply::err(h, NBD_EINVAL));
+            ctx.send(Outgoing::status(req.handle, NBD_EINVAL));
         }
     }
     Ok(None)
+}
+
+/// The frame after a write's header: its data.
+async fn write_data(rd: &mut Requests) -> Result<Bytes, CodecError> {
+    match rd.next().await {
+        Some(Ok(RequestFrame::WriteData(data))) => Ok(data),
+        Some(Err(e)) => Err(e),
+        Some(Ok(_)) => Err(ProtocolError::Invalid("write request without its data").into()),
+        None => Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
+    }
+}
+
+/// `NBD_CMD_WRITE`, its data received.
+async fn write(ctx: &Ctx, req: Request, data: Bytes, permit: OwnedSemaphorePermit) {
+    let h = req.handle;
+    let fua = req.flags & NBD_CMD_FLAG_FUA != 0;
+    if req.flags & !KNOWN_FLAGS != 0 {
+        return ctx.send(Outgoing::status(h, NBD_EINVAL));
+    }
+    if !ctx.in_range(req.offset, req.length as u64) {
+        return ctx.send(Outgoing::status(h, NBD_ENOSPC));
+    }
+    let adm = match ctx.admit(Need::Write, req.kind).await {
+        Ok(adm) => adm,
+        Err(e) => return ctx.send(Outgoing::status(h, e)),
+    };
+    let file = ctx.vol.file.clone();
+    // Fast path: small buffered writes only copy into the page cache, so they run right here
+    // instead of paying the hop to a blocking thread (measured: ~2x the IOPS at 4 KiB). Larger
+    // ones are tried with RWF_NOWAIT where the file system supports it.
+    if !fua {
+        let done = if req.length <= ctx.reg.inline_write_max {
+            Some(file.write_at(&data, req.offset, false))
+        } else {
+            match file.write_cached(&data, req.offset) {
+                Ok(false) => None,
+                r => Some(r.map(|_| ())),
+            }
+        };
+        if let Some(done) = done {
+            drop(adm);
+            return ctx.send(Outgoing::done(h, done, permit));
+        }
+    }
+    let tx = ctx.tx.clone();
+    tokio::task::spawn_blocking(move || {
+        let res = file.write_at(&data, req.offset, fua);
+        drop(adm);
+        tx.send(Outgoing::done(h, res, permit));
+    });
+}
+
+/// `NBD_CMD_READ`.
+async fn read(ctx: &Ctx, req: Request) {
+    let h = req.handle;
+    if req.length > MAX_REQUEST_LEN {
+        tracing::warn!(peer = %ctx.peer, length = req.length, "oversize read");
+        return ctx.send(Outgoing::status(h, NBD_EOVERFLOW));
+    }
+    if req.flags & !KNOWN_FLAGS != 0 || !ctx.in_range(req.offset, req.length as u64) {
+        return ctx.send(Outgoing::status(h, NBD_EINVAL));
+    }
+    let permit = ctx.permit(req.length).await;
+    let adm = match ctx.admit(Need::Read, req.kind).await {
+        Ok(adm) => adm,
+        Err(e) => return ctx.send(Outgoing::status(h, e)),
+    };
+    let file = ctx.vol.file.clone();
+    let mut buf = vec![0u8; req.length as usize];
+    // Fast path: data in the page cache is copied here, without the hop to a blocking thread.
+    match file.read_cached(&mut buf, req.offset) {
+        Ok(false) => {}
+        done => {
+            drop(adm);
+            return ctx.send(Outgoing::read(&req, done, buf, permit));
+        }
+    }
+    let tx = ctx.tx.clone();
+    tokio::task::spawn_blocking(move || {
+        let res = file.read_at(&mut buf, req.offset);
+        drop(adm);
+        tx.send(Outgoing::read(&req, res, buf, permit));
+    });
+}
+
+/// `NBD_CMD_FLUSH`, `NBD_CMD_TRIM` and `NBD_CMD_WRITE_ZEROES`: commands without data.
+async fn without_data(ctx: &Ctx, req: Request) {
+    let h = req.handle;
+    let need = if req.kind == NBD_CMD_FLUSH {
+        Need::Read
+    } else {
+        Need::Write
+    };
+    if req.flags & !KNOWN_FLAGS != 0 || !ctx.in_range(req.offset, req.length as u64) {
+        return ctx.send(Outgoing::status(h, NBD_EINVAL));
+    }
+    let fua = req.flags & NBD_CMD_FLAG_FUA != 0;
+    let no_hole = req.flags & NBD_CMD_FLAG_NO_HOLE != 0;
+    let (off, len) = (req.offset, req.length as u64);
+    let adm = match ctx.admit(need, req.kind).await {
+        Ok(adm) => adm,
+        Err(e) => return ctx.send(Outgoing::status(h, e)),
+    };
+    let (file, tx) = (ctx.vol.file.clone(), ctx.tx.clone());
+    tokio::task::spawn_blocking(move || {
+        let res = match req.kind {
+            NBD_CMD_FLUSH => file.flush(),
+            NBD_CMD_TRIM => file
+                .trim(off, len)
+                .and_then(|()| if fua { file.flush() } else { Ok(()) }),
+            _ => file.write_zeroes(off, len, no_hole, fua),
+        };
+        drop(adm);
+        tx.send(Outgoing::status(
+            h,
+            res.as_ref().map_or_else(io_errno, |_| 0),
+        ));
+    });
 }
 
 /// `NBD_CMD_LEASE_FLIP`: promote this standby connection's holder.
 async fn flip_request(ctx: &Ctx, req: Request) {
     let h = req.handle;
     let Some(holder) = ctx.holder.as_ref() else {
-        ctx.send(Reply::err(h, NBD_EINVAL));
-        return;
+        return ctx.send(Outgoing::status(h, NBD_EINVAL));
     };
     if req.length != FLIP_REPORT_LEN || req.offset != 0 || req.flags != 0 {
-        ctx.send(Reply::err(h, NBD_EINVAL));
-        return;
+        return ctx.send(Outgoing::status(h, NBD_EINVAL));
     }
     let result = match ctx.gate.access() {
         crate::gate::Access::ReadWrite => Ok(FlipReport {
@@ -394,24 +363,24 @@ async fn flip_request(ctx: &Ctx, req: Request) {
         crate::gate::Access::Standby => {
             flip::flip(&ctx.reg, &ctx.vol, Some(&holder.host), FlipTrigger::Nbd).await
         }
-        _ => {
-            ctx.send(Reply::err(h, NBD_EPERM));
-            return;
-        }
+        _ => return ctx.send(Outgoing::status(h, NBD_EPERM)),
     };
     match result {
-        Ok(rep) => ctx.send(Reply {
-            handle: h,
-            offset: 0,
-            error: 0,
-            data: Some(rep.encode().to_vec()),
-            carries_data: true,
+        Ok(rep) => ctx.send(Outgoing {
+            reply: Reply {
+                handle: h,
+                error: 0,
+                data: Some(ReplyData {
+                    offset: 0,
+                    data: rep.encode().to_vec(),
+                }),
+            },
             _permit: None,
         }),
         Err(e) => {
             tracing::warn!(peer = %ctx.peer, volume = %ctx.vol.config.name, error = %e,
                 "flip requested over NBD failed");
-            ctx.send(Reply::err(h, NBD_EPERM));
+            ctx.send(Outgoing::status(h, NBD_EPERM));
         }
     }
 }
@@ -431,19 +400,15 @@ pub async fn serve(
     } = neg;
     let entry = att.entry;
     let (rd, wr) = stream.into_split();
-    let mut rd = BufReader::with_capacity(256 << 10, rd);
+    let mut rd = FramedRead::with_capacity(rd, RequestDecoder::new(), READ_CHUNK);
     let (tx, rx) = mpsc::unbounded_channel();
-    let mut wtask = tokio::spawn(writer(
-        BufWriter::with_capacity(256 << 10, wr),
-        rx,
-        structured,
-    ));
+    let mut wtask = tokio::spawn(writer(wr, ReplyEncoder::new(structured), rx));
     let ctx = Ctx {
         reg,
         vol: vol.clone(),
         gate: entry.gate.clone(),
         holder: entry.holder.clone(),
-        tx,
+        tx: ReplyTx(tx),
         budget: Arc::new(Semaphore::new(INFLIGHT_BUDGET as usize)),
         peer: entry.peer,
         refusal_logged: Default::default(),
@@ -452,18 +417,12 @@ pub async fn serve(
     tokio::pin!(closed);
     let stop = shutdown.wait_for(|s| *s);
     tokio::pin!(stop);
-    let end: Result<End, ConnError> = loop {
+    let end: Result<End, CodecError> = loop {
         let step = async {
-            let mut hb = [0u8; REQUEST_LEN];
-            match rd.read_exact(&mut hb).await {
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    return Ok(Some(End::Eof))
-                }
-                Err(e) => return Err(ConnError::Io(e)),
-                Ok(_) => {}
+            match rd.next().await {
+                None => Ok(Some(End::Eof)),
+                Some(frame) => handle(&ctx, &mut rd, frame?).await,
             }
-            let req = Request::decode(&hb)?;
-            handle(&ctx, &mut rd, req).await
         };
         tokio::select! {
             biased;

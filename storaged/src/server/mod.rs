@@ -3,7 +3,7 @@
 mod conn;
 mod handshake;
 
-pub use conn::{ConnError, INFLIGHT_BUDGET, REQUEST_OVERHEAD};
+pub use conn::{INFLIGHT_BUDGET, REQUEST_OVERHEAD};
 pub use handshake::HandshakeError;
 
 use crate::registry::Registry;
