@@ -1,16 +1,5 @@
-//! The lease table of one volume and its transitions, as pure data.
-//!
-//! States of a host on a volume:
-//! ```text
-//!   (none) --grant Primary (no primary yet)------------------> Primary
-//!   (none) --grant Standby-----------------------------------> Standby
-//!   Standby --flip----> Primary        (old primary --flip--> Deactivated)
-//!   Primary | Standby | Deactivated --revoke--> (none)   ("terminated")
-//!   any table --rollback--> the table before the last flip (epoch still increases)
-//! ```
-//! Invariants: at most one primary; a host is in at most one of primary / standby /
-//! deactivated; the epoch never decreases and grows on every change of the primary.
-//! This module decides; the runtime (`flip.rs`, `server`) applies, persists and logs.
+//! The lease table of one volume and its transitions (the state diagram is in [`super`]), as
+//! pure data: this module decides; [`super::flip`] and the server apply, persist and log.
 
 use serde::{Deserialize, Serialize};
 use storaged_client::api::{Holder, LeaseState};

@@ -9,10 +9,11 @@
 //! Memory per connection is bounded by [`INFLIGHT_BUDGET`]: each request costs its length plus
 //! [`REQUEST_OVERHEAD`], and the reader stops reading while the budget is spent.
 
-use crate::flip::{self, FlipTrigger};
-use crate::gate::{Admitted, Need, Refusal};
+use crate::lease::flip::{self, FlipTrigger};
+use crate::lease::gate::{Access, Admitted, Gate, Need, Refusal};
 use crate::registry::Registry;
 use crate::server::handshake::Negotiated;
+use crate::volume::Volume;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use std::sync::Arc;
@@ -134,8 +135,8 @@ impl ReplyTx {
 /// What the request handlers share.
 struct Ctx {
     reg: Arc<Registry>,
-    vol: Arc<crate::registry::Volume>,
-    gate: Arc<crate::gate::Gate>,
+    vol: Arc<Volume>,
+    gate: Arc<Gate>,
     holder: Option<storaged_client::api::Holder>,
     tx: ReplyTx,
     budget: Arc<Semaphore>,
@@ -356,11 +357,11 @@ async fn flip_request(ctx: &Ctx, req: Request) {
         return ctx.send(Outgoing::status(h, NBD_EINVAL));
     }
     let result = match ctx.gate.access() {
-        crate::gate::Access::ReadWrite => Ok(FlipReport {
+        Access::ReadWrite => Ok(FlipReport {
             epoch: ctx.vol.table().epoch,
             ..FlipReport::default()
         }),
-        crate::gate::Access::Standby => {
+        Access::Standby => {
             flip::flip(&ctx.reg, &ctx.vol, Some(&holder.host), FlipTrigger::Nbd).await
         }
         _ => return ctx.send(Outgoing::status(h, NBD_EPERM)),
