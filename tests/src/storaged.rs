@@ -96,6 +96,19 @@ impl Storaged {
         Ok(s)
     }
 
+    /// Starts storaged in a new temp dir with one volume created with `flags` (`volume create`'s);
+    /// the dir lives as long as the returned handle to it.
+    pub fn start_with_volume(
+        name: &str,
+        size: &str,
+        flags: &[&str],
+    ) -> Result<(tempfile::TempDir, Storaged)> {
+        let dir = tempfile::tempdir()?;
+        let s = Self::start(dir.path())?;
+        s.create_volume(name, size, flags)?;
+        Ok((dir, s))
+    }
+
     /// Starts again on the same data dir (new ports).
     pub fn restart(&mut self, extra: &[&str]) -> Result<()> {
         self.kill9();

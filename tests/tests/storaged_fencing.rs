@@ -210,9 +210,7 @@ async fn fencing_scenario(s: &Storaged, via_api: bool) -> Result<()> {
 }
 
 fn scenario(via_api: bool) -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let s = Storaged::start(dir.path())?;
-    s.create_volume("vol", "256M", &[])?;
+    let (_dir, s) = Storaged::start_with_volume("vol", "256M", &[])?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(fencing_scenario(&s, via_api))?;
     let leases = s.cli(&["lease", "list", "vol"])?;
