@@ -41,7 +41,8 @@
 //! connection's standby lease to primary; offset and length must be zero on the wire except
 //! that length carries [`FLIP_REPORT_LEN`], the size of the reply payload, which is a
 //! [`FlipReport`] (sent as data after a simple reply, or as one `OFFSET_DATA` chunk at offset 0
-//! when structured replies are on).
+//! when structured replies are on). Where each of these messages ends on the stream, and the
+//! limits on their lengths, is the framing in [`crate::codec`].
 //!
 //! # Version policy
 //! The NBD parts follow the upstream specification; unknown flags in a request are rejected with
