@@ -327,6 +327,20 @@ fn header<const N: usize>(put: impl FnOnce(&mut &mut [u8])) -> [u8; N] {
     b
 }
 
+/// Requests and structured reply chunks start alike: magic, flags, type, handle.
+fn put_command(w: &mut &mut [u8], magic: u32, flags: u16, kind: u16, handle: u64) {
+    w.put_u32(magic);
+    w.put_u16(flags);
+    w.put_u16(kind);
+    w.put_u64(handle);
+}
+
+/// Reads what [`put_command`] writes, checking the magic: (flags, type, handle).
+fn get_command(r: &mut &[u8], magic: u32) -> Result<(u16, u16, u64), ProtocolError> {
+    check_magic(r.get_u32(), magic)?;
+    Ok((r.get_u16(), r.get_u16(), r.get_u64()))
+}
+
 /// Checks the magic number at the start of a header.
 fn check_magic(found: impl Into<u64>, expected: impl Into<u64>) -> Result<(), ProtocolError> {
     let (found, expected) = (found.into(), expected.into());
@@ -584,10 +598,7 @@ impl Request {
     /// Encodes the header.
     pub fn encode(&self) -> [u8; REQUEST_LEN] {
         header(|w| {
-            w.put_u32(REQUEST_MAGIC);
-            w.put_u16(self.flags);
-            w.put_u16(self.kind);
-            w.put_u64(self.handle);
+            put_command(w, REQUEST_MAGIC, self.flags, self.kind, self.handle);
             w.put_u64(self.offset);
             w.put_u32(self.length);
         })
@@ -595,13 +606,14 @@ impl Request {
     /// Decodes and checks the magic.
     pub fn decode(b: &[u8; REQUEST_LEN]) -> Result<Self, ProtocolError> {
         let mut r = &b[..];
-        check_magic(r.get_u32(), REQUEST_MAGIC)?;
+        let (flags, kind, handle) = get_command(&mut r, REQUEST_MAGIC)?;
+        let (offset, length) = (r.get_u64(), r.get_u32());
         Ok(Request {
-            flags: r.get_u16(),
-            kind: r.get_u16(),
-            handle: r.get_u64(),
-            offset: r.get_u64(),
-            length: r.get_u32(),
+            flags,
+            kind,
+            handle,
+            offset,
+            length,
         })
     }
 }
@@ -639,22 +651,26 @@ impl ChunkHeader {
     /// Encodes the header.
     pub fn encode(&self) -> [u8; STRUCTURED_HEADER_LEN] {
         header(|w| {
-            w.put_u32(STRUCTURED_REPLY_MAGIC);
-            w.put_u16(self.flags);
-            w.put_u16(self.kind);
-            w.put_u64(self.handle);
+            put_command(
+                w,
+                STRUCTURED_REPLY_MAGIC,
+                self.flags,
+                self.kind,
+                self.handle,
+            );
             w.put_u32(self.length);
         })
     }
     /// Decodes and checks the magic.
     pub fn decode(b: &[u8; STRUCTURED_HEADER_LEN]) -> Result<Self, ProtocolError> {
         let mut r = &b[..];
-        check_magic(r.get_u32(), STRUCTURED_REPLY_MAGIC)?;
+        let (flags, kind, handle) = get_command(&mut r, STRUCTURED_REPLY_MAGIC)?;
+        let length = r.get_u32();
         Ok(ChunkHeader {
-            flags: r.get_u16(),
-            kind: r.get_u16(),
-            handle: r.get_u64(),
-            length: r.get_u32(),
+            flags,
+            kind,
+            handle,
+            length,
         })
     }
 }
