@@ -19,6 +19,10 @@
 //! is a protocol error. A write's data comes as a frame of its own after its header, so that
 //! the server can take the request's share of its memory budget before the data is buffered.
 //!
+//! The [`Encoder`] impls write whole frames. A sender that wants long payloads to go out without
+//! a copy writes the head with `encode_head` and then the frame with [`send_frame`], which is
+//! how the server and the client send.
+//!
 //! The handshake does not go through these codecs: it is a strict one-message-at-a-time
 //! dialogue, read straight from the socket, so that not one byte of the transmission phase is
 //! consumed before the transmission framing takes over the stream.
