@@ -1,7 +1,7 @@
 //! The REST control API's routes (HTTP/1 + JSON); the table of routes, the request and answer
 //! types and the client are in `storaged_client::api` and `storaged_client::rest`.
 
-use crate::flip::{self, FlipTrigger};
+use crate::lease::flip::{self, FlipTrigger};
 use crate::registry::{Registry, RegistryError};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;

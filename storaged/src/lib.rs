@@ -1,9 +1,11 @@
 //! storaged: block volumes over NBD with per-host leases.
 //!
-//! - [`lease`]: the lease table and its transitions; [`flip`]: applying them to live connections;
-//!   [`gate`]: the per-connection barrier a flip raises;
-//! - [`volume`], [`store`], [`registry`]: volume files, durable metadata, the running set;
-//! - [`server`]: the NBD server; [`api`]: the REST control API's routes;
+//! - [`lease`]: the lease table and its transitions (`lease::table`), applying them to live
+//!   connections (`lease::flip`), the per-connection barrier a flip raises (`lease::gate`);
+//! - [`volume`]: a running volume, its connections and its file; [`store`]: durable metadata;
+//!   [`registry`]: the running set of volumes and how connections attach to them;
+//! - [`server`]: the NBD server (handshake, transmission); [`api`]: the REST control API's
+//!   routes;
 //! - [`config`]: the daemon's settings.
 //!
 //! The wire format, the lease-aware client and the REST API's types are in the
@@ -13,10 +15,11 @@
 
 pub mod api;
 pub mod config;
-pub mod flip;
-pub mod gate;
 pub mod lease;
 pub mod registry;
 pub mod server;
 pub mod store;
 pub mod volume;
+
+/// The flip at its former path, which the VMM's and migrated's in-process tests use.
+pub use lease::flip;

@@ -1,22 +1,20 @@
-//! The running set of volumes: their files, their current lease tables (as last persisted)
-//! and the connections attached to them.
+//! The running set of volumes ([`Volume`]): creating, opening and deleting them, and attaching
+//! connections to them under their lease tables and anonymous policies.
 //!
 //! Every change of a lease table happens under the volume's `lease_lock` and is written to the
 //! [`Store`] before it becomes visible in memory or is acknowledged to anyone.
 
-use crate::gate::{Access, Gate};
+use crate::lease::gate::{Access, Gate};
 use crate::lease::{LeaseError, LeaseRequest, LeaseTable};
 use crate::store::{Store, StoreError};
-use crate::volume::{VolumeError, VolumeFile};
+use crate::volume::{ConnEntry, Volume, VolumeError, VolumeFile};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
-use storaged_client::api::{
-    AnonymousPolicy, Holder, LeaseEntry, LeaseState, LeaseView, VolumeConfig, VolumeInfo,
-};
+use storaged_client::api::{AnonymousPolicy, VolumeConfig};
 use storaged_client::protocol::RequestedState;
 use thiserror::Error;
 
@@ -58,42 +56,7 @@ pub enum RegistryError {
     Join(#[from] tokio::task::JoinError),
     /// Waiting for a connection took too long.
     #[error("connection of {0} did not drain")]
-    Drain(String, #[source] crate::gate::GateError),
-}
-
-/// One attached connection.
-#[derive(Debug, Clone)]
-pub struct ConnEntry {
-    /// Connection id, unique in this process.
-    pub id: u64,
-    /// Lease holder, or `None` for anonymous.
-    pub holder: Option<Holder>,
-    /// Remote address.
-    pub peer: SocketAddr,
-    /// Admission gate.
-    pub gate: Arc<Gate>,
-}
-
-/// A flip armed to complete on first access or at a deadline.
-#[derive(Debug, Clone)]
-pub(crate) struct PendingFlip {
-    pub(crate) to: Option<String>,
-    pub(crate) generation: u64,
-}
-
-/// A volume while the server runs.
-#[derive(Debug)]
-pub struct Volume {
-    /// Its configuration.
-    pub config: VolumeConfig,
-    /// Its data.
-    pub file: Arc<VolumeFile>,
-    table: Mutex<LeaseTable>,
-    conns: Mutex<Vec<ConnEntry>>,
-    /// Serialises lease changes (grants, flips, rollbacks, revokes).
-    pub(crate) lease_lock: tokio::sync::Mutex<()>,
-    pub(crate) pending: Mutex<Option<PendingFlip>>,
-    pub(crate) pending_gen: AtomicU64,
+    Drain(String, #[source] crate::lease::gate::GateError),
 }
 
 /// The result of attaching a connection.
@@ -105,121 +68,6 @@ pub struct Attachment {
     pub state: Option<RequestedState>,
     /// Epoch at attach time.
     pub epoch: u64,
-}
-
-impl Volume {
-    fn new(config: VolumeConfig, file: VolumeFile, table: LeaseTable) -> Volume {
-        Volume {
-            config,
-            file: Arc::new(file),
-            table: Mutex::new(table),
-            conns: Mutex::new(Vec::new()),
-            lease_lock: tokio::sync::Mutex::new(()),
-            pending: Mutex::new(None),
-            pending_gen: AtomicU64::new(0),
-        }
-    }
-
-    /// A copy of the current lease table.
-    pub fn table(&self) -> LeaseTable {
-        self.table.lock().expect("table lock").clone()
-    }
-
-    pub(crate) fn set_table(&self, t: LeaseTable) {
-        *self.table.lock().expect("table lock") = t;
-    }
-
-    /// Connections whose holder is on `host`.
-    pub(crate) fn conns_of_host(&self, host: &str) -> Vec<ConnEntry> {
-        self.conns
-            .lock()
-            .expect("conns lock")
-            .iter()
-            .filter(|c| c.holder.as_ref().is_some_and(|h| h.host == host))
-            .cloned()
-            .collect()
-    }
-
-    /// Connections of exactly this holder.
-    pub(crate) fn conns_of_holder(&self, holder: &Holder) -> Vec<ConnEntry> {
-        self.conns
-            .lock()
-            .expect("conns lock")
-            .iter()
-            .filter(|c| c.holder.as_ref() == Some(holder))
-            .cloned()
-            .collect()
-    }
-
-    /// Anonymous connections.
-    pub(crate) fn anonymous_conns(&self) -> Vec<ConnEntry> {
-        self.conns
-            .lock()
-            .expect("conns lock")
-            .iter()
-            .filter(|c| c.holder.is_none())
-            .cloned()
-            .collect()
-    }
-
-    /// Number of open connections.
-    pub fn connection_count(&self) -> usize {
-        self.conns.lock().expect("conns lock").len()
-    }
-
-    /// Removes a connection when its task ends.
-    pub fn detach(&self, id: u64) {
-        let mut conns = self.conns.lock().expect("conns lock");
-        if let Some(i) = conns.iter().position(|c| c.id == id) {
-            let c = conns.swap_remove(i);
-            c.gate.mark_gone();
-        }
-    }
-
-    /// Info for the API.
-    pub fn info(&self) -> VolumeInfo {
-        VolumeInfo {
-            config: self.config.clone(),
-            epoch: self.table().epoch,
-            connections: self.connection_count(),
-        }
-    }
-
-    /// Lease view for the API.
-    pub fn lease_view(&self) -> LeaseView {
-        let t = self.table();
-        let conns = self.conns.lock().expect("conns lock").clone();
-        let count = |h: &Holder| {
-            conns
-                .iter()
-                .filter(|c| c.holder.as_ref() == Some(h))
-                .count()
-        };
-        let mut leases = Vec::new();
-        let mut push = |h: &Holder, state| {
-            leases.push(LeaseEntry {
-                host: h.host.clone(),
-                instance: h.instance.clone(),
-                state,
-                connections: count(h),
-            })
-        };
-        if let Some(p) = &t.primary {
-            push(p, LeaseState::Primary);
-        }
-        t.standby.iter().for_each(|h| push(h, LeaseState::Standby));
-        t.deactivated
-            .iter()
-            .for_each(|h| push(h, LeaseState::Deactivated));
-        LeaseView {
-            volume: self.config.name.clone(),
-            epoch: t.epoch,
-            leases,
-            anonymous_connections: conns.iter().filter(|c| c.holder.is_none()).count(),
-            flip_pending: self.pending.lock().expect("pending lock").is_some(),
-            can_roll_back: t.previous.is_some(),
-        }
-    }
 }
 
 /// All volumes of this server.
@@ -397,7 +245,7 @@ impl Registry {
             peer,
             gate: Arc::new(Gate::new(access)),
         };
-        vol.conns.lock().expect("conns lock").push(entry.clone());
+        vol.add_conn(entry.clone());
         Ok(Attachment {
             entry,
             state,
@@ -420,12 +268,12 @@ impl Registry {
             return Ok(());
         }
         for c in vol.anonymous_conns() {
-            c.gate.set_access(crate::gate::Access::Fenced);
+            c.gate.set_access(crate::lease::gate::Access::Fenced);
             c.gate
                 .drained(self.drain_limit)
                 .await
                 .map_err(|e| RegistryError::Drain(c.peer.to_string(), e))?;
-            c.gate.set_access(crate::gate::Access::Closed);
+            c.gate.set_access(crate::lease::gate::Access::Closed);
             tracing::info!(volume = %vol.config.name, peer = %c.peer,
                 "anonymous connection closed: a primary lease was granted");
         }

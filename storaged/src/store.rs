@@ -5,7 +5,9 @@
 //! and tolerant of added fields.
 
 use crate::lease::LeaseTable;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use std::path::Path;
 use storaged_client::api::VolumeConfig;
 use thiserror::Error;
@@ -34,6 +36,27 @@ fn db_err(e: impl Into<redb::Error>) -> StoreError {
     StoreError::Db(e.into())
 }
 
+/// Decodes the JSON value stored under `key`.
+fn decode<T: DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(value).map_err(|source| StoreError::Corrupt {
+        key: key.to_string(),
+        source,
+    })
+}
+
+/// Stores `value` as JSON under `key` in `table`.
+fn put<T: Serialize>(
+    txn: &WriteTransaction,
+    table: TableDefinition<&str, &[u8]>,
+    key: &str,
+    value: &T,
+) -> Result<(), StoreError> {
+    let json = serde_json::to_vec(value).expect("metadata serialises");
+    let mut t = txn.open_table(table).map_err(db_err)?;
+    t.insert(key, json.as_slice()).map_err(db_err)?;
+    Ok(())
+}
+
 /// The metadata database.
 pub struct Store {
     db: Database,
@@ -54,67 +77,48 @@ impl Store {
         let mut out = Vec::new();
         for row in vols.iter().map_err(db_err)? {
             let (k, v) = row.map_err(db_err)?;
-            let key = k.value().to_string();
-            let cfg: VolumeConfig =
-                serde_json::from_slice(v.value()).map_err(|source| StoreError::Corrupt {
-                    key: key.clone(),
-                    source,
-                })?;
-            let table = match leases.get(key.as_str()).map_err(db_err)? {
-                Some(v) => {
-                    serde_json::from_slice(v.value()).map_err(|source| StoreError::Corrupt {
-                        key: key.clone(),
-                        source,
-                    })?
-                }
+            let key = k.value();
+            let table = match leases.get(key).map_err(db_err)? {
+                Some(t) => decode(key, t.value())?,
                 None => LeaseTable::default(),
             };
-            out.push((cfg, table));
+            out.push((decode(key, v.value())?, table));
         }
         Ok(out)
     }
 
+    /// Runs `change` in one write transaction, committed durably.
+    fn write(
+        &self,
+        change: impl FnOnce(&WriteTransaction) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        change(&txn)?;
+        txn.commit().map_err(db_err)
+    }
+
     /// Records a new volume and its empty lease table.
     pub fn put_volume(&self, cfg: &VolumeConfig, table: &LeaseTable) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
-        {
-            let mut v = txn.open_table(VOLUMES).map_err(db_err)?;
-            let json = serde_json::to_vec(cfg).expect("config serialises");
-            v.insert(cfg.name.as_str(), json.as_slice())
-                .map_err(db_err)?;
-            let mut l = txn.open_table(LEASES).map_err(db_err)?;
-            let json = serde_json::to_vec(table).expect("table serialises");
-            l.insert(cfg.name.as_str(), json.as_slice())
-                .map_err(db_err)?;
-        }
-        txn.commit().map_err(db_err)
+        self.write(|txn| {
+            put(txn, VOLUMES, &cfg.name, cfg)?;
+            put(txn, LEASES, &cfg.name, table)
+        })
     }
 
     /// Replaces a volume's lease table.
     pub fn put_leases(&self, name: &str, table: &LeaseTable) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
-        {
-            let mut l = txn.open_table(LEASES).map_err(db_err)?;
-            let json = serde_json::to_vec(table).expect("table serialises");
-            l.insert(name, json.as_slice()).map_err(db_err)?;
-        }
-        txn.commit().map_err(db_err)
+        self.write(|txn| put(txn, LEASES, name, table))
     }
 
     /// Forgets a volume.
     pub fn delete_volume(&self, name: &str) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
-        {
-            txn.open_table(VOLUMES)
-                .map_err(db_err)?
-                .remove(name)
-                .map_err(db_err)?;
-            txn.open_table(LEASES)
-                .map_err(db_err)?
-                .remove(name)
-                .map_err(db_err)?;
-        }
-        txn.commit().map_err(db_err)
+        self.write(|txn| {
+            for table in [VOLUMES, LEASES] {
+                let mut t = txn.open_table(table).map_err(db_err)?;
+                t.remove(name).map_err(db_err)?;
+            }
+            Ok(())
+        })
     }
 }
 

@@ -2,7 +2,9 @@
 //! running a command that must succeed.
 
 use anyhow::{bail, Context, Result};
-use std::process::{Command, Output};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::process::{Child, Command, ExitStatus, Output};
 use std::time::{Duration, Instant};
 
 /// Polls `cond` until it returns `Some` or `limit` passes.
@@ -17,6 +19,15 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut cond: impl FnMut() -> Option
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Sends SIGTERM to `child` (`what` names it) and waits up to `limit` for it to exit.
+pub fn terminate(child: &mut Child, what: &str, limit: Duration) -> Result<ExitStatus> {
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM)
+        .with_context(|| format!("SIGTERM to {what}"))?;
+    wait_for(&format!("{what} to exit"), limit, || {
+        child.try_wait().ok().flatten()
+    })
 }
 
 /// Runs a command and fails with its output unless it succeeds.

@@ -2,8 +2,8 @@
 //! (read back from its `--ready-file`), driven through its CLI, REST API and NBD port, and
 //! killed on drop.
 
-use crate::process::{run_ok, wait_for};
-use anyhow::{bail, Context, Result};
+use crate::process::{run_ok, terminate, wait_for};
+use anyhow::{Context, Result};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -96,6 +96,19 @@ impl Storaged {
         Ok(s)
     }
 
+    /// Starts storaged in a new temp dir with one volume created with `flags` (`volume create`'s);
+    /// the dir lives as long as the returned handle to it.
+    pub fn start_with_volume(
+        name: &str,
+        size: &str,
+        flags: &[&str],
+    ) -> Result<(tempfile::TempDir, Storaged)> {
+        let dir = tempfile::tempdir()?;
+        let s = Self::start(dir.path())?;
+        s.create_volume(name, size, flags)?;
+        Ok((dir, s))
+    }
+
     /// Starts again on the same data dir (new ports).
     pub fn restart(&mut self, extra: &[&str]) -> Result<()> {
         self.kill9();
@@ -149,12 +162,7 @@ impl Storaged {
     /// SIGTERM and wait for the exit status.
     pub fn terminate(&mut self) -> Result<ExitStatus> {
         let mut c = self.child.take().context("not running")?;
-        // SAFETY: kill(2) on the pid of a child we own and have not reaped.
-        let r = unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
-        if r != 0 {
-            bail!("kill: {}", std::io::Error::last_os_error());
-        }
-        wait_for("storaged to exit", DEADLINE, || c.try_wait().ok().flatten())
+        terminate(&mut c, "storaged", DEADLINE)
     }
 
     /// Whether the process is still running.

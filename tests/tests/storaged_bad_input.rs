@@ -81,10 +81,15 @@ fn closed(t: &mut TcpStream) -> bool {
 }
 
 fn start() -> Result<(tempfile::TempDir, Storaged)> {
-    let dir = tempfile::tempdir()?;
-    let s = Storaged::start(dir.path())?;
-    s.create_volume("v", "1M", &["--anonymous", "read-write-without-primary"])?;
-    Ok((dir, s))
+    Storaged::start_with_volume("v", "1M", &["--anonymous", "read-write-without-primary"])
+}
+
+/// A storaged with volume "v" and a raw connection past the handshake.
+fn in_transmission() -> Result<(tempfile::TempDir, Storaged, TcpStream)> {
+    let (d, s) = start()?;
+    let mut t = greet(&s)?;
+    go(&mut t, "v")?;
+    Ok((d, s, t))
 }
 
 #[test]
@@ -145,9 +150,7 @@ fn bad_handshake_input_disconnects_and_the_server_keeps_serving() -> Result<()> 
 
 #[test]
 fn bad_requests_get_nbd_errors_and_the_stream_stays_in_sync() -> Result<()> {
-    let (_d, s) = start()?;
-    let mut t = greet(&s)?;
-    go(&mut t, "v")?;
+    let (_d, s, mut t) = in_transmission()?;
     let end = 1u64 << 20;
     request(&mut t, 99, 0, 0, 0)?;
     ensure!(reply(&mut t)? == NBD_EINVAL, "unknown command");
@@ -192,9 +195,7 @@ fn bad_requests_get_nbd_errors_and_the_stream_stays_in_sync() -> Result<()> {
 
 #[test]
 fn client_vanishing_mid_write_leaves_no_partial_data() -> Result<()> {
-    let (_d, s) = start()?;
-    let mut t = greet(&s)?;
-    go(&mut t, "v")?;
+    let (_d, s, mut t) = in_transmission()?;
     request(&mut t, NBD_CMD_WRITE, 0, 4096, 65536)?;
     t.write_all(&[0xee; 30000])?;
     t.flush()?;
@@ -225,9 +226,7 @@ fn client_vanishing_mid_write_leaves_no_partial_data() -> Result<()> {
 
 #[test]
 fn many_pipelined_requests_are_each_answered_once() -> Result<()> {
-    let (_d, s) = start()?;
-    let mut t = greet(&s)?;
-    go(&mut t, "v")?;
+    let (_d, _s, mut t) = in_transmission()?;
     t.set_read_timeout(Some(Duration::from_secs(60)))?;
     // 64 pipelined writes without waiting, then 64 reads; every handle is answered once.
     let mut sent = std::collections::BTreeSet::new();

@@ -12,9 +12,7 @@ fn pattern(i: u64) -> Vec<u8> {
 
 #[test]
 fn kill_9_keeps_data_and_the_lease_table() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let mut s = Storaged::start(dir.path())?;
-    s.create_volume("vol", "64M", &[])?;
+    let (_dir, mut s) = Storaged::start_with_volume("vol", "64M", &[])?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let a = Client::connect(&client_config(&s, "vol", "host-a", Primary)).await?;
@@ -67,9 +65,7 @@ fn kill_9_keeps_data_and_the_lease_table() -> Result<()> {
 
 #[test]
 fn sigterm_finishes_admitted_requests_and_exits_zero() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let mut s = Storaged::start(dir.path())?;
-    s.create_volume("vol", "64M", &[])?;
+    let (_dir, mut s) = Storaged::start_with_volume("vol", "64M", &[])?;
     let rt = tokio::runtime::Runtime::new()?;
     let (acked, c) = rt.block_on(async {
         let c = Client::connect(&client_config(&s, "vol", "host-a", Primary)).await?;

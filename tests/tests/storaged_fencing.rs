@@ -84,9 +84,7 @@ async fn fencing_scenario(s: &Storaged, via_api: bool) -> Result<()> {
 }
 
 fn scenario(via_api: bool) -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let s = Storaged::start(dir.path())?;
-    s.create_volume("vol", "64M", &[])?;
+    let (_dir, s) = Storaged::start_with_volume("vol", "64M", &[])?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

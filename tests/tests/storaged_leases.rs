@@ -10,9 +10,7 @@ use storaged_client::nbd::{Client, ClientConfig, ClientError};
 use storaged_client::protocol::RequestedState::{self, Primary, Standby};
 
 fn setup(extra: &[&str]) -> Result<(tempfile::TempDir, Storaged, tokio::runtime::Runtime)> {
-    let dir = tempfile::tempdir()?;
-    let s = Storaged::start(dir.path())?;
-    s.create_volume("vol", "16M", extra)?;
+    let (dir, s) = Storaged::start_with_volume("vol", "16M", extra)?;
     Ok((dir, s, tokio::runtime::Runtime::new()?))
 }
 

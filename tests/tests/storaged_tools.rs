@@ -13,9 +13,7 @@ fn tool_output(cmd: &mut Command) -> Result<String> {
 
 #[test]
 fn qemu_img_info_and_convert_to_and_from_a_volume() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let s = Storaged::start(dir.path())?;
-    s.create_volume(
+    let (dir, s) = Storaged::start_with_volume(
         "disk",
         "64M",
         &["--anonymous", "read-write-without-primary"],
@@ -50,9 +48,8 @@ fn qemu_img_info_and_convert_to_and_from_a_volume() -> Result<()> {
 
 #[test]
 fn qemu_io_patterns_verify_across_connections() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let s = Storaged::start(dir.path())?;
-    s.create_volume("io", "32M", &["--anonymous", "read-write-without-primary"])?;
+    let (_dir, s) =
+        Storaged::start_with_volume("io", "32M", &["--anonymous", "read-write-without-primary"])?;
     let uri = s.uri("io");
     let out = tool_output(Command::new("qemu-io").args([
         "-f",
@@ -127,9 +124,8 @@ fn nbdinfo_reports_size_limits_and_exports() -> Result<()> {
 
 #[test]
 fn fio_nbd_engine_writes_and_verifies() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let s = Storaged::start(dir.path())?;
-    s.create_volume("fio", "64M", &["--anonymous", "read-write-without-primary"])?;
+    let (dir, s) =
+        Storaged::start_with_volume("fio", "64M", &["--anonymous", "read-write-without-primary"])?;
     // fio leaves its verify state file in the working directory: keep it in the temp dir.
     let out = tool_output(Command::new("fio").current_dir(dir.path()).args([
         "--name=verify",
@@ -157,9 +153,7 @@ fn fio_nbd_engine_writes_and_verifies() -> Result<()> {
 
 #[test]
 fn anonymous_access_ends_when_a_primary_exists() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let s = Storaged::start(dir.path())?;
-    s.create_volume("p", "16M", &[])?;
+    let (_dir, s) = Storaged::start_with_volume("p", "16M", &[])?;
     let uri = s.uri("p");
     run_ok(Command::new("nbdinfo").arg(&uri))?;
     // Read-only: an anonymous write fails.

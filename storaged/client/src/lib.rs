@@ -2,6 +2,7 @@
 //! daemon (its server framework, its database).
 //!
 //! - [`protocol`]: the NBD wire format and the project's lease extension;
+//! - [`codec`]: the transmission phase's framing (`tokio_util::codec`), for servers and clients;
 //! - [`nbd`]: the lease-aware async NBD client (the VMM's disks, the tests);
 //! - [`api`]: the REST API's request and answer types, lease states among them;
 //! - [`rest`]: the REST API's client.
@@ -12,6 +13,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod codec;
 pub mod nbd;
 pub mod protocol;
 pub mod rest;

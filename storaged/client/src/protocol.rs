@@ -41,7 +41,8 @@
 //! connection's standby lease to primary; offset and length must be zero on the wire except
 //! that length carries [`FLIP_REPORT_LEN`], the size of the reply payload, which is a
 //! [`FlipReport`] (sent as data after a simple reply, or as one `OFFSET_DATA` chunk at offset 0
-//! when structured replies are on).
+//! when structured replies are on). Where each of these messages ends on the stream, and the
+//! limits on their lengths, is the framing in [`crate::codec`].
 //!
 //! # Version policy
 //! The NBD parts follow the upstream specification; unknown flags in a request are rejected with
@@ -49,6 +50,7 @@
 //! [`LEASE_VERSION`] and answers `NBD_REP_ERR_INVALID` to any other, so a newer client can fall
 //! back. The flip report layout is tied to the same version.
 
+use bytes::{Buf, BufMut};
 use thiserror::Error;
 
 /// "NBDMAGIC": first bytes of the handshake.
@@ -286,20 +288,20 @@ impl<'a> Reader<'a> {
         self.buf = tail;
         Ok(head)
     }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], ProtocolError> {
+        Ok(self.take(N)?.try_into().expect("N bytes"))
+    }
     fn u8(&mut self) -> Result<u8, ProtocolError> {
         Ok(self.take(1)?[0])
     }
     fn u16(&mut self) -> Result<u16, ProtocolError> {
-        let b = self.take(2)?;
-        Ok(u16::from_be_bytes([b[0], b[1]]))
+        self.array().map(u16::from_be_bytes)
     }
     fn u32(&mut self) -> Result<u32, ProtocolError> {
-        let b = self.take(4)?;
-        Ok(u32::from_be_bytes(b.try_into().expect("4 bytes")))
+        self.array().map(u32::from_be_bytes)
     }
     fn u64(&mut self) -> Result<u64, ProtocolError> {
-        let b = self.take(8)?;
-        Ok(u64::from_be_bytes(b.try_into().expect("8 bytes")))
+        self.array().map(u64::from_be_bytes)
     }
     fn string(&mut self, len: usize) -> Result<String, ProtocolError> {
         let b = self.take(len)?;
@@ -318,6 +320,36 @@ fn reader<'a>(buf: &'a [u8], what: &'static str) -> Reader<'a> {
     Reader { buf, what }
 }
 
+/// A fixed-size header: `put` writes its big-endian fields in order.
+fn header<const N: usize>(put: impl FnOnce(&mut &mut [u8])) -> [u8; N] {
+    let mut b = [0u8; N];
+    put(&mut &mut b[..]);
+    b
+}
+
+/// Requests and structured reply chunks start alike: magic, flags, type, handle.
+fn put_command(w: &mut &mut [u8], magic: u32, flags: u16, kind: u16, handle: u64) {
+    w.put_u32(magic);
+    w.put_u16(flags);
+    w.put_u16(kind);
+    w.put_u64(handle);
+}
+
+/// Reads what [`put_command`] writes, checking the magic: (flags, type, handle).
+fn get_command(r: &mut &[u8], magic: u32) -> Result<(u16, u16, u64), ProtocolError> {
+    check_magic(r.get_u32(), magic)?;
+    Ok((r.get_u16(), r.get_u16(), r.get_u64()))
+}
+
+/// Checks the magic number at the start of a header.
+fn check_magic(found: impl Into<u64>, expected: impl Into<u64>) -> Result<(), ProtocolError> {
+    let (found, expected) = (found.into(), expected.into());
+    if found != expected {
+        return Err(ProtocolError::BadMagic { found, expected });
+    }
+    Ok(())
+}
+
 fn valid_id(s: &str) -> bool {
     !s.is_empty() && s.len() <= MAX_ID_LEN && !s.contains('\0')
 }
@@ -326,14 +358,14 @@ impl LeaseOption {
     /// Encodes the option data.
     pub fn encode(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(16 + self.host.len() + self.instance.len());
-        v.extend_from_slice(&LEASE_VERSION.to_be_bytes());
-        v.push(self.state.to_wire());
-        v.push(0);
-        v.extend_from_slice(&self.expected_epoch.to_be_bytes());
-        v.extend_from_slice(&(self.host.len() as u16).to_be_bytes());
-        v.extend_from_slice(self.host.as_bytes());
-        v.extend_from_slice(&(self.instance.len() as u16).to_be_bytes());
-        v.extend_from_slice(self.instance.as_bytes());
+        v.put_u16(LEASE_VERSION);
+        v.put_u8(self.state.to_wire());
+        v.put_u8(0);
+        v.put_u64(self.expected_epoch);
+        for id in [&self.host, &self.instance] {
+            v.put_u16(id.len() as u16);
+            v.put_slice(id.as_bytes());
+        }
         v
     }
 
@@ -378,25 +410,19 @@ pub struct OptionHeader {
 impl OptionHeader {
     /// Encodes magic, option and length.
     pub fn encode(&self) -> [u8; 16] {
-        let mut b = [0u8; 16];
-        b[..8].copy_from_slice(&IHAVEOPT.to_be_bytes());
-        b[8..12].copy_from_slice(&self.option.to_be_bytes());
-        b[12..].copy_from_slice(&self.length.to_be_bytes());
-        b
+        header(|w| {
+            w.put_u64(IHAVEOPT);
+            w.put_u32(self.option);
+            w.put_u32(self.length);
+        })
     }
     /// Decodes and checks the magic.
     pub fn decode(b: &[u8; 16]) -> Result<Self, ProtocolError> {
-        let mut r = reader(b, "option header");
-        let magic = r.u64()?;
-        if magic != IHAVEOPT {
-            return Err(ProtocolError::BadMagic {
-                found: magic,
-                expected: IHAVEOPT,
-            });
-        }
+        let mut r = &b[..];
+        check_magic(r.get_u64(), IHAVEOPT)?;
         Ok(OptionHeader {
-            option: r.u32()?,
-            length: r.u32()?,
+            option: r.get_u32(),
+            length: r.get_u32(),
         })
     }
 }
@@ -415,27 +441,21 @@ pub struct OptionReplyHeader {
 impl OptionReplyHeader {
     /// Encodes the header.
     pub fn encode(&self) -> [u8; OPTION_REPLY_LEN] {
-        let mut b = [0u8; OPTION_REPLY_LEN];
-        b[..8].copy_from_slice(&REP_MAGIC.to_be_bytes());
-        b[8..12].copy_from_slice(&self.option.to_be_bytes());
-        b[12..16].copy_from_slice(&self.reply.to_be_bytes());
-        b[16..].copy_from_slice(&self.length.to_be_bytes());
-        b
+        header(|w| {
+            w.put_u64(REP_MAGIC);
+            w.put_u32(self.option);
+            w.put_u32(self.reply);
+            w.put_u32(self.length);
+        })
     }
     /// Decodes and checks the magic.
     pub fn decode(b: &[u8; OPTION_REPLY_LEN]) -> Result<Self, ProtocolError> {
-        let mut r = reader(b, "option reply");
-        let magic = r.u64()?;
-        if magic != REP_MAGIC {
-            return Err(ProtocolError::BadMagic {
-                found: magic,
-                expected: REP_MAGIC,
-            });
-        }
+        let mut r = &b[..];
+        check_magic(r.get_u64(), REP_MAGIC)?;
         Ok(OptionReplyHeader {
-            option: r.u32()?,
-            reply: r.u32()?,
-            length: r.u32()?,
+            option: r.get_u32(),
+            reply: r.get_u32(),
+            length: r.get_u32(),
         })
     }
     /// Whether the reply type is an error.
@@ -456,13 +476,11 @@ pub struct GoOption {
 impl GoOption {
     /// Encodes the option data.
     pub fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::new();
-        v.extend_from_slice(&(self.name.len() as u32).to_be_bytes());
-        v.extend_from_slice(self.name.as_bytes());
-        v.extend_from_slice(&(self.info.len() as u16).to_be_bytes());
-        for i in &self.info {
-            v.extend_from_slice(&i.to_be_bytes());
-        }
+        let mut v = Vec::with_capacity(6 + self.name.len() + 2 * self.info.len());
+        v.put_u32(self.name.len() as u32);
+        v.put_slice(self.name.as_bytes());
+        v.put_u16(self.info.len() as u16);
+        self.info.iter().for_each(|&i| v.put_u16(i));
         v
     }
     /// Decodes the option data.
@@ -483,28 +501,26 @@ impl GoOption {
 /// Encodes the `NBD_INFO_EXPORT` item.
 pub fn encode_info_export(size: u64, flags: u16) -> Vec<u8> {
     let mut v = Vec::with_capacity(12);
-    v.extend_from_slice(&NBD_INFO_EXPORT.to_be_bytes());
-    v.extend_from_slice(&size.to_be_bytes());
-    v.extend_from_slice(&flags.to_be_bytes());
+    v.put_u16(NBD_INFO_EXPORT);
+    v.put_u64(size);
+    v.put_u16(flags);
     v
 }
 
 /// Encodes the `NBD_INFO_BLOCK_SIZE` item.
 pub fn encode_info_block_size(min: u32, preferred: u32, max: u32) -> Vec<u8> {
     let mut v = Vec::with_capacity(14);
-    v.extend_from_slice(&NBD_INFO_BLOCK_SIZE.to_be_bytes());
-    v.extend_from_slice(&min.to_be_bytes());
-    v.extend_from_slice(&preferred.to_be_bytes());
-    v.extend_from_slice(&max.to_be_bytes());
+    v.put_u16(NBD_INFO_BLOCK_SIZE);
+    [min, preferred, max].into_iter().for_each(|n| v.put_u32(n));
     v
 }
 
 /// Encodes the project `NBD_INFO_LEASE` item.
 pub fn encode_info_lease(state: RequestedState, epoch: u64) -> Vec<u8> {
     let mut v = Vec::with_capacity(11);
-    v.extend_from_slice(&NBD_INFO_LEASE.to_be_bytes());
-    v.push(state.to_wire());
-    v.extend_from_slice(&epoch.to_be_bytes());
+    v.put_u16(NBD_INFO_LEASE);
+    v.put_u8(state.to_wire());
+    v.put_u64(epoch);
     v
 }
 
@@ -581,55 +597,41 @@ pub struct Request {
 impl Request {
     /// Encodes the header.
     pub fn encode(&self) -> [u8; REQUEST_LEN] {
-        let mut b = [0u8; REQUEST_LEN];
-        b[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        b[4..6].copy_from_slice(&self.flags.to_be_bytes());
-        b[6..8].copy_from_slice(&self.kind.to_be_bytes());
-        b[8..16].copy_from_slice(&self.handle.to_be_bytes());
-        b[16..24].copy_from_slice(&self.offset.to_be_bytes());
-        b[24..].copy_from_slice(&self.length.to_be_bytes());
-        b
+        header(|w| {
+            put_command(w, REQUEST_MAGIC, self.flags, self.kind, self.handle);
+            w.put_u64(self.offset);
+            w.put_u32(self.length);
+        })
     }
     /// Decodes and checks the magic.
     pub fn decode(b: &[u8; REQUEST_LEN]) -> Result<Self, ProtocolError> {
-        let mut r = reader(b, "request");
-        let magic = r.u32()?;
-        if magic != REQUEST_MAGIC {
-            return Err(ProtocolError::BadMagic {
-                found: magic as u64,
-                expected: REQUEST_MAGIC as u64,
-            });
-        }
+        let mut r = &b[..];
+        let (flags, kind, handle) = get_command(&mut r, REQUEST_MAGIC)?;
+        let (offset, length) = (r.get_u64(), r.get_u32());
         Ok(Request {
-            flags: r.u16()?,
-            kind: r.u16()?,
-            handle: r.u64()?,
-            offset: r.u64()?,
-            length: r.u32()?,
+            flags,
+            kind,
+            handle,
+            offset,
+            length,
         })
     }
 }
 
 /// Encodes a simple reply header.
 pub fn encode_simple_reply(error: u32, handle: u64) -> [u8; SIMPLE_REPLY_LEN] {
-    let mut b = [0u8; SIMPLE_REPLY_LEN];
-    b[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-    b[4..8].copy_from_slice(&error.to_be_bytes());
-    b[8..].copy_from_slice(&handle.to_be_bytes());
-    b
+    header(|w| {
+        w.put_u32(SIMPLE_REPLY_MAGIC);
+        w.put_u32(error);
+        w.put_u64(handle);
+    })
 }
 
 /// Decodes a simple reply header into (error, handle).
 pub fn decode_simple_reply(b: &[u8; SIMPLE_REPLY_LEN]) -> Result<(u32, u64), ProtocolError> {
-    let mut r = reader(b, "simple reply");
-    let magic = r.u32()?;
-    if magic != SIMPLE_REPLY_MAGIC {
-        return Err(ProtocolError::BadMagic {
-            found: magic as u64,
-            expected: SIMPLE_REPLY_MAGIC as u64,
-        });
-    }
-    Ok((r.u32()?, r.u64()?))
+    let mut r = &b[..];
+    check_magic(r.get_u32(), SIMPLE_REPLY_MAGIC)?;
+    Ok((r.get_u32(), r.get_u64()))
 }
 
 /// A structured reply chunk header.
@@ -648,29 +650,27 @@ pub struct ChunkHeader {
 impl ChunkHeader {
     /// Encodes the header.
     pub fn encode(&self) -> [u8; STRUCTURED_HEADER_LEN] {
-        let mut b = [0u8; STRUCTURED_HEADER_LEN];
-        b[..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
-        b[4..6].copy_from_slice(&self.flags.to_be_bytes());
-        b[6..8].copy_from_slice(&self.kind.to_be_bytes());
-        b[8..16].copy_from_slice(&self.handle.to_be_bytes());
-        b[16..].copy_from_slice(&self.length.to_be_bytes());
-        b
+        header(|w| {
+            put_command(
+                w,
+                STRUCTURED_REPLY_MAGIC,
+                self.flags,
+                self.kind,
+                self.handle,
+            );
+            w.put_u32(self.length);
+        })
     }
     /// Decodes and checks the magic.
     pub fn decode(b: &[u8; STRUCTURED_HEADER_LEN]) -> Result<Self, ProtocolError> {
-        let mut r = reader(b, "structured reply");
-        let magic = r.u32()?;
-        if magic != STRUCTURED_REPLY_MAGIC {
-            return Err(ProtocolError::BadMagic {
-                found: magic as u64,
-                expected: STRUCTURED_REPLY_MAGIC as u64,
-            });
-        }
+        let mut r = &b[..];
+        let (flags, kind, handle) = get_command(&mut r, STRUCTURED_REPLY_MAGIC)?;
+        let length = r.get_u32();
         Ok(ChunkHeader {
-            flags: r.u16()?,
-            kind: r.u16()?,
-            handle: r.u64()?,
-            length: r.u32()?,
+            flags,
+            kind,
+            handle,
+            length,
         })
     }
 }
@@ -679,9 +679,9 @@ impl ChunkHeader {
 pub fn encode_error_chunk(error: u32, message: &str) -> Vec<u8> {
     let msg = &message.as_bytes()[..message.len().min(4096)];
     let mut v = Vec::with_capacity(6 + msg.len());
-    v.extend_from_slice(&error.to_be_bytes());
-    v.extend_from_slice(&(msg.len() as u16).to_be_bytes());
-    v.extend_from_slice(msg);
+    v.put_u32(error);
+    v.put_u16(msg.len() as u16);
+    v.put_slice(msg);
     v
 }
 
@@ -709,7 +709,6 @@ pub struct FlipReport {
 impl FlipReport {
     /// Encodes the payload ([`FLIP_REPORT_LEN`] bytes).
     pub fn encode(&self) -> [u8; FLIP_REPORT_LEN as usize] {
-        let mut b = [0u8; FLIP_REPORT_LEN as usize];
         let fields = [
             self.epoch,
             self.deactivate_us,
@@ -720,10 +719,7 @@ impl FlipReport {
             self.total_us,
             self.drained_requests,
         ];
-        for (i, f) in fields.iter().enumerate() {
-            b[i * 8..i * 8 + 8].copy_from_slice(&f.to_be_bytes());
-        }
-        b
+        header(|w| fields.into_iter().for_each(|f| w.put_u64(f)))
     }
     /// Decodes the payload.
     pub fn decode(buf: &[u8]) -> Result<Self, ProtocolError> {

@@ -1,7 +1,8 @@
 //! Server side of the fixed newstyle handshake, including the lease option.
 
 use crate::lease::{LeaseError, LeaseRequest};
-use crate::registry::{Attachment, Registry, RegistryError, Volume};
+use crate::registry::{Attachment, Registry, RegistryError};
+use crate::volume::Volume;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use storaged_client::api::{AnonymousPolicy, Holder};

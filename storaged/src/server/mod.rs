@@ -1,10 +1,10 @@
 //! The NBD server: accepts connections, runs the handshake, then serves transmission.
 
-mod conn;
 mod handshake;
+mod transmission;
 
-pub use conn::{ConnError, INFLIGHT_BUDGET, REQUEST_OVERHEAD};
 pub use handshake::HandshakeError;
+pub use transmission::{INFLIGHT_BUDGET, REQUEST_OVERHEAD};
 
 use crate::registry::Registry;
 use std::sync::Arc;
@@ -70,7 +70,7 @@ pub async fn run(
                     tracing::info!(%peer, volume = %neg.vol.config.name,
                         holder = ?neg.att.entry.holder, structured = neg.structured,
                         "connection in transmission");
-                    conn::serve(stream, reg, neg, sd).await;
+                    transmission::serve(stream, reg, neg, sd).await;
                 }
             }
         });

@@ -23,15 +23,21 @@ mod connect;
 
 pub use connect::DEFAULT_CONNECT_TIMEOUT;
 
+use crate::codec::{
+    send_frame, CodecError, OutgoingRequest, ReplyDecoder, ReplyFrame, RequestEncoder, READ_CHUNK,
+};
 use crate::protocol::*;
+use bytes::BytesMut;
+use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::oneshot;
+use tokio_util::codec::FramedRead;
 
 /// A client operation that failed.
 #[derive(Debug, Error)]
@@ -99,6 +105,15 @@ pub enum ClientError {
     /// The connection is gone.
     #[error("disconnected")]
     Disconnected,
+}
+
+impl From<CodecError> for ClientError {
+    fn from(e: CodecError) -> ClientError {
+        match e {
+            CodecError::Io(e) => ClientError::Io(e),
+            CodecError::Protocol(e) => ClientError::Protocol(e),
+        }
+    }
 }
 
 /// The lease a client asks for.
@@ -170,9 +185,26 @@ struct Pending {
     read_len: u32,
 }
 
+/// The requests in flight by handle, shared by the callers and the reply decoder.
+type PendingMap = Arc<Mutex<HashMap<u64, Pending>>>;
+
+/// The sending half: each request is encoded into `buf` and written at once (a write's data
+/// from the caller's memory when it is long, see [`send_frame`]).
+struct Sender {
+    io: OwnedWriteHalf,
+    buf: BytesMut,
+}
+
+impl Sender {
+    async fn send(&mut self, out: OutgoingRequest<'_>) -> Result<(), CodecError> {
+        let payload = RequestEncoder.encode_head(out, &mut self.buf)?;
+        Ok(send_frame(&mut self.io, &mut self.buf, payload, 0).await?)
+    }
+}
+
 struct Inner {
-    writer: tokio::sync::Mutex<BufWriter<OwnedWriteHalf>>,
-    pending: Mutex<HashMap<u64, Pending>>,
+    writer: tokio::sync::Mutex<Sender>,
+    pending: PendingMap,
     next: AtomicU64,
     dead: AtomicBool,
     neg: Negotiated,
@@ -208,9 +240,13 @@ impl Client {
     pub async fn connect(cfg: &ClientConfig) -> Result<Client, ClientError> {
         let (stream, neg) = connect::connect_any(cfg).await?;
         let (rd, wr) = stream.into_split();
+        let writer = Sender {
+            io: wr,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+        };
         let inner = Arc::new(Inner {
-            writer: tokio::sync::Mutex::new(BufWriter::with_capacity(256 << 10, wr)),
-            pending: Mutex::new(HashMap::new()),
+            writer: tokio::sync::Mutex::new(writer),
+            pending: PendingMap::default(),
             next: AtomicU64::new(1),
             dead: AtomicBool::new(false),
             neg,
@@ -218,8 +254,14 @@ impl Client {
             reader: Mutex::new(None),
         });
         let weak = Arc::downgrade(&inner);
+        let pending = inner.pending.clone();
+        let decoder = ReplyDecoder::new(false, move |handle| {
+            let pending = pending.lock().expect("pending lock");
+            pending.get(&handle).map(|p| p.read_len)
+        });
+        let replies = FramedRead::with_capacity(rd, decoder, READ_CHUNK);
         let task = tokio::spawn(async move {
-            let err = reader(BufReader::with_capacity(256 << 10, rd), &weak).await;
+            let err = reader(replies, &weak).await;
             if let Some(inner) = weak.upgrade() {
                 inner.dead.store(true, Ordering::SeqCst);
                 let waiters: Vec<_> = inner.pending.lock().expect("pending").drain().collect();
@@ -264,7 +306,7 @@ impl Client {
         flags: u16,
         offset: u64,
         length: u32,
-        payload: Option<&[u8]>,
+        payload: &[u8],
         read_len: u32,
     ) -> Result<Vec<u8>, ClientError> {
         if self.inner.dead.load(Ordering::SeqCst) {
@@ -287,7 +329,7 @@ impl Client {
         let sent = async {
             let mut w = self.inner.writer.lock().await;
             if self.inner.dead.load(Ordering::SeqCst) {
-                return Err(std::io::ErrorKind::NotConnected.into());
+                return Err(std::io::Error::from(std::io::ErrorKind::NotConnected).into());
             }
             // Dropping this future half-way through a request would leave the stream out of
             // step with the server: the guard then takes the connection down instead.
@@ -296,13 +338,13 @@ impl Client {
                 writer: &mut w,
                 done: false,
             };
-            guard.writer.write_all(&req.encode()).await?;
-            if let Some(p) = payload {
-                guard.writer.write_all(p).await?;
-            }
-            guard.writer.flush().await?;
+            let out = OutgoingRequest {
+                request: req,
+                payload,
+            };
+            guard.writer.send(out).await?;
             guard.done = true;
-            Ok::<(), std::io::Error>(())
+            Ok::<(), CodecError>(())
         }
         .await;
         if let Err(e) = sent {
@@ -331,7 +373,7 @@ impl Client {
     /// Reads `len` bytes at `offset`.
     pub async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, ClientError> {
         let l = self.check_len(len)?;
-        self.submit(NBD_CMD_READ, 0, offset, l, None, l).await
+        self.submit(NBD_CMD_READ, 0, offset, l, &[], l).await
     }
 
     /// Writes `data` at `offset`; `fua`: durable before the reply.
@@ -348,21 +390,21 @@ impl Client {
     ) -> Result<(), ClientError> {
         let l = self.check_len(data.len())?;
         let flags = if fua { NBD_CMD_FLAG_FUA } else { 0 };
-        self.submit(NBD_CMD_WRITE, flags, offset, l, Some(data), 0)
+        self.submit(NBD_CMD_WRITE, flags, offset, l, data, 0)
             .await
             .map(|_| ())
     }
 
     /// Makes all completed writes durable.
     pub async fn flush(&self) -> Result<(), ClientError> {
-        self.submit(NBD_CMD_FLUSH, 0, 0, 0, None, 0)
+        self.submit(NBD_CMD_FLUSH, 0, 0, 0, &[], 0)
             .await
             .map(|_| ())
     }
 
     /// Discards a range.
     pub async fn trim(&self, offset: u64, len: u32) -> Result<(), ClientError> {
-        self.submit(NBD_CMD_TRIM, 0, offset, len, None, 0)
+        self.submit(NBD_CMD_TRIM, 0, offset, len, &[], 0)
             .await
             .map(|_| ())
     }
@@ -382,7 +424,7 @@ impl Client {
         if fua {
             flags |= NBD_CMD_FLAG_FUA;
         }
-        self.submit(NBD_CMD_WRITE_ZEROES, flags, offset, len, None, 0)
+        self.submit(NBD_CMD_WRITE_ZEROES, flags, offset, len, &[], 0)
             .await
             .map(|_| ())
     }
@@ -395,7 +437,7 @@ impl Client {
                 0,
                 0,
                 FLIP_REPORT_LEN,
-                None,
+                &[],
                 FLIP_REPORT_LEN,
             )
             .await?;
@@ -414,9 +456,12 @@ impl Client {
             length: 0,
         };
         let mut w = self.inner.writer.lock().await;
-        w.write_all(&req.encode()).await?;
-        w.flush().await?;
-        w.shutdown().await?;
+        w.send(OutgoingRequest {
+            request: req,
+            payload: &[],
+        })
+        .await?;
+        w.io.shutdown().await?;
         Ok(())
     }
 }
@@ -424,7 +469,7 @@ impl Client {
 /// Takes the connection down unless the request it guards was sent completely.
 struct SendGuard<'a> {
     inner: &'a Inner,
-    writer: &'a mut BufWriter<OwnedWriteHalf>,
+    writer: &'a mut Sender,
     done: bool,
 }
 
@@ -434,24 +479,27 @@ impl Drop for SendGuard<'_> {
             return;
         }
         self.inner.dead.store(true, Ordering::SeqCst);
-        let fd = std::os::unix::io::AsRawFd::as_raw_fd(self.writer.get_ref().as_ref());
-        // SAFETY: shutdown(2) on the socket this client owns; the descriptor stays open (and
-        // owned by the stream), only further traffic is stopped, which also ends the reader.
-        unsafe {
-            libc::shutdown(fd, libc::SHUT_RDWR);
-        }
+        // Only further traffic stops (which also ends the reader); the descriptor stays open
+        // and owned by the stream. An error means the socket is already down.
+        let fd = std::os::unix::io::AsRawFd::as_raw_fd(self.writer.io.as_ref());
+        let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both);
     }
 }
 
 /// Reads replies and completes their waiters.
-async fn reader(
-    mut r: BufReader<OwnedReadHalf>,
+async fn reader<F: FnMut(u64) -> Option<u32>>(
+    mut replies: FramedRead<OwnedReadHalf, ReplyDecoder<F>>,
     inner: &std::sync::Weak<Inner>,
 ) -> Result<(), ClientError> {
-    loop {
-        let mut hb = [0u8; SIMPLE_REPLY_LEN];
-        r.read_exact(&mut hb).await?;
-        let (error, handle) = decode_simple_reply(&hb)?;
+    while let Some(reply) = replies.next().await {
+        let ReplyFrame::Simple {
+            error,
+            handle,
+            data,
+        } = reply?
+        else {
+            return Err(ProtocolError::Invalid("structured reply not negotiated").into());
+        };
         let Some(inner) = inner.upgrade() else {
             return Ok(());
         };
@@ -461,16 +509,12 @@ async fn reader(
             .expect("pending lock")
             .remove(&handle)
             .ok_or(ProtocolError::Invalid("reply for an unknown handle"))?;
-        let result = if error != 0 {
-            Err(match error {
-                NBD_EPERM => ClientError::NotPermitted,
-                e => ClientError::Server(e),
-            })
-        } else {
-            let mut data = vec![0u8; p.read_len as usize];
-            r.read_exact(&mut data).await?;
-            Ok(data)
+        let result = match error {
+            0 => Ok(Vec::from(data)),
+            NBD_EPERM => Err(ClientError::NotPermitted),
+            e => Err(ClientError::Server(e)),
         };
         let _ = p.tx.send(result);
     }
+    Err(ClientError::Disconnected)
 }

@@ -13,9 +13,10 @@
 //! Also here: rollback (restore the table before the last flip), revoke (terminate a host's
 //! lease), and armed flips that complete on the standby's first access or at a deadline.
 
-use crate::gate::Access;
-use crate::lease::LeaseTable;
-use crate::registry::{ConnEntry, PendingFlip, Registry, RegistryError, Volume};
+use super::gate::Access;
+use super::LeaseTable;
+use crate::registry::{Registry, RegistryError};
+use crate::volume::{ConnEntry, PendingFlip, Volume};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -282,7 +283,7 @@ pub async fn on_first_access(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gate::Need;
+    use crate::lease::gate::Need;
     use crate::lease::LeaseRequest;
     use crate::registry::Attachment;
     use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -339,7 +340,7 @@ mod tests {
         let admitted = a.entry.gate.admit(Need::Write).unwrap();
         assert_eq!(
             b.entry.gate.admit(Need::Read).unwrap_err(),
-            crate::gate::Refusal::Standby
+            crate::lease::gate::Refusal::Standby
         );
 
         let (r2, v2) = (reg.clone(), vol.clone());

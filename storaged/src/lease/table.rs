@@ -1,16 +1,5 @@
-//! The lease table of one volume and its transitions, as pure data.
-//!
-//! States of a host on a volume:
-//! ```text
-//!   (none) --grant Primary (no primary yet)------------------> Primary
-//!   (none) --grant Standby-----------------------------------> Standby
-//!   Standby --flip----> Primary        (old primary --flip--> Deactivated)
-//!   Primary | Standby | Deactivated --revoke--> (none)   ("terminated")
-//!   any table --rollback--> the table before the last flip (epoch still increases)
-//! ```
-//! Invariants: at most one primary; a host is in at most one of primary / standby /
-//! deactivated; the epoch never decreases and grows on every change of the primary.
-//! This module decides; the runtime (`flip.rs`, `server`) applies, persists and logs.
+//! The lease table of one volume and its transitions (the state diagram is in [`super`]), as
+//! pure data: this module decides; [`super::flip`] and the server apply, persist and log.
 
 use serde::{Deserialize, Serialize};
 use storaged_client::api::{Holder, LeaseState};
@@ -246,18 +235,18 @@ mod tests {
             expected_epoch: 0,
         }
     }
+    /// The table after granting `state` to `host` on an empty one.
+    fn granted(host: &str, state: RequestedState) -> LeaseTable {
+        LeaseTable::default().grant(&req(host, state)).unwrap()
+    }
     fn with_primary_a_standby_b() -> LeaseTable {
-        let t = LeaseTable::default()
-            .grant(&req("a", RequestedState::Primary))
-            .unwrap();
+        let t = granted("a", RequestedState::Primary);
         t.grant(&req("b", RequestedState::Standby)).unwrap()
     }
 
     #[test]
     fn first_primary_is_granted_and_bumps_epoch() {
-        let t = LeaseTable::default()
-            .grant(&req("a", RequestedState::Primary))
-            .unwrap();
+        let t = granted("a", RequestedState::Primary);
         assert_eq!(t.primary, Some(h("a")));
         assert_eq!(t.epoch, 1);
         assert_eq!(t.state_of("a").unwrap().0, LeaseState::Primary);
@@ -299,9 +288,7 @@ mod tests {
 
     #[test]
     fn standby_without_primary_and_replacement() {
-        let t = LeaseTable::default()
-            .grant(&req("b", RequestedState::Standby))
-            .unwrap();
+        let t = granted("b", RequestedState::Standby);
         assert_eq!(t.standby, vec![h("b")]);
         assert_eq!(t.epoch, 0);
         let again = LeaseRequest {
@@ -318,9 +305,7 @@ mod tests {
 
     #[test]
     fn standby_asking_primary_without_primary_is_promoted() {
-        let t = LeaseTable::default()
-            .grant(&req("b", RequestedState::Standby))
-            .unwrap()
+        let t = granted("b", RequestedState::Standby)
             .grant(&req("b", RequestedState::Primary))
             .unwrap();
         assert_eq!(t.primary, Some(h("b")));
@@ -366,9 +351,7 @@ mod tests {
 
     #[test]
     fn flip_without_primary_only_promotes() {
-        let t = LeaseTable::default()
-            .grant(&req("b", RequestedState::Standby))
-            .unwrap();
+        let t = granted("b", RequestedState::Standby);
         let plan = t.flip(Some("b")).unwrap();
         assert_eq!(plan.old_primary, None);
         assert!(plan.table.deactivated.is_empty());
@@ -377,9 +360,7 @@ mod tests {
 
     #[test]
     fn illegal_flips() {
-        let t = LeaseTable::default()
-            .grant(&req("a", RequestedState::Primary))
-            .unwrap();
+        let t = granted("a", RequestedState::Primary);
         assert_eq!(t.flip(None), Err(LeaseError::NoSingleStandby(0)));
         assert_eq!(t.flip(Some("a")), Err(LeaseError::NotStandby("a".into())));
         let two = t

@@ -1,17 +1,25 @@
-//! Volumes: their configuration and the sparse file that holds their data.
+//! The sparse file that holds a volume's data.
 //!
 //! I/O is positional (`pread`/`pwrite`) on one shared file descriptor, so requests from many
 //! connections run in parallel without a seek position to protect. Durability: `FLUSH` is
 //! `fdatasync`; an FUA write is a `pwritev2(RWF_DSYNC)`, which makes just that range durable.
+//! System calls go through `nix` where it wraps them (`fallocate`); nix has no `preadv2` or
+//! `pwritev2`, which stay on `libc` in one small function each.
 
+use nix::errno::Errno;
+use nix::fcntl::{fallocate, FallocateFlags};
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, IoSlice, IoSliceMut};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use storaged_client::api::VolumeConfigError;
 use thiserror::Error;
+
+/// Deallocates a range without changing the file's size.
+const PUNCH_HOLE: FallocateFlags =
+    FallocateFlags::FALLOC_FL_PUNCH_HOLE.union(FallocateFlags::FALLOC_FL_KEEP_SIZE);
 
 /// A volume operation that failed.
 #[derive(Debug, Error)]
@@ -146,34 +154,27 @@ impl VolumeFile {
         }
     }
 
+    // nix (0.30) wraps preadv/pwritev but not preadv2/pwritev2, whose per-call flags
+    // (RWF_NOWAIT, RWF_DSYNC) this file needs: these two libc calls stay, one small function each.
+
     /// One `preadv2` into `buf` at `offset`: the count read, which may be short.
     fn preadv2(&self, buf: &mut [u8], offset: u64, flags: libc::c_int) -> io::Result<usize> {
-        let iov = libc::iovec {
-            iov_base: buf.as_mut_ptr() as *mut libc::c_void,
-            iov_len: buf.len(),
-        };
-        // SAFETY: `iov` describes `buf`, which is exclusively borrowed for the call.
-        let n =
-            unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, offset as libc::off_t, flags) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(n as usize)
+        let (fd, off) = (self.file.as_raw_fd(), offset as libc::off_t);
+        let iov = [IoSliceMut::new(buf)];
+        // SAFETY: `IoSliceMut` has the layout of `iovec`; it describes `buf`, which is
+        // exclusively borrowed for the call.
+        let n = unsafe { libc::preadv2(fd, iov.as_ptr().cast(), 1, off, flags) };
+        Ok(Errno::result(n)? as usize)
     }
 
     /// One `pwritev2` of `buf` at `offset`: the count written, which may be short.
     fn pwritev2(&self, buf: &[u8], offset: u64, flags: libc::c_int) -> io::Result<usize> {
-        let iov = libc::iovec {
-            iov_base: buf.as_ptr() as *mut libc::c_void,
-            iov_len: buf.len(),
-        };
-        // SAFETY: `iov` points into `buf`, which outlives the call; the kernel only reads it.
-        let n =
-            unsafe { libc::pwritev2(self.file.as_raw_fd(), &iov, 1, offset as libc::off_t, flags) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(n as usize)
+        let (fd, off) = (self.file.as_raw_fd(), offset as libc::off_t);
+        let iov = [IoSlice::new(buf)];
+        // SAFETY: `IoSlice` has the layout of `iovec`; it describes `buf`, which outlives the
+        // call and which the kernel only reads.
+        let n = unsafe { libc::pwritev2(fd, iov.as_ptr().cast(), 1, off, flags) };
+        Ok(Errno::result(n)? as usize)
     }
 
     /// Makes every completed write durable.
@@ -183,19 +184,15 @@ impl VolumeFile {
 
     /// Deallocates a range (reads return zeroes afterwards).
     pub fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.fallocate(
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len,
-        )
+        self.fallocate(PUNCH_HOLE, offset, len)
     }
 
     /// Zeroes a range, keeping it allocated when `no_hole`; durable on return with `fua`.
     pub fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool, fua: bool) -> io::Result<()> {
         let mode = if no_hole {
-            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+            FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE
         } else {
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+            PUNCH_HOLE
         };
         if self.fallocate(mode, offset, len).is_err() {
             // File systems without the fallocate mode: write real zeroes.
@@ -213,20 +210,13 @@ impl VolumeFile {
         Ok(())
     }
 
-    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-        // SAFETY: fallocate only acts on the descriptor we own; no memory is passed.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                mode,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+    fn fallocate(&self, mode: FallocateFlags, offset: u64, len: u64) -> io::Result<()> {
+        Ok(fallocate(
+            &self.file,
+            mode,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )?)
     }
 }
 

@@ -1,0 +1,171 @@
+//! A volume while the server runs: its configuration, its file, its lease table as last
+//! persisted, the connections attached to it and a flip armed on it. The [`Registry`] holds
+//! them all; its file is a [`VolumeFile`].
+//!
+//! [`Registry`]: crate::registry::Registry
+
+mod file;
+
+pub use file::{VolumeError, VolumeFile};
+
+use crate::lease::gate::Gate;
+use crate::lease::LeaseTable;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use storaged_client::api::{Holder, LeaseEntry, LeaseState, LeaseView, VolumeConfig, VolumeInfo};
+
+/// One attached connection.
+#[derive(Debug, Clone)]
+pub struct ConnEntry {
+    /// Connection id, unique in this process.
+    pub id: u64,
+    /// Lease holder, or `None` for anonymous.
+    pub holder: Option<Holder>,
+    /// Remote address.
+    pub peer: SocketAddr,
+    /// Admission gate.
+    pub gate: Arc<Gate>,
+}
+
+/// A flip armed to complete on first access or at a deadline.
+#[derive(Debug, Clone)]
+pub(crate) struct PendingFlip {
+    pub(crate) to: Option<String>,
+    pub(crate) generation: u64,
+}
+
+/// A volume while the server runs.
+#[derive(Debug)]
+pub struct Volume {
+    /// Its configuration.
+    pub config: VolumeConfig,
+    /// Its data.
+    pub file: Arc<VolumeFile>,
+    table: Mutex<LeaseTable>,
+    conns: Mutex<Vec<ConnEntry>>,
+    /// Serialises lease changes (grants, flips, rollbacks, revokes).
+    pub(crate) lease_lock: tokio::sync::Mutex<()>,
+    pub(crate) pending: Mutex<Option<PendingFlip>>,
+    pub(crate) pending_gen: AtomicU64,
+}
+
+impl Volume {
+    pub(crate) fn new(config: VolumeConfig, file: VolumeFile, table: LeaseTable) -> Volume {
+        Volume {
+            config,
+            file: Arc::new(file),
+            table: Mutex::new(table),
+            conns: Mutex::new(Vec::new()),
+            lease_lock: tokio::sync::Mutex::new(()),
+            pending: Mutex::new(None),
+            pending_gen: AtomicU64::new(0),
+        }
+    }
+
+    /// A copy of the current lease table.
+    pub fn table(&self) -> LeaseTable {
+        self.table.lock().expect("table lock").clone()
+    }
+
+    pub(crate) fn set_table(&self, t: LeaseTable) {
+        *self.table.lock().expect("table lock") = t;
+    }
+
+    /// Connections whose holder is on `host`.
+    pub(crate) fn conns_of_host(&self, host: &str) -> Vec<ConnEntry> {
+        self.conns
+            .lock()
+            .expect("conns lock")
+            .iter()
+            .filter(|c| c.holder.as_ref().is_some_and(|h| h.host == host))
+            .cloned()
+            .collect()
+    }
+
+    /// Connections of exactly this holder.
+    pub(crate) fn conns_of_holder(&self, holder: &Holder) -> Vec<ConnEntry> {
+        self.conns
+            .lock()
+            .expect("conns lock")
+            .iter()
+            .filter(|c| c.holder.as_ref() == Some(holder))
+            .cloned()
+            .collect()
+    }
+
+    /// Anonymous connections.
+    pub(crate) fn anonymous_conns(&self) -> Vec<ConnEntry> {
+        self.conns
+            .lock()
+            .expect("conns lock")
+            .iter()
+            .filter(|c| c.holder.is_none())
+            .cloned()
+            .collect()
+    }
+
+    /// Number of open connections.
+    pub fn connection_count(&self) -> usize {
+        self.conns.lock().expect("conns lock").len()
+    }
+
+    /// Adds a connection that was granted its access.
+    pub(crate) fn add_conn(&self, entry: ConnEntry) {
+        self.conns.lock().expect("conns lock").push(entry);
+    }
+
+    /// Removes a connection when its task ends.
+    pub fn detach(&self, id: u64) {
+        let mut conns = self.conns.lock().expect("conns lock");
+        if let Some(i) = conns.iter().position(|c| c.id == id) {
+            let c = conns.swap_remove(i);
+            c.gate.mark_gone();
+        }
+    }
+
+    /// Info for the API.
+    pub fn info(&self) -> VolumeInfo {
+        VolumeInfo {
+            config: self.config.clone(),
+            epoch: self.table().epoch,
+            connections: self.connection_count(),
+        }
+    }
+
+    /// Lease view for the API.
+    pub fn lease_view(&self) -> LeaseView {
+        let t = self.table();
+        let conns = self.conns.lock().expect("conns lock").clone();
+        let count = |h: &Holder| {
+            conns
+                .iter()
+                .filter(|c| c.holder.as_ref() == Some(h))
+                .count()
+        };
+        let mut leases = Vec::new();
+        let mut push = |h: &Holder, state| {
+            leases.push(LeaseEntry {
+                host: h.host.clone(),
+                instance: h.instance.clone(),
+                state,
+                connections: count(h),
+            })
+        };
+        if let Some(p) = &t.primary {
+            push(p, LeaseState::Primary);
+        }
+        t.standby.iter().for_each(|h| push(h, LeaseState::Standby));
+        t.deactivated
+            .iter()
+            .for_each(|h| push(h, LeaseState::Deactivated));
+        LeaseView {
+            volume: self.config.name.clone(),
+            epoch: t.epoch,
+            leases,
+            anonymous_connections: conns.iter().filter(|c| c.holder.is_none()).count(),
+            flip_pending: self.pending.lock().expect("pending lock").is_some(),
+            can_roll_back: t.previous.is_some(),
+        }
+    }
+}
