@@ -120,9 +120,7 @@ fn flip_over_rest_fences_the_old_primary() -> Result<()> {
 /// The checker can fail: writers that were never fenced are caught writing after the "fence".
 #[test]
 fn the_checker_catches_writes_after_the_fence() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let s = Storaged::start(dir.path())?;
-    s.create_volume("vol", "64M", &[])?;
+    let (_dir, s) = Storaged::start_with_volume("vol", "64M", &[])?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let a =
