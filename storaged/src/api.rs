@@ -6,13 +6,14 @@ use crate::registry::{Registry, RegistryError};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use std::sync::Arc;
 use std::time::Duration;
 use storaged_client::api::FlipReport;
 use storaged_client::api::{
-    ArmedFlip, ErrorBody, FlipMode, FlipRequest, LeaseView, RevokeRequest, VolumeConfig, VolumeInfo,
+    ArmedFlip, ErrorBody, FlipMode, FlipRequest, LeaseView, RevokeRequest, VolumeAccess,
+    VolumeConfig, VolumeInfo,
 };
 use thiserror::Error;
 
@@ -25,9 +26,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match &self.0 {
             RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
-            RegistryError::Exists(_) | RegistryError::Busy(..) | RegistryError::Lease(_) => {
-                StatusCode::CONFLICT
-            }
+            RegistryError::Exists(_)
+            | RegistryError::Busy(..)
+            | RegistryError::Lease(_)
+            | RegistryError::NotAllowed(_) => StatusCode::CONFLICT,
             RegistryError::Volume(crate::volume::VolumeError::Config(_)) => StatusCode::BAD_REQUEST,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -48,6 +50,7 @@ pub fn router(reg: Arc<Registry>) -> Router {
         )
         .route("/v1/volumes", get(list).post(create))
         .route("/v1/volumes/{id}", get(show).delete(delete))
+        .route("/v1/volumes/{id}/access", put(set_access))
         .route("/v1/volumes/{id}/leases", get(leases))
         .route("/v1/volumes/{id}/flip", post(flip_volume))
         .route("/v1/volumes/{id}/rollback", post(rollback))
@@ -62,6 +65,16 @@ async fn list(State(reg): Reg) -> Json<Vec<VolumeInfo>> {
 async fn create(State(reg): Reg, Json(cfg): Json<VolumeConfig>) -> ApiResult<impl IntoResponse> {
     let v = reg.create(cfg).await?;
     Ok((StatusCode::CREATED, Json(v.info())))
+}
+
+async fn set_access(
+    State(reg): Reg,
+    Path(id): Path<String>,
+    Json(access): Json<VolumeAccess>,
+) -> ApiResult<Json<VolumeInfo>> {
+    let vol = reg.get(&id)?;
+    reg.set_access(&vol, access).await?;
+    Ok(Json(vol.info()))
 }
 
 async fn show(State(reg): Reg, Path(id): Path<String>) -> ApiResult<Json<VolumeInfo>> {

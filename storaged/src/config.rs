@@ -37,6 +37,12 @@ pub struct ServeConfigFile {
     pub inline_write_max: Option<u32>,
     /// File with the token the REST API requires ([`vmhop_common::token`]).
     pub api_token_file: Option<PathBuf>,
+    /// This host's TLS directory ([`vmhop_common::tls`]): NBD clients then upgrade with
+    /// `NBD_OPT_STARTTLS` and prove their host id with a certificate of the cluster's CA.
+    pub tls_dir: Option<PathBuf>,
+    /// With `tls_dir`: whether clients on loopback may still use plaintext (default true;
+    /// their lease option is then taken at its word).
+    pub plaintext_loopback: Option<bool>,
 }
 
 /// Effective settings of `storaged serve`.
@@ -58,6 +64,10 @@ pub struct ServeConfig {
     pub inline_write_max: u32,
     /// File with the token the REST API requires.
     pub api_token_file: Option<PathBuf>,
+    /// This host's TLS directory.
+    pub tls_dir: Option<PathBuf>,
+    /// Whether loopback clients may skip TLS.
+    pub plaintext_loopback: bool,
 }
 
 impl ServeConfigFile {
@@ -95,6 +105,11 @@ impl ServeConfigFile {
                 .or(self.inline_write_max)
                 .unwrap_or(64 << 10),
             api_token_file: over.api_token_file.or(self.api_token_file),
+            tls_dir: over.tls_dir.or(self.tls_dir),
+            plaintext_loopback: over
+                .plaintext_loopback
+                .or(self.plaintext_loopback)
+                .unwrap_or(true),
         })
     }
 }

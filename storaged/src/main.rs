@@ -7,10 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 use storaged::config::{ServeConfig, ServeConfigFile};
 use storaged::registry::Registry;
+use storaged::server::NbdTls;
 use storaged_client::api::{
     AnonymousPolicy, FlipMode, FlipRequest, LeaseState, RevokeRequest, VolumeConfig,
 };
 use storaged_client::rest::StoragedApi;
+use vmhop_common::tls::HostTls;
 use vmhop_common::token::Token;
 
 #[derive(Parser)]
@@ -140,6 +142,16 @@ struct ServeArgs {
     /// leases.
     #[arg(long)]
     api_token_file: Option<PathBuf>,
+    /// This host's TLS directory (ca-cert.pem, server-cert.pem, server-key.pem; see `storaged
+    /// pki host`): NBD clients then upgrade with NBD_OPT_STARTTLS and prove their host id
+    /// with a client certificate of the cluster's CA; a lease option naming another host is
+    /// refused.
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// With --tls-dir: refuse plaintext from loopback clients too (by default they may skip
+    /// TLS, for development on one machine).
+    #[arg(long)]
+    no_plaintext_loopback: bool,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -174,12 +186,33 @@ enum VolumeCmd {
         /// Access for clients without a lease.
         #[arg(long, value_enum, default_value = "read-only-without-primary")]
         anonymous: AnonymousPolicy,
+        /// A host that may hold leases on the volume (repeatable; none: any host of the
+        /// cluster). Other hosts get no lease, not even standby, so they cannot flip it.
+        #[arg(long = "host", value_name = "HOST_ID")]
+        hosts: Vec<String>,
         /// The first data command of a standby connection flips the lease to it.
         #[arg(long)]
         flip_on_first_access: bool,
         /// Default deadline (ms) of armed flips.
         #[arg(long)]
         flip_timeout_ms: Option<u64>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Change who may use a volume: its anonymous access and its host list. What is not
+    /// given stays as it is.
+    Access {
+        /// Volume name.
+        name: String,
+        /// Access for clients without a lease.
+        #[arg(long, value_enum)]
+        anonymous: Option<AnonymousPolicy>,
+        /// The hosts that may hold leases (repeatable; replaces the list).
+        #[arg(long = "host", value_name = "HOST_ID", conflicts_with = "any_host")]
+        hosts: Vec<String>,
+        /// Let any host of the cluster hold leases (empties the list).
+        #[arg(long)]
+        any_host: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -275,6 +308,7 @@ async fn volume_cmd(cmd: VolumeCmd) -> Result<()> {
             name,
             size,
             anonymous,
+            hosts,
             flip_on_first_access,
             flip_timeout_ms,
             api,
@@ -283,11 +317,31 @@ async fn volume_cmd(cmd: VolumeCmd) -> Result<()> {
                 name,
                 size: parse_size(&size)?,
                 anonymous,
+                hosts,
                 flip_on_first_access,
                 flip_timeout_ms,
             };
             let v = api.client()?.create_volume(&cfg).await?;
             print_json(&v)
+        }
+        VolumeCmd::Access {
+            name,
+            anonymous,
+            hosts,
+            any_host,
+            api,
+        } => {
+            let client = api.client()?;
+            let mut access = client.volume(&name).await?.config.access();
+            if let Some(a) = anonymous {
+                access.anonymous = a;
+            }
+            if any_host {
+                access.hosts.clear();
+            } else if !hosts.is_empty() {
+                access.hosts = hosts;
+            }
+            print_json(&client.set_access(&name, &access).await?)
         }
         VolumeCmd::List { api } => {
             let vs = api.client()?.volumes().await?;
@@ -392,6 +446,29 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
     reg.drain_limit = Duration::from_secs(cfg.drain_limit_secs);
     reg.inline_write_max = cfg.inline_write_max;
     let reg = Arc::new(reg);
+    let nbd_tls = match &cfg.tls_dir {
+        Some(dir) => {
+            let host = HostTls::load(dir)
+                .with_context(|| format!("reading the TLS directory {}", dir.display()))?;
+            tracing::info!(tls_dir = %dir.display(), host = %host.host_id(),
+                plaintext_loopback = cfg.plaintext_loopback,
+                "NBD clients prove their host with a certificate of the cluster's CA");
+            if cfg.plaintext_loopback {
+                tracing::warn!(
+                    "loopback clients may use plaintext and name any host: \
+                    for development on one machine (plaintext_loopback = false in production)"
+                );
+            }
+            Some(NbdTls::new(&host, cfg.plaintext_loopback)?)
+        }
+        None => {
+            if !cfg.nbd_listen.ip().is_loopback() {
+                tracing::warn!(nbd = %cfg.nbd_listen, "no tls_dir: NBD clients are not \
+                    authenticated and may claim any host's lease (set tls_dir)");
+            }
+            None
+        }
+    };
     let nbd = tokio::net::TcpListener::bind(cfg.nbd_listen)
         .await
         .with_context(|| format!("binding NBD {}", cfg.nbd_listen))?;
@@ -415,6 +492,7 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
     let nbd_task = tokio::spawn(storaged::server::run(
         nbd,
         reg.clone(),
+        nbd_tls,
         sd_rx.clone(),
         grace,
     ));
@@ -476,6 +554,8 @@ fn main() -> Result<()> {
                 drain_limit_secs: a.drain_limit_secs,
                 inline_write_max: a.inline_write_max,
                 api_token_file: a.api_token_file,
+                tls_dir: a.tls_dir,
+                plaintext_loopback: a.no_plaintext_loopback.then_some(false),
             };
             let cfg = file.merge(flags)?;
             rt.block_on(serve(cfg))

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
-use storaged_client::api::{AnonymousPolicy, VolumeConfig};
+use storaged_client::api::{AnonymousPolicy, VolumeAccess, VolumeConfig};
 use storaged_client::protocol::RequestedState;
 use thiserror::Error;
 
@@ -33,6 +33,9 @@ pub enum RegistryError {
     /// The lease state machine refused.
     #[error(transparent)]
     Lease(#[from] LeaseError),
+    /// The host is not on the volume's host list.
+    #[error("host {0} may not hold leases on this volume (not on its host list)")]
+    NotAllowed(String),
     /// The anonymous policy refused.
     #[error("anonymous access refused: {0}")]
     Anonymous(&'static str),
@@ -211,6 +214,7 @@ impl Registry {
         let (access, state) = match &lease {
             None => (anonymous_access(vol, &table)?, None),
             Some(req) => {
+                allowed(vol, req)?;
                 let next = match table.grant(req) {
                     Ok(t) => t,
                     Err(e) => {
@@ -258,13 +262,45 @@ impl Registry {
         let table = vol.table();
         match lease {
             None => anonymous_access(vol, &table).map(|_| ()),
-            Some(req) => table.grant(req).map(|_| ()).map_err(Into::into),
+            Some(req) => allowed(vol, req).and_then(|()| Ok(table.grant(req).map(drop)?)),
         }
+    }
+
+    /// Replaces who may use `vol`, durably. Leases already held stay until revoked; a host
+    /// that holds one but is no longer on the list is named in the log.
+    pub async fn set_access(
+        &self,
+        vol: &Arc<Volume>,
+        access: VolumeAccess,
+    ) -> Result<(), RegistryError> {
+        access.validate().map_err(VolumeError::from)?;
+        let _l = vol.lease_lock.lock().await;
+        let cfg = VolumeConfig {
+            anonymous: access.anonymous,
+            hosts: access.hosts.clone(),
+            ..vol.config.clone()
+        };
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.put_config(&cfg)).await??;
+        let table = vol.table();
+        let holders = table
+            .primary
+            .iter()
+            .chain(&table.standby)
+            .chain(&table.deactivated);
+        for h in holders.filter(|h| !access.allows(&h.host)) {
+            tracing::warn!(target: "storaged::lease", volume = %vol.config.name, host = %h.host,
+                "the host holds a lease but is not on the volume's host list: revoke it to end it");
+        }
+        tracing::info!(target: "storaged::lease", volume = %vol.config.name, event = "access",
+            anonymous = ?access.anonymous, hosts = ?access.hosts, "access policy changed");
+        vol.set_access(access);
+        Ok(())
     }
 
     /// Closes the anonymous connections that only existed while there was no primary.
     pub(crate) async fn fence_anonymous(&self, vol: &Volume) -> Result<(), RegistryError> {
-        if vol.config.anonymous == AnonymousPolicy::ReadOnly {
+        if vol.access().anonymous == AnonymousPolicy::ReadOnly {
             return Ok(());
         }
         for c in vol.anonymous_conns() {
@@ -281,10 +317,21 @@ impl Registry {
     }
 }
 
+/// Whether the volume's host list lets `req`'s host hold a lease.
+fn allowed(vol: &Volume, req: &LeaseRequest) -> Result<(), RegistryError> {
+    if vol.access().allows(&req.holder.host) {
+        return Ok(());
+    }
+    tracing::warn!(target: "storaged::lease", volume = %vol.config.name, event = "refused",
+        host = %req.holder.host, instance = %req.holder.instance, requested = ?req.state,
+        reason = "not on the volume's host list", "lease refused");
+    Err(RegistryError::NotAllowed(req.holder.host.clone()))
+}
+
 /// The access an anonymous connection gets under the volume's policy, or the refusal.
 fn anonymous_access(vol: &Volume, table: &LeaseTable) -> Result<Access, RegistryError> {
     let has_primary = table.primary.is_some();
-    Ok(match vol.config.anonymous {
+    Ok(match vol.access().anonymous {
         AnonymousPolicy::Deny => {
             return Err(RegistryError::Anonymous("this volume requires a lease"))
         }

@@ -105,6 +105,11 @@ impl Store {
         })
     }
 
+    /// Replaces a volume's configuration (its access policy changed).
+    pub fn put_config(&self, cfg: &VolumeConfig) -> Result<(), StoreError> {
+        self.write(|txn| put(txn, VOLUMES, &cfg.name, cfg))
+    }
+
     /// Replaces a volume's lease table.
     pub fn put_leases(&self, name: &str, table: &LeaseTable) -> Result<(), StoreError> {
         self.write(|txn| put(txn, LEASES, name, table))
@@ -135,6 +140,7 @@ mod tests {
             name: "v".into(),
             size: 4096,
             anonymous: AnonymousPolicy::ReadOnly,
+            hosts: vec!["a".into(), "b".into()],
             flip_on_first_access: true,
             flip_timeout_ms: Some(10),
         };

@@ -10,6 +10,7 @@ pub mod fencing;
 pub mod image;
 pub mod migrated;
 pub mod netns;
+pub mod pki;
 pub mod process;
 pub mod qemu;
 pub mod snapshot;

@@ -48,6 +48,7 @@ pub async fn storage(
     tokio::spawn(storaged::server::run(
         nbd,
         reg.clone(),
+        None,
         rx,
         Duration::from_secs(1),
     ));

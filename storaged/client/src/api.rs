@@ -8,6 +8,7 @@
 //! | POST | /v1/volumes | [`VolumeConfig`] | 201 [`VolumeInfo`] |
 //! | GET | /v1/volumes/{id} | | [`VolumeInfo`] |
 //! | DELETE | /v1/volumes/{id} | | 204 |
+//! | PUT | /v1/volumes/{id}/access | [`VolumeAccess`] | [`VolumeInfo`] |
 //! | GET | /v1/volumes/{id}/leases | | [`LeaseView`] |
 //! | POST | /v1/volumes/{id}/flip | [`FlipRequest`] | [`FlipReport`] (or 202 [`ArmedFlip`]) |
 //! | POST | /v1/volumes/{id}/rollback | | [`FlipReport`] |
@@ -30,6 +31,9 @@ pub enum VolumeConfigError {
     /// The size is zero or not a multiple of 512.
     #[error("invalid size {0}: must be a non-zero multiple of 512")]
     InvalidSize(u64),
+    /// A host id of the access list is empty, too long or holds white space.
+    #[error("invalid host id {0:?} in the volume's host list")]
+    InvalidHost(String),
 }
 
 /// Who may use a volume without the lease option (standard NBD tools).
@@ -58,6 +62,10 @@ pub struct VolumeConfig {
     /// Access for clients without a lease.
     #[serde(default)]
     pub anonymous: AnonymousPolicy,
+    /// The hosts that may hold leases on the volume (empty: any host of the cluster). A host
+    /// not on the list gets no lease, not even standby, so it can never flip the volume.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
     /// The first data command on a standby connection flips the lease to it.
     #[serde(default)]
     pub flip_on_first_access: bool,
@@ -74,13 +82,23 @@ impl VolumeConfig {
             name: name.into(),
             size,
             anonymous: AnonymousPolicy::default(),
+            hosts: Vec::new(),
             flip_on_first_access: false,
             flip_timeout_ms: None,
         }
     }
 
-    /// Checks name and size.
+    /// Who may use the volume: its access policy as configured.
+    pub fn access(&self) -> VolumeAccess {
+        VolumeAccess {
+            anonymous: self.anonymous,
+            hosts: self.hosts.clone(),
+        }
+    }
+
+    /// Checks name, size and the host list.
     pub fn validate(&self) -> Result<(), VolumeConfigError> {
+        self.access().validate()?;
         let ok = !self.name.is_empty()
             && self.name.len() <= 64
             && !self.name.starts_with('.')
@@ -95,6 +113,37 @@ impl VolumeConfig {
             return Err(VolumeConfigError::InvalidSize(self.size));
         }
         Ok(())
+    }
+}
+
+/// Who may use a volume: body of `PUT /v1/volumes/{id}/access`, which replaces both parts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeAccess {
+    /// Access for clients without a lease.
+    #[serde(default)]
+    pub anonymous: AnonymousPolicy,
+    /// The hosts that may hold leases (empty: any host).
+    #[serde(default)]
+    pub hosts: Vec<String>,
+}
+
+impl VolumeAccess {
+    /// Whether `host` may hold a lease.
+    pub fn allows(&self, host: &str) -> bool {
+        self.hosts.is_empty() || self.hosts.iter().any(|h| h == host)
+    }
+
+    /// Checks the host ids.
+    pub fn validate(&self) -> Result<(), VolumeConfigError> {
+        match self
+            .hosts
+            .iter()
+            .find(|h| h.is_empty() || h.len() > 255 || h.chars().any(char::is_whitespace))
+        {
+            Some(bad) => Err(VolumeConfigError::InvalidHost(bad.clone())),
+            None => Ok(()),
+        }
     }
 }
 

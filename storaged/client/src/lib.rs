@@ -5,7 +5,8 @@
 //! - [`codec`]: the transmission phase's framing (`tokio_util::codec`), for servers and clients;
 //! - [`nbd`]: the lease-aware async NBD client (the VMM's disks, the tests);
 //! - [`api`]: the REST API's request and answer types, lease states among them;
-//! - [`rest`]: the REST API's client.
+//! - [`rest`]: the REST API's client;
+//! - [`stream`]: an NBD socket, plaintext or TLS, on either side.
 //!
 //! A lease-aware client sends the project option [`protocol::NBD_OPT_LEASE`] (0x4C45_4153)
 //! before `NBD_OPT_GO`; a standby connection asks for promotion with
@@ -17,3 +18,4 @@ pub mod codec;
 pub mod nbd;
 pub mod protocol;
 pub mod rest;
+pub mod stream;

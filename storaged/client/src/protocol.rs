@@ -11,8 +11,19 @@
 //!   S: REP_MAGIC (u64) option (u32) reply type (u32) length (u32) data   (one or more)
 //! until OPT_GO / OPT_EXPORT_NAME succeeds (transmission) or OPT_ABORT (soft disconnect).
 //! ```
-//! Options understood: `EXPORT_NAME`, `ABORT`, `LIST`, `INFO`, `GO`, `STRUCTURED_REPLY` and the
-//! project option [`NBD_OPT_LEASE`]. Any other option gets `NBD_REP_ERR_UNSUP`.
+//! Options understood: `EXPORT_NAME`, `ABORT`, `LIST`, `STARTTLS`, `INFO`, `GO`,
+//! `STRUCTURED_REPLY` and the project option [`NBD_OPT_LEASE`]. Any other option gets
+//! `NBD_REP_ERR_UNSUP`.
+//!
+//! # TLS
+//! [`NBD_OPT_STARTTLS`] (no data) is answered `NBD_REP_ACK`, then both sides run a TLS handshake
+//! on the same socket and the option haggling starts afresh inside TLS (what was negotiated
+//! before, such as structured replies or a lease, is forgotten). The server asks for a client
+//! certificate of the cluster's CA; its host id (the certificate's DNS name) is the connection's
+//! identity, and a lease option naming another host is refused with `NBD_REP_ERR_POLICY`. A
+//! server that requires TLS answers every option but `STARTTLS` and `ABORT` sent in plaintext
+//! with [`NBD_REP_ERR_TLS_REQD`] (and closes the connection on `EXPORT_NAME`, which has no error
+//! reply); one without TLS answers `STARTTLS` with `NBD_REP_ERR_POLICY`.
 //!
 //! # Lease option
 //! A lease-aware client sends [`NBD_OPT_LEASE`] (0x4C45_4153, ASCII "LEAS", far above every
@@ -81,6 +92,8 @@ pub const NBD_OPT_EXPORT_NAME: u32 = 1;
 pub const NBD_OPT_ABORT: u32 = 2;
 /// Option: list exports.
 pub const NBD_OPT_LIST: u32 = 3;
+/// Option: upgrade the connection to TLS (see the module docs).
+pub const NBD_OPT_STARTTLS: u32 = 5;
 /// Option: describe an export.
 pub const NBD_OPT_INFO: u32 = 6;
 /// Option: describe an export and enter transmission.
@@ -104,6 +117,8 @@ pub const NBD_REP_ERR_UNSUP: u32 = NBD_REP_FLAG_ERROR | 1;
 pub const NBD_REP_ERR_POLICY: u32 = NBD_REP_FLAG_ERROR | 2;
 /// Error: malformed option.
 pub const NBD_REP_ERR_INVALID: u32 = NBD_REP_FLAG_ERROR | 3;
+/// Error: the server requires TLS before this option.
+pub const NBD_REP_ERR_TLS_REQD: u32 = NBD_REP_FLAG_ERROR | 5;
 /// Error: no such export.
 pub const NBD_REP_ERR_UNKNOWN: u32 = NBD_REP_FLAG_ERROR | 6;
 /// Error: the server is shutting down.

@@ -2,8 +2,8 @@
 //! migrated and the tests use to manage volumes and leases. Every call has a deadline.
 
 use crate::api::{
-    ArmedFlip, FlipReport, FlipRequest, LeaseState, LeaseView, RevokeRequest, VolumeConfig,
-    VolumeInfo,
+    ArmedFlip, FlipReport, FlipRequest, LeaseState, LeaseView, RevokeRequest, VolumeAccess,
+    VolumeConfig, VolumeInfo,
 };
 use hyper::Method;
 use serde::de::DeserializeOwned;
@@ -78,6 +78,21 @@ impl StoragedApi {
     /// One volume.
     pub async fn volume(&self, name: &str) -> Result<VolumeInfo, HttpError> {
         self.get(&format!("/v1/volumes/{name}")).await
+    }
+
+    /// Replaces who may use a volume (its anonymous policy and its host list).
+    pub async fn set_access(
+        &self,
+        name: &str,
+        access: &VolumeAccess,
+    ) -> Result<VolumeInfo, HttpError> {
+        self.http
+            .call(
+                Method::PUT,
+                &format!("/v1/volumes/{name}/access"),
+                Some(access),
+            )
+            .await
     }
 
     /// Deletes a volume without open connections (its data is removed).

@@ -1,17 +1,28 @@
-//! Server side of the fixed newstyle handshake, including the lease option.
+//! Server side of the fixed newstyle handshake, including `NBD_OPT_STARTTLS` and the lease
+//! option.
+//!
+//! Over TLS the connection's identity is the host id of the client's certificate, and a
+//! lease option naming another host is refused: a client cannot claim to be a host it holds no
+//! certificate for. In plaintext (no TLS configured, or a loopback client where that is
+//! allowed) the lease option is taken at its word.
 
 use crate::lease::{LeaseError, LeaseRequest};
 use crate::registry::{Attachment, Registry, RegistryError};
+use crate::server::NbdTls;
 use crate::volume::Volume;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use storaged_client::api::{AnonymousPolicy, Holder};
 use storaged_client::protocol::*;
+use storaged_client::stream::NbdStream;
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// More options than this in one handshake is treated as abuse.
 const MAX_OPTIONS: usize = 256;
+/// The text of `NBD_REP_ERR_TLS_REQD`.
+const TLS_REQUIRED: &[u8] = b"this server requires TLS (NBD_OPT_STARTTLS) with a client \
+    certificate of the cluster's CA";
 
 /// A handshake that ended without reaching transmission.
 #[derive(Debug, Error)]
@@ -39,6 +50,15 @@ pub enum HandshakeError {
     /// `NBD_OPT_EXPORT_NAME` could not be satisfied (the protocol has no error reply for it).
     #[error("export {0} refused")]
     ExportRefused(String, #[source] RegistryError),
+    /// `NBD_OPT_EXPORT_NAME` in plaintext where TLS is required (no error reply possible).
+    #[error("export {0} asked for without TLS, which this server requires")]
+    TlsRequired(String),
+    /// The TLS handshake after `NBD_OPT_STARTTLS` failed (no certificate of the cluster, ...).
+    #[error("TLS handshake")]
+    Tls(#[source] std::io::Error),
+    /// The client's certificate names no usable host.
+    #[error("client certificate")]
+    Identity(#[from] vmhop_common::tls::TlsError),
 }
 
 /// The outcome of a successful handshake.
@@ -61,7 +81,7 @@ fn transmission_flags(read_only: bool) -> u16 {
 }
 
 fn anonymous_read_only(vol: &Volume) -> bool {
-    vol.config.anonymous != AnonymousPolicy::ReadWriteWithoutPrimary
+    vol.access().anonymous != AnonymousPolicy::ReadWriteWithoutPrimary
 }
 
 /// Maps a refused attach to the option reply code.
@@ -94,13 +114,17 @@ async fn reply<S: AsyncWrite + Unpin>(
     s.flush().await
 }
 
-/// Runs the handshake. `Ok(None)`: the client aborted cleanly.
-pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
-    s: &mut S,
+/// Runs the handshake on `stream`. `Ok(None)`: the client aborted cleanly; otherwise the
+/// connection (upgraded to TLS if the client asked) and what was negotiated.
+pub async fn handshake(
+    stream: NbdStream,
     reg: &Registry,
     peer: SocketAddr,
+    tls: Option<&NbdTls>,
     shutting_down: impl Fn() -> bool,
-) -> Result<Option<Negotiated>, HandshakeError> {
+) -> Result<Option<(NbdStream, Negotiated)>, HandshakeError> {
+    let mut stream = stream;
+    let s = &mut stream;
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -114,6 +138,9 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     let no_zeroes = cflags & NBD_FLAG_C_NO_ZEROES != 0;
     let mut structured = false;
     let mut lease: Option<LeaseOption> = None;
+    let tls_required = tls.is_some_and(|t| t.required_for(peer));
+    // The host id the client's certificate proves, once in TLS.
+    let mut identity: Option<String> = None;
 
     for _ in 0..MAX_OPTIONS {
         let mut hb = [0u8; 16];
@@ -132,7 +159,37 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
             reply(s, opt, NBD_REP_ERR_SHUTDOWN, b"server shutting down").await?;
             continue;
         }
+        if tls_required && !s.is_tls() && opt != NBD_OPT_STARTTLS && opt != NBD_OPT_ABORT {
+            if opt == NBD_OPT_EXPORT_NAME {
+                let name = String::from_utf8_lossy(&data).into_owned();
+                return Err(HandshakeError::TlsRequired(name));
+            }
+            reply(s, opt, NBD_REP_ERR_TLS_REQD, TLS_REQUIRED).await?;
+            continue;
+        }
         match opt {
+            NBD_OPT_STARTTLS => {
+                let refusal: Option<(u32, &[u8])> = match tls {
+                    _ if !data.is_empty() => Some((NBD_REP_ERR_INVALID, b"no data expected")),
+                    None => Some((NBD_REP_ERR_POLICY, b"TLS is not configured on this server")),
+                    Some(_) if s.is_tls() => Some((NBD_REP_ERR_INVALID, b"already in TLS")),
+                    Some(_) => None,
+                };
+                if let Some((code, why)) = refusal {
+                    reply(s, opt, code, why).await?;
+                    continue;
+                }
+                reply(s, opt, NBD_REP_ACK, &[]).await?;
+                let Some(tls) = tls else { continue };
+                s.accept_tls(&tls.acceptor)
+                    .await
+                    .map_err(HandshakeError::Tls)?;
+                identity = s.peer_host_id()?;
+                // The haggling starts afresh inside TLS.
+                structured = false;
+                lease = None;
+                tracing::debug!(%peer, host = ?identity, "TLS session established");
+            }
             NBD_OPT_ABORT => {
                 // The client may already be gone; that is its right after ABORT.
                 let _ = reply(s, opt, NBD_REP_ACK, &[]).await;
@@ -161,6 +218,17 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                 reply(s, opt, NBD_REP_ACK, &[]).await?;
             }
             NBD_OPT_LEASE => match LeaseOption::decode(&data) {
+                Ok(l) if identity.as_ref().is_some_and(|id| *id != l.host) => {
+                    let id = identity.as_deref().unwrap_or_default();
+                    tracing::warn!(target: "storaged::lease", %peer, event = "refused",
+                        certificate = %id, claimed = %l.host,
+                        "lease option names another host than the client certificate");
+                    let why = format!(
+                        "the client certificate proves host {id}; the lease option names {}",
+                        l.host
+                    );
+                    reply(s, opt, NBD_REP_ERR_POLICY, why.as_bytes()).await?;
+                }
                 Ok(l) => {
                     lease = Some(l);
                     reply(s, opt, NBD_REP_ACK, &[]).await?;
@@ -215,11 +283,12 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 reply(s, opt, NBD_REP_ACK, &[]).await?;
                 if let Some(att) = att {
-                    return Ok(Some(Negotiated {
+                    let neg = Negotiated {
                         vol,
                         att,
                         structured,
-                    }));
+                    };
+                    return Ok(Some((stream, neg)));
                 }
             }
             NBD_OPT_EXPORT_NAME => {
@@ -241,11 +310,12 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                 s.write_all(&d).await?;
                 s.flush().await?;
                 // EXPORT_NAME has no structured-reply negotiation of its own; keep what was set.
-                return Ok(Some(Negotiated {
+                let neg = Negotiated {
                     vol,
                     att,
                     structured,
-                }));
+                };
+                return Ok(Some((stream, neg)));
             }
             _ => {
                 reply(s, opt, NBD_REP_ERR_UNSUP, b"option not supported").await?;

@@ -1,9 +1,12 @@
 //! The NBD server: accepts connections, runs the handshake, then serves transmission.
 
 mod handshake;
+mod tls;
 mod transmission;
 
 pub use handshake::HandshakeError;
+use storaged_client::stream::NbdStream;
+pub use tls::NbdTls;
 pub use transmission::{INFLIGHT_BUDGET, REQUEST_OVERHEAD};
 
 use crate::registry::Registry;
@@ -17,10 +20,12 @@ use tokio::task::JoinSet;
 const HANDSHAKE_LIMIT: Duration = Duration::from_secs(30);
 
 /// Accepts NBD connections until `shutdown` turns true, then waits for the open connections to
-/// finish their admitted requests (at most `grace`).
+/// finish their admitted requests (at most `grace`). With `tls`, clients upgrade with
+/// `NBD_OPT_STARTTLS` and prove their host with a certificate (see [`NbdTls`]).
 pub async fn run(
     listener: TcpListener,
     reg: Arc<Registry>,
+    tls: Option<NbdTls>,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
@@ -45,14 +50,20 @@ pub async fn run(
         }
         let reg = reg.clone();
         let sd = shutdown.clone();
+        let tls = tls.clone();
         conns.spawn(async move {
-            let mut stream = stream;
             let down = sd.clone();
             let mut stop = sd.clone();
             let hs = tokio::select! {
                 r = tokio::time::timeout(
                     HANDSHAKE_LIMIT,
-                    handshake::handshake(&mut stream, &reg, peer, move || *down.borrow()),
+                    handshake::handshake(
+                        NbdStream::Plain(stream),
+                        &reg,
+                        peer,
+                        tls.as_ref(),
+                        move || *down.borrow(),
+                    ),
                 ) => r,
                 // A client idling in the handshake must not hold up a shutdown.
                 _ = stop.wait_for(|s| *s) => {
@@ -66,10 +77,10 @@ pub async fn run(
                     cause = ?std::error::Error::source(&e).map(|c| c.to_string()),
                     "handshake failed"),
                 Ok(Ok(None)) => tracing::debug!(%peer, "client aborted the handshake"),
-                Ok(Ok(Some(neg))) => {
+                Ok(Ok(Some((stream, neg)))) => {
                     tracing::info!(%peer, volume = %neg.vol.config.name,
                         holder = ?neg.att.entry.holder, structured = neg.structured,
-                        "connection in transmission");
+                        tls = stream.is_tls(), "connection in transmission");
                     transmission::serve(stream, reg, neg, sd).await;
                 }
             }

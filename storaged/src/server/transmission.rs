@@ -23,9 +23,8 @@ use storaged_client::codec::{
     READ_CHUNK,
 };
 use storaged_client::protocol::*;
+use storaged_client::stream::{NbdStream, WriteHalf};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::FramedRead;
 
@@ -36,7 +35,7 @@ pub const REQUEST_OVERHEAD: u32 = 256 << 10;
 /// Replies are gathered up to this many bytes per socket write while more are ready.
 const WRITE_BATCH: usize = 256 << 10;
 
-type Requests = FramedRead<OwnedReadHalf, RequestDecoder>;
+type Requests = FramedRead<storaged_client::stream::ReadHalf, RequestDecoder>;
 
 /// One reply for the writer task, holding its request's share of the memory budget until it
 /// is encoded.
@@ -95,7 +94,7 @@ enum End {
 /// Sends replies as they come, as many as are ready in one socket write; the data of long
 /// reads goes out from its own buffer (see [`send_frame`]).
 async fn writer(
-    mut wr: OwnedWriteHalf,
+    mut wr: WriteHalf,
     encoder: ReplyEncoder,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
 ) -> std::io::Result<()> {
@@ -389,7 +388,7 @@ async fn flip_request(ctx: &Ctx, req: Request) {
 /// Serves one negotiated connection until the client disconnects, a barrier closes it, or the
 /// server shuts down (then the admitted requests finish and are answered first).
 pub async fn serve(
-    stream: TcpStream,
+    stream: NbdStream,
     reg: Arc<Registry>,
     neg: Negotiated,
     mut shutdown: watch::Receiver<bool>,
@@ -400,7 +399,7 @@ pub async fn serve(
         structured,
     } = neg;
     let entry = att.entry;
-    let (rd, wr) = stream.into_split();
+    let (rd, wr) = stream.into_halves();
     let mut rd = FramedRead::with_capacity(rd, RequestDecoder::new(), READ_CHUNK);
     let (tx, rx) = mpsc::unbounded_channel();
     let mut wtask = tokio::spawn(writer(wr, ReplyEncoder::new(structured), rx));

@@ -12,8 +12,10 @@ use crate::lease::gate::Gate;
 use crate::lease::LeaseTable;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
-use storaged_client::api::{Holder, LeaseEntry, LeaseState, LeaseView, VolumeConfig, VolumeInfo};
+use std::sync::{Arc, Mutex, RwLock};
+use storaged_client::api::{
+    Holder, LeaseEntry, LeaseState, LeaseView, VolumeAccess, VolumeConfig, VolumeInfo,
+};
 
 /// One attached connection.
 #[derive(Debug, Clone)]
@@ -38,8 +40,10 @@ pub(crate) struct PendingFlip {
 /// A volume while the server runs.
 #[derive(Debug)]
 pub struct Volume {
-    /// Its configuration.
+    /// Its configuration as created; who may use it is [`Volume::access`], which the operator
+    /// can change later (`anonymous` and `hosts` here are where it started).
     pub config: VolumeConfig,
+    access: RwLock<VolumeAccess>,
     /// Its data.
     pub file: Arc<VolumeFile>,
     table: Mutex<LeaseTable>,
@@ -53,6 +57,7 @@ pub struct Volume {
 impl Volume {
     pub(crate) fn new(config: VolumeConfig, file: VolumeFile, table: LeaseTable) -> Volume {
         Volume {
+            access: RwLock::new(config.access()),
             config,
             file: Arc::new(file),
             table: Mutex::new(table),
@@ -61,6 +66,25 @@ impl Volume {
             pending: Mutex::new(None),
             pending_gen: AtomicU64::new(0),
         }
+    }
+
+    /// Who may use the volume now.
+    pub fn access(&self) -> VolumeAccess {
+        self.access.read().expect("access lock").clone()
+    }
+
+    /// The configuration with the current access policy, as reported and persisted.
+    pub fn current_config(&self) -> VolumeConfig {
+        let access = self.access();
+        VolumeConfig {
+            anonymous: access.anonymous,
+            hosts: access.hosts,
+            ..self.config.clone()
+        }
+    }
+
+    pub(crate) fn set_access(&self, access: VolumeAccess) {
+        *self.access.write().expect("access lock") = access;
     }
 
     /// A copy of the current lease table.
@@ -127,7 +151,7 @@ impl Volume {
     /// Info for the API.
     pub fn info(&self) -> VolumeInfo {
         VolumeInfo {
-            config: self.config.clone(),
+            config: self.current_config(),
             epoch: self.table().epoch,
             connections: self.connection_count(),
         }

@@ -2,11 +2,12 @@
 
 use super::{ClientConfig, ClientError, Negotiated};
 use crate::protocol::*;
+use crate::stream::NbdStream;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-async fn send_option(s: &mut TcpStream, option: u32, data: &[u8]) -> Result<(), ClientError> {
+async fn send_option(s: &mut NbdStream, option: u32, data: &[u8]) -> Result<(), ClientError> {
     let h = OptionHeader {
         option,
         length: data.len() as u32,
@@ -18,7 +19,7 @@ async fn send_option(s: &mut TcpStream, option: u32, data: &[u8]) -> Result<(), 
 }
 
 /// Reads one option reply: header and data (bounded).
-async fn read_reply(s: &mut TcpStream) -> Result<(OptionReplyHeader, Vec<u8>), ClientError> {
+async fn read_reply(s: &mut NbdStream) -> Result<(OptionReplyHeader, Vec<u8>), ClientError> {
     let mut hb = [0u8; OPTION_REPLY_LEN];
     s.read_exact(&mut hb).await?;
     let h = OptionReplyHeader::decode(&hb)?;
@@ -46,9 +47,10 @@ pub(super) async fn handshake(
     addr: &str,
     cfg: &ClientConfig,
     state: Option<RequestedState>,
-) -> Result<(TcpStream, Negotiated), ClientError> {
-    let mut s = TcpStream::connect(addr).await?;
-    s.set_nodelay(true)?;
+) -> Result<(NbdStream, Negotiated), ClientError> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let mut s = NbdStream::Plain(tcp);
     let magic = s.read_u64().await?;
     let opt = s.read_u64().await?;
     if magic != NBDMAGIC || opt != IHAVEOPT {
@@ -67,6 +69,19 @@ pub(super) async fn handshake(
         cflags |= NBD_FLAG_C_NO_ZEROES;
     }
     s.write_u32(cflags).await?;
+
+    if let Some(tls) = &cfg.tls {
+        send_option(&mut s, NBD_OPT_STARTTLS, &[]).await?;
+        let (h, data) = read_reply(&mut s).await?;
+        if h.option != NBD_OPT_STARTTLS || h.reply != NBD_REP_ACK {
+            return Err(refusal(h.reply, &data));
+        }
+        let name = tls.server_name(addr);
+        let server = vmhop_common::tls::server_name(&name).map_err(ClientError::Tls)?;
+        s.connect_tls(&tls.connector, server)
+            .await
+            .map_err(ClientError::TlsHandshake)?;
+    }
 
     if let (Some(lease), Some(state)) = (&cfg.lease, state) {
         let opt = LeaseOption {
@@ -132,7 +147,7 @@ fn is_answer(e: &ClientError) -> bool {
 /// rounds separated by exponential backoff.
 pub(super) async fn connect_any(
     cfg: &ClientConfig,
-) -> Result<(TcpStream, Negotiated), ClientError> {
+) -> Result<(NbdStream, Negotiated), ClientError> {
     let mut backoff = cfg.backoff_initial;
     let mut last = String::from("no address given");
     let mut attempts = 0u32;

@@ -27,15 +27,16 @@ use crate::codec::{
     send_frame, CodecError, OutgoingRequest, ReplyDecoder, ReplyFrame, RequestEncoder, READ_CHUNK,
 };
 use crate::protocol::*;
+use crate::stream::{ReadHalf, WriteHalf};
 use bytes::BytesMut;
 use futures::StreamExt;
 use std::collections::HashMap;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::oneshot;
 use tokio_util::codec::FramedRead;
 
@@ -80,6 +81,13 @@ pub enum ClientError {
         /// The server's message.
         message: String,
     },
+    /// This host's TLS settings cannot be used.
+    #[error("TLS settings")]
+    Tls(#[source] vmhop_common::tls::TlsError),
+    /// The TLS handshake with the server failed (its certificate is not the one expected, or
+    /// it refused ours).
+    #[error("TLS handshake with the storage server")]
+    TlsHandshake(#[source] std::io::Error),
     /// No address answered.
     #[error("no storage address answered after {attempts} attempts (last: {last})")]
     Unreachable {
@@ -146,6 +154,52 @@ pub struct ClientConfig {
     pub backoff_max: Duration,
     /// Rounds over all addresses before giving up.
     pub rounds: u32,
+    /// TLS: upgrade with `NBD_OPT_STARTTLS`, prove this host with its certificate and check
+    /// the server's; `None` speaks plaintext.
+    pub tls: Option<ClientTls>,
+}
+
+/// TLS settings of a client.
+#[derive(Clone)]
+pub struct ClientTls {
+    connector: tokio_rustls::TlsConnector,
+    server_name: Option<String>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientTls {
+    /// TLS with this host's certificate (its TLS directory, see [`vmhop_common::tls`]). The
+    /// server's certificate is checked against `server_name` (storaged's host id), or, when
+    /// `None`, against the address connected to (its IP address must be in the certificate).
+    pub fn new(
+        host: &vmhop_common::tls::HostTls,
+        server_name: Option<String>,
+    ) -> Result<ClientTls, vmhop_common::tls::TlsError> {
+        Ok(ClientTls {
+            connector: tokio_rustls::TlsConnector::from(host.client_config()?),
+            server_name,
+        })
+    }
+
+    /// The name to check the server at `addr` (`host:port`) against.
+    fn server_name(&self, addr: &str) -> String {
+        match &self.server_name {
+            Some(n) => n.clone(),
+            None => {
+                let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+                host.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string()
+            }
+        }
+    }
 }
 
 impl ClientConfig {
@@ -159,7 +213,14 @@ impl ClientConfig {
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(2),
             rounds: 3,
+            tls: None,
         }
+    }
+
+    /// With TLS.
+    pub fn with_tls(mut self, tls: ClientTls) -> ClientConfig {
+        self.tls = Some(tls);
+        self
     }
 
     /// With a lease.
@@ -191,8 +252,10 @@ type PendingMap = Arc<Mutex<HashMap<u64, Pending>>>;
 /// The sending half: each request is encoded into `buf` and written at once (a write's data
 /// from the caller's memory when it is long, see [`send_frame`]).
 struct Sender {
-    io: OwnedWriteHalf,
+    io: WriteHalf,
     buf: BytesMut,
+    /// The socket under the stream (TLS or not), for a hard shutdown.
+    fd: RawFd,
 }
 
 impl Sender {
@@ -239,10 +302,15 @@ impl Client {
     /// Connects following the connection logic (see `connect.rs`).
     pub async fn connect(cfg: &ClientConfig) -> Result<Client, ClientError> {
         let (stream, neg) = connect::connect_any(cfg).await?;
-        let (rd, wr) = stream.into_split();
+        let fd = stream
+            .tcp()
+            .map(|t| t.as_raw_fd())
+            .ok_or(ClientError::Disconnected)?;
+        let (rd, wr) = stream.into_halves();
         let writer = Sender {
             io: wr,
             buf: BytesMut::with_capacity(READ_CHUNK),
+            fd,
         };
         let inner = Arc::new(Inner {
             writer: tokio::sync::Mutex::new(writer),
@@ -481,14 +549,13 @@ impl Drop for SendGuard<'_> {
         self.inner.dead.store(true, Ordering::SeqCst);
         // Only further traffic stops (which also ends the reader); the descriptor stays open
         // and owned by the stream. An error means the socket is already down.
-        let fd = std::os::unix::io::AsRawFd::as_raw_fd(self.writer.io.as_ref());
-        let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both);
+        let _ = nix::sys::socket::shutdown(self.writer.fd, nix::sys::socket::Shutdown::Both);
     }
 }
 
 /// Reads replies and completes their waiters.
 async fn reader<F: FnMut(u64) -> Option<u32>>(
-    mut replies: FramedRead<OwnedReadHalf, ReplyDecoder<F>>,
+    mut replies: FramedRead<ReadHalf, ReplyDecoder<F>>,
     inner: &std::sync::Weak<Inner>,
 ) -> Result<(), ClientError> {
     while let Some(reply) = replies.next().await {

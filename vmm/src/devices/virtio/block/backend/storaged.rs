@@ -249,6 +249,7 @@ mod tests {
         tokio::spawn(storaged::server::run(
             nbd,
             reg.clone(),
+            None,
             rx,
             Duration::from_secs(1),
         ));
