@@ -58,7 +58,15 @@ fn kill_9_keeps_data_and_the_lease_table() -> Result<()> {
         Ok(())
     })?;
     // Rollback information survives as well.
-    let out = s.cli(&["lease", "rollback", "vol"])?;
+    let out = s.cli(&[
+        "lease",
+        "rollback",
+        "vol",
+        "--epoch",
+        "2",
+        "--primary",
+        "host-b",
+    ])?;
     ensure!(out.contains("\"epoch\": 3"), "{out}");
     Ok(())
 }

@@ -385,7 +385,13 @@ async fn take_over_or_abort(agent: &Arc<Agent>, rec: &MigrationRecord, why: &str
             Err(source) => {
                 // The source kept (or took back) this volume: give the others back, give up.
                 for f in flipped.iter().rev() {
-                    let _ = leases.rollback(f).await;
+                    if let Ok(view) = leases.leases(f).await {
+                        let undo = storaged_client::api::RollbackRequest {
+                            epoch: view.epoch,
+                            primary: me.clone(),
+                        };
+                        let _ = leases.rollback(f, &undo).await;
+                    }
                 }
                 let volume = v.clone();
                 let refused = DestinationError::TakeOverRefused { volume, source };

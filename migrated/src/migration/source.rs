@@ -17,7 +17,7 @@ use crate::instance::{InstanceRecord, InstanceState};
 use crate::migration::record::{MigrationRecord, Phase, Progress, Role};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use storaged_client::api::LeaseState;
+use storaged_client::api::{LeaseState, RollbackRequest};
 use storaged_client::rest::StoragedApi;
 use thiserror::Error;
 use vmhop_common::error::chain as error_chain;
@@ -694,7 +694,15 @@ impl Source {
             return;
         };
         for v in rec.flipped.iter().rev() {
-            match self.leases.rollback(v).await {
+            let undo = |view: storaged_client::api::LeaseView| RollbackRequest {
+                epoch: view.epoch,
+                primary: rec.destination.clone(),
+            };
+            let rolled = match self.leases.leases(v).await {
+                Ok(view) => self.leases.rollback(v, &undo(view)).await,
+                Err(e) => Err(e),
+            };
+            match rolled {
                 Ok(rep) => {
                     let _ = self.modify(|r| {
                         r.flipped.retain(|f| f != v);
