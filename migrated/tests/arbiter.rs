@@ -55,26 +55,29 @@ async fn runs_on(agent: &Arc<Agent>) {
     }
 }
 
-/// Starts migrating with the source's flip held at its link to storaged; returns the id once
-/// the source waits on the flip.
-async fn migrate_until_the_flip(h: &Hosts) -> String {
+/// The guest on a, watched for a split brain, migrating to b with the source's flip held at its
+/// link to storaged: returns once the source waits on the flip, with the migration's id.
+/// `None` when /dev/kvm is not usable (see [`kvm_available`]).
+async fn migrating_until_the_flip(test: &str) -> Option<(Hosts, SplitBrainWatch, String)> {
+    if !kvm_available(test) {
+        return None;
+    }
+    let h = hosts().await;
+    h.guest_on_a().await;
+    let watch = SplitBrainWatch::start(&h);
     h.links.storaged_a.hold(is_flip);
     let id = start_migration(&h.a, "b");
     wait_phase(&h.a, &id, |p| p == Phase::Flipping).await;
-    id
+    Some((h, watch, id))
 }
 
 /// The source, cut off from the destination and storaged as `cut` says when its flip leaves,
 /// stays paused; the destination takes over; once the links heal, the source completes the
 /// migration as the destination's.
 async fn source_cut_off_at_the_flip(test: &str, cut: Cut) {
-    if !kvm_available(test) {
+    let Some((h, watch, id)) = migrating_until_the_flip(test).await else {
         return;
-    }
-    let h = hosts().await;
-    h.guest_on_a().await;
-    let watch = SplitBrainWatch::start(&h);
-    let id = migrate_until_the_flip(&h).await;
+    };
     h.links.peers.cut(Cut::All);
     h.links.storaged_a.cut(cut);
     h.links.storaged_a.release();
@@ -134,13 +137,10 @@ async fn a_lost_flip_answer_is_read_back_and_the_guest_runs_on_the_destination()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_that_took_over_wins_over_the_source_flip_that_arrives_late() {
-    if !kvm_available("a_destination_that_took_over_wins_over_the_source_flip_that_arrives_late") {
+    let test = "a_destination_that_took_over_wins_over_the_source_flip_that_arrives_late";
+    let Some((h, watch, id)) = migrating_until_the_flip(test).await else {
         return;
-    }
-    let h = hosts().await;
-    h.guest_on_a().await;
-    let watch = SplitBrainWatch::start(&h);
-    let id = migrate_until_the_flip(&h).await;
+    };
     // The destination hears nothing for its timeout and takes over.
     h.links.peers.cut(Cut::All);
     runs_on(&h.b).await;
@@ -156,13 +156,10 @@ async fn a_destination_that_took_over_wins_over_the_source_flip_that_arrives_lat
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_cut_off_cannot_take_over_once_the_source_aborted() {
-    if !kvm_available("a_destination_cut_off_cannot_take_over_once_the_source_aborted") {
+    let test = "a_destination_cut_off_cannot_take_over_once_the_source_aborted";
+    let Some((h, watch, id)) = migrating_until_the_flip(test).await else {
         return;
-    }
-    let h = hosts().await;
-    h.guest_on_a().await;
-    let watch = SplitBrainWatch::start(&h);
-    let id = migrate_until_the_flip(&h).await;
+    };
     h.links.peers.cut(Cut::All);
     // storaged refuses the source's flip (b lost its standby lease on v2): the source aborts.
     let v2 = h.storage.reg.get("v2").unwrap();

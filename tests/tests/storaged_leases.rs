@@ -128,25 +128,9 @@ fn rollback_restores_the_previous_lease_table() -> Result<()> {
         b.flip().await?;
         b.write(0, vec![2; 512], false).await?;
         // A rollback names the flip it undoes: b made primary at epoch 2.
-        let stale = s.cli(&[
-            "lease",
-            "rollback",
-            "vol",
-            "--epoch",
-            "1",
-            "--primary",
-            "host-b",
-        ]);
+        let stale = s.rollback("vol", 1, "host-b");
         ensure!(stale.is_err(), "{stale:?}");
-        let out = s.cli(&[
-            "lease",
-            "rollback",
-            "vol",
-            "--epoch",
-            "2",
-            "--primary",
-            "host-b",
-        ])?;
+        let out = s.rollback("vol", 2, "host-b")?;
         ensure!(out.contains("\"epoch\": 3"), "{out}");
         // B is standby again on its open connection; A may come back as primary.
         ensure!(matches!(
@@ -158,17 +142,7 @@ fn rollback_restores_the_previous_lease_table() -> Result<()> {
         assert_eq!(a2.read(0, 512).await?, vec![2; 512]);
         drop(a);
         // Nothing left to roll back.
-        ensure!(s
-            .cli(&[
-                "lease",
-                "rollback",
-                "vol",
-                "--epoch",
-                "3",
-                "--primary",
-                "host-a"
-            ])
-            .is_err());
+        ensure!(s.rollback("vol", 3, "host-a").is_err());
         Ok(())
     })
 }

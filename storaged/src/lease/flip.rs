@@ -128,30 +128,45 @@ async fn lock_all(vols: &[Arc<Volume>]) -> Vec<MutexGuard<'_, ()>> {
     guards
 }
 
-/// What a change of a set of volumes asks of one of them: the volume and the epoch named.
-fn epochs_by_volume(volumes: &[VolumeEpoch]) -> (Vec<String>, BTreeMap<&str, u64>) {
-    let names = volumes.iter().map(|v| v.volume.clone()).collect();
+/// The volumes of a change of a set (in lock order), and the epoch it names for each.
+type VolumesAt<'a> = (Vec<Arc<Volume>>, BTreeMap<&'a str, u64>);
+
+/// The volumes a change of a set names (in lock order), with the epoch it names for each.
+fn volumes_at<'a>(reg: &Registry, volumes: &'a [VolumeEpoch]) -> Result<VolumesAt<'a>, FlipError> {
+    let names: Vec<String> = volumes.iter().map(|v| v.volume.clone()).collect();
     let epochs = volumes
         .iter()
         .map(|v| (v.volume.as_str(), v.epoch))
         .collect();
-    (names, epochs)
+    Ok((reg.get_all(&names)?, epochs))
 }
 
-/// Decides a change on each volume with `decide` (under their locks): all of them, or the
-/// first refusal, with the volume that refused.
+/// Decides a change on each volume with `decide` (under their locks): all of them, each with
+/// its volume, or the first refusal, with the volume that refused.
 fn decide_all<T>(
     vols: &[Arc<Volume>],
     mut decide: impl FnMut(&Volume, &LeaseTable) -> Result<T, LeaseError>,
-) -> Result<Vec<T>, FlipError> {
+) -> Result<Vec<(Arc<Volume>, T)>, FlipError> {
     vols.iter()
-        .map(|v| {
-            decide(v, &v.table()).map_err(|source| RegistryError::Refused {
+        .map(|v| match decide(v, &v.table()) {
+            Ok(change) => Ok((v.clone(), change)),
+            Err(source) => Err(RegistryError::Refused {
                 volume: v.config.name.clone(),
                 source,
-            })
+            }),
         })
         .collect()
+}
+
+/// The reports of a change of a set, by volume (`reports` in the order of `changes`).
+fn by_volume<T>(changes: &[(Arc<Volume>, T)], reports: Vec<FlipReport>) -> GroupFlipReport {
+    GroupFlipReport {
+        volumes: changes
+            .iter()
+            .map(|(v, _)| v.config.name.clone())
+            .zip(reports)
+            .collect(),
+    }
 }
 
 /// Promotes the standby on `to` (or the only standby) to primary.
@@ -182,21 +197,13 @@ pub async fn flip_group(
     reg: &Registry,
     req: &GroupFlipRequest,
 ) -> Result<GroupFlipReport, FlipError> {
-    let (names, epochs) = epochs_by_volume(&req.volumes);
-    let vols = reg.get_all(&names)?;
+    let (vols, epochs) = volumes_at(reg, &req.volumes)?;
     let _locks = lock_all(&vols).await;
     let plans = decide_all(&vols, |v, t| {
         t.flip_from(&req.from, epochs[v.config.name.as_str()], &req.to)
     })?;
-    let plans: Vec<(Arc<Volume>, FlipPlan)> = vols.iter().cloned().zip(plans).collect();
     let reports = apply_flips(reg, &plans, FlipTrigger::Group, req.migration.as_deref()).await?;
-    Ok(GroupFlipReport {
-        volumes: vols
-            .iter()
-            .map(|v| v.config.name.clone())
-            .zip(reports)
-            .collect(),
-    })
+    Ok(by_volume(&plans, reports))
 }
 
 /// Runs the steps of the flip (see the module's doc) for every planned volume together; the
@@ -307,21 +314,13 @@ pub async fn rollback_group(
     reg: &Registry,
     req: &GroupRollbackRequest,
 ) -> Result<GroupFlipReport, FlipError> {
-    let (names, epochs) = epochs_by_volume(&req.volumes);
-    let vols = reg.get_all(&names)?;
+    let (vols, epochs) = volumes_at(reg, &req.volumes)?;
     let _locks = lock_all(&vols).await;
-    let tables = decide_all(&vols, |v, t| {
+    let changes = decide_all(&vols, |v, t| {
         t.rollback(epochs[v.config.name.as_str()], &req.primary)
     })?;
-    let changes: Vec<(Arc<Volume>, LeaseTable)> = vols.iter().cloned().zip(tables).collect();
     let reports = apply_rollbacks(reg, &changes, req.migration.as_deref()).await?;
-    Ok(GroupFlipReport {
-        volumes: vols
-            .iter()
-            .map(|v| v.config.name.clone())
-            .zip(reports)
-            .collect(),
-    })
+    Ok(by_volume(&changes, reports))
 }
 
 /// Fences the current primaries, persists the restored tables in one transaction and gives
@@ -418,9 +417,12 @@ pub async fn revoke_group(
 ) -> Result<Vec<LeaseView>, FlipError> {
     let vols = reg.get_all(&req.volumes)?;
     let _locks = lock_all(&vols).await;
-    let tables = decide_all(&vols, |_, t| {
+    let tables: Vec<LeaseTable> = decide_all(&vols, |_, t| {
         t.revoke_standby(&req.host, req.primary.as_deref())
-    })?;
+    })?
+    .into_iter()
+    .map(|(_, t)| t)
+    .collect();
     let ending: Vec<bool> = vols
         .iter()
         .map(|v| v.table().state_of(&req.host).map(|(s, _)| s) == Some(LeaseState::Standby))
