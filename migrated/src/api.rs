@@ -169,6 +169,11 @@ pub struct IncomingRequest {
     pub config: InstanceConfig,
     /// Tuning (recorded at the destination for the operator).
     pub params: MigrationParams,
+    /// The epoch at which the source holds each volume's primary lease: the condition under
+    /// which the destination may take the volumes over by itself (see
+    /// [`MigrationRecord::epochs`]). Without it the destination never takes over.
+    #[serde(default)]
+    pub epochs: std::collections::BTreeMap<String, u64>,
 }
 
 /// Answer to `POST /v1/incoming`.

@@ -3,16 +3,18 @@
 
 use crate::lease::flip::{self, FlipTrigger};
 use crate::registry::{Registry, RegistryError};
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use serde::Deserialize;
 use std::sync::Arc;
 use std::time::Duration;
-use storaged_client::api::FlipReport;
 use storaged_client::api::{
-    ArmedFlip, ErrorBody, FlipMode, FlipRequest, LeaseView, RevokeRequest, VolumeAccess,
+    ArmedFlip, ErrorBody, FlipMode, FlipReport, FlipRequest, GroupFlipReport, GroupFlipRequest,
+    GroupRevokeRequest, GroupRollbackRequest, LeaseView, RevokeRequest, RollbackRequest,
+    VolumeAccess,
     VolumeConfig, VolumeInfo,
 };
 use thiserror::Error;
@@ -29,7 +31,9 @@ impl IntoResponse for ApiError {
             RegistryError::Exists(_)
             | RegistryError::Busy(..)
             | RegistryError::Lease(_)
-            | RegistryError::NotAllowed(_) => StatusCode::CONFLICT,
+            | RegistryError::NotAllowed(_)
+            | RegistryError::Refused { .. } => StatusCode::CONFLICT,
+            RegistryError::Duplicate(_) | RegistryError::NoVolumes => StatusCode::BAD_REQUEST,
             RegistryError::Volume(crate::volume::VolumeError::Config(_)) => StatusCode::BAD_REQUEST,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -52,9 +56,15 @@ pub fn router(reg: Arc<Registry>) -> Router {
         .route("/v1/volumes/{id}", get(show).delete(delete))
         .route("/v1/volumes/{id}/access", put(set_access))
         .route("/v1/volumes/{id}/leases", get(leases))
-        .route("/v1/volumes/{id}/flip", post(flip_volume))
+        .route(
+            "/v1/volumes/{id}/flip",
+            post(flip_volume).delete(cancel_flip),
+        )
         .route("/v1/volumes/{id}/rollback", post(rollback))
         .route("/v1/volumes/{id}/leases/revoke", post(revoke))
+        .route("/v1/leases/flip", post(flip_group))
+        .route("/v1/leases/revoke", post(revoke_group))
+        .route("/v1/leases/rollback", post(rollback_group))
         .with_state(reg)
 }
 
@@ -103,15 +113,11 @@ async fn flip_volume(
             Ok(Json(rep).into_response())
         }
         FlipMode::Armed => {
-            // Validate now so that a flip that cannot happen is refused at once.
-            vol.table()
-                .flip(req.to.as_deref())
-                .map_err(RegistryError::from)?;
             let ms = req
                 .timeout_ms
                 .or(vol.config.flip_timeout_ms)
                 .unwrap_or(30_000);
-            flip::arm(&reg, &vol, req.to, Duration::from_millis(ms));
+            flip::arm(&reg, &vol, req.to, Duration::from_millis(ms), req.migration).await?;
             let body = ArmedFlip {
                 armed: true,
                 timeout_ms: ms,
@@ -121,9 +127,52 @@ async fn flip_volume(
     }
 }
 
-async fn rollback(State(reg): Reg, Path(id): Path<String>) -> ApiResult<Json<FlipReport>> {
+/// The query of `DELETE /v1/volumes/{id}/flip`.
+#[derive(Deserialize)]
+struct CancelQuery {
+    migration: Option<String>,
+}
+
+async fn cancel_flip(
+    State(reg): Reg,
+    Path(id): Path<String>,
+    Query(q): Query<CancelQuery>,
+) -> ApiResult<Json<LeaseView>> {
     let vol = reg.get(&id)?;
-    Ok(Json(flip::rollback(&reg, &vol).await?))
+    flip::cancel_armed(&vol, q.migration.as_deref()).await?;
+    Ok(Json(vol.lease_view()))
+}
+
+async fn rollback(
+    State(reg): Reg,
+    Path(id): Path<String>,
+    Json(req): Json<RollbackRequest>,
+) -> ApiResult<Json<FlipReport>> {
+    let vol = reg.get(&id)?;
+    Ok(Json(
+        flip::rollback_flip(&reg, &vol, req.epoch, &req.primary).await?,
+    ))
+}
+
+async fn flip_group(
+    State(reg): Reg,
+    Json(req): Json<GroupFlipRequest>,
+) -> ApiResult<Json<GroupFlipReport>> {
+    Ok(Json(flip::flip_group(&reg, &req).await?))
+}
+
+async fn revoke_group(
+    State(reg): Reg,
+    Json(req): Json<GroupRevokeRequest>,
+) -> ApiResult<Json<Vec<LeaseView>>> {
+    Ok(Json(flip::revoke_group(&reg, &req).await?))
+}
+
+async fn rollback_group(
+    State(reg): Reg,
+    Json(req): Json<GroupRollbackRequest>,
+) -> ApiResult<Json<GroupFlipReport>> {
+    Ok(Json(flip::rollback_group(&reg, &req).await?))
 }
 
 async fn revoke(

@@ -9,7 +9,8 @@ use storaged::config::{ServeConfig, ServeConfigFile};
 use storaged::registry::Registry;
 use storaged::server::NbdTls;
 use storaged_client::api::{
-    AnonymousPolicy, FlipMode, FlipRequest, LeaseState, RevokeRequest, VolumeConfig,
+    AnonymousPolicy, FlipMode, FlipRequest, GroupFlipRequest, GroupRevokeRequest,
+    GroupRollbackRequest, LeaseState, RevokeRequest, RollbackRequest, VolumeConfig, VolumeEpoch,
 };
 use storaged_client::rest::StoragedApi;
 use vmhop_common::tls::HostTls;
@@ -259,6 +260,61 @@ enum LeaseCmd {
         /// Deadline of an armed flip in ms.
         #[arg(long)]
         timeout_ms: Option<u64>,
+        /// The migration an armed flip belongs to (only it may cancel the flip).
+        #[arg(long)]
+        migration: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Cancel the flip armed on a volume (nothing armed is no error).
+    Cancel {
+        /// Volume name.
+        volume: String,
+        /// Only if this migration armed it.
+        #[arg(long)]
+        migration: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Flip a set of volumes (a guest's) as one decision: promote HOST on every one, only if
+    /// FROM is primary on each at the epoch named; every volume flips or none does.
+    GroupFlip {
+        /// The volumes, each as VOLUME@EPOCH (the epoch at which FROM is primary).
+        #[arg(required = true, value_parser = parse_volume_epoch)]
+        volumes: Vec<VolumeEpoch>,
+        /// The host that must be primary on every volume.
+        #[arg(long)]
+        from: String,
+        /// The standby host to promote.
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// End a host's standby leases on a set of volumes as one decision, only if it is primary on
+    /// none of them; every volume's epoch moves, so no flip planned before can promote it.
+    GroupRevoke {
+        /// Volume names.
+        #[arg(required = true)]
+        volumes: Vec<String>,
+        /// Host id.
+        #[arg(long)]
+        host: String,
+        /// Only if this host is primary on every volume.
+        #[arg(long)]
+        primary: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Undo the flips of a set of volumes as one decision: on each, the flip that made PRIMARY
+    /// the primary at the epoch named; refused on all if any volume moved on.
+    GroupRollback {
+        /// The volumes, each as VOLUME@EPOCH (the epoch its flip produced).
+        #[arg(required = true, value_parser = parse_volume_epoch)]
+        volumes: Vec<VolumeEpoch>,
+        /// The host the flips made primary.
+        #[arg(long)]
+        primary: String,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -275,10 +331,17 @@ enum LeaseCmd {
         #[command(flatten)]
         api: ApiArgs,
     },
-    /// Restore the lease table from before the last flip.
+    /// Undo the flip that made PRIMARY the primary at EPOCH (`lease list` shows both): the
+    /// lease table from before it comes back. Refused if the volume moved on since.
     Rollback {
         /// Volume name.
         volume: String,
+        /// The epoch the flip produced.
+        #[arg(long)]
+        epoch: u64,
+        /// The host the flip made primary.
+        #[arg(long)]
+        primary: String,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -295,6 +358,18 @@ fn parse_size(s: &str) -> Result<u64> {
     };
     let n: u64 = num.parse().with_context(|| format!("size {s:?}"))?;
     n.checked_mul(mult).context("size overflows")
+}
+
+/// `VOLUME@EPOCH`.
+fn parse_volume_epoch(s: &str) -> Result<VolumeEpoch> {
+    let (volume, epoch) = s
+        .rsplit_once('@')
+        .with_context(|| format!("{s:?}: expected VOLUME@EPOCH"))?;
+    let epoch = epoch.parse().with_context(|| format!("epoch in {s:?}"))?;
+    Ok(VolumeEpoch {
+        volume: volume.to_string(),
+        epoch,
+    })
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
@@ -395,6 +470,14 @@ async fn lease_cmd(cmd: LeaseCmd) -> Result<()> {
                 "anonymous connections: {}; flip pending: {}; rollback possible: {}",
                 v.anonymous_connections, v.flip_pending, v.can_roll_back
             );
+            if let Some(a) = &v.armed {
+                println!(
+                    "armed flip: to {} at epoch {}, migration {}",
+                    a.to.as_deref().unwrap_or("the only standby"),
+                    a.epoch,
+                    a.migration.as_deref().unwrap_or("none")
+                );
+            }
             Ok(())
         }
         LeaseCmd::Flip {
@@ -402,6 +485,7 @@ async fn lease_cmd(cmd: LeaseCmd) -> Result<()> {
             to,
             armed,
             timeout_ms,
+            migration,
             api,
         } => {
             let req = FlipRequest {
@@ -412,6 +496,7 @@ async fn lease_cmd(cmd: LeaseCmd) -> Result<()> {
                     FlipMode::Now
                 },
                 timeout_ms,
+                migration,
             };
             let v = api.client()?.flip(&volume, &req).await?;
             print_json(&v)
@@ -428,9 +513,63 @@ async fn lease_cmd(cmd: LeaseCmd) -> Result<()> {
                 .await?;
             print_json(&v)
         }
-        LeaseCmd::Rollback { volume, api } => {
-            let v = api.client()?.rollback(&volume).await?;
-            print_json(&v)
+        LeaseCmd::Rollback {
+            volume,
+            epoch,
+            primary,
+            api,
+        } => {
+            let req = RollbackRequest { epoch, primary };
+            print_json(&api.client()?.rollback(&volume, &req).await?)
+        }
+        LeaseCmd::Cancel {
+            volume,
+            migration,
+            api,
+        } => print_json(
+            &api.client()?
+                .cancel_flip(&volume, migration.as_deref())
+                .await?,
+        ),
+        LeaseCmd::GroupFlip {
+            volumes,
+            from,
+            to,
+            api,
+        } => {
+            let req = GroupFlipRequest {
+                from,
+                to,
+                volumes,
+                migration: None,
+            };
+            print_json(&api.client()?.flip_group(&req).await?)
+        }
+        LeaseCmd::GroupRevoke {
+            volumes,
+            host,
+            primary,
+            api,
+        } => {
+            let req = GroupRevokeRequest {
+                host,
+                volumes,
+                primary,
+                migration: None,
+            };
+            print_json(&api.client()?.revoke_group(&req).await?)
+        }
+        LeaseCmd::GroupRollback {
+            volumes,
+            primary,
+            api,
+        } => {
+            let req = GroupRollbackRequest {
+                primary,
+                volumes,
+                migration: None,
+            };
+            print_json(&api.client()?.rollback_group(&req).await?)
         }
     }
 }

@@ -36,6 +36,22 @@ pub enum RegistryError {
     /// The host is not on the volume's host list.
     #[error("host {0} may not hold leases on this volume (not on its host list)")]
     NotAllowed(String),
+    /// The lease state machine refused a change of a set of volumes because of this one;
+    /// none of them changed.
+    #[error("volume {volume}")]
+    Refused {
+        /// The volume that refused.
+        volume: String,
+        /// Why.
+        #[source]
+        source: LeaseError,
+    },
+    /// A change of a set of volumes names one twice.
+    #[error("volume {0} is named twice")]
+    Duplicate(String),
+    /// A change of a set of volumes names none.
+    #[error("no volume named")]
+    NoVolumes,
     /// The anonymous policy refused.
     #[error("anonymous access refused: {0}")]
     Anonymous(&'static str),
@@ -187,17 +203,50 @@ impl Registry {
         Ok(())
     }
 
+    /// The volumes named, in name order (the order their lease locks are taken in, so that two
+    /// changes of overlapping sets never wait for each other); refuses an empty list and a
+    /// volume named twice.
+    pub fn get_all(&self, names: &[String]) -> Result<Vec<Arc<Volume>>, RegistryError> {
+        let mut sorted: Vec<&String> = names.iter().collect();
+        sorted.sort();
+        if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+            return Err(RegistryError::Duplicate(w[0].clone()));
+        }
+        if sorted.is_empty() {
+            return Err(RegistryError::NoVolumes);
+        }
+        sorted.into_iter().map(|n| self.get(n)).collect()
+    }
+
     /// Persists `table` for `vol` and then makes it current. Caller holds `lease_lock`.
     pub(crate) async fn commit_table(
         &self,
         vol: &Volume,
         table: LeaseTable,
     ) -> Result<(), RegistryError> {
+        self.commit_tables(&[(vol, table)]).await
+    }
+
+    /// Persists the new tables of some volumes in one durable transaction, then makes them
+    /// current. Caller holds the `lease_lock` of each.
+    pub(crate) async fn commit_tables(
+        &self,
+        changes: &[(&Volume, LeaseTable)],
+    ) -> Result<(), RegistryError> {
         let store = self.store.clone();
-        let name = vol.config.name.clone();
-        let t = table.clone();
-        tokio::task::spawn_blocking(move || store.put_leases(&name, &t)).await??;
-        vol.set_table(table);
+        let owned: Vec<(String, LeaseTable)> = changes
+            .iter()
+            .map(|(v, t)| (v.config.name.clone(), t.clone()))
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            let tables: Vec<(&str, &LeaseTable)> =
+                owned.iter().map(|(n, t)| (n.as_str(), t)).collect();
+            store.put_leases(&tables)
+        })
+        .await??;
+        for (vol, table) in changes {
+            vol.set_table(table.clone());
+        }
         Ok(())
     }
 

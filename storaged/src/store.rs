@@ -110,9 +110,14 @@ impl Store {
         self.write(|txn| put(txn, VOLUMES, &cfg.name, cfg))
     }
 
-    /// Replaces a volume's lease table.
-    pub fn put_leases(&self, name: &str, table: &LeaseTable) -> Result<(), StoreError> {
-        self.write(|txn| put(txn, LEASES, name, table))
+    /// Replaces the lease tables of some volumes, all in one transaction: after a crash
+    /// either every one of them is the new one or none is.
+    pub fn put_leases(&self, tables: &[(&str, &LeaseTable)]) -> Result<(), StoreError> {
+        self.write(|txn| {
+            tables
+                .iter()
+                .try_for_each(|(name, table)| put(txn, LEASES, name, table))
+        })
     }
 
     /// Forgets a volume.
@@ -153,7 +158,7 @@ mod tests {
                 host: "a".into(),
                 instance: "i".into(),
             });
-            s.put_leases("v", &t).unwrap();
+            s.put_leases(&[("v", &t)]).unwrap();
         }
         let s = Store::open(&path).unwrap();
         assert_eq!(s.load().unwrap(), vec![(cfg, t)]);

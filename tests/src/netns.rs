@@ -190,6 +190,40 @@ impl Host {
     }
 }
 
+impl Host {
+    /// Cuts the link between this host and `other` both ways: each gets a "prohibit" route to
+    /// the other, so new connections fail at once and established ones carry nothing more
+    /// until [`Host::heal`].
+    pub fn cut(&self, other: &Host) -> Result<()> {
+        for (from, to) in [(self, other), (other, self)] {
+            ip(&[
+                "-n",
+                &from.netns,
+                "route",
+                "add",
+                "prohibit",
+                &format!("{}/32", to.addr),
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// Undoes [`Host::cut`] (nothing to undo is fine).
+    pub fn heal(&self, other: &Host) -> Result<()> {
+        for (from, to) in [(self, other), (other, self)] {
+            let _ = ip(&[
+                "-n",
+                &from.netns,
+                "route",
+                "del",
+                "prohibit",
+                &format!("{}/32", to.addr),
+            ]);
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Rig {
     fn drop(&mut self) {
         for h in &self.hosts {

@@ -133,6 +133,22 @@ impl Storaged {
         Ok(String::from_utf8(out.stdout)?)
     }
 
+    /// `storaged lease rollback VOLUME --epoch EPOCH --primary HOST`: undoes the flip that made
+    /// HOST primary at EPOCH; returns the report printed.
+    pub fn rollback(&self, volume: &str, epoch: u64, primary: &str) -> Result<String> {
+        let epoch = epoch.to_string();
+        let args = [
+            "lease",
+            "rollback",
+            volume,
+            "--epoch",
+            &epoch,
+            "--primary",
+            primary,
+        ];
+        self.cli(&args)
+    }
+
     /// Creates a volume through the CLI.
     pub fn create_volume(&self, name: &str, size: &str, extra: &[&str]) -> Result<()> {
         let mut args = vec!["volume", "create", name, "--size", size];

@@ -58,7 +58,7 @@ fn kill_9_keeps_data_and_the_lease_table() -> Result<()> {
         Ok(())
     })?;
     // Rollback information survives as well.
-    let out = s.cli(&["lease", "rollback", "vol"])?;
+    let out = s.rollback("vol", 2, "host-b")?;
     ensure!(out.contains("\"epoch\": 3"), "{out}");
     Ok(())
 }

@@ -127,7 +127,10 @@ fn rollback_restores_the_previous_lease_table() -> Result<()> {
         a.write(0, vec![1; 512], false).await?;
         b.flip().await?;
         b.write(0, vec![2; 512], false).await?;
-        let out = s.cli(&["lease", "rollback", "vol"])?;
+        // A rollback names the flip it undoes: b made primary at epoch 2.
+        let stale = s.rollback("vol", 1, "host-b");
+        ensure!(stale.is_err(), "{stale:?}");
+        let out = s.rollback("vol", 2, "host-b")?;
         ensure!(out.contains("\"epoch\": 3"), "{out}");
         // B is standby again on its open connection; A may come back as primary.
         ensure!(matches!(
@@ -139,7 +142,7 @@ fn rollback_restores_the_previous_lease_table() -> Result<()> {
         assert_eq!(a2.read(0, 512).await?, vec![2; 512]);
         drop(a);
         // Nothing left to roll back.
-        ensure!(s.cli(&["lease", "rollback", "vol"]).is_err());
+        ensure!(s.rollback("vol", 3, "host-a").is_err());
         Ok(())
     })
 }

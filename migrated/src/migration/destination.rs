@@ -2,12 +2,17 @@
 //! while the state arrives, resume when told (or take over when the source is lost after the
 //! hand-over), or abort.
 //!
-//! The watch asks the source for its record every [`WATCH`]: if the source aborted, the
-//! incoming VMM is ended; if the source passed the flip, the guest resumes here. If the source
-//! stays silent for `peer_timeout_ms`, the destination decides alone: a VMM that holds the whole
-//! state (`handed-over`) takes the leases over and resumes, anything earlier is abandoned.
-//! storaged arbitrates a race with a source that aborts at the same moment: the source revokes
-//! our standby leases before resuming, and a flip to a host without a standby lease fails.
+//! The watch asks the source for its record every [`WATCH`]: if the source aborted (or is
+//! rolling back before our VMM holds the whole state), the incoming VMM is ended; if the source
+//! passed the flip, the guest resumes here. If the source stays silent for `peer_timeout_ms`, or
+//! stays that long in its flip (it may not reach storaged), the destination decides alone: a VMM
+//! that holds the whole state (`handed-over`) takes the leases over and resumes, anything
+//! earlier is abandoned. The take-over is the source's own group flip, conditional on the source
+//! holding every volume at the epochs it recorded when the migration began: storaged decides a
+//! race with a source that aborts at the same moment, because the source's group revoke of our
+//! standby leases moves those epochs (and is refused once we are primary). A refused or
+//! unanswered take-over is read back: primary on every volume, the guest resumes here; else,
+//! refused, it is abandoned; unanswered, retried.
 //!
 //! Failures and the reasons to abandon are [`DestinationError`]s until they become the record's
 //! `error` text, a log line or an API answer.
@@ -15,10 +20,11 @@
 use crate::agent::{Agent, AgentError};
 use crate::api::{ErrorKind, IncomingReady, IncomingRequest};
 use crate::instance::{InstanceRecord, InstanceState};
+use crate::migration::leases::{self, Holding};
 use crate::migration::record::{MigrationRecord, Phase, Role};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use storaged_client::api::LeaseState;
+use storaged_client::api::GroupFlipRequest;
 use thiserror::Error;
 use vmhop_common::error::chain as error_chain;
 use vmhop_common::http::HttpError;
@@ -73,15 +79,12 @@ pub enum DestinationError {
         #[source]
         source: HttpError,
     },
-    /// storaged refused to flip a volume here after the source was lost.
-    #[error("flip of {volume} refused")]
-    TakeOverRefused {
-        /// The volume.
-        volume: String,
-        /// Cause.
-        #[source]
-        source: HttpError,
-    },
+    /// storaged refused to flip the volumes here: the source kept them (or took them back).
+    #[error("taking the leases over was refused")]
+    TakeOverRefused(#[source] HttpError),
+    /// The source sent no lease epochs: without them no take-over can be conditional.
+    #[error("no lease epochs from the source: the volumes cannot be taken over")]
+    NoEpochs,
     /// The incoming VMM exited while the state arrived.
     #[error("the incoming VMM exited")]
     VmmExited,
@@ -104,7 +107,8 @@ impl DestinationError {
             | DestinationError::SourceAborted(_) => ErrorKind::Conflict,
             DestinationError::Vmm(_)
             | DestinationError::SourceLost { .. }
-            | DestinationError::TakeOverRefused { .. }
+            | DestinationError::TakeOverRefused(_)
+            | DestinationError::NoEpochs
             | DestinationError::VmmExited
             | DestinationError::VmmGone => ErrorKind::BadGateway,
         }
@@ -140,6 +144,7 @@ pub async fn prepare(
             req.config.volumes(),
         )
     };
+    mig.epochs = req.epochs.clone();
     mig.step(
         Phase::Preparing,
         format!("starting the incoming VMM on {stream_addr}"),
@@ -302,6 +307,7 @@ async fn watch(agent: Arc<Agent>, id: String) {
         .with_timeout(Duration::from_secs(2));
     let timeout = Duration::from_millis(agent.cfg.peer_timeout_ms);
     let mut heard = Instant::now();
+    let mut flipping_since: Option<Instant> = None;
     loop {
         tokio::time::sleep(WATCH).await;
         let Ok(rec) = agent.migration(&id) else {
@@ -322,9 +328,27 @@ async fn watch(agent: Arc<Agent>, id: String) {
             Ok(info) => {
                 let src = info.record;
                 heard = Instant::now();
-                if matches!(src.phase, Phase::RollingBack | Phase::Aborted) {
+                // Rolling back, the source may still find that we won: once our VMM holds the
+                // whole state we wait for its word (or for storaged's, in a take-over).
+                let gave_up = src.phase == Phase::Aborted
+                    || (src.phase == Phase::RollingBack && !holds_the_state(&agent, &rec).await);
+                if gave_up {
                     let why = DestinationError::SourceAborted(src.error.unwrap_or_default());
                     let _ = abort(&agent, &id, &why).await;
+                    return;
+                }
+                let since = match src.phase {
+                    Phase::Flipping => *flipping_since.get_or_insert_with(Instant::now),
+                    _ => {
+                        flipping_since = None;
+                        Instant::now()
+                    }
+                };
+                if since.elapsed() > timeout && holds_the_state(&agent, &rec).await {
+                    tracing::warn!(migration = %id,
+                        "the source is stuck in its flip: making the same flip");
+                    let why = "the source did not complete its flip in time";
+                    take_over_or_abort(&agent, &rec, why).await;
                     return;
                 }
                 let all_flipped = src.flipped.len() == src.volumes.len();
@@ -348,56 +372,87 @@ async fn watch(agent: Arc<Agent>, id: String) {
     }
 }
 
-/// The source is gone (`why`): complete here if the whole state arrived, else give up.
-async fn take_over_or_abort(agent: &Arc<Agent>, rec: &MigrationRecord, why: &str) {
-    let _d = DECIDE.lock().await;
-    let handed_over = match agent.instance(&rec.instance) {
+/// Whether this host's incoming VMM holds the whole state (the source handed it over).
+async fn holds_the_state(agent: &Agent, rec: &MigrationRecord) -> bool {
+    match agent.instance(&rec.instance) {
         Ok(inst) => agent
             .vmm(&inst)
             .migration()
             .await
-            .map(|s| s.phase == VmmPhase::HandedOver)
-            .unwrap_or(false),
+            .is_ok_and(|s| s.phase == VmmPhase::HandedOver),
         Err(_) => false,
-    };
-    if !handed_over {
-        if let Err(e) = abort_locked(agent, &rec.id, why).await {
-            tracing::warn!(migration = %rec.id, error = %error_chain(&e), "abandoning");
-        }
-        return;
     }
-    tracing::warn!(migration = %rec.id, reason = %why,
-        "source lost after the hand-over: taking the leases over");
-    let leases = agent.storaged();
-    let me = &agent.cfg.host_id;
-    let mut flipped = Vec::new();
-    for v in &rec.volumes {
-        let result = match leases.state_of(v, me).await {
-            Ok(Some(LeaseState::Primary)) => Ok(()),
-            Ok(_) => leases.flip_to(v, me).await.map(drop),
-            Err(e) => Err(e),
-        };
-        match result {
+}
+
+/// The source is gone or stuck (`why`): complete here if the whole state arrived and storaged
+/// lets us take the volumes over, else give up.
+async fn take_over_or_abort(agent: &Arc<Agent>, rec: &MigrationRecord, why: &str) {
+    let _d = DECIDE.lock().await;
+    let refusal = if !holds_the_state(agent, rec).await {
+        None
+    } else {
+        tracing::warn!(migration = %rec.id, reason = %why,
+            "the source is lost after the hand-over: taking the leases over");
+        match take_over(agent, rec).await {
             Ok(()) => {
-                flipped.push(v.clone());
-                let _ = agent.update_migration(&rec.id, |r| r.flipped = flipped.clone());
-            }
-            Err(source) => {
-                // The source kept (or took back) this volume: give the others back, give up.
-                for f in flipped.iter().rev() {
-                    let _ = leases.rollback(f).await;
+                drop(_d);
+                if let Err(e) = resume(agent, &rec.id).await {
+                    tracing::error!(migration = %rec.id, error = %error_chain(&e),
+                        "resuming after taking over");
                 }
-                let volume = v.clone();
-                let refused = DestinationError::TakeOverRefused { volume, source };
-                let why = format!("{why}; {}", error_chain(&refused));
-                let _ = abort_locked(agent, &rec.id, &why).await;
                 return;
             }
+            Err(refused) => Some(refused),
+        }
+    };
+    let why = match refusal {
+        Some(e) => format!("{why}; {}", error_chain(&e)),
+        None => why.to_string(),
+    };
+    if let Err(e) = abort_locked(agent, &rec.id, &why).await {
+        tracing::warn!(migration = %rec.id, error = %error_chain(&e), "abandoning");
+    }
+}
+
+/// Flips every volume here with the group flip conditional on the source's recorded epochs;
+/// a refusal or a lost answer is read back (primary on every volume is success, whoever
+/// flipped). Retried while storaged does not answer.
+async fn take_over(agent: &Arc<Agent>, rec: &MigrationRecord) -> Result<(), DestinationError> {
+    let me = &agent.cfg.host_id;
+    if rec.volumes.is_empty() {
+        return Ok(());
+    }
+    let volumes = leases::named(&rec.volumes, &rec.epochs).ok_or(DestinationError::NoEpochs)?;
+    let req = GroupFlipRequest {
+        from: rec.source.clone(),
+        to: me.clone(),
+        volumes,
+        migration: Some(rec.id.clone()),
+    };
+    let api = agent.storaged();
+    loop {
+        let failed = match api.flip_group(&req).await {
+            Ok(_) => break,
+            Err(e) => e,
+        };
+        tracing::warn!(migration = %rec.id, error = %error_chain(&failed),
+            "taking the leases over failed; reading them back");
+        let views = leases::read_until_known(&api, &rec.volumes, |attempt, e| {
+            tracing::warn!(migration = %rec.id, attempt, error = %error_chain(e),
+                "reading the leases: storaged did not answer; retrying")
+        })
+        .await;
+        match Holding::of(&views, me) {
+            Holding::Destination => break,
+            _ if leases::refused(&failed) => {
+                return Err(DestinationError::TakeOverRefused(failed));
+            }
+            _ => tokio::time::sleep(leases::RETRY).await,
         }
     }
-    drop(_d);
-    if let Err(e) = resume(agent, &rec.id).await {
-        tracing::error!(migration = %rec.id, error = %error_chain(&e),
-            "resuming after taking over");
-    }
+    let _ = agent.update_migration(&rec.id, |r| {
+        r.flipped = r.volumes.clone();
+        r.note("every volume is this host's");
+    });
+    Ok(())
 }

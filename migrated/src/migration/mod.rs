@@ -3,7 +3,19 @@
 //! that of the host it goes to ([`destination`]).
 //!
 //! The source drives; the destination follows and watches the source. Storage (storaged) is
-//! the arbiter: a volume's lease is held by one host at a time and moves with a flip.
+//! the arbiter: a volume's lease is held by one host at a time and moves with a flip, and a
+//! guest's volumes move together: each side changes them only with storaged's operations on
+//! the whole set ([`leases`]), each conditional, so that exactly one side can win whatever is
+//! cut:
+//! - the flip (the source's, or the destination's take-over) promotes the destination only if
+//!   the source still holds every volume at the epochs recorded when the migration began;
+//! - the source's abort resumes the guest only after storaged ended the destination's standby
+//!   leases on every volume (refused if the destination is primary on any), which also moves
+//!   every epoch, so no flip can promote the destination afterwards;
+//! - a side that gets no answer, or a refusal, reads the leases back before it decides: the
+//!   destination primary on every volume means it won (the source stays paused and has it
+//!   resume), anything else is retried or decided by the next conditional operation. While
+//!   storaged cannot be reached the guest stays paused and the record says so.
 //!
 //! ```text
 //!  operator      source migrated            source VMM        dest migrated / VMM     storaged
@@ -16,7 +28,7 @@
 //!     |                 GET /v1/incoming/{id} every second ----->
 //!     |                                                   <------ GET /v1/migrations/{id}
 //!     |                                                           (the watch, every 500 ms)
-//!     |               handed-over, flipping ----------------------------------------> flip (each volume)
+//!     |               handed-over, flipping ----------------------------------------> group flip
 //!     |               flipped, resuming ----------------------> POST /v1/incoming/{id}/resume
 //!     |                                                          resuming, completed
 //!     |               cleanup --------------> PUT vm/shutdown
@@ -26,11 +38,13 @@
 //!
 //! Each phase is written to the store before its action is taken, so a restarted migrated
 //! ([`crate::recovery`]) knows what may have happened. Before `flipped` every failure aborts:
-//! volumes already flipped are rolled back, the destination's standby leases are revoked (so it
-//! can no longer take over), the destination is told to abort and the source VMM resumes.
-//! From `flipped` on the guest may only continue on the destination. A destination that loses
-//! the source after its VMM holds the whole state takes the leases over itself.
+//! the destination's standby leases are revoked (so it can no longer take over), the
+//! destination is told to abort and the source VMM resumes; unless storaged shows that the
+//! destination won, and then the migration goes on to completion. From `flipped` on the guest
+//! may only continue on the destination. A destination that loses the source after its VMM
+//! holds the whole state takes the leases over itself, with the same conditional flip.
 
 pub mod destination;
+pub mod leases;
 pub mod record;
 pub mod source;

@@ -182,6 +182,11 @@ pub struct MigrationRecord {
     pub volumes: Vec<String>,
     /// Volumes whose lease was flipped to the destination.
     pub flipped: Vec<String>,
+    /// The epoch at which the source held each volume's primary lease when the migration
+    /// began: the condition of the flip, whichever side makes it, so that a flip can no longer
+    /// happen once the source revoked the destination's standby leases (which moves them).
+    #[serde(default)]
+    pub epochs: std::collections::BTreeMap<String, u64>,
     /// Steps taken.
     pub steps: Vec<Step>,
     /// Start (ms since the epoch).
@@ -255,6 +260,7 @@ impl MigrationRecord {
             stream_addr: None,
             volumes,
             flipped: Vec::new(),
+            epochs: Default::default(),
             steps: Vec::new(),
             started_ms: crate::now_ms(),
             ended_ms: None,

@@ -2,10 +2,14 @@
 //! host drives, one task per migration, through the phases of [`super::record::Phase`] (see
 //! the sequence diagram in [`super`]).
 //!
-//! Each phase is written to the store before its action. Before `flipped` every failure
-//! aborts: volumes already flipped are rolled back, the destination's standby leases are
-//! revoked (so it can no longer take over), the destination is told to abort and the source
-//! VMM resumes. From `flipped` on the guest may only continue on the destination.
+//! Each phase is written to the store before its action. The flip is one group flip of every
+//! volume, conditional on this host holding each at the epoch recorded in `created`. Before
+//! `flipped` every failure aborts: the source resumes only once storaged confirmed, with a group
+//! revoke, that the destination can no longer become primary; if storaged shows the destination
+//! primary on every volume instead, the destination won and the migration goes on (the source
+//! stays paused and has the destination resume). When storaged does not answer, the source reads
+//! the leases again and retries instead of guessing; the guest stays paused meanwhile. From
+//! `flipped` on the guest may only continue on the destination.
 //!
 //! Failures are [`SourceError`]s until they become the record's `error` text and a log line
 //! (in [`Source::finish`]); the refusals of [`start`] are answered to the API.
@@ -14,10 +18,13 @@ use crate::agent::{Agent, AgentError};
 use crate::api::{ErrorKind, IncomingRequest, MigrateRequest};
 use crate::client::MigratedClient;
 use crate::instance::{InstanceRecord, InstanceState};
+use crate::migration::leases::{self, Holding};
 use crate::migration::record::{MigrationRecord, Phase, Progress, Role};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use storaged_client::api::LeaseState;
+use storaged_client::api::{
+    GroupFlipRequest, GroupRevokeRequest, GroupRollbackRequest, LeaseState,
+};
 use storaged_client::rest::StoragedApi;
 use thiserror::Error;
 use vmhop_common::error::chain as error_chain;
@@ -128,15 +135,27 @@ pub enum SourceError {
         #[source]
         source: HttpError,
     },
-    /// storaged refused to flip a volume's lease to the destination.
-    #[error("volume {volume}: flip refused")]
-    FlipRefused {
+    /// The guest's leases could not be read.
+    #[error("reading the leases of the guest's volumes")]
+    Leases(#[source] HttpError),
+    /// This host does not hold a volume of the guest as primary.
+    #[error("volume {volume}: this host holds {}, not the primary lease",
+        .state.map_or("no lease".to_string(), |s| format!("a {s:?} lease")))]
+    NotPrimary {
         /// The volume.
         volume: String,
-        /// Cause.
-        #[source]
-        source: HttpError,
+        /// What this host holds.
+        state: Option<LeaseState>,
     },
+    /// The migration was recorded without the lease epochs its flip is conditional on.
+    #[error("no lease epochs recorded for the flip")]
+    NoEpochs,
+    /// storaged refused to flip the volumes' leases to the destination.
+    #[error("flip refused")]
+    FlipRefused(#[source] HttpError),
+    /// The flip's answer did not come, and the leases show that it did not happen.
+    #[error("the flip was not confirmed, and the destination holds no volume")]
+    FlipUnconfirmed(#[source] HttpError),
     /// The destination did not confirm that the guest runs there.
     #[error("the destination did not confirm the resume")]
     ResumeUnconfirmed(#[source] HttpError),
@@ -146,30 +165,16 @@ pub enum SourceError {
     /// migrated restarted in a phase from which the migration cannot go on.
     #[error("migrated restarted during {0:?}")]
     Restarted(Phase),
-    /// migrated restarted during the flips and storaged did not tell which had happened.
-    #[error("migrated restarted during {phase:?}; reading the leases")]
-    LeasesUnknown {
-        /// The phase.
-        phase: Phase,
-        /// Cause.
-        #[source]
-        source: HttpError,
-    },
     /// A rollback was under way (its recorded reason).
     #[error("{0}")]
     RollingBack(String),
-    /// Rolling a flipped volume back failed.
-    #[error("then the rollback of volume {volume} failed")]
-    RollbackFailed {
-        /// The volume.
-        volume: String,
-        /// Cause.
-        #[source]
-        source: HttpError,
-    },
-    /// The destination took a volume over while the source aborted.
-    #[error("but the destination holds volume {0}: the source cannot resume")]
-    DestinationHolds(String),
+    /// storaged refused to end the destination's standby leases although the destination is
+    /// primary on none of the volumes: this host does not hold them all.
+    #[error("storaged refused to fence the destination off; the source stays paused")]
+    FenceRefused(#[source] HttpError),
+    /// The destination holds some of the volumes and their flips cannot be undone.
+    #[error("but the destination holds volumes {0} and storaged refused to roll them back; the source stays paused")]
+    DestinationHolds(String, #[source] HttpError),
 }
 
 impl SourceError {
@@ -181,9 +186,11 @@ impl SourceError {
             }
             SourceError::NotRunning { .. } | SourceError::VmmBusy(_) => ErrorKind::Conflict,
             SourceError::Agent(e) => e.kind(),
-            SourceError::NoStreamAddr | SourceError::Restarted(_) | SourceError::RollingBack(_) => {
-                ErrorKind::Internal
-            }
+            SourceError::NoStreamAddr
+            | SourceError::Restarted(_)
+            | SourceError::RollingBack(_)
+            | SourceError::NoEpochs => ErrorKind::Internal,
+            SourceError::NotPrimary { .. } => ErrorKind::Conflict,
             SourceError::Unreachable { .. }
             | SourceError::WrongHost { .. }
             | SourceError::Vmm(_)
@@ -192,12 +199,13 @@ impl SourceError {
             | SourceError::VmmLost(_)
             | SourceError::DestinationGaveUp(_)
             | SourceError::DestinationLost { .. }
-            | SourceError::FlipRefused { .. }
+            | SourceError::Leases(_)
+            | SourceError::FlipRefused(_)
+            | SourceError::FlipUnconfirmed(_)
             | SourceError::ResumeUnconfirmed(_)
             | SourceError::VmmStays(_)
-            | SourceError::LeasesUnknown { .. }
-            | SourceError::RollbackFailed { .. }
-            | SourceError::DestinationHolds(_) => ErrorKind::BadGateway,
+            | SourceError::FenceRefused(_)
+            | SourceError::DestinationHolds(..) => ErrorKind::BadGateway,
         }
     }
 }
@@ -318,15 +326,19 @@ impl Source {
         self.finish(outcome).await;
     }
 
-    /// Ends the task: a failure before the flip aborts, after it fails for the operator.
-    async fn finish(mut self, outcome: Result<(), SourceError>) {
-        let Err(err) = outcome else { return };
-        let reason = error_chain(&err);
-        let phase = self.rec().map(|r| r.phase).unwrap_or(Phase::Failed);
-        if phase.past_point_of_no_return() {
-            self.fail(&reason);
-        } else if phase != Phase::Aborted && phase != Phase::Failed {
-            self.abort(&reason).await;
+    /// Ends the task: a failure before the flip aborts, after it fails for the operator. An
+    /// abort that finds the destination the winner drives the migration on to its end.
+    async fn finish(mut self, mut outcome: Result<(), SourceError>) {
+        while let Err(err) = outcome {
+            let reason = error_chain(&err);
+            let phase = self.rec().map(|r| r.phase).unwrap_or(Phase::Failed);
+            if phase.past_point_of_no_return() {
+                return self.fail(&reason);
+            }
+            if phase.is_terminal() || self.abort(&reason).await == AbortEnd::Done {
+                return;
+            }
+            outcome = self.drive().await;
         }
     }
 
@@ -343,20 +355,12 @@ impl Source {
                 Err(SourceError::Restarted(rec.phase))
             }
             Phase::HandedOver | Phase::Flipping => {
-                // Which leases did the destination get before the restart?
-                let flipped = self.flipped_volumes(&rec).await.map_err(|source| {
-                    SourceError::LeasesUnknown {
-                        phase: rec.phase,
-                        source,
-                    }
-                })?;
-                let all = flipped.len() == rec.volumes.len();
-                let _ = self.modify(|r| r.flipped = flipped);
-                if !all {
+                // Did the flip happen before the restart (or the destination take over)?
+                if self.holding(&rec).await != Holding::Destination {
                     return Err(SourceError::Restarted(rec.phase));
                 }
                 let note = format!("migrated restarted during {:?}", rec.phase);
-                self.set(Phase::Flipped, format!("{note}: every lease had flipped"))?;
+                self.flipped(format!("{note}: the destination holds every volume"))?;
                 self.drive().await
             }
             Phase::RollingBack => {
@@ -368,14 +372,37 @@ impl Source {
         }
     }
 
-    async fn flipped_volumes(&self, rec: &MigrationRecord) -> Result<Vec<String>, HttpError> {
-        let mut out = Vec::new();
-        for v in &rec.volumes {
-            if self.leases.state_of(v, &rec.destination).await? == Some(LeaseState::Primary) {
-                out.push(v.clone());
-            }
+    /// Who holds the guest's volumes, read until storaged answers (each failed read is noted
+    /// in the log, the first also in the record: the guest waits paused).
+    async fn holding(&self, rec: &MigrationRecord) -> Holding {
+        let views = leases::read_until_known(&self.leases, &rec.volumes, |n, e| {
+            self.waiting_for_storaged(n, "reading the leases", e)
+        })
+        .await;
+        Holding::of(&views, &rec.destination)
+    }
+
+    /// Records that a decision waits for storaged (`attempt` from 1; the record hears of the
+    /// first failure, the log of every one).
+    fn waiting_for_storaged(&self, attempt: u32, what: &str, e: &HttpError) {
+        let error = error_chain(e);
+        tracing::warn!(migration = %self.id, attempt, error = %error,
+            "{what}: storaged did not answer; the guest stays paused, retrying");
+        if attempt == 1 {
+            let _ = self.modify(|r| {
+                r.note(format!(
+                    "{what}: storaged did not answer ({error}); the guest stays paused until it does"
+                ))
+            });
         }
-        Ok(out)
+    }
+
+    /// Records that the destination holds every volume: the migration is past the flip.
+    fn flipped(&self, note: String) -> Result<MigrationRecord, AgentError> {
+        self.modify(|r| {
+            r.flipped = r.volumes.clone();
+            r.step(Phase::Flipped, note);
+        })
     }
 
     async fn drive(&mut self) -> Result<(), SourceError> {
@@ -435,8 +462,17 @@ impl Source {
         if status.phase != VmmPhase::Idle && !status.phase.is_final() {
             return Err(SourceError::VmmBusy(status.phase));
         }
+        // The flip is conditional on this host holding every volume at these epochs.
+        let views = self
+            .leases
+            .leases_of(&rec.volumes)
+            .await
+            .map_err(SourceError::Leases)?;
+        let epochs = leases::primary_epochs(&views, &self.agent.cfg.host_id)
+            .map_err(|(volume, state)| SourceError::NotPrimary { volume, state })?;
         self.modify(|r| {
             r.destination = host.host_id.clone();
+            r.epochs = epochs;
             r.step(Phase::Preparing, "destination reachable, source VMM ready");
         })?;
         Ok(())
@@ -451,6 +487,7 @@ impl Source {
             source_addr: self.agent.cfg.listen.to_string(),
             config: inst.config.clone(),
             params: rec.params,
+            epochs: rec.epochs.clone(),
         };
         let ready = self.peer.prepare_incoming(&req).await.map_err(|source| {
             SourceError::PrepareFailed {
@@ -546,35 +583,54 @@ impl Source {
         }
     }
 
-    /// flipping: every volume's lease goes to the destination.
+    /// flipping: every volume's lease goes to the destination, in one group flip conditional
+    /// on this host holding each at the recorded epoch. A refusal or a lost answer is read back:
+    /// the destination primary everywhere means the flip happened (ours, or its take-over).
     async fn flip(&mut self, rec: &MigrationRecord) -> Result<(), SourceError> {
         let t = Instant::now();
-        for v in &rec.volumes {
-            if rec.flipped.contains(v) {
-                continue;
+        let volumes = leases::named(&rec.volumes, &rec.epochs).ok_or(SourceError::NoEpochs)?;
+        let req = GroupFlipRequest {
+            from: self.agent.cfg.host_id.clone(),
+            to: rec.destination.clone(),
+            volumes,
+            migration: Some(rec.id.clone()),
+        };
+        let note = if rec.volumes.is_empty() {
+            "no storaged volume to flip".to_string()
+        } else {
+            match self.leases.flip_group(&req).await {
+                Ok(report) => {
+                    self.modify(|r| {
+                        for (v, rep) in &report.volumes {
+                            r.note(format!(
+                                "volume {v}: lease flipped to {} (epoch {}, {} us)",
+                                rec.destination, rep.epoch, rep.total_us
+                            ));
+                        }
+                    })?;
+                    "every lease belongs to the destination".to_string()
+                }
+                Err(e) => {
+                    let _ = self.modify(|r| {
+                        r.note(format!(
+                            "the flip failed ({}): reading the leases back",
+                            error_chain(&e)
+                        ))
+                    });
+                    match self.holding(rec).await {
+                        Holding::Destination => {
+                            "the destination holds every volume (the flip's answer was lost, or it took them over)".to_string()
+                        }
+                        _ if leases::refused(&e) => return Err(SourceError::FlipRefused(e)),
+                        _ => return Err(SourceError::FlipUnconfirmed(e)),
+                    }
+                }
             }
-            let report = self
-                .leases
-                .flip_to(v, &rec.destination)
-                .await
-                .map_err(|source| SourceError::FlipRefused {
-                    volume: v.clone(),
-                    source,
-                })?;
-            self.modify(|r| {
-                r.flipped.push(v.clone());
-                r.note(format!(
-                    "volume {v}: lease flipped to {} (epoch {}, {} us)",
-                    rec.destination, report.epoch, report.total_us
-                ));
-            })?;
-        }
+        };
         self.flip_ms += t.elapsed().as_millis() as u64;
         let flip_ms = self.flip_ms;
-        self.modify(|r| {
-            r.figures.flip_ms = flip_ms;
-            r.step(Phase::Flipped, "every lease belongs to the destination");
-        })?;
+        self.modify(|r| r.figures.flip_ms = flip_ms)?;
+        self.flipped(note)?;
         Ok(())
     }
 
@@ -685,60 +741,48 @@ impl Source {
         self.fail(&format!("{reason}; {}", error_chain(&then)));
     }
 
-    /// The abort path: roll back, fence the destination off, resume the source.
-    async fn abort(&mut self, reason: &str) {
+    /// The abort path: fence the destination off, have it abort, resume the source; or, when
+    /// storaged shows that the destination won, go on as the destination's migration.
+    async fn abort(&mut self, reason: &str) -> AbortEnd {
+        let Ok(before) = self.rec() else {
+            return AbortEnd::Done;
+        };
         let Ok(rec) = self.modify(|r| {
             r.error = Some(reason.to_string());
             r.step(Phase::RollingBack, reason.to_string());
         }) else {
-            return;
+            return AbortEnd::Done;
         };
-        for v in rec.flipped.iter().rev() {
-            match self.leases.rollback(v).await {
-                Ok(rep) => {
-                    let _ = self.modify(|r| {
-                        r.flipped.retain(|f| f != v);
-                        r.note(format!(
-                            "volume {v}: lease rolled back (epoch {})",
-                            rep.epoch
-                        ));
-                    });
+        // Once the destination was asked to prepare it may hold standby leases and the state.
+        let prepared = before.phase != Phase::Created && !rec.destination.is_empty();
+        if prepared && !rec.volumes.is_empty() {
+            match self.fence_destination(&rec).await {
+                Ok(Fence::Done) => {}
+                Ok(Fence::DestinationWon) => {
+                    let note = format!(
+                        "{reason}; but the destination holds every volume: it won, the source stays paused"
+                    );
+                    tracing::warn!(migration = %rec.id, reason = %reason,
+                        "the destination holds every volume: it won; the source stays paused");
+                    let _ = self.modify(|r| r.error = None);
+                    return match self.flipped(note) {
+                        Ok(_) => AbortEnd::DestinationWon,
+                        Err(_) => AbortEnd::Done,
+                    };
                 }
-                Err(source) => {
-                    let volume = v.clone();
-                    return self.fail_abort(reason, SourceError::RollbackFailed { volume, source });
+                Err(e) => {
+                    self.fail_abort(reason, e);
+                    return AbortEnd::Done;
                 }
-            }
-        }
-        // The destination may not take over once we resume: end its standby leases, and make
-        // sure we still hold every volume. The revoke is conditional, so a destination that
-        // took a volume over at this very moment keeps it (and the source does not resume).
-        for v in &rec.volumes {
-            let refused = match self
-                .leases
-                .revoke_host(v, &rec.destination, Some(LeaseState::Standby))
-                .await
-            {
-                Ok(_) => continue,
-                Err(e) => e,
-            };
-            match self.leases.state_of(v, &rec.destination).await {
-                Ok(Some(LeaseState::Primary)) => {
-                    return self.fail_abort(reason, SourceError::DestinationHolds(v.clone()))
-                }
-                Ok(None | Some(LeaseState::Deactivated)) => {}
-                Ok(Some(LeaseState::Standby)) => tracing::warn!(migration = %rec.id,
-                    volume = %v, error = %error_chain(&refused),
-                    "revoking the destination's standby lease"),
-                Err(e) => tracing::warn!(migration = %rec.id, volume = %v,
-                    error = %error_chain(&e), "reading the leases during the abort"),
             }
         }
         if let Err(e) = self.peer.abort_incoming(&rec.id).await {
             tracing::info!(migration = %rec.id, error = %error_chain(&e),
                 "the destination did not take the abort (it may be gone)");
         }
-        let Ok(inst) = self.inst() else { return };
+        let Ok(inst) = self.inst() else {
+            return AbortEnd::Done;
+        };
         let vmm = self.agent.vmm(&inst);
         if let Err(e) = vmm.abort().await {
             tracing::debug!(migration = %rec.id, error = %error_chain(&e),
@@ -762,5 +806,85 @@ impl Source {
             (false, _) => "the source VMM is gone".to_string(),
         };
         let _ = self.modify(|r| r.step(Phase::Aborted, note));
+        AbortEnd::Done
     }
+
+    /// Has storaged end the destination's standby leases on every volume (one group revoke,
+    /// refused if the destination is primary on any, and only while this host is primary on
+    /// all), which also moves every epoch: after it the destination can no longer become
+    /// primary, and the source may resume. Retried while storaged does not answer; a refusal
+    /// is read back: the destination primary everywhere won; primary on some, those flips are
+    /// rolled back (each named by its epoch) and the revoke is tried again.
+    async fn fence_destination(&self, rec: &MigrationRecord) -> Result<Fence, SourceError> {
+        let req = GroupRevokeRequest {
+            host: rec.destination.clone(),
+            volumes: rec.volumes.clone(),
+            primary: Some(self.agent.cfg.host_id.clone()),
+            migration: Some(rec.id.clone()),
+        };
+        for attempt in 1.. {
+            let refusal = match self.leases.revoke_group(&req).await {
+                Ok(views) => {
+                    let epochs: Vec<String> = views
+                        .iter()
+                        .map(|v| format!("{} at epoch {}", v.volume, v.epoch))
+                        .collect();
+                    let _ = self.modify(|r| {
+                        r.note(format!(
+                            "the destination can no longer take over: its standby leases ended ({})",
+                            epochs.join(", ")
+                        ))
+                    });
+                    return Ok(Fence::Done);
+                }
+                Err(e) => e,
+            };
+            let refused = leases::refused(&refusal);
+            if !refused {
+                self.waiting_for_storaged(attempt, "fencing the destination off", &refusal);
+            }
+            match self.holding(rec).await {
+                Holding::Destination => return Ok(Fence::DestinationWon),
+                Holding::Split(flipped) if refused => {
+                    let undo = GroupRollbackRequest {
+                        primary: rec.destination.clone(),
+                        volumes: flipped.clone(),
+                        migration: Some(rec.id.clone()),
+                    };
+                    let names: Vec<&str> = flipped.iter().map(|v| v.volume.as_str()).collect();
+                    match self.leases.rollback_group(&undo).await {
+                        Ok(_) => {
+                            let _ = self.modify(|r| {
+                                r.note(format!("volumes {}: flips rolled back", names.join(", ")))
+                            });
+                        }
+                        Err(e) if leases::refused(&e) => {
+                            return Err(SourceError::DestinationHolds(names.join(", "), e))
+                        }
+                        Err(e) => self.waiting_for_storaged(attempt, "rolling back", &e),
+                    }
+                }
+                _ if refused => return Err(SourceError::FenceRefused(refusal)),
+                _ => tokio::time::sleep(leases::RETRY).await,
+            }
+        }
+        unreachable!("the attempts never run out")
+    }
+}
+
+/// How [`Source::abort`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AbortEnd {
+    /// Aborted, or failed for the operator: the task is over.
+    Done,
+    /// storaged shows the destination primary on every volume: the migration goes on.
+    DestinationWon,
+}
+
+/// What fencing the destination off found.
+enum Fence {
+    /// storaged ended its standby leases: it can no longer become primary.
+    Done,
+    /// It is primary on every volume.
+    DestinationWon,
 }

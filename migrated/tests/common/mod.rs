@@ -1,6 +1,9 @@
 //! What migrated's integration tests share: an in-process storaged (NBD listener and REST API
 //! on ephemeral 127.0.0.1 ports) with small volumes, stopped when dropped; lease connections to
-//! it; the test guest `vm1` on its volumes.
+//! it; the test guest `vm1` on its volumes; and ([`hosts`]) two agents with the real VMM whose
+//! links to each other and to storaged a test can cut.
+
+pub mod hosts;
 
 use axum::Router;
 use migrated::config::{DiskSpec, InstanceConfig};
@@ -22,6 +25,9 @@ pub struct Storage {
     /// binary compiles this module on its own).
     #[allow(dead_code)]
     pub reg: Arc<Registry>,
+    /// Its REST API's routes, to serve again behind a link a test can cut ([`hosts`]).
+    #[allow(dead_code)]
+    pub router: Router,
     _stop: tokio::sync::watch::Sender<bool>,
 }
 
@@ -39,10 +45,12 @@ pub async fn storage(
     let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (tx, rx) = tokio::sync::watch::channel(false);
+    let router = extra(reg.clone()).merge(storaged::api::router(reg.clone()));
     let s = Storage {
         api: api.local_addr().unwrap().to_string(),
         nbd: nbd.local_addr().unwrap().to_string(),
         reg: reg.clone(),
+        router: router.clone(),
         _stop: tx,
     };
     tokio::spawn(storaged::server::run(
@@ -52,7 +60,6 @@ pub async fn storage(
         rx,
         Duration::from_secs(1),
     ));
-    let router = extra(reg.clone()).merge(storaged::api::router(reg));
     tokio::spawn(async move { axum::serve(api, router).await });
     s
 }

@@ -11,8 +11,18 @@
 //! | PUT | /v1/volumes/{id}/access | [`VolumeAccess`] | [`VolumeInfo`] |
 //! | GET | /v1/volumes/{id}/leases | | [`LeaseView`] |
 //! | POST | /v1/volumes/{id}/flip | [`FlipRequest`] | [`FlipReport`] (or 202 [`ArmedFlip`]) |
-//! | POST | /v1/volumes/{id}/rollback | | [`FlipReport`] |
+//! | POST | /v1/volumes/{id}/rollback | [`RollbackRequest`] | [`FlipReport`] |
 //! | POST | /v1/volumes/{id}/leases/revoke | [`RevokeRequest`] | [`LeaseView`] |
+//! | DELETE | /v1/volumes/{id}/flip`[?migration=ID]` | | [`LeaseView`] (the armed flip cancelled) |
+//! | POST | /v1/leases/flip | [`GroupFlipRequest`] | [`GroupFlipReport`] |
+//! | POST | /v1/leases/revoke | [`GroupRevokeRequest`] | `[LeaseView]` |
+//! | POST | /v1/leases/rollback | [`GroupRollbackRequest`] | [`GroupFlipReport`] |
+//!
+//! The `/v1/leases/*` routes change the leases of a set of volumes (a guest's) as one decision:
+//! storaged takes the volumes' lease locks in name order, checks every volume's condition, and
+//! applies and persists all the changes in one durable transaction before it answers, or
+//! changes none (409, the error names the volume that refused). They are what a migration
+//! coordinator uses, so that per-volume decisions can never split a guest between two hosts.
 //!
 //! Errors are [`ErrorBody`] with 400 (bad input), 401 (no or wrong cluster token), 404 (no
 //! such volume), 409 (refused by the lease state machine, or busy) or 500. The client is
@@ -187,6 +197,9 @@ pub struct LeaseView {
     pub flip_pending: bool,
     /// Rollback is possible.
     pub can_roll_back: bool,
+    /// The armed flip, if one is pending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub armed: Option<ArmedFlipInfo>,
 }
 
 impl LeaseView {
@@ -260,6 +273,9 @@ pub struct FlipRequest {
     /// For armed flips: deadline in ms (default: the volume's `flip_timeout_ms`, else 30000).
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// For armed flips: the migration it belongs to (only that migration may cancel it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<String>,
 }
 
 /// Answer to an armed flip.
@@ -286,6 +302,95 @@ pub struct RevokeRequest {
 pub struct ErrorBody {
     /// What went wrong.
     pub error: String,
+}
+
+// ---- Lease changes of a set of volumes, and rollbacks that name what they undo ----
+
+/// A volume and an epoch of its lease table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeEpoch {
+    /// The volume.
+    pub volume: String,
+    /// The epoch.
+    pub epoch: u64,
+}
+
+/// Body of `POST /v1/leases/flip`: promote `to`'s standby lease on every volume, only if `from`
+/// holds the primary lease on each at the epoch named (its lease is deactivated).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupFlipRequest {
+    /// The host that must be primary on every volume.
+    pub from: String,
+    /// The host whose standby lease becomes primary on every volume.
+    pub to: String,
+    /// The volumes, each with the epoch at which `from` must be primary.
+    pub volumes: Vec<VolumeEpoch>,
+    /// The migration this flip belongs to (logged with every lease change).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<String>,
+}
+
+/// Answer of `POST /v1/leases/flip` and `POST /v1/leases/rollback`: each volume's report (its
+/// new epoch, the requests drained on it; the step timings are the whole change's).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupFlipReport {
+    /// By volume.
+    pub volumes: std::collections::BTreeMap<String, FlipReport>,
+}
+
+/// Body of `POST /v1/leases/revoke`: end `host`'s standby leases on every volume, only if
+/// `host` is primary on none of them (and, when named, `primary` is primary on every one).
+/// A volume where `host` holds no lease, or a deactivated one, keeps it as it is. Every
+/// volume's epoch moves, so that a flip conditional on an earlier epoch
+/// ([`GroupFlipRequest`]) fails from then on, even if `host` connects as standby again: after
+/// this answer, `host` cannot become primary through such a flip.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRevokeRequest {
+    /// The host whose standby leases end.
+    pub host: String,
+    /// The volumes.
+    pub volumes: Vec<String>,
+    /// A host that must hold the primary lease on every volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary: Option<String>,
+    /// The migration this revoke belongs to (logged with every lease change).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<String>,
+}
+
+/// Body of `POST /v1/volumes/{id}/rollback`: undo the flip that made `primary` the primary at
+/// `epoch`; refused (409) if the volume moved on since (another epoch or another primary).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackRequest {
+    /// The epoch the flip being undone produced.
+    pub epoch: u64,
+    /// The host that flip made primary.
+    pub primary: String,
+}
+
+/// Body of `POST /v1/leases/rollback`: undo, on every volume, the flip that made `primary` the
+/// primary at the epoch named, or on none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRollbackRequest {
+    /// The host the flips made primary.
+    pub primary: String,
+    /// The volumes, each with the epoch its flip produced.
+    pub volumes: Vec<VolumeEpoch>,
+    /// The migration this rollback belongs to (logged with every lease change).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<String>,
+}
+
+/// An armed flip, as the lease view shows it. It fires only while the volume is at `epoch`:
+/// any lease change (a flip, a rollback, a revoke) disarms it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArmedFlipInfo {
+    /// The standby host it promotes (none: the only standby).
+    pub to: Option<String>,
+    /// The migration it belongs to.
+    pub migration: Option<String>,
+    /// The epoch it was armed at.
+    pub epoch: u64,
 }
 
 #[cfg(test)]

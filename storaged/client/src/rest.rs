@@ -2,7 +2,8 @@
 //! migrated and the tests use to manage volumes and leases. Every call has a deadline.
 
 use crate::api::{
-    ArmedFlip, FlipReport, FlipRequest, LeaseState, LeaseView, RevokeRequest, VolumeAccess,
+    ArmedFlip, FlipReport, FlipRequest, GroupFlipReport, GroupFlipRequest, GroupRevokeRequest,
+    GroupRollbackRequest, LeaseState, LeaseView, RevokeRequest, RollbackRequest, VolumeAccess,
     VolumeConfig, VolumeInfo,
 };
 use hyper::Method;
@@ -125,10 +126,65 @@ impl StoragedApi {
             .await
     }
 
-    /// Restores the lease table from before the last flip.
-    pub async fn rollback(&self, volume: &str) -> Result<FlipReport, HttpError> {
-        self.post(&format!("/v1/volumes/{volume}/rollback"), None::<&()>)
+    /// Undoes the flip that made `req.primary` primary at `req.epoch` (refused if the volume
+    /// moved on since).
+    pub async fn rollback(
+        &self,
+        volume: &str,
+        req: &RollbackRequest,
+    ) -> Result<FlipReport, HttpError> {
+        self.post(&format!("/v1/volumes/{volume}/rollback"), Some(req))
             .await
+    }
+
+    /// Cancels the flip armed on `volume` (with `migration`, only if that migration armed it);
+    /// nothing armed is no error.
+    pub async fn cancel_flip(
+        &self,
+        volume: &str,
+        migration: Option<&str>,
+    ) -> Result<LeaseView, HttpError> {
+        let query = migration
+            .map(|m| format!("?migration={m}"))
+            .unwrap_or_default();
+        self.http
+            .call(
+                Method::DELETE,
+                &format!("/v1/volumes/{volume}/flip{query}"),
+                None::<&()>,
+            )
+            .await
+    }
+
+    /// Flips a set of volumes as one decision (see [`GroupFlipRequest`]).
+    pub async fn flip_group(&self, req: &GroupFlipRequest) -> Result<GroupFlipReport, HttpError> {
+        self.post("/v1/leases/flip", Some(req)).await
+    }
+
+    /// Ends a host's standby leases on a set of volumes as one decision (see
+    /// [`GroupRevokeRequest`]); answers the volumes' lease views after it.
+    pub async fn revoke_group(
+        &self,
+        req: &GroupRevokeRequest,
+    ) -> Result<Vec<LeaseView>, HttpError> {
+        self.post("/v1/leases/revoke", Some(req)).await
+    }
+
+    /// Undoes the flips of a set of volumes as one decision (see [`GroupRollbackRequest`]).
+    pub async fn rollback_group(
+        &self,
+        req: &GroupRollbackRequest,
+    ) -> Result<GroupFlipReport, HttpError> {
+        self.post("/v1/leases/rollback", Some(req)).await
+    }
+
+    /// The lease views of `volumes`, read one after the other.
+    pub async fn leases_of(&self, volumes: &[String]) -> Result<Vec<LeaseView>, HttpError> {
+        let mut out = Vec::with_capacity(volumes.len());
+        for v in volumes {
+            out.push(self.leases(v).await?);
+        }
+        Ok(out)
     }
 
     /// Ends a host's lease on a volume (with `only_if`, only a lease in that state: storaged

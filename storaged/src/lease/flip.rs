@@ -10,24 +10,38 @@
 //! Then the caller acknowledges. If drain or persist fails the flip is abandoned and the old
 //! table stays in force (a drain failure also lifts the barrier again).
 //!
-//! Also here: rollback (restore the table before the last flip), revoke (terminate a host's
-//! lease), and armed flips that complete on the standby's first access or at a deadline.
+//! A flip of a set of volumes (a guest's: [`flip_group`]) runs these steps for all of them
+//! together, under all their lease locks (taken in name order, see
+//! [`Registry::get_all`]), after every volume's condition was checked, and persists all the
+//! new tables in one transaction: every volume flips or none does.
+//!
+//! Also here: rollback of a named flip (restore the table before it), revoke (terminate a
+//! host's lease), the group revoke that ends a host's standby leases on a set of volumes, and
+//! armed flips that complete on the standby's first access or at a deadline, only while the
+//! volume stays at the epoch they were armed at.
 
 use super::gate::Access;
-use super::LeaseTable;
+use super::{FlipPlan, LeaseError, LeaseTable};
 use crate::registry::{Registry, RegistryError};
 use crate::volume::{ConnEntry, PendingFlip, Volume};
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use storaged_client::api::{Holder, LeaseState};
+use storaged_client::api::{
+    GroupFlipReport, GroupFlipRequest, GroupRevokeRequest, GroupRollbackRequest, Holder,
+    LeaseState, LeaseView, VolumeEpoch,
+};
 use storaged_client::protocol::FlipReport;
+use tokio::sync::MutexGuard;
 
 /// Why a flip ran.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FlipTrigger {
     /// `POST /v1/volumes/{id}/flip`.
     Api,
+    /// `POST /v1/leases/flip`: one of a set of volumes flipped together.
+    Group,
     /// `NBD_CMD_LEASE_FLIP` on the standby connection.
     Nbd,
     /// The standby's first data command.
@@ -46,20 +60,16 @@ fn us(since: Instant) -> u64 {
 /// The connections behind a barrier, with the access each had before.
 type Fenced = Vec<(ConnEntry, Access)>;
 
-/// Raises the barrier on the connections of `host`; returns them and the number of requests
-/// that were in flight at that instant.
-fn raise_barrier(vol: &Volume, host: &str) -> (Fenced, u64) {
+/// Raises the barrier on the connections of `host`; adds them to `fenced` and returns the
+/// number of requests that were in flight at that instant.
+fn raise_barrier(vol: &Volume, host: &str, fenced: &mut Fenced) -> u64 {
     let mut inflight = 0;
-    let fenced = vol
-        .conns_of_host(host)
-        .into_iter()
-        .map(|c| {
-            let before = c.gate.access();
-            inflight += c.gate.set_access(Access::Fenced);
-            (c, before)
-        })
-        .collect();
-    (fenced, inflight)
+    for c in vol.conns_of_host(host) {
+        let before = c.gate.access();
+        inflight += c.gate.set_access(Access::Fenced);
+        fenced.push((c, before));
+    }
+    inflight
 }
 
 /// Waits for the fenced connections' admitted requests; on a timeout lifts the barrier again.
@@ -77,7 +87,8 @@ async fn drain(reg: &Registry, fenced: &Fenced) -> Result<(), FlipError> {
 
 /// Barrier and drain in one.
 async fn fence_host(reg: &Registry, vol: &Volume, host: &str) -> Result<u64, FlipError> {
-    let (fenced, inflight) = raise_barrier(vol, host);
+    let mut fenced = Vec::new();
+    let inflight = raise_barrier(vol, host, &mut fenced);
     drain(reg, &fenced).await?;
     Ok(inflight)
 }
@@ -103,6 +114,61 @@ fn set_host_access(vol: &Volume, host: &str, access: Access) {
     }
 }
 
+/// Disarms the flip armed on `vol`; returns whether one was.
+fn disarm(vol: &Volume) -> bool {
+    vol.pending.lock().expect("pending lock").take().is_some()
+}
+
+/// Takes the lease locks of `vols` (in name order: [`Registry::get_all`] sorted them).
+async fn lock_all(vols: &[Arc<Volume>]) -> Vec<MutexGuard<'_, ()>> {
+    let mut guards = Vec::with_capacity(vols.len());
+    for v in vols {
+        guards.push(v.lease_lock.lock().await);
+    }
+    guards
+}
+
+/// The volumes of a change of a set (in lock order), and the epoch it names for each.
+type VolumesAt<'a> = (Vec<Arc<Volume>>, BTreeMap<&'a str, u64>);
+
+/// The volumes a change of a set names (in lock order), with the epoch it names for each.
+fn volumes_at<'a>(reg: &Registry, volumes: &'a [VolumeEpoch]) -> Result<VolumesAt<'a>, FlipError> {
+    let names: Vec<String> = volumes.iter().map(|v| v.volume.clone()).collect();
+    let epochs = volumes
+        .iter()
+        .map(|v| (v.volume.as_str(), v.epoch))
+        .collect();
+    Ok((reg.get_all(&names)?, epochs))
+}
+
+/// Decides a change on each volume with `decide` (under their locks): all of them, each with
+/// its volume, or the first refusal, with the volume that refused.
+fn decide_all<T>(
+    vols: &[Arc<Volume>],
+    mut decide: impl FnMut(&Volume, &LeaseTable) -> Result<T, LeaseError>,
+) -> Result<Vec<(Arc<Volume>, T)>, FlipError> {
+    vols.iter()
+        .map(|v| match decide(v, &v.table()) {
+            Ok(change) => Ok((v.clone(), change)),
+            Err(source) => Err(RegistryError::Refused {
+                volume: v.config.name.clone(),
+                source,
+            }),
+        })
+        .collect()
+}
+
+/// The reports of a change of a set, by volume (`reports` in the order of `changes`).
+fn by_volume<T>(changes: &[(Arc<Volume>, T)], reports: Vec<FlipReport>) -> GroupFlipReport {
+    GroupFlipReport {
+        volumes: changes
+            .iter()
+            .map(|(v, _)| v.config.name.clone())
+            .zip(reports)
+            .collect(),
+    }
+}
+
 /// Promotes the standby on `to` (or the only standby) to primary.
 pub async fn flip(
     reg: &Registry,
@@ -120,81 +186,196 @@ async fn flip_locked(
     to: Option<&str>,
     trigger: FlipTrigger,
 ) -> Result<FlipReport, FlipError> {
-    let start = Instant::now();
     let plan = vol.table().flip(to)?;
-    let mut rep = FlipReport::default();
+    let mut reports = apply_flips(reg, &[(vol.clone(), plan)], trigger, None).await?;
+    Ok(reports.remove(0))
+}
+
+/// `POST /v1/leases/flip`: promotes `req.to` on every volume, only if `req.from` is primary on
+/// each at the epoch named; every volume flips or none does.
+pub async fn flip_group(
+    reg: &Registry,
+    req: &GroupFlipRequest,
+) -> Result<GroupFlipReport, FlipError> {
+    let (vols, epochs) = volumes_at(reg, &req.volumes)?;
+    let _locks = lock_all(&vols).await;
+    let plans = decide_all(&vols, |v, t| {
+        t.flip_from(&req.from, epochs[v.config.name.as_str()], &req.to)
+    })?;
+    let reports = apply_flips(reg, &plans, FlipTrigger::Group, req.migration.as_deref()).await?;
+    Ok(by_volume(&plans, reports))
+}
+
+/// Runs the steps of the flip (see the module's doc) for every planned volume together; the
+/// caller holds their lease locks. Returns each volume's report, in the order of `plans`.
+async fn apply_flips(
+    reg: &Registry,
+    plans: &[(Arc<Volume>, FlipPlan)],
+    trigger: FlipTrigger,
+    migration: Option<&str>,
+) -> Result<Vec<FlipReport>, FlipError> {
+    let start = Instant::now();
+    let mut reports = vec![FlipReport::default(); plans.len()];
+    let mut step = FlipReport::default();
 
     let t = Instant::now();
-    let old_host = plan.old_primary.as_ref().map(|h| h.host.clone());
-    let (fenced, inflight) = match &old_host {
-        Some(host) => raise_barrier(vol, host),
-        None => (Vec::new(), 0),
-    };
-    rep.drained_requests = inflight;
-    rep.deactivate_us = us(t);
+    let mut fenced = Vec::new();
+    for ((vol, plan), rep) in plans.iter().zip(&mut reports) {
+        if let Some(old) = &plan.old_primary {
+            rep.drained_requests = raise_barrier(vol, &old.host, &mut fenced);
+        }
+    }
+    step.deactivate_us = us(t);
 
     let t = Instant::now();
     drain(reg, &fenced).await?;
-    if old_host.is_none() {
-        // The first primary of the volume: anonymous access "while no primary exists" ends.
-        reg.fence_anonymous(vol).await?;
+    for (vol, plan) in plans {
+        if plan.old_primary.is_none() {
+            // The first primary of the volume: anonymous access "while no primary exists" ends.
+            reg.fence_anonymous(vol).await?;
+        }
     }
-    rep.drain_us = us(t);
+    step.drain_us = us(t);
 
     let t = Instant::now();
-    if let Some(host) = &old_host {
-        disconnect_host(vol, host).await;
+    for (vol, plan) in plans {
+        if let Some(old) = &plan.old_primary {
+            disconnect_host(vol, &old.host).await;
+        }
     }
-    rep.disconnect_us = us(t);
+    step.disconnect_us = us(t);
 
     let t = Instant::now();
-    reg.commit_table(vol, plan.table.clone()).await?;
-    rep.persist_us = us(t);
+    let changes: Vec<(&Volume, LeaseTable)> = plans
+        .iter()
+        .map(|(v, p)| (v.as_ref(), p.table.clone()))
+        .collect();
+    reg.commit_tables(&changes).await?;
+    step.persist_us = us(t);
 
     let t = Instant::now();
-    for c in vol.conns_of_holder(&plan.new_primary) {
-        c.gate.set_access(Access::ReadWrite);
+    for (vol, plan) in plans {
+        for c in vol.conns_of_holder(&plan.new_primary) {
+            c.gate.set_access(Access::ReadWrite);
+        }
+        disarm(vol);
     }
-    *vol.pending.lock().expect("pending lock") = None;
-    rep.promote_us = us(t);
+    step.promote_us = us(t);
+    step.total_us = us(start);
 
-    rep.epoch = plan.table.epoch;
-    rep.total_us = us(start);
-    tracing::info!(target: "storaged::lease", volume = %vol.config.name, event = "flip",
-        trigger = ?trigger, from = ?plan.old_primary.as_ref().map(Holder::to_string),
-        to = %plan.new_primary, epoch = rep.epoch, deactivate_us = rep.deactivate_us,
-        drain_us = rep.drain_us, disconnect_us = rep.disconnect_us,
-        persist_us = rep.persist_us, promote_us = rep.promote_us, total_us = rep.total_us,
-        drained_requests = rep.drained_requests, "lease flipped");
-    Ok(rep)
+    for ((vol, plan), rep) in plans.iter().zip(&mut reports) {
+        *rep = FlipReport {
+            epoch: plan.table.epoch,
+            drained_requests: rep.drained_requests,
+            ..step
+        };
+        tracing::info!(target: "storaged::lease", volume = %vol.config.name, event = "flip",
+            trigger = ?trigger, migration = ?migration,
+            from = ?plan.old_primary.as_ref().map(Holder::to_string),
+            to = %plan.new_primary, epoch = rep.epoch, deactivate_us = rep.deactivate_us,
+            drain_us = rep.drain_us, disconnect_us = rep.disconnect_us,
+            persist_us = rep.persist_us, promote_us = rep.promote_us, total_us = rep.total_us,
+            drained_requests = rep.drained_requests, "lease flipped");
+    }
+    Ok(reports)
 }
 
-/// Restores the table before the last flip. The current primary is fenced and drained and
-/// goes back to standby on its open connections; the restored primary reconnects.
-pub async fn rollback(reg: &Registry, vol: &Arc<Volume>) -> Result<FlipReport, FlipError> {
+/// Undoes the flip that made `host` primary at `epoch` (refused if the volume moved on). The
+/// current primary is fenced and drained and goes back to standby on its open connections;
+/// the restored primary reconnects.
+pub async fn rollback_flip(
+    reg: &Registry,
+    vol: &Arc<Volume>,
+    epoch: u64,
+    host: &str,
+) -> Result<FlipReport, FlipError> {
     let _l = vol.lease_lock.lock().await;
-    let start = Instant::now();
+    let table = vol.table().rollback(epoch, host)?;
+    let mut reports = apply_rollbacks(reg, &[(vol.clone(), table)], None).await?;
+    Ok(reports.remove(0))
+}
+
+/// Undoes the flip now in force on `vol`, whichever it is: for a caller in this process that
+/// made that flip itself (the in-process tests of the VMM and of migrated). Remote callers
+/// name the flip they undo ([`rollback_flip`]).
+pub async fn rollback(reg: &Registry, vol: &Arc<Volume>) -> Result<FlipReport, FlipError> {
     let current = vol.table();
-    let table = current.rollback()?;
-    let mut rep = FlipReport::default();
+    let host = current
+        .primary
+        .as_ref()
+        .map(|p| p.host.clone())
+        .ok_or(LeaseError::NothingToRollBack)?;
+    rollback_flip(reg, vol, current.epoch, &host).await
+}
+
+/// `POST /v1/leases/rollback`: undoes, on every volume, the flip that made `req.primary`
+/// primary at the epoch named, or on none.
+pub async fn rollback_group(
+    reg: &Registry,
+    req: &GroupRollbackRequest,
+) -> Result<GroupFlipReport, FlipError> {
+    let (vols, epochs) = volumes_at(reg, &req.volumes)?;
+    let _locks = lock_all(&vols).await;
+    let changes = decide_all(&vols, |v, t| {
+        t.rollback(epochs[v.config.name.as_str()], &req.primary)
+    })?;
+    let reports = apply_rollbacks(reg, &changes, req.migration.as_deref()).await?;
+    Ok(by_volume(&changes, reports))
+}
+
+/// Fences the current primaries, persists the restored tables in one transaction and gives
+/// every connection its access; the caller holds the lease locks.
+async fn apply_rollbacks(
+    reg: &Registry,
+    changes: &[(Arc<Volume>, LeaseTable)],
+    migration: Option<&str>,
+) -> Result<Vec<FlipReport>, FlipError> {
+    let start = Instant::now();
+    let mut reports = vec![FlipReport::default(); changes.len()];
     let t = Instant::now();
-    if let Some(p) = &current.primary {
-        rep.drained_requests = fence_host(reg, vol, &p.host).await?;
+    let mut fenced = Vec::new();
+    let before: Vec<LeaseTable> = changes.iter().map(|(v, _)| v.table()).collect();
+    for ((vol, _), (current, rep)) in changes.iter().zip(before.iter().zip(&mut reports)) {
+        if let Some(p) = &current.primary {
+            rep.drained_requests = raise_barrier(vol, &p.host, &mut fenced);
+        }
     }
-    rep.drain_us = us(t);
+    drain(reg, &fenced).await?;
+    let drain_us = us(t);
     let t = Instant::now();
-    reg.commit_table(vol, table.clone()).await?;
-    rep.persist_us = us(t);
+    let refs: Vec<(&Volume, LeaseTable)> = changes
+        .iter()
+        .map(|(v, t)| (v.as_ref(), t.clone()))
+        .collect();
+    reg.commit_tables(&refs).await?;
+    let persist_us = us(t);
     let t = Instant::now();
-    apply_access(vol, &table);
-    rep.promote_us = us(t);
-    rep.epoch = table.epoch;
-    rep.total_us = us(start);
-    tracing::info!(target: "storaged::lease", volume = %vol.config.name, event = "rollback",
-        from = ?current.primary.as_ref().map(Holder::to_string),
-        to = ?table.primary.as_ref().map(Holder::to_string), epoch = table.epoch,
-        total_us = rep.total_us, "lease rolled back");
-    Ok(rep)
+    let disarmed: Vec<bool> = changes
+        .iter()
+        .map(|(vol, table)| {
+            apply_access(vol, table);
+            disarm(vol)
+        })
+        .collect();
+    let promote_us = us(t);
+    let total_us = us(start);
+    for (i, (vol, table)) in changes.iter().enumerate() {
+        reports[i] = FlipReport {
+            epoch: table.epoch,
+            drain_us,
+            persist_us,
+            promote_us,
+            total_us,
+            drained_requests: reports[i].drained_requests,
+            ..FlipReport::default()
+        };
+        tracing::info!(target: "storaged::lease", volume = %vol.config.name, event = "rollback",
+            migration = ?migration,
+            from = ?before[i].primary.as_ref().map(Holder::to_string),
+            to = ?table.primary.as_ref().map(Holder::to_string), undone_epoch = before[i].epoch,
+            epoch = table.epoch, disarmed = disarmed[i], total_us, "lease rolled back");
+    }
+    Ok(reports)
 }
 
 /// Gives every lease connection the access its holder has in `table`.
@@ -221,38 +402,117 @@ pub async fn revoke(
     fence_host(reg, vol, host).await?;
     disconnect_host(vol, host).await;
     reg.commit_table(vol, table.clone()).await?;
+    let disarmed = disarm(vol);
     tracing::info!(target: "storaged::lease", volume = %vol.config.name, event = "revoke",
-        host = %host, epoch = table.epoch, "lease terminated");
+        host = %host, epoch = table.epoch, disarmed, "lease terminated");
     Ok(table)
 }
 
-/// Arms a flip to `to` that completes on the standby's first data command or after `timeout`.
-pub fn arm(reg: &Arc<Registry>, vol: &Arc<Volume>, to: Option<String>, timeout: Duration) {
+/// `POST /v1/leases/revoke`: ends `req.host`'s standby leases on every volume, only if it is
+/// primary on none (and `req.primary`, when named, is primary on every one); every volume's
+/// epoch moves. Answers the volumes' lease views after the change.
+pub async fn revoke_group(
+    reg: &Registry,
+    req: &GroupRevokeRequest,
+) -> Result<Vec<LeaseView>, FlipError> {
+    let vols = reg.get_all(&req.volumes)?;
+    let _locks = lock_all(&vols).await;
+    let tables: Vec<LeaseTable> = decide_all(&vols, |_, t| {
+        t.revoke_standby(&req.host, req.primary.as_deref())
+    })?
+    .into_iter()
+    .map(|(_, t)| t)
+    .collect();
+    let ending: Vec<bool> = vols
+        .iter()
+        .map(|v| v.table().state_of(&req.host).map(|(s, _)| s) == Some(LeaseState::Standby))
+        .collect();
+    let mut fenced = Vec::new();
+    for (vol, _) in vols.iter().zip(&ending).filter(|(_, e)| **e) {
+        raise_barrier(vol, &req.host, &mut fenced);
+    }
+    drain(reg, &fenced).await?;
+    for (vol, _) in vols.iter().zip(&ending).filter(|(_, e)| **e) {
+        disconnect_host(vol, &req.host).await;
+    }
+    let changes: Vec<(&Volume, LeaseTable)> = vols
+        .iter()
+        .map(|v| v.as_ref())
+        .zip(tables.iter().cloned())
+        .collect();
+    reg.commit_tables(&changes).await?;
+    for ((vol, table), ended) in vols.iter().zip(&tables).zip(&ending) {
+        let disarmed = disarm(vol);
+        tracing::info!(target: "storaged::lease", volume = %vol.config.name,
+            event = "revoke_standby", migration = ?req.migration.as_deref(), host = %req.host,
+            ended = *ended, primary = ?req.primary.as_deref(), epoch = table.epoch, disarmed,
+            "standby lease terminated");
+    }
+    Ok(vols.iter().map(|v| v.lease_view()).collect())
+}
+
+/// Arms a flip to `to` that completes on the standby's first data command or after `timeout`,
+/// only while the volume stays at its current epoch; refused at once if the flip could not
+/// happen now. Returns the epoch it is armed at.
+pub async fn arm(
+    reg: &Arc<Registry>,
+    vol: &Arc<Volume>,
+    to: Option<String>,
+    timeout: Duration,
+    migration: Option<String>,
+) -> Result<u64, FlipError> {
+    let _l = vol.lease_lock.lock().await;
+    let table = vol.table();
+    table.flip(to.as_deref())?;
     let generation = vol.pending_gen.fetch_add(1, Ordering::Relaxed) + 1;
     *vol.pending.lock().expect("pending lock") = Some(PendingFlip {
         to: to.clone(),
+        migration: migration.clone(),
+        epoch: table.epoch,
         generation,
     });
     tracing::info!(target: "storaged::lease", volume = %vol.config.name, event = "flip_armed",
-        to = ?to, timeout_ms = timeout.as_millis() as u64, "flip armed");
+        to = ?to, migration = ?migration, epoch = table.epoch,
+        timeout_ms = timeout.as_millis() as u64, "flip armed");
     let (reg, vol) = (reg.clone(), vol.clone());
     tokio::spawn(async move {
         tokio::time::sleep(timeout).await;
         let _l = vol.lease_lock.lock().await;
-        let due = vol
-            .pending
-            .lock()
-            .expect("pending lock")
-            .as_ref()
-            .is_some_and(|p| p.generation == generation);
-        if due {
-            if let Err(e) = flip_locked(&reg, &vol, to.as_deref(), FlipTrigger::Timeout).await {
-                tracing::warn!(target: "storaged::lease", volume = %vol.config.name,
-                    event = "flip_failed", trigger = "timeout", error = %e, "armed flip failed");
-            }
-            *vol.pending.lock().expect("pending lock") = None;
+        let pending = vol.pending.lock().expect("pending lock").clone();
+        let Some(p) = pending.filter(|p| p.generation == generation) else {
+            return;
+        };
+        disarm(&vol);
+        if !p.due(vol.table().epoch, None) {
+            return;
+        }
+        if let Err(e) = flip_locked(&reg, &vol, p.to.as_deref(), FlipTrigger::Timeout).await {
+            tracing::warn!(target: "storaged::lease", volume = %vol.config.name,
+                event = "flip_failed", trigger = "timeout", error = %e, "armed flip failed");
         }
     });
+    Ok(table.epoch)
+}
+
+/// Cancels the flip armed on `vol`; with `migration`, refused if another migration armed it.
+/// Returns whether one was armed.
+pub async fn cancel_armed(vol: &Arc<Volume>, migration: Option<&str>) -> Result<bool, FlipError> {
+    let _l = vol.lease_lock.lock().await;
+    let pending = vol.pending.lock().expect("pending lock").clone();
+    let Some(p) = pending else {
+        return Ok(false);
+    };
+    if let Some(m) = migration.filter(|m| p.migration.as_deref() != Some(*m)) {
+        return Err(LeaseError::ArmedForOther {
+            asked: m.to_string(),
+            armed: p.migration,
+        }
+        .into());
+    }
+    disarm(vol);
+    tracing::info!(target: "storaged::lease", volume = %vol.config.name, event = "flip_disarmed",
+        migration = ?p.migration, to = ?p.to, epoch = p.epoch, "armed flip cancelled");
+    Ok(true)
 }
 
 /// Called when a standby connection of `holder` issues a data command: flips when the volume
@@ -262,19 +522,24 @@ pub async fn on_first_access(
     vol: &Arc<Volume>,
     holder: &Holder,
 ) -> Result<bool, FlipError> {
-    let armed_for_us = vol
-        .pending
-        .lock()
-        .expect("pending lock")
-        .as_ref()
-        .is_some_and(|p| p.to.as_deref().is_none_or(|h| h == holder.host));
-    if !armed_for_us && !vol.config.flip_on_first_access {
+    let armed_for_us = || {
+        vol.pending
+            .lock()
+            .expect("pending lock")
+            .as_ref()
+            .is_some_and(|p| p.due(vol.table().epoch, Some(&holder.host)))
+    };
+    if !armed_for_us() && !vol.config.flip_on_first_access {
         return Ok(false);
     }
     let _l = vol.lease_lock.lock().await;
     // Another request of the same standby may have flipped meanwhile.
     if vol.table().primary.as_ref() == Some(holder) {
         return Ok(true);
+    }
+    // The armed flip may have been disarmed while we waited for the lock.
+    if !armed_for_us() && !vol.config.flip_on_first_access {
+        return Ok(false);
     }
     flip_locked(reg, vol, Some(&holder.host), FlipTrigger::FirstAccess).await?;
     Ok(true)
@@ -287,7 +552,6 @@ mod tests {
     use crate::lease::LeaseRequest;
     use crate::registry::Attachment;
     use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-    use storaged_client::api::LeaseState;
     use storaged_client::api::VolumeConfig;
     use storaged_client::protocol::RequestedState;
 
@@ -388,6 +652,215 @@ mod tests {
         assert_eq!(b.entry.gate.access(), Access::Closed);
         assert!(vol.table().state_of("b").is_none());
         assert!(revoke(&reg, &vol, "b", None).await.is_err());
+    }
+
+    /// Attaches `host` in `state` with a task that detaches it when its gate closes.
+    async fn attached(reg: &Registry, vol: &Arc<Volume>, host: &str, state: RequestedState) {
+        let c = attach(reg, vol, host, state).await;
+        conn_task(vol, &c);
+    }
+
+    #[tokio::test]
+    async fn a_stale_rollback_is_refused_once_the_volume_moved_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let (reg, vol) = setup(dir.path()).await;
+        attached(&reg, &vol, "a", RequestedState::Primary).await;
+        attached(&reg, &vol, "b", RequestedState::Standby).await;
+        attached(&reg, &vol, "c", RequestedState::Standby).await;
+        // A coordinator flips to b (epoch 2); then the volume moves on to c (epoch 3).
+        flip(&reg, &vol, Some("b"), FlipTrigger::Api).await.unwrap();
+        flip(&reg, &vol, Some("c"), FlipTrigger::Api).await.unwrap();
+        // The coordinator comes back to undo its flip: that is no longer possible.
+        assert!(rollback_flip(&reg, &vol, 2, "b").await.is_err());
+        assert_eq!(vol.table().primary.unwrap().host, "c");
+        assert_eq!(vol.table().epoch, 3);
+        // The flip in force can be undone by naming it.
+        assert_eq!(rollback_flip(&reg, &vol, 3, "c").await.unwrap().epoch, 4);
+        assert_eq!(vol.table().primary.unwrap().host, "b");
+    }
+
+    #[tokio::test]
+    async fn an_armed_flip_does_not_outlive_the_revoke_of_its_standby() {
+        let dir = tempfile::tempdir().unwrap();
+        let (reg, vol) = setup(dir.path()).await;
+        attached(&reg, &vol, "a", RequestedState::Primary).await;
+        attached(&reg, &vol, "b", RequestedState::Standby).await;
+        arm(
+            &reg,
+            &vol,
+            Some("b".into()),
+            Duration::from_millis(200),
+            None,
+        )
+        .await
+        .unwrap();
+        // The migration it was armed for ends: b's standby lease is revoked...
+        revoke(&reg, &vol, "b", None).await.unwrap();
+        // ...and a later one makes b standby again.
+        attached(&reg, &vol, "b", RequestedState::Standby).await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(vol.table().primary.unwrap().host, "a");
+        assert!(!vol.lease_view().flip_pending);
+    }
+
+    #[tokio::test]
+    async fn an_armed_flip_belongs_to_its_migration_and_to_its_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (reg, vol) = setup(dir.path()).await;
+        attached(&reg, &vol, "a", RequestedState::Primary).await;
+        attached(&reg, &vol, "b", RequestedState::Standby).await;
+        let long = Duration::from_secs(600);
+        arm(&reg, &vol, Some("b".into()), long, Some("m1".into()))
+            .await
+            .unwrap();
+        let armed = vol.lease_view().armed.unwrap();
+        assert_eq!((armed.migration.as_deref(), armed.epoch), (Some("m1"), 1));
+        // Another migration may not cancel it; its own may, and cancelling twice is no error.
+        assert!(cancel_armed(&vol, Some("m2")).await.is_err());
+        assert!(cancel_armed(&vol, Some("m1")).await.unwrap());
+        assert!(!cancel_armed(&vol, Some("m1")).await.unwrap());
+        // A rollback disarms; so does any flip.
+        arm(&reg, &vol, Some("b".into()), long, None).await.unwrap();
+        flip(&reg, &vol, Some("b"), FlipTrigger::Api).await.unwrap();
+        assert!(vol.lease_view().armed.is_none());
+        arm(&reg, &vol, Some("a".into()), long, None)
+            .await
+            .unwrap_err();
+        attached(&reg, &vol, "c", RequestedState::Standby).await;
+        arm(&reg, &vol, Some("c".into()), long, None).await.unwrap();
+        rollback_flip(&reg, &vol, 2, "b").await.unwrap();
+        assert!(vol.lease_view().armed.is_none());
+        // An armed flip left over from an earlier epoch does not fire on first access.
+        *vol.pending.lock().unwrap() = Some(PendingFlip {
+            to: Some("c".into()),
+            migration: None,
+            epoch: 2,
+            generation: 99,
+        });
+        let c = Holder {
+            host: "c".into(),
+            instance: "vm".into(),
+        };
+        assert!(!on_first_access(&reg, &vol, &c).await.unwrap());
+        assert_eq!(vol.table().primary.unwrap().host, "a");
+    }
+
+    /// Three volumes with a primary and b standby on each.
+    async fn three_volumes(reg: &Arc<Registry>) -> Vec<Arc<Volume>> {
+        let mut vols = Vec::new();
+        for name in ["v", "w", "x"] {
+            let vol = match reg.get(name) {
+                Ok(v) => v,
+                Err(_) => reg.create(VolumeConfig::new(name, 1 << 20)).await.unwrap(),
+            };
+            attached(reg, &vol, "a", RequestedState::Primary).await;
+            attached(reg, &vol, "b", RequestedState::Standby).await;
+            vols.push(vol);
+        }
+        vols
+    }
+
+    fn at(volumes: &[(&str, u64)]) -> Vec<VolumeEpoch> {
+        volumes
+            .iter()
+            .map(|(v, e)| VolumeEpoch {
+                volume: v.to_string(),
+                epoch: *e,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_group_flip_flips_every_volume_or_none_and_persists_them_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let (reg, _) = setup(dir.path()).await;
+        let vols = three_volumes(&reg).await;
+        let req = |epochs: &[(&str, u64)]| GroupFlipRequest {
+            from: "a".into(),
+            to: "b".into(),
+            volumes: at(epochs),
+            migration: Some("m1".into()),
+        };
+        // One volume at another epoch: nothing flips, and the error names it.
+        let refused = flip_group(&reg, &req(&[("x", 1), ("v", 1), ("w", 7)]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&refused, RegistryError::Refused { volume, .. } if volume == "w"),
+            "{refused:?}"
+        );
+        for v in &vols {
+            assert_eq!(v.table().state_of("a").unwrap().0, LeaseState::Primary);
+        }
+        assert!(matches!(
+            flip_group(&reg, &req(&[("v", 1), ("v", 1)])).await,
+            Err(RegistryError::Duplicate(_))
+        ));
+        let rep = flip_group(&reg, &req(&[("x", 1), ("v", 1), ("w", 1)]))
+            .await
+            .unwrap();
+        assert_eq!(rep.volumes.len(), 3);
+        assert!(rep.volumes.values().all(|r| r.epoch == 2));
+        // A second try finds a deactivated: refused, the flip stands.
+        assert!(flip_group(&reg, &req(&[("x", 1), ("v", 1), ("w", 1)]))
+            .await
+            .is_err());
+        drop(vols);
+        drop(reg);
+        let again = Registry::open(dir.path()).unwrap();
+        for name in ["v", "w", "x"] {
+            let t = again.get(name).unwrap().table();
+            assert_eq!(t.state_of("b").unwrap().0, LeaseState::Primary, "{name}");
+            assert_eq!(t.epoch, 2);
+        }
+        // Undone together, naming the flips.
+        let back = GroupRollbackRequest {
+            primary: "b".into(),
+            volumes: at(&[("v", 2), ("w", 2), ("x", 2)]),
+            migration: None,
+        };
+        rollback_group(&again, &back).await.unwrap();
+        assert!(rollback_group(&again, &back).await.is_err());
+        assert_eq!(again.get("w").unwrap().table().primary.unwrap().host, "a");
+    }
+
+    #[tokio::test]
+    async fn a_group_revoke_fences_the_standby_off_every_volume_or_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let (reg, _) = setup(dir.path()).await;
+        let vols = three_volumes(&reg).await;
+        // b took w over: the revoke is refused on every volume.
+        flip(&reg, &vols[1], Some("b"), FlipTrigger::Api)
+            .await
+            .unwrap();
+        let req = GroupRevokeRequest {
+            host: "b".into(),
+            volumes: vec!["v".into(), "w".into(), "x".into()],
+            primary: Some("a".into()),
+            migration: None,
+        };
+        assert!(revoke_group(&reg, &req).await.is_err());
+        assert_eq!(
+            vols[0].table().state_of("b").unwrap().0,
+            LeaseState::Standby
+        );
+        rollback_flip(&reg, &vols[1], 2, "b").await.unwrap();
+        let epochs: Vec<u64> = vols.iter().map(|v| v.table().epoch).collect();
+        let views = revoke_group(&reg, &req).await.unwrap();
+        for ((v, view), before) in vols.iter().zip(&views).zip(epochs) {
+            assert_eq!(view.state_of("b"), None);
+            assert_eq!(view.epoch, before + 1);
+            assert_eq!(v.table().state_of("a").unwrap().0, LeaseState::Primary);
+        }
+        // b connecting again as standby cannot flip against the epochs before.
+        attached(&reg, &vols[0], "b", RequestedState::Standby).await;
+        let stale = GroupFlipRequest {
+            from: "a".into(),
+            to: "b".into(),
+            volumes: at(&[("v", 1)]),
+            migration: None,
+        };
+        assert!(flip_group(&reg, &stale).await.is_err());
     }
 
     #[tokio::test]

@@ -6,14 +6,16 @@
 //!   (none) --grant Standby-----------------------------------> Standby
 //!   Standby --flip----> Primary        (old primary --flip--> Deactivated)
 //!   Primary | Standby | Deactivated --revoke--> (none)   ("terminated")
-//!   any table --rollback--> the table before the last flip (epoch still increases)
+//!   Standby --revoke standby (group)--> (none), and the epoch moves even where nothing ended
+//!   table after a flip to H at epoch E --rollback naming (E, H)--> the table before that flip
+//!                                         (epoch still increases; refused once it moved on)
 //! ```
 //! Invariants: at most one primary; a host is in at most one of primary / standby /
 //! deactivated; the epoch never decreases and grows on every change of the primary.
 //!
 //! - [`table`] decides: the lease table of one volume and its transitions, as pure data;
 //! - [`flip`] applies them to the live connections, persists them and logs them (the flip,
-//!   rollback, revoke, armed flips);
+//!   rollback, revoke, armed flips), for one volume or for a set of volumes as one decision;
 //! - [`gate`] is the per-connection barrier a flip raises and drains.
 //!
 //! Every change is one structured event line on the `storaged::lease` tracing target.

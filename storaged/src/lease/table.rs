@@ -47,6 +47,23 @@ pub enum LeaseError {
     /// Revoke of a host that has no lease.
     #[error("host {0} has no lease on this volume")]
     NoLease(String),
+    /// A host named as the primary does not hold the primary lease.
+    #[error("host {host} does not hold the primary lease (it holds {})",
+        .actual.map_or("none".to_string(), |s| format!("a {s:?} lease")))]
+    NotPrimary {
+        /// The host.
+        host: String,
+        /// What it holds.
+        actual: Option<LeaseState>,
+    },
+    /// A cancel of an armed flip named another migration than the one that armed it.
+    #[error("the armed flip belongs to migration {armed:?}, not {asked}")]
+    ArmedForOther {
+        /// The migration named.
+        asked: String,
+        /// The one that armed the flip.
+        armed: Option<String>,
+    },
     /// A conditional revoke found the host in another state than the one it names.
     #[error("host {host} holds a {actual:?} lease, not {expected:?}: nothing revoked")]
     NotInState {
@@ -176,14 +193,70 @@ impl LeaseTable {
         })
     }
 
-    /// The table restored by a rollback: the one before the last flip, with a new epoch.
-    pub fn rollback(&self) -> Result<LeaseTable, LeaseError> {
+    /// Refused unless `host` holds the primary lease at `epoch`.
+    pub fn check_primary(&self, host: &str, epoch: u64) -> Result<(), LeaseError> {
+        if self.primary.as_ref().is_none_or(|p| p.host != host) {
+            return Err(LeaseError::NotPrimary {
+                host: host.to_string(),
+                actual: self.state_of(host).map(|(s, _)| s),
+            });
+        }
+        if self.epoch != epoch {
+            return Err(LeaseError::Epoch {
+                expected: epoch,
+                current: self.epoch,
+            });
+        }
+        Ok(())
+    }
+
+    /// Plans a migration's flip: `to`'s standby lease becomes primary, refused unless `from`
+    /// holds the primary lease at `epoch` (so a flip decided against a table that has since
+    /// moved on, by a rollback, a revoke or another flip, changes nothing).
+    pub fn flip_from(&self, from: &str, epoch: u64, to: &str) -> Result<FlipPlan, LeaseError> {
+        self.check_primary(from, epoch)?;
+        self.flip(Some(to))
+    }
+
+    /// The table restored by undoing the flip that made `host` primary at `epoch`: the one
+    /// before that flip, with a new epoch. Refused when the volume moved on since (another
+    /// epoch or another primary), so a late rollback never undoes a later change.
+    pub fn rollback(&self, epoch: u64, host: &str) -> Result<LeaseTable, LeaseError> {
         let prev = self
             .previous
             .as_deref()
             .ok_or(LeaseError::NothingToRollBack)?;
+        self.check_primary(host, epoch)?;
         let mut table = prev.clone();
         table.epoch = self.epoch + 1;
+        table.previous = None;
+        Ok(table)
+    }
+
+    /// The table after ending `host`'s standby lease, the step of a group revoke that makes
+    /// sure `host` can no longer become primary: refused if `host` is primary, or if
+    /// `primary` is named and does not hold the primary lease. A deactivated lease stays, and
+    /// a volume where `host` holds nothing is no error. The epoch moves in every case, so that
+    /// a flip conditional on the epoch before (see [`LeaseTable::flip_from`]) fails even if
+    /// `host` connects as standby again.
+    pub fn revoke_standby(
+        &self,
+        host: &str,
+        primary: Option<&str>,
+    ) -> Result<LeaseTable, LeaseError> {
+        if let Some((LeaseState::Primary, _)) = self.state_of(host) {
+            return Err(LeaseError::NotInState {
+                host: host.to_string(),
+                expected: LeaseState::Standby,
+                actual: LeaseState::Primary,
+            });
+        }
+        if let Some(p) = primary {
+            self.check_primary(p, self.epoch)?;
+        }
+        let mut table = self.clone();
+        table.standby.retain(|s| s.host != host);
+        table.epoch += 1;
         table.previous = None;
         Ok(table)
     }
@@ -377,13 +450,68 @@ mod tests {
     fn rollback_restores_previous_table() {
         let t = with_primary_a_standby_b();
         let flipped = t.flip(None).unwrap().table;
-        let back = flipped.rollback().unwrap();
+        let back = flipped.rollback(2, "b").unwrap();
         assert_eq!(back.primary, Some(h("a")));
         assert_eq!(back.standby, vec![h("b")]);
         assert!(back.deactivated.is_empty());
         assert_eq!(back.epoch, flipped.epoch + 1);
-        assert_eq!(back.rollback(), Err(LeaseError::NothingToRollBack));
-        assert_eq!(t.rollback(), Err(LeaseError::NothingToRollBack));
+        assert_eq!(back.rollback(3, "a"), Err(LeaseError::NothingToRollBack));
+        assert_eq!(t.rollback(1, "a"), Err(LeaseError::NothingToRollBack));
+    }
+
+    #[test]
+    fn rollback_names_the_flip_it_undoes() {
+        let t = with_primary_a_standby_b()
+            .grant(&req("c", RequestedState::Standby))
+            .unwrap();
+        let flipped = t.flip(Some("b")).unwrap().table;
+        assert_eq!(
+            flipped.rollback(1, "b"),
+            Err(LeaseError::Epoch {
+                expected: 1,
+                current: 2
+            })
+        );
+        assert!(matches!(
+            flipped.rollback(2, "c"),
+            Err(LeaseError::NotPrimary { .. })
+        ));
+        // The volume moved on to c: the rollback of the flip to b is refused.
+        let moved = flipped.flip(Some("c")).unwrap().table;
+        assert!(moved.rollback(2, "b").is_err());
+        assert_eq!(moved.rollback(3, "c").unwrap().primary, Some(h("b")));
+    }
+
+    #[test]
+    fn a_flip_from_names_the_primary_and_its_epoch() {
+        let t = with_primary_a_standby_b();
+        assert!(matches!(
+            t.flip_from("b", 1, "b"),
+            Err(LeaseError::NotPrimary { .. })
+        ));
+        assert!(matches!(
+            t.flip_from("a", 2, "b"),
+            Err(LeaseError::Epoch { .. })
+        ));
+        assert_eq!(t.flip_from("a", 1, "b").unwrap().new_primary, h("b"));
+    }
+
+    #[test]
+    fn a_standby_revoke_moves_the_epoch_and_spares_the_primary() {
+        let t = with_primary_a_standby_b();
+        let r = t.revoke_standby("b", Some("a")).unwrap();
+        assert!(r.state_of("b").is_none());
+        assert_eq!(r.epoch, t.epoch + 1);
+        // Nothing to end is no error; the epoch still moves.
+        assert_eq!(r.revoke_standby("b", Some("a")).unwrap().epoch, r.epoch + 1);
+        assert!(t.revoke_standby("a", None).is_err());
+        assert!(matches!(
+            t.revoke_standby("b", Some("b")),
+            Err(LeaseError::NotPrimary { .. })
+        ));
+        // A flip planned against the epoch before fails, even with b standby again.
+        let again = r.grant(&req("b", RequestedState::Standby)).unwrap();
+        assert!(again.flip_from("a", t.epoch, "b").is_err());
     }
 
     #[test]
@@ -425,5 +553,156 @@ mod tests {
         let t = with_primary_a_standby_b().flip(None).unwrap().table;
         let j = serde_json::to_vec(&t).unwrap();
         assert_eq!(serde_json::from_slice::<LeaseTable>(&j).unwrap(), t);
+    }
+}
+
+/// Random sequences of lease changes, with restarts (the table serialised and loaded again)
+/// between them, keep the lease table's invariants.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    const HOSTS: [&str; 3] = ["a", "b", "c"];
+
+    /// One change; `stale` names an epoch or a host the table has moved on from.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Grant {
+            host: usize,
+            primary: bool,
+        },
+        Flip {
+            to: usize,
+        },
+        FlipFrom {
+            from: usize,
+            to: usize,
+            stale: bool,
+        },
+        Rollback {
+            host: usize,
+            stale: bool,
+        },
+        Revoke {
+            host: usize,
+            only_if: Option<LeaseState>,
+        },
+        RevokeStandby {
+            host: usize,
+            primary: Option<usize>,
+        },
+        Restart,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let host = || 0..HOSTS.len();
+        let state = prop_oneof![
+            Just(LeaseState::Primary),
+            Just(LeaseState::Standby),
+            Just(LeaseState::Deactivated)
+        ];
+        prop_oneof![
+            (host(), any::<bool>()).prop_map(|(host, primary)| Op::Grant { host, primary }),
+            host().prop_map(|to| Op::Flip { to }),
+            (host(), host(), any::<bool>()).prop_map(|(from, to, stale)| Op::FlipFrom {
+                from,
+                to,
+                stale
+            }),
+            (host(), any::<bool>()).prop_map(|(host, stale)| Op::Rollback { host, stale }),
+            (host(), prop::option::of(state))
+                .prop_map(|(host, only_if)| Op::Revoke { host, only_if }),
+            (host(), prop::option::of(host()))
+                .prop_map(|(host, primary)| Op::RevokeStandby { host, primary }),
+            Just(Op::Restart),
+        ]
+    }
+
+    /// The table after `op`, or the refusal; a `stale` operation must be refused.
+    fn apply(t: &LeaseTable, op: &Op) -> Result<LeaseTable, LeaseError> {
+        let stale_epoch = |stale: bool| if stale { t.epoch + 1 } else { t.epoch };
+        match *op {
+            Op::Grant { host, primary } => t.grant(&LeaseRequest {
+                holder: Holder {
+                    host: HOSTS[host].into(),
+                    instance: "vm".into(),
+                },
+                state: if primary {
+                    RequestedState::Primary
+                } else {
+                    RequestedState::Standby
+                },
+                expected_epoch: 0,
+            }),
+            Op::Flip { to } => t.flip(Some(HOSTS[to])).map(|p| p.table),
+            Op::FlipFrom { from, to, stale } => t
+                .flip_from(HOSTS[from], stale_epoch(stale), HOSTS[to])
+                .map(|p| p.table),
+            Op::Rollback { host, stale } => t.rollback(stale_epoch(stale), HOSTS[host]),
+            Op::Revoke { host, only_if } => t.revoke(HOSTS[host], only_if),
+            Op::RevokeStandby { host, primary } => {
+                t.revoke_standby(HOSTS[host], primary.map(|p| HOSTS[p]))
+            }
+            Op::Restart => {
+                let json = serde_json::to_vec(t).expect("serialises");
+                Ok(serde_json::from_slice(&json).expect("loads"))
+            }
+        }
+    }
+
+    /// Each host holds at most one lease in a table and in the one kept for rollback.
+    fn one_lease_per_host(t: &LeaseTable) -> Result<(), TestCaseError> {
+        for h in HOSTS {
+            let n = t.primary.iter().filter(|p| p.host == h).count()
+                + t.standby.iter().filter(|s| s.host == h).count()
+                + t.deactivated.iter().filter(|d| d.host == h).count();
+            prop_assert!(n <= 1, "{h} holds {n} leases: {t:?}");
+        }
+        if let Some(prev) = &t.previous {
+            prop_assert!(prev.previous.is_none(), "nested rollback tables: {t:?}");
+            one_lease_per_host(prev)?;
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #[test]
+        fn lease_changes_keep_the_invariants(ops in prop::collection::vec(op(), 1..48)) {
+            let mut t = LeaseTable::default();
+            for op in &ops {
+                let next = match apply(&t, op) {
+                    Ok(next) => {
+                        let stale = matches!(op, Op::FlipFrom { stale: true, .. }
+                            | Op::Rollback { stale: true, .. });
+                        prop_assert!(!stale, "{op:?} accepted on {t:?}");
+                        next
+                    }
+                    Err(_) => t.clone(),
+                };
+                prop_assert!(next.epoch >= t.epoch, "{op:?}: the epoch went back");
+                if next.primary != t.primary {
+                    prop_assert!(next.epoch > t.epoch, "{op:?}: a new primary at the same epoch");
+                }
+                if matches!(op, Op::Restart) {
+                    prop_assert_eq!(&next, &t);
+                }
+                one_lease_per_host(&next)?;
+                for h in HOSTS {
+                    let before = t.state_of(h).map(|(s, _)| s);
+                    let after = next.state_of(h).map(|(s, _)| s);
+                    if before == Some(LeaseState::Deactivated) && after.is_some()
+                        && after != before
+                    {
+                        // Only the rollback of the flip that deactivated it brings a host back.
+                        prop_assert!(matches!(op, Op::Rollback { .. }), "{h} back by {op:?}");
+                        let flipped_from = t.previous.as_ref().and_then(|p| p.primary.as_ref());
+                        prop_assert_eq!(flipped_from.map(|p| p.host.as_str()), Some(h));
+                        prop_assert_eq!(after, Some(LeaseState::Primary));
+                    }
+                }
+                t = next;
+            }
+        }
     }
 }

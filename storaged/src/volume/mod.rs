@@ -14,7 +14,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 use storaged_client::api::{
-    Holder, LeaseEntry, LeaseState, LeaseView, VolumeAccess, VolumeConfig, VolumeInfo,
+    ArmedFlipInfo, Holder, LeaseEntry, LeaseState, LeaseView, VolumeAccess, VolumeConfig,
+    VolumeInfo,
 };
 
 /// One attached connection.
@@ -30,11 +31,25 @@ pub struct ConnEntry {
     pub gate: Arc<Gate>,
 }
 
-/// A flip armed to complete on first access or at a deadline.
+/// A flip armed to complete on first access or at a deadline: only while the volume is still
+/// at the epoch it was armed at, and only for the migration that armed it.
 #[derive(Debug, Clone)]
 pub(crate) struct PendingFlip {
+    /// The standby host to promote (None: the only standby).
     pub(crate) to: Option<String>,
+    /// The migration it belongs to, if its caller named one.
+    pub(crate) migration: Option<String>,
+    /// The epoch it was armed at: any lease change since disarms it.
+    pub(crate) epoch: u64,
+    /// Tells one arming from the next (the deadline's task checks it).
     pub(crate) generation: u64,
+}
+
+impl PendingFlip {
+    /// Whether it may still fire on a volume at `epoch`, for `host` (None: at its deadline).
+    pub(crate) fn due(&self, epoch: u64, host: Option<&str>) -> bool {
+        self.epoch == epoch && host.is_none_or(|h| self.to.as_deref().is_none_or(|to| to == h))
+    }
 }
 
 /// A volume while the server runs.
@@ -183,13 +198,24 @@ impl Volume {
         t.deactivated
             .iter()
             .for_each(|h| push(h, LeaseState::Deactivated));
+        let armed = self
+            .pending
+            .lock()
+            .expect("pending lock")
+            .as_ref()
+            .map(|p| ArmedFlipInfo {
+                to: p.to.clone(),
+                migration: p.migration.clone(),
+                epoch: p.epoch,
+            });
         LeaseView {
             volume: self.config.name.clone(),
             epoch: t.epoch,
             leases,
             anonymous_connections: conns.iter().filter(|c| c.holder.is_none()).count(),
-            flip_pending: self.pending.lock().expect("pending lock").is_some(),
+            flip_pending: armed.is_some(),
             can_roll_back: t.previous.is_some(),
+            armed,
         }
     }
 }
