@@ -14,8 +14,7 @@ use std::time::Duration;
 use storaged_client::api::{
     ArmedFlip, ErrorBody, FlipMode, FlipReport, FlipRequest, GroupFlipReport, GroupFlipRequest,
     GroupRevokeRequest, GroupRollbackRequest, LeaseView, RevokeRequest, RollbackRequest,
-    VolumeAccess,
-    VolumeConfig, VolumeInfo,
+    VolumeAccess, VolumeConfig, VolumeInfo,
 };
 use thiserror::Error;
 
