@@ -11,7 +11,7 @@ use crate::devices::serial::{
     start_console, ConsoleError, ConsoleOut, InputEvents, SerialDevice, COM1_IRQ, COM1_PORT_BASE,
     COM1_PORT_LEN,
 };
-use crate::devices::virtio::block::{Backend, Block, FileBackend, StoragedBackend};
+use crate::devices::virtio::block::{Backend, Block, Disk, FileBackend, StoragedBackend};
 use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::devices::virtio::VirtioInterrupt;
 use crate::devices::IrqLine;
@@ -225,9 +225,10 @@ impl Vm {
                     ))
                 }
             };
-            let read_only = disk.read_only || backend.read_only();
             let id = format!("vmhop-disk{i}");
-            let block = Block::new(backend, read_only, &id, runtime.handle().clone());
+            let disk_io = Disk::new(backend, disk.read_only, &id);
+            let read_only = disk_io.read_only();
+            let block = Block::new(disk_io, runtime.handle().clone());
             let interrupt = Arc::new(VirtioInterrupt::new(irq_line(&vm_fd, irq)?));
             let notify = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
             // Queue 0's notification: KVM signals the eventfd on a 4-byte write of 0 to

@@ -114,9 +114,4 @@ pub trait VirtioDevice: Send {
     fn quiesce(&mut self) -> Result<Vec<Queue>, VirtioError>;
 }
 
-/// Copies `data.len()` bytes of `config` from `offset`; bytes past its end read as zero.
-pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
-    for (i, b) in data.iter_mut().enumerate() {
-        *b = config.get(offset as usize + i).copied().unwrap_or(0);
-    }
-}
+pub use vmm_disk::offer::read_config_bytes;

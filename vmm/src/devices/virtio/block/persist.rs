@@ -70,7 +70,7 @@ impl Persist for Block {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::block::{Backend, FileBackend};
+    use crate::devices::virtio::block::{Backend, Disk, FileBackend};
 
     fn block(dir: &std::path::Path, name: &str, size: u64, read_only: bool) -> Block {
         let path = dir.join(name);
@@ -79,7 +79,7 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        Block::new(backend, read_only, "t", rt.handle().clone())
+        Block::new(Disk::new(backend, read_only, "t"), rt.handle().clone())
     }
 
     #[test]
