@@ -14,6 +14,9 @@ use vhost_user_backend::VhostUserBackend;
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use vmm_disk::{Disk, Offer};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 /// How long a queue may take to drain when the frontend stops it: requests in flight on a
 /// network volume must finish first.
@@ -103,6 +106,18 @@ impl VhostUserBackend for BlkBackend {
         // Dropping the senders ends the tasks; requests in flight finish unreported.
         self.workers().iter_mut().for_each(|w| *w = None);
         tracing::info!("device reset");
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Without one the daemon's epoll thread never ends, and dropping the daemon at the
+        // end of a connection waits for it forever.
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                tracing::error!(error = %e, "create the queue thread's exit eventfd");
+                None
+            }
+        }
     }
 
     fn set_event_idx(&self, _enabled: bool) {

@@ -56,7 +56,10 @@ pub fn serve(
         daemon.start(&mut listener).map_err(ServeError::Daemon)?;
         tracing::info!(connection, "frontend connected");
         match daemon.wait() {
-            Ok(()) => tracing::info!(connection, "frontend disconnected"),
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected,
+            )) => tracing::info!(connection, "frontend disconnected"),
             Err(e) => tracing::warn!(connection, error = %e, "frontend connection ended"),
         }
     }

@@ -39,6 +39,25 @@ pub struct BlockState {
     pub size: u64,
 }
 
+impl BlockState {
+    /// Checks that a device offering `this` can go on with a guest that saw `self`.
+    pub fn check(&self, this: &BlockState) -> Result<(), BlockStateError> {
+        if self.features != this.features {
+            return Err(BlockStateError::Features {
+                saved: self.features,
+                this: this.features,
+            });
+        }
+        if self.size != this.size {
+            return Err(BlockStateError::Size {
+                saved: self.size,
+                this: this.size,
+            });
+        }
+        Ok(())
+    }
+}
+
 impl Persist for Block {
     type State = BlockState;
     type Error = BlockStateError;
@@ -51,19 +70,7 @@ impl Persist for Block {
     }
 
     fn restore(&mut self, saved: &BlockState) -> Result<(), BlockStateError> {
-        if saved.features != self.features {
-            return Err(BlockStateError::Features {
-                saved: saved.features,
-                this: self.features,
-            });
-        }
-        if saved.size != self.size {
-            return Err(BlockStateError::Size {
-                saved: saved.size,
-                this: self.size,
-            });
-        }
-        Ok(())
+        saved.check(&self.save()?)
     }
 }
 
