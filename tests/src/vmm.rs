@@ -29,6 +29,8 @@ pub enum Disk {
     /// A storaged volume: the value of `--disk` after `storaged=`, e.g.
     /// `127.0.0.1:10809,volume=root,host=a`.
     Storaged(String),
+    /// A vhost-user-blk backend's socket (see [`crate::vhost`]).
+    VhostUser(PathBuf),
 }
 
 impl Disk {
@@ -42,6 +44,7 @@ impl Disk {
                 )
             }
             Disk::Storaged(spec) => format!("storaged={spec}"),
+            Disk::VhostUser(socket) => format!("vhost-user={}", socket.display()),
         }
     }
 }

@@ -7,8 +7,7 @@
 use super::device::{Conn, Shared};
 use super::frontend::{used_index, Session};
 use super::VhostUserError;
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use std::os::fd::AsFd;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -65,17 +64,21 @@ fn run(shared: &Shared, mut watch: Option<UnixStream>) {
     }
 }
 
-/// Whether the backend closed its end (waits up to [`POLL`]).
+/// Whether the backend closed its end (waits up to [`POLL`]). Asks for POLLRDHUP alone: the
+/// socket may be readable with a reply meanwhile. (libc's poll: nix drops the revents bits it
+/// has no name for, POLLRDHUP among them.)
 fn hung_up(w: &UnixStream) -> bool {
-    // POLLRDHUP: the peer closed its end (nix names no constant for it).
-    let rdhup = PollFlags::from_bits_retain(libc::POLLRDHUP);
-    let mut fds = [PollFd::new(w.as_fd(), rdhup)];
-    match poll(&mut fds, PollTimeout::from(POLL.as_millis() as u16)) {
-        Ok(0) | Err(nix::errno::Errno::EINTR) => false,
-        Ok(_) => fds[0]
-            .revents()
-            .is_some_and(|r| r.intersects(rdhup | PollFlags::POLLHUP | PollFlags::POLLERR)),
-        Err(_) => true,
+    let mut fd = libc::pollfd {
+        fd: w.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call; `w` keeps the descriptor open.
+    let n = unsafe { libc::poll(&mut fd, 1, POLL.as_millis() as libc::c_int) };
+    match n {
+        0 => false,
+        n if n < 0 => std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted,
+        _ => fd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0,
     }
 }
 
@@ -131,5 +134,18 @@ fn resume_at_used(conn: &mut Conn) {
                 q.next_used = used;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_closed_peer_is_seen() {
+        let (a, b) = UnixStream::pair().unwrap();
+        assert!(!hung_up(&a));
+        drop(b);
+        assert!(hung_up(&a));
     }
 }
