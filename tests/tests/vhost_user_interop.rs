@@ -1,0 +1,85 @@
+//! vhost-user interoperability with peers nobody here wrote: QEMU (`-M microvm` with a shared
+//! memfd and `-device vhost-user-blk`) as the frontend of our backend, the test guest booting
+//! from and writing to storaged volumes through it; and our VMM as the frontend of
+//! qemu-storage-daemon's vhost-user-blk export. Each runs the guest's workloads and checks the
+//! disk records on the host.
+
+use e2e::process::run_ok;
+use e2e::qemu::{QemuConfig, QemuGuest};
+use e2e::storaged::Storaged;
+use e2e::vhost::Backend;
+use e2e::vmm::{Disk, VmmConfig, VmmGuest};
+use e2e::workload::{check_disk, check_memory, fresh_disk, wait_booted, REPLY};
+use e2e::GuestTest;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
+
+#[test]
+fn qemu_boots_from_and_writes_to_storaged_volumes_through_our_backend() {
+    let Some(GuestTest { image, dir }) =
+        GuestTest::new("qemu_boots_from_and_writes_to_storaged_volumes_through_our_backend")
+    else {
+        return;
+    };
+    let storaged = Storaged::start_with_data_volume(&dir.path().join("storaged"), "data").unwrap();
+    let root_size = std::fs::metadata(&image.rootfs).unwrap().len().to_string();
+    storaged
+        .create_volume("root", &root_size, &["--anonymous", "read-write-without-primary"])
+        .unwrap();
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(&image.rootfs)
+            .arg(storaged.uri("root")),
+    )
+    .unwrap();
+    let d = dir.path();
+    let root = Backend::storaged(d, "root", &storaged, "root", "host-a", "primary", &["--read-only"])
+        .unwrap();
+    let data = Backend::storaged(d, "data", &storaged, "data", "host-a", "primary", &[]).unwrap();
+    let started = Instant::now();
+    let mut guest = QemuGuest::start(&QemuConfig {
+        image: &image,
+        data_disks: Vec::new(),
+        vhost_user_disks: vec![root.socket.clone(), data.socket.clone()],
+        mem_mib: 128,
+        vcpus: 1,
+        work_dir: d,
+    })
+    .unwrap();
+    let (_, boot_id) = wait_booted(&guest.agent, BOOT_TIMEOUT, "qemu", started);
+    guest.agent.command("ping", REPLY).unwrap();
+    check_memory(&mut guest.agent, 8);
+    check_disk(&mut guest.agent, &storaged.volume_file("data"), &boot_id);
+    for b in [&root, &data] {
+        assert!(b.log().contains("frontend connected"), "{}", b.log());
+    }
+}
+
+#[test]
+fn our_vmm_runs_a_disk_served_by_qemu_storage_daemon() {
+    let Some(GuestTest { image, dir }) =
+        GuestTest::new("our_vmm_runs_a_disk_served_by_qemu_storage_daemon")
+    else {
+        return;
+    };
+    let d = dir.path();
+    let image_file = fresh_disk(&d.join("data.img"), 64 << 20);
+    let qsd = Backend::qemu_storage_daemon(d, "qsd", &image_file).unwrap();
+    let vm_dir = d.join("vm");
+    std::fs::create_dir_all(&vm_dir).unwrap();
+    let mut guest = VmmGuest::start(&VmmConfig {
+        image: &image,
+        root: None,
+        data_disks: vec![Disk::VhostUser(qsd.socket.clone())],
+        mem_mib: 128,
+        vcpus: 1,
+        work_dir: &vm_dir,
+    })
+    .unwrap();
+    let (_, boot_id) = wait_booted(&guest.agent, BOOT_TIMEOUT, "vmm", guest.started);
+    check_memory(&mut guest.agent, 8);
+    check_disk(&mut guest.agent, &image_file, &boot_id);
+}
