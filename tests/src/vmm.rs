@@ -29,11 +29,24 @@ pub enum Disk {
     /// A storaged volume: the value of `--disk` after `storaged=`, e.g.
     /// `127.0.0.1:10809,volume=root,host=a`.
     Storaged(String),
-    /// A vhost-user-blk backend's socket (see [`crate::vhost`]).
-    VhostUser(PathBuf),
+    /// A vhost-user-blk backend (see [`crate::vhost`]) on `socket`, using `queues` queues.
+    VhostUser {
+        /// The backend's socket.
+        socket: PathBuf,
+        /// Request queues.
+        queues: u16,
+    },
 }
 
 impl Disk {
+    /// A vhost-user disk with one queue.
+    pub fn vhost_user(socket: &Path) -> Disk {
+        Disk::VhostUser {
+            socket: socket.to_path_buf(),
+            queues: 1,
+        }
+    }
+
     fn arg(&self) -> String {
         match self {
             Disk::File { path, read_only } => {
@@ -44,7 +57,9 @@ impl Disk {
                 )
             }
             Disk::Storaged(spec) => format!("storaged={spec}"),
-            Disk::VhostUser(socket) => format!("vhost-user={}", socket.display()),
+            Disk::VhostUser { socket, queues } => {
+                format!("vhost-user={},queues={queues}", socket.display())
+            }
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Disks served by our vhost-user-blk backend process, over storaged volumes: the guest boots
-//! from a vhost-user root disk and both workloads run on it; a guest whose data disk is a
+//! from a vhost-user root disk and both workloads run on a data disk with two queues (two
+//! vCPUs); a guest whose data disk is a
 //! vhost-user disk migrates there and back between two VMMs (each host with its own backend,
 //! the destination's opened as standby and promoted by the lease flip), the disk workload
 //! verified on every leg; and a backend killed in the middle of the disk workload is
@@ -28,7 +29,7 @@ fn config<'a>(image: &'a e2e::image::GuestImage, dir: &'a Path, socket: &Path) -
     VmmConfig {
         image,
         root: None,
-        data_disks: vec![Disk::VhostUser(socket.to_path_buf())],
+        data_disks: vec![Disk::vhost_user(socket)],
         mem_mib: e2e::snapshot::MEM_MIB,
         vcpus: 1,
         work_dir: dir,
@@ -95,12 +96,23 @@ fn vhost_user_root_disk_boots_and_both_workloads_run() {
         &["--read-only"],
     )
     .unwrap();
-    let data = Backend::storaged(d, "data", &storaged, "data", "host-a", "primary", &[]).unwrap();
+    let data = Backend::storaged(d, "data", &storaged, "data", "host-a", "primary", &["--queues", "2"])
+        .unwrap();
     let vm_dir = d.join("vm");
     let mut cfg = config(&image, &vm_dir, &data.socket);
-    cfg.root = Some(Disk::VhostUser(root.socket.clone()));
+    cfg.root = Some(Disk::vhost_user(&root.socket));
+    cfg.data_disks = vec![Disk::VhostUser {
+        socket: data.socket.clone(),
+        queues: 2,
+    }];
+    cfg.vcpus = 2;
     let mut guest = VmmGuest::start(&cfg).unwrap();
     let (_, boot_id) = wait_booted(&guest.agent, BOOT_TIMEOUT, "vmm", guest.started);
+    let console = std::fs::read_to_string(&guest.serial_log).unwrap();
+    assert!(
+        console.contains("virtio1: 2/0/0 default/read/poll queues"),
+        "the data disk should have two queues:\n{console}"
+    );
     check_memory(&mut guest.agent, MEM_MIB);
     check_disk(&mut guest.agent, &storaged.volume_file("data"), &boot_id);
     assert!(root.log().contains("frontend connected"), "{}", root.log());

@@ -73,7 +73,7 @@ fn our_vmm_runs_a_disk_served_by_qemu_storage_daemon() {
     let mut guest = VmmGuest::start(&VmmConfig {
         image: &image,
         root: None,
-        data_disks: vec![Disk::VhostUser(qsd.socket.clone())],
+        data_disks: vec![Disk::vhost_user(&qsd.socket)],
         mem_mib: 128,
         vcpus: 1,
         work_dir: &vm_dir,
