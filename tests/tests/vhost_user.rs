@@ -96,8 +96,16 @@ fn vhost_user_root_disk_boots_and_both_workloads_run() {
         &["--read-only"],
     )
     .unwrap();
-    let data = Backend::storaged(d, "data", &storaged, "data", "host-a", "primary", &["--queues", "2"])
-        .unwrap();
+    let data = Backend::storaged(
+        d,
+        "data",
+        &storaged,
+        "data",
+        "host-a",
+        "primary",
+        &["--queues", "2"],
+    )
+    .unwrap();
     let vm_dir = d.join("vm");
     let mut cfg = config(&image, &vm_dir, &data.socket);
     cfg.root = Some(Disk::vhost_user(&root.socket));

@@ -26,7 +26,11 @@ fn qemu_boots_from_and_writes_to_storaged_volumes_through_our_backend() {
     let storaged = Storaged::start_with_data_volume(&dir.path().join("storaged"), "data").unwrap();
     let root_size = std::fs::metadata(&image.rootfs).unwrap().len().to_string();
     storaged
-        .create_volume("root", &root_size, &["--anonymous", "read-write-without-primary"])
+        .create_volume(
+            "root",
+            &root_size,
+            &["--anonymous", "read-write-without-primary"],
+        )
         .unwrap();
     run_ok(
         Command::new("qemu-img")
@@ -36,8 +40,16 @@ fn qemu_boots_from_and_writes_to_storaged_volumes_through_our_backend() {
     )
     .unwrap();
     let d = dir.path();
-    let root = Backend::storaged(d, "root", &storaged, "root", "host-a", "primary", &["--read-only"])
-        .unwrap();
+    let root = Backend::storaged(
+        d,
+        "root",
+        &storaged,
+        "root",
+        "host-a",
+        "primary",
+        &["--read-only"],
+    )
+    .unwrap();
     let data = Backend::storaged(d, "data", &storaged, "data", "host-a", "primary", &[]).unwrap();
     let started = Instant::now();
     let mut guest = QemuGuest::start(&QemuConfig {
