@@ -69,6 +69,30 @@ impl Backend {
         Self::start(dir, name, &args)
     }
 
+    /// Our backends for a guest's two disks on `storaged` as `host`: volume `root` (filled
+    /// with the image's root file system first, served read-only) and volume `data` (with
+    /// `data_extra` flags), sockets `root.sock` and `data.sock` in `dir`.
+    pub fn root_and_data(
+        dir: &Path,
+        storaged: &Storaged,
+        rootfs: &Path,
+        host: &str,
+        data_extra: &[&str],
+    ) -> Result<(Backend, Backend)> {
+        storaged.create_volume_from("root", rootfs)?;
+        let root = Self::storaged(
+            dir,
+            "root",
+            storaged,
+            "root",
+            host,
+            "primary",
+            &["--read-only"],
+        )?;
+        let data = Self::storaged(dir, "data", storaged, "data", host, "primary", data_extra)?;
+        Ok((root, data))
+    }
+
     /// qemu-storage-daemon exporting the raw image `image` as vhost-user-blk on
     /// DIR/NAME.sock, writable.
     pub fn qemu_storage_daemon(dir: &Path, name: &str, image: &Path) -> Result<Backend> {

@@ -8,7 +8,6 @@
 //! acknowledged record.
 
 use agent_proto::{Record, RECORD_SIZE};
-use e2e::process::run_ok;
 use e2e::storaged::Storaged;
 use e2e::vhost::Backend;
 use e2e::vmm::{Disk, VmmConfig, VmmGuest};
@@ -16,7 +15,6 @@ use e2e::workload::{check_disk, check_memory, mem_seq_after, stop_and_verify_dis
 use e2e::workload::{MEM_START, REPLY};
 use e2e::GuestTest;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
@@ -70,42 +68,9 @@ fn vhost_user_root_disk_boots_and_both_workloads_run() {
         return;
     };
     let storaged = Storaged::start_with_data_volume(&dir.path().join("storaged"), "data").unwrap();
-    let root_size = std::fs::metadata(&image.rootfs).unwrap().len().to_string();
-    storaged
-        .create_volume(
-            "root",
-            &root_size,
-            &["--anonymous", "read-write-without-primary"],
-        )
-        .unwrap();
-    run_ok(
-        Command::new("qemu-img")
-            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-            .arg(&image.rootfs)
-            .arg(storaged.uri("root")),
-    )
-    .unwrap();
     let d = dir.path();
-    let root = Backend::storaged(
-        d,
-        "root",
-        &storaged,
-        "root",
-        "host-a",
-        "primary",
-        &["--read-only"],
-    )
-    .unwrap();
-    let data = Backend::storaged(
-        d,
-        "data",
-        &storaged,
-        "data",
-        "host-a",
-        "primary",
-        &["--queues", "2"],
-    )
-    .unwrap();
+    let (root, data) =
+        Backend::root_and_data(d, &storaged, &image.rootfs, "host-a", &["--queues", "2"]).unwrap();
     let vm_dir = d.join("vm");
     let mut cfg = config(&image, &vm_dir, &data.socket);
     cfg.root = Some(Disk::vhost_user(&root.socket));
@@ -141,36 +106,38 @@ fn migrate(
     let backend = Backend::storaged(dir, "data", storaged, "data", host, "standby", &[]).unwrap();
     let addr = format!("127.0.0.1:{}", e2e::free_port().unwrap());
     let mut dst = VmmGuest::start_incoming(&config(image, dir, &backend.socket), &addr).unwrap();
-    let (code, body) = src
-        .api_json(
-            "PUT",
-            "/v1/migration/send",
-            &format!(r#"{{"destination":"{addr}","downtime_limit_ms":300,"resume":"wait"}}"#),
-        )
-        .unwrap();
-    assert_eq!(code, 202, "{body}");
-    let handed = src.wait_migration(&["handed-over"], MIGRATION_TIMEOUT);
+    let handed = src.hand_over(&mut dst, &addr, MIGRATION_TIMEOUT);
     src.ok(handed);
-    dst.wait_migration(&["handed-over"], MIGRATION_TIMEOUT)
-        .unwrap();
     storaged
         .cli(&["lease", "flip", "data", "--to", host])
         .unwrap();
-    let (code, body) = dst.api("PUT", "/v1/vm/resume").unwrap();
-    assert_eq!(code, 200, "{body}");
-    let done = dst
-        .wait_migration(&["completed"], MIGRATION_TIMEOUT)
-        .unwrap();
+    let done = dst.resume_incoming(MIGRATION_TIMEOUT).unwrap();
     eprintln!("migrated to {host}: {done}");
-    let (code, _) = src.api("PUT", "/v1/vm/shutdown").unwrap();
-    assert_eq!(code, 200);
-    assert!(src.wait_exit(Duration::from_secs(30)).unwrap().success());
+    src.shutdown().unwrap();
     drop(src_backend);
     let old = if host == "host-a" { "host-b" } else { "host-a" };
     storaged
         .cli(&["lease", "revoke", "data", "--host", old])
         .unwrap();
     (dst, backend)
+}
+
+/// The suite's booted guest restored in `dir` with its data disk on our backend serving the
+/// `data` volume of `storaged` as host-a, and its disk writer started on the fresh disk.
+fn restored_with_writer(
+    image: &e2e::image::GuestImage,
+    storaged: &Storaged,
+    booted: &e2e::snapshot::Booted,
+    dir: &Path,
+) -> (Backend, VmmGuest) {
+    std::fs::create_dir_all(dir).unwrap();
+    let backend =
+        Backend::storaged(dir, "data", storaged, "data", "host-a", "primary", &[]).unwrap();
+    let mut guest =
+        VmmGuest::restore(&config(image, &dir.join("vm"), &backend.socket), booted).unwrap();
+    let r = guest.agent.command("disk start", REPLY);
+    assert_eq!(guest.ok(r).num("next"), Some(0));
+    (backend, guest)
 }
 
 #[test]
@@ -182,17 +149,12 @@ fn vhost_user_disk_migrates_there_and_back_with_the_disk_workload() {
     };
     let storaged = Storaged::start_with_data_volume(&dir.path().join("storaged"), "data").unwrap();
     let booted = e2e::snapshot::booted(&image).unwrap();
-    let first = dir.path().join("vm0");
-    std::fs::create_dir_all(&first).unwrap();
-    let mut backend =
-        Backend::storaged(&first, "data", &storaged, "data", "host-a", "primary", &[]).unwrap();
-    let mut guest = VmmGuest::restore(&config(&image, &first, &backend.socket), &booted).unwrap();
+    let (mut backend, mut guest) =
+        restored_with_writer(&image, &storaged, &booted, &dir.path().join("vm0"));
     let r = guest
         .agent
         .command(&format!("mem start {MEM_MIB}"), MEM_START);
     guest.ok(r);
-    let r = guest.agent.command("disk start", REPLY);
-    assert_eq!(guest.ok(r).num("next"), Some(0));
     let mut acked = disk_acked_past(&mut guest, 0);
     let mut seq = 0;
 
@@ -230,13 +192,8 @@ fn vhost_user_backend_killed_mid_io_is_reported_and_a_restart_resumes() {
     };
     let storaged = Storaged::start_with_data_volume(&dir.path().join("storaged"), "data").unwrap();
     let booted = e2e::snapshot::booted(&image).unwrap();
-    let d = dir.path();
-    let mut backend =
-        Backend::storaged(d, "data", &storaged, "data", "host-a", "primary", &[]).unwrap();
-    let mut guest =
-        VmmGuest::restore(&config(&image, &d.join("vm"), &backend.socket), &booted).unwrap();
-    let r = guest.agent.command("disk start", REPLY);
-    assert_eq!(guest.ok(r).num("next"), Some(0));
+    let (mut backend, mut guest) =
+        restored_with_writer(&image, &storaged, &booted, &dir.path().join("vm"));
     let before = disk_acked_past(&mut guest, 64);
 
     // Killed with the writer's requests in flight: the VMM says so at once.

@@ -4,14 +4,12 @@
 //! qemu-storage-daemon's vhost-user-blk export. Each runs the guest's workloads and checks the
 //! disk records on the host.
 
-use e2e::process::run_ok;
 use e2e::qemu::{QemuConfig, QemuGuest};
 use e2e::storaged::Storaged;
 use e2e::vhost::Backend;
 use e2e::vmm::{Disk, VmmConfig, VmmGuest};
 use e2e::workload::{check_disk, check_memory, fresh_disk, wait_booted, REPLY};
 use e2e::GuestTest;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
@@ -24,33 +22,8 @@ fn qemu_boots_from_and_writes_to_storaged_volumes_through_our_backend() {
         return;
     };
     let storaged = Storaged::start_with_data_volume(&dir.path().join("storaged"), "data").unwrap();
-    let root_size = std::fs::metadata(&image.rootfs).unwrap().len().to_string();
-    storaged
-        .create_volume(
-            "root",
-            &root_size,
-            &["--anonymous", "read-write-without-primary"],
-        )
-        .unwrap();
-    run_ok(
-        Command::new("qemu-img")
-            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-            .arg(&image.rootfs)
-            .arg(storaged.uri("root")),
-    )
-    .unwrap();
     let d = dir.path();
-    let root = Backend::storaged(
-        d,
-        "root",
-        &storaged,
-        "root",
-        "host-a",
-        "primary",
-        &["--read-only"],
-    )
-    .unwrap();
-    let data = Backend::storaged(d, "data", &storaged, "data", "host-a", "primary", &[]).unwrap();
+    let (root, data) = Backend::root_and_data(d, &storaged, &image.rootfs, "host-a", &[]).unwrap();
     let started = Instant::now();
     let mut guest = QemuGuest::start(&QemuConfig {
         image: &image,

@@ -89,6 +89,20 @@ fn measure(agent: &mut AgentConn, runs: usize, window: Duration) -> Result<Figur
     })
 }
 
+/// Our backends for a guest: its root file system read-only from the image, its data disk on
+/// `volume` of `storaged`.
+fn backends(
+    dir: &Path,
+    rootfs: &Path,
+    storaged: &Storaged,
+    volume: &str,
+) -> Result<(Backend, Backend)> {
+    let rootfs = rootfs.to_string_lossy().into_owned();
+    let root = Backend::start(dir, "root", &["--file", &rootfs, "--read-only"])?;
+    let data = Backend::storaged(dir, "data", storaged, volume, "bench", "primary", &[])?;
+    Ok((root, data))
+}
+
 fn vmm_variant(
     name: &str,
     storaged: &Storaged,
@@ -102,16 +116,14 @@ fn vmm_variant(
     std::fs::create_dir_all(&dir)?;
     let volume = format!("data-{name}").replace('+', "-");
     storaged.create_volume(&volume, VOLUME, &[])?;
-    let mut backends = Vec::new();
+    let mut running = Vec::new();
     let (root, data) = if vhost {
-        let rootfs = image.rootfs.to_string_lossy().into_owned();
-        let root = Backend::start(&dir, "root", &["--file", &rootfs, "--read-only"])?;
-        let data = Backend::storaged(&dir, "data", storaged, &volume, "bench", "primary", &[])?;
+        let (root, data) = backends(&dir, &image.rootfs, storaged, &volume)?;
         let disks = (
             Disk::vhost_user(&root.socket),
             Disk::vhost_user(&data.socket),
         );
-        backends.extend([root, data]);
+        running.extend([root, data]);
         disks
     } else {
         (
@@ -139,9 +151,7 @@ fn qemu_variant(storaged: &Storaged, dir: &Path, runs: usize, window: Duration) 
     let dir = dir.join("qemu-vhost");
     std::fs::create_dir_all(&dir)?;
     storaged.create_volume("data-qemu", VOLUME, &[])?;
-    let rootfs = image.rootfs.to_string_lossy().into_owned();
-    let root = Backend::start(&dir, "root", &["--file", &rootfs, "--read-only"])?;
-    let data = Backend::storaged(&dir, "data", storaged, "data-qemu", "bench", "primary", &[])?;
+    let (root, data) = backends(&dir, &image.rootfs, storaged, "data-qemu")?;
     let mut guest = QemuGuest::start(&QemuConfig {
         image: &image,
         data_disks: Vec::new(),

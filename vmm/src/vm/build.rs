@@ -346,18 +346,9 @@ impl Vm {
         }
         let sig_tx = events_tx.clone();
         runtime.spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
-                return;
-            };
-            let name = tokio::select! {
-                _ = term.recv() => "SIGTERM",
-                _ = int.recv() => "SIGINT",
-            };
-            let _ = sig_tx.send(VmEvent::Terminate(name));
+            if let Ok(name) = vmhop_common::signal::stop_requested().await {
+                let _ = sig_tx.send(VmEvent::Terminate(name));
+            }
         });
 
         let mut vcpus = Vec::new();

@@ -127,16 +127,8 @@ fn run(cli: Cli) -> Result<()> {
     let socket = cli.socket.clone();
     let on_signal = disk.clone();
     runtime.spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
+        let Ok(name) = vmhop_common::signal::stop_requested().await else {
             return;
-        };
-        let name = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
         };
         tracing::info!(signal = name, "stopping: flushing the disk");
         match tokio::time::timeout(EXIT_FLUSH, on_signal.backend().flush()).await {
