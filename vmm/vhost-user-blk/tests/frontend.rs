@@ -40,9 +40,12 @@ impl Drop for Backend {
     }
 }
 
+/// The backend on a 1 MiB disk whose first sector holds 0xcd bytes.
 fn start_backend(dir: &Path) -> (Backend, std::path::PathBuf) {
     let disk = dir.join("disk.img");
-    File::create(&disk).unwrap().set_len(1 << 20).unwrap();
+    let f = File::create(&disk).unwrap();
+    f.set_len(1 << 20).unwrap();
+    f.write_all_at(&[0xcd; 512], 0).unwrap();
     let socket = dir.join("blk.sock");
     let child = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"))
         .arg("--socket")
@@ -94,11 +97,12 @@ fn bad_rings_and_bad_frontends_do_not_stop_the_backend() {
     let log = tempfile::tempfile().unwrap();
     log.set_len(4096).unwrap();
 
-    // The chains: a write, a read of it, a header outside memory, no header at all, a read
-    // past the end of the disk, a descriptor that points at itself.
+    // The chains: a write of sector 8, a read of sector 0 (requests in flight together are
+    // not ordered, so they touch different sectors), a header outside memory, no header at
+    // all, a read past the end of the disk, a descriptor that points at itself.
     mem.write_slice(&[0xab; 512], GuestAddress(0x11000))
         .unwrap();
-    header(&mem, 0x10000, T_OUT, 0);
+    header(&mem, 0x10000, T_OUT, 8);
     desc(&mem, 0, 0x10000, 16, F_NEXT, 1);
     desc(&mem, 1, 0x11000, 512, F_NEXT, 2);
     desc(&mem, 2, 0x12000, 1, F_WRITE, 0);
@@ -198,6 +202,11 @@ fn bad_rings_and_bad_frontends_do_not_stop_the_backend() {
     );
     let mut back = [0u8; 512];
     mem.read_slice(&mut back, GuestAddress(0x13000)).unwrap();
+    assert_eq!(back, [0xcd; 512]);
+    std::fs::File::open(dir.path().join("disk.img"))
+        .unwrap()
+        .read_exact_at(&mut back, 8 * 512)
+        .unwrap();
     assert_eq!(back, [0xab; 512]);
     // Every page the backend wrote is in the dirty log: the status bytes, the read data and
     // the used ring (page p is bit p % 8 of byte p / 8).

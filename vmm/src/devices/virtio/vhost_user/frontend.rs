@@ -11,14 +11,22 @@
 //! stop:    GET_VRING_BASE per queue (the backend completes what is in flight first)
 //! logging: SET_LOG_BASE (the dirty log's memfd), SET_FEATURES with or without LOG_ALL
 //! ```
-//! Every reply is awaited with a deadline ([`REPLY_TIMEOUT`]): a backend that hangs makes the
-//! operation fail instead of stalling the VM's control loop.
+//! Every operation has a deadline ([`REPLY_TIMEOUT`]): the `vhost` crate retries a read that
+//! timed out forever, so a backend that stops answering (or answers with a shorter message
+//! than the crate expects) would hang the calling thread, and with it the VM's control loop.
+//! Past the deadline the VMM shuts the socket down: the operation fails, the monitor sees the
+//! backend gone and reconnects.
 
 use super::log::DirtyLog;
 use super::VhostUserError;
 use crate::memory::GuestMem;
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use std::io::{IoSlice, Read};
+use std::net::Shutdown;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
@@ -34,6 +42,18 @@ use vmm_sys_util::eventfd::EventFd;
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the VMM waits for a backend's socket to accept when the VM is built.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// SET_LOG_BASE's request code.
+const REQ_SET_LOG_BASE: u32 = 6;
+/// Header flags: protocol version 1.
+const HDR_VERSION_1: u32 = 0x1;
+/// Header flags: a reply.
+const HDR_REPLY: u32 = 0x4;
+/// A message header: request, flags, body size (u32 each).
+const HDR_LEN: usize = 12;
+/// SET_LOG_BASE with its body (mmap size and offset, u64 each).
+const LOG_MSG_LEN: usize = HDR_LEN + 16;
+/// The largest reply body accepted for SET_LOG_BASE.
+const MAX_REPLY_BODY: usize = 256;
 /// Protocol features the VMM uses when the backend offers them (CONFIG is required).
 const WANTED_PROTOCOL: VhostUserProtocolFeatures = VhostUserProtocolFeatures::CONFIG
     .union(VhostUserProtocolFeatures::MQ)
@@ -48,9 +68,45 @@ pub struct RingSetup<'a> {
     pub kick: &'a EventFd,
 }
 
+/// Shuts the connection down if the operation it guards is not done within [`REPLY_TIMEOUT`].
+struct Deadline {
+    done: Option<mpsc::Sender<()>>,
+}
+
+impl Deadline {
+    fn arm(socket: &UnixStream, operation: &'static str) -> Deadline {
+        let (done, wait) = mpsc::channel::<()>();
+        if let Ok(socket) = socket.try_clone() {
+            let spawned = std::thread::Builder::new()
+                .name("vhost-user-deadline".into())
+                .spawn(move || {
+                    if let Err(mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(REPLY_TIMEOUT) {
+                        tracing::error!(operation, timeout = ?REPLY_TIMEOUT,
+                            "vhost-user backend did not answer in time; disconnecting it");
+                        let _ = socket.shutdown(Shutdown::Both);
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, operation, "no deadline for a vhost-user operation");
+            }
+        }
+        Deadline { done: Some(done) }
+    }
+}
+
+impl Drop for Deadline {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            let _ = done.send(());
+        }
+    }
+}
+
 /// A connected, negotiated backend.
 pub struct Session {
     fe: Frontend,
+    /// The socket, for the deadlines.
+    socket: UnixStream,
     /// Virtio feature bits the backend offers.
     pub backend_features: u64,
     /// Protocol features in use.
@@ -82,6 +138,8 @@ impl Session {
             .set_write_timeout(Some(REPLY_TIMEOUT))
             .map_err(socket_err)?;
         let watch = stream.try_clone().map_err(socket_err)?;
+        let socket = stream.try_clone().map_err(socket_err)?;
+        let _deadline = Deadline::arm(&socket, "negotiate");
         let mut fe = Frontend::from_stream(stream, u64::from(MAX_DISK_QUEUES));
         let call = |what: &'static str| move |e| VhostUserError::Message(what, e);
         fe.set_owner().map_err(call("SET_OWNER"))?;
@@ -105,6 +163,7 @@ impl Session {
         };
         let session = Session {
             fe,
+            socket,
             backend_features,
             protocol,
             queue_num,
@@ -114,6 +173,7 @@ impl Session {
 
     /// `len` bytes of the device's configuration space.
     pub fn config(&mut self, len: u32) -> Result<Vec<u8>, VhostUserError> {
+        let _deadline = Deadline::arm(&self.socket, "GET_CONFIG");
         let (_, data) = self
             .fe
             .get_config(
@@ -154,6 +214,7 @@ impl Session {
         log: Option<&DirtyLog>,
     ) -> Result<(), VhostUserError> {
         let msg = |what: &'static str| move |e| VhostUserError::Message(what, e);
+        let _deadline = Deadline::arm(&self.socket, "start the rings");
         self.set_features(guest_features, log.is_some())?;
         let mut regions = Vec::new();
         for r in mem.iter() {
@@ -207,6 +268,7 @@ impl Session {
 
     /// Stops `queues` rings; returns each one's next available index.
     pub fn stop(&mut self, queues: usize) -> Result<Vec<u16>, VhostUserError> {
+        let _deadline = Deadline::arm(&self.socket, "GET_VRING_BASE");
         (0..queues)
             .map(|i| {
                 self.fe
@@ -217,10 +279,47 @@ impl Session {
             .collect()
     }
 
+    /// SET_LOG_BASE with the log's memfd. Spoken here rather than through the `vhost` crate:
+    /// back-ends disagree on the reply's body (libvhost-user, so qemu-storage-daemon, answers
+    /// a u64; vhost-user-backend echoes the log region), QEMU's frontend accepts either, the
+    /// crate only the second. The caller holds the session, so nothing else uses the socket.
     fn set_log(&self, log: &DirtyLog) -> Result<(), VhostUserError> {
-        self.fe
-            .set_log_base(0, Some(log.region()))
-            .map_err(|e| VhostUserError::Message("SET_LOG_BASE", e))
+        let region = log.region();
+        let mut msg = Vec::with_capacity(LOG_MSG_LEN);
+        msg.extend_from_slice(&REQ_SET_LOG_BASE.to_le_bytes());
+        msg.extend_from_slice(&HDR_VERSION_1.to_le_bytes());
+        msg.extend_from_slice(&16u32.to_le_bytes());
+        msg.extend_from_slice(&region.mmap_size.to_le_bytes());
+        msg.extend_from_slice(&region.mmap_offset.to_le_bytes());
+        let fds = [region.mmap_handle];
+        let sent = sendmsg::<()>(
+            self.socket.as_raw_fd(),
+            &[IoSlice::new(&msg)],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        )
+        .map_err(|e| VhostUserError::LogBase(e.into()))?;
+        if sent != msg.len() {
+            return Err(VhostUserError::LogBase(
+                std::io::ErrorKind::WriteZero.into(),
+            ));
+        }
+        let mut hdr = [0u8; HDR_LEN];
+        (&self.socket)
+            .read_exact(&mut hdr)
+            .map_err(VhostUserError::LogBase)?;
+        let field = |i: usize| u32::from_le_bytes([hdr[i], hdr[i + 1], hdr[i + 2], hdr[i + 3]]);
+        let (request, flags, size) = (field(0), field(4), field(8) as usize);
+        if request != REQ_SET_LOG_BASE || flags & HDR_REPLY == 0 || size > MAX_REPLY_BODY {
+            return Err(VhostUserError::LogBase(
+                std::io::ErrorKind::InvalidData.into(),
+            ));
+        }
+        let mut body = vec![0u8; size];
+        (&self.socket)
+            .read_exact(&mut body)
+            .map_err(VhostUserError::LogBase)
     }
 
     /// Turns the backend's dirty logging on into `log` (or off), the guest's features
@@ -230,6 +329,7 @@ impl Session {
         guest_features: u64,
         log: Option<&DirtyLog>,
     ) -> Result<(), VhostUserError> {
+        let _deadline = Deadline::arm(&self.socket, "switch the dirty log");
         if let Some(log) = log {
             self.set_log(log)?;
         }

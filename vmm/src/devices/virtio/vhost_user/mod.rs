@@ -47,6 +47,9 @@ pub enum VhostUserError {
     /// A message failed (sent, answered with an error, or not answered in time).
     #[error("{0}")]
     Message(&'static str, #[source] vhost::Error),
+    /// SET_LOG_BASE could not be sent or was not answered as the protocol says.
+    #[error("SET_LOG_BASE")]
+    LogBase(#[source] std::io::Error),
     /// The backend does not offer something the VMM needs.
     #[error("the backend lacks {0}")]
     Lacks(&'static str),
