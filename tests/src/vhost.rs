@@ -94,13 +94,14 @@ impl Backend {
     }
 
     /// qemu-storage-daemon exporting the raw image `image` as vhost-user-blk on
-    /// DIR/NAME.sock, writable.
+    /// DIR/NAME.sock, writable; without QEMU's image locking, so that a migration's
+    /// destination can export the same image (as two hosts would share a network disk).
     pub fn qemu_storage_daemon(dir: &Path, name: &str, image: &Path) -> Result<Backend> {
         let socket = dir.join(format!("{name}.sock"));
         let args: Vec<OsString> = vec![
             "--blockdev".into(),
             format!(
-                "driver=file,node-name=file0,filename={},aio=threads",
+                "driver=file,node-name=file0,filename={},aio=threads,locking=off",
                 image.display()
             )
             .into(),

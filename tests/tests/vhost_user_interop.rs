@@ -8,11 +8,13 @@ use e2e::qemu::{QemuConfig, QemuGuest};
 use e2e::storaged::Storaged;
 use e2e::vhost::Backend;
 use e2e::vmm::{Disk, VmmConfig, VmmGuest};
-use e2e::workload::{check_disk, check_memory, fresh_disk, wait_booted, REPLY};
+use e2e::workload::REPLY;
+use e2e::workload::{check_disk, check_memory, fresh_disk, stop_and_verify_disk, wait_booted};
 use e2e::GuestTest;
 use std::time::{Duration, Instant};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
 
 #[test]
 fn qemu_boots_from_and_writes_to_storaged_volumes_through_our_backend() {
@@ -44,9 +46,9 @@ fn qemu_boots_from_and_writes_to_storaged_volumes_through_our_backend() {
 }
 
 #[test]
-fn our_vmm_runs_a_disk_served_by_qemu_storage_daemon() {
+fn our_vmm_runs_and_migrates_a_disk_served_by_qemu_storage_daemon() {
     let Some(GuestTest { image, dir }) =
-        GuestTest::new("our_vmm_runs_a_disk_served_by_qemu_storage_daemon")
+        GuestTest::new("our_vmm_runs_and_migrates_a_disk_served_by_qemu_storage_daemon")
     else {
         return;
     };
@@ -67,4 +69,42 @@ fn our_vmm_runs_a_disk_served_by_qemu_storage_daemon() {
     let (_, boot_id) = wait_booted(&guest.agent, BOOT_TIMEOUT, "vmm", guest.started);
     check_memory(&mut guest.agent, 8);
     check_disk(&mut guest.agent, &image_file, &boot_id);
+
+    // The writer runs while the guest moves to a VMM whose disk another qemu-storage-daemon
+    // serves from the same image; every record verifies there.
+    let r = guest.agent.command("disk start", REPLY);
+    let before = guest.ok(r).num("next").unwrap();
+    let dst_dir = d.join("dst");
+    std::fs::create_dir_all(&dst_dir).unwrap();
+    let qsd_dst = Backend::qemu_storage_daemon(&dst_dir, "qsd", &image_file).unwrap();
+    let addr = format!("127.0.0.1:{}", e2e::free_port().unwrap());
+    let mut dst = VmmGuest::start_incoming(
+        &VmmConfig {
+            image: &image,
+            root: None,
+            data_disks: vec![Disk::vhost_user(&qsd_dst.socket)],
+            mem_mib: 128,
+            vcpus: 1,
+            work_dir: &dst_dir,
+        },
+        &addr,
+    )
+    .unwrap();
+    let handed = guest.hand_over(&mut dst, &addr, MIGRATION_TIMEOUT);
+    guest.ok(handed);
+    let done = dst.resume_incoming(MIGRATION_TIMEOUT).unwrap();
+    eprintln!("migrated: {done}");
+    guest.shutdown().unwrap();
+    drop(qsd);
+    let acked = stop_and_verify_disk(&mut dst.agent);
+    assert!(
+        acked > before,
+        "the writer made no progress: {acked} after {before}"
+    );
+    let r = dst.agent.command("clock", REPLY);
+    assert_eq!(
+        dst.ok(r).get("boot_id"),
+        Some(boot_id.as_str()),
+        "the guest rebooted"
+    );
 }
