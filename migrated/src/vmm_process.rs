@@ -65,11 +65,13 @@ pub fn vmm_config(
                     instance_id: Some(rec.name.clone()),
                     lease,
                 }),
+                vhost_user: None,
                 read_only: d.read_only,
             },
             DiskSpec { path, .. } => DiskConfig {
                 path: path.clone(),
                 storaged: None,
+                vhost_user: None,
                 read_only: d.read_only,
             },
         })

@@ -15,6 +15,7 @@ pub mod process;
 pub mod qemu;
 pub mod snapshot;
 pub mod storaged;
+pub mod vhost;
 pub mod vmm;
 pub mod workload;
 

@@ -22,6 +22,10 @@ pub struct QemuConfig<'a> {
     pub image: &'a GuestImage,
     /// Data disks after the root disk (vdb, vdc, ...), raw files.
     pub data_disks: Vec<PathBuf>,
+    /// When not empty, the guest's disks are these vhost-user-blk backends' sockets (vda
+    /// first) instead of the image's root file system and `data_disks`; guest memory is then
+    /// a shared memfd, which the backends map.
+    pub vhost_user_disks: Vec<PathBuf>,
     /// Guest memory in MiB.
     pub mem_mib: u32,
     /// vCPUs.
@@ -35,31 +39,43 @@ impl QemuGuest {
     /// the disks; the caller adds where the serial line (and a monitor) go.
     pub fn command(cfg: &QemuConfig) -> Command {
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args([
-            "-enable-kvm",
-            "-M",
-            "microvm,acpi=off",
-            "-cpu",
-            "kvm64,-cx16",
-        ])
-        .args([
-            "-m",
-            &cfg.mem_mib.to_string(),
-            "-smp",
-            &cfg.vcpus.to_string(),
-        ])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
-        .arg("-kernel")
-        .arg(&cfg.image.kernel)
-        .args(["-append", &cfg.image.cmdline]);
+        let vhost_user = !cfg.vhost_user_disks.is_empty();
+        let machine = if vhost_user {
+            "microvm,acpi=off,memory-backend=mem"
+        } else {
+            "microvm,acpi=off"
+        };
+        cmd.args(["-enable-kvm", "-M", machine, "-cpu", "kvm64,-cx16"])
+            .args([
+                "-m",
+                &cfg.mem_mib.to_string(),
+                "-smp",
+                &cfg.vcpus.to_string(),
+            ])
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-no-reboot",
+            ])
+            .arg("-kernel")
+            .arg(&cfg.image.kernel)
+            .args(["-append", &cfg.image.cmdline]);
         // QEMU's microvm places the first -device on the highest virtio-mmio slot, which the
         // kernel probes first: the order here is the order of vda, vdb, ...
+        if vhost_user {
+            cmd.arg("-object").arg(format!(
+                "memory-backend-memfd,id=mem,size={}M,share=on",
+                cfg.mem_mib
+            ));
+            for (i, socket) in cfg.vhost_user_disks.iter().enumerate() {
+                cmd.arg("-chardev")
+                    .arg(format!("socket,id=vu{i},path={}", socket.display()))
+                    .args(["-device", &format!("vhost-user-blk,chardev=vu{i}")]);
+            }
+            return cmd;
+        }
         let mut drives = vec![(cfg.image.rootfs.clone(), true)];
         drives.extend(cfg.data_disks.iter().map(|d| (d.clone(), false)));
         for (i, (path, ro)) in drives.iter().enumerate() {

@@ -109,6 +109,21 @@ impl Storaged {
         Ok((dir, s))
     }
 
+    /// Creates volume `name` with the content of the raw image `image` (the test guest's root
+    /// file system), filled anonymously with qemu-img before any primary exists, then used
+    /// leased.
+    pub fn create_volume_from(&self, name: &str, image: &Path) -> Result<()> {
+        let size = std::fs::metadata(image)?.len().to_string();
+        self.create_volume(name, &size, &["--anonymous", "read-write-without-primary"])?;
+        run_ok(
+            Command::new("qemu-img")
+                .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+                .arg(image)
+                .arg(self.uri(name)),
+        )?;
+        Ok(())
+    }
+
     /// Starts again on the same data dir (new ports).
     pub fn restart(&mut self, extra: &[&str]) -> Result<()> {
         self.kill9();

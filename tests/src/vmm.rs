@@ -29,9 +29,24 @@ pub enum Disk {
     /// A storaged volume: the value of `--disk` after `storaged=`, e.g.
     /// `127.0.0.1:10809,volume=root,host=a`.
     Storaged(String),
+    /// A vhost-user-blk backend (see [`crate::vhost`]) on `socket`, using `queues` queues.
+    VhostUser {
+        /// The backend's socket.
+        socket: PathBuf,
+        /// Request queues.
+        queues: u16,
+    },
 }
 
 impl Disk {
+    /// A vhost-user disk with one queue.
+    pub fn vhost_user(socket: &Path) -> Disk {
+        Disk::VhostUser {
+            socket: socket.to_path_buf(),
+            queues: 1,
+        }
+    }
+
     fn arg(&self) -> String {
         match self {
             Disk::File { path, read_only } => {
@@ -42,6 +57,9 @@ impl Disk {
                 )
             }
             Disk::Storaged(spec) => format!("storaged={spec}"),
+            Disk::VhostUser { socket, queues } => {
+                format!("vhost-user={},queues={queues}", socket.display())
+            }
         }
     }
 }
@@ -235,6 +253,50 @@ impl VmmGuest {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Live-migrates the guest to `dst` (started with `--incoming addr`) with `resume: wait`:
+    /// returns the source's status once both VMMs say the guest was handed over (the
+    /// destination then waits for [`Self::resume_incoming`], typically after a lease flip).
+    pub fn hand_over(
+        &mut self,
+        dst: &mut VmmGuest,
+        addr: &str,
+        timeout: Duration,
+    ) -> Result<serde_json::Value> {
+        let (code, body) = self.api_json(
+            "PUT",
+            "/v1/migration/send",
+            &format!(r#"{{"destination":"{addr}","downtime_limit_ms":300,"resume":"wait"}}"#),
+        )?;
+        if code != 202 {
+            bail!("PUT /v1/migration/send: {code} {body}");
+        }
+        let handed = self.wait_migration(&["handed-over"], timeout)?;
+        dst.wait_migration(&["handed-over"], timeout)?;
+        Ok(handed)
+    }
+
+    /// Runs a handed-over guest on this destination: returns its final migration status.
+    pub fn resume_incoming(&mut self, timeout: Duration) -> Result<serde_json::Value> {
+        let (code, body) = self.api("PUT", "/v1/vm/resume")?;
+        if code != 200 {
+            bail!("PUT /v1/vm/resume: {code} {body}");
+        }
+        self.wait_migration(&["completed"], timeout)
+    }
+
+    /// Ends the VMM through the API and waits for its clean exit.
+    pub fn shutdown(&mut self) -> Result<()> {
+        let (code, body) = self.api("PUT", "/v1/vm/shutdown")?;
+        if code != 200 {
+            bail!("PUT /v1/vm/shutdown: {code} {body}");
+        }
+        let status = self.wait_exit(Duration::from_secs(30))?;
+        if !status.success() {
+            bail!("vmm exited with {status}; stderr:\n{}", self.stderr());
+        }
+        Ok(())
     }
 
     /// The VMM's stderr so far.

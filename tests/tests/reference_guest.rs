@@ -22,6 +22,7 @@ fn guest_boots_and_workloads_answer_under_qemu() {
     let mut guest = QemuGuest::start(&QemuConfig {
         image: &image,
         data_disks: vec![data.clone()],
+        vhost_user_disks: Vec::new(),
         mem_mib: 256,
         vcpus: 1,
         work_dir: dir.path(),

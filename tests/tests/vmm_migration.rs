@@ -53,37 +53,21 @@ fn migrate(
     // Typed at the destination's console before the guest is there: answered once it runs.
     dst.agent.send("clock").unwrap();
     let t = Instant::now();
-    let (code, body) = src
-        .api_json(
-            "PUT",
-            "/v1/migration/send",
-            &format!(r#"{{"destination":"{addr}","downtime_limit_ms":300,"resume":"wait"}}"#),
-        )
-        .unwrap();
-    assert_eq!(code, 202, "{body}");
-    let handed = src.wait_migration(&["handed-over"], MIGRATION_TIMEOUT);
+    let handed = src.hand_over(&mut dst, &addr, MIGRATION_TIMEOUT);
     let handed = src.ok(handed);
-    dst.wait_migration(&["handed-over"], MIGRATION_TIMEOUT)
-        .unwrap();
     // The source's guest is paused and may not be resumed; the destination has not resumed.
     let (code, _) = src.api("PUT", "/v1/vm/resume").unwrap();
     assert_eq!(code, 409, "a handed-over source must refuse to resume");
     let flip = storaged
         .cli(&["lease", "flip", "data", "--to", host])
         .unwrap();
-    let (code, body) = dst.api("PUT", "/v1/vm/resume").unwrap();
-    assert_eq!(code, 200, "{body}");
-    let done = dst
-        .wait_migration(&["completed"], MIGRATION_TIMEOUT)
-        .unwrap();
+    let done = dst.resume_incoming(MIGRATION_TIMEOUT).unwrap();
     eprintln!(
         "migrated to {host} in {} ms: source {handed}\ndestination {done}\nflip {flip}",
         t.elapsed().as_millis()
     );
     assert!(done["downtime_us"].as_u64().unwrap() > 0, "{done}");
-    let (code, _) = src.api("PUT", "/v1/vm/shutdown").unwrap();
-    assert_eq!(code, 200);
-    assert!(src.wait_exit(Duration::from_secs(30)).unwrap().success());
+    src.shutdown().unwrap();
     // Cleanup: the old host is deactivated on the volume until the control plane, knowing its
     // VMM is gone, revokes that lease (so the guest can come back to it later).
     let old = if host == "host-a" { "host-b" } else { "host-a" };

@@ -4,11 +4,9 @@
 //! VMM from another host asking for the same volume as primary is refused with a clear error
 //! before its guest runs.
 
-use e2e::process::run_ok;
 use e2e::storaged::Storaged;
 use e2e::vmm::{Disk, VmmConfig, VmmGuest};
 use e2e::GuestTest;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
@@ -31,21 +29,7 @@ fn vmm_disks_on_storaged_volumes_survive_restart_and_are_fenced() {
     };
     let storaged = Storaged::start_with_data_volume(&dir.path().join("storaged"), "data").unwrap();
     // The root volume is filled anonymously (before any primary exists), then used leased.
-    let root_size = std::fs::metadata(&image.rootfs).unwrap().len().to_string();
-    storaged
-        .create_volume(
-            "root",
-            &root_size,
-            &["--anonymous", "read-write-without-primary"],
-        )
-        .unwrap();
-    run_ok(
-        Command::new("qemu-img")
-            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-            .arg(&image.rootfs)
-            .arg(storaged.uri("root")),
-    )
-    .unwrap();
+    storaged.create_volume_from("root", &image.rootfs).unwrap();
 
     let run_dir = |n: &str| {
         let d = dir.path().join(n);

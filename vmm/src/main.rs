@@ -58,8 +58,9 @@ struct RunArgs {
     /// Boot protocol.
     #[arg(long, value_enum)]
     boot: Option<BootProtocol>,
-    /// A disk: `path=FILE[,ro]` or `storaged=HOST:PORT,volume=NAME,host=ID[,instance=ID][,ro]`.
-    /// Repeat for more; the first is /dev/vda.
+    /// A disk: `path=FILE[,ro]`, `storaged=HOST:PORT,volume=NAME,host=ID[,instance=ID]
+    /// [,lease=standby][,ro]`, or `vhost-user=SOCKET[,queues=N][,ro]` (a vhost-user-blk
+    /// backend listening on SOCKET serves the disk). Repeat for more; the first is /dev/vda.
     #[arg(long = "disk")]
     disks: Vec<DiskConfig>,
     /// COM1: `stdio`, `none`, `file:PATH` or `unix:PATH`.

@@ -18,7 +18,10 @@
 //! [`crate::vm::kvm_state`] (PIT, clock, irqchip: before any vCPU), [`crate::vcpu::state`]
 //! (each vCPU), then the devices: [`crate::devices::serial`], [`crate::devices::i8042`] and
 //! each disk's [`crate::devices::virtio::mmio`] transport with its
-//! [`crate::devices::virtio::block`] device.
+//! [`crate::devices::virtio::disk`] device. A disk's state is what the guest saw
+//! ([`crate::devices::virtio::block::BlockState`]) whether the VMM or a vhost-user backend
+//! serves it, so the kind may differ between the saving and the restoring VMM; a vhost-user
+//! disk's ring positions are those its backend reported at GET_VRING_BASE.
 
 use crate::devices::i8042::I8042State;
 use crate::devices::serial::SerialState;

@@ -154,8 +154,20 @@ pub fn write(path: &Path, st: &VmState, mem: &GuestMem) -> Result<(), SnapshotEr
     Ok(())
 }
 
-/// Opens a snapshot for a VM of `memory_mib`: the memory mapped lazily, and the state.
-pub fn open(path: &Path, memory_mib: u64) -> Result<(Arc<GuestMem>, VmState), SnapshotError> {
+/// Guest memory restored from a snapshot.
+pub struct Restored {
+    /// The memory.
+    pub mem: Arc<GuestMem>,
+    /// Its memfd when it was copied into one (`shared`), `None` when it maps the file.
+    pub memfd: Option<Arc<File>>,
+    /// The saved state.
+    pub state: VmState,
+}
+
+/// Opens a snapshot for a VM of `memory_mib`: the state, and the memory mapped lazily from
+/// the file, or, when it must be `shared` with another process (a vhost-user backend maps
+/// guest memory), copied into a fresh memfd (the file's data extents only).
+pub fn open(path: &Path, memory_mib: u64, shared: bool) -> Result<Restored, SnapshotError> {
     let mut f = File::open(path).map_err(io("open", path))?;
     let mut h = vec![0u8; HEADER as usize];
     f.read_exact(&mut h).map_err(io("read", path))?;
@@ -191,8 +203,34 @@ pub fn open(path: &Path, memory_mib: u64) -> Result<(Arc<GuestMem>, VmState), Sn
     let mut envelope = vec![0u8; state_len as usize];
     f.read_exact_at(&mut envelope, state_off)
         .map_err(io("read", path))?;
-    let st = persist::decode(&envelope).map_err(|e| SnapshotError::State(path.to_path_buf(), e))?;
-    let mem = memory::map_guest_memory_from_file(mib, &Arc::new(f), mem_off)
-        .map_err(SnapshotError::Guest)?;
-    Ok((mem, st))
+    let state =
+        persist::decode(&envelope).map_err(|e| SnapshotError::State(path.to_path_buf(), e))?;
+    if !shared {
+        let mem = memory::map_guest_memory_from_file(mib, &Arc::new(f), mem_off)
+            .map_err(SnapshotError::Guest)?;
+        return Ok(Restored {
+            mem,
+            memfd: None,
+            state,
+        });
+    }
+    let (mem, memfd) = memory::create_guest_memory(mib).map_err(SnapshotError::Guest)?;
+    let mut buf = vec![0u8; CHUNK];
+    for (off, len) in memory::data_extents(&f, mem_off, mem_len) {
+        let mut at = 0;
+        while at < len {
+            let n = ((len - at) as usize).min(CHUNK);
+            f.read_exact_at(&mut buf[..n], mem_off + off + at)
+                .map_err(io("read", path))?;
+            memfd
+                .write_all_at(&buf[..n], off + at)
+                .map_err(io("copy guest memory from", path))?;
+            at += n as u64;
+        }
+    }
+    Ok(Restored {
+        mem,
+        memfd: Some(memfd),
+        state,
+    })
 }

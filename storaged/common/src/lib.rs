@@ -5,6 +5,7 @@
 //! - [`error`]: an error and its causes on one line, for API answers and exit messages;
 //! - [`http`]: the HTTP/1.1 + JSON client for TCP and Unix-socket APIs (storaged's REST API,
 //!   migrated's, a VMM's), every request with a deadline;
+//! - [`signal`]: waiting for SIGTERM or SIGINT;
 //! - [`token`]: the cluster token that guards the REST APIs on TCP (and, with the `server`
 //!   feature, the axum middleware that checks it);
 //! - [`store`] (feature `store`): opening the redb databases the daemons keep their records in;
@@ -18,6 +19,7 @@ pub mod http;
 pub mod logging;
 #[cfg(feature = "pki")]
 pub mod pki;
+pub mod signal;
 #[cfg(feature = "store")]
 pub mod store;
 pub mod tls;

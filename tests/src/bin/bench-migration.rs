@@ -323,6 +323,7 @@ impl Qemu {
         let mut cmd = QemuGuest::command(&QemuConfig {
             image: c.image,
             data_disks: Vec::new(),
+            vhost_user_disks: Vec::new(),
             mem_mib: c.mem_mib,
             vcpus: 1,
             work_dir: dir,

@@ -14,6 +14,8 @@
 //! read_only = true
 //! [[disks]]
 //! storaged = { address = "127.0.0.1:10809", volume = "data1", host_id = "host-a" }
+//! [[disks]]
+//! vhost_user = { socket = "/run/vm1/data2.sock", queues = 2 }
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -132,7 +134,7 @@ impl VmConfig {
 }
 
 /// One block device.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
     /// A local file (raw image).
@@ -141,29 +143,71 @@ pub struct DiskConfig {
     /// A storaged volume.
     #[serde(default)]
     pub storaged: Option<StoragedDiskConfig>,
-    /// Offer the disk read-only (VIRTIO_BLK_F_RO) and refuse writes.
+    /// A disk served by a vhost-user backend process.
+    #[serde(default)]
+    pub vhost_user: Option<VhostUserDiskConfig>,
+    /// Offer the disk read-only (VIRTIO_BLK_F_RO) and refuse writes (a vhost-user backend
+    /// refuses them itself: start it with `--read-only`).
     #[serde(default)]
     pub read_only: bool,
 }
 
 impl DiskConfig {
     fn validate(&self) -> Result<(), ConfigError> {
-        match (&self.path, &self.storaged) {
-            (Some(_), None) | (None, Some(_)) => Ok(()),
-            _ => Err(ConfigError::Invalid(
-                "a disk needs exactly one of `path` and `storaged`".into(),
-            )),
+        let kinds = [
+            self.path.is_some(),
+            self.storaged.is_some(),
+            self.vhost_user.is_some(),
+        ];
+        if kinds.iter().filter(|k| **k).count() != 1 {
+            return Err(ConfigError::Invalid(
+                "a disk needs exactly one of `path`, `storaged` and `vhost_user`".into(),
+            ));
         }
+        if let Some(v) = &self.vhost_user {
+            if v.queues == 0 || v.queues > MAX_DISK_QUEUES {
+                return Err(ConfigError::Invalid(format!(
+                    "vhost-user queues must be 1..={MAX_DISK_QUEUES}, not {}",
+                    v.queues
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// A short name for logs and the API.
     pub fn describe(&self) -> String {
-        match (&self.path, &self.storaged) {
-            (Some(p), _) => p.display().to_string(),
-            (_, Some(s)) => format!("storaged://{}/{}", s.address, s.volume),
+        match (&self.path, &self.storaged, &self.vhost_user) {
+            (Some(p), _, _) => p.display().to_string(),
+            (_, Some(s), _) => format!("storaged://{}/{}", s.address, s.volume),
+            (_, _, Some(v)) => format!("vhost-user:{}", v.socket.display()),
             _ => "?".into(),
         }
     }
+
+    /// The request queues of the disk.
+    pub fn queues(&self) -> u16 {
+        self.vhost_user.as_ref().map_or(1, |v| v.queues)
+    }
+}
+
+/// Upper bound on a disk's request queues (each takes an ioeventfd).
+pub const MAX_DISK_QUEUES: u16 = 16;
+
+/// A disk whose queues a vhost-user backend serves (`vhost-user-blk`, or any vhost-user-blk
+/// backend such as `qemu-storage-daemon --export type=vhost-user-blk`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VhostUserDiskConfig {
+    /// The backend's Unix socket.
+    pub socket: PathBuf,
+    /// Request queues to use (the backend must offer at least this many).
+    #[serde(default = "default_queues")]
+    pub queues: u16,
+}
+
+fn default_queues() -> u16 {
+    1
 }
 
 /// A volume on a storaged host, opened with a lease.
@@ -208,11 +252,14 @@ impl FromStr for LeaseMode {
     }
 }
 
-/// `--disk path=FILE[,ro]` or `--disk storaged=HOST:PORT,volume=NAME,host=ID[,instance=ID][,ro]`.
+/// `--disk path=FILE[,ro]`, `--disk storaged=HOST:PORT,volume=NAME,host=ID[,instance=ID][,ro]`
+/// or `--disk vhost-user=SOCKET[,queues=N][,ro]`.
 impl FromStr for DiskConfig {
     type Err = ConfigError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut path = None;
+        let mut vhost_socket = None;
+        let mut queues = default_queues();
         let mut read_only = false;
         let (mut address, mut volume, mut host, mut instance) = (None, None, None, None);
         let mut lease = LeaseMode::default();
@@ -228,6 +275,12 @@ impl FromStr for DiskConfig {
                 "host" | "host_id" => host = Some(v.to_string()),
                 "instance" | "instance_id" => instance = Some(v.to_string()),
                 "lease" => lease = v.parse()?,
+                "vhost-user" | "vhost_user" => vhost_socket = Some(PathBuf::from(v)),
+                "queues" => {
+                    queues = v.parse().map_err(|_| {
+                        ConfigError::Invalid(format!("queues=`{v}` is not a number"))
+                    })?
+                }
                 _ => {
                     return Err(ConfigError::Invalid(format!(
                         "unknown disk option `{k}` in `{s}`"
@@ -250,6 +303,7 @@ impl FromStr for DiskConfig {
         let d = DiskConfig {
             path,
             storaged,
+            vhost_user: vhost_socket.map(|socket| VhostUserDiskConfig { socket, queues }),
             read_only,
         };
         d.validate()?;
@@ -358,5 +412,21 @@ mod tests {
         assert!(d.read_only);
         let d: DiskConfig = "storaged=h:1,volume=v,host=a,instance=i".parse().unwrap();
         assert_eq!(d.storaged.unwrap().instance_id.as_deref(), Some("i"));
+        let d: DiskConfig = "vhost-user=/run/d.sock,queues=2,ro".parse().unwrap();
+        assert_eq!(
+            d.vhost_user,
+            Some(VhostUserDiskConfig {
+                socket: "/run/d.sock".into(),
+                queues: 2
+            })
+        );
+        assert!(d.read_only);
+        assert_eq!(d.describe(), "vhost-user:/run/d.sock");
+        assert!("vhost-user=/s,queues=0".parse::<DiskConfig>().is_err());
+        assert!("vhost-user=/s,path=/x".parse::<DiskConfig>().is_err());
+        let c: VmConfig =
+            toml::from_str("kernel='/k'\n[[disks]]\nvhost_user = { socket = '/s' }").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.disks[0].queues(), 1);
     }
 }

@@ -11,9 +11,11 @@ use crate::devices::serial::{
     start_console, ConsoleError, ConsoleOut, InputEvents, SerialDevice, COM1_IRQ, COM1_PORT_BASE,
     COM1_PORT_LEN,
 };
-use crate::devices::virtio::block::{Backend, Block, FileBackend, StoragedBackend};
+use crate::devices::virtio::block::{Backend, Block, Disk, FileBackend, StoragedBackend};
+use crate::devices::virtio::disk::DiskDevice;
 use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
-use crate::devices::virtio::VirtioInterrupt;
+use crate::devices::virtio::vhost_user::VhostUserBlk;
+use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use crate::devices::IrqLine;
 use crate::memory::{self, MemoryError, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
 use crate::persist::Shape;
@@ -25,7 +27,8 @@ use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use thiserror::Error;
-use vmm_api::config::{ConfigError, VmConfig};
+use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_F_RO;
+use vmm_api::config::{ConfigError, DiskConfig, VmConfig};
 use vmm_api::migration::MigrationStatus;
 use vmm_api::vm::RunState;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -78,6 +81,12 @@ pub enum BuildError {
     /// A disk kind this build cannot open.
     #[error("disk {0}: {1}")]
     DiskUnsupported(String, &'static str),
+    /// A vhost-user disk's backend could not be used.
+    #[error("disk {0}")]
+    VhostUser(
+        String,
+        #[source] crate::devices::virtio::vhost_user::VhostUserError,
+    ),
     /// An eventfd could not be created.
     #[error("eventfd")]
     EventFd(#[source] std::io::Error),
@@ -131,6 +140,29 @@ fn check_kvm(kvm: &Kvm) -> Result<(), BuildError> {
     Ok(())
 }
 
+/// Opens the backend of a disk served in the VMM.
+fn open_backend(
+    disk: &DiskConfig,
+    vm_name: &str,
+    runtime: &tokio::runtime::Runtime,
+) -> Result<Backend, BuildError> {
+    let name = disk.describe();
+    match (&disk.path, &disk.storaged) {
+        (Some(path), _) => Ok(Backend::File(
+            FileBackend::open(path, disk.read_only).map_err(|e| BuildError::Disk(name, e))?,
+        )),
+        (None, Some(volume)) => Ok(Backend::Storaged(
+            runtime
+                .block_on(StoragedBackend::connect(volume, vm_name))
+                .map_err(|e| BuildError::Disk(name, e))?,
+        )),
+        (None, None) => Err(BuildError::DiskUnsupported(
+            name,
+            "neither path nor storaged",
+        )),
+    }
+}
+
 fn irq_line(vm_fd: &VmFd, gsi: u32) -> Result<IrqLine, BuildError> {
     let evt = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     vm_fd
@@ -171,11 +203,13 @@ impl Vm {
             })
             .map_err(|e| BuildError::Kvm("KVM_CREATE_PIT2", e))?;
 
+        // A vhost-user backend maps guest memory: it must be a shared memfd.
+        let shared = config.disks.iter().any(|d| d.vhost_user.is_some());
         let (mem, memfd, snapshot_state) = match &mode {
             StartMode::Restore(path) => {
-                let (mem, st) =
-                    crate::snapshot::open(path, config.memory_mib).map_err(BuildError::Restore)?;
-                (mem, None, Some(st))
+                let r = crate::snapshot::open(path, config.memory_mib, shared)
+                    .map_err(BuildError::Restore)?;
+                (r.mem, r.memfd, Some(r.state))
             }
             _ => {
                 let (mem, fd) = memory::create_guest_memory(config.memory_mib)?;
@@ -204,46 +238,52 @@ impl Vm {
         let mut mmio = Bus::default();
         let mut announced = Vec::new();
         let mut disks = Vec::new();
+        let mut dirty_backends = Vec::new();
         for (i, disk) in config.disks.iter().enumerate() {
             let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
             let irq = DISK_IRQS[i];
             let name = disk.describe();
-            let backend = match (&disk.path, &disk.storaged) {
-                (Some(path), _) => Backend::File(
-                    FileBackend::open(path, disk.read_only)
-                        .map_err(|e| BuildError::Disk(name.clone(), e))?,
-                ),
-                (None, Some(volume)) => Backend::Storaged(
-                    runtime
-                        .block_on(StoragedBackend::connect(volume, &config.name))
-                        .map_err(|e| BuildError::Disk(name.clone(), e))?,
-                ),
-                (None, None) => {
-                    return Err(BuildError::DiskUnsupported(
-                        name,
-                        "neither path nor storaged",
-                    ))
+            let line = irq_line(&vm_fd, irq)?;
+            let (device, interrupt) = match &disk.vhost_user {
+                Some(vu) => {
+                    let dev = VhostUserBlk::connect(vu, disk.read_only, &mem)
+                        .map_err(|e| BuildError::VhostUser(name.clone(), e))?;
+                    dirty_backends.push((i, dev.dirty_logging()));
+                    (
+                        DiskDevice::VhostUser(dev),
+                        VirtioInterrupt::raised_by_backend(line),
+                    )
+                }
+                None => {
+                    let backend = open_backend(disk, &config.name, &runtime)?;
+                    let id = format!("vmhop-disk{i}");
+                    let block = Block::new(
+                        Disk::new(backend, disk.read_only, &id),
+                        runtime.handle().clone(),
+                    );
+                    (DiskDevice::Block(block), VirtioInterrupt::new(line))
                 }
             };
-            let read_only = disk.read_only || backend.read_only();
-            let id = format!("vmhop-disk{i}");
-            let block = Block::new(backend, read_only, &id, runtime.handle().clone());
-            let interrupt = Arc::new(VirtioInterrupt::new(irq_line(&vm_fd, irq)?));
-            let notify = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
-            // Queue 0's notification: KVM signals the eventfd on a 4-byte write of 0 to
-            // QueueNotify without leaving the kernel.
-            vm_fd
-                .register_ioevent(
-                    &notify,
-                    &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
-                    0u32,
-                )
-                .map_err(|e| BuildError::Kvm("KVM_IOEVENTFD", e))?;
+            let read_only = device.features() & (1 << VIRTIO_BLK_F_RO) != 0;
+            // Each queue's notification: KVM signals its eventfd on a 4-byte write of the
+            // queue's index to QueueNotify without leaving the kernel.
+            let mut notify = Vec::new();
+            for q in 0..disk.queues() {
+                let evt = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+                vm_fd
+                    .register_ioevent(
+                        &evt,
+                        &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
+                        u32::from(q),
+                    )
+                    .map_err(|e| BuildError::Kvm("KVM_IOEVENTFD", e))?;
+                notify.push(evt);
+            }
             let transport = Arc::new(Mutex::new(MmioTransport::new(
-                block,
+                device,
                 mem.clone(),
-                interrupt,
-                vec![notify],
+                Arc::new(interrupt),
+                notify,
             )));
             mmio.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
             disks.push(transport);
@@ -306,18 +346,9 @@ impl Vm {
         }
         let sig_tx = events_tx.clone();
         runtime.spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
-                return;
-            };
-            let name = tokio::select! {
-                _ = term.recv() => "SIGTERM",
-                _ = int.recv() => "SIGINT",
-            };
-            let _ = sig_tx.send(VmEvent::Terminate(name));
+            if let Ok(name) = vmhop_common::signal::stop_requested().await {
+                let _ = sig_tx.send(VmEvent::Terminate(name));
+            }
         });
 
         let mut vcpus = Vec::new();
@@ -343,6 +374,7 @@ impl Vm {
             serial,
             i8042,
             disks,
+            dirty_backends,
             vcpu_shared,
             vcpus,
             events,

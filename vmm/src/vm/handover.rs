@@ -155,7 +155,11 @@ impl Vm {
             shape: self.shape(),
             mem: self.mem.clone(),
             private_memory: self.memfd.is_none(),
-            dirty: DirtyLog::new(self.vm_fd.clone(), self.mem.clone()),
+            dirty: DirtyLog::new(
+                self.vm_fd.clone(),
+                self.mem.clone(),
+                self.dirty_backends.clone(),
+            ),
             status: self.migration.clone(),
             abort: abort.clone(),
             stream: stream.clone(),

@@ -26,8 +26,10 @@ pub use build::BuildError;
 use crate::api::{ApiRequest, ApiResponse};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{SerialDevice, SerialStateError};
-use crate::devices::virtio::block::{Block, BlockStateError};
+use crate::devices::virtio::block::BlockStateError;
+use crate::devices::virtio::disk::DiskDevice;
 use crate::devices::virtio::mmio::{MmioTransport, TransportStateError};
+use crate::devices::virtio::vhost_user::DirtyLogging;
 use crate::devices::virtio::VirtioError;
 use crate::memory::GuestMem;
 use crate::migration::receive::{CommitDone, ReceiveError};
@@ -284,7 +286,9 @@ pub struct Vm {
     memfd: Option<Arc<File>>,
     serial: Arc<Mutex<SerialDevice>>,
     i8042: Arc<Mutex<I8042>>,
-    disks: Vec<Arc<Mutex<MmioTransport<Block>>>>,
+    disks: Vec<Arc<Mutex<MmioTransport<DiskDevice>>>>,
+    /// The dirty logs of the vhost-user disks, with their disk index.
+    dirty_backends: Vec<(usize, DirtyLogging)>,
     vcpu_shared: Arc<VcpuShared>,
     vcpus: Vec<VcpuHandle>,
     events: Receiver<VmEvent>,

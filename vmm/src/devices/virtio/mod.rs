@@ -5,7 +5,9 @@
 //! reaching user space, and the device raises its interrupt through an irqfd.
 
 pub mod block;
+pub mod disk;
 pub mod mmio;
+pub mod vhost_user;
 
 use super::IrqLine;
 use crate::memory::GuestMem;
@@ -37,6 +39,9 @@ pub enum VirtioError {
     /// The data path is gone.
     #[error("the data path ended before it could be drained")]
     DataPathGone,
+    /// The vhost-user backend did not do as asked.
+    #[error("vhost-user backend")]
+    VhostUser(#[source] vhost_user::VhostUserError),
 }
 
 /// A device's interrupt: the MMIO InterruptStatus register plus the irqfd line.
@@ -44,6 +49,8 @@ pub enum VirtioError {
 pub struct VirtioInterrupt {
     status: AtomicU32,
     line: IrqLine,
+    /// Bits the InterruptStatus register always reports.
+    always: u32,
 }
 
 impl VirtioInterrupt {
@@ -52,7 +59,23 @@ impl VirtioInterrupt {
         VirtioInterrupt {
             status: AtomicU32::new(0),
             line,
+            always: 0,
         }
+    }
+
+    /// An interrupt that another process raises by writing the irqfd itself (a vhost-user
+    /// backend's call eventfd): the VMM never sees those, so the register reports a used
+    /// buffer as always pending, and the driver checks its queues on every interrupt.
+    pub fn raised_by_backend(line: IrqLine) -> VirtioInterrupt {
+        VirtioInterrupt {
+            always: VIRTIO_MMIO_INT_VRING,
+            ..VirtioInterrupt::new(line)
+        }
+    }
+
+    /// The irqfd.
+    pub fn irqfd(&self) -> &EventFd {
+        &self.line.evt
     }
 
     /// Marks used buffers and raises the line.
@@ -66,7 +89,7 @@ impl VirtioInterrupt {
 
     /// The InterruptStatus register.
     pub fn status(&self) -> u32 {
-        self.status.load(Ordering::SeqCst)
+        self.status.load(Ordering::SeqCst) | self.always
     }
 
     /// A write to InterruptACK.
@@ -114,9 +137,4 @@ pub trait VirtioDevice: Send {
     fn quiesce(&mut self) -> Result<Vec<Queue>, VirtioError>;
 }
 
-/// Copies `data.len()` bytes of `config` from `offset`; bytes past its end read as zero.
-pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
-    for (i, b) in data.iter_mut().enumerate() {
-        *b = config.get(offset as usize + i).copied().unwrap_or(0);
-    }
-}
+pub use vmm_disk::offer::read_config_bytes;

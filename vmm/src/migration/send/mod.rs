@@ -55,12 +55,12 @@ pub enum SendError {
     /// The destination answered HELLO with this reason.
     #[error("the destination refused the migration: {0}")]
     Refused(String),
-    /// KVM's dirty log could not be turned on.
-    #[error("turn on KVM's dirty log")]
-    DirtyLogStart(#[source] kvm_ioctls::Error),
-    /// KVM's dirty log could not be read.
-    #[error("KVM_GET_DIRTY_LOG")]
-    DirtyLog(#[source] kvm_ioctls::Error),
+    /// Dirty logging could not be turned on.
+    #[error("turn on dirty logging")]
+    DirtyLogStart(#[source] super::dirty::DirtyError),
+    /// The dirty log could not be read.
+    #[error("read the dirty log")]
+    DirtyLog(#[source] super::dirty::DirtyError),
     /// Guest memory could not be read at this address.
     #[error("read guest memory at {0:#x}")]
     ReadGuest(u64, #[source] vm_memory::GuestMemoryError),

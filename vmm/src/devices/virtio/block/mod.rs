@@ -1,13 +1,15 @@
-//! virtio-blk: one request queue, served off the vCPU threads by an async worker with many
-//! requests in flight, over a local file or a storaged volume.
+//! virtio-blk served in the VMM: one request queue, served off the vCPU threads by an async
+//! worker with many requests in flight. The requests, the backends (a local file or a storaged
+//! volume) and the offer come from the `vmm-disk` crate, which the vhost-user backend process
+//! shares.
 
-mod backend;
 mod device;
 mod persist;
-mod request;
 mod worker;
 
-pub use backend::{Backend, BackendError, FileBackend, StoragedBackend};
-pub use device::{Block, BlockError, QUEUE_SIZE, SECTOR_SIZE};
+pub use device::{Block, BlockError};
 pub use persist::{BlockState, BlockStateError};
-pub use request::{Request, RequestError, RequestKind};
+pub use vmm_disk::{
+    Backend, BackendError, Disk, FileBackend, Request, RequestError, RequestKind, StoragedBackend,
+    QUEUE_SIZE, SECTOR_SIZE,
+};

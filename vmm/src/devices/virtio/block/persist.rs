@@ -39,6 +39,25 @@ pub struct BlockState {
     pub size: u64,
 }
 
+impl BlockState {
+    /// Checks that a device offering `this` can go on with a guest that saw `self`.
+    pub fn check(&self, this: &BlockState) -> Result<(), BlockStateError> {
+        if self.features != this.features {
+            return Err(BlockStateError::Features {
+                saved: self.features,
+                this: this.features,
+            });
+        }
+        if self.size != this.size {
+            return Err(BlockStateError::Size {
+                saved: self.size,
+                this: this.size,
+            });
+        }
+        Ok(())
+    }
+}
+
 impl Persist for Block {
     type State = BlockState;
     type Error = BlockStateError;
@@ -51,26 +70,14 @@ impl Persist for Block {
     }
 
     fn restore(&mut self, saved: &BlockState) -> Result<(), BlockStateError> {
-        if saved.features != self.features {
-            return Err(BlockStateError::Features {
-                saved: saved.features,
-                this: self.features,
-            });
-        }
-        if saved.size != self.size {
-            return Err(BlockStateError::Size {
-                saved: saved.size,
-                this: self.size,
-            });
-        }
-        Ok(())
+        saved.check(&self.save()?)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::block::{Backend, FileBackend};
+    use crate::devices::virtio::block::{Backend, Disk, FileBackend};
 
     fn block(dir: &std::path::Path, name: &str, size: u64, read_only: bool) -> Block {
         let path = dir.join(name);
@@ -79,7 +86,7 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        Block::new(backend, read_only, "t", rt.handle().clone())
+        Block::new(Disk::new(backend, read_only, "t"), rt.handle().clone())
     }
 
     #[test]

@@ -6,27 +6,20 @@
 //! into guest memory (dirty-tracked), adds the used entries, and raises the interrupt once per
 //! batch when the driver wants one.
 
-use super::backend::{Backend, BackendError};
-use super::device::SECTOR_SIZE;
-use super::request::{gather, parse_ranges, scatter, seg_len, Request, RequestKind};
 use crate::devices::virtio::VirtioInterrupt;
 use crate::memory::GuestMem;
 use std::sync::Arc;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
-use virtio_bindings::bindings::virtio_blk::{
-    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
-};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::Bytes;
+use vmm_disk::exec::{complete, Completion as Done, Job};
+use vmm_disk::{Disk, Request};
 use vmm_sys_util::eventfd::EventFd;
 
 /// A finished request.
 struct Completion {
     req: Request,
-    status: u8,
-    /// Data for the device-writable buffers (reads, GET_ID).
-    data: Vec<u8>,
+    done: Done,
 }
 
 /// Why a worker is told to stop.
@@ -43,9 +36,7 @@ pub struct QueueWorker {
     queue: Queue,
     notify: AsyncFd<EventFd>,
     interrupt: Arc<VirtioInterrupt>,
-    backend: Arc<Backend>,
-    read_only: bool,
-    id: [u8; 20],
+    disk: Disk,
     completions_tx: mpsc::UnboundedSender<Completion>,
     completions_rx: mpsc::UnboundedReceiver<Completion>,
     /// Requests submitted and not yet completed.
@@ -55,15 +46,12 @@ pub struct QueueWorker {
 impl QueueWorker {
     /// Prepares the worker; must run inside the tokio runtime (the eventfd is registered with
     /// its reactor).
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         mem: Arc<GuestMem>,
         mut queue: Queue,
         notify: EventFd,
         interrupt: Arc<VirtioInterrupt>,
-        backend: Arc<Backend>,
-        read_only: bool,
-        id: [u8; 20],
+        disk: Disk,
         event_idx: bool,
     ) -> std::io::Result<QueueWorker> {
         queue.set_event_idx(event_idx);
@@ -76,9 +64,7 @@ impl QueueWorker {
             notify: unsafe { AsyncFd::register(notify) }
                 .map_err(|e| std::io::Error::other(e.to_string()))?,
             interrupt,
-            backend,
-            read_only,
-            id,
+            disk,
             completions_tx,
             completions_rx,
             in_flight: 0,
@@ -143,7 +129,7 @@ impl QueueWorker {
             }
             while let Some(chain) = self.queue.pop_descriptor_chain(mem.as_ref()) {
                 let head = chain.head_index();
-                match Request::parse(chain, &mem) {
+                match Request::parse(chain, mem.as_ref()) {
                     Ok(req) => self.submit(req),
                     Err(e) => {
                         // Not a request we can answer: return the chain so the driver does
@@ -167,114 +153,20 @@ impl QueueWorker {
         }
     }
 
-    fn done(&self, req: Request, status: u32, data: Vec<u8>) {
-        let _ = self.completions_tx.send(Completion {
-            req,
-            status: status as u8,
-            data,
-        });
-    }
-
-    fn in_range(&self, sector: u64, len: u64) -> Option<u64> {
-        let offset = sector.checked_mul(SECTOR_SIZE)?;
-        (offset.checked_add(len)? <= self.backend.size()).then_some(offset)
-    }
-
+    /// Starts `req`: answered at once when it needs no I/O, else run as a task of its own.
     fn submit(&mut self, req: Request) {
         self.in_flight += 1;
-        let backend = self.backend.clone();
         let tx = self.completions_tx.clone();
-        let finish = move |req: Request, r: Result<Vec<u8>, BackendError>| {
-            let (status, data) = match r {
-                Ok(d) => (VIRTIO_BLK_S_OK, d),
-                Err(e) => {
-                    tracing::warn!(error = %e, sector = req.sector, "virtio-blk: I/O error");
-                    (VIRTIO_BLK_S_IOERR, Vec::new())
-                }
-            };
-            let _ = tx.send(Completion {
-                req,
-                status: status as u8,
-                data,
-            });
-        };
-        match req.kind {
-            RequestKind::In => {
-                let len = seg_len(&req.data_in);
-                match self.in_range(req.sector, len) {
-                    Some(offset) if len.is_multiple_of(SECTOR_SIZE) => {
-                        tokio::spawn(async move {
-                            let r = backend.read(offset, len as usize).await;
-                            finish(req, r);
-                        });
-                    }
-                    _ => self.done(req, VIRTIO_BLK_S_IOERR, Vec::new()),
-                }
+        match self.disk.prepare(&req, self.mem.as_ref()) {
+            Job::Done(done) => {
+                let _ = tx.send(Completion { req, done });
             }
-            RequestKind::Out => {
-                let len = seg_len(&req.data_out);
-                if self.read_only {
-                    return self.done(req, VIRTIO_BLK_S_IOERR, Vec::new());
-                }
-                let data = match gather(&self.mem, &req.data_out) {
-                    Ok(d) => d,
-                    Err(_) => return self.done(req, VIRTIO_BLK_S_IOERR, Vec::new()),
-                };
-                match self.in_range(req.sector, len) {
-                    Some(offset) if len.is_multiple_of(SECTOR_SIZE) => {
-                        tokio::spawn(async move {
-                            let r = backend.write(offset, data).await.map(|_| Vec::new());
-                            finish(req, r);
-                        });
-                    }
-                    _ => self.done(req, VIRTIO_BLK_S_IOERR, Vec::new()),
-                }
-            }
-            RequestKind::Flush => {
+            job => {
+                let disk = self.disk.clone();
                 tokio::spawn(async move {
-                    let r = backend.flush().await.map(|_| Vec::new());
-                    finish(req, r);
+                    let done = disk.run(job).await;
+                    let _ = tx.send(Completion { req, done });
                 });
-            }
-            RequestKind::GetId => {
-                let id = self.id.to_vec();
-                self.done(req, VIRTIO_BLK_S_OK, id);
-            }
-            RequestKind::Discard | RequestKind::WriteZeroes => {
-                if self.read_only || !self.backend.supports_discard() {
-                    return self.done(req, VIRTIO_BLK_S_UNSUPP, Vec::new());
-                }
-                let Ok(bytes) = gather(&self.mem, &req.data_out) else {
-                    return self.done(req, VIRTIO_BLK_S_IOERR, Vec::new());
-                };
-                let mut ranges = Vec::new();
-                for (sector, sectors, _flags) in parse_ranges(&bytes) {
-                    let len = u64::from(sectors) * SECTOR_SIZE;
-                    match self.in_range(sector, len) {
-                        Some(offset) => ranges.push((offset, len)),
-                        None => return self.done(req, VIRTIO_BLK_S_IOERR, Vec::new()),
-                    }
-                }
-                let zero = req.kind == RequestKind::WriteZeroes;
-                tokio::spawn(async move {
-                    let mut r = Ok(Vec::new());
-                    for (offset, len) in ranges {
-                        let one = if zero {
-                            backend.write_zeroes(offset, len).await
-                        } else {
-                            backend.discard(offset, len).await
-                        };
-                        if let Err(e) = one {
-                            r = Err(e);
-                            break;
-                        }
-                    }
-                    finish(req, r);
-                });
-            }
-            RequestKind::Unsupported(t) => {
-                tracing::debug!(kind = t, "virtio-blk: unsupported request");
-                self.done(req, VIRTIO_BLK_S_UNSUPP, Vec::new());
             }
         }
     }
@@ -283,24 +175,8 @@ impl QueueWorker {
     fn complete(&mut self, c: Completion) {
         self.in_flight = self.in_flight.saturating_sub(1);
         let mem = self.mem.clone();
-        let mut status = c.status;
-        let mut written = 0usize;
-        if !c.data.is_empty() {
-            match scatter(&mem, &c.req.data_in, &c.data) {
-                Ok(n) => written = n,
-                Err(_) => status = VIRTIO_BLK_S_IOERR as u8,
-            }
-        }
-        if mem.write_obj(status, c.req.status).is_err() {
-            tracing::warn!(
-                head = c.req.head,
-                "virtio-blk: status byte outside guest memory"
-            );
-        }
-        if let Err(e) = self
-            .queue
-            .add_used(mem.as_ref(), c.req.head, written as u32 + 1)
-        {
+        let len = complete(mem.as_ref(), &c.req, &c.done);
+        if let Err(e) = self.queue.add_used(mem.as_ref(), c.req.head, len) {
             tracing::warn!(error = %e, "virtio-blk: add_used");
         }
     }

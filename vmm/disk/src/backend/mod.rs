@@ -1,4 +1,4 @@
-//! Where a block device's data lives. Every operation is async so the worker can keep many
+//! Where a disk's data lives. Every operation is async so the data path can keep many
 //! requests in flight: a local file runs each request on tokio's blocking pool (positional
 //! I/O, no shared file offset); the storaged client pipelines requests on its NBD connection.
 //!

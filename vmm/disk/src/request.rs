@@ -6,14 +6,14 @@
 //! on byte ranges over the readable and writable segment lists rather than on descriptor
 //! positions.
 
-use crate::memory::GuestMem;
+use std::ops::Deref;
 use thiserror::Error;
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 /// Size of the request header.
 pub const HEADER_LEN: u64 = 16;
@@ -79,7 +79,7 @@ pub fn seg_len(segs: &[Segment]) -> u64 {
 }
 
 /// Reads all of `segs` from guest memory.
-pub fn gather(mem: &GuestMem, segs: &[Segment]) -> Result<Vec<u8>, RequestError> {
+pub fn gather<G: GuestMemory + ?Sized>(mem: &G, segs: &[Segment]) -> Result<Vec<u8>, RequestError> {
     let mut out = vec![0u8; seg_len(segs) as usize];
     let mut at = 0usize;
     for &(addr, len) in segs {
@@ -91,8 +91,13 @@ pub fn gather(mem: &GuestMem, segs: &[Segment]) -> Result<Vec<u8>, RequestError>
     Ok(out)
 }
 
-/// Writes `data` across `segs` (through the dirty-tracked memory); returns bytes written.
-pub fn scatter(mem: &GuestMem, segs: &[Segment], data: &[u8]) -> Result<usize, RequestError> {
+/// Writes `data` across `segs` through `mem` (whose bitmap, if it has one, records the pages
+/// written); returns bytes written.
+pub fn scatter<G: GuestMemory + ?Sized>(
+    mem: &G,
+    segs: &[Segment],
+    data: &[u8],
+) -> Result<usize, RequestError> {
     let mut at = 0usize;
     for &(addr, len) in segs {
         if at == data.len() {
@@ -127,10 +132,12 @@ fn split_at(segs: &[Segment], mut n: u64) -> (Vec<Segment>, Vec<Segment>) {
 
 impl Request {
     /// Parses a chain popped from the queue.
-    pub fn parse(
-        chain: DescriptorChain<&GuestMem>,
-        mem: &GuestMem,
-    ) -> Result<Request, RequestError> {
+    pub fn parse<M, G>(chain: DescriptorChain<M>, mem: &G) -> Result<Request, RequestError>
+    where
+        M: Deref,
+        M::Target: GuestMemory,
+        G: GuestMemory + ?Sized,
+    {
         let head = chain.head_index();
         let (mut readable, mut writable) = (Vec::new(), Vec::new());
         for d in chain {
@@ -194,6 +201,11 @@ pub fn parse_ranges(bytes: &[u8]) -> Vec<(u64, u32, u32)> {
 mod tests {
     use super::*;
 
+    /// 16 MiB of anonymous memory with a dirty bitmap.
+    fn test_memory() -> vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap> {
+        vm_memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()
+    }
+
     #[test]
     fn split_crosses_segment_boundaries() {
         let segs = vec![(GuestAddress(0x1000), 10), (GuestAddress(0x2000), 10)];
@@ -210,7 +222,7 @@ mod tests {
 
     #[test]
     fn scatter_and_gather_round_trip_and_mark_dirty() {
-        let (mem, _) = crate::memory::create_guest_memory(16).unwrap();
+        let mem = test_memory();
         let segs = vec![(GuestAddress(0x10ffe), 4), (GuestAddress(0x30000), 4)];
         assert_eq!(scatter(&mem, &segs, &[1, 2, 3, 4, 5, 6, 7, 8]).unwrap(), 8);
         assert_eq!(gather(&mem, &segs).unwrap(), vec![1, 2, 3, 4, 5, 6, 7, 8]);
@@ -219,6 +231,7 @@ mod tests {
         for page in [0x10000, 0x11000, 0x30000] {
             assert!(r.bitmap().is_addr_set(page), "{page:#x}");
         }
+        assert!(!r.bitmap().is_addr_set(0x20000));
         assert!(gather(&mem, &[(GuestAddress(64 << 20), 4)]).is_err());
     }
 

@@ -1,0 +1,362 @@
+//! One request run on a disk: [`Disk::prepare`] takes what the request needs out of guest
+//! memory (the write payload, the discard ranges) and checks it, [`Disk::run`] does the I/O on
+//! the backend, [`complete`] writes the read data and the status byte back into guest memory.
+//! The caller owns the queue: it pops the chain before and returns it to the driver after, so
+//! the same steps serve the VMM's worker and the vhost-user backend.
+//!
+//! Nothing here trusts the guest: a request outside the disk, of a length that is not a whole
+//! number of sectors, larger than [`MAX_REQUEST_BYTES`], or with buffers outside guest memory
+//! completes with VIRTIO_BLK_S_IOERR; an unknown type with VIRTIO_BLK_S_UNSUPP.
+
+use crate::backend::{Backend, BackendError};
+use crate::offer::{Offer, SECTOR_SIZE};
+use crate::request::{gather, parse_ranges, scatter, seg_len, Request, RequestKind};
+use std::sync::Arc;
+use virtio_bindings::bindings::virtio_blk::{
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+};
+use vm_memory::{Bytes, GuestMemory};
+
+/// The largest data buffer one request may have (the guest's driver stays far below: Linux
+/// sends at most a few MiB). Caps what a malicious driver can make the data path allocate.
+pub const MAX_REQUEST_BYTES: u64 = 64 << 20;
+
+/// What a finished request returns to the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    /// VIRTIO_BLK_S_*.
+    pub status: u8,
+    /// Data for the device-writable buffers (reads, GET_ID).
+    pub data: Vec<u8>,
+}
+
+impl Completion {
+    fn status(status: u32) -> Completion {
+        Completion {
+            status: status as u8,
+            data: Vec::new(),
+        }
+    }
+}
+
+/// The I/O a request needs, with everything taken from guest memory already.
+#[derive(Debug)]
+pub enum Job {
+    /// Nothing to do on the backend: the answer is known.
+    Done(Completion),
+    /// Read `len` bytes at `offset`.
+    Read {
+        /// Byte offset on the disk.
+        offset: u64,
+        /// Bytes.
+        len: usize,
+    },
+    /// Write `data` at `offset`.
+    Write {
+        /// Byte offset on the disk.
+        offset: u64,
+        /// The payload.
+        data: Vec<u8>,
+    },
+    /// Make completed writes durable.
+    Flush,
+    /// Zero (or deallocate) byte ranges `(offset, len)`.
+    Ranges {
+        /// Write zeroes rather than discard.
+        zero: bool,
+        /// The ranges.
+        ranges: Vec<(u64, u64)>,
+    },
+}
+
+/// A disk as the guest sees it: a backend, whether it is offered read-only, and its id.
+/// Cheap to clone (the backend is shared).
+#[derive(Debug, Clone)]
+pub struct Disk {
+    backend: Arc<Backend>,
+    read_only: bool,
+    id: [u8; VIRTIO_BLK_ID_BYTES as usize],
+}
+
+impl Disk {
+    /// A disk over `backend`, read-only if asked or if the backend is; `id` is what GET_ID
+    /// returns (truncated to 20 bytes).
+    pub fn new(backend: Backend, read_only: bool, id: &str) -> Disk {
+        let mut id_bytes = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+        let n = id.len().min(id_bytes.len());
+        id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
+        Disk {
+            read_only: read_only || backend.read_only(),
+            backend: Arc::new(backend),
+            id: id_bytes,
+        }
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.backend.size()
+    }
+
+    /// Whether writes are refused.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// What the disk offers a driver with `queues` request queues.
+    pub fn offer(&self, queues: u16) -> Offer {
+        Offer::new(
+            self.size(),
+            self.read_only,
+            self.backend.supports_discard(),
+            queues,
+        )
+    }
+
+    fn in_range(&self, sector: u64, len: u64) -> Option<u64> {
+        let offset = sector.checked_mul(SECTOR_SIZE)?;
+        (offset.checked_add(len)? <= self.size()).then_some(offset)
+    }
+
+    /// Checks `req` and takes its payload out of guest memory.
+    pub fn prepare<G: GuestMemory + ?Sized>(&self, req: &Request, mem: &G) -> Job {
+        let ioerr = || Job::Done(Completion::status(VIRTIO_BLK_S_IOERR));
+        let sectors = |len: u64| len.is_multiple_of(SECTOR_SIZE) && len <= MAX_REQUEST_BYTES;
+        match req.kind {
+            RequestKind::In => {
+                let len = seg_len(&req.data_in);
+                match self.in_range(req.sector, len) {
+                    Some(offset) if sectors(len) => Job::Read {
+                        offset,
+                        len: len as usize,
+                    },
+                    _ => ioerr(),
+                }
+            }
+            RequestKind::Out => {
+                let len = seg_len(&req.data_out);
+                if self.read_only || !sectors(len) {
+                    return ioerr();
+                }
+                let Some(offset) = self.in_range(req.sector, len) else {
+                    return ioerr();
+                };
+                match gather(mem, &req.data_out) {
+                    Ok(data) => Job::Write { offset, data },
+                    Err(_) => ioerr(),
+                }
+            }
+            RequestKind::Flush => Job::Flush,
+            RequestKind::GetId => Job::Done(Completion {
+                status: VIRTIO_BLK_S_OK as u8,
+                data: self.id.to_vec(),
+            }),
+            RequestKind::Discard | RequestKind::WriteZeroes => {
+                if self.read_only || !self.backend.supports_discard() {
+                    return Job::Done(Completion::status(VIRTIO_BLK_S_UNSUPP));
+                }
+                if seg_len(&req.data_out) > MAX_REQUEST_BYTES {
+                    return ioerr();
+                }
+                let Ok(bytes) = gather(mem, &req.data_out) else {
+                    return ioerr();
+                };
+                let mut ranges = Vec::new();
+                for (sector, sectors, _flags) in parse_ranges(&bytes) {
+                    let len = u64::from(sectors) * SECTOR_SIZE;
+                    match self.in_range(sector, len) {
+                        Some(offset) => ranges.push((offset, len)),
+                        None => return ioerr(),
+                    }
+                }
+                Job::Ranges {
+                    zero: req.kind == RequestKind::WriteZeroes,
+                    ranges,
+                }
+            }
+            RequestKind::Unsupported(t) => {
+                tracing::debug!(kind = t, "virtio-blk: unsupported request");
+                Job::Done(Completion::status(VIRTIO_BLK_S_UNSUPP))
+            }
+        }
+    }
+
+    /// Runs `job` on the backend. A failed I/O completes with VIRTIO_BLK_S_IOERR (and a
+    /// warning in the log).
+    pub async fn run(&self, job: Job) -> Completion {
+        let b = &self.backend;
+        let r: Result<Vec<u8>, BackendError> = match job {
+            Job::Done(c) => return c,
+            Job::Read { offset, len } => b.read(offset, len).await,
+            Job::Write { offset, data } => b.write(offset, data).await.map(|_| Vec::new()),
+            Job::Flush => b.flush().await.map(|_| Vec::new()),
+            Job::Ranges { zero, ranges } => {
+                let mut r = Ok(Vec::new());
+                for (offset, len) in ranges {
+                    let one = if zero {
+                        b.write_zeroes(offset, len).await
+                    } else {
+                        b.discard(offset, len).await
+                    };
+                    if let Err(e) = one {
+                        r = Err(e);
+                        break;
+                    }
+                }
+                r
+            }
+        };
+        match r {
+            Ok(data) => Completion {
+                status: VIRTIO_BLK_S_OK as u8,
+                data,
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "virtio-blk: I/O error");
+                Completion::status(VIRTIO_BLK_S_IOERR)
+            }
+        }
+    }
+}
+
+/// Writes a completion into guest memory: the data into the request's writable buffers, then
+/// the status byte. Returns the length for the used ring (bytes written, status included).
+pub fn complete<G: GuestMemory + ?Sized>(mem: &G, req: &Request, c: &Completion) -> u32 {
+    let mut status = c.status;
+    let mut written = 0usize;
+    if !c.data.is_empty() {
+        match scatter(mem, &req.data_in, &c.data) {
+            Ok(n) => written = n,
+            Err(_) => status = VIRTIO_BLK_S_IOERR as u8,
+        }
+    }
+    if mem.write_obj(status, req.status).is_err() {
+        tracing::warn!(
+            head = req.head,
+            "virtio-blk: status byte outside guest memory"
+        );
+    }
+    u32::try_from(written).unwrap_or(u32::MAX - 1) + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::FileBackend;
+    use crate::request::Segment;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    fn disk(dir: &std::path::Path, read_only: bool) -> Disk {
+        let path = dir.join("d.img");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        Disk::new(
+            Backend::File(FileBackend::open(&path, read_only).unwrap()),
+            read_only,
+            "disk-id",
+        )
+    }
+
+    fn request(
+        kind: RequestKind,
+        sector: u64,
+        data_out: Vec<Segment>,
+        data_in: Vec<Segment>,
+    ) -> Request {
+        Request {
+            head: 0,
+            kind,
+            sector,
+            data_out,
+            data_in,
+            status: GuestAddress(0x9000),
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_run_and_bad_ones_fail_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = disk(dir.path(), false);
+        let mem: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        mem.write_slice(&[7u8; 1024], GuestAddress(0x1000)).unwrap();
+        let w = request(
+            RequestKind::Out,
+            2,
+            vec![(GuestAddress(0x1000), 1024)],
+            vec![],
+        );
+        let c = d.run(d.prepare(&w, &mem)).await;
+        assert_eq!(c.status, VIRTIO_BLK_S_OK as u8);
+        assert_eq!(complete(&mem, &w, &c), 1);
+        let r = request(
+            RequestKind::In,
+            2,
+            vec![],
+            vec![(GuestAddress(0x4000), 512), (GuestAddress(0x6000), 512)],
+        );
+        let c = d.run(d.prepare(&r, &mem)).await;
+        assert_eq!(complete(&mem, &r, &c), 1025);
+        let mut back = [0u8; 512];
+        mem.read_slice(&mut back, GuestAddress(0x6000)).unwrap();
+        assert_eq!(back, [7u8; 512]);
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(0x9000)).unwrap(),
+            VIRTIO_BLK_S_OK as u8
+        );
+
+        let ioerr = |c: Completion| c.status == VIRTIO_BLK_S_IOERR as u8;
+        // Past the end, not whole sectors, too large, buffers outside memory.
+        let past = request(
+            RequestKind::In,
+            2047,
+            vec![],
+            vec![(GuestAddress(0x4000), 1024)],
+        );
+        assert!(ioerr(d.run(d.prepare(&past, &mem)).await));
+        let odd = request(
+            RequestKind::Out,
+            0,
+            vec![(GuestAddress(0x1000), 100)],
+            vec![],
+        );
+        assert!(ioerr(d.run(d.prepare(&odd, &mem)).await));
+        let huge = request(
+            RequestKind::In,
+            0,
+            vec![],
+            vec![(GuestAddress(0), u32::MAX); 64],
+        );
+        assert!(ioerr(d.run(d.prepare(&huge, &mem)).await));
+        let outside = request(
+            RequestKind::Out,
+            0,
+            vec![(GuestAddress(4 << 20), 512)],
+            vec![],
+        );
+        assert!(ioerr(d.run(d.prepare(&outside, &mem)).await));
+        let id = request(
+            RequestKind::GetId,
+            0,
+            vec![],
+            vec![(GuestAddress(0x4000), 20)],
+        );
+        let c = d.run(d.prepare(&id, &mem)).await;
+        assert_eq!(&c.data[..7], b"disk-id");
+        let unknown = request(RequestKind::Unsupported(99), 0, vec![], vec![]);
+        assert_eq!(
+            d.run(d.prepare(&unknown, &mem)).await.status,
+            VIRTIO_BLK_S_UNSUPP as u8
+        );
+
+        let ro_dir = tempfile::tempdir().unwrap();
+        let ro = disk(ro_dir.path(), true);
+        assert!(ioerr(ro.run(ro.prepare(&w, &mem)).await));
+    }
+}

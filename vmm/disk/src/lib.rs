@@ -1,0 +1,22 @@
+//! vmm-disk: a virtio-blk disk's data path, without KVM and without a transport.
+//!
+//! The VMM's in-process virtio-blk device and the `vhost-user-blk` backend process both serve
+//! a guest's block requests with this crate, so a disk behaves the same whichever process
+//! serves it:
+//! - [`request`]: a descriptor chain parsed into a request (any guest memory type, so the
+//!   VMM's dirty-tracked memory and a vhost-user backend's logged memory alike);
+//! - [`backend`]: where the data lives, a local file or a storaged volume opened with a lease
+//!   through storaged's lease-aware client (reconnect and fencing included);
+//! - [`exec`]: one request run on a backend, from the guest's buffers to its status byte;
+//! - [`offer`]: the feature bits and configuration space a disk offers the guest's driver.
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod exec;
+pub mod offer;
+pub mod request;
+
+pub use backend::{Backend, BackendError, FileBackend, StoragedBackend};
+pub use exec::{Completion, Disk, Job};
+pub use offer::{Offer, QUEUE_SIZE, SECTOR_SIZE};
+pub use request::{Request, RequestError, RequestKind};
