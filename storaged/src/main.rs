@@ -194,6 +194,10 @@ enum VolumeCmd {
         /// The first data command of a standby connection flips the lease to it.
         #[arg(long)]
         flip_on_first_access: bool,
+        /// A standby connection may promote itself with NBD_CMD_LEASE_FLIP (by default only
+        /// the REST API, or a flip it armed, promotes a standby).
+        #[arg(long)]
+        flip_over_nbd: bool,
         /// Default deadline (ms) of armed flips.
         #[arg(long)]
         flip_timeout_ms: Option<u64>,
@@ -385,6 +389,7 @@ async fn volume_cmd(cmd: VolumeCmd) -> Result<()> {
             anonymous,
             hosts,
             flip_on_first_access,
+            flip_over_nbd,
             flip_timeout_ms,
             api,
         } => {
@@ -394,6 +399,7 @@ async fn volume_cmd(cmd: VolumeCmd) -> Result<()> {
                 anonymous,
                 hosts,
                 flip_on_first_access,
+                flip_over_nbd,
                 flip_timeout_ms,
             };
             let v = api.client()?.create_volume(&cfg).await?;

@@ -147,6 +147,7 @@ mod tests {
             anonymous: AnonymousPolicy::ReadOnly,
             hosts: vec!["a".into(), "b".into()],
             flip_on_first_access: true,
+            flip_over_nbd: true,
             flip_timeout_ms: Some(10),
         };
         let mut t = LeaseTable::default();

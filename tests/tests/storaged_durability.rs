@@ -12,7 +12,7 @@ fn pattern(i: u64) -> Vec<u8> {
 
 #[test]
 fn kill_9_keeps_data_and_the_lease_table() -> Result<()> {
-    let (_dir, mut s) = Storaged::start_with_volume("vol", "64M", &[])?;
+    let (_dir, mut s) = Storaged::start_with_volume("vol", "64M", &["--flip-over-nbd"])?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let a = Client::connect(&client_config(&s, "vol", "host-a", Primary)).await?;

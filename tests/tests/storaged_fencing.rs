@@ -84,7 +84,8 @@ async fn fencing_scenario(s: &Storaged, via_api: bool) -> Result<()> {
 }
 
 fn scenario(via_api: bool) -> Result<()> {
-    let (_dir, s) = Storaged::start_with_volume("vol", "64M", &[])?;
+    let flags: &[&str] = if via_api { &[] } else { &["--flip-over-nbd"] };
+    let (_dir, s) = Storaged::start_with_volume("vol", "64M", flags)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -120,7 +120,7 @@ fn armed_flip_completes_on_first_access_before_its_deadline() -> Result<()> {
 
 #[test]
 fn rollback_restores_the_previous_lease_table() -> Result<()> {
-    let (_d, s, rt) = setup(&[])?;
+    let (_d, s, rt) = setup(&["--flip-over-nbd"])?;
     rt.block_on(async {
         let a = connect(&s, "host-a", Primary).await?;
         let b = connect(&s, "host-b", Standby).await?;
@@ -149,7 +149,7 @@ fn rollback_restores_the_previous_lease_table() -> Result<()> {
 
 #[test]
 fn revoke_terminates_leases() -> Result<()> {
-    let (_d, s, rt) = setup(&[])?;
+    let (_d, s, rt) = setup(&["--flip-over-nbd"])?;
     rt.block_on(async {
         let _a = connect(&s, "host-a", Primary).await?;
         let b = connect(&s, "host-b", Standby).await?;

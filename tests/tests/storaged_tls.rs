@@ -86,6 +86,10 @@ fn a_host_is_its_certificate_whatever_its_lease_option_claims() -> Result<()> {
             "{:?}",
             b.lease()
         );
+        // Even as itself, b cannot take the volume on its own: only the control plane flips
+        // (the volume was not created with --flip-over-nbd and nothing is armed for b).
+        let flip = b.flip().await;
+        ensure!(matches!(flip, Err(ClientError::NotPermitted)), "{flip:?}");
         ensure!(a.read(0, 4096).await? == vec![0xa5; 4096]);
         a.write(4096, vec![1; 4096], false).await?;
         Ok::<_, anyhow::Error>(())

@@ -79,6 +79,10 @@ pub struct VolumeConfig {
     /// The first data command on a standby connection flips the lease to it.
     #[serde(default)]
     pub flip_on_first_access: bool,
+    /// A standby connection may promote itself with `NBD_CMD_LEASE_FLIP`. Off (the default),
+    /// only the control plane flips: the REST API, or a flip it armed for that standby.
+    #[serde(default)]
+    pub flip_over_nbd: bool,
     /// Default time after which an armed flip completes by itself, in milliseconds.
     #[serde(default)]
     pub flip_timeout_ms: Option<u64>,
@@ -94,6 +98,7 @@ impl VolumeConfig {
             anonymous: AnonymousPolicy::default(),
             hosts: Vec::new(),
             flip_on_first_access: false,
+            flip_over_nbd: false,
             flip_timeout_ms: None,
         }
     }

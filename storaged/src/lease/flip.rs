@@ -522,14 +522,7 @@ pub async fn on_first_access(
     vol: &Arc<Volume>,
     holder: &Holder,
 ) -> Result<bool, FlipError> {
-    let armed_for_us = || {
-        vol.pending
-            .lock()
-            .expect("pending lock")
-            .as_ref()
-            .is_some_and(|p| p.due(vol.table().epoch, Some(&holder.host)))
-    };
-    if !armed_for_us() && !vol.config.flip_on_first_access {
+    if !may_promote_itself(vol, holder, FlipTrigger::FirstAccess) {
         return Ok(false);
     }
     let _l = vol.lease_lock.lock().await;
@@ -538,11 +531,51 @@ pub async fn on_first_access(
         return Ok(true);
     }
     // The armed flip may have been disarmed while we waited for the lock.
-    if !armed_for_us() && !vol.config.flip_on_first_access {
+    if !may_promote_itself(vol, holder, FlipTrigger::FirstAccess) {
         return Ok(false);
     }
-    flip_locked(reg, vol, Some(&holder.host), FlipTrigger::FirstAccess).await?;
+    let plan = vol.table().flip_holder(holder)?;
+    apply_flips(reg, &[(vol.clone(), plan)], FlipTrigger::FirstAccess, None).await?;
     Ok(true)
+}
+
+/// `NBD_CMD_LEASE_FLIP`: the standby connection of `holder` asks for its own promotion. Only
+/// exactly that holder is promoted (a stale connection of a replaced instance is refused),
+/// and only where the control plane allows it: a flip armed for it, or a volume created with
+/// `flip_over_nbd`. Otherwise a host that holds a standby lease could take a volume whenever
+/// it liked; by default only the REST API (with the cluster token) flips.
+pub async fn flip_self(
+    reg: &Registry,
+    vol: &Arc<Volume>,
+    holder: &Holder,
+) -> Result<FlipReport, FlipError> {
+    let _l = vol.lease_lock.lock().await;
+    if !may_promote_itself(vol, holder, FlipTrigger::Nbd) {
+        tracing::warn!(target: "storaged::lease", volume = %vol.config.name, event = "refused",
+            host = %holder.host, instance = %holder.instance,
+            reason = "self-promotion not allowed", "flip over NBD refused");
+        return Err(LeaseError::SelfFlipRefused(holder.clone()).into());
+    }
+    let plan = vol.table().flip_holder(holder)?;
+    let mut reports = apply_flips(reg, &[(vol.clone(), plan)], FlipTrigger::Nbd, None).await?;
+    Ok(reports.remove(0))
+}
+
+/// Whether `holder`'s standby connection may promote itself now (`trigger`: its first data
+/// command, or `NBD_CMD_LEASE_FLIP`): a flip armed for its host, or the volume's opt-in.
+fn may_promote_itself(vol: &Volume, holder: &Holder, trigger: FlipTrigger) -> bool {
+    let armed_for_us = vol
+        .pending
+        .lock()
+        .expect("pending lock")
+        .as_ref()
+        .is_some_and(|p| p.due(vol.table().epoch, Some(&holder.host)));
+    armed_for_us
+        || match trigger {
+            FlipTrigger::FirstAccess => vol.config.flip_on_first_access,
+            FlipTrigger::Nbd => vol.config.flip_over_nbd,
+            _ => false,
+        }
 }
 
 #[cfg(test)]
@@ -886,5 +919,48 @@ mod tests {
         flip(&reg, &vol, None, FlipTrigger::Api).await.unwrap();
         assert_eq!(anon.entry.gate.access(), Access::Closed);
         assert!(reg.attach(&vol, None, PEER).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_standby_promotes_itself_only_as_itself_and_only_where_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (reg, vol) = setup(dir.path()).await;
+        attached(&reg, &vol, "a", RequestedState::Primary).await;
+        let b = attach(&reg, &vol, "b", RequestedState::Standby).await;
+        conn_task(&vol, &b);
+        let holder = b.entry.holder.clone().unwrap();
+        // A volume that only lets the control plane flip: refused, nothing changed.
+        let e = flip_self(&reg, &vol, &holder).await.unwrap_err();
+        assert!(
+            matches!(e, RegistryError::Lease(LeaseError::SelfFlipRefused(_))),
+            "{e}"
+        );
+        assert_eq!(vol.table().primary.unwrap().host, "a");
+        // Armed for b by the control plane: b's own request completes it.
+        arm(&reg, &vol, Some("b".into()), Duration::from_secs(60), None)
+            .await
+            .unwrap();
+        // A stale connection of a replaced instance of b is not b's standby any more.
+        let newer = LeaseRequest {
+            holder: Holder {
+                host: "b".into(),
+                instance: "vm-restarted".into(),
+            },
+            state: RequestedState::Standby,
+            expected_epoch: 0,
+        };
+        let fresh = reg.attach(&vol, Some(newer), PEER).await.unwrap();
+        conn_task(&vol, &fresh);
+        let e = flip_self(&reg, &vol, &holder).await.unwrap_err();
+        assert!(
+            matches!(e, RegistryError::Lease(LeaseError::StaleStandby(_))),
+            "{e}"
+        );
+        assert_eq!(vol.table().primary.unwrap().host, "a");
+        let rep = flip_self(&reg, &vol, fresh.entry.holder.as_ref().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(rep.epoch, 2);
+        assert_eq!(vol.table().primary.unwrap().instance, "vm-restarted");
     }
 }

@@ -38,6 +38,14 @@ pub enum LeaseError {
     /// A flip named a host that is not standby.
     #[error("host {0} holds no standby lease")]
     NotStandby(String),
+    /// A standby asked for its own promotion but its host's standby lease is another
+    /// instance's now (a replaced instance's stale connection).
+    #[error("{0} no longer holds the standby lease of its host")]
+    StaleStandby(Holder),
+    /// A standby asked for its own promotion on a volume that only lets the control plane
+    /// flip (and no flip was armed for it).
+    #[error("{0} may not promote itself on this volume (no armed flip; flip_over_nbd is off)")]
+    SelfFlipRefused(Holder),
     /// A flip named no host and there is not exactly one standby.
     #[error("{0} standby holders: name the one to promote")]
     NoSingleStandby(usize),
@@ -191,6 +199,18 @@ impl LeaseTable {
             new_primary: target.clone(),
             table,
         })
+    }
+
+    /// Plans promoting exactly `holder` (host and instance) from standby to primary: a
+    /// connection asks for its own promotion, never for another instance's of its host.
+    pub fn flip_holder(&self, holder: &Holder) -> Result<FlipPlan, LeaseError> {
+        if !self.standby.contains(holder) {
+            return Err(match self.state_of(&holder.host) {
+                Some((LeaseState::Standby, _)) => LeaseError::StaleStandby(holder.clone()),
+                _ => LeaseError::NotStandby(holder.host.clone()),
+            });
+        }
+        self.flip(Some(&holder.host))
     }
 
     /// Refused unless `host` holds the primary lease at `epoch`.

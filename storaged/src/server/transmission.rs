@@ -361,7 +361,7 @@ async fn flip_request(ctx: &Ctx, req: Request) {
             ..FlipReport::default()
         }),
         Access::Standby => {
-            flip::flip(&ctx.reg, &ctx.vol, Some(&holder.host), FlipTrigger::Nbd).await
+            flip::flip_self(&ctx.reg, &ctx.vol, holder).await
         }
         _ => return ctx.send(Outgoing::status(h, NBD_EPERM)),
     };
