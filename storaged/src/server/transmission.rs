@@ -9,7 +9,7 @@
 //! Memory per connection is bounded by [`INFLIGHT_BUDGET`]: each request costs its length plus
 //! [`REQUEST_OVERHEAD`], and the reader stops reading while the budget is spent.
 
-use crate::lease::flip::{self, FlipTrigger};
+use crate::lease::flip;
 use crate::lease::gate::{Access, Admitted, Gate, Need, Refusal};
 use crate::registry::Registry;
 use crate::server::handshake::Negotiated;
@@ -360,9 +360,7 @@ async fn flip_request(ctx: &Ctx, req: Request) {
             epoch: ctx.vol.table().epoch,
             ..FlipReport::default()
         }),
-        Access::Standby => {
-            flip::flip_self(&ctx.reg, &ctx.vol, holder).await
-        }
+        Access::Standby => flip::flip_self(&ctx.reg, &ctx.vol, holder).await,
         _ => return ctx.send(Outgoing::status(h, NBD_EPERM)),
     };
     match result {
