@@ -129,7 +129,6 @@ pub fn all_cells() -> Vec<Fault> {
             "source.resuming",
             "source.cleanup",
             "destination.precopy",
-            "destination.handed-over",
             "destination.resuming",
             "destination.completed",
         ]
@@ -149,12 +148,14 @@ pub fn all_cells() -> Vec<Fault> {
 }
 
 /// A representative subset for the test suite: a crash of storaged mid-flip, of the source
-/// agent past the point of no return, of the destination VMM, and a cut of the source.
+/// agent past the point of no return, of the destination VMM before the flip and after it
+/// (the source takes the volumes back), and a cut of the source.
 pub fn ci_cells() -> Vec<Fault> {
     vec![
         Fault::Storaged("flip.persist"),
         Fault::Agent("source.flipped"),
         Fault::Vmm(Side::Destination, Window::Precopy),
+        Fault::Vmm(Side::Destination, Window::Flip),
         Fault::Cut(Link::SourceStorage),
     ]
 }

@@ -1,7 +1,8 @@
 //! A representative subset of the crash-point fault matrix (`scripts/faults` runs it all; see
 //! `e2e::faults`): storaged killed right after it persisted a flip, the source's migrated
-//! killed past the point of no return, the destination VMM killed during pre-copy, and the
-//! source cut off from storage at the flip. Each cell: no split brain, the guest on exactly
+//! killed past the point of no return, the destination VMM killed during pre-copy and once the
+//! flip is under way (the source takes the volumes back and resumes), and the source cut off
+//! from storage at the flip. Each cell: no split brain, the guest on exactly
 //! one host with every acknowledged disk record verifying.
 
 use e2e::faults::{ci_cells, run_cell, table};

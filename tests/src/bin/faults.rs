@@ -15,6 +15,8 @@ fn main() -> Result<()> {
         .into_iter()
         .filter(|c| filters.is_empty() || filters.iter().any(|f| c.to_string().contains(f)))
         .collect();
+    // VMHOP_FAULTS_KEEP=1 keeps every cell's directory (logs of each process) for a look.
+    let keep = std::env::var_os("VMHOP_FAULTS_KEEP").is_some();
     let mut rows = Vec::new();
     for (i, fault) in cells.iter().enumerate() {
         eprintln!("[faults] {}/{}: {fault}", i + 1, cells.len());
@@ -36,6 +38,10 @@ fn main() -> Result<()> {
         rows.push((*fault, v));
     }
     print!("{}", table(&rows));
+    if keep {
+        let dir = test.dir.keep();
+        println!("cell directories kept in {}", dir.display());
+    }
     let failed = rows.iter().filter(|(_, v)| !v.pass).count();
     let records: u64 = rows.iter().map(|(_, v)| v.records).sum();
     let split: u32 = rows.iter().map(|(_, v)| v.split_brain).sum();
