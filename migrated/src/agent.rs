@@ -9,7 +9,7 @@ use crate::api::{ErrorKind, HostInfo};
 use crate::client::MigratedClient;
 use crate::config::{AgentConfig, ConfigError, InstanceConfig};
 use crate::instance::{proc_start_time, InstanceRecord, InstanceState};
-use crate::migration::record::{MigrationRecord, Progress};
+use crate::migration::record::{MigrationRecord, Progress, Role};
 use crate::store::{Store, StoreError};
 use crate::vmm_process::{
     kill_pid, log_tail, prepare_work_dir, spawn_vmm, vmm_config, VmmProcessError,
@@ -238,6 +238,13 @@ impl Agent {
     fn save_migration(&self, rec: &mut MigrationRecord) -> Result<(), AgentError> {
         self.store.put_migration(rec)?;
         log_migration(rec);
+        if vmhop_common::faults::is_armed() {
+            let role = match rec.role {
+                Role::Source => "source",
+                Role::Destination => "destination",
+            };
+            vmhop_common::faults::point(&format!("{role}.{}", rec.phase.as_str()));
+        }
         if rec.phase.is_terminal() {
             lock(&self.progress).remove(&rec.id);
         }

@@ -109,6 +109,7 @@ async fn flip_volume(
     match req.mode {
         FlipMode::Now => {
             let rep = flip::flip(&reg, &vol, req.to.as_deref(), FlipTrigger::Api).await?;
+            vmhop_common::faults::point("flip.acknowledge");
             Ok(Json(rep).into_response())
         }
         FlipMode::Armed => {
@@ -157,7 +158,9 @@ async fn flip_group(
     State(reg): Reg,
     Json(req): Json<GroupFlipRequest>,
 ) -> ApiResult<Json<GroupFlipReport>> {
-    Ok(Json(flip::flip_group(&reg, &req).await?))
+    let report = flip::flip_group(&reg, &req).await?;
+    vmhop_common::faults::point("flip.acknowledge");
+    Ok(Json(report))
 }
 
 async fn revoke_group(

@@ -36,6 +36,8 @@ pub struct MigratedOptions {
     pub token_file: Option<PathBuf>,
     /// storaged's API token file (`--storaged-token-file`).
     pub storaged_token_file: Option<PathBuf>,
+    /// Extra environment (a fault point of the fault matrix, see [`crate::faults`]).
+    pub env: Vec<(String, String)>,
 }
 
 impl MigratedOptions {
@@ -51,6 +53,7 @@ impl MigratedOptions {
             peer_timeout_ms: 5000,
             token_file: None,
             storaged_token_file: None,
+            env: Vec::new(),
         }
     }
 }
@@ -58,7 +61,8 @@ impl MigratedOptions {
 /// A running migrated.
 pub struct Migrated {
     child: Option<Child>,
-    opts: MigratedOptions,
+    /// How it is started (a change applies at the next start).
+    pub opts: MigratedOptions,
     /// Work directory (state, socket, logs).
     pub work_dir: PathBuf,
     /// State directory.
@@ -124,6 +128,7 @@ impl Migrated {
         let log = std::fs::File::create(&self.log_path)?;
         let mut child = cmd
             .env("RUST_LOG", "info")
+            .envs(self.opts.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -309,6 +314,7 @@ impl Drop for Migrated {
 pub struct NsStoraged {
     child: Option<Child>,
     host: Host,
+    work_dir: PathBuf,
     token_file: PathBuf,
     /// REST API address.
     pub api: String,
@@ -322,26 +328,43 @@ impl NsStoraged {
     /// Starts storaged in `host`'s namespace with its data under `work_dir`; its API requires
     /// the token in `token_file`.
     pub fn start(host: &Host, work_dir: &Path, token_file: &Path) -> Result<NsStoraged> {
+        let mut s = NsStoraged {
+            child: None,
+            host: host.clone(),
+            work_dir: work_dir.to_path_buf(),
+            token_file: token_file.to_path_buf(),
+            api: format!("{}:10810", host.addr),
+            nbd: format!("{}:10809", host.addr),
+            log_path: work_dir.join("storaged.log"),
+        };
+        s.spawn(&[])?;
+        Ok(s)
+    }
+
+    /// Starts storaged (again, on the same data) with extra environment variables.
+    pub fn spawn(&mut self, env: &[(&str, &str)]) -> Result<()> {
+        let (host, work_dir, token_file) = (&self.host, &self.work_dir, &self.token_file);
+        let (api, nbd) = (&self.api, &self.nbd);
         std::fs::create_dir_all(work_dir)?;
         let ready = work_dir.join("ready.json");
         let _ = std::fs::remove_file(&ready);
-        let api = format!("{}:10810", host.addr);
-        let nbd = format!("{}:10809", host.addr);
-        let log_path = work_dir.join("storaged.log");
+        let n = std::fs::read_dir(work_dir)?.count();
+        self.log_path = work_dir.join(format!("storaged.{n}.log"));
         let mut child = host
             .command(crate::binary("storaged"))
             .arg("serve")
             .arg("--data-dir")
             .arg(work_dir.join("data"))
-            .args(["--nbd-listen", &nbd, "--api-listen", &api])
+            .args(["--nbd-listen", nbd, "--api-listen", api])
             .arg("--api-token-file")
             .arg(token_file)
             .arg("--ready-file")
             .arg(&ready)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log_path)?)
+            .stderr(std::fs::File::create(&self.log_path)?)
             .spawn()
             .context("spawning storaged")?;
         wait_for("storaged ready file", DEADLINE, || {
@@ -350,14 +373,32 @@ impl NsStoraged {
             }
             ready.exists().then_some(Ok(()))
         })??;
-        Ok(NsStoraged {
-            child: Some(child),
-            host: host.clone(),
-            token_file: token_file.to_path_buf(),
-            api,
-            nbd,
-            log_path,
-        })
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// storaged's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the process has ended (reaping it if so).
+    pub fn exited(&mut self) -> bool {
+        match self.child.as_mut().map(Child::try_wait) {
+            Some(Ok(Some(_))) | None => {
+                self.child = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// SIGKILL, and the process reaped.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     /// `storaged ARGS... --api API` inside the namespace; returns stdout.
@@ -517,6 +558,7 @@ impl TwoHosts {
             peer_timeout_ms,
             token_file: Some(token_file.clone()),
             storaged_token_file: Some(token_file.clone()),
+            env: Vec::new(),
         };
         let a = Migrated::start(&dir.join("a"), opts("a", "b"))?;
         let b = Migrated::start(&dir.join("b"), opts("b", "a"))?;

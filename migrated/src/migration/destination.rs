@@ -201,11 +201,19 @@ pub async fn resume(agent: &Arc<Agent>, id: &str) -> Result<MigrationRecord, Des
     }
     agent.update_migration(id, |r| r.step(Phase::Resuming, "resuming the guest"))?;
     let inst = agent.instance(&mig.instance)?;
-    agent
-        .vmm(&inst)
-        .resume()
-        .await
-        .map_err(DestinationError::Vmm)?;
+    if let Err(e) = agent.vmm(&inst).resume().await {
+        if !inst.vmm_alive() {
+            // The guest's state went with its VMM: nothing can resume here any more. Saying so
+            // lets the source take the volumes back and run the guest again.
+            let why = error_chain(&DestinationError::VmmGone);
+            abort_locked(agent, id, &why).await?;
+            return Err(DestinationError::Abandoned {
+                id: id.to_string(),
+                reason: why,
+            });
+        }
+        return Err(DestinationError::Vmm(e));
+    }
     let (downtime_ms, downtime_us) = vmm_downtime(agent, &inst).await;
     agent.update_instance(&inst.name, |r| {
         r.state = InstanceState::Running;
@@ -256,11 +264,12 @@ async fn abort_locked(
     reason: &str,
 ) -> Result<MigrationRecord, DestinationError> {
     let mig = incoming(agent, id)?;
+    let vmm_alive = agent.instance(&mig.instance).is_ok_and(|i| i.vmm_alive());
     match mig.phase {
         Phase::Aborted | Phase::Failed => return Ok(mig),
-        Phase::Resuming | Phase::Completed => {
-            return Err(DestinationError::Resumed(id.to_string()))
-        }
+        // A resume may have taken; without a VMM it cannot have.
+        Phase::Completed => return Err(DestinationError::Resumed(id.to_string())),
+        Phase::Resuming if vmm_alive => return Err(DestinationError::Resumed(id.to_string())),
         _ => {}
     }
     if let Ok(inst) = agent.instance(&mig.instance) {

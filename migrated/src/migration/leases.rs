@@ -32,20 +32,26 @@ pub enum Holding {
 impl Holding {
     /// Classifies the lease views of a guest's volumes.
     pub fn of(views: &[LeaseView], destination: &str) -> Holding {
-        let primary: Vec<VolumeEpoch> = views
-            .iter()
-            .filter(|v| v.state_of(destination) == Some(LeaseState::Primary))
-            .map(|v| VolumeEpoch {
-                volume: v.volume.clone(),
-                epoch: v.epoch,
-            })
-            .collect();
+        let primary = primary_of(views, destination);
         match primary.len() {
             0 => Holding::NotDestination,
             n if n == views.len() => Holding::Destination,
             _ => Holding::Split(primary),
         }
     }
+}
+
+/// The volumes on which `host` is primary, each with its epoch (that of the flip that made it
+/// primary, while nothing moved on).
+pub fn primary_of(views: &[LeaseView], host: &str) -> Vec<VolumeEpoch> {
+    views
+        .iter()
+        .filter(|v| v.state_of(host) == Some(LeaseState::Primary))
+        .map(|v| VolumeEpoch {
+            volume: v.volume.clone(),
+            epoch: v.epoch,
+        })
+        .collect()
 }
 
 /// Whether storaged refused the change (409: it decided, and nothing changed), as opposed to

@@ -159,6 +159,10 @@ pub enum SourceError {
     /// The destination did not confirm that the guest runs there.
     #[error("the destination did not confirm the resume")]
     ResumeUnconfirmed(#[source] HttpError),
+    /// The destination abandoned the migration after the flip (its VMM is gone): it will never
+    /// run the guest, whose only copy is the paused source.
+    #[error("the destination abandoned the migration after the flip: {0}")]
+    DestinationAbandoned(String),
     /// The source VMM outlived its shutdown.
     #[error("the source VMM (pid {0:?}) did not end; its leases stay deactivated")]
     VmmStays(Option<u32>),
@@ -203,6 +207,7 @@ impl SourceError {
             | SourceError::FlipRefused(_)
             | SourceError::FlipUnconfirmed(_)
             | SourceError::ResumeUnconfirmed(_)
+            | SourceError::DestinationAbandoned(_)
             | SourceError::VmmStays(_)
             | SourceError::FenceRefused(_)
             | SourceError::DestinationHolds(..) => ErrorKind::BadGateway,
@@ -333,7 +338,13 @@ impl Source {
             let reason = error_chain(&err);
             let phase = self.rec().map(|r| r.phase).unwrap_or(Phase::Failed);
             if phase.past_point_of_no_return() {
-                return self.fail(&reason);
+                if !matches!(err, SourceError::DestinationAbandoned(_)) {
+                    return self.fail(&reason);
+                }
+                // Nobody can run the guest but this host: take the volumes back.
+                if let Err(e) = self.take_back(&reason).await {
+                    return self.fail_abort(&reason, e);
+                }
             }
             if phase.is_terminal() || self.abort(&reason).await == AbortEnd::Done {
                 return;
@@ -641,10 +652,17 @@ impl Source {
         let resumed = loop {
             match self.peer.resume_incoming(&rec.id).await {
                 Ok(dest) => break dest,
-                Err(err) if Instant::now() > deadline => {
-                    return Err(SourceError::ResumeUnconfirmed(err))
-                }
                 Err(err) => {
+                    // Has the destination given the migration up for good (its VMM gone)?
+                    if let Ok(d) = self.peer.migration(&rec.id).await {
+                        if d.record.phase == Phase::Aborted {
+                            let why = d.record.error.unwrap_or_default();
+                            return Err(SourceError::DestinationAbandoned(why));
+                        }
+                    }
+                    if Instant::now() > deadline {
+                        return Err(SourceError::ResumeUnconfirmed(err));
+                    }
                     tracing::warn!(migration = %rec.id, error = %error_chain(&err),
                         "resume at the destination failed; retrying");
                     tokio::time::sleep(RESUME_RETRY).await;
@@ -734,6 +752,48 @@ impl Source {
             r.error = Some(reason.to_string());
             r.step(Phase::Failed, reason.to_string());
         });
+    }
+
+    /// The destination abandoned the migration after the flip (`reason`): rolls back, on every
+    /// volume the destination holds, the flip that gave it the volume (each named by its
+    /// epoch, refused by storaged if the volume moved on since), so that the abort path can
+    /// fence the destination off and resume the guest here. The destination's VMM is gone and
+    /// its record terminal, so it can no longer write or resume; storaged's rollback fences
+    /// whatever connection of it remains.
+    async fn take_back(&mut self, reason: &str) -> Result<(), SourceError> {
+        let rec = self.rec()?;
+        tracing::warn!(migration = %rec.id, reason = %reason,
+            "the destination abandoned the migration after the flip: rolling the flips back");
+        for attempt in 1.. {
+            let views = leases::read_until_known(&self.leases, &rec.volumes, |n, e| {
+                self.waiting_for_storaged(n, "reading the leases", e)
+            })
+            .await;
+            let flipped = leases::primary_of(&views, &rec.destination);
+            if flipped.is_empty() {
+                break;
+            }
+            let undo = GroupRollbackRequest {
+                primary: rec.destination.clone(),
+                volumes: flipped,
+                migration: Some(rec.id.clone()),
+            };
+            match self.leases.rollback_group(&undo).await {
+                Ok(_) => break,
+                Err(e) if leases::refused(&e) => {
+                    let names: Vec<String> = undo.volumes.into_iter().map(|v| v.volume).collect();
+                    return Err(SourceError::DestinationHolds(names.join(", "), e));
+                }
+                Err(e) => self.waiting_for_storaged(attempt, "rolling back", &e),
+            }
+        }
+        self.modify(|r| {
+            r.flipped.clear();
+            r.note(format!(
+                "{reason}: every flip rolled back, the guest goes on here"
+            ))
+        })?;
+        Ok(())
     }
 
     /// Like [`Source::fail`], when the abort for `reason` could not finish because of `then`.

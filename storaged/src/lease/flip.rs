@@ -34,6 +34,7 @@ use storaged_client::api::{
 };
 use storaged_client::protocol::FlipReport;
 use tokio::sync::MutexGuard;
+use vmhop_common::faults::point as fault_point;
 
 /// Why a flip ran.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -226,6 +227,7 @@ async fn apply_flips(
         }
     }
     step.deactivate_us = us(t);
+    fault_point("flip.barrier");
 
     let t = Instant::now();
     drain(reg, &fenced).await?;
@@ -236,6 +238,7 @@ async fn apply_flips(
         }
     }
     step.drain_us = us(t);
+    fault_point("flip.drain");
 
     let t = Instant::now();
     for (vol, plan) in plans {
@@ -244,6 +247,7 @@ async fn apply_flips(
         }
     }
     step.disconnect_us = us(t);
+    fault_point("flip.disconnect");
 
     let t = Instant::now();
     let changes: Vec<(&Volume, LeaseTable)> = plans
@@ -252,6 +256,7 @@ async fn apply_flips(
         .collect();
     reg.commit_tables(&changes).await?;
     step.persist_us = us(t);
+    fault_point("flip.persist");
 
     let t = Instant::now();
     for (vol, plan) in plans {
@@ -261,6 +266,7 @@ async fn apply_flips(
         disarm(vol);
     }
     step.promote_us = us(t);
+    fault_point("flip.promote");
     step.total_us = us(start);
 
     for ((vol, plan), rep) in plans.iter().zip(&mut reports) {
