@@ -8,11 +8,12 @@
 use crate::api::{ErrorKind, HostInfo};
 use crate::client::MigratedClient;
 use crate::config::{AgentConfig, ConfigError, InstanceConfig};
+use crate::disk_backend::{self, DiskBackendError};
 use crate::instance::{proc_start_time, InstanceRecord, InstanceState};
 use crate::migration::record::{MigrationRecord, Progress, Role};
 use crate::store::{Store, StoreError};
 use crate::vmm_process::{
-    kill_pid, log_tail, prepare_work_dir, spawn_vmm, vmm_config, VmmProcessError,
+    kill_pid, log_tail, prepare_work_dir, spawn_vmm, vhost_user_disks, vmm_config, VmmProcessError,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -63,6 +64,9 @@ pub enum AgentError {
     /// A VMM process could not be managed.
     #[error("VMM process")]
     VmmProcess(#[from] VmmProcessError),
+    /// A vhost-user disk backend could not be started.
+    #[error("vhost-user disk backend")]
+    DiskBackend(#[from] DiskBackendError),
 }
 
 impl AgentError {
@@ -72,7 +76,7 @@ impl AgentError {
             AgentError::NoInstance(_) | AgentError::NoMigration(_) => ErrorKind::NotFound,
             AgentError::InstanceExists { .. } | AgentError::Migrating { .. } => ErrorKind::Conflict,
             AgentError::Invalid(_) => ErrorKind::BadRequest,
-            AgentError::VmmProcess(_) => ErrorKind::BadGateway,
+            AgentError::VmmProcess(_) | AgentError::DiskBackend(_) => ErrorKind::BadGateway,
             AgentError::Store(_) => ErrorKind::Internal,
         }
     }
@@ -343,7 +347,23 @@ impl Agent {
     ) -> Result<InstanceRecord, AgentError> {
         let vm = vmm_config(rec, &self.cfg.host_id, &self.cfg.storaged_nbd, lease);
         let config_path = prepare_work_dir(rec, &vm)?;
-        let child = spawn_vmm(&self.cfg.vmm_binary, rec, &config_path, incoming)?;
+        // The disks served outside the VMM listen before the VMM connects to them.
+        disk_backend::start(
+            &self.cfg.vhost_user_binary,
+            rec,
+            &vhost_user_disks(rec),
+            &self.cfg.storaged_nbd,
+            &self.cfg.host_id,
+            lease,
+        )
+        .await?;
+        let child = match spawn_vmm(&self.cfg.vmm_binary, rec, &config_path, incoming) {
+            Ok(c) => c,
+            Err(e) => {
+                disk_backend::stop_all(&rec.work_dir).await;
+                return Err(e.into());
+            }
+        };
         let pid = child.id().unwrap_or(0);
         let start = proc_start_time(pid);
         let rec = self.update_instance(&rec.name, |r| {
@@ -360,6 +380,7 @@ impl Agent {
                 Err(e) => format!("wait failed: {e}"),
             };
             me.on_vmm_exit(&name, pid, status);
+            me.end_disk_backends(&name, pid).await;
         });
         self.wait_api(&rec).await?;
         Ok(rec)
@@ -439,12 +460,24 @@ impl Agent {
             while rec.vmm_alive() {
                 tokio::time::sleep(ADOPTED_POLL).await;
             }
+            let pid = rec.pid.unwrap_or(0);
             me.on_vmm_exit(
                 &rec.name,
-                rec.pid.unwrap_or(0),
+                pid,
                 "exited (status unknown: adopted after a restart)".into(),
             );
+            me.end_disk_backends(&rec.name, pid).await;
         });
+    }
+
+    /// Ends the vhost-user disk backends of `name` once its VMM `pid` exited (unless another
+    /// VMM of the instance started since).
+    async fn end_disk_backends(&self, name: &str, pid: u32) {
+        if let Ok(r) = self.instance(name) {
+            if r.pid == Some(pid) {
+                disk_backend::stop_all(&r.work_dir).await;
+            }
+        }
     }
 
     /// Refuses an invalid guest, or one whose name an instance with a VMM here has.

@@ -10,6 +10,7 @@
 //! storaged_api = "10.0.0.9:10810"
 //! storaged_nbd = "10.0.0.9:10809"
 //! vmm_binary = "/usr/local/bin/vmm"
+//! vhost_user_binary = "/usr/local/bin/vhost-user-blk"
 //! token_file = "/etc/migrated/token"  # the cluster's shared secret for the REST API
 //! storaged_token_file = "/etc/migrated/token"  # storaged's API token, if it has one
 //! [peers]
@@ -25,6 +26,9 @@
 //! vcpus = 1
 //! [[disks]]
 //! volume = "vm1-root"            # a storaged volume, opened with a lease
+//! [[disks]]
+//! volume = "vm1-data"
+//! backend = "vhost-user"         # served by its own vhost-user-blk process, not the VMM
 //! [[disks]]
 //! path = "/images/tools.ext4"    # a file that exists at the same path on every host
 //! read_only = true
@@ -48,6 +52,8 @@ pub const DEFAULT_STORAGED_API: &str = "127.0.0.1:10810";
 pub const DEFAULT_STORAGED_NBD: &str = "127.0.0.1:10809";
 /// Default VMM binary.
 pub const DEFAULT_VMM_BINARY: &str = "/usr/local/bin/vmm";
+/// The vhost-user disk backend's binary name; by default it is found beside the VMM binary.
+pub const VHOST_USER_BINARY_NAME: &str = "vhost-user-blk";
 /// The VMM's bounds on vCPUs and disks, checked here before a guest is accepted.
 pub use vmm_api::config::{MAX_DISKS, MAX_VCPUS};
 
@@ -97,6 +103,8 @@ pub struct AgentConfigFile {
     pub storaged_nbd: Option<String>,
     /// The VMM binary.
     pub vmm_binary: Option<PathBuf>,
+    /// The vhost-user disk backend binary (default: `vhost-user-blk` beside the VMM binary).
+    pub vhost_user_binary: Option<PathBuf>,
     /// IP the destination VMMs listen on for migration streams (default: the listen IP).
     pub migration_ip: Option<std::net::IpAddr>,
     /// Milliseconds without an answer after which a peer counts as lost during a migration.
@@ -130,6 +138,8 @@ pub struct AgentConfig {
     pub storaged_nbd: String,
     /// VMM binary.
     pub vmm_binary: PathBuf,
+    /// vhost-user disk backend binary.
+    pub vhost_user_binary: PathBuf,
     /// Migration stream IP.
     pub migration_ip: std::net::IpAddr,
     /// Peer loss timeout.
@@ -170,6 +180,14 @@ impl AgentConfigFile {
         for id in peers.keys() {
             validate_name("peer id", id)?;
         }
+        let vmm_binary: PathBuf = over
+            .vmm_binary
+            .or(self.vmm_binary)
+            .unwrap_or_else(|| DEFAULT_VMM_BINARY.into());
+        let vhost_user_binary = over
+            .vhost_user_binary
+            .or(self.vhost_user_binary)
+            .unwrap_or_else(|| vmm_binary.with_file_name(VHOST_USER_BINARY_NAME));
         Ok(AgentConfig {
             host_id,
             state_dir: over
@@ -189,10 +207,8 @@ impl AgentConfigFile {
                 .storaged_nbd
                 .or(self.storaged_nbd)
                 .unwrap_or_else(|| DEFAULT_STORAGED_NBD.into()),
-            vmm_binary: over
-                .vmm_binary
-                .or(self.vmm_binary)
-                .unwrap_or_else(|| DEFAULT_VMM_BINARY.into()),
+            vmm_binary,
+            vhost_user_binary,
             migration_ip: over
                 .migration_ip
                 .or(self.migration_ip)
@@ -234,6 +250,17 @@ pub fn validate_name(what: &str, name: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// Which process serves a volume's requests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskBackend {
+    /// The VMM itself (its own storaged connection).
+    #[default]
+    Vmm,
+    /// A `vhost-user-blk` process of its own, started and ended with the VMM.
+    VhostUser,
+}
+
 /// One disk of a guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -247,6 +274,13 @@ pub struct DiskSpec {
     /// Offered read-only.
     #[serde(default)]
     pub read_only: bool,
+    /// Which process serves a volume (a file is always served by the VMM).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub backend: DiskBackend,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 /// A guest: what `migratectl run` sends and what a migration carries to the destination.
@@ -334,6 +368,12 @@ impl InstanceConfig {
         for d in &self.disks {
             match (&d.volume, &d.path) {
                 (Some(v), None) => validate_name("volume", v)?,
+                (None, Some(p)) if d.backend == DiskBackend::VhostUser => {
+                    return bad(format!(
+                        "disk {}: only a volume can have a vhost-user backend",
+                        p.display()
+                    ))
+                }
                 (None, Some(p)) if p.is_absolute() => {}
                 (None, Some(p)) => {
                     return bad(format!("disk {}: not an absolute path", p.display()))
@@ -427,8 +467,18 @@ mod tests {
             volume: Some("v".into()),
             path: Some("/p".into()),
             read_only: false,
+            backend: DiskBackend::Vmm,
         });
         assert!(bad.validate().is_err());
+        let vu: InstanceConfig =
+            toml::from_str("name='vm1'\nkernel='/k'\n[[disks]]\nvolume='r'\nbackend='vhost-user'")
+                .unwrap();
+        vu.validate().unwrap();
+        assert_eq!(vu.disks[0].backend, DiskBackend::VhostUser);
+        let file_vu: InstanceConfig =
+            toml::from_str("name='vm1'\nkernel='/k'\n[[disks]]\npath='/x'\nbackend='vhost-user'")
+                .unwrap();
+        assert!(file_vu.validate().is_err());
         let mut bad = ok.clone();
         bad.restore = Some("relative.snap".into());
         assert!(bad.validate().is_err());

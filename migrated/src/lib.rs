@@ -20,6 +20,7 @@ pub mod agent;
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod disk_backend;
 pub mod instance;
 pub mod migration;
 pub mod recovery;

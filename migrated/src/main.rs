@@ -49,6 +49,10 @@ struct Cli {
     /// The VMM binary [default: /usr/local/bin/vmm].
     #[arg(long)]
     vmm_binary: Option<PathBuf>,
+    /// The vhost-user disk backend binary, for disks with `backend = "vhost-user"`
+    /// [default: vhost-user-blk beside the VMM binary].
+    #[arg(long)]
+    vhost_user_binary: Option<PathBuf>,
     /// IP the incoming VMMs listen on for migration streams [default: the listen IP].
     #[arg(long)]
     migration_ip: Option<std::net::IpAddr>,
@@ -88,6 +92,7 @@ fn main() -> Result<()> {
         storaged_api: cli.storaged_api,
         storaged_nbd: cli.storaged_nbd,
         vmm_binary: cli.vmm_binary,
+        vhost_user_binary: cli.vhost_user_binary,
         migration_ip: cli.migration_ip,
         peer_timeout_ms: cli.peer_timeout_ms,
         peers: cli.peers.into_iter().collect::<BTreeMap<_, _>>(),

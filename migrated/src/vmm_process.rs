@@ -7,12 +7,14 @@
 //! (`vm.toml`), its API socket (`api.sock`), its serial socket (`serial.sock`), its log
 //! (`vmm.log`: stdout and stderr) and `vmm.pid`.
 
-use crate::config::DiskSpec;
+use crate::config::{DiskBackend, DiskSpec};
+use crate::disk_backend::BackendSpec;
 use crate::instance::InstanceRecord;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 use vmm_api::config::{
-    BootProtocol, DiskConfig, LeaseMode, SerialConfig, StoragedDiskConfig, VmConfig,
+    BootProtocol, DiskConfig, LeaseMode, SerialConfig, StoragedDiskConfig, VhostUserDiskConfig,
+    VmConfig,
 };
 
 /// A VMM process that could not be prepared, started or reached.
@@ -42,7 +44,8 @@ pub enum VmmProcessError {
 
 /// The VMM's configuration (`vmm run --config`) for an instance: its name, its kernel and
 /// memory, its sockets in the work directory, and its disks (volumes at `storaged_nbd` with
-/// `lease`, held by `host_id` for the instance).
+/// `lease`, held by `host_id` for the instance; a volume with a vhost-user backend through its
+/// backend's socket, see [`crate::disk_backend`]).
 pub fn vmm_config(
     rec: &InstanceRecord,
     host_id: &str,
@@ -53,7 +56,21 @@ pub fn vmm_config(
     let disks = c
         .disks
         .iter()
-        .map(|d| match d {
+        .enumerate()
+        .map(|(i, d)| match d {
+            DiskSpec {
+                volume: Some(_),
+                backend: DiskBackend::VhostUser,
+                ..
+            } => DiskConfig {
+                path: None,
+                storaged: None,
+                vhost_user: Some(VhostUserDiskConfig {
+                    socket: crate::disk_backend::socket(rec, i),
+                    queues: 1,
+                }),
+                read_only: d.read_only,
+            },
             DiskSpec {
                 volume: Some(v), ..
             } => DiskConfig {
@@ -88,6 +105,23 @@ pub fn vmm_config(
         serial: SerialConfig::Socket(rec.serial_socket.clone()),
         api_socket: Some(rec.api_socket.clone()),
     }
+}
+
+/// The disks of `rec` served by vhost-user backends.
+pub fn vhost_user_disks(rec: &InstanceRecord) -> Vec<BackendSpec<'_>> {
+    rec.config
+        .disks
+        .iter()
+        .enumerate()
+        .filter_map(|(disk, d)| match (&d.volume, d.backend) {
+            (Some(volume), DiskBackend::VhostUser) => Some(BackendSpec {
+                disk,
+                volume,
+                read_only: d.read_only,
+            }),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Creates the work directory, removes stale sockets and writes `vm.toml`; returns its path.
@@ -190,11 +224,19 @@ mod tests {
                         volume: Some("root".into()),
                         path: None,
                         read_only: false,
+                        backend: DiskBackend::Vmm,
                     },
                     DiskSpec {
                         volume: None,
                         path: Some("/f".into()),
                         read_only: true,
+                        backend: DiskBackend::Vmm,
+                    },
+                    DiskSpec {
+                        volume: Some("data".into()),
+                        path: None,
+                        read_only: false,
+                        backend: DiskBackend::VhostUser,
                     },
                 ],
                 ..InstanceConfig::for_tests("vm1")
@@ -216,6 +258,13 @@ mod tests {
             (LeaseMode::Standby, Some("vm1"))
         );
         assert_eq!(back.disks[1].path.as_deref(), Some(Path::new("/f")));
+        let vu = back.disks[2].vhost_user.as_ref().unwrap();
+        assert_eq!(vu.socket, Path::new("/s/instances/vm1/disk-2.sock"));
+        let specs = vhost_user_disks(&rec);
+        assert_eq!(
+            (specs.len(), specs[0].disk, specs[0].volume),
+            (1, 2, "data")
+        );
         assert_eq!(
             back.api_socket.as_deref(),
             Some(Path::new("/s/instances/vm1/api.sock"))

@@ -285,6 +285,7 @@ async fn setup(stream: Stream, standby_for: Vec<&'static str>) -> Setup {
         storaged_api: storage.api.clone(),
         storaged_nbd: storage.nbd.clone(),
         vmm_binary: "/nonexistent".into(),
+        vhost_user_binary: "/nonexistent".into(),
         migration_ip: "127.0.0.1".parse().unwrap(),
         peer_timeout_ms: 500,
         peers: [("b".to_string(), peer_addr)].into_iter().collect(),

@@ -259,17 +259,28 @@ impl Migrated {
         }
         out
     }
+
+    /// The live vhost-user disk backends this agent started (their command lines name its
+    /// state directory).
+    pub fn backend_pids(&self) -> Vec<u32> {
+        processes_with("vhost-user-blk", &self.state_dir.display().to_string())
+    }
 }
 
 /// Whether `pid` is a live (non-zombie) process of the project's `vmm` binary.
 pub fn is_vmm(pid: u32) -> bool {
+    is_process_of(pid, "vmm")
+}
+
+/// Whether `pid` is a live (non-zombie) process of the binary `name`.
+pub fn is_process_of(pid: u32, name: &str) -> bool {
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let zombie = stat
         .rsplit_once(')')
         .map(|(_, r)| r.trim_start().starts_with('Z'))
         .unwrap_or(true);
-    !zombie && !process_gone(pid) && exe.is_some_and(|e| e.file_name().is_some_and(|n| n == "vmm"))
+    !zombie && !process_gone(pid) && exe.is_some_and(|e| e.file_name().is_some_and(|n| n == name))
 }
 
 /// Whether `pid` has ended: gone, a zombie, or tearing down (task flag PF_EXITING).
@@ -285,13 +296,18 @@ pub fn process_gone(pid: u32) -> bool {
 
 /// Every live `vmm` process whose command line mentions `needle`.
 pub fn vmm_processes_with(needle: &str) -> Vec<u32> {
+    processes_with("vmm", needle)
+}
+
+/// Every live process of the binary `name` whose command line mentions `needle`.
+pub fn processes_with(name: &str, needle: &str) -> Vec<u32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if is_vmm(pid) && String::from_utf8_lossy(&cmdline).contains(needle) {
+        if is_process_of(pid, name) && String::from_utf8_lossy(&cmdline).contains(needle) {
             out.push(pid);
         }
     }
@@ -301,8 +317,8 @@ pub fn vmm_processes_with(needle: &str) -> Vec<u32> {
 impl Drop for Migrated {
     fn drop(&mut self) {
         self.kill9();
-        for pid in self.vmm_pids() {
-            // SAFETY: kill(2) on a pid just checked to be one of our VMM processes.
+        for pid in self.vmm_pids().into_iter().chain(self.backend_pids()) {
+            // SAFETY: kill(2) on a pid just checked to be one of our VMM or backend processes.
             unsafe {
                 libc::kill(pid as libc::pid_t, libc::SIGKILL);
             }

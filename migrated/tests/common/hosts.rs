@@ -285,6 +285,7 @@ pub async fn hosts() -> Hosts {
         storaged_api: storaged_api[usize::from(me == "b")].clone(),
         storaged_nbd: storage.nbd.clone(),
         vmm_binary: vmm_binary(),
+        vhost_user_binary: vmm_binary().with_file_name("vhost-user-blk"),
         migration_ip: "127.0.0.1".parse().unwrap(),
         peer_timeout_ms: PEER_TIMEOUT_MS,
         peers: [(peer.to_string(), peer_addr)].into_iter().collect(),

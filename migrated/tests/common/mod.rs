@@ -90,6 +90,7 @@ pub fn guest(kernel: &Path, volumes: &[&str]) -> InstanceConfig {
                 volume: Some(v.to_string()),
                 path: None,
                 read_only: false,
+                backend: Default::default(),
             })
             .collect(),
         restore: None,

@@ -2,7 +2,8 @@
 //!
 //! storaged and two hosts "a" and "b", each in its own network namespace joined by veth, each
 //! host with its own migrated. The test guest boots on host a from a storaged root volume (and
-//! a data volume for its disk workload); its memory and disk workloads run; migratectl moves
+//! a data volume for its disk workload, served by a vhost-user-blk process beside the VMM);
+//! its memory and disk workloads run; migratectl moves
 //! it to host b and back with its progress bar, and the figures are printed. Between the two
 //! legs, a connection host a opened as the volume's primary before the flip tries to write:
 //! refused, and so is a new connection from host a. Everything started is stopped at the end.
@@ -90,7 +91,7 @@ fn main() -> Result<()> {
         "vm1-root ({} MiB): the guest's root filesystem, written by an unmodified qemu-img over NBD",
         root_size >> 20
     ));
-    say("vm1-data (64 MiB): the agent's disk workload");
+    say("vm1-data (64 MiB): the agent's disk workload, served by a vhost-user-blk process");
 
     step(
         3,
@@ -101,7 +102,8 @@ fn main() -> Result<()> {
         &toml,
         format!(
             "name = \"vm1\"\nkernel = {:?}\ncmdline = {:?}\nmemory_mib = 256\nvcpus = 1\n\
-             [[disks]]\nvolume = \"vm1-root\"\n[[disks]]\nvolume = \"vm1-data\"\n",
+             [[disks]]\nvolume = \"vm1-root\"\n\
+             [[disks]]\nvolume = \"vm1-data\"\nbackend = \"vhost-user\"\n",
             image.kernel.display().to_string(),
             image.cmdline
         ),
