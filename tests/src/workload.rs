@@ -119,6 +119,21 @@ pub fn mem_seq_after(agent: &mut AgentConn, after: u64) -> agent_proto::Fields {
     }
 }
 
+/// Waits until the disk writer acknowledged more than `after` records, checking on every
+/// status that it still runs; returns the count.
+pub fn disk_acked_past(agent: &mut AgentConn, after: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let s = agent.command("disk status", REPLY).unwrap();
+        assert_eq!(s.get("state"), Some("running"), "{s:?}");
+        let acked = s.num("acked").unwrap();
+        if acked > after {
+            return acked;
+        }
+        assert!(Instant::now() < deadline, "disk writer stuck: {s:?}");
+    }
+}
+
 /// A fresh, zeroed (sparse) disk image of `bytes` at `path`.
 pub fn fresh_disk(path: &Path, bytes: u64) -> std::path::PathBuf {
     std::fs::File::create(path).unwrap().set_len(bytes).unwrap();

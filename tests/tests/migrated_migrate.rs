@@ -10,6 +10,7 @@ use e2e::agent::AgentConn;
 use e2e::image::guest_image;
 use e2e::migrated::{agent_of, write_restored_guest_toml, Migrated, StaleWriter, TwoHosts};
 use e2e::process::wait_for;
+use e2e::workload::disk_acked_past;
 use serde_json::Value;
 use std::path::Path;
 use std::time::Duration;
@@ -37,17 +38,6 @@ fn mem_advances(agent: &mut AgentConn, after: u64) -> Fields {
         "{s:?}"
     );
     s
-}
-
-/// Waits for the disk writer to acknowledge more than `after` records; it must keep running.
-fn disk_advances(agent: &mut AgentConn, after: u64) -> u64 {
-    wait_for("the disk workload to advance", REPLY, || {
-        let s = agent.command("disk status", REPLY).ok()?;
-        assert_eq!(s.get("state"), Some("running"), "{s:?}");
-        let acked = s.num("acked")?;
-        (acked > after).then_some(acked)
-    })
-    .unwrap()
 }
 
 /// `migratectl --json migrate ARGS` on `m`: exit status and the final record.
@@ -162,7 +152,7 @@ fn migrated_migrates_a_guest_there_and_back() {
     let (rec, mut agent_a, boot_id) = start_guest(&h, dir.path());
     agent_a.command("disk start", REPLY).unwrap();
     let seq = mem_advances(&mut agent_a, 1).num("seq").unwrap();
-    let acked = disk_advances(&mut agent_a, 0);
+    let acked = disk_acked_past(&mut agent_a, 0);
     drop(agent_a);
     // What a slow or buggy host a could still write with after the flip.
     let stale = StaleWriter::open(&h, "a", "vm1-data").unwrap();
@@ -187,7 +177,7 @@ fn migrated_migrates_a_guest_there_and_back() {
     let on_b = h.b.wait_state("vm1", "running", REPLY).unwrap();
     let mut agent_b = agent_of(&on_b, &dir.path().join("serial-b.log")).unwrap();
     mem_advances(&mut agent_b, seq);
-    let acked = disk_advances(&mut agent_b, acked);
+    let acked = disk_acked_past(&mut agent_b, acked);
     let clock = agent_b.command("clock", REPLY).unwrap();
     assert_eq!(clock.get("boot_id"), Some(boot_id.as_str()), "rebooted");
     // b holds the volume; a's lease, deactivated by the flip, was released at cleanup once its
@@ -202,7 +192,7 @@ fn migrated_migrates_a_guest_there_and_back() {
     drop(agent_b);
     let mut agent_a = agent_of(&on_a, &dir.path().join("serial-a2.log")).unwrap();
     mem_advances(&mut agent_a, seq + 1);
-    disk_advances(&mut agent_a, acked);
+    disk_acked_past(&mut agent_a, acked);
     let clock = agent_a.command("clock", REPLY).unwrap();
     assert_eq!(clock.get("boot_id"), Some(boot_id.as_str()), "rebooted");
     let leases = h.storaged.leases("vm1-data").unwrap();

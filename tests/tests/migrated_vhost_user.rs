@@ -8,21 +8,11 @@
 use e2e::image::guest_image;
 use e2e::migrated::{agent_of, process_gone, write_restored_guest_toml, Migrated, TwoHosts};
 use e2e::process::wait_for;
+use e2e::workload::disk_acked_past;
 use serde_json::Value;
 use std::time::Duration;
 
 const REPLY: Duration = Duration::from_secs(120);
-
-/// Waits for the disk writer to acknowledge more than `after` records; it must keep running.
-fn disk_advances(agent: &mut e2e::agent::AgentConn, after: u64) -> u64 {
-    wait_for("the disk workload to advance", REPLY, || {
-        let s = agent.command("disk status", REPLY).ok()?;
-        assert_eq!(s.get("state"), Some("running"), "{s:?}");
-        let acked = s.num("acked")?;
-        (acked > after).then_some(acked)
-    })
-    .unwrap()
-}
 
 /// `migratectl --json migrate ARGS` on `m`; the final record, which must say completed.
 fn migrate(m: &Migrated, args: &[&str]) -> Value {
@@ -69,7 +59,7 @@ fn migrated_runs_and_migrates_a_guest_with_a_vhost_user_disk() {
     assert!(h.b.backend_pids().is_empty());
     let mut agent = agent_of(&rec, &dir.path().join("serial-a.log")).unwrap();
     agent.command("disk start", REPLY).unwrap();
-    let acked = disk_advances(&mut agent, 0);
+    let acked = disk_acked_past(&mut agent, 0);
     drop(agent);
     assert_eq!(
         h.storaged.leases("vm1-data").unwrap(),
@@ -90,7 +80,7 @@ fn migrated_runs_and_migrates_a_guest_with_a_vhost_user_disk() {
         "{m}"
     );
     let mut agent = agent_of(&on_b, &dir.path().join("serial-b.log")).unwrap();
-    let acked = disk_advances(&mut agent, acked);
+    let acked = disk_acked_past(&mut agent, acked);
     let clock = agent.command("clock", REPLY).unwrap();
     assert_eq!(
         clock.get("boot_id"),
@@ -108,7 +98,7 @@ fn migrated_runs_and_migrates_a_guest_with_a_vhost_user_disk() {
     })
     .unwrap();
     let mut agent = agent_of(&on_a, &dir.path().join("serial-a2.log")).unwrap();
-    disk_advances(&mut agent, acked);
+    disk_acked_past(&mut agent, acked);
     let acked = agent
         .command("disk stop", REPLY)
         .unwrap()

@@ -11,11 +11,13 @@ use agent_proto::{Record, RECORD_SIZE};
 use e2e::storaged::Storaged;
 use e2e::vhost::Backend;
 use e2e::vmm::{Disk, VmmConfig, VmmGuest};
-use e2e::workload::{check_disk, check_memory, mem_seq_after, stop_and_verify_disk, wait_booted};
+use e2e::workload::{
+    check_disk, check_memory, disk_acked_past, mem_seq_after, stop_and_verify_disk, wait_booted,
+};
 use e2e::workload::{MEM_START, REPLY};
 use e2e::GuestTest;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
@@ -31,21 +33,6 @@ fn config<'a>(image: &'a e2e::image::GuestImage, dir: &'a Path, socket: &Path) -
         mem_mib: e2e::snapshot::MEM_MIB,
         vcpus: 1,
         work_dir: dir,
-    }
-}
-
-/// Runs the disk writer until it acknowledged more than `after` records.
-fn disk_acked_past(guest: &mut VmmGuest, after: u64) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let r = guest.agent.command("disk status", REPLY);
-        let s = guest.ok(r);
-        assert_eq!(s.get("state"), Some("running"), "{s:?}");
-        let acked = s.num("acked").unwrap();
-        if acked > after {
-            return acked;
-        }
-        assert!(Instant::now() < deadline, "disk writer stuck: {s:?}");
     }
 }
 
@@ -155,7 +142,7 @@ fn vhost_user_disk_migrates_there_and_back_with_the_disk_workload() {
         .agent
         .command(&format!("mem start {MEM_MIB}"), MEM_START);
     guest.ok(r);
-    let mut acked = disk_acked_past(&mut guest, 0);
+    let mut acked = disk_acked_past(&mut guest.agent, 0);
     let mut seq = 0;
 
     for (leg, host) in ["host-b", "host-a"].into_iter().enumerate() {
@@ -171,7 +158,7 @@ fn vhost_user_disk_migrates_there_and_back_with_the_disk_workload() {
         );
         let r = guest.agent.command("disk start", REPLY);
         assert_eq!(guest.ok(r).num("next"), Some(verified), "leg {leg}");
-        acked = disk_acked_past(&mut guest, verified);
+        acked = disk_acked_past(&mut guest.agent, verified);
         eprintln!("leg {leg} on {host}: mem seq {seq}, {acked} records");
     }
     let acked = stop_and_verify_disk(&mut guest.agent);
@@ -194,7 +181,7 @@ fn vhost_user_backend_killed_mid_io_is_reported_and_a_restart_resumes() {
     let booted = e2e::snapshot::booted(&image).unwrap();
     let (mut backend, mut guest) =
         restored_with_writer(&image, &storaged, &booted, &dir.path().join("vm"));
-    let before = disk_acked_past(&mut guest, 64);
+    let before = disk_acked_past(&mut guest.agent, 64);
 
     // Killed with the writer's requests in flight: the VMM says so at once.
     backend.kill9();
@@ -224,7 +211,7 @@ fn vhost_user_backend_killed_mid_io_is_reported_and_a_restart_resumes() {
             .then_some(())
     })
     .unwrap();
-    let after = disk_acked_past(&mut guest, before + 64);
+    let after = disk_acked_past(&mut guest.agent, before + 64);
     let acked = stop_and_verify_disk(&mut guest.agent);
     assert!(acked >= after);
     verify_on_host(&storaged, "data", acked, &booted.boot_id);

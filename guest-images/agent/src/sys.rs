@@ -32,6 +32,21 @@ fn check(ret: libc::c_long) -> Result<usize> {
     }
 }
 
+/// Repeats `io(done)` (one pread or pwrite of what is left after `done` bytes) until `len` bytes
+/// are done; a return of 0 is an I/O error, EINTR a retry.
+fn all_at(len: usize, mut io: impl FnMut(usize) -> isize) -> Result<()> {
+    let mut done = 0;
+    while done < len {
+        match check(io(done) as libc::c_long) {
+            Err(Errno(libc::EINTR)) => continue,
+            Err(e) => return Err(e),
+            Ok(0) => return Err(Errno(libc::EIO)),
+            Ok(n) => done += n,
+        }
+    }
+    Ok(())
+}
+
 fn cstr(s: &str) -> Vec<u8> {
     let mut v = Vec::with_capacity(s.len() + 1);
     v.extend_from_slice(s.as_bytes());
@@ -85,50 +100,34 @@ impl Fd {
 
     /// Reads exactly `buf.len()` bytes at `offset`.
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let mut done = 0;
-        while done < buf.len() {
+        all_at(buf.len(), |done| {
             let rest = &mut buf[done..];
             // SAFETY: `rest` is valid for `len` bytes of writes.
-            let n = unsafe {
+            unsafe {
                 libc::pread(
                     self.0,
                     rest.as_mut_ptr().cast(),
                     rest.len(),
                     (offset + done as u64) as i64,
                 )
-            };
-            match check(n as libc::c_long) {
-                Err(Errno(libc::EINTR)) => continue,
-                Err(e) => return Err(e),
-                Ok(0) => return Err(Errno(libc::EIO)),
-                Ok(n) => done += n,
             }
-        }
-        Ok(())
+        })
     }
 
     /// Writes all of `buf` at `offset`.
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        let mut done = 0;
-        while done < buf.len() {
+        all_at(buf.len(), |done| {
             let rest = &buf[done..];
             // SAFETY: `rest` is valid for `len` bytes of reads.
-            let n = unsafe {
+            unsafe {
                 libc::pwrite(
                     self.0,
                     rest.as_ptr().cast(),
                     rest.len(),
                     (offset + done as u64) as i64,
                 )
-            };
-            match check(n as libc::c_long) {
-                Err(Errno(libc::EINTR)) => continue,
-                Err(e) => return Err(e),
-                Ok(0) => return Err(Errno(libc::EIO)),
-                Ok(n) => done += n,
             }
-        }
-        Ok(())
+        })
     }
 
     /// fdatasync(2): for a block device, a cache flush.
