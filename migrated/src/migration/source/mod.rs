@@ -15,7 +15,7 @@
 //! (in [`Source::finish`]); the refusals of [`start`] are answered to the API.
 //!
 //! Files: this one drives the phases; `abort.rs` holds the ways out (the abort path, the
-//! destination fenced off, the flips taken back, the failure left to the operator); [`error`]
+//! destination fenced off, the flips taken back, the failure left to the operator); `error.rs`
 //! says what went wrong.
 
 mod abort;
