@@ -61,6 +61,22 @@ impl Outgoing {
         }
     }
 
+    /// A read refused before any I/O: with structured replies negotiated this is an error
+    /// chunk (a reply to a read must never be a simple one there), else a simple reply.
+    fn read_refused(req: &Request, error: u32) -> Outgoing {
+        Outgoing {
+            reply: Reply {
+                handle: req.handle,
+                error,
+                data: Some(ReplyData {
+                    offset: req.offset,
+                    data: Vec::new(),
+                }),
+            },
+            _permit: None,
+        }
+    }
+
     /// The reply to a read of `data` at `offset`, from its outcome.
     fn read<T>(
         req: &Request,
@@ -280,18 +296,17 @@ async fn write(ctx: &Ctx, req: Request, data: Bytes, permit: OwnedSemaphorePermi
 
 /// `NBD_CMD_READ`.
 async fn read(ctx: &Ctx, req: Request) {
-    let h = req.handle;
     if req.length > MAX_REQUEST_LEN {
         tracing::warn!(peer = %ctx.peer, length = req.length, "oversize read");
-        return ctx.send(Outgoing::status(h, NBD_EOVERFLOW));
+        return ctx.send(Outgoing::read_refused(&req, NBD_EOVERFLOW));
     }
     if req.flags & !KNOWN_FLAGS != 0 || !ctx.in_range(req.offset, req.length as u64) {
-        return ctx.send(Outgoing::status(h, NBD_EINVAL));
+        return ctx.send(Outgoing::read_refused(&req, NBD_EINVAL));
     }
     let permit = ctx.permit(req.length).await;
     let adm = match ctx.admit(Need::Read, req.kind).await {
         Ok(adm) => adm,
-        Err(e) => return ctx.send(Outgoing::status(h, e)),
+        Err(e) => return ctx.send(Outgoing::read_refused(&req, e)),
     };
     let file = ctx.vol.file.clone();
     let mut buf = vec![0u8; req.length as usize];
