@@ -2,6 +2,8 @@
 //! daemon (its server framework, its database).
 //!
 //! - [`protocol`]: the NBD wire format and the project's lease extension;
+//! - [`option`]: the handshake's options as the server decodes them;
+//! - [`meta`]: metadata contexts (`base:allocation`) and block status;
 //! - [`codec`]: the transmission phase's framing (`tokio_util::codec`), for servers and clients;
 //! - [`nbd`]: the lease-aware async NBD client (the VMM's disks, the tests);
 //! - [`api`]: the REST API's request and answer types, lease states among them;
@@ -15,7 +17,9 @@
 
 pub mod api;
 pub mod codec;
+pub mod meta;
 pub mod nbd;
+pub mod option;
 pub mod protocol;
 pub mod rest;
 pub mod stream;
