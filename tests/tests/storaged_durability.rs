@@ -171,13 +171,12 @@ fn config_file_is_read_and_bad_ones_are_refused() -> Result<()> {
     let cfg = dir.path().join("storaged.toml");
     std::fs::write(
         &cfg,
-        "shutdown_grace_secs = 5\ndrain_limit_secs = 5\ninline_write_max = 0\n",
+        "shutdown_grace_secs = 5\ndrain_limit_secs = 5\nmax_connections_per_volume = 1\n",
     )?;
     let work = dir.path().join("work");
     std::fs::create_dir(&work)?;
     let s = Storaged::start_with(&work, &["--config", cfg.to_str().unwrap()])?;
     s.create_volume("v", "4M", &["--anonymous", "read-write-without-primary"])?;
-    // inline_write_max = 0: every write takes the blocking-thread path.
     e2e::process::run_ok(std::process::Command::new("qemu-io").args([
         "-f",
         "raw",
@@ -187,6 +186,14 @@ fn config_file_is_read_and_bad_ones_are_refused() -> Result<()> {
         "read -P 0x42 0 64k",
         &s.uri("v"),
     ]))?;
+    // One connection per volume (max_connections_per_volume = 1): a second one is refused.
+    let rt = tokio::runtime::Runtime::new()?;
+    let _primary = rt.block_on(Client::connect(&client_config(&s, "v", "a", Primary)))?;
+    let second = rt.block_on(Client::connect(&client_config(&s, "v", "b", Standby)));
+    ensure!(
+        matches!(second, Err(ClientError::Refused { .. })),
+        "{second:?}"
+    );
     std::fs::write(&cfg, "no_such_setting = 1\n")?;
     let out = std::process::Command::new(e2e::binary("storaged"))
         .args(["serve", "--config", cfg.to_str().unwrap(), "--data-dir"])
