@@ -441,3 +441,32 @@ fn anonymous_access(vol: &Volume, table: &LeaseTable) -> Result<Access, Registry
         AnonymousPolicy::ReadOnlyWithoutPrimary => Access::ReadOnly,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn creates_and_deletes_of_one_name_end_in_one_consistent_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Arc::new(Registry::open(dir.path()).unwrap());
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..64 {
+            let reg = reg.clone();
+            tasks.spawn(async move {
+                match i % 2 {
+                    0 => drop(reg.create(VolumeConfig::new("v", 1 << 20)).await),
+                    _ => drop(reg.delete("v").await),
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        // What the running registry shows is what is on disk: record and file alike.
+        let present = reg.get("v").is_ok();
+        drop(reg);
+        let file = VolumeFile::path_in(&dir.path().join("volumes"), "v");
+        assert_eq!(file.exists(), present);
+        let again = Registry::open(dir.path()).unwrap();
+        assert_eq!(again.get("v").is_ok(), present);
+    }
+}

@@ -2,7 +2,8 @@
 //! SIGTERM finishes admitted requests and exits 0; volumes through the CLI.
 
 use anyhow::{bail, ensure, Result};
-use e2e::storaged::{client_config, Storaged};
+use e2e::process::wait_for;
+use e2e::storaged::{client_config, Storaged, DEADLINE};
 use storaged_client::nbd::{Client, ClientError};
 use storaged_client::protocol::RequestedState::{Primary, Standby};
 
@@ -201,5 +202,132 @@ fn config_file_is_read_and_bad_ones_are_refused() -> Result<()> {
         .output()?;
     ensure!(!out.status.success());
     ensure!(String::from_utf8_lossy(&out.stderr).contains("no_such_setting"));
+    Ok(())
+}
+
+/// Kills `s` and starts it again on the same data with the environment `env`.
+fn restart_with_env(s: &mut Storaged, env: &[(&str, &str)]) -> Result<()> {
+    s.kill9();
+    let work = s.work_dir.clone();
+    *s = Storaged::start_with_env(&work, &[], env)?;
+    Ok(())
+}
+
+/// Writes `pattern` over the first MiB of `volume`.
+fn fill(s: &Storaged, volume: &str, pattern: u8) -> Result<()> {
+    let cmd = format!("write -P {pattern} 0 1M");
+    e2e::process::run_ok(std::process::Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        &cmd,
+        &s.uri(volume),
+    ]))?;
+    Ok(())
+}
+
+/// Whether the first MiB of `volume` reads as zeroes.
+fn reads_zeroes(s: &Storaged, volume: &str) -> Result<bool> {
+    let out = e2e::process::run_ok(std::process::Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-r",
+        "-c",
+        "read -P 0 0 1M",
+        &s.uri(volume),
+    ]))?;
+    Ok(!String::from_utf8_lossy(&out.stdout).contains("verification failed"))
+}
+
+const RW: [&str; 2] = ["--anonymous", "read-write-without-primary"];
+
+#[test]
+fn a_volume_created_again_never_shows_a_deleted_ones_data() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut s = Storaged::start(dir.path())?;
+    s.create_volume("x", "4M", &RW)?;
+    fill(&s, "x", 0x5a)?;
+    // A delete that died after forgetting the volume but before removing its file leaves the
+    // file behind: put it back by hand as such a crash would have left it.
+    let file = s.volume_file("x");
+    let kept = dir.path().join("x.kept");
+    std::fs::copy(&file, &kept)?;
+    s.cli(&["volume", "delete", "x"])?;
+    s.kill9();
+    std::fs::rename(&kept, &file)?;
+    s.restart(&[])?;
+    ensure!(
+        s.cli(&["volume", "show", "x"]).is_err(),
+        "a deleted volume came back"
+    );
+    s.create_volume("x", "4M", &RW)?;
+    ensure!(
+        reads_zeroes(&s, "x")?,
+        "the new volume shows the deleted one's data"
+    );
+    Ok(())
+}
+
+#[test]
+fn kill_9_between_the_steps_of_create_and_delete_leaves_no_half_volume() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut s = Storaged::start(dir.path())?;
+    s.create_volume("x", "4M", &RW)?;
+    fill(&s, "x", 0x5a)?;
+    // Dies after removing the record, before removing the file.
+    restart_with_env(&mut s, &[("STORAGED_CRASH_AT", "delete-after-record")])?;
+    ensure!(
+        s.cli(&["volume", "delete", "x"]).is_err(),
+        "the delete did not die"
+    );
+    wait_for("storaged to die", DEADLINE, || {
+        (!s.is_running()).then_some(())
+    })?;
+    ensure!(
+        s.volume_file("x").exists(),
+        "the crash point was not between the steps"
+    );
+    restart_with_env(&mut s, &[])?;
+    ensure!(
+        s.cli(&["volume", "show", "x"]).is_err(),
+        "a deleted volume came back"
+    );
+    ensure!(
+        !s.volume_file("x").exists(),
+        "the deleted volume's file stayed"
+    );
+    s.create_volume("x", "4M", &RW)?;
+    ensure!(
+        reads_zeroes(&s, "x")?,
+        "the new volume shows the deleted one's data"
+    );
+    // Dies after creating the file, before writing the record.
+    restart_with_env(&mut s, &[("STORAGED_CRASH_AT", "create-after-file")])?;
+    ensure!(
+        s.create_volume("y", "4M", &RW).is_err(),
+        "the create did not die"
+    );
+    wait_for("storaged to die", DEADLINE, || {
+        (!s.is_running()).then_some(())
+    })?;
+    ensure!(
+        s.volume_file("y").exists(),
+        "the crash point was not between the steps"
+    );
+    restart_with_env(&mut s, &[])?;
+    ensure!(
+        s.cli(&["volume", "show", "y"]).is_err(),
+        "a half-created volume appeared"
+    );
+    ensure!(
+        !s.volume_file("y").exists(),
+        "the half-created volume's file stayed"
+    );
+    s.create_volume("y", "4M", &RW)?;
+    ensure!(reads_zeroes(&s, "y")?);
+    ensure!(
+        reads_zeroes(&s, "x")?,
+        "x lost its state across the restarts"
+    );
     Ok(())
 }
