@@ -8,7 +8,8 @@
 //! - [`nbd`]: the lease-aware async NBD client (the VMM's disks, the tests);
 //! - [`api`]: the REST API's request and answer types, lease states among them;
 //! - [`rest`]: the REST API's client;
-//! - [`stream`]: an NBD socket, plaintext or TLS, on either side.
+//! - [`stream`]: an NBD socket, plaintext or TLS, on either side;
+//! - [`fuzz`]: the parsers of bytes from another party as the fuzzer drives them.
 //!
 //! A lease-aware client sends the project option [`protocol::NBD_OPT_LEASE`] (0x4C45_4153)
 //! before `NBD_OPT_GO`; a standby connection asks for promotion with
@@ -17,6 +18,7 @@
 
 pub mod api;
 pub mod codec;
+pub mod fuzz;
 pub mod meta;
 pub mod nbd;
 pub mod option;
