@@ -18,8 +18,11 @@ use crate::protocol::*;
 use bytes::BytesMut;
 use tokio_util::codec::Decoder;
 
+/// A fuzz target's entry point.
+pub type Target = fn(&[u8]);
+
 /// The fuzz targets by name, for the corpus regression test.
-pub const TARGETS: [(&str, fn(&[u8])); 4] = [
+pub const TARGETS: [(&str, Target); 4] = [
     ("handshake_options", handshake_options),
     ("requests", requests),
     ("lease_option", lease_option),
@@ -114,7 +117,7 @@ pub fn replies(data: &[u8]) {
     }
     let structured = mode & 2 != 0;
     // A handle's read length comes from its low bits: some handles are not in flight.
-    let data_len = |handle: u64| (handle % 5 != 0).then_some((handle % 4096) as u32);
+    let data_len = |handle: u64| (!handle.is_multiple_of(5)).then_some((handle % 4096) as u32);
     let mut decoder = ReplyDecoder::new(structured, data_len);
     let mut buf = BytesMut::new();
     for chunk in pieces(rest) {
