@@ -12,8 +12,11 @@
 //! until OPT_GO / OPT_EXPORT_NAME succeeds (transmission) or OPT_ABORT (soft disconnect).
 //! ```
 //! Options understood: `EXPORT_NAME`, `ABORT`, `LIST`, `STARTTLS`, `INFO`, `GO`,
-//! `STRUCTURED_REPLY` and the project option [`NBD_OPT_LEASE`]. Any other option gets
-//! `NBD_REP_ERR_UNSUP`.
+//! `STRUCTURED_REPLY`, `LIST_META_CONTEXT` and `SET_META_CONTEXT` (see [`crate::meta`]) and the
+//! project option [`NBD_OPT_LEASE`]. Any other option gets `NBD_REP_ERR_UNSUP`; extended
+//! headers (`NBD_OPT_EXTENDED_HEADERS`) are not spoken. An empty export name stands for the
+//! server's default export. `INFO` and `GO` answer `NBD_INFO_EXPORT`, and `NBD_INFO_NAME`,
+//! `NBD_INFO_DESCRIPTION` and `NBD_INFO_BLOCK_SIZE` when asked for.
 //!
 //! # TLS
 //! [`NBD_OPT_STARTTLS`] (no data) is answered `NBD_REP_ACK`, then both sides run a TLS handshake
@@ -48,6 +51,9 @@
 //! S: SIMPLE_REPLY_MAGIC (u32) error (u32) handle (u64) [data]
 //!  | STRUCTURED_REPLY_MAGIC (u32) flags (u16) type (u16) handle (u64) length (u32) payload
 //! ```
+//! Commands: `READ`, `WRITE`, `DISC`, `FLUSH`, `TRIM`, `CACHE`, `WRITE_ZEROES` (flags `NO_HOLE`,
+//! `FAST_ZERO`: fails with `ENOTSUP` rather than write zeroes), `BLOCK_STATUS` (see
+//! [`crate::meta`]); `FUA` on the writing ones, `DF` on reads (never fragmented anyway).
 //! Replies may come in any order. [`NBD_CMD_LEASE_FLIP`] (0x4C46) asks the server to promote the
 //! connection's standby lease to primary; offset and length must be zero on the wire except
 //! that length carries [`FLIP_REPORT_LEN`], the size of the reply payload, which is a
