@@ -268,6 +268,37 @@ fn a_volume_created_again_never_shows_a_deleted_ones_data() -> Result<()> {
     Ok(())
 }
 
+/// Makes `s` die at `step` while `act` runs, starts it again and checks that `volume` is gone,
+/// record and file, and starts empty when created again.
+fn crash_at(
+    s: &mut Storaged,
+    step: &str,
+    volume: &str,
+    act: impl FnOnce(&Storaged) -> Result<()>,
+) -> Result<()> {
+    restart_with_env(s, &[("STORAGED_CRASH_AT", step)])?;
+    ensure!(act(s).is_err(), "{step}: storaged did not die");
+    wait_for("storaged to die", DEADLINE, || {
+        (!s.is_running()).then_some(())
+    })?;
+    ensure!(
+        s.volume_file(volume).exists(),
+        "{step}: not between the steps"
+    );
+    restart_with_env(s, &[])?;
+    ensure!(
+        s.cli(&["volume", "show", volume]).is_err(),
+        "{step}: {volume} exists"
+    );
+    ensure!(
+        !s.volume_file(volume).exists(),
+        "{step}: the file of {volume} stayed"
+    );
+    s.create_volume(volume, "4M", &RW)?;
+    ensure!(reads_zeroes(s, volume)?, "{step}: {volume} shows old data");
+    Ok(())
+}
+
 #[test]
 fn kill_9_between_the_steps_of_create_and_delete_leaves_no_half_volume() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -275,56 +306,13 @@ fn kill_9_between_the_steps_of_create_and_delete_leaves_no_half_volume() -> Resu
     s.create_volume("x", "4M", &RW)?;
     fill(&s, "x", 0x5a)?;
     // Dies after removing the record, before removing the file.
-    restart_with_env(&mut s, &[("STORAGED_CRASH_AT", "delete-after-record")])?;
-    ensure!(
-        s.cli(&["volume", "delete", "x"]).is_err(),
-        "the delete did not die"
-    );
-    wait_for("storaged to die", DEADLINE, || {
-        (!s.is_running()).then_some(())
+    crash_at(&mut s, "delete-after-record", "x", |s| {
+        s.cli(&["volume", "delete", "x"]).map(drop)
     })?;
-    ensure!(
-        s.volume_file("x").exists(),
-        "the crash point was not between the steps"
-    );
-    restart_with_env(&mut s, &[])?;
-    ensure!(
-        s.cli(&["volume", "show", "x"]).is_err(),
-        "a deleted volume came back"
-    );
-    ensure!(
-        !s.volume_file("x").exists(),
-        "the deleted volume's file stayed"
-    );
-    s.create_volume("x", "4M", &RW)?;
-    ensure!(
-        reads_zeroes(&s, "x")?,
-        "the new volume shows the deleted one's data"
-    );
     // Dies after creating the file, before writing the record.
-    restart_with_env(&mut s, &[("STORAGED_CRASH_AT", "create-after-file")])?;
-    ensure!(
-        s.create_volume("y", "4M", &RW).is_err(),
-        "the create did not die"
-    );
-    wait_for("storaged to die", DEADLINE, || {
-        (!s.is_running()).then_some(())
+    crash_at(&mut s, "create-after-file", "y", |s| {
+        s.create_volume("y", "4M", &RW)
     })?;
-    ensure!(
-        s.volume_file("y").exists(),
-        "the crash point was not between the steps"
-    );
-    restart_with_env(&mut s, &[])?;
-    ensure!(
-        s.cli(&["volume", "show", "y"]).is_err(),
-        "a half-created volume appeared"
-    );
-    ensure!(
-        !s.volume_file("y").exists(),
-        "the half-created volume's file stayed"
-    );
-    s.create_volume("y", "4M", &RW)?;
-    ensure!(reads_zeroes(&s, "y")?);
     ensure!(
         reads_zeroes(&s, "x")?,
         "x lost its state across the restarts"

@@ -70,6 +70,23 @@ fn write_until_blocked(t: &mut TcpStream, bytes: &[u8]) -> Result<usize> {
     Ok(sent)
 }
 
+/// The requests `(kind, offset, length)` without data, encoded one after the other (the
+/// handle is the index).
+fn encoded(requests: impl Iterator<Item = (u16, u64, u32)>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (handle, (kind, offset, length)) in requests.enumerate() {
+        let r = Request {
+            flags: 0,
+            kind,
+            handle: handle as u64,
+            offset,
+            length,
+        };
+        out.extend_from_slice(&r.encode());
+    }
+    out
+}
+
 #[test]
 fn a_client_that_never_reads_its_replies_is_bounded_then_dropped() -> Result<()> {
     let (_d, s) = start(&["--reply-timeout-secs", "3"])?;
@@ -77,17 +94,7 @@ fn a_client_that_never_reads_its_replies_is_bounded_then_dropped() -> Result<()>
     let mut t = greet(s.nbd)?;
     go(&mut t, "v")?;
     // 4096 reads of 1 MiB (4 GiB of replies), none of them read.
-    let mut reqs = Vec::new();
-    for i in 0..4096u64 {
-        let r = Request {
-            flags: 0,
-            kind: NBD_CMD_READ,
-            handle: i,
-            offset: (i % 64) << 20,
-            length: 1 << 20,
-        };
-        reqs.extend_from_slice(&r.encode());
-    }
+    let reqs = encoded((0..4096).map(|i| (NBD_CMD_READ, (i % 64) << 20, 1 << 20)));
     let sent = write_until_blocked(&mut t, &reqs)?;
     eprintln!("sent {} of 4096 reads", sent / REQUEST_LEN);
     bounded_and_serving(&s, base, "slow reader")?;
