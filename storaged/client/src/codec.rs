@@ -27,7 +27,7 @@
 //! dialogue, read straight from the socket, so that not one byte of the transmission phase is
 //! consumed before the transmission framing takes over the stream.
 
-use crate::meta::BlockStatus;
+use crate::meta::{BlockStatus, NBD_REPLY_TYPE_BLOCK_STATUS};
 use crate::protocol::*;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use thiserror::Error;

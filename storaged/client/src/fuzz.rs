@@ -12,7 +12,7 @@
 //! | [`replies`] | a server | [`ReplyDecoder`], [`OptionReplyHeader`], [`InfoItem`], [`BlockStatus`] |
 
 use crate::codec::{ReplyDecoder, ReplyFrame, RequestDecoder, RequestFrame};
-use crate::meta::BlockStatus;
+use crate::meta::{BlockStatus, NBD_REPLY_TYPE_BLOCK_STATUS};
 use crate::option::ClientOption;
 use crate::protocol::*;
 use bytes::BytesMut;

@@ -28,8 +28,21 @@
 //! # Version policy
 //! As the upstream NBD specification; the context ids are the server's choice per connection.
 
-use crate::protocol::{reader, ProtocolError, MAX_STRING_LEN, NBD_OPT_LIST_META_CONTEXT};
+use crate::protocol::{reader, ProtocolError, MAX_STRING_LEN};
 use bytes::BufMut;
+
+/// Option: list the metadata contexts matching some queries (see [`crate::meta`]).
+pub const NBD_OPT_LIST_META_CONTEXT: u32 = 9;
+/// Option: select the metadata contexts `NBD_CMD_BLOCK_STATUS` reports.
+pub const NBD_OPT_SET_META_CONTEXT: u32 = 10;
+/// Option reply: one metadata context (`u32 id`, name).
+pub const NBD_REP_META_CONTEXT: u32 = 4;
+/// Command: report the state of a range in the selected metadata contexts.
+pub const NBD_CMD_BLOCK_STATUS: u16 = 7;
+/// Command flag: BLOCK_STATUS wants one extent per context only.
+pub const NBD_CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+/// Structured chunk: `u32 context id` then `(u32 length, u32 flags)` extents.
+pub const NBD_REPLY_TYPE_BLOCK_STATUS: u16 = 5;
 
 /// The allocation context every NBD server may serve.
 pub const BASE_ALLOCATION: &str = "base:allocation";
@@ -160,7 +173,6 @@ impl BlockStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::NBD_OPT_SET_META_CONTEXT;
 
     #[test]
     fn meta_context_option_round_trip_and_malformed() {

@@ -2,7 +2,7 @@
 //! data to what it asks for, so that the server (and the fuzzer) judge every option's bytes in
 //! one place. The layouts are in [`crate::protocol`] and [`crate::meta`].
 
-use crate::meta::MetaContextOption;
+use crate::meta::{MetaContextOption, NBD_OPT_LIST_META_CONTEXT, NBD_OPT_SET_META_CONTEXT};
 use crate::protocol::*;
 
 /// An option a client sent, decoded.

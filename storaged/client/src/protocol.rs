@@ -12,11 +12,10 @@
 //! until OPT_GO / OPT_EXPORT_NAME succeeds (transmission) or OPT_ABORT (soft disconnect).
 //! ```
 //! Options understood: `EXPORT_NAME`, `ABORT`, `LIST`, `STARTTLS`, `INFO`, `GO`,
-//! `STRUCTURED_REPLY`, `LIST_META_CONTEXT` and `SET_META_CONTEXT` (see [`crate::meta`]) and the
-//! project option [`NBD_OPT_LEASE`]. Any other option gets `NBD_REP_ERR_UNSUP`; extended
-//! headers (`NBD_OPT_EXTENDED_HEADERS`) are not spoken. An empty export name stands for the
-//! server's default export. `INFO` and `GO` answer `NBD_INFO_EXPORT`, and `NBD_INFO_NAME`,
-//! `NBD_INFO_DESCRIPTION` and `NBD_INFO_BLOCK_SIZE` when asked for.
+//! `STRUCTURED_REPLY`, the meta context options of [`crate::meta`] and the project option
+//! [`NBD_OPT_LEASE`]; any other (extended headers among them) gets `NBD_REP_ERR_UNSUP`. The empty
+//! export name is the server's default export. `INFO` and `GO` answer `NBD_INFO_EXPORT`, and the
+//! `NAME`, `DESCRIPTION` and `BLOCK_SIZE` items when asked for.
 //!
 //! # TLS
 //! [`NBD_OPT_STARTTLS`] (no data) is answered `NBD_REP_ACK`, then both sides run a TLS handshake
@@ -51,9 +50,8 @@
 //! S: SIMPLE_REPLY_MAGIC (u32) error (u32) handle (u64) [data]
 //!  | STRUCTURED_REPLY_MAGIC (u32) flags (u16) type (u16) handle (u64) length (u32) payload
 //! ```
-//! Commands: `READ`, `WRITE`, `DISC`, `FLUSH`, `TRIM`, `CACHE`, `WRITE_ZEROES` (flags `NO_HOLE`,
-//! `FAST_ZERO`: fails with `ENOTSUP` rather than write zeroes), `BLOCK_STATUS` (see
-//! [`crate::meta`]); `FUA` on the writing ones, `DF` on reads (never fragmented anyway).
+//! Commands: `READ`, `WRITE`, `DISC`, `FLUSH`, `TRIM`, `CACHE`, `WRITE_ZEROES` (`NO_HOLE`;
+//! `FAST_ZERO`: `ENOTSUP` rather than writing zeroes), `BLOCK_STATUS` ([`crate::meta`]).
 //! Replies may come in any order. [`NBD_CMD_LEASE_FLIP`] (0x4C46) asks the server to promote the
 //! connection's standby lease to primary; offset and length must be zero on the wire except
 //! that length carries [`FLIP_REPORT_LEN`], the size of the reply payload, which is a
@@ -106,10 +104,6 @@ pub const NBD_OPT_INFO: u32 = 6;
 pub const NBD_OPT_GO: u32 = 7;
 /// Option: enable structured replies.
 pub const NBD_OPT_STRUCTURED_REPLY: u32 = 8;
-/// Option: list the metadata contexts matching some queries (see [`crate::meta`]).
-pub const NBD_OPT_LIST_META_CONTEXT: u32 = 9;
-/// Option: select the metadata contexts `NBD_CMD_BLOCK_STATUS` reports.
-pub const NBD_OPT_SET_META_CONTEXT: u32 = 10;
 /// Project option: declare host, instance and requested lease state (see module docs).
 pub const NBD_OPT_LEASE: u32 = 0x4C45_4153;
 
@@ -119,8 +113,6 @@ pub const NBD_REP_ACK: u32 = 1;
 pub const NBD_REP_SERVER: u32 = 2;
 /// Option reply: an information item.
 pub const NBD_REP_INFO: u32 = 3;
-/// Option reply: one metadata context (`u32 id`, name).
-pub const NBD_REP_META_CONTEXT: u32 = 4;
 /// Base of error reply types.
 pub const NBD_REP_FLAG_ERROR: u32 = 1 << 31;
 /// Error: option not supported.
@@ -184,8 +176,6 @@ pub const NBD_CMD_FLAG_FUA: u16 = 1 << 0;
 pub const NBD_CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 /// Command flag: a structured read must come in one chunk ("don't fragment").
 pub const NBD_CMD_FLAG_DF: u16 = 1 << 2;
-/// Command flag: BLOCK_STATUS wants one extent per context only.
-pub const NBD_CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 /// Command flag: WRITE_ZEROES must fail with `ENOTSUP` unless it is fast (no data written).
 pub const NBD_CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 
@@ -203,8 +193,6 @@ pub const NBD_CMD_TRIM: u16 = 4;
 pub const NBD_CMD_CACHE: u16 = 5;
 /// Command: write zeroes.
 pub const NBD_CMD_WRITE_ZEROES: u16 = 6;
-/// Command: report the state of a range in the selected metadata contexts.
-pub const NBD_CMD_BLOCK_STATUS: u16 = 7;
 /// Project command: promote this standby connection's lease to primary.
 pub const NBD_CMD_LEASE_FLIP: u16 = 0x4C46;
 
@@ -214,8 +202,6 @@ pub const NBD_REPLY_FLAG_DONE: u16 = 1 << 0;
 pub const NBD_REPLY_TYPE_NONE: u16 = 0;
 /// Structured chunk: `u64 offset` then data.
 pub const NBD_REPLY_TYPE_OFFSET_DATA: u16 = 1;
-/// Structured chunk: `u32 context id` then `(u32 length, u32 flags)` extents.
-pub const NBD_REPLY_TYPE_BLOCK_STATUS: u16 = 5;
 /// Structured chunk: `u32 error, u16 message length, message`.
 pub const NBD_REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
 

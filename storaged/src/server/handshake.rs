@@ -19,7 +19,7 @@ use std::sync::Arc;
 use storaged_client::api::{AnonymousPolicy, Holder};
 use storaged_client::meta::{
     encode_meta_context, matches_base_allocation, MetaContextOption, BASE_ALLOCATION,
-    BASE_ALLOCATION_ID,
+    BASE_ALLOCATION_ID, NBD_OPT_SET_META_CONTEXT, NBD_REP_META_CONTEXT,
 };
 use storaged_client::option::ClientOption;
 use storaged_client::protocol::*;

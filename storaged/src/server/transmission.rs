@@ -30,6 +30,7 @@ use storaged_client::codec::{
     RequestFrame, READ_CHUNK,
 };
 use storaged_client::meta::{BlockStatus, Extent, BASE_ALLOCATION_ID, MAX_EXTENTS};
+use storaged_client::meta::{NBD_CMD_BLOCK_STATUS, NBD_CMD_FLAG_REQ_ONE};
 use storaged_client::meta::{NBD_STATE_HOLE, NBD_STATE_ZERO};
 use storaged_client::protocol::*;
 use storaged_client::stream::{NbdStream, WriteHalf};
