@@ -285,9 +285,26 @@ impl Registry {
         lease: Option<LeaseRequest>,
         peer: SocketAddr,
     ) -> Result<Attachment, RegistryError> {
+        self.attach_at_most(vol, lease, peer, usize::MAX).await
+    }
+
+    /// [`Registry::attach`], refused with [`RegistryError::Busy`] while the volume has `max`
+    /// connections (counted under the lease lock, so that connections attaching together
+    /// cannot pass the limit).
+    pub async fn attach_at_most(
+        &self,
+        vol: &Arc<Volume>,
+        lease: Option<LeaseRequest>,
+        peer: SocketAddr,
+        max: usize,
+    ) -> Result<Attachment, RegistryError> {
         let _l = vol.lease_lock.lock().await;
         if vol.is_removed() {
             return Err(RegistryError::NotFound(vol.config.name.clone()));
+        }
+        let open = vol.connection_count();
+        if open >= max {
+            return Err(RegistryError::Busy(vol.config.name.clone(), open));
         }
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let table = vol.table();
@@ -445,6 +462,32 @@ fn anonymous_access(vol: &Volume, table: &LeaseTable) -> Result<Access, Registry
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_attaching_together_stay_within_the_volume_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Arc::new(Registry::open(dir.path()).unwrap());
+        let vol = reg.create(VolumeConfig::new("v", 1 << 20)).await.unwrap();
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..32 {
+            let (reg, vol) = (reg.clone(), vol.clone());
+            tasks.spawn(async move { reg.attach_at_most(&vol, None, peer, 4).await });
+        }
+        let mut kept = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            match r.unwrap() {
+                Ok(a) => kept.push(a),
+                Err(e) => assert!(matches!(e, RegistryError::Busy(_, 4)), "{e:?}"),
+            }
+        }
+        assert_eq!(kept.len(), 4);
+        assert_eq!(vol.connection_count(), 4);
+        // Each attachment detaches itself when dropped, which makes room again.
+        drop(kept);
+        assert_eq!(vol.connection_count(), 0);
+        drop(reg.attach_at_most(&vol, None, peer, 1).await.unwrap());
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn creates_and_deletes_of_one_name_end_in_one_consistent_state() {

@@ -106,10 +106,17 @@ pub fn reply(t: &mut TcpStream) -> Result<u32> {
     Ok(err)
 }
 
-/// Whether the server closed the connection (a read ends or fails).
+/// Whether the server closed the connection within the socket's read timeout (a read ends,
+/// or fails otherwise than by timing out).
 pub fn closed(t: &mut TcpStream) -> bool {
     let mut b = [0u8; 1];
-    matches!(t.read(&mut b), Ok(0) | Err(_))
+    match t.read(&mut b) {
+        Ok(n) => n == 0,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
 }
 
 /// Closes the socket with a reset (SO_LINGER 0) instead of an orderly FIN.

@@ -271,16 +271,16 @@ fn a_primary_that_resets_right_after_go_leaves_nothing_that_slows_the_flip() -> 
         })?;
     }
     // A flip right after: nothing of the old primary is left to wait for (each leaked
-    // connection used to add 5 s of waiting for its socket to close).
+    // connection used to hold every flip until its wait for the socket to close gave up).
     for v in &volumes {
         let b = rt.block_on(Client::connect(&client_config(&s, v, "host-b", Standby)))?;
-        let t = std::time::Instant::now();
         let rep = rt.block_on(b.flip())?;
-        let took = t.elapsed();
-        ensure!(
-            took < Duration::from_secs(2),
-            "flip of {v} took {took:?}: {rep:?}"
-        );
+        eprintln!("flip of {v}: {} us", rep.total_us);
     }
+    ensure!(
+        !s.log().contains("fenced connection slow to close"),
+        "a flip waited for a connection that was gone:\n{}",
+        s.log()
+    );
     Ok(())
 }

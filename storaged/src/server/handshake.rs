@@ -452,11 +452,7 @@ impl Haggle<'_> {
         request: Option<LeaseRequest>,
     ) -> Result<Attachment, RegistryError> {
         let max = self.cfg.limits.max_connections_per_volume;
-        let open = vol.connection_count();
-        if open >= max {
-            return Err(RegistryError::Busy(vol.config.name.clone(), open));
-        }
-        self.reg.attach(vol, request, self.peer).await
+        self.reg.attach_at_most(vol, request, self.peer, max).await
     }
 
     fn negotiated(&self, vol: Arc<Volume>, att: Attachment) -> Negotiated {

@@ -24,7 +24,7 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use storaged_client::codec::{
     send_frame, CodecError, Reply, ReplyBody, ReplyData, ReplyEncoder, RequestDecoder,
     RequestFrame, READ_CHUNK,
@@ -264,6 +264,28 @@ const KNOWN_FLAGS: u16 = NBD_CMD_FLAG_FUA
     | NBD_CMD_FLAG_DF
     | NBD_CMD_FLAG_REQ_ONE
     | NBD_CMD_FLAG_FAST_ZERO;
+
+/// The client's next frame, or why there is none. With an `idle` limit, a client that sends
+/// nothing for that long while none of its requests is in flight is let go. Only the wait for
+/// a frame is raced against that clock (reading a frame is cancel-safe): a frame once read is
+/// always handled to its reply.
+async fn next_frame(
+    rd: &mut Requests,
+    ctx: &Ctx,
+    idle: Option<Duration>,
+) -> Result<Result<RequestFrame, CodecError>, End> {
+    let Some(limit) = idle else {
+        return rd.next().await.ok_or(End::Eof);
+    };
+    loop {
+        match tokio::time::timeout(limit, rd.next()).await {
+            Ok(frame) => return frame.ok_or(End::Eof),
+            Err(_) if ctx.budget.idle(&ctx.conn_budget) => return Err(End::Idle),
+            // Requests in flight: the client is waiting for their replies, not idling.
+            Err(_) => {}
+        }
+    }
+}
 
 /// Handles one frame; `Some(end)` stops the reader.
 async fn handle(
@@ -583,17 +605,14 @@ impl Transmission<'_> {
         tokio::pin!(closed);
         let stop = shutdown.wait_for(|s| *s);
         tokio::pin!(stop);
-        let idle_limit = self.limits.idle_timeout;
-        let idles = entry.holder.is_none();
-        let mut last = Instant::now();
+        // Only connections without a lease idle out: lease holders are known hosts.
+        let idle = entry.holder.is_none().then_some(self.limits.idle_timeout);
         let mut writer_end = None;
-        let idle = tokio::time::sleep(idle_limit);
-        tokio::pin!(idle);
         let end: Result<End, CodecError> = loop {
             let step = async {
-                match rd.next().await {
-                    None => Ok(Some(End::Eof)),
-                    Some(frame) => handle(&ctx, &mut rd, frame?).await,
+                match next_frame(&mut rd, &ctx, idle).await {
+                    Ok(frame) => handle(&ctx, &mut rd, frame?).await,
+                    Err(end) => Ok(Some(end)),
                 }
             };
             tokio::pin!(step);
@@ -613,20 +632,10 @@ impl Transmission<'_> {
                     writer_end = Some(r);
                     break Ok(End::Writer);
                 }
-                _ = &mut idle, if idles => {
-                    let quiet = last.elapsed() >= idle_limit;
-                    if quiet && ctx.budget.idle(&ctx.conn_budget) {
-                        break Ok(End::Idle);
-                    }
-                    idle.as_mut().reset((last + idle_limit).max(Instant::now()).into());
-                }
-                r = step => {
-                    last = Instant::now();
-                    match r {
-                        Ok(None) => {}
-                        Ok(Some(end)) => break Ok(end),
-                        Err(e) => break Err(e),
-                    }
+                r = step => match r {
+                    Ok(None) => {}
+                    Ok(Some(end)) => break Ok(end),
+                    Err(e) => break Err(e),
                 }
             }
         };
