@@ -151,6 +151,14 @@ fn a_flood_of_bad_commands_is_bounded() -> Result<()> {
         .collect();
     write_until_blocked(&mut t, &flood)?;
     bounded_and_serving(&s, base, "reads past the end")?;
+    // Commands without data (each once queued a blocking task without limit) are held alike.
+    let mut t = greet(s.nbd)?;
+    go(&mut t, "v")?;
+    let kinds = [NBD_CMD_FLUSH, NBD_CMD_TRIM, NBD_CMD_WRITE_ZEROES];
+    let flood = encoded((0..1_000_000).map(|i| (kinds[i % 3], (i as u64 % 64) << 20, 4096)));
+    let sent = write_until_blocked(&mut t, &flood)?;
+    eprintln!("sent {} flushes, trims and zeroes", sent / REQUEST_LEN);
+    bounded_and_serving(&s, base, "flushes, trims and zeroes")?;
     Ok(())
 }
 
