@@ -18,6 +18,7 @@ use std::time::Duration;
 use storaged_client::api::{AnonymousPolicy, VolumeAccess, VolumeConfig};
 use storaged_client::protocol::RequestedState;
 use thiserror::Error;
+use vmhop_common::faults::point as fault_point;
 
 /// A registry operation that failed.
 #[derive(Debug, Error)]
@@ -177,7 +178,8 @@ impl Registry {
     }
 
     /// Creates a volume: an empty file first, then the durable record, then the in-memory
-    /// entry. A crash in between leaves a file without a record, which the next start removes.
+    /// entry. A crash in between (fault point `volume.create.file`) leaves a file without a
+    /// record, which the next start removes.
     pub async fn create(&self, cfg: VolumeConfig) -> Result<Arc<Volume>, RegistryError> {
         cfg.validate().map_err(VolumeError::from)?;
         let _one = self.lifecycle.lock().await;
@@ -189,7 +191,7 @@ impl Registry {
         let c = cfg.clone();
         let file = tokio::task::spawn_blocking(move || -> Result<VolumeFile, RegistryError> {
             let file = VolumeFile::create(&path, c.size)?;
-            crash_point("create-after-file");
+            fault_point("volume.create.file");
             store.put_volume(&c, &LeaseTable::default())?;
             Ok(file)
         })
@@ -204,8 +206,9 @@ impl Registry {
     }
 
     /// Deletes a volume without connections: the durable record, then the file. A crash in
-    /// between leaves a file without a record, which the next start removes (and which a new
-    /// volume of the same name would not reuse: its file starts empty).
+    /// between (fault point `volume.delete.record`) leaves a file without a record, which the
+    /// next start removes (and which a new volume of the same name would not reuse: its file
+    /// starts empty).
     pub async fn delete(&self, name: &str) -> Result<(), RegistryError> {
         let _one = self.lifecycle.lock().await;
         let vol = self.get(name)?;
@@ -219,7 +222,7 @@ impl Registry {
         tokio::task::spawn_blocking(move || store.delete_volume(&owned)).await??;
         vol.mark_removed();
         self.volumes.write().expect("volumes lock").remove(name);
-        crash_point("delete-after-record");
+        fault_point("volume.delete.record");
         let path = vol.file.path().to_path_buf();
         tokio::task::spawn_blocking(move || match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),
@@ -418,15 +421,6 @@ impl Registry {
                 "anonymous connection closed: a primary lease was granted");
         }
         Ok(())
-    }
-}
-
-/// Kills the process at the named step when `STORAGED_CRASH_AT` names it: how the tests show
-/// that every step of creating and deleting a volume is safe to die after.
-fn crash_point(step: &str) {
-    if std::env::var_os("STORAGED_CRASH_AT").is_some_and(|v| v == step) {
-        tracing::error!(step, "STORAGED_CRASH_AT: dying here");
-        std::process::abort();
     }
 }
 

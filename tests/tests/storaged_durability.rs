@@ -276,7 +276,7 @@ fn crash_at(
     volume: &str,
     act: impl FnOnce(&Storaged) -> Result<()>,
 ) -> Result<()> {
-    restart_with_env(s, &[("STORAGED_CRASH_AT", step)])?;
+    restart_with_env(s, &[(vmhop_common::faults::CRASH_AT, step)])?;
     ensure!(act(s).is_err(), "{step}: storaged did not die");
     wait_for("storaged to die", DEADLINE, || {
         (!s.is_running()).then_some(())
@@ -306,11 +306,11 @@ fn kill_9_between_the_steps_of_create_and_delete_leaves_no_half_volume() -> Resu
     s.create_volume("x", "4M", &RW)?;
     fill(&s, "x", 0x5a)?;
     // Dies after removing the record, before removing the file.
-    crash_at(&mut s, "delete-after-record", "x", |s| {
+    crash_at(&mut s, "volume.delete.record", "x", |s| {
         s.cli(&["volume", "delete", "x"]).map(drop)
     })?;
     // Dies after creating the file, before writing the record.
-    crash_at(&mut s, "create-after-file", "y", |s| {
+    crash_at(&mut s, "volume.create.file", "y", |s| {
         s.create_volume("y", "4M", &RW)
     })?;
     ensure!(
