@@ -1,8 +1,12 @@
 //! `storaged serve` settings: a TOML file, overridden by command-line flags.
 
+use crate::lease::expiry::StandbyPolicy;
+use crate::server::{Limits, REQUEST_OVERHEAD};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+use storaged_client::protocol::MAX_REQUEST_LEN;
 use thiserror::Error;
 use vmhop_common::config::{load_toml, FileError};
 
@@ -15,6 +19,9 @@ pub enum ConfigError {
     /// A required setting is missing.
     #[error("missing setting {0} (flag or config file)")]
     Missing(&'static str),
+    /// A setting is out of its range.
+    #[error("{0} must be at least {1}")]
+    TooSmall(&'static str, u64),
 }
 
 /// The `[serve]` settings as written in the TOML file; every field optional.
@@ -33,8 +40,26 @@ pub struct ServeConfigFile {
     pub shutdown_grace_secs: Option<u64>,
     /// Seconds a flip waits for the old primary's admitted requests.
     pub drain_limit_secs: Option<u64>,
-    /// Buffered writes up to this many bytes run on the connection task (0: never).
-    pub inline_write_max: Option<u32>,
+    /// The NBD export a client gets when it names none.
+    pub default_export: Option<String>,
+    /// Open NBD connections in all.
+    pub max_connections: Option<usize>,
+    /// NBD connections per volume.
+    pub max_connections_per_volume: Option<usize>,
+    /// Seconds a client may take for the NBD handshake.
+    pub handshake_timeout_secs: Option<u64>,
+    /// Seconds a connection without a lease may idle.
+    pub idle_timeout_secs: Option<u64>,
+    /// Seconds a client may leave its replies unread.
+    pub reply_timeout_secs: Option<u64>,
+    /// Bytes of requests in flight per connection.
+    pub inflight_per_connection: Option<u32>,
+    /// Bytes of requests in flight over all connections.
+    pub inflight_total: Option<u64>,
+    /// Seconds a standby lease lives without a connection.
+    pub standby_expiry_secs: Option<u64>,
+    /// Standby leases per volume.
+    pub max_standby: Option<usize>,
     /// File with the token the REST API requires ([`vmhop_common::token`]).
     pub api_token_file: Option<PathBuf>,
     /// This host's TLS directory ([`vmhop_common::tls`]): NBD clients then upgrade with
@@ -60,8 +85,12 @@ pub struct ServeConfig {
     pub shutdown_grace_secs: u64,
     /// Seconds a flip waits for draining.
     pub drain_limit_secs: u64,
-    /// Buffered writes up to this many bytes run on the connection task.
-    pub inline_write_max: u32,
+    /// The NBD export a client gets when it names none.
+    pub default_export: Option<String>,
+    /// What NBD clients may hold.
+    pub limits: Limits,
+    /// How long standby leases without a connection live, and how many a volume keeps.
+    pub standby: StandbyPolicy,
     /// File with the token the REST API requires.
     pub api_token_file: Option<PathBuf>,
     /// This host's TLS directory.
@@ -78,6 +107,12 @@ impl ServeConfigFile {
 
     /// Applies `over` (flags) on top of `self` (file) and fills defaults.
     pub fn merge(self, over: ServeConfigFile) -> Result<ServeConfig, ConfigError> {
+        let limits = limits(&self, &over)?;
+        let standby = StandbyPolicy {
+            expiry: pick(over.standby_expiry_secs, self.standby_expiry_secs)
+                .map_or(StandbyPolicy::default().expiry, Duration::from_secs),
+            max: pick(over.max_standby, self.max_standby).unwrap_or(StandbyPolicy::default().max),
+        };
         Ok(ServeConfig {
             data_dir: over
                 .data_dir
@@ -100,10 +135,9 @@ impl ServeConfigFile {
                 .drain_limit_secs
                 .or(self.drain_limit_secs)
                 .unwrap_or(30),
-            inline_write_max: over
-                .inline_write_max
-                .or(self.inline_write_max)
-                .unwrap_or(64 << 10),
+            default_export: over.default_export.or(self.default_export),
+            limits,
+            standby,
             api_token_file: over.api_token_file.or(self.api_token_file),
             tls_dir: over.tls_dir.or(self.tls_dir),
             plaintext_loopback: over
@@ -112,6 +146,58 @@ impl ServeConfigFile {
                 .unwrap_or(true),
         })
     }
+}
+
+/// The flag's value, else the file's.
+fn pick<T>(flag: Option<T>, file: Option<T>) -> Option<T> {
+    flag.or(file)
+}
+
+/// The NBD server's limits from the flags over the file, over the defaults.
+fn limits(file: &ServeConfigFile, flags: &ServeConfigFile) -> Result<Limits, ConfigError> {
+    let d = Limits::default();
+    let secs = |flag, file, default| pick(flag, file).map_or(default, Duration::from_secs);
+    let l = Limits {
+        max_connections: pick(flags.max_connections, file.max_connections)
+            .unwrap_or(d.max_connections),
+        max_connections_per_volume: pick(
+            flags.max_connections_per_volume,
+            file.max_connections_per_volume,
+        )
+        .unwrap_or(d.max_connections_per_volume),
+        handshake_timeout: secs(
+            flags.handshake_timeout_secs,
+            file.handshake_timeout_secs,
+            d.handshake_timeout,
+        ),
+        idle_timeout: secs(
+            flags.idle_timeout_secs,
+            file.idle_timeout_secs,
+            d.idle_timeout,
+        ),
+        reply_timeout: secs(
+            flags.reply_timeout_secs,
+            file.reply_timeout_secs,
+            d.reply_timeout,
+        ),
+        inflight_per_connection: pick(flags.inflight_per_connection, file.inflight_per_connection)
+            .unwrap_or(d.inflight_per_connection),
+        inflight_total: pick(flags.inflight_total, file.inflight_total).unwrap_or(d.inflight_total),
+    };
+    let min_inflight = MAX_REQUEST_LEN + REQUEST_OVERHEAD;
+    if l.inflight_per_connection < min_inflight {
+        return Err(ConfigError::TooSmall(
+            "inflight_per_connection",
+            min_inflight.into(),
+        ));
+    }
+    if l.inflight_total < l.inflight_per_connection.into() {
+        return Err(ConfigError::TooSmall(
+            "inflight_total",
+            l.inflight_per_connection.into(),
+        ));
+    }
+    Ok(l)
 }
 
 #[cfg(test)]
@@ -136,5 +222,22 @@ mod tests {
             .merge(ServeConfigFile::default())
             .is_err());
         assert!(toml::from_str::<ServeConfigFile>("bogus = 1").is_err());
+        assert_eq!(c.limits, Limits::default());
+        let small = ServeConfigFile {
+            data_dir: Some("/a".into()),
+            inflight_per_connection: Some(1 << 20),
+            ..Default::default()
+        };
+        assert!(small.merge(ServeConfigFile::default()).is_err());
+        let file: ServeConfigFile =
+            toml::from_str("data_dir = \"/a\"\nmax_connections = 3\nidle_timeout_secs = 9\n")
+                .unwrap();
+        let flags = ServeConfigFile {
+            max_connections: Some(4),
+            ..Default::default()
+        };
+        let c = file.merge(flags).unwrap();
+        assert_eq!(c.limits.max_connections, 4);
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(9));
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use storaged::config::{ServeConfig, ServeConfigFile};
 use storaged::registry::Registry;
-use storaged::server::NbdTls;
+use storaged::server::{NbdTls, ServerConfig};
 use storaged_client::api::{
     AnonymousPolicy, FlipMode, FlipRequest, GroupFlipRequest, GroupRevokeRequest,
     GroupRollbackRequest, LeaseState, RevokeRequest, RollbackRequest, VolumeConfig, VolumeEpoch,
@@ -31,7 +31,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the daemon: NBD server and REST control API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage volumes through the REST API.
     #[command(subcommand)]
     Volume(VolumeCmd),
@@ -134,10 +134,11 @@ struct ServeArgs {
     /// Seconds a flip waits for the old primary's admitted requests [default: 30].
     #[arg(long)]
     drain_limit_secs: Option<u64>,
-    /// Buffered writes up to this many bytes run on the connection task instead of a
-    /// blocking thread; 0 sends every write to a blocking thread [default: 65536].
-    #[arg(long)]
-    inline_write_max: Option<u32>,
+    /// The volume an NBD client gets when it names no export (the empty export name).
+    #[arg(long, value_name = "VOLUME")]
+    default_export: Option<String>,
+    #[command(flatten)]
+    limits: LimitArgs,
     /// File with the cluster's token: the REST API refuses requests that do not carry it
     /// (401). Without one, anyone who reaches the API address may create volumes and flip
     /// leases.
@@ -156,6 +157,42 @@ struct ServeArgs {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+}
+
+/// What NBD clients may hold; see `storaged::server::Limits`.
+#[derive(Args)]
+#[command(next_help_heading = "Limits")]
+struct LimitArgs {
+    /// Open NBD connections in all; more are closed at once [default: 1024].
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// NBD connections per volume; more are refused at NBD_OPT_GO [default: 128].
+    #[arg(long)]
+    max_connections_per_volume: Option<usize>,
+    /// Seconds a client may take from connect to transmission [default: 10].
+    #[arg(long)]
+    handshake_timeout_secs: Option<u64>,
+    /// Seconds a connection without a lease may send nothing, with nothing in flight, before
+    /// it is closed [default: 300].
+    #[arg(long)]
+    idle_timeout_secs: Option<u64>,
+    /// Seconds a client may leave its replies unread before it is disconnected [default: 60].
+    #[arg(long)]
+    reply_timeout_secs: Option<u64>,
+    /// Bytes of requests in flight per connection; at least 32 MiB + 256 KiB
+    /// [default: 67108864].
+    #[arg(long)]
+    inflight_per_connection: Option<u32>,
+    /// Bytes of requests in flight over all connections [default: 1073741824].
+    #[arg(long)]
+    inflight_total: Option<u64>,
+    /// Seconds a standby lease lives after its host's last connection closed [default: 600].
+    #[arg(long)]
+    standby_expiry_secs: Option<u64>,
+    /// Standby leases per volume; a new standby evicts the one disconnected longest
+    /// [default: 64].
+    #[arg(long)]
+    max_standby: Option<usize>,
 }
 
 #[derive(Args, Clone)]
@@ -201,6 +238,9 @@ enum VolumeCmd {
         /// Default deadline (ms) of armed flips.
         #[arg(long)]
         flip_timeout_ms: Option<u64>,
+        /// What the volume holds (NBD clients see it as the export's description).
+        #[arg(long)]
+        description: Option<String>,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -391,6 +431,7 @@ async fn volume_cmd(cmd: VolumeCmd) -> Result<()> {
             flip_on_first_access,
             flip_over_nbd,
             flip_timeout_ms,
+            description,
             api,
         } => {
             let cfg = VolumeConfig {
@@ -401,6 +442,7 @@ async fn volume_cmd(cmd: VolumeCmd) -> Result<()> {
                 flip_on_first_access,
                 flip_over_nbd,
                 flip_timeout_ms,
+                description,
             };
             let v = api.client()?.create_volume(&cfg).await?;
             print_json(&v)
@@ -589,7 +631,7 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
     let mut reg = Registry::open(&cfg.data_dir)
         .with_context(|| format!("opening data dir {}", cfg.data_dir.display()))?;
     reg.drain_limit = Duration::from_secs(cfg.drain_limit_secs);
-    reg.inline_write_max = cfg.inline_write_max;
+    reg.standby = cfg.standby;
     let reg = Arc::new(reg);
     let nbd_tls = match &cfg.tls_dir {
         Some(dir) => {
@@ -634,13 +676,24 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
 
     let (sd_tx, sd_rx) = tokio::sync::watch::channel(false);
     let grace = Duration::from_secs(cfg.shutdown_grace_secs);
-    let nbd_task = tokio::spawn(storaged::server::run(
+    if let Some(name) = &cfg.default_export {
+        if reg.get(name).is_err() {
+            tracing::warn!(volume = %name, "the default export names no volume (yet)");
+        }
+    }
+    let server = ServerConfig {
+        tls: nbd_tls,
+        grace,
+        default_export: cfg.default_export.clone(),
+        limits: cfg.limits.clone(),
+    };
+    let nbd_task = tokio::spawn(storaged::server::serve(
         nbd,
         reg.clone(),
-        nbd_tls,
+        server,
         sd_rx.clone(),
-        grace,
     ));
+    tokio::spawn(expire_standbys(reg.clone(), sd_rx.clone()));
     let mut api_sd = sd_rx.clone();
     let token = cfg.api_token_file.as_deref().map(Token::load).transpose()?;
     if token.is_none() && !api_addr.ip().is_loopback() {
@@ -680,11 +733,26 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
     Ok(())
 }
 
+/// Removes standby leases whose hosts went away, now and then, until shutdown.
+async fn expire_standbys(reg: Arc<Registry>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let every = (reg.standby.expiry / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if let Err(e) = storaged::lease::expiry::expire(&reg).await {
+            tracing::warn!(error = %e, "expiring standby leases failed");
+        }
+    }
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new()?;
     match cli.cmd {
         Cmd::Serve(a) => {
+            let a = *a;
             vmhop_common::logging::init(a.log_json);
             let file = match &a.config {
                 Some(p) => ServeConfigFile::load(p)?,
@@ -697,7 +765,16 @@ fn main() -> Result<()> {
                 ready_file: a.ready_file,
                 shutdown_grace_secs: a.shutdown_grace_secs,
                 drain_limit_secs: a.drain_limit_secs,
-                inline_write_max: a.inline_write_max,
+                default_export: a.default_export,
+                max_connections: a.limits.max_connections,
+                max_connections_per_volume: a.limits.max_connections_per_volume,
+                handshake_timeout_secs: a.limits.handshake_timeout_secs,
+                idle_timeout_secs: a.limits.idle_timeout_secs,
+                reply_timeout_secs: a.limits.reply_timeout_secs,
+                inflight_per_connection: a.limits.inflight_per_connection,
+                inflight_total: a.limits.inflight_total,
+                standby_expiry_secs: a.limits.standby_expiry_secs,
+                max_standby: a.limits.max_standby,
                 api_token_file: a.api_token_file,
                 tls_dir: a.tls_dir,
                 plaintext_loopback: a.no_plaintext_loopback.then_some(false),

@@ -4,10 +4,11 @@
 //! Every change of a lease table happens under the volume's `lease_lock` and is written to the
 //! [`Store`] before it becomes visible in memory or is acknowledged to anyone.
 
+use crate::lease::expiry::{self, StandbyPolicy};
 use crate::lease::gate::{Access, Gate};
 use crate::lease::{LeaseError, LeaseRequest, LeaseTable};
 use crate::store::{Store, StoreError};
-use crate::volume::{ConnEntry, Volume, VolumeError, VolumeFile};
+use crate::volume::{Attached, ConnEntry, Volume, VolumeError, VolumeFile};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ use std::time::Duration;
 use storaged_client::api::{AnonymousPolicy, VolumeAccess, VolumeConfig};
 use storaged_client::protocol::RequestedState;
 use thiserror::Error;
+use vmhop_common::faults::point as fault_point;
 
 /// A registry operation that failed.
 #[derive(Debug, Error)]
@@ -76,6 +78,9 @@ pub enum RegistryError {
     /// Waiting for a connection took too long.
     #[error("connection of {0} did not drain")]
     Drain(String, #[source] crate::lease::gate::GateError),
+    /// The volume has its fill of standby leases, all of them connected.
+    #[error("the volume holds {0} standby leases, all in use")]
+    StandbyLimit(usize),
 }
 
 /// The result of attaching a connection.
@@ -87,6 +92,8 @@ pub struct Attachment {
     pub state: Option<RequestedState>,
     /// Epoch at attach time.
     pub epoch: u64,
+    /// Detaches the connection when dropped.
+    pub attached: Attached,
 }
 
 /// All volumes of this server.
@@ -97,26 +104,42 @@ pub struct Registry {
     next_conn: AtomicU64,
     /// How long a flip waits for the old primary's admitted requests.
     pub drain_limit: Duration,
-    /// Buffered writes up to this size run on the connection's task instead of a blocking
-    /// thread (0: never).
-    pub inline_write_max: u32,
+    /// How long standby leases without a connection live, and how many a volume keeps.
+    pub standby: StandbyPolicy,
+    /// Serialises creating and deleting volumes.
+    lifecycle: tokio::sync::Mutex<()>,
 }
 
 impl Registry {
-    /// Opens the data dir: the metadata store and every volume's file.
+    /// Opens the data dir: the metadata store and every volume's file. Files without a record
+    /// (left by a create or a delete that did not finish) are removed.
     pub fn open(dir: &Path) -> Result<Registry, RegistryError> {
         let vol_dir = dir.join("volumes");
-        std::fs::create_dir_all(&vol_dir).map_err(|source| RegistryError::Io {
-            path: vol_dir.clone(),
-            source,
-        })?;
+        let io_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| RegistryError::Io { path, source }
+        };
+        std::fs::create_dir_all(&vol_dir).map_err(io_err(&vol_dir))?;
         let store = Store::open(&dir.join("meta.redb"))?;
         let mut volumes = BTreeMap::new();
         for (cfg, table) in store.load()? {
-            let file = VolumeFile::create(&VolumeFile::path_in(&vol_dir, &cfg.name), cfg.size)?;
+            let file = VolumeFile::open(&VolumeFile::path_in(&vol_dir, &cfg.name), cfg.size)?;
             tracing::info!(volume = %cfg.name, size = cfg.size, epoch = table.epoch,
                 primary = ?table.primary, deactivated = table.deactivated.len(), "volume loaded");
             volumes.insert(cfg.name.clone(), Arc::new(Volume::new(cfg, file, table)));
+        }
+        for entry in std::fs::read_dir(&vol_dir).map_err(io_err(&vol_dir))? {
+            let path = entry.map_err(io_err(&vol_dir))?.path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            let known = volumes.values().any(|v| v.file.path() == path);
+            if name.ends_with(".img") && !known {
+                std::fs::remove_file(&path).map_err(io_err(&path))?;
+                tracing::warn!(file = %path.display(),
+                    "removed a volume file without a record (a create or delete did not finish)");
+            }
         }
         Ok(Registry {
             dir: vol_dir,
@@ -124,7 +147,8 @@ impl Registry {
             volumes: RwLock::new(volumes),
             next_conn: AtomicU64::new(1),
             drain_limit: Duration::from_secs(30),
-            inline_write_max: 64 << 10,
+            standby: StandbyPolicy::default(),
+            lifecycle: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -153,9 +177,12 @@ impl Registry {
             .collect()
     }
 
-    /// Creates a volume: file first, then the durable record, then the in-memory entry.
+    /// Creates a volume: an empty file first, then the durable record, then the in-memory
+    /// entry. A crash in between (fault point `volume.create.file`) leaves a file without a
+    /// record, which the next start removes.
     pub async fn create(&self, cfg: VolumeConfig) -> Result<Arc<Volume>, RegistryError> {
         cfg.validate().map_err(VolumeError::from)?;
+        let _one = self.lifecycle.lock().await;
         if self.get(&cfg.name).is_ok() {
             return Err(RegistryError::Exists(cfg.name));
         }
@@ -164,39 +191,43 @@ impl Registry {
         let c = cfg.clone();
         let file = tokio::task::spawn_blocking(move || -> Result<VolumeFile, RegistryError> {
             let file = VolumeFile::create(&path, c.size)?;
+            fault_point("volume.create.file");
             store.put_volume(&c, &LeaseTable::default())?;
             Ok(file)
         })
         .await??;
         let vol = Arc::new(Volume::new(cfg.clone(), file, LeaseTable::default()));
-        let mut map = self.volumes.write().expect("volumes lock");
-        if map.contains_key(&cfg.name) {
-            return Err(RegistryError::Exists(cfg.name));
-        }
-        map.insert(cfg.name.clone(), vol.clone());
+        self.volumes
+            .write()
+            .expect("volumes lock")
+            .insert(cfg.name.clone(), vol.clone());
         tracing::info!(volume = %cfg.name, size = cfg.size, "volume created");
         Ok(vol)
     }
 
-    /// Deletes a volume without connections: record, then file.
+    /// Deletes a volume without connections: the durable record, then the file. A crash in
+    /// between (fault point `volume.delete.record`) leaves a file without a record, which the
+    /// next start removes (and which a new volume of the same name would not reuse: its file
+    /// starts empty).
     pub async fn delete(&self, name: &str) -> Result<(), RegistryError> {
+        let _one = self.lifecycle.lock().await;
         let vol = self.get(name)?;
         let _l = vol.lease_lock.lock().await;
         let n = vol.connection_count();
         if n > 0 {
             return Err(RegistryError::Busy(name.to_string(), n));
         }
-        self.volumes.write().expect("volumes lock").remove(name);
         let store = self.store.clone();
-        let path = vol.file.path().to_path_buf();
         let owned = name.to_string();
-        tokio::task::spawn_blocking(move || -> Result<(), RegistryError> {
-            store.delete_volume(&owned)?;
-            match std::fs::remove_file(&path) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(source) => Err(RegistryError::Io { path, source }),
-            }
+        tokio::task::spawn_blocking(move || store.delete_volume(&owned)).await??;
+        vol.mark_removed();
+        self.volumes.write().expect("volumes lock").remove(name);
+        fault_point("volume.delete.record");
+        let path = vol.file.path().to_path_buf();
+        tokio::task::spawn_blocking(move || match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(RegistryError::Io { path, source }),
         })
         .await??;
         tracing::info!(volume = %name, "volume deleted");
@@ -257,14 +288,40 @@ impl Registry {
         lease: Option<LeaseRequest>,
         peer: SocketAddr,
     ) -> Result<Attachment, RegistryError> {
+        self.attach_at_most(vol, lease, peer, usize::MAX).await
+    }
+
+    /// [`Registry::attach`], refused with [`RegistryError::Busy`] while the volume has `max`
+    /// connections (counted under the lease lock, so that connections attaching together
+    /// cannot pass the limit).
+    pub async fn attach_at_most(
+        &self,
+        vol: &Arc<Volume>,
+        lease: Option<LeaseRequest>,
+        peer: SocketAddr,
+        max: usize,
+    ) -> Result<Attachment, RegistryError> {
         let _l = vol.lease_lock.lock().await;
+        if vol.is_removed() {
+            return Err(RegistryError::NotFound(vol.config.name.clone()));
+        }
+        let open = vol.connection_count();
+        if open >= max {
+            return Err(RegistryError::Busy(vol.config.name.clone(), open));
+        }
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let table = vol.table();
         let (access, state) = match &lease {
             None => (anonymous_access(vol, &table)?, None),
             Some(req) => {
                 allowed(vol, req)?;
-                let next = match table.grant(req) {
+                let room = match req.state {
+                    RequestedState::Standby => {
+                        expiry::make_room(vol, &table, &self.standby, &req.holder.host)?
+                    }
+                    RequestedState::Primary => table.clone(),
+                };
+                let next = match room.grant(req) {
                     Ok(t) => t,
                     Err(e) => {
                         tracing::warn!(target: "storaged::lease", volume = %vol.config.name,
@@ -298,11 +355,12 @@ impl Registry {
             peer,
             gate: Arc::new(Gate::new(access)),
         };
-        vol.add_conn(entry.clone());
+        let attached = vol.add_conn(entry.clone());
         Ok(Attachment {
             entry,
             state,
             epoch: vol.table().epoch,
+            attached,
         })
     }
 
@@ -393,4 +451,59 @@ fn anonymous_access(vol: &Volume, table: &LeaseTable) -> Result<Access, Registry
         AnonymousPolicy::ReadWriteWithoutPrimary => Access::ReadWrite,
         AnonymousPolicy::ReadOnlyWithoutPrimary => Access::ReadOnly,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_attaching_together_stay_within_the_volume_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Arc::new(Registry::open(dir.path()).unwrap());
+        let vol = reg.create(VolumeConfig::new("v", 1 << 20)).await.unwrap();
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..32 {
+            let (reg, vol) = (reg.clone(), vol.clone());
+            tasks.spawn(async move { reg.attach_at_most(&vol, None, peer, 4).await });
+        }
+        let mut kept = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            match r.unwrap() {
+                Ok(a) => kept.push(a),
+                Err(e) => assert!(matches!(e, RegistryError::Busy(_, 4)), "{e:?}"),
+            }
+        }
+        assert_eq!(kept.len(), 4);
+        assert_eq!(vol.connection_count(), 4);
+        // Each attachment detaches itself when dropped, which makes room again.
+        drop(kept);
+        assert_eq!(vol.connection_count(), 0);
+        drop(reg.attach_at_most(&vol, None, peer, 1).await.unwrap());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn creates_and_deletes_of_one_name_end_in_one_consistent_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Arc::new(Registry::open(dir.path()).unwrap());
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..64 {
+            let reg = reg.clone();
+            tasks.spawn(async move {
+                match i % 2 {
+                    0 => drop(reg.create(VolumeConfig::new("v", 1 << 20)).await),
+                    _ => drop(reg.delete("v").await),
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        // What the running registry shows is what is on disk: record and file alike.
+        let present = reg.get("v").is_ok();
+        drop(reg);
+        let file = VolumeFile::path_in(&dir.path().join("volumes"), "v");
+        assert_eq!(file.exists(), present);
+        let again = Registry::open(dir.path()).unwrap();
+        assert_eq!(again.get("v").is_ok(), present);
+    }
 }

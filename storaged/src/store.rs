@@ -149,6 +149,7 @@ mod tests {
             flip_on_first_access: true,
             flip_over_nbd: true,
             flip_timeout_ms: Some(10),
+            description: Some("the test volume".into()),
         };
         let mut t = LeaseTable::default();
         {

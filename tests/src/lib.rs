@@ -10,6 +10,7 @@ pub mod faults;
 pub mod fencing;
 pub mod image;
 pub mod migrated;
+pub mod nbd_socket;
 pub mod netns;
 pub mod pki;
 pub mod process;

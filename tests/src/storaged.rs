@@ -196,6 +196,32 @@ impl Storaged {
         terminate(&mut c, "storaged", DEADLINE)
     }
 
+    /// The process id.
+    pub fn pid(&self) -> Result<u32> {
+        Ok(self.child.as_ref().context("not running")?.id())
+    }
+
+    /// A line of `/proc/PID/status` (e.g. `VmRSS`) in KiB.
+    pub fn status_kib(&self, field: &str) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?))?;
+        let line = status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .with_context(|| format!("no {field} in /proc/PID/status"))?;
+        Ok(line.trim().trim_end_matches("kB").trim().parse()?)
+    }
+
+    /// Bytes the process has read with read system calls so far (`rchar` of /proc/PID/io):
+    /// volume data and requests.
+    pub fn read_bytes(&self) -> Result<u64> {
+        let io = std::fs::read_to_string(format!("/proc/{}/io", self.pid()?))?;
+        let line = io
+            .lines()
+            .find_map(|l| l.strip_prefix("rchar:"))
+            .context("no rchar in /proc/PID/io")?;
+        Ok(line.trim().parse()?)
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         self.child

@@ -2,6 +2,7 @@
 //! or disconnects cleanly, logs it, never half-writes, and keeps serving everyone else.
 
 use anyhow::{ensure, Result};
+use e2e::nbd_socket::{closed, go, greet, option, option_reply, reply, request};
 use e2e::process::{run_ok, wait_for};
 use e2e::storaged::{Storaged, DEADLINE};
 use std::io::{Read, Write};
@@ -10,76 +11,6 @@ use std::process::Command;
 use std::time::Duration;
 use storaged_client::protocol::*;
 
-fn greet(s: &Storaged) -> Result<TcpStream> {
-    let mut t = TcpStream::connect(s.nbd)?;
-    t.set_read_timeout(Some(DEADLINE))?;
-    let mut hello = [0u8; 18];
-    t.read_exact(&mut hello)?;
-    ensure!(hello[..8] == NBDMAGIC.to_be_bytes() && hello[8..16] == IHAVEOPT.to_be_bytes());
-    t.write_all(&(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES).to_be_bytes())?;
-    Ok(t)
-}
-
-fn option(t: &mut TcpStream, option: u32, data: &[u8]) -> Result<()> {
-    let h = OptionHeader {
-        option,
-        length: data.len() as u32,
-    };
-    t.write_all(&h.encode())?;
-    t.write_all(data)?;
-    Ok(())
-}
-
-fn option_reply(t: &mut TcpStream) -> Result<(OptionReplyHeader, Vec<u8>)> {
-    let mut b = [0u8; OPTION_REPLY_LEN];
-    t.read_exact(&mut b)?;
-    let h = OptionReplyHeader::decode(&b)?;
-    let mut d = vec![0u8; h.length as usize];
-    t.read_exact(&mut d)?;
-    Ok((h, d))
-}
-
-/// Handshake with GO on `export`; returns the socket in transmission.
-fn go(t: &mut TcpStream, export: &str) -> Result<()> {
-    let g = GoOption {
-        name: export.into(),
-        info: vec![],
-    };
-    option(t, NBD_OPT_GO, &g.encode())?;
-    loop {
-        let (h, d) = option_reply(t)?;
-        ensure!(!h.is_error(), "GO refused: {}", String::from_utf8_lossy(&d));
-        if h.reply == NBD_REP_ACK {
-            return Ok(());
-        }
-    }
-}
-
-fn request(t: &mut TcpStream, kind: u16, flags: u16, offset: u64, length: u32) -> Result<()> {
-    let r = Request {
-        flags,
-        kind,
-        handle: 0x1234_5678,
-        offset,
-        length,
-    };
-    t.write_all(&r.encode())?;
-    Ok(())
-}
-
-fn reply(t: &mut TcpStream) -> Result<u32> {
-    let mut b = [0u8; SIMPLE_REPLY_LEN];
-    t.read_exact(&mut b)?;
-    let (err, handle) = decode_simple_reply(&b)?;
-    ensure!(handle == 0x1234_5678);
-    Ok(err)
-}
-
-fn closed(t: &mut TcpStream) -> bool {
-    let mut b = [0u8; 1];
-    matches!(t.read(&mut b), Ok(0) | Err(_))
-}
-
 fn start() -> Result<(tempfile::TempDir, Storaged)> {
     Storaged::start_with_volume("v", "1M", &["--anonymous", "read-write-without-primary"])
 }
@@ -87,7 +18,7 @@ fn start() -> Result<(tempfile::TempDir, Storaged)> {
 /// A storaged with volume "v" and a raw connection past the handshake.
 fn in_transmission() -> Result<(tempfile::TempDir, Storaged, TcpStream)> {
     let (d, s) = start()?;
-    let mut t = greet(&s)?;
+    let mut t = greet(s.nbd)?;
     go(&mut t, "v")?;
     Ok((d, s, t))
 }
@@ -96,7 +27,7 @@ fn in_transmission() -> Result<(tempfile::TempDir, Storaged, TcpStream)> {
 fn bad_handshake_input_disconnects_and_the_server_keeps_serving() -> Result<()> {
     let (_d, s) = start()?;
     // Wrong option magic.
-    let mut t = greet(&s)?;
+    let mut t = greet(s.nbd)?;
     t.write_all(&[0x42; 16])?;
     ensure!(closed(&mut t));
     // Unknown client flags.
@@ -105,7 +36,7 @@ fn bad_handshake_input_disconnects_and_the_server_keeps_serving() -> Result<()> 
     t.write_all(&0x8000_0000u32.to_be_bytes())?;
     ensure!(closed(&mut t));
     // Oversized option data.
-    let mut t = greet(&s)?;
+    let mut t = greet(s.nbd)?;
     t.write_all(
         &OptionHeader {
             option: NBD_OPT_GO,
@@ -115,7 +46,7 @@ fn bad_handshake_input_disconnects_and_the_server_keeps_serving() -> Result<()> 
     )?;
     ensure!(closed(&mut t));
     // Unknown option, malformed GO and malformed lease: error replies, then GO still works.
-    let mut t = greet(&s)?;
+    let mut t = greet(s.nbd)?;
     option(&mut t, 0x77, b"abc")?;
     ensure!(option_reply(&mut t)?.0.reply == NBD_REP_ERR_UNSUP);
     option(&mut t, NBD_OPT_GO, &[0, 0, 0, 9, b'v'])?;
@@ -133,11 +64,11 @@ fn bad_handshake_input_disconnects_and_the_server_keeps_serving() -> Result<()> 
     ensure!(h.reply == NBD_REP_ERR_UNKNOWN && String::from_utf8_lossy(&msg).contains("nope"));
     go(&mut t, "v")?;
     // EXPORT_NAME of an unknown export: the protocol allows only a disconnect.
-    let mut t = greet(&s)?;
+    let mut t = greet(s.nbd)?;
     option(&mut t, NBD_OPT_EXPORT_NAME, b"nope")?;
     ensure!(closed(&mut t));
     // EXPORT_NAME of a real one: size and flags, no zeroes (negotiated away).
-    let mut t = greet(&s)?;
+    let mut t = greet(s.nbd)?;
     option(&mut t, NBD_OPT_EXPORT_NAME, b"v")?;
     let mut b = [0u8; 10];
     t.read_exact(&mut b)?;
@@ -209,7 +140,7 @@ fn client_vanishing_mid_write_leaves_no_partial_data() -> Result<()> {
         "a partial write reached the disk"
     );
     // Also a client that vanishes in the handshake, mid-option.
-    let mut t = greet(&s)?;
+    let mut t = greet(s.nbd)?;
     t.write_all(
         &OptionHeader {
             option: NBD_OPT_GO,

@@ -2,7 +2,8 @@
 //! SIGTERM finishes admitted requests and exits 0; volumes through the CLI.
 
 use anyhow::{bail, ensure, Result};
-use e2e::storaged::{client_config, Storaged};
+use e2e::process::wait_for;
+use e2e::storaged::{client_config, Storaged, DEADLINE};
 use storaged_client::nbd::{Client, ClientError};
 use storaged_client::protocol::RequestedState::{Primary, Standby};
 
@@ -171,13 +172,12 @@ fn config_file_is_read_and_bad_ones_are_refused() -> Result<()> {
     let cfg = dir.path().join("storaged.toml");
     std::fs::write(
         &cfg,
-        "shutdown_grace_secs = 5\ndrain_limit_secs = 5\ninline_write_max = 0\n",
+        "shutdown_grace_secs = 5\ndrain_limit_secs = 5\nmax_connections_per_volume = 1\n",
     )?;
     let work = dir.path().join("work");
     std::fs::create_dir(&work)?;
     let s = Storaged::start_with(&work, &["--config", cfg.to_str().unwrap()])?;
     s.create_volume("v", "4M", &["--anonymous", "read-write-without-primary"])?;
-    // inline_write_max = 0: every write takes the blocking-thread path.
     e2e::process::run_ok(std::process::Command::new("qemu-io").args([
         "-f",
         "raw",
@@ -187,6 +187,14 @@ fn config_file_is_read_and_bad_ones_are_refused() -> Result<()> {
         "read -P 0x42 0 64k",
         &s.uri("v"),
     ]))?;
+    // One connection per volume (max_connections_per_volume = 1): a second one is refused.
+    let rt = tokio::runtime::Runtime::new()?;
+    let _primary = rt.block_on(Client::connect(&client_config(&s, "v", "a", Primary)))?;
+    let second = rt.block_on(Client::connect(&client_config(&s, "v", "b", Standby)));
+    ensure!(
+        matches!(second, Err(ClientError::Refused { .. })),
+        "{second:?}"
+    );
     std::fs::write(&cfg, "no_such_setting = 1\n")?;
     let out = std::process::Command::new(e2e::binary("storaged"))
         .args(["serve", "--config", cfg.to_str().unwrap(), "--data-dir"])
@@ -194,5 +202,120 @@ fn config_file_is_read_and_bad_ones_are_refused() -> Result<()> {
         .output()?;
     ensure!(!out.status.success());
     ensure!(String::from_utf8_lossy(&out.stderr).contains("no_such_setting"));
+    Ok(())
+}
+
+/// Kills `s` and starts it again on the same data with the environment `env`.
+fn restart_with_env(s: &mut Storaged, env: &[(&str, &str)]) -> Result<()> {
+    s.kill9();
+    let work = s.work_dir.clone();
+    *s = Storaged::start_with_env(&work, &[], env)?;
+    Ok(())
+}
+
+/// Writes `pattern` over the first MiB of `volume`.
+fn fill(s: &Storaged, volume: &str, pattern: u8) -> Result<()> {
+    let cmd = format!("write -P {pattern} 0 1M");
+    e2e::process::run_ok(std::process::Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        &cmd,
+        &s.uri(volume),
+    ]))?;
+    Ok(())
+}
+
+/// Whether the first MiB of `volume` reads as zeroes.
+fn reads_zeroes(s: &Storaged, volume: &str) -> Result<bool> {
+    let out = e2e::process::run_ok(std::process::Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-r",
+        "-c",
+        "read -P 0 0 1M",
+        &s.uri(volume),
+    ]))?;
+    Ok(!String::from_utf8_lossy(&out.stdout).contains("verification failed"))
+}
+
+const RW: [&str; 2] = ["--anonymous", "read-write-without-primary"];
+
+#[test]
+fn a_volume_created_again_never_shows_a_deleted_ones_data() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut s = Storaged::start(dir.path())?;
+    s.create_volume("x", "4M", &RW)?;
+    fill(&s, "x", 0x5a)?;
+    // A delete that died after forgetting the volume but before removing its file leaves the
+    // file behind: put it back by hand as such a crash would have left it.
+    let file = s.volume_file("x");
+    let kept = dir.path().join("x.kept");
+    std::fs::copy(&file, &kept)?;
+    s.cli(&["volume", "delete", "x"])?;
+    s.kill9();
+    std::fs::rename(&kept, &file)?;
+    s.restart(&[])?;
+    ensure!(
+        s.cli(&["volume", "show", "x"]).is_err(),
+        "a deleted volume came back"
+    );
+    s.create_volume("x", "4M", &RW)?;
+    ensure!(
+        reads_zeroes(&s, "x")?,
+        "the new volume shows the deleted one's data"
+    );
+    Ok(())
+}
+
+/// Makes `s` die at `step` while `act` runs, starts it again and checks that `volume` is gone,
+/// record and file, and starts empty when created again.
+fn crash_at(
+    s: &mut Storaged,
+    step: &str,
+    volume: &str,
+    act: impl FnOnce(&Storaged) -> Result<()>,
+) -> Result<()> {
+    restart_with_env(s, &[(vmhop_common::faults::CRASH_AT, step)])?;
+    ensure!(act(s).is_err(), "{step}: storaged did not die");
+    wait_for("storaged to die", DEADLINE, || {
+        (!s.is_running()).then_some(())
+    })?;
+    ensure!(
+        s.volume_file(volume).exists(),
+        "{step}: not between the steps"
+    );
+    restart_with_env(s, &[])?;
+    ensure!(
+        s.cli(&["volume", "show", volume]).is_err(),
+        "{step}: {volume} exists"
+    );
+    ensure!(
+        !s.volume_file(volume).exists(),
+        "{step}: the file of {volume} stayed"
+    );
+    s.create_volume(volume, "4M", &RW)?;
+    ensure!(reads_zeroes(s, volume)?, "{step}: {volume} shows old data");
+    Ok(())
+}
+
+#[test]
+fn kill_9_between_the_steps_of_create_and_delete_leaves_no_half_volume() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut s = Storaged::start(dir.path())?;
+    s.create_volume("x", "4M", &RW)?;
+    fill(&s, "x", 0x5a)?;
+    // Dies after removing the record, before removing the file.
+    crash_at(&mut s, "volume.delete.record", "x", |s| {
+        s.cli(&["volume", "delete", "x"]).map(drop)
+    })?;
+    // Dies after creating the file, before writing the record.
+    crash_at(&mut s, "volume.create.file", "y", |s| {
+        s.create_volume("y", "4M", &RW)
+    })?;
+    ensure!(
+        reads_zeroes(&s, "x")?,
+        "x lost its state across the restarts"
+    );
     Ok(())
 }

@@ -246,3 +246,41 @@ fn an_api_with_a_token_refuses_requests_without_it() -> Result<()> {
         Ok(())
     })
 }
+
+#[test]
+fn a_primary_that_resets_right_after_go_leaves_nothing_that_slows_the_flip() -> Result<()> {
+    use e2e::nbd_socket::{greet, lease, reset, send_go};
+    let (_d, s, rt) = setup(&[])?;
+    // On 24 volumes, the primary asks for the volume and resets its socket a little later
+    // each time, without reading the answer: some resets land while the server grants the
+    // lease (a durable write), so its answer to NBD_OPT_GO fails after the connection was
+    // attached.
+    let volumes: Vec<String> = (0..24).map(|i| format!("v{i}")).collect();
+    for (i, v) in volumes.iter().enumerate() {
+        s.create_volume(v, "1M", &["--flip-over-nbd"])?;
+        let mut t = greet(s.nbd)?;
+        lease(&mut t, "host-a", Primary)?;
+        send_go(&mut t, v)?;
+        std::thread::sleep(Duration::from_micros(250 * i as u64));
+        reset(t)?;
+    }
+    for v in &volumes {
+        wait_for("the aborted connections to be gone", DEADLINE, || {
+            let show = s.cli(&["volume", "show", v]).ok()?;
+            show.contains("\"connections\": 0").then_some(())
+        })?;
+    }
+    // A flip right after: nothing of the old primary is left to wait for (each leaked
+    // connection used to hold every flip until its wait for the socket to close gave up).
+    for v in &volumes {
+        let b = rt.block_on(Client::connect(&client_config(&s, v, "host-b", Standby)))?;
+        let rep = rt.block_on(b.flip())?;
+        eprintln!("flip of {v}: {} us", rep.total_us);
+    }
+    ensure!(
+        !s.log().contains("fenced connection slow to close"),
+        "a flip waited for a connection that was gone:\n{}",
+        s.log()
+    );
+    Ok(())
+}

@@ -1,4 +1,5 @@
-//! Unmodified NBD tools against a running storaged: qemu-img, qemu-io, nbdinfo, fio.
+//! Unmodified NBD tools against a running storaged: qemu-img, qemu-io, nbdinfo, nbdcopy, fio;
+//! maps of data and holes, and copies that read only the data.
 
 use anyhow::{Context, Result};
 use e2e::process::run_ok;
@@ -185,5 +186,99 @@ fn anonymous_access_ends_when_a_primary_exists() -> Result<()> {
     assert!(!refused.status.success());
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(err.contains("primary lease exists"), "{err}");
+    Ok(())
+}
+
+/// A storaged with a 1 GiB volume "sparse" holding 1 MiB of data at 1 MiB and 64 KiB at
+/// 512 MiB.
+fn sparse_volume() -> Result<(tempfile::TempDir, Storaged)> {
+    let (dir, s) = Storaged::start_with_volume(
+        "sparse",
+        "1G",
+        &["--anonymous", "read-write-without-primary"],
+    )?;
+    run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x11 1M 1M",
+        "-c",
+        "write -P 0x22 512M 64k",
+        &s.uri("sparse"),
+    ]))?;
+    Ok((dir, s))
+}
+
+#[test]
+fn nbdinfo_and_qemu_img_map_the_data_and_the_holes() -> Result<()> {
+    let (_dir, s) = sparse_volume()?;
+    let map = tool_output(Command::new("nbdinfo").args(["--map", &s.uri("sparse")]))?;
+    let rows: Vec<Vec<&str>> = map
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let expected = [
+        ["0", "1048576", "3", "hole,zero"],
+        ["1048576", "1048576", "0", "data"],
+        ["2097152", "534773760", "3", "hole,zero"],
+        ["536870912", "65536", "0", "data"],
+        ["536936448", "536805376", "3", "hole,zero"],
+    ];
+    assert_eq!(rows, expected, "{map}");
+    let json = tool_output(Command::new("qemu-img").args([
+        "map",
+        "--output=json",
+        "-f",
+        "raw",
+        &s.uri("sparse"),
+    ]))?;
+    let v: serde_json::Value = serde_json::from_str(&json)?;
+    let data: Vec<(u64, u64)> = v
+        .as_array()
+        .context("qemu-img map")?
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| {
+            Ok((
+                e["start"].as_u64().context("start")?,
+                e["length"].as_u64().context("length")?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    assert_eq!(data, [(1 << 20, 1 << 20), (512 << 20, 64 << 10)], "{json}");
+    Ok(())
+}
+
+#[test]
+fn sparse_copies_read_only_the_data() -> Result<()> {
+    let (dir, s) = sparse_volume()?;
+    // Each copy of the 1 GiB volume may read its 1 MiB + 64 KiB of data and the requests, not
+    // the holes.
+    let limit = 64u64 << 20;
+    for (tool, out) in [("qemu-img", "qemu.raw"), ("nbdcopy", "nbdcopy.raw")] {
+        let dest = dir.path().join(out);
+        let before = s.read_bytes()?;
+        let mut cmd = Command::new(tool);
+        match tool {
+            "qemu-img" => cmd.args(["convert", "-f", "raw", "-O", "raw", &s.uri("sparse")]),
+            _ => cmd.args([&s.uri("sparse")]),
+        };
+        run_ok(cmd.arg(&dest))?;
+        let read = s.read_bytes()? - before;
+        assert!(read < limit, "{tool} made storaged read {read} bytes");
+        let copy = std::fs::read(&dest)?;
+        assert_eq!(copy.len(), 1 << 30);
+        assert!(copy[1 << 20..2 << 20].iter().all(|&b| b == 0x11), "{tool}");
+        assert!(copy[512 << 20..(512 << 20) + (64 << 10)]
+            .iter()
+            .all(|&b| b == 0x22));
+        assert_eq!(
+            copy.iter().filter(|&&b| b != 0).count(),
+            (1 << 20) + (64 << 10)
+        );
+        // The copies are sparse themselves.
+        let allocated = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&dest)?) * 512;
+        assert!(allocated < limit, "{tool} wrote {allocated} bytes");
+    }
     Ok(())
 }

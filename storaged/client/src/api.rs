@@ -44,6 +44,9 @@ pub enum VolumeConfigError {
     /// A host id of the access list is empty, too long or holds white space.
     #[error("invalid host id {0:?} in the volume's host list")]
     InvalidHost(String),
+    /// The description is longer than NBD can carry.
+    #[error("description of {0} bytes: at most {max} allowed", max = crate::protocol::MAX_STRING_LEN)]
+    DescriptionTooLong(usize),
 }
 
 /// Who may use a volume without the lease option (standard NBD tools).
@@ -86,6 +89,9 @@ pub struct VolumeConfig {
     /// Default time after which an armed flip completes by itself, in milliseconds.
     #[serde(default)]
     pub flip_timeout_ms: Option<u64>,
+    /// What the volume holds, for people (NBD clients see it as the export's description).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
 }
 
 impl VolumeConfig {
@@ -100,6 +106,7 @@ impl VolumeConfig {
             flip_on_first_access: false,
             flip_over_nbd: false,
             flip_timeout_ms: None,
+            description: None,
         }
     }
 
@@ -126,6 +133,10 @@ impl VolumeConfig {
         }
         if self.size == 0 || !self.size.is_multiple_of(512) {
             return Err(VolumeConfigError::InvalidSize(self.size));
+        }
+        let description = self.description.as_deref().map_or(0, str::len);
+        if description > crate::protocol::MAX_STRING_LEN {
+            return Err(VolumeConfigError::DescriptionTooLong(description));
         }
         Ok(())
     }

@@ -27,6 +27,7 @@
 //! dialogue, read straight from the socket, so that not one byte of the transmission phase is
 //! consumed before the transmission framing takes over the stream.
 
+use crate::meta::{BlockStatus, NBD_REPLY_TYPE_BLOCK_STATUS};
 use crate::protocol::*;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use thiserror::Error;
@@ -199,6 +200,19 @@ pub struct ReplyData<B> {
     pub data: B,
 }
 
+/// What a reply carries besides its handle and error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplyBody<B> {
+    /// Nothing: always a simple reply.
+    Status,
+    /// A read-like reply's data: a structured data or error chunk when structured replies are
+    /// on, else a simple reply followed by the data unless there was an error.
+    Data(ReplyData<B>),
+    /// `NBD_CMD_BLOCK_STATUS`: a block status chunk, or an error chunk (structured replies are
+    /// always on where a client can ask for it).
+    BlockStatus(BlockStatus),
+}
+
 /// A reply as the server's encoder takes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply<B> {
@@ -206,9 +220,8 @@ pub struct Reply<B> {
     pub handle: u64,
     /// `NBD_E*`, 0 for success.
     pub error: u32,
-    /// Read-like replies: the data (a structured data or error chunk when structured replies
-    /// are on); `None` for every other command (always a simple reply).
-    pub data: Option<ReplyData<B>>,
+    /// What it carries.
+    pub body: ReplyBody<B>,
 }
 
 impl<B> Reply<B> {
@@ -217,7 +230,7 @@ impl<B> Reply<B> {
         Reply {
             handle,
             error,
-            data: None,
+            body: ReplyBody::Status,
         }
     }
 }
@@ -235,6 +248,17 @@ impl ReplyEncoder {
     }
 }
 
+/// The header of a structured reply's only chunk.
+fn last_chunk(handle: u64, kind: u16, length: usize) -> [u8; STRUCTURED_HEADER_LEN] {
+    ChunkHeader {
+        flags: NBD_REPLY_FLAG_DONE,
+        kind,
+        handle,
+        length: length as u32,
+    }
+    .encode()
+}
+
 impl ReplyEncoder {
     /// Encodes all of `reply` up to its data into `dst` and returns the data, which must follow
     /// on the stream: a sender can write long data from its own memory instead of copying it.
@@ -244,36 +268,49 @@ impl ReplyEncoder {
         dst: &mut BytesMut,
     ) -> &'a [u8] {
         let (handle, error) = (reply.handle, reply.error);
-        let Some(ReplyData { offset, data }) = reply.data.as_ref().filter(|_| self.structured)
-        else {
+        let structured = match &reply.body {
+            ReplyBody::Status => false,
+            ReplyBody::Data(_) => self.structured,
+            ReplyBody::BlockStatus(_) => true,
+        };
+        if !structured {
             dst.put_slice(&encode_simple_reply(error, handle));
-            let data = reply.data.as_ref().filter(|_| error == 0);
-            return data.map_or(&[], |d| d.data.as_ref());
-        };
-        let data = data.as_ref();
-        let chunk = |kind, length: usize| {
-            let length = length as u32;
-            let flags = NBD_REPLY_FLAG_DONE;
-            ChunkHeader {
-                flags,
-                kind,
-                handle,
-                length,
-            }
-            .encode()
-        };
+            return match &reply.body {
+                ReplyBody::Data(d) if error == 0 => d.data.as_ref(),
+                _ => &[],
+            };
+        }
         if error != 0 {
             let payload = encode_error_chunk(error, "");
-            dst.put_slice(&chunk(NBD_REPLY_TYPE_ERROR, payload.len()));
+            dst.put_slice(&last_chunk(handle, NBD_REPLY_TYPE_ERROR, payload.len()));
             dst.put_slice(&payload);
-            &[]
-        } else if data.is_empty() {
-            dst.put_slice(&chunk(NBD_REPLY_TYPE_NONE, 0));
-            &[]
-        } else {
-            dst.put_slice(&chunk(NBD_REPLY_TYPE_OFFSET_DATA, 8 + data.len()));
-            dst.put_u64(*offset);
-            data
+            return &[];
+        }
+        match &reply.body {
+            ReplyBody::BlockStatus(status) => {
+                let payload = status.encode();
+                dst.put_slice(&last_chunk(
+                    handle,
+                    NBD_REPLY_TYPE_BLOCK_STATUS,
+                    payload.len(),
+                ));
+                dst.put_slice(&payload);
+                &[]
+            }
+            ReplyBody::Data(ReplyData { offset, data }) if !data.as_ref().is_empty() => {
+                let data = data.as_ref();
+                dst.put_slice(&last_chunk(
+                    handle,
+                    NBD_REPLY_TYPE_OFFSET_DATA,
+                    8 + data.len(),
+                ));
+                dst.put_u64(*offset);
+                data
+            }
+            _ => {
+                dst.put_slice(&last_chunk(handle, NBD_REPLY_TYPE_NONE, 0));
+                &[]
+            }
         }
     }
 }
@@ -612,7 +649,11 @@ mod tests {
         let mut buf = BytesMut::new();
         let mut e = ReplyEncoder::new(structured);
         for r in replies {
-            lens.insert(r.handle, r.data.as_ref().map_or(0, |d| d.data.len() as u32));
+            let len = match &r.body {
+                ReplyBody::Data(d) => d.data.len() as u32,
+                _ => 0,
+            };
+            lens.insert(r.handle, len);
             e.encode(r, &mut buf).unwrap();
         }
         let bytes = buf.to_vec();
@@ -628,7 +669,7 @@ mod tests {
         Reply {
             handle,
             error,
-            data: Some(ReplyData {
+            body: ReplyBody::Data(ReplyData {
                 offset: 512,
                 data: data.to_vec(),
             }),

@@ -12,8 +12,10 @@
 //! until OPT_GO / OPT_EXPORT_NAME succeeds (transmission) or OPT_ABORT (soft disconnect).
 //! ```
 //! Options understood: `EXPORT_NAME`, `ABORT`, `LIST`, `STARTTLS`, `INFO`, `GO`,
-//! `STRUCTURED_REPLY` and the project option [`NBD_OPT_LEASE`]. Any other option gets
-//! `NBD_REP_ERR_UNSUP`.
+//! `STRUCTURED_REPLY`, the meta context options of [`crate::meta`] and the project option
+//! [`NBD_OPT_LEASE`]; any other (extended headers among them) gets `NBD_REP_ERR_UNSUP`. The empty
+//! export name is the server's default export. `INFO` and `GO` answer `NBD_INFO_EXPORT`, and the
+//! `NAME`, `DESCRIPTION` and `BLOCK_SIZE` items when asked for.
 //!
 //! # TLS
 //! [`NBD_OPT_STARTTLS`] (no data) is answered `NBD_REP_ACK`, then both sides run a TLS handshake
@@ -48,6 +50,8 @@
 //! S: SIMPLE_REPLY_MAGIC (u32) error (u32) handle (u64) [data]
 //!  | STRUCTURED_REPLY_MAGIC (u32) flags (u16) type (u16) handle (u64) length (u32) payload
 //! ```
+//! Commands: `READ`, `WRITE`, `DISC`, `FLUSH`, `TRIM`, `CACHE`, `WRITE_ZEROES` (`NO_HOLE`;
+//! `FAST_ZERO`: `ENOTSUP` rather than writing zeroes), `BLOCK_STATUS` ([`crate::meta`]).
 //! Replies may come in any order. [`NBD_CMD_LEASE_FLIP`] (0x4C46) asks the server to promote the
 //! connection's standby lease to primary; offset and length must be zero on the wire except
 //! that length carries [`FLIP_REPORT_LEN`], the size of the reply payload, which is a
@@ -136,6 +140,10 @@ pub const NBD_REP_ERR_LEASE_EPOCH: u32 = NBD_REP_FLAG_ERROR | 0x4C04;
 
 /// Info item: size and transmission flags.
 pub const NBD_INFO_EXPORT: u16 = 0;
+/// Info item: the export's canonical name (what an empty name stands for).
+pub const NBD_INFO_NAME: u16 = 1;
+/// Info item: a human-readable description of the export.
+pub const NBD_INFO_DESCRIPTION: u16 = 2;
 /// Info item: block size constraints.
 pub const NBD_INFO_BLOCK_SIZE: u16 = 3;
 /// Project info item: the granted lease (`u8 state, u64 epoch`).
@@ -153,13 +161,23 @@ pub const NBD_FLAG_SEND_FUA: u16 = 1 << 3;
 pub const NBD_FLAG_SEND_TRIM: u16 = 1 << 5;
 /// Transmission flag: WRITE_ZEROES supported.
 pub const NBD_FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+/// Transmission flag: the DF command flag is understood (reads are never fragmented).
+pub const NBD_FLAG_SEND_DF: u16 = 1 << 7;
 /// Transmission flag: a FLUSH on one connection covers writes completed on all of them.
 pub const NBD_FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+/// Transmission flag: CACHE supported.
+pub const NBD_FLAG_SEND_CACHE: u16 = 1 << 10;
+/// Transmission flag: the FAST_ZERO command flag is understood.
+pub const NBD_FLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 
 /// Command flag: force unit access.
 pub const NBD_CMD_FLAG_FUA: u16 = 1 << 0;
 /// Command flag: WRITE_ZEROES must not punch holes.
 pub const NBD_CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+/// Command flag: a structured read must come in one chunk ("don't fragment").
+pub const NBD_CMD_FLAG_DF: u16 = 1 << 2;
+/// Command flag: WRITE_ZEROES must fail with `ENOTSUP` unless it is fast (no data written).
+pub const NBD_CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 
 /// Command: read.
 pub const NBD_CMD_READ: u16 = 0;
@@ -171,6 +189,8 @@ pub const NBD_CMD_DISC: u16 = 2;
 pub const NBD_CMD_FLUSH: u16 = 3;
 /// Command: trim (discard).
 pub const NBD_CMD_TRIM: u16 = 4;
+/// Command: prefetch a range into the server's cache.
+pub const NBD_CMD_CACHE: u16 = 5;
 /// Command: write zeroes.
 pub const NBD_CMD_WRITE_ZEROES: u16 = 6;
 /// Project command: promote this standby connection's lease to primary.
@@ -212,6 +232,8 @@ pub const LEASE_STATE_STANDBY: u8 = 2;
 pub const MAX_ID_LEN: usize = 255;
 /// Longest option data the server reads; longer options are refused with TOO_BIG.
 pub const MAX_OPTION_LEN: u32 = 4096;
+/// Longest string in an option or info item (export name, description, context name).
+pub const MAX_STRING_LEN: usize = 4096;
 /// Largest request payload the server accepts and advertises (NBD_INFO_BLOCK_SIZE maximum).
 pub const MAX_REQUEST_LEN: u32 = 32 << 20;
 /// Size of a request header.
@@ -289,13 +311,13 @@ pub struct LeaseOption {
 }
 
 /// Cursor over a byte slice that reports truncation instead of panicking.
-struct Reader<'a> {
+pub(crate) struct Reader<'a> {
     buf: &'a [u8],
     what: &'static str,
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], ProtocolError> {
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], ProtocolError> {
         if self.buf.len() < n {
             return Err(ProtocolError::Truncated(self.what));
         }
@@ -303,26 +325,26 @@ impl<'a> Reader<'a> {
         self.buf = tail;
         Ok(head)
     }
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], ProtocolError> {
+    pub(crate) fn array<const N: usize>(&mut self) -> Result<[u8; N], ProtocolError> {
         Ok(self.take(N)?.try_into().expect("N bytes"))
     }
-    fn u8(&mut self) -> Result<u8, ProtocolError> {
+    pub(crate) fn u8(&mut self) -> Result<u8, ProtocolError> {
         Ok(self.take(1)?[0])
     }
-    fn u16(&mut self) -> Result<u16, ProtocolError> {
+    pub(crate) fn u16(&mut self) -> Result<u16, ProtocolError> {
         self.array().map(u16::from_be_bytes)
     }
-    fn u32(&mut self) -> Result<u32, ProtocolError> {
+    pub(crate) fn u32(&mut self) -> Result<u32, ProtocolError> {
         self.array().map(u32::from_be_bytes)
     }
-    fn u64(&mut self) -> Result<u64, ProtocolError> {
+    pub(crate) fn u64(&mut self) -> Result<u64, ProtocolError> {
         self.array().map(u64::from_be_bytes)
     }
-    fn string(&mut self, len: usize) -> Result<String, ProtocolError> {
+    pub(crate) fn string(&mut self, len: usize) -> Result<String, ProtocolError> {
         let b = self.take(len)?;
         String::from_utf8(b.to_vec()).map_err(|_| ProtocolError::Invalid("string is not UTF-8"))
     }
-    fn finish(&self) -> Result<(), ProtocolError> {
+    pub(crate) fn finish(&self) -> Result<(), ProtocolError> {
         if self.buf.is_empty() {
             Ok(())
         } else {
@@ -331,7 +353,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn reader<'a>(buf: &'a [u8], what: &'static str) -> Reader<'a> {
+pub(crate) fn reader<'a>(buf: &'a [u8], what: &'static str) -> Reader<'a> {
     Reader { buf, what }
 }
 
@@ -530,6 +552,19 @@ pub fn encode_info_block_size(min: u32, preferred: u32, max: u32) -> Vec<u8> {
     v
 }
 
+/// Encodes an `NBD_INFO_NAME` or `NBD_INFO_DESCRIPTION` item (the text is cut to
+/// [`MAX_STRING_LEN`] bytes at a character boundary).
+pub fn encode_info_string(item: u16, text: &str) -> Vec<u8> {
+    let mut end = text.len().min(MAX_STRING_LEN);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut v = Vec::with_capacity(2 + end);
+    v.put_u16(item);
+    v.put_slice(&text.as_bytes()[..end]);
+    v
+}
+
 /// Encodes the project `NBD_INFO_LEASE` item.
 pub fn encode_info_lease(state: RequestedState, epoch: u64) -> Vec<u8> {
     let mut v = Vec::with_capacity(11);
@@ -558,6 +593,10 @@ pub enum InfoItem {
         /// Maximum request payload.
         max: u32,
     },
+    /// The export's canonical name.
+    Name(String),
+    /// The export's description.
+    Description(String),
     /// Granted lease.
     Lease {
         /// Granted state.
@@ -583,6 +622,13 @@ impl InfoItem {
                 preferred: r.u32()?,
                 max: r.u32()?,
             },
+            kind @ (NBD_INFO_NAME | NBD_INFO_DESCRIPTION) => {
+                let text = r.string(buf.len() - 2)?;
+                match kind {
+                    NBD_INFO_NAME => InfoItem::Name(text),
+                    _ => InfoItem::Description(text),
+                }
+            }
             NBD_INFO_LEASE => InfoItem::Lease {
                 state: RequestedState::from_wire(r.u8()?)?,
                 epoch: r.u64()?,
@@ -882,6 +928,17 @@ mod tests {
             }
         );
         assert!(InfoItem::decode(&[0, 0, 1]).is_err());
+        assert_eq!(
+            InfoItem::decode(&encode_info_string(NBD_INFO_NAME, "vol")).unwrap(),
+            InfoItem::Name("vol".into())
+        );
+        let long = "é".repeat(MAX_STRING_LEN);
+        let item = encode_info_string(NBD_INFO_DESCRIPTION, &long);
+        assert_eq!(item.len(), 2 + MAX_STRING_LEN);
+        assert!(matches!(
+            InfoItem::decode(&item),
+            Ok(InfoItem::Description(_))
+        ));
     }
 
     #[test]

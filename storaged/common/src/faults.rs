@@ -7,8 +7,10 @@
 //! a point costs one load of a value read once.
 //!
 //! Points: storaged `flip.barrier`, `flip.drain`, `flip.disconnect`, `flip.persist`,
-//! `flip.promote` (the steps of a flip, each right after it is done) and `flip.acknowledge`
-//! (the flip done, its answer not sent); migrated `source.PHASE` and `destination.PHASE` right
+//! `flip.promote` (the steps of a flip, each right after it is done), `flip.acknowledge`
+//! (the flip done, its answer not sent), `volume.create.file` (a new volume's file made, its
+//! record not yet written) and `volume.delete.record` (a volume's record removed, its file not
+//! yet); migrated `source.PHASE` and `destination.PHASE` right
 //! after it recorded a phase (PHASE as its API names it, e.g. `source.flipping`).
 
 use nix::sys::signal::{raise, Signal};

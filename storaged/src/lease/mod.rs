@@ -16,10 +16,12 @@
 //! - [`table`] decides: the lease table of one volume and its transitions, as pure data;
 //! - [`flip`] applies them to the live connections, persists them and logs them (the flip,
 //!   rollback, revoke, armed flips), for one volume or for a set of volumes as one decision;
-//! - [`gate`] is the per-connection barrier a flip raises and drains.
+//! - [`gate`] is the per-connection barrier a flip raises and drains;
+//! - [`expiry`] removes standby leases whose hosts went away.
 //!
 //! Every change is one structured event line on the `storaged::lease` tracing target.
 
+pub mod expiry;
 pub mod flip;
 pub mod gate;
 pub mod table;

@@ -1,13 +1,15 @@
-//! The NBD server: accepts connections, runs the handshake, then serves transmission.
+//! The NBD server: accepts connections, runs the handshake, then serves transmission, within
+//! the [`Limits`] of its [`ServerConfig`].
 
 mod handshake;
+mod limits;
 mod tls;
 mod transmission;
 
 pub use handshake::HandshakeError;
+pub use limits::{Budget, Limits, Permit, REQUEST_OVERHEAD};
 use storaged_client::stream::NbdStream;
 pub use tls::NbdTls;
-pub use transmission::{INFLIGHT_BUDGET, REQUEST_OVERHEAD};
 
 use crate::registry::Registry;
 use std::sync::Arc;
@@ -16,20 +18,50 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-/// Longest a client may take to finish the handshake.
-const HANDSHAKE_LIMIT: Duration = Duration::from_secs(30);
+/// How the NBD server runs.
+#[derive(Debug, Clone, Default)]
+pub struct ServerConfig {
+    /// With TLS, clients upgrade with `NBD_OPT_STARTTLS` and prove their host with a
+    /// certificate (see [`NbdTls`]).
+    pub tls: Option<NbdTls>,
+    /// How long open connections get to finish their admitted requests after a shutdown.
+    pub grace: Duration,
+    /// The volume a client gets when it names no export (the empty name).
+    pub default_export: Option<String>,
+    /// What clients may hold.
+    pub limits: Limits,
+}
 
 /// Accepts NBD connections until `shutdown` turns true, then waits for the open connections to
-/// finish their admitted requests (at most `grace`). With `tls`, clients upgrade with
-/// `NBD_OPT_STARTTLS` and prove their host with a certificate (see [`NbdTls`]).
+/// finish their admitted requests (at most `grace`), with the default limits.
 pub async fn run(
     listener: TcpListener,
     reg: Arc<Registry>,
     tls: Option<NbdTls>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
+    let cfg = ServerConfig {
+        tls,
+        grace,
+        ..ServerConfig::default()
+    };
+    serve(listener, reg, cfg, shutdown).await
+}
+
+/// Accepts NBD connections until `shutdown` turns true, then waits for the open connections to
+/// finish their admitted requests (at most `cfg.grace`). A connection beyond
+/// [`Limits::max_connections`] is closed at once.
+pub async fn serve(
+    listener: TcpListener,
+    reg: Arc<Registry>,
+    cfg: ServerConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let cfg = Arc::new(cfg);
+    let budget = Budget::new(&cfg.limits);
     let mut conns = JoinSet::new();
+    let mut refused = 0u64;
     loop {
         let accepted = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => break,
@@ -45,60 +77,88 @@ pub async fn run(
                 continue;
             }
         };
+        // Finished tasks are reaped here too, so that the count is current.
+        while conns.try_join_next().is_some() {}
+        if conns.len() >= cfg.limits.max_connections {
+            refused += 1;
+            if refused.is_power_of_two() {
+                tracing::warn!(%peer, open = conns.len(), refused,
+                    "connection limit reached: closing new connections");
+            }
+            continue;
+        }
         if let Err(e) = stream.set_nodelay(true) {
             tracing::warn!(%peer, error = %e, "TCP_NODELAY");
         }
-        let reg = reg.clone();
-        let sd = shutdown.clone();
-        let tls = tls.clone();
-        conns.spawn(async move {
-            let down = sd.clone();
-            let mut stop = sd.clone();
-            let hs = tokio::select! {
-                r = tokio::time::timeout(
-                    HANDSHAKE_LIMIT,
-                    handshake::handshake(
-                        NbdStream::Plain(stream),
-                        &reg,
-                        peer,
-                        tls.as_ref(),
-                        move || *down.borrow(),
-                    ),
-                ) => r,
-                // A client idling in the handshake must not hold up a shutdown.
-                _ = stop.wait_for(|s| *s) => {
-                    tracing::info!(%peer, "shutdown during the handshake");
-                    return;
-                }
-            };
-            match hs {
-                Err(_) => tracing::warn!(%peer, "handshake timed out"),
-                Ok(Err(e)) => tracing::warn!(%peer, error = %e,
-                    cause = ?std::error::Error::source(&e).map(|c| c.to_string()),
-                    "handshake failed"),
-                Ok(Ok(None)) => tracing::debug!(%peer, "client aborted the handshake"),
-                Ok(Ok(Some((stream, neg)))) => {
-                    tracing::info!(%peer, volume = %neg.vol.config.name,
-                        holder = ?neg.att.entry.holder, structured = neg.structured,
-                        tls = stream.is_tls(), "connection in transmission");
-                    transmission::serve(stream, reg, neg, sd).await;
-                }
-            }
-        });
+        let conn = Connection {
+            reg: reg.clone(),
+            cfg: cfg.clone(),
+            budget: budget.clone(),
+            peer,
+        };
+        conns.spawn(conn.run(NbdStream::Plain(stream), shutdown.clone()));
     }
     drop(listener);
     tracing::info!(
         open = conns.len(),
         "NBD listener closed; finishing admitted requests"
     );
-    if tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} })
-        .await
-        .is_err()
+    if tokio::time::timeout(cfg.grace, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
     {
         tracing::warn!(
             open = conns.len(),
             "connections still open after the grace period"
         );
         conns.abort_all();
+    }
+}
+
+/// One accepted connection and what it shares with the others.
+struct Connection {
+    reg: Arc<Registry>,
+    cfg: Arc<ServerConfig>,
+    budget: Budget,
+    peer: std::net::SocketAddr,
+}
+
+impl Connection {
+    async fn run(self, stream: NbdStream, sd: watch::Receiver<bool>) {
+        let peer = self.peer;
+        let down = sd.clone();
+        let mut stop = sd.clone();
+        let hs = tokio::select! {
+            r = tokio::time::timeout(
+                self.cfg.limits.handshake_timeout,
+                handshake::handshake(stream, &self.reg, peer, &self.cfg, move || *down.borrow()),
+            ) => r,
+            // A client idling in the handshake must not hold up a shutdown.
+            _ = stop.wait_for(|s| *s) => {
+                tracing::info!(%peer, "shutdown during the handshake");
+                return;
+            }
+        };
+        match hs {
+            Err(_) => tracing::warn!(%peer, "handshake timed out"),
+            Ok(Err(e)) => tracing::warn!(%peer, error = %e,
+                cause = ?std::error::Error::source(&e).map(|c| c.to_string()),
+                "handshake failed"),
+            Ok(Ok(None)) => tracing::debug!(%peer, "client aborted the handshake"),
+            Ok(Ok(Some((stream, neg)))) => {
+                tracing::info!(%peer, volume = %neg.vol.config.name,
+                    holder = ?neg.att.entry.holder, structured = neg.structured,
+                    block_status = neg.block_status, tls = stream.is_tls(),
+                    "connection in transmission");
+                let t = transmission::Transmission {
+                    reg: self.reg,
+                    limits: &self.cfg.limits,
+                    budget: self.budget,
+                };
+                t.serve(stream, neg, sd).await;
+            }
+        }
     }
 }

@@ -1,83 +1,85 @@
 //! The transmission phase of one connection.
 //!
-//! A reader task takes frames from [`RequestDecoder`] and, for each request, reserves memory
-//! from the connection's budget, receives a write's data (the decoder yields it as the next
-//! frame, so it is buffered only once the budget allows), passes the admission gate and hands
-//! the I/O to a blocking thread. Completed requests go over a channel to the writer task, which
-//! encodes their replies with [`ReplyEncoder`] in completion order (so they may overtake each
-//! other) and writes them out whenever no more are ready.
-//! Memory per connection is bounded by [`INFLIGHT_BUDGET`]: each request costs its length plus
-//! [`REQUEST_OVERHEAD`], and the reader stops reading while the budget is spent.
+//! A reader task takes frames from [`RequestDecoder`] and, for each request, reserves its share
+//! of the connection's and the server's memory budgets (see [`super::limits`]), receives a
+//! write's data (the decoder yields it as the next frame, so it is buffered only once the budget
+//! allows), passes the admission gate and hands the I/O to a blocking thread. Completed requests
+//! go over a channel to the writer task, which encodes their replies with [`ReplyEncoder`] in
+//! completion order (so they may overtake each other) and writes them out whenever no more are
+//! ready. Every reply, errors included, holds its request's share until it has been encoded, so
+//! a client that does not read its replies stops being read.
+//!
+//! No file I/O that can block runs on the runtime's threads: reads try the page cache without
+//! blocking first (`RWF_NOWAIT`); small buffered writes are gathered while more requests are
+//! ready on the socket and go to one blocking thread together, just before the reader would
+//! wait (which keeps the cost of the hop off each 4 KiB write).
 
 use crate::lease::flip;
 use crate::lease::gate::{Access, Admitted, Gate, Need, Refusal};
-use crate::registry::Registry;
+use crate::registry::{Attachment, Registry};
 use crate::server::handshake::Negotiated;
-use crate::volume::Volume;
+use crate::server::limits::{Budget, Limits, Permit};
+use crate::volume::{Span, Volume, VolumeFile};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use std::sync::Arc;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use storaged_client::codec::{
-    send_frame, CodecError, Reply, ReplyData, ReplyEncoder, RequestDecoder, RequestFrame,
-    READ_CHUNK,
+    send_frame, CodecError, Reply, ReplyBody, ReplyData, ReplyEncoder, RequestDecoder,
+    RequestFrame, READ_CHUNK,
 };
+use storaged_client::meta::{BlockStatus, Extent, BASE_ALLOCATION_ID, MAX_EXTENTS};
+use storaged_client::meta::{NBD_CMD_BLOCK_STATUS, NBD_CMD_FLAG_REQ_ONE};
+use storaged_client::meta::{NBD_STATE_HOLE, NBD_STATE_ZERO};
 use storaged_client::protocol::*;
 use storaged_client::stream::{NbdStream, WriteHalf};
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::codec::FramedRead;
 
-/// Bytes of requests in flight per connection.
-pub const INFLIGHT_BUDGET: u32 = 64 << 20;
-/// Budget charged per request on top of its length (bounds the number of requests).
-pub const REQUEST_OVERHEAD: u32 = 256 << 10;
 /// Replies are gathered up to this many bytes per socket write while more are ready.
 const WRITE_BATCH: usize = 256 << 10;
+/// Buffered writes up to this size are gathered into batches for one blocking thread.
+const BATCHED_WRITE_MAX: u32 = 64 << 10;
+/// Most writes in one batch.
+const BATCH_MAX: usize = 64;
 
 type Requests = FramedRead<storaged_client::stream::ReadHalf, RequestDecoder>;
 
-/// One reply for the writer task, holding its request's share of the memory budget until it
+/// One reply for the writer task, holding its request's share of the memory budgets until it
 /// is encoded.
 struct Outgoing {
     reply: Reply<Vec<u8>>,
-    _permit: Option<OwnedSemaphorePermit>,
+    _permit: Permit,
 }
 
 impl Outgoing {
     /// A reply without data.
-    fn status(handle: u64, error: u32) -> Outgoing {
+    fn status(handle: u64, error: u32, permit: Permit) -> Outgoing {
         Outgoing {
             reply: Reply::status(handle, error),
-            _permit: None,
+            _permit: permit,
         }
     }
 
     /// The reply to a command without data, from its outcome.
-    fn done(handle: u64, res: std::io::Result<()>, permit: OwnedSemaphorePermit) -> Outgoing {
-        Outgoing {
-            reply: Reply::status(handle, res.as_ref().map_or_else(io_errno, |_| 0)),
-            _permit: Some(permit),
-        }
+    fn done(handle: u64, res: std::io::Result<()>, permit: Permit) -> Outgoing {
+        let error = res.as_ref().map_or_else(io_errno, |_| 0);
+        Outgoing::status(handle, error, permit)
     }
 
-    /// The reply to a read of `data` at `offset`, from its outcome.
-    fn read<T>(
-        req: &Request,
-        res: std::io::Result<T>,
-        data: Vec<u8>,
-        permit: OwnedSemaphorePermit,
-    ) -> Outgoing {
+    /// The reply to a read of `data` at the request's offset with `error` (with structured
+    /// replies an error is an error chunk: a reply to a read must never be a simple one there).
+    fn read(req: &Request, error: u32, data: Vec<u8>, permit: Permit) -> Outgoing {
+        let offset = req.offset;
         Outgoing {
             reply: Reply {
                 handle: req.handle,
-                error: res.as_ref().map_or_else(io_errno, |_| 0),
-                data: Some(ReplyData {
-                    offset: req.offset,
-                    data,
-                }),
+                error,
+                body: ReplyBody::Data(ReplyData { offset, data }),
             },
-            _permit: Some(permit),
+            _permit: permit,
         }
     }
 }
@@ -89,24 +91,39 @@ enum End {
     Eof,
     Fenced,
     Shutdown,
+    /// Nothing sent and nothing in flight for the idle timeout (connections without a lease).
+    Idle,
+    /// The writer stopped: the socket failed, or the client read no reply for too long.
+    Writer,
 }
 
 /// Sends replies as they come, as many as are ready in one socket write; the data of long
-/// reads goes out from its own buffer (see [`send_frame`]).
+/// reads goes out from its own buffer (see [`send_frame`]). A write that makes no progress
+/// for `stall` ends the connection.
 async fn writer(
     mut wr: WriteHalf,
     encoder: ReplyEncoder,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    stall: Duration,
 ) -> std::io::Result<()> {
+    let stalled = || {
+        let why = format!("the client read no reply for {stall:?}");
+        std::io::Error::new(std::io::ErrorKind::TimedOut, why)
+    };
     let mut buf = BytesMut::with_capacity(WRITE_BATCH);
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         while let Some(Outgoing { reply, _permit }) = next {
             let data = encoder.encode_head(&reply, &mut buf);
-            send_frame(&mut wr, &mut buf, data, WRITE_BATCH).await?;
+            let send = send_frame(&mut wr, &mut buf, data, WRITE_BATCH);
+            tokio::time::timeout(stall, send)
+                .await
+                .map_err(|_| stalled())??;
             next = rx.try_recv().ok();
         }
-        wr.write_all_buf(&mut buf).await?;
+        tokio::time::timeout(stall, wr.write_all_buf(&mut buf))
+            .await
+            .map_err(|_| stalled())??;
     }
     Ok(())
 }
@@ -116,12 +133,13 @@ fn io_errno(e: &std::io::Error) -> u32 {
         Some(libc::ENOSPC) => NBD_ENOSPC,
         Some(libc::ENOMEM) => NBD_ENOMEM,
         Some(libc::EINVAL) => NBD_EINVAL,
+        Some(libc::ENOTSUP) => NBD_ENOTSUP,
         _ => NBD_EIO,
     }
 }
 
 /// Where replies go: the writer task. It only goes away when the socket failed, which the
-/// reader notices on its own, so a failed send is ignored.
+/// reader learns from the writer's end, so a failed send is ignored.
 #[derive(Clone)]
 struct ReplyTx(mpsc::UnboundedSender<Outgoing>);
 
@@ -131,6 +149,14 @@ impl ReplyTx {
     }
 }
 
+/// A small buffered write waiting for its batch to go to a blocking thread.
+struct QueuedWrite {
+    req: Request,
+    data: Bytes,
+    permit: Permit,
+    adm: Admitted,
+}
+
 /// What the request handlers share.
 struct Ctx {
     reg: Arc<Registry>,
@@ -138,10 +164,15 @@ struct Ctx {
     gate: Arc<Gate>,
     holder: Option<storaged_client::api::Holder>,
     tx: ReplyTx,
-    budget: Arc<Semaphore>,
+    budget: Budget,
+    conn_budget: Arc<Semaphore>,
     peer: std::net::SocketAddr,
+    structured: bool,
+    block_status: bool,
     /// A refusal was already logged (a fenced client may retry thousands of times).
     refusal_logged: std::sync::atomic::AtomicBool,
+    /// Small writes gathered for one blocking thread (see [`Ctx::flush_writes`]).
+    batch: Mutex<Vec<QueuedWrite>>,
 }
 
 impl Ctx {
@@ -149,12 +180,8 @@ impl Ctx {
         self.tx.send(r);
     }
 
-    async fn permit(&self, len: u32) -> OwnedSemaphorePermit {
-        self.budget
-            .clone()
-            .acquire_many_owned(len.saturating_add(REQUEST_OVERHEAD).min(INFLIGHT_BUDGET))
-            .await
-            .expect("budget semaphore is never closed")
+    async fn permit(&self, len: u32) -> Permit {
+        self.budget.acquire(&self.conn_budget, len).await
     }
 
     /// Passes the gate; a standby may flip here on first access.
@@ -188,10 +215,77 @@ impl Ctx {
             .checked_add(len)
             .is_some_and(|end| end <= self.vol.config.size)
     }
+
+    /// Runs `f` on a blocking thread with the volume's file; its reply goes to the writer.
+    fn blocking(&self, f: impl FnOnce(&VolumeFile) -> Outgoing + Send + 'static) {
+        let (file, tx) = (self.vol.file.clone(), self.tx.clone());
+        tokio::task::spawn_blocking(move || tx.send(f(&file)));
+    }
+
+    /// Queues a small write for the next batch.
+    fn queue_write(&self, w: QueuedWrite) {
+        let full = {
+            let mut batch = self.batch.lock().expect("batch lock");
+            batch.push(w);
+            batch.len() >= BATCH_MAX
+        };
+        if full {
+            self.flush_writes();
+        }
+    }
+
+    /// Hands the gathered writes to one blocking thread. Called whenever the reader is about
+    /// to wait, so that no admitted write waits for the reader.
+    fn flush_writes(&self) {
+        let batch = std::mem::take(&mut *self.batch.lock().expect("batch lock"));
+        if batch.is_empty() {
+            return;
+        }
+        let (file, tx) = (self.vol.file.clone(), self.tx.clone());
+        tokio::task::spawn_blocking(move || {
+            for QueuedWrite {
+                req,
+                data,
+                permit,
+                adm,
+            } in batch
+            {
+                let res = file.write_at(&data, req.offset, false);
+                drop(adm);
+                tx.send(Outgoing::done(req.handle, res, permit));
+            }
+        });
+    }
 }
 
 /// Command flags the server knows; any other is refused with `EINVAL`.
-const KNOWN_FLAGS: u16 = NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE;
+const KNOWN_FLAGS: u16 = NBD_CMD_FLAG_FUA
+    | NBD_CMD_FLAG_NO_HOLE
+    | NBD_CMD_FLAG_DF
+    | NBD_CMD_FLAG_REQ_ONE
+    | NBD_CMD_FLAG_FAST_ZERO;
+
+/// The client's next frame, or why there is none. With an `idle` limit, a client that sends
+/// nothing for that long while none of its requests is in flight is let go. Only the wait for
+/// a frame is raced against that clock (reading a frame is cancel-safe): a frame once read is
+/// always handled to its reply.
+async fn next_frame(
+    rd: &mut Requests,
+    ctx: &Ctx,
+    idle: Option<Duration>,
+) -> Result<Result<RequestFrame, CodecError>, End> {
+    let Some(limit) = idle else {
+        return rd.next().await.ok_or(End::Eof);
+    };
+    loop {
+        match tokio::time::timeout(limit, rd.next()).await {
+            Ok(frame) => return frame.ok_or(End::Eof),
+            Err(_) if ctx.budget.idle(&ctx.conn_budget) => return Err(End::Idle),
+            // Requests in flight: the client is waiting for their replies, not idling.
+            Err(_) => {}
+        }
+    }
+}
 
 /// Handles one frame; `Some(end)` stops the reader.
 async fn handle(
@@ -203,29 +297,62 @@ async fn handle(
         RequestFrame::Request(req) => req,
         RequestFrame::Oversize(req) => {
             tracing::warn!(peer = %ctx.peer, length = req.length, "oversize write");
-            ctx.send(Outgoing::status(req.handle, NBD_EOVERFLOW));
+            let permit = ctx.permit(0).await;
+            ctx.send(Outgoing::status(req.handle, NBD_EOVERFLOW, permit));
             return Ok(None);
         }
         RequestFrame::WriteData(_) => {
             return Err(ProtocolError::Invalid("write data without a write request").into())
         }
     };
+    if req.kind == NBD_CMD_DISC {
+        return Ok(Some(End::Disc));
+    }
+    let data_len = match req.kind {
+        NBD_CMD_WRITE | NBD_CMD_READ => req.length,
+        _ => 0,
+    };
+    let permit = ctx.permit(data_len).await;
+    if req.flags & !KNOWN_FLAGS != 0 && req.kind != NBD_CMD_WRITE {
+        ctx.send(refused(ctx, &req, NBD_EINVAL, permit));
+        return Ok(None);
+    }
     match req.kind {
-        NBD_CMD_DISC => return Ok(Some(End::Disc)),
         NBD_CMD_WRITE => {
-            let permit = ctx.permit(req.length).await;
             let data = write_data(rd).await?;
             write(ctx, req, data, permit).await;
         }
-        NBD_CMD_READ => read(ctx, req).await,
-        NBD_CMD_FLUSH | NBD_CMD_TRIM | NBD_CMD_WRITE_ZEROES => without_data(ctx, req).await,
-        NBD_CMD_LEASE_FLIP => flip_request(ctx, req).await,
+        NBD_CMD_READ => read(ctx, req, permit).await,
+        NBD_CMD_FLUSH | NBD_CMD_TRIM | NBD_CMD_WRITE_ZEROES | NBD_CMD_CACHE => {
+            without_data(ctx, req, permit).await
+        }
+        NBD_CMD_BLOCK_STATUS => block_status(ctx, req, permit).await,
+        NBD_CMD_LEASE_FLIP => flip_request(ctx, req, permit).await,
         other => {
             tracing::warn!(peer = %ctx.peer, command = other, "unknown command");
-            ctx.send(Outgoing::status(req.handle, NBD_EINVAL));
+            ctx.send(Outgoing::status(req.handle, NBD_EINVAL, permit));
         }
     }
     Ok(None)
+}
+
+/// The reply refusing `req` with `error` before any I/O, in the form its command needs.
+fn refused(ctx: &Ctx, req: &Request, error: u32, permit: Permit) -> Outgoing {
+    match req.kind {
+        NBD_CMD_READ => Outgoing::read(req, error, Vec::new(), permit),
+        NBD_CMD_BLOCK_STATUS if ctx.structured => Outgoing {
+            reply: Reply {
+                handle: req.handle,
+                error,
+                body: ReplyBody::BlockStatus(BlockStatus {
+                    context: BASE_ALLOCATION_ID,
+                    extents: Vec::new(),
+                }),
+            },
+            _permit: permit,
+        },
+        _ => Outgoing::status(req.handle, error, permit),
+    }
 }
 
 /// The frame after a write's header: its data.
@@ -239,121 +366,167 @@ async fn write_data(rd: &mut Requests) -> Result<Bytes, CodecError> {
 }
 
 /// `NBD_CMD_WRITE`, its data received.
-async fn write(ctx: &Ctx, req: Request, data: Bytes, permit: OwnedSemaphorePermit) {
+async fn write(ctx: &Ctx, req: Request, data: Bytes, permit: Permit) {
     let h = req.handle;
     let fua = req.flags & NBD_CMD_FLAG_FUA != 0;
     if req.flags & !KNOWN_FLAGS != 0 {
-        return ctx.send(Outgoing::status(h, NBD_EINVAL));
+        return ctx.send(Outgoing::status(h, NBD_EINVAL, permit));
     }
     if !ctx.in_range(req.offset, req.length as u64) {
-        return ctx.send(Outgoing::status(h, NBD_ENOSPC));
+        return ctx.send(Outgoing::status(h, NBD_ENOSPC, permit));
     }
     let adm = match ctx.admit(Need::Write, req.kind).await {
         Ok(adm) => adm,
-        Err(e) => return ctx.send(Outgoing::status(h, e)),
+        Err(e) => return ctx.send(Outgoing::status(h, e, permit)),
     };
-    let file = ctx.vol.file.clone();
-    // Fast path: small buffered writes only copy into the page cache, so they run right here
-    // instead of paying the hop to a blocking thread (measured: ~2x the IOPS at 4 KiB). Larger
-    // ones are tried with RWF_NOWAIT where the file system supports it.
+    if !fua && req.length <= BATCHED_WRITE_MAX {
+        return ctx.queue_write(QueuedWrite {
+            req,
+            data,
+            permit,
+            adm,
+        });
+    }
+    // Larger buffered writes are tried with RWF_NOWAIT where the file system supports it.
     if !fua {
-        let done = if req.length <= ctx.reg.inline_write_max {
-            Some(file.write_at(&data, req.offset, false))
-        } else {
-            match file.write_cached(&data, req.offset) {
-                Ok(false) => None,
-                r => Some(r.map(|_| ())),
+        match ctx.vol.file.write_cached(&data, req.offset) {
+            Ok(false) => {}
+            done => {
+                drop(adm);
+                return ctx.send(Outgoing::done(h, done.map(drop), permit));
             }
-        };
-        if let Some(done) = done {
-            drop(adm);
-            return ctx.send(Outgoing::done(h, done, permit));
         }
     }
-    let tx = ctx.tx.clone();
-    tokio::task::spawn_blocking(move || {
+    ctx.blocking(move |file| {
         let res = file.write_at(&data, req.offset, fua);
         drop(adm);
-        tx.send(Outgoing::done(h, res, permit));
+        Outgoing::done(h, res, permit)
     });
 }
 
 /// `NBD_CMD_READ`.
-async fn read(ctx: &Ctx, req: Request) {
-    let h = req.handle;
+async fn read(ctx: &Ctx, req: Request, permit: Permit) {
     if req.length > MAX_REQUEST_LEN {
         tracing::warn!(peer = %ctx.peer, length = req.length, "oversize read");
-        return ctx.send(Outgoing::status(h, NBD_EOVERFLOW));
+        return ctx.send(refused(ctx, &req, NBD_EOVERFLOW, permit));
     }
-    if req.flags & !KNOWN_FLAGS != 0 || !ctx.in_range(req.offset, req.length as u64) {
-        return ctx.send(Outgoing::status(h, NBD_EINVAL));
+    if !ctx.in_range(req.offset, req.length as u64) {
+        return ctx.send(refused(ctx, &req, NBD_EINVAL, permit));
     }
-    let permit = ctx.permit(req.length).await;
     let adm = match ctx.admit(Need::Read, req.kind).await {
         Ok(adm) => adm,
-        Err(e) => return ctx.send(Outgoing::status(h, e)),
+        Err(e) => return ctx.send(refused(ctx, &req, e, permit)),
     };
-    let file = ctx.vol.file.clone();
     let mut buf = vec![0u8; req.length as usize];
     // Fast path: data in the page cache is copied here, without the hop to a blocking thread.
-    match file.read_cached(&mut buf, req.offset) {
+    let error = |res: std::io::Result<()>| res.as_ref().map_or_else(io_errno, |_| 0);
+    match ctx.vol.file.read_cached(&mut buf, req.offset) {
         Ok(false) => {}
         done => {
             drop(adm);
-            return ctx.send(Outgoing::read(&req, done, buf, permit));
+            return ctx.send(Outgoing::read(&req, error(done.map(drop)), buf, permit));
         }
     }
-    let tx = ctx.tx.clone();
-    tokio::task::spawn_blocking(move || {
+    ctx.blocking(move |file| {
         let res = file.read_at(&mut buf, req.offset);
         drop(adm);
-        tx.send(Outgoing::read(&req, res, buf, permit));
+        Outgoing::read(&req, error(res), buf, permit)
     });
 }
 
-/// `NBD_CMD_FLUSH`, `NBD_CMD_TRIM` and `NBD_CMD_WRITE_ZEROES`: commands without data.
-async fn without_data(ctx: &Ctx, req: Request) {
+/// `NBD_CMD_FLUSH`, `NBD_CMD_TRIM`, `NBD_CMD_WRITE_ZEROES` and `NBD_CMD_CACHE`: commands
+/// without data.
+async fn without_data(ctx: &Ctx, req: Request, permit: Permit) {
     let h = req.handle;
-    let need = if req.kind == NBD_CMD_FLUSH {
-        Need::Read
-    } else {
-        Need::Write
+    let need = match req.kind {
+        NBD_CMD_FLUSH | NBD_CMD_CACHE => Need::Read,
+        _ => Need::Write,
     };
-    if req.flags & !KNOWN_FLAGS != 0 || !ctx.in_range(req.offset, req.length as u64) {
-        return ctx.send(Outgoing::status(h, NBD_EINVAL));
+    if !ctx.in_range(req.offset, req.length as u64) {
+        return ctx.send(Outgoing::status(h, NBD_EINVAL, permit));
     }
-    let fua = req.flags & NBD_CMD_FLAG_FUA != 0;
-    let no_hole = req.flags & NBD_CMD_FLAG_NO_HOLE != 0;
+    let flag = |f| req.flags & f != 0;
+    let (fua, no_hole, fast) = (
+        flag(NBD_CMD_FLAG_FUA),
+        flag(NBD_CMD_FLAG_NO_HOLE),
+        flag(NBD_CMD_FLAG_FAST_ZERO),
+    );
     let (off, len) = (req.offset, req.length as u64);
     let adm = match ctx.admit(need, req.kind).await {
         Ok(adm) => adm,
-        Err(e) => return ctx.send(Outgoing::status(h, e)),
+        Err(e) => return ctx.send(Outgoing::status(h, e, permit)),
     };
-    let (file, tx) = (ctx.vol.file.clone(), ctx.tx.clone());
-    tokio::task::spawn_blocking(move || {
+    ctx.blocking(move |file| {
         let res = match req.kind {
             NBD_CMD_FLUSH => file.flush(),
+            NBD_CMD_CACHE => file.cache(off, len),
             NBD_CMD_TRIM => file
                 .trim(off, len)
                 .and_then(|()| if fua { file.flush() } else { Ok(()) }),
-            _ => file.write_zeroes(off, len, no_hole, fua),
+            _ => file.write_zeroes(off, len, no_hole, fua, fast),
         };
         drop(adm);
-        tx.send(Outgoing::status(
-            h,
-            res.as_ref().map_or_else(io_errno, |_| 0),
-        ));
+        Outgoing::done(h, res, permit)
     });
 }
 
+/// `NBD_CMD_BLOCK_STATUS` in `base:allocation`, from the file's data and holes.
+async fn block_status(ctx: &Ctx, req: Request, permit: Permit) {
+    let valid = ctx.block_status && req.length > 0 && ctx.in_range(req.offset, req.length.into());
+    if !valid {
+        return ctx.send(refused(ctx, &req, NBD_EINVAL, permit));
+    }
+    let adm = match ctx.admit(Need::Read, req.kind).await {
+        Ok(adm) => adm,
+        Err(e) => return ctx.send(refused(ctx, &req, e, permit)),
+    };
+    let max = match req.flags & NBD_CMD_FLAG_REQ_ONE {
+        0 => MAX_EXTENTS,
+        _ => 1,
+    };
+    ctx.blocking(move |file| {
+        let spans = file.spans(req.offset, req.length, max);
+        drop(adm);
+        let (error, extents) = match spans {
+            Ok(spans) if !spans.is_empty() => (0, spans.into_iter().map(extent).collect()),
+            Ok(_) => (NBD_EIO, Vec::new()),
+            Err(e) => (io_errno(&e), Vec::new()),
+        };
+        let status = BlockStatus {
+            context: BASE_ALLOCATION_ID,
+            extents,
+        };
+        Outgoing {
+            reply: Reply {
+                handle: req.handle,
+                error,
+                body: ReplyBody::BlockStatus(status),
+            },
+            _permit: permit,
+        }
+    });
+}
+
+/// A span of the file as a `base:allocation` extent.
+fn extent(s: Span) -> Extent {
+    let flags = match s.allocated {
+        true => 0,
+        false => NBD_STATE_HOLE | NBD_STATE_ZERO,
+    };
+    Extent {
+        length: s.length,
+        flags,
+    }
+}
+
 /// `NBD_CMD_LEASE_FLIP`: promote this standby connection's holder.
-async fn flip_request(ctx: &Ctx, req: Request) {
+async fn flip_request(ctx: &Ctx, req: Request, permit: Permit) {
     let h = req.handle;
     let Some(holder) = ctx.holder.as_ref() else {
-        return ctx.send(Outgoing::status(h, NBD_EINVAL));
+        return ctx.send(Outgoing::status(h, NBD_EINVAL, permit));
     };
     if req.length != FLIP_REPORT_LEN || req.offset != 0 || req.flags != 0 {
-        return ctx.send(Outgoing::status(h, NBD_EINVAL));
+        return ctx.send(Outgoing::status(h, NBD_EINVAL, permit));
     }
     let result = match ctx.gate.access() {
         Access::ReadWrite => Ok(FlipReport {
@@ -361,94 +534,138 @@ async fn flip_request(ctx: &Ctx, req: Request) {
             ..FlipReport::default()
         }),
         Access::Standby => flip::flip_self(&ctx.reg, &ctx.vol, holder).await,
-        _ => return ctx.send(Outgoing::status(h, NBD_EPERM)),
+        _ => return ctx.send(Outgoing::status(h, NBD_EPERM, permit)),
     };
     match result {
         Ok(rep) => ctx.send(Outgoing {
             reply: Reply {
                 handle: h,
                 error: 0,
-                data: Some(ReplyData {
+                body: ReplyBody::Data(ReplyData {
                     offset: 0,
                     data: rep.encode().to_vec(),
                 }),
             },
-            _permit: None,
+            _permit: permit,
         }),
         Err(e) => {
             tracing::warn!(peer = %ctx.peer, volume = %ctx.vol.config.name, error = %e,
                 "flip requested over NBD failed");
-            ctx.send(Outgoing::status(h, NBD_EPERM));
+            ctx.send(Outgoing::status(h, NBD_EPERM, permit));
         }
     }
 }
 
-/// Serves one negotiated connection until the client disconnects, a barrier closes it, or the
-/// server shuts down (then the admitted requests finish and are answered first).
-pub async fn serve(
-    stream: NbdStream,
-    reg: Arc<Registry>,
-    neg: Negotiated,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let Negotiated {
-        vol,
-        att,
-        structured,
-    } = neg;
-    let entry = att.entry;
-    let (rd, wr) = stream.into_halves();
-    let mut rd = FramedRead::with_capacity(rd, RequestDecoder::new(), READ_CHUNK);
-    let (tx, rx) = mpsc::unbounded_channel();
-    let mut wtask = tokio::spawn(writer(wr, ReplyEncoder::new(structured), rx));
-    let ctx = Ctx {
-        reg,
-        vol: vol.clone(),
-        gate: entry.gate.clone(),
-        holder: entry.holder.clone(),
-        tx: ReplyTx(tx),
-        budget: Arc::new(Semaphore::new(INFLIGHT_BUDGET as usize)),
-        peer: entry.peer,
-        refusal_logged: Default::default(),
-    };
-    let closed = entry.gate.closed();
-    tokio::pin!(closed);
-    let stop = shutdown.wait_for(|s| *s);
-    tokio::pin!(stop);
-    let end: Result<End, CodecError> = loop {
-        let step = async {
-            match rd.next().await {
-                None => Ok(Some(End::Eof)),
-                Some(frame) => handle(&ctx, &mut rd, frame?).await,
+/// The parts of the server one connection in transmission uses.
+pub(super) struct Transmission<'a> {
+    pub(super) reg: Arc<Registry>,
+    pub(super) limits: &'a Limits,
+    pub(super) budget: Budget,
+}
+
+impl Transmission<'_> {
+    /// Serves one negotiated connection until the client disconnects, a barrier closes it,
+    /// the server shuts down (then the admitted requests finish and are answered first), the
+    /// client leaves its replies unread too long, or a connection without a lease idles.
+    pub(super) async fn serve(
+        self,
+        stream: NbdStream,
+        neg: Negotiated,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let Negotiated {
+            vol,
+            att,
+            structured,
+            block_status,
+        } = neg;
+        let Attachment {
+            entry, attached, ..
+        } = att;
+        let (rd, wr) = stream.into_halves();
+        let mut rd = FramedRead::with_capacity(rd, RequestDecoder::new(), READ_CHUNK);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let encoder = ReplyEncoder::new(structured);
+        let mut wtask = tokio::spawn(writer(wr, encoder, rx, self.limits.reply_timeout));
+        let ctx = Ctx {
+            reg: self.reg,
+            vol: vol.clone(),
+            gate: entry.gate.clone(),
+            holder: entry.holder.clone(),
+            tx: ReplyTx(tx),
+            conn_budget: self.budget.connection(),
+            budget: self.budget,
+            peer: entry.peer,
+            structured,
+            block_status,
+            refusal_logged: Default::default(),
+            batch: Mutex::new(Vec::new()),
+        };
+        let closed = entry.gate.closed();
+        tokio::pin!(closed);
+        let stop = shutdown.wait_for(|s| *s);
+        tokio::pin!(stop);
+        // Only connections without a lease idle out: lease holders are known hosts.
+        let idle = entry.holder.is_none().then_some(self.limits.idle_timeout);
+        let mut writer_end = None;
+        let end: Result<End, CodecError> = loop {
+            let step = async {
+                match next_frame(&mut rd, &ctx, idle).await {
+                    Ok(frame) => handle(&ctx, &mut rd, frame?).await,
+                    Err(end) => Ok(Some(end)),
+                }
+            };
+            tokio::pin!(step);
+            // Whenever the reader is about to wait, the gathered writes go to a thread.
+            let step = std::future::poll_fn(|cx| {
+                let r = step.as_mut().poll(cx);
+                if r.is_pending() {
+                    ctx.flush_writes();
+                }
+                r
+            });
+            tokio::select! {
+                biased;
+                _ = &mut closed => break Ok(End::Fenced),
+                _ = &mut stop => break Ok(End::Shutdown),
+                r = &mut wtask => {
+                    writer_end = Some(r);
+                    break Ok(End::Writer);
+                }
+                r = step => match r {
+                    Ok(None) => {}
+                    Ok(Some(end)) => break Ok(end),
+                    Err(e) => break Err(e),
+                }
             }
         };
-        tokio::select! {
-            biased;
-            _ = &mut closed => break Ok(End::Fenced),
-            _ = &mut stop => break Ok(End::Shutdown),
-            r = step => match r {
-                Ok(None) => {}
-                Ok(Some(end)) => break Ok(end),
-                Err(e) => break Err(e),
-            },
+        ctx.flush_writes();
+        drop(ctx);
+        if matches!(end, Ok(End::Fenced)) {
+            // Fenced: drained already; replies still queued would only reach a deposed primary.
+            wtask.abort();
+        } else if writer_end.is_none()
+            && tokio::time::timeout(Duration::from_secs(30), &mut wtask)
+                .await
+                .is_err()
+        {
+            wtask.abort();
         }
-    };
-    drop(ctx);
-    if matches!(end, Ok(End::Fenced)) {
-        // Fenced: drained already; replies still queued would only reach a deposed primary.
-        wtask.abort();
-    } else if tokio::time::timeout(Duration::from_secs(30), &mut wtask)
-        .await
-        .is_err()
-    {
-        wtask.abort();
-    }
-    vol.detach(entry.id);
-    match end {
-        Ok(reason) => tracing::info!(peer = %entry.peer, volume = %vol.config.name,
-            reason = ?reason, "connection closed"),
-        Err(e) => tracing::warn!(peer = %entry.peer, volume = %vol.config.name,
-            error = %e, cause = ?std::error::Error::source(&e).map(|c| c.to_string()),
-            "connection dropped"),
+        drop(attached);
+        match end {
+            Ok(End::Writer) => {
+                let error = match writer_end {
+                    Some(Ok(Err(e))) => e.to_string(),
+                    _ => "writer ended".into(),
+                };
+                tracing::warn!(peer = %entry.peer, volume = %vol.config.name, %error,
+                    "connection dropped: replies could not be sent")
+            }
+            Ok(reason) => tracing::info!(peer = %entry.peer, volume = %vol.config.name,
+                reason = ?reason, "connection closed"),
+            Err(e) => tracing::warn!(peer = %entry.peer, volume = %vol.config.name,
+                error = %e, cause = ?std::error::Error::source(&e).map(|c| c.to_string()),
+                "connection dropped"),
+        }
     }
 }

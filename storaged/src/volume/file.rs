@@ -3,11 +3,15 @@
 //! I/O is positional (`pread`/`pwrite`) on one shared file descriptor, so requests from many
 //! connections run in parallel without a seek position to protect. Durability: `FLUSH` is
 //! `fdatasync`; an FUA write is a `pwritev2(RWF_DSYNC)`, which makes just that range durable.
-//! System calls go through `nix` where it wraps them (`fallocate`); nix has no `preadv2` or
-//! `pwritev2`, which stay on `libc` in one small function each.
+//! System calls go through `nix` where it wraps them (`fallocate`, `lseek`, `posix_fadvise`);
+//! nix has no `preadv2` or `pwritev2`, which stay on `libc` in one small function each.
+//!
+//! Which ranges hold data ([`VolumeFile::spans`]) comes from `SEEK_DATA` / `SEEK_HOLE`, so a
+//! hole punched by TRIM or WRITE_ZEROES, or never written, is reported as one.
 
 use nix::errno::Errno;
-use nix::fcntl::{fallocate, FallocateFlags};
+use nix::fcntl::{fallocate, posix_fadvise, FallocateFlags, PosixFadviseAdvice};
+use nix::unistd::{lseek, Whence};
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::unix::fs::FileExt;
@@ -38,6 +42,15 @@ pub enum VolumeError {
     },
 }
 
+/// A run of bytes that is all data or all hole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    /// Its length.
+    pub length: u32,
+    /// Whether it is allocated (a hole reads as zeroes).
+    pub allocated: bool,
+}
+
 /// The file behind a volume.
 #[derive(Debug)]
 pub struct VolumeFile {
@@ -54,8 +67,18 @@ impl VolumeFile {
         dir.join(format!("{name}.img"))
     }
 
-    /// Creates (or opens, when it already exists) the sparse file of `size` bytes.
+    /// Opens the file of an existing volume (created empty if it went missing).
+    pub fn open(path: &Path, size: u64) -> Result<VolumeFile, VolumeError> {
+        Self::open_with(path, size, false)
+    }
+
+    /// Creates the file of a new volume: empty and sparse, whatever a file of the same name
+    /// held before (a volume deleted by a process that died before removing its file).
     pub fn create(path: &Path, size: u64) -> Result<VolumeFile, VolumeError> {
+        Self::open_with(path, size, true)
+    }
+
+    fn open_with(path: &Path, size: u64, truncate: bool) -> Result<VolumeFile, VolumeError> {
         let io_err = |source| VolumeError::Io {
             path: path.to_path_buf(),
             source,
@@ -64,7 +87,7 @@ impl VolumeFile {
             .read(true)
             .write(true)
             .create(true)
-            .truncate(false)
+            .truncate(truncate)
             .open(path)
             .map_err(io_err)?;
         if file.metadata().map_err(io_err)?.len() != size {
@@ -188,13 +211,26 @@ impl VolumeFile {
     }
 
     /// Zeroes a range, keeping it allocated when `no_hole`; durable on return with `fua`.
-    pub fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool, fua: bool) -> io::Result<()> {
+    /// With `fast`, fails with `ENOTSUP` instead of writing zeroes where the file system cannot
+    /// zero the range without writing them.
+    pub fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+        fua: bool,
+        fast: bool,
+    ) -> io::Result<()> {
         let mode = if no_hole {
             FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE
         } else {
             PUNCH_HOLE
         };
-        if self.fallocate(mode, offset, len).is_err() {
+        if let Err(e) = self.fallocate(mode, offset, len) {
+            if fast {
+                tracing::debug!(error = %e, "fallocate cannot zero: refusing a fast zero");
+                return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
+            }
             // File systems without the fallocate mode: write real zeroes.
             let zeroes = vec![0u8; len.min(1 << 20) as usize];
             let mut at = offset;
@@ -208,6 +244,46 @@ impl VolumeFile {
             self.file.sync_data()?;
         }
         Ok(())
+    }
+
+    /// Starts reading a range into the page cache (`NBD_CMD_CACHE`).
+    pub fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        let advice = PosixFadviseAdvice::POSIX_FADV_WILLNEED;
+        Ok(posix_fadvise(
+            &self.file,
+            offset as libc::off_t,
+            len as libc::off_t,
+            advice,
+        )?)
+    }
+
+    /// The data and holes of `offset..offset + len`, in order and without gaps, from the start
+    /// of the range: at most `max` spans, so they may end before the range does.
+    pub fn spans(&self, offset: u64, len: u32, max: usize) -> io::Result<Vec<Span>> {
+        let end = offset.saturating_add(len.into()).min(self.size);
+        let mut spans: Vec<Span> = Vec::new();
+        let mut at = offset;
+        while at < end && spans.len() < max {
+            let data = match lseek(&self.file, at as libc::off_t, Whence::SeekData) {
+                Ok(d) => d as u64,
+                // No data at or after `at`: a hole up to the end.
+                Err(Errno::ENXIO) => end,
+                Err(e) => return Err(e.into()),
+            };
+            let (next, allocated) = if data > at {
+                (data.min(end), false)
+            } else {
+                let hole = lseek(&self.file, at as libc::off_t, Whence::SeekHole)? as u64;
+                (hole.clamp(at + 1, end), true)
+            };
+            let length = (next - at) as u32;
+            match spans.last_mut() {
+                Some(last) if last.allocated == allocated => last.length += length,
+                _ => spans.push(Span { length, allocated }),
+            }
+            at = next;
+        }
+        Ok(spans)
     }
 
     fn fallocate(&self, mode: FallocateFlags, offset: u64, len: u64) -> io::Result<()> {
@@ -233,14 +309,14 @@ mod tests {
         let mut b = vec![0u8; 4096];
         f.read_at(&mut b, 8192).unwrap();
         assert!(b.iter().all(|&x| x == 7));
-        f.write_zeroes(8192, 4096, false, true).unwrap();
+        f.write_zeroes(8192, 4096, false, true, false).unwrap();
         f.read_at(&mut b, 8192).unwrap();
         assert!(b.iter().all(|&x| x == 0));
         f.write_at(&[1u8; 4096], 8192, false).unwrap();
         f.trim(8192, 4096).unwrap();
         f.read_at(&mut b, 8192).unwrap();
         assert!(b.iter().all(|&x| x == 0));
-        f.write_zeroes(0, 512, true, false).unwrap();
+        f.write_zeroes(0, 512, true, false, true).unwrap();
         f.read_at(&mut b[..512], 0).unwrap();
         assert!(b[..512].iter().all(|&x| x == 0));
         f.flush().unwrap();
@@ -254,5 +330,44 @@ mod tests {
         if f.read_cached(&mut c, 8192).unwrap() {
             assert!(c.iter().all(|&x| x == 0));
         }
+        f.cache(0, 1 << 20).unwrap();
+    }
+
+    #[test]
+    fn spans_follow_data_and_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = VolumeFile::path_in(dir.path(), "v");
+        let f = VolumeFile::create(&path, 4 << 20).unwrap();
+        let hole = |length| Span {
+            length,
+            allocated: false,
+        };
+        let data = |length| Span {
+            length,
+            allocated: true,
+        };
+        assert_eq!(f.spans(0, 4 << 20, 16).unwrap(), vec![hole(4 << 20)]);
+        f.write_at(&[1u8; 1 << 20], 1 << 20, false).unwrap();
+        assert_eq!(
+            f.spans(0, 4 << 20, 16).unwrap(),
+            vec![hole(1 << 20), data(1 << 20), hole(2 << 20)]
+        );
+        // From inside the data, bounded by the range, and by `max`.
+        assert_eq!(
+            f.spans(3 << 19, 1 << 20, 16).unwrap(),
+            vec![data(1 << 19), hole(1 << 19)]
+        );
+        assert_eq!(f.spans(0, 4 << 20, 1).unwrap(), vec![hole(1 << 20)]);
+        f.trim(1 << 20, 1 << 20).unwrap();
+        assert_eq!(f.spans(0, 4 << 20, 16).unwrap(), vec![hole(4 << 20)]);
+        // A re-created volume of the same name starts empty.
+        f.write_at(&[2u8; 4096], 0, true).unwrap();
+        drop(f);
+        let again = VolumeFile::create(&path, 4 << 20).unwrap();
+        let mut b = vec![1u8; 4096];
+        again.read_at(&mut b, 0).unwrap();
+        assert!(b.iter().all(|&x| x == 0), "old data in a new volume");
+        let kept = VolumeFile::open(&path, 4 << 20).unwrap();
+        assert_eq!(kept.spans(0, 4096, 4).unwrap(), vec![hole(4096)]);
     }
 }

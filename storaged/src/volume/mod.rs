@@ -6,13 +6,15 @@
 
 mod file;
 
-pub use file::{VolumeError, VolumeFile};
+pub use file::{Span, VolumeError, VolumeFile};
 
 use crate::lease::gate::Gate;
 use crate::lease::LeaseTable;
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 use storaged_client::api::{
     ArmedFlipInfo, Holder, LeaseEntry, LeaseState, LeaseView, VolumeAccess, VolumeConfig,
     VolumeInfo,
@@ -29,6 +31,26 @@ pub struct ConnEntry {
     pub peer: SocketAddr,
     /// Admission gate.
     pub gate: Arc<Gate>,
+}
+
+impl ConnEntry {
+    fn holder_host(&self) -> Option<&str> {
+        self.holder.as_ref().map(|h| h.host.as_str())
+    }
+}
+
+/// A connection's place on its volume: dropping it detaches the connection, however the
+/// connection ends (closed, failed after `NBD_OPT_GO` was accepted, timed out or cancelled).
+#[derive(Debug)]
+pub struct Attached {
+    vol: Arc<Volume>,
+    id: u64,
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        self.vol.detach(self.id);
+    }
 }
 
 /// A flip armed to complete on first access or at a deadline: only while the volume is still
@@ -67,6 +89,12 @@ pub struct Volume {
     pub(crate) lease_lock: tokio::sync::Mutex<()>,
     pub(crate) pending: Mutex<Option<PendingFlip>>,
     pub(crate) pending_gen: AtomicU64,
+    /// Deleted: no connection may attach any more.
+    removed: AtomicBool,
+    /// When each lease holder's host lost its last connection (see `lease::expiry`).
+    orphaned: Mutex<HashMap<String, Instant>>,
+    /// When this volume was loaded or created: the orphan time of leases nobody connected to.
+    loaded: Instant,
 }
 
 impl Volume {
@@ -80,7 +108,32 @@ impl Volume {
             lease_lock: tokio::sync::Mutex::new(()),
             pending: Mutex::new(None),
             pending_gen: AtomicU64::new(0),
+            removed: AtomicBool::new(false),
+            orphaned: Mutex::new(HashMap::new()),
+            loaded: Instant::now(),
         }
+    }
+
+    /// Since when `host` has had no connection, or `None` while it has one.
+    pub(crate) fn orphaned_since(&self, host: &str) -> Option<Instant> {
+        let conns = self.conns.lock().expect("conns lock");
+        if conns
+            .iter()
+            .any(|c| c.holder.as_ref().is_some_and(|h| h.host == host))
+        {
+            return None;
+        }
+        let orphaned = self.orphaned.lock().expect("orphaned lock");
+        Some(orphaned.get(host).copied().unwrap_or(self.loaded))
+    }
+
+    /// Whether the volume was deleted (a connection that looked it up before may not attach).
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn mark_removed(&self) {
+        self.removed.store(true, Ordering::SeqCst);
     }
 
     /// Who may use the volume now.
@@ -149,17 +202,31 @@ impl Volume {
         self.conns.lock().expect("conns lock").len()
     }
 
-    /// Adds a connection that was granted its access.
-    pub(crate) fn add_conn(&self, entry: ConnEntry) {
+    /// Adds a connection that was granted its access; it stays until the guard is dropped.
+    pub(crate) fn add_conn(self: &Arc<Self>, entry: ConnEntry) -> Attached {
+        let id = entry.id;
+        if let Some(h) = &entry.holder {
+            self.orphaned.lock().expect("orphaned lock").remove(&h.host);
+        }
         self.conns.lock().expect("conns lock").push(entry);
+        Attached {
+            vol: self.clone(),
+            id,
+        }
     }
 
-    /// Removes a connection when its task ends.
+    /// Removes a connection when its task ends (see [`Attached`]).
     pub fn detach(&self, id: u64) {
         let mut conns = self.conns.lock().expect("conns lock");
         if let Some(i) = conns.iter().position(|c| c.id == id) {
             let c = conns.swap_remove(i);
             c.gate.mark_gone();
+            let host = c.holder.as_ref().map(|h| h.host.as_str());
+            if let Some(host) = host.filter(|&h| !conns.iter().any(|c| c.holder_host() == Some(h)))
+            {
+                let mut orphaned = self.orphaned.lock().expect("orphaned lock");
+                orphaned.insert(host.to_string(), Instant::now());
+            }
         }
     }
 

@@ -126,7 +126,7 @@ pub(super) async fn handshake(
                 }
                 InfoItem::BlockSize { max, .. } => neg.max_request = max.min(MAX_REQUEST_LEN),
                 InfoItem::Lease { state, epoch } => neg.lease = Some((state, epoch)),
-                InfoItem::Other(_) => {}
+                InfoItem::Name(_) | InfoItem::Description(_) | InfoItem::Other(_) => {}
             },
             _ => return Err(ProtocolError::Invalid("unexpected reply to GO").into()),
         }

@@ -1,0 +1,3 @@
+//! Fuzz target: see `storaged_client::fuzz::replies`.
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| storaged_client::fuzz::replies(data));
