@@ -5,7 +5,12 @@
 //! device-writable memory. Drivers may split any of these across descriptors, so parsing works
 //! on byte ranges over the readable and writable segment lists rather than on descriptor
 //! positions.
+//!
+//! The chain is the guest's: parsing stops at the first descriptor past what the device
+//! advertised ([`MAX_DESCRIPTORS`], from `seg_max`) or past the largest request
+//! ([`MAX_REQUEST_BYTES`]), so what a request holds is bounded before anything is kept.
 
+use crate::offer::SEG_MAX;
 use std::ops::Deref;
 use thiserror::Error;
 use virtio_bindings::bindings::virtio_blk::{
@@ -19,6 +24,12 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory};
 pub const HEADER_LEN: u64 = 16;
 /// Size of one discard/write-zeroes segment.
 pub const RANGE_SEGMENT_LEN: usize = 16;
+/// The most descriptors a request may have: the header's, `seg_max` data segments, the
+/// status byte's.
+pub const MAX_DESCRIPTORS: usize = SEG_MAX as usize + 2;
+/// The largest data buffer one request may have (the guest's driver stays far below: Linux
+/// sends at most a few MiB). Caps what a malicious driver can make the data path allocate.
+pub const MAX_REQUEST_BYTES: u64 = 64 << 20;
 
 /// Errors in a descriptor chain.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -32,6 +43,12 @@ pub enum RequestError {
     /// A descriptor points outside guest memory.
     #[error("descriptor outside guest memory")]
     BadAddress,
+    /// More descriptors than a request of `seg_max` data segments has.
+    #[error("more data segments than the advertised seg_max")]
+    TooManySegments,
+    /// More data than the largest request.
+    #[error("request larger than the largest the device serves")]
+    TooLong,
 }
 
 /// What a request asks for.
@@ -131,6 +148,11 @@ fn split_at(segs: &[Segment], mut n: u64) -> (Vec<Segment>, Vec<Segment>) {
 }
 
 impl Request {
+    /// Bytes of data the request moves (its buffers, header and status not counted).
+    pub fn data_len(&self) -> u64 {
+        seg_len(&self.data_out) + seg_len(&self.data_in)
+    }
+
     /// Parses a chain popped from the queue.
     pub fn parse<M, G>(chain: DescriptorChain<M>, mem: &G) -> Result<Request, RequestError>
     where
@@ -140,15 +162,29 @@ impl Request {
     {
         let head = chain.head_index();
         let (mut readable, mut writable) = (Vec::new(), Vec::new());
-        for d in chain {
+        let (mut readable_len, mut writable_len) = (0u64, 0u64);
+        for (i, d) in chain.enumerate() {
+            // Checked before anything is kept: an indirect table may hold 65535 descriptors.
+            if i >= MAX_DESCRIPTORS {
+                return Err(RequestError::TooManySegments);
+            }
             if d.len() == 0 {
                 continue;
             }
-            if d.is_write_only() {
-                writable.push((d.addr(), d.len()));
+            let (segs, len, max) = if d.is_write_only() {
+                (&mut writable, &mut writable_len, MAX_REQUEST_BYTES + 1)
             } else {
-                readable.push((d.addr(), d.len()));
+                (
+                    &mut readable,
+                    &mut readable_len,
+                    MAX_REQUEST_BYTES + HEADER_LEN,
+                )
+            };
+            *len += u64::from(d.len());
+            if *len > max {
+                return Err(RequestError::TooLong);
             }
+            segs.push((d.addr(), d.len()));
         }
         if seg_len(&readable) < HEADER_LEN {
             return Err(RequestError::NoHeader);
@@ -233,6 +269,100 @@ mod tests {
         }
         assert!(!r.bitmap().is_addr_set(0x20000));
         assert!(gather(&mem, &[(GuestAddress(64 << 20), 4)]).is_err());
+    }
+
+    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+
+    const W: u16 = VRING_DESC_F_WRITE as u16;
+
+    fn desc(addr: u64, len: u32, flags: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
+    }
+
+    /// Puts `descs` in a ring as one chain at the front of `mem` and parses it.
+    fn parse_chain<M: GuestMemory>(
+        mem: &M,
+        descs: &[RawDescriptor],
+    ) -> Result<Request, RequestError> {
+        let ring = MockSplitQueue::new(mem, 256);
+        let chain = ring.build_desc_chain(descs).unwrap();
+        Request::parse(chain, mem)
+    }
+
+    /// A chain whose head points at an indirect table of `descs` (written at `table`).
+    fn parse_indirect<M: GuestMemory>(
+        mem: &M,
+        table: u64,
+        descs: &[RawDescriptor],
+    ) -> Result<Request, RequestError> {
+        for (i, d) in descs.iter().enumerate() {
+            let d = SplitDescriptor::from(*d);
+            let flags = if i + 1 < descs.len() {
+                d.flags() | 1
+            } else {
+                d.flags()
+            };
+            let d = SplitDescriptor::new(d.addr().0, d.len(), flags, (i + 1) as u16);
+            mem.write_obj(RawDescriptor::from(d), GuestAddress(table + 16 * i as u64))
+                .unwrap();
+        }
+        let head = desc(table, 16 * descs.len() as u32, VRING_DESC_F_INDIRECT as u16);
+        parse_chain(mem, &[head])
+    }
+
+    #[test]
+    fn a_request_parses_across_descriptors() {
+        let mem = test_memory();
+        mem.write_obj(VIRTIO_BLK_T_IN, GuestAddress(0x10_0000))
+            .unwrap();
+        mem.write_obj(8u64, GuestAddress(0x10_0008)).unwrap();
+        let r = parse_chain(
+            &mem,
+            &[
+                desc(0x10_0000, 16, 0),
+                desc(0x20_0000, 4096, W),
+                desc(0x30_0000, 1, W),
+            ],
+        )
+        .unwrap();
+        assert_eq!((r.kind, r.sector), (RequestKind::In, 8));
+        assert_eq!(r.data_in, vec![(GuestAddress(0x20_0000), 4096)]);
+        assert_eq!(r.status, GuestAddress(0x30_0000));
+    }
+
+    #[test]
+    fn chains_beyond_the_advertised_limits_are_refused_while_parsing() {
+        let mem = test_memory();
+        mem.write_obj(VIRTIO_BLK_T_IN, GuestAddress(0x10_0000))
+            .unwrap();
+        let header = desc(0x10_0000, 16, 0);
+        let status = desc(0x30_0000, 1, W);
+        // seg_max data segments are fine, one more is not (an indirect table may hold 65535).
+        let seg = |i: u64| desc(0x40_0000 + 512 * i, 512, W);
+        let mut descs = vec![header];
+        descs.extend((0..u64::from(crate::offer::SEG_MAX)).map(seg));
+        descs.push(status);
+        let r = parse_indirect(&mem, 0x80_0000, &descs).unwrap();
+        assert_eq!(r.data_in.len(), crate::offer::SEG_MAX as usize);
+        descs.insert(1, seg(999));
+        assert_eq!(
+            parse_indirect(&mem, 0x80_0000, &descs).unwrap_err(),
+            RequestError::TooManySegments
+        );
+        // Descriptors of 1 GiB, all over the same 16 MiB: refused at the first one past the
+        // largest request, before anything is read from or allocated for them.
+        let huge = desc(0x40_0000, 1 << 30, W);
+        assert_eq!(
+            parse_chain(&mem, &[header, huge, huge, huge, status]).unwrap_err(),
+            RequestError::TooLong
+        );
+        let huge_out = desc(0x40_0000, 1 << 30, 0);
+        assert_eq!(
+            parse_chain(&mem, &[header, huge_out, status]).unwrap_err(),
+            RequestError::TooLong
+        );
     }
 
     #[test]
