@@ -23,12 +23,27 @@ struct Completion {
     done: Done,
 }
 
-/// Why a worker is told to stop.
-pub enum Stop {
+/// What the device tells its worker. The worker ends when told to reset or when the device
+/// drops its sender (after a drain that handed the queue over).
+pub enum Command {
     /// The driver reset the device: stop now; requests in flight finish unreported.
     Reset,
-    /// Complete every request in flight, return them to the driver, then hand the queue back.
+    /// Take nothing more from the ring, complete every request in flight and return it to the
+    /// driver, then hand the queue back and wait for the next command.
     Drain(std::sync::mpsc::Sender<Queue>),
+    /// The device gave up waiting for a drain (the VM runs on here): serve the queue again,
+    /// whether the drain finished meanwhile or not.
+    Resume,
+}
+
+/// What the worker is doing.
+enum Mode {
+    /// Taking requests from the ring.
+    Serving,
+    /// Waiting for the requests in flight; then the queue goes to this sender.
+    Draining(std::sync::mpsc::Sender<Queue>),
+    /// The queue was handed back: nothing happens until the next command.
+    Drained,
 }
 
 /// The worker of one queue.
@@ -72,65 +87,75 @@ impl QueueWorker {
         })
     }
 
-    /// Serves the queue until `stop` fires or the VM goes away. After a reset, requests still
-    /// in flight complete in the backend but are not reported to the guest; a drain reports
-    /// them all first.
-    pub async fn run(mut self, mut stop: tokio::sync::oneshot::Receiver<Stop>) {
+    /// Serves the queue until told to reset or the device drops its sender. After a reset,
+    /// requests still in flight complete in the backend but are not reported to the guest; a
+    /// drain reports them all first. A drain the device gave up on ([`Command::Resume`]) goes
+    /// back to serving: the guest's disk works on whatever the requests in flight were
+    /// waiting for.
+    pub async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
         // The driver may have queued requests before the worker started listening (or before
         // a migration moved the queue here).
         self.process_queue();
+        let mut mode = Mode::Serving;
         loop {
+            let serving = matches!(mode, Mode::Serving);
             tokio::select! {
-                s = &mut stop => {
-                    if let Ok(Stop::Drain(reply)) = s {
-                        self.drain(reply).await;
+                cmd = commands.recv() => match cmd {
+                    None | Some(Command::Reset) => return,
+                    Some(Command::Drain(reply)) => {
+                        tracing::debug!(in_flight = self.intake.requests(),
+                            "virtio-blk: draining the queue");
+                        mode = Mode::Draining(reply);
                     }
-                    return;
-                }
-                ready = self.notify.readable() => {
+                    Some(Command::Resume) => {
+                        if !serving {
+                            tracing::info!(in_flight = self.intake.requests(),
+                                "virtio-blk: drain given up; serving the queue again");
+                        }
+                        mode = Mode::Serving;
+                        self.process_queue();
+                    }
+                },
+                ready = self.notify.readable(), if serving => {
                     let Ok(mut guard) = ready else { return };
                     if guard.try_io(|fd| fd.get_ref().read()).is_ok() {
                         self.process_queue();
                     }
                 }
-                Some(c) = self.completions_rx.recv() => {
-                    self.complete_batch(c);
-                }
+                Some(c) = self.completions_rx.recv() => self.complete_batch(c, serving),
                 // A ring's worth was taken: the rest after the other branches had a turn.
-                _ = tokio::task::yield_now(), if self.intake.more() => self.process_queue(),
+                _ = tokio::task::yield_now(), if serving && self.intake.more() => {
+                    self.process_queue();
+                }
+            }
+            if matches!(mode, Mode::Draining(_)) && self.intake.requests() == 0 {
+                if let Mode::Draining(reply) = std::mem::replace(&mut mode, Mode::Drained) {
+                    self.hand_over(reply);
+                }
             }
         }
     }
 
-    /// Completes `first` and every completion already waiting, pops the chains that waited
-    /// for room, and interrupts the driver once.
-    fn complete_batch(&mut self, first: Completion) {
+    /// Completes `first` and every completion already waiting and interrupts the driver
+    /// once; when `serving`, pops the chains that waited for the room this made (a drain
+    /// leaves them in the ring for whoever serves the queue next).
+    fn complete_batch(&mut self, first: Completion, serving: bool) {
         let mut room = self.complete(first);
         while let Ok(c) = self.completions_rx.try_recv() {
             room |= self.complete(c);
         }
         self.notify_guest();
-        if room {
+        if room && serving {
             self.process_queue();
         }
     }
 
-    async fn drain(&mut self, reply: std::sync::mpsc::Sender<Queue>) {
-        let waiting = self.intake.requests();
-        while self.intake.requests() > 0 {
-            match self.completions_rx.recv().await {
-                Some(c) => {
-                    // Chains left in the ring for want of room stay there for whoever
-                    // serves the queue next.
-                    let _ = self.complete(c);
-                }
-                None => break,
-            }
-        }
-        self.notify_guest();
-        tracing::debug!(waited_for = waiting, "virtio-blk: queue drained");
+    /// Gives the queue, every request it took completed, to whoever asked for the drain.
+    fn hand_over(&mut self, reply: std::sync::mpsc::Sender<Queue>) {
+        tracing::debug!("virtio-blk: queue drained");
         match Queue::try_from(self.queue.state()) {
             Ok(q) => {
+                // Nobody waits any more if the device gave up: it says Resume next.
                 let _ = reply.send(q);
             }
             Err(e) => tracing::error!(error = ?e, "virtio-blk: queue state not reusable"),
@@ -201,16 +226,12 @@ impl QueueWorker {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::{disk, driving, reads, statuses, wait_used};
     use super::*;
     use crate::devices::IrqLine;
     use std::time::Duration;
-    use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_T_IN;
-    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::{Bytes, GuestAddress};
     use vmm_disk::intake::MAX_IN_FLIGHT_BYTES;
-    use vmm_disk::{Backend, FileBackend};
 
     /// Guest memory, a disk of `disk_mib` zeroes, and the runtime the worker runs on.
     struct Rig {
@@ -222,16 +243,6 @@ mod tests {
 
     fn rig(disk_mib: u64) -> Rig {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("d.img");
-        std::fs::File::create(&path)
-            .unwrap()
-            .set_len(disk_mib << 20)
-            .unwrap();
-        let disk = Disk::new(
-            Backend::File(FileBackend::open(&path, false).unwrap()),
-            false,
-            "t",
-        );
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -240,19 +251,17 @@ mod tests {
         Rig {
             rt,
             mem,
-            disk,
+            disk: disk(dir.path(), disk_mib),
             _dir: dir,
         }
     }
 
     impl Rig {
         /// A worker of `queue`, and its interrupt's eventfd as the guest would see it.
-        fn worker(&self, queue: Queue) -> (QueueWorker, AsyncFd<EventFd>) {
+        fn worker(&self, queue: Queue) -> (QueueWorker, EventFd) {
             let _in = self.rt.enter();
             let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-            // SAFETY: the cloned EventFd owns its descriptor and closes it only when this
-            // AsyncFd is dropped.
-            let irq = unsafe { AsyncFd::register(evt.try_clone().unwrap()) }.unwrap();
+            let irq = evt.try_clone().unwrap();
             let w = QueueWorker::new(
                 self.mem.clone(),
                 queue,
@@ -266,57 +275,12 @@ mod tests {
         }
     }
 
-    /// Waits, interrupt by interrupt, until the device has used `n` chains.
-    async fn used(irq: &AsyncFd<EventFd>, ring: &MockSplitQueue<'_, GuestMem>, n: u16) {
-        while ring.used().idx().load() < n {
-            let mut g = irq.readable().await.unwrap();
-            let _ = g.try_io(|fd| fd.get_ref().read());
-        }
-    }
-
-    /// `n` chains, each a read of `len` bytes at sector 0 into the same buffer at 16 MiB,
-    /// its status byte at 0x20_0000 + its index.
-    fn reads(ring: &MockSplitQueue<GuestMem>, mem: &GuestMem, n: u16, len: u32) {
-        let mut descs = Vec::new();
-        for i in 0..n {
-            let header = 0x10_0000 + 16 * u64::from(i);
-            mem.write_obj(VIRTIO_BLK_T_IN, GuestAddress(header))
-                .unwrap();
-            mem.write_obj(0xffu8, GuestAddress(0x20_0000 + u64::from(i)))
-                .unwrap();
-            let next = (3 * i + 1, 3 * i + 2);
-            descs.push(SplitDescriptor::new(
-                header,
-                16,
-                VRING_DESC_F_NEXT as u16,
-                next.0,
-            ));
-            let w = (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) as u16;
-            descs.push(SplitDescriptor::new(0x100_0000, len, w, next.1));
-            let status = 0x20_0000 + u64::from(i);
-            descs.push(SplitDescriptor::new(
-                status,
-                1,
-                VRING_DESC_F_WRITE as u16,
-                0,
-            ));
-        }
-        let raw: Vec<RawDescriptor> = descs.into_iter().map(RawDescriptor::from).collect();
-        ring.add_desc_chains(&raw, 0).unwrap();
-    }
-
-    fn statuses(mem: &GuestMem, n: u64) -> Vec<u8> {
-        (0..n)
-            .map(|i| mem.read_obj(GuestAddress(0x20_0000 + i)).unwrap())
-            .collect()
-    }
-
     #[test]
     fn requests_in_flight_stay_within_the_budget() {
         let rig = rig(64);
         let ring = MockSplitQueue::new(rig.mem.as_ref(), 256);
         // Twenty 16 MiB reads over one guest buffer: 320 MiB if all were taken at once.
-        reads(&ring, &rig.mem, 20, 16 << 20);
+        reads(&ring, &rig.mem, 0, 20, 16 << 20);
         let (mut w, irq) = rig.worker(ring.create_queue().unwrap());
         rig.rt.block_on(async {
             w.process_queue();
@@ -324,9 +288,9 @@ mod tests {
             assert!(w.intake.bytes() <= MAX_IN_FLIGHT_BYTES);
         });
         // The rest are taken as the first complete: all twenty are answered.
-        let (_stop, rx) = tokio::sync::oneshot::channel();
+        let (_ctl, rx) = mpsc::unbounded_channel();
         let task = rig.rt.spawn(w.run(rx));
-        rig.rt.block_on(used(&irq, &ring, 20));
+        driving(&rig.rt, || wait_used(&irq, &ring, 20));
         assert_eq!(statuses(&rig.mem, 20), vec![0; 20]);
         task.abort();
     }
@@ -335,10 +299,10 @@ mod tests {
     fn an_invalid_available_index_stops_the_queue_until_a_valid_one() {
         let rig = rig(1);
         let ring = MockSplitQueue::new(rig.mem.as_ref(), 256);
-        reads(&ring, &rig.mem, 1, 512);
+        reads(&ring, &rig.mem, 0, 1, 512);
         // More than a ring ahead of the device: no driver may publish that.
         ring.avail().idx().store(1000);
-        let (mut w, irq) = rig.worker(ring.create_queue().unwrap());
+        let (mut w, _irq) = rig.worker(ring.create_queue().unwrap());
         // Run where a loop that never ends fails the test instead of hanging it.
         let (tx, rx) = std::sync::mpsc::channel();
         let rt = rig.rt.handle().clone();
@@ -348,7 +312,7 @@ mod tests {
             let _ = tx.send(w);
         });
         let mut w = rx
-            .recv_timeout(Duration::from_secs(60))
+            .recv_timeout(Duration::from_secs(120))
             .expect("the worker loops over the ring");
         assert_eq!(w.intake.requests(), 0);
         assert_eq!(ring.used().idx().load(), 0);
@@ -357,11 +321,10 @@ mod tests {
         rig.rt.block_on(async {
             w.process_queue();
             assert_eq!(w.intake.requests(), 1);
-            let (_stop, rx) = tokio::sync::oneshot::channel();
-            let task = tokio::spawn(w.run(rx));
-            used(&irq, &ring, 1).await;
-            task.abort();
+            let c = w.completions_rx.recv().await.unwrap();
+            w.complete_batch(c, true);
         });
+        assert_eq!(ring.used().idx().load(), 1);
         assert_eq!(statuses(&rig.mem, 1), vec![0]);
     }
 }
