@@ -216,7 +216,7 @@ impl SourceError {
 }
 
 /// Starts migrating instance `name` (answers once the migration is recorded).
-pub fn start(
+pub async fn start(
     agent: &Arc<Agent>,
     name: &str,
     req: MigrateRequest,
@@ -240,13 +240,15 @@ pub fn start(
     }
     let id = format!("{name}.{}.{}", agent.cfg.host_id, crate::now_ms());
     let mut claimed = false;
-    let inst = agent.update_instance(name, |r| {
-        claimed = r.state == InstanceState::Running && r.migration.is_none();
-        if claimed {
-            r.state = InstanceState::Migrating;
-            r.migration = Some(id.clone());
-        }
-    })?;
+    let inst = agent
+        .update_instance(name, |r| {
+            claimed = r.state == InstanceState::Running && r.migration.is_none();
+            if claimed {
+                r.state = InstanceState::Migrating;
+                r.migration = Some(id.clone());
+            }
+        })
+        .await?;
     if !claimed {
         return Err(SourceError::NotRunning {
             name: name.to_string(),
@@ -267,11 +269,13 @@ pub fn start(
         )
     };
     rec.step(Phase::Created, format!("requested: to {}", req.to));
-    if let Err(e) = agent.put_migration(rec.clone()) {
-        let _ = agent.update_instance(name, |r| {
-            r.state = InstanceState::Running;
-            r.migration = None;
-        });
+    if let Err(e) = agent.put_migration(rec.clone()).await {
+        let _ = agent
+            .update_instance(name, |r| {
+                r.state = InstanceState::Running;
+                r.migration = None;
+            })
+            .await;
         return Err(e.into());
     }
     let src = Source::new(agent.clone(), &rec);
@@ -318,12 +322,19 @@ impl Source {
     }
 
     /// Records `phase` (durably) before the caller acts on it.
-    fn set(&self, phase: Phase, note: impl Into<String>) -> Result<MigrationRecord, AgentError> {
-        self.modify(|r| r.step(phase, note))
+    async fn set(
+        &self,
+        phase: Phase,
+        note: impl Into<String>,
+    ) -> Result<MigrationRecord, AgentError> {
+        self.modify(|r| r.step(phase, note)).await
     }
 
-    fn modify(&self, f: impl FnOnce(&mut MigrationRecord)) -> Result<MigrationRecord, AgentError> {
-        self.agent.update_migration(&self.id, f)
+    async fn modify(
+        &self,
+        f: impl FnOnce(&mut MigrationRecord),
+    ) -> Result<MigrationRecord, AgentError> {
+        self.agent.update_migration(&self.id, f).await
     }
 
     async fn run(mut self) {
@@ -339,11 +350,11 @@ impl Source {
             let phase = self.rec().map(|r| r.phase).unwrap_or(Phase::Failed);
             if phase.past_point_of_no_return() {
                 if !matches!(err, SourceError::DestinationAbandoned(_)) {
-                    return self.fail(&reason);
+                    return self.fail(&reason).await;
                 }
                 // Nobody can run the guest but this host: take the volumes back.
                 if let Err(e) = self.take_back(&reason).await {
-                    return self.fail_abort(&reason, e);
+                    return self.fail_abort(&reason, e).await;
                 }
             }
             if phase.is_terminal() || self.abort(&reason).await == AbortEnd::Done {
@@ -371,7 +382,8 @@ impl Source {
                     return Err(SourceError::Restarted(rec.phase));
                 }
                 let note = format!("migrated restarted during {:?}", rec.phase);
-                self.flipped(format!("{note}: the destination holds every volume"))?;
+                self.flipped(format!("{note}: the destination holds every volume"))
+                    .await?;
                 self.drive().await
             }
             Phase::RollingBack => {
@@ -386,8 +398,8 @@ impl Source {
     /// Who holds the guest's volumes, read until storaged answers (each failed read is noted
     /// in the log, the first also in the record: the guest waits paused).
     async fn holding(&self, rec: &MigrationRecord) -> Holding {
-        let views = leases::read_until_known(&self.leases, &rec.volumes, |n, e| {
-            self.waiting_for_storaged(n, "reading the leases", e)
+        let views = leases::read_until_known(&self.leases, &rec.volumes, |n, e| async move {
+            self.waiting_for_storaged(n, "reading the leases", &e).await
         })
         .await;
         Holding::of(&views, &rec.destination)
@@ -395,7 +407,7 @@ impl Source {
 
     /// Records that a decision waits for storaged (`attempt` from 1; the record hears of the
     /// first failure, the log of every one).
-    fn waiting_for_storaged(&self, attempt: u32, what: &str, e: &HttpError) {
+    async fn waiting_for_storaged(&self, attempt: u32, what: &str, e: &HttpError) {
         let error = error_chain(e);
         tracing::warn!(migration = %self.id, attempt, error = %error,
             "{what}: storaged did not answer; the guest stays paused, retrying");
@@ -404,16 +416,17 @@ impl Source {
                 r.note(format!(
                     "{what}: storaged did not answer ({error}); the guest stays paused until it does"
                 ))
-            });
+            }).await;
         }
     }
 
     /// Records that the destination holds every volume: the migration is past the flip.
-    fn flipped(&self, note: String) -> Result<MigrationRecord, AgentError> {
+    async fn flipped(&self, note: String) -> Result<MigrationRecord, AgentError> {
         self.modify(|r| {
             r.flipped = r.volumes.clone();
             r.step(Phase::Flipped, note);
         })
+        .await
     }
 
     async fn drive(&mut self) -> Result<(), SourceError> {
@@ -424,11 +437,12 @@ impl Source {
                 Phase::Preparing => self.prepare(&rec).await?,
                 Phase::Precopy => self.precopy(&rec).await?,
                 Phase::HandedOver => {
-                    self.set(Phase::Flipping, "flipping the leases")?;
+                    self.set(Phase::Flipping, "flipping the leases").await?;
                 }
                 Phase::Flipping => self.flip(&rec).await?,
                 Phase::Flipped => {
-                    self.set(Phase::Resuming, "resuming the destination")?;
+                    self.set(Phase::Resuming, "resuming the destination")
+                        .await?;
                 }
                 Phase::Resuming => self.resume_destination(&rec).await?,
                 Phase::Cleanup => return self.cleanup(&rec).await,
@@ -485,7 +499,8 @@ impl Source {
             r.destination = host.host_id.clone();
             r.epochs = epochs;
             r.step(Phase::Preparing, "destination reachable, source VMM ready");
-        })?;
+        })
+        .await?;
         Ok(())
     }
 
@@ -512,7 +527,8 @@ impl Source {
                 Phase::Precopy,
                 format!("destination VMM listening on {}", ready.stream_addr),
             );
-        })?;
+        })
+        .await?;
         Ok(())
     }
 
@@ -555,7 +571,7 @@ impl Source {
                                         st.iteration, st.bytes_sent
                                     ),
                                 );
-                            })?;
+                            }).await?;
                             return Ok(());
                         }
                         VmmPhase::Failed | VmmPhase::Aborted => {
@@ -618,16 +634,19 @@ impl Source {
                                 rec.destination, rep.epoch, rep.total_us
                             ));
                         }
-                    })?;
+                    })
+                    .await?;
                     "every lease belongs to the destination".to_string()
                 }
                 Err(e) => {
-                    let _ = self.modify(|r| {
-                        r.note(format!(
-                            "the flip failed ({}): reading the leases back",
-                            error_chain(&e)
-                        ))
-                    });
+                    let _ = self
+                        .modify(|r| {
+                            r.note(format!(
+                                "the flip failed ({}): reading the leases back",
+                                error_chain(&e)
+                            ))
+                        })
+                        .await;
                     match self.holding(rec).await {
                         Holding::Destination => {
                             "the destination holds every volume (the flip's answer was lost, or it took them over)".to_string()
@@ -640,8 +659,8 @@ impl Source {
         };
         self.flip_ms += t.elapsed().as_millis() as u64;
         let flip_ms = self.flip_ms;
-        self.modify(|r| r.figures.flip_ms = flip_ms)?;
-        self.flipped(note)?;
+        self.modify(|r| r.figures.flip_ms = flip_ms).await?;
+        self.flipped(note).await?;
         Ok(())
     }
 
@@ -683,7 +702,8 @@ impl Source {
             r.figures.vmm_downtime_ms = resumed.figures.vmm_downtime_ms;
             r.figures.vmm_downtime_us = resumed.figures.vmm_downtime_us;
             r.step(Phase::Cleanup, "the destination runs the guest");
-        })?;
+        })
+        .await?;
         Ok(())
     }
 
@@ -699,16 +719,19 @@ impl Source {
         }
         self.release_deactivated(rec).await;
         let to = rec.destination.clone();
-        self.agent.update_instance(&inst.name, |r| {
-            r.state = InstanceState::MigratedAway;
-            r.migration = None;
-            r.exit = Some(format!("migrated to {to}"));
-        })?;
+        self.agent
+            .update_instance(&inst.name, |r| {
+                r.state = InstanceState::MigratedAway;
+                r.migration = None;
+                r.exit = Some(format!("migrated to {to}"));
+            })
+            .await?;
         let total = crate::now_ms().saturating_sub(rec.started_ms);
         self.modify(|r| {
             r.figures.total_ms = total;
             r.step(Phase::Completed, format!("the guest runs on {to} only"));
-        })?;
+        })
+        .await?;
         Ok(())
     }
 
@@ -740,18 +763,20 @@ impl Source {
                     )
                 }
             };
-            let _ = self.modify(|r| r.note(note));
+            let _ = self.modify(|r| r.note(note)).await;
         }
     }
 
     /// Past the point of no return and stuck: record it for the operator.
-    fn fail(&self, reason: &str) {
+    async fn fail(&self, reason: &str) {
         tracing::error!(migration = %self.id, reason = %reason,
             "migration failed after the leases flipped; the source stays paused");
-        let _ = self.modify(|r| {
-            r.error = Some(reason.to_string());
-            r.step(Phase::Failed, reason.to_string());
-        });
+        let _ = self
+            .modify(|r| {
+                r.error = Some(reason.to_string());
+                r.step(Phase::Failed, reason.to_string());
+            })
+            .await;
     }
 
     /// The destination abandoned the migration after the flip (`reason`): rolls back, on every
@@ -765,8 +790,9 @@ impl Source {
         tracing::warn!(migration = %rec.id, reason = %reason,
             "the destination abandoned the migration after the flip: rolling the flips back");
         for attempt in 1.. {
-            let views = leases::read_until_known(&self.leases, &rec.volumes, |n, e| {
-                self.waiting_for_storaged(n, "reading the leases", e)
+            let me = &*self;
+            let views = leases::read_until_known(&self.leases, &rec.volumes, |n, e| async move {
+                me.waiting_for_storaged(n, "reading the leases", &e).await
             })
             .await;
             let flipped = leases::primary_of(&views, &rec.destination);
@@ -784,7 +810,7 @@ impl Source {
                     let names: Vec<String> = undo.volumes.into_iter().map(|v| v.volume).collect();
                     return Err(SourceError::DestinationHolds(names.join(", "), e));
                 }
-                Err(e) => self.waiting_for_storaged(attempt, "rolling back", &e),
+                Err(e) => self.waiting_for_storaged(attempt, "rolling back", &e).await,
             }
         }
         self.modify(|r| {
@@ -792,13 +818,15 @@ impl Source {
             r.note(format!(
                 "{reason}: every flip rolled back, the guest goes on here"
             ))
-        })?;
+        })
+        .await?;
         Ok(())
     }
 
     /// Like [`Source::fail`], when the abort for `reason` could not finish because of `then`.
-    fn fail_abort(&self, reason: &str, then: SourceError) {
-        self.fail(&format!("{reason}; {}", error_chain(&then)));
+    async fn fail_abort(&self, reason: &str, then: SourceError) {
+        self.fail(&format!("{reason}; {}", error_chain(&then)))
+            .await;
     }
 
     /// The abort path: fence the destination off, have it abort, resume the source; or, when
@@ -807,10 +835,13 @@ impl Source {
         let Ok(before) = self.rec() else {
             return AbortEnd::Done;
         };
-        let Ok(rec) = self.modify(|r| {
-            r.error = Some(reason.to_string());
-            r.step(Phase::RollingBack, reason.to_string());
-        }) else {
+        let Ok(rec) = self
+            .modify(|r| {
+                r.error = Some(reason.to_string());
+                r.step(Phase::RollingBack, reason.to_string());
+            })
+            .await
+        else {
             return AbortEnd::Done;
         };
         // Once the destination was asked to prepare it may hold standby leases and the state.
@@ -824,14 +855,14 @@ impl Source {
                     );
                     tracing::warn!(migration = %rec.id, reason = %reason,
                         "the destination holds every volume: it won; the source stays paused");
-                    let _ = self.modify(|r| r.error = None);
-                    return match self.flipped(note) {
+                    let _ = self.modify(|r| r.error = None).await;
+                    return match self.flipped(note).await {
                         Ok(_) => AbortEnd::DestinationWon,
                         Err(_) => AbortEnd::Done,
                     };
                 }
                 Err(e) => {
-                    self.fail_abort(reason, e);
+                    self.fail_abort(reason, e).await;
                     return AbortEnd::Done;
                 }
             }
@@ -850,22 +881,25 @@ impl Source {
         }
         let resumed = vmm.resume().await;
         let alive = inst.vmm_alive();
-        let _ = self.agent.update_instance(&inst.name, |r| {
-            r.migration = None;
-            if r.state == InstanceState::Migrating {
-                r.state = if alive {
-                    InstanceState::Running
-                } else {
-                    InstanceState::Exited
-                };
-            }
-        });
+        let _ = self
+            .agent
+            .update_instance(&inst.name, |r| {
+                r.migration = None;
+                if r.state == InstanceState::Migrating {
+                    r.state = if alive {
+                        InstanceState::Running
+                    } else {
+                        InstanceState::Exited
+                    };
+                }
+            })
+            .await;
         let note = match (alive, resumed) {
             (true, Ok(_)) => "the guest runs on the source".to_string(),
             (true, Err(e)) => format!("the source VMM did not resume: {}", error_chain(&e)),
             (false, _) => "the source VMM is gone".to_string(),
         };
-        let _ = self.modify(|r| r.step(Phase::Aborted, note));
+        let _ = self.modify(|r| r.step(Phase::Aborted, note)).await;
         AbortEnd::Done
     }
 
@@ -894,14 +928,15 @@ impl Source {
                             "the destination can no longer take over: its standby leases ended ({})",
                             epochs.join(", ")
                         ))
-                    });
+                    }).await;
                     return Ok(Fence::Done);
                 }
                 Err(e) => e,
             };
             let refused = leases::refused(&refusal);
             if !refused {
-                self.waiting_for_storaged(attempt, "fencing the destination off", &refusal);
+                self.waiting_for_storaged(attempt, "fencing the destination off", &refusal)
+                    .await;
             }
             match self.holding(rec).await {
                 Holding::Destination => return Ok(Fence::DestinationWon),
@@ -914,14 +949,19 @@ impl Source {
                     let names: Vec<&str> = flipped.iter().map(|v| v.volume.as_str()).collect();
                     match self.leases.rollback_group(&undo).await {
                         Ok(_) => {
-                            let _ = self.modify(|r| {
-                                r.note(format!("volumes {}: flips rolled back", names.join(", ")))
-                            });
+                            let _ = self
+                                .modify(|r| {
+                                    r.note(format!(
+                                        "volumes {}: flips rolled back",
+                                        names.join(", ")
+                                    ))
+                                })
+                                .await;
                         }
                         Err(e) if leases::refused(&e) => {
                             return Err(SourceError::DestinationHolds(names.join(", "), e))
                         }
-                        Err(e) => self.waiting_for_storaged(attempt, "rolling back", &e),
+                        Err(e) => self.waiting_for_storaged(attempt, "rolling back", &e).await,
                     }
                 }
                 _ if refused => return Err(SourceError::FenceRefused(refusal)),
