@@ -9,11 +9,13 @@
 //!   through storaged's lease-aware client (reconnect and fencing included);
 //! - [`intake`]: the chains a queue takes from its ring, within what it may hold in flight;
 //! - [`exec`]: one request run on a backend, from the guest's buffers to its status byte;
-//! - [`offer`]: the feature bits and configuration space a disk offers the guest's driver.
+//! - [`offer`]: the feature bits and configuration space a disk offers the guest's driver;
+//! - [`fuzz`]: a driver's ring through all of the above, as the fuzzer drives it.
 #![warn(missing_docs)]
 
 pub mod backend;
 pub mod exec;
+pub mod fuzz;
 pub mod intake;
 pub mod offer;
 pub mod request;

@@ -128,8 +128,9 @@ pub fn scatter<G: GuestMemory + ?Sized>(
     Ok(at)
 }
 
-/// Splits `segs` at byte `n`: the first `n` bytes and the rest.
-fn split_at(segs: &[Segment], mut n: u64) -> (Vec<Segment>, Vec<Segment>) {
+/// Splits `segs` at byte `n`: the first `n` bytes and the rest. A segment cut in two whose
+/// second part would start past the end of the address space is not in guest memory.
+fn split_at(segs: &[Segment], mut n: u64) -> Result<(Vec<Segment>, Vec<Segment>), RequestError> {
     let (mut head, mut tail) = (Vec::new(), Vec::new());
     for &(addr, len) in segs {
         let len64 = u64::from(len);
@@ -137,14 +138,15 @@ fn split_at(segs: &[Segment], mut n: u64) -> (Vec<Segment>, Vec<Segment>) {
             head.push((addr, len));
             n -= len64;
         } else if n > 0 {
+            let rest = addr.0.checked_add(n).ok_or(RequestError::BadAddress)?;
             head.push((addr, n as u32));
-            tail.push((GuestAddress(addr.0 + n), (len64 - n) as u32));
+            tail.push((GuestAddress(rest), (len64 - n) as u32));
             n = 0;
         } else {
             tail.push((addr, len));
         }
     }
-    (head, tail)
+    Ok((head, tail))
 }
 
 impl Request {
@@ -189,7 +191,7 @@ impl Request {
         if seg_len(&readable) < HEADER_LEN {
             return Err(RequestError::NoHeader);
         }
-        let (header_segs, data_out) = split_at(&readable, HEADER_LEN);
+        let (header_segs, data_out) = split_at(&readable, HEADER_LEN)?;
         let header = gather(mem, &header_segs)?;
         let kind = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
         let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
@@ -197,7 +199,7 @@ impl Request {
         if wlen == 0 {
             return Err(RequestError::NoStatus);
         }
-        let (data_in, status_seg) = split_at(&writable, wlen - 1);
+        let (data_in, status_seg) = split_at(&writable, wlen - 1)?;
         let status = status_seg[0].0;
         let kind = match kind {
             VIRTIO_BLK_T_IN => RequestKind::In,
@@ -245,15 +247,35 @@ mod tests {
     #[test]
     fn split_crosses_segment_boundaries() {
         let segs = vec![(GuestAddress(0x1000), 10), (GuestAddress(0x2000), 10)];
-        let (h, t) = split_at(&segs, 16);
+        let (h, t) = split_at(&segs, 16).unwrap();
         assert_eq!(
             h,
             vec![(GuestAddress(0x1000), 10), (GuestAddress(0x2000), 6)]
         );
         assert_eq!(t, vec![(GuestAddress(0x2006), 4)]);
-        let (h, t) = split_at(&segs, 10);
+        let (h, t) = split_at(&segs, 10).unwrap();
         assert_eq!(h.len(), 1);
         assert_eq!(t, vec![(GuestAddress(0x2000), 10)]);
+    }
+
+    /// Found by the fuzzer: a header descriptor at the very end of the address space, longer
+    /// than the header, made the cut overflow.
+    #[test]
+    fn a_descriptor_at_the_end_of_the_address_space_is_outside_guest_memory() {
+        let mem = test_memory();
+        let header = desc(u64::MAX - 8, 32, 0);
+        let status = desc(0x30_0000, 1, W);
+        assert_eq!(
+            parse_chain(&mem, &[header, status]).unwrap_err(),
+            RequestError::BadAddress
+        );
+        let end = desc(u64::MAX - 8, 32, W);
+        mem.write_obj(VIRTIO_BLK_T_IN, GuestAddress(0x10_0000))
+            .unwrap();
+        assert_eq!(
+            parse_chain(&mem, &[desc(0x10_0000, 16, 0), end]).unwrap_err(),
+            RequestError::BadAddress
+        );
     }
 
     #[test]
