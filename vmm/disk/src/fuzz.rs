@@ -7,9 +7,9 @@
 //! the stable toolchain.
 //!
 //! Input: a control byte (queue size `2 << (c & 7)`, bit 3: EVENT_IDX), the device's next
-//! available index (u16), then the first 64 KiB of guest memory, which holds the descriptor
+//! available index (u16), then the first 32 KiB of guest memory, which holds the descriptor
 //! table at 0, the available ring at [`AVAIL`] and the used ring at [`USED`]. Guest memory has
-//! a second 64 KiB region at [`HIGH`], after a hole.
+//! a second 32 KiB region at [`HIGH`], after a hole.
 
 use crate::exec::{complete, Completion, Job};
 use crate::intake::{Intake, Stopped, MAX_IN_FLIGHT_BYTES};
@@ -28,8 +28,8 @@ pub type Target = fn(&[u8]);
 /// The fuzz targets by name, for the corpus regression test.
 pub const TARGETS: [(&str, Target); 1] = [("descriptor_chains", descriptor_chains)];
 
-/// Guest memory regions, 64 KiB each.
-const REGION: usize = 64 << 10;
+/// Guest memory regions, 32 KiB each.
+const REGION: usize = 32 << 10;
 /// Where the available ring is.
 pub const AVAIL: u64 = 0x1000;
 /// Where the used ring is.
@@ -41,14 +41,17 @@ const TURNS: usize = 4;
 
 type Mem = GuestMemoryMmap<AtomicBitmap>;
 
-/// A 1 MiB disk of zeroes in a memfd (requests are only prepared, never run).
+/// The disk's size: small, so that what a request may read or write stays cheap to fake.
+const DISK_BYTES: u64 = 64 << 10;
+
+/// A disk of zeroes in a memfd (requests are only prepared, never run).
 fn disk() -> &'static Disk {
     static DISK: OnceLock<Disk> = OnceLock::new();
     DISK.get_or_init(|| {
         let fd = nix::sys::memfd::memfd_create(c"fuzz-disk", nix::sys::memfd::MFdFlags::empty())
             .expect("memfd");
         let file = std::fs::File::from(fd);
-        file.set_len(1 << 20).expect("size the memfd");
+        file.set_len(DISK_BYTES).expect("size the memfd");
         let path = format!("/proc/self/fd/{}", file.as_raw_fd());
         let backend = FileBackend::open(std::path::Path::new(&path), false).expect("open");
         Disk::new(Backend::File(backend), false, "fuzz")
