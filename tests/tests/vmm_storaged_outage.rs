@@ -11,7 +11,7 @@ use agent_proto::{Record, RECORD_SIZE};
 use e2e::process::wait_for;
 use e2e::storaged::Storaged;
 use e2e::vmm::{Disk, VmmConfig, VmmGuest};
-use e2e::workload::{stop_and_verify_disk, REPLY};
+use e2e::workload::{disk_acked_past, stop_and_verify_disk, REPLY};
 use e2e::GuestTest;
 use std::path::Path;
 use std::time::Duration;
@@ -42,22 +42,6 @@ fn config<'a>(
     }
 }
 
-/// Waits until the disk writer has acknowledged more than `after` records, checking on every
-/// status that it never failed; returns the count.
-fn acked_after(guest: &mut VmmGuest, after: u64) -> u64 {
-    let r = wait_for("the disk writer to advance", PROGRESS, || {
-        let s = guest.agent.command("disk status", REPLY);
-        let s = guest.ok(s);
-        assert_eq!(
-            s.get("state"),
-            Some("running"),
-            "the guest saw an I/O error: {s:?}"
-        );
-        s.num("acked").filter(|&n| n > after)
-    });
-    guest.ok(r)
-}
-
 /// Stops the writer, has the guest verify every record, and decodes each one on the host.
 fn verify(guest: &mut VmmGuest, storaged: &Storaged, boot_id: &str) {
     let acked = stop_and_verify_disk(&mut guest.agent);
@@ -84,7 +68,7 @@ fn guest_io_is_held_while_storaged_restarts() {
     let mut guest = VmmGuest::restore(&cfg, &booted).unwrap();
     let r = guest.agent.command("disk start", REPLY);
     assert_eq!(guest.ok(r).num("next"), Some(0));
-    let before = acked_after(&mut guest, 16);
+    let before = disk_acked_past(&mut guest.agent, 16);
 
     // storaged stops (its open connections close) and stays away until the VMM holds the
     // guest's I/O for it; then it starts again where it was.
@@ -96,7 +80,7 @@ fn guest_io_is_held_while_storaged_restarts() {
     guest.ok(held);
     storaged.start_again().unwrap();
 
-    let after = acked_after(&mut guest, before + 64);
+    let after = disk_acked_past(&mut guest.agent, before + 64);
     eprintln!("disk writer at {before} records before the restart, {after} after");
     let log = guest.stderr();
     assert!(log.contains("storaged volume reconnected"), "{log}");
@@ -118,7 +102,7 @@ fn a_drain_timeout_fails_the_migration_and_the_disk_works_on() {
     let mut guest = VmmGuest::restore(&src_cfg, &booted).unwrap();
     let r = guest.agent.command("disk start", REPLY);
     assert_eq!(guest.ok(r).num("next"), Some(0));
-    let before = acked_after(&mut guest, 16);
+    let before = disk_acked_past(&mut guest.agent, 16);
 
     // The destination connects as standby first; then storaged hangs with the guest's next
     // request unread in its socket.
@@ -146,7 +130,7 @@ fn a_drain_timeout_fails_the_migration_and_the_disk_works_on() {
 
     // The guest runs here; its disk answers as soon as storaged does.
     storaged.freeze(false).unwrap();
-    let after = acked_after(&mut guest, before + 64);
+    let after = disk_acked_past(&mut guest.agent, before + 64);
     eprintln!("disk writer at {before} records before the failed migration, {after} after");
     let r = guest.agent.command("clock", REPLY);
     assert_eq!(
