@@ -98,10 +98,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// The records of one kind in memory, by key (an instance's name, a migration's id). A
-/// change is saved (durably) and published under the same lock, so readers never see a
-/// record the store does not hold and two changes never interleave.
+/// change is saved (durably) and then published, one change at a time (the writer lock, held
+/// across the commit), so readers never see a record the store does not hold and two changes
+/// never interleave; readers take only the map's lock, which no commit holds.
 struct Records<T> {
     map: Mutex<BTreeMap<String, T>>,
+    writer: tokio::sync::Mutex<()>,
     /// A record's key.
     key: fn(&T) -> &str,
     /// The error for a key with no record.
@@ -113,6 +115,7 @@ impl<T: Clone> Records<T> {
         let map = all.into_iter().map(|r| (key(&r).to_string(), r)).collect();
         Records {
             map: Mutex::new(map),
+            writer: tokio::sync::Mutex::new(()),
             key,
             missing,
         }
@@ -127,35 +130,9 @@ impl<T: Clone> Records<T> {
         lock(&self.map).values().cloned().collect()
     }
 
-    /// Saves `rec` with `save`, then publishes it.
-    fn put(
-        &self,
-        mut rec: T,
-        save: impl FnOnce(&mut T) -> Result<(), AgentError>,
-    ) -> Result<(), AgentError> {
-        let mut map = lock(&self.map);
-        save(&mut rec)?;
-        map.insert((self.key)(&rec).to_string(), rec);
-        Ok(())
-    }
-
-    /// Changes the record `key` with `change`, then saves and publishes it as [`Self::put`]
-    /// does.
-    fn update(
-        &self,
-        key: &str,
-        change: impl FnOnce(&mut T),
-        save: impl FnOnce(&mut T) -> Result<(), AgentError>,
-    ) -> Result<T, AgentError> {
-        let mut map = lock(&self.map);
-        let mut rec = map
-            .get(key)
-            .cloned()
-            .ok_or_else(|| (self.missing)(key.to_string()))?;
-        change(&mut rec);
-        save(&mut rec)?;
-        map.insert(key.to_string(), rec.clone());
-        Ok(rec)
+    /// Makes `rec`, saved already, what readers see.
+    fn publish(&self, rec: T) {
+        lock(&self.map).insert((self.key)(&rec).to_string(), rec);
     }
 }
 
@@ -195,22 +172,30 @@ impl Agent {
     // ----- records -----
 
     /// Writes an instance record durably, then publishes it.
-    pub fn put_instance(&self, rec: InstanceRecord) -> Result<(), AgentError> {
-        self.instances.put(rec, |r| self.save_instance(r))
+    pub async fn put_instance(&self, mut rec: InstanceRecord) -> Result<(), AgentError> {
+        let _one = self.instances.writer.lock().await;
+        self.save_instance(&mut rec).await?;
+        self.instances.publish(rec);
+        Ok(())
     }
 
-    /// Changes an instance record with `f` (under the lock), durably.
-    pub fn update_instance(
+    /// Changes an instance record with `f`, durably, then publishes it.
+    pub async fn update_instance(
         &self,
         name: &str,
         f: impl FnOnce(&mut InstanceRecord),
     ) -> Result<InstanceRecord, AgentError> {
-        self.instances.update(name, f, |r| self.save_instance(r))
+        let _one = self.instances.writer.lock().await;
+        let mut rec = self.instances.get(name)?;
+        f(&mut rec);
+        self.save_instance(&mut rec).await?;
+        self.instances.publish(rec.clone());
+        Ok(rec)
     }
 
-    fn save_instance(&self, rec: &mut InstanceRecord) -> Result<(), AgentError> {
+    async fn save_instance(&self, rec: &mut InstanceRecord) -> Result<(), AgentError> {
         rec.updated_ms = crate::now_ms();
-        self.store.put_instance(rec)?;
+        self.store.put_instance(rec).await?;
         log_instance(rec);
         Ok(())
     }
@@ -226,21 +211,29 @@ impl Agent {
     }
 
     /// Writes a migration record durably, then publishes it.
-    pub fn put_migration(&self, rec: MigrationRecord) -> Result<(), AgentError> {
-        self.migrations.put(rec, |r| self.save_migration(r))
+    pub async fn put_migration(&self, mut rec: MigrationRecord) -> Result<(), AgentError> {
+        let _one = self.migrations.writer.lock().await;
+        self.save_migration(&mut rec).await?;
+        self.migrations.publish(rec);
+        Ok(())
     }
 
-    /// Changes a migration record with `f` (under the lock), durably.
-    pub fn update_migration(
+    /// Changes a migration record with `f`, durably, then publishes it.
+    pub async fn update_migration(
         &self,
         id: &str,
         f: impl FnOnce(&mut MigrationRecord),
     ) -> Result<MigrationRecord, AgentError> {
-        self.migrations.update(id, f, |r| self.save_migration(r))
+        let _one = self.migrations.writer.lock().await;
+        let mut rec = self.migrations.get(id)?;
+        f(&mut rec);
+        self.save_migration(&mut rec).await?;
+        self.migrations.publish(rec.clone());
+        Ok(rec)
     }
 
-    fn save_migration(&self, rec: &mut MigrationRecord) -> Result<(), AgentError> {
-        self.store.put_migration(rec)?;
+    async fn save_migration(&self, rec: &mut MigrationRecord) -> Result<(), AgentError> {
+        self.store.put_migration(rec).await?;
         log_migration(rec);
         if vmhop_common::faults::is_armed() {
             let role = match rec.role {
@@ -326,10 +319,12 @@ impl Agent {
         let result = self.spawn_and_wait(rec, incoming, lease).await;
         if let Err(e) = &result {
             let why = vmhop_common::error::chain(e);
-            let _ = self.update_instance(&rec.name, |r| {
-                r.state = InstanceState::Failed;
-                r.exit = Some(why);
-            });
+            let _ = self
+                .update_instance(&rec.name, |r| {
+                    r.state = InstanceState::Failed;
+                    r.exit = Some(why);
+                })
+                .await;
             if let Ok(r) = self.instance(&rec.name) {
                 if r.vmm_alive() {
                     kill_pid(&r, libc::SIGKILL);
@@ -366,11 +361,13 @@ impl Agent {
         };
         let pid = child.id().unwrap_or(0);
         let start = proc_start_time(pid);
-        let rec = self.update_instance(&rec.name, |r| {
-            r.pid = Some(pid);
-            r.pid_start = start;
-            r.exit = None;
-        })?;
+        let rec = self
+            .update_instance(&rec.name, |r| {
+                r.pid = Some(pid);
+                r.pid_start = start;
+                r.exit = None;
+            })
+            .await?;
         let me = self.clone();
         let name = rec.name.clone();
         tokio::spawn(async move {
@@ -379,7 +376,7 @@ impl Agent {
                 Ok(s) => s.to_string(),
                 Err(e) => format!("wait failed: {e}"),
             };
-            me.on_vmm_exit(&name, pid, status);
+            me.on_vmm_exit(&name, pid, status).await;
             me.end_disk_backends(&name, pid).await;
         });
         self.wait_api(&rec).await?;
@@ -411,19 +408,21 @@ impl Agent {
     }
 
     /// Records the end of the VMM `pid` of `name` (if the record still refers to it).
-    pub fn on_vmm_exit(&self, name: &str, pid: u32, status: String) {
-        let res = self.update_instance(name, |r| {
-            if r.pid != Some(pid) {
-                return;
-            }
-            r.exit = Some(status.clone());
-            r.state = match r.state {
-                InstanceState::Stopping => InstanceState::Stopped,
-                InstanceState::Incoming => InstanceState::Failed,
-                s if s.is_terminal() => s,
-                _ => InstanceState::Exited,
-            };
-        });
+    pub async fn on_vmm_exit(&self, name: &str, pid: u32, status: String) {
+        let res = self
+            .update_instance(name, |r| {
+                if r.pid != Some(pid) {
+                    return;
+                }
+                r.exit = Some(status.clone());
+                r.state = match r.state {
+                    InstanceState::Stopping => InstanceState::Stopped,
+                    InstanceState::Incoming => InstanceState::Failed,
+                    s if s.is_terminal() => s,
+                    _ => InstanceState::Exited,
+                };
+            })
+            .await;
         if let Err(e) = res {
             tracing::error!(instance = %name, error = %vmhop_common::error::chain(&e),
                 "recording the VMM's exit");
@@ -465,7 +464,8 @@ impl Agent {
                 &rec.name,
                 pid,
                 "exited (status unknown: adopted after a restart)".into(),
-            );
+            )
+            .await;
             me.end_disk_backends(&rec.name, pid).await;
         });
     }
@@ -499,9 +499,10 @@ impl Agent {
     ) -> Result<InstanceRecord, AgentError> {
         self.check_new_instance(&config)?;
         let rec = InstanceRecord::new(config, &self.cfg.state_dir, InstanceState::Starting);
-        self.put_instance(rec.clone())?;
+        self.put_instance(rec.clone()).await?;
         self.start_vmm(&rec, None).await?;
         self.update_instance(&rec.name, |r| r.state = InstanceState::Running)
+            .await
     }
 
     /// Stops a guest: API shutdown, then SIGTERM, then SIGKILL, each with a deadline.
@@ -517,7 +518,9 @@ impl Agent {
                 })
             }
         }
-        let rec = self.update_instance(name, |r| r.state = InstanceState::Stopping)?;
+        let rec = self
+            .update_instance(name, |r| r.state = InstanceState::Stopping)
+            .await?;
         self.end_vmm(&rec).await;
         self.update_instance(name, |r| {
             if !r.state.is_terminal() {
@@ -527,6 +530,7 @@ impl Agent {
                 r.exit = Some("stopped".into());
             }
         })
+        .await
     }
 }
 
@@ -543,5 +547,73 @@ async fn wait_exit_status(agent: &Agent, name: &str) -> String {
             return "exited".into();
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::InstanceConfig;
+
+    fn config(dir: &std::path::Path) -> AgentConfig {
+        AgentConfig {
+            host_id: "a".into(),
+            state_dir: dir.join("state"),
+            listen: "127.0.0.1:7070".parse().unwrap(),
+            socket: dir.join("m.sock"),
+            storaged_api: "127.0.0.1:1".into(),
+            storaged_nbd: "127.0.0.1:1".into(),
+            vmm_binary: "/nonexistent".into(),
+            vhost_user_binary: "/nonexistent".into(),
+            migration_ip: "127.0.0.1".parse().unwrap(),
+            peer_timeout_ms: 500,
+            peers: BTreeMap::new(),
+            ready_file: None,
+            token: None,
+            storaged_token: None,
+        }
+    }
+
+    /// A commit that cannot finish (another writer holds the database) holds up neither the
+    /// runtime's one thread nor the readers: they see the record as the store has it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_commit_waits_off_the_runtime_and_readers_do_not_wait_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = Agent::open(config(dir.path())).unwrap();
+        let rec = InstanceRecord::new(
+            InstanceConfig::for_tests("vm1"),
+            dir.path(),
+            InstanceState::Running,
+        );
+        agent.put_instance(rec).await.unwrap();
+
+        let (held_tx, held) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let db = agent.store.db();
+        let holder = std::thread::spawn(move || {
+            let txn = db.begin_write().unwrap();
+            held_tx.send(()).unwrap();
+            // Until the test says so (or, should the runtime be stuck, a while: the test then
+            // fails instead of hanging).
+            let _ = released.recv_timeout(Duration::from_secs(60));
+            drop(txn);
+        });
+        held.recv().unwrap();
+
+        let update = tokio::spawn({
+            let agent = agent.clone();
+            async move { agent.update_instance("vm1", |r| r.pid = Some(42)).await }
+        });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!update.is_finished());
+        assert_eq!(agent.instance("vm1").unwrap().pid, None);
+
+        release.send(()).unwrap();
+        let rec = update.await.unwrap().unwrap();
+        assert_eq!(rec.pid, Some(42));
+        assert_eq!(agent.instance("vm1").unwrap().pid, Some(42));
+        holder.join().unwrap();
     }
 }

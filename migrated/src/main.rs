@@ -123,7 +123,9 @@ async fn serve(mut cfg: AgentConfig) -> Result<()> {
     std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(0o660))?;
 
     let agent = Agent::open(cfg.clone()).context("opening the state directory")?;
-    migrated::recovery::recover(&agent).context("recovering the recorded instances")?;
+    migrated::recovery::recover(&agent)
+        .await
+        .context("recovering the recorded instances")?;
     tracing::info!(target: "migrated::state", event = "started", host = %cfg.host_id,
         listen = %cfg.listen, socket = %cfg.socket.display(),
         state_dir = %cfg.state_dir.display(), peers = ?cfg.peers, "migrated serving");

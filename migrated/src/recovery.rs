@@ -11,7 +11,7 @@ use crate::migration::{destination, source};
 use std::sync::Arc;
 
 /// Re-adopts live VMMs, marks dead ones lost, resumes unfinished migrations.
-pub fn recover(agent: &Arc<Agent>) -> Result<(), AgentError> {
+pub async fn recover(agent: &Arc<Agent>) -> Result<(), AgentError> {
     for rec in agent.instances() {
         if rec.state.is_terminal() {
             continue;
@@ -20,14 +20,18 @@ pub fn recover(agent: &Arc<Agent>) -> Result<(), AgentError> {
             tracing::info!(target: "migrated::state", event = "adopt", instance = %rec.name,
                 pid = ?rec.pid, "re-adopting the running VMM of {}", rec.name);
             if rec.state == InstanceState::Starting {
-                agent.update_instance(&rec.name, |r| r.state = InstanceState::Running)?;
+                agent
+                    .update_instance(&rec.name, |r| r.state = InstanceState::Running)
+                    .await?;
             }
             agent.watch_adopted(&rec);
         } else {
-            agent.update_instance(&rec.name, |r| {
-                r.state = InstanceState::Lost;
-                r.exit = Some("the VMM was not running when migrated started".into());
-            })?;
+            agent
+                .update_instance(&rec.name, |r| {
+                    r.state = InstanceState::Lost;
+                    r.exit = Some("the VMM was not running when migrated started".into());
+                })
+                .await?;
         }
     }
     for m in agent.migrations() {

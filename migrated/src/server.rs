@@ -175,7 +175,7 @@ async fn migrate(
     body: Result<Json<MigrateRequest>, JsonRejection>,
 ) -> R<(StatusCode, Json<MigrationRecord>)> {
     let Json(req) = body?;
-    let rec = source::start(&a, &name, req)?;
+    let rec = source::start(&a, &name, req).await?;
     Ok((StatusCode::ACCEPTED, Json(rec)))
 }
 

@@ -1,7 +1,9 @@
 //! Durable state: instance and migration records in a redb database (`STATE_DIR/state.redb`).
 //!
 //! Every write is one transaction committed with immediate durability (fsync) before the
-//! method returns, so a record written before an action survives a crash during it. Values are
+//! method returns, so a record written before an action survives a crash during it. The commit
+//! runs on a blocking thread, never on the async runtime's: an fsync takes milliseconds, and
+//! seconds on a busy disk, which the API and the migrations must not wait for. Values are
 //! JSON: readable, and tolerant of added fields.
 
 use crate::instance::InstanceRecord;
@@ -10,6 +12,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::path::Path;
+use std::sync::Arc;
 use thiserror::Error;
 
 const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
@@ -24,6 +27,9 @@ pub enum StoreError {
     /// A record could not be encoded or decoded.
     #[error("corrupt state record {0}")]
     Corrupt(String, #[source] serde_json::Error),
+    /// The thread committing a write was lost (the runtime is shutting down).
+    #[error("state database writer lost")]
+    WriterLost,
 }
 
 fn db_err(e: impl Into<redb::Error>) -> StoreError {
@@ -32,14 +38,14 @@ fn db_err(e: impl Into<redb::Error>) -> StoreError {
 
 /// The state database.
 pub struct Store {
-    db: Database,
+    db: Arc<Database>,
 }
 
 impl Store {
     /// Opens or creates the database at `path`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let db = vmhop_common::store::create_database(path, &[INSTANCES, MIGRATIONS])?;
-        Ok(Store { db })
+        Ok(Store { db: Arc::new(db) })
     }
 
     fn load<T: DeserializeOwned>(
@@ -59,19 +65,24 @@ impl Store {
         Ok(out)
     }
 
-    fn put<T: Serialize>(
+    async fn put<T: Serialize>(
         &self,
-        table: TableDefinition<&str, &[u8]>,
+        table: TableDefinition<'static, &'static str, &'static [u8]>,
         key: &str,
         value: &T,
     ) -> Result<(), StoreError> {
         let json = serde_json::to_vec(value).map_err(|e| StoreError::Corrupt(key.into(), e))?;
-        let txn = self.db.begin_write().map_err(db_err)?;
-        {
-            let mut t = txn.open_table(table).map_err(db_err)?;
-            t.insert(key, json.as_slice()).map_err(db_err)?;
-        }
-        txn.commit().map_err(db_err)
+        let (db, key) = (self.db.clone(), key.to_string());
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_write().map_err(db_err)?;
+            {
+                let mut t = txn.open_table(table).map_err(db_err)?;
+                t.insert(key.as_str(), json.as_slice()).map_err(db_err)?;
+            }
+            txn.commit().map_err(db_err)
+        })
+        .await
+        .map_err(|_| StoreError::WriterLost)?
     }
 
     /// Every instance record.
@@ -85,13 +96,19 @@ impl Store {
     }
 
     /// Writes an instance record durably.
-    pub fn put_instance(&self, rec: &InstanceRecord) -> Result<(), StoreError> {
-        self.put(INSTANCES, &rec.name, rec)
+    pub async fn put_instance(&self, rec: &InstanceRecord) -> Result<(), StoreError> {
+        self.put(INSTANCES, &rec.name, rec).await
     }
 
     /// Writes a migration record durably.
-    pub fn put_migration(&self, rec: &MigrationRecord) -> Result<(), StoreError> {
-        self.put(MIGRATIONS, &rec.id, rec)
+    pub async fn put_migration(&self, rec: &MigrationRecord) -> Result<(), StoreError> {
+        self.put(MIGRATIONS, &rec.id, rec).await
+    }
+
+    /// The database, for tests that hold a write transaction open.
+    #[cfg(test)]
+    pub(crate) fn db(&self) -> Arc<Database> {
+        self.db.clone()
     }
 }
 
@@ -101,8 +118,8 @@ mod tests {
     use crate::config::InstanceConfig;
     use crate::instance::InstanceState;
 
-    #[test]
-    fn records_survive_reopen() {
+    #[tokio::test]
+    async fn records_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.redb");
         let mut rec = InstanceRecord::new(
@@ -112,10 +129,10 @@ mod tests {
         );
         {
             let s = Store::open(&path).unwrap();
-            s.put_instance(&rec).unwrap();
+            s.put_instance(&rec).await.unwrap();
             rec.state = InstanceState::Running;
             rec.pid = Some(7);
-            s.put_instance(&rec).unwrap();
+            s.put_instance(&rec).await.unwrap();
         }
         let s = Store::open(&path).unwrap();
         assert_eq!(s.instances().unwrap(), vec![rec]);

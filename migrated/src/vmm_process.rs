@@ -81,6 +81,7 @@ pub fn vmm_config(
                     host_id: host_id.to_string(),
                     instance_id: Some(rec.name.clone()),
                     lease,
+                    io_hold_secs: None,
                 }),
                 vhost_user: None,
                 read_only: d.read_only,

@@ -66,7 +66,7 @@ async fn migrating_until_the_flip(test: &str) -> Option<(Hosts, SplitBrainWatch,
     h.guest_on_a().await;
     let watch = SplitBrainWatch::start(&h);
     h.links.storaged_a.hold(is_flip);
-    let id = start_migration(&h.a, "b");
+    let id = start_migration(&h.a, "b").await;
     wait_phase(&h.a, &id, |p| p == Phase::Flipping).await;
     Some((h, watch, id))
 }
@@ -125,7 +125,7 @@ async fn a_lost_flip_answer_is_read_back_and_the_guest_runs_on_the_destination()
     h.guest_on_a().await;
     let watch = SplitBrainWatch::start(&h);
     h.links.storaged_a.cut(Cut::FlipAnswers);
-    let id = start_migration(&h.a, "b");
+    let id = start_migration(&h.a, "b").await;
 
     let a = wait_phase(&h.a, &id, Phase::is_terminal).await;
     assert_eq!(a.phase, Phase::Completed, "{a:?}");

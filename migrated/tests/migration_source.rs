@@ -302,7 +302,7 @@ async fn setup(stream: Stream, standby_for: Vec<&'static str>) -> Setup {
     rec.api_socket = sock;
     rec.pid = Some(pid);
     rec.pid_start = proc_start_time(pid);
-    agent.put_instance(rec).unwrap();
+    agent.put_instance(rec).await.unwrap();
     Setup {
         agent,
         vmm,
@@ -326,7 +326,7 @@ async fn wait_phase(s: &Setup, id: &str, done: impl Fn(Phase) -> bool) -> Migrat
     }
 }
 
-fn start(s: &Setup) -> String {
+async fn start(s: &Setup) -> String {
     migrated::migration::source::start(
         &s.agent,
         "vm1",
@@ -339,6 +339,7 @@ fn start(s: &Setup) -> String {
             },
         },
     )
+    .await
     .unwrap()
     .id
 }
@@ -350,7 +351,7 @@ async fn holder(s: &Setup, v: &str, host: &str) -> Option<LeaseState> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_migration_flips_every_lease_resumes_the_destination_and_ends_the_source() {
     let s = setup(Stream::HandOverAfter(3), VOLUMES.to_vec()).await;
-    let id = start(&s);
+    let id = start(&s).await;
     let r = wait_phase(&s, &id, Phase::is_terminal).await;
     assert_eq!(r.phase, Phase::Completed, "{r:?}");
     assert_eq!(r.flipped, VOLUMES.to_vec());
@@ -406,7 +407,7 @@ async fn a_migration_flips_every_lease_resumes_the_destination_and_ends_the_sour
 async fn a_refused_flip_moves_nothing_and_the_source_resumes() {
     // The destination holds a standby lease on v1 only: storaged refuses the group flip.
     let s = setup(Stream::HandOverAfter(2), vec!["v1"]).await;
-    let id = start(&s);
+    let id = start(&s).await;
     let r = wait_phase(&s, &id, Phase::is_terminal).await;
     assert_eq!(r.phase, Phase::Aborted, "{r:?}");
     assert!(
@@ -443,7 +444,7 @@ async fn a_refused_flip_moves_nothing_and_the_source_resumes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_lost_during_precopy_aborts_and_the_source_resumes() {
     let s = setup(Stream::HandOverAfter(u32::MAX), VOLUMES.to_vec()).await;
-    let id = start(&s);
+    let id = start(&s).await;
     wait_phase(&s, &id, |p| p == Phase::Precopy).await;
     s.peer_task.abort();
     let r = wait_phase(&s, &id, Phase::is_terminal).await;
@@ -469,7 +470,7 @@ async fn a_destination_lost_during_precopy_aborts_and_the_source_resumes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_stream_aborts_and_a_second_migration_can_follow() {
     let s = setup(Stream::FailAfter(2), VOLUMES.to_vec()).await;
-    let id = start(&s);
+    let id = start(&s).await;
     let r = wait_phase(&s, &id, Phase::is_terminal).await;
     assert_eq!(r.phase, Phase::Aborted, "{r:?}");
     assert!(
@@ -483,7 +484,7 @@ async fn a_failed_stream_aborts_and_a_second_migration_can_follow() {
     );
     // A second request while none runs is accepted; two at once are not.
     s.vmm.lock().unwrap().stream = Stream::HandOverAfter(u32::MAX);
-    let id2 = start(&s);
+    let id2 = start(&s).await;
     assert_ne!(id, id2);
     let again = migrated::migration::source::start(
         &s.agent,
@@ -492,7 +493,8 @@ async fn a_failed_stream_aborts_and_a_second_migration_can_follow() {
             to: "b".into(),
             params: MigrationParams::default(),
         },
-    );
+    )
+    .await;
     assert!(again.is_err());
 }
 
@@ -511,6 +513,7 @@ async fn restarted_in(mut s: Setup, phase: Phase, flipped: &[&str]) -> (Setup, S
             r.state = InstanceState::Migrating;
             r.migration = Some(id.clone());
         })
+        .await
         .unwrap();
     assert!(inst.vmm_alive());
     let mut rec = MigrationRecord {
@@ -524,7 +527,7 @@ async fn restarted_in(mut s: Setup, phase: Phase, flipped: &[&str]) -> (Setup, S
     at_destination.role = Role::Destination;
     at_destination.phase = Phase::Precopy;
     s.peer.lock().await.record = Some(at_destination);
-    s.agent.put_migration(rec).unwrap();
+    s.agent.put_migration(rec).await.unwrap();
     for v in flipped {
         s.leases.flip_to(v, "b").await.unwrap();
     }
@@ -532,7 +535,7 @@ async fn restarted_in(mut s: Setup, phase: Phase, flipped: &[&str]) -> (Setup, S
     // The old agent holds the state database open: it goes before the new one opens it.
     drop(s.agent);
     s.agent = Agent::open(cfg).unwrap();
-    migrated::recovery::recover(&s.agent).unwrap();
+    migrated::recovery::recover(&s.agent).await.unwrap();
     (s, id)
 }
 

@@ -62,7 +62,7 @@ async fn a_refused_flip_moves_nothing_and_the_real_source_vmm_resumes() {
 
     // When the source asks for the flip, b has lost its standby lease on v2.
     h.links.storaged_a.hold(is_flip);
-    let id = start_migration(&h.a, "b");
+    let id = start_migration(&h.a, "b").await;
     wait_phase(&h.a, &id, |p| p == Phase::Flipping).await;
     let v2 = h.storage.reg.get("v2").unwrap();
     flip::revoke(&h.storage.reg, &v2, "b", None).await.unwrap();

@@ -4,6 +4,8 @@
 
 use crate::process::{run_ok, terminate, wait_for};
 use anyhow::{Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -44,6 +46,17 @@ impl Storaged {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Storaged> {
+        let any = "127.0.0.1:0".parse()?;
+        Self::spawn(work_dir, (any, any), extra, env)
+    }
+
+    /// Starts storaged listening on `listen` (NBD, API).
+    fn spawn(
+        work_dir: &Path,
+        listen: (SocketAddr, SocketAddr),
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Storaged> {
         let data_dir = work_dir.join("data");
         let ready = work_dir.join("ready.json");
         let _ = std::fs::remove_file(&ready);
@@ -54,7 +67,10 @@ impl Storaged {
             .arg("serve")
             .arg("--data-dir")
             .arg(&data_dir)
-            .args(["--nbd-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
+            .arg("--nbd-listen")
+            .arg(listen.0.to_string())
+            .arg("--api-listen")
+            .arg(listen.1.to_string())
             .arg("--ready-file")
             .arg(&ready)
             .args(extra)
@@ -130,6 +146,44 @@ impl Storaged {
         let fresh = Storaged::start_with(&self.work_dir, extra)?;
         *self = fresh;
         Ok(())
+    }
+
+    /// Starts again, after [`Self::terminate`] or [`Self::kill9`], on the same data dir and
+    /// the same ports: as a service manager restarts it, clients find it where it was.
+    pub fn start_again(&mut self) -> Result<()> {
+        let fresh = Storaged::spawn(&self.work_dir, (self.nbd, self.api), &[], &[])?;
+        *self = fresh;
+        Ok(())
+    }
+
+    /// Stops (SIGSTOP) or continues (SIGCONT) the process: a storaged that hangs, with its
+    /// connections open.
+    pub fn freeze(&self, frozen: bool) -> Result<()> {
+        let child = self.child.as_ref().context("not running")?;
+        let sig = if frozen {
+            Signal::SIGSTOP
+        } else {
+            Signal::SIGCONT
+        };
+        kill(Pid::from_raw(child.id() as i32), sig)?;
+        Ok(())
+    }
+
+    /// Whether a client sent storaged bytes it has not read: a request waiting in one of its
+    /// NBD connections (what a frozen storaged leaves in flight).
+    pub fn unread_requests(&self) -> Result<bool> {
+        let port = format!(":{:04X}", self.nbd.port());
+        let tcp = std::fs::read_to_string("/proc/net/tcp")?;
+        Ok(tcp.lines().skip(1).any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // local address, state 01 (established), tx_queue:rx_queue
+            f.len() > 4
+                && f[1].ends_with(&port)
+                && f[3] == "01"
+                && f[4]
+                    .split_once(':')
+                    .is_some_and(|(_, rx)| u64::from_str_radix(rx, 16).is_ok_and(|n| n > 0))
+        }))
     }
 
     /// `nbd://` URI of a volume.

@@ -150,12 +150,12 @@ pub fn decode(bytes: &[u8]) -> Result<VmState, PersistError> {
     if version != STATE_VERSION {
         return Err(PersistError::Version(version));
     }
-    let len = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes")) as usize;
+    let len = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
     let payload = &bytes[HEADER_LEN..];
-    if payload.len() < len {
-        return Err(PersistError::Truncated(bytes.len(), HEADER_LEN + len));
-    }
-    let payload = &payload[..len];
+    let Some(payload) = usize::try_from(len).ok().and_then(|n| payload.get(..n)) else {
+        let claimed = usize::try_from(len).map_or(usize::MAX, |n| n.saturating_add(HEADER_LEN));
+        return Err(PersistError::Truncated(bytes.len(), claimed));
+    };
     let stored = u32_at(24);
     let computed = crc32fast::hash(payload);
     if stored != computed {
@@ -248,6 +248,10 @@ mod tests {
             decode(b"nonsense, not a state at all....."),
             Err(PersistError::Magic(_))
         ));
+        // Found by the fuzzer: a length near 2^64 overflowed while the error was made.
+        let mut huge = bytes.clone();
+        huge[16..24].copy_from_slice(&(u64::MAX - 8).to_le_bytes());
+        assert!(matches!(decode(&huge), Err(PersistError::Truncated(..))));
         let s = sample();
         let other = Shape {
             memory_mib: 128,

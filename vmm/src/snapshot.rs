@@ -80,6 +80,101 @@ pub enum SnapshotError {
     ReadGuest(#[source] vm_memory::GuestMemoryError),
 }
 
+/// A snapshot's header: where its parts lie in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// Guest memory of the saved VM.
+    pub memory_mib: u64,
+    /// Where the state envelope starts.
+    pub state_off: u64,
+    /// Its length.
+    pub state_len: u64,
+    /// Where the memory image starts (page aligned).
+    pub mem_off: u64,
+    /// Its length (`memory_mib` MiB).
+    pub mem_len: u64,
+}
+
+impl Header {
+    /// The header's bytes (a whole 4 KiB block).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut h = Vec::with_capacity(HEADER as usize);
+        h.extend_from_slice(MAGIC);
+        h.extend_from_slice(&VERSION.to_le_bytes());
+        h.extend_from_slice(&0u32.to_le_bytes());
+        for v in [
+            self.memory_mib,
+            self.state_off,
+            self.state_len,
+            self.mem_off,
+            self.mem_len,
+        ] {
+            h.extend_from_slice(&v.to_le_bytes());
+        }
+        debug_assert_eq!(h.len(), HEADER_FIELDS);
+        let crc = crc32fast::hash(&h);
+        h.extend_from_slice(&crc.to_le_bytes());
+        h.resize(HEADER as usize, 0);
+        h
+    }
+
+    /// Reads the header at the start of `bytes` and checks that its parts fit the `size`
+    /// bytes of the file at `path`. Every field comes from the file, so no sum of them is
+    /// trusted to fit.
+    pub fn decode(bytes: &[u8], size: u64, path: &Path) -> Result<Header, SnapshotError> {
+        let p = || path.to_path_buf();
+        let Some(h) = bytes.get(..HEADER_FIELDS + 4) else {
+            return Err(SnapshotError::Magic(
+                p(),
+                bytes.iter().take(8).copied().collect(),
+            ));
+        };
+        if &h[..8] != MAGIC {
+            return Err(SnapshotError::Magic(p(), h[..8].to_vec()));
+        }
+        let u64_at = |i: usize| u64::from_le_bytes(h[i..i + 8].try_into().expect("8 bytes"));
+        let version = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
+        if version != VERSION {
+            return Err(SnapshotError::Version(p(), version));
+        }
+        let crc = u32::from_le_bytes(h[56..60].try_into().expect("4 bytes"));
+        if crc32fast::hash(&h[..HEADER_FIELDS]) != crc {
+            return Err(SnapshotError::HeaderChecksum(p()));
+        }
+        let hd = Header {
+            memory_mib: u64_at(16),
+            state_off: u64_at(24),
+            state_len: u64_at(32),
+            mem_off: u64_at(40),
+            mem_len: u64_at(48),
+        };
+        let fits = |off: u64, len: u64| off.checked_add(len).is_some_and(|end| end <= size);
+        if hd.memory_mib.checked_mul(1 << 20) != Some(hd.mem_len)
+            || !hd.mem_off.is_multiple_of(PAGE_SIZE as u64)
+            || !fits(hd.mem_off, hd.mem_len)
+        {
+            return Err(SnapshotError::Layout {
+                path: p(),
+                offset: hd.mem_off,
+                len: hd.mem_len,
+                size,
+            });
+        }
+        if hd.state_len > MAX_STATE {
+            return Err(SnapshotError::StateSize(p(), hd.state_len));
+        }
+        if !fits(hd.state_off, hd.state_len) {
+            return Err(SnapshotError::Layout {
+                path: p(),
+                offset: hd.state_off,
+                len: hd.state_len,
+                size,
+            });
+        }
+        Ok(hd)
+    }
+}
+
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SnapshotError + 'a {
     move |e| SnapshotError::Io(what, path.to_path_buf(), e)
 }
@@ -90,23 +185,14 @@ pub fn write(path: &Path, st: &VmState, mem: &GuestMem) -> Result<(), SnapshotEr
     let envelope = persist::encode(st).map_err(|e| SnapshotError::State(path.to_path_buf(), e))?;
     let mem_offset = (HEADER + envelope.len() as u64).next_multiple_of(2 << 20);
     let mem_len = memory::ram_size(mem);
-    let mut h = Vec::with_capacity(HEADER as usize);
-    h.extend_from_slice(MAGIC);
-    h.extend_from_slice(&VERSION.to_le_bytes());
-    h.extend_from_slice(&0u32.to_le_bytes());
-    for v in [
-        st.shape.memory_mib,
-        HEADER,
-        envelope.len() as u64,
-        mem_offset,
+    let h = Header {
+        memory_mib: st.shape.memory_mib,
+        state_off: HEADER,
+        state_len: envelope.len() as u64,
+        mem_off: mem_offset,
         mem_len,
-    ] {
-        h.extend_from_slice(&v.to_le_bytes());
     }
-    debug_assert_eq!(h.len(), HEADER_FIELDS);
-    let crc = crc32fast::hash(&h);
-    h.extend_from_slice(&crc.to_le_bytes());
-    h.resize(HEADER as usize, 0);
+    .encode();
 
     let tmp = path.with_extension("partial");
     let mut f = OpenOptions::new()
@@ -171,34 +257,16 @@ pub fn open(path: &Path, memory_mib: u64, shared: bool) -> Result<Restored, Snap
     let mut f = File::open(path).map_err(io("open", path))?;
     let mut h = vec![0u8; HEADER as usize];
     f.read_exact(&mut h).map_err(io("read", path))?;
-    if &h[..8] != MAGIC {
-        return Err(SnapshotError::Magic(path.to_path_buf(), h[..8].to_vec()));
-    }
-    let u64_at = |i: usize| u64::from_le_bytes(h[i..i + 8].try_into().expect("8 bytes"));
-    let version = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
-    if version != VERSION {
-        return Err(SnapshotError::Version(path.to_path_buf(), version));
-    }
-    let crc = u32::from_le_bytes(h[56..60].try_into().expect("4 bytes"));
-    if crc32fast::hash(&h[..HEADER_FIELDS]) != crc {
-        return Err(SnapshotError::HeaderChecksum(path.to_path_buf()));
-    }
-    let (mib, state_off, state_len, mem_off, mem_len) =
-        (u64_at(16), u64_at(24), u64_at(32), u64_at(40), u64_at(48));
+    let size = f.metadata().map_err(io("stat", path))?.len();
+    let Header {
+        memory_mib: mib,
+        state_off,
+        state_len,
+        mem_off,
+        mem_len,
+    } = Header::decode(&h, size, path)?;
     if mib != memory_mib {
         return Err(SnapshotError::Memory(path.to_path_buf(), mib, memory_mib));
-    }
-    let size = f.metadata().map_err(io("stat", path))?.len();
-    if mem_len != mib << 20 || mem_off % PAGE_SIZE as u64 != 0 || mem_off + mem_len > size {
-        return Err(SnapshotError::Layout {
-            path: path.to_path_buf(),
-            offset: mem_off,
-            len: mem_len,
-            size,
-        });
-    }
-    if state_len > MAX_STATE {
-        return Err(SnapshotError::StateSize(path.to_path_buf(), state_len));
     }
     let mut envelope = vec![0u8; state_len as usize];
     f.read_exact_at(&mut envelope, state_off)
@@ -233,4 +301,58 @@ pub fn open(path: &Path, memory_mib: u64, shared: bool) -> Result<Restored, Snap
         memfd: Some(memfd),
         state,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(mem_off: u64, mem_len: u64, state_off: u64, state_len: u64) -> Vec<u8> {
+        Header {
+            memory_mib: mem_len >> 20,
+            state_off,
+            state_len,
+            mem_off,
+            mem_len,
+        }
+        .encode()
+    }
+
+    #[test]
+    fn a_header_whose_parts_do_not_fit_the_file_is_refused() {
+        let p = Path::new("s");
+        let size = (2 << 20) + (128 << 20);
+        let good = header(2 << 20, 128 << 20, HEADER, 1000);
+        let h = Header::decode(&good, size, p).unwrap();
+        assert_eq!(
+            (h.mem_off, h.mem_len, h.memory_mib),
+            (2 << 20, 128 << 20, 128)
+        );
+        // Offsets that wrap around when added to the lengths: they must not pass as fitting.
+        let wraps = header(u64::MAX - 4095, 128 << 20, HEADER, 1000);
+        assert!(matches!(
+            Header::decode(&wraps, size, p),
+            Err(SnapshotError::Layout { .. })
+        ));
+        let state_wraps = header(2 << 20, 128 << 20, u64::MAX - 10, 1000);
+        assert!(matches!(
+            Header::decode(&state_wraps, size, p),
+            Err(SnapshotError::Layout { .. })
+        ));
+        // Memory larger than the file, a memory size that is not the shape's, a short file.
+        assert!(Header::decode(&good, size - 1, p).is_err());
+        let mut odd = Header::decode(&good, size, p).unwrap();
+        odd.memory_mib = u64::MAX;
+        assert!(Header::decode(&odd.encode(), size, p).is_err());
+        assert!(matches!(
+            Header::decode(&good[..20], size, p),
+            Err(SnapshotError::Magic(..))
+        ));
+        let mut bad = good.clone();
+        bad[30] ^= 1;
+        assert!(matches!(
+            Header::decode(&bad, size, p),
+            Err(SnapshotError::HeaderChecksum(_))
+        ));
+    }
 }

@@ -149,19 +149,19 @@ pub async fn prepare(
         Phase::Preparing,
         format!("starting the incoming VMM on {stream_addr}"),
     );
-    agent.put_migration(mig.clone())?;
+    agent.put_migration(mig.clone()).await?;
     let mut rec = InstanceRecord::new(req.config, &agent.cfg.state_dir, InstanceState::Incoming);
     rec.migration = Some(mig.id.clone());
     rec.incoming = Some(stream_addr.clone());
-    agent.put_instance(rec.clone())?;
+    agent.put_instance(rec.clone()).await?;
     if let Err(e) = agent.start_vmm(&rec, Some(&stream_addr)).await {
         mig.error = Some(error_chain(&e));
         mig.step(Phase::Aborted, "the incoming VMM did not start");
-        let _ = agent.put_migration(mig);
+        let _ = agent.put_migration(mig).await;
         return Err(e.into());
     }
     mig.step(Phase::Precopy, "incoming VMM ready");
-    agent.put_migration(mig.clone())?;
+    agent.put_migration(mig.clone()).await?;
     tokio::spawn(watch(agent.clone(), mig.id.clone()));
     Ok(IncomingReady {
         host: agent.cfg.host_id.clone(),
@@ -199,7 +199,9 @@ pub async fn resume(agent: &Arc<Agent>, id: &str) -> Result<MigrationRecord, Des
         }
         _ => {}
     }
-    agent.update_migration(id, |r| r.step(Phase::Resuming, "resuming the guest"))?;
+    agent
+        .update_migration(id, |r| r.step(Phase::Resuming, "resuming the guest"))
+        .await?;
     let inst = agent.instance(&mig.instance)?;
     if let Err(e) = agent.vmm(&inst).resume().await {
         if !inst.vmm_alive() {
@@ -215,16 +217,20 @@ pub async fn resume(agent: &Arc<Agent>, id: &str) -> Result<MigrationRecord, Des
         return Err(DestinationError::Vmm(e));
     }
     let (downtime_ms, downtime_us) = vmm_downtime(agent, &inst).await;
-    agent.update_instance(&inst.name, |r| {
-        r.state = InstanceState::Running;
-        r.migration = None;
-        r.incoming = None;
-    })?;
-    Ok(agent.update_migration(id, |r| {
-        r.figures.vmm_downtime_ms = downtime_ms;
-        r.figures.vmm_downtime_us = downtime_us;
-        r.step(Phase::Completed, "the guest runs here");
-    })?)
+    agent
+        .update_instance(&inst.name, |r| {
+            r.state = InstanceState::Running;
+            r.migration = None;
+            r.incoming = None;
+        })
+        .await?;
+    Ok(agent
+        .update_migration(id, |r| {
+            r.figures.vmm_downtime_ms = downtime_ms;
+            r.figures.vmm_downtime_us = downtime_us;
+            r.step(Phase::Completed, "the guest runs here");
+        })
+        .await?)
 }
 
 /// How long to wait for the resumed VMM to report its figures.
@@ -275,19 +281,23 @@ async fn abort_locked(
     if let Ok(inst) = agent.instance(&mig.instance) {
         if inst.migration.as_deref() == Some(id) {
             agent.end_vmm(&inst).await;
-            agent.update_instance(&inst.name, |r| {
-                if r.state == InstanceState::Incoming || r.state == InstanceState::Failed {
-                    r.state = InstanceState::Stopped;
-                }
-                r.migration = None;
-                r.exit = Some(format!("incoming migration abandoned: {reason}"));
-            })?;
+            agent
+                .update_instance(&inst.name, |r| {
+                    if r.state == InstanceState::Incoming || r.state == InstanceState::Failed {
+                        r.state = InstanceState::Stopped;
+                    }
+                    r.migration = None;
+                    r.exit = Some(format!("incoming migration abandoned: {reason}"));
+                })
+                .await?;
         }
     }
-    Ok(agent.update_migration(id, |r| {
-        r.error = Some(reason.to_string());
-        r.step(Phase::Aborted, reason.to_string());
-    })?)
+    Ok(agent
+        .update_migration(id, |r| {
+            r.error = Some(reason.to_string());
+            r.step(Phase::Aborted, reason.to_string());
+        })
+        .await?)
 }
 
 /// Re-attaches to an incoming migration after a restart of migrated.
@@ -447,8 +457,9 @@ async fn take_over(agent: &Arc<Agent>, rec: &MigrationRecord) -> Result<(), Dest
         tracing::warn!(migration = %rec.id, error = %error_chain(&failed),
             "taking the leases over failed; reading them back");
         let views = leases::read_until_known(&api, &rec.volumes, |attempt, e| {
-            tracing::warn!(migration = %rec.id, attempt, error = %error_chain(e),
-                "reading the leases: storaged did not answer; retrying")
+            tracing::warn!(migration = %rec.id, attempt, error = %error_chain(&e),
+                "reading the leases: storaged did not answer; retrying");
+            std::future::ready(())
         })
         .await;
         match Holding::of(&views, me) {
@@ -459,9 +470,11 @@ async fn take_over(agent: &Arc<Agent>, rec: &MigrationRecord) -> Result<(), Dest
             _ => tokio::time::sleep(leases::RETRY).await,
         }
     }
-    let _ = agent.update_migration(&rec.id, |r| {
-        r.flipped = r.volumes.clone();
-        r.note("every volume is this host's");
-    });
+    let _ = agent
+        .update_migration(&rec.id, |r| {
+            r.flipped = r.volumes.clone();
+            r.note("every volume is this host's");
+        })
+        .await;
     Ok(())
 }

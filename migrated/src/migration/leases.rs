@@ -90,17 +90,18 @@ pub fn named(volumes: &[String], epochs: &BTreeMap<String, u64>) -> Option<Vec<V
 }
 
 /// Reads the lease views of `volumes` until storaged answers; `waiting` hears of each failed
-/// attempt (with its number, from 1) so that the caller can record that it waits.
-pub async fn read_until_known(
+/// attempt (with its number, from 1, and the error) so that the caller can record that it
+/// waits (durably: it returns a future).
+pub async fn read_until_known<F: std::future::Future<Output = ()>>(
     api: &StoragedApi,
     volumes: &[String],
-    mut waiting: impl FnMut(u32, &HttpError),
+    mut waiting: impl FnMut(u32, HttpError) -> F,
 ) -> Vec<LeaseView> {
     let mut pause = RETRY;
     for attempt in 1.. {
         match api.leases_of(volumes).await {
             Ok(views) => return views,
-            Err(e) => waiting(attempt, &e),
+            Err(e) => waiting(attempt, e).await,
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(RETRY_MAX);

@@ -352,7 +352,7 @@ impl Hosts {
 }
 
 /// Starts migrating vm1 from `from` to `to`; returns the migration's id.
-pub fn start_migration(from: &Arc<Agent>, to: &str) -> String {
+pub async fn start_migration(from: &Arc<Agent>, to: &str) -> String {
     migrated::migration::source::start(
         from,
         "vm1",
@@ -361,6 +361,7 @@ pub fn start_migration(from: &Arc<Agent>, to: &str) -> String {
             params: MigrationParams::default(),
         },
     )
+    .await
     .unwrap()
     .id
 }
@@ -386,7 +387,7 @@ pub async fn wait_phase(
 
 /// Migrates vm1 from `from` to `to` and waits for the end.
 pub async fn migrate(from: &Arc<Agent>, to: &str) -> MigrationRecord {
-    let id = start_migration(from, to);
+    let id = start_migration(from, to).await;
     wait_phase(from, &id, Phase::is_terminal).await
 }
 

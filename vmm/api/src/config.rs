@@ -226,6 +226,22 @@ pub struct StoragedDiskConfig {
     /// Lease asked for.
     #[serde(default)]
     pub lease: LeaseMode,
+    /// How long guest I/O is held, and retried, while storaged cannot be reached (a restart,
+    /// an upgrade, a network cut) before a request fails with an I/O error in the guest.
+    /// Default [`DEFAULT_IO_HOLD_SECS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_hold_secs: Option<u64>,
+}
+
+/// How long guest I/O waits for an unreachable storaged by default: long enough for a restart
+/// under systemd (stop, `RestartSec`, start, the data directory opened) with room to spare.
+pub const DEFAULT_IO_HOLD_SECS: u64 = 60;
+
+impl StoragedDiskConfig {
+    /// [`Self::io_hold_secs`] or its default.
+    pub fn io_hold(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.io_hold_secs.unwrap_or(DEFAULT_IO_HOLD_SECS))
+    }
 }
 
 /// The lease a VMM asks for on a storaged volume.
@@ -252,7 +268,8 @@ impl FromStr for LeaseMode {
     }
 }
 
-/// `--disk path=FILE[,ro]`, `--disk storaged=HOST:PORT,volume=NAME,host=ID[,instance=ID][,ro]`
+/// `--disk path=FILE[,ro]`,
+/// `--disk storaged=HOST:PORT,volume=NAME,host=ID[,instance=ID][,io-hold=SECS][,ro]`
 /// or `--disk vhost-user=SOCKET[,queues=N][,ro]`.
 impl FromStr for DiskConfig {
     type Err = ConfigError;
@@ -263,6 +280,7 @@ impl FromStr for DiskConfig {
         let mut read_only = false;
         let (mut address, mut volume, mut host, mut instance) = (None, None, None, None);
         let mut lease = LeaseMode::default();
+        let mut io_hold_secs = None;
         for part in s.split(',') {
             let (k, v) = part.split_once('=').unwrap_or((part, ""));
             match k {
@@ -275,6 +293,11 @@ impl FromStr for DiskConfig {
                 "host" | "host_id" => host = Some(v.to_string()),
                 "instance" | "instance_id" => instance = Some(v.to_string()),
                 "lease" => lease = v.parse()?,
+                "io-hold" | "io_hold" | "io_hold_secs" => {
+                    io_hold_secs = Some(v.parse().map_err(|_| {
+                        ConfigError::Invalid(format!("io-hold=`{v}` is not a number of seconds"))
+                    })?)
+                }
                 "vhost-user" | "vhost_user" => vhost_socket = Some(PathBuf::from(v)),
                 "queues" => {
                     queues = v.parse().map_err(|_| {
@@ -298,6 +321,7 @@ impl FromStr for DiskConfig {
                     .ok_or_else(|| ConfigError::Invalid(format!("`{s}`: host= missing")))?,
                 instance_id: instance,
                 lease,
+                io_hold_secs,
             }),
         };
         let d = DiskConfig {
@@ -411,6 +435,15 @@ mod tests {
         let d: DiskConfig = "path=/x.img,ro".parse().unwrap();
         assert!(d.read_only);
         let d: DiskConfig = "storaged=h:1,volume=v,host=a,instance=i".parse().unwrap();
+        assert_eq!(
+            d.storaged.as_ref().unwrap().io_hold(),
+            std::time::Duration::from_secs(DEFAULT_IO_HOLD_SECS)
+        );
+        let held: DiskConfig = "storaged=h:1,volume=v,host=a,io-hold=5".parse().unwrap();
+        assert_eq!(held.storaged.unwrap().io_hold_secs, Some(5));
+        assert!("storaged=h:1,volume=v,host=a,io-hold=soon"
+            .parse::<DiskConfig>()
+            .is_err());
         assert_eq!(d.storaged.unwrap().instance_id.as_deref(), Some("i"));
         let d: DiskConfig = "vhost-user=/run/d.sock,queues=2,ro".parse().unwrap();
         assert_eq!(

@@ -5,21 +5,22 @@
 //! the same steps serve the VMM's worker and the vhost-user backend.
 //!
 //! Nothing here trusts the guest: a request outside the disk, of a length that is not a whole
-//! number of sectors, larger than [`MAX_REQUEST_BYTES`], or with buffers outside guest memory
-//! completes with VIRTIO_BLK_S_IOERR; an unknown type with VIRTIO_BLK_S_UNSUPP.
+//! number of sectors, larger than [`MAX_REQUEST_BYTES`], with buffers outside guest memory, or
+//! a discard or write-zeroes request beyond the advertised `max_discard_seg` /
+//! `max_discard_sectors` (and their write-zeroes twins) completes with VIRTIO_BLK_S_IOERR; an
+//! unknown type with VIRTIO_BLK_S_UNSUPP.
 
 use crate::backend::{Backend, BackendError};
-use crate::offer::{Offer, SECTOR_SIZE};
-use crate::request::{gather, parse_ranges, scatter, seg_len, Request, RequestKind};
+use crate::offer::{Offer, MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, SECTOR_SIZE};
+use crate::request::{
+    gather, parse_ranges, scatter, seg_len, Request, RequestKind, MAX_REQUEST_BYTES,
+    RANGE_SEGMENT_LEN,
+};
 use std::sync::Arc;
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
 };
 use vm_memory::{Bytes, GuestMemory};
-
-/// The largest data buffer one request may have (the guest's driver stays far below: Linux
-/// sends at most a few MiB). Caps what a malicious driver can make the data path allocate.
-pub const MAX_REQUEST_BYTES: u64 = 64 << 20;
 
 /// What a finished request returns to the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,7 +160,13 @@ impl Disk {
                 if self.read_only || !self.backend.supports_discard() {
                     return Job::Done(Completion::status(VIRTIO_BLK_S_UNSUPP));
                 }
-                if seg_len(&req.data_out) > MAX_REQUEST_BYTES {
+                // Whole segments, no more than max_discard_seg (max_write_zeroes_seg) of
+                // them, checked before they are read.
+                let len = seg_len(&req.data_out);
+                if len == 0
+                    || !len.is_multiple_of(RANGE_SEGMENT_LEN as u64)
+                    || len > u64::from(MAX_RANGE_SEGMENTS) * RANGE_SEGMENT_LEN as u64
+                {
                     return ioerr();
                 }
                 let Ok(bytes) = gather(mem, &req.data_out) else {
@@ -167,6 +174,9 @@ impl Disk {
                 };
                 let mut ranges = Vec::new();
                 for (sector, sectors, _flags) in parse_ranges(&bytes) {
+                    if sectors > MAX_RANGE_SECTORS {
+                        return ioerr();
+                    }
                     let len = u64::from(sectors) * SECTOR_SIZE;
                     match self.in_range(sector, len) {
                         Some(offset) => ranges.push((offset, len)),
@@ -251,11 +261,12 @@ mod tests {
     use vm_memory::{GuestAddress, GuestMemoryMmap};
 
     fn disk(dir: &std::path::Path, read_only: bool) -> Disk {
+        sized_disk(dir, read_only, 1 << 20)
+    }
+
+    fn sized_disk(dir: &std::path::Path, read_only: bool, size: u64) -> Disk {
         let path = dir.join("d.img");
-        std::fs::File::create(&path)
-            .unwrap()
-            .set_len(1 << 20)
-            .unwrap();
+        std::fs::File::create(&path).unwrap().set_len(size).unwrap();
         Disk::new(
             Backend::File(FileBackend::open(&path, read_only).unwrap()),
             read_only,
@@ -358,5 +369,53 @@ mod tests {
         let ro_dir = tempfile::tempdir().unwrap();
         let ro = disk(ro_dir.path(), true);
         assert!(ioerr(ro.run(ro.prepare(&w, &mem)).await));
+    }
+
+    /// Discard or write-zeroes ranges at 0x1000 in `mem`: `(sector, sectors)` each.
+    fn ranges(mem: &GuestMemoryMmap, kind: RequestKind, ranges: &[(u64, u32)]) -> Request {
+        let mut bytes = Vec::new();
+        for &(sector, sectors) in ranges {
+            bytes.extend_from_slice(&sector.to_le_bytes());
+            bytes.extend_from_slice(&sectors.to_le_bytes());
+            bytes.extend_from_slice(&0u32.to_le_bytes());
+        }
+        mem.write_slice(&bytes, GuestAddress(0x1000)).unwrap();
+        let len = bytes.len() as u32;
+        request(kind, 0, vec![(GuestAddress(0x1000), len)], vec![])
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_keep_to_the_advertised_limits() {
+        use crate::offer::{MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS};
+        let dir = tempfile::tempdir().unwrap();
+        let d = sized_disk(dir.path(), false, 64 << 30);
+        let mem: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let ioerr = |j: Job| matches!(j, Job::Done(c) if c.status == VIRTIO_BLK_S_IOERR as u8);
+        for kind in [RequestKind::Discard, RequestKind::WriteZeroes] {
+            // max_discard_seg ranges of max_discard_sectors each: served.
+            let full: Vec<_> = (0..u64::from(MAX_RANGE_SEGMENTS))
+                .map(|i| (i * u64::from(MAX_RANGE_SECTORS), MAX_RANGE_SECTORS))
+                .collect();
+            match d.prepare(&ranges(&mem, kind, &full), &mem) {
+                Job::Ranges { ranges, .. } => assert_eq!(ranges.len(), full.len()),
+                other => panic!("{other:?}"),
+            }
+            // One range more, one sector more, or a range cut short: refused before any I/O.
+            let mut more = full.clone();
+            more.push((0, 8));
+            assert!(
+                ioerr(d.prepare(&ranges(&mem, kind, &more), &mem)),
+                "{kind:?}"
+            );
+            let long = [(0, MAX_RANGE_SECTORS + 1)];
+            assert!(
+                ioerr(d.prepare(&ranges(&mem, kind, &long), &mem)),
+                "{kind:?}"
+            );
+            let mut cut = ranges(&mem, kind, &[(0, 8)]);
+            cut.data_out[0].1 += 4;
+            assert!(ioerr(d.prepare(&cut, &mem)), "{kind:?}");
+        }
     }
 }

@@ -7,16 +7,21 @@
 //!   VMM's dirty-tracked memory and a vhost-user backend's logged memory alike);
 //! - [`backend`]: where the data lives, a local file or a storaged volume opened with a lease
 //!   through storaged's lease-aware client (reconnect and fencing included);
+//! - [`intake`]: the chains a queue takes from its ring, within what it may hold in flight;
 //! - [`exec`]: one request run on a backend, from the guest's buffers to its status byte;
-//! - [`offer`]: the feature bits and configuration space a disk offers the guest's driver.
+//! - [`offer`]: the feature bits and configuration space a disk offers the guest's driver;
+//! - [`fuzz`]: a driver's ring through all of the above, as the fuzzer drives it.
 #![warn(missing_docs)]
 
 pub mod backend;
 pub mod exec;
+pub mod fuzz;
+pub mod intake;
 pub mod offer;
 pub mod request;
 
 pub use backend::{Backend, BackendError, FileBackend, StoragedBackend};
 pub use exec::{Completion, Disk, Job};
+pub use intake::{Intake, Stopped};
 pub use offer::{Offer, QUEUE_SIZE, SECTOR_SIZE};
 pub use request::{Request, RequestError, RequestKind};

@@ -13,6 +13,9 @@ use virtio_bindings::bindings::virtio_ring::{
 
 /// Descriptors per queue, and so the most requests in flight on one queue.
 pub const QUEUE_SIZE: u16 = 256;
+/// Data segments in one request (`seg_max`): every descriptor but the header's and the
+/// status byte's, so that a chain fits the queue's descriptor table.
+pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 /// The virtio-blk sector.
 pub const SECTOR_SIZE: u64 = 512;
 /// Largest discard / write-zeroes request, in sectors (1 GiB).
@@ -51,7 +54,7 @@ impl Offer {
         }
         let mut c = vec![0u8; CONFIG_LEN];
         c[0..8].copy_from_slice(&(size / SECTOR_SIZE).to_le_bytes()); // capacity
-        c[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes()); // seg_max
+        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes()); // seg_max
         c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
         c[CONFIG_NUM_QUEUES..CONFIG_NUM_QUEUES + 2].copy_from_slice(&queues.to_le_bytes());
         c[36..40].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes()); // max_discard_sectors

@@ -3,14 +3,18 @@
 //! hand-over go through the VM loop ([`crate::vm::VmEvent::IncomingState`],
 //! [`crate::vm::VmEvent::IncomingCommit`]); a stream that fails before COMMIT ends the process
 //! ([`crate::vm::VmEvent::IncomingFailed`]): the source still has the guest.
+//!
+//! Everything in the stream is the source's: [`receive_stream`] reads it frame by frame into
+//! an [`Incoming`] VM (the VM loop here, a plain decoder in the fuzz target) and refuses what
+//! does not belong, without trusting any length or address in it.
 
 use super::wire::{self, Commit, Hello, Kind, Progress, Reply, Resumed, WireError};
 use super::{update, Phase, SharedStatus};
 use crate::memory::{GuestMem, PAGE_SIZE};
 use crate::persist::Shape;
 use crate::vm::{VmError, VmEvent};
-use std::io::{BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufReader, Read, Write};
+use std::net::TcpListener;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -91,8 +95,8 @@ pub struct CommitDone {
 }
 
 /// Receives one migration.
-pub fn run(ctx: DestCtx) {
-    if let Err(e) = receive(&ctx) {
+pub fn run(mut ctx: DestCtx) {
+    if let Err(e) = receive(&mut ctx) {
         update(&ctx.status, |s| {
             s.phase = Phase::Failed;
             s.error = Some(error_chain(&e));
@@ -102,7 +106,7 @@ pub fn run(ctx: DestCtx) {
 }
 
 /// Answers HELLO with a refusal and this reason.
-fn refuse(w: &mut TcpStream, why: &ReceiveError) {
+fn refuse(w: &mut impl Write, why: &ReceiveError) {
     let _ = wire::write_json(
         w,
         Kind::Reply,
@@ -114,42 +118,99 @@ fn refuse(w: &mut TcpStream, why: &ReceiveError) {
     let _ = w.flush();
 }
 
-fn receive(ctx: &DestCtx) -> Result<(), ReceiveError> {
+/// What a stream is received into.
+pub trait Incoming {
+    /// The VM's shape; the source's must be the same.
+    fn shape(&self) -> &Shape;
+    /// Guest memory, for the pages.
+    fn mem(&self) -> &GuestMem;
+    /// The migration status the API reports.
+    fn status(&self) -> &SharedStatus;
+    /// Loads the saved state (a [`crate::persist`] envelope) into the VM.
+    fn load_state(&mut self, state: Vec<u8>) -> Result<(), ReceiveError>;
+    /// The guest is this VM's: runs it (`auto`) or waits for the resume. `None` when that
+    /// could not be confirmed (the guest is this VM's all the same).
+    fn commit(&mut self, c: Commit, auto: bool) -> Option<CommitDone>;
+}
+
+impl Incoming for DestCtx {
+    fn shape(&self) -> &Shape {
+        &self.shape
+    }
+
+    fn mem(&self) -> &GuestMem {
+        &self.mem
+    }
+
+    fn status(&self) -> &SharedStatus {
+        &self.status
+    }
+
+    fn load_state(&mut self, state: Vec<u8>) -> Result<(), ReceiveError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.events
+            .send(VmEvent::IncomingState(state, tx))
+            .map_err(|_| ReceiveError::VmGone)?;
+        match rx.recv_timeout(LOOP_TIMEOUT) {
+            Ok(r) => r.map_err(ReceiveError::Load),
+            Err(_) => Err(ReceiveError::LoadTimeout),
+        }
+    }
+
+    fn commit(&mut self, c: Commit, auto: bool) -> Option<CommitDone> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.events
+            .send(VmEvent::IncomingCommit(c, auto, tx))
+            .ok()?;
+        rx.recv_timeout(LOOP_TIMEOUT).ok()?.ok()
+    }
+}
+
+fn receive(ctx: &mut DestCtx) -> Result<(), ReceiveError> {
     let (mut w, peer) = ctx.listener.accept().map_err(ReceiveError::Accept)?;
-    let started = Instant::now();
     tracing::info!(%peer, "migration stream connected");
     w.set_nodelay(true).map_err(ReceiveError::Stream)?;
     w.set_read_timeout(Some(IO_TIMEOUT))
         .map_err(ReceiveError::Stream)?;
     w.set_write_timeout(Some(IO_TIMEOUT))
         .map_err(ReceiveError::Stream)?;
-    let mut r = wire::FrameReader::new(BufReader::with_capacity(
-        READ_BUFFER,
-        w.try_clone().map_err(ReceiveError::Stream)?,
-    ));
-    update(&ctx.status, |s| {
+    let r = BufReader::with_capacity(READ_BUFFER, w.try_clone().map_err(ReceiveError::Stream)?);
+    receive_stream(r, &mut w, ctx)
+}
+
+/// Receives one migration stream from `r` into `dest`, answering on `w`: the preamble and
+/// HELLO, then pages, progress and syncs until STATE (loaded into `dest`) and COMMIT (the
+/// guest is `dest`'s), or an ABORT. Returns once the guest is `dest`'s.
+pub fn receive_stream<R: Read, W: Write>(
+    r: R,
+    w: &mut W,
+    dest: &mut impl Incoming,
+) -> Result<(), ReceiveError> {
+    let started = Instant::now();
+    let mut r = wire::FrameReader::new(r);
+    update(dest.status(), |s| {
         s.role = super::MigrationRole::Destination;
         s.phase = Phase::Precopy;
     });
 
     if let Err(e) = wire::read_preamble(r.get_mut()) {
         let e = ReceiveError::from(e);
-        refuse(&mut w, &e);
+        refuse(w, &e);
         return Err(e);
     }
     let hello: Hello = r.read_json(Kind::Hello, "expected HELLO")?;
-    if hello.shape != ctx.shape {
+    if &hello.shape != dest.shape() {
         let e = ReceiveError::Shape {
             name: hello.name,
             theirs: hello.shape,
-            ours: ctx.shape.clone(),
+            ours: dest.shape().clone(),
         };
-        refuse(&mut w, &e);
+        refuse(w, &e);
         return Err(e);
     }
     let auto = hello.resume == super::ResumeMode::Auto;
     wire::write_json(
-        &mut w,
+        w,
         Kind::Reply,
         &Reply {
             ok: true,
@@ -170,7 +231,7 @@ fn receive(ctx: &DestCtx) -> Result<(), ReceiveError> {
             }
             Err(e) => return Err(e.into()),
         };
-        update(&ctx.status, |s| {
+        update(dest.status(), |s| {
             s.bytes_sent = r.bytes;
             s.total_ms = started.elapsed().as_millis() as u64;
         });
@@ -179,37 +240,30 @@ fn receive(ctx: &DestCtx) -> Result<(), ReceiveError> {
                 for page in wire::pages(&buf) {
                     let (addr, data) = page?;
                     pages += 1;
-                    ctx.mem
+                    dest.mem()
                         .write_slice(data.unwrap_or(&zero), GuestAddress(addr))
                         .map_err(|e| ReceiveError::PageOutside(addr, e))?;
                 }
-                update(&ctx.status, |s| s.pages_sent = pages);
+                update(dest.status(), |s| s.pages_sent = pages);
             }
             Kind::Sync => {
-                wire::write_frame(&mut w, Kind::Synced, &[])?;
+                wire::write_frame(w, Kind::Synced, &[])?;
             }
             Kind::Progress => {
                 let p: Progress = wire::json(kind, &buf)?;
-                update(&ctx.status, |s| {
+                update(dest.status(), |s| {
                     s.iteration = p.iteration;
                     s.bytes_remaining = p.bytes_remaining;
                 });
             }
             Kind::State => {
-                update(&ctx.status, |s| s.phase = Phase::Stopcopy);
-                let (tx, rx) = std::sync::mpsc::channel();
-                ctx.events
-                    .send(VmEvent::IncomingState(std::mem::take(&mut buf), tx))
-                    .map_err(|_| ReceiveError::VmGone)?;
-                let loaded = match rx.recv_timeout(LOOP_TIMEOUT) {
-                    Ok(r) => r.map_err(ReceiveError::Load),
-                    Err(_) => Err(ReceiveError::LoadTimeout),
-                };
+                update(dest.status(), |s| s.phase = Phase::Stopcopy);
+                let loaded = dest.load_state(std::mem::take(&mut buf));
                 let reply = Reply {
                     ok: loaded.is_ok(),
                     error: loaded.as_ref().err().map(|e| error_chain(e)),
                 };
-                wire::write_json(&mut w, Kind::Ready, &reply)?;
+                wire::write_json(w, Kind::Ready, &reply)?;
                 loaded?;
                 have_state = true;
             }
@@ -218,15 +272,11 @@ fn receive(ctx: &DestCtx) -> Result<(), ReceiveError> {
                     return Err(ReceiveError::CommitBeforeState);
                 }
                 let c: Commit = wire::json(kind, &buf)?;
-                let (tx, rx) = std::sync::mpsc::channel();
-                ctx.events
-                    .send(VmEvent::IncomingCommit(c, auto, tx))
-                    .map_err(|_| ReceiveError::VmGone)?;
                 // The guest is ours now; what follows is only reporting.
-                if let Ok(Ok(done)) = rx.recv_timeout(LOOP_TIMEOUT) {
+                if let Some(done) = dest.commit(c, auto) {
                     if auto {
                         let _ = wire::write_json(
-                            &mut w,
+                            w,
                             Kind::Resumed,
                             &Resumed {
                                 resumed_at_us: done.resumed_at_us,

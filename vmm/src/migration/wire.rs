@@ -244,8 +244,13 @@ impl<R: Read> FrameReader<R> {
             return Err(WireError::TooLong(n, len));
         }
         let stored = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
-        buf.resize(len as usize, 0);
-        self.inner.read_exact(buf)?;
+        // The buffer grows with what arrives, not with what the header claims: a peer that
+        // announces 64 MiB and sends nothing costs nothing.
+        buf.clear();
+        let got = (&mut self.inner).take(u64::from(len)).read_to_end(buf)?;
+        if got < len as usize {
+            return Err(WireError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
         self.bytes += (FRAME_HEADER as u64) + u64::from(len);
         let computed = crc32fast::hash(buf);
         if computed != stored {

@@ -65,6 +65,10 @@ struct Cli {
     /// destination.
     #[arg(long, value_name = "MODE", default_value = "primary")]
     lease: LeaseMode,
+    /// How long guest I/O is held, and retried, while storaged cannot be reached (a restart)
+    /// before a request fails (default 60).
+    #[arg(long, value_name = "SECS")]
+    io_hold_secs: Option<u64>,
     /// Offer the disk read-only and refuse writes.
     #[arg(long)]
     read_only: bool,
@@ -112,6 +116,7 @@ fn run(cli: Cli) -> Result<()> {
                 host_id: cli.host_id.clone().context("--host-id")?,
                 instance_id: cli.instance_id.clone(),
                 lease: cli.lease,
+                io_hold_secs: cli.io_hold_secs,
             };
             let instance = cli.instance_id.clone().unwrap_or_default();
             Backend::Storaged(

@@ -1,6 +1,6 @@
 //! One request queue: a task that owns the ring's progress. Kicks (forwarded by the backend's
-//! epoll thread) make it pop every available chain, start each request on the disk as a task
-//! of its own, and return completions to the driver strictly in the order the requests were
+//! epoll thread) make it pop the available chains (within what [`vmm_disk::intake`] lets a
+//! queue hold in flight), start each request on the disk as a task of its own, and return completions to the driver strictly in the order the requests were
 //! popped, a completion that finishes early waiting for the ones before it. That order is what
 //! makes a restart safe (see the crate docs): the used index always counts a prefix of the
 //! available ring.
@@ -16,7 +16,7 @@ use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_disk::exec::{complete, Completion, Job};
-use vmm_disk::{Disk, Request, RequestError};
+use vmm_disk::{Disk, Intake, Request, RequestError};
 
 /// Guest memory as the backend maps it: every write through it sets the page's bit in the
 /// frontend's dirty log once one is set up.
@@ -52,6 +52,8 @@ pub struct QueueWorker {
     first_seq: u64,
     done_tx: tmpsc::UnboundedSender<(u64, Completion)>,
     done_rx: tmpsc::UnboundedReceiver<(u64, Completion)>,
+    /// What is in flight, and why the last pop stopped.
+    intake: Intake,
 }
 
 impl QueueWorker {
@@ -74,6 +76,7 @@ impl QueueWorker {
             first_seq: 0,
             done_tx,
             done_rx,
+            intake: Intake::new(),
         };
         runtime.spawn(worker.run(rx));
         tx
@@ -103,52 +106,36 @@ impl QueueWorker {
                     while let Ok((seq, done)) = self.done_rx.try_recv() {
                         self.fill(seq, done);
                     }
+                    if self.publish() {
+                        self.pop_all();
+                        self.publish();
+                    }
+                }
+                // A ring's worth was taken: the rest after the other branches had a turn.
+                _ = tokio::task::yield_now(), if self.intake.more() => {
+                    self.pop_all();
                     self.publish();
                 }
             }
         }
     }
 
-    /// Pops every available chain and starts its request. A queue the frontend stopped
-    /// (GET_VRING_BASE clears its ready flag first) is left alone, so a kick that raced the
-    /// stop cannot move the ring past the index the frontend was given.
+    /// Pops the available chains, as far as the intake lets it, and starts their requests.
+    /// A queue the frontend stopped (GET_VRING_BASE clears its ready flag first) is left
+    /// alone, so a kick that raced the stop cannot move the ring past the index the frontend
+    /// was given.
     fn pop_all(&mut self) {
         let Some(vring) = self.vring.clone() else {
             return;
         };
         let mem = self.mem.memory();
-        let mut popped: Vec<(u16, Result<Request, RequestError>)> = Vec::new();
-        {
+        let popped = {
             let mut state = vring.get_mut();
             if !state.get_queue().ready() {
                 return;
             }
-            let queue = state.get_queue_mut();
-            loop {
-                if let Err(e) = queue.disable_notification(&*mem) {
-                    tracing::warn!(queue = self.index, error = %e, "disable notification");
-                }
-                let before = popped.len();
-                while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
-                    let head = chain.head_index();
-                    popped.push((head, Request::parse(chain, &*mem)));
-                }
-                match queue.enable_notification(&*mem) {
-                    // More arrived meanwhile; but a ring whose indices make no sense pops
-                    // nothing and would say so forever.
-                    Ok(true) if popped.len() > before => continue,
-                    Ok(true) => {
-                        tracing::warn!(queue = self.index, "available ring index is not valid");
-                        break;
-                    }
-                    Ok(false) => break,
-                    Err(e) => {
-                        tracing::warn!(queue = self.index, error = %e, "enable notification");
-                        break;
-                    }
-                }
-            }
-        }
+            self.intake.pop(state.get_queue_mut(), &*mem)
+        };
         for (head, parsed) in popped {
             self.start(head, parsed, &mem);
         }
@@ -208,20 +195,24 @@ impl QueueWorker {
     }
 
     /// Returns the completed requests at the front, in order, and signals the driver if it
-    /// wants to know.
-    fn publish(&mut self) {
+    /// wants to know. Returns whether chains wait in the ring for the room this made.
+    fn publish(&mut self) -> bool {
         let Some(vring) = &self.vring else {
-            return;
+            return false;
         };
         let mem = self.mem.memory();
         let mut returned = 0;
+        let mut room = false;
         while self.pending.front().is_some_and(|s| s.done.is_some()) {
             let Some(slot) = self.pending.pop_front() else {
                 break;
             };
             self.first_seq += 1;
             let len = match (&slot.req, &slot.done) {
-                (Some(req), Some(done)) => complete(&*mem, req, done),
+                (Some(req), Some(done)) => {
+                    room |= self.intake.finish(req);
+                    complete(&*mem, req, done)
+                }
                 _ => 0,
             };
             if let Err(e) = vring.add_used(slot.head, len) {
@@ -230,7 +221,7 @@ impl QueueWorker {
             returned += 1;
         }
         if returned == 0 {
-            return;
+            return room;
         }
         // On an error, signal anyway: a spurious interrupt is harmless, a lost one hangs the
         // guest's I/O.
@@ -239,5 +230,6 @@ impl QueueWorker {
                 tracing::warn!(queue = self.index, error = %e, "signal the call eventfd");
             }
         }
+        room
     }
 }

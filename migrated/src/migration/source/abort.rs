@@ -12,13 +12,15 @@ use vmhop_common::error::chain as error_chain;
 
 impl Source {
     /// Past the point of no return and stuck: record it for the operator.
-    pub(super) fn fail(&self, reason: &str) {
+    pub(super) async fn fail(&self, reason: &str) {
         tracing::error!(migration = %self.id, reason = %reason,
             "migration failed after the leases flipped; the source stays paused");
-        let _ = self.modify(|r| {
-            r.error = Some(reason.to_string());
-            r.step(Phase::Failed, reason.to_string());
-        });
+        let _ = self
+            .modify(|r| {
+                r.error = Some(reason.to_string());
+                r.step(Phase::Failed, reason.to_string());
+            })
+            .await;
     }
 
     /// The destination abandoned the migration after the flip (`reason`): rolls back, on every
@@ -32,8 +34,9 @@ impl Source {
         tracing::warn!(migration = %rec.id, reason = %reason,
             "the destination abandoned the migration after the flip: rolling the flips back");
         for attempt in 1.. {
-            let views = leases::read_until_known(&self.leases, &rec.volumes, |n, e| {
-                self.waiting_for_storaged(n, "reading the leases", e)
+            let me = &*self;
+            let views = leases::read_until_known(&self.leases, &rec.volumes, |n, e| async move {
+                me.waiting_for_storaged(n, "reading the leases", &e).await
             })
             .await;
             let flipped = leases::primary_of(&views, &rec.destination);
@@ -51,7 +54,7 @@ impl Source {
                     let names: Vec<String> = undo.volumes.into_iter().map(|v| v.volume).collect();
                     return Err(SourceError::DestinationHolds(names.join(", "), e));
                 }
-                Err(e) => self.waiting_for_storaged(attempt, "rolling back", &e),
+                Err(e) => self.waiting_for_storaged(attempt, "rolling back", &e).await,
             }
         }
         self.modify(|r| {
@@ -59,13 +62,15 @@ impl Source {
             r.note(format!(
                 "{reason}: every flip rolled back, the guest goes on here"
             ))
-        })?;
+        })
+        .await?;
         Ok(())
     }
 
     /// Like [`Source::fail`], when the abort for `reason` could not finish because of `then`.
-    pub(super) fn fail_abort(&self, reason: &str, then: SourceError) {
-        self.fail(&format!("{reason}; {}", error_chain(&then)));
+    pub(super) async fn fail_abort(&self, reason: &str, then: SourceError) {
+        self.fail(&format!("{reason}; {}", error_chain(&then)))
+            .await;
     }
 
     /// The abort path: fence the destination off, have it abort, resume the source; or, when
@@ -74,10 +79,13 @@ impl Source {
         let Ok(before) = self.rec() else {
             return AbortEnd::Done;
         };
-        let Ok(rec) = self.modify(|r| {
-            r.error = Some(reason.to_string());
-            r.step(Phase::RollingBack, reason.to_string());
-        }) else {
+        let Ok(rec) = self
+            .modify(|r| {
+                r.error = Some(reason.to_string());
+                r.step(Phase::RollingBack, reason.to_string());
+            })
+            .await
+        else {
             return AbortEnd::Done;
         };
         // Once the destination was asked to prepare it may hold standby leases and the state.
@@ -91,14 +99,14 @@ impl Source {
                     );
                     tracing::warn!(migration = %rec.id, reason = %reason,
                         "the destination holds every volume: it won; the source stays paused");
-                    let _ = self.modify(|r| r.error = None);
-                    return match self.flipped(note) {
+                    let _ = self.modify(|r| r.error = None).await;
+                    return match self.flipped(note).await {
                         Ok(_) => AbortEnd::DestinationWon,
                         Err(_) => AbortEnd::Done,
                     };
                 }
                 Err(e) => {
-                    self.fail_abort(reason, e);
+                    self.fail_abort(reason, e).await;
                     return AbortEnd::Done;
                 }
             }
@@ -117,22 +125,25 @@ impl Source {
         }
         let resumed = vmm.resume().await;
         let alive = inst.vmm_alive();
-        let _ = self.agent.update_instance(&inst.name, |r| {
-            r.migration = None;
-            if r.state == InstanceState::Migrating {
-                r.state = if alive {
-                    InstanceState::Running
-                } else {
-                    InstanceState::Exited
-                };
-            }
-        });
+        let _ = self
+            .agent
+            .update_instance(&inst.name, |r| {
+                r.migration = None;
+                if r.state == InstanceState::Migrating {
+                    r.state = if alive {
+                        InstanceState::Running
+                    } else {
+                        InstanceState::Exited
+                    };
+                }
+            })
+            .await;
         let note = match (alive, resumed) {
             (true, Ok(_)) => "the guest runs on the source".to_string(),
             (true, Err(e)) => format!("the source VMM did not resume: {}", error_chain(&e)),
             (false, _) => "the source VMM is gone".to_string(),
         };
-        let _ = self.modify(|r| r.step(Phase::Aborted, note));
+        let _ = self.modify(|r| r.step(Phase::Aborted, note)).await;
         AbortEnd::Done
     }
 
@@ -161,14 +172,15 @@ impl Source {
                             "the destination can no longer take over: its standby leases ended ({})",
                             epochs.join(", ")
                         ))
-                    });
+                    }).await;
                     return Ok(Fence::Done);
                 }
                 Err(e) => e,
             };
             let refused = leases::refused(&refusal);
             if !refused {
-                self.waiting_for_storaged(attempt, "fencing the destination off", &refusal);
+                self.waiting_for_storaged(attempt, "fencing the destination off", &refusal)
+                    .await;
             }
             match self.holding(rec).await {
                 Holding::Destination => return Ok(Fence::DestinationWon),
@@ -181,14 +193,19 @@ impl Source {
                     let names: Vec<&str> = flipped.iter().map(|v| v.volume.as_str()).collect();
                     match self.leases.rollback_group(&undo).await {
                         Ok(_) => {
-                            let _ = self.modify(|r| {
-                                r.note(format!("volumes {}: flips rolled back", names.join(", ")))
-                            });
+                            let _ = self
+                                .modify(|r| {
+                                    r.note(format!(
+                                        "volumes {}: flips rolled back",
+                                        names.join(", ")
+                                    ))
+                                })
+                                .await;
                         }
                         Err(e) if leases::refused(&e) => {
                             return Err(SourceError::DestinationHolds(names.join(", "), e))
                         }
-                        Err(e) => self.waiting_for_storaged(attempt, "rolling back", &e),
+                        Err(e) => self.waiting_for_storaged(attempt, "rolling back", &e).await,
                     }
                 }
                 _ if refused => return Err(SourceError::FenceRefused(refusal)),

@@ -49,7 +49,7 @@ const PEER_CHECK: Duration = Duration::from_secs(1);
 const RESUME_RETRY: Duration = Duration::from_millis(500);
 
 /// Starts migrating instance `name` (answers once the migration is recorded).
-pub fn start(
+pub async fn start(
     agent: &Arc<Agent>,
     name: &str,
     req: MigrateRequest,
@@ -73,13 +73,15 @@ pub fn start(
     }
     let id = format!("{name}.{}.{}", agent.cfg.host_id, crate::now_ms());
     let mut claimed = false;
-    let inst = agent.update_instance(name, |r| {
-        claimed = r.state == InstanceState::Running && r.migration.is_none();
-        if claimed {
-            r.state = InstanceState::Migrating;
-            r.migration = Some(id.clone());
-        }
-    })?;
+    let inst = agent
+        .update_instance(name, |r| {
+            claimed = r.state == InstanceState::Running && r.migration.is_none();
+            if claimed {
+                r.state = InstanceState::Migrating;
+                r.migration = Some(id.clone());
+            }
+        })
+        .await?;
     if !claimed {
         return Err(SourceError::NotRunning {
             name: name.to_string(),
@@ -100,11 +102,13 @@ pub fn start(
         )
     };
     rec.step(Phase::Created, format!("requested: to {}", req.to));
-    if let Err(e) = agent.put_migration(rec.clone()) {
-        let _ = agent.update_instance(name, |r| {
-            r.state = InstanceState::Running;
-            r.migration = None;
-        });
+    if let Err(e) = agent.put_migration(rec.clone()).await {
+        let _ = agent
+            .update_instance(name, |r| {
+                r.state = InstanceState::Running;
+                r.migration = None;
+            })
+            .await;
         return Err(e.into());
     }
     let src = Source::new(agent.clone(), &rec);
@@ -151,12 +155,19 @@ impl Source {
     }
 
     /// Records `phase` (durably) before the caller acts on it.
-    fn set(&self, phase: Phase, note: impl Into<String>) -> Result<MigrationRecord, AgentError> {
-        self.modify(|r| r.step(phase, note))
+    async fn set(
+        &self,
+        phase: Phase,
+        note: impl Into<String>,
+    ) -> Result<MigrationRecord, AgentError> {
+        self.modify(|r| r.step(phase, note)).await
     }
 
-    fn modify(&self, f: impl FnOnce(&mut MigrationRecord)) -> Result<MigrationRecord, AgentError> {
-        self.agent.update_migration(&self.id, f)
+    async fn modify(
+        &self,
+        f: impl FnOnce(&mut MigrationRecord),
+    ) -> Result<MigrationRecord, AgentError> {
+        self.agent.update_migration(&self.id, f).await
     }
 
     async fn run(mut self) {
@@ -172,11 +183,11 @@ impl Source {
             let phase = self.rec().map(|r| r.phase).unwrap_or(Phase::Failed);
             if phase.past_point_of_no_return() {
                 if !matches!(err, SourceError::DestinationAbandoned(_)) {
-                    return self.fail(&reason);
+                    return self.fail(&reason).await;
                 }
                 // Nobody can run the guest but this host: take the volumes back.
                 if let Err(e) = self.take_back(&reason).await {
-                    return self.fail_abort(&reason, e);
+                    return self.fail_abort(&reason, e).await;
                 }
             }
             if phase.is_terminal() || self.abort(&reason).await == AbortEnd::Done {
@@ -204,7 +215,8 @@ impl Source {
                     return Err(SourceError::Restarted(rec.phase));
                 }
                 let note = format!("migrated restarted during {:?}", rec.phase);
-                self.flipped(format!("{note}: the destination holds every volume"))?;
+                self.flipped(format!("{note}: the destination holds every volume"))
+                    .await?;
                 self.drive().await
             }
             Phase::RollingBack => {
@@ -219,8 +231,8 @@ impl Source {
     /// Who holds the guest's volumes, read until storaged answers (each failed read is noted
     /// in the log, the first also in the record: the guest waits paused).
     async fn holding(&self, rec: &MigrationRecord) -> Holding {
-        let views = leases::read_until_known(&self.leases, &rec.volumes, |n, e| {
-            self.waiting_for_storaged(n, "reading the leases", e)
+        let views = leases::read_until_known(&self.leases, &rec.volumes, |n, e| async move {
+            self.waiting_for_storaged(n, "reading the leases", &e).await
         })
         .await;
         Holding::of(&views, &rec.destination)
@@ -228,7 +240,7 @@ impl Source {
 
     /// Records that a decision waits for storaged (`attempt` from 1; the record hears of the
     /// first failure, the log of every one).
-    fn waiting_for_storaged(&self, attempt: u32, what: &str, e: &HttpError) {
+    async fn waiting_for_storaged(&self, attempt: u32, what: &str, e: &HttpError) {
         let error = error_chain(e);
         tracing::warn!(migration = %self.id, attempt, error = %error,
             "{what}: storaged did not answer; the guest stays paused, retrying");
@@ -237,16 +249,17 @@ impl Source {
                 r.note(format!(
                     "{what}: storaged did not answer ({error}); the guest stays paused until it does"
                 ))
-            });
+            }).await;
         }
     }
 
     /// Records that the destination holds every volume: the migration is past the flip.
-    fn flipped(&self, note: String) -> Result<MigrationRecord, AgentError> {
+    async fn flipped(&self, note: String) -> Result<MigrationRecord, AgentError> {
         self.modify(|r| {
             r.flipped = r.volumes.clone();
             r.step(Phase::Flipped, note);
         })
+        .await
     }
 
     async fn drive(&mut self) -> Result<(), SourceError> {
@@ -257,11 +270,12 @@ impl Source {
                 Phase::Preparing => self.prepare(&rec).await?,
                 Phase::Precopy => self.precopy(&rec).await?,
                 Phase::HandedOver => {
-                    self.set(Phase::Flipping, "flipping the leases")?;
+                    self.set(Phase::Flipping, "flipping the leases").await?;
                 }
                 Phase::Flipping => self.flip(&rec).await?,
                 Phase::Flipped => {
-                    self.set(Phase::Resuming, "resuming the destination")?;
+                    self.set(Phase::Resuming, "resuming the destination")
+                        .await?;
                 }
                 Phase::Resuming => self.resume_destination(&rec).await?,
                 Phase::Cleanup => return self.cleanup(&rec).await,
@@ -318,7 +332,8 @@ impl Source {
             r.destination = host.host_id.clone();
             r.epochs = epochs;
             r.step(Phase::Preparing, "destination reachable, source VMM ready");
-        })?;
+        })
+        .await?;
         Ok(())
     }
 
@@ -345,7 +360,8 @@ impl Source {
                 Phase::Precopy,
                 format!("destination VMM listening on {}", ready.stream_addr),
             );
-        })?;
+        })
+        .await?;
         Ok(())
     }
 
@@ -388,7 +404,7 @@ impl Source {
                                         st.iteration, st.bytes_sent
                                     ),
                                 );
-                            })?;
+                            }).await?;
                             return Ok(());
                         }
                         VmmPhase::Failed | VmmPhase::Aborted => {
@@ -451,16 +467,19 @@ impl Source {
                                 rec.destination, rep.epoch, rep.total_us
                             ));
                         }
-                    })?;
+                    })
+                    .await?;
                     "every lease belongs to the destination".to_string()
                 }
                 Err(e) => {
-                    let _ = self.modify(|r| {
-                        r.note(format!(
-                            "the flip failed ({}): reading the leases back",
-                            error_chain(&e)
-                        ))
-                    });
+                    let _ = self
+                        .modify(|r| {
+                            r.note(format!(
+                                "the flip failed ({}): reading the leases back",
+                                error_chain(&e)
+                            ))
+                        })
+                        .await;
                     match self.holding(rec).await {
                         Holding::Destination => {
                             "the destination holds every volume (the flip's answer was lost, or it took them over)".to_string()
@@ -473,8 +492,8 @@ impl Source {
         };
         self.flip_ms += t.elapsed().as_millis() as u64;
         let flip_ms = self.flip_ms;
-        self.modify(|r| r.figures.flip_ms = flip_ms)?;
-        self.flipped(note)?;
+        self.modify(|r| r.figures.flip_ms = flip_ms).await?;
+        self.flipped(note).await?;
         Ok(())
     }
 
@@ -516,7 +535,8 @@ impl Source {
             r.figures.vmm_downtime_ms = resumed.figures.vmm_downtime_ms;
             r.figures.vmm_downtime_us = resumed.figures.vmm_downtime_us;
             r.step(Phase::Cleanup, "the destination runs the guest");
-        })?;
+        })
+        .await?;
         Ok(())
     }
 
@@ -532,16 +552,19 @@ impl Source {
         }
         self.release_deactivated(rec).await;
         let to = rec.destination.clone();
-        self.agent.update_instance(&inst.name, |r| {
-            r.state = InstanceState::MigratedAway;
-            r.migration = None;
-            r.exit = Some(format!("migrated to {to}"));
-        })?;
+        self.agent
+            .update_instance(&inst.name, |r| {
+                r.state = InstanceState::MigratedAway;
+                r.migration = None;
+                r.exit = Some(format!("migrated to {to}"));
+            })
+            .await?;
         let total = crate::now_ms().saturating_sub(rec.started_ms);
         self.modify(|r| {
             r.figures.total_ms = total;
             r.step(Phase::Completed, format!("the guest runs on {to} only"));
-        })?;
+        })
+        .await?;
         Ok(())
     }
 
@@ -573,7 +596,7 @@ impl Source {
                     )
                 }
             };
-            let _ = self.modify(|r| r.note(note));
+            let _ = self.modify(|r| r.note(note)).await;
         }
     }
 }

@@ -8,6 +8,7 @@
 //! WRITE_ZEROES to FALLOC_FL_ZERO_RANGE or NBD_CMD_WRITE_ZEROES.
 
 mod file;
+mod outage;
 mod storaged;
 
 pub use file::FileBackend;

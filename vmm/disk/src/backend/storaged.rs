@@ -9,14 +9,17 @@
 //! When the connection breaks (storaged restarted, the network cut, or a lease flip that
 //! disconnected this host and was then rolled back), the next request reconnects with the
 //! configured lease, through the client's connection logic ("already primary" is retried as
-//! primary, so a standby that was promoted comes back as primary), and is retried once on the
-//! new connection. A write retried this way is idempotent: the guest has not seen it complete,
-//! so it has issued nothing after it that depends on it. A "deactivated" refusal is final:
+//! primary, so a standby that was promoted comes back as primary), and is retried on the new
+//! connection. While storaged cannot be reached at all, the requests are held and the
+//! reconnect retried for the disk's hold window ([`super::outage`]) before they fail. A write
+//! retried this way is idempotent: the guest has not seen it complete, so it has issued
+//! nothing after it that depends on it. A "deactivated" refusal is final:
 //! another host took the volume over, and every later request fails at once with that error
 //! (an I/O error in the guest) without asking storaged again. A request storaged fenced
 //! (EPERM, the barrier of a flip) is never retried: it fails, and the request after it
 //! reconnects (storaged closes the fenced connection) and learns the outcome of the flip.
 
+use super::outage::{is_unreachable, Next, Outage};
 use super::BackendError;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -41,6 +44,8 @@ pub struct StoragedBackend {
     conn: Mutex<Conn>,
     /// Serialises reconnects: requests failing together make one new connection.
     reconnect: tokio::sync::Mutex<()>,
+    /// While storaged cannot be reached: how long requests are held.
+    outage: Outage,
     cfg: Arc<ClientConfig>,
     size: u64,
     flags: u16,
@@ -87,6 +92,7 @@ impl StoragedBackend {
                 deactivated: None,
             }),
             reconnect: tokio::sync::Mutex::new(()),
+            outage: Outage::new(cfg.io_hold()),
             cfg: Arc::new(client_cfg),
         })
     }
@@ -120,45 +126,62 @@ impl StoragedBackend {
     }
 
     /// Replaces the connection of generation `seen` (unless another request already did).
+    /// While storaged cannot be reached, tries again with backoff until the hold window of
+    /// the outage runs out.
     async fn reconnect(&self, seen: u64, cause: &ClientError) -> Result<Client, ClientError> {
+        let tried = self.outage.attempts();
         let _one = self.reconnect.lock().await;
         let (client, generation) = self.current()?;
         if generation != seen && client.is_connected() {
             return Ok(client);
         }
-        let lease = self.cfg.lease.as_ref();
-        tracing::warn!(volume = %self.cfg.export, host = ?lease.map(|l| &l.host),
-            error = %cause, "storaged connection lost; reconnecting");
-        match Client::connect(&self.cfg).await {
-            Ok(client) => {
-                tracing::info!(target: "vmm::lease", volume = %self.cfg.export,
-                    host = ?lease.map(|l| &l.host), lease = ?client.lease(),
-                    generation = generation + 1, "storaged volume reconnected");
-                let mut c = self.conn();
-                c.client = client.clone();
-                c.generation = generation + 1;
-                Ok(client)
+        if let Some(e) = self.outage.failed_meanwhile(tried) {
+            return Err(e);
+        }
+        let volume = self.cfg.export.as_str();
+        let host = self.cfg.lease.as_ref().map(|l| l.host.as_str());
+        tracing::warn!(volume, host, error = %cause, "storaged connection lost; reconnecting");
+        let mut backoff = std::time::Duration::ZERO;
+        loop {
+            match Client::connect(&self.cfg).await {
+                Ok(client) => {
+                    let held_ms = self.outage.end().map(|d| d.as_millis() as u64);
+                    tracing::info!(target: "vmm::lease", volume, host, lease = ?client.lease(),
+                        generation = generation + 1, held_ms, "storaged volume reconnected");
+                    let mut c = self.conn();
+                    c.client = client.clone();
+                    c.generation = generation + 1;
+                    return Ok(client);
+                }
+                Err(ClientError::Deactivated { message }) => {
+                    self.outage.end();
+                    tracing::error!(target: "vmm::lease", volume, host, reason = %message,
+                        "deactivated on the volume: every further request fails");
+                    self.conn().deactivated = Some(message.clone());
+                    return Err(ClientError::Deactivated { message });
+                }
+                Err(e) if is_unreachable(&e) => match self.outage.failed(volume, &e, backoff) {
+                    Next::Retry(pause) => {
+                        backoff = pause;
+                        tokio::time::sleep(pause).await;
+                    }
+                    Next::GiveUp => return Err(e),
+                },
+                Err(e) => return Err(e),
             }
-            Err(ClientError::Deactivated { message }) => {
-                tracing::error!(target: "vmm::lease", volume = %self.cfg.export,
-                    host = ?lease.map(|l| &l.host), reason = %message,
-                    "deactivated on the volume: every further request fails");
-                self.conn().deactivated = Some(message.clone());
-                Err(ClientError::Deactivated { message })
-            }
-            Err(e) => Err(e),
         }
     }
 
-    /// Runs `op` on the connection; if the connection is broken, reconnects and runs it once
-    /// more on the new one.
+    /// Runs `op` on the connection; if the connection is broken, reconnects and runs it again
+    /// on the new one, for as long as the hold window lasts.
     async fn with_retry<T, F, Fut>(&self, op: F) -> Result<T, BackendError>
     where
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, ClientError>>,
     {
-        let (client, generation) = self.current()?;
-        let cause = if client.is_connected() {
+        let started = std::time::Instant::now();
+        let (client, mut generation) = self.current()?;
+        let mut cause = if client.is_connected() {
             match op(client).await {
                 Err(e) if is_broken(&e) => e,
                 other => return Ok(other?),
@@ -166,8 +189,18 @@ impl StoragedBackend {
         } else {
             ClientError::Disconnected
         };
-        let client = self.reconnect(generation, &cause).await?;
-        Ok(op(client).await?)
+        loop {
+            let client = self.reconnect(generation, &cause).await?;
+            match op(client).await {
+                // A storaged that accepts and then drops the connection again: once more,
+                // within the window.
+                Err(e) if is_broken(&e) && started.elapsed() < self.outage.window() => {
+                    cause = e;
+                    generation = self.current()?.1;
+                }
+                other => return Ok(other?),
+            }
+        }
     }
 
     /// Splits `offset..offset+len` into pieces the server accepts.
@@ -263,6 +296,7 @@ mod tests {
             host_id: host.into(),
             instance_id: None,
             lease,
+            io_hold_secs: None,
         }
     }
 
@@ -350,5 +384,106 @@ mod tests {
         let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
         a.write(0, data.clone()).await.unwrap();
         assert_eq!(a.read(0, len).await.unwrap(), data);
+    }
+}
+
+#[cfg(test)]
+mod outage_tests {
+    use super::*;
+    use std::time::Duration;
+    use storaged::registry::Registry;
+    use storaged_client::api::VolumeConfig;
+
+    /// An in-process storaged serving `reg` on `addr` until the returned sender says stop.
+    async fn serve(
+        reg: &Arc<Registry>,
+        addr: &str,
+    ) -> (
+        tokio::task::JoinHandle<()>,
+        tokio::sync::watch::Sender<bool>,
+    ) {
+        let nbd = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let server = storaged::server::run(nbd, reg.clone(), None, rx, Duration::from_secs(1));
+        (tokio::spawn(server), tx)
+    }
+
+    /// Volume `v` in a registry, and an address for storaged to serve it on (the same one
+    /// after a restart).
+    async fn volume(dir: &std::path::Path) -> (Arc<Registry>, String) {
+        let reg = Arc::new(Registry::open(dir).unwrap());
+        reg.create(VolumeConfig::new("v", 1 << 20)).await.unwrap();
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string();
+        (reg, addr)
+    }
+
+    fn config(addr: &str, hold_secs: u64) -> StoragedDiskConfig {
+        StoragedDiskConfig {
+            address: addr.into(),
+            volume: "v".into(),
+            host_id: "a".into(),
+            instance_id: None,
+            lease: LeaseMode::Primary,
+            io_hold_secs: Some(hold_secs),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_are_held_while_storaged_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (reg, addr) = volume(dir.path()).await;
+        let (server, stop) = serve(&reg, &addr).await;
+        let a = Arc::new(
+            StoragedBackend::connect(&config(&addr, 60), "vm1")
+                .await
+                .unwrap(),
+        );
+        a.write(0, vec![1; 4096]).await.unwrap();
+
+        // storaged goes away; a write meanwhile is held, not failed...
+        stop.send(true).unwrap();
+        server.await.unwrap();
+        let mut failed = a.outage.watch();
+        let write = tokio::spawn({
+            let a = a.clone();
+            async move { a.write(4096, vec![2; 4096]).await }
+        });
+        failed.wait_for(|n| *n >= 2).await.unwrap();
+        assert!(!write.is_finished());
+
+        // ...and completes once storaged is back, on the same address.
+        let (_server, _stop) = serve(&reg, &addr).await;
+        write.await.unwrap().unwrap();
+        assert_eq!(a.read(0, 8192).await.unwrap()[4095..4097], [1, 2]);
+        assert_eq!(a.conn().generation, 1);
+        assert!(
+            a.outage.end().is_none(),
+            "the outage ended with the reconnect"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_fail_once_the_hold_window_runs_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let (reg, addr) = volume(dir.path()).await;
+        let (server, stop) = serve(&reg, &addr).await;
+        let a = StoragedBackend::connect(&config(&addr, 0), "vm1")
+            .await
+            .unwrap();
+        stop.send(true).unwrap();
+        server.await.unwrap();
+        // No window: the request fails after one reconnect, as it would after a long one.
+        assert!(matches!(
+            a.write(0, vec![1; 4096]).await,
+            Err(BackendError::Storaged(ClientError::Unreachable { .. }))
+        ));
+        // storaged back: the next request reconnects.
+        let (_server, _stop) = serve(&reg, &addr).await;
+        a.write(0, vec![3; 4096]).await.unwrap();
+        assert_eq!(a.read(0, 4096).await.unwrap(), vec![3; 4096]);
     }
 }

@@ -134,6 +134,8 @@ pub trait VirtioDevice: Send {
     /// Stops the data path once every request in flight has completed and been returned to
     /// the driver, and gives back the queues as the data path left them (for a saved state,
     /// or to restart it with [`VirtioDevice::activate`]).
+    /// On an error the data path runs on as it did (a drain that did not finish in time is
+    /// given up, and the device serves its queues again).
     fn quiesce(&mut self) -> Result<Vec<Queue>, VirtioError>;
 }
 

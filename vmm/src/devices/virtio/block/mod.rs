@@ -5,6 +5,8 @@
 
 mod device;
 mod persist;
+#[cfg(test)]
+mod testing;
 mod worker;
 
 pub use device::{Block, BlockError};

@@ -1,0 +1,3 @@
+//! Fuzz target: see `vmm::fuzz::saved_state`.
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| vmm::fuzz::saved_state(data));
