@@ -176,22 +176,11 @@ fn option_replies(data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
 
     /// Every checked-in corpus file of every target, through its entry point.
     #[test]
     fn corpora_pass() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
-        for (name, target) in TARGETS {
-            let dir = root.join(name);
-            let files: Vec<_> = std::fs::read_dir(&dir)
-                .unwrap_or_else(|e| panic!("corpus {}: {e}", dir.display()))
-                .map(|e| e.unwrap().path())
-                .collect();
-            assert!(!files.is_empty(), "empty corpus {}", dir.display());
-            for f in files {
-                target(&std::fs::read(&f).unwrap());
-            }
-        }
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+        vmhop_common::corpus::replay(&root, &TARGETS);
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! - [`logging`]: `tracing` to stderr, as text or JSON lines;
 //! - [`config`]: reading a TOML settings file;
-//! - [`faults`]: the crash points of the fault matrix;
+//! - [`faults`]: the crash points of the fault matrix; [`corpus`]: the fuzz corpora replayed
+//!   by the unit tests;
 //! - [`error`]: an error and its causes on one line, for API answers and exit messages;
 //! - [`http`]: the HTTP/1.1 + JSON client for TCP and Unix-socket APIs (storaged's REST API,
 //!   migrated's, a VMM's), every request with a deadline;
@@ -15,6 +16,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod corpus;
 pub mod error;
 pub mod faults;
 pub mod http;
