@@ -78,10 +78,12 @@ pub fn vmm_config(
                 storaged: Some(StoragedDiskConfig {
                     address: storaged_nbd.to_string(),
                     volume: v.clone(),
-                    host_id: host_id.to_string(),
+                    host_id: Some(host_id.to_string()),
                     instance_id: Some(rec.name.clone()),
                     lease,
                     io_hold_secs: None,
+                    tls_dir: None,
+                    server_name: None,
                 }),
                 vhost_user: None,
                 read_only: d.read_only,
@@ -105,6 +107,7 @@ pub fn vmm_config(
         disks,
         serial: SerialConfig::Socket(rec.serial_socket.clone()),
         api_socket: Some(rec.api_socket.clone()),
+        tls_dir: None,
     }
 }
 

@@ -98,6 +98,7 @@ impl RunArgs {
                 disks: Vec::new(),
                 serial: SerialConfig::Stdio,
                 api_socket: None,
+                tls_dir: None,
             },
         };
         if let Some(n) = self.name {

@@ -9,11 +9,15 @@
 //! vcpus = 2
 //! serial = "unix:/run/vm1/serial.sock"
 //! api_socket = "/run/vm1/api.sock"
+//! tls_dir = "/etc/vmhop/tls"        # the host's certificates: the migration stream's TLS
 //! [[disks]]
 //! path = "/images/rootfs.ext4"
 //! read_only = true
 //! [[disks]]
 //! storaged = { address = "127.0.0.1:10809", volume = "data1", host_id = "host-a" }
+//! [[disks]]
+//! # over TLS: the host id comes from the certificate, storaged's must name `storage`
+//! storaged = { address = "10.0.0.9:10809", volume = "data2", tls_dir = "/etc/vmhop/tls", server_name = "storage" }
 //! [[disks]]
 //! vhost_user = { socket = "/run/vm1/data2.sock", queues = 2 }
 //! ```
@@ -88,6 +92,11 @@ pub struct VmConfig {
     /// Path of the API socket.
     #[serde(default)]
     pub api_socket: Option<PathBuf>,
+    /// This host's TLS directory (`storaged pki host`): the migration stream runs over TLS
+    /// with its certificate, and checks the other VMM's (without one the stream is plaintext,
+    /// for development). Storaged disks name theirs in their own `tls_dir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_dir: Option<PathBuf>,
 }
 
 /// The name of a VM whose configuration gives none.
@@ -164,6 +173,9 @@ impl DiskConfig {
                 "a disk needs exactly one of `path`, `storaged` and `vhost_user`".into(),
             ));
         }
+        if let Some(s) = &self.storaged {
+            s.validate()?;
+        }
         if let Some(v) = &self.vhost_user {
             if v.queues == 0 || v.queues > MAX_DISK_QUEUES {
                 return Err(ConfigError::Invalid(format!(
@@ -218,8 +230,10 @@ pub struct StoragedDiskConfig {
     pub address: String,
     /// Volume (export) name.
     pub volume: String,
-    /// This host's id, as the lease holder.
-    pub host_id: String,
+    /// This host's id, as the lease holder. With `tls_dir` it is the certificate's host id
+    /// (given, it must be the same; absent, it is taken from the certificate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_id: Option<String>,
     /// Instance id of this VM (defaults to the VM's name).
     #[serde(default)]
     pub instance_id: Option<String>,
@@ -231,6 +245,15 @@ pub struct StoragedDiskConfig {
     /// Default [`DEFAULT_IO_HOLD_SECS`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub io_hold_secs: Option<u64>,
+    /// This host's TLS directory (`storaged pki host`): the connection upgrades to TLS
+    /// (NBD_OPT_STARTTLS) and proves the host id with the certificate. Without one it is
+    /// plaintext, which storaged takes only from loopback clients, if at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_dir: Option<PathBuf>,
+    /// The name storaged's certificate must carry (its host id); default: the host part of
+    /// `address` (then an IP address in its certificate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
 }
 
 /// How long guest I/O waits for an unreachable storaged by default: long enough for a restart
@@ -241,6 +264,23 @@ impl StoragedDiskConfig {
     /// [`Self::io_hold_secs`] or its default.
     pub fn io_hold(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.io_hold_secs.unwrap_or(DEFAULT_IO_HOLD_SECS))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.host_id.is_none() && self.tls_dir.is_none() {
+            return Err(ConfigError::Invalid(format!(
+                "storaged volume {}: host_id (or a tls_dir whose certificate names the host) \
+                 missing",
+                self.volume
+            )));
+        }
+        if self.server_name.is_some() && self.tls_dir.is_none() {
+            return Err(ConfigError::Invalid(format!(
+                "storaged volume {}: server_name needs tls_dir",
+                self.volume
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -268,9 +308,9 @@ impl FromStr for LeaseMode {
     }
 }
 
-/// `--disk path=FILE[,ro]`,
-/// `--disk storaged=HOST:PORT,volume=NAME,host=ID[,instance=ID][,io-hold=SECS][,ro]`
-/// or `--disk vhost-user=SOCKET[,queues=N][,ro]`.
+/// `--disk path=FILE[,ro]`, `--disk storaged=HOST:PORT,volume=NAME,host=ID[,instance=ID]
+/// [,lease=standby][,io-hold=SECS][,tls=DIR[,server-name=NAME]][,ro]` (with `tls=DIR`, `host=`
+/// may be left out) or `--disk vhost-user=SOCKET[,queues=N][,ro]`.
 impl FromStr for DiskConfig {
     type Err = ConfigError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -279,6 +319,7 @@ impl FromStr for DiskConfig {
         let mut queues = default_queues();
         let mut read_only = false;
         let (mut address, mut volume, mut host, mut instance) = (None, None, None, None);
+        let (mut tls_dir, mut server_name) = (None, None);
         let mut lease = LeaseMode::default();
         let mut io_hold_secs = None;
         for part in s.split(',') {
@@ -298,6 +339,8 @@ impl FromStr for DiskConfig {
                         ConfigError::Invalid(format!("io-hold=`{v}` is not a number of seconds"))
                     })?)
                 }
+                "tls" | "tls_dir" | "tls-dir" => tls_dir = Some(PathBuf::from(v)),
+                "server-name" | "server_name" => server_name = Some(v.to_string()),
                 "vhost-user" | "vhost_user" => vhost_socket = Some(PathBuf::from(v)),
                 "queues" => {
                     queues = v.parse().map_err(|_| {
@@ -317,11 +360,12 @@ impl FromStr for DiskConfig {
                 address,
                 volume: volume
                     .ok_or_else(|| ConfigError::Invalid(format!("`{s}`: volume= missing")))?,
-                host_id: host
-                    .ok_or_else(|| ConfigError::Invalid(format!("`{s}`: host= missing")))?,
+                host_id: host,
                 instance_id: instance,
                 lease,
                 io_hold_secs,
+                tls_dir,
+                server_name,
             }),
         };
         let d = DiskConfig {
@@ -424,6 +468,10 @@ mod tests {
             .parse::<DiskConfig>()
             .is_err());
         assert!("storaged=x:1".parse::<DiskConfig>().is_err());
+        assert!("storaged=x:1,volume=v".parse::<DiskConfig>().is_err());
+        assert!("storaged=x:1,volume=v,host=a,server-name=s"
+            .parse::<DiskConfig>()
+            .is_err());
         assert!("tcp:1".parse::<SerialConfig>().is_err());
         let mut c: VmConfig = toml::from_str("kernel='/k'").unwrap();
         c.vcpus = 0;
@@ -445,6 +493,14 @@ mod tests {
             .parse::<DiskConfig>()
             .is_err());
         assert_eq!(d.storaged.unwrap().instance_id.as_deref(), Some("i"));
+        let d: DiskConfig = "storaged=h:1,volume=v,tls=/etc/tls,server-name=storage"
+            .parse()
+            .unwrap();
+        let s = d.storaged.unwrap();
+        assert_eq!(
+            (s.host_id, s.tls_dir, s.server_name.as_deref()),
+            (None, Some("/etc/tls".into()), Some("storage"))
+        );
         let d: DiskConfig = "vhost-user=/run/d.sock,queues=2,ro".parse().unwrap();
         assert_eq!(
             d.vhost_user,

@@ -4,7 +4,8 @@
 //! ```text
 //! vhost-user-blk --socket /run/vmhop/vm1-data.sock \
 //!     --storaged 10.0.0.9:10809 --volume data1 --host-id host-a --instance-id vm1 \
-//!     [--lease primary|standby] [--read-only] [--queues N] [--id SERIAL]
+//!     [--tls-dir DIR [--server-name NAME]] [--lease primary|standby] [--read-only] \
+//!     [--queues N] [--id SERIAL]
 //! vhost-user-blk --socket /tmp/disk.sock --file disk.img [--read-only]
 //! ```
 //! Exit status: 0 on SIGTERM or SIGINT (the disk is flushed and the socket removed first);
@@ -35,7 +36,8 @@ const EXIT_FLUSH: Duration = Duration::from_secs(10);
         lease); a lost connection is re-established with the same lease, and a host that was \
         deactivated on the volume gets I/O errors from then on.\n\n\
         Per disk, a host agent spawns one process: --socket, then --storaged, --volume, \
-        --host-id, --instance-id and --lease (or --file), and gives the VMM the same socket."
+        --host-id (or --tls-dir), --instance-id and --lease (or --file), and gives the VMM \
+        the same socket."
 )]
 struct Cli {
     /// Unix socket to listen on (created; a file already there is replaced).
@@ -50,14 +52,22 @@ struct Cli {
     )]
     file: Option<PathBuf>,
     /// Serve a storaged volume: the NBD address of storaged.
-    #[arg(long, value_name = "HOST:PORT", requires_all = ["volume", "host_id", "instance_id"])]
+    #[arg(long, value_name = "HOST:PORT", requires_all = ["volume", "instance_id"])]
     storaged: Option<String>,
     /// The volume (export) name.
     #[arg(long, value_name = "NAME")]
     volume: Option<String>,
-    /// This host's id: the lease holder.
-    #[arg(long, value_name = "ID")]
+    /// This host's id: the lease holder (with --tls-dir, the certificate's host id: given, it
+    /// must be the same; absent, it is taken from the certificate).
+    #[arg(long, value_name = "ID", required_unless_present_any = ["file", "tls_dir"])]
     host_id: Option<String>,
+    /// This host's TLS directory (`storaged pki host`): the NBD connection runs over TLS and
+    /// proves the host id with the certificate.
+    #[arg(long, value_name = "DIR", requires = "storaged")]
+    tls_dir: Option<PathBuf>,
+    /// The name storaged's certificate must carry [default: the host of --storaged].
+    #[arg(long, value_name = "NAME", requires = "tls_dir")]
+    server_name: Option<String>,
     /// The VM's instance id (the VMM uses the VM's name).
     #[arg(long, value_name = "ID")]
     instance_id: Option<String>,
@@ -113,10 +123,12 @@ fn run(cli: Cli) -> Result<()> {
             let cfg = StoragedDiskConfig {
                 address: address.clone(),
                 volume: cli.volume.clone().context("--volume")?,
-                host_id: cli.host_id.clone().context("--host-id")?,
+                host_id: cli.host_id.clone(),
                 instance_id: cli.instance_id.clone(),
                 lease: cli.lease,
                 io_hold_secs: cli.io_hold_secs,
+                tls_dir: cli.tls_dir.clone(),
+                server_name: cli.server_name.clone(),
             };
             let instance = cli.instance_id.clone().unwrap_or_default();
             Backend::Storaged(

@@ -10,6 +10,7 @@
 mod file;
 mod outage;
 mod storaged;
+mod tls;
 
 pub use file::FileBackend;
 pub use storaged::StoragedBackend;
@@ -36,6 +37,25 @@ pub enum BackendError {
     /// The storaged client failed (connect, lease or I/O).
     #[error("storaged")]
     Storaged(#[from] storaged_client::nbd::ClientError),
+    /// A storaged disk names no host id and has no certificate to take it from.
+    #[error("a storaged disk needs host_id or a tls_dir whose certificate names the host")]
+    NoHostId,
+    /// The disk's TLS directory cannot be used.
+    #[error("TLS directory {0}")]
+    Tls(std::path::PathBuf, #[source] vmhop_common::tls::TlsError),
+    /// The configured host id is not the one the certificate proves.
+    #[error(
+        "the disk names host {configured:?}, but the certificate in {} proves host \
+         {certificate:?}: fix host_id or the TLS directory", dir.display()
+    )]
+    HostMismatch {
+        /// The configured host id.
+        configured: String,
+        /// The TLS directory.
+        dir: std::path::PathBuf,
+        /// The host id its certificate proves.
+        certificate: String,
+    },
 }
 
 /// A block device's backend.

@@ -20,6 +20,7 @@
 //! reconnects (storaged closes the fenced connection) and learns the outcome of the flip.
 
 use super::outage::{is_unreachable, Next, Outage};
+use super::tls::DiskIdentity;
 use super::BackendError;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -67,17 +68,20 @@ impl StoragedBackend {
             .instance_id
             .clone()
             .unwrap_or_else(|| vm_name.to_string());
-        let client_cfg = ClientConfig::new(vec![cfg.address.clone()], cfg.volume.clone())
+        let id = DiskIdentity::of(cfg)?;
+        let mut client_cfg = ClientConfig::new(vec![cfg.address.clone()], cfg.volume.clone())
             .with_lease(LeaseSpec {
-                host: cfg.host_id.clone(),
+                host: id.host.clone(),
                 instance,
                 state,
                 expected_epoch: 0,
             });
+        client_cfg.tls = id.tls;
         let client = Client::connect(&client_cfg).await?;
         tracing::info!(
             volume = %cfg.volume,
-            host = %cfg.host_id,
+            host = %id.host,
+            tls = client_cfg.tls.is_some(),
             lease = ?client.lease(),
             size = client.size(),
             "storaged volume connected"
@@ -293,10 +297,12 @@ mod tests {
         StoragedDiskConfig {
             address: addr.into(),
             volume: "v".into(),
-            host_id: host.into(),
+            host_id: Some(host.into()),
             instance_id: None,
             lease,
             io_hold_secs: None,
+            tls_dir: None,
+            server_name: None,
         }
     }
 
@@ -425,10 +431,12 @@ mod outage_tests {
         StoragedDiskConfig {
             address: addr.into(),
             volume: "v".into(),
-            host_id: "a".into(),
+            host_id: Some("a".into()),
             instance_id: None,
             lease: LeaseMode::Primary,
             io_hold_secs: Some(hold_secs),
+            tls_dir: None,
+            server_name: None,
         }
     }
 
