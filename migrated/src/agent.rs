@@ -13,7 +13,8 @@ use crate::instance::{proc_start_time, InstanceRecord, InstanceState};
 use crate::migration::record::{MigrationRecord, Progress, Role};
 use crate::store::{Store, StoreError};
 use crate::vmm_process::{
-    kill_pid, log_tail, prepare_work_dir, spawn_vmm, vhost_user_disks, vmm_config, VmmProcessError,
+    kill_pid, log_tail, prepare_work_dir, spawn_vmm, vhost_user_disks, vmm_config, IncomingFrom,
+    VmmProcessError,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -287,9 +288,18 @@ impl Agent {
         lock(&self.progress).get(id).cloned()
     }
 
-    /// A client of the peer migrated at `addr`, with the cluster's token.
-    pub fn peer(&self, addr: &str) -> MigratedClient {
-        MigratedClient::peer(addr, self.cfg.token.as_ref())
+    /// A client of the peer migrated `host` at `addr`, with the cluster's token; in TLS the
+    /// peer must prove `host` (or, when that is not known, the IP address of `addr`).
+    pub fn peer(&self, host: &str, addr: &str) -> MigratedClient {
+        let tls = self.cfg.tls.as_ref().map(|t| {
+            let name = match host {
+                "" => addr.rsplit_once(':').map_or(addr, |(h, _)| h),
+                h => h,
+            };
+            t.peers
+                .with_server(name.trim_start_matches('[').trim_end_matches(']'))
+        });
+        MigratedClient::peer(addr, self.cfg.token.as_ref(), tls)
     }
 
     /// A client of storaged's REST API (the leases).
@@ -309,7 +319,7 @@ impl Agent {
     pub async fn start_vmm(
         self: &Arc<Self>,
         rec: &InstanceRecord,
-        incoming: Option<&str>,
+        incoming: Option<IncomingFrom<'_>>,
     ) -> Result<InstanceRecord, AgentError> {
         let lease = if incoming.is_some() {
             LeaseMode::Standby
@@ -337,22 +347,22 @@ impl Agent {
     async fn spawn_and_wait(
         self: &Arc<Self>,
         rec: &InstanceRecord,
-        incoming: Option<&str>,
+        incoming: Option<IncomingFrom<'_>>,
         lease: LeaseMode,
     ) -> Result<InstanceRecord, AgentError> {
-        let vm = vmm_config(rec, &self.cfg.host_id, &self.cfg.storaged_nbd, lease);
+        let vm = vmm_config(rec, &self.cfg, lease);
         let config_path = prepare_work_dir(rec, &vm)?;
         // The disks served outside the VMM listen before the VMM connects to them.
         disk_backend::start(
             &self.cfg.vhost_user_binary,
             rec,
             &vhost_user_disks(rec),
-            &self.cfg.storaged_nbd,
-            &self.cfg.host_id,
+            &self.cfg,
             lease,
         )
         .await?;
-        let child = match spawn_vmm(&self.cfg.vmm_binary, rec, &config_path, incoming) {
+        let tls = self.cfg.tls.is_some();
+        let child = match spawn_vmm(&self.cfg.vmm_binary, rec, &config_path, incoming, tls) {
             Ok(c) => c,
             Err(e) => {
                 disk_backend::stop_all(&rec.work_dir).await;
@@ -571,6 +581,9 @@ mod tests {
             ready_file: None,
             token: None,
             storaged_token: None,
+            tls_dir: None,
+            tls: None,
+            storaged_name: None,
         }
     }
 

@@ -1,6 +1,6 @@
 //! The client of migrated's REST API ([`crate::api`]): what one migrated calls on its peers
-//! (over TCP, with the cluster's token) and what `migratectl` calls on the local migrated
-//! (Unix socket) or on a remote one.
+//! (over TCP, with the cluster's token, in mutual TLS when the host has a certificate) and
+//! what `migratectl` calls on the local migrated (Unix socket) or on a remote one.
 
 use crate::api::{
     route, HostEntry, HostInfo, IncomingReady, IncomingRequest, MigrateRequest, MigrationInfo,
@@ -12,7 +12,7 @@ use hyper::Method;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::time::Duration;
-use vmhop_common::http::{Client, HttpError, Target};
+use vmhop_common::http::{Client, HttpError, HttpTls, Target};
 use vmhop_common::token::Token;
 
 /// Deadline of ordinary peer calls.
@@ -27,16 +27,28 @@ pub struct MigratedClient {
 }
 
 impl MigratedClient {
-    /// A client for the migrated at `target` whose calls fail after `timeout`, sending `token`.
-    pub fn new(target: Target, timeout: Duration, token: Option<Token>) -> MigratedClient {
+    /// A client for the migrated at `target` whose calls fail after `timeout`, sending `token`,
+    /// in TLS with `tls` (a TCP target only).
+    pub fn new(
+        target: Target,
+        timeout: Duration,
+        token: Option<Token>,
+        tls: Option<HttpTls>,
+    ) -> MigratedClient {
         MigratedClient {
-            http: Client::new(target, timeout).with_token(token),
+            http: Client::new(target, timeout).with_token(token).with_tls(tls),
         }
     }
 
-    /// A client for the peer at `addr` (`host:port`), sending the cluster's `token`.
-    pub fn peer(addr: &str, token: Option<&Token>) -> MigratedClient {
-        MigratedClient::new(Target::Tcp(addr.to_string()), PEER_TIMEOUT, token.cloned())
+    /// A client for the peer at `addr` (`host:port`), sending the cluster's `token`; in TLS
+    /// the peer must prove the host id `tls` names.
+    pub fn peer(addr: &str, token: Option<&Token>, tls: Option<HttpTls>) -> MigratedClient {
+        MigratedClient::new(
+            Target::Tcp(addr.to_string()),
+            PEER_TIMEOUT,
+            token.cloned(),
+            tls,
+        )
     }
 
     /// The same client with another deadline.

@@ -13,6 +13,9 @@
 //! vhost_user_binary = "/usr/local/bin/vhost-user-blk"
 //! token_file = "/etc/migrated/token"  # the cluster's shared secret for the REST API
 //! storaged_token_file = "/etc/migrated/token"  # storaged's API token, if it has one
+//! tls_dir = "/etc/vmhop/tls"         # this host's certificate (`storaged pki host`): TLS
+//!                                    # to storaged's NBD, between VMMs and between agents
+//! storaged_name = "storage"          # the host id in storaged's certificate
 //! [peers]
 //! host-b = "10.0.0.2:7070"
 //! ```
@@ -38,8 +41,11 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use thiserror::Error;
 use vmhop_common::config::{load_toml, FileError};
+use vmhop_common::http::HttpTls;
+use vmhop_common::tls::{ClientCert, HostTls};
 use vmhop_common::token::Token;
 
 /// Default REST listen address.
@@ -72,6 +78,19 @@ pub enum ConfigError {
     /// The token file cannot be used.
     #[error(transparent)]
     Token(#[from] vmhop_common::token::TokenError),
+    /// The TLS directory cannot be used.
+    #[error("TLS directory {0}")]
+    Tls(PathBuf, #[source] vmhop_common::tls::TlsError),
+    /// The certificate is another host's.
+    #[error("host_id is {host_id:?}, but the certificate in {} is host {certificate:?}", dir.display())]
+    NotThisHost {
+        /// The configured host id.
+        host_id: String,
+        /// The TLS directory.
+        dir: PathBuf,
+        /// Who the certificate names.
+        certificate: String,
+    },
     /// A peer given on the command line is not `ID=HOST:PORT`.
     #[error("{0:?}: expected ID=HOST:PORT")]
     PeerSyntax(String),
@@ -119,6 +138,12 @@ pub struct AgentConfigFile {
     pub token_file: Option<PathBuf>,
     /// File with the token storaged's REST API requires (`storaged serve --api-token-file`).
     pub storaged_token_file: Option<PathBuf>,
+    /// This host's TLS directory (`storaged pki host`, its certificate naming `host_id`): the
+    /// VMMs reach storaged's NBD and each other's migration streams in TLS with it, and the
+    /// REST API on `listen` and the calls to peers run in mutual TLS.
+    pub tls_dir: Option<PathBuf>,
+    /// The host id in storaged's certificate [default: the IP address of `storaged_nbd`].
+    pub storaged_name: Option<String>,
 }
 
 /// Effective settings.
@@ -154,6 +179,13 @@ pub struct AgentConfig {
     /// The token of storaged's API, if it requires one.
     #[serde(skip)]
     pub storaged_token: Option<Token>,
+    /// This host's TLS directory.
+    pub tls_dir: Option<PathBuf>,
+    /// Its certificates, read at start.
+    #[serde(skip)]
+    pub tls: Option<AgentTls>,
+    /// The host id storaged's certificate must prove.
+    pub storaged_name: Option<String>,
 }
 
 impl AgentConfigFile {
@@ -188,8 +220,8 @@ impl AgentConfigFile {
             .vhost_user_binary
             .or(self.vhost_user_binary)
             .unwrap_or_else(|| vmm_binary.with_file_name(VHOST_USER_BINARY_NAME));
+        let tls_dir = over.tls_dir.or(self.tls_dir);
         Ok(AgentConfig {
-            host_id,
             state_dir: over
                 .state_dir
                 .or(self.state_dir)
@@ -229,8 +261,44 @@ impl AgentConfigFile {
                 .or(self.storaged_token_file)
                 .map(|p| Token::load(&p))
                 .transpose()?,
+            tls: tls_dir
+                .as_deref()
+                .map(|d| load_tls(d, &host_id))
+                .transpose()?,
+            tls_dir,
+            storaged_name: over.storaged_name.or(self.storaged_name),
+            host_id,
         })
     }
+}
+
+/// The agent's TLS, ready to serve and to call peers.
+#[derive(Debug, Clone)]
+pub struct AgentTls {
+    /// The host's certificates.
+    pub host: HostTls,
+    /// The REST API's server side: clients must present a certificate of the cluster.
+    pub server: Arc<rustls::ServerConfig>,
+    /// Calls to peers (each checks the peer's host id, see [`HttpTls::with_server`]).
+    pub peers: HttpTls,
+}
+
+/// Reads the TLS directory and checks that its certificate is `host_id`'s.
+fn load_tls(dir: &Path, host_id: &str) -> Result<AgentTls, ConfigError> {
+    let err = |e| ConfigError::Tls(dir.into(), e);
+    let host = HostTls::load(dir).map_err(err)?;
+    if host.host_id() != host_id {
+        return Err(ConfigError::NotThisHost {
+            host_id: host_id.into(),
+            dir: dir.into(),
+            certificate: host.host_id().into(),
+        });
+    }
+    Ok(AgentTls {
+        server: host.server_config(ClientCert::Required).map_err(err)?,
+        peers: HttpTls::new(&host, host_id).map_err(err)?,
+        host,
+    })
 }
 
 /// Checks a host or instance name: 1-64 of `[A-Za-z0-9._-]`, not starting with a dot.

@@ -4,13 +4,14 @@
 //!
 //! A backend opens its volume with the same lease as the VMM would (host id and instance
 //! name; primary where the guest starts, standby on a migration's destination, promoted by
-//! the lease flip) and listens on `disk-N.sock` in the instance's work directory, which the
+//! the lease flip; in TLS with the host's certificate when the agent has one) and listens on `disk-N.sock` in the instance's work directory, which the
 //! VMM's configuration names as the disk's vhost-user socket. The socket appears once the
 //! volume is open: that is the backend's readiness. Each backend runs in its own process
 //! group like the VMM (a signal to migrated's group does not reach the guest's disks) and
 //! writes `disk-N.pid` (pid and start time) so that a restarted agent still ends the right
 //! process, and `disk-N.log`.
 
+use crate::config::AgentConfig;
 use crate::instance::{proc_start_time, InstanceRecord};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -68,21 +69,21 @@ fn pid_file(work_dir: &Path, disk: usize) -> PathBuf {
     work_dir.join(format!("disk-{disk}.pid"))
 }
 
-/// Starts the backends `specs` of `rec` (volumes at `storaged_nbd`, held by `host_id` with
-/// `lease`) and waits until each listens. Backends left over from an earlier start of the
-/// instance are ended first; on failure the ones already started are ended too.
+/// Starts the backends `specs` of `rec` (volumes at the agent's `storaged_nbd`, held by its
+/// `host_id` with `lease`, in TLS with its `tls_dir`) and waits until each listens. Backends
+/// left over from an earlier start of the instance are ended first; on failure the ones
+/// already started are ended too.
 pub async fn start(
     binary: &Path,
     rec: &InstanceRecord,
     specs: &[BackendSpec<'_>],
-    storaged_nbd: &str,
-    host_id: &str,
+    agent: &AgentConfig,
     lease: LeaseMode,
 ) -> Result<(), DiskBackendError> {
     stop_all(&rec.work_dir).await;
     let mut started = Vec::new();
     for spec in specs {
-        match start_one(binary, rec, spec, storaged_nbd, host_id, lease).await {
+        match start_one(binary, rec, spec, agent, lease).await {
             Ok(()) => started.push(spec.disk),
             Err(e) => {
                 for disk in started {
@@ -99,8 +100,7 @@ async fn start_one(
     binary: &Path,
     rec: &InstanceRecord,
     spec: &BackendSpec<'_>,
-    storaged_nbd: &str,
-    host_id: &str,
+    agent: &AgentConfig,
     lease: LeaseMode,
 ) -> Result<(), DiskBackendError> {
     let sock = socket(rec, spec.disk);
@@ -118,10 +118,16 @@ async fn start_one(
     let mut cmd = tokio::process::Command::new(binary);
     cmd.arg("--socket")
         .arg(&sock)
-        .args(["--storaged", storaged_nbd, "--volume", spec.volume])
-        .args(["--host-id", host_id, "--instance-id", &rec.name])
+        .args(["--storaged", &agent.storaged_nbd, "--volume", spec.volume])
+        .args(["--host-id", &agent.host_id, "--instance-id", &rec.name])
         .args(["--lease", lease_arg(lease)])
         .args(["--id", spec.volume]);
+    if let Some(dir) = &agent.tls_dir {
+        cmd.arg("--tls-dir").arg(dir);
+        if let Some(name) = &agent.storaged_name {
+            cmd.args(["--server-name", name]);
+        }
+    }
     if spec.read_only {
         cmd.arg("--read-only");
     }

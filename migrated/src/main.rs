@@ -17,6 +17,7 @@ use migrated::config::{parse_peer, AgentConfig, AgentConfigFile};
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
+use vmhop_common::tls_listener::{Peer, TlsListener};
 
 #[derive(Parser)]
 #[command(
@@ -69,6 +70,14 @@ struct Cli {
     /// File with the token of storaged's REST API, when it has one.
     #[arg(long)]
     storaged_token_file: Option<PathBuf>,
+    /// This host's TLS directory (`storaged pki host`; its certificate names --host-id): the
+    /// VMMs use it for storaged's NBD and the migration streams, and the REST API on --listen
+    /// and the calls to peers run in mutual TLS with it.
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// The host id in storaged's certificate [default: the IP address of --storaged-nbd].
+    #[arg(long)]
+    storaged_name: Option<String>,
     /// Write `{"listen": ADDR, "socket": PATH, "pid": N}` here once serving.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -99,6 +108,8 @@ fn main() -> Result<()> {
         ready_file: cli.ready_file,
         token_file: cli.token_file,
         storaged_token_file: cli.storaged_token_file,
+        tls_dir: cli.tls_dir,
+        storaged_name: cli.storaged_name,
     };
     let cfg = file.merge(flags)?;
     let rt = tokio::runtime::Runtime::new()?;
@@ -131,6 +142,11 @@ async fn serve(mut cfg: AgentConfig) -> Result<()> {
         state_dir = %cfg.state_dir.display(), peers = ?cfg.peers, "migrated serving");
 
     let (sd_tx, sd_rx) = tokio::sync::watch::channel(false);
+    if cfg.tls.is_none() && !cfg.listen.ip().is_loopback() {
+        tracing::warn!(listen = %cfg.listen,
+            "no tls_dir: the REST API and the calls to peers are plaintext, and peers are not \
+             authenticated by certificate");
+    }
     if cfg.token.is_none() && !cfg.listen.ip().is_loopback() {
         tracing::warn!(listen = %cfg.listen,
             "no token_file: the REST API takes requests from anyone who can reach this address");
@@ -138,13 +154,26 @@ async fn serve(mut cfg: AgentConfig) -> Result<()> {
     let router = migrated::server::router(agent.clone());
     let mut rx1 = sd_rx.clone();
     let tcp_router = migrated::server::tcp_router(agent.clone());
-    let tcp_task = tokio::spawn(async move {
-        axum::serve(tcp, tcp_router)
-            .with_graceful_shutdown(async move {
-                let _ = rx1.wait_for(|s| *s).await;
+    let stopped = async move {
+        let _ = rx1.wait_for(|s| *s).await;
+    };
+    let tcp_task = match &cfg.tls {
+        None => tokio::spawn(async move {
+            axum::serve(tcp, tcp_router)
+                .with_graceful_shutdown(stopped)
+                .await
+        }),
+        Some(tls) => {
+            // Mutual TLS: every caller proves its host id (the handlers see it).
+            let tls = TlsListener::new(tcp, tls.server.clone())?;
+            let service = tcp_router.into_make_service_with_connect_info::<Peer>();
+            tokio::spawn(async move {
+                axum::serve(tls, service)
+                    .with_graceful_shutdown(stopped)
+                    .await
             })
-            .await
-    });
+        }
+    };
     let mut rx2 = sd_rx.clone();
     let unix_task = tokio::spawn(async move {
         axum::serve(unix, router)

@@ -1,28 +1,33 @@
 //! The REST API's server: the routes of [`crate::api`] on axum, served on TCP (behind the
-//! cluster's token when one is set) and on the Unix socket. Every handler hands its request to
-//! the agent or to one side of a migration; an error is answered with the status of its
-//! [`ErrorKind`].
+//! cluster's token when one is set, in mutual TLS when the host has a certificate) and on the
+//! Unix socket. Every handler hands its request to the agent or to one side of a migration; an
+//! error is answered with the status of its [`ErrorKind`].
+//!
+//! In TLS every caller is a host of the cluster, and the calls that act for one side of a
+//! migration are taken only from that side: an incoming migration is prepared only for the
+//! host that calls (the `source` it names must be the caller), and only its source host may
+//! resume or abort it. Calls on the Unix socket come from this host's operator.
 
 use crate::agent::{Agent, AgentError};
 use crate::api::{
     route, ErrorAnswer, ErrorKind, HostEntry, HostInfo, IncomingReady, IncomingRequest,
     MigrateRequest, MigrationInfo,
 };
-use crate::client::MigratedClient;
 use crate::config::InstanceConfig;
 use crate::instance::InstanceRecord;
 use crate::migration::destination::{self, DestinationError};
 use crate::migration::record::MigrationRecord;
 use crate::migration::source::{self, SourceError};
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
+use vmhop_common::tls_listener::Peer;
 use vmhop_common::token;
 
 /// A request the server could not serve.
@@ -40,6 +45,16 @@ pub enum ApiError {
     /// The body was not the JSON expected.
     #[error("bad request body: {0}")]
     Body(String),
+    /// The calling host may not act for this migration.
+    #[error("host {caller:?} may not {what}: only its source host {source_host:?} may")]
+    NotTheSource {
+        /// Who called (its certificate's host id).
+        caller: String,
+        /// What it asked for.
+        what: &'static str,
+        /// The migration's source host.
+        source_host: String,
+    },
 }
 
 impl ApiError {
@@ -50,6 +65,7 @@ impl ApiError {
             ApiError::Source(e) => e.kind(),
             ApiError::Destination(e) => e.kind(),
             ApiError::Body(_) => ErrorKind::BadRequest,
+            ApiError::NotTheSource { .. } => ErrorKind::Forbidden,
         }
     }
 }
@@ -71,6 +87,24 @@ impl From<JsonRejection> for ApiError {
 
 type St = State<Arc<Agent>>;
 type R<T> = Result<T, ApiError>;
+/// The host that called, when the request came in TLS.
+type Caller = Option<Extension<ConnectInfo<Peer>>>;
+
+/// Refuses a call in TLS from another host than `source`.
+fn only_from(caller: &Caller, source: &str, what: &'static str) -> R<()> {
+    match caller {
+        Some(Extension(ConnectInfo(peer))) if peer.host != source => {
+            tracing::warn!(caller = %peer.host, addr = %peer.addr, source, what,
+                "refused: not the migration's source host");
+            Err(ApiError::NotTheSource {
+                caller: peer.host.clone(),
+                what,
+                source_host: source.to_string(),
+            })
+        }
+        _ => Ok(()),
+    }
+}
 
 /// The API's routes.
 pub fn router(agent: Arc<Agent>) -> Router {
@@ -113,9 +147,8 @@ async fn hosts(State(a): St) -> Json<Vec<HostEntry>> {
         error: None,
     }];
     let peers: Vec<(String, String)> = a.cfg.peers.clone().into_iter().collect();
-    let token = a.cfg.token.clone();
     let probes = peers.into_iter().map(|(id, addr)| {
-        let peer = MigratedClient::peer(&addr, token.as_ref());
+        let peer = a.peer(&id, &addr);
         async move {
             let r = peer.with_timeout(Duration::from_secs(2)).host().await;
             HostEntry {
@@ -198,9 +231,11 @@ async fn migration(State(a): St, Path(id): Path<String>) -> R<Json<MigrationInfo
 
 async fn incoming_prepare(
     State(a): St,
+    caller: Caller,
     body: Result<Json<IncomingRequest>, JsonRejection>,
 ) -> R<Json<IncomingReady>> {
     let Json(req) = body?;
+    only_from(&caller, &req.source, "prepare a migration from it")?;
     Ok(Json(destination::prepare(&a, req).await?))
 }
 
@@ -208,11 +243,23 @@ async fn incoming_show(State(a): St, Path(id): Path<String>) -> R<Json<Migration
     Ok(Json(destination::incoming(&a, &id)?))
 }
 
-async fn incoming_resume(State(a): St, Path(id): Path<String>) -> R<Json<MigrationRecord>> {
+async fn incoming_resume(
+    State(a): St,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> R<Json<MigrationRecord>> {
+    let mig = destination::incoming(&a, &id)?;
+    only_from(&caller, &mig.source, "resume this migration")?;
     Ok(Json(destination::resume(&a, &id).await?))
 }
 
-async fn incoming_abort(State(a): St, Path(id): Path<String>) -> R<Json<MigrationRecord>> {
+async fn incoming_abort(
+    State(a): St,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> R<Json<MigrationRecord>> {
+    let mig = destination::incoming(&a, &id)?;
+    only_from(&caller, &mig.source, "abort this migration")?;
     let why = DestinationError::AbortRequested;
     Ok(Json(destination::abort(&a, &id, &why).await?))
 }

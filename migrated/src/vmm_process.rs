@@ -7,7 +7,7 @@
 //! (`vm.toml`), its API socket (`api.sock`), its serial socket (`serial.sock`), its log
 //! (`vmm.log`: stdout and stderr) and `vmm.pid`.
 
-use crate::config::{DiskBackend, DiskSpec};
+use crate::config::{AgentConfig, DiskBackend, DiskSpec};
 use crate::disk_backend::BackendSpec;
 use crate::instance::InstanceRecord;
 use std::path::{Path, PathBuf};
@@ -43,15 +43,11 @@ pub enum VmmProcessError {
 }
 
 /// The VMM's configuration (`vmm run --config`) for an instance: its name, its kernel and
-/// memory, its sockets in the work directory, and its disks (volumes at `storaged_nbd` with
-/// `lease`, held by `host_id` for the instance; a volume with a vhost-user backend through its
-/// backend's socket, see [`crate::disk_backend`]).
-pub fn vmm_config(
-    rec: &InstanceRecord,
-    host_id: &str,
-    storaged_nbd: &str,
-    lease: LeaseMode,
-) -> VmConfig {
+/// memory, its sockets in the work directory, its disks (volumes at the agent's
+/// `storaged_nbd` with `lease`, held by its `host_id` for the instance; a volume with a
+/// vhost-user backend through its backend's socket, see [`crate::disk_backend`]) and the
+/// host's TLS directory (for the volumes and the migration stream).
+pub fn vmm_config(rec: &InstanceRecord, agent: &AgentConfig, lease: LeaseMode) -> VmConfig {
     let c = &rec.config;
     let disks = c
         .disks
@@ -76,14 +72,17 @@ pub fn vmm_config(
             } => DiskConfig {
                 path: None,
                 storaged: Some(StoragedDiskConfig {
-                    address: storaged_nbd.to_string(),
+                    address: agent.storaged_nbd.clone(),
                     volume: v.clone(),
-                    host_id: Some(host_id.to_string()),
+                    host_id: Some(agent.host_id.clone()),
                     instance_id: Some(rec.name.clone()),
                     lease,
                     io_hold_secs: None,
-                    tls_dir: None,
-                    server_name: None,
+                    tls_dir: agent.tls_dir.clone(),
+                    server_name: agent
+                        .storaged_name
+                        .clone()
+                        .filter(|_| agent.tls_dir.is_some()),
                 }),
                 vhost_user: None,
                 read_only: d.read_only,
@@ -107,7 +106,7 @@ pub fn vmm_config(
         disks,
         serial: SerialConfig::Socket(rec.serial_socket.clone()),
         api_socket: Some(rec.api_socket.clone()),
-        tls_dir: None,
+        tls_dir: agent.tls_dir.clone(),
     }
 }
 
@@ -148,14 +147,24 @@ pub fn prepare_work_dir(rec: &InstanceRecord, vm: &VmConfig) -> Result<PathBuf, 
     Ok(path)
 }
 
-/// Starts `vmm run --config WORK/vm.toml [--incoming ADDR | --restore SNAPSHOT]` in its own
-/// process group (so a signal to migrated's group does not reach the guest), output appended
-/// to the log.
+/// Where an incoming VMM listens, and the source host it accepts (checked in TLS).
+#[derive(Debug, Clone, Copy)]
+pub struct IncomingFrom<'a> {
+    /// `HOST:PORT` of the stream listener.
+    pub addr: &'a str,
+    /// The source's host id.
+    pub source: &'a str,
+}
+
+/// Starts `vmm run --config WORK/vm.toml [--incoming ADDR [--incoming-from HOST] | --restore
+/// SNAPSHOT]` in its own process group (so a signal to migrated's group does not reach the
+/// guest), output appended to the log. `--incoming-from` is given with TLS (`tls`).
 pub fn spawn_vmm(
     vmm_binary: &Path,
     rec: &InstanceRecord,
     config_path: &Path,
-    incoming: Option<&str>,
+    incoming: Option<IncomingFrom<'_>>,
+    tls: bool,
 ) -> Result<tokio::process::Child, VmmProcessError> {
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -168,8 +177,11 @@ pub fn spawn_vmm(
     let mut cmd = tokio::process::Command::new(vmm_binary);
     cmd.arg("run").arg("--config").arg(config_path);
     match (incoming, &rec.config.restore) {
-        (Some(addr), _) => {
-            cmd.arg("--incoming").arg(addr);
+        (Some(i), _) => {
+            cmd.arg("--incoming").arg(i.addr);
+            if tls {
+                cmd.arg("--incoming-from").arg(i.source);
+            }
         }
         (None, Some(snapshot)) => {
             cmd.arg("--restore").arg(snapshot);
@@ -214,7 +226,7 @@ pub fn kill_pid(rec: &InstanceRecord, sig: libc::c_int) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::InstanceConfig;
+    use crate::config::{AgentConfigFile, InstanceConfig};
     use crate::instance::InstanceState;
 
     #[test]
@@ -249,7 +261,15 @@ mod tests {
             InstanceState::Running,
         );
         rec.name = "vm1".into();
-        let cfg = vmm_config(&rec, "a", "127.0.0.1:1", LeaseMode::Standby);
+        let agent = AgentConfigFile {
+            host_id: Some("a".into()),
+            state_dir: Some("/s".into()),
+            storaged_nbd: Some("127.0.0.1:1".into()),
+            ..Default::default()
+        }
+        .merge(AgentConfigFile::default())
+        .unwrap();
+        let cfg = vmm_config(&rec, &agent, LeaseMode::Standby);
         let dir = tempfile::tempdir().unwrap();
         rec.work_dir = dir.path().join("vm1");
         let path = prepare_work_dir(&rec, &cfg).unwrap();

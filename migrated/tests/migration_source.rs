@@ -292,6 +292,9 @@ async fn setup(stream: Stream, standby_for: Vec<&'static str>) -> Setup {
         ready_file: None,
         token: None,
         storaged_token: None,
+        tls_dir: None,
+        tls: None,
+        storaged_name: None,
     };
     let agent = Agent::open(cfg).unwrap();
     let mut rec = InstanceRecord::new(

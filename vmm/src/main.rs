@@ -15,8 +15,8 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
-use std::time::Instant;
-use vmm::vm::{ExitReason, StartMode, Vm};
+use std::time::{Duration, Instant};
+use vmm::vm::{ExitReason, Incoming, StartMode, Vm};
 use vmm_api::config::{BootProtocol, DiskConfig, SerialConfig, VmConfig};
 
 #[derive(Parser)]
@@ -69,10 +69,27 @@ struct RunArgs {
     /// Path of the API socket.
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    /// This host's TLS directory (`storaged pki host`): migration streams run in TLS with its
+    /// certificate, and the other VMM must prove its host id with one of the same CA.
+    #[arg(long, value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
     /// Boot nothing: receive a running guest from another VMM on this `HOST:PORT`
     /// (`PUT /v1/migration/send` on the source). Give the same VM configuration as the source.
+    /// Connections that do not prove to be the source (in TLS: the host of `--incoming-from`)
+    /// are refused and the VMM keeps listening.
     #[arg(long, value_name = "HOST:PORT", conflicts_with = "restore")]
     incoming: Option<String>,
+    /// With TLS: the host id the source's certificate must prove; nobody else gets in.
+    #[arg(long, value_name = "HOST", requires = "incoming")]
+    incoming_from: Option<String>,
+    /// How long to wait for the source before the incoming migration fails.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 600,
+        requires = "incoming"
+    )]
+    accept_timeout: u64,
     /// Boot nothing: load this snapshot (`PUT /v1/vm/snapshot`) and run it. Give the same VM
     /// configuration as when it was taken, with its disks in the state they had then. The
     /// guest's memory is mapped from the file: do not write into it while the VM runs.
@@ -129,6 +146,9 @@ impl RunArgs {
         if let Some(a) = self.api_socket {
             c.api_socket = Some(a);
         }
+        if let Some(t) = self.tls_dir {
+            c.tls_dir = Some(t);
+        }
         c.validate()?;
         Ok(c)
     }
@@ -152,7 +172,11 @@ fn main() {
 
 fn run(args: RunArgs, started: Instant) -> Result<ExitReason> {
     let mode = match (&args.incoming, &args.restore) {
-        (Some(addr), _) => StartMode::Incoming(addr.clone()),
+        (Some(addr), _) => StartMode::Incoming(Incoming {
+            addr: addr.clone(),
+            from: args.incoming_from.clone(),
+            accept_timeout: Duration::from_secs(args.accept_timeout),
+        }),
         (None, Some(path)) => StartMode::Restore(path.clone()),
         (None, None) => StartMode::Boot,
     };

@@ -1,7 +1,8 @@
 //! `migratectl`: the operator's command line for migrated.
 //!
 //! ```text
-//! migratectl [--socket PATH | --host ADDR [--token-file FILE]] [--json] hosts
+//! migratectl [--socket PATH | --host ADDR [--token-file FILE] [--tls-dir DIR [--server-name ID]]]
+//!            [--json] hosts
 //! migratectl instances | show NAME | run CONFIG.toml | stop NAME
 //! migratectl migrate NAME --to HOST [--downtime-ms N] [--max-iterations N] [--throttle]
 //! migratectl migrations [ID]
@@ -21,7 +22,8 @@ use serde::Serialize;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Duration;
-use vmhop_common::http::Target;
+use vmhop_common::http::{HttpTls, Target};
+use vmhop_common::tls::HostTls;
 use vmhop_common::token::Token;
 
 #[derive(Parser)]
@@ -40,6 +42,14 @@ struct Cli {
     /// With --host: the file with the cluster's token (the socket needs none).
     #[arg(long, env = "MIGRATED_TOKEN_FILE", requires = "host")]
     token_file: Option<PathBuf>,
+    /// With --host: a TLS directory (`storaged pki host`) whose certificate this call presents,
+    /// for a migrated that serves in mutual TLS.
+    #[arg(long, env = "MIGRATED_TLS_DIR", requires = "host")]
+    tls_dir: Option<PathBuf>,
+    /// With --tls-dir: the host id the migrated's certificate must prove [default: the IP
+    /// address of --host].
+    #[arg(long, requires = "tls_dir")]
+    server_name: Option<String>,
     /// Print JSON.
     #[arg(long, global = true)]
     json: bool,
@@ -114,7 +124,21 @@ fn main() -> Result<()> {
         None => Target::Unix(cli.socket.clone()),
     };
     let token = cli.token_file.as_deref().map(Token::load).transpose()?;
-    let client = MigratedClient::new(target, Duration::from_secs(cli.timeout_secs), token);
+    let tls = match (&cli.tls_dir, &cli.host) {
+        (Some(dir), Some(host)) => {
+            let certs = HostTls::load(dir).with_context(|| format!("{}", dir.display()))?;
+            let name = match &cli.server_name {
+                Some(n) => n.clone(),
+                None => host
+                    .rsplit_once(':')
+                    .map_or(host.as_str(), |(h, _)| h)
+                    .to_string(),
+            };
+            Some(HttpTls::new(&certs, name)?)
+        }
+        _ => None,
+    };
+    let client = MigratedClient::new(target, Duration::from_secs(cli.timeout_secs), token, tls);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

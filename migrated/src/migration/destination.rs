@@ -22,6 +22,7 @@ use crate::api::{ErrorKind, IncomingReady, IncomingRequest};
 use crate::instance::{InstanceRecord, InstanceState};
 use crate::migration::leases::{self, Holding};
 use crate::migration::record::{MigrationRecord, Phase, Role};
+use crate::vmm_process::IncomingFrom;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use storaged_client::api::GroupFlipRequest;
@@ -154,7 +155,11 @@ pub async fn prepare(
     rec.migration = Some(mig.id.clone());
     rec.incoming = Some(stream_addr.clone());
     agent.put_instance(rec.clone()).await?;
-    if let Err(e) = agent.start_vmm(&rec, Some(&stream_addr)).await {
+    let from = IncomingFrom {
+        addr: &stream_addr,
+        source: &req.source,
+    };
+    if let Err(e) = agent.start_vmm(&rec, Some(from)).await {
         mig.error = Some(error_chain(&e));
         mig.step(Phase::Aborted, "the incoming VMM did not start");
         let _ = agent.put_migration(mig).await;
@@ -322,7 +327,7 @@ async fn watch(agent: Arc<Agent>, id: String) {
         return;
     };
     let peer = agent
-        .peer(&rec.peer_addr)
+        .peer(&rec.source, &rec.peer_addr)
         .with_timeout(Duration::from_secs(2));
     let timeout = Duration::from_millis(agent.cfg.peer_timeout_ms);
     let mut heard = Instant::now();

@@ -292,6 +292,9 @@ pub async fn hosts() -> Hosts {
         ready_file: None,
         token: Some(token.clone()),
         storaged_token: None,
+        tls_dir: None,
+        tls: None,
+        storaged_name: None,
     };
     let a = Agent::open(cfg("a", addr_a, "b", addr_b.to_string())).unwrap();
     let b = Agent::open(cfg("b", addr_b, "a", addr_a.to_string())).unwrap();

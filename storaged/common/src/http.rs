@@ -1,7 +1,10 @@
 //! The HTTP/1.1 + JSON client of the project's APIs: storaged's REST API and migrated's over
-//! TCP, a VMM's and the local migrated's over a Unix socket. One connection per request; every
-//! request has a deadline; error answers (`{"error": "..."}`) become [`HttpError::Status`].
+//! TCP (migrated's in mutual TLS with the host's certificate when it has one, see
+//! [`HttpTls`]), a VMM's and the local migrated's over a Unix socket. One connection per
+//! request; every request has a deadline; error answers (`{"error": "..."}`) become
+//! [`HttpError::Status`].
 
+use crate::tls::{server_name, HostTls, TlsError};
 use crate::token::Token;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -20,6 +23,10 @@ pub enum HttpError {
     /// The server could not be reached.
     #[error("connecting to {0}")]
     Connect(String, #[source] std::io::Error),
+    /// The TLS session could not be set up: the server is not the host expected, or refused
+    /// this one's certificate.
+    #[error("TLS with {0}, checking that it is {1:?}")]
+    Tls(String, String, #[source] std::io::Error),
     /// The exchange failed at the HTTP level.
     #[error("HTTP exchange with {0}")]
     Http(String, #[source] hyper::Error),
@@ -53,7 +60,10 @@ impl HttpError {
     /// True when the server could not be reached at all (nothing listening, no route, timeout
     /// while connecting).
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, HttpError::Connect(..) | HttpError::Timeout(..))
+        matches!(
+            self,
+            HttpError::Connect(..) | HttpError::Timeout(..) | HttpError::Tls(..)
+        )
     }
 }
 
@@ -75,12 +85,52 @@ impl std::fmt::Display for Target {
     }
 }
 
+/// TLS to a TCP target: this host's client certificate, and the host id (or IP address) the
+/// server's certificate must prove.
+#[derive(Clone)]
+pub struct HttpTls {
+    connector: tokio_rustls::TlsConnector,
+    server: String,
+}
+
+impl std::fmt::Debug for HttpTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpTls")
+            .field("server", &self.server)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HttpTls {
+    /// TLS with `host`'s client certificate to a server that must prove `server`.
+    pub fn new(host: &HostTls, server: impl Into<String>) -> Result<HttpTls, TlsError> {
+        Ok(HttpTls {
+            connector: tokio_rustls::TlsConnector::from(host.client_config()?),
+            server: server.into(),
+        })
+    }
+
+    /// The same TLS settings for a server that must prove `server`.
+    pub fn with_server(&self, server: impl Into<String>) -> HttpTls {
+        HttpTls {
+            connector: self.connector.clone(),
+            server: server.into(),
+        }
+    }
+
+    /// The name the server must prove.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+}
+
 /// A JSON client for one target with one default deadline.
 #[derive(Debug, Clone)]
 pub struct Client {
     target: Target,
     timeout: Duration,
     bearer: Option<Token>,
+    tls: Option<HttpTls>,
 }
 
 async fn exchange<S>(
@@ -119,7 +169,13 @@ impl Client {
             target,
             timeout,
             bearer: None,
+            tls: None,
         }
+    }
+
+    /// The same client, in TLS to a TCP target (`None`: plaintext).
+    pub fn with_tls(self, tls: Option<HttpTls>) -> Client {
+        Client { tls, ..self }
     }
 
     /// The same client, sending `token` as `Authorization: Bearer` with every request.
@@ -176,7 +232,17 @@ impl Client {
                     let s = tokio::net::TcpStream::connect(addr)
                         .await
                         .map_err(|e| HttpError::Connect(name.clone(), e))?;
-                    exchange(s, req, &name).await
+                    match &self.tls {
+                        None => exchange(s, req, &name).await,
+                        Some(tls) => {
+                            let failed = |e| HttpError::Tls(name.clone(), tls.server.clone(), e);
+                            let server = server_name(&tls.server).map_err(|e| {
+                                failed(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+                            })?;
+                            let s = tls.connector.connect(server, s).await.map_err(failed)?;
+                            exchange(s, req, &name).await
+                        }
+                    }
                 }
                 Target::Unix(path) => {
                     let s = tokio::net::UnixStream::connect(path)

@@ -12,7 +12,9 @@
 //!   feature, the axum middleware that checks it);
 //! - [`store`] (feature `store`): opening the redb databases the daemons keep their records in;
 //! - [`tls`]: TLS with the cluster's host certificates, and the identity a peer's certificate
-//!   proves; [`pki`] (feature `pki`): making the CA and the host certificates.
+//!   proves; [`pki`] (feature `pki`): making the CA and the host certificates;
+//!   [`tls_listener`] (feature `server`): an axum listener in mutual TLS that tells the
+//!   handlers which host called.
 #![warn(missing_docs)]
 
 pub mod config;
@@ -27,4 +29,6 @@ pub mod signal;
 #[cfg(feature = "store")]
 pub mod store;
 pub mod tls;
+#[cfg(feature = "server")]
+pub mod tls_listener;
 pub mod token;

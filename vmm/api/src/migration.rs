@@ -22,6 +22,11 @@ pub struct SendParams {
     /// When the destination runs the guest.
     #[serde(default)]
     pub resume: ResumeMode,
+    /// The host id the destination's certificate must prove; the stream runs in TLS with the
+    /// VM's `tls_dir`, and without this the destination is checked against the IP address of
+    /// `destination`. Only with TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_host: Option<String>,
 }
 
 /// When the destination runs the guest it received.
@@ -74,6 +79,7 @@ impl SendParams {
             max_iterations: default_max_iterations(),
             throttle: false,
             resume: ResumeMode::default(),
+            destination_host: None,
         }
     }
 

@@ -25,6 +25,7 @@
 pub mod dirty;
 pub mod receive;
 pub mod send;
+pub mod transport;
 pub mod wire;
 
 use std::sync::{Arc, Mutex};

@@ -1,5 +1,6 @@
 //! The destination side: `vmm run --incoming ADDR:PORT` builds the VM without booting it,
-//! listens, and this thread receives one stream into guest memory. The state and the
+//! listens, and this thread waits for the source at the [`transport`] gate (in TLS, only the
+//! host of `--incoming-from`) and receives its stream into guest memory. The state and the
 //! hand-over go through the VM loop ([`crate::vm::VmEvent::IncomingState`],
 //! [`crate::vm::VmEvent::IncomingCommit`]); a stream that fails before COMMIT ends the process
 //! ([`crate::vm::VmEvent::IncomingFailed`]): the source still has the guest.
@@ -8,6 +9,7 @@
 //! an [`Incoming`] VM (the VM loop here, a plain decoder in the fuzz target) and refuses what
 //! does not belong, without trusting any length or address in it.
 
+use super::transport::{self, Accepted, Gate, TransportError};
 use super::wire::{self, Commit, Hello, Kind, Progress, Reply, Resumed, WireError};
 use super::{update, Phase, SharedStatus};
 use crate::memory::{GuestMem, PAGE_SIZE};
@@ -32,9 +34,9 @@ const READ_BUFFER: usize = 2 << 20;
 /// Why an incoming migration failed before the hand-over.
 #[derive(Debug, Error)]
 pub enum ReceiveError {
-    /// No source could connect.
-    #[error("accept a migration stream")]
-    Accept(#[source] std::io::Error),
+    /// No source came through the gate.
+    #[error("waiting for the source")]
+    Gate(#[from] TransportError),
     /// The stream could not be set up.
     #[error("migration stream")]
     Stream(#[source] std::io::Error),
@@ -78,6 +80,14 @@ pub enum ReceiveError {
 pub struct DestCtx {
     /// Bound before the VMM reports ready.
     pub listener: TcpListener,
+    /// Who may connect, and until when.
+    pub gate: Gate,
+    /// Where the stream goes.
+    pub vm: DestVm,
+}
+
+/// The VM an incoming stream goes into (through the VM loop).
+pub struct DestVm {
     /// This VM's shape.
     pub shape: Shape,
     /// Guest memory.
@@ -94,9 +104,14 @@ pub struct CommitDone {
     pub resumed_at_us: u64,
 }
 
-/// Receives one migration.
-pub fn run(mut ctx: DestCtx) {
-    if let Err(e) = receive(&mut ctx) {
+/// Waits for the source and receives one migration.
+pub fn run(ctx: DestCtx) {
+    let DestCtx { listener, gate, vm } = ctx;
+    let mut ctx = vm;
+    let received = transport::accept(listener, gate)
+        .map_err(ReceiveError::from)
+        .and_then(|source| receive(&mut ctx, source));
+    if let Err(e) = received {
         update(&ctx.status, |s| {
             s.phase = Phase::Failed;
             s.error = Some(error_chain(&e));
@@ -133,7 +148,7 @@ pub trait Incoming {
     fn commit(&mut self, c: Commit, auto: bool) -> Option<CommitDone>;
 }
 
-impl Incoming for DestCtx {
+impl Incoming for DestVm {
     fn shape(&self) -> &Shape {
         &self.shape
     }
@@ -166,15 +181,19 @@ impl Incoming for DestCtx {
     }
 }
 
-fn receive(ctx: &mut DestCtx) -> Result<(), ReceiveError> {
-    let (mut w, peer) = ctx.listener.accept().map_err(ReceiveError::Accept)?;
-    tracing::info!(%peer, "migration stream connected");
-    w.set_nodelay(true).map_err(ReceiveError::Stream)?;
-    w.set_read_timeout(Some(IO_TIMEOUT))
+fn receive(ctx: &mut DestVm, source: Accepted) -> Result<(), ReceiveError> {
+    tracing::info!(peer = %source.peer, host = %source.host.as_deref().unwrap_or("-"),
+        tls = source.stream.is_tls(), refused_before = source.refused,
+        "migration stream connected");
+    let tcp = source.stream.tcp();
+    tcp.set_nodelay(true).map_err(ReceiveError::Stream)?;
+    tcp.set_read_timeout(Some(IO_TIMEOUT))
         .map_err(ReceiveError::Stream)?;
-    w.set_write_timeout(Some(IO_TIMEOUT))
+    tcp.set_write_timeout(Some(IO_TIMEOUT))
         .map_err(ReceiveError::Stream)?;
-    let r = BufReader::with_capacity(READ_BUFFER, w.try_clone().map_err(ReceiveError::Stream)?);
+    let (reader, mut w) = source.stream.split();
+    // The gate read the stream's magic; the stream is read from its start again.
+    let r = BufReader::with_capacity(READ_BUFFER, (&wire::MAGIC[..]).chain(reader));
     receive_stream(r, &mut w, ctx)
 }
 
@@ -217,6 +236,7 @@ pub fn receive_stream<R: Read, W: Write>(
             error: None,
         },
     )?;
+    w.flush().map_err(WireError::Io)?;
     tracing::info!(source = %hello.name, resume = %hello.resume, "migration accepted");
 
     let mut buf = Vec::new();
@@ -248,6 +268,7 @@ pub fn receive_stream<R: Read, W: Write>(
             }
             Kind::Sync => {
                 wire::write_frame(w, Kind::Synced, &[])?;
+                w.flush().map_err(WireError::Io)?;
             }
             Kind::Progress => {
                 let p: Progress = wire::json(kind, &buf)?;
@@ -264,6 +285,7 @@ pub fn receive_stream<R: Read, W: Write>(
                     error: loaded.as_ref().err().map(|e| error_chain(e)),
                 };
                 wire::write_json(w, Kind::Ready, &reply)?;
+                w.flush().map_err(WireError::Io)?;
                 loaded?;
                 have_state = true;
             }
@@ -282,6 +304,7 @@ pub fn receive_stream<R: Read, W: Write>(
                                 resumed_at_us: done.resumed_at_us,
                             },
                         );
+                        let _ = w.flush();
                     }
                 }
                 return Ok(());

@@ -177,12 +177,26 @@ pub fn write_preamble(w: &mut impl Write) -> Result<(), WireError> {
 
 /// Reads and checks the preamble.
 pub fn read_preamble(r: &mut impl Read) -> Result<(), WireError> {
-    let mut p = [0u8; PREAMBLE_LEN];
-    r.read_exact(&mut p)?;
-    if &p[..8] != MAGIC {
-        return Err(WireError::Magic(p[..8].to_vec()));
+    read_magic(r)?;
+    read_version(r)
+}
+
+/// Reads and checks the preamble's first part, the magic: whether the peer speaks this
+/// protocol at all (the destination's gate reads it before it takes a connection as the source).
+pub fn read_magic(r: &mut impl Read) -> Result<(), WireError> {
+    let mut m = [0u8; MAGIC.len()];
+    r.read_exact(&mut m)?;
+    if &m != MAGIC {
+        return Err(WireError::Magic(m.to_vec()));
     }
-    let v = u32::from_le_bytes(p[8..].try_into().expect("4 bytes"));
+    Ok(())
+}
+
+/// Reads and checks the preamble's second part, the version.
+pub fn read_version(r: &mut impl Read) -> Result<(), WireError> {
+    let mut v = [0u8; PREAMBLE_LEN - MAGIC.len()];
+    r.read_exact(&mut v)?;
+    let v = u32::from_le_bytes(v);
     if v != VERSION {
         return Err(WireError::Version(v));
     }

@@ -18,6 +18,7 @@ use crate::devices::virtio::vhost_user::VhostUserBlk;
 use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use crate::devices::IrqLine;
 use crate::memory::{self, MemoryError, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use crate::migration::transport::StreamTls;
 use crate::persist::Shape;
 use crate::vcpu::regs::{self, RegsError};
 use crate::vcpu::{kick, Vcpu};
@@ -105,6 +106,15 @@ pub enum BuildError {
     /// The migration listener could not be bound.
     #[error("listen for the migration stream on {0}")]
     Listen(String, #[source] std::io::Error),
+    /// The TLS directory cannot serve migration streams.
+    #[error(transparent)]
+    StreamTls(#[from] crate::migration::transport::TransportError),
+    /// With TLS an incoming migration must name the source host it accepts.
+    #[error("with tls_dir, --incoming-from must name the source host to accept")]
+    IncomingFromMissing,
+    /// Without TLS the source's identity cannot be checked.
+    #[error("--incoming-from needs tls_dir: without TLS no identity can be checked")]
+    IncomingFromWithoutTls,
     /// A snapshot could not be loaded.
     #[error("restore the snapshot")]
     Restore(#[source] crate::snapshot::SnapshotError),
@@ -176,6 +186,14 @@ impl Vm {
     /// process began.
     pub fn build(config: VmConfig, started: Instant, mode: StartMode) -> Result<Vm, BuildError> {
         config.validate()?;
+        let stream_tls = config.tls_dir.as_deref().map(StreamTls::load).transpose()?;
+        if let StartMode::Incoming(incoming) = &mode {
+            match (&stream_tls, &incoming.from) {
+                (Some(_), None) => return Err(BuildError::IncomingFromMissing),
+                (None, Some(_)) => return Err(BuildError::IncomingFromWithoutTls),
+                _ => {}
+            }
+        }
         kick::install_handler().map_err(BuildError::Signal)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -393,10 +411,11 @@ impl Vm {
             source_paused_at_us: 0,
             source_started_at_us: 0,
             api_server,
+            stream_tls,
         };
         match mode {
             StartMode::Boot => {}
-            StartMode::Incoming(addr) => vm.listen(&addr)?,
+            StartMode::Incoming(incoming) => vm.listen(&incoming)?,
             StartMode::Restore(path) => {
                 let st = snapshot_state.expect("restore mode has a state");
                 if let Err(e) = vm.load_state(st).and_then(|_| vm.resume_here()) {

@@ -2,11 +2,12 @@
 //! outgoing or incoming migration (the streams themselves are [`crate::migration`]).
 
 use super::kvm_state::KvmVmState;
-use super::{lock, BuildError, Role, Sending, Vm, VmError, VCPU_ACK_TIMEOUT};
+use super::{lock, BuildError, Incoming, Role, Sending, Vm, VmError, VCPU_ACK_TIMEOUT};
 use crate::api::ApiResponse;
 use crate::migration::dirty::DirtyLog;
-use crate::migration::receive::{CommitDone, DestCtx};
+use crate::migration::receive::{CommitDone, DestCtx, DestVm};
 use crate::migration::send::{Outcome, SourceCtx, StopCopy};
+use crate::migration::transport::Gate;
 use crate::migration::wire::Commit;
 use crate::migration::{self, MigrationRole, MigrationStatus, Phase, ResumeMode, SendParams};
 use crate::persist::{self, Persist, VmState};
@@ -20,10 +21,13 @@ use vmm_api::vm::RunState;
 
 impl Vm {
     /// Destination: binds the stream listener and starts the receiving thread.
-    pub(super) fn listen(&mut self, addr: &str) -> Result<(), BuildError> {
+    pub(super) fn listen(&mut self, incoming: &Incoming) -> Result<(), BuildError> {
+        let addr = incoming.addr.as_str();
         let listener = std::net::TcpListener::bind(addr)
             .map_err(|e| BuildError::Listen(addr.to_string(), e))?;
         tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            tls = self.stream_tls.is_some(), from = incoming.from.as_deref().unwrap_or("-"),
+            accept_timeout_s = incoming.accept_timeout.as_secs(),
             "waiting for an incoming migration");
         self.role = Role::Incoming;
         migration::update(&self.migration, |s| {
@@ -32,10 +36,17 @@ impl Vm {
         });
         let ctx = DestCtx {
             listener,
-            shape: self.shape(),
-            mem: self.mem.clone(),
-            status: self.migration.clone(),
-            events: self.events_tx.clone(),
+            gate: Gate {
+                tls: self.stream_tls.clone(),
+                expect: incoming.from.clone(),
+                deadline: Instant::now() + incoming.accept_timeout,
+            },
+            vm: DestVm {
+                shape: self.shape(),
+                mem: self.mem.clone(),
+                status: self.migration.clone(),
+                events: self.events_tx.clone(),
+            },
         };
         std::thread::Builder::new()
             .name("mig-receive".into())
@@ -142,6 +153,9 @@ impl Vm {
         if self.role != Role::Own {
             return Err(VmError::MigrationExists(self.role));
         }
+        if params.destination_host.is_some() && self.stream_tls.is_none() {
+            return Err(VmError::NoStreamTls);
+        }
         let abort = Arc::new(AtomicBool::new(false));
         let stream = Arc::new(Mutex::new(None));
         *lock(&self.migration) = MigrationStatus {
@@ -165,6 +179,7 @@ impl Vm {
             stream: stream.clone(),
             events: self.events_tx.clone(),
             kickers: self.vcpus.iter().filter_map(|v| v.kicker()).collect(),
+            tls: self.stream_tls.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("mig-send".into())
@@ -172,7 +187,9 @@ impl Vm {
             .map_err(VmError::SpawnMigration)?;
         tracing::info!(destination = %params.destination, downtime_limit_ms = params.downtime_limit_ms,
             max_iterations = params.max_iterations, throttle = params.throttle,
-            resume = %params.resume, "migration started");
+            resume = %params.resume, tls = self.stream_tls.is_some(),
+            destination_host = params.destination_host.as_deref().unwrap_or("-"),
+            "migration started");
         self.sending = Some(Sending {
             abort,
             stream,

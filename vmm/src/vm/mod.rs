@@ -144,6 +144,9 @@ pub enum VmError {
     /// The migration thread could not start.
     #[error("start the migration thread")]
     SpawnMigration(#[source] std::io::Error),
+    /// A destination identity to check, but no certificates to check it with.
+    #[error("destination_host needs the VM's tls_dir: without TLS no identity can be checked")]
+    NoStreamTls,
 }
 
 impl VmError {
@@ -163,6 +166,7 @@ impl VmError {
                 | VmError::UnexpectedCommit(_)
                 | VmError::NoMigration
                 | VmError::Aborted
+                | VmError::NoStreamTls
         )
     }
 }
@@ -172,10 +176,21 @@ impl VmError {
 pub enum StartMode {
     /// Boot the kernel.
     Boot,
-    /// Receive a running guest on this `HOST:PORT` (see [`crate::migration`]).
-    Incoming(String),
+    /// Receive a running guest (see [`crate::migration`]).
+    Incoming(Incoming),
     /// Load a snapshot file (see [`crate::snapshot`]) and run it.
     Restore(std::path::PathBuf),
+}
+
+/// Where, from whom and until when an incoming migration is accepted.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    /// `HOST:PORT` to listen on.
+    pub addr: String,
+    /// The host id the source's certificate must prove (required with TLS).
+    pub from: Option<String>,
+    /// How long to wait for the source to connect and prove who it is.
+    pub accept_timeout: Duration,
 }
 
 /// Everything the control loop reacts to.
@@ -309,6 +324,8 @@ pub struct Vm {
         tokio::sync::oneshot::Sender<()>,
         tokio::task::JoinHandle<()>,
     )>,
+    /// This host's certificates for migration streams (`tls_dir`); `None`: plaintext.
+    stream_tls: Option<crate::migration::transport::StreamTls>,
 }
 
 impl Vm {

@@ -136,7 +136,7 @@ struct Source {
 impl Source {
     fn new(agent: Arc<Agent>, rec: &MigrationRecord) -> Source {
         Source {
-            peer: agent.peer(&rec.peer_addr),
+            peer: agent.peer(&rec.destination, &rec.peer_addr),
             leases: agent.storaged(),
             agent,
             id: rec.id.clone(),
@@ -376,6 +376,8 @@ impl Source {
             max_iterations: rec.params.max_iterations,
             throttle: rec.params.throttle,
             resume: ResumeMode::Wait,
+            // In TLS the destination VMM proves the host that the destination agent is.
+            destination_host: self.agent.cfg.tls.as_ref().map(|_| rec.destination.clone()),
         })
         .await
         .map_err(SourceError::Vmm)?;

@@ -1,12 +1,15 @@
-//! Connecting to the destination: the TCP connection with its deadlines, the preamble, HELLO
-//! with the VM's shape and resume mode, and the destination's REPLY.
+//! Connecting to the destination: the TCP connection with its deadlines, the TLS session when
+//! the VM has certificates (the destination must prove the host it was named as, see
+//! [`crate::migration::transport`]), the preamble, HELLO with the VM's shape and resume mode,
+//! and the destination's REPLY.
 
 use super::pages::BATCH_BYTES;
 use super::{SendError, SourceCtx};
+use crate::migration::transport::{self, StreamHalf};
 use crate::migration::wire::{self, FrameReader, Hello, Kind, Reply};
 use std::io::{BufWriter, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Connect deadline.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -16,9 +19,9 @@ const IO_TIMEOUT: Duration = Duration::from_secs(60);
 /// The connected stream: frames from the destination, buffered frames to it.
 pub(super) struct Link {
     /// The destination's answers.
-    pub reader: FrameReader<TcpStream>,
+    pub reader: FrameReader<StreamHalf>,
     /// Frames to the destination.
-    pub w: BufWriter<TcpStream>,
+    pub w: BufWriter<StreamHalf>,
 }
 
 impl Link {
@@ -46,21 +49,30 @@ fn connect_any(addr: &str) -> Result<TcpStream, SendError> {
 /// the VM.
 pub(super) fn connect(ctx: &SourceCtx) -> Result<Link, SendError> {
     let p = &ctx.params;
-    let stream = connect_any(&p.destination)?;
-    stream.set_nodelay(true).map_err(SendError::Stream)?;
+    let tcp = connect_any(&p.destination)?;
+    tcp.set_nodelay(true).map_err(SendError::Stream)?;
+    if let Ok(mut slot) = ctx.stream.lock() {
+        *slot = Some(tcp.try_clone().map_err(SendError::Stream)?);
+    }
+    let name = p
+        .destination_host
+        .clone()
+        .unwrap_or_else(|| host_part(&p.destination));
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    let stream = transport::connect(tcp, ctx.tls.as_ref(), &name, deadline)?;
     stream
+        .tcp()
         .set_read_timeout(Some(IO_TIMEOUT))
         .map_err(SendError::Stream)?;
     stream
+        .tcp()
         .set_write_timeout(Some(IO_TIMEOUT))
         .map_err(SendError::Stream)?;
-    if let Ok(mut slot) = ctx.stream.lock() {
-        *slot = Some(stream.try_clone().map_err(SendError::Stream)?);
-    }
-    let reader = FrameReader::new(stream.try_clone().map_err(SendError::Stream)?);
+    let tls = stream.is_tls();
+    let (r, w) = stream.split();
     let mut link = Link {
-        reader,
-        w: BufWriter::with_capacity(BATCH_BYTES * 2, stream),
+        reader: FrameReader::new(r),
+        w: BufWriter::with_capacity(BATCH_BYTES * 2, w),
     };
 
     wire::write_preamble(&mut link.w)?;
@@ -75,6 +87,15 @@ pub(super) fn connect(ctx: &SourceCtx) -> Result<Link, SendError> {
     if !reply.ok {
         return Err(SendError::Refused(reply.error.unwrap_or_default()));
     }
-    tracing::info!(destination = %p.destination, "migration: destination accepted");
+    tracing::info!(destination = %p.destination, tls, host = %name,
+        "migration: destination accepted");
     Ok(link)
+}
+
+/// The host of `HOST:PORT` (brackets of an IPv6 address removed).
+fn host_part(addr: &str) -> String {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string()
 }

@@ -18,6 +18,7 @@ mod stopcopy;
 mod throttle;
 
 use super::dirty::DirtyLog;
+use super::transport::{StreamTls, TransportError};
 use super::wire::WireError;
 use super::{update, Phase, SendParams, SharedStatus};
 use crate::memory::GuestMem;
@@ -46,6 +47,10 @@ pub enum SendError {
     /// The destination did not take the connection.
     #[error("connect to {0}")]
     Connect(SocketAddr, #[source] std::io::Error),
+    /// The TLS session with the destination could not be set up (it is not who it must be, or
+    /// refused this host).
+    #[error(transparent)]
+    Transport(#[from] TransportError),
     /// The stream could not be set up or written.
     #[error("migration stream")]
     Stream(#[source] std::io::Error),
@@ -121,6 +126,8 @@ pub struct SourceCtx {
     pub events: Sender<VmEvent>,
     /// The vCPUs, for the throttle.
     pub kickers: Vec<VcpuKicker>,
+    /// This host's certificates: the stream runs in TLS (`None`: plaintext).
+    pub tls: Option<StreamTls>,
 }
 
 /// Runs a migration to its end and reports the outcome to the VM loop.

@@ -173,6 +173,7 @@ mod tests {
             max_iterations: 5,
             throttle,
             resume: crate::migration::ResumeMode::Auto,
+            destination_host: None,
         }
     }
 
