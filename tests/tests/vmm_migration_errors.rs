@@ -1,8 +1,9 @@
 //! Bad migration streams are refused with a clear error and the guest stays where it was.
 //!
-//! Destination side (nothing boots, so these are quick): a stream of another version, one
-//! that is not a migration stream at all, a corrupted frame, and a stream that ends before the
-//! hand-over each make the incoming VMM exit with status 5 and say why.
+//! Destination side (nothing boots, so these are quick): a stream of another version, a
+//! corrupted frame, and a stream that ends before the hand-over each make the incoming VMM
+//! exit with status 5 and say why; a connection that is not a migration stream at all (a port
+//! scanner, an HTTP probe) is refused and the VMM keeps waiting for its source.
 //! Source side (the suite's restored guest): a destination that answers garbage, one that dies
 //! in the middle of the stream, a destination VMM killed in the middle of the stream, and an
 //! abort while the destination stalls each leave the guest running on the source with its
@@ -36,8 +37,25 @@ fn preamble(version: u32) -> Vec<u8> {
 
 /// Starts an incoming VMM, feeds it `bytes`, and returns its exit status and stderr.
 fn feed_incoming(image: &GuestImage, dir: &Path, bytes: &[u8]) -> (i32, String) {
+    feed_incoming_after(image, dir, &[], bytes)
+}
+
+/// Like [`feed_incoming`], after connections that each send one of `probes` and close.
+fn feed_incoming_after(
+    image: &GuestImage,
+    dir: &Path,
+    probes: &[&[u8]],
+    bytes: &[u8],
+) -> (i32, String) {
     let addr = format!("127.0.0.1:{}", e2e::free_port().unwrap());
     let mut vmm = VmmGuest::start_incoming(&vm_config(image, dir), &addr).unwrap();
+    for p in probes {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.write_all(p).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+    }
     let mut s = TcpStream::connect(&addr).unwrap();
     s.write_all(bytes).unwrap();
     s.shutdown(std::net::Shutdown::Write).unwrap();
@@ -59,9 +77,13 @@ fn incoming_vmm_refuses_bad_streams_with_a_clear_error() {
     assert_eq!(code, 5, "{err}");
     assert!(err.contains("migration stream version 99"), "{err}");
 
-    let (code, err) = feed_incoming(&image, &dir.path().join("m"), b"GET / HTTP/1.1\r\n\r\n");
+    // Probes are refused; the stream after them is the one that counts.
+    let probes: [&[u8]; 2] = [b"", b"GET / HTTP/1.1\r\n\r\n"];
+    let (code, err) = feed_incoming_after(&image, &dir.path().join("m"), &probes, &preamble(99));
     assert_eq!(code, 5, "{err}");
     assert!(err.contains("not a vmhop migration stream"), "{err}");
+    assert!(err.contains("refused_before=2"), "{err}");
+    assert!(err.contains("migration stream version 99"), "{err}");
 
     let hello = br#"{"name":"vm","shape":{"memory_mib":128,"vcpus":1,"disks":2},"resume":"auto"}"#;
     let mut corrupt = preamble(1);

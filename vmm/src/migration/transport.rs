@@ -45,7 +45,7 @@ pub enum TransportError {
     #[error("accept a migration stream")]
     Accept(#[source] io::Error),
     /// No connection proved to be the expected source before the deadline.
-    #[error("no source{} connected within {waited:?} ({refused} connections refused{})",
+    #[error("no source{} connected within {waited:?} (connections refused: {refused}{})",
         .expect.as_ref().map(|e| format!(" proving host {e:?}")).unwrap_or_default(),
         .last.as_ref().map(|l| format!("; the last: {l}")).unwrap_or_default())]
     NoSource {
@@ -76,7 +76,8 @@ enum Refusal {
     #[error("peer certificate")]
     Certificate(#[source] TlsError),
     /// The peer is another host than the one expected.
-    #[error("the peer is host {presented:?}, not the expected source {expected:?}")]
+    #[error("the peer is host {}, not the expected source {expected:?}",
+        .presented.as_ref().map_or("(none)".to_string(), |p| format!("{p:?}")))]
     NotExpected {
         /// Who was expected.
         expected: String,

@@ -26,7 +26,7 @@ impl Vm {
         let listener = std::net::TcpListener::bind(addr)
             .map_err(|e| BuildError::Listen(addr.to_string(), e))?;
         tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-            tls = self.stream_tls.is_some(), from = incoming.from.as_deref().unwrap_or("-"),
+            tls = self.stream_tls.is_some(), from = %incoming.from.as_deref().unwrap_or("-"),
             accept_timeout_s = incoming.accept_timeout.as_secs(),
             "waiting for an incoming migration");
         self.role = Role::Incoming;
