@@ -263,7 +263,7 @@ impl AgentConfigFile {
                 .transpose()?,
             tls: tls_dir
                 .as_deref()
-                .map(|d| load_tls(d, &host_id))
+                .map(|d| AgentTls::load(d, &host_id))
                 .transpose()?,
             tls_dir,
             storaged_name: over.storaged_name.or(self.storaged_name),
@@ -283,22 +283,24 @@ pub struct AgentTls {
     pub peers: HttpTls,
 }
 
-/// Reads the TLS directory and checks that its certificate is `host_id`'s.
-fn load_tls(dir: &Path, host_id: &str) -> Result<AgentTls, ConfigError> {
-    let err = |e| ConfigError::Tls(dir.into(), e);
-    let host = HostTls::load(dir).map_err(err)?;
-    if host.host_id() != host_id {
-        return Err(ConfigError::NotThisHost {
-            host_id: host_id.into(),
-            dir: dir.into(),
-            certificate: host.host_id().into(),
-        });
+impl AgentTls {
+    /// Reads the TLS directory `dir` and checks that its certificate is `host_id`'s.
+    pub fn load(dir: &Path, host_id: &str) -> Result<AgentTls, ConfigError> {
+        let err = |e| ConfigError::Tls(dir.into(), e);
+        let host = HostTls::load(dir).map_err(err)?;
+        if host.host_id() != host_id {
+            return Err(ConfigError::NotThisHost {
+                host_id: host_id.into(),
+                dir: dir.into(),
+                certificate: host.host_id().into(),
+            });
+        }
+        Ok(AgentTls {
+            server: host.server_config(ClientCert::Required).map_err(err)?,
+            peers: HttpTls::new(&host, host_id).map_err(err)?,
+            host,
+        })
     }
-    Ok(AgentTls {
-        server: host.server_config(ClientCert::Required).map_err(err)?,
-        peers: HttpTls::new(&host, host_id).map_err(err)?,
-        host,
-    })
 }
 
 /// Checks a host or instance name: 1-64 of `[A-Za-z0-9._-]`, not starting with a dot.

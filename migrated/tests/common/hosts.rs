@@ -20,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use migrated::agent::Agent;
 use migrated::api::MigrateRequest;
-use migrated::config::AgentConfig;
+use migrated::config::{AgentConfig, AgentTls};
 use migrated::instance::InstanceState;
 use migrated::migration::record::{MigrationParams, MigrationRecord, Phase};
 use std::path::PathBuf;
@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use storaged_client::api::LeaseState;
 use storaged_client::rest::StoragedApi;
+use vmhop_common::tls_listener::{Peer, TlsListener};
 use vmhop_common::token::Token;
 use vmm_api::vm::RunState;
 
@@ -257,10 +258,72 @@ async fn serve(router: Router) -> String {
     addr
 }
 
+/// How [`hosts_with`] sets the hosts up.
+#[derive(Debug, Clone, Default)]
+pub struct HostsOptions {
+    /// TLS everywhere: a cluster CA and certificates for `storage`, `a`, `b` (and `c`, a host
+    /// of the cluster that is neither, in `TLS_DIR/c`); storaged's NBD takes only TLS clients,
+    /// the VMMs reach it and each other in TLS, and the agents serve and call in mutual TLS.
+    pub tls: bool,
+    /// Environment for the VMMs host b starts (its VMM binary is a wrapper that sets it).
+    pub b_vmm_env: Vec<(String, String)>,
+}
+
+/// The TLS directory of `host` under the test's directory (see [`HostsOptions::tls`]).
+pub fn tls_dir(h: &Hosts, host: &str) -> PathBuf {
+    h._dir.path().join("pki").join(host)
+}
+
+/// Makes the cluster CA and the hosts' TLS directories under `dir`.
+fn make_pki(dir: &std::path::Path) {
+    use vmhop_common::pki::{create_ca, issue_host, HostCertRequest};
+    let ca = dir.join("ca");
+    create_ca(&ca, "test-cluster", 1).unwrap();
+    for host in ["storage", "a", "b", "c"] {
+        let req = HostCertRequest {
+            host_id: host.into(),
+            ips: vec!["127.0.0.1".parse().unwrap()],
+            dns_names: vec![],
+            days: 1,
+        };
+        issue_host(&ca, &req, &dir.join(host)).unwrap();
+    }
+}
+
+/// A shell script that runs the real `vmm` with `env` set.
+fn vmm_wrapper(path: &std::path::Path, env: &[(String, String)]) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let mut text = String::from("#!/bin/sh\n");
+    for (k, v) in env {
+        text.push_str(&format!("export {k}='{v}'\n"));
+    }
+    text.push_str(&format!("exec '{}' \"$@\"\n", vmm_binary().display()));
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path.to_path_buf()
+}
+
 /// Starts storaged with [`VOLUMES`] and the two agents, every link up.
 pub async fn hosts() -> Hosts {
+    hosts_with(HostsOptions::default()).await
+}
+
+/// [`hosts`] set up as `opts` says.
+pub async fn hosts_with(opts: HostsOptions) -> Hosts {
     let dir = tempfile::tempdir().unwrap();
-    let storage = super::storage(&dir.path().join("storaged"), &VOLUMES, |_| Router::new()).await;
+    let pki = dir.path().join("pki");
+    let nbd_tls = opts.tls.then(|| {
+        make_pki(&pki);
+        let storage = vmhop_common::tls::HostTls::load(&pki.join("storage")).unwrap();
+        storaged::server::NbdTls::new(&storage, false).unwrap()
+    });
+    let storage = super::storage_with_tls(
+        &dir.path().join("storaged"),
+        &VOLUMES,
+        |_| Router::new(),
+        nbd_tls,
+    )
+    .await;
     let links = Links {
         storaged_a: Link::new(),
         storaged_b: Link::new(),
@@ -277,14 +340,22 @@ pub async fn hosts() -> Hosts {
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, "real-vmm-test-cluster-secret\n").unwrap();
     let token = Token::load(&token_file).unwrap();
+    let b_vmm = vmm_wrapper(&dir.path().join("vmm-b"), &opts.b_vmm_env);
     let cfg = |me: &str, listen: std::net::SocketAddr, peer: &str, peer_addr: String| AgentConfig {
+        vmm_binary: if me == "b" {
+            b_vmm.clone()
+        } else {
+            vmm_binary()
+        },
+        tls_dir: opts.tls.then(|| pki.join(me)),
+        tls: opts.tls.then(|| AgentTls::load(&pki.join(me), me).unwrap()),
+        storaged_name: opts.tls.then(|| "storage".to_string()),
         host_id: me.into(),
         state_dir: dir.path().join(me).join("state"),
         listen,
         socket: dir.path().join(me).join("m.sock"),
         storaged_api: storaged_api[usize::from(me == "b")].clone(),
         storaged_nbd: storage.nbd.clone(),
-        vmm_binary: vmm_binary(),
         vhost_user_binary: vmm_binary().with_file_name("vhost-user-blk"),
         migration_ip: "127.0.0.1".parse().unwrap(),
         peer_timeout_ms: PEER_TIMEOUT_MS,
@@ -292,9 +363,6 @@ pub async fn hosts() -> Hosts {
         ready_file: None,
         token: Some(token.clone()),
         storaged_token: None,
-        tls_dir: None,
-        tls: None,
-        storaged_name: None,
     };
     let a = Agent::open(cfg("a", addr_a, "b", addr_b.to_string())).unwrap();
     let b = Agent::open(cfg("b", addr_b, "a", addr_a.to_string())).unwrap();
@@ -302,7 +370,16 @@ pub async fn hosts() -> Hosts {
         let r = links
             .peers
             .serve(migrated::server::tcp_router(agent.clone()));
-        tokio::spawn(async move { axum::serve(l, r).await });
+        match &agent.cfg.tls {
+            None => {
+                tokio::spawn(async move { axum::serve(l, r).await });
+            }
+            Some(tls) => {
+                let l = TlsListener::new(l, tls.server.clone()).unwrap();
+                let service = r.into_make_service_with_connect_info::<Peer>();
+                tokio::spawn(async move { axum::serve(l, service).await });
+            }
+        }
     }
     let kernel = dir.path().join("hlt.elf");
     std::fs::write(&kernel, tiny_pvh_kernel()).unwrap();

@@ -33,10 +33,21 @@ pub struct Storage {
 
 /// Starts storaged with its data in `dir` and 1 MiB `volumes`; the routes `extra` builds go in
 /// front of the REST API (to stand in for one of its endpoints).
+#[allow(dead_code)]
 pub async fn storage(
     dir: &Path,
     volumes: &[&str],
     extra: impl FnOnce(Arc<Registry>) -> Router,
+) -> Storage {
+    storage_with_tls(dir, volumes, extra, None).await
+}
+
+/// [`storage`] whose NBD port takes only TLS clients (loopback too) when `tls` is given.
+pub async fn storage_with_tls(
+    dir: &Path,
+    volumes: &[&str],
+    extra: impl FnOnce(Arc<Registry>) -> Router,
+    tls: Option<storaged::server::NbdTls>,
 ) -> Storage {
     let reg = Arc::new(Registry::open(dir).unwrap());
     for v in volumes {
@@ -56,7 +67,7 @@ pub async fn storage(
     tokio::spawn(storaged::server::run(
         nbd,
         reg.clone(),
-        None,
+        tls,
         rx,
         Duration::from_secs(1),
     ));
@@ -66,6 +77,7 @@ pub async fn storage(
 
 /// A connection to `volume` at the storaged NBD address `nbd` holding a `state` lease for
 /// instance `vm1` on `host` (as a VMM's disk would); the lease goes when it is dropped.
+#[allow(dead_code)]
 pub async fn lease(nbd: &str, volume: &str, host: &str, state: RequestedState) -> Client {
     let cfg = ClientConfig::new(vec![nbd.to_string()], volume).with_lease(LeaseSpec {
         host: host.into(),
