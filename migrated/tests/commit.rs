@@ -12,6 +12,15 @@ use common::hosts::{SplitBrainWatch, DEADLINE};
 use migrated::migration::record::Phase;
 use std::time::{Duration, Instant};
 
+/// The source resumed only after storaged fenced the destination off: the record notes the
+/// fence before the resume.
+fn resumed_after_the_fence(r: &migrated::migration::record::MigrationRecord) {
+    let at = |what: &str| r.steps.iter().position(|s| s.note.contains(what));
+    let fenced = at("can no longer take over").unwrap_or_else(|| panic!("no fence: {r:?}"));
+    let resumed = at("the guest runs on the source").unwrap_or_else(|| panic!("{r:?}"));
+    assert!(fenced < resumed, "{r:?}");
+}
+
 /// Options whose host b's VMMs stop at COMMIT.
 fn frozen_at_commit() -> HostsOptions {
     HostsOptions {
@@ -37,7 +46,7 @@ async fn wait_stopped(pid: u32) {
 /// Starts migrating vm1 from a to b and waits until b's VMM froze at COMMIT; returns the
 /// migration's id and the frozen VMM's pid.
 async fn migrate_until_frozen(h: &common::hosts::Hosts) -> (String, u32) {
-    let id = start_migration(&h.a, "b");
+    let id = start_migration(&h.a, "b").await;
     let t = Instant::now();
     let pid = loop {
         if let Some(pid) = h.b.instance("vm1").ok().and_then(|i| i.pid) {
@@ -67,6 +76,7 @@ async fn a_destination_that_dies_at_commit_leaves_the_guest_on_the_source() {
     let r = wait_phase(&h.a, &id, Phase::is_terminal).await;
     assert_eq!(r.phase, Phase::Aborted, "{r:?}");
     assert!(r.flipped.is_empty(), "{r:?}");
+    resumed_after_the_fence(&r);
     assert_eq!(h.a.instance("vm1").unwrap().pid, started.pid);
     h.runs_only_on(&h.a, &h.b).await;
     assert!(!watch.ran_on_both());
@@ -93,6 +103,7 @@ async fn a_destination_frozen_at_commit_until_the_source_gave_up_never_runs_the_
     let b = wait_phase(&h.b, &id, Phase::is_terminal).await;
     assert_eq!(r.phase, Phase::Aborted, "{r:?}");
     assert_eq!(b.phase, Phase::Aborted, "{b:?}");
+    resumed_after_the_fence(&r);
     assert_eq!(h.a.instance("vm1").unwrap().pid, started.pid);
     h.runs_only_on(&h.a, &h.b).await;
     assert!(!watch.ran_on_both());

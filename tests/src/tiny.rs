@@ -83,6 +83,17 @@ impl TinyVmm {
     /// Starts `vmm run` of `kernel` named `name` in `dir` with further `args` (`--tls-dir`,
     /// `--incoming`, ...); returns once its API answers.
     pub fn start(dir: &Path, name: &str, kernel: &Path, args: &[&str]) -> Result<TinyVmm> {
+        Self::start_env(dir, name, kernel, args, &[])
+    }
+
+    /// [`Self::start`] with environment variables `env` (e.g. `VMM_STOP_AT`).
+    pub fn start_env(
+        dir: &Path,
+        name: &str,
+        kernel: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<TinyVmm> {
         let api = dir.join(format!("{name}.api"));
         let log = dir.join(format!("{name}.log"));
         let child = Command::new(crate::binary("vmm"))
@@ -93,6 +104,7 @@ impl TinyVmm {
             .arg("--api-socket")
             .arg(&api)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
@@ -165,6 +177,16 @@ impl TinyVmm {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// An API call: the status and the body.
+    pub fn api(&self, method: &str, path: &str) -> Result<(u16, String)> {
+        api_call(&self.api, method, path)
     }
 
     /// Whether the process still runs.

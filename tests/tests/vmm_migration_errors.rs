@@ -29,6 +29,9 @@ fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
     f
 }
 
+/// The stream version the VMM speaks (vmm/src/migration/wire.rs).
+const VERSION: u32 = 2;
+
 fn preamble(version: u32) -> Vec<u8> {
     let mut p = b"VMHOPMIG".to_vec();
     p.extend_from_slice(&version.to_le_bytes());
@@ -86,7 +89,7 @@ fn incoming_vmm_refuses_bad_streams_with_a_clear_error() {
     assert!(err.contains("migration stream version 99"), "{err}");
 
     let hello = br#"{"name":"vm","shape":{"memory_mib":128,"vcpus":1,"disks":2},"resume":"auto"}"#;
-    let mut corrupt = preamble(1);
+    let mut corrupt = preamble(VERSION);
     corrupt.extend(frame(1, hello));
     let mut pages = frame(3, &[0u8; 8 + 4096]);
     let last = pages.len() - 1;
@@ -96,7 +99,7 @@ fn incoming_vmm_refuses_bad_streams_with_a_clear_error() {
     assert_eq!(code, 5, "{err}");
     assert!(err.contains("checksum"), "{err}");
 
-    let mut short = preamble(1);
+    let mut short = preamble(VERSION);
     short.extend(frame(1, hello));
     short.extend(frame(3, &[0u8; 8 + 4096]));
     let (code, err) = feed_incoming(&image, &dir.path().join("s"), &short);
@@ -107,7 +110,7 @@ fn incoming_vmm_refuses_bad_streams_with_a_clear_error() {
     );
 
     let other = br#"{"name":"vm","shape":{"memory_mib":256,"vcpus":1,"disks":2},"resume":"auto"}"#;
-    let mut wrong = preamble(1);
+    let mut wrong = preamble(VERSION);
     wrong.extend(frame(1, other));
     let (code, err) = feed_incoming(&image, &dir.path().join("w"), &wrong);
     assert_eq!(code, 5, "{err}");

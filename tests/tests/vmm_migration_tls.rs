@@ -64,7 +64,7 @@ fn the_destination_admits_only_the_expected_source() {
     let _silent = TcpStream::connect(&addr).unwrap();
     // A plaintext migration stream: not TLS.
     let mut plain = TcpStream::connect(&addr).unwrap();
-    plain.write_all(b"VMHOPMIG\x01\x00\x00\x00").unwrap();
+    plain.write_all(b"VMHOPMIG\x02\x00\x00\x00").unwrap();
     let mut rest = Vec::new();
     let _ = plain.read_to_end(&mut rest);
     // A real VMM of host c, a host of the same cluster: not the source b was told to expect.

@@ -111,7 +111,9 @@ pub enum Phase {
     HandedOver,
     /// The guest runs on the destination.
     Completed,
-    /// It failed; `error` says why. A source runs the guest again.
+    /// It failed; `error` says why. A source runs the guest again, unless it failed after
+    /// COMMIT was on its way unconfirmed (the destination may hold the guest): then it stays
+    /// paused until `PUT /v1/migration/abort`.
     Failed,
     /// It was aborted on request; a source runs the guest again.
     Aborted,

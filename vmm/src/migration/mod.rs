@@ -1,8 +1,10 @@
-//! Live migration between two VMM processes over TCP, and the dirty-page tracking it needs.
+//! Live migration between two VMM processes over TCP (in TLS with the hosts' certificates,
+//! see [`transport`]), and the dirty-page tracking it needs.
 //!
 //! ```text
 //!  source VMM (PUT /v1/migration/send)            destination VMM (vmm run --incoming ADDR)
-//!   connect ───── preamble + HELLO ─────────────►  checks version and VM shape
+//!   connect (TLS: each proves its host) ────────►  the gate: only the expected source passes
+//!           ───── preamble + HELLO ─────────────►  checks version and VM shape
 //!           ◄──── HELLO reply ────────────────────
 //!   dirty log on; full pass (zero pages skipped)►  pages written into guest memory
 //!   iterations: fetch-and-clear the dirty log,
@@ -16,11 +18,16 @@
 //!   last dirty pages + STATE ──────────────────►  restores VM, vCPUs, devices (data path off)
 //!           ◄──── READY ──────────────────────────
 //!   COMMIT (pause time) ───────────────────────►  resume: "auto" runs the guest now,
-//!           ◄──── RESUMED (auto only) ────────────          "wait" waits for PUT /v1/vm/resume
+//!           ◄──── RESUMED (auto) ─────────────────          "wait" waits for PUT /v1/vm/resume
+//!           ◄──── COMMITTED (wait) ───────────────
 //! ```
-//! Until COMMIT is written the source can resume at any failure (the destination then exits);
-//! after it, the guest belongs to the destination and the source stays paused. The wire format
-//! is in [`wire`]; the source side in [`send`], the destination side in [`receive`].
+//! Until COMMIT is written the source can resume at any failure (the destination then exits).
+//! Once COMMIT is on its way the guest may be the destination's: the source stays paused, as
+//! handed over once COMMITTED (or RESUMED) came, as undecided when the stream failed first; an
+//! undecided guest runs here again only on `PUT /v1/migration/abort`, which the caller sends
+//! once it knows that the destination cannot run it (migrated: once storaged fenced the
+//! destination off). The wire format is in [`wire`]; the source side in [`send`], the
+//! destination side in [`receive`].
 
 pub mod dirty;
 pub mod receive;

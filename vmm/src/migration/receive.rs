@@ -295,18 +295,41 @@ pub fn receive_stream<R: Read, W: Write>(
                 }
                 stop_point("commit");
                 let c: Commit = wire::json(kind, &buf)?;
-                // The guest is ours now; what follows is only reporting.
-                if let Some(done) = dest.commit(c, auto) {
-                    if auto {
-                        let _ = wire::write_json(
+                // The guest is ours now (unless the loop could not take it); what follows is
+                // only the answer: RESUMED once it runs (auto), COMMITTED once it waits for
+                // its resume (wait), which the source needs before it tells its caller that the
+                // guest was handed over.
+                let answer = match (dest.commit(c, auto), auto) {
+                    (Some(done), true) => wire::write_json(
+                        w,
+                        Kind::Resumed,
+                        &Resumed {
+                            resumed_at_us: done.resumed_at_us,
+                        },
+                    ),
+                    (Some(_), false) => wire::write_json(
+                        w,
+                        Kind::Committed,
+                        &Reply {
+                            ok: true,
+                            error: None,
+                        },
+                    ),
+                    (None, _) => {
+                        tracing::error!("the VM did not confirm that it took the guest");
+                        wire::write_json(
                             w,
-                            Kind::Resumed,
-                            &Resumed {
-                                resumed_at_us: done.resumed_at_us,
+                            Kind::Committed,
+                            &Reply {
+                                ok: false,
+                                error: Some("the destination VM did not take the guest".into()),
                             },
-                        );
-                        let _ = w.flush();
+                        )
                     }
+                };
+                if let Err(e) = answer.and_then(|()| w.flush().map_err(WireError::Io)) {
+                    tracing::warn!(error = %error_chain(&e),
+                        "the answer to COMMIT did not reach the source");
                 }
                 return Ok(());
             }

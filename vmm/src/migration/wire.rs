@@ -18,8 +18,11 @@
 //! | 9 RESUMED  | d->s | [`Resumed`]: when the destination's vCPUs ran (auto)  |
 //! | 10 SYNC    | s->d | empty: answer once everything before is in memory     |
 //! | 11 SYNCED  | d->s | empty: the answer to SYNC                             |
+//! | 12 COMMITTED | d->s | [`Reply`]: the destination holds the guest (wait), or why not |
 //! Little-endian throughout. A frame whose checksum does not match, an unknown kind, or a
-//! length above [`MAX_FRAME`] ends the stream with an error.
+//! length above [`MAX_FRAME`] ends the stream with an error. Both ends speak one [`VERSION`]:
+//! the destination refuses a preamble of another (a change of frames or of their order is a
+//! new version).
 
 use crate::memory::PAGE_SIZE;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -28,8 +31,8 @@ use thiserror::Error;
 
 /// First bytes of a stream.
 pub const MAGIC: &[u8; 8] = b"VMHOPMIG";
-/// Stream version.
-pub const VERSION: u32 = 1;
+/// Stream version. 2: COMMIT is answered with COMMITTED in `wait` mode.
+pub const VERSION: u32 = 2;
 /// Bytes of the preamble.
 pub const PREAMBLE_LEN: usize = 12;
 /// Bytes of a frame's header.
@@ -65,6 +68,8 @@ pub enum Kind {
     Sync = 10,
     /// Destination caught up.
     Synced = 11,
+    /// Destination took COMMIT (`wait`): the guest is its to run when told.
+    Committed = 12,
 }
 
 impl Kind {
@@ -81,6 +86,7 @@ impl Kind {
             9 => Kind::Resumed,
             10 => Kind::Sync,
             11 => Kind::Synced,
+            12 => Kind::Committed,
             _ => return None,
         })
     }

@@ -244,6 +244,11 @@ impl Vm {
                     Role::HandedOver
                 };
             }
+            Outcome::Undecided => {
+                // Paused, and so it stays: only an abort takes the guest back (see
+                // `Role::Undecided`). The data paths stay drained too.
+                self.role = Role::Undecided;
+            }
             Outcome::NotHandedOver => {
                 self.role = Role::Own;
                 // The guest runs again as it did before: the data paths restart, and the vCPUs

@@ -75,6 +75,9 @@ pub enum VmError {
     /// Resume on a source whose guest runs on the destination.
     #[error("the guest runs on the destination now")]
     GuestGone,
+    /// Resume on a source whose hand-over is undecided.
+    #[error("the destination may hold the guest (its COMMIT was not confirmed): once it is known that it cannot run it, PUT /v1/migration/abort takes it back")]
+    Undecided,
     /// Abort with no migration here.
     #[error("no migration to abort here ({0:?})")]
     NothingToAbort(Role),
@@ -159,6 +162,7 @@ impl VmError {
                 | VmError::MigrationUnderWay
                 | VmError::HandedOver
                 | VmError::GuestGone
+                | VmError::Undecided
                 | VmError::NothingToAbort(_)
                 | VmError::SnapshotDuringMigration(_)
                 | VmError::MigrationExists(_)
@@ -269,6 +273,9 @@ pub enum Role {
     HandedOver,
     /// Source: the destination runs the guest; only a shutdown remains.
     Gone,
+    /// Source: the stream failed after COMMIT was on its way, so the destination may hold the
+    /// guest; it stays paused here until an abort takes it back.
+    Undecided,
     /// Destination: waiting for the stream.
     Incoming,
     /// Destination: the state is loaded; waiting for COMMIT.
@@ -405,6 +412,7 @@ impl Vm {
                 Role::Incoming | Role::Loaded => return Err(VmError::NoGuestYet),
                 Role::Sending => return Err(VmError::MigrationUnderWay),
                 Role::HandedOver => return Err(VmError::HandedOver),
+                Role::Undecided => return Err(VmError::Undecided),
                 Role::Gone => return Err(VmError::GuestGone),
             },
             ApiRequest::MigrationSend(params) => return self.start_migration(params),
@@ -414,7 +422,7 @@ impl Vm {
             ApiRequest::MigrationAbort => {
                 match self.role {
                     Role::Sending => self.abort_sending(),
-                    Role::HandedOver => {
+                    Role::HandedOver | Role::Undecided => {
                         self.resume_here()?;
                         self.role = Role::Own;
                         migration::update(&self.migration, |s| {

@@ -1,15 +1,29 @@
-//! The hand-over: COMMIT gives the guest to the destination; with `auto` its RESUMED says
-//! when the guest ran there (the end of the downtime).
+//! The hand-over: COMMIT gives the guest to the destination. With `wait` the destination
+//! answers COMMITTED once its VM holds the guest and waits for its resume; with `auto` its
+//! RESUMED says when the guest ran there (the end of the downtime).
+//!
+//! From the first byte of COMMIT on, the source cannot know by itself where the guest is: a
+//! COMMIT that reached the destination may have been acted on there even if the source saw the
+//! stream fail. So a failure from here on never resumes the guest here
+//! ([`SendError::Unconfirmed`] makes the outcome [`Outcome::Undecided`](super::Outcome)): it
+//! stays paused until the caller, having made sure that the destination cannot run it (with
+//! storaged, for migrated), takes it back with `PUT /v1/migration/abort`. With `wait` the guest
+//! counts as handed over only once COMMITTED confirmed it.
 
 use super::handshake::Link;
 use super::stopcopy::Stopped;
 use super::{check_abort, SendError, SourceCtx};
-use crate::migration::wire::{self, Commit, Kind, Resumed};
+use crate::migration::wire::{self, Commit, Kind, Reply, Resumed};
 use crate::migration::{update, Phase, ResumeMode};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-/// Sends COMMIT and reports the final figures. `started` and `started_at_us` are when the
-/// migration began (monotonic, and wall-clock for the destination).
+/// How long the destination may take to confirm COMMIT (its VM loop only takes the guest: the
+/// state is loaded already). The guest is paused meanwhile.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sends COMMIT, waits for the destination's answer and reports the final figures. `started`
+/// and `started_at_us` are when the migration began (monotonic, and wall-clock for the
+/// destination).
 pub(super) fn run(
     ctx: &SourceCtx,
     link: &mut Link,
@@ -23,10 +37,30 @@ pub(super) fn run(
         paused_at_us,
         started_at_us,
     };
-    wire::write_json(&mut link.w, Kind::Commit, &commit)?;
-    link.flush()?;
-    // From here on the guest is the destination's: nothing below may resume it here.
+    let unconfirmed = |e: SendError| SendError::Unconfirmed(Box::new(e));
+    wire::write_json(&mut link.w, Kind::Commit, &commit).map_err(|e| unconfirmed(e.into()))?;
+    link.flush().map_err(unconfirmed)?;
     let auto = ctx.params.resume == ResumeMode::Auto;
+    if !auto {
+        // The destination's VM loop answers at once; a destination that does not may be gone
+        // or may hold the guest: undecided either way.
+        if let Ok(slot) = ctx.stream.lock() {
+            if let Some(tcp) = slot.as_ref() {
+                tcp.set_read_timeout(Some(COMMIT_TIMEOUT))
+                    .map_err(|e| unconfirmed(SendError::Stream(e)))?;
+            }
+        }
+        let reply: Reply = link
+            .reader
+            .read_json(Kind::Committed, "answer to COMMIT")
+            .map_err(|e| unconfirmed(e.into()))?;
+        if !reply.ok {
+            return Err(unconfirmed(SendError::NotCommitted(
+                reply.error.unwrap_or_default(),
+            )));
+        }
+    }
+    // From here on the guest is the destination's: nothing below may resume it here.
     update(&ctx.status, |s| {
         s.phase = if auto {
             Phase::Completed

@@ -81,6 +81,13 @@ pub enum SendError {
     /// The destination answered STATE with this reason.
     #[error("the destination could not load the state: {0}")]
     NotLoaded(String),
+    /// The destination's VM could not take the guest at COMMIT, for this reason.
+    #[error("the destination could not take the guest: {0}")]
+    NotCommitted(String),
+    /// Something failed once COMMIT was on its way: the destination may hold the guest, so it
+    /// stays paused here (see [`Outcome::Undecided`]).
+    #[error("the destination did not confirm COMMIT (it may hold the guest; the guest stays paused here until the migration is aborted)")]
+    Unconfirmed(#[source] Box<SendError>),
 }
 
 /// What the VM loop hands over when the guest is paused for the stop-and-copy.
@@ -97,8 +104,12 @@ pub enum Outcome {
     /// The destination runs the guest (`auto`), or has it and waits (`wait`): the source
     /// stays paused.
     HandedOver,
-    /// Failed or aborted before the hand-over: the source runs the guest again.
+    /// Failed or aborted before COMMIT: the source runs the guest again.
     NotHandedOver,
+    /// Failed once COMMIT was on its way, unconfirmed: the destination may hold the guest. The
+    /// source stays paused; only `PUT /v1/migration/abort` (once the caller knows that the
+    /// destination cannot run it) runs it here again.
+    Undecided,
 }
 
 /// Everything the thread needs.
@@ -151,12 +162,17 @@ pub fn run(ctx: SourceCtx) {
                 s.error = Some(reason.clone());
                 s.total_ms = started.elapsed().as_millis() as u64;
             });
-            if aborted {
+            if matches!(e, SendError::Unconfirmed(_)) {
+                tracing::error!(error = %reason,
+                    "migration undecided: the guest stays paused here until the migration is aborted");
+                Outcome::Undecided
+            } else if aborted {
                 tracing::warn!(%reason, "migration aborted; the guest stays here");
+                Outcome::NotHandedOver
             } else {
                 tracing::error!(error = %reason, "migration failed; the guest stays here");
+                Outcome::NotHandedOver
             }
-            Outcome::NotHandedOver
         }
     };
     let _ = ctx.events.send(VmEvent::MigrationEnded(outcome));
@@ -169,7 +185,8 @@ fn check_abort(ctx: &SourceCtx) -> Result<(), SendError> {
     Ok(())
 }
 
-/// The phases in order; any error before COMMIT leaves the guest here.
+/// The phases in order; any error before COMMIT leaves the guest here, any after it is
+/// [`SendError::Unconfirmed`].
 fn send(ctx: &SourceCtx, started: Instant) -> Result<(), SendError> {
     let started_at_us = wall_us();
     let mut link = handshake::connect(ctx)?;
