@@ -510,7 +510,42 @@ mod tests {
         std::fs::write(&token, "0123456789abcdef\n").unwrap();
         agent.token_file = Some(token.clone());
         agent.storaged_token_file = Some(token);
+        assert_eq!(agent.tls_dir, Some("/etc/vmhop/tls".into()));
+        assert_eq!(agent.storaged_name.as_deref(), Some("storage"));
+        // So are its certificates: a TLS directory of the test's own stands in.
+        let ca = dir.path().join("ca");
+        vmhop_common::pki::create_ca(&ca, "test", 1).unwrap();
+        let req = vmhop_common::pki::HostCertRequest {
+            host_id: "host-a".into(),
+            ips: vec![],
+            dns_names: vec![],
+            days: 1,
+        };
+        vmhop_common::pki::issue_host(&ca, &req, &dir.path().join("tls")).unwrap();
+        agent.tls_dir = Some(dir.path().join("tls"));
         let c = agent.merge(AgentConfigFile::default()).unwrap();
+        assert_eq!(c.tls.as_ref().map(|t| t.host.host_id()), Some("host-a"));
+        // Another host's certificate is refused.
+        let other = vmhop_common::pki::HostCertRequest {
+            host_id: "host-b".into(),
+            ..req
+        };
+        vmhop_common::pki::issue_host(&ca, &other, &dir.path().join("tls-b")).unwrap();
+        let wrong = AgentConfigFile {
+            tls_dir: Some(dir.path().join("tls-b")),
+            ..Default::default()
+        };
+        let e = toml::from_str::<AgentConfigFile>(include_str!(
+            "../../scripts/systemd/migrated.toml.example"
+        ))
+        .unwrap()
+        .merge(AgentConfigFile {
+            token_file: Some(dir.path().join("token")),
+            storaged_token_file: Some(dir.path().join("token")),
+            ..wrong
+        })
+        .unwrap_err();
+        assert!(matches!(e, ConfigError::NotThisHost { .. }), "{e}");
         assert_eq!(c.peers.len(), 2);
         assert_eq!(c.token.unwrap().secret(), "0123456789abcdef");
         let guest: InstanceConfig = toml::from_str(include_str!(

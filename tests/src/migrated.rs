@@ -38,6 +38,10 @@ pub struct MigratedOptions {
     pub storaged_token_file: Option<PathBuf>,
     /// Extra environment (a fault point of the fault matrix, see [`crate::faults`]).
     pub env: Vec<(String, String)>,
+    /// The host's TLS directory (`--tls-dir`): TLS to storaged, between VMMs and agents.
+    pub tls_dir: Option<PathBuf>,
+    /// The host id in storaged's certificate (`--storaged-name`).
+    pub storaged_name: Option<String>,
 }
 
 impl MigratedOptions {
@@ -54,6 +58,8 @@ impl MigratedOptions {
             token_file: None,
             storaged_token_file: None,
             env: Vec::new(),
+            tls_dir: None,
+            storaged_name: None,
         }
     }
 }
@@ -124,6 +130,12 @@ impl Migrated {
         }
         if let Some(t) = &self.opts.storaged_token_file {
             cmd.arg("--storaged-token-file").arg(t);
+        }
+        if let Some(d) = &self.opts.tls_dir {
+            cmd.arg("--tls-dir").arg(d);
+        }
+        if let Some(n) = &self.opts.storaged_name {
+            cmd.args(["--storaged-name", n]);
         }
         let log = std::fs::File::create(&self.log_path)?;
         let mut child = cmd
@@ -332,6 +344,7 @@ pub struct NsStoraged {
     host: Host,
     work_dir: PathBuf,
     token_file: PathBuf,
+    tls_dir: Option<PathBuf>,
     /// REST API address.
     pub api: String,
     /// NBD address.
@@ -342,13 +355,20 @@ pub struct NsStoraged {
 
 impl NsStoraged {
     /// Starts storaged in `host`'s namespace with its data under `work_dir`; its API requires
-    /// the token in `token_file`.
-    pub fn start(host: &Host, work_dir: &Path, token_file: &Path) -> Result<NsStoraged> {
+    /// the token in `token_file`; with `tls_dir` its NBD port requires TLS with a certificate
+    /// of the cluster from every client not on loopback.
+    pub fn start(
+        host: &Host,
+        work_dir: &Path,
+        token_file: &Path,
+        tls_dir: Option<&Path>,
+    ) -> Result<NsStoraged> {
         let mut s = NsStoraged {
             child: None,
             host: host.clone(),
             work_dir: work_dir.to_path_buf(),
             token_file: token_file.to_path_buf(),
+            tls_dir: tls_dir.map(Path::to_path_buf),
             api: format!("{}:10810", host.addr),
             nbd: format!("{}:10809", host.addr),
             log_path: work_dir.join("storaged.log"),
@@ -366,9 +386,12 @@ impl NsStoraged {
         let _ = std::fs::remove_file(&ready);
         let n = std::fs::read_dir(work_dir)?.count();
         self.log_path = work_dir.join(format!("storaged.{n}.log"));
-        let mut child = host
-            .command(crate::binary("storaged"))
-            .arg("serve")
+        let mut cmd = host.command(crate::binary("storaged"));
+        cmd.arg("serve");
+        if let Some(d) = &self.tls_dir {
+            cmd.arg("--tls-dir").arg(d);
+        }
+        let mut child = cmd
             .arg("--data-dir")
             .arg(work_dir.join("data"))
             .args(["--nbd-listen", nbd, "--api-listen", api])
@@ -546,6 +569,8 @@ pub struct TwoHosts {
     pub storaged: NsStoraged,
     /// The namespaces.
     pub rig: crate::netns::Rig,
+    /// The cluster's CA and the hosts' certificates, when everything runs in TLS.
+    pub pki: Option<crate::pki::Pki>,
 }
 
 /// The REST port of the agents of [`TwoHosts`].
@@ -555,16 +580,48 @@ impl TwoHosts {
     /// Starts everything under `dir` and creates the 64 MiB volumes `volumes`. The agents
     /// declare a peer lost after `peer_timeout_ms`.
     pub fn start(dir: &Path, volumes: &[&str], peer_timeout_ms: u64) -> Result<TwoHosts> {
+        Self::start_with(dir, volumes, peer_timeout_ms, false)
+    }
+
+    /// [`Self::start`]; with `tls`, a cluster CA (`storaged pki ca`) certifies storage, a and b
+    /// (`storaged pki host`), storaged requires TLS from every client not on loopback, and the
+    /// agents, their VMMs and the migration streams use the hosts' certificates.
+    pub fn start_with(
+        dir: &Path,
+        volumes: &[&str],
+        peer_timeout_ms: u64,
+        tls: bool,
+    ) -> Result<TwoHosts> {
         let rig = crate::netns::Rig::new(&["storage", "a", "b"])?;
         // One token for the cluster: storaged's API and the agents' APIs require it, and every
         // call between them carries it.
         let token_file = crate::write_token(dir, "two-hosts-cluster-secret")?;
-        let storaged = NsStoraged::start(rig.host("storage"), &dir.join("storaged"), &token_file)?;
+        let pki = tls
+            .then(|| crate::pki::Pki::new(dir, "cluster"))
+            .transpose()?;
+        let tls_dir = |h: &str| -> Result<Option<PathBuf>> {
+            pki.as_ref()
+                .map(|p| p.host_at(h, &[rig.host(h).addr.into()]))
+                .transpose()
+        };
+        let storaged = NsStoraged::start(
+            rig.host("storage"),
+            &dir.join("storaged"),
+            &token_file,
+            tls_dir("storage")?.as_deref(),
+        )?;
         for v in volumes {
             storaged.cli(&["volume", "create", v, "--size", "64M"])?;
         }
         let addr = |h: &str| format!("{}:{AGENT_PORT}", rig.host(h).addr);
+        let (tls_a, tls_b) = (tls_dir("a")?, tls_dir("b")?);
         let opts = |me: &str, peer: &str| MigratedOptions {
+            tls_dir: if me == "a" {
+                tls_a.clone()
+            } else {
+                tls_b.clone()
+            },
+            storaged_name: tls.then(|| "storage".to_string()),
             host_id: me.into(),
             listen: addr(me),
             storaged_api: storaged.api.clone(),
@@ -583,6 +640,7 @@ impl TwoHosts {
             b,
             storaged,
             rig,
+            pki,
         })
     }
 
@@ -670,12 +728,22 @@ impl StaleWriter {
     /// Opens the connection (and reads a block through it).
     pub fn open(h: &TwoHosts, host: &str, volume: &str) -> Result<StaleWriter> {
         let netns = format!("/var/run/netns/{}", h.rig.host(host).netns);
-        let cfg = ClientConfig::new(vec![h.storaged.nbd.clone()], volume).with_lease(LeaseSpec {
+        let plain = ClientConfig::new(vec![h.storaged.nbd.clone()], volume).with_lease(LeaseSpec {
             host: host.into(),
             instance: "vm1".into(),
             state: RequestedState::Primary,
             expected_epoch: 0,
         });
+        // In TLS, with the host's own certificate: the old host itself, not an impostor.
+        let tls = h
+            .pki
+            .as_ref()
+            .map(|p| p.client(host, "storage"))
+            .transpose()?;
+        let cfg = match &tls {
+            Some(t) => plain.clone().with_tls(t.clone()),
+            None => plain.clone(),
+        };
         let what = format!("second connection to {volume} as its primary holder");
         let (opened_tx, opened_rx) = mpsc::channel();
         let (go, go_rx) = mpsc::channel::<()>();
@@ -716,6 +784,16 @@ impl StaleWriter {
                     Err(e) => out.push(format!(
                         "new connection from the old host as primary: refused ({e})"
                     )),
+                }
+                if tls.is_some() {
+                    match rt.block_on(Client::connect(&plain)) {
+                        Ok(_) => out.push(
+                            "connection without a certificate: ACCEPTED (TLS not required)".into(),
+                        ),
+                        Err(e) => {
+                            out.push(format!("connection without a certificate: refused ({e})"))
+                        }
+                    }
                 }
                 let _ = result_tx.send(out);
                 Ok(())

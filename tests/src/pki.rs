@@ -41,6 +41,26 @@ impl Pki {
         Ok(out)
     }
 
+    /// Issues `host`'s certificate valid for the addresses `ips` too (standard clients such as
+    /// qemu-img check the address they connect to); returns its TLS directory.
+    pub fn host_at(&self, host: &str, ips: &[std::net::IpAddr]) -> Result<PathBuf> {
+        let out = self.dir.join(host);
+        if !out.exists() {
+            let mut cmd = Command::new(crate::binary("storaged"));
+            cmd.args(["pki", "host", host, "--ip", "127.0.0.1"]);
+            for ip in ips {
+                cmd.arg("--ip").arg(ip.to_string());
+            }
+            run_ok(
+                cmd.arg("--ca")
+                    .arg(self.dir.join("ca"))
+                    .arg("--out")
+                    .arg(&out),
+            )?;
+        }
+        Ok(out)
+    }
+
     /// A TLS directory holding only the CA's certificate (a client without one of its own).
     pub fn ca_only(&self) -> Result<PathBuf> {
         let out = self.dir.join("ca-only");

@@ -1,12 +1,16 @@
 //! The demo that `scripts/demo` runs: the product end to end, narrated.
 //!
 //! storaged and two hosts "a" and "b", each in its own network namespace joined by veth, each
-//! host with its own migrated. The test guest boots on host a from a storaged root volume (and
-//! a data volume for its disk workload, served by a vhost-user-blk process beside the VMM);
-//! its memory and disk workloads run; migratectl moves
-//! it to host b and back with its progress bar, and the figures are printed. Between the two
-//! legs, a connection host a opened as the volume's primary before the flip tries to write:
-//! refused, and so is a new connection from host a. Everything started is stopped at the end.
+//! host with its own migrated, and TLS everywhere: a cluster CA (`storaged pki ca`) certifies
+//! every host (`storaged pki host`); storaged takes NBD only in TLS with a certificate of the
+//! cluster from clients not on loopback, the VMMs and the vhost-user-blk backends prove their
+//! host with it, and the migration streams and the agents' calls to each other run in mutual
+//! TLS. The test guest boots on host a from a storaged root volume (and a data volume for its
+//! disk workload, served by a vhost-user-blk process beside the VMM); its memory and disk
+//! workloads run; migratectl moves it to host b and back with its progress bar, and the figures
+//! are printed. Between the two legs, a connection host a opened as the volume's primary before
+//! the flip tries to write: refused, and so are a new connection from host a and one without a
+//! certificate. Everything started is stopped at the end.
 
 use anyhow::{bail, Context, Result};
 use e2e::agent::AgentConn;
@@ -50,18 +54,22 @@ fn main() -> Result<()> {
         1,
         "three hosts, each a network namespace on one bridge: storage, a and b",
     );
-    let h = TwoHosts::start(dir.path(), &["vm1-data"], 3000)?;
+    let h = TwoHosts::start_with(dir.path(), &["vm1-data"], 3000, true)?;
     for name in ["storage", "a", "b"] {
         let host = h.rig.host(name);
         say(format!("{name:<8} {} (netns {})", host.addr, host.netns));
     }
+    say(
+        "TLS: `storaged pki ca` made the cluster's CA, `storaged pki host` a certificate per \
+         host; its identity is the host id",
+    );
     say(format!(
-        "storaged on storage: NBD {}, REST API {} (it and both agents' APIs take only requests \
-         with the cluster's token)",
+        "storaged on storage: NBD {} (TLS with a cluster certificate required off loopback), \
+         REST API {} (it and both agents' APIs take only requests with the cluster's token)",
         h.storaged.nbd, h.storaged.api
     ));
     say(format!(
-        "migrated on a: {}, on b: {} (peers of each other)",
+        "migrated on a: {}, on b: {} (peers of each other, in mutual TLS)",
         h.a.listen, h.b.listen
     ));
 
@@ -75,23 +83,42 @@ fn main() -> Result<()> {
         &root_size.to_string(),
         "--anonymous",
         "read-write-without-primary",
+        "--host",
+        "a",
+        "--host",
+        "b",
     ])?;
-    let out = h
-        .rig
-        .host("storage")
+    h.storaged
+        .cli(&["volume", "access", "vm1-data", "--host", "a", "--host", "b"])?;
+    // An operator's certificate of the cluster, for qemu-img (it holds no lease: anonymous).
+    let storage = h.rig.host("storage");
+    let pki = h.pki.as_ref().context("TLS")?;
+    let admin = pki.host_at("admin", &[storage.addr.into()])?;
+    let nbd_port = h.storaged.nbd.rsplit_once(':').context("NBD address")?.1;
+    let out = storage
         .command("qemu-img")
-        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+        .args(["convert", "-n", "-f", "raw", "--object"])
+        .arg(format!(
+            "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+            admin.display()
+        ))
+        .arg("--target-image-opts")
         .arg(&image.rootfs)
-        .arg(format!("nbd://{}/vm1-root", h.storaged.nbd))
+        .arg(format!(
+            "driver=nbd,host={},port={nbd_port},export=vm1-root,tls-creds=tls0",
+            storage.addr
+        ))
         .output()?;
     if !out.status.success() {
         bail!("qemu-img convert: {}", String::from_utf8_lossy(&out.stderr));
     }
     say(format!(
-        "vm1-root ({} MiB): the guest's root filesystem, written by an unmodified qemu-img over NBD",
+        "vm1-root ({} MiB): the guest's root filesystem, written by an unmodified qemu-img over \
+         NBD in TLS with an operator's certificate",
         root_size >> 20
     ));
     say("vm1-data (64 MiB): the agent's disk workload, served by a vhost-user-blk process");
+    say("leases on both: hosts a and b only (any other host of the cluster gets none)");
 
     step(
         3,
