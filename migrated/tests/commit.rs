@@ -1,5 +1,5 @@
 //! The destination cut at COMMIT, with the real VMM and storaged of [`common::hosts`]: b's VMM
-//! stops itself right after it read COMMIT (`VMM_STOP_AT=commit`), before it acted on it.
+//! stops itself right after it read COMMIT (its fault point `incoming.commit`, `VMHOP_STALL_AT`), before it acted on it.
 //! Whether it then dies there or stays frozen until the source gave up, the guest must run on
 //! exactly one host, never on both and never on none: the source may not take COMMIT as
 //! delivered before the destination confirmed it, and may resume only once storaged fenced the
@@ -24,7 +24,7 @@ fn resumed_after_the_fence(r: &migrated::migration::record::MigrationRecord) {
 /// Options whose host b's VMMs stop at COMMIT.
 fn frozen_at_commit() -> HostsOptions {
     HostsOptions {
-        b_vmm_env: vec![("VMM_STOP_AT".into(), "commit".into())],
+        b_vmm_env: vec![("VMHOP_STALL_AT".into(), "incoming.commit".into())],
         ..Default::default()
     }
 }

@@ -86,7 +86,7 @@ impl TinyVmm {
         Self::start_env(dir, name, kernel, args, &[])
     }
 
-    /// [`Self::start`] with environment variables `env` (e.g. `VMM_STOP_AT`).
+    /// [`Self::start`] with environment variables `env` (e.g. a fault point, `VMHOP_STALL_AT`).
     pub fn start_env(
         dir: &Path,
         name: &str,

@@ -1,6 +1,6 @@
 //! A source VMM never resumes a guest by itself once COMMIT is on its way: between real VMMs of
 //! a halting kernel ([`e2e::tiny`]), the destination stops itself right after it read COMMIT
-//! (`VMM_STOP_AT=commit`) and is killed there. The source cannot know whether the destination
+//! (`VMHOP_STALL_AT=incoming.commit`) and is killed there. The source cannot know whether the destination
 //! acted on it: its migration fails as undecided, the guest stays paused, a resume is refused,
 //! and only `PUT /v1/migration/abort` (what the caller sends once it knows that the destination
 //! cannot run the guest) runs it again.
@@ -37,7 +37,7 @@ fn a_source_whose_commit_is_unconfirmed_stays_paused_until_aborted() {
         "dst",
         &kernel,
         &["--incoming", &addr],
-        &[("VMM_STOP_AT", "commit")],
+        &[("VMHOP_STALL_AT", "incoming.commit")],
     )
     .unwrap();
     let mut src = TinyVmm::start(dir.path(), "src", &kernel, &[]).unwrap();

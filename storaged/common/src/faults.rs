@@ -11,7 +11,8 @@
 //! (the flip done, its answer not sent), `volume.create.file` (a new volume's file made, its
 //! record not yet written) and `volume.delete.record` (a volume's record removed, its file not
 //! yet); migrated `source.PHASE` and `destination.PHASE` right
-//! after it recorded a phase (PHASE as its API names it, e.g. `source.flipping`).
+//! after it recorded a phase (PHASE as its API names it, e.g. `source.flipping`); the VMM
+//! `incoming.commit` (a destination read COMMIT and has not acted on it).
 
 use nix::sys::signal::{raise, Signal};
 use std::sync::OnceLock;

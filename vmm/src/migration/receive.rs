@@ -293,7 +293,7 @@ pub fn receive_stream<R: Read, W: Write>(
                 if !have_state {
                     return Err(ReceiveError::CommitBeforeState);
                 }
-                stop_point("commit");
+                vmhop_common::faults::point("incoming.commit");
                 let c: Commit = wire::json(kind, &buf)?;
                 // The guest is ours now (unless the loop could not take it); what follows is
                 // only the answer: RESUMED once it runs (auto), COMMITTED once it waits for
@@ -338,23 +338,6 @@ pub fn receive_stream<R: Read, W: Write>(
                 return Err(ReceiveError::SourceAborted(why.error.unwrap_or_default()));
             }
             other => return Err(WireError::Unexpected(other, "during the transfer").into()),
-        }
-    }
-}
-
-/// The environment variable that names a step at which the VMM stops itself (see
-/// [`stop_point`]).
-pub const STOP_AT_ENV: &str = "VMM_STOP_AT";
-
-/// Stops this process with SIGSTOP at `step` when [`STOP_AT_ENV`] names it: how the tests
-/// freeze a VMM at an exact point of a migration, to kill it there or let it go on later. The
-/// steps: `commit` (the destination read COMMIT and has not acted on it).
-fn stop_point(step: &str) {
-    if std::env::var_os(STOP_AT_ENV).is_some_and(|v| v == step) {
-        tracing::warn!(step, "{STOP_AT_ENV}: stopping here");
-        // SAFETY: raise(3) sends a signal to this process and touches no memory of ours.
-        unsafe {
-            libc::raise(libc::SIGSTOP);
         }
     }
 }
