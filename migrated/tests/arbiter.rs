@@ -20,8 +20,7 @@
 mod common;
 
 use common::hosts::{
-    hosts, kvm_available, start_migration, wait_phase, Cut, Hosts, SplitBrainWatch, DEADLINE,
-    VOLUMES,
+    hosts, start_migration, wait_phase, Cut, Hosts, SplitBrainWatch, DEADLINE, VOLUMES,
 };
 use migrated::agent::Agent;
 use migrated::instance::InstanceState;
@@ -57,9 +56,9 @@ async fn runs_on(agent: &Arc<Agent>) {
 
 /// The guest on a, watched for a split brain, migrating to b with the source's flip held at its
 /// link to storaged: returns once the source waits on the flip, with the migration's id.
-/// `None` when /dev/kvm is not usable (see [`kvm_available`]).
+/// `None` when /dev/kvm is not usable (see [`e2e::kvm_available`]).
 async fn migrating_until_the_flip(test: &str) -> Option<(Hosts, SplitBrainWatch, String)> {
-    if !kvm_available(test) {
+    if !e2e::kvm_available(test) {
         return None;
     }
     let h = hosts().await;
@@ -118,7 +117,8 @@ async fn a_source_that_can_only_read_the_leases_stays_paused_while_the_destinati
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_flip_answer_is_read_back_and_the_guest_runs_on_the_destination() {
-    if !kvm_available("a_lost_flip_answer_is_read_back_and_the_guest_runs_on_the_destination") {
+    if !e2e::kvm_available("a_lost_flip_answer_is_read_back_and_the_guest_runs_on_the_destination")
+    {
         return;
     }
     let h = hosts().await;

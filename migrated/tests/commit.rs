@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::hosts::{hosts_with, kvm_available, start_migration, wait_phase, HostsOptions};
+use common::hosts::{hosts_with, start_migration, wait_phase, HostsOptions};
 use common::hosts::{SplitBrainWatch, DEADLINE};
 use migrated::migration::record::Phase;
 use std::time::{Duration, Instant};
@@ -61,7 +61,7 @@ async fn migrate_until_frozen(h: &common::hosts::Hosts) -> (String, u32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_that_dies_at_commit_leaves_the_guest_on_the_source() {
-    if !kvm_available("a_destination_that_dies_at_commit_leaves_the_guest_on_the_source") {
+    if !e2e::kvm_available("a_destination_that_dies_at_commit_leaves_the_guest_on_the_source") {
         return;
     }
     let h = hosts_with(frozen_at_commit()).await;
@@ -84,7 +84,7 @@ async fn a_destination_that_dies_at_commit_leaves_the_guest_on_the_source() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_frozen_at_commit_until_the_source_gave_up_never_runs_the_guest() {
-    if !kvm_available(
+    if !e2e::kvm_available(
         "a_destination_frozen_at_commit_until_the_source_gave_up_never_runs_the_guest",
     ) {
         return;

@@ -14,7 +14,7 @@
 
 mod common;
 
-use common::hosts::{hosts, kvm_available, migrate, start_migration, wait_phase, VOLUMES};
+use common::hosts::{hosts, migrate, start_migration, wait_phase, VOLUMES};
 use migrated::instance::InstanceState;
 use migrated::migration::record::Phase;
 use storaged::flip::{self, FlipTrigger};
@@ -24,7 +24,7 @@ use vmm_api::vm::RunState;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_vmms_migrate_there_and_back_flipping_and_releasing_every_lease() {
-    if !kvm_available("real_vmms_migrate_there_and_back_flipping_and_releasing_every_lease") {
+    if !e2e::kvm_available("real_vmms_migrate_there_and_back_flipping_and_releasing_every_lease") {
         return;
     }
     let h = hosts().await;
@@ -54,7 +54,7 @@ fn is_flip(path: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_flip_moves_nothing_and_the_real_source_vmm_resumes() {
-    if !kvm_available("a_refused_flip_moves_nothing_and_the_real_source_vmm_resumes") {
+    if !e2e::kvm_available("a_refused_flip_moves_nothing_and_the_real_source_vmm_resumes") {
         return;
     }
     let h = hosts().await;
@@ -90,7 +90,7 @@ async fn a_refused_flip_moves_nothing_and_the_real_source_vmm_resumes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_deactivated_on_a_volume_aborts_before_anything_moves() {
-    if !kvm_available("a_destination_deactivated_on_a_volume_aborts_before_anything_moves") {
+    if !e2e::kvm_available("a_destination_deactivated_on_a_volume_aborts_before_anything_moves") {
         return;
     }
     let h = hosts().await;

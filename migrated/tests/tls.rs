@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::hosts::{hosts_with, kvm_available, migrate, tls_dir, HostsOptions};
+use common::hosts::{hosts_with, migrate, tls_dir, HostsOptions};
 use migrated::client::MigratedClient;
 use migrated::migration::record::Phase;
 use std::time::Duration;
@@ -17,7 +17,7 @@ use vmhop_common::tls::HostTls;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_migrates_there_and_back_in_tls_everywhere() {
-    if !kvm_available("a_guest_migrates_there_and_back_in_tls_everywhere") {
+    if !e2e::kvm_available("a_guest_migrates_there_and_back_in_tls_everywhere") {
         return;
     }
     let h = hosts_with(HostsOptions {

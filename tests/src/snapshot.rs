@@ -113,13 +113,28 @@ fn make(image: &GuestImage, dir: &Path, path: &Path) -> Result<String> {
 pub fn vm_config<'a>(image: &'a GuestImage, dir: &'a Path) -> VmmConfig<'a> {
     std::fs::create_dir_all(dir).unwrap();
     let data = crate::workload::fresh_disk(&dir.join("data.img"), DATA_DISK_BYTES);
+    vm_config_with(
+        image,
+        dir,
+        crate::vmm::Disk::File {
+            path: data,
+            read_only: false,
+        },
+    )
+}
+
+/// A VM of the snapshot's shape whose one data disk is `data`, working in `dir` (created): what
+/// [`VmmGuest::restore`] takes when the disk is a volume or a vhost-user backend.
+pub fn vm_config_with<'a>(
+    image: &'a GuestImage,
+    dir: &'a Path,
+    data: crate::vmm::Disk,
+) -> VmmConfig<'a> {
+    std::fs::create_dir_all(dir).unwrap();
     VmmConfig {
         image,
         root: None,
-        data_disks: vec![crate::vmm::Disk::File {
-            path: data,
-            read_only: false,
-        }],
+        data_disks: vec![data],
         mem_mib: MEM_MIB,
         vcpus: 1,
         work_dir: dir,

@@ -186,6 +186,14 @@ impl Storaged {
         }))
     }
 
+    /// A VM disk on `volume` that asks for a `lease` (primary or standby) for `host`.
+    pub fn lease_disk(&self, volume: &str, host: &str, lease: &str) -> crate::vmm::Disk {
+        crate::vmm::Disk::Storaged(format!(
+            "{},volume={volume},host={host},lease={lease}",
+            self.nbd
+        ))
+    }
+
     /// `nbd://` URI of a volume.
     pub fn uri(&self, volume: &str) -> String {
         format!("nbd://{}/{volume}", self.nbd)

@@ -9,7 +9,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// Guest physical address the code is loaded at and entered at.
-const ENTRY: u64 = 0x20_0000;
+pub const ENTRY: u64 = 0x20_0000;
 /// hlt; jmp -3.
 const HLT_LOOP: &[u8] = &[0xf4, 0xeb, 0xfd];
 /// How long the VMM may take to answer on its API socket.

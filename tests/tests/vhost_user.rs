@@ -7,12 +7,12 @@
 //! reported by the VMM, and once restarted the workload goes on without losing an
 //! acknowledged record.
 
-use agent_proto::{Record, RECORD_SIZE};
 use e2e::storaged::Storaged;
 use e2e::vhost::Backend;
 use e2e::vmm::{Disk, VmmConfig, VmmGuest};
 use e2e::workload::{
-    check_disk, check_memory, disk_acked_past, mem_seq_after, stop_and_verify_disk, wait_booted,
+    check_disk, check_memory, disk_acked_past, mem_seq_after, stop_and_verify_disk, verify_on_host,
+    wait_booted,
 };
 use e2e::workload::{MEM_START, REPLY};
 use e2e::GuestTest;
@@ -25,26 +25,7 @@ const MEM_MIB: usize = 8;
 
 /// A VM of the suite snapshot's shape whose data disk is the backend on `socket`.
 fn config<'a>(image: &'a e2e::image::GuestImage, dir: &'a Path, socket: &Path) -> VmmConfig<'a> {
-    std::fs::create_dir_all(dir).unwrap();
-    VmmConfig {
-        image,
-        root: None,
-        data_disks: vec![Disk::vhost_user(socket)],
-        mem_mib: e2e::snapshot::MEM_MIB,
-        vcpus: 1,
-        work_dir: dir,
-    }
-}
-
-/// Every record the guest acknowledged, decoded from the volume's file on the host.
-fn verify_on_host(storaged: &Storaged, volume: &str, acked: u64, boot_id: &str) {
-    let bytes = std::fs::read(storaged.volume_file(volume)).unwrap();
-    for seq in 0..acked {
-        let at = seq as usize * RECORD_SIZE;
-        let rec = Record::decode(&bytes[at..at + RECORD_SIZE], seq)
-            .unwrap_or_else(|| panic!("record {seq} of {acked} invalid on the host side"));
-        assert_eq!(&rec.boot_id[..], &boot_id.as_bytes()[..16]);
-    }
+    e2e::snapshot::vm_config_with(image, dir, Disk::vhost_user(socket))
 }
 
 #[test]
@@ -162,7 +143,7 @@ fn vhost_user_disk_migrates_there_and_back_with_the_disk_workload() {
         eprintln!("leg {leg} on {host}: mem seq {seq}, {acked} records");
     }
     let acked = stop_and_verify_disk(&mut guest.agent);
-    verify_on_host(&storaged, "data", acked, &booted.boot_id);
+    verify_on_host(&storaged.volume_file("data"), acked, Some(&booted.boot_id));
     assert!(
         backend.log().contains("frontend connected"),
         "{}",
@@ -214,6 +195,6 @@ fn vhost_user_backend_killed_mid_io_is_reported_and_a_restart_resumes() {
     let after = disk_acked_past(&mut guest.agent, before + 64);
     let acked = stop_and_verify_disk(&mut guest.agent);
     assert!(acked >= after);
-    verify_on_host(&storaged, "data", acked, &booted.boot_id);
+    verify_on_host(&storaged.volume_file("data"), acked, Some(&booted.boot_id));
     eprintln!("{before} records before the crash, {acked} in all, every one verified");
 }

@@ -5,36 +5,17 @@
 //! verifies in the guest and on the host. A command typed at the destination's console before
 //! the guest arrives is answered once it runs there.
 
-use agent_proto::{expected_checksum, Record, RECORD_SIZE};
+use agent_proto::expected_checksum;
+use e2e::snapshot::vm_config_with;
 use e2e::storaged::Storaged;
-use e2e::vmm::{Disk, VmmConfig, VmmGuest};
-use e2e::workload::{mem_seq_after, MEM_START, REPLY};
+use e2e::vmm::VmmGuest;
+use e2e::workload::{mem_seq_after, verify_on_host, MEM_START, REPLY};
 use e2e::GuestTest;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
 const MEM_MIB: usize = 8;
-
-fn config<'a>(
-    image: &'a e2e::image::GuestImage,
-    storaged: &Storaged,
-    dir: &'a Path,
-    host: &str,
-    lease: &str,
-) -> VmmConfig<'a> {
-    VmmConfig {
-        image,
-        root: None,
-        data_disks: vec![Disk::Storaged(format!(
-            "{},volume=data,host={host},lease={lease}",
-            storaged.nbd
-        ))],
-        mem_mib: e2e::snapshot::MEM_MIB,
-        vcpus: 1,
-        work_dir: dir,
-    }
-}
 
 /// Moves the guest from `src` to a new VMM for `host`, flipping the data volume's lease to
 /// `host` between the hand-over and the resume. Returns the new VMM.
@@ -48,8 +29,11 @@ fn migrate(
     std::fs::create_dir_all(dir).unwrap();
     let port = e2e::free_port().unwrap();
     let addr = format!("127.0.0.1:{port}");
-    let mut dst =
-        VmmGuest::start_incoming(&config(image, storaged, dir, host, "standby"), &addr).unwrap();
+    let mut dst = VmmGuest::start_incoming(
+        &vm_config_with(image, dir, storaged.lease_disk("data", host, "standby")),
+        &addr,
+    )
+    .unwrap();
     // Typed at the destination's console before the guest is there: answered once it runs.
     dst.agent.send("clock").unwrap();
     let t = Instant::now();
@@ -90,7 +74,11 @@ fn vmm_migrates_a_running_guest_three_round_trips() {
     let first = dir.path().join("vm0");
     std::fs::create_dir_all(&first).unwrap();
     let mut guest = VmmGuest::restore(
-        &config(&image, &storaged, &first, "host-a", "primary"),
+        &vm_config_with(
+            &image,
+            &first,
+            storaged.lease_disk("data", "host-a", "primary"),
+        ),
         &booted,
     )
     .unwrap();
@@ -164,13 +152,7 @@ fn vmm_migrates_a_running_guest_three_round_trips() {
     let v = guest.ok(r);
     assert_eq!(v.num("verified"), Some(acked), "{v:?}");
     assert_eq!(v.num("boot_ids"), Some(1), "{v:?}");
-    let bytes = std::fs::read(storaged.volume_file("data")).unwrap();
-    for seq in 0..acked {
-        let at = seq as usize * RECORD_SIZE;
-        let rec = Record::decode(&bytes[at..at + RECORD_SIZE], seq)
-            .unwrap_or_else(|| panic!("record {seq} of {acked} invalid on the host side"));
-        assert_eq!(&rec.boot_id[..], &boot_id.as_bytes()[..16]);
-    }
+    verify_on_host(&storaged.volume_file("data"), acked, Some(&boot_id));
     eprintln!("{acked} disk records verified after 6 migrations");
 }
 

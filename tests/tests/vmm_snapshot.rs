@@ -4,10 +4,10 @@
 //! sequence going on without error, every disk record verifying. A damaged snapshot is refused
 //! with a clear error.
 
-use agent_proto::{expected_checksum, Record, RECORD_SIZE};
+use agent_proto::expected_checksum;
 use e2e::image::guest_image;
 use e2e::vmm::{Disk, VmmConfig, VmmGuest};
-use e2e::workload::{fresh_disk, MEM_START, REPLY};
+use e2e::workload::{fresh_disk, verify_on_host, MEM_START, REPLY};
 use std::time::{Duration, Instant};
 
 #[test]
@@ -113,12 +113,7 @@ fn snapshot_restores_into_a_new_vmm_and_the_workloads_continue() {
     let v = restored.ok(r);
     assert_eq!(v.num("verified"), Some(acked), "{v:?}");
     assert_eq!(v.num("boot_ids"), Some(1), "{v:?}");
-    let bytes = std::fs::read(&data).unwrap();
-    for seq in 0..acked {
-        let at = seq as usize * RECORD_SIZE;
-        Record::decode(&bytes[at..at + RECORD_SIZE], seq)
-            .unwrap_or_else(|| panic!("record {seq} of {acked} invalid on the host side"));
-    }
+    verify_on_host(&data, acked, None);
     let (code, _) = restored.api("PUT", "/v1/vm/shutdown").unwrap();
     assert_eq!(code, 200);
     restored.wait_exit(Duration::from_secs(30)).unwrap();

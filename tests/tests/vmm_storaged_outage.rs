@@ -7,13 +7,12 @@
 //!   drain before the hand-over times out, the migration fails, the guest runs on at the
 //!   source, and its disk works again once storaged does (SIGCONT), every record verified.
 
-use agent_proto::{Record, RECORD_SIZE};
 use e2e::process::wait_for;
+use e2e::snapshot::vm_config_with;
 use e2e::storaged::Storaged;
-use e2e::vmm::{Disk, VmmConfig, VmmGuest};
-use e2e::workload::{disk_acked_past, stop_and_verify_disk, REPLY};
+use e2e::vmm::VmmGuest;
+use e2e::workload::{disk_acked_past, stop_and_verify_disk, verify_on_host, REPLY};
 use e2e::GuestTest;
-use std::path::Path;
 use std::time::Duration;
 
 /// Generous: guests are slow here, and the machine is shared.
@@ -21,37 +20,10 @@ const PROGRESS: Duration = Duration::from_secs(300);
 /// The VMM gives up on a drain after 30 s (`DRAIN_TIMEOUT`); the pre-copy comes before it.
 const MIGRATION_FAILS: Duration = Duration::from_secs(300);
 
-fn config<'a>(
-    image: &'a e2e::image::GuestImage,
-    storaged: &Storaged,
-    dir: &'a Path,
-    host: &str,
-    lease: &str,
-) -> VmmConfig<'a> {
-    std::fs::create_dir_all(dir).unwrap();
-    VmmConfig {
-        image,
-        root: None,
-        data_disks: vec![Disk::Storaged(format!(
-            "{},volume=data,host={host},lease={lease}",
-            storaged.nbd
-        ))],
-        mem_mib: e2e::snapshot::MEM_MIB,
-        vcpus: 1,
-        work_dir: dir,
-    }
-}
-
 /// Stops the writer, has the guest verify every record, and decodes each one on the host.
 fn verify(guest: &mut VmmGuest, storaged: &Storaged, boot_id: &str) {
     let acked = stop_and_verify_disk(&mut guest.agent);
-    let bytes = std::fs::read(storaged.volume_file("data")).unwrap();
-    for seq in 0..acked {
-        let at = seq as usize * RECORD_SIZE;
-        let rec = Record::decode(&bytes[at..at + RECORD_SIZE], seq)
-            .unwrap_or_else(|| panic!("record {seq} of {acked} invalid on the host side"));
-        assert_eq!(&rec.boot_id[..], &boot_id.as_bytes()[..16]);
-    }
+    verify_on_host(&storaged.volume_file("data"), acked, Some(boot_id));
 }
 
 #[test]
@@ -64,7 +36,11 @@ fn guest_io_is_held_while_storaged_restarts() {
         Storaged::start_with_data_volume(&dir.path().join("storaged"), "data").unwrap();
     let booted = e2e::snapshot::booted(&image).unwrap();
     let vm_dir = dir.path().join("vm");
-    let cfg = config(&image, &storaged, &vm_dir, "host-a", "primary");
+    let cfg = vm_config_with(
+        &image,
+        &vm_dir,
+        storaged.lease_disk("data", "host-a", "primary"),
+    );
     let mut guest = VmmGuest::restore(&cfg, &booted).unwrap();
     let r = guest.agent.command("disk start", REPLY);
     assert_eq!(guest.ok(r).num("next"), Some(0));
@@ -98,7 +74,11 @@ fn a_drain_timeout_fails_the_migration_and_the_disk_works_on() {
     let storaged = Storaged::start_with_data_volume(&dir.path().join("storaged"), "data").unwrap();
     let booted = e2e::snapshot::booted(&image).unwrap();
     let (src_dir, dst_dir) = (dir.path().join("src"), dir.path().join("dst"));
-    let src_cfg = config(&image, &storaged, &src_dir, "host-a", "primary");
+    let src_cfg = vm_config_with(
+        &image,
+        &src_dir,
+        storaged.lease_disk("data", "host-a", "primary"),
+    );
     let mut guest = VmmGuest::restore(&src_cfg, &booted).unwrap();
     let r = guest.agent.command("disk start", REPLY);
     assert_eq!(guest.ok(r).num("next"), Some(0));
@@ -107,7 +87,11 @@ fn a_drain_timeout_fails_the_migration_and_the_disk_works_on() {
     // The destination connects as standby first; then storaged hangs with the guest's next
     // request unread in its socket.
     let addr = format!("127.0.0.1:{}", e2e::free_port().unwrap());
-    let dst_cfg = config(&image, &storaged, &dst_dir, "host-b", "standby");
+    let dst_cfg = vm_config_with(
+        &image,
+        &dst_dir,
+        storaged.lease_disk("data", "host-b", "standby"),
+    );
     let _dst = VmmGuest::start_incoming(&dst_cfg, &addr).unwrap();
     storaged.freeze(true).unwrap();
     let in_flight = wait_for("a guest request in flight", PROGRESS, || {

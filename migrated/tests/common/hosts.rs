@@ -40,92 +40,6 @@ pub const DEADLINE: Duration = Duration::from_secs(120);
 /// How long an agent waits for its peer before it declares it lost.
 pub const PEER_TIMEOUT_MS: u64 = 3000;
 
-/// Guest physical address the code is loaded at and entered at.
-const ENTRY: u64 = 0x20_0000;
-/// hlt; jmp -3.
-const CODE: &[u8] = &[0xf4, 0xeb, 0xfd];
-
-/// An ELF64 kernel with one PT_LOAD of [`CODE`] and the PVH entry note (as in the vmm's fault
-/// test).
-fn tiny_pvh_kernel() -> Vec<u8> {
-    const EHDR: usize = 64;
-    const PHDR: usize = 56;
-    const NOTE_AT: usize = EHDR + 2 * PHDR;
-    const NOTE_LEN: usize = 12 + 4 + 4;
-    const CODE_AT: usize = 256;
-    let mut f = vec![0u8; CODE_AT + CODE.len()];
-    let put16 = |f: &mut [u8], at: usize, v: u16| f[at..at + 2].copy_from_slice(&v.to_le_bytes());
-    let put32 = |f: &mut [u8], at: usize, v: u32| f[at..at + 4].copy_from_slice(&v.to_le_bytes());
-    let put64 = |f: &mut [u8], at: usize, v: u64| f[at..at + 8].copy_from_slice(&v.to_le_bytes());
-    f[0..4].copy_from_slice(b"\x7fELF");
-    f[4] = 2; // 64-bit
-    f[5] = 1; // little endian
-    f[6] = 1; // ELF version
-    put16(&mut f, 16, 2); // ET_EXEC
-    put16(&mut f, 18, 0x3e); // x86-64
-    put32(&mut f, 20, 1);
-    put64(&mut f, 24, ENTRY);
-    put64(&mut f, 32, EHDR as u64);
-    put16(&mut f, 52, EHDR as u16);
-    put16(&mut f, 54, PHDR as u16);
-    put16(&mut f, 56, 2);
-    let p = EHDR; // PT_LOAD
-    put32(&mut f, p, 1);
-    put32(&mut f, p + 4, 5);
-    put64(&mut f, p + 8, CODE_AT as u64);
-    put64(&mut f, p + 16, ENTRY);
-    put64(&mut f, p + 24, ENTRY);
-    put64(&mut f, p + 32, CODE.len() as u64);
-    put64(&mut f, p + 40, CODE.len() as u64);
-    put64(&mut f, p + 48, 0x1000);
-    let p = EHDR + PHDR; // PT_NOTE, XEN_ELFNOTE_PHYS32_ENTRY
-    put32(&mut f, p, 4);
-    put32(&mut f, p + 4, 4);
-    put64(&mut f, p + 8, NOTE_AT as u64);
-    put64(&mut f, p + 32, NOTE_LEN as u64);
-    put64(&mut f, p + 40, NOTE_LEN as u64);
-    put64(&mut f, p + 48, 4);
-    put32(&mut f, NOTE_AT, 4);
-    put32(&mut f, NOTE_AT + 4, 4);
-    put32(&mut f, NOTE_AT + 8, 18);
-    f[NOTE_AT + 12..NOTE_AT + 16].copy_from_slice(b"Xen\0");
-    put32(&mut f, NOTE_AT + 16, ENTRY as u32);
-    f[CODE_AT..].copy_from_slice(CODE);
-    f
-}
-
-/// The workspace's `vmm`, next to this test's directory; fails loudly when it is not built.
-fn vmm_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let mut dir = exe.parent().unwrap().to_path_buf();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    let p = dir.join("vmm");
-    assert!(
-        p.exists(),
-        "{} is missing: run `cargo build --workspace --bins`",
-        p.display()
-    );
-    p
-}
-
-/// Whether /dev/kvm is usable; says so when it is not (and fails under `REQUIRE_KVM=1`).
-pub fn kvm_available(test: &str) -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        if std::env::var("REQUIRE_KVM").as_deref() == Ok("1") {
-            panic!("{test}: /dev/kvm is not usable and REQUIRE_KVM=1");
-        }
-        eprintln!("SKIPPED {test}: /dev/kvm is not usable on this machine");
-    }
-    ok
-}
-
 /// What a link does to the requests that cross it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cut {
@@ -297,7 +211,7 @@ fn vmm_wrapper(path: &std::path::Path, env: &[(String, String)]) -> PathBuf {
     for (k, v) in env {
         text.push_str(&format!("export {k}='{v}'\n"));
     }
-    text.push_str(&format!("exec '{}' \"$@\"\n", vmm_binary().display()));
+    text.push_str(&format!("exec '{}' \"$@\"\n", e2e::binary("vmm").display()));
     std::fs::write(path, text).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
     path.to_path_buf()
@@ -345,7 +259,7 @@ pub async fn hosts_with(opts: HostsOptions) -> Hosts {
         vmm_binary: if me == "b" {
             b_vmm.clone()
         } else {
-            vmm_binary()
+            e2e::binary("vmm")
         },
         tls_dir: opts.tls.then(|| pki.join(me)),
         tls: opts.tls.then(|| AgentTls::load(&pki.join(me), me).unwrap()),
@@ -356,7 +270,7 @@ pub async fn hosts_with(opts: HostsOptions) -> Hosts {
         socket: dir.path().join(me).join("m.sock"),
         storaged_api: storaged_api[usize::from(me == "b")].clone(),
         storaged_nbd: storage.nbd.clone(),
-        vhost_user_binary: vmm_binary().with_file_name("vhost-user-blk"),
+        vhost_user_binary: e2e::binary("vmm").with_file_name("vhost-user-blk"),
         migration_ip: "127.0.0.1".parse().unwrap(),
         peer_timeout_ms: PEER_TIMEOUT_MS,
         peers: [(peer.to_string(), peer_addr)].into_iter().collect(),
@@ -381,8 +295,7 @@ pub async fn hosts_with(opts: HostsOptions) -> Hosts {
             }
         }
     }
-    let kernel = dir.path().join("hlt.elf");
-    std::fs::write(&kernel, tiny_pvh_kernel()).unwrap();
+    let kernel = e2e::tiny::hlt_kernel(dir.path()).unwrap();
     Hosts {
         a,
         b,
