@@ -255,6 +255,16 @@ impl VmmGuest {
         }
     }
 
+    /// Starts a live migration with the send parameters `params` (JSON); fails unless the VMM
+    /// accepted it (202).
+    pub fn send_migration(&self, params: &str) -> Result<()> {
+        let (code, body) = self.api_json("PUT", "/v1/migration/send", params)?;
+        if code != 202 {
+            bail!("PUT /v1/migration/send: {code} {body}");
+        }
+        Ok(())
+    }
+
     /// Live-migrates the guest to `dst` (started with `--incoming addr`) with `resume: wait`:
     /// returns the source's status once both VMMs say the guest was handed over (the
     /// destination then waits for [`Self::resume_incoming`], typically after a lease flip).
@@ -264,14 +274,9 @@ impl VmmGuest {
         addr: &str,
         timeout: Duration,
     ) -> Result<serde_json::Value> {
-        let (code, body) = self.api_json(
-            "PUT",
-            "/v1/migration/send",
-            &format!(r#"{{"destination":"{addr}","downtime_limit_ms":300,"resume":"wait"}}"#),
-        )?;
-        if code != 202 {
-            bail!("PUT /v1/migration/send: {code} {body}");
-        }
+        self.send_migration(&format!(
+            r#"{{"destination":"{addr}","downtime_limit_ms":300,"resume":"wait"}}"#
+        ))?;
         let handed = self.wait_migration(&["handed-over"], timeout)?;
         dst.wait_migration(&["handed-over"], timeout)?;
         Ok(handed)

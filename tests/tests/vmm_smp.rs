@@ -43,14 +43,8 @@ fn vmm_two_vcpus_boot_and_both_run_the_workload() {
 
     let addr = format!("127.0.0.1:{}", e2e::free_port().unwrap());
     let mut dst = VmmGuest::start_incoming(&config(&dst_dir), &addr).unwrap();
-    let (code, body) = guest
-        .api_json(
-            "PUT",
-            "/v1/migration/send",
-            &format!(r#"{{"destination":"{addr}","resume":"auto"}}"#),
-        )
-        .unwrap();
-    assert_eq!(code, 202, "{body}");
+    let params = format!(r#"{{"destination":"{addr}","resume":"auto"}}"#);
+    guest.send_migration(&params).unwrap();
     let m = guest.wait_migration(&["completed"], Duration::from_secs(300));
     eprintln!("two vCPUs migrated: {}", guest.ok(m));
     let status = mem_seq_after(&mut dst.agent, status.num("seq").unwrap() + 4);

@@ -99,14 +99,8 @@ fn a_drain_timeout_fails_the_migration_and_the_disk_works_on() {
     });
     guest.ok(in_flight);
 
-    let (code, body) = guest
-        .api_json(
-            "PUT",
-            "/v1/migration/send",
-            &format!(r#"{{"destination":"{addr}","resume":"wait"}}"#),
-        )
-        .unwrap();
-    assert_eq!(code, 202, "{body}");
+    let params = format!(r#"{{"destination":"{addr}","resume":"wait"}}"#);
+    guest.send_migration(&params).unwrap();
     let failed = guest.wait_migration(&["failed"], MIGRATION_FAILS);
     let failed = guest.ok(failed);
     let error = failed["error"].as_str().unwrap_or_default();
