@@ -11,7 +11,7 @@
 //! start.
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use migrated::agent::Agent;
 use migrated::config::{parse_peer, AgentConfig, AgentConfigFile};
 use std::collections::BTreeMap;
@@ -87,6 +87,7 @@ struct Cli {
 }
 
 fn main() -> Result<()> {
+    vmhop_common::man::generate_if_asked(Cli::command);
     let cli = Cli::parse();
     vmhop_common::logging::init(cli.log_json);
     let file = match &cli.config {

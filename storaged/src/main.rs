@@ -1,7 +1,7 @@
 //! `storaged`: the block storage daemon and its command-line client.
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -748,6 +748,7 @@ async fn expire_standbys(reg: Arc<Registry>, mut shutdown: tokio::sync::watch::R
 }
 
 fn main() -> Result<()> {
+    vmhop_common::man::generate_if_asked(Cli::command);
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new()?;
     match cli.cmd {

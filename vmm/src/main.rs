@@ -13,7 +13,7 @@
 //! the hand-over.
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use vmm::vm::{ExitReason, Incoming, StartMode, Vm};
@@ -155,6 +155,7 @@ impl RunArgs {
 }
 
 fn main() {
+    vmhop_common::man::generate_if_asked(Cli::command);
     let started = Instant::now();
     vmhop_common::logging::init(false);
     let cli = Cli::parse();

@@ -12,7 +12,7 @@
 //! failure (including a migration that aborted).
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use migrated::api::{HostEntry, MigrateRequest, MigrationInfo};
 use migrated::client::MigratedClient;
 use migrated::config::InstanceConfig;
@@ -118,6 +118,7 @@ fn mib(bytes: u64) -> String {
 }
 
 fn main() -> Result<()> {
+    vmhop_common::man::generate_if_asked(Cli::command);
     let cli = Cli::parse();
     let target = match &cli.host {
         Some(h) => Target::Tcp(h.clone()),

@@ -1,6 +1,7 @@
 //! What the project's daemons and tools share, one concern a module:
 //!
-//! - [`logging`]: `tracing` to stderr, as text or JSON lines;
+//! - [`logging`]: `tracing` to stderr, as text or JSON lines; [`man`] (feature `man`): the
+//!   manual pages of a binary, from its command line definition;
 //! - [`config`]: reading a TOML settings file;
 //! - [`faults`]: the crash points of the fault matrix; [`corpus`]: the fuzz corpora replayed
 //!   by the unit tests;
@@ -23,6 +24,8 @@ pub mod error;
 pub mod faults;
 pub mod http;
 pub mod logging;
+#[cfg(feature = "man")]
+pub mod man;
 #[cfg(feature = "pki")]
 pub mod pki;
 pub mod signal;

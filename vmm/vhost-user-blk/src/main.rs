@@ -13,7 +13,7 @@
 //! the socket cannot be served.
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use std::path::PathBuf;
 use std::time::Duration;
 use vhost_user_blk::MAX_QUEUES;
@@ -95,6 +95,7 @@ struct Cli {
 }
 
 fn main() {
+    vmhop_common::man::generate_if_asked(Cli::command);
     let cli = Cli::parse();
     vmhop_common::logging::init(cli.json_logs);
     let code = match run(cli) {

@@ -1,0 +1,219 @@
+//! The Debian packages (`scripts/package`, cargo-deb), made from the binaries the suite built:
+//! each holds its binaries, a manual page for every command and subcommand (as the binaries
+//! make them), its systemd unit (clean under `systemd-analyze verify`, installed neither
+//! enabled nor started) and its settings as a conffile; the settings file as packaged is what
+//! the daemon reads: pointed at a test directory and certificate, storaged starts from it.
+
+use e2e::pki::Pki;
+use e2e::process::{run_ok, terminate, wait_for};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// One package: its name, binaries, unit and conffile.
+struct Package {
+    name: &'static str,
+    bins: &'static [&'static str],
+    unit: &'static str,
+    conffile: &'static str,
+}
+
+const PACKAGES: [Package; 2] = [
+    Package {
+        name: "vmhop-storaged",
+        bins: &["storaged"],
+        unit: "storaged.service",
+        conffile: "/etc/storaged/storaged.toml",
+    },
+    Package {
+        name: "vmhop-migrated",
+        bins: &["migrated", "migratectl", "vmm", "vhost-user-blk"],
+        unit: "migrated.service",
+        conffile: "/etc/migrated/migrated.toml",
+    },
+];
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .into()
+}
+
+fn stdout(cmd: &mut Command) -> String {
+    String::from_utf8(run_ok(cmd).unwrap().stdout).unwrap()
+}
+
+/// The file names of the manual pages `bin` makes of itself.
+fn pages_of(bin: &str, dir: &Path) -> Vec<String> {
+    let out = stdout(
+        Command::new(e2e::binary(bin))
+            .arg("--generate-man-pages")
+            .arg(dir),
+    );
+    out.lines()
+        .map(|l| {
+            Path::new(l)
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn packages_hold_binaries_pages_units_and_settings() {
+    let cargo_deb = Command::new("cargo").args(["deb", "--version"]).output();
+    assert!(
+        cargo_deb.is_ok_and(|o| o.status.success()),
+        "cargo-deb is missing: run scripts/setup"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("debs");
+    let made = stdout(
+        Command::new(workspace().join("scripts/package"))
+            .args(["--no-build", "--profile", "dev", "--out"])
+            .arg(&out),
+    );
+    let root = dir.path().join("root");
+    for p in &PACKAGES {
+        let deb = out.join(format!(
+            "{}_{}-1_amd64.deb",
+            p.name,
+            env!("CARGO_PKG_VERSION")
+        ));
+        assert!(
+            deb.exists(),
+            "{} not made; scripts/package said:\n{made}",
+            deb.display()
+        );
+        let fields = stdout(
+            Command::new("dpkg-deb")
+                .arg("-f")
+                .arg(&deb)
+                .args(["Package", "Depends"]),
+        );
+        assert!(fields.contains(&format!("Package: {}", p.name)), "{fields}");
+        assert!(fields.contains("libc6"), "{fields}");
+
+        let listing = stdout(Command::new("dpkg-deb").arg("-c").arg(&deb));
+        let files: BTreeSet<String> = listing
+            .lines()
+            .filter(|l| !l.starts_with('d'))
+            .map(|l| {
+                l.rsplit(' ')
+                    .next()
+                    .unwrap()
+                    .trim_start_matches('.')
+                    .to_string()
+            })
+            .collect();
+        for bin in p.bins {
+            let line = listing
+                .lines()
+                .find(|l| l.ends_with(&format!("./usr/bin/{bin}")));
+            let line =
+                line.unwrap_or_else(|| panic!("{} lacks /usr/bin/{bin}:\n{listing}", p.name));
+            assert!(line.starts_with("-rwxr-xr-x"), "{line}");
+            for page in pages_of(bin, &dir.path().join("pages")) {
+                let path = format!("/usr/share/man/man1/{page}.gz");
+                assert!(files.contains(&path), "{} lacks {path}", p.name);
+            }
+        }
+        let unit = format!("/usr/lib/systemd/system/{}", p.unit);
+        assert!(files.contains(&unit), "{} lacks {unit}", p.name);
+        assert!(
+            files.contains(p.conffile),
+            "{} lacks {}",
+            p.name,
+            p.conffile
+        );
+
+        let control = dir.path().join(format!("{}.control", p.name));
+        run_ok(Command::new("dpkg-deb").arg("-e").arg(&deb).arg(&control)).unwrap();
+        let conffiles = std::fs::read_to_string(control.join("conffiles")).unwrap();
+        assert_eq!(
+            conffiles.trim(),
+            p.conffile,
+            "the settings file must be a conffile"
+        );
+        let postinst = std::fs::read_to_string(control.join("postinst")).unwrap();
+        assert!(postinst.contains("daemon-reload"), "{postinst}");
+        assert!(
+            !postinst.contains("deb-systemd-invoke start") && !postinst.contains("--now"),
+            "the unit must not start before the host is configured:\n{postinst}"
+        );
+        run_ok(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root)).unwrap();
+        let version = stdout(Command::new(root.join("usr/bin").join(p.bins[0])).arg("--version"));
+        assert!(version.contains(env!("CARGO_PKG_VERSION")), "{version}");
+    }
+
+    // The units as installed, against the host's own units for the targets they name; no
+    // warning either (an unknown key or section is only a warning).
+    let units = root.join("usr/lib/systemd/system");
+    for entry in std::fs::read_dir("/usr/lib/systemd/system").unwrap() {
+        let entry = entry.unwrap();
+        let to = units.join(entry.file_name());
+        if !to.exists() && entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), to).unwrap();
+        }
+    }
+    for p in &PACKAGES {
+        let o = run_ok(
+            Command::new("systemd-analyze")
+                .args(["verify", "--man=no"])
+                .arg(format!("--root={}", root.display()))
+                .arg(format!("/usr/lib/systemd/system/{}", p.unit)),
+        )
+        .unwrap();
+        let said = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            said.trim().is_empty(),
+            "systemd-analyze verify {}: {said}",
+            p.unit
+        );
+    }
+
+    // storaged from the packaged settings file, with only its paths and addresses moved into
+    // this test: it requires TLS of every client and becomes ready.
+    let pki = Pki::new(dir.path(), "cluster").unwrap();
+    let tls = pki.host("storage").unwrap();
+    let data = dir.path().join("data");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "a-cluster-token-of-the-test\n").unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let settings = std::fs::read_to_string(root.join("etc/storaged/storaged.toml"))
+        .unwrap()
+        .replace("/var/lib/storaged", &data.display().to_string())
+        .replace("/etc/vmhop/tls", &tls.display().to_string())
+        .replace("/etc/storaged/token", &token.display().to_string())
+        .replace("0.0.0.0:10809", "127.0.0.1:0")
+        .replace("0.0.0.0:10810", "127.0.0.1:0");
+    let config = dir.path().join("storaged.toml");
+    std::fs::write(&config, settings).unwrap();
+    let ready = dir.path().join("ready");
+    let mut storaged = Command::new(root.join("usr/bin/storaged"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .arg("--ready-file")
+        .arg(&ready)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("storaged to be ready", Duration::from_secs(30), || {
+        ready.exists().then_some(())
+    })
+    .unwrap();
+    let status = terminate(&mut storaged, "storaged", Duration::from_secs(30)).unwrap();
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut storaged.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(status.success(), "{status}: {log}");
+    assert!(
+        log.contains("tls_dir=")
+            && log.contains("plaintext_loopback=false")
+            && !log.contains("WARN"),
+        "the packaged settings require TLS of every client:\n{log}"
+    );
+}
