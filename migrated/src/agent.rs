@@ -26,7 +26,7 @@ use vmm_api::config::LeaseMode;
 
 /// How long a new VMM may take to answer on its API socket.
 pub const VMM_START_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a VMM gets to exit after `PUT /v1/vm/shutdown` before SIGTERM, then SIGKILL.
+/// How long a VMM gets to exit after `POST /v1/vm/shutdown` before SIGTERM, then SIGKILL.
 pub const VMM_STOP_TIMEOUT: Duration = Duration::from_secs(20);
 /// Interval of the liveness poll of adopted VMMs.
 const ADOPTED_POLL: Duration = Duration::from_millis(250);

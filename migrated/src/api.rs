@@ -101,14 +101,14 @@ impl ErrorKind {
 }
 
 /// The body of every error answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorAnswer {
     /// The error and its causes on one line.
     pub error: String,
 }
 
 /// `GET /v1/host`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HostInfo {
     /// Host id.
     pub host_id: String,
@@ -123,7 +123,7 @@ pub struct HostInfo {
 }
 
 /// One row of `GET /v1/hosts`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HostEntry {
     /// Host id.
     pub host_id: String,
@@ -140,7 +140,7 @@ pub struct HostEntry {
 }
 
 /// Body of `POST /v1/instances/{name}/migrate`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MigrateRequest {
     /// Destination host id (a configured peer) or its REST address.
     pub to: String,
@@ -150,7 +150,7 @@ pub struct MigrateRequest {
 }
 
 /// `GET /v1/migrations/{id}`: the record and, while it runs, the progress.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MigrationInfo {
     /// Durable record.
     #[serde(flatten)]
@@ -160,7 +160,7 @@ pub struct MigrationInfo {
 }
 
 /// Body of the peer call `POST /v1/incoming`: prepare a destination.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct IncomingRequest {
     /// Migration id.
     pub migration: String,
@@ -180,7 +180,7 @@ pub struct IncomingRequest {
 }
 
 /// Answer to `POST /v1/incoming`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct IncomingReady {
     /// Destination host id.
     pub host: String,

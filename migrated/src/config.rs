@@ -321,7 +321,7 @@ pub fn validate_name(what: &str, name: &str) -> Result<(), ConfigError> {
 }
 
 /// Which process serves a volume's requests.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum DiskBackend {
     /// The VMM itself (its own storaged connection).
@@ -332,7 +332,7 @@ pub enum DiskBackend {
 }
 
 /// One disk of a guest.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DiskSpec {
     /// A storaged volume (opened with a lease; follows the guest when it migrates).
@@ -340,6 +340,7 @@ pub struct DiskSpec {
     pub volume: Option<String>,
     /// A file at the same path on every host (tests, read-only tool disks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub path: Option<PathBuf>,
     /// Offered read-only.
     #[serde(default)]
@@ -354,12 +355,13 @@ fn is_default<T: Default + PartialEq>(v: &T) -> bool {
 }
 
 /// A guest: what `migratectl run` sends and what a migration carries to the destination.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InstanceConfig {
     /// Instance name, unique on a host; it stays the same across migrations.
     pub name: String,
     /// Uncompressed ELF vmlinux (same path on every host).
+    #[schema(value_type = String)]
     pub kernel: PathBuf,
     /// Kernel command line (the VMM appends its devices).
     #[serde(default)]
@@ -373,10 +375,11 @@ pub struct InstanceConfig {
     /// Disks in order (the first is /dev/vda).
     #[serde(default)]
     pub disks: Vec<DiskSpec>,
-    /// Start the guest from this snapshot (`vmm run --restore`, taken with `PUT /v1/vm/snapshot`
+    /// Start the guest from this snapshot (`vmm run --restore`, taken with `POST /v1/vm/snapshot`
     /// of a VM of the same shape and disks in the same state) instead of booting the kernel.
     /// Only the first start on a host uses it; a migration carries the running guest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub restore: Option<PathBuf>,
 }
 

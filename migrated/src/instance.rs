@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// Lifecycle of an instance on this host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum InstanceState {
     /// VMM spawned, API not answering yet.
@@ -71,7 +71,7 @@ impl std::fmt::Display for InstanceState {
 }
 
 /// The durable record of one instance.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InstanceRecord {
     /// Instance name.
     pub name: String,
@@ -84,12 +84,16 @@ pub struct InstanceRecord {
     /// Kernel start time of that pid (clock ticks since boot).
     pub pid_start: Option<u64>,
     /// Work directory.
+    #[schema(value_type = String)]
     pub work_dir: PathBuf,
     /// VMM API socket.
+    #[schema(value_type = String)]
     pub api_socket: PathBuf,
     /// Guest serial socket.
+    #[schema(value_type = String)]
     pub serial_socket: PathBuf,
     /// VMM log.
+    #[schema(value_type = String)]
     pub log: PathBuf,
     /// The migration this instance takes part in, if any.
     pub migration: Option<String>,

@@ -133,10 +133,14 @@ pub fn tcp_router(agent: Arc<Agent>) -> Router {
     }
 }
 
+/// This host: its id, addresses and what it runs.
+#[utoipa::path(get, path = "/v1/host", tag = "hosts", responses((status = 200, description = "This host", body = HostInfo)))]
 async fn host(State(a): St) -> Json<HostInfo> {
     Json(a.host_info())
 }
 
+/// This host and its peers, each probed.
+#[utoipa::path(get, path = "/v1/hosts", tag = "hosts", responses((status = 200, description = "The hosts", body = Vec<HostEntry>)))]
 async fn hosts(State(a): St) -> Json<Vec<HostEntry>> {
     let mut out = vec![HostEntry {
         host_id: a.cfg.host_id.clone(),
@@ -181,14 +185,22 @@ where
     out
 }
 
+/// The guests this host runs or ran.
+#[utoipa::path(get, path = "/v1/instances", tag = "instances", responses((status = 200, description = "The instances", body = Vec<InstanceRecord>)))]
 async fn instances(State(a): St) -> Json<Vec<InstanceRecord>> {
     Json(a.instances())
 }
 
+/// One guest.
+#[utoipa::path(get, path = "/v1/instances/{name}", tag = "instances", params(("name" = String, Path, description = "The instance's name")),
+    responses((status = 200, description = "The instance", body = InstanceRecord), (status = 404, description = "Not found", body = ErrorAnswer)))]
 async fn instance(State(a): St, Path(name): Path<String>) -> R<Json<InstanceRecord>> {
     Ok(Json(a.instance(&name)?))
 }
 
+/// Starts a guest on this host.
+#[utoipa::path(post, path = "/v1/instances", tag = "instances", request_body = InstanceConfig,
+    responses((status = 201, description = "Started", body = InstanceRecord), (status = 400, description = "Invalid request", body = ErrorAnswer), (status = 409, description = "Refused in the current state", body = ErrorAnswer)))]
 async fn run(
     State(a): St,
     body: Result<Json<InstanceConfig>, JsonRejection>,
@@ -198,10 +210,16 @@ async fn run(
     Ok((StatusCode::CREATED, Json(rec)))
 }
 
+/// Stops a guest.
+#[utoipa::path(post, path = "/v1/instances/{name}/stop", tag = "instances", params(("name" = String, Path, description = "The instance's name")),
+    responses((status = 200, description = "Stopped", body = InstanceRecord), (status = 404, description = "Not found", body = ErrorAnswer), (status = 409, description = "Refused in the current state", body = ErrorAnswer)))]
 async fn stop(State(a): St, Path(name): Path<String>) -> R<Json<InstanceRecord>> {
     Ok(Json(a.stop(&name).await?))
 }
 
+/// Starts a live migration of a guest to another host.
+#[utoipa::path(post, path = "/v1/instances/{name}/migrate", tag = "migrations", params(("name" = String, Path, description = "The instance's name")), request_body = MigrateRequest,
+    responses((status = 202, description = "Started", body = MigrationRecord), (status = 400, description = "Invalid request", body = ErrorAnswer), (status = 404, description = "Not found", body = ErrorAnswer), (status = 409, description = "Refused in the current state", body = ErrorAnswer)))]
 async fn migrate(
     State(a): St,
     Path(name): Path<String>,
@@ -219,16 +237,24 @@ fn info(a: &Agent, record: MigrationRecord) -> MigrationInfo {
     }
 }
 
+/// Every migration this host knows, oldest first.
+#[utoipa::path(get, path = "/v1/migrations", tag = "migrations", responses((status = 200, description = "The migrations", body = Vec<MigrationInfo>)))]
 async fn migrations(State(a): St) -> Json<Vec<MigrationInfo>> {
     let mut all: Vec<_> = a.migrations().into_iter().map(|m| info(&a, m)).collect();
     all.sort_by_key(|m| m.record.started_ms);
     Json(all)
 }
 
+/// One migration with its progress.
+#[utoipa::path(get, path = "/v1/migrations/{id}", tag = "migrations", params(("id" = String, Path, description = "The migration's id")),
+    responses((status = 200, description = "The migration", body = MigrationInfo), (status = 404, description = "Not found", body = ErrorAnswer)))]
 async fn migration(State(a): St, Path(id): Path<String>) -> R<Json<MigrationInfo>> {
     Ok(Json(info(&a, a.migration(&id)?)))
 }
 
+/// Prepares this host as a migration's destination (called by the source host).
+#[utoipa::path(post, path = "/v1/incoming", tag = "peers", request_body = IncomingRequest,
+    responses((status = 200, description = "Ready to receive", body = IncomingReady), (status = 400, description = "Invalid request", body = ErrorAnswer), (status = 403, description = "Only the migration's source host may do this", body = ErrorAnswer), (status = 409, description = "Refused in the current state", body = ErrorAnswer)))]
 async fn incoming_prepare(
     State(a): St,
     caller: Caller,
@@ -239,10 +265,16 @@ async fn incoming_prepare(
     Ok(Json(destination::prepare(&a, req).await?))
 }
 
+/// An incoming migration as this destination sees it.
+#[utoipa::path(get, path = "/v1/incoming/{id}", tag = "peers", params(("id" = String, Path, description = "The migration's id")),
+    responses((status = 200, description = "The migration", body = MigrationRecord), (status = 404, description = "Not found", body = ErrorAnswer)))]
 async fn incoming_show(State(a): St, Path(id): Path<String>) -> R<Json<MigrationRecord>> {
     Ok(Json(destination::incoming(&a, &id)?))
 }
 
+/// Runs the received guest here, once the leases were flipped (called by the source host).
+#[utoipa::path(post, path = "/v1/incoming/{id}/resume", tag = "peers", params(("id" = String, Path, description = "The migration's id")),
+    responses((status = 200, description = "Running here", body = MigrationRecord), (status = 403, description = "Only the migration's source host may do this", body = ErrorAnswer), (status = 404, description = "Not found", body = ErrorAnswer), (status = 409, description = "Refused in the current state", body = ErrorAnswer)))]
 async fn incoming_resume(
     State(a): St,
     caller: Caller,
@@ -253,6 +285,9 @@ async fn incoming_resume(
     Ok(Json(destination::resume(&a, &id).await?))
 }
 
+/// Abandons an incoming migration (called by the source host).
+#[utoipa::path(post, path = "/v1/incoming/{id}/abort", tag = "peers", params(("id" = String, Path, description = "The migration's id")),
+    responses((status = 200, description = "Abandoned", body = MigrationRecord), (status = 403, description = "Only the migration's source host may do this", body = ErrorAnswer), (status = 404, description = "Not found", body = ErrorAnswer), (status = 409, description = "Refused in the current state", body = ErrorAnswer)))]
 async fn incoming_abort(
     State(a): St,
     caller: Caller,
@@ -262,4 +297,41 @@ async fn incoming_abort(
     only_from(&caller, &mig.source, "abort this migration")?;
     let why = DestinationError::AbortRequested;
     Ok(Json(destination::abort(&a, &id, &why).await?))
+}
+
+/// The REST API's OpenAPI document, made from the handlers above; `migrated/openapi.yaml` is
+/// this document, checked in (a unit test fails when they differ).
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "migrated",
+        description = "Guests on this host and their live migrations; the `/v1/incoming` calls are the peer protocol between hosts."
+    ),
+    paths(
+        host,
+        hosts,
+        instances,
+        instance,
+        run,
+        stop,
+        migrate,
+        migrations,
+        migration,
+        incoming_prepare,
+        incoming_show,
+        incoming_resume,
+        incoming_abort
+    )
+)]
+pub struct ApiDoc;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_checked_in_openapi_document_is_the_code() {
+        vmhop_common::openapi::check::<super::ApiDoc>(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/openapi.yaml"
+        ));
+    }
 }

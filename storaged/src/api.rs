@@ -47,10 +47,7 @@ type ApiResult<T> = Result<T, ApiError>;
 /// The API's routes.
 pub fn router(reg: Arc<Registry>) -> Router {
     Router::new()
-        .route(
-            "/v1/health",
-            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
-        )
+        .route("/v1/health", get(health))
         .route("/v1/volumes", get(list).post(create))
         .route("/v1/volumes/{id}", get(show).delete(delete))
         .route("/v1/volumes/{id}/access", put(set_access))
@@ -67,15 +64,41 @@ pub fn router(reg: Arc<Registry>) -> Router {
         .with_state(reg)
 }
 
+/// The answer of `GET /v1/health`.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Health {
+    /// Always `ok` while the server answers.
+    pub status: &'static str,
+}
+
+/// Whether the server answers.
+#[utoipa::path(get, path = "/v1/health", tag = "storaged",
+    responses((status = 200, description = "The server answers", body = Health)))]
+async fn health() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+/// Every volume.
+#[utoipa::path(get, path = "/v1/volumes", tag = "volumes",
+    responses((status = 200, description = "The volumes", body = Vec<VolumeInfo>)))]
 async fn list(State(reg): Reg) -> Json<Vec<VolumeInfo>> {
     Json(reg.list().iter().map(|v| v.info()).collect())
 }
 
+/// Creates a sparse volume.
+#[utoipa::path(post, path = "/v1/volumes", tag = "volumes", request_body = VolumeConfig,
+    responses((status = 201, description = "Created", body = VolumeInfo),
+        (status = 400, description = "Invalid settings", body = ErrorBody),
+        (status = 409, description = "A volume of that name exists", body = ErrorBody)))]
 async fn create(State(reg): Reg, Json(cfg): Json<VolumeConfig>) -> ApiResult<impl IntoResponse> {
     let v = reg.create(cfg).await?;
     Ok((StatusCode::CREATED, Json(v.info())))
 }
 
+/// Sets who may use the volume: the hosts that may hold leases and anonymous access.
+#[utoipa::path(put, path = "/v1/volumes/{id}/access", tag = "volumes", params(("id" = String, Path, description = "The volume's name")), request_body = VolumeAccess,
+    responses((status = 200, description = "The volume with its new policy", body = VolumeInfo),
+        (status = 404, description = "No such volume", body = ErrorBody), (status = 409, description = "Refused: the lease state does not allow it", body = ErrorBody)))]
 async fn set_access(
     State(reg): Reg,
     Path(id): Path<String>,
@@ -86,19 +109,34 @@ async fn set_access(
     Ok(Json(vol.info()))
 }
 
+/// One volume.
+#[utoipa::path(get, path = "/v1/volumes/{id}", tag = "volumes", params(("id" = String, Path, description = "The volume's name")),
+    responses((status = 200, description = "The volume", body = VolumeInfo), (status = 404, description = "No such volume", body = ErrorBody)))]
 async fn show(State(reg): Reg, Path(id): Path<String>) -> ApiResult<Json<VolumeInfo>> {
     Ok(Json(reg.get(&id)?.info()))
 }
 
+/// Deletes a volume that no lease holder uses.
+#[utoipa::path(delete, path = "/v1/volumes/{id}", tag = "volumes", params(("id" = String, Path, description = "The volume's name")),
+    responses((status = 204, description = "Deleted"), (status = 404, description = "No such volume", body = ErrorBody),
+        (status = 409, description = "The volume is in use", body = ErrorBody)))]
 async fn delete(State(reg): Reg, Path(id): Path<String>) -> ApiResult<StatusCode> {
     reg.delete(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The volume's lease table.
+#[utoipa::path(get, path = "/v1/volumes/{id}/leases", tag = "leases", params(("id" = String, Path, description = "The volume's name")),
+    responses((status = 200, description = "The lease table", body = LeaseView), (status = 404, description = "No such volume", body = ErrorBody)))]
 async fn leases(State(reg): Reg, Path(id): Path<String>) -> ApiResult<Json<LeaseView>> {
     Ok(Json(reg.get(&id)?.lease_view()))
 }
 
+/// Flips the volume to its standby now, or arms a flip that the standby's first access (or
+/// the deadline) completes.
+#[utoipa::path(post, path = "/v1/volumes/{id}/flip", tag = "leases", params(("id" = String, Path, description = "The volume's name")), request_body(content = Option<FlipRequest>, description = "Without a body: flip now to the only standby"),
+    responses((status = 200, description = "Flipped", body = FlipReport),
+        (status = 202, description = "Armed", body = ArmedFlip), (status = 404, description = "No such volume", body = ErrorBody), (status = 409, description = "Refused: the lease state does not allow it", body = ErrorBody)))]
 async fn flip_volume(
     State(reg): Reg,
     Path(id): Path<String>,
@@ -128,10 +166,16 @@ async fn flip_volume(
 }
 
 /// The query of `DELETE /v1/volumes/{id}/flip`.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct CancelQuery {
+    /// Cancel only the flip armed for this migration.
     migration: Option<String>,
 }
+
+/// Cancels an armed flip.
+#[utoipa::path(delete, path = "/v1/volumes/{id}/flip", tag = "leases", params(("id" = String, Path, description = "The volume's name"), CancelQuery),
+    responses((status = 200, description = "The lease table", body = LeaseView), (status = 404, description = "No such volume", body = ErrorBody), (status = 409, description = "Refused: the lease state does not allow it", body = ErrorBody)))]
 
 async fn cancel_flip(
     State(reg): Reg,
@@ -143,6 +187,9 @@ async fn cancel_flip(
     Ok(Json(vol.lease_view()))
 }
 
+/// Undoes the flip that made `epoch`, if the volume has not moved on since.
+#[utoipa::path(post, path = "/v1/volumes/{id}/rollback", tag = "leases", params(("id" = String, Path, description = "The volume's name")), request_body = RollbackRequest,
+    responses((status = 200, description = "Rolled back", body = FlipReport), (status = 404, description = "No such volume", body = ErrorBody), (status = 409, description = "Refused: the lease state does not allow it", body = ErrorBody)))]
 async fn rollback(
     State(reg): Reg,
     Path(id): Path<String>,
@@ -154,6 +201,10 @@ async fn rollback(
     ))
 }
 
+/// Flips several volumes from one host to another at once (all or none).
+#[utoipa::path(post, path = "/v1/leases/flip", tag = "leases", request_body = GroupFlipRequest,
+    responses((status = 200, description = "Flipped", body = GroupFlipReport),
+        (status = 400, description = "No volumes, or one twice", body = ErrorBody), (status = 404, description = "No such volume", body = ErrorBody), (status = 409, description = "Refused: the lease state does not allow it", body = ErrorBody)))]
 async fn flip_group(
     State(reg): Reg,
     Json(req): Json<GroupFlipRequest>,
@@ -163,6 +214,9 @@ async fn flip_group(
     Ok(Json(report))
 }
 
+/// Revokes a host's leases on several volumes.
+#[utoipa::path(post, path = "/v1/leases/revoke", tag = "leases", request_body = GroupRevokeRequest,
+    responses((status = 200, description = "The lease tables", body = Vec<LeaseView>), (status = 404, description = "No such volume", body = ErrorBody), (status = 409, description = "Refused: the lease state does not allow it", body = ErrorBody)))]
 async fn revoke_group(
     State(reg): Reg,
     Json(req): Json<GroupRevokeRequest>,
@@ -170,6 +224,9 @@ async fn revoke_group(
     Ok(Json(flip::revoke_group(&reg, &req).await?))
 }
 
+/// Undoes a group flip on every volume that has not moved on since.
+#[utoipa::path(post, path = "/v1/leases/rollback", tag = "leases", request_body = GroupRollbackRequest,
+    responses((status = 200, description = "Rolled back", body = GroupFlipReport), (status = 404, description = "No such volume", body = ErrorBody), (status = 409, description = "Refused: the lease state does not allow it", body = ErrorBody)))]
 async fn rollback_group(
     State(reg): Reg,
     Json(req): Json<GroupRollbackRequest>,
@@ -177,6 +234,9 @@ async fn rollback_group(
     Ok(Json(flip::rollback_group(&reg, &req).await?))
 }
 
+/// Revokes a host's lease on the volume (optionally only in a given state).
+#[utoipa::path(post, path = "/v1/volumes/{id}/leases/revoke", tag = "leases", params(("id" = String, Path, description = "The volume's name")), request_body = RevokeRequest,
+    responses((status = 200, description = "The lease table", body = LeaseView), (status = 404, description = "No such volume", body = ErrorBody), (status = 409, description = "Refused: the lease state does not allow it", body = ErrorBody)))]
 async fn revoke(
     State(reg): Reg,
     Path(id): Path<String>,
@@ -185,4 +245,42 @@ async fn revoke(
     let vol = reg.get(&id)?;
     flip::revoke(&reg, &vol, &req.host, req.only_if).await?;
     Ok(Json(vol.lease_view()))
+}
+
+/// The REST API's OpenAPI document, made from the handlers above; `storaged/openapi.yaml` is
+/// this document, checked in (a unit test fails when they differ).
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "storaged",
+        description = "Volumes and their leases: create, inspect, flip, roll back, revoke."
+    ),
+    paths(
+        health,
+        list,
+        create,
+        show,
+        delete,
+        set_access,
+        leases,
+        flip_volume,
+        cancel_flip,
+        rollback,
+        revoke,
+        flip_group,
+        revoke_group,
+        rollback_group
+    )
+)]
+pub struct ApiDoc;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_checked_in_openapi_document_is_the_code() {
+        vmhop_common::openapi::check::<super::ApiDoc>(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/openapi.yaml"
+        ));
+    }
 }

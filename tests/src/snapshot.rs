@@ -89,19 +89,19 @@ fn make(image: &GuestImage, dir: &Path, path: &Path) -> Result<String> {
     let mut guest = VmmGuest::start(&vm_config(image, dir))?;
     let ready = guest.agent.wait_ready(BOOT_TIMEOUT)?;
     let boot_id = ready.get("boot_id").context("no boot id")?.to_string();
-    let (code, body) = guest.api("PUT", "/v1/vm/pause")?;
+    let (code, body) = guest.api("POST", "/v1/vm/pause")?;
     if code != 200 {
         bail!("pause: {code} {body}");
     }
     let (code, body) = guest.api_json(
-        "PUT",
+        "POST",
         "/v1/vm/snapshot",
         &format!(r#"{{"path":"{}"}}"#, path.display()),
     )?;
     if code != 200 {
         bail!("snapshot: {code} {body}");
     }
-    let _ = guest.api("PUT", "/v1/vm/shutdown");
+    let _ = guest.api("POST", "/v1/vm/shutdown");
     guest.wait_exit(Duration::from_secs(30))?;
     std::fs::remove_file(dir.join("data.img"))?;
     Ok(boot_id)

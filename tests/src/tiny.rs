@@ -142,9 +142,9 @@ impl TinyVmm {
         Ok(serde_json::from_str(&body)?)
     }
 
-    /// `PUT /v1/migration/send` with `params` (JSON); returns the status and the body.
+    /// `POST /v1/migration/send` with `params` (JSON); returns the status and the body.
     pub fn send(&self, params: &serde_json::Value) -> Result<(u16, String)> {
-        api_call_body(&self.api, "PUT", "/v1/migration/send", &params.to_string())
+        api_call_body(&self.api, "POST", "/v1/migration/send", &params.to_string())
     }
 
     /// Waits until the migration's phase is one of `phases`, or the VMM exits.

@@ -258,9 +258,9 @@ impl VmmGuest {
     /// Starts a live migration with the send parameters `params` (JSON); fails unless the VMM
     /// accepted it (202).
     pub fn send_migration(&self, params: &str) -> Result<()> {
-        let (code, body) = self.api_json("PUT", "/v1/migration/send", params)?;
+        let (code, body) = self.api_json("POST", "/v1/migration/send", params)?;
         if code != 202 {
-            bail!("PUT /v1/migration/send: {code} {body}");
+            bail!("POST /v1/migration/send: {code} {body}");
         }
         Ok(())
     }
@@ -284,18 +284,18 @@ impl VmmGuest {
 
     /// Runs a handed-over guest on this destination: returns its final migration status.
     pub fn resume_incoming(&mut self, timeout: Duration) -> Result<serde_json::Value> {
-        let (code, body) = self.api("PUT", "/v1/vm/resume")?;
+        let (code, body) = self.api("POST", "/v1/vm/resume")?;
         if code != 200 {
-            bail!("PUT /v1/vm/resume: {code} {body}");
+            bail!("POST /v1/vm/resume: {code} {body}");
         }
         self.wait_migration(&["completed"], timeout)
     }
 
     /// Ends the VMM through the API and waits for its clean exit.
     pub fn shutdown(&mut self) -> Result<()> {
-        let (code, body) = self.api("PUT", "/v1/vm/shutdown")?;
+        let (code, body) = self.api("POST", "/v1/vm/shutdown")?;
         if code != 200 {
-            bail!("PUT /v1/vm/shutdown: {code} {body}");
+            bail!("POST /v1/vm/shutdown: {code} {body}");
         }
         let status = self.wait_exit(Duration::from_secs(30))?;
         if !status.success() {
@@ -330,8 +330,8 @@ impl VmmGuest {
     /// vCPU's registers and the code at RIP), resumes it, and returns the VMM's stderr and the
     /// console tail.
     pub fn diagnose(&self) -> String {
-        let pause = self.api("PUT", "/v1/vm/pause");
-        let _ = self.api("PUT", "/v1/vm/resume");
+        let pause = self.api("POST", "/v1/vm/pause");
+        let _ = self.api("POST", "/v1/vm/resume");
         format!(
             "pause: {pause:?}\nvmm stderr:\n{}\nconsole:\n{}",
             self.stderr(),

@@ -113,7 +113,7 @@ fn vmm_read_only_root_refuses_writes_and_a_locked_disk_is_refused() {
     assert!(err.contains("in use by another process"), "{err}");
 
     // Shutdown through the API.
-    let (code, _) = guest.api("PUT", "/v1/vm/shutdown").unwrap();
+    let (code, _) = guest.api("POST", "/v1/vm/shutdown").unwrap();
     assert_eq!(code, 200);
     let status = guest.wait_exit(Duration::from_secs(60)).unwrap();
     assert_eq!(status.code(), Some(0), "{}", guest.stderr());
@@ -161,7 +161,7 @@ fn vmm_boots_guest_through_the_64_bit_boot_protocol() {
     assert!(guest.stderr().contains("Linux64"), "{}", guest.stderr());
     let r = guest.agent.command("ping", REPLY);
     guest.ok(r);
-    let (code, _) = guest.api("PUT", "/v1/vm/shutdown").unwrap();
+    let (code, _) = guest.api("POST", "/v1/vm/shutdown").unwrap();
     assert_eq!(code, 200);
     assert_eq!(
         guest.wait_exit(Duration::from_secs(60)).unwrap().code(),

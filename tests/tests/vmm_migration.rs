@@ -40,7 +40,7 @@ fn migrate(
     let handed = src.hand_over(&mut dst, &addr, MIGRATION_TIMEOUT);
     let handed = src.ok(handed);
     // The source's guest is paused and may not be resumed; the destination has not resumed.
-    let (code, _) = src.api("PUT", "/v1/vm/resume").unwrap();
+    let (code, _) = src.api("POST", "/v1/vm/resume").unwrap();
     assert_eq!(code, 409, "a handed-over source must refuse to resume");
     let flip = storaged
         .cli(&["lease", "flip", "data", "--to", host])

@@ -2,7 +2,7 @@
 //! a halting kernel ([`e2e::tiny`]), the destination stops itself right after it read COMMIT
 //! (`VMHOP_STALL_AT=incoming.commit`) and is killed there. The source cannot know whether the destination
 //! acted on it: its migration fails as undecided, the guest stays paused, a resume is refused,
-//! and only `PUT /v1/migration/abort` (what the caller sends once it knows that the destination
+//! and only `POST /v1/migration/abort` (what the caller sends once it knows that the destination
 //! cannot run the guest) runs it again.
 
 use e2e::tiny::{hlt_kernel, TinyVmm};
@@ -58,12 +58,12 @@ fn a_source_whose_commit_is_unconfirmed_stays_paused_until_aborted() {
         "{m}"
     );
     assert_eq!(src.info().unwrap()["state"], "paused", "{m}");
-    let (code, body) = src.api("PUT", "/v1/vm/resume").unwrap();
+    let (code, body) = src.api("POST", "/v1/vm/resume").unwrap();
     assert_eq!(code, 409, "{body}");
     assert!(body.contains("may hold the guest"), "{body}");
     assert_eq!(src.info().unwrap()["state"], "paused");
 
-    let (code, body) = src.api("PUT", "/v1/migration/abort").unwrap();
+    let (code, body) = src.api("POST", "/v1/migration/abort").unwrap();
     assert_eq!(code, 200, "{body}");
     assert_eq!(src.info().unwrap()["state"], "running");
 }

@@ -231,7 +231,7 @@ fn source_keeps_the_guest_when_the_destination_fails() {
     send(&guest, &addr);
     let m = guest.wait_migration(&["precopy"], EXIT).unwrap();
     assert_eq!(m["phase"], "precopy");
-    let (code, body) = guest.api("PUT", "/v1/migration/abort").unwrap();
+    let (code, body) = guest.api("POST", "/v1/migration/abort").unwrap();
     assert_eq!(code, 200, "{body}");
     let m = guest.wait_migration(&["aborted"], EXIT).unwrap();
     eprintln!("aborted: {m}");

@@ -31,11 +31,11 @@ fn vmm_pause_resume_while_memory_workload_runs() {
     let before = seq_after(&mut guest, 2);
 
     for round in 0..3 {
-        let (code, body) = guest.api("PUT", "/v1/vm/pause").unwrap();
+        let (code, body) = guest.api("POST", "/v1/vm/pause").unwrap();
         assert_eq!(code, 200, "{body}");
         assert_eq!(json_str(&body, "state").as_deref(), Some("paused"));
         // Idempotent.
-        let (code, body) = guest.api("PUT", "/v1/vm/pause").unwrap();
+        let (code, body) = guest.api("POST", "/v1/vm/pause").unwrap();
         assert_eq!(
             (code, json_str(&body, "state").as_deref()),
             (200, Some("paused"))
@@ -43,7 +43,7 @@ fn vmm_pause_resume_while_memory_workload_runs() {
         let (_, info) = guest.api("GET", "/v1/vm").unwrap();
         assert_eq!(json_str(&info, "state").as_deref(), Some("paused"));
 
-        let (code, body) = guest.api("PUT", "/v1/vm/resume").unwrap();
+        let (code, body) = guest.api("POST", "/v1/vm/resume").unwrap();
         assert_eq!(code, 200, "{body}");
         assert_eq!(json_str(&body, "state").as_deref(), Some("running"));
         let s = seq_after(&mut guest, before.num("seq").unwrap() + round + 1);
@@ -51,14 +51,14 @@ fn vmm_pause_resume_while_memory_workload_runs() {
     }
 
     // A command sent while paused is answered after the resume, not before.
-    let (code, _) = guest.api("PUT", "/v1/vm/pause").unwrap();
+    let (code, _) = guest.api("POST", "/v1/vm/pause").unwrap();
     assert_eq!(code, 200);
     let err = guest
         .agent
         .command("ping", Duration::from_secs(3))
         .expect_err("a paused guest answered");
     assert!(err.to_string().contains("no agent reply"), "{err}");
-    let (code, _) = guest.api("PUT", "/v1/vm/resume").unwrap();
+    let (code, _) = guest.api("POST", "/v1/vm/resume").unwrap();
     assert_eq!(code, 200);
     // The late reply arrives now. The agent ignores an empty line, so "sending" one just
     // collects that reply and keeps commands and replies paired.

@@ -55,9 +55,10 @@ fn snapshot_restores_into_a_new_vmm_and_the_workloads_continue() {
     };
 
     let snap = dir.path().join("guest.snap");
-    let (code, body) = guest.api("PUT", "/v1/vm/pause").unwrap();
+    let (code, body) = guest.api("POST", "/v1/vm/pause").unwrap();
     assert_eq!(code, 200, "{body}");
     let t = Instant::now();
+    // PUT, as clients of earlier versions send it: still accepted beside POST.
     let (code, body) = guest
         .api_json(
             "PUT",
@@ -73,7 +74,7 @@ fn snapshot_restores_into_a_new_vmm_and_the_workloads_continue() {
         size.len()
     );
     assert!(body.contains(r#""state":"paused""#), "{body}");
-    let (code, _) = guest.api("PUT", "/v1/vm/shutdown").unwrap();
+    let (code, _) = guest.api("POST", "/v1/vm/shutdown").unwrap();
     assert_eq!(code, 200);
     guest.wait_exit(Duration::from_secs(30)).unwrap();
 
@@ -114,7 +115,7 @@ fn snapshot_restores_into_a_new_vmm_and_the_workloads_continue() {
     assert_eq!(v.num("verified"), Some(acked), "{v:?}");
     assert_eq!(v.num("boot_ids"), Some(1), "{v:?}");
     verify_on_host(&data, acked, None);
-    let (code, _) = restored.api("PUT", "/v1/vm/shutdown").unwrap();
+    let (code, _) = restored.api("POST", "/v1/vm/shutdown").unwrap();
     assert_eq!(code, 200);
     restored.wait_exit(Duration::from_secs(30)).unwrap();
 

@@ -73,7 +73,7 @@ fn vmm_disks_on_storaged_volumes_survive_restart_and_are_fenced() {
     guest.ok(r);
 
     // End the first VMM through the API, then start a new process on the same volumes.
-    let (code, body) = guest.api("PUT", "/v1/vm/shutdown").unwrap();
+    let (code, body) = guest.api("POST", "/v1/vm/shutdown").unwrap();
     assert_eq!(code, 200, "{body}");
     assert_eq!(
         guest.wait_exit(Duration::from_secs(60)).unwrap().code(),

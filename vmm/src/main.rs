@@ -74,7 +74,7 @@ struct RunArgs {
     #[arg(long, value_name = "DIR")]
     tls_dir: Option<PathBuf>,
     /// Boot nothing: receive a running guest from another VMM on this `HOST:PORT`
-    /// (`PUT /v1/migration/send` on the source). Give the same VM configuration as the source.
+    /// (`POST /v1/migration/send` on the source). Give the same VM configuration as the source.
     /// Connections that do not prove to be the source (in TLS: the host of `--incoming-from`)
     /// are refused and the VMM keeps listening.
     #[arg(long, value_name = "HOST:PORT", conflicts_with = "restore")]
@@ -90,7 +90,7 @@ struct RunArgs {
         requires = "incoming"
     )]
     accept_timeout: u64,
-    /// Boot nothing: load this snapshot (`PUT /v1/vm/snapshot`) and run it. Give the same VM
+    /// Boot nothing: load this snapshot (`POST /v1/vm/snapshot`) and run it. Give the same VM
     /// configuration as when it was taken, with its disks in the state they had then. The
     /// guest's memory is mapped from the file: do not write into it while the VM runs.
     #[arg(long, value_name = "FILE")]

@@ -16,7 +16,7 @@ use std::time::Duration;
 use vmm_api::migration::MigrationStatus;
 
 /// Which end of the migration this host is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
     /// The guest runs here at the start.
@@ -26,7 +26,9 @@ pub enum Role {
 }
 
 /// Phase of a migration as migrated tracks it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Phase {
     /// Recorded, nothing done yet.
@@ -95,7 +97,7 @@ impl std::fmt::Display for Phase {
 }
 
 /// Tuning of a migration, passed to the source VMM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MigrationParams {
     /// Longest pause the guest may see, in ms.
     #[serde(default = "default_downtime")]
@@ -126,7 +128,7 @@ impl Default for MigrationParams {
 }
 
 /// One recorded step.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Step {
     /// When (ms since the epoch).
     pub at_ms: u64,
@@ -137,7 +139,7 @@ pub struct Step {
 }
 
 /// Final figures.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Figures {
     /// From the request to the destination running the guest.
     pub total_ms: u64,
@@ -158,7 +160,7 @@ pub struct Figures {
 }
 
 /// The durable record of one migration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MigrationRecord {
     /// Migration id (unique across hosts: instance, source and a timestamp).
     pub id: String,
@@ -200,7 +202,7 @@ pub struct MigrationRecord {
 }
 
 /// Live progress, as the source VMM reports it (not persisted).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Progress {
     /// The VMM's migration phase.
     pub vmm_phase: vmm_api::migration::Phase,

@@ -50,7 +50,7 @@ pub enum VolumeConfigError {
 }
 
 /// Who may use a volume without the lease option (standard NBD tools).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum AnonymousPolicy {
@@ -66,7 +66,7 @@ pub enum AnonymousPolicy {
 }
 
 /// A volume as the operator configured it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VolumeConfig {
     /// Name, also the NBD export name.
     pub name: String,
@@ -143,7 +143,7 @@ impl VolumeConfig {
 }
 
 /// Who may use a volume: body of `PUT /v1/volumes/{id}/access`, which replaces both parts.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeAccess {
     /// Access for clients without a lease.
@@ -174,7 +174,7 @@ impl VolumeAccess {
 }
 
 /// What `show`/`list` report about a volume.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct VolumeInfo {
     /// Configuration.
     #[serde(flatten)]
@@ -186,7 +186,7 @@ pub struct VolumeInfo {
 }
 
 /// A lease as reported by the API.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct LeaseEntry {
     /// Host id.
     pub host: String,
@@ -199,7 +199,7 @@ pub struct LeaseEntry {
 }
 
 /// The lease view of a volume.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct LeaseView {
     /// Volume.
     pub volume: String,
@@ -239,7 +239,7 @@ impl LeaseView {
 }
 
 /// Who holds a lease: a host and the instance (VM) on it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Holder {
     /// Host id.
     pub host: String,
@@ -254,7 +254,7 @@ impl std::fmt::Display for Holder {
 }
 
 /// The state a holder has on a volume.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "snake_case")]
 pub enum LeaseState {
@@ -267,7 +267,7 @@ pub enum LeaseState {
 }
 
 /// When a flip happens.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FlipMode {
     /// Right away; the answer is the flip report.
@@ -278,7 +278,7 @@ pub enum FlipMode {
 }
 
 /// Body of `POST /v1/volumes/{id}/flip`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FlipRequest {
     /// Host to promote (default: the only standby).
     #[serde(default)]
@@ -295,7 +295,7 @@ pub struct FlipRequest {
 }
 
 /// Answer to an armed flip.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ArmedFlip {
     /// Always true.
     pub armed: bool,
@@ -304,7 +304,7 @@ pub struct ArmedFlip {
 }
 
 /// Body of `POST /v1/volumes/{id}/leases/revoke`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RevokeRequest {
     /// Host whose lease ends.
     pub host: String,
@@ -314,7 +314,7 @@ pub struct RevokeRequest {
 }
 
 /// Body of an error answer.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     /// What went wrong.
     pub error: String,
@@ -323,7 +323,7 @@ pub struct ErrorBody {
 // ---- Lease changes of a set of volumes, and rollbacks that name what they undo ----
 
 /// A volume and an epoch of its lease table.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VolumeEpoch {
     /// The volume.
     pub volume: String,
@@ -333,7 +333,7 @@ pub struct VolumeEpoch {
 
 /// Body of `POST /v1/leases/flip`: promote `to`'s standby lease on every volume, only if `from`
 /// holds the primary lease on each at the epoch named (its lease is deactivated).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GroupFlipRequest {
     /// The host that must be primary on every volume.
     pub from: String,
@@ -348,7 +348,7 @@ pub struct GroupFlipRequest {
 
 /// Answer of `POST /v1/leases/flip` and `POST /v1/leases/rollback`: each volume's report (its
 /// new epoch, the requests drained on it; the step timings are the whole change's).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GroupFlipReport {
     /// By volume.
     pub volumes: std::collections::BTreeMap<String, FlipReport>,
@@ -360,7 +360,7 @@ pub struct GroupFlipReport {
 /// volume's epoch moves, so that a flip conditional on an earlier epoch
 /// ([`GroupFlipRequest`]) fails from then on, even if `host` connects as standby again: after
 /// this answer, `host` cannot become primary through such a flip.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GroupRevokeRequest {
     /// The host whose standby leases end.
     pub host: String,
@@ -376,7 +376,7 @@ pub struct GroupRevokeRequest {
 
 /// Body of `POST /v1/volumes/{id}/rollback`: undo the flip that made `primary` the primary at
 /// `epoch`; refused (409) if the volume moved on since (another epoch or another primary).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RollbackRequest {
     /// The epoch the flip being undone produced.
     pub epoch: u64,
@@ -386,7 +386,7 @@ pub struct RollbackRequest {
 
 /// Body of `POST /v1/leases/rollback`: undo, on every volume, the flip that made `primary` the
 /// primary at the epoch named, or on none.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GroupRollbackRequest {
     /// The host the flips made primary.
     pub primary: String,
@@ -399,7 +399,7 @@ pub struct GroupRollbackRequest {
 
 /// An armed flip, as the lease view shows it. It fires only while the volume is at `epoch`:
 /// any lease change (a flip, a rollback, a revoke) disarms it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ArmedFlipInfo {
     /// The standby host it promotes (none: the only standby).
     pub to: Option<String>,

@@ -747,7 +747,17 @@ pub fn encode_error_chunk(error: u32, message: &str) -> Vec<u8> {
 }
 
 /// Time each step of a flip took, in microseconds, and the resulting epoch.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
+)]
 pub struct FlipReport {
     /// Epoch after the flip.
     pub epoch: u64,

@@ -1,7 +1,8 @@
 //! What the project's daemons and tools share, one concern a module:
 //!
 //! - [`logging`]: `tracing` to stderr, as text or JSON lines; [`man`] (feature `man`): the
-//!   manual pages of a binary, from its command line definition;
+//!   manual pages of a binary, from its command line definition; [`openapi`] (feature
+//!   `openapi`): the check of a daemon's checked-in OpenAPI document;
 //! - [`config`]: reading a TOML settings file;
 //! - [`faults`]: the crash points of the fault matrix; [`corpus`]: the fuzz corpora replayed
 //!   by the unit tests;
@@ -26,6 +27,8 @@ pub mod http;
 pub mod logging;
 #[cfg(feature = "man")]
 pub mod man;
+#[cfg(feature = "openapi")]
+pub mod openapi;
 #[cfg(feature = "pki")]
 pub mod pki;
 pub mod signal;

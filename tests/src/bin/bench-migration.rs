@@ -12,7 +12,7 @@
 //! restores the TSC it saved when it stopped the source (QEMU does) hides its stop time from it.
 //!
 //! QEMU: source and destination (`-incoming tcp:...`) driven over QMP. Our VMM: destination
-//! `vmm run ... --incoming ADDR`, source `PUT /v1/migration/send`, progress from
+//! `vmm run ... --incoming ADDR`, source `POST /v1/migration/send`, progress from
 //! `GET /v1/migration`.
 
 use anyhow::{bail, Context, Result};
@@ -439,9 +439,9 @@ fn migrate_vmm(c: &Case) -> Result<Outcome> {
         "throttle": true,
         "resume": "auto",
     });
-    let (code, body) = api(&src.api_socket, "PUT", "/v1/migration/send", &request)?;
+    let (code, body) = api(&src.api_socket, "POST", "/v1/migration/send", &request)?;
     if code != 202 {
-        bail!("PUT /v1/migration/send: {code} {body}");
+        bail!("POST /v1/migration/send: {code} {body}");
     }
     let deadline = Instant::now() + MIGRATION;
     let status = loop {
@@ -456,7 +456,7 @@ fn migrate_vmm(c: &Case) -> Result<Outcome> {
     };
     eprintln!("[bench migration]   final status: {status}");
     let guest_gap_ms = gap.after_migration(&mut dst.agent)?;
-    let _ = api(&src.api_socket, "PUT", "/v1/vm/shutdown", &Value::Null);
+    let _ = api(&src.api_socket, "POST", "/v1/vm/shutdown", &Value::Null);
     let _ = src.wait_exit(Duration::from_secs(30));
     Ok(Outcome {
         total_ms: status["total_ms"].as_f64().context("total_ms")?,

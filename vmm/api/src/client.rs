@@ -67,7 +67,7 @@ impl VmmClient {
     }
 
     async fn put_vm(&self, path: &str) -> Result<VmInfo, VmmError> {
-        Ok(self.http.call(Method::PUT, path, None::<&()>).await?)
+        Ok(self.http.call(Method::POST, path, None::<&()>).await?)
     }
 
     /// `GET /v1/vm`.
@@ -75,29 +75,29 @@ impl VmmClient {
         Ok(self.http.call(Method::GET, "/v1/vm", None::<&()>).await?)
     }
 
-    /// `PUT /v1/vm/pause`.
+    /// `POST /v1/vm/pause`.
     pub async fn pause(&self) -> Result<VmInfo, VmmError> {
         self.put_vm("/v1/vm/pause").await
     }
 
-    /// `PUT /v1/vm/resume`.
+    /// `POST /v1/vm/resume`.
     pub async fn resume(&self) -> Result<VmInfo, VmmError> {
         self.put_vm("/v1/vm/resume").await
     }
 
-    /// `PUT /v1/vm/shutdown`.
+    /// `POST /v1/vm/shutdown`.
     pub async fn shutdown(&self) -> Result<VmInfo, VmmError> {
         self.put_vm("/v1/vm/shutdown").await
     }
 
-    /// `PUT /v1/vm/snapshot`: state and memory to `path`.
+    /// `POST /v1/vm/snapshot`: state and memory to `path`.
     pub async fn snapshot(&self, path: &Path) -> Result<VmInfo, VmmError> {
         let req = SnapshotRequest {
             path: path.to_path_buf(),
         };
         Ok(self
             .http
-            .call(Method::PUT, "/v1/vm/snapshot", Some(&req))
+            .call(Method::POST, "/v1/vm/snapshot", Some(&req))
             .await?)
     }
 
@@ -118,19 +118,19 @@ impl VmmClient {
             .map_err(|e| self.no_api(e))
     }
 
-    /// `PUT /v1/migration/send`: starts a live migration.
+    /// `POST /v1/migration/send`: starts a live migration.
     pub async fn send(&self, req: &SendParams) -> Result<MigrationStatus, VmmError> {
         self.http
-            .call(Method::PUT, "/v1/migration/send", Some(req))
+            .call(Method::POST, "/v1/migration/send", Some(req))
             .await
             .map_err(|e| self.no_api(e))
     }
 
-    /// `PUT /v1/migration/abort`: the source keeps the guest (valid until the destination
+    /// `POST /v1/migration/abort`: the source keeps the guest (valid until the destination
     /// resumed it).
     pub async fn abort(&self) -> Result<MigrationStatus, VmmError> {
         self.http
-            .call(Method::PUT, "/v1/migration/abort", None::<&()>)
+            .call(Method::POST, "/v1/migration/abort", None::<&()>)
             .await
             .map_err(|e| self.no_api(e))
     }

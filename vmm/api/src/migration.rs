@@ -1,11 +1,11 @@
-//! `PUT /v1/migration/send` and `GET /v1/migration`: what a live migration is asked to do and
+//! `POST /v1/migration/send` and `GET /v1/migration`: what a live migration is asked to do and
 //! how far it got. The phases are those of `vmm/src/migration/mod.rs`'s sequence diagram.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-/// What `PUT /v1/migration/send` asks for.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What `POST /v1/migration/send` asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SendParams {
     /// `HOST:PORT` of the destination VMM's stream listener.
@@ -30,13 +30,13 @@ pub struct SendParams {
 }
 
 /// When the destination runs the guest it received.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ResumeMode {
     /// As soon as it has all state.
     #[default]
     Auto,
-    /// Only on `PUT /v1/vm/resume` (the storage leases are flipped in between).
+    /// Only on `POST /v1/vm/resume` (the storage leases are flipped in between).
     Wait,
 }
 
@@ -96,7 +96,7 @@ impl SendParams {
 }
 
 /// Where a migration is.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Phase {
     /// None has started.
@@ -113,7 +113,7 @@ pub enum Phase {
     Completed,
     /// It failed; `error` says why. A source runs the guest again, unless it failed after
     /// COMMIT was on its way unconfirmed (the destination may hold the guest): then it stays
-    /// paused until `PUT /v1/migration/abort`.
+    /// paused until `POST /v1/migration/abort`.
     Failed,
     /// It was aborted on request; a source runs the guest again.
     Aborted,
@@ -146,7 +146,7 @@ impl std::fmt::Display for Phase {
 }
 
 /// Which side of a migration a VMM is.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum MigrationRole {
     /// No migration.
@@ -159,7 +159,7 @@ pub enum MigrationRole {
 }
 
 /// `GET /v1/migration`: progress, then the final figures.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default)]
 pub struct MigrationStatus {
     /// Source, destination, or none when idle.

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 /// Whether the guest runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RunState {
     /// vCPUs are running.
@@ -14,7 +14,7 @@ pub enum RunState {
 }
 
 /// `GET /v1/vm`, and the answer of the VM actions (pause, resume, shutdown, snapshot).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VmInfo {
     /// The VM's name.
     pub name: String,
@@ -37,7 +37,7 @@ pub struct VmInfo {
 }
 
 /// One disk in [`VmInfo`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DiskInfo {
     /// Path or storaged URL.
     pub name: String,
@@ -45,10 +45,11 @@ pub struct DiskInfo {
     pub read_only: bool,
 }
 
-/// `PUT /v1/vm/snapshot`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `POST /v1/vm/snapshot`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotRequest {
     /// Where the snapshot file goes (replaced if it exists).
+    #[schema(value_type = String)]
     pub path: PathBuf,
 }

@@ -19,7 +19,7 @@
 
 mod server;
 
-pub use server::bind;
+pub use server::{bind, ApiDoc};
 
 use thiserror::Error;
 

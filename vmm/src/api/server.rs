@@ -4,12 +4,14 @@ use super::{ApiError, ApiRequest, ApiResponse};
 use crate::vm::{VmError, VmEvent};
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{get, put};
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use std::future::Future;
 use std::path::Path;
 use std::sync::mpsc::Sender;
 use std::time::Duration;
+use vmm_api::migration::{MigrationStatus, SendParams};
+use vmm_api::vm::{SnapshotRequest, VmInfo};
 
 /// How long a handler waits for the control loop (a pause waits for every vCPU; a snapshot
 /// writes the guest's memory).
@@ -31,15 +33,17 @@ pub fn bind(
     let std_listener = std::os::unix::net::UnixListener::bind(path).map_err(err)?;
     std_listener.set_nonblocking(true).map_err(err)?;
     let listener = tokio::net::UnixListener::from_std(std_listener).map_err(err)?;
+    // Actions are POST, as in storaged's and migrated's APIs; PUT stays accepted for the
+    // clients written against earlier versions.
     let app = Router::new()
         .route("/v1/vm", get(info))
-        .route("/v1/vm/pause", put(pause))
-        .route("/v1/vm/resume", put(resume))
-        .route("/v1/vm/shutdown", put(shutdown))
-        .route("/v1/vm/snapshot", put(snapshot))
+        .route("/v1/vm/pause", post(pause).put(pause))
+        .route("/v1/vm/resume", post(resume).put(resume))
+        .route("/v1/vm/shutdown", post(shutdown).put(shutdown))
+        .route("/v1/vm/snapshot", post(snapshot).put(snapshot))
         .route("/v1/migration", get(migration))
-        .route("/v1/migration/send", put(send))
-        .route("/v1/migration/abort", put(abort))
+        .route("/v1/migration/send", post(send).put(send))
+        .route("/v1/migration/abort", post(abort).put(abort))
         .with_state(events);
     Ok(async move {
         let stopped = async move {
@@ -90,24 +94,59 @@ fn failure(e: &VmError) -> Reply {
 }
 
 fn error(code: StatusCode, msg: &str) -> Reply {
-    (code, Json(serde_json::json!({ "error": msg })))
+    let body = ErrorBody {
+        error: msg.to_string(),
+    };
+    (code, Json(serde_json::to_value(body).unwrap_or_default()))
 }
 
+/// The VM: its name, run state, shape and disks.
+#[utoipa::path(get, path = "/v1/vm", tag = "vm",
+    responses((status = 200, description = "The VM", body = VmInfo),
+        (status = 503, description = "The VM is shutting down", body = ErrorBody),
+        (status = 504, description = "The VM did not answer in time", body = ErrorBody)))]
 async fn info(State(e): State<Events>) -> Reply {
     call(&e, ApiRequest::Info).await
 }
+/// Pauses every vCPU.
+#[utoipa::path(post, path = "/v1/vm/pause", tag = "vm",
+    responses((status = 200, description = "Paused", body = VmInfo), (status = 409, description = "Refused in the VM's current state", body = ErrorBody), (status = 500, description = "Failed", body = ErrorBody),
+        (status = 503, description = "The VM is shutting down", body = ErrorBody),
+        (status = 504, description = "The VM did not answer in time", body = ErrorBody)))]
 async fn pause(State(e): State<Events>) -> Reply {
     call(&e, ApiRequest::Pause).await
 }
+/// Runs the vCPUs again; on a destination that received the guest with `resume: wait`, runs
+/// the guest for the first time.
+#[utoipa::path(post, path = "/v1/vm/resume", tag = "vm",
+    responses((status = 200, description = "Running", body = VmInfo), (status = 409, description = "Refused in the VM's current state", body = ErrorBody), (status = 500, description = "Failed", body = ErrorBody),
+        (status = 503, description = "The VM is shutting down", body = ErrorBody),
+        (status = 504, description = "The VM did not answer in time", body = ErrorBody)))]
 async fn resume(State(e): State<Events>) -> Reply {
     call(&e, ApiRequest::Resume).await
 }
+/// Ends the VMM: the disks are flushed and the process exits.
+#[utoipa::path(post, path = "/v1/vm/shutdown", tag = "vm",
+    responses((status = 200, description = "Shutting down", body = VmInfo), (status = 409, description = "Refused in the VM's current state", body = ErrorBody), (status = 500, description = "Failed", body = ErrorBody),
+        (status = 503, description = "The VM is shutting down", body = ErrorBody),
+        (status = 504, description = "The VM did not answer in time", body = ErrorBody)))]
 async fn shutdown(State(e): State<Events>) -> Reply {
     call(&e, ApiRequest::Shutdown).await
 }
+/// The migration's progress, then its final figures.
+#[utoipa::path(get, path = "/v1/migration", tag = "migration",
+    responses((status = 200, description = "The migration", body = MigrationStatus),
+        (status = 503, description = "The VM is shutting down", body = ErrorBody),
+        (status = 504, description = "The VM did not answer in time", body = ErrorBody)))]
 async fn migration(State(e): State<Events>) -> Reply {
     call(&e, ApiRequest::MigrationStatus).await
 }
+/// Aborts the migration: a source keeps (or gets back) the guest; a source undecided after
+/// COMMIT resumes only through this call, once the destination was fenced off.
+#[utoipa::path(post, path = "/v1/migration/abort", tag = "migration",
+    responses((status = 200, description = "Aborted", body = MigrationStatus), (status = 409, description = "Refused in the VM's current state", body = ErrorBody), (status = 500, description = "Failed", body = ErrorBody),
+        (status = 503, description = "The VM is shutting down", body = ErrorBody),
+        (status = 504, description = "The VM did not answer in time", body = ErrorBody)))]
 async fn abort(State(e): State<Events>) -> Reply {
     call(&e, ApiRequest::MigrationAbort).await
 }
@@ -118,6 +157,12 @@ fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Reply> {
         .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("request body: {e}")))
 }
 
+/// Starts a live migration of the guest to a destination VMM started with `--incoming`.
+#[utoipa::path(post, path = "/v1/migration/send", tag = "migration", request_body = SendParams,
+    responses((status = 202, description = "Started", body = MigrationStatus),
+        (status = 400, description = "Invalid parameters", body = ErrorBody), (status = 409, description = "Refused in the VM's current state", body = ErrorBody),
+        (status = 503, description = "The VM is shutting down", body = ErrorBody),
+        (status = 504, description = "The VM did not answer in time", body = ErrorBody)))]
 async fn send(State(e): State<Events>, bytes: axum::body::Bytes) -> Reply {
     match body::<vmm_api::migration::SendParams>(&bytes) {
         Ok(p) => match p.validate() {
@@ -127,6 +172,12 @@ async fn send(State(e): State<Events>, bytes: axum::body::Bytes) -> Reply {
         Err(r) => r,
     }
 }
+/// Writes a snapshot of the paused VM (memory, vCPU and device state) to a file.
+#[utoipa::path(post, path = "/v1/vm/snapshot", tag = "vm", request_body = SnapshotRequest,
+    responses((status = 200, description = "Written", body = VmInfo),
+        (status = 400, description = "Invalid request", body = ErrorBody), (status = 409, description = "Refused in the VM's current state", body = ErrorBody), (status = 500, description = "Failed", body = ErrorBody),
+        (status = 503, description = "The VM is shutting down", body = ErrorBody),
+        (status = 504, description = "The VM did not answer in time", body = ErrorBody)))]
 async fn snapshot(State(e): State<Events>, bytes: axum::body::Bytes) -> Reply {
     match body::<vmm_api::vm::SnapshotRequest>(&bytes) {
         Ok(r) => call(&e, ApiRequest::Snapshot(r.path)).await,
@@ -134,9 +185,33 @@ async fn snapshot(State(e): State<Events>, bytes: axum::body::Bytes) -> Reply {
     }
 }
 
+/// An error answer: the error and its causes on one line.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: String,
+}
+
+/// The API's OpenAPI document, made from the handlers above; `vmm/openapi.yaml` is this
+/// document, checked in (a unit test fails when they differ).
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "vmm", description = include_str!("openapi.md")),
+    paths(info, pause, resume, shutdown, snapshot, migration, send, abort)
+)]
+pub struct ApiDoc;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_checked_in_openapi_document_is_the_code() {
+        vmhop_common::openapi::check::<ApiDoc>(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/openapi.yaml"
+        ));
+    }
     use crate::vcpu::{VcpuError, VcpuState};
     use crate::vm::Role;
 

@@ -2,7 +2,7 @@
 //! see [`transport`]), and the dirty-page tracking it needs.
 //!
 //! ```text
-//!  source VMM (PUT /v1/migration/send)            destination VMM (vmm run --incoming ADDR)
+//!  source VMM (POST /v1/migration/send)            destination VMM (vmm run --incoming ADDR)
 //!   connect (TLS: each proves its host) ────────►  the gate: only the expected source passes
 //!           ───── preamble + HELLO ─────────────►  checks version and VM shape
 //!           ◄──── HELLO reply ────────────────────
@@ -18,13 +18,13 @@
 //!   last dirty pages + STATE ──────────────────►  restores VM, vCPUs, devices (data path off)
 //!           ◄──── READY ──────────────────────────
 //!   COMMIT (pause time) ───────────────────────►  resume: "auto" runs the guest now,
-//!           ◄──── RESUMED (auto) ─────────────────          "wait" waits for PUT /v1/vm/resume
+//!           ◄──── RESUMED (auto) ─────────────────          "wait" waits for POST /v1/vm/resume
 //!           ◄──── COMMITTED (wait) ───────────────
 //! ```
 //! Until COMMIT is written the source can resume at any failure (the destination then exits).
 //! Once COMMIT is on its way the guest may be the destination's: the source stays paused, as
 //! handed over once COMMITTED (or RESUMED) came, as undecided when the stream failed first; an
-//! undecided guest runs here again only on `PUT /v1/migration/abort`, which the caller sends
+//! undecided guest runs here again only on `POST /v1/migration/abort`, which the caller sends
 //! once it knows that the destination cannot run it (migrated: once storaged fenced the
 //! destination off). The wire format is in [`wire`]; the source side in [`send`], the
 //! destination side in [`receive`].

@@ -298,7 +298,7 @@ impl Vm {
         if !auto {
             self.role = Role::Committed;
             migration::update(&self.migration, |s| s.phase = Phase::HandedOver);
-            tracing::info!("migration handed over; waiting for PUT /v1/vm/resume");
+            tracing::info!("migration handed over; waiting for POST /v1/vm/resume");
             return Ok(CommitDone { resumed_at_us: 0 });
         }
         self.finish_incoming()

@@ -67,16 +67,18 @@ pub enum VmError {
     #[error("no guest here yet: the incoming migration has not handed over")]
     NoGuestYet,
     /// Resume during an outgoing migration.
-    #[error("a migration is under way: PUT /v1/migration/abort first")]
+    #[error("a migration is under way: POST /v1/migration/abort first")]
     MigrationUnderWay,
     /// Resume on a source that handed the guest over.
-    #[error("the guest was handed over to the destination: PUT /v1/migration/abort takes it back")]
+    #[error(
+        "the guest was handed over to the destination: POST /v1/migration/abort takes it back"
+    )]
     HandedOver,
     /// Resume on a source whose guest runs on the destination.
     #[error("the guest runs on the destination now")]
     GuestGone,
     /// Resume on a source whose hand-over is undecided.
-    #[error("the destination may hold the guest (its COMMIT was not confirmed): once it is known that it cannot run it, PUT /v1/migration/abort takes it back")]
+    #[error("the destination may hold the guest (its COMMIT was not confirmed): once it is known that it cannot run it, POST /v1/migration/abort takes it back")]
     Undecided,
     /// Abort with no migration here.
     #[error("no migration to abort here ({0:?})")]
@@ -230,7 +232,7 @@ pub enum ExitReason {
     GuestReset,
     /// The guest powered off.
     GuestShutdown,
-    /// `PUT /v1/vm/shutdown`.
+    /// `POST /v1/vm/shutdown`.
     ApiShutdown,
     /// A signal.
     Terminated(&'static str),
@@ -280,7 +282,7 @@ pub enum Role {
     Incoming,
     /// Destination: the state is loaded; waiting for COMMIT.
     Loaded,
-    /// Destination: committed, waiting for `PUT /v1/vm/resume`.
+    /// Destination: committed, waiting for `POST /v1/vm/resume`.
     Committed,
 }
 

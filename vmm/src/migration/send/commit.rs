@@ -7,7 +7,7 @@
 //! stream fail. So a failure from here on never resumes the guest here
 //! ([`SendError::Unconfirmed`] makes the outcome [`Outcome::Undecided`](super::Outcome)): it
 //! stays paused until the caller, having made sure that the destination cannot run it (with
-//! storaged, for migrated), takes it back with `PUT /v1/migration/abort`. With `wait` the guest
+//! storaged, for migrated), takes it back with `POST /v1/migration/abort`. With `wait` the guest
 //! counts as handed over only once COMMITTED confirmed it.
 
 use super::handshake::Link;

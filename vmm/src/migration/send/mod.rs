@@ -1,4 +1,4 @@
-//! The source side: one thread per migration, started by `PUT /v1/migration/send`.
+//! The source side: one thread per migration, started by `POST /v1/migration/send`.
 //!
 //! Pre-copy runs beside the guest; the thread asks the VM loop to pause the guest and save
 //! its state ([`crate::vm::VmEvent::MigrationStop`]) and tells it how it ended
@@ -35,7 +35,7 @@ use thiserror::Error;
 /// Why a migration did not hand the guest over.
 #[derive(Debug, Error)]
 pub enum SendError {
-    /// `PUT /v1/migration/abort`.
+    /// `POST /v1/migration/abort`.
     #[error("aborted on request")]
     Aborted,
     /// The destination's address does not resolve.
@@ -107,7 +107,7 @@ pub enum Outcome {
     /// Failed or aborted before COMMIT: the source runs the guest again.
     NotHandedOver,
     /// Failed once COMMIT was on its way, unconfirmed: the destination may hold the guest. The
-    /// source stays paused; only `PUT /v1/migration/abort` (once the caller knows that the
+    /// source stays paused; only `POST /v1/migration/abort` (once the caller knows that the
     /// destination cannot run it) runs it here again.
     Undecided,
 }
@@ -129,7 +129,7 @@ pub struct SourceCtx {
     pub dirty: DirtyLog,
     /// Shared progress.
     pub status: SharedStatus,
-    /// Set by `PUT /v1/migration/abort`.
+    /// Set by `POST /v1/migration/abort`.
     pub abort: Arc<AtomicBool>,
     /// The stream, for the loop to shut down on abort.
     pub stream: Arc<Mutex<Option<TcpStream>>>,

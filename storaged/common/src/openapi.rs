@@ -1,0 +1,35 @@
+//! The daemons' OpenAPI documents: each daemon derives its document from its handlers
+//! (`utoipa`) and checks in the result beside its `Cargo.toml` (`openapi.yaml`); a unit test
+//! per daemon calls [`check`], which fails when the code and the file differ.
+//! `UPDATE_OPENAPI=1 cargo test openapi` writes the files anew.
+
+use std::path::Path;
+
+/// Compares `T`'s document with the file at `path`; with `UPDATE_OPENAPI=1` writes the file
+/// instead. Panics (it is meant for tests) with the command that updates the file.
+pub fn check<T: utoipa::OpenApi>(path: &str) {
+    let doc = T::openapi()
+        .to_yaml()
+        .unwrap_or_else(|e| panic!("the OpenAPI document does not serialise: {e}"));
+    let path = Path::new(path);
+    if std::env::var("UPDATE_OPENAPI").as_deref() == Ok("1") {
+        std::fs::write(path, &doc).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        return;
+    }
+    let file = std::fs::read_to_string(path).unwrap_or_default();
+    if file != doc {
+        let first = file
+            .lines()
+            .zip(doc.lines())
+            .position(|(a, b)| a != b)
+            .unwrap_or(file.lines().count().min(doc.lines().count()));
+        panic!(
+            "{} differs from the API the code serves (first at line {}: file {:?}, code {:?}); \
+             if the change is meant, run `UPDATE_OPENAPI=1 cargo test openapi` and commit the file",
+            path.display(),
+            first + 1,
+            file.lines().nth(first).unwrap_or("<end>"),
+            doc.lines().nth(first).unwrap_or("<end>"),
+        );
+    }
+}
