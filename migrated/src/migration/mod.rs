@@ -23,7 +23,7 @@
 //!     |               preparing ------------------------------> POST /v1/incoming
 //!     |                                                          vmm run --incoming (standby)
 //!     |                                                          preparing, precopy
-//!     |               precopy --------------> PUT migration/send ==== stream ====>
+//!     |               precopy --------------> POST migration/send ==== stream ====>
 //!     |                 poll GET /v1/migration until handed-over
 //!     |                 GET /v1/incoming/{id} every second ----->
 //!     |                                                   <------ GET /v1/migrations/{id}
@@ -31,7 +31,7 @@
 //!     |               handed-over, flipping ----------------------------------------> group flip
 //!     |               flipped, resuming ----------------------> POST /v1/incoming/{id}/resume
 //!     |                                                          resuming, completed
-//!     |               cleanup --------------> PUT vm/shutdown
+//!     |               cleanup --------------> POST vm/shutdown
 //!     |                 release the source's deactivated leases ---------------------> revoke
 //!     |               completed
 //! ```

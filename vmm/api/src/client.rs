@@ -3,13 +3,13 @@
 //! | method | path                  | body -> answer                                  |
 //! |--------|-----------------------|-------------------------------------------------|
 //! | GET    | /v1/vm                | -> [`VmInfo`]                                   |
-//! | PUT    | /v1/vm/pause          | -> [`VmInfo`]                                   |
-//! | PUT    | /v1/vm/resume         | -> [`VmInfo`]; on an incoming VMM that waits, also "the leases are yours" |
-//! | PUT    | /v1/vm/shutdown       | -> [`VmInfo`]; the VMM exits                    |
-//! | PUT    | /v1/vm/snapshot       | [`SnapshotRequest`] -> [`VmInfo`]               |
-//! | PUT    | /v1/migration/send    | [`SendParams`] -> 202 [`MigrationStatus`]       |
+//! | POST   | /v1/vm/pause          | -> [`VmInfo`]                                   |
+//! | POST   | /v1/vm/resume         | -> [`VmInfo`]; on an incoming VMM that waits, also "the leases are yours" |
+//! | POST   | /v1/vm/shutdown       | -> [`VmInfo`]; the VMM exits                    |
+//! | POST   | /v1/vm/snapshot       | [`SnapshotRequest`] -> [`VmInfo`]               |
+//! | POST   | /v1/migration/send    | [`SendParams`] -> 202 [`MigrationStatus`]       |
 //! | GET    | /v1/migration         | -> [`MigrationStatus`]                          |
-//! | PUT    | /v1/migration/abort   | -> [`MigrationStatus`]; the source keeps the guest |
+//! | POST   | /v1/migration/abort   | -> [`MigrationStatus`]; the source keeps the guest |
 //!
 //! Errors are `{"error": "..."}` with 400 (bad request), 409 (not in this state), 500, or
 //! 503 while the VM shuts down.

@@ -4,13 +4,13 @@
 //! | method | path              | does                                   |
 //! |--------|-------------------|----------------------------------------|
 //! | GET    | /v1/vm            | VM info and state                      |
-//! | PUT    | /v1/vm/pause      | pause all vCPUs (idempotent)           |
-//! | PUT    | /v1/vm/resume     | resume them (idempotent)               |
-//! | PUT    | /v1/vm/shutdown   | end the VM; the VMM exits with 0       |
-//! | PUT    | /v1/vm/snapshot   | `{"path"}`: state + memory to a file   |
-//! | PUT    | /v1/migration/send| start a live migration (202)           |
+//! | POST   | /v1/vm/pause      | pause all vCPUs (idempotent)           |
+//! | POST   | /v1/vm/resume     | resume them (idempotent)               |
+//! | POST   | /v1/vm/shutdown   | end the VM; the VMM exits with 0       |
+//! | POST   | /v1/vm/snapshot   | `{"path"}`: state + memory to a file   |
+//! | POST   | /v1/migration/send| start a live migration (202)           |
 //! | GET    | /v1/migration     | migration progress and final figures   |
-//! | PUT    | /v1/migration/abort | stop it; the source keeps the guest  |
+//! | POST   | /v1/migration/abort | stop it; the source keeps the guest  |
 //!
 //! The vm endpoints return the VM info after the action, the migration ones the migration
 //! status; errors return `{"error": "..."}` with 400 (bad request), 409 (not in this state)
