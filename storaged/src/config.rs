@@ -68,6 +68,16 @@ pub struct ServeConfigFile {
     /// With `tls_dir`: whether clients on loopback may still use plaintext (default true;
     /// their lease option is then taken at its word).
     pub plaintext_loopback: Option<bool>,
+    /// Cluster mode: etcd endpoints (`http://host:port`); none: single node.
+    pub etcd: Option<Vec<String>>,
+    /// Cluster mode: this node's id.
+    pub node_id: Option<String>,
+    /// Cluster mode: the replication listener's address.
+    pub repl_listen: Option<SocketAddr>,
+    /// Cluster mode: TTL of this node's etcd lease, in seconds.
+    pub etcd_lease_ttl_secs: Option<u64>,
+    /// Cluster mode: milliseconds a master waits for a slave's ack before dropping it.
+    pub replication_timeout_ms: Option<u64>,
 }
 
 /// Effective settings of `storaged serve`.
@@ -97,6 +107,17 @@ pub struct ServeConfig {
     pub tls_dir: Option<PathBuf>,
     /// Whether loopback clients may skip TLS.
     pub plaintext_loopback: bool,
+    /// Cluster mode, when etcd endpoints are given.
+    pub cluster: Option<ClusterServeConfig>,
+}
+
+/// Cluster mode's settings of `storaged serve`.
+#[derive(Debug, Clone)]
+pub struct ClusterServeConfig {
+    /// The cluster's settings.
+    pub cluster: crate::cluster::ClusterConfig,
+    /// The replication listener's address.
+    pub repl_listen: SocketAddr,
 }
 
 impl ServeConfigFile {
@@ -144,6 +165,33 @@ impl ServeConfigFile {
                 .plaintext_loopback
                 .or(self.plaintext_loopback)
                 .unwrap_or(true),
+            cluster: match over.etcd.or(self.etcd) {
+                None => None,
+                Some(endpoints) => Some(ClusterServeConfig {
+                    cluster: crate::cluster::ClusterConfig {
+                        endpoints,
+                        node_id: over
+                            .node_id
+                            .or(self.node_id)
+                            .ok_or(ConfigError::Missing("node_id"))?,
+                        lease_ttl: std::time::Duration::from_secs(
+                            over.etcd_lease_ttl_secs
+                                .or(self.etcd_lease_ttl_secs)
+                                .unwrap_or(5)
+                                .max(1),
+                        ),
+                        replication_timeout: std::time::Duration::from_millis(
+                            over.replication_timeout_ms
+                                .or(self.replication_timeout_ms)
+                                .unwrap_or(5000),
+                        ),
+                    },
+                    repl_listen: over
+                        .repl_listen
+                        .or(self.repl_listen)
+                        .unwrap_or_else(|| "127.0.0.1:10811".parse().expect("literal")),
+                }),
+            },
         })
     }
 }

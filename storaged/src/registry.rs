@@ -54,6 +54,9 @@ pub enum RegistryError {
     /// A change of a set of volumes names none.
     #[error("no volume named")]
     NoVolumes,
+    /// Cluster mode: another node is the volume's master (or none is elected yet).
+    #[error("this node is not the master of volume {0}")]
+    NotMaster(String),
     /// The anonymous policy refused.
     #[error("anonymous access refused: {0}")]
     Anonymous(&'static str),
@@ -301,6 +304,9 @@ impl Registry {
         peer: SocketAddr,
         max: usize,
     ) -> Result<Attachment, RegistryError> {
+        if vol.role.refuses_clients() {
+            return Err(RegistryError::NotMaster(vol.config.name.clone()));
+        }
         let _l = vol.lease_lock.lock().await;
         if vol.is_removed() {
             return Err(RegistryError::NotFound(vol.config.name.clone()));
@@ -366,6 +372,9 @@ impl Registry {
 
     /// Answers `NBD_OPT_INFO`: would `attach` accept this connection? Changes nothing.
     pub fn preview(&self, vol: &Volume, lease: Option<&LeaseRequest>) -> Result<(), RegistryError> {
+        if vol.role.refuses_clients() {
+            return Err(RegistryError::NotMaster(vol.config.name.clone()));
+        }
         let table = vol.table();
         match lease {
             None => anonymous_access(vol, &table).map(|_| ()),

@@ -43,6 +43,8 @@
 //! makes `NBD_OPT_GO` fail with one of the `NBD_REP_ERR_LEASE_*` codes and a text message. A
 //! granted lease adds one `NBD_REP_INFO` of type [`NBD_INFO_LEASE`] before the final ACK:
 //! `u16 NBD_INFO_LEASE, u8 granted state, u64 epoch`.
+//! In cluster mode a node that is not the volume's master fails `NBD_OPT_GO` (and `INFO`)
+//! with [`NBD_REP_ERR_NOT_MASTER`]; the client then tries the volume's next address.
 //!
 //! # Transmission
 //! ```text
@@ -137,6 +139,9 @@ pub const NBD_REP_ERR_LEASE_ALREADY_PRIMARY: u32 = NBD_REP_FLAG_ERROR | 0x4C02;
 pub const NBD_REP_ERR_LEASE_CONFLICT: u32 = NBD_REP_FLAG_ERROR | 0x4C03;
 /// Project error: the expected epoch does not match the volume's epoch.
 pub const NBD_REP_ERR_LEASE_EPOCH: u32 = NBD_REP_FLAG_ERROR | 0x4C04;
+/// Project error (cluster mode): this node is not the volume's master; the message names the
+/// volume. A client tries the volume's next address, as for no answer.
+pub const NBD_REP_ERR_NOT_MASTER: u32 = NBD_REP_FLAG_ERROR | 0x4C05;
 
 /// Info item: size and transmission flags.
 pub const NBD_INFO_EXPORT: u16 = 0;

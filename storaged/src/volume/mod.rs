@@ -95,6 +95,8 @@ pub struct Volume {
     orphaned: Mutex<HashMap<String, Instant>>,
     /// When this volume was loaded or created: the orphan time of leases nobody connected to.
     loaded: Instant,
+    /// Its role in cluster mode (single-node otherwise).
+    pub role: crate::cluster::role::RoleCell,
 }
 
 impl Volume {
@@ -111,6 +113,7 @@ impl Volume {
             removed: AtomicBool::new(false),
             orphaned: Mutex::new(HashMap::new()),
             loaded: Instant::now(),
+            role: Default::default(),
         }
     }
 
@@ -195,6 +198,11 @@ impl Volume {
             .filter(|c| c.holder.is_none())
             .cloned()
             .collect()
+    }
+
+    /// Every connection.
+    pub(crate) fn all_conns(&self) -> Vec<ConnEntry> {
+        self.conns.lock().expect("conns lock").clone()
     }
 
     /// Number of open connections.

@@ -139,7 +139,15 @@ pub(super) async fn handshake(
 
 /// Whether an error is an answer from a server (stop) rather than the absence of one (go on).
 fn is_answer(e: &ClientError) -> bool {
-    !matches!(e, ClientError::Io(_) | ClientError::Protocol(_))
+    !matches!(
+        e,
+        ClientError::Io(_)
+            | ClientError::Protocol(_)
+            | ClientError::Refused {
+                code: NBD_REP_ERR_NOT_MASTER,
+                ..
+            }
+    )
 }
 
 /// The connection logic: each address in turn, "already primary" retried as primary,

@@ -1,0 +1,132 @@
+//! The slave's side of replication: the listener masters connect to. Each stream is checked
+//! against etcd (its term must be the volume's elected term and at least any term seen here)
+//! and its ops are applied in the order they arrive, each acknowledged once applied.
+
+use super::replica::{Op, ReplicaError};
+use super::role::Role;
+use super::wire::{self, Ack, Hello, HelloReply, OpHeader, Status, WireError};
+use super::{election_name, placement, Cluster};
+use bytes::BytesMut;
+use etcd_client::{GetOptions, SortOrder, SortTarget};
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Accepts masters' streams for as long as the process runs.
+pub async fn serve(listener: TcpListener, cluster: Arc<Cluster>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "replication listener: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let c = cluster.clone();
+        tokio::spawn(async move {
+            if let Err(e) = stream_task(stream, &c).await {
+                tracing::info!(%peer, error = %e, "replication stream ended");
+            }
+        });
+    }
+}
+
+/// The create revision of the volume's current leader key, 0 when none.
+async fn elected_term(cluster: &Cluster, volume: &str) -> Result<i64, etcd_client::Error> {
+    let opts = GetOptions::new()
+        .with_prefix()
+        .with_sort(SortTarget::Create, SortOrder::Ascend)
+        .with_limit(1);
+    let prefix = format!("{}/", election_name(volume));
+    let resp = cluster.etcd().get(prefix, Some(opts)).await?;
+    Ok(resp.kvs().first().map_or(0, |kv| kv.create_revision()))
+}
+
+/// The highest term seen for `volume` after `term` is presented; whether `term` is current.
+fn observe(cluster: &Cluster, volume: &str, term: i64) -> (i64, bool) {
+    let mut seen = cluster.seen_terms.lock().expect("terms lock");
+    let t = seen.entry(volume.to_string()).or_insert(0);
+    if term >= *t {
+        *t = term;
+    }
+    (*t, term == *t)
+}
+
+async fn stream_task(mut s: TcpStream, cluster: &Arc<Cluster>) -> Result<(), WireError> {
+    s.set_nodelay(true)?;
+    let hello = Hello::read(&mut s).await?;
+    let term = hello.term as i64;
+    let refuse = |status, seen| HelloReply { status, term: seen };
+    let reply = |r: HelloReply| r.encode();
+    if hello.version != wire::VERSION {
+        s.write_all(&reply(refuse(Status::BadVersion, 0))).await?;
+        return Ok(());
+    }
+    let Ok(vol) = placement::ensure_local(cluster, &hello.volume).await else {
+        s.write_all(&reply(refuse(Status::UnknownVolume, 0))).await?;
+        return Ok(());
+    };
+    match elected_term(cluster, &hello.volume).await {
+        Ok(t) if t == term => {}
+        Ok(t) => {
+            tracing::warn!(target: "storaged::cluster", volume = %hello.volume,
+                master = %hello.from, term, elected = t, "replication from a stale term refused");
+            s.write_all(&reply(refuse(Status::StaleTerm, t))).await?;
+            return Ok(());
+        }
+        Err(_) => {
+            s.write_all(&reply(refuse(Status::Unavailable, 0))).await?;
+            return Ok(());
+        }
+    }
+    let (seen, current) = observe(cluster, &hello.volume, term);
+    if !current {
+        s.write_all(&reply(refuse(Status::StaleTerm, seen))).await?;
+        return Ok(());
+    }
+    // A newer master exists: if this node thought it was master, it is not.
+    if let Role::Master(r) = vol.role.get() {
+        if r.term < term {
+            r.fence();
+        }
+    }
+    tracing::info!(target: "storaged::cluster", event = "slave", volume = %hello.volume,
+        master = %hello.from, term, "replication stream accepted");
+    s.write_all(&reply(refuse(Status::Ok, term))).await?;
+    let (mut rd, mut wr) = s.into_split();
+    let mut hb = [0u8; wire::OP_LEN];
+    loop {
+        rd.read_exact(&mut hb).await?;
+        let h = OpHeader::decode(&hb)?;
+        let mut data = BytesMut::zeroed(h.data_len());
+        rd.read_exact(&mut data).await?;
+        let (seen, current) = observe(cluster, &hello.volume, term);
+        let status = if !current {
+            Status::StaleTerm
+        } else if h.offset.checked_add(h.length as u64).is_none_or(|e| e > vol.config.size) {
+            Status::Io
+        } else {
+            let op = Op::from_wire(&h, data.freeze());
+            let file = vol.file.clone();
+            match tokio::task::spawn_blocking(move || op.apply(&file)).await {
+                Ok(Ok(())) => Status::Ok,
+                Ok(Err(e)) => {
+                    tracing::warn!(volume = %hello.volume, error = %ReplicaError::Io(e),
+                        "replicated op failed");
+                    Status::Io
+                }
+                Err(_) => Status::Io,
+            }
+        };
+        let ack = Ack {
+            seq: h.seq,
+            status,
+            term: seen,
+        };
+        wr.write_all(&ack.encode()).await?;
+        if status == Status::StaleTerm {
+            return Ok(());
+        }
+    }
+}

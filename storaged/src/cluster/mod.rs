@@ -1,0 +1,221 @@
+//! Cluster mode (`storaged serve --etcd ENDPOINTS --node-id ID`): volumes replicated on
+//! several storaged nodes, with etcd holding who holds what.
+//!
+//! # What etcd holds
+//! - `/vmhop/nodes/<id>`: a node's addresses (NBD, REST, replication), attached to the node's
+//!   etcd lease (its *session*), so a dead node's record disappears after the lease TTL.
+//! - `/vmhop/placement/<volume>`: the volume's configuration and the nodes that hold a copy
+//!   ([`Placement`]), written once when the volume is created (`volume create --replicas N`
+//!   places it on N live nodes, the creating node first).
+//! - `/vmhop/insync/<volume>`: the in-sync set ([`InSync`]): the copies known to hold every
+//!   acknowledged write. Only its members may become master.
+//! - `/vmhop/election/<volume>`: etcd's election for the volume's master; every member of the
+//!   in-sync set campaigns with its session lease.
+//!
+//! # Terms and fencing
+//! The master's *term* is the create revision of its election key. etcd revisions only grow,
+//! so a later master always has a higher term. The term is a fencing token twice over:
+//! - every change the master makes in etcd (the in-sync set) is a transaction that requires
+//!   its election key to still exist with that create revision: a deposed master's
+//!   transactions fail;
+//! - every replication stream opens with the term ([`wire`]); a slave accepts it only when it
+//!   equals the create revision of the current leader key in etcd *and* is at least the
+//!   highest term it has seen for the volume, and it refuses every op of a stream whose term
+//!   has since been overtaken. A deposed master therefore cannot get a write acknowledged by a
+//!   slave that has heard of its successor.
+//!
+//! # The master's lease and clocks
+//! A node's session is one etcd lease of TTL `T` (`--etcd-lease-ttl-secs`), kept alive every
+//! `T/3`. The node computes a local deadline for its lease: the time it *sent* the last
+//! successful keep-alive plus the TTL the server granted, minus a margin of `T/4`. etcd can
+//! only expire the lease `T` after it *received* that keep-alive, which is later. After the
+//! deadline the node acknowledges no client write on any volume it is master of (the check is
+//! made after the slaves' acks, just before the reply), closes its clients' connections and
+//! drops its mastership. The assumption is only about clock *rates*: the node's monotonic
+//! clock and etcd's may not drift apart by more than the margin over one TTL (25%); no
+//! synchronised wall clocks are needed. A new master can only be elected once etcd deleted
+//! the old election key, i.e. after the old lease expired at etcd, by which time the old
+//! master has stopped acknowledging.
+//!
+//! A master that loses etcd (partition, quorum loss) therefore stops acknowledging writes
+//! within `T`: I/O on replicated volumes fails safe (clients reconnect elsewhere) rather than
+//! continuing without a way to be fenced.
+//!
+//! # Replication
+//! The master applies each WRITE / WRITE_ZEROES / TRIM / FLUSH locally and sends it to every
+//! in-sync slave, in one order for all copies (a per-volume ordering lock), and replies to the
+//! client only when its own copy and every slave acknowledged. A slave acknowledges an op when
+//! it is applied to its file: in its page cache for a plain write (which survives the crash of
+//! a process; NBD only promises durability at FLUSH or FUA), durable for FUA and FLUSH, which
+//! the slave executes as such. A slave that fails or times out is removed from the in-sync set
+//! (a fenced etcd transaction) before the client gets its reply; if that transaction fails,
+//! the master is no longer master and the client gets no reply (its connection is closed).
+//!
+//! At the first election of a volume (no master ever; every copy is empty) the in-sync set is
+//! every placed node. After a failover the new master keeps only itself in the set: a write
+//! that was in flight when the old master died may have reached some copies and not others,
+//! and the slaves cannot tell. Putting those copies back is resync (a full copy from the
+//! master), which is not built yet: until then a volume runs on fewer copies after a failover.
+//!
+//! # Leases
+//! The lease table (primary / standby / deactivated and epochs) stays in each node's local
+//! store in this version: a client that reconnects to a new master asks for its lease again
+//! and gets it there. Moving it to etcd transactions guarded by the term is the next step.
+
+pub mod api;
+pub mod election;
+pub mod follower;
+pub mod placement;
+pub mod replica;
+pub mod role;
+pub mod session;
+pub mod wire;
+
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+pub use storaged_client::cluster::{InSync, Placement};
+use thiserror::Error;
+
+use crate::registry::{Registry, RegistryError};
+
+/// Prefix of every key the cluster writes.
+pub const PREFIX: &str = "/vmhop/";
+
+/// The key of a node's record.
+pub fn node_key(node: &str) -> String {
+    format!("{PREFIX}nodes/{node}")
+}
+/// The key of a volume's placement.
+pub fn placement_key(volume: &str) -> String {
+    format!("{PREFIX}placement/{volume}")
+}
+/// The key of a volume's in-sync set.
+pub fn insync_key(volume: &str) -> String {
+    format!("{PREFIX}insync/{volume}")
+}
+/// The election name of a volume (etcd's election keys live under it).
+pub fn election_name(volume: &str) -> String {
+    format!("{PREFIX}election/{volume}")
+}
+
+/// A cluster operation that failed.
+#[derive(Debug, Error)]
+pub enum ClusterError {
+    /// etcd refused or could not be reached.
+    #[error("etcd")]
+    Etcd(#[from] etcd_client::Error),
+    /// A record in etcd is not what this version writes.
+    #[error("record {0} in etcd")]
+    Record(String, #[source] serde_json::Error),
+    /// Fewer live nodes than copies asked for.
+    #[error("{wanted} copies asked for but only {live} nodes are live")]
+    TooFewNodes {
+        /// Copies asked for.
+        wanted: usize,
+        /// Live nodes.
+        live: usize,
+    },
+    /// The volume exists already.
+    #[error("volume {0} already exists in the cluster")]
+    Exists(String),
+    /// The volume is not placed anywhere.
+    #[error("no volume named {0} in the cluster")]
+    NotFound(String),
+    /// The local registry.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// This node has no etcd session at the moment.
+    #[error("no etcd session")]
+    NoSession,
+    /// A fenced transaction failed: this node is no longer the volume's master.
+    #[error("no longer master of {0}")]
+    Deposed(String),
+}
+
+/// The settings of cluster mode.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// etcd endpoints (`http://host:port`).
+    pub endpoints: Vec<String>,
+    /// This node's id (unique in the cluster).
+    pub node_id: String,
+    /// TTL of this node's etcd lease.
+    pub lease_ttl: Duration,
+    /// How long the master waits for a slave's ack before dropping it from the in-sync set.
+    pub replication_timeout: Duration,
+}
+
+/// A node's record in etcd.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeRecord {
+    /// Node id.
+    pub id: String,
+    /// NBD address clients connect to.
+    pub nbd: SocketAddr,
+    /// REST API address.
+    pub api: SocketAddr,
+    /// Replication listener.
+    pub repl: SocketAddr,
+}
+
+/// What the cluster parts of one node share.
+pub struct Cluster {
+    /// Settings.
+    pub config: ClusterConfig,
+    /// etcd (cheap to clone: one channel underneath).
+    pub etcd: etcd_client::Client,
+    /// The local volumes.
+    pub reg: Arc<Registry>,
+    /// This node's addresses.
+    pub record: NodeRecord,
+    /// This node's etcd session.
+    pub session: session::SessionWatch,
+    /// Per volume, the highest master term a replication stream presented here.
+    pub(crate) seen_terms: Mutex<HashMap<String, i64>>,
+    /// The volumes whose election task runs.
+    pub(crate) elections: Mutex<HashSet<String>>,
+}
+
+impl Cluster {
+    /// This node's id.
+    pub fn node(&self) -> &str {
+        &self.config.node_id
+    }
+
+    /// A handle on etcd.
+    pub fn etcd(&self) -> etcd_client::Client {
+        self.etcd.clone()
+    }
+}
+
+/// Parses a JSON record read from etcd.
+pub(crate) fn parse<T: for<'a> Deserialize<'a>>(key: &str, v: &[u8]) -> Result<T, ClusterError> {
+    serde_json::from_slice(v).map_err(|e| ClusterError::Record(key.to_string(), e))
+}
+
+/// Connects to etcd, starts the session, the placement watcher (which starts an election per
+/// local volume) and the replication listener.
+pub async fn start(
+    config: ClusterConfig,
+    reg: Arc<Registry>,
+    record: NodeRecord,
+    repl: tokio::net::TcpListener,
+) -> Result<Arc<Cluster>, ClusterError> {
+    let etcd = etcd_client::Client::connect(&config.endpoints, None).await?;
+    let session = session::start(etcd.clone(), &config, &record).await?;
+    let cluster = Arc::new(Cluster {
+        config,
+        etcd,
+        reg,
+        record,
+        session,
+        seen_terms: Default::default(),
+        elections: Default::default(),
+    });
+    tokio::spawn(follower::serve(repl, cluster.clone()));
+    placement::start(cluster.clone()).await?;
+    Ok(cluster)
+}
