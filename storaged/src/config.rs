@@ -134,6 +134,7 @@ impl ServeConfigFile {
                 .map_or(StandbyPolicy::default().expiry, Duration::from_secs),
             max: pick(over.max_standby, self.max_standby).unwrap_or(StandbyPolicy::default().max),
         };
+        let tls_dir = over.tls_dir.or(self.tls_dir);
         Ok(ServeConfig {
             data_dir: over
                 .data_dir
@@ -160,7 +161,6 @@ impl ServeConfigFile {
             limits,
             standby,
             api_token_file: over.api_token_file.or(self.api_token_file),
-            tls_dir: over.tls_dir.or(self.tls_dir),
             plaintext_loopback: over
                 .plaintext_loopback
                 .or(self.plaintext_loopback)
@@ -170,10 +170,13 @@ impl ServeConfigFile {
                 Some(endpoints) => Some(ClusterServeConfig {
                     cluster: crate::cluster::ClusterConfig {
                         endpoints,
-                        node_id: over
-                            .node_id
-                            .or(self.node_id)
-                            .ok_or(ConfigError::Missing("node_id"))?,
+                        // With TLS the node id is the host id of the certificate (checked,
+                        // or filled in, when the TLS directory is read).
+                        node_id: match (over.node_id.or(self.node_id), &tls_dir) {
+                            (Some(id), _) => id,
+                            (None, Some(_)) => String::new(),
+                            (None, None) => return Err(ConfigError::Missing("node_id")),
+                        },
                         lease_ttl: std::time::Duration::from_secs(
                             over.etcd_lease_ttl_secs
                                 .or(self.etcd_lease_ttl_secs)
@@ -192,6 +195,7 @@ impl ServeConfigFile {
                         .unwrap_or_else(|| "127.0.0.1:10811".parse().expect("literal")),
                 }),
             },
+            tls_dir,
         })
     }
 }

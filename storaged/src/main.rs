@@ -663,10 +663,15 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
     reg.drain_limit = Duration::from_secs(cfg.drain_limit_secs);
     reg.standby = cfg.standby;
     let reg = Arc::new(reg);
-    let nbd_tls = match &cfg.tls_dir {
-        Some(dir) => {
-            let host = HostTls::load(dir)
-                .with_context(|| format!("reading the TLS directory {}", dir.display()))?;
+    let host_tls = match &cfg.tls_dir {
+        Some(dir) => Some(
+            HostTls::load(dir)
+                .with_context(|| format!("reading the TLS directory {}", dir.display()))?,
+        ),
+        None => None,
+    };
+    let nbd_tls = match (&cfg.tls_dir, &host_tls) {
+        (Some(dir), Some(host)) => {
             tracing::info!(tls_dir = %dir.display(), host = %host.host_id(),
                 plaintext_loopback = cfg.plaintext_loopback,
                 "NBD clients prove their host with a certificate of the cluster's CA");
@@ -676,9 +681,9 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
                     for development on one machine (plaintext_loopback = false in production)"
                 );
             }
-            Some(NbdTls::new(&host, cfg.plaintext_loopback)?)
+            Some(NbdTls::new(host, cfg.plaintext_loopback)?)
         }
-        None => {
+        _ => {
             if !cfg.nbd_listen.ip().is_loopback() {
                 tracing::warn!(nbd = %cfg.nbd_listen, "no tls_dir: NBD clients are not \
                     authenticated and may claim any host's lease (set tls_dir)");
@@ -697,6 +702,24 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
     let cluster = match &cfg.cluster {
         None => None,
         Some(c) => {
+            let mut c = c.clone();
+            let repl_tls = match &host_tls {
+                None => None,
+                Some(host) => {
+                    // The node id is the host id the certificate proves: peers check it.
+                    let id = &mut c.cluster.node_id;
+                    if id.is_empty() {
+                        *id = host.host_id().to_string();
+                    } else if id != host.host_id() {
+                        anyhow::bail!(
+                            "node id {id} is not the host id of the TLS certificate ({}): \
+                            with tls_dir, leave node_id out or set it to the host id",
+                            host.host_id()
+                        );
+                    }
+                    Some(storaged::cluster::ReplTls::new(host)?)
+                }
+            };
             let repl = tokio::net::TcpListener::bind(c.repl_listen)
                 .await
                 .with_context(|| format!("binding replication {}", c.repl_listen))?;
@@ -708,8 +731,8 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
             };
             ready["repl"] = record.repl.to_string().into();
             tracing::info!(node = %record.id, etcd = ?c.cluster.endpoints, repl = %record.repl,
-                "cluster mode");
-            let cl = storaged::cluster::start(c.cluster.clone(), reg.clone(), record, repl)
+                repl_tls = repl_tls.is_some(), "cluster mode");
+            let cl = storaged::cluster::start(c.cluster, reg.clone(), record, repl, repl_tls)
                 .await
                 .context("joining the cluster (etcd)")?;
             Some(cl)

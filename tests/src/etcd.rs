@@ -18,7 +18,9 @@ pub struct Etcd {
 
 /// A free loopback port (bound and released; etcd takes ports only as numbers).
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 impl Etcd {
@@ -53,7 +55,8 @@ impl Etcd {
                 return Some(Err(anyhow::anyhow!("etcd exited early: {st}")));
             }
             let log = std::fs::read_to_string(&log_path).ok()?;
-            log.contains("ready to serve client requests").then_some(Ok(()))
+            log.contains("ready to serve client requests")
+                .then_some(Ok(()))
         })??;
         Ok(e)
     }

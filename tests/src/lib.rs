@@ -6,6 +6,7 @@
 //! that a failure.
 
 pub mod agent;
+pub mod cluster;
 pub mod etcd;
 pub mod faults;
 pub mod fencing;

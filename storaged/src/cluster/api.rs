@@ -53,5 +53,8 @@ async fn show(
     State(cluster): State<Arc<Cluster>>,
     Path(id): Path<String>,
 ) -> Result<Json<ReplicatedVolumeView>, Failure> {
-    placement::view(&cluster, &id).await.map(Json).map_err(Failure)
+    placement::view(&cluster, &id)
+        .await
+        .map(Json)
+        .map_err(Failure)
 }

@@ -74,7 +74,11 @@ pub(crate) async fn read_insync(
 }
 
 /// One round: wait to be a candidate, campaign, serve as master; returns when that is over.
-async fn term(cluster: &Arc<Cluster>, vol: &Arc<Volume>, session: &Session) -> Result<(), ClusterError> {
+async fn term(
+    cluster: &Arc<Cluster>,
+    vol: &Arc<Volume>,
+    session: &Session,
+) -> Result<(), ClusterError> {
     let name = vol.config.name.clone();
     let me = cluster.node().to_string();
     let mut etcd = cluster.etcd();
@@ -170,7 +174,11 @@ async fn term(cluster: &Arc<Cluster>, vol: &Arc<Volume>, session: &Session) -> R
         loop {
             match w.message().await {
                 Ok(Some(resp)) => {
-                    if resp.events().iter().any(|e| e.event_type() == EventType::Delete) {
+                    if resp
+                        .events()
+                        .iter()
+                        .any(|e| e.event_type() == EventType::Delete)
+                    {
                         return;
                     }
                 }

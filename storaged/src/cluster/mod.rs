@@ -177,6 +177,29 @@ pub struct Cluster {
     pub(crate) seen_terms: Mutex<HashMap<String, i64>>,
     /// The volumes whose election task runs.
     pub(crate) elections: Mutex<HashSet<String>>,
+    /// Mutual TLS of the replication streams, when storaged has a TLS directory.
+    pub(crate) tls: Option<ReplTls>,
+}
+
+/// The replication streams' TLS: the host's certificates of the NBD port (see the module
+/// docs). Both sides present their host certificate; the node id is the host id.
+#[derive(Clone)]
+pub struct ReplTls {
+    /// Accepts a master's stream; its client certificate is required.
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    /// Opens a stream to a slave, checking its certificate against its node id.
+    pub connector: tokio_rustls::TlsConnector,
+}
+
+impl ReplTls {
+    /// From the host's TLS directory.
+    pub fn new(host: &vmhop_common::tls::HostTls) -> Result<ReplTls, vmhop_common::tls::TlsError> {
+        let server = host.server_config(vmhop_common::tls::ClientCert::Required)?;
+        Ok(ReplTls {
+            acceptor: tokio_rustls::TlsAcceptor::from(server),
+            connector: tokio_rustls::TlsConnector::from(host.client_config()?),
+        })
+    }
 }
 
 impl Cluster {
@@ -203,6 +226,7 @@ pub async fn start(
     reg: Arc<Registry>,
     record: NodeRecord,
     repl: tokio::net::TcpListener,
+    tls: Option<ReplTls>,
 ) -> Result<Arc<Cluster>, ClusterError> {
     let etcd = etcd_client::Client::connect(&config.endpoints, None).await?;
     let session = session::start(etcd.clone(), &config, &record).await?;
@@ -214,6 +238,7 @@ pub async fn start(
         session,
         seen_terms: Default::default(),
         elections: Default::default(),
+        tls,
     });
     tokio::spawn(follower::serve(repl, cluster.clone()));
     placement::start(cluster.clone()).await?;

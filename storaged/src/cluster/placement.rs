@@ -28,7 +28,11 @@ pub async fn start(cluster: Arc<Cluster>) -> Result<(), ClusterError> {
         .etcd()
         .watch(
             prefix,
-            Some(WatchOptions::new().with_prefix().with_start_revision(rev + 1)),
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(rev + 1),
+            ),
         )
         .await?;
     tokio::spawn(async move {
@@ -84,7 +88,10 @@ async fn local(cluster: &Cluster, p: &Placement) -> Result<Arc<Volume>, ClusterE
 }
 
 /// The local copy of `volume`, created from its placement if it is placed here.
-pub async fn ensure_local(cluster: &Arc<Cluster>, volume: &str) -> Result<Arc<Volume>, ClusterError> {
+pub async fn ensure_local(
+    cluster: &Arc<Cluster>,
+    volume: &str,
+) -> Result<Arc<Volume>, ClusterError> {
     if let Ok(v) = cluster.reg.get(volume) {
         return Ok(v);
     }
@@ -107,7 +114,10 @@ pub async fn ensure_local(cluster: &Arc<Cluster>, volume: &str) -> Result<Arc<Vo
 async fn live_nodes(cluster: &Cluster) -> Result<Vec<NodeRecord>, ClusterError> {
     let resp = cluster
         .etcd()
-        .get(format!("{PREFIX}nodes/"), Some(GetOptions::new().with_prefix()))
+        .get(
+            format!("{PREFIX}nodes/"),
+            Some(GetOptions::new().with_prefix()),
+        )
         .await?;
     resp.kvs()
         .iter()
@@ -126,7 +136,11 @@ pub async fn create(
     config
         .validate()
         .map_err(|e| RegistryError::Volume(e.into()))?;
-    let mut nodes: Vec<String> = live_nodes(cluster).await?.into_iter().map(|n| n.id).collect();
+    let mut nodes: Vec<String> = live_nodes(cluster)
+        .await?
+        .into_iter()
+        .map(|n| n.id)
+        .collect();
     nodes.sort();
     nodes.retain(|n| n != cluster.node());
     nodes.insert(0, cluster.node().to_string());
@@ -183,7 +197,10 @@ pub async fn view(cluster: &Cluster, volume: &str) -> Result<ReplicatedVolumeVie
     let (insync, _) = election::read_insync(&mut etcd, volume).await?;
     let opts = GetOptions::new()
         .with_prefix()
-        .with_sort(etcd_client::SortTarget::Create, etcd_client::SortOrder::Ascend)
+        .with_sort(
+            etcd_client::SortTarget::Create,
+            etcd_client::SortOrder::Ascend,
+        )
         .with_limit(1);
     let resp = etcd
         .get(format!("{}/", election_name(volume)), Some(opts))

@@ -10,6 +10,7 @@ use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use storaged_client::stream::NbdStream;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -80,13 +81,17 @@ impl Op {
                 fua,
                 fast,
             } => file.write_zeroes(*offset, *len as u64, *no_hole, *fua, *fast),
-            Op::Trim { offset, len, fua } => file.trim(*offset, *len as u64).and_then(|()| {
-                if *fua {
-                    file.flush()
-                } else {
-                    Ok(())
-                }
-            }),
+            Op::Trim { offset, len, fua } => {
+                file.trim(*offset, *len as u64).and_then(
+                    |()| {
+                        if *fua {
+                            file.flush()
+                        } else {
+                            Ok(())
+                        }
+                    },
+                )
+            }
             Op::Flush => file.flush(),
         }
     }
@@ -178,8 +183,15 @@ impl Link {
             from: cluster.node().to_string(),
         };
         let open = async {
-            let mut s = TcpStream::connect(rec.repl).await?;
-            s.set_nodelay(true)?;
+            let tcp = TcpStream::connect(rec.repl).await?;
+            tcp.set_nodelay(true)?;
+            let mut s = NbdStream::Plain(tcp);
+            if let Some(tls) = &cluster.tls {
+                // The slave proves the node id it is placed under with its host certificate.
+                let name = vmhop_common::tls::server_name(node)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+                s.connect_tls(&tls.connector, name).await?;
+            }
             s.write_all(&hello.encode()?).await?;
             let mut b = [0u8; wire::HELLO_REPLY_LEN];
             s.read_exact(&mut b).await?;
@@ -218,8 +230,8 @@ impl Link {
 }
 
 /// Writes queued frames and matches acks to their waiters until either side fails.
-async fn run_link(stream: TcpStream, mut rx: mpsc::Receiver<(u64, Vec<u8>, oneshot::Sender<Ack>)>) {
-    let (mut rd, mut wr) = stream.into_split();
+async fn run_link(stream: NbdStream, mut rx: mpsc::Receiver<(u64, Vec<u8>, oneshot::Sender<Ack>)>) {
+    let (mut rd, mut wr) = stream.into_halves();
     let waiters = Waiters::default();
     let dead = Arc::new(AtomicBool::new(false));
     let (w2, d2) = (waiters.clone(), dead.clone());
@@ -287,7 +299,13 @@ impl Replicas {
             cluster,
         });
         for m in members.iter().filter(|m| *m != r.cluster.node()) {
-            if !r.links.lock().expect("links lock").iter().any(|l| &l.node == m) {
+            if !r
+                .links
+                .lock()
+                .expect("links lock")
+                .iter()
+                .any(|l| &l.node == m)
+            {
                 r.drop_member(m).await?;
             }
         }
@@ -350,7 +368,10 @@ impl Replicas {
         let timeout = self.cluster.config.replication_timeout;
         for (link, rx) in acks {
             let ack = match rx {
-                Some(rx) => tokio::time::timeout(timeout, rx).await.ok().and_then(|r| r.ok()),
+                Some(rx) => tokio::time::timeout(timeout, rx)
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok()),
                 None => None,
             };
             match ack {

@@ -14,6 +14,13 @@
 //!   |                                           |  when FUA or FLUSH)
 //! ```
 //!
+//! When storaged has a TLS directory, the connection is TLS from its first byte, both sides
+//! presenting their host certificates (the NBD port's); a node's id is its certificate's host
+//! id, the master checks the slave's certificate against the slave's node id, and the slave
+//! refuses ([`Status::Forbidden`]) a hello whose `from` is not the node the master's certificate
+//! names or not the volume's elected master. Without TLS, `from` is only checked against the
+//! election.
+//!
 //! All integers are big-endian. [`HELLO_MAGIC`] opens the stream and carries no version; the
 //! version follows it, and a slave answers [`Status::BadVersion`] to any version other than
 //! [`VERSION`] (a newer master can then fall back or report the mismatch). Strings are a `u16`
@@ -97,6 +104,9 @@ pub enum Status {
     BadVersion = 4,
     /// The slave could not check the term (etcd unreachable).
     Unavailable = 5,
+    /// The sender is not the volume's elected master, or its TLS certificate names another
+    /// node than the hello.
+    Forbidden = 6,
 }
 
 impl Status {
@@ -108,6 +118,7 @@ impl Status {
             3 => Status::Io,
             4 => Status::BadVersion,
             5 => Status::Unavailable,
+            6 => Status::Forbidden,
             other => return Err(WireError::Status(other)),
         })
     }

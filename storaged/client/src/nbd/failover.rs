@@ -50,7 +50,10 @@ impl FailoverClient {
             l.expected_epoch = 0;
         }
         let c = Client::connect(&cfg).await?;
-        tracing::info!(generation = generation + 1, "storage connection re-established");
+        tracing::info!(
+            generation = generation + 1,
+            "storage connection re-established"
+        );
         *cur = (generation + 1, c);
         Ok(())
     }
@@ -83,7 +86,8 @@ impl FailoverClient {
 
     /// Reads `len` bytes at `offset`.
     pub async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, ClientError> {
-        self.retry(|c| async move { c.read(offset, len).await }).await
+        self.retry(|c| async move { c.read(offset, len).await })
+            .await
     }
 
     /// Makes completed writes durable on every copy.
