@@ -32,7 +32,12 @@ impl IntoResponse for ApiError {
             | RegistryError::Lease(_)
             | RegistryError::NotAllowed(_)
             | RegistryError::Refused { .. } => StatusCode::CONFLICT,
-            RegistryError::Duplicate(_) | RegistryError::NoVolumes => StatusCode::BAD_REQUEST,
+            RegistryError::Duplicate(_) | RegistryError::NoVolumes | RegistryError::MixedSet(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            RegistryError::NotMaster(_)
+            | RegistryError::Deposed { .. }
+            | RegistryError::Etcd(_) => StatusCode::SERVICE_UNAVAILABLE,
             RegistryError::Volume(crate::volume::VolumeError::Config(_)) => StatusCode::BAD_REQUEST,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -87,7 +92,9 @@ async fn set_access(
 }
 
 async fn show(State(reg): Reg, Path(id): Path<String>) -> ApiResult<Json<VolumeInfo>> {
-    Ok(Json(reg.get(&id)?.info()))
+    let vol = reg.get(&id)?;
+    let table = crate::cluster::leases::current(&vol).await?;
+    Ok(Json(vol.info_with(&table)))
 }
 
 async fn delete(State(reg): Reg, Path(id): Path<String>) -> ApiResult<StatusCode> {
@@ -96,7 +103,9 @@ async fn delete(State(reg): Reg, Path(id): Path<String>) -> ApiResult<StatusCode
 }
 
 async fn leases(State(reg): Reg, Path(id): Path<String>) -> ApiResult<Json<LeaseView>> {
-    Ok(Json(reg.get(&id)?.lease_view()))
+    let vol = reg.get(&id)?;
+    let table = crate::cluster::leases::current(&vol).await?;
+    Ok(Json(vol.lease_view_of(table)))
 }
 
 async fn flip_volume(

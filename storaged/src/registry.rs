@@ -4,6 +4,7 @@
 //! Every change of a lease table happens under the volume's `lease_lock` and is written to the
 //! [`Store`] before it becomes visible in memory or is acknowledged to anyone.
 
+use crate::cluster::role::Role;
 use crate::lease::expiry::{self, StandbyPolicy};
 use crate::lease::gate::{Access, Gate};
 use crate::lease::{LeaseError, LeaseRequest, LeaseTable};
@@ -57,6 +58,22 @@ pub enum RegistryError {
     /// Cluster mode: another node is the volume's master (or none is elected yet).
     #[error("this node is not the master of volume {0}")]
     NotMaster(String),
+    /// Cluster mode: this node's mastership of the volume ended before the change could be
+    /// made (the change was not made; the clients reconnect to the new master).
+    #[error("this node is no longer the master of volume {volume} (its term {term} is over): nothing changed")]
+    Deposed {
+        /// The volume.
+        volume: String,
+        /// The term that ended.
+        term: i64,
+    },
+    /// Cluster mode: etcd could not be asked or did not answer.
+    #[error("etcd: {0}")]
+    Etcd(String),
+    /// Cluster mode: a change of a set of volumes must name only replicated volumes mastered
+    /// on this node, or only single-node volumes.
+    #[error("volume {0} is not mastered on this node with the others of the set: a set changes in one transaction, all in etcd or all in the local store")]
+    MixedSet(String),
     /// The anonymous policy refused.
     #[error("anonymous access refused: {0}")]
     Anonymous(&'static str),
@@ -267,6 +284,12 @@ impl Registry {
         &self,
         changes: &[(&Volume, LeaseTable)],
     ) -> Result<(), RegistryError> {
+        if changes
+            .iter()
+            .any(|(v, _)| !matches!(v.role.get(), Role::Single))
+        {
+            return commit_replicated(changes).await;
+        }
         let store = self.store.clone();
         let owned: Vec<(String, LeaseTable)> = changes
             .iter()
@@ -431,6 +454,24 @@ impl Registry {
         }
         Ok(())
     }
+}
+
+/// Cluster mode: the tables of replicated volumes mastered here go to etcd, in one
+/// transaction guarded by the master's term (see [`crate::cluster::leases`]).
+async fn commit_replicated(changes: &[(&Volume, LeaseTable)]) -> Result<(), RegistryError> {
+    let mut masters = Vec::with_capacity(changes.len());
+    for (vol, table) in changes {
+        match vol.role.get() {
+            Role::Master(rep) => masters.push((rep, *vol, table.clone())),
+            Role::NotMaster(_) => return Err(RegistryError::NotMaster(vol.config.name.clone())),
+            Role::Single => return Err(RegistryError::MixedSet(vol.config.name.clone())),
+        }
+    }
+    crate::cluster::leases::commit(&masters).await?;
+    for (vol, table) in changes {
+        vol.set_table(table.clone());
+    }
+    Ok(())
 }
 
 /// Whether the volume's host list lets `req`'s host hold a lease.

@@ -3,6 +3,7 @@
 //! replication streams and serves clients until its session ends, a slave reports a newer
 //! term, or its election key disappears.
 
+use super::leases;
 use super::replica::Replicas;
 use super::role::Role;
 use super::session::Session;
@@ -16,7 +17,7 @@ use std::time::Duration;
 /// Runs the volume's election for as long as the process runs.
 pub async fn run(cluster: Arc<Cluster>, vol: Arc<Volume>) {
     let name = vol.config.name.clone();
-    vol.role.set(Role::NotMaster);
+    vol.role.set(Role::NotMaster(cluster.clone()));
     let mut backoff = Duration::from_millis(50);
     loop {
         let session = current_session(&cluster).await;
@@ -161,7 +162,17 @@ async fn term(
             return Err(e);
         }
     };
-    vol.role.set(Role::Master(replicas.clone()));
+    {
+        // The lease table of this term, read after winning: no change by an earlier master
+        // can land after this read (its transactions need its own election key).
+        let _l = vol.lease_lock.lock().await;
+        if let Err(e) = leases::load(&replicas, vol).await {
+            replicas.fence();
+            resign(etcd, leader).await;
+            return Err(e);
+        }
+        vol.role.set(Role::Master(replicas.clone()));
+    }
     tracing::info!(target: "storaged::cluster", event = "master", volume = %name, term,
         slaves = ?replicas.slaves(), "this node is master");
     let mut w = etcd
@@ -192,7 +203,7 @@ async fn term(
         _ = key_gone => {}
     }
     replicas.fence();
-    vol.role.set(Role::NotMaster);
+    vol.role.set(Role::NotMaster(cluster.clone()));
     close_clients(vol);
     tracing::warn!(target: "storaged::cluster", event = "deposed", volume = %name, term,
         "this node is no longer master: its clients were disconnected");

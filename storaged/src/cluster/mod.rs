@@ -58,13 +58,19 @@
 //! master), which is not built yet: until then a volume runs on fewer copies after a failover.
 //!
 //! # Leases
-//! The lease table (primary / standby / deactivated and epochs) stays in each node's local
-//! store in this version: a client that reconnects to a new master asks for its lease again
-//! and gets it there. Moving it to etcd transactions guarded by the term is the next step.
+//! A replicated volume's lease table (primary / standby / deactivated, epochs) lives in etcd
+//! at `/vmhop/leases/<volume>`; the master reads it when its term starts and changes it only
+//! with transactions guarded by its term ([`leases`]), so a deposed master can neither grant
+//! nor flip. Any node answers lease queries (from etcd when it is not the master). A client
+//! that reconnects to a new master asks for the lease it held and finds it there.
+//!
+//! Not replicated (yet): a volume's access policy (`PUT /v1/volumes/{id}/access`) is kept by
+//! the node that receives it; armed flips live in the master's memory and end with its term.
 
 pub mod api;
 pub mod election;
 pub mod follower;
+pub mod leases;
 pub mod placement;
 pub mod replica;
 pub mod role;
@@ -95,6 +101,10 @@ pub fn placement_key(volume: &str) -> String {
 /// The key of a volume's in-sync set.
 pub fn insync_key(volume: &str) -> String {
     format!("{PREFIX}insync/{volume}")
+}
+/// The key of a replicated volume's lease table (see [`leases`]).
+pub fn lease_key(volume: &str) -> String {
+    format!("{PREFIX}leases/{volume}")
 }
 /// The election name of a volume (etcd's election keys live under it).
 pub fn election_name(volume: &str) -> String {

@@ -2,9 +2,10 @@
 //! etcd transaction), and making sure every volume placed on this node exists locally and has
 //! its election running.
 
+use super::role::Role;
 use super::{
-    election, election_name, insync_key, node_key, parse, placement_key, Cluster, ClusterError,
-    InSync, NodeRecord, Placement, PREFIX,
+    election, election_name, insync_key, lease_key, node_key, parse, placement_key, Cluster,
+    ClusterError, InSync, NodeRecord, Placement, PREFIX,
 };
 use crate::registry::RegistryError;
 use crate::volume::Volume;
@@ -72,6 +73,8 @@ fn start_election(cluster: &Arc<Cluster>, vol: Arc<Volume>) {
         .expect("elections lock")
         .insert(vol.config.name.clone());
     if fresh {
+        // Before anyone can attach: until its election says otherwise, no client is served.
+        vol.role.set(Role::NotMaster(cluster.clone()));
         tokio::spawn(election::run(cluster.clone(), vol));
     }
 }
@@ -172,6 +175,12 @@ pub async fn create(
             TxnOp::put(
                 insync_key(&name),
                 serde_json::to_vec(&insync).expect("in-sync record serialises"),
+                None,
+            ),
+            TxnOp::put(
+                lease_key(&name),
+                serde_json::to_vec(&crate::lease::LeaseTable::default())
+                    .expect("lease table serialises"),
                 None,
             ),
         ]);

@@ -268,6 +268,9 @@ pub struct Replicas {
     links: Mutex<Vec<Arc<Link>>>,
     members: tokio::sync::Mutex<Vec<String>>,
     fenced: watch::Sender<bool>,
+    /// The mod revision of the volume's lease table in etcd as this master last read or wrote
+    /// it (see [`super::leases`]).
+    pub(crate) lease_rev: Mutex<i64>,
 }
 
 impl Replicas {
@@ -296,6 +299,7 @@ impl Replicas {
             links: Mutex::new(links),
             members: tokio::sync::Mutex::new(members.clone()),
             fenced: watch::channel(false).0,
+            lease_rev: Mutex::new(0),
             cluster,
         });
         for m in members.iter().filter(|m| *m != r.cluster.node()) {
@@ -310,6 +314,21 @@ impl Replicas {
             }
         }
         Ok(r)
+    }
+
+    /// The cluster.
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
+    }
+
+    /// The volume's name.
+    pub fn volume(&self) -> &str {
+        &self.volume
+    }
+
+    /// The key of this master's election (its create revision is the term).
+    pub fn leader_key(&self) -> &[u8] {
+        &self.leader_key
     }
 
     /// Ends this mastership: every later write is refused.

@@ -3,6 +3,7 @@
 //! client and how to run a write.
 
 use super::replica::Replicas;
+use super::Cluster;
 use std::sync::{Arc, Mutex};
 
 /// The role of one volume on this node.
@@ -13,8 +14,8 @@ pub enum Role {
     Single,
     /// This node is the volume's master.
     Master(Arc<Replicas>),
-    /// Another node is master, or none is elected yet.
-    NotMaster,
+    /// Another node is master, or none is elected yet (the cluster, to ask etcd).
+    NotMaster(Arc<Cluster>),
 }
 
 /// The role, changed by the volume's election task.
@@ -26,7 +27,7 @@ impl std::fmt::Debug for RoleCell {
         let name = match &*self.0.lock().expect("role lock") {
             Role::Single => "single",
             Role::Master(_) => "master",
-            Role::NotMaster => "not-master",
+            Role::NotMaster(_) => "not-master",
         };
         f.write_str(name)
     }
@@ -53,6 +54,17 @@ impl RoleCell {
 
     /// Whether clients must be turned away (another node is, or will be, master).
     pub fn refuses_clients(&self) -> bool {
-        matches!(&*self.0.lock().expect("role lock"), Role::NotMaster)
+        matches!(&*self.0.lock().expect("role lock"), Role::NotMaster(_))
+    }
+}
+
+impl Role {
+    /// The cluster of a replicated volume (`None` for a single-node one).
+    pub fn cluster(&self) -> Option<Arc<Cluster>> {
+        match self {
+            Role::Single => None,
+            Role::Master(r) => Some(r.cluster().clone()),
+            Role::NotMaster(c) => Some(c.clone()),
+        }
     }
 }

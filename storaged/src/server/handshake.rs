@@ -116,7 +116,10 @@ fn refusal_code(e: &RegistryError) -> u32 {
         }
         RegistryError::Lease(LeaseError::Conflict { .. }) => NBD_REP_ERR_LEASE_CONFLICT,
         RegistryError::Lease(LeaseError::Epoch { .. }) => NBD_REP_ERR_LEASE_EPOCH,
-        RegistryError::NotMaster(_) => NBD_REP_ERR_NOT_MASTER,
+        // The master that could not write to etcd ended its term: another node will serve.
+        RegistryError::NotMaster(_) | RegistryError::Deposed { .. } | RegistryError::Etcd(_) => {
+            NBD_REP_ERR_NOT_MASTER
+        }
         _ => NBD_REP_ERR_POLICY,
     }
 }
