@@ -128,6 +128,9 @@ pub struct Registry {
     pub standby: StandbyPolicy,
     /// Serialises creating and deleting volumes.
     lifecycle: tokio::sync::Mutex<()>,
+    /// Cluster mode: the cluster (set once it is joined), to find volumes placed here that
+    /// this node has not created yet.
+    cluster: std::sync::OnceLock<std::sync::Weak<crate::cluster::Cluster>>,
 }
 
 impl Registry {
@@ -169,6 +172,7 @@ impl Registry {
             drain_limit: Duration::from_secs(30),
             standby: StandbyPolicy::default(),
             lifecycle: tokio::sync::Mutex::new(()),
+            cluster: std::sync::OnceLock::new(),
         })
     }
 
@@ -185,6 +189,26 @@ impl Registry {
             .get(name)
             .cloned()
             .ok_or_else(|| RegistryError::NotFound(name.to_string()))
+    }
+
+    /// Looks a volume up; in cluster mode one placed here and not created yet (this node did
+    /// not get to the placement yet) is created first.
+    pub async fn find(&self, name: &str) -> Result<Arc<Volume>, RegistryError> {
+        match self.get(name) {
+            Err(RegistryError::NotFound(_)) => {}
+            found => return found,
+        }
+        let Some(cluster) = self.cluster.get().and_then(std::sync::Weak::upgrade) else {
+            return Err(RegistryError::NotFound(name.to_string()));
+        };
+        crate::cluster::placement::ensure_local(&cluster, name)
+            .await
+            .map_err(|_| RegistryError::NotFound(name.to_string()))
+    }
+
+    /// Cluster mode: the cluster this node joined.
+    pub(crate) fn set_cluster(&self, cluster: &Arc<crate::cluster::Cluster>) {
+        let _ = self.cluster.set(Arc::downgrade(cluster));
     }
 
     /// All volumes, by name.

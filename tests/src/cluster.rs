@@ -229,6 +229,12 @@ pub struct Writers {
 impl Writers {
     /// Starts `n` writers.
     pub fn start(client: Arc<FailoverClient>, records: u64, n: u64) -> Writers {
+        Self::paced(client, records, n, Duration::ZERO)
+    }
+
+    /// Starts `n` writers, each pausing `pause` after each acknowledged record (so that they
+    /// last).
+    pub fn paced(client: Arc<FailoverClient>, records: u64, n: u64, pause: Duration) -> Writers {
         let acked = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let last_ack = Arc::new(std::sync::Mutex::new(Instant::now()));
@@ -252,6 +258,9 @@ impl Writers {
                         acked.fetch_add(1, Ordering::SeqCst);
                         mine.push(i);
                         i += n;
+                        if !pause.is_zero() {
+                            tokio::time::sleep(pause).await;
+                        }
                     }
                     Ok(mine)
                 })

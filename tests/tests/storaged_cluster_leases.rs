@@ -39,6 +39,10 @@ async fn armed_cluster(dir: &std::path::Path, point: &str) -> Result<(Cluster, S
     } else {
         "node-a"
     };
+    c.wait_view(&master, "rv", "the master serving", |v| {
+        v.role_here.as_deref() == Some("master")
+    })
+    .await?;
     Ok((c, master, other.to_string()))
 }
 

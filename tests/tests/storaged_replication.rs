@@ -97,3 +97,120 @@ async fn with_tls_a_node_id_other_than_the_certificates_host_id_is_refused() -> 
     );
     Ok(())
 }
+
+/// How a slave is lost.
+#[derive(Debug, Clone, Copy)]
+enum Loss {
+    /// SIGKILL, then started again.
+    Killed,
+    /// SIGSTOP (it falls behind: no acks), then SIGCONT.
+    Frozen,
+}
+
+/// Records in the 128 MiB volume of the resync tests.
+const BIG_RECORDS: u64 = 32768;
+/// Each writer's pause after a record in the resync tests, so that they outlast the resync.
+const PACE: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// A slave lost under the writers: writes go on without it (it leaves the in-sync set), it
+/// comes back, is resynced while the writers run and rejoins; its copy is then the master's
+/// byte for byte, and it serves every acknowledged record once the master is killed.
+async fn slave_lost_and_resynced(loss: Loss) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut c = Cluster::start(dir.path(), &[], false)?;
+    let flags = ["--replication-timeout-ms", "1000"];
+    c.add_node("node-a", &flags)?;
+    c.add_node("node-b", &flags)?;
+    c.node("node-a")
+        .storaged
+        .create_volume("rv", "128M", &["--replicas", "2"])?;
+    let client = Arc::new(FailoverClient::connect(c.client_config("rv", "host-1")?).await?);
+    let first = c.view("node-a", "rv").await?;
+    assert_eq!(first.insync.members, ["node-a", "node-b"], "{first:?}");
+    let master = first.master.clone().expect("a master");
+    let slave = if master == "node-a" {
+        "node-b"
+    } else {
+        "node-a"
+    }
+    .to_string();
+
+    let writers = Writers::paced(client.clone(), BIG_RECORDS, WRITERS, PACE);
+    writers.wait_acked(500).await?;
+    match loss {
+        Loss::Killed => c.kill9(&slave),
+        Loss::Frozen => c.node(&slave).storaged.freeze(true)?,
+    }
+    let lost = Instant::now();
+    let at_loss = writers.acked.load(std::sync::atomic::Ordering::SeqCst);
+    c.wait_view(&master, "rv", "the lost slave out of the set", |v| {
+        v.insync.members == [master.as_str()]
+    })
+    .await?;
+    writers.wait_acked(at_loss + 500).await?;
+    eprintln!(
+        "{loss:?} slave {slave}: out of the in-sync set, writes acknowledged without it \
+        {:?} after the loss",
+        writers.first_ack_after(lost).await? - lost
+    );
+    match loss {
+        Loss::Killed => c.restart(&slave)?,
+        Loss::Frozen => c.node(&slave).storaged.freeze(false)?,
+    }
+    let back = Instant::now();
+    let at_back = writers.acked.load(std::sync::atomic::Ordering::SeqCst);
+    c.wait_view(&master, "rv", "the slave in the set again", |v| {
+        v.insync.members.len() == 2
+    })
+    .await?;
+    let at_rejoin = writers.acked.load(std::sync::atomic::Ordering::SeqCst);
+    eprintln!(
+        "slave {slave} resynced and rejoined {:?} after it came back; {} records \
+        acknowledged meanwhile",
+        back.elapsed(),
+        at_rejoin - at_back
+    );
+    assert!(
+        at_rejoin > at_back,
+        "writes were acknowledged during the resync"
+    );
+    // And with the slave counted again.
+    assert!(
+        at_rejoin + 200 < BIG_RECORDS,
+        "the writers ran out of records before the slave rejoined"
+    );
+    writers.wait_acked(at_rejoin + 200).await?;
+    let written = writers.stop().await?;
+    client.flush().await?;
+
+    let on_master = std::fs::read(c.node(&master).storaged.volume_file("rv"))?;
+    let on_slave = std::fs::read(c.node(&slave).storaged.volume_file("rv"))?;
+    assert_eq!(on_master.len(), on_slave.len());
+    if let Some(at) = on_master.iter().zip(&on_slave).position(|(a, b)| a != b) {
+        anyhow::bail!("the resynced copy differs from the master's at byte {at}");
+    }
+    verify_records(&on_slave, &written, "the resynced slave's file")?;
+
+    // The resynced copy can take over.
+    c.kill9(&master);
+    let mut through_nbd = vec![0u8; BIG_RECORDS as usize * RECORD];
+    for (i, chunk) in through_nbd.chunks_mut(RECORD).enumerate() {
+        if written.binary_search(&(i as u64)).is_ok() {
+            chunk.copy_from_slice(&client.read((i * RECORD) as u64, RECORD).await?);
+        }
+    }
+    verify_records(&through_nbd, &written, "the resynced slave, now master")?;
+    let now = c.view(&slave, "rv").await?;
+    assert_eq!(now.master.as_deref(), Some(slave.as_str()), "{now:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slave_killed_during_writes_is_resynced_and_rejoins() -> Result<()> {
+    slave_lost_and_resynced(Loss::Killed).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slave_that_falls_behind_leaves_the_set_and_is_resynced() -> Result<()> {
+    slave_lost_and_resynced(Loss::Frozen).await
+}

@@ -45,4 +45,8 @@ pub struct ReplicatedVolumeView {
     pub term: i64,
     /// The NBD addresses of the volume's nodes, in placement order (those that are live).
     pub nbd_addresses: Vec<String>,
+    /// The volume's role on the node that answered: `master` once it serves clients as the
+    /// master, `not-master`, or `None` where the volume has no copy.
+    #[serde(default)]
+    pub role_here: Option<String>,
 }

@@ -175,6 +175,7 @@ async fn term(
     }
     tracing::info!(target: "storaged::cluster", event = "master", volume = %name, term,
         slaves = ?replicas.slaves(), "this node is master");
+    tokio::spawn(super::resync::run(replicas.clone(), vol.clone()));
     let mut w = etcd
         .watch(
             leader.key().to_vec(),

@@ -133,6 +133,15 @@ async fn stream_task(tcp: TcpStream, cluster: &Arc<Cluster>) -> Result<(), WireE
             r.fence();
         }
     }
+    // This stream replaces any earlier one of the volume: once the earlier one's op in
+    // progress (if any) is done, it applies nothing more, so that ops it still had buffered
+    // cannot land after this stream's (a resync's copy would be overwritten with older data).
+    let applier = cluster.applier(&hello.volume);
+    let generation = {
+        let mut current = applier.lock().await;
+        *current += 1;
+        *current
+    };
     tracing::info!(target: "storaged::cluster", event = "slave", volume = %hello.volume,
         master = %hello.from, term, "replication stream accepted");
     s.write_all(&reply(refuse(Status::Ok, term))).await?;
@@ -153,9 +162,17 @@ async fn stream_task(tcp: TcpStream, cluster: &Arc<Cluster>) -> Result<(), WireE
         {
             Status::Io
         } else {
+            let current = applier.lock().await;
+            if *current != generation {
+                tracing::info!(target: "storaged::cluster", volume = %hello.volume, term,
+                    "replication stream replaced by a newer one");
+                return Ok(());
+            }
             let op = Op::from_wire(&h, data.freeze());
             let file = vol.file.clone();
-            match tokio::task::spawn_blocking(move || op.apply(&file)).await {
+            let done = tokio::task::spawn_blocking(move || op.apply(&file)).await;
+            drop(current);
+            match done {
                 Ok(Ok(())) => Status::Ok,
                 Ok(Err(e)) => {
                     tracing::warn!(volume = %hello.volume, error = %e, "replicated op failed");

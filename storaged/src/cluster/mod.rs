@@ -54,8 +54,11 @@
 //! At the first election of a volume (no master ever; every copy is empty) the in-sync set is
 //! every placed node. After a failover the new master keeps only itself in the set: a write
 //! that was in flight when the old master died may have reached some copies and not others,
-//! and the slaves cannot tell. Putting those copies back is resync (a full copy from the
-//! master), which is not built yet: until then a volume runs on fewer copies after a failover.
+//! and the slaves cannot tell. Every copy outside the set (those, and any slave that died,
+//! restarted or fell behind) is brought back by [`resync`] (a full copy from the master while
+//! clients write, then a guarded transaction adds it to the set); a slave applies the ops of
+//! one stream per volume at a time (a newer stream stops the older one before it applies
+//! anything), so that nothing an old stream had buffered lands after the copy.
 //!
 //! # Leases
 //! A replicated volume's lease table (primary / standby / deactivated, epochs) lives in etcd
@@ -73,6 +76,7 @@ pub mod follower;
 pub mod leases;
 pub mod placement;
 pub mod replica;
+pub mod resync;
 pub mod role;
 pub mod session;
 pub mod wire;
@@ -189,6 +193,9 @@ pub struct Cluster {
     pub(crate) elections: Mutex<HashSet<String>>,
     /// Mutual TLS of the replication streams, when storaged has a TLS directory.
     pub(crate) tls: Option<ReplTls>,
+    /// Per volume, the generation of the replication stream allowed to apply ops here (see
+    /// [`follower`]); held while an op is applied.
+    pub(crate) appliers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<u64>>>>,
 }
 
 /// The replication streams' TLS: the host's certificates of the NBD port (see the module
@@ -222,6 +229,12 @@ impl Cluster {
     pub fn etcd(&self) -> etcd_client::Client {
         self.etcd.clone()
     }
+
+    /// The applier lock of a volume's replication streams.
+    pub(crate) fn applier(&self, volume: &str) -> Arc<tokio::sync::Mutex<u64>> {
+        let mut a = self.appliers.lock().expect("appliers lock");
+        a.entry(volume.to_string()).or_default().clone()
+    }
 }
 
 /// Parses a JSON record read from etcd.
@@ -249,7 +262,9 @@ pub async fn start(
         seen_terms: Default::default(),
         elections: Default::default(),
         tls,
+        appliers: Default::default(),
     });
+    cluster.reg.set_cluster(&cluster);
     tokio::spawn(follower::serve(repl, cluster.clone()));
     placement::start(cluster.clone()).await?;
     Ok(cluster)

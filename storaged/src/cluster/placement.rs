@@ -229,11 +229,17 @@ pub async fn view(cluster: &Cluster, volume: &str) -> Result<ReplicatedVolumeVie
             nbd_addresses.push(rec.nbd.to_string());
         }
     }
+    let role_here = cluster
+        .reg
+        .get(volume)
+        .ok()
+        .map(|v| format!("{:?}", v.role));
     Ok(ReplicatedVolumeView {
         placement,
         insync,
         master,
         term,
         nbd_addresses,
+        role_here,
     })
 }

@@ -159,22 +159,36 @@ impl Op {
 type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<Ack>>>>;
 
 /// The stream to one slave.
-struct Link {
-    node: String,
+pub(crate) struct Link {
+    pub(crate) node: String,
+    /// How long a send may wait for room in the queue (a slave that stopped reading).
+    stall: std::time::Duration,
     tx: mpsc::Sender<(u64, Vec<u8>, oneshot::Sender<Ack>)>,
     next: AtomicU64,
+    /// Client writes wait for this slave's acks (an in-sync slave, or a resynced one about to
+    /// join); a slave being resynced gets them without anyone waiting.
+    pub(crate) counted: AtomicBool,
+    /// The stream ended, or the slave answered an op with anything but `Ok`: whatever it
+    /// holds can no longer be trusted to be the master's.
+    pub(crate) failed: Arc<AtomicBool>,
 }
 
 impl Link {
     /// Opens the stream: the hello with the master's term, and the slave's consent.
-    async fn open(cluster: &Cluster, node: &str, volume: &str, term: i64) -> Option<Link> {
+    pub(crate) async fn open(
+        cluster: &Cluster,
+        node: &str,
+        volume: &str,
+        term: i64,
+    ) -> Result<Link, String> {
         let key = node_key(node);
         let rec: NodeRecord = match cluster.etcd().get(key.clone(), None).await {
             Ok(r) => match r.kvs().first().map(|kv| parse(&key, kv.value())) {
                 Some(Ok(rec)) => rec,
-                _ => return None,
+                Some(Err(e)) => return Err(e.to_string()),
+                None => return Err("the node is not live (no record in etcd)".into()),
             },
-            Err(_) => return None,
+            Err(e) => return Err(format!("etcd: {e}")),
         };
         let hello = Hello {
             version: wire::VERSION,
@@ -200,40 +214,54 @@ impl Link {
         let (stream, reply) =
             match tokio::time::timeout(cluster.config.replication_timeout, open).await {
                 Ok(Ok(r)) => r,
-                Ok(Err(e)) => {
-                    tracing::warn!(volume, slave = node, error = %e, "replication stream failed");
-                    return None;
-                }
-                Err(_) => return None,
+                Ok(Err(e)) => return Err(vmhop_common::error::chain(&e)),
+                Err(_) => return Err("no answer within the replication timeout".into()),
             };
         if reply.status != Status::Ok {
-            tracing::warn!(volume, slave = node, status = ?reply.status, seen = reply.term,
-                "slave refused the replication stream");
-            return None;
+            return Err(format!(
+                "the slave refused the stream ({:?}, its term {})",
+                reply.status, reply.term
+            ));
         }
         let (tx, rx) = mpsc::channel(LINK_QUEUE);
-        tokio::spawn(run_link(stream, rx));
-        Some(Link {
+        let failed = Arc::new(AtomicBool::new(false));
+        let stall = cluster.config.replication_timeout;
+        tokio::spawn(run_link(stream, rx, failed.clone(), stall));
+        Ok(Link {
             node: node.to_string(),
+            stall,
             tx,
             next: AtomicU64::new(1),
+            counted: AtomicBool::new(true),
+            failed,
         })
     }
 
+    /// Whether client writes wait for this slave.
+    pub(crate) fn counted(&self) -> bool {
+        self.counted.load(Ordering::SeqCst)
+    }
+
     /// Queues `op`; the receiver gets the slave's ack (or is dropped if the link fails).
-    async fn send(&self, op: &Op) -> Option<oneshot::Receiver<Ack>> {
+    pub(crate) async fn send(&self, op: &Op) -> Option<oneshot::Receiver<Ack>> {
         let seq = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.tx.send((seq, op.frame(seq), tx)).await.ok()?;
+        let queued = tokio::time::timeout(self.stall, self.tx.send((seq, op.frame(seq), tx)));
+        queued.await.ok()?.ok()?;
         Some(rx)
     }
 }
 
 /// Writes queued frames and matches acks to their waiters until either side fails.
-async fn run_link(stream: NbdStream, mut rx: mpsc::Receiver<(u64, Vec<u8>, oneshot::Sender<Ack>)>) {
+async fn run_link(
+    stream: NbdStream,
+    mut rx: mpsc::Receiver<(u64, Vec<u8>, oneshot::Sender<Ack>)>,
+    failed: Arc<AtomicBool>,
+    stall: std::time::Duration,
+) {
     let (mut rd, mut wr) = stream.into_halves();
     let waiters = Waiters::default();
-    let dead = Arc::new(AtomicBool::new(false));
+    let dead = failed;
     let (w2, d2) = (waiters.clone(), dead.clone());
     let reader = tokio::spawn(async move {
         let mut b = [0u8; wire::ACK_LEN];
@@ -242,6 +270,10 @@ async fn run_link(stream: NbdStream, mut rx: mpsc::Receiver<(u64, Vec<u8>, onesh
             let Some(w) = w2.lock().expect("waiters lock").remove(&ack.seq) else {
                 break;
             };
+            if ack.status != Status::Ok {
+                // Marked before the ack is handed on: whoever sees a later ack sees this.
+                d2.store(true, Ordering::SeqCst);
+            }
             let _ = w.send(ack);
         }
         d2.store(true, Ordering::SeqCst);
@@ -249,10 +281,16 @@ async fn run_link(stream: NbdStream, mut rx: mpsc::Receiver<(u64, Vec<u8>, onesh
     });
     while let Some((seq, frame, waiter)) = rx.recv().await {
         waiters.lock().expect("waiters lock").insert(seq, waiter);
-        if dead.load(Ordering::SeqCst) || wr.write_all(&frame).await.is_err() {
+        if dead.load(Ordering::SeqCst) {
             break;
         }
+        // A slave that stops reading ends its stream (and its place in the set) in time.
+        match tokio::time::timeout(stall, wr.write_all(&frame)).await {
+            Ok(Ok(())) => {}
+            _ => break,
+        }
     }
+    dead.store(true, Ordering::SeqCst);
     reader.abort();
 }
 
@@ -264,8 +302,10 @@ pub struct Replicas {
     pub term: i64,
     leader_key: Vec<u8>,
     session: Session,
-    order: tokio::sync::Mutex<()>,
-    links: Mutex<Vec<Arc<Link>>>,
+    /// One order for every copy: held while an op is applied here and queued to every link
+    /// (and while [`super::resync`] reads a chunk and queues it).
+    pub(crate) order: tokio::sync::Mutex<()>,
+    pub(crate) links: Mutex<Vec<Arc<Link>>>,
     members: tokio::sync::Mutex<Vec<String>>,
     fenced: watch::Sender<bool>,
     /// The mod revision of the volume's lease table in etcd as this master last read or wrote
@@ -286,8 +326,10 @@ impl Replicas {
     ) -> Result<Arc<Replicas>, ClusterError> {
         let mut links = Vec::new();
         for m in members.iter().filter(|m| *m != cluster.node()) {
-            if let Some(l) = Link::open(&cluster, m, volume, term).await {
-                links.push(Arc::new(l));
+            match Link::open(&cluster, m, volume, term).await {
+                Ok(l) => links.push(Arc::new(l)),
+                Err(e) => tracing::warn!(target: "storaged::cluster", volume, slave = %m,
+                    error = %e, "no replication stream to an in-sync slave: it leaves the set"),
             }
         }
         let r = Arc::new(Replicas {
@@ -342,7 +384,12 @@ impl Replicas {
         let _ = rx.wait_for(|f| *f).await;
     }
 
-    fn usable(&self) -> bool {
+    /// Whether the mastership ended.
+    pub fn is_fenced(&self) -> bool {
+        *self.fenced.borrow()
+    }
+
+    pub(crate) fn usable(&self) -> bool {
         !*self.fenced.borrow() && self.session.valid()
     }
 
@@ -376,7 +423,11 @@ impl Replicas {
             let mut acks = Vec::with_capacity(links.len());
             for l in links {
                 let rx = l.send(&op).await;
-                acks.push((l, rx));
+                // A slave being resynced gets the op in order, and nobody waits for it (its
+                // resync learns of a failure from `Link::failed`).
+                if l.counted() {
+                    acks.push((l, rx));
+                }
             }
             let local = match op {
                 Op::Zeroes { fast: true, .. } => Ok(Ok(())),
@@ -426,15 +477,53 @@ impl Replicas {
     }
 
     /// Removes a slave from the in-sync set, in etcd first (guarded by this master's term),
-    /// then from the links.
-    async fn drop_member(&self, node: &str) -> Result<(), ClusterError> {
+    /// then from the links (a slave being resynced, not in the set, only loses its link).
+    pub(crate) async fn drop_member(&self, node: &str) -> Result<(), ClusterError> {
         let mut members = self.members.lock().await;
-        if !members.iter().any(|m| m == node) {
-            return Ok(());
+        if members.iter().any(|m| m == node) {
+            let next: Vec<String> = members.iter().filter(|m| *m != node).cloned().collect();
+            self.put_members(&next).await?;
+            *members = next;
+            tracing::info!(target: "storaged::cluster", event = "insync", volume = %self.volume,
+                members = ?members, left = node, term = self.term, "in-sync set changed");
         }
-        let next: Vec<String> = members.iter().filter(|m| *m != node).cloned().collect();
+        self.links
+            .lock()
+            .expect("links lock")
+            .retain(|l| l.node != node);
+        Ok(())
+    }
+
+    /// Adds a resynced slave to the in-sync set (in etcd, guarded by this master's term),
+    /// unless its link failed or was dropped meanwhile: under the members lock, so that a
+    /// failure of the link either comes before (and nothing is added) or after (and the
+    /// slave leaves again before any client gets an answer without it).
+    pub(crate) async fn add_member(&self, node: &str, link: &Arc<Link>) -> Result<(), String> {
+        let mut members = self.members.lock().await;
+        let linked = self
+            .links
+            .lock()
+            .expect("links lock")
+            .iter()
+            .any(|l| Arc::ptr_eq(l, link));
+        if !linked || link.failed.load(Ordering::SeqCst) {
+            return Err("the stream failed before the slave could join".into());
+        }
+        let mut next = members.clone();
+        next.push(node.to_string());
+        self.put_members(&next)
+            .await
+            .map_err(|e| vmhop_common::error::chain(&e))?;
+        *members = next;
+        tracing::info!(target: "storaged::cluster", event = "insync", volume = %self.volume,
+            members = ?members, joined = node, term = self.term, "in-sync set changed");
+        Ok(())
+    }
+
+    /// Writes the in-sync set, guarded by this master's term.
+    async fn put_members(&self, members: &[String]) -> Result<(), ClusterError> {
         let body = InSync {
-            members: next.clone(),
+            members: members.to_vec(),
             term: self.term,
         };
         let txn = Txn::new()
@@ -448,17 +537,13 @@ impl Replicas {
                 serde_json::to_vec(&body).expect("in-sync record serialises"),
                 None,
             )]);
-        let resp = self.cluster.etcd().txn(txn).await?;
+        let limit = self.cluster.config.lease_ttl;
+        let resp = tokio::time::timeout(limit, self.cluster.etcd().txn(txn))
+            .await
+            .map_err(|_| ClusterError::Deposed(self.volume.clone()))??;
         if !resp.succeeded() {
             return Err(ClusterError::Deposed(self.volume.clone()));
         }
-        *members = next;
-        self.links
-            .lock()
-            .expect("links lock")
-            .retain(|l| l.node != node);
-        tracing::info!(target: "storaged::cluster", event = "insync", volume = %self.volume,
-            members = ?members, term = self.term, "in-sync set changed");
         Ok(())
     }
 }
