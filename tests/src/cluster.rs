@@ -222,9 +222,15 @@ pub struct Writers {
     /// Records acknowledged so far.
     pub acked: Arc<AtomicU64>,
     last_ack: Arc<std::sync::Mutex<Instant>>,
+    /// When the first record was acknowledged on each connection generation of the client.
+    first_of_generation: Firsts,
+    /// The records acknowledged so far, in the order of their acknowledgements.
+    pub done: Arc<std::sync::Mutex<Vec<u64>>>,
     stop: Arc<AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<Result<Vec<u64>>>>,
 }
+
+type Firsts = Arc<std::sync::Mutex<std::collections::BTreeMap<u64, Instant>>>;
 
 impl Writers {
     /// Starts `n` writers.
@@ -238,8 +244,12 @@ impl Writers {
         let acked = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let last_ack = Arc::new(std::sync::Mutex::new(Instant::now()));
+        let first_of_generation = Firsts::default();
+        let done: Arc<std::sync::Mutex<Vec<u64>>> = Default::default();
         let tasks = (0..n)
             .map(|w| {
+                let firsts = first_of_generation.clone();
+                let done = done.clone();
                 let (client, acked, stop, last) = (
                     client.clone(),
                     acked.clone(),
@@ -250,11 +260,18 @@ impl Writers {
                     let mut i = w;
                     let mut mine = Vec::new();
                     while i < records && !stop.load(Ordering::SeqCst) {
-                        client
-                            .write(i * RECORD as u64, &record(i), false)
+                        let generation = client
+                            .write_on(i * RECORD as u64, &record(i), false)
                             .await
                             .with_context(|| format!("record {i}"))?;
-                        *last.lock().expect("last ack") = Instant::now();
+                        let now = Instant::now();
+                        *last.lock().expect("last ack") = now;
+                        firsts
+                            .lock()
+                            .expect("generations")
+                            .entry(generation)
+                            .or_insert(now);
+                        done.lock().expect("done").push(i);
                         acked.fetch_add(1, Ordering::SeqCst);
                         mine.push(i);
                         i += n;
@@ -269,6 +286,8 @@ impl Writers {
         Writers {
             acked,
             last_ack,
+            first_of_generation,
+            done,
             stop,
             tasks,
         }
@@ -289,6 +308,18 @@ impl Writers {
         wait_for_async(what, crate::storaged::DEADLINE, || async {
             let t = *self.last_ack.lock().expect("last ack");
             (t > since).then_some(t)
+        })
+        .await
+    }
+
+    /// Waits for the first acknowledgement on a connection after `generation` (a record
+    /// acknowledged by whichever node the client found after losing that connection); returns
+    /// when it came.
+    pub async fn first_ack_after_generation(&self, generation: u64) -> Result<Instant> {
+        let what = "an acknowledgement on a new connection";
+        wait_for_async(what, crate::storaged::DEADLINE, || async {
+            let firsts = self.first_of_generation.lock().expect("generations");
+            firsts.range(generation + 1..).map(|(_, t)| *t).min()
         })
         .await
     }

@@ -1,7 +1,72 @@
 //! The per-volume election: while this node is in the volume's in-sync set and has an etcd
-//! session, it campaigns; once elected it fixes the in-sync set for its term, opens the
+//! session, it campaigns; once elected it fixes the in-sync set for its term, stops every
+//! replication stream of an earlier term on its copy, reads the lease table, opens the
 //! replication streams and serves clients until its session ends, a slave reports a newer
 //! term, or its election key disappears.
+//!
+//! # The safety argument
+//! What must hold: (1) a write acknowledged to a client is on every copy that can later be
+//! elected; (2) a deposed master's late writes never land on a copy that can be elected, and
+//! it grants and flips nothing; (3) a master cut off from etcd stops acknowledging (and
+//! serving reads) before another node can be elected. (1) and (2) rest on etcd's linearizable
+//! transactions only; (3) needs one bounded assumption on clock *rates*.
+//!
+//! **Terms.** Candidates campaign with etcd's election API, each with its node's session
+//! lease; the leader is the key with the lowest create revision under the volume's election
+//! prefix. The *term* is that create revision: revisions only grow, so every later master
+//! has a higher term, and a master's key disappears only when it resigns or etcd expires its
+//! lease. A node becomes leader only once every older key is gone.
+//!
+//! **Who may be elected.** Only members of the in-sync set campaign, and a winner re-reads the
+//! set and rewrites it in a transaction that requires its own key (create revision = its
+//! term) and the set's mod revision it just read: a node dropped from the set before it won
+//! resigns. The set is changed only by the master, each time with a transaction requiring the
+//! master's key with its term, so a master whose key is gone (deposed) changes nothing.
+//!
+//! **(1) Acknowledged writes.** The master replies to a client only when its copy and every
+//! member of its current in-sync set acknowledged the op, or when the member that did not was
+//! first removed from the set by a successful guarded transaction. Such a transaction only
+//! succeeds while the master's key exists, i.e. before any successor won. So at the moment of
+//! an acknowledgement, every member of the set in etcd has the write, and a successor is
+//! elected from that set. Copies outside the set get back into it only by a full resync from a
+//! master ([`super::resync`]) that ends with a FLUSH and a guarded transaction.
+//!
+//! **(2) Late writes of a deposed master.** A winner, before it serves anyone, raises the
+//! highest term it has seen for the volume to its own and bumps the volume's applier
+//! generation ([`super::follower`]): once the op the old stream may be applying is done, no
+//! op of an older stream is applied to its copy any more (such a stream is closed, and the old
+//! master, unable to drop the winner from the set, fences itself). Slaves outside the
+//! winner's set may still apply the old master's ops, but they can only rejoin through a
+//! resync, whose stream bumps their generation the same way before the copy starts. Lease
+//! changes are etcd transactions guarded by the term ([`super::leases`]): a deposed master's
+//! grant or flip fails whatever its clock says.
+//!
+//! **(3) Clocks and timeouts.** A node's session is one etcd lease of TTL `T`
+//! (`--etcd-lease-ttl-secs`, default 5 s), kept alive every `T/3`. The node keeps a local
+//! deadline: the instant it *sent* the last keep-alive that succeeded, plus the TTL etcd
+//! granted, minus a margin of `T/4`. etcd expires the lease no earlier than `T` after it
+//! *received* that keep-alive (a change of etcd leader only extends leases), which is later
+//! than it was sent. After the deadline the node acknowledges no write (checked after the
+//! slaves' acks, just before the reply), answers no read, refuses new clients, closes its
+//! clients' connections and drops its masterships. A successor can only win after etcd
+//! deleted the old key, i.e. after the old lease expired at etcd. The assumption: the node's
+//! monotonic clock and etcd's leader's may not run apart by more than 25% over one TTL; no
+//! synchronised wall clocks, no bound on message delays (a delay only makes the node's
+//! deadline come earlier relative to etcd's expiry). A process pause between the check and
+//! the reply can deliver an acknowledgement late, but never one of a write the successor
+//! lacks (see (1)).
+//!
+//! Other timeouts: a slave that does not acknowledge within the replication timeout `R`
+//! (`--replication-timeout-ms`, default 5 s), or whose queue stays full that long, leaves the
+//! in-sync set (the client's write waits up to `R`); in-sync and lease transactions wait at
+//! most `T` (no answer: the master fences itself, since the outcome is unknown). A failover
+//! takes about `T` (the dead master's lease must expire at etcd) plus the election, the
+//! winner's streams and the clients' reconnection backoff.
+//!
+//! **Losing etcd.** A master that cannot renew its lease (partition, quorum loss) stops
+//! acknowledging within `0.75 T` and no node can be elected until etcd is back: I/O on
+//! replicated volumes fails safe (clients are disconnected and hold their I/O while they look
+//! for a master) rather than go on without a way to be fenced; flips fail with an etcd error.
 
 use super::leases;
 use super::replica::Replicas;
@@ -162,6 +227,9 @@ async fn term(
             return Err(e);
         }
     };
+    // No op of an earlier master's stream is applied to this copy from here on (see (2) in
+    // the module docs).
+    cluster.supersede_streams(&name, term).await;
     {
         // The lease table of this term, read after winning: no change by an earlier master
         // can land after this read (its transactions need its own election key).

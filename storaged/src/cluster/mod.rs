@@ -25,21 +25,9 @@
 //!   slave that has heard of its successor.
 //!
 //! # The master's lease and clocks
-//! A node's session is one etcd lease of TTL `T` (`--etcd-lease-ttl-secs`), kept alive every
-//! `T/3`. The node computes a local deadline for its lease: the time it *sent* the last
-//! successful keep-alive plus the TTL the server granted, minus a margin of `T/4`. etcd can
-//! only expire the lease `T` after it *received* that keep-alive, which is later. After the
-//! deadline the node acknowledges no client write on any volume it is master of (the check is
-//! made after the slaves' acks, just before the reply), closes its clients' connections and
-//! drops its mastership. The assumption is only about clock *rates*: the node's monotonic
-//! clock and etcd's may not drift apart by more than the margin over one TTL (25%); no
-//! synchronised wall clocks are needed. A new master can only be elected once etcd deleted
-//! the old election key, i.e. after the old lease expired at etcd, by which time the old
-//! master has stopped acknowledging.
-//!
-//! A master that loses etcd (partition, quorum loss) therefore stops acknowledging writes
-//! within `T`: I/O on replicated volumes fails safe (clients reconnect elsewhere) rather than
-//! continuing without a way to be fenced.
+//! A master whose etcd session may have expired stops serving before a successor can be
+//! elected; the argument (timeouts, the assumption on clock rates, what happens when etcd is
+//! lost) is in [`election`].
 //!
 //! # Replication
 //! The master applies each WRITE / WRITE_ZEROES / TRIM / FLUSH locally and sends it to every
@@ -228,6 +216,19 @@ impl Cluster {
     /// A handle on etcd.
     pub fn etcd(&self) -> etcd_client::Client {
         self.etcd.clone()
+    }
+
+    /// A newly elected master's step before it serves: its term becomes the highest seen for
+    /// the volume and every replication stream applying to its copy stops (after the op in
+    /// progress, if any).
+    pub(crate) async fn supersede_streams(&self, volume: &str, term: i64) {
+        {
+            let mut seen = self.seen_terms.lock().expect("terms lock");
+            let t = seen.entry(volume.to_string()).or_insert(0);
+            *t = (*t).max(term);
+        }
+        let applier = self.applier(volume);
+        *applier.lock().await += 1;
     }
 
     /// The applier lock of a volume's replication streams.

@@ -54,7 +54,12 @@ impl RoleCell {
 
     /// Whether clients must be turned away (another node is, or will be, master).
     pub fn refuses_clients(&self) -> bool {
-        matches!(&*self.0.lock().expect("role lock"), Role::NotMaster(_))
+        match &*self.0.lock().expect("role lock") {
+            Role::Single => false,
+            // A master whose etcd session may have ended takes no new client either.
+            Role::Master(r) => !r.usable(),
+            Role::NotMaster(_) => true,
+        }
     }
 }
 

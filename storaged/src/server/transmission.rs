@@ -426,6 +426,12 @@ async fn read(ctx: &Ctx, req: Request, permit: Permit) {
         Ok(adm) => adm,
         Err(e) => return ctx.send(refused(ctx, &req, e, permit)),
     };
+    if ctx.vol.role.master().is_some_and(|rep| !rep.usable()) {
+        // A master whose etcd session may have ended answers no read (a successor may be
+        // serving newer data): the client goes to the new master.
+        ctx.gate.set_access(Access::Closed);
+        return;
+    }
     let mut buf = vec![0u8; req.length as usize];
     // Fast path: data in the page cache is copied here, without the hop to a blocking thread.
     let error = |res: std::io::Result<()>| res.as_ref().map_or_else(io_errno, |_| 0);

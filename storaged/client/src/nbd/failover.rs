@@ -32,6 +32,11 @@ impl FailoverClient {
         })
     }
 
+    /// How many times the client reconnected so far (the generation of its connection).
+    pub async fn generation(&self) -> u64 {
+        self.current.lock().await.0
+    }
+
     /// The connection in use and its generation.
     async fn client(&self) -> (u64, Client) {
         self.current.lock().await.clone()
@@ -65,6 +70,15 @@ impl FailoverClient {
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, ClientError>>,
     {
+        self.retry_on(f).await.map(|(r, _)| r)
+    }
+
+    /// [`Self::retry`], also returning the generation of the connection that answered.
+    pub async fn retry_on<T, F, Fut>(&self, f: F) -> Result<(T, u64), ClientError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, ClientError>>,
+    {
         let mut reconnects = 0;
         loop {
             let (generation, c) = self.client().await;
@@ -73,9 +87,17 @@ impl FailoverClient {
                     reconnects += 1;
                     self.reconnect(generation).await?;
                 }
-                r => return r,
+                r => return r.map(|v| (v, generation)),
             }
         }
+    }
+
+    /// [`Self::write`], returning the generation of the connection that acknowledged it
+    /// (larger than before a failover: the new master's).
+    pub async fn write_on(&self, offset: u64, data: &[u8], fua: bool) -> Result<u64, ClientError> {
+        self.retry_on(|c| async move { c.write_slice(offset, data, fua).await })
+            .await
+            .map(|((), g)| g)
     }
 
     /// Writes `data` at `offset` (see [`Client::write_slice`]).
