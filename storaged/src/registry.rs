@@ -55,9 +55,16 @@ pub enum RegistryError {
     /// A change of a set of volumes names none.
     #[error("no volume named")]
     NoVolumes,
-    /// Cluster mode: another node is the volume's master (or none is elected yet).
-    #[error("this node is not the master of volume {0}")]
-    NotMaster(String),
+    /// Cluster mode: another node is the volume's master (or none is elected yet); where it
+    /// is, when this node knows.
+    #[error("this node is not the master of volume {volume}{}",
+        .master.as_ref().map_or(String::new(), |m| format!("; {m}")))]
+    NotMaster {
+        /// The volume.
+        volume: String,
+        /// Its master.
+        master: Option<storaged_client::cluster::MasterHint>,
+    },
     /// Cluster mode: this node's mastership of the volume ended before the change could be
     /// made (the change was not made; the clients reconnect to the new master).
     #[error("this node is no longer the master of volume {volume} (its term {term} is over): nothing changed")]
@@ -201,9 +208,15 @@ impl Registry {
         let Some(cluster) = self.cluster.get().and_then(std::sync::Weak::upgrade) else {
             return Err(RegistryError::NotFound(name.to_string()));
         };
-        crate::cluster::placement::ensure_local(&cluster, name)
-            .await
-            .map_err(|_| RegistryError::NotFound(name.to_string()))
+        match crate::cluster::placement::ensure_local(&cluster, name).await {
+            Ok(v) => Ok(v),
+            // Placed on other nodes only: the client is sent to the master.
+            Err(crate::cluster::ClusterError::NotPlacedHere(_)) => Err(RegistryError::NotMaster {
+                volume: name.to_string(),
+                master: cluster.master_of(name).await,
+            }),
+            Err(_) => Err(RegistryError::NotFound(name.to_string())),
+        }
     }
 
     /// Cluster mode: the cluster this node joined.
@@ -352,7 +365,7 @@ impl Registry {
         max: usize,
     ) -> Result<Attachment, RegistryError> {
         if vol.role.refuses_clients() {
-            return Err(RegistryError::NotMaster(vol.config.name.clone()));
+            return Err(not_master(vol).await);
         }
         let _l = vol.lease_lock.lock().await;
         if vol.is_removed() {
@@ -420,7 +433,9 @@ impl Registry {
     /// Answers `NBD_OPT_INFO`: would `attach` accept this connection? Changes nothing.
     pub fn preview(&self, vol: &Volume, lease: Option<&LeaseRequest>) -> Result<(), RegistryError> {
         if vol.role.refuses_clients() {
-            return Err(RegistryError::NotMaster(vol.config.name.clone()));
+            let master = crate::cluster::cached_master(vol);
+            let volume = vol.config.name.clone();
+            return Err(RegistryError::NotMaster { volume, master });
         }
         let table = vol.table();
         match lease {
@@ -480,6 +495,18 @@ impl Registry {
     }
 }
 
+/// The refusal of a node that is not `vol`'s master, naming the master when it is known.
+pub(crate) async fn not_master(vol: &Volume) -> RegistryError {
+    let master = match vol.role.get().cluster() {
+        Some(c) => c.master_of(&vol.config.name).await,
+        None => None,
+    };
+    RegistryError::NotMaster {
+        volume: vol.config.name.clone(),
+        master,
+    }
+}
+
 /// Cluster mode: the tables of replicated volumes mastered here go to etcd, in one
 /// transaction guarded by the master's term (see [`crate::cluster::leases`]).
 async fn commit_replicated(changes: &[(&Volume, LeaseTable)]) -> Result<(), RegistryError> {
@@ -487,7 +514,7 @@ async fn commit_replicated(changes: &[(&Volume, LeaseTable)]) -> Result<(), Regi
     for (vol, table) in changes {
         match vol.role.get() {
             Role::Master(rep) => masters.push((rep, *vol, table.clone())),
-            Role::NotMaster(_) => return Err(RegistryError::NotMaster(vol.config.name.clone())),
+            Role::NotMaster(_) => return Err(not_master(vol).await),
             Role::Single => return Err(RegistryError::MixedSet(vol.config.name.clone())),
         }
     }

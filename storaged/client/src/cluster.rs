@@ -32,6 +32,35 @@ pub struct InSync {
     pub term: i64,
 }
 
+/// Where a replicated volume's master is, as a node that is not its master tells a client
+/// (see [`crate::protocol::NBD_REP_ERR_NOT_MASTER`] and the REST API's 307 answers).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MasterHint {
+    /// The master's node id.
+    pub node: String,
+    /// Its NBD address.
+    pub nbd: String,
+    /// Its REST API address.
+    pub api: String,
+}
+
+impl std::fmt::Display for MasterHint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "its master is {} [{}{}] [{}{}]",
+            self.node,
+            crate::protocol::MASTER_NBD_TAG,
+            self.nbd,
+            MASTER_API_TAG,
+            self.api
+        )
+    }
+}
+
+/// Tags the master's REST API address in a refusal's text (`[master-api=HOST:PORT]`).
+pub const MASTER_API_TAG: &str = "master-api=";
+
 /// `GET /v1/cluster/volumes/{name}`: a replicated volume's state in etcd.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ReplicatedVolumeView {

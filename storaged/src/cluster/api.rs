@@ -27,7 +27,11 @@ impl IntoResponse for Failure {
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let error = vmhop_common::error::chain(&self.0);
-        (status, Json(ErrorBody { error })).into_response()
+        let body = ErrorBody {
+            error,
+            redirect: None,
+        };
+        (status, Json(body)).into_response()
     }
 }
 

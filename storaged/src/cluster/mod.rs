@@ -74,7 +74,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-pub use storaged_client::cluster::{InSync, Placement};
+pub use storaged_client::cluster::{InSync, MasterHint, Placement};
 use thiserror::Error;
 
 use crate::registry::{Registry, RegistryError};
@@ -126,6 +126,9 @@ pub enum ClusterError {
     /// The volume is not placed anywhere.
     #[error("no volume named {0} in the cluster")]
     NotFound(String),
+    /// The volume is placed on other nodes only.
+    #[error("volume {0} has no copy on this node")]
+    NotPlacedHere(String),
     /// The local registry.
     #[error(transparent)]
     Registry(#[from] RegistryError),
@@ -184,6 +187,15 @@ pub struct Cluster {
     /// Per volume, the generation of the replication stream allowed to apply ops here (see
     /// [`follower`]); held while an op is applied.
     pub(crate) appliers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<u64>>>>,
+    /// Per volume, where its master was last found ([`Cluster::master_of`]).
+    masters: Mutex<HashMap<String, (std::time::Instant, Option<MasterHint>)>>,
+}
+
+/// The master of `vol` as last found, without asking etcd (for answers that cannot wait).
+pub fn cached_master(vol: &crate::volume::Volume) -> Option<MasterHint> {
+    let cluster = vol.role.get().cluster()?;
+    let masters = cluster.masters.lock().expect("masters lock");
+    masters.get(&vol.config.name).and_then(|(_, h)| h.clone())
 }
 
 /// The replication streams' TLS: the host's certificates of the NBD port (see the module
@@ -231,6 +243,39 @@ impl Cluster {
         *applier.lock().await += 1;
     }
 
+    /// Where `volume`'s master is (etcd's election and the master's node record), asked at
+    /// most once a second per volume; `None` while none is elected or etcd does not answer.
+    pub async fn master_of(&self, volume: &str) -> Option<MasterHint> {
+        let fresh = Duration::from_secs(1);
+        if let Some((at, hint)) = self.masters.lock().expect("masters lock").get(volume) {
+            if at.elapsed() < fresh {
+                return hint.clone();
+            }
+        }
+        let lookup = async {
+            let (_, node) = follower::elected(self, volume).await.ok()?;
+            let key = node_key(&node);
+            let resp = self.etcd().get(key.clone(), None).await.ok()?;
+            let rec: NodeRecord = parse(&key, resp.kvs().first()?.value()).ok()?;
+            Some(MasterHint {
+                node,
+                nbd: rec.nbd.to_string(),
+                api: rec.api.to_string(),
+            })
+        };
+        let hint = tokio::time::timeout(self.config.lease_ttl, lookup)
+            .await
+            .ok()
+            .flatten()
+            .filter(|h| h.node != self.node());
+        let mut masters = self.masters.lock().expect("masters lock");
+        masters.insert(
+            volume.to_string(),
+            (std::time::Instant::now(), hint.clone()),
+        );
+        hint
+    }
+
     /// The applier lock of a volume's replication streams.
     pub(crate) fn applier(&self, volume: &str) -> Arc<tokio::sync::Mutex<u64>> {
         let mut a = self.appliers.lock().expect("appliers lock");
@@ -264,6 +309,7 @@ pub async fn start(
         elections: Default::default(),
         tls,
         appliers: Default::default(),
+        masters: Default::default(),
     });
     cluster.reg.set_cluster(&cluster);
     tokio::spawn(follower::serve(repl, cluster.clone()));

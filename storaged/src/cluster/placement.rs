@@ -106,7 +106,7 @@ pub async fn ensure_local(
         .ok_or_else(|| ClusterError::NotFound(volume.to_string()))?;
     let p: Placement = parse(&key, kv.value())?;
     if !p.replicas.iter().any(|r| r == cluster.node()) {
-        return Err(ClusterError::NotFound(volume.to_string()));
+        return Err(ClusterError::NotPlacedHere(volume.to_string()));
     }
     let vol = local(cluster, &p).await?;
     start_election(cluster, vol.clone());

@@ -117,9 +117,9 @@ fn refusal_code(e: &RegistryError) -> u32 {
         RegistryError::Lease(LeaseError::Conflict { .. }) => NBD_REP_ERR_LEASE_CONFLICT,
         RegistryError::Lease(LeaseError::Epoch { .. }) => NBD_REP_ERR_LEASE_EPOCH,
         // The master that could not write to etcd ended its term: another node will serve.
-        RegistryError::NotMaster(_) | RegistryError::Deposed { .. } | RegistryError::Etcd(_) => {
-            NBD_REP_ERR_NOT_MASTER
-        }
+        RegistryError::NotMaster { .. }
+        | RegistryError::Deposed { .. }
+        | RegistryError::Etcd(_) => NBD_REP_ERR_NOT_MASTER,
         _ => NBD_REP_ERR_POLICY,
     }
 }
@@ -382,7 +382,8 @@ impl Haggle<'_> {
         let vol = match self.reg.find(&name).await {
             Ok(v) => v,
             Err(e) => {
-                reply(s, opt, NBD_REP_ERR_UNKNOWN, e.to_string().as_bytes()).await?;
+                // Unknown, or (cluster mode) held by other nodes: "not master", with the master.
+                reply(s, opt, refusal_code(&e), e.to_string().as_bytes()).await?;
                 return Ok(Step::Next);
             }
         };
