@@ -8,7 +8,7 @@
 //! listen = "10.0.0.1:7070"          # REST API for peers
 //! socket = "/run/migrated/migrated.sock"
 //! storaged_api = "10.0.0.9:10810"
-//! storaged_nbd = "10.0.0.9:10809"
+//! storaged_nbd = "10.0.0.9:10809"      # a storaged cluster: "10.0.0.9:10809,10.0.0.10:10809"
 //! vmm_binary = "/usr/local/bin/vmm"
 //! vhost_user_binary = "/usr/local/bin/vhost-user-blk"
 //! token_file = "/etc/migrated/token"  # the cluster's shared secret for the REST API
@@ -118,7 +118,8 @@ pub struct AgentConfigFile {
     pub socket: Option<PathBuf>,
     /// storaged REST API address.
     pub storaged_api: Option<String>,
-    /// storaged NBD address as this host reaches it.
+    /// storaged NBD address as this host reaches it (cluster mode: the storaged nodes' NBD
+    /// addresses, comma-separated; the VMM's disks try them in order).
     pub storaged_nbd: Option<String>,
     /// The VMM binary.
     pub vmm_binary: Option<PathBuf>,

@@ -42,6 +42,25 @@ pub enum VmmProcessError {
     ApiTimeout(std::time::Duration),
 }
 
+/// The first of the comma-separated storaged NBD addresses of the agent's configuration.
+fn first_address(list: &str) -> String {
+    list.split(',')
+        .map(str::trim)
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The others (cluster mode: the nodes of a replicated volume, tried in order).
+fn other_addresses(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .skip(1)
+        .filter(|a| !a.is_empty())
+        .map(String::from)
+        .collect()
+}
+
 /// The VMM's configuration (`vmm run --config`) for an instance: its name, its kernel and
 /// memory, its sockets in the work directory, its disks (volumes at the agent's
 /// `storaged_nbd` with `lease`, held by its `host_id` for the instance; a volume with a
@@ -72,7 +91,8 @@ pub fn vmm_config(rec: &InstanceRecord, agent: &AgentConfig, lease: LeaseMode) -
             } => DiskConfig {
                 path: None,
                 storaged: Some(StoragedDiskConfig {
-                    address: agent.storaged_nbd.clone(),
+                    address: first_address(&agent.storaged_nbd),
+                    addresses: other_addresses(&agent.storaged_nbd),
                     volume: v.clone(),
                     host_id: Some(agent.host_id.clone()),
                     instance_id: Some(rec.name.clone()),

@@ -32,13 +32,72 @@ impl IntoResponse for ApiError {
             | RegistryError::Lease(_)
             | RegistryError::NotAllowed(_)
             | RegistryError::Refused { .. } => StatusCode::CONFLICT,
-            RegistryError::Duplicate(_) | RegistryError::NoVolumes => StatusCode::BAD_REQUEST,
+            RegistryError::Duplicate(_) | RegistryError::NoVolumes | RegistryError::MixedSet(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            RegistryError::NotMaster { .. }
+            | RegistryError::Deposed { .. }
+            | RegistryError::Etcd(_) => StatusCode::SERVICE_UNAVAILABLE,
             RegistryError::Volume(crate::volume::VolumeError::Config(_)) => StatusCode::BAD_REQUEST,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let error = vmhop_common::error::chain(&self.0);
-        (status, Json(ErrorBody { error })).into_response()
+        // Cluster mode: a change sent to a node that is not the volume's master goes to the
+        // master (see `locate_master`, which adds the Location header).
+        if let RegistryError::NotMaster {
+            master: Some(m), ..
+        } = &self.0
+        {
+            let body = ErrorBody {
+                error,
+                redirect: Some(m.api.clone()),
+            };
+            let mut r = (StatusCode::TEMPORARY_REDIRECT, Json(body)).into_response();
+            r.extensions_mut().insert(MasterApi(m.api.clone()));
+            return r;
+        }
+        let body = ErrorBody {
+            error,
+            redirect: None,
+        };
+        (status, Json(body)).into_response()
     }
+}
+
+/// The master's API address, on a redirect answer.
+#[derive(Clone)]
+struct MasterApi(String);
+
+/// Adds `Location: http://MASTER/PATH` to redirect answers.
+async fn locate_master(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| req.uri().path().to_string(), |p| p.to_string());
+    let mut r = next.run(req).await;
+    if let Some(MasterApi(api)) = r.extensions().get::<MasterApi>().cloned() {
+        if let Ok(v) = axum::http::HeaderValue::from_str(&format!("http://{api}{path}")) {
+            r.headers_mut().insert(axum::http::header::LOCATION, v);
+        }
+    }
+    r
+}
+
+/// Cluster mode: a lease change is the master's to make; a node that is not the master of
+/// one of `vols` refuses with the master's address (a redirect).
+async fn mastered_here(vols: &[std::sync::Arc<crate::volume::Volume>]) -> Result<(), ApiError> {
+    for v in vols {
+        if v.role.refuses_clients() {
+            return Err(crate::registry::not_master(v).await.into());
+        }
+    }
+    Ok(())
+}
+
+/// [`mastered_here`] for volumes named in a request.
+async fn names_mastered_here(reg: &Registry, names: &[&str]) -> Result<(), ApiError> {
+    let vols: Vec<_> = names.iter().filter_map(|n| reg.get(n).ok()).collect();
+    mastered_here(&vols).await
 }
 
 type Reg = State<Arc<Registry>>;
@@ -61,6 +120,7 @@ pub fn router(reg: Arc<Registry>) -> Router {
         .route("/v1/leases/flip", post(flip_group))
         .route("/v1/leases/revoke", post(revoke_group))
         .route("/v1/leases/rollback", post(rollback_group))
+        .layer(axum::middleware::from_fn(locate_master))
         .with_state(reg)
 }
 
@@ -113,7 +173,9 @@ async fn set_access(
 #[utoipa::path(get, path = "/v1/volumes/{id}", tag = "volumes", params(("id" = String, Path, description = "The volume's name")),
     responses((status = 200, description = "The volume", body = VolumeInfo), (status = 404, description = "No such volume", body = ErrorBody)))]
 async fn show(State(reg): Reg, Path(id): Path<String>) -> ApiResult<Json<VolumeInfo>> {
-    Ok(Json(reg.get(&id)?.info()))
+    let vol = reg.get(&id)?;
+    let table = crate::cluster::leases::current(&vol).await?;
+    Ok(Json(vol.info_with(&table)))
 }
 
 /// Deletes a volume that no lease holder uses.
@@ -129,7 +191,9 @@ async fn delete(State(reg): Reg, Path(id): Path<String>) -> ApiResult<StatusCode
 #[utoipa::path(get, path = "/v1/volumes/{id}/leases", tag = "leases", params(("id" = String, Path, description = "The volume's name")),
     responses((status = 200, description = "The lease table", body = LeaseView), (status = 404, description = "No such volume", body = ErrorBody)))]
 async fn leases(State(reg): Reg, Path(id): Path<String>) -> ApiResult<Json<LeaseView>> {
-    Ok(Json(reg.get(&id)?.lease_view()))
+    let vol = reg.get(&id)?;
+    let table = crate::cluster::leases::current(&vol).await?;
+    Ok(Json(vol.lease_view_of(table)))
 }
 
 /// Flips the volume to its standby now, or arms a flip that the standby's first access (or
@@ -144,6 +208,7 @@ async fn flip_volume(
 ) -> ApiResult<Response> {
     let req = body.map(|Json(b)| b).unwrap_or_default();
     let vol = reg.get(&id)?;
+    mastered_here(std::slice::from_ref(&vol)).await?;
     match req.mode {
         FlipMode::Now => {
             let rep = flip::flip(&reg, &vol, req.to.as_deref(), FlipTrigger::Api).await?;
@@ -183,6 +248,7 @@ async fn cancel_flip(
     Query(q): Query<CancelQuery>,
 ) -> ApiResult<Json<LeaseView>> {
     let vol = reg.get(&id)?;
+    mastered_here(std::slice::from_ref(&vol)).await?;
     flip::cancel_armed(&vol, q.migration.as_deref()).await?;
     Ok(Json(vol.lease_view()))
 }
@@ -196,6 +262,7 @@ async fn rollback(
     Json(req): Json<RollbackRequest>,
 ) -> ApiResult<Json<FlipReport>> {
     let vol = reg.get(&id)?;
+    mastered_here(std::slice::from_ref(&vol)).await?;
     Ok(Json(
         flip::rollback_flip(&reg, &vol, req.epoch, &req.primary).await?,
     ))
@@ -209,6 +276,8 @@ async fn flip_group(
     State(reg): Reg,
     Json(req): Json<GroupFlipRequest>,
 ) -> ApiResult<Json<GroupFlipReport>> {
+    let names: Vec<&str> = req.volumes.iter().map(|v| v.volume.as_str()).collect();
+    names_mastered_here(&reg, &names).await?;
     let report = flip::flip_group(&reg, &req).await?;
     vmhop_common::faults::point("flip.acknowledge");
     Ok(Json(report))
@@ -221,6 +290,8 @@ async fn revoke_group(
     State(reg): Reg,
     Json(req): Json<GroupRevokeRequest>,
 ) -> ApiResult<Json<Vec<LeaseView>>> {
+    let names: Vec<&str> = req.volumes.iter().map(String::as_str).collect();
+    names_mastered_here(&reg, &names).await?;
     Ok(Json(flip::revoke_group(&reg, &req).await?))
 }
 
@@ -231,6 +302,8 @@ async fn rollback_group(
     State(reg): Reg,
     Json(req): Json<GroupRollbackRequest>,
 ) -> ApiResult<Json<GroupFlipReport>> {
+    let names: Vec<&str> = req.volumes.iter().map(|v| v.volume.as_str()).collect();
+    names_mastered_here(&reg, &names).await?;
     Ok(Json(flip::rollback_group(&reg, &req).await?))
 }
 
@@ -243,6 +316,7 @@ async fn revoke(
     Json(req): Json<RevokeRequest>,
 ) -> ApiResult<Json<LeaseView>> {
     let vol = reg.get(&id)?;
+    mastered_here(std::slice::from_ref(&vol)).await?;
     flip::revoke(&reg, &vol, &req.host, req.only_if).await?;
     Ok(Json(vol.lease_view()))
 }

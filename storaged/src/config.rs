@@ -68,6 +68,16 @@ pub struct ServeConfigFile {
     /// With `tls_dir`: whether clients on loopback may still use plaintext (default true;
     /// their lease option is then taken at its word).
     pub plaintext_loopback: Option<bool>,
+    /// Cluster mode: etcd endpoints (`http://host:port`); none: single node.
+    pub etcd: Option<Vec<String>>,
+    /// Cluster mode: this node's id.
+    pub node_id: Option<String>,
+    /// Cluster mode: the replication listener's address.
+    pub repl_listen: Option<SocketAddr>,
+    /// Cluster mode: TTL of this node's etcd lease, in seconds.
+    pub etcd_lease_ttl_secs: Option<u64>,
+    /// Cluster mode: milliseconds a master waits for a slave's ack before dropping it.
+    pub replication_timeout_ms: Option<u64>,
 }
 
 /// Effective settings of `storaged serve`.
@@ -97,6 +107,17 @@ pub struct ServeConfig {
     pub tls_dir: Option<PathBuf>,
     /// Whether loopback clients may skip TLS.
     pub plaintext_loopback: bool,
+    /// Cluster mode, when etcd endpoints are given.
+    pub cluster: Option<ClusterServeConfig>,
+}
+
+/// Cluster mode's settings of `storaged serve`.
+#[derive(Debug, Clone)]
+pub struct ClusterServeConfig {
+    /// The cluster's settings.
+    pub cluster: crate::cluster::ClusterConfig,
+    /// The replication listener's address.
+    pub repl_listen: SocketAddr,
 }
 
 impl ServeConfigFile {
@@ -113,6 +134,7 @@ impl ServeConfigFile {
                 .map_or(StandbyPolicy::default().expiry, Duration::from_secs),
             max: pick(over.max_standby, self.max_standby).unwrap_or(StandbyPolicy::default().max),
         };
+        let tls_dir = over.tls_dir.or(self.tls_dir);
         Ok(ServeConfig {
             data_dir: over
                 .data_dir
@@ -139,11 +161,41 @@ impl ServeConfigFile {
             limits,
             standby,
             api_token_file: over.api_token_file.or(self.api_token_file),
-            tls_dir: over.tls_dir.or(self.tls_dir),
             plaintext_loopback: over
                 .plaintext_loopback
                 .or(self.plaintext_loopback)
                 .unwrap_or(true),
+            cluster: match over.etcd.or(self.etcd) {
+                None => None,
+                Some(endpoints) => Some(ClusterServeConfig {
+                    cluster: crate::cluster::ClusterConfig {
+                        endpoints,
+                        // With TLS the node id is the host id of the certificate (checked,
+                        // or filled in, when the TLS directory is read).
+                        node_id: match (over.node_id.or(self.node_id), &tls_dir) {
+                            (Some(id), _) => id,
+                            (None, Some(_)) => String::new(),
+                            (None, None) => return Err(ConfigError::Missing("node_id")),
+                        },
+                        lease_ttl: std::time::Duration::from_secs(
+                            over.etcd_lease_ttl_secs
+                                .or(self.etcd_lease_ttl_secs)
+                                .unwrap_or(5)
+                                .max(1),
+                        ),
+                        replication_timeout: std::time::Duration::from_millis(
+                            over.replication_timeout_ms
+                                .or(self.replication_timeout_ms)
+                                .unwrap_or(5000),
+                        ),
+                    },
+                    repl_listen: over
+                        .repl_listen
+                        .or(self.repl_listen)
+                        .unwrap_or_else(|| "127.0.0.1:10811".parse().expect("literal")),
+                }),
+            },
+            tls_dir,
         })
     }
 }

@@ -6,7 +6,7 @@
 //!   [`registry`]: the running set of volumes and how connections attach to them;
 //! - [`server`]: the NBD server (handshake, transmission); [`api`]: the REST control API's
 //!   routes;
-//! - [`config`]: the daemon's settings.
+//! - [`config`]: the daemon's settings; [`cluster`]: cluster mode (replicas, etcd).
 //!
 //! The wire format, the lease-aware client and the REST API's types are in the
 //! `storaged-client` crate, which is all that other processes link of storaged; this library
@@ -14,6 +14,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod cluster;
 pub mod config;
 pub mod lease;
 pub mod registry;

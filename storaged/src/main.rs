@@ -154,6 +154,24 @@ struct ServeArgs {
     /// TLS, for development on one machine).
     #[arg(long)]
     no_plaintext_loopback: bool,
+    /// Cluster mode: etcd endpoints, comma-separated (http://host:port). Volumes created with
+    /// --replicas are then kept on several nodes; without it storaged is a single node.
+    #[arg(long, value_delimiter = ',')]
+    etcd: Option<Vec<String>>,
+    /// Cluster mode: this node's id (unique in the cluster).
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Cluster mode: replication listen address [default: 127.0.0.1:10811].
+    #[arg(long)]
+    repl_listen: Option<std::net::SocketAddr>,
+    /// Cluster mode: TTL of this node's etcd lease in seconds; a master cut off from etcd stops
+    /// acknowledging writes within it [default: 5].
+    #[arg(long)]
+    etcd_lease_ttl_secs: Option<u64>,
+    /// Cluster mode: ms a master waits for a slave's ack before dropping it from the in-sync
+    /// set [default: 5000].
+    #[arg(long)]
+    replication_timeout_ms: Option<u64>,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -241,6 +259,10 @@ enum VolumeCmd {
         /// What the volume holds (NBD clients see it as the export's description).
         #[arg(long)]
         description: Option<String>,
+        /// Cluster mode: keep the volume on this many nodes (this one and the next live
+        /// ones), replicated synchronously.
+        #[arg(long)]
+        replicas: Option<u32>,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -432,6 +454,7 @@ async fn volume_cmd(cmd: VolumeCmd) -> Result<()> {
             flip_over_nbd,
             flip_timeout_ms,
             description,
+            replicas,
             api,
         } => {
             let cfg = VolumeConfig {
@@ -444,6 +467,13 @@ async fn volume_cmd(cmd: VolumeCmd) -> Result<()> {
                 flip_timeout_ms,
                 description,
             };
+            if let Some(replicas) = replicas {
+                let req = storaged_client::cluster::ReplicatedVolumeRequest {
+                    config: cfg,
+                    replicas,
+                };
+                return print_json(&api.client()?.create_replicated_volume(&req).await?);
+            }
             let v = api.client()?.create_volume(&cfg).await?;
             print_json(&v)
         }
@@ -633,10 +663,15 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
     reg.drain_limit = Duration::from_secs(cfg.drain_limit_secs);
     reg.standby = cfg.standby;
     let reg = Arc::new(reg);
-    let nbd_tls = match &cfg.tls_dir {
-        Some(dir) => {
-            let host = HostTls::load(dir)
-                .with_context(|| format!("reading the TLS directory {}", dir.display()))?;
+    let host_tls = match &cfg.tls_dir {
+        Some(dir) => Some(
+            HostTls::load(dir)
+                .with_context(|| format!("reading the TLS directory {}", dir.display()))?,
+        ),
+        None => None,
+    };
+    let nbd_tls = match (&cfg.tls_dir, &host_tls) {
+        (Some(dir), Some(host)) => {
             tracing::info!(tls_dir = %dir.display(), host = %host.host_id(),
                 plaintext_loopback = cfg.plaintext_loopback,
                 "NBD clients prove their host with a certificate of the cluster's CA");
@@ -646,9 +681,9 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
                     for development on one machine (plaintext_loopback = false in production)"
                 );
             }
-            Some(NbdTls::new(&host, cfg.plaintext_loopback)?)
+            Some(NbdTls::new(host, cfg.plaintext_loopback)?)
         }
-        None => {
+        _ => {
             if !cfg.nbd_listen.ip().is_loopback() {
                 tracing::warn!(nbd = %cfg.nbd_listen, "no tls_dir: NBD clients are not \
                     authenticated and may claim any host's lease (set tls_dir)");
@@ -663,12 +698,51 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
         .await
         .with_context(|| format!("binding API {}", cfg.api_listen))?;
     let (nbd_addr, api_addr) = (nbd.local_addr()?, api.local_addr()?);
+    let mut ready = serde_json::json!({"nbd": nbd_addr.to_string(), "api": api_addr.to_string()});
+    let cluster = match &cfg.cluster {
+        None => None,
+        Some(c) => {
+            let mut c = c.clone();
+            let repl_tls = match &host_tls {
+                None => None,
+                Some(host) => {
+                    // The node id is the host id the certificate proves: peers check it.
+                    let id = &mut c.cluster.node_id;
+                    if id.is_empty() {
+                        *id = host.host_id().to_string();
+                    } else if id != host.host_id() {
+                        anyhow::bail!(
+                            "node id {id} is not the host id of the TLS certificate ({}): \
+                            with tls_dir, leave node_id out or set it to the host id",
+                            host.host_id()
+                        );
+                    }
+                    Some(storaged::cluster::ReplTls::new(host)?)
+                }
+            };
+            let repl = tokio::net::TcpListener::bind(c.repl_listen)
+                .await
+                .with_context(|| format!("binding replication {}", c.repl_listen))?;
+            let record = storaged::cluster::NodeRecord {
+                id: c.cluster.node_id.clone(),
+                nbd: nbd_addr,
+                api: api_addr,
+                repl: repl.local_addr()?,
+            };
+            ready["repl"] = record.repl.to_string().into();
+            tracing::info!(node = %record.id, etcd = ?c.cluster.endpoints, repl = %record.repl,
+                repl_tls = repl_tls.is_some(), "cluster mode");
+            let cl = storaged::cluster::start(c.cluster, reg.clone(), record, repl, repl_tls)
+                .await
+                .context("joining the cluster (etcd)")?;
+            Some(cl)
+        }
+    };
     tracing::info!(nbd = %nbd_addr, api = %api_addr, data_dir = %cfg.data_dir.display(),
         volumes = reg.list().len(), "storaged listening");
     if let Some(path) = &cfg.ready_file {
         let tmp = path.with_extension("tmp");
-        let body = serde_json::json!({"nbd": nbd_addr.to_string(), "api": api_addr.to_string()});
-        std::fs::write(&tmp, body.to_string())?;
+        std::fs::write(&tmp, ready.to_string())?;
         std::fs::rename(&tmp, path)?;
     }
     // Harmless without systemd (no NOTIFY_SOCKET).
@@ -700,12 +774,16 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
         tracing::warn!(api = %api_addr,
             "no api_token_file: anyone who reaches the API may create volumes and flip leases");
     }
+    let router = match cluster {
+        Some(c) => storaged::api::router(reg.clone()).merge(storaged::cluster::api::router(c)),
+        None => storaged::api::router(reg.clone()),
+    };
     let router = match token {
-        Some(t) => storaged::api::router(reg.clone()).layer(axum::middleware::from_fn_with_state(
+        Some(t) => router.layer(axum::middleware::from_fn_with_state(
             t,
             vmhop_common::token::require,
         )),
-        None => storaged::api::router(reg.clone()),
+        None => router,
     };
     let api_task = tokio::spawn(async move {
         axum::serve(api, router)
@@ -779,6 +857,11 @@ fn main() -> Result<()> {
                 api_token_file: a.api_token_file,
                 tls_dir: a.tls_dir,
                 plaintext_loopback: a.no_plaintext_loopback.then_some(false),
+                etcd: a.etcd,
+                node_id: a.node_id,
+                repl_listen: a.repl_listen,
+                etcd_lease_ttl_secs: a.etcd_lease_ttl_secs,
+                replication_timeout_ms: a.replication_timeout_ms,
             };
             let cfg = file.merge(flags)?;
             rt.block_on(serve(cfg))

@@ -4,6 +4,7 @@
 //! Every change of a lease table happens under the volume's `lease_lock` and is written to the
 //! [`Store`] before it becomes visible in memory or is acknowledged to anyone.
 
+use crate::cluster::role::Role;
 use crate::lease::expiry::{self, StandbyPolicy};
 use crate::lease::gate::{Access, Gate};
 use crate::lease::{LeaseError, LeaseRequest, LeaseTable};
@@ -54,6 +55,32 @@ pub enum RegistryError {
     /// A change of a set of volumes names none.
     #[error("no volume named")]
     NoVolumes,
+    /// Cluster mode: another node is the volume's master (or none is elected yet); where it
+    /// is, when this node knows.
+    #[error("this node is not the master of volume {volume}{}",
+        .master.as_ref().map_or(String::new(), |m| format!("; {m}")))]
+    NotMaster {
+        /// The volume.
+        volume: String,
+        /// Its master.
+        master: Option<storaged_client::cluster::MasterHint>,
+    },
+    /// Cluster mode: this node's mastership of the volume ended before the change could be
+    /// made (the change was not made; the clients reconnect to the new master).
+    #[error("this node is no longer the master of volume {volume} (its term {term} is over): nothing changed")]
+    Deposed {
+        /// The volume.
+        volume: String,
+        /// The term that ended.
+        term: i64,
+    },
+    /// Cluster mode: etcd could not be asked or did not answer.
+    #[error("etcd: {0}")]
+    Etcd(String),
+    /// Cluster mode: a change of a set of volumes must name only replicated volumes mastered
+    /// on this node, or only single-node volumes.
+    #[error("volume {0} is not mastered on this node with the others of the set: a set changes in one transaction, all in etcd or all in the local store")]
+    MixedSet(String),
     /// The anonymous policy refused.
     #[error("anonymous access refused: {0}")]
     Anonymous(&'static str),
@@ -108,6 +135,9 @@ pub struct Registry {
     pub standby: StandbyPolicy,
     /// Serialises creating and deleting volumes.
     lifecycle: tokio::sync::Mutex<()>,
+    /// Cluster mode: the cluster (set once it is joined), to find volumes placed here that
+    /// this node has not created yet.
+    cluster: std::sync::OnceLock<std::sync::Weak<crate::cluster::Cluster>>,
 }
 
 impl Registry {
@@ -149,6 +179,7 @@ impl Registry {
             drain_limit: Duration::from_secs(30),
             standby: StandbyPolicy::default(),
             lifecycle: tokio::sync::Mutex::new(()),
+            cluster: std::sync::OnceLock::new(),
         })
     }
 
@@ -165,6 +196,32 @@ impl Registry {
             .get(name)
             .cloned()
             .ok_or_else(|| RegistryError::NotFound(name.to_string()))
+    }
+
+    /// Looks a volume up; in cluster mode one placed here and not created yet (this node did
+    /// not get to the placement yet) is created first.
+    pub async fn find(&self, name: &str) -> Result<Arc<Volume>, RegistryError> {
+        match self.get(name) {
+            Err(RegistryError::NotFound(_)) => {}
+            found => return found,
+        }
+        let Some(cluster) = self.cluster.get().and_then(std::sync::Weak::upgrade) else {
+            return Err(RegistryError::NotFound(name.to_string()));
+        };
+        match crate::cluster::placement::ensure_local(&cluster, name).await {
+            Ok(v) => Ok(v),
+            // Placed on other nodes only: the client is sent to the master.
+            Err(crate::cluster::ClusterError::NotPlacedHere(_)) => Err(RegistryError::NotMaster {
+                volume: name.to_string(),
+                master: cluster.master_of(name).await,
+            }),
+            Err(_) => Err(RegistryError::NotFound(name.to_string())),
+        }
+    }
+
+    /// Cluster mode: the cluster this node joined.
+    pub(crate) fn set_cluster(&self, cluster: &Arc<crate::cluster::Cluster>) {
+        let _ = self.cluster.set(Arc::downgrade(cluster));
     }
 
     /// All volumes, by name.
@@ -264,6 +321,12 @@ impl Registry {
         &self,
         changes: &[(&Volume, LeaseTable)],
     ) -> Result<(), RegistryError> {
+        if changes
+            .iter()
+            .any(|(v, _)| !matches!(v.role.get(), Role::Single))
+        {
+            return commit_replicated(changes).await;
+        }
         let store = self.store.clone();
         let owned: Vec<(String, LeaseTable)> = changes
             .iter()
@@ -301,6 +364,9 @@ impl Registry {
         peer: SocketAddr,
         max: usize,
     ) -> Result<Attachment, RegistryError> {
+        if vol.role.refuses_clients() {
+            return Err(not_master(vol).await);
+        }
         let _l = vol.lease_lock.lock().await;
         if vol.is_removed() {
             return Err(RegistryError::NotFound(vol.config.name.clone()));
@@ -366,6 +432,11 @@ impl Registry {
 
     /// Answers `NBD_OPT_INFO`: would `attach` accept this connection? Changes nothing.
     pub fn preview(&self, vol: &Volume, lease: Option<&LeaseRequest>) -> Result<(), RegistryError> {
+        if vol.role.refuses_clients() {
+            let master = crate::cluster::cached_master(vol);
+            let volume = vol.config.name.clone();
+            return Err(RegistryError::NotMaster { volume, master });
+        }
         let table = vol.table();
         match lease {
             None => anonymous_access(vol, &table).map(|_| ()),
@@ -422,6 +493,36 @@ impl Registry {
         }
         Ok(())
     }
+}
+
+/// The refusal of a node that is not `vol`'s master, naming the master when it is known.
+pub(crate) async fn not_master(vol: &Volume) -> RegistryError {
+    let master = match vol.role.get().cluster() {
+        Some(c) => c.master_of(&vol.config.name).await,
+        None => None,
+    };
+    RegistryError::NotMaster {
+        volume: vol.config.name.clone(),
+        master,
+    }
+}
+
+/// Cluster mode: the tables of replicated volumes mastered here go to etcd, in one
+/// transaction guarded by the master's term (see [`crate::cluster::leases`]).
+async fn commit_replicated(changes: &[(&Volume, LeaseTable)]) -> Result<(), RegistryError> {
+    let mut masters = Vec::with_capacity(changes.len());
+    for (vol, table) in changes {
+        match vol.role.get() {
+            Role::Master(rep) => masters.push((rep, *vol, table.clone())),
+            Role::NotMaster(_) => return Err(not_master(vol).await),
+            Role::Single => return Err(RegistryError::MixedSet(vol.config.name.clone())),
+        }
+    }
+    crate::cluster::leases::commit(&masters).await?;
+    for (vol, table) in changes {
+        vol.set_table(table.clone());
+    }
+    Ok(())
 }
 
 /// Whether the volume's host list lets `req`'s host hold a lease.

@@ -6,6 +6,8 @@
 //! that a failure.
 
 pub mod agent;
+pub mod cluster;
+pub mod etcd;
 pub mod faults;
 pub mod fencing;
 pub mod image;

@@ -21,6 +21,25 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut cond: impl FnMut() -> Option
     }
 }
 
+/// Polls the async `cond` until it returns `Some` or `limit` passes (without blocking the
+/// runtime's thread between polls).
+pub async fn wait_for_async<T, F, Fut>(what: &str, limit: Duration, mut cond: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = cond().await {
+            return Ok(v);
+        }
+        if start.elapsed() > limit {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Sends SIGTERM to `child` (`what` names it) and waits up to `limit` for it to exit.
 pub fn terminate(child: &mut Child, what: &str, limit: Duration) -> Result<ExitStatus> {
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM)

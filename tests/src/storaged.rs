@@ -156,6 +156,27 @@ impl Storaged {
         Ok(())
     }
 
+    /// [`Self::start_again`] with `serve` flags (a cluster node's).
+    pub fn start_again_with(&mut self, extra: &[&str]) -> Result<()> {
+        let fresh = Storaged::spawn(&self.work_dir, (self.nbd, self.api), extra, &[])?;
+        *self = fresh;
+        Ok(())
+    }
+
+    /// Whether the process is stopped (SIGSTOP, or a fault point's stall).
+    pub fn is_stopped(&self) -> bool {
+        let Some(c) = self.child.as_ref() else {
+            return false;
+        };
+        std::fs::read_to_string(format!("/proc/{}/stat", c.id()))
+            .ok()
+            .and_then(|s| {
+                let after = s.rsplit_once(')')?.1.trim_start();
+                after.chars().next()
+            })
+            .is_some_and(|st| st == 'T')
+    }
+
     /// Stops (SIGSTOP) or continues (SIGCONT) the process: a storaged that hangs, with its
     /// connections open.
     pub fn freeze(&self, frozen: bool) -> Result<()> {

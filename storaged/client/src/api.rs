@@ -318,6 +318,11 @@ pub struct RevokeRequest {
 pub struct ErrorBody {
     /// What went wrong.
     pub error: String,
+    /// With `307 Temporary Redirect` (cluster mode, a node that is not the volume's master):
+    /// the master's API address (`host:port`), where the same request is to be sent (the
+    /// `Location` header names it as a URL too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<String>,
 }
 
 // ---- Lease changes of a set of volumes, and rollbacks that name what they undo ----

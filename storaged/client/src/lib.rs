@@ -7,7 +7,7 @@
 //! - [`codec`]: the transmission phase's framing (`tokio_util::codec`), for servers and clients;
 //! - [`nbd`]: the lease-aware async NBD client (the VMM's disks, the tests);
 //! - [`api`]: the REST API's request and answer types, lease states among them;
-//! - [`rest`]: the REST API's client;
+//! - [`rest`]: the REST API's client; [`cluster`]: the types of cluster mode's routes;
 //! - [`stream`]: an NBD socket, plaintext or TLS, on either side;
 //! - [`fuzz`]: the parsers of bytes from another party as the fuzzer drives them.
 //!
@@ -17,6 +17,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod cluster;
 pub mod codec;
 pub mod fuzz;
 pub mod meta;

@@ -43,6 +43,9 @@
 //! makes `NBD_OPT_GO` fail with one of the `NBD_REP_ERR_LEASE_*` codes and a text message. A
 //! granted lease adds one `NBD_REP_INFO` of type [`NBD_INFO_LEASE`] before the final ACK:
 //! `u16 NBD_INFO_LEASE, u8 granted state, u64 epoch`.
+//! In cluster mode a node that is not the volume's master fails `NBD_OPT_GO` (and `INFO`)
+//! with [`NBD_REP_ERR_NOT_MASTER`], naming the master's address when it knows it; the client
+//! then tries the master, then the volume's next address.
 //!
 //! # Transmission
 //! ```text
@@ -137,6 +140,22 @@ pub const NBD_REP_ERR_LEASE_ALREADY_PRIMARY: u32 = NBD_REP_FLAG_ERROR | 0x4C02;
 pub const NBD_REP_ERR_LEASE_CONFLICT: u32 = NBD_REP_FLAG_ERROR | 0x4C03;
 /// Project error: the expected epoch does not match the volume's epoch.
 pub const NBD_REP_ERR_LEASE_EPOCH: u32 = NBD_REP_FLAG_ERROR | 0x4C04;
+/// Project error (cluster mode): this node is not the volume's master; the message names the
+/// volume and, when the node knows it, the master's NBD address tagged
+/// `[master-nbd=HOST:PORT]` ([`master_hint`]). A client tries that address next, then the
+/// volume's next address, as for no answer.
+pub const NBD_REP_ERR_NOT_MASTER: u32 = NBD_REP_FLAG_ERROR | 0x4C05;
+
+/// Tags the master's NBD address in the message of [`NBD_REP_ERR_NOT_MASTER`].
+pub const MASTER_NBD_TAG: &str = "master-nbd=";
+
+/// The master's NBD address named in the message of a [`NBD_REP_ERR_NOT_MASTER`] refusal.
+pub fn master_hint(message: &str) -> Option<&str> {
+    let at = message.find(MASTER_NBD_TAG)? + MASTER_NBD_TAG.len();
+    let rest = &message[at..];
+    let addr = &rest[..rest.find(']')?];
+    (!addr.is_empty() && addr.len() <= 256).then_some(addr)
+}
 
 /// Info item: size and transmission flags.
 pub const NBD_INFO_EXPORT: u16 = 0;
@@ -812,6 +831,21 @@ impl FlipReport {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_master_hint_is_read_from_a_not_master_refusal() {
+        let hint = crate::cluster::MasterHint {
+            node: "node-b".into(),
+            nbd: "10.0.0.2:10809".into(),
+            api: "10.0.0.2:10810".into(),
+        };
+        let msg = format!("this node is not the master of volume v; {hint}");
+        assert_eq!(master_hint(&msg), Some("10.0.0.2:10809"));
+        assert_eq!(master_hint("this node is not the master of volume v"), None);
+        assert_eq!(master_hint("[master-nbd=]"), None);
+        assert_eq!(master_hint("[master-nbd=10.0.0.2:1"), None);
+    }
+
     use super::*;
 
     fn lease() -> LeaseOption {

@@ -76,6 +76,22 @@ impl StoragedApi {
         self.post("/v1/volumes", Some(cfg)).await
     }
 
+    /// Creates a volume replicated on several nodes (cluster mode).
+    pub async fn create_replicated_volume(
+        &self,
+        req: &crate::cluster::ReplicatedVolumeRequest,
+    ) -> Result<crate::cluster::Placement, HttpError> {
+        self.post("/v1/cluster/volumes", Some(req)).await
+    }
+
+    /// A replicated volume's placement, in-sync set and master (cluster mode).
+    pub async fn replicated_volume(
+        &self,
+        name: &str,
+    ) -> Result<crate::cluster::ReplicatedVolumeView, HttpError> {
+        self.get(&format!("/v1/cluster/volumes/{name}")).await
+    }
+
     /// One volume.
     pub async fn volume(&self, name: &str) -> Result<VolumeInfo, HttpError> {
         self.get(&format!("/v1/volumes/{name}")).await

@@ -10,7 +10,8 @@
 //! `flip.promote` (the steps of a flip, each right after it is done), `flip.acknowledge`
 //! (the flip done, its answer not sent), `volume.create.file` (a new volume's file made, its
 //! record not yet written) and `volume.delete.record` (a volume's record removed, its file not
-//! yet); migrated `source.PHASE` and `destination.PHASE` right
+//! yet), `cluster.lease.grant`, `cluster.lease.flip` and `cluster.lease.change` (a replicated
+//! volume's master decided a lease change and has not written it to etcd); migrated `source.PHASE` and `destination.PHASE` right
 //! after it recorded a phase (PHASE as its API names it, e.g. `source.flipping`); the VMM
 //! `incoming.commit` (a destination read COMMIT and has not acted on it).
 

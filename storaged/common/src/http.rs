@@ -2,7 +2,9 @@
 //! TCP (migrated's in mutual TLS with the host's certificate when it has one, see
 //! [`HttpTls`]), a VMM's and the local migrated's over a Unix socket. One connection per
 //! request; every request has a deadline; error answers (`{"error": "..."}`) become
-//! [`HttpError::Status`].
+//! [`HttpError::Status`]. A `307 Temporary Redirect` whose body names another server
+//! (`{"error": "...", "redirect": "host:port"}`: storaged in cluster mode sends a lease change
+//! to the volume's master) is followed, at most [`MAX_REDIRECTS`] times.
 
 use crate::tls::{server_name, HostTls, TlsError};
 use crate::token::Token;
@@ -124,6 +126,9 @@ impl HttpTls {
     }
 }
 
+/// Redirects followed per call.
+pub const MAX_REDIRECTS: usize = 3;
+
 /// A JSON client for one target with one default deadline.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -162,6 +167,16 @@ where
     out
 }
 
+/// The server a `307` answer sends the request to (`"redirect"` in its JSON body).
+fn redirect_of(status: StatusCode, body: &[u8]) -> Option<String> {
+    if status != StatusCode::TEMPORARY_REDIRECT {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let to = v.get("redirect")?.as_str()?;
+    (!to.is_empty() && to.len() <= 256).then(|| to.to_string())
+}
+
 impl Client {
     /// A client for `target` whose requests fail after `timeout`.
     pub fn new(target: Target, timeout: Duration) -> Client {
@@ -183,6 +198,18 @@ impl Client {
         Client {
             bearer: token,
             ..self
+        }
+    }
+
+    /// The same client for the TCP server `to` (`host:port`); in TLS, checking that server's
+    /// certificate against its address.
+    fn redirected(&self, to: &str) -> Client {
+        let host = to.rsplit_once(':').map_or(to, |(h, _)| h);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        Client {
+            target: Target::Tcp(to.to_string()),
+            tls: self.tls.as_ref().map(|t| t.with_server(host)),
+            ..self.clone()
         }
     }
 
@@ -271,7 +298,18 @@ impl Client {
             .map(serde_json::to_vec)
             .transpose()
             .map_err(|e| HttpError::Decode(name.clone(), e))?;
-        let (status, bytes) = self.raw(method, path, body).await?;
+        let mut hop = self.clone();
+        let mut name = name;
+        let (mut status, mut bytes) = hop.raw(method.clone(), path, body.clone()).await?;
+        for _ in 0..MAX_REDIRECTS {
+            let Some(to) = redirect_of(status, &bytes) else {
+                break;
+            };
+            tracing::info!(from = %name, to = %to, path, "following a redirect");
+            hop = hop.redirected(&to);
+            name = hop.target.to_string();
+            (status, bytes) = hop.raw(method.clone(), path, body.clone()).await?;
+        }
         if !status.is_success() {
             let message = serde_json::from_slice::<serde_json::Value>(&bytes)
                 .ok()
@@ -285,5 +323,28 @@ impl Client {
         }
         let bytes: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
         serde_json::from_slice(bytes).map_err(|e| HttpError::Decode(name, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_307_naming_a_server_is_a_redirect() {
+        let body = br#"{"error":"not master","redirect":"10.0.0.2:10810"}"#;
+        assert_eq!(
+            redirect_of(StatusCode::TEMPORARY_REDIRECT, body).as_deref(),
+            Some("10.0.0.2:10810")
+        );
+        assert_eq!(redirect_of(StatusCode::CONFLICT, body), None);
+        assert_eq!(
+            redirect_of(StatusCode::TEMPORARY_REDIRECT, br#"{"error":"x"}"#),
+            None
+        );
+        assert_eq!(
+            redirect_of(StatusCode::TEMPORARY_REDIRECT, b"not json"),
+            None
+        );
     }
 }

@@ -85,6 +85,10 @@ pub(crate) fn make_room(
 /// Removes the expired standby entries of every volume, durably.
 pub async fn expire(reg: &Registry) -> Result<(), RegistryError> {
     for vol in reg.list() {
+        // A replicated volume's table is its master's to change.
+        if vol.role.refuses_clients() {
+            continue;
+        }
         expire_volume(reg, &vol).await?;
     }
     Ok(())

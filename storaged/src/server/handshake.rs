@@ -116,6 +116,10 @@ fn refusal_code(e: &RegistryError) -> u32 {
         }
         RegistryError::Lease(LeaseError::Conflict { .. }) => NBD_REP_ERR_LEASE_CONFLICT,
         RegistryError::Lease(LeaseError::Epoch { .. }) => NBD_REP_ERR_LEASE_EPOCH,
+        // The master that could not write to etcd ended its term: another node will serve.
+        RegistryError::NotMaster { .. }
+        | RegistryError::Deposed { .. }
+        | RegistryError::Etcd(_) => NBD_REP_ERR_NOT_MASTER,
         _ => NBD_REP_ERR_POLICY,
     }
 }
@@ -375,10 +379,11 @@ impl Haggle<'_> {
         go: GoOption,
     ) -> Result<Step, HandshakeError> {
         let name = self.export(&go.name).to_string();
-        let vol = match self.reg.get(&name) {
+        let vol = match self.reg.find(&name).await {
             Ok(v) => v,
             Err(e) => {
-                reply(s, opt, NBD_REP_ERR_UNKNOWN, e.to_string().as_bytes()).await?;
+                // Unknown, or (cluster mode) held by other nodes: "not master", with the master.
+                reply(s, opt, refusal_code(&e), e.to_string().as_bytes()).await?;
                 return Ok(Step::Next);
             }
         };
@@ -429,7 +434,7 @@ impl Haggle<'_> {
     /// `NBD_OPT_EXPORT_NAME`: attach or disconnect (the protocol has no error reply for it).
     async fn export_name(&mut self, s: &mut NbdStream, name: &str) -> Result<Step, HandshakeError> {
         let refused = |e| HandshakeError::ExportRefused(name.to_string(), e);
-        let vol = self.reg.get(self.export(name)).map_err(refused)?;
+        let vol = self.reg.find(self.export(name)).await.map_err(refused)?;
         let request = self.lease.as_ref().map(request_of);
         let att = self.attach(&vol, request).await.map_err(refused)?;
         let read_only = self.lease.is_none() && anonymous_read_only(&vol);

@@ -14,6 +14,7 @@
 //! ready on the socket and go to one blocking thread together, just before the reader would
 //! wait (which keeps the cost of the hop off each 4 KiB write).
 
+use crate::cluster::replica::{Op, ReplicaError, Replicas};
 use crate::lease::flip;
 use crate::lease::gate::{Access, Admitted, Gate, Need, Refusal};
 use crate::registry::{Attachment, Registry};
@@ -379,6 +380,14 @@ async fn write(ctx: &Ctx, req: Request, data: Bytes, permit: Permit) {
         Ok(adm) => adm,
         Err(e) => return ctx.send(Outgoing::status(h, e, permit)),
     };
+    if let Some(rep) = ctx.vol.role.master() {
+        let op = Op::Write {
+            offset: req.offset,
+            data,
+            fua,
+        };
+        return replicated(ctx, h, rep, op, adm, permit);
+    }
     if !fua && req.length <= BATCHED_WRITE_MAX {
         return ctx.queue_write(QueuedWrite {
             req,
@@ -417,6 +426,12 @@ async fn read(ctx: &Ctx, req: Request, permit: Permit) {
         Ok(adm) => adm,
         Err(e) => return ctx.send(refused(ctx, &req, e, permit)),
     };
+    if ctx.vol.role.master().is_some_and(|rep| !rep.usable()) {
+        // A master whose etcd session may have ended answers no read (a successor may be
+        // serving newer data): the client goes to the new master.
+        ctx.gate.set_access(Access::Closed);
+        return;
+    }
     let mut buf = vec![0u8; req.length as usize];
     // Fast path: data in the page cache is copied here, without the hop to a blocking thread.
     let error = |res: std::io::Result<()>| res.as_ref().map_or_else(io_errno, |_| 0);
@@ -456,6 +471,25 @@ async fn without_data(ctx: &Ctx, req: Request, permit: Permit) {
         Ok(adm) => adm,
         Err(e) => return ctx.send(Outgoing::status(h, e, permit)),
     };
+    if let (Some(rep), true) = (ctx.vol.role.master(), req.kind != NBD_CMD_CACHE) {
+        let len = req.length;
+        let op = match req.kind {
+            NBD_CMD_FLUSH => Op::Flush,
+            NBD_CMD_TRIM => Op::Trim {
+                offset: off,
+                len,
+                fua,
+            },
+            _ => Op::Zeroes {
+                offset: off,
+                len,
+                no_hole,
+                fua,
+                fast,
+            },
+        };
+        return replicated(ctx, h, rep, op, adm, permit);
+    }
     ctx.blocking(move |file| {
         let res = match req.kind {
             NBD_CMD_FLUSH => file.flush(),
@@ -517,6 +551,26 @@ fn extent(s: Span) -> Extent {
         length: s.length,
         flags,
     }
+}
+
+/// Cluster mode: the command runs on every copy of the volume ([`Replicas::apply`]) and is
+/// answered when all have it. A master that finds itself deposed answers nothing and closes
+/// the connection: the client retries on the new master.
+fn replicated(ctx: &Ctx, h: u64, rep: Arc<Replicas>, op: Op, adm: Admitted, permit: Permit) {
+    let (file, tx, gate) = (ctx.vol.file.clone(), ctx.tx.clone(), ctx.gate.clone());
+    tokio::spawn(async move {
+        let res = rep.apply(file, op).await;
+        drop(adm);
+        let error = match res {
+            Ok(()) => 0,
+            Err(ReplicaError::Io(e)) => io_errno(&e),
+            Err(ReplicaError::Fenced) => {
+                gate.set_access(Access::Closed);
+                return;
+            }
+        };
+        tx.send(Outgoing::status(h, error, permit));
+    });
 }
 
 /// `NBD_CMD_LEASE_FLIP`: promote this standby connection's holder.

@@ -95,6 +95,8 @@ pub struct Volume {
     orphaned: Mutex<HashMap<String, Instant>>,
     /// When this volume was loaded or created: the orphan time of leases nobody connected to.
     loaded: Instant,
+    /// Its role in cluster mode (single-node otherwise).
+    pub role: crate::cluster::role::RoleCell,
 }
 
 impl Volume {
@@ -111,6 +113,7 @@ impl Volume {
             removed: AtomicBool::new(false),
             orphaned: Mutex::new(HashMap::new()),
             loaded: Instant::now(),
+            role: Default::default(),
         }
     }
 
@@ -197,6 +200,11 @@ impl Volume {
             .collect()
     }
 
+    /// Every connection.
+    pub(crate) fn all_conns(&self) -> Vec<ConnEntry> {
+        self.conns.lock().expect("conns lock").clone()
+    }
+
     /// Number of open connections.
     pub fn connection_count(&self) -> usize {
         self.conns.lock().expect("conns lock").len()
@@ -239,9 +247,33 @@ impl Volume {
         }
     }
 
+    /// Info for the API, with the epoch of `table` (a replicated volume's, read from etcd on a
+    /// node that is not its master).
+    pub fn info_with(&self, table: &LeaseTable) -> VolumeInfo {
+        VolumeInfo {
+            epoch: table.epoch,
+            ..self.info()
+        }
+    }
+
+    /// Makes the standby entries of the current table orphaned as of now (a new master's table:
+    /// their hosts were connected to the old master until it went away).
+    pub(crate) fn restart_orphan_clock(&self) {
+        let now = Instant::now();
+        let mut orphaned = self.orphaned.lock().expect("orphaned lock");
+        for h in &self.table().standby {
+            orphaned.insert(h.host.clone(), now);
+        }
+    }
+
     /// Lease view for the API.
     pub fn lease_view(&self) -> LeaseView {
-        let t = self.table();
+        self.lease_view_of(self.table())
+    }
+
+    /// Lease view of `t` (a replicated volume's table read from etcd) with this node's
+    /// connections.
+    pub fn lease_view_of(&self, t: LeaseTable) -> LeaseView {
         let conns = self.conns.lock().expect("conns lock").clone();
         let count = |h: &Holder| {
             conns

@@ -191,7 +191,7 @@ impl DiskConfig {
     pub fn describe(&self) -> String {
         match (&self.path, &self.storaged, &self.vhost_user) {
             (Some(p), _, _) => p.display().to_string(),
-            (_, Some(s), _) => format!("storaged://{}/{}", s.address, s.volume),
+            (_, Some(s), _) => format!("storaged://{}/{}", s.all_addresses().join("+"), s.volume),
             (_, _, Some(v)) => format!("vhost-user:{}", v.socket.display()),
             _ => "?".into(),
         }
@@ -228,6 +228,11 @@ fn default_queues() -> u16 {
 pub struct StoragedDiskConfig {
     /// `host:port` of the NBD listener.
     pub address: String,
+    /// Cluster mode: the NBD listeners of the volume's other storaged nodes, tried in order
+    /// after `address` when it does not answer or is not the volume's master (a node that
+    /// knows the master sends the client there first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
     /// Volume (export) name.
     pub volume: String,
     /// This host's id, as the lease holder. With `tls_dir` it is the certificate's host id
@@ -261,6 +266,13 @@ pub struct StoragedDiskConfig {
 pub const DEFAULT_IO_HOLD_SECS: u64 = 60;
 
 impl StoragedDiskConfig {
+    /// `address`, then `addresses`.
+    pub fn all_addresses(&self) -> Vec<String> {
+        std::iter::once(self.address.clone())
+            .chain(self.addresses.iter().cloned())
+            .collect()
+    }
+
     /// [`Self::io_hold_secs`] or its default.
     pub fn io_hold(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.io_hold_secs.unwrap_or(DEFAULT_IO_HOLD_SECS))
@@ -277,6 +289,14 @@ impl StoragedDiskConfig {
         if self.server_name.is_some() && self.tls_dir.is_none() {
             return Err(ConfigError::Invalid(format!(
                 "storaged volume {}: server_name needs tls_dir",
+                self.volume
+            )));
+        }
+        if self.server_name.is_some() && !self.addresses.is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "storaged volume {}: one server_name cannot name several storaged nodes (leave \
+                 it out: each node's certificate is checked against the address it is \
+                 reached at)",
                 self.volume
             )));
         }
@@ -310,7 +330,8 @@ impl FromStr for LeaseMode {
 
 /// `--disk path=FILE[,ro]`, `--disk storaged=HOST:PORT,volume=NAME,host=ID[,instance=ID]
 /// [,lease=standby][,io-hold=SECS][,tls=DIR[,server-name=NAME]][,ro]` (with `tls=DIR`, `host=`
-/// may be left out) or `--disk vhost-user=SOCKET[,queues=N][,ro]`.
+/// may be left out; `storaged=` repeated names the nodes of a replicated volume, tried in
+/// order) or `--disk vhost-user=SOCKET[,queues=N][,ro]`.
 impl FromStr for DiskConfig {
     type Err = ConfigError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -319,6 +340,7 @@ impl FromStr for DiskConfig {
         let mut queues = default_queues();
         let mut read_only = false;
         let (mut address, mut volume, mut host, mut instance) = (None, None, None, None);
+        let mut addresses = Vec::new();
         let (mut tls_dir, mut server_name) = (None, None);
         let mut lease = LeaseMode::default();
         let mut io_hold_secs = None;
@@ -329,7 +351,8 @@ impl FromStr for DiskConfig {
                 "ro" | "readonly" | "read_only" => {
                     read_only = matches!(v, "" | "on" | "true" | "1")
                 }
-                "storaged" => address = Some(v.to_string()),
+                "storaged" if address.is_none() => address = Some(v.to_string()),
+                "storaged" => addresses.push(v.to_string()),
                 "volume" => volume = Some(v.to_string()),
                 "host" | "host_id" => host = Some(v.to_string()),
                 "instance" | "instance_id" => instance = Some(v.to_string()),
@@ -358,6 +381,7 @@ impl FromStr for DiskConfig {
             None => None,
             Some(address) => Some(StoragedDiskConfig {
                 address,
+                addresses,
                 volume: volume
                     .ok_or_else(|| ConfigError::Invalid(format!("`{s}`: volume= missing")))?,
                 host_id: host,
@@ -476,6 +500,26 @@ mod tests {
         let mut c: VmConfig = toml::from_str("kernel='/k'").unwrap();
         c.vcpus = 0;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn a_storaged_disk_may_name_several_nodes() {
+        let d: DiskConfig = "storaged=a:1,storaged=b:2,storaged=c:3,volume=v,host=h"
+            .parse()
+            .unwrap();
+        let s = d.storaged.as_ref().unwrap();
+        assert_eq!(s.all_addresses(), ["a:1", "b:2", "c:3"]);
+        assert_eq!(d.describe(), "storaged://a:1+b:2+c:3/v");
+        // One server name cannot fit several nodes' certificates.
+        assert!("storaged=a:1,storaged=b:2,volume=v,tls=/t,server-name=s"
+            .parse::<DiskConfig>()
+            .is_err());
+        // The TOML/JSON form; a single node leaves `addresses` out.
+        let json = serde_json::to_value(s).unwrap();
+        assert_eq!(json["addresses"], serde_json::json!(["b:2", "c:3"]));
+        let one: DiskConfig = "storaged=a:1,volume=v,host=h".parse().unwrap();
+        let json = serde_json::to_value(one.storaged.unwrap()).unwrap();
+        assert!(json.get("addresses").is_none());
     }
 
     #[test]

@@ -51,8 +51,9 @@ struct Cli {
         required_unless_present = "storaged"
     )]
     file: Option<PathBuf>,
-    /// Serve a storaged volume: the NBD address of storaged.
-    #[arg(long, value_name = "HOST:PORT", requires_all = ["volume", "instance_id"])]
+    /// Serve a storaged volume: the NBD address of storaged (cluster mode: the addresses of
+    /// the volume's nodes, comma-separated, tried in order).
+    #[arg(long, value_name = "HOST:PORT[,HOST:PORT...]", requires_all = ["volume", "instance_id"])]
     storaged: Option<String>,
     /// The volume (export) name.
     #[arg(long, value_name = "NAME")]
@@ -121,8 +122,10 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("open {}", path.display()))?,
         ),
         (None, Some(address)) => {
+            let mut nodes = address.split(',').map(str::trim).map(String::from);
             let cfg = StoragedDiskConfig {
-                address: address.clone(),
+                address: nodes.next().unwrap_or_default(),
+                addresses: nodes.collect(),
                 volume: cli.volume.clone().context("--volume")?,
                 host_id: cli.host_id.clone(),
                 instance_id: cli.instance_id.clone(),

@@ -139,12 +139,21 @@ pub(super) async fn handshake(
 
 /// Whether an error is an answer from a server (stop) rather than the absence of one (go on).
 fn is_answer(e: &ClientError) -> bool {
-    !matches!(e, ClientError::Io(_) | ClientError::Protocol(_))
+    !matches!(
+        e,
+        ClientError::Io(_)
+            | ClientError::Protocol(_)
+            | ClientError::Refused {
+                code: NBD_REP_ERR_NOT_MASTER,
+                ..
+            }
+    )
 }
 
 /// The connection logic: each address in turn, "already primary" retried as primary,
 /// "deactivated" and other refusals returned at once, no answer tried on the next address,
-/// rounds separated by exponential backoff.
+/// "not master" tried on the master it names (once per round, even if it is not in the
+/// list), then on the next address; rounds separated by exponential backoff.
 pub(super) async fn connect_any(
     cfg: &ClientConfig,
 ) -> Result<(NbdStream, Negotiated), ClientError> {
@@ -156,7 +165,14 @@ pub(super) async fn connect_any(
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(cfg.backoff_max);
         }
-        for addr in &cfg.addresses {
+        let mut queue: std::collections::VecDeque<String> = cfg.addresses.iter().cloned().collect();
+        let mut tried: Vec<String> = Vec::new();
+        while let Some(addr) = queue.pop_front() {
+            let addr = addr.as_str();
+            if tried.iter().any(|t| t == addr) {
+                continue;
+            }
+            tried.push(addr.to_string());
             let mut state = cfg.lease.as_ref().map(|l| l.state);
             loop {
                 attempts += 1;
@@ -176,6 +192,16 @@ pub(super) async fn connect_any(
                 }
                 if is_answer(&e) {
                     return Err(e);
+                }
+                if let ClientError::Refused {
+                    code: NBD_REP_ERR_NOT_MASTER,
+                    message,
+                } = &e
+                {
+                    if let Some(master) = master_hint(message) {
+                        tracing::debug!(addr, master, "not the master: trying the master");
+                        queue.push_front(master.to_string());
+                    }
                 }
                 tracing::debug!(addr, error = %e, "no answer; trying the next address");
                 last = format!("{addr}: {e}");

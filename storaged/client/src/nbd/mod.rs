@@ -20,8 +20,10 @@
 //! their replies may arrive in any order. The client does not negotiate structured replies.
 
 mod connect;
+mod failover;
 
 pub use connect::DEFAULT_CONNECT_TIMEOUT;
+pub use failover::FailoverClient;
 
 use crate::codec::{
     send_frame, CodecError, OutgoingRequest, ReplyDecoder, ReplyFrame, RequestEncoder, READ_CHUNK,

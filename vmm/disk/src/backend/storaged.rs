@@ -69,8 +69,8 @@ impl StoragedBackend {
             .clone()
             .unwrap_or_else(|| vm_name.to_string());
         let id = DiskIdentity::of(cfg)?;
-        let mut client_cfg = ClientConfig::new(vec![cfg.address.clone()], cfg.volume.clone())
-            .with_lease(LeaseSpec {
+        let mut client_cfg =
+            ClientConfig::new(cfg.all_addresses(), cfg.volume.clone()).with_lease(LeaseSpec {
                 host: id.host.clone(),
                 instance,
                 state,
@@ -296,6 +296,7 @@ mod tests {
     fn disk(addr: &str, host: &str, lease: LeaseMode) -> StoragedDiskConfig {
         StoragedDiskConfig {
             address: addr.into(),
+            addresses: Vec::new(),
             volume: "v".into(),
             host_id: Some(host.into()),
             instance_id: None,
@@ -430,6 +431,7 @@ mod outage_tests {
     fn config(addr: &str, hold_secs: u64) -> StoragedDiskConfig {
         StoragedDiskConfig {
             address: addr.into(),
+            addresses: Vec::new(),
             volume: "v".into(),
             host_id: Some("a".into()),
             instance_id: None,

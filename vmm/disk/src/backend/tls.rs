@@ -80,6 +80,7 @@ mod tests {
     fn disk(addr: &str, host_id: Option<&str>, tls_dir: &Path) -> StoragedDiskConfig {
         StoragedDiskConfig {
             address: addr.into(),
+            addresses: Vec::new(),
             volume: "v".into(),
             host_id: host_id.map(str::to_string),
             instance_id: None,

@@ -1,0 +1,136 @@
+//! This node's etcd session: one lease, kept alive, with the node's record attached to it, and
+//! the local deadline after which the node must behave as if the lease were gone (see the
+//! clock argument in the parent module).
+
+use super::{node_key, ClusterConfig, ClusterError, NodeRecord};
+use etcd_client::PutOptions;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// The current session, `None` while the node has none.
+pub type SessionWatch = watch::Receiver<Option<Session>>;
+
+/// One etcd lease of this node.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// The etcd lease id.
+    pub lease: i64,
+    deadline: Arc<Mutex<Instant>>,
+}
+
+impl Session {
+    /// Whether the lease is certainly still alive at etcd.
+    pub fn valid(&self) -> bool {
+        Instant::now() < *self.deadline.lock().expect("deadline lock")
+    }
+
+    /// Same lease (an ended session is never the current one again).
+    pub fn same(&self, other: &Session) -> bool {
+        self.lease == other.lease
+    }
+}
+
+/// The part of the TTL not trusted, against clock rate drift between this node and etcd.
+fn margin(ttl: Duration) -> Duration {
+    ttl / 4
+}
+
+/// Grants the first lease (so that startup fails loudly when etcd is unreachable) and keeps
+/// sessions going in a task for as long as the process runs.
+pub async fn start(
+    etcd: etcd_client::Client,
+    cfg: &ClusterConfig,
+    record: &NodeRecord,
+) -> Result<SessionWatch, ClusterError> {
+    let first = grant(&mut etcd.clone(), cfg, record).await?;
+    let (tx, rx) = watch::channel(Some(first.clone()));
+    let (cfg, record) = (cfg.clone(), record.clone());
+    tokio::spawn(async move {
+        let mut current = Some(first);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let session = match current.take() {
+                Some(s) => s,
+                None => match grant(&mut etcd.clone(), &cfg, &record).await {
+                    Ok(s) => {
+                        backoff = Duration::from_millis(100);
+                        tx.send_replace(Some(s.clone()));
+                        s
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no etcd session; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(cfg.lease_ttl);
+                        continue;
+                    }
+                },
+            };
+            let why = keep_alive(etcd.clone(), &cfg, &session).await;
+            tracing::warn!(target: "storaged::cluster", event = "session-lost",
+                lease = session.lease, reason = %why, "etcd session lost: masterships end");
+            tx.send_replace(None);
+        }
+    });
+    Ok(rx)
+}
+
+/// A new lease with the node's record on it.
+async fn grant(
+    etcd: &mut etcd_client::Client,
+    cfg: &ClusterConfig,
+    record: &NodeRecord,
+) -> Result<Session, ClusterError> {
+    let sent = Instant::now();
+    let ttl = cfg.lease_ttl.as_secs().max(1) as i64;
+    let lease = etcd.lease_grant(ttl, None).await?;
+    let granted = Duration::from_secs(lease.ttl().max(0) as u64);
+    let session = Session {
+        lease: lease.id(),
+        deadline: Arc::new(Mutex::new(sent + granted.saturating_sub(margin(granted)))),
+    };
+    let body = serde_json::to_vec(record).expect("node record serialises");
+    etcd.put(
+        node_key(&record.id),
+        body,
+        Some(PutOptions::new().with_lease(session.lease)),
+    )
+    .await?;
+    tracing::info!(target: "storaged::cluster", event = "session", lease = session.lease,
+        ttl, node = %record.id, "etcd session started");
+    Ok(session)
+}
+
+/// Keeps `session` alive until that fails or its deadline passes; returns why it ended.
+async fn keep_alive(
+    mut etcd: etcd_client::Client,
+    cfg: &ClusterConfig,
+    session: &Session,
+) -> String {
+    let (mut keeper, mut stream) = match etcd.lease_keep_alive(session.lease).await {
+        Ok(k) => k,
+        Err(e) => return e.to_string(),
+    };
+    let period = (cfg.lease_ttl / 3).max(Duration::from_millis(200));
+    loop {
+        let sent = Instant::now();
+        let deadline = *session.deadline.lock().expect("deadline lock");
+        let round = async {
+            keeper.keep_alive().await?;
+            stream.message().await
+        };
+        let resp = match tokio::time::timeout_at(deadline.into(), round).await {
+            Err(_) => return "the lease's deadline passed without a keep-alive".into(),
+            Ok(Err(e)) => return e.to_string(),
+            Ok(Ok(None)) => return "keep-alive stream ended".into(),
+            Ok(Ok(Some(r))) => r,
+        };
+        if resp.ttl() <= 0 {
+            return "the lease expired at etcd".into();
+        }
+        let granted = Duration::from_secs(resp.ttl() as u64);
+        *session.deadline.lock().expect("deadline lock") =
+            sent + granted.saturating_sub(margin(granted));
+        tokio::time::sleep(period).await;
+    }
+}
