@@ -43,7 +43,12 @@ impl Launcher {
 
     /// A command that runs `program` as the unit `unit` (without `.scope`) with `description`,
     /// or just `program` without systemd. Arguments added to it go to `program`.
-    pub fn command(&self, program: &Path, unit: &str, description: &str) -> tokio::process::Command {
+    pub fn command(
+        &self,
+        program: &Path,
+        unit: &str,
+        description: &str,
+    ) -> tokio::process::Command {
         match self {
             Launcher::Plain => tokio::process::Command::new(program),
             Launcher::Scope(systemd_run) => {
@@ -97,7 +102,11 @@ mod tests {
     #[test]
     fn a_scope_runs_the_program_after_systemd_runs_options() {
         let l = Launcher::Scope("/usr/bin/systemd-run".into());
-        let mut cmd = l.command(Path::new("/usr/bin/vmm"), &vmm_unit("vm1"), "vmhop guest vm1");
+        let mut cmd = l.command(
+            Path::new("/usr/bin/vmm"),
+            &vmm_unit("vm1"),
+            "vmhop guest vm1",
+        );
         cmd.arg("run");
         let std = cmd.as_std();
         assert_eq!(std.get_program(), "/usr/bin/systemd-run");

@@ -145,8 +145,13 @@ impl Container {
         binds: &[Bind],
     ) -> Result<Container> {
         let dir = work.join(name);
-        run_ok(Command::new("cp").args(["-a", "--reflink=auto"]).arg(root).arg(&dir))
-            .context("copying the Debian root")?;
+        run_ok(
+            Command::new("cp")
+                .args(["-a", "--reflink=auto"])
+                .arg(root)
+                .arg(&dir),
+        )
+        .context("copying the Debian root")?;
         std::fs::write(dir.join("etc/hostname"), format!("{name}\n"))?;
         let console = work.join(format!("{name}-console.log"));
         let log = std::fs::File::create(&console)?;
@@ -236,19 +241,15 @@ impl Container {
     /// Waits for `systemctl is-system-running` to say `running` or `degraded` (the latter
     /// with the failed units in the error if it is not what the test accepts).
     pub fn wait_running(&self, limit: Duration) -> Result<String> {
-        let state = wait_for(
-            &format!("{} to finish booting", self.name),
-            limit,
-            || {
-                let out = self
-                    .command("systemctl")
-                    .args(["is-system-running", "--wait"])
-                    .output()
-                    .ok()?;
-                let s = stdout(&out);
-                matches!(s.as_str(), "running" | "degraded").then_some(s)
-            },
-        )
+        let state = wait_for(&format!("{} to finish booting", self.name), limit, || {
+            let out = self
+                .command("systemctl")
+                .args(["is-system-running", "--wait"])
+                .output()
+                .ok()?;
+            let s = stdout(&out);
+            matches!(s.as_str(), "running" | "degraded").then_some(s)
+        })
         .with_context(|| {
             format!(
                 "console of {}:\n{}",

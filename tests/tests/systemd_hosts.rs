@@ -10,10 +10,10 @@
 //!   cgroup; `systemctl restart migrated` leaves it running and the new agent re-adopts it; a
 //!   `kill -9` of migrated's main process is restarted by systemd, the guest again untouched;
 //! - the guest migrates from a to b with the lease flip at the storage container, its memory
-//!   workload intact;
+//!   memory and disk workloads intact, no reboot;
 //! - the journal holds the daemons' structured JSON lines;
-//! - `systemctl stop storaged` shuts it down cleanly (exit 0) and the leases persist across its
-//!   start.
+//! - `systemctl stop storaged` shuts it down cleanly (exit 0), the leases persist across its
+//!   start, and the guest's held disk I/O goes on.
 
 use e2e::agent::AgentConn;
 use e2e::migrated::write_restored_guest_toml;
@@ -21,7 +21,7 @@ use e2e::netns::Rig;
 use e2e::pki::Pki;
 use e2e::process::wait_for;
 use e2e::systemd::{Bind, Container, BOOT};
-use e2e::workload::REPLY;
+use e2e::workload::{disk_acked_past, stop_and_verify_disk, REPLY};
 use serde_json::Value;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -54,7 +54,10 @@ fn mem_advances(agent: &mut AgentConn, after: u64) -> u64 {
     assert_eq!(s.num("errors"), Some(0), "{s:?}");
     assert_eq!(
         s.num("checksum"),
-        Some(agent_proto::expected_checksum(MIB, &s.nums("seqs").unwrap())),
+        Some(agent_proto::expected_checksum(
+            MIB,
+            &s.nums("seqs").unwrap()
+        )),
         "{s:?}"
     );
     s.num("seq").unwrap()
@@ -85,7 +88,10 @@ fn cgroup_of(c: &Container, pid: u64) -> String {
 /// `systemctl enable --now UNIT`, then at once: the unit is active and `check` succeeds.
 fn enable_now(c: &Container, unit: &str, check: &str) {
     c.sh(&format!("systemctl enable --now {unit}")).unwrap();
-    assert_eq!(c.sh(&format!("systemctl is-active {unit}")).unwrap(), "active");
+    assert_eq!(
+        c.sh(&format!("systemctl is-active {unit}")).unwrap(),
+        "active"
+    );
     c.sh(check).unwrap_or_else(|e| {
         panic!("{unit} is active but its API does not answer: {e:#}");
     });
@@ -168,11 +174,9 @@ fn systemd_hosts_run_restart_and_migrate_a_guest() {
 
     // The storage host.
     storage
-        .sh(
-            "dpkg -i /root/vmhop-storaged_*.deb >/dev/null
+        .sh("dpkg -i /root/vmhop-storaged_*.deb >/dev/null
              mkdir -p /etc/vmhop && cp -r /root/tls /etc/vmhop/tls
-             (umask 077; head -c 32 /dev/urandom | base64 > /etc/storaged/token)",
-        )
+             (umask 077; head -c 32 /dev/urandom | base64 > /etc/storaged/token)")
         .unwrap();
     assert_eq!(
         storage.sh("systemctl is-enabled storaged || true").unwrap(),
@@ -226,7 +230,7 @@ fn systemd_hosts_run_restart_and_migrate_a_guest() {
     // A guest on a, started from the suite's booted snapshot with a data volume.
     storage
         .sh(&format!(
-            "storaged volume create vm1-data {} --token-file /etc/storaged/token",
+            "storaged volume create vm1-data --size {} --token-file /etc/storaged/token",
             e2e::snapshot::DATA_DISK_BYTES
         ))
         .unwrap();
@@ -237,7 +241,9 @@ fn systemd_hosts_run_restart_and_migrate_a_guest() {
     let vmm = rec["pid"].as_u64().unwrap();
     let mut agent = agent_of(&a, &rec, &dir.path().join("serial-a.log"));
     agent.command(&format!("mem start {MIB}"), REPLY).unwrap();
+    agent.command("disk start", REPLY).unwrap();
     let seq = mem_advances(&mut agent, 0);
+    let acked = disk_acked_past(&mut agent, 0);
 
     // Its own scope, outside migrated's cgroup.
     let cg = cgroup_of(&a, vmm);
@@ -257,6 +263,7 @@ fn systemd_hosts_run_restart_and_migrate_a_guest() {
     assert_eq!(again["state"], "running", "{again}");
     assert_eq!(again["pid"].as_u64(), Some(vmm), "{again}");
     let seq = mem_advances(&mut agent, seq);
+    let acked = disk_acked_past(&mut agent, acked);
 
     // A crash of the agent: systemd starts it again, the guest runs on.
     let crashed = a.main_pid("migrated").unwrap();
@@ -274,9 +281,13 @@ fn systemd_hosts_run_restart_and_migrate_a_guest() {
     // Live migration from a to b; the lease flips at the storage host.
     assert!(leases(&storage, "vm1-data").contains(&("host-a".into(), "primary".into())));
     let m = ctl(&a, "migrate vm1 --to host-b --downtime-ms 300");
-    assert_eq!(m["state"], "completed", "{m}");
-    let on_b = ctl(&b, "show vm1");
-    assert_eq!(on_b["state"], "running", "{on_b}");
+    assert_eq!(m["phase"], "completed", "{m}");
+    eprintln!("migrated a -> b: {}", m["figures"]);
+    let on_b = wait_for("vm1 to run on b", REPLY, || {
+        let v = ctl(&b, "show vm1");
+        (v["state"] == "running").then_some(v)
+    })
+    .unwrap();
     let cg = cgroup_of(&b, on_b["pid"].as_u64().unwrap());
     assert!(cg.contains("vmhop-vm-vm1.scope"), "{cg}");
     let l = leases(&storage, "vm1-data");
@@ -284,8 +295,18 @@ fn systemd_hosts_run_restart_and_migrate_a_guest() {
     drop(agent);
     let mut agent = agent_of(&b, &on_b, &dir.path().join("serial-b.log"));
     let seq = mem_advances(&mut agent, seq);
+    let acked = disk_acked_past(&mut agent, acked);
+    let clock = agent.command("clock", REPLY).unwrap();
+    assert_eq!(
+        clock.get("boot_id"),
+        Some(booted.boot_id.as_str()),
+        "rebooted"
+    );
     wait_for("the source VMM to end", RESTART, || {
-        (a.sh("systemctl is-active vmhop-vm-vm1.scope || true").ok()? != "active").then_some(())
+        (a.sh("systemctl is-active vmhop-vm-vm1.scope || true")
+            .ok()?
+            != "active")
+            .then_some(())
     })
     .unwrap();
 
@@ -303,15 +324,15 @@ fn systemd_hosts_run_restart_and_migrate_a_guest() {
     // A clean stop of storaged; the lease table persists across its start.
     storage.sh("systemctl stop storaged").unwrap();
     assert_eq!(storage.property("storaged", "Result").unwrap(), "success");
-    assert_eq!(
-        storage.property("storaged", "ExecMainStatus").unwrap(),
-        "0"
-    );
+    assert_eq!(storage.property("storaged", "ExecMainStatus").unwrap(), "0");
     storage.sh("systemctl start storaged").unwrap();
     let l = leases(&storage, "vm1-data");
     assert!(l.contains(&("host-b".into(), "primary".into())), "{l:?}");
-    // The guest's I/O was held while storaged was down; its memory workload never stopped.
+    // The guest's I/O was held while storaged was down and goes on; every record it was told
+    // is durable is intact.
     mem_advances(&mut agent, seq);
+    disk_acked_past(&mut agent, acked);
+    stop_and_verify_disk(&mut agent);
 
     ctl(&b, "stop vm1");
     eprintln!("done after {:?}", t0.elapsed());
