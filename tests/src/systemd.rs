@@ -156,7 +156,12 @@ impl Container {
         let console = work.join(format!("{name}-console.log"));
         let log = std::fs::File::create(&console)?;
         let mut cmd = Command::new("systemd-nspawn");
-        cmd.args(["--keep-unit", "--register=no", "--quiet", "-b"])
+        // The container's systemd runs on the unified cgroup hierarchy (cgroup v2), as on a
+        // Debian 12 host, also where this machine mounts the legacy one: only there does it
+        // learn at once that a scope's last process exited (a legacy hierarchy tells
+        // nobody inside a container), so a guest's scope ends with its VMM.
+        cmd.env("SYSTEMD_NSPAWN_UNIFIED_HIERARCHY", "1")
+            .args(["--keep-unit", "--register=no", "--quiet", "-b"])
             .arg(format!("--machine={name}"))
             .arg("-D")
             .arg(&dir)

@@ -280,7 +280,24 @@ fn systemd_hosts_run_restart_and_migrate_a_guest() {
 
     // Live migration from a to b; the lease flips at the storage host.
     assert!(leases(&storage, "vm1-data").contains(&("host-a".into(), "primary".into())));
-    let m = ctl(&a, "migrate vm1 --to host-b --downtime-ms 300");
+    let out = a
+        .sh_raw("migratectl --json migrate vm1 --to host-b --downtime-ms 300")
+        .unwrap();
+    if !out.status.success() {
+        let why = a
+            .sh_raw("tail -n 40 /var/lib/migrated/instances/vm1/vmm.log")
+            .unwrap();
+        let storaged = storage
+            .sh_raw("journalctl -u storaged -o cat --no-pager | tail -n 20")
+            .unwrap();
+        panic!(
+            "the migration failed: {}\nthe source VMM's log:\n{}\nstoraged:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&why.stdout),
+            String::from_utf8_lossy(&storaged.stdout)
+        );
+    }
+    let m: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(m["phase"], "completed", "{m}");
     eprintln!("migrated a -> b: {}", m["figures"]);
     let on_b = wait_for("vm1 to run on b", REPLY, || {
