@@ -7,7 +7,8 @@
 //! the lease flip; in TLS with the host's certificate when the agent has one) and listens on `disk-N.sock` in the instance's work directory, which the
 //! VMM's configuration names as the disk's vhost-user socket. The socket appears once the
 //! volume is open: that is the backend's readiness. Each backend runs in its own process
-//! group like the VMM (a signal to migrated's group does not reach the guest's disks) and
+//! group like the VMM (a signal to migrated's group does not reach the guest's disks), under
+//! systemd in a scope of its own ([`crate::scope`]), and
 //! writes `disk-N.pid` (pid and start time) so that a restarted agent still ends the right
 //! process, and `disk-N.log`.
 
@@ -115,7 +116,11 @@ async fn start_one(
         .append(true)
         .open(&log_path)
         .map_err(|e| DiskBackendError::WorkDir(log_path.clone(), e))?;
-    let mut cmd = tokio::process::Command::new(binary);
+    let mut cmd = crate::scope::launcher().command(
+        binary,
+        &crate::scope::disk_unit(&rec.name, spec.disk),
+        &format!("vmhop disk {} of guest {}", spec.disk, rec.name),
+    );
     cmd.arg("--socket")
         .arg(&sock)
         .args(["--storaged", &agent.storaged_nbd, "--volume", spec.volume])

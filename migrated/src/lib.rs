@@ -24,6 +24,7 @@ pub mod disk_backend;
 pub mod instance;
 pub mod migration;
 pub mod recovery;
+pub mod scope;
 pub mod server;
 pub mod store;
 pub mod vmm_process;

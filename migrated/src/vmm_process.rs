@@ -178,7 +178,8 @@ pub struct IncomingFrom<'a> {
 
 /// Starts `vmm run --config WORK/vm.toml [--incoming ADDR [--incoming-from HOST] | --restore
 /// SNAPSHOT]` in its own process group (so a signal to migrated's group does not reach the
-/// guest), output appended to the log. `--incoming-from` is given with TLS (`tls`).
+/// guest) and, under systemd, in a scope of its own ([`crate::scope`]), output appended to the
+/// log. `--incoming-from` is given with TLS (`tls`).
 pub fn spawn_vmm(
     vmm_binary: &Path,
     rec: &InstanceRecord,
@@ -194,7 +195,11 @@ pub fn spawn_vmm(
     let log2 = log
         .try_clone()
         .map_err(|e| VmmProcessError::WorkDir(rec.log.clone(), e))?;
-    let mut cmd = tokio::process::Command::new(vmm_binary);
+    let mut cmd = crate::scope::launcher().command(
+        vmm_binary,
+        &crate::scope::vmm_unit(&rec.name),
+        &format!("vmhop guest {}", rec.name),
+    );
     cmd.arg("run").arg("--config").arg(config_path);
     match (incoming, &rec.config.restore) {
         (Some(i), _) => {

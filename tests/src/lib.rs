@@ -19,6 +19,7 @@ pub mod process;
 pub mod qemu;
 pub mod snapshot;
 pub mod storaged;
+pub mod systemd;
 pub mod tiny;
 pub mod vhost;
 pub mod vmm;
