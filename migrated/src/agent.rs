@@ -91,6 +91,10 @@ pub struct Agent {
     instances: Records<InstanceRecord>,
     migrations: Records<MigrationRecord>,
     progress: Mutex<HashMap<String, Progress>>,
+    /// Migrations an operator asked to abort (`POST /v1/migrations/{id}/abort`).
+    aborts: Mutex<std::collections::HashSet<String>>,
+    /// The Prometheus metrics (`GET /metrics`).
+    pub metrics: crate::metrics::Metrics,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -167,6 +171,8 @@ impl Agent {
             instances,
             migrations,
             progress: Mutex::new(HashMap::new()),
+            aborts: Mutex::new(Default::default()),
+            metrics: crate::metrics::Metrics::new(),
         }))
     }
 
@@ -227,9 +233,13 @@ impl Agent {
     ) -> Result<MigrationRecord, AgentError> {
         let _one = self.migrations.writer.lock().await;
         let mut rec = self.migrations.get(id)?;
+        let ended_before = rec.phase.is_terminal();
         f(&mut rec);
         self.save_migration(&mut rec).await?;
         self.migrations.publish(rec.clone());
+        if rec.phase.is_terminal() && !ended_before {
+            self.metrics.migration_ended(&rec);
+        }
         Ok(rec)
     }
 
@@ -245,6 +255,7 @@ impl Agent {
         }
         if rec.phase.is_terminal() {
             lock(&self.progress).remove(&rec.id);
+            lock(&self.aborts).remove(&rec.id);
         }
         Ok(())
     }
@@ -276,6 +287,16 @@ impl Agent {
                 .filter(|m| !m.phase.is_terminal())
                 .count(),
         }
+    }
+
+    /// Notes that an operator asked to abort migration `id` (its source task acts on it).
+    pub fn request_abort(&self, id: &str) {
+        lock(&self.aborts).insert(id.to_string());
+    }
+
+    /// Whether an operator asked to abort migration `id`.
+    pub fn abort_requested(&self, id: &str) -> bool {
+        lock(&self.aborts).contains(id)
     }
 
     /// Publishes live progress.

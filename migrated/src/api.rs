@@ -20,6 +20,8 @@
 //! | POST   | /v1/instances/{name}/migrate      | `MigrateRequest`   | 202 `MigrationRecord` |
 //! | GET    | /v1/migrations                    |                    | `[MigrationInfo]`     |
 //! | GET    | /v1/migrations/{id}               |                    | `MigrationInfo`       |
+//! | POST   | /v1/migrations/{id}/abort         |                    | 202 `MigrationRecord` |
+//! | GET    | /metrics                          |                    | Prometheus text       |
 //! | POST   | /v1/incoming                      | `IncomingRequest`  | `IncomingReady` (peer)|
 //! | GET    | /v1/incoming/{id}                 |                    | `MigrationRecord`     |
 //! | POST   | /v1/incoming/{id}/resume          |                    | `MigrationRecord`     |
@@ -49,6 +51,10 @@ pub mod route {
     pub const MIGRATIONS: &str = "/v1/migrations";
     /// One migration, with its progress.
     pub const MIGRATION: &str = "/v1/migrations/{id}";
+    /// The operator aborts a migration at its source.
+    pub const MIGRATION_ABORT: &str = "/v1/migrations/{id}/abort";
+    /// The Prometheus metrics.
+    pub const METRICS: &str = "/metrics";
     /// Prepares this host as a destination (a peer call).
     pub const INCOMING: &str = "/v1/incoming";
     /// One incoming migration's record.

@@ -117,6 +117,8 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route(route::INSTANCE_MIGRATE, post(migrate))
         .route(route::MIGRATIONS, get(migrations))
         .route(route::MIGRATION, get(migration))
+        .route(route::MIGRATION_ABORT, post(abort_migration))
+        .route(route::METRICS, get(metrics))
         .route(route::INCOMING, post(incoming_prepare))
         .route(route::INCOMING_ONE, get(incoming_show))
         .route(route::INCOMING_RESUME, post(incoming_resume))
@@ -227,6 +229,44 @@ async fn migrations(State(a): St) -> Json<Vec<MigrationInfo>> {
 
 async fn migration(State(a): St, Path(id): Path<String>) -> R<Json<MigrationInfo>> {
     Ok(Json(info(&a, a.migration(&id)?)))
+}
+
+async fn abort_migration(
+    State(a): St,
+    Path(id): Path<String>,
+) -> R<(StatusCode, Json<MigrationRecord>)> {
+    Ok((StatusCode::ACCEPTED, Json(source::request_abort(&a, &id)?)))
+}
+
+/// How long `GET /metrics` waits for each VMM's counters.
+const VMM_COUNTERS_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// `GET /metrics`: the migrations' metrics and, per instance with a VMM, the VMM's counters
+/// (see [`crate::metrics`]).
+async fn metrics(State(a): St) -> impl IntoResponse {
+    let instances = a.instances();
+    let states: Vec<&'static str> = instances.iter().map(|i| i.state.as_str()).collect();
+    let probes = instances
+        .into_iter()
+        .filter(|i| !i.state.is_terminal() && i.pid.is_some())
+        .map(|i| {
+            let vmm = a.vmm(&i).with_timeout(VMM_COUNTERS_TIMEOUT);
+            async move { (i.name, vmm.counters().await.ok()) }
+        });
+    let vmms = futures_join(probes).await;
+    let active = a
+        .migrations()
+        .iter()
+        .filter(|m| !m.phase.is_terminal())
+        .count();
+    let body = a.metrics.encode(active, &states, &vmms);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
+        body,
+    )
 }
 
 async fn incoming_prepare(

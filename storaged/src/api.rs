@@ -51,6 +51,7 @@ pub fn router(reg: Arc<Registry>) -> Router {
             "/v1/health",
             get(|| async { Json(serde_json::json!({"status": "ok"})) }),
         )
+        .route("/metrics", get(metrics))
         .route("/v1/volumes", get(list).post(create))
         .route("/v1/volumes/{id}", get(show).delete(delete))
         .route("/v1/volumes/{id}/access", put(set_access))
@@ -65,6 +66,18 @@ pub fn router(reg: Arc<Registry>) -> Router {
         .route("/v1/leases/revoke", post(revoke_group))
         .route("/v1/leases/rollback", post(rollback_group))
         .with_state(reg)
+}
+
+/// `GET /metrics`: the Prometheus exposition (see [`crate::metrics`]).
+async fn metrics(State(reg): Reg) -> impl IntoResponse {
+    let body = reg.metrics.encode(&reg.list());
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
+        body,
+    )
 }
 
 async fn list(State(reg): Reg) -> Json<Vec<VolumeInfo>> {

@@ -6,7 +6,7 @@
 //!   [`registry`]: the running set of volumes and how connections attach to them;
 //! - [`server`]: the NBD server (handshake, transmission); [`api`]: the REST control API's
 //!   routes;
-//! - [`config`]: the daemon's settings.
+//! - [`config`]: the daemon's settings; [`metrics`]: its Prometheus metrics (`GET /metrics`).
 //!
 //! The wire format, the lease-aware client and the REST API's types are in the
 //! `storaged-client` crate, which is all that other processes link of storaged; this library
@@ -16,6 +16,7 @@
 pub mod api;
 pub mod config;
 pub mod lease;
+pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod store;

@@ -108,6 +108,8 @@ pub struct Registry {
     pub standby: StandbyPolicy,
     /// Serialises creating and deleting volumes.
     lifecycle: tokio::sync::Mutex<()>,
+    /// The daemon's Prometheus metrics.
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Registry {
@@ -141,6 +143,10 @@ impl Registry {
                     "removed a volume file without a record (a create or delete did not finish)");
             }
         }
+        let metrics = crate::metrics::Metrics::new();
+        for name in volumes.keys() {
+            metrics.add_volume(name);
+        }
         Ok(Registry {
             dir: vol_dir,
             store: Arc::new(store),
@@ -149,6 +155,7 @@ impl Registry {
             drain_limit: Duration::from_secs(30),
             standby: StandbyPolicy::default(),
             lifecycle: tokio::sync::Mutex::new(()),
+            metrics,
         })
     }
 
@@ -201,6 +208,7 @@ impl Registry {
             .write()
             .expect("volumes lock")
             .insert(cfg.name.clone(), vol.clone());
+        self.metrics.add_volume(&cfg.name);
         tracing::info!(volume = %cfg.name, size = cfg.size, "volume created");
         Ok(vol)
     }
@@ -230,6 +238,7 @@ impl Registry {
             Err(source) => Err(RegistryError::Io { path, source }),
         })
         .await??;
+        self.metrics.forget_volume(name);
         tracing::info!(volume = %name, "volume deleted");
         Ok(())
     }

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod faults;
 pub mod fencing;
 pub mod image;
+pub mod metrics;
 pub mod migrated;
 pub mod nbd_socket;
 pub mod netns;

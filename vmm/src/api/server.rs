@@ -1,6 +1,6 @@
 //! The HTTP side: axum on a tokio Unix listener.
 
-use super::{ApiError, ApiRequest, ApiResponse};
+use super::{ApiError, ApiRequest, ApiResponse, Counters};
 use crate::vm::{VmError, VmEvent};
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -24,6 +24,7 @@ type Reply = (StatusCode, Json<serde_json::Value>);
 pub fn bind(
     path: &Path,
     events: Sender<VmEvent>,
+    counters: Counters,
     stop: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<impl Future<Output = ()> + Send + 'static, ApiError> {
     let err = |e| ApiError::Bind(path.display().to_string(), e);
@@ -31,8 +32,13 @@ pub fn bind(
     let std_listener = std::os::unix::net::UnixListener::bind(path).map_err(err)?;
     std_listener.set_nonblocking(true).map_err(err)?;
     let listener = tokio::net::UnixListener::from_std(std_listener).map_err(err)?;
+    let read_counters = get(move || {
+        let c = counters.clone();
+        async move { Json(c.read()) }
+    });
     let app = Router::new()
         .route("/v1/vm", get(info))
+        .route("/v1/vm/counters", read_counters)
         .route("/v1/vm/pause", put(pause))
         .route("/v1/vm/resume", put(resume))
         .route("/v1/vm/shutdown", put(shutdown))
