@@ -56,6 +56,14 @@ pub enum AgentError {
         /// Its state.
         state: InstanceState,
     },
+    /// The instance still has (or may have) a VMM here: it cannot be removed.
+    #[error("instance {name} is {state}: stop it first (only an instance whose VMM is gone can be removed)")]
+    Active {
+        /// The instance.
+        name: String,
+        /// Its state.
+        state: InstanceState,
+    },
     /// The guest's description is invalid.
     #[error("invalid request")]
     Invalid(#[from] ConfigError),
@@ -75,7 +83,9 @@ impl AgentError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             AgentError::NoInstance(_) | AgentError::NoMigration(_) => ErrorKind::NotFound,
-            AgentError::InstanceExists { .. } | AgentError::Migrating { .. } => ErrorKind::Conflict,
+            AgentError::InstanceExists { .. }
+            | AgentError::Migrating { .. }
+            | AgentError::Active { .. } => ErrorKind::Conflict,
             AgentError::Invalid(_) => ErrorKind::BadRequest,
             AgentError::VmmProcess(_) | AgentError::DiskBackend(_) => ErrorKind::BadGateway,
             AgentError::Store(_) => ErrorKind::Internal,
@@ -215,6 +225,29 @@ impl Agent {
     /// Every instance.
     pub fn instances(&self) -> Vec<InstanceRecord> {
         self.instances.all()
+    }
+
+    /// Forgets an instance whose VMM is gone (stopped, exited, lost, migrated away, failed):
+    /// its record, then its work directory (logs included). Refused while a VMM may run for
+    /// it or a migration owns it. Returns the record as it was.
+    pub async fn remove_instance(&self, name: &str) -> Result<InstanceRecord, AgentError> {
+        let _one = self.instances.writer.lock().await;
+        let rec = self.instances.get(name)?;
+        if !rec.state.is_terminal() || rec.migration.is_some() || rec.vmm_alive() {
+            return Err(AgentError::Active {
+                name: rec.name,
+                state: rec.state,
+            });
+        }
+        self.store.delete_instance(name).await?;
+        lock(&self.instances.map).remove(name);
+        if let Err(e) = std::fs::remove_dir_all(&rec.work_dir) {
+            tracing::warn!(instance = %name, dir = %rec.work_dir.display(), error = %e,
+                "removing the instance's directory");
+        }
+        tracing::info!(target: "migrated::state", event = "removed", instance = %name,
+            "instance {name} removed");
+        Ok(rec)
     }
 
     /// Writes a migration record durably, then publishes it.

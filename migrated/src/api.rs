@@ -16,6 +16,7 @@
 //! | GET    | /v1/instances                     |                    | `[InstanceRecord]`    |
 //! | POST   | /v1/instances                     | `InstanceConfig`   | 201 `InstanceRecord`  |
 //! | GET    | /v1/instances/{name}              |                    | `InstanceRecord`      |
+//! | DELETE | /v1/instances/{name}              |                    | `InstanceRecord` (removed; only without a VMM) |
 //! | POST   | /v1/instances/{name}/stop         |                    | `InstanceRecord`      |
 //! | POST   | /v1/instances/{name}/migrate      | `MigrateRequest`   | 202 `MigrationRecord` |
 //! | GET    | /v1/migrations                    |                    | `[MigrationInfo]`     |
@@ -41,7 +42,7 @@ pub mod route {
     pub const HOSTS: &str = "/v1/hosts";
     /// The instances (GET), or a new one (POST).
     pub const INSTANCES: &str = "/v1/instances";
-    /// One instance.
+    /// One instance (GET), or forget one whose VMM is gone (DELETE).
     pub const INSTANCE: &str = "/v1/instances/{name}";
     /// Stops an instance.
     pub const INSTANCE_STOP: &str = "/v1/instances/{name}/stop";

@@ -70,6 +70,17 @@ impl MigratedClient {
         self.http.call(Method::POST, path, body).await
     }
 
+    /// `DELETE /v1/instances/{name}`: forgets an instance whose VMM is gone.
+    pub async fn remove(&self, name: &str) -> Result<InstanceRecord, HttpError> {
+        self.http
+            .call(
+                Method::DELETE,
+                &route::fill(route::INSTANCE, name),
+                None::<&()>,
+            )
+            .await
+    }
+
     /// `GET /metrics`: the Prometheus exposition.
     pub async fn metrics(&self) -> Result<String, HttpError> {
         let (status, body) = self.http.raw(Method::GET, route::METRICS, None).await?;

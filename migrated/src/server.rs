@@ -112,7 +112,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route(route::HOST, get(host))
         .route(route::HOSTS, get(hosts))
         .route(route::INSTANCES, get(instances).post(run))
-        .route(route::INSTANCE, get(instance))
+        .route(route::INSTANCE, get(instance).delete(remove))
         .route(route::INSTANCE_STOP, post(stop))
         .route(route::INSTANCE_MIGRATE, post(migrate))
         .route(route::MIGRATIONS, get(migrations))
@@ -189,6 +189,10 @@ async fn instances(State(a): St) -> Json<Vec<InstanceRecord>> {
 
 async fn instance(State(a): St, Path(name): Path<String>) -> R<Json<InstanceRecord>> {
     Ok(Json(a.instance(&name)?))
+}
+
+async fn remove(State(a): St, Path(name): Path<String>) -> R<Json<InstanceRecord>> {
+    Ok(Json(a.remove_instance(&name).await?))
 }
 
 async fn run(

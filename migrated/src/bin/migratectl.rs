@@ -3,7 +3,7 @@
 //! ```text
 //! migratectl [--socket PATH | --host ADDR [--token-file FILE] [--tls-dir DIR [--server-name ID]]]
 //!            [--json] hosts
-//! migratectl instances | show NAME | run CONFIG.toml | stop NAME
+//! migratectl instances | show NAME | run CONFIG.toml | stop NAME | rm NAME
 //! migratectl migrate NAME --to HOST [--downtime-ms N] [--max-iterations N] [--throttle]
 //! migratectl migrations [ID]
 //! ```
@@ -81,6 +81,12 @@ enum Cmd {
     },
     /// Stop a guest.
     Stop {
+        /// Instance name.
+        name: String,
+    },
+    /// Forget a guest whose VMM is gone here (stopped, exited, lost, failed, migrated away):
+    /// its record and its directory, logs included.
+    Rm {
         /// Instance name.
         name: String,
     },
@@ -248,6 +254,10 @@ async fn run_cmd(cmd: Cmd, json: bool, c: MigratedClient) -> Result<u8> {
             })
             .map(ok)
         }
+        Cmd::Rm { name } => output(json, &c.remove(&name).await?, |r| {
+            println!("{} removed (it was {})", r.name, r.state)
+        })
+        .map(ok),
         Cmd::Stop { name } => output(json, &c.stop(&name).await?, |r| {
             let how = r.exit.as_deref().unwrap_or("stopped");
             println!("{} stopped ({how})", r.name)
@@ -310,15 +320,29 @@ async fn run_cmd(cmd: Cmd, json: bool, c: MigratedClient) -> Result<u8> {
         Cmd::Migrations { id: Some(id) } => output(json, &c.migration(&id).await?, |m| {
             summary(&m.record);
             for s in &m.record.steps {
-                println!("  {} {:<12} {}", s.at_ms, s.phase, s.note);
+                let since = s.at_ms.saturating_sub(m.record.started_ms) as f64 / 1000.0;
+                println!(
+                    "  {}  +{since:>7.3} s  {:<12} {}",
+                    utc(s.at_ms),
+                    s.phase,
+                    s.note
+                );
             }
         })
         .map(ok),
         Cmd::Migrations { id: None } => output(json, &c.migrations().await?, |all| {
+            println!(
+                "{:<40} {:<12} {:<24} {:<20} {:<20}",
+                "ID", "PHASE", "STARTED", "SOURCE", "DESTINATION"
+            );
             for MigrationInfo { record: r, .. } in all {
                 println!(
-                    "{:<40} {:<12} {} -> {}",
-                    r.id, r.phase, r.source, r.destination
+                    "{:<40} {:<12} {:<24} {:<20} {:<20}",
+                    r.id,
+                    r.phase,
+                    utc(r.started_ms),
+                    r.source,
+                    r.destination
                 );
             }
         })
@@ -629,6 +653,25 @@ fn status(m: &MigrationInfo, memory: u64) -> Status {
     }
 }
 
+/// `ms` since the Unix epoch as a UTC time: `2026-12-03 19:55:40.267Z`.
+fn utc(ms: u64) -> String {
+    let (secs, milli) = (ms / 1000, ms % 1000);
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    // Days since 1970-01-01 to a date of the proleptic Gregorian calendar (Howard Hinnant's
+    // civil_from_days).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {h:02}:{m:02}:{s:02}.{milli:03}Z")
+}
+
 fn summary(r: &MigrationRecord) {
     println!(
         "migration {} of {}: {} -> {}: {}",
@@ -650,5 +693,60 @@ fn summary(r: &MigrationRecord) {
             f.flip_ms,
             mib(f.bytes_sent)
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use migrated::migration::record::{Progress as Figures, Role};
+
+    #[test]
+    fn times_read_as_utc_dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00.000Z");
+        assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00.000Z");
+        assert_eq!(utc(1_796_327_740_267), "2026-12-03 19:55:40.267Z");
+    }
+
+    #[test]
+    fn the_status_counts_the_memory_at_the_destination() {
+        let mut record = MigrationRecord::new(
+            "vm1.a.1".into(),
+            "vm1".into(),
+            Role::Source,
+            MigrationParams::default(),
+            Vec::new(),
+        );
+        record.phase = Phase::Precopy;
+        let progress = Figures {
+            vmm_phase: vmm_api::migration::Phase::Precopy,
+            iteration: 1,
+            bytes_sent: 96 << 20,
+            bytes_remaining: 16 << 20,
+            dirty_rate_bytes_per_sec: 8 << 20,
+            expected_downtime_ms: 40,
+            eta_ms: Some(1500),
+            elapsed_ms: 1000,
+        };
+        let m = MigrationInfo {
+            record,
+            progress: Some(progress),
+        };
+        let st = status(&m, 64 << 20);
+        assert_eq!(st.percent, 75);
+        assert_eq!((st.phase.as_str(), st.pass), ("precopy", 1));
+        for part in [
+            "pass  2",
+            "96.0 MiB/s",
+            "dirty    8.0 MiB/s",
+            "16.0 MiB left",
+            "ETA 1.5 s",
+        ] {
+            assert!(st.text.contains(part), "{part:?} in {:?}", st.text);
+        }
+        let mut done = m.clone();
+        done.record.phase = Phase::Completed;
+        done.progress = None;
+        assert_eq!(status(&done, 64 << 20).percent, 100);
     }
 }
