@@ -56,6 +56,14 @@ pub enum AgentError {
         /// Its state.
         state: InstanceState,
     },
+    /// The instance still has (or may have) a VMM here: it cannot be removed.
+    #[error("instance {name} is {state}: stop it first (only an instance whose VMM is gone can be removed)")]
+    Active {
+        /// The instance.
+        name: String,
+        /// Its state.
+        state: InstanceState,
+    },
     /// The guest's description is invalid.
     #[error("invalid request")]
     Invalid(#[from] ConfigError),
@@ -75,7 +83,9 @@ impl AgentError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             AgentError::NoInstance(_) | AgentError::NoMigration(_) => ErrorKind::NotFound,
-            AgentError::InstanceExists { .. } | AgentError::Migrating { .. } => ErrorKind::Conflict,
+            AgentError::InstanceExists { .. }
+            | AgentError::Migrating { .. }
+            | AgentError::Active { .. } => ErrorKind::Conflict,
             AgentError::Invalid(_) => ErrorKind::BadRequest,
             AgentError::VmmProcess(_) | AgentError::DiskBackend(_) => ErrorKind::BadGateway,
             AgentError::Store(_) => ErrorKind::Internal,
@@ -91,6 +101,10 @@ pub struct Agent {
     instances: Records<InstanceRecord>,
     migrations: Records<MigrationRecord>,
     progress: Mutex<HashMap<String, Progress>>,
+    /// Migrations an operator asked to abort (`POST /v1/migrations/{id}/abort`).
+    aborts: Mutex<std::collections::HashSet<String>>,
+    /// The Prometheus metrics (`GET /metrics`).
+    pub metrics: crate::metrics::Metrics,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -167,6 +181,8 @@ impl Agent {
             instances,
             migrations,
             progress: Mutex::new(HashMap::new()),
+            aborts: Mutex::new(Default::default()),
+            metrics: crate::metrics::Metrics::new(),
         }))
     }
 
@@ -211,6 +227,29 @@ impl Agent {
         self.instances.all()
     }
 
+    /// Forgets an instance whose VMM is gone (stopped, exited, lost, migrated away, failed):
+    /// its record, then its work directory (logs included). Refused while a VMM may run for
+    /// it or a migration owns it. Returns the record as it was.
+    pub async fn remove_instance(&self, name: &str) -> Result<InstanceRecord, AgentError> {
+        let _one = self.instances.writer.lock().await;
+        let rec = self.instances.get(name)?;
+        if !rec.state.is_terminal() || rec.migration.is_some() || rec.vmm_alive() {
+            return Err(AgentError::Active {
+                name: rec.name,
+                state: rec.state,
+            });
+        }
+        self.store.delete_instance(name).await?;
+        lock(&self.instances.map).remove(name);
+        if let Err(e) = std::fs::remove_dir_all(&rec.work_dir) {
+            tracing::warn!(instance = %name, dir = %rec.work_dir.display(), error = %e,
+                "removing the instance's directory");
+        }
+        tracing::info!(target: "migrated::state", event = "removed", instance = %name,
+            "instance {name} removed");
+        Ok(rec)
+    }
+
     /// Writes a migration record durably, then publishes it.
     pub async fn put_migration(&self, mut rec: MigrationRecord) -> Result<(), AgentError> {
         let _one = self.migrations.writer.lock().await;
@@ -227,9 +266,13 @@ impl Agent {
     ) -> Result<MigrationRecord, AgentError> {
         let _one = self.migrations.writer.lock().await;
         let mut rec = self.migrations.get(id)?;
+        let ended_before = rec.phase.is_terminal();
         f(&mut rec);
         self.save_migration(&mut rec).await?;
         self.migrations.publish(rec.clone());
+        if rec.phase.is_terminal() && !ended_before {
+            self.metrics.migration_ended(&rec);
+        }
         Ok(rec)
     }
 
@@ -245,6 +288,7 @@ impl Agent {
         }
         if rec.phase.is_terminal() {
             lock(&self.progress).remove(&rec.id);
+            lock(&self.aborts).remove(&rec.id);
         }
         Ok(())
     }
@@ -276,6 +320,16 @@ impl Agent {
                 .filter(|m| !m.phase.is_terminal())
                 .count(),
         }
+    }
+
+    /// Notes that an operator asked to abort migration `id` (its source task acts on it).
+    pub fn request_abort(&self, id: &str) {
+        lock(&self.aborts).insert(id.to_string());
+    }
+
+    /// Whether an operator asked to abort migration `id`.
+    pub fn abort_requested(&self, id: &str) -> bool {
+        lock(&self.aborts).contains(id)
     }
 
     /// Publishes live progress.

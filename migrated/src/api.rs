@@ -16,10 +16,13 @@
 //! | GET    | /v1/instances                     |                    | `[InstanceRecord]`    |
 //! | POST   | /v1/instances                     | `InstanceConfig`   | 201 `InstanceRecord`  |
 //! | GET    | /v1/instances/{name}              |                    | `InstanceRecord`      |
+//! | DELETE | /v1/instances/{name}              |                    | `InstanceRecord` (removed; only without a VMM) |
 //! | POST   | /v1/instances/{name}/stop         |                    | `InstanceRecord`      |
 //! | POST   | /v1/instances/{name}/migrate      | `MigrateRequest`   | 202 `MigrationRecord` |
 //! | GET    | /v1/migrations                    |                    | `[MigrationInfo]`     |
 //! | GET    | /v1/migrations/{id}               |                    | `MigrationInfo`       |
+//! | POST   | /v1/migrations/{id}/abort         |                    | 202 `MigrationRecord` |
+//! | GET    | /metrics                          |                    | Prometheus text       |
 //! | POST   | /v1/incoming                      | `IncomingRequest`  | `IncomingReady` (peer)|
 //! | GET    | /v1/incoming/{id}                 |                    | `MigrationRecord`     |
 //! | POST   | /v1/incoming/{id}/resume          |                    | `MigrationRecord`     |
@@ -39,7 +42,7 @@ pub mod route {
     pub const HOSTS: &str = "/v1/hosts";
     /// The instances (GET), or a new one (POST).
     pub const INSTANCES: &str = "/v1/instances";
-    /// One instance.
+    /// One instance (GET), or forget one whose VMM is gone (DELETE).
     pub const INSTANCE: &str = "/v1/instances/{name}";
     /// Stops an instance.
     pub const INSTANCE_STOP: &str = "/v1/instances/{name}/stop";
@@ -49,6 +52,10 @@ pub mod route {
     pub const MIGRATIONS: &str = "/v1/migrations";
     /// One migration, with its progress.
     pub const MIGRATION: &str = "/v1/migrations/{id}";
+    /// The operator aborts a migration at its source.
+    pub const MIGRATION_ABORT: &str = "/v1/migrations/{id}/abort";
+    /// The Prometheus metrics.
+    pub const METRICS: &str = "/metrics";
     /// Prepares this host as a destination (a peer call).
     pub const INCOMING: &str = "/v1/incoming";
     /// One incoming migration's record.

@@ -70,6 +70,31 @@ impl MigratedClient {
         self.http.call(Method::POST, path, body).await
     }
 
+    /// `DELETE /v1/instances/{name}`: forgets an instance whose VMM is gone.
+    pub async fn remove(&self, name: &str) -> Result<InstanceRecord, HttpError> {
+        self.http
+            .call(
+                Method::DELETE,
+                &route::fill(route::INSTANCE, name),
+                None::<&()>,
+            )
+            .await
+    }
+
+    /// `GET /metrics`: the Prometheus exposition.
+    pub async fn metrics(&self) -> Result<String, HttpError> {
+        let (status, body) = self.http.raw(Method::GET, route::METRICS, None).await?;
+        let text = String::from_utf8_lossy(&body).into_owned();
+        match status.is_success() {
+            true => Ok(text),
+            false => Err(HttpError::Status {
+                target: self.http.target().to_string(),
+                status,
+                message: text,
+            }),
+        }
+    }
+
     /// `GET /v1/host`.
     pub async fn host(&self) -> Result<HostInfo, HttpError> {
         self.get(route::HOST).await
@@ -142,7 +167,13 @@ impl MigratedClient {
             .await
     }
 
-    /// `POST /v1/incoming/{id}/abort`.
+    /// `POST /v1/migrations/{id}/abort`: the operator aborts a migration at its source.
+    pub async fn abort(&self, id: &str) -> Result<MigrationRecord, HttpError> {
+        self.post(&route::fill(route::MIGRATION_ABORT, id), None::<&()>)
+            .await
+    }
+
+    /// `POST /v1/incoming/{id}/abort` (a peer call: the source gave up).
     pub async fn abort_incoming(&self, id: &str) -> Result<MigrationRecord, HttpError> {
         self.post(&route::fill(route::INCOMING_ABORT, id), None::<&()>)
             .await

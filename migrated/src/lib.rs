@@ -8,7 +8,7 @@
 //! drives migrations ([`migration`]: the [`migration::source`] and
 //! [`migration::destination`] sides and their shared [`migration::record`]). It talks to the
 //! VMM through `vmm_api::client`, to storaged through `storaged_client::rest`, and to other
-//! hosts through [`client`]; its TCP API takes only requests that carry the cluster's token
+//! hosts through [`client`]; it counts what it does in [`metrics`] (`GET /metrics`); its TCP API takes only requests that carry the cluster's token
 //! (`vmhop_common::token`).
 //!
 //! Modules depend one way: `config`, `instance`, `store`, `api` and `migration::record` are
@@ -22,6 +22,7 @@ pub mod client;
 pub mod config;
 pub mod disk_backend;
 pub mod instance;
+pub mod metrics;
 pub mod migration;
 pub mod recovery;
 pub mod scope;

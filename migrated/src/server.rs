@@ -112,11 +112,13 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route(route::HOST, get(host))
         .route(route::HOSTS, get(hosts))
         .route(route::INSTANCES, get(instances).post(run))
-        .route(route::INSTANCE, get(instance))
+        .route(route::INSTANCE, get(instance).delete(remove))
         .route(route::INSTANCE_STOP, post(stop))
         .route(route::INSTANCE_MIGRATE, post(migrate))
         .route(route::MIGRATIONS, get(migrations))
         .route(route::MIGRATION, get(migration))
+        .route(route::MIGRATION_ABORT, post(abort_migration))
+        .route(route::METRICS, get(metrics))
         .route(route::INCOMING, post(incoming_prepare))
         .route(route::INCOMING_ONE, get(incoming_show))
         .route(route::INCOMING_RESUME, post(incoming_resume))
@@ -198,6 +200,13 @@ async fn instance(State(a): St, Path(name): Path<String>) -> R<Json<InstanceReco
     Ok(Json(a.instance(&name)?))
 }
 
+/// Forgets a guest that no longer runs (stopped, lost or gone to another host).
+#[utoipa::path(delete, path = "/v1/instances/{name}", tag = "instances", params(("name" = String, Path, description = "The instance's name")),
+    responses((status = 200, description = "Forgotten", body = InstanceRecord), (status = 404, description = "Not found", body = ErrorAnswer), (status = 409, description = "Refused in the current state", body = ErrorAnswer)))]
+async fn remove(State(a): St, Path(name): Path<String>) -> R<Json<InstanceRecord>> {
+    Ok(Json(a.remove_instance(&name).await?))
+}
+
 /// Starts a guest on this host.
 #[utoipa::path(post, path = "/v1/instances", tag = "instances", request_body = InstanceConfig,
     responses((status = 201, description = "Started", body = InstanceRecord), (status = 400, description = "Invalid request", body = ErrorAnswer), (status = 409, description = "Refused in the current state", body = ErrorAnswer)))]
@@ -250,6 +259,50 @@ async fn migrations(State(a): St) -> Json<Vec<MigrationInfo>> {
     responses((status = 200, description = "The migration", body = MigrationInfo), (status = 404, description = "Not found", body = ErrorAnswer)))]
 async fn migration(State(a): St, Path(id): Path<String>) -> R<Json<MigrationInfo>> {
     Ok(Json(info(&a, a.migration(&id)?)))
+}
+
+/// Aborts a migration this host is the source of (until the guest was handed over); answers
+/// once the abort is under way.
+#[utoipa::path(post, path = "/v1/migrations/{id}/abort", tag = "migrations", params(("id" = String, Path, description = "The migration's id")),
+    responses((status = 202, description = "Aborting", body = MigrationRecord), (status = 404, description = "Not found", body = ErrorAnswer), (status = 409, description = "Refused in the current state", body = ErrorAnswer)))]
+async fn abort_migration(
+    State(a): St,
+    Path(id): Path<String>,
+) -> R<(StatusCode, Json<MigrationRecord>)> {
+    Ok((StatusCode::ACCEPTED, Json(source::request_abort(&a, &id)?)))
+}
+
+/// How long `GET /metrics` waits for each VMM's counters.
+const VMM_COUNTERS_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// `GET /metrics`: the migrations' metrics and, per instance with a VMM, the VMM's counters
+/// (see [`crate::metrics`]).
+#[utoipa::path(get, path = "/metrics", tag = "metrics",
+    responses((status = 200, description = "Prometheus text exposition format 0.0.4", content_type = "text/plain", body = String)))]
+async fn metrics(State(a): St) -> impl IntoResponse {
+    let instances = a.instances();
+    let states: Vec<&'static str> = instances.iter().map(|i| i.state.as_str()).collect();
+    let probes = instances
+        .into_iter()
+        .filter(|i| !i.state.is_terminal() && i.pid.is_some())
+        .map(|i| {
+            let vmm = a.vmm(&i).with_timeout(VMM_COUNTERS_TIMEOUT);
+            async move { (i.name, vmm.counters().await.ok()) }
+        });
+    let vmms = futures_join(probes).await;
+    let active = a
+        .migrations()
+        .iter()
+        .filter(|m| !m.phase.is_terminal())
+        .count();
+    let body = a.metrics.encode(active, &states, &vmms);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
+        body,
+    )
 }
 
 /// Prepares this host as a migration's destination (called by the source host).
@@ -310,6 +363,9 @@ async fn incoming_abort(
     paths(
         host,
         hosts,
+        remove,
+        abort_migration,
+        metrics,
         instances,
         instance,
         run,

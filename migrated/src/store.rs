@@ -100,6 +100,21 @@ impl Store {
         self.put(INSTANCES, &rec.name, rec).await
     }
 
+    /// Removes an instance record durably.
+    pub async fn delete_instance(&self, name: &str) -> Result<(), StoreError> {
+        let (db, key) = (self.db.clone(), name.to_string());
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_write().map_err(db_err)?;
+            {
+                let mut t = txn.open_table(INSTANCES).map_err(db_err)?;
+                t.remove(key.as_str()).map_err(db_err)?;
+            }
+            txn.commit().map_err(db_err)
+        })
+        .await
+        .map_err(|_| StoreError::WriterLost)?
+    }
+
     /// Writes a migration record durably.
     pub async fn put_migration(&self, rec: &MigrationRecord) -> Result<(), StoreError> {
         self.put(MIGRATIONS, &rec.id, rec).await

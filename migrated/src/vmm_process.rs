@@ -5,7 +5,8 @@
 //!
 //! Each instance's work directory `STATE_DIR/instances/NAME/` holds the VMM's configuration
 //! (`vm.toml`), its API socket (`api.sock`), its serial socket (`serial.sock`), its log
-//! (`vmm.log`: stdout and stderr) and `vmm.pid`.
+//! (`vmm.log`: stdout and stderr of the current VMM; those of the [`KEPT_LOGS`] starts before
+//! it are `vmm.log.1`, the last one, to `vmm.log.3`) and `vmm.pid`.
 
 use crate::config::{AgentConfig, DiskBackend, DiskSpec};
 use crate::disk_backend::BackendSpec;
@@ -176,10 +177,32 @@ pub struct IncomingFrom<'a> {
     pub source: &'a str,
 }
 
+/// How many logs of earlier VMM starts an instance keeps beside the current one.
+pub const KEPT_LOGS: usize = 3;
+
+/// Moves the log at `path` to `path.1` (and `path.1` to `path.2`, ..., dropping the oldest),
+/// so that each VMM start writes a log of its own and an error quotes only its own start.
+fn rotate_log(path: &Path) -> std::io::Result<()> {
+    let numbered = |n: usize| {
+        let mut p = path.as_os_str().to_owned();
+        p.push(format!(".{n}"));
+        PathBuf::from(p)
+    };
+    let moved = |from: &Path, to: &Path| match std::fs::rename(from, to) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    };
+    for n in (1..KEPT_LOGS).rev() {
+        moved(&numbered(n), &numbered(n + 1))?;
+    }
+    moved(path, &numbered(1))
+}
+
 /// Starts `vmm run --config WORK/vm.toml [--incoming ADDR [--incoming-from HOST] | --restore
 /// SNAPSHOT]` in its own process group (so a signal to migrated's group does not reach the
-/// guest) and, under systemd, in a scope of its own ([`crate::scope`]), output appended to the
-/// log. `--incoming-from` is given with TLS (`tls`).
+/// guest) and, under systemd, in a scope of its own ([`crate::scope`]), its output in a log of
+/// its own (the earlier ones rotated, see [`KEPT_LOGS`]). `--incoming-from` is given with TLS
+/// (`tls`).
 pub fn spawn_vmm(
     vmm_binary: &Path,
     rec: &InstanceRecord,
@@ -187,9 +210,11 @@ pub fn spawn_vmm(
     incoming: Option<IncomingFrom<'_>>,
     tls: bool,
 ) -> Result<tokio::process::Child, VmmProcessError> {
+    rotate_log(&rec.log).map_err(|e| VmmProcessError::WorkDir(rec.log.clone(), e))?;
     let log = std::fs::OpenOptions::new()
         .create(true)
-        .append(true)
+        .write(true)
+        .truncate(true)
         .open(&rec.log)
         .map_err(|e| VmmProcessError::WorkDir(rec.log.clone(), e))?;
     let log2 = log
@@ -251,6 +276,23 @@ pub fn kill_pid(rec: &InstanceRecord, sig: libc::c_int) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_start_rotates_the_log_and_keeps_the_last_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("vmm.log");
+        rotate_log(&log).unwrap();
+        assert!(!log.exists());
+        for start in 1..=5 {
+            rotate_log(&log).unwrap();
+            std::fs::write(&log, format!("start {start}")).unwrap();
+        }
+        let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
+        assert_eq!(read("vmm.log"), "start 5");
+        assert_eq!(read("vmm.log.1"), "start 4");
+        assert_eq!(read("vmm.log.3"), "start 2");
+        assert!(!dir.path().join("vmm.log.4").exists());
+    }
     use crate::config::{AgentConfigFile, InstanceConfig};
     use crate::instance::InstanceState;
 

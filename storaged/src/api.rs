@@ -107,6 +107,7 @@ type ApiResult<T> = Result<T, ApiError>;
 pub fn router(reg: Arc<Registry>) -> Router {
     Router::new()
         .route("/v1/health", get(health))
+        .route("/metrics", get(metrics))
         .route("/v1/volumes", get(list).post(create))
         .route("/v1/volumes/{id}", get(show).delete(delete))
         .route("/v1/volumes/{id}/access", put(set_access))
@@ -122,6 +123,20 @@ pub fn router(reg: Arc<Registry>) -> Router {
         .route("/v1/leases/rollback", post(rollback_group))
         .layer(axum::middleware::from_fn(locate_master))
         .with_state(reg)
+}
+
+/// `GET /metrics`: the Prometheus exposition (see [`crate::metrics`]).
+#[utoipa::path(get, path = "/metrics", tag = "metrics",
+    responses((status = 200, description = "Prometheus text exposition format 0.0.4", content_type = "text/plain", body = String)))]
+async fn metrics(State(reg): Reg) -> impl IntoResponse {
+    let body = reg.metrics.encode(&reg.list());
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
+        body,
+    )
 }
 
 /// The answer of `GET /v1/health`.
@@ -331,6 +346,7 @@ async fn revoke(
     ),
     paths(
         health,
+        metrics,
         list,
         create,
         show,

@@ -6,7 +6,8 @@
 //!   [`registry`]: the running set of volumes and how connections attach to them;
 //! - [`server`]: the NBD server (handshake, transmission); [`api`]: the REST control API's
 //!   routes;
-//! - [`config`]: the daemon's settings; [`cluster`]: cluster mode (replicas, etcd).
+//! - [`config`]: the daemon's settings; [`cluster`]: cluster mode (replicas, etcd);
+//!   [`metrics`]: its Prometheus metrics (`GET /metrics`).
 //!
 //! The wire format, the lease-aware client and the REST API's types are in the
 //! `storaged-client` crate, which is all that other processes link of storaged; this library
@@ -17,6 +18,7 @@ pub mod api;
 pub mod cluster;
 pub mod config;
 pub mod lease;
+pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod store;

@@ -24,6 +24,10 @@ use vmhop_common::token::Token;
              and the flip that hands a volume from one host to another."
 )]
 struct Cli {
+    /// `volume` and `lease`: print JSON (the API's answers) instead of tables, and errors as
+    /// `{"error": "..."}`.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -443,7 +447,7 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     Ok(())
 }
 
-async fn volume_cmd(cmd: VolumeCmd) -> Result<()> {
+async fn volume_cmd(cmd: VolumeCmd, json: bool) -> Result<()> {
     match cmd {
         VolumeCmd::Create {
             name,
@@ -498,6 +502,9 @@ async fn volume_cmd(cmd: VolumeCmd) -> Result<()> {
         }
         VolumeCmd::List { api } => {
             let vs = api.client()?.volumes().await?;
+            if json {
+                return print_json(&vs);
+            }
             println!(
                 "{:<24} {:>16} {:>6} {:>5}  ANONYMOUS",
                 "NAME", "SIZE", "EPOCH", "CONNS"
@@ -522,16 +529,22 @@ async fn volume_cmd(cmd: VolumeCmd) -> Result<()> {
         }
         VolumeCmd::Delete { name, api } => {
             api.client()?.delete_volume(&name).await?;
-            println!("deleted {name}");
+            match json {
+                true => print_json(&serde_json::json!({ "deleted": name }))?,
+                false => println!("deleted {name}"),
+            }
             Ok(())
         }
     }
 }
 
-async fn lease_cmd(cmd: LeaseCmd) -> Result<()> {
+async fn lease_cmd(cmd: LeaseCmd, json: bool) -> Result<()> {
     match cmd {
         LeaseCmd::List { volume, api } => {
             let v = api.client()?.leases(&volume).await?;
+            if json {
+                return print_json(&v);
+            }
             println!("volume {} epoch {}", v.volume, v.epoch);
             println!("{:<24} {:<24} {:<12} CONNS", "HOST", "INSTANCE", "STATE");
             for l in &v.leases {
@@ -825,6 +838,19 @@ async fn expire_standbys(reg: Arc<Registry>, mut shutdown: tokio::sync::watch::R
     }
 }
 
+/// With `--json`, a failed command prints its error as JSON on stdout (and still fails).
+fn json_errors(json: bool, r: Result<()>) -> Result<()> {
+    if let (true, Err(e)) = (json, &r) {
+        let error = e
+            .chain()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(": ");
+        println!("{}", serde_json::json!({ "error": error }));
+    }
+    r
+}
+
 fn main() -> Result<()> {
     vmhop_common::man::generate_if_asked(Cli::command);
     let cli = Cli::parse();
@@ -866,8 +892,8 @@ fn main() -> Result<()> {
             let cfg = file.merge(flags)?;
             rt.block_on(serve(cfg))
         }
-        Cmd::Volume(c) => rt.block_on(volume_cmd(c)),
-        Cmd::Lease(c) => rt.block_on(lease_cmd(c)),
+        Cmd::Volume(c) => json_errors(cli.json, rt.block_on(volume_cmd(c, cli.json))),
+        Cmd::Lease(c) => json_errors(cli.json, rt.block_on(lease_cmd(c, cli.json))),
         Cmd::Pki(c) => pki_cmd(c),
     }
 }

@@ -138,6 +138,8 @@ pub struct Registry {
     /// Cluster mode: the cluster (set once it is joined), to find volumes placed here that
     /// this node has not created yet.
     cluster: std::sync::OnceLock<std::sync::Weak<crate::cluster::Cluster>>,
+    /// The daemon's Prometheus metrics.
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Registry {
@@ -171,6 +173,10 @@ impl Registry {
                     "removed a volume file without a record (a create or delete did not finish)");
             }
         }
+        let metrics = crate::metrics::Metrics::new();
+        for name in volumes.keys() {
+            metrics.add_volume(name);
+        }
         Ok(Registry {
             dir: vol_dir,
             store: Arc::new(store),
@@ -180,6 +186,7 @@ impl Registry {
             standby: StandbyPolicy::default(),
             lifecycle: tokio::sync::Mutex::new(()),
             cluster: std::sync::OnceLock::new(),
+            metrics,
         })
     }
 
@@ -258,6 +265,7 @@ impl Registry {
             .write()
             .expect("volumes lock")
             .insert(cfg.name.clone(), vol.clone());
+        self.metrics.add_volume(&cfg.name);
         tracing::info!(volume = %cfg.name, size = cfg.size, "volume created");
         Ok(vol)
     }
@@ -287,6 +295,7 @@ impl Registry {
             Err(source) => Err(RegistryError::Io { path, source }),
         })
         .await??;
+        self.metrics.forget_volume(name);
         tracing::info!(volume = %name, "volume deleted");
         Ok(())
     }

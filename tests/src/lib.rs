@@ -11,6 +11,7 @@ pub mod etcd;
 pub mod faults;
 pub mod fencing;
 pub mod image;
+pub mod metrics;
 pub mod migrated;
 pub mod nbd_socket;
 pub mod netns;

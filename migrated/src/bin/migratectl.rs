@@ -3,15 +3,17 @@
 //! ```text
 //! migratectl [--socket PATH | --host ADDR [--token-file FILE] [--tls-dir DIR [--server-name ID]]]
 //!            [--json] hosts
-//! migratectl instances | show NAME | run CONFIG.toml | stop NAME
+//! migratectl instances | show NAME | run CONFIG.toml | stop NAME | rm NAME
 //! migratectl migrate NAME --to HOST [--downtime-ms N] [--max-iterations N] [--throttle]
 //! migratectl migrations [ID]
 //! ```
+//! migratectl abort ID [--no-wait]
 //! Talks to the local migrated's Unix socket by default, or to any migrated's REST address
-//! with `--host`. `--json` prints the API's JSON instead of text; exit status 1 on any
-//! failure (including a migration that aborted).
+//! with `--host`. `--json` prints the API's JSON instead of text (errors too, as
+//! `{"error": ...}` on stdout, and on stderr as always). The exit status says how it ended (see `exit`): 0 done, 1 failed,
+//! 2 usage, 3 migration aborted, 4 migrated unreachable.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 use migrated::api::{HostEntry, MigrateRequest, MigrationInfo};
 use migrated::client::MigratedClient;
@@ -22,7 +24,7 @@ use serde::Serialize;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Duration;
-use vmhop_common::http::{HttpTls, Target};
+use vmhop_common::http::{HttpError, HttpTls, Target};
 use vmhop_common::tls::HostTls;
 use vmhop_common::token::Token;
 
@@ -30,7 +32,8 @@ use vmhop_common::token::Token;
 #[command(
     name = "migratectl",
     version,
-    about = "Run and migrate guests through migrated"
+    about = "Run and migrate guests through migrated",
+    after_help = EXIT_STATUS_HELP
 )]
 struct Cli {
     /// The local migrated's Unix socket.
@@ -81,6 +84,12 @@ enum Cmd {
         /// Instance name.
         name: String,
     },
+    /// Forget a guest whose VMM is gone here (stopped, exited, lost, failed, migrated away):
+    /// its record and its directory, logs included.
+    Rm {
+        /// Instance name.
+        name: String,
+    },
     /// Move a running guest to another host, showing progress, then the figures.
     Migrate {
         /// Instance name.
@@ -101,6 +110,15 @@ enum Cmd {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Abort a migration at its source host (like virsh domjobabort): the guest goes on running
+    /// there. Possible until the leases flip; waits until the migration has ended.
+    Abort {
+        /// Migration id (`migratectl migrations`).
+        id: String,
+        /// Return once the abort was asked for.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Migrations this host took part in, or one of them.
     Migrations {
         /// Migration id.
@@ -117,9 +135,76 @@ fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
 }
 
-fn main() -> Result<()> {
+/// The exit statuses, documented in `--help` and the README.
+mod exit {
+    /// The command did what it was asked (`migrate`: the migration completed; `abort`: the
+    /// migration was aborted).
+    pub const OK: u8 = 0;
+    /// The migration failed, or migrated refused or could not do what was asked.
+    pub const FAILED: u8 = 1;
+    /// The command line is wrong (clap's status for usage errors).
+    pub const USAGE: u8 = 2;
+    /// `migrate`: the migration was aborted (by an operator, or because it could not
+    /// complete); the guest runs on the source.
+    pub const ABORTED: u8 = 3;
+    /// migrated could not be reached (its socket or address), or stopped answering.
+    pub const UNREACHABLE: u8 = 4;
+}
+
+const EXIT_STATUS_HELP: &str = "Exit status:
+  0  done (migrate: the migration completed; abort: the migration was aborted)
+  1  failed: the migration failed, or migrated refused or failed the request
+  2  usage: the command line is wrong
+  3  aborted (migrate): the migration was aborted, the guest runs on the source
+  4  unreachable: migrated could not be reached, or stopped answering";
+
+fn main() -> std::process::ExitCode {
     vmhop_common::man::generate_if_asked(Cli::command);
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let usage = e.use_stderr();
+            let _ = e.print();
+            return std::process::ExitCode::from(if usage { exit::USAGE } else { exit::OK });
+        }
+    };
+    let json = cli.json;
+    match start(cli) {
+        Ok(code) => std::process::ExitCode::from(code),
+        Err(e) => {
+            let message = e.chain().map(cause).collect::<Vec<_>>().join(": ");
+            if json {
+                println!("{}", serde_json::json!({ "error": message }));
+            }
+            eprintln!("migratectl: {message}");
+            std::process::ExitCode::from(status_of(&e))
+        }
+    }
+}
+
+/// One cause of an error as the operator reads it: what migrated answered, without the HTTP
+/// status (its kind is in the exit status).
+fn cause(c: &(dyn std::error::Error + 'static)) -> String {
+    match c.downcast_ref::<HttpError>() {
+        Some(HttpError::Status { message, .. }) => message.clone(),
+        _ => c.to_string(),
+    }
+}
+
+/// The exit status of a failed command: unreachable when migrated could not be reached.
+fn status_of(e: &anyhow::Error) -> u8 {
+    let unreachable = e
+        .chain()
+        .filter_map(|c| c.downcast_ref::<HttpError>())
+        .any(HttpError::is_unreachable);
+    if unreachable {
+        exit::UNREACHABLE
+    } else {
+        exit::FAILED
+    }
+}
+
+fn start(cli: Cli) -> Result<u8> {
     let target = match &cli.host {
         Some(h) => Target::Tcp(h.clone()),
         None => Target::Unix(cli.socket.clone()),
@@ -146,12 +231,16 @@ fn main() -> Result<()> {
     rt.block_on(run(cli, client))
 }
 
-async fn run(cli: Cli, c: MigratedClient) -> Result<()> {
+async fn run(cli: Cli, c: MigratedClient) -> Result<u8> {
     let json = cli.json;
-    match cli.cmd {
-        Cmd::Hosts => output(json, &c.hosts().await?, |h| print_hosts(h)),
-        Cmd::Instances => output(json, &c.instances().await?, |l| print_instances(l)),
-        Cmd::Show { name } => print_json(&c.instance(&name).await?),
+    run_cmd(cli.cmd, json, c).await
+}
+
+async fn run_cmd(cmd: Cmd, json: bool, c: MigratedClient) -> Result<u8> {
+    match cmd {
+        Cmd::Hosts => output(json, &c.hosts().await?, |h| print_hosts(h)).map(ok),
+        Cmd::Instances => output(json, &c.instances().await?, |l| print_instances(l)).map(ok),
+        Cmd::Show { name } => print_json(&c.instance(&name).await?).map(ok),
         Cmd::Run { config } => {
             let cfg = InstanceConfig::load(&config)
                 .with_context(|| format!("reading {}", config.display()))?;
@@ -164,11 +253,17 @@ async fn run(cli: Cli, c: MigratedClient) -> Result<()> {
                     r.api_socket.display()
                 )
             })
+            .map(ok)
         }
+        Cmd::Rm { name } => output(json, &c.remove(&name).await?, |r| {
+            println!("{} removed (it was {})", r.name, r.state)
+        })
+        .map(ok),
         Cmd::Stop { name } => output(json, &c.stop(&name).await?, |r| {
             let how = r.exit.as_deref().unwrap_or("stopped");
             println!("{} stopped ({how})", r.name)
-        }),
+        })
+        .map(ok),
         Cmd::Migrate {
             name,
             to,
@@ -185,32 +280,80 @@ async fn run(cli: Cli, c: MigratedClient) -> Result<()> {
                     throttle,
                 },
             };
+            let memory = c.instance(&name).await?.config.memory_mib << 20;
             let rec = c.migrate(&name, &req).await?;
             if no_wait {
-                return output(json, &rec, |r| println!("migration {} started", r.id));
+                output(json, &rec, |r| println!("migration {} started", r.id))?;
+                return Ok(exit::OK);
             }
-            let done = follow(&c, &rec.id, json).await?;
+            let done = match follow(&c, &rec.id, memory, json, true).await? {
+                Followed::Ended(m) => m,
+                Followed::Detached => return Ok(exit::OK),
+            };
             output(json, &done, |m| summary(&m.record))?;
-            if done.record.phase != Phase::Completed {
-                std::process::exit(1);
+            Ok(match done.record.phase {
+                Phase::Completed => exit::OK,
+                Phase::Aborted => exit::ABORTED,
+                _ => exit::FAILED,
+            })
+        }
+        Cmd::Abort { id, no_wait } => {
+            let rec = c.abort(&id).await?;
+            if no_wait {
+                output(json, &rec, |r| {
+                    println!("migration {}: abort requested", r.id)
+                })?;
+                return Ok(exit::OK);
             }
-            Ok(())
+            if !json {
+                eprintln!("migration {id}: abort requested; waiting for it to end");
+            }
+            let done = match follow(&c, &id, 0, true, false).await? {
+                Followed::Ended(m) => m,
+                Followed::Detached => return Ok(exit::OK),
+            };
+            output(json, &done, |m| summary(&m.record))?;
+            Ok(match done.record.phase {
+                Phase::Aborted => exit::OK,
+                _ => exit::FAILED,
+            })
         }
         Cmd::Migrations { id: Some(id) } => output(json, &c.migration(&id).await?, |m| {
             summary(&m.record);
             for s in &m.record.steps {
-                println!("  {} {:<12} {}", s.at_ms, s.phase, s.note);
-            }
-        }),
-        Cmd::Migrations { id: None } => output(json, &c.migrations().await?, |all| {
-            for MigrationInfo { record: r, .. } in all {
+                let since = s.at_ms.saturating_sub(m.record.started_ms) as f64 / 1000.0;
                 println!(
-                    "{:<40} {:<12} {} -> {}",
-                    r.id, r.phase, r.source, r.destination
+                    "  {}  +{since:>7.3} s  {:<12} {}",
+                    utc(s.at_ms),
+                    s.phase,
+                    s.note
                 );
             }
-        }),
+        })
+        .map(ok),
+        Cmd::Migrations { id: None } => output(json, &c.migrations().await?, |all| {
+            println!(
+                "{:<40} {:<12} {:<24} {:<20} {:<20}",
+                "ID", "PHASE", "STARTED", "SOURCE", "DESTINATION"
+            );
+            for MigrationInfo { record: r, .. } in all {
+                println!(
+                    "{:<40} {:<12} {:<24} {:<20} {:<20}",
+                    r.id,
+                    r.phase,
+                    utc(r.started_ms),
+                    r.source,
+                    r.destination
+                );
+            }
+        })
+        .map(ok),
     }
+}
+
+/// A command that succeeded.
+fn ok(_: ()) -> u8 {
+    exit::OK
 }
 
 /// Prints `v` as JSON with `--json`, else as `text` writes it for a person.
@@ -270,11 +413,27 @@ fn print_instances(list: &[InstanceRecord]) {
     }
 }
 
-/// Polls the migration until it ends, drawing the progress line.
-async fn follow(c: &MigratedClient, id: &str, quiet: bool) -> Result<MigrationInfo> {
-    let tty = std::io::stderr().is_terminal();
-    let mut last = String::new();
+/// How following a migration ended.
+enum Followed {
+    /// It reached a terminal phase.
+    Ended(Box<MigrationInfo>),
+    /// The operator stopped following it (Ctrl-C, then "detach"); it goes on.
+    Detached,
+}
+
+/// Polls the migration until it ends, showing its progress (see [`Progress`]). With `ask`,
+/// Ctrl-C asks whether to abort the migration or to detach from it (when stdin is not a
+/// terminal it detaches).
+async fn follow(
+    c: &MigratedClient,
+    id: &str,
+    memory: u64,
+    quiet: bool,
+    ask: bool,
+) -> Result<Followed> {
+    let mut shown = Progress::new(memory, quiet);
     let mut failures = 0;
+    let mut interrupts = std::pin::pin!(interrupts());
     loop {
         let m = match c.migration(id).await {
             Ok(m) => {
@@ -284,53 +443,234 @@ async fn follow(c: &MigratedClient, id: &str, quiet: bool) -> Result<MigrationIn
             Err(e) => {
                 failures += 1;
                 if failures > 50 {
-                    bail!("lost contact with migrated while following {id}: {e}");
+                    shown.finish();
+                    return Err(anyhow::Error::new(e)
+                        .context(format!("lost contact with migrated while following {id}")));
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
         };
-        if !quiet {
-            let line = progress_line(&m);
-            if line != last {
-                if tty {
-                    eprint!("\r\x1b[2K{line}");
-                } else {
-                    eprintln!("{line}");
-                }
-                let _ = std::io::stderr().flush();
-                last = line;
-            }
-        }
+        shown.update(&m);
         if m.record.phase.is_terminal() {
-            if tty && !quiet {
-                eprintln!();
-            }
-            return Ok(m);
+            shown.finish();
+            return Ok(Followed::Ended(Box::new(m)));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let interrupted = tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => false,
+            _ = interrupts.as_mut().next_interrupt(), if ask => true,
+        };
+        if interrupted {
+            shown.suspend();
+            match ask_abort_or_detach(id).await {
+                Choice::Abort => match c.abort(id).await {
+                    Ok(_) => eprintln!("migration {id}: abort requested; waiting for it to end"),
+                    Err(e) => eprintln!("migration {id}: the abort was refused: {e}"),
+                },
+                Choice::Detach => {
+                    shown.finish();
+                    eprintln!(
+                        "detached: migration {id} goes on; `migratectl migrations {id}` shows it, \
+                         `migratectl abort {id}` aborts it"
+                    );
+                    return Ok(Followed::Detached);
+                }
+            }
+        }
     }
 }
 
-fn progress_line(m: &MigrationInfo) -> String {
-    let phase = m.record.phase;
-    match &m.progress {
-        Some(p) => format!(
-            "{phase:<12} vmm {:<11} iteration {:>3}  {:>10} left  dirty {:>8}/s  ETA {}  ({:.1} s)",
-            p.vmm_phase,
-            p.iteration,
-            mib(p.bytes_remaining),
-            mib(p.dirty_rate_bytes_per_sec),
-            p.eta_ms
-                .map(|e| format!("{:.1} s", e as f64 / 1000.0))
-                .unwrap_or_else(|| "?".into()),
-            p.elapsed_ms as f64 / 1000.0
-        ),
-        None => format!(
-            "{phase:<12} {}",
-            m.record.steps.last().map(|s| s.note.as_str()).unwrap_or("")
-        ),
+/// The Ctrl-Cs the process receives.
+fn interrupts() -> Interrupts {
+    Interrupts(tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok())
+}
+
+struct Interrupts(Option<tokio::signal::unix::Signal>);
+
+impl Interrupts {
+    async fn next_interrupt(self: std::pin::Pin<&mut Self>) {
+        match &mut self.get_mut().0 {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending().await,
+        }
     }
+}
+
+/// What the operator chose after Ctrl-C.
+enum Choice {
+    Abort,
+    Detach,
+}
+
+async fn ask_abort_or_detach(id: &str) -> Choice {
+    if !std::io::stdin().is_terminal() {
+        return Choice::Detach;
+    }
+    eprint!("\nmigration {id}: [a]bort it (the guest stays here) or [d]etach (it goes on)? [d] ");
+    let _ = std::io::stderr().flush();
+    let answer = tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).map(|_| line)
+    })
+    .await;
+    match answer {
+        Ok(Ok(line)) if line.trim().eq_ignore_ascii_case("a") => Choice::Abort,
+        Ok(Ok(line)) if line.trim().eq_ignore_ascii_case("abort") => Choice::Abort,
+        _ => Choice::Detach,
+    }
+}
+
+/// How a migration's progress is shown: a bar over the guest's memory when stdout and stderr
+/// are terminals; else a plain line on stderr whenever the phase or the pass changes, and at
+/// most once a second otherwise; nothing with `--json`.
+enum Progress {
+    Quiet,
+    Bar {
+        bar: indicatif::ProgressBar,
+        memory: u64,
+    },
+    Lines {
+        memory: u64,
+        last: Option<(String, u64)>,
+        printed: std::time::Instant,
+    },
+}
+
+impl Progress {
+    fn new(memory: u64, quiet: bool) -> Progress {
+        if quiet {
+            return Progress::Quiet;
+        }
+        if !(std::io::stdout().is_terminal() && std::io::stderr().is_terminal()) {
+            return Progress::Lines {
+                memory,
+                last: None,
+                printed: std::time::Instant::now(),
+            };
+        }
+        let bar = indicatif::ProgressBar::new(memory.max(1));
+        let style = indicatif::ProgressStyle::with_template(
+            "{spinner} {elapsed:>4} [{bar:30}] {percent:>3}% {msg}",
+        )
+        .expect("the template is valid")
+        .progress_chars("=> ");
+        bar.set_style(style);
+        bar.enable_steady_tick(Duration::from_millis(100));
+        Progress::Bar { bar, memory }
+    }
+
+    fn update(&mut self, m: &MigrationInfo) {
+        match self {
+            Progress::Quiet => {}
+            Progress::Bar { bar, memory } => {
+                if let Some(p) = &m.progress {
+                    bar.set_position(memory.saturating_sub(p.bytes_remaining));
+                }
+                bar.set_message(status(m, *memory).text);
+            }
+            Progress::Lines {
+                memory,
+                last,
+                printed,
+            } => {
+                let st = status(m, *memory);
+                let key = (st.phase.clone(), st.pass);
+                let changed = last.as_ref() != Some(&key);
+                if changed || printed.elapsed() >= Duration::from_secs(1) {
+                    eprintln!("{:>3}% {}", st.percent, st.text);
+                    *last = Some(key);
+                    *printed = std::time::Instant::now();
+                }
+            }
+        }
+    }
+
+    /// Hides the bar while the operator is asked something.
+    fn suspend(&self) {
+        if let Progress::Bar { bar, .. } = self {
+            bar.disable_steady_tick();
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Progress::Bar { bar, .. } = self {
+            bar.finish_and_clear();
+        }
+        *self = Progress::Quiet;
+    }
+}
+
+/// One reading of a migration's progress, as shown.
+struct Status {
+    phase: String,
+    pass: u64,
+    percent: u64,
+    text: String,
+}
+
+/// The migration's phase (the VMM's during pre-copy), the pre-copy pass, how much of the
+/// guest's `memory` has reached the destination, the rate so far, the guest's dirty rate and
+/// the time left.
+fn status(m: &MigrationInfo, memory: u64) -> Status {
+    let phase = match (&m.progress, m.record.phase) {
+        (Some(p), Phase::Precopy) => p.vmm_phase.to_string(),
+        (_, phase) => phase.to_string(),
+    };
+    let Some(p) = &m.progress else {
+        let note = m.record.steps.last().map(|s| s.note.as_str()).unwrap_or("");
+        let percent = match m.record.phase {
+            Phase::Created | Phase::Preparing | Phase::Precopy => 0,
+            _ => 100,
+        };
+        return Status {
+            text: format!("{phase:<12} {note}"),
+            phase,
+            pass: 0,
+            percent,
+        };
+    };
+    let done = memory.saturating_sub(p.bytes_remaining);
+    let percent = (done as u128 * 100)
+        .checked_div(u128::from(memory))
+        .unwrap_or(0) as u64;
+    let rate = p.bytes_sent as f64 / (p.elapsed_ms.max(1) as f64 / 1000.0);
+    let eta = p
+        .eta_ms
+        .map(|e| format!("{:.1} s", e as f64 / 1000.0))
+        .unwrap_or_else(|| "?".into());
+    Status {
+        text: format!(
+            "{phase:<12} pass {:>2}  {:>10}/s  dirty {:>10}/s  {:>10} left  ETA {eta}",
+            p.iteration + 1,
+            mib(rate as u64),
+            mib(p.dirty_rate_bytes_per_sec),
+            mib(p.bytes_remaining),
+        ),
+        phase,
+        pass: p.iteration,
+        percent: percent.min(100),
+    }
+}
+
+/// `ms` since the Unix epoch as a UTC time: `2026-12-03 19:55:40.267Z`.
+fn utc(ms: u64) -> String {
+    let (secs, milli) = (ms / 1000, ms % 1000);
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    // Days since 1970-01-01 to a date of the proleptic Gregorian calendar (Howard Hinnant's
+    // civil_from_days).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {h:02}:{m:02}:{s:02}.{milli:03}Z")
 }
 
 fn summary(r: &MigrationRecord) {
@@ -354,5 +694,60 @@ fn summary(r: &MigrationRecord) {
             f.flip_ms,
             mib(f.bytes_sent)
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use migrated::migration::record::{Progress as Figures, Role};
+
+    #[test]
+    fn times_read_as_utc_dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00.000Z");
+        assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00.000Z");
+        assert_eq!(utc(1_796_327_740_267), "2026-12-03 19:55:40.267Z");
+    }
+
+    #[test]
+    fn the_status_counts_the_memory_at_the_destination() {
+        let mut record = MigrationRecord::new(
+            "vm1.a.1".into(),
+            "vm1".into(),
+            Role::Source,
+            MigrationParams::default(),
+            Vec::new(),
+        );
+        record.phase = Phase::Precopy;
+        let progress = Figures {
+            vmm_phase: vmm_api::migration::Phase::Precopy,
+            iteration: 1,
+            bytes_sent: 96 << 20,
+            bytes_remaining: 16 << 20,
+            dirty_rate_bytes_per_sec: 8 << 20,
+            expected_downtime_ms: 40,
+            eta_ms: Some(1500),
+            elapsed_ms: 1000,
+        };
+        let m = MigrationInfo {
+            record,
+            progress: Some(progress),
+        };
+        let st = status(&m, 64 << 20);
+        assert_eq!(st.percent, 75);
+        assert_eq!((st.phase.as_str(), st.pass), ("precopy", 1));
+        for part in [
+            "pass  2",
+            "96.0 MiB/s",
+            "dirty    8.0 MiB/s",
+            "16.0 MiB left",
+            "ETA 1.5 s",
+        ] {
+            assert!(st.text.contains(part), "{part:?} in {:?}", st.text);
+        }
+        let mut done = m.clone();
+        done.record.phase = Phase::Completed;
+        done.progress = None;
+        assert_eq!(status(&done, 64 << 20).percent, 100);
     }
 }

@@ -63,6 +63,14 @@ impl Phase {
         matches!(self, Phase::Completed | Phase::Aborted | Phase::Failed)
     }
 
+    /// True while an operator may still abort the migration at its source (before the flip).
+    pub fn abortable(self) -> bool {
+        matches!(
+            self,
+            Phase::Created | Phase::Preparing | Phase::Precopy | Phase::HandedOver
+        )
+    }
+
     /// True from the point where the guest may only continue on the destination.
     pub fn past_point_of_no_return(self) -> bool {
         matches!(

@@ -4,6 +4,7 @@
 //! | method | path | body | answer |
 //! |---|---|---|---|
 //! | GET | /v1/health | | `{"status":"ok"}` |
+//! | GET | /metrics | | Prometheus text format (storaged's `metrics` module) |
 //! | GET | /v1/volumes | | `[VolumeInfo]` |
 //! | POST | /v1/volumes | [`VolumeConfig`] | 201 [`VolumeInfo`] |
 //! | GET | /v1/volumes/{id} | | [`VolumeInfo`] |

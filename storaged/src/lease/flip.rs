@@ -51,6 +51,19 @@ pub enum FlipTrigger {
     Timeout,
 }
 
+impl FlipTrigger {
+    /// The trigger's name (a metric label).
+    pub fn name(self) -> &'static str {
+        match self {
+            FlipTrigger::Api => "api",
+            FlipTrigger::Group => "group",
+            FlipTrigger::Nbd => "nbd",
+            FlipTrigger::FirstAccess => "first_access",
+            FlipTrigger::Timeout => "timeout",
+        }
+    }
+}
+
 /// A lease-changing operation's errors are registry errors.
 pub type FlipError = RegistryError;
 
@@ -275,6 +288,7 @@ async fn apply_flips(
             drained_requests: rep.drained_requests,
             ..step
         };
+        reg.metrics.flipped(trigger.name(), rep);
         tracing::info!(target: "storaged::lease", volume = %vol.config.name, event = "flip",
             trigger = ?trigger, migration = ?migration,
             from = ?plan.old_primary.as_ref().map(Holder::to_string),
@@ -365,6 +379,7 @@ async fn apply_rollbacks(
         .collect();
     let promote_us = us(t);
     let total_us = us(start);
+    reg.metrics.rolled_back(changes.len());
     for (i, (vol, table)) in changes.iter().enumerate() {
         reports[i] = FlipReport {
             epoch: table.epoch,
@@ -408,6 +423,7 @@ pub async fn revoke(
     fence_host(reg, vol, host).await?;
     disconnect_host(vol, host).await;
     reg.commit_table(vol, table.clone()).await?;
+    reg.metrics.revoked(1);
     let disarmed = disarm(vol);
     tracing::info!(target: "storaged::lease", volume = %vol.config.name, event = "revoke",
         host = %host, epoch = table.epoch, disarmed, "lease terminated");
@@ -447,6 +463,7 @@ pub async fn revoke_group(
         .zip(tables.iter().cloned())
         .collect();
     reg.commit_tables(&changes).await?;
+    reg.metrics.revoked(ending.iter().filter(|e| **e).count());
     for ((vol, table), ended) in vols.iter().zip(&tables).zip(&ending) {
         let disarmed = disarm(vol);
         tracing::info!(target: "storaged::lease", volume = %vol.config.name,

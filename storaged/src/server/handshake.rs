@@ -11,6 +11,7 @@
 //! context `base:allocation` (see [`storaged_client::meta`]), the info items and the lease.
 
 use crate::lease::{LeaseError, LeaseRequest};
+use crate::metrics::ConnRefusal;
 use crate::registry::{Attachment, Registry, RegistryError};
 use crate::server::ServerConfig;
 use crate::volume::Volume;
@@ -104,6 +105,19 @@ fn transmission_flags(read_only: bool) -> u16 {
 
 fn anonymous_read_only(vol: &Volume) -> bool {
     vol.access().anonymous != AnonymousPolicy::ReadWriteWithoutPrimary
+}
+
+/// Why a refused attach turned the connection away, for the metrics.
+pub(super) fn refusal_reason(e: &RegistryError) -> ConnRefusal {
+    match e {
+        RegistryError::NotFound(_) => ConnRefusal::UnknownExport,
+        RegistryError::Busy(..) => ConnRefusal::VolumeConnectionLimit,
+        RegistryError::Anonymous(_) => ConnRefusal::Anonymous,
+        RegistryError::Lease(_) | RegistryError::NotAllowed(_) | RegistryError::StandbyLimit(_) => {
+            ConnRefusal::Lease
+        }
+        _ => ConnRefusal::Handshake,
+    }
 }
 
 /// Maps a refused attach to the option reply code.
@@ -392,6 +406,7 @@ impl Haggle<'_> {
             match self.attach(&vol, request).await {
                 Ok(a) => Some(a),
                 Err(e) => {
+                    self.reg.metrics.refused_connection(refusal_reason(&e));
                     tracing::warn!(peer = %self.peer, volume = %name, error = %e,
                         "export refused at NBD_OPT_GO");
                     reply(s, opt, refusal_code(&e), e.to_string().as_bytes()).await?;

@@ -11,6 +11,7 @@ pub use limits::{Budget, Limits, Permit, REQUEST_OVERHEAD};
 use storaged_client::stream::NbdStream;
 pub use tls::NbdTls;
 
+use crate::metrics::ConnRefusal;
 use crate::registry::Registry;
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,6 +81,8 @@ pub async fn serve(
         // Finished tasks are reaped here too, so that the count is current.
         while conns.try_join_next().is_some() {}
         if conns.len() >= cfg.limits.max_connections {
+            reg.metrics
+                .refused_connection(crate::metrics::ConnRefusal::ConnectionLimit);
             refused += 1;
             if refused.is_power_of_two() {
                 tracing::warn!(%peer, open = conns.len(), refused,
@@ -127,6 +130,7 @@ struct Connection {
 
 impl Connection {
     async fn run(self, stream: NbdStream, sd: watch::Receiver<bool>) {
+        let _open = self.reg.metrics.open_connection();
         let peer = self.peer;
         let down = sd.clone();
         let mut stop = sd.clone();
@@ -142,10 +146,19 @@ impl Connection {
             }
         };
         match hs {
-            Err(_) => tracing::warn!(%peer, "handshake timed out"),
-            Ok(Err(e)) => tracing::warn!(%peer, error = %e,
-                cause = ?std::error::Error::source(&e).map(|c| c.to_string()),
-                "handshake failed"),
+            Err(_) => {
+                self.reg.metrics.refused_connection(ConnRefusal::Handshake);
+                tracing::warn!(%peer, "handshake timed out")
+            }
+            Ok(Err(e)) => {
+                self.reg.metrics.refused_connection(match &e {
+                    HandshakeError::ExportRefused(_, r) => handshake::refusal_reason(r),
+                    _ => ConnRefusal::Handshake,
+                });
+                tracing::warn!(%peer, error = %e,
+                    cause = ?std::error::Error::source(&e).map(|c| c.to_string()),
+                    "handshake failed")
+            }
             Ok(Ok(None)) => tracing::debug!(%peer, "client aborted the handshake"),
             Ok(Ok(Some((stream, neg)))) => {
                 tracing::info!(%peer, volume = %neg.vol.config.name,

@@ -17,6 +17,7 @@
 use crate::cluster::replica::{Op, ReplicaError, Replicas};
 use crate::lease::flip;
 use crate::lease::gate::{Access, Admitted, Gate, Need, Refusal};
+use crate::metrics::{ConnMetrics, Op as MetricOp};
 use crate::registry::{Attachment, Registry};
 use crate::server::handshake::Negotiated;
 use crate::server::limits::{Budget, Limits, Permit};
@@ -25,7 +26,7 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use storaged_client::codec::{
     send_frame, CodecError, Reply, ReplyBody, ReplyData, ReplyEncoder, RequestDecoder,
     RequestFrame, READ_CHUNK,
@@ -48,16 +49,25 @@ const BATCH_MAX: usize = 64;
 
 type Requests = FramedRead<storaged_client::stream::ReadHalf, RequestDecoder>;
 
+/// A request's share of the memory budgets, with what its reply is counted as in the
+/// metrics when the writer sends it.
+struct Held {
+    _permit: Permit,
+    op: MetricOp,
+    len: u32,
+    started: Instant,
+}
+
 /// One reply for the writer task, holding its request's share of the memory budgets until it
 /// is encoded.
 struct Outgoing {
     reply: Reply<Vec<u8>>,
-    _permit: Permit,
+    _permit: Held,
 }
 
 impl Outgoing {
     /// A reply without data.
-    fn status(handle: u64, error: u32, permit: Permit) -> Outgoing {
+    fn status(handle: u64, error: u32, permit: Held) -> Outgoing {
         Outgoing {
             reply: Reply::status(handle, error),
             _permit: permit,
@@ -65,14 +75,14 @@ impl Outgoing {
     }
 
     /// The reply to a command without data, from its outcome.
-    fn done(handle: u64, res: std::io::Result<()>, permit: Permit) -> Outgoing {
+    fn done(handle: u64, res: std::io::Result<()>, permit: Held) -> Outgoing {
         let error = res.as_ref().map_or_else(io_errno, |_| 0);
         Outgoing::status(handle, error, permit)
     }
 
     /// The reply to a read of `data` at the request's offset with `error` (with structured
     /// replies an error is an error chunk: a reply to a read must never be a simple one there).
-    fn read(req: &Request, error: u32, data: Vec<u8>, permit: Permit) -> Outgoing {
+    fn read(req: &Request, error: u32, data: Vec<u8>, permit: Held) -> Outgoing {
         let offset = req.offset;
         Outgoing {
             reply: Reply {
@@ -106,6 +116,7 @@ async fn writer(
     encoder: ReplyEncoder,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     stall: Duration,
+    metrics: ConnMetrics,
 ) -> std::io::Result<()> {
     let stalled = || {
         let why = format!("the client read no reply for {stall:?}");
@@ -114,8 +125,13 @@ async fn writer(
     let mut buf = BytesMut::with_capacity(WRITE_BATCH);
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
-        while let Some(Outgoing { reply, _permit }) = next {
+        while let Some(Outgoing {
+            reply,
+            _permit: held,
+        }) = next
+        {
             let data = encoder.encode_head(&reply, &mut buf);
+            metrics.answered(held.op, held.len, reply.error, held.started);
             let send = send_frame(&mut wr, &mut buf, data, WRITE_BATCH);
             tokio::time::timeout(stall, send)
                 .await
@@ -154,7 +170,7 @@ impl ReplyTx {
 struct QueuedWrite {
     req: Request,
     data: Bytes,
-    permit: Permit,
+    permit: Held,
     adm: Admitted,
 }
 
@@ -174,6 +190,8 @@ struct Ctx {
     refusal_logged: std::sync::atomic::AtomicBool,
     /// Small writes gathered for one blocking thread (see [`Ctx::flush_writes`]).
     batch: Mutex<Vec<QueuedWrite>>,
+    /// This connection's metrics.
+    metrics: ConnMetrics,
 }
 
 impl Ctx {
@@ -181,8 +199,15 @@ impl Ctx {
         self.tx.send(r);
     }
 
-    async fn permit(&self, len: u32) -> Permit {
-        self.budget.acquire(&self.conn_budget, len).await
+    /// Waits for the budget of a request of `op` with `len` bytes of data, received now.
+    async fn permit(&self, op: MetricOp, len: u32) -> Held {
+        let started = Instant::now();
+        Held {
+            _permit: self.budget.acquire(&self.conn_budget, len).await,
+            op,
+            len,
+            started,
+        }
     }
 
     /// Passes the gate; a standby may flip here on first access.
@@ -201,6 +226,7 @@ impl Ctx {
                 }
             }
         }
+        self.metrics.refused(refusal);
         if !self
             .refusal_logged
             .swap(true, std::sync::atomic::Ordering::Relaxed)
@@ -298,7 +324,7 @@ async fn handle(
         RequestFrame::Request(req) => req,
         RequestFrame::Oversize(req) => {
             tracing::warn!(peer = %ctx.peer, length = req.length, "oversize write");
-            let permit = ctx.permit(0).await;
+            let permit = ctx.permit(MetricOp::Write, 0).await;
             ctx.send(Outgoing::status(req.handle, NBD_EOVERFLOW, permit));
             return Ok(None);
         }
@@ -313,7 +339,7 @@ async fn handle(
         NBD_CMD_WRITE | NBD_CMD_READ => req.length,
         _ => 0,
     };
-    let permit = ctx.permit(data_len).await;
+    let permit = ctx.permit(MetricOp::of(req.kind), data_len).await;
     if req.flags & !KNOWN_FLAGS != 0 && req.kind != NBD_CMD_WRITE {
         ctx.send(refused(ctx, &req, NBD_EINVAL, permit));
         return Ok(None);
@@ -338,7 +364,7 @@ async fn handle(
 }
 
 /// The reply refusing `req` with `error` before any I/O, in the form its command needs.
-fn refused(ctx: &Ctx, req: &Request, error: u32, permit: Permit) -> Outgoing {
+fn refused(ctx: &Ctx, req: &Request, error: u32, permit: Held) -> Outgoing {
     match req.kind {
         NBD_CMD_READ => Outgoing::read(req, error, Vec::new(), permit),
         NBD_CMD_BLOCK_STATUS if ctx.structured => Outgoing {
@@ -367,7 +393,7 @@ async fn write_data(rd: &mut Requests) -> Result<Bytes, CodecError> {
 }
 
 /// `NBD_CMD_WRITE`, its data received.
-async fn write(ctx: &Ctx, req: Request, data: Bytes, permit: Permit) {
+async fn write(ctx: &Ctx, req: Request, data: Bytes, permit: Held) {
     let h = req.handle;
     let fua = req.flags & NBD_CMD_FLAG_FUA != 0;
     if req.flags & !KNOWN_FLAGS != 0 {
@@ -414,7 +440,7 @@ async fn write(ctx: &Ctx, req: Request, data: Bytes, permit: Permit) {
 }
 
 /// `NBD_CMD_READ`.
-async fn read(ctx: &Ctx, req: Request, permit: Permit) {
+async fn read(ctx: &Ctx, req: Request, permit: Held) {
     if req.length > MAX_REQUEST_LEN {
         tracing::warn!(peer = %ctx.peer, length = req.length, "oversize read");
         return ctx.send(refused(ctx, &req, NBD_EOVERFLOW, permit));
@@ -451,7 +477,7 @@ async fn read(ctx: &Ctx, req: Request, permit: Permit) {
 
 /// `NBD_CMD_FLUSH`, `NBD_CMD_TRIM`, `NBD_CMD_WRITE_ZEROES` and `NBD_CMD_CACHE`: commands
 /// without data.
-async fn without_data(ctx: &Ctx, req: Request, permit: Permit) {
+async fn without_data(ctx: &Ctx, req: Request, permit: Held) {
     let h = req.handle;
     let need = match req.kind {
         NBD_CMD_FLUSH | NBD_CMD_CACHE => Need::Read,
@@ -505,7 +531,7 @@ async fn without_data(ctx: &Ctx, req: Request, permit: Permit) {
 }
 
 /// `NBD_CMD_BLOCK_STATUS` in `base:allocation`, from the file's data and holes.
-async fn block_status(ctx: &Ctx, req: Request, permit: Permit) {
+async fn block_status(ctx: &Ctx, req: Request, permit: Held) {
     let valid = ctx.block_status && req.length > 0 && ctx.in_range(req.offset, req.length.into());
     if !valid {
         return ctx.send(refused(ctx, &req, NBD_EINVAL, permit));
@@ -556,7 +582,7 @@ fn extent(s: Span) -> Extent {
 /// Cluster mode: the command runs on every copy of the volume ([`Replicas::apply`]) and is
 /// answered when all have it. A master that finds itself deposed answers nothing and closes
 /// the connection: the client retries on the new master.
-fn replicated(ctx: &Ctx, h: u64, rep: Arc<Replicas>, op: Op, adm: Admitted, permit: Permit) {
+fn replicated(ctx: &Ctx, h: u64, rep: Arc<Replicas>, op: Op, adm: Admitted, permit: Held) {
     let (file, tx, gate) = (ctx.vol.file.clone(), ctx.tx.clone(), ctx.gate.clone());
     tokio::spawn(async move {
         let res = rep.apply(file, op).await;
@@ -574,7 +600,7 @@ fn replicated(ctx: &Ctx, h: u64, rep: Arc<Replicas>, op: Op, adm: Admitted, perm
 }
 
 /// `NBD_CMD_LEASE_FLIP`: promote this standby connection's holder.
-async fn flip_request(ctx: &Ctx, req: Request, permit: Permit) {
+async fn flip_request(ctx: &Ctx, req: Request, permit: Held) {
     let h = req.handle;
     let Some(holder) = ctx.holder.as_ref() else {
         return ctx.send(Outgoing::status(h, NBD_EINVAL, permit));
@@ -640,7 +666,14 @@ impl Transmission<'_> {
         let mut rd = FramedRead::with_capacity(rd, RequestDecoder::new(), READ_CHUNK);
         let (tx, rx) = mpsc::unbounded_channel();
         let encoder = ReplyEncoder::new(structured);
-        let mut wtask = tokio::spawn(writer(wr, encoder, rx, self.limits.reply_timeout));
+        let metrics = self.reg.metrics.connection(&vol.config.name);
+        let mut wtask = tokio::spawn(writer(
+            wr,
+            encoder,
+            rx,
+            self.limits.reply_timeout,
+            metrics.clone(),
+        ));
         let ctx = Ctx {
             reg: self.reg,
             vol: vol.clone(),
@@ -654,6 +687,7 @@ impl Transmission<'_> {
             block_status,
             refusal_logged: Default::default(),
             batch: Mutex::new(Vec::new()),
+            metrics,
         };
         let closed = entry.gate.closed();
         tokio::pin!(closed);

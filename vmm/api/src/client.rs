@@ -3,6 +3,7 @@
 //! | method | path                  | body -> answer                                  |
 //! |--------|-----------------------|-------------------------------------------------|
 //! | GET    | /v1/vm                | -> [`VmInfo`]                                   |
+//! | GET    | /v1/vm/counters       | -> [`VmCounters`]                               |
 //! | POST   | /v1/vm/pause          | -> [`VmInfo`]                                   |
 //! | POST   | /v1/vm/resume         | -> [`VmInfo`]; on an incoming VMM that waits, also "the leases are yours" |
 //! | POST   | /v1/vm/shutdown       | -> [`VmInfo`]; the VMM exits                    |
@@ -15,7 +16,7 @@
 //! 503 while the VM shuts down.
 
 use crate::migration::{MigrationStatus, SendParams};
-use crate::vm::{SnapshotRequest, VmInfo};
+use crate::vm::{SnapshotRequest, VmCounters, VmInfo};
 use hyper::{Method, StatusCode};
 use std::path::Path;
 use std::time::Duration;
@@ -73,6 +74,14 @@ impl VmmClient {
     /// `GET /v1/vm`.
     pub async fn info(&self) -> Result<VmInfo, VmmError> {
         Ok(self.http.call(Method::GET, "/v1/vm", None::<&()>).await?)
+    }
+
+    /// `GET /v1/vm/counters`.
+    pub async fn counters(&self) -> Result<VmCounters, VmmError> {
+        Ok(self
+            .http
+            .call(Method::GET, "/v1/vm/counters", None::<&()>)
+            .await?)
     }
 
     /// `POST /v1/vm/pause`.

@@ -3,7 +3,7 @@
 //! contract is a compile error on both (the OpenAPI description is `vmm/openapi.yaml`).
 //!
 //! - [`config`]: the VM to run (`vmm run --config vm.toml`, or flags);
-//! - [`vm`]: the VM's info and state, snapshot requests;
+//! - [`vm`]: the VM's info, state and counters, snapshot requests;
 //! - [`migration`]: what a live migration is asked to do and how far it got;
 //! - [`client`]: the API's client.
 #![warn(missing_docs)]

@@ -16,6 +16,7 @@ use crate::request::{
     gather, parse_ranges, scatter, seg_len, Request, RequestKind, MAX_REQUEST_BYTES,
     RANGE_SEGMENT_LEN,
 };
+use crate::stats::{Counted, DiskStats};
 use std::sync::Arc;
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
@@ -77,6 +78,7 @@ pub struct Disk {
     backend: Arc<Backend>,
     read_only: bool,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
+    stats: Arc<DiskStats>,
 }
 
 impl Disk {
@@ -90,7 +92,13 @@ impl Disk {
             read_only: read_only || backend.read_only(),
             backend: Arc::new(backend),
             id: id_bytes,
+            stats: Arc::default(),
         }
+    }
+
+    /// What the disk served so far (shared by its clones).
+    pub fn stats(&self) -> &Arc<DiskStats> {
+        &self.stats
     }
 
     /// Size in bytes.
@@ -198,6 +206,27 @@ impl Disk {
     /// Runs `job` on the backend. A failed I/O completes with VIRTIO_BLK_S_IOERR (and a
     /// warning in the log).
     pub async fn run(&self, job: Job) -> Completion {
+        let counted = match &job {
+            Job::Done(_) => Counted::Other,
+            Job::Read { len, .. } => Counted::Read(*len as u64),
+            Job::Write { data, .. } => Counted::Write(data.len() as u64),
+            Job::Flush => Counted::Flush,
+            Job::Ranges { .. } => Counted::Discard,
+        };
+        let c = self.execute(job).await;
+        self.stats
+            .count(counted, u32::from(c.status) == VIRTIO_BLK_S_OK);
+        c
+    }
+
+    /// Counts a request answered without I/O (a [`Job::Done`] the caller completes itself
+    /// instead of passing it to [`Disk::run`]).
+    pub fn count_done(&self, c: &Completion) {
+        self.stats
+            .count(Counted::Other, u32::from(c.status) == VIRTIO_BLK_S_OK);
+    }
+
+    async fn execute(&self, job: Job) -> Completion {
         let b = &self.backend;
         let r: Result<Vec<u8>, BackendError> = match job {
             Job::Done(c) => return c,

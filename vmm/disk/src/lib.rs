@@ -10,6 +10,7 @@
 //! - [`intake`]: the chains a queue takes from its ring, within what it may hold in flight;
 //! - [`exec`]: one request run on a backend, from the guest's buffers to its status byte;
 //! - [`offer`]: the feature bits and configuration space a disk offers the guest's driver;
+//! - [`stats`]: what a disk served (requests, bytes, errors), for the VMM's counters;
 //! - [`fuzz`]: a driver's ring through all of the above, as the fuzzer drives it.
 #![warn(missing_docs)]
 
@@ -19,9 +20,11 @@ pub mod fuzz;
 pub mod intake;
 pub mod offer;
 pub mod request;
+pub mod stats;
 
 pub use backend::{Backend, BackendError, FileBackend, StoragedBackend};
 pub use exec::{Completion, Disk, Job};
 pub use intake::{Intake, Stopped};
 pub use offer::{Offer, QUEUE_SIZE, SECTOR_SIZE};
 pub use request::{Request, RequestError, RequestKind};
+pub use stats::DiskStats;

@@ -4,6 +4,7 @@
 //! | method | path              | does                                   |
 //! |--------|-------------------|----------------------------------------|
 //! | GET    | /v1/vm            | VM info and state                      |
+//! | GET    | /v1/vm/counters   | exits, disk requests, dirty rate       |
 //! | POST   | /v1/vm/pause      | pause all vCPUs (idempotent)           |
 //! | POST   | /v1/vm/resume     | resume them (idempotent)               |
 //! | POST   | /v1/vm/shutdown   | end the VM; the VMM exits with 0       |
@@ -15,7 +16,8 @@
 //! The vm endpoints return the VM info after the action, the migration ones the migration
 //! status; errors return `{"error": "..."}` with 400 (bad request), 409 (not in this state)
 //! or 500.
-//! Handlers only forward requests to the VM's control loop and wait for its answer.
+//! Handlers only forward requests to the VM's control loop and wait for its answer, except
+//! the counters, which are read from the atomics the vCPUs and disks keep ([`Counters`]).
 
 mod server;
 
@@ -29,6 +31,46 @@ pub enum ApiError {
     /// The socket could not be bound.
     #[error("bind {0}")]
     Bind(String, #[source] std::io::Error),
+}
+
+/// Where `GET /v1/vm/counters` reads from, without the control loop.
+#[derive(Clone)]
+pub struct Counters {
+    /// The vCPUs' shared state (their exit counts).
+    pub vcpus: std::sync::Arc<crate::vcpu::VcpuShared>,
+    /// Each disk's guest name and, when the VMM serves it, its counters.
+    pub disks: Vec<(String, Option<std::sync::Arc<vmm_disk::DiskStats>>)>,
+    /// The migration's status (its dirty rate).
+    pub migration: crate::migration::SharedStatus,
+}
+
+impl Counters {
+    /// The counters now.
+    pub fn read(&self) -> vmm_api::vm::VmCounters {
+        let disks = self
+            .disks
+            .iter()
+            .map(|(device, stats)| match stats {
+                Some(s) => s.snapshot(device),
+                None => vmm_api::vm::DiskCounters {
+                    device: device.clone(),
+                    served_by: "vhost-user".into(),
+                    ..Default::default()
+                },
+            })
+            .collect();
+        let migration = self.migration.lock().unwrap_or_else(|p| p.into_inner());
+        let migrating = migration.phase == vmm_api::migration::Phase::Precopy;
+        vmm_api::vm::VmCounters {
+            exits: self.vcpus.exits.snapshot(),
+            disks,
+            dirty_rate_bytes_per_sec: if migrating {
+                migration.dirty_rate_bytes_per_sec
+            } else {
+                0
+            },
+        }
+    }
 }
 
 /// A request for the control loop.

@@ -1,6 +1,6 @@
 //! The HTTP side: axum on a tokio Unix listener.
 
-use super::{ApiError, ApiRequest, ApiResponse};
+use super::{ApiError, ApiRequest, ApiResponse, Counters};
 use crate::vm::{VmError, VmEvent};
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::mpsc::Sender;
 use std::time::Duration;
 use vmm_api::migration::{MigrationStatus, SendParams};
-use vmm_api::vm::{SnapshotRequest, VmInfo};
+use vmm_api::vm::{SnapshotRequest, VmCounters, VmInfo};
 
 /// How long a handler waits for the control loop (a pause waits for every vCPU; a snapshot
 /// writes the guest's memory).
@@ -26,6 +26,7 @@ type Reply = (StatusCode, Json<serde_json::Value>);
 pub fn bind(
     path: &Path,
     events: Sender<VmEvent>,
+    counters: Counters,
     stop: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<impl Future<Output = ()> + Send + 'static, ApiError> {
     let err = |e| ApiError::Bind(path.display().to_string(), e);
@@ -33,10 +34,12 @@ pub fn bind(
     let std_listener = std::os::unix::net::UnixListener::bind(path).map_err(err)?;
     std_listener.set_nonblocking(true).map_err(err)?;
     let listener = tokio::net::UnixListener::from_std(std_listener).map_err(err)?;
+    let read_counters = get(move || counters_of(counters.clone()));
     // Actions are POST, as in storaged's and migrated's APIs; PUT stays accepted for the
     // clients written against earlier versions.
     let app = Router::new()
         .route("/v1/vm", get(info))
+        .route("/v1/vm/counters", read_counters)
         .route("/v1/vm/pause", post(pause).put(pause))
         .route("/v1/vm/resume", post(resume).put(resume))
         .route("/v1/vm/shutdown", post(shutdown).put(shutdown))
@@ -98,6 +101,14 @@ fn error(code: StatusCode, msg: &str) -> Reply {
         error: msg.to_string(),
     };
     (code, Json(serde_json::to_value(body).unwrap_or_default()))
+}
+
+/// The VMM's counters: exits by reason, each disk's requests, the dirty rate while migrating
+/// (read without the control loop, so it answers during a stop-and-copy too).
+#[utoipa::path(get, path = "/v1/vm/counters", tag = "vm",
+    responses((status = 200, description = "The counters", body = VmCounters)))]
+async fn counters_of(c: Counters) -> Json<VmCounters> {
+    Json(c.read())
 }
 
 /// The VM: its name, run state, shape and disks.
@@ -197,7 +208,7 @@ pub struct ErrorBody {
 #[derive(utoipa::OpenApi)]
 #[openapi(
     info(title = "vmm", description = include_str!("openapi.md")),
-    paths(info, pause, resume, shutdown, snapshot, migration, send, abort)
+    paths(info, counters_of, pause, resume, shutdown, snapshot, migration, send, abort)
 )]
 pub struct ApiDoc;
 

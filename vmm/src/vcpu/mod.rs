@@ -74,6 +74,34 @@ pub struct VcpuShared {
     /// it before a resume and the first vCPU to run sets it (the end of a migration's
     /// downtime).
     pub resumed_at_us: std::sync::atomic::AtomicU64,
+    /// Exits to the VMM, by reason (`GET /v1/vm/counters`).
+    pub exits: ExitStats,
+}
+
+/// vCPU exits to the VMM, counted by every vCPU thread (relaxed increments).
+#[derive(Debug, Default)]
+pub struct ExitStats {
+    io: std::sync::atomic::AtomicU64,
+    mmio: std::sync::atomic::AtomicU64,
+    other: std::sync::atomic::AtomicU64,
+    interrupted: std::sync::atomic::AtomicU64,
+}
+
+impl ExitStats {
+    fn bump(counter: &std::sync::atomic::AtomicU64) {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The counts as the API reports them.
+    pub fn snapshot(&self) -> vmm_api::vm::ExitCounters {
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        vmm_api::vm::ExitCounters {
+            io: load(&self.io),
+            mmio: load(&self.mmio),
+            other: load(&self.other),
+            interrupted: load(&self.interrupted),
+        }
+    }
 }
 
 /// Microseconds since the Unix epoch (comparable between processes on one host).
@@ -341,31 +369,36 @@ impl Vcpu {
         let what = match self.fd.run() {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => {
+                    ExitStats::bump(&self.shared.exits.io);
                     if !self.pio.read(u64::from(port), data) {
                         tracing::trace!(port, "read from unclaimed port");
                     }
                     return Next::Continue;
                 }
                 VcpuExit::IoOut(port, data) => {
+                    ExitStats::bump(&self.shared.exits.io);
                     if !self.pio.write(u64::from(port), data) {
                         tracing::trace!(port, "write to unclaimed port");
                     }
                     return Next::Continue;
                 }
                 VcpuExit::MmioRead(addr, data) => {
+                    ExitStats::bump(&self.shared.exits.mmio);
                     if !self.mmio.read(addr, data) {
                         tracing::debug!(addr, "read from unclaimed MMIO");
                     }
                     return Next::Continue;
                 }
                 VcpuExit::MmioWrite(addr, data) => {
+                    ExitStats::bump(&self.shared.exits.mmio);
                     if !self.mmio.write(addr, data) {
                         tracing::debug!(addr, "write to unclaimed MMIO");
                     }
                     return Next::Continue;
                 }
                 VcpuExit::IoapicEoi(_) | VcpuExit::Intr | VcpuExit::IrqWindowOpen => {
-                    return Next::Continue
+                    ExitStats::bump(&self.shared.exits.other);
+                    return Next::Continue;
                 }
                 VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _) => {
                     return Next::Stop(VmEvent::GuestShutdown)
@@ -407,6 +440,7 @@ impl Vcpu {
             Err(e) if e.errno() == libc::EINTR => {
                 // Kicked: clear the request so the next KVM_RUN really runs; the loop reads
                 // the command that came with the kick.
+                ExitStats::bump(&self.shared.exits.interrupted);
                 self.fd.set_kvm_immediate_exit(0);
                 return Next::Continue;
             }

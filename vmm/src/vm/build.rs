@@ -256,6 +256,7 @@ impl Vm {
         let mut mmio = Bus::default();
         let mut announced = Vec::new();
         let mut disks = Vec::new();
+        let mut disk_stats = Vec::new();
         let mut dirty_backends = Vec::new();
         for (i, disk) in config.disks.iter().enumerate() {
             let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
@@ -267,6 +268,7 @@ impl Vm {
                     let dev = VhostUserBlk::connect(vu, disk.read_only, &mem)
                         .map_err(|e| BuildError::VhostUser(name.clone(), e))?;
                     dirty_backends.push((i, dev.dirty_logging()));
+                    disk_stats.push((device_name(i), None));
                     (
                         DiskDevice::VhostUser(dev),
                         VirtioInterrupt::raised_by_backend(line),
@@ -275,10 +277,9 @@ impl Vm {
                 None => {
                     let backend = open_backend(disk, &config.name, &runtime)?;
                     let id = format!("vmhop-disk{i}");
-                    let block = Block::new(
-                        Disk::new(backend, disk.read_only, &id),
-                        runtime.handle().clone(),
-                    );
+                    let served = Disk::new(backend, disk.read_only, &id);
+                    disk_stats.push((device_name(i), Some(served.stats().clone())));
+                    let block = Block::new(served, runtime.handle().clone());
                     (DiskDevice::Block(block), VirtioInterrupt::new(line))
                 }
             };
@@ -356,10 +357,16 @@ impl Vm {
 
         let api_tx = events_tx.clone();
         let mut api_server = None;
+        let migration = Arc::new(Mutex::new(MigrationStatus::default()));
         if let Some(path) = &config.api_socket {
             let _guard = runtime.enter();
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
-            let server = api::bind(path, api_tx, stop_rx)?;
+            let counters = api::Counters {
+                vcpus: vcpu_shared.clone(),
+                disks: disk_stats,
+                migration: migration.clone(),
+            };
+            let server = api::bind(path, api_tx, counters, stop_rx)?;
             api_server = Some((stop_tx, runtime.spawn(server)));
         }
         let sig_tx = events_tx.clone();
@@ -406,7 +413,7 @@ impl Vm {
             cmdline,
             started,
             role: Role::Own,
-            migration: Arc::new(Mutex::new(MigrationStatus::default())),
+            migration,
             sending: None,
             source_paused_at_us: 0,
             source_started_at_us: 0,
@@ -435,4 +442,9 @@ impl Vm {
             disks: self.config.disks.len(),
         }
     }
+}
+
+/// The guest's name for disk `i` (`vda`, `vdb`, ...).
+fn device_name(i: usize) -> String {
+    format!("vd{}", char::from(b'a' + (i % 26) as u8))
 }

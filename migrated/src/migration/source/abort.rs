@@ -1,12 +1,13 @@
 //! The ways out of a migration at the source: the abort path before the flip (fence the
 //! destination off through storaged, have it abort, resume the guest here), the flips taken back
-//! when the destination abandoned the migration after them, and the failure recorded for the
-//! operator when neither is possible.
+//! when the destination abandoned the migration after them, the failure recorded for the
+//! operator when neither is possible, and the operator's request to abort ([`request_abort`]).
 
 use super::{Source, SourceError};
+use crate::agent::Agent;
 use crate::instance::InstanceState;
 use crate::migration::leases::{self, Holding};
-use crate::migration::record::{MigrationRecord, Phase};
+use crate::migration::record::{MigrationRecord, Phase, Role};
 use storaged_client::api::{GroupRevokeRequest, GroupRollbackRequest};
 use vmhop_common::error::chain as error_chain;
 
@@ -231,4 +232,40 @@ pub(super) enum Fence {
     Done,
     /// It is primary on every volume.
     DestinationWon,
+}
+
+/// An operator's request to abort migration `id` (`POST /v1/migrations/{id}/abort`, like
+/// virsh `domjobabort`): taken while the guest still runs, or is paused, only on this host
+/// (`created` to `handed-over`); the migration's task then takes the abort path, the guest
+/// runs on here and the migration ends `aborted`. Refused at the destination (the source
+/// decides) and from the flip on (the guest may only go on at the destination).
+pub fn request_abort(agent: &Agent, id: &str) -> Result<MigrationRecord, SourceError> {
+    let rec = agent.migration(id)?;
+    if rec.role == Role::Destination {
+        return Err(SourceError::AbortAtDestination {
+            id: rec.id,
+            addr: agent
+                .cfg
+                .peers
+                .get(&rec.source)
+                .cloned()
+                .unwrap_or_else(|| "address unknown here".into()),
+            source_host: rec.source,
+        });
+    }
+    let why = match rec.phase {
+        Phase::Created | Phase::Preparing | Phase::Precopy | Phase::HandedOver => {
+            agent.request_abort(id);
+            tracing::info!(migration = %id, phase = ?rec.phase, "abort requested by the operator");
+            return Ok(rec);
+        }
+        Phase::Completed | Phase::Aborted | Phase::Failed => "it has ended",
+        Phase::RollingBack => "it is being aborted already",
+        _ => "the leases are flipping or flipped: the guest can only go on at the destination",
+    };
+    Err(SourceError::AbortTooLate {
+        id: rec.id,
+        phase: rec.phase,
+        why,
+    })
 }

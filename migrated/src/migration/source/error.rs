@@ -147,6 +147,31 @@ pub enum SourceError {
     /// The destination holds some of the volumes and their flips cannot be undone.
     #[error("but the destination holds volumes {0} and storaged refused to roll them back; the source stays paused")]
     DestinationHolds(String, #[source] HttpError),
+    /// An operator asked to abort the migration (`migratectl abort`).
+    #[error("aborted by the operator")]
+    AbortRequested,
+    /// An abort was asked of a migration this host is the destination of.
+    #[error(
+        "migration {id} comes into this host: abort it on its source host {source_host} ({addr})"
+    )]
+    AbortAtDestination {
+        /// The migration.
+        id: String,
+        /// Its source host.
+        source_host: String,
+        /// The source host's REST address, as far as this host knows it.
+        addr: String,
+    },
+    /// An abort was asked of a migration that can no longer be aborted.
+    #[error("migration {id} is {phase}: {why}")]
+    AbortTooLate {
+        /// The migration.
+        id: String,
+        /// Its phase.
+        phase: Phase,
+        /// Why it cannot be aborted.
+        why: &'static str,
+    },
 }
 
 impl SourceError {
@@ -156,7 +181,11 @@ impl SourceError {
             SourceError::NoBudget | SourceError::UnknownHost { .. } | SourceError::ThisHost(_) => {
                 ErrorKind::BadRequest
             }
-            SourceError::NotRunning { .. } | SourceError::VmmBusy(_) => ErrorKind::Conflict,
+            SourceError::NotRunning { .. }
+            | SourceError::VmmBusy(_)
+            | SourceError::AbortRequested
+            | SourceError::AbortAtDestination { .. }
+            | SourceError::AbortTooLate { .. } => ErrorKind::Conflict,
             SourceError::Agent(e) => e.kind(),
             SourceError::NoStreamAddr
             | SourceError::Restarted(_)

@@ -21,6 +21,7 @@
 mod abort;
 mod error;
 
+pub use abort::request_abort;
 pub use error::SourceError;
 
 use crate::agent::{Agent, AgentError};
@@ -265,6 +266,9 @@ impl Source {
     async fn drive(&mut self) -> Result<(), SourceError> {
         loop {
             let rec = self.rec()?;
+            if self.agent.abort_requested(&self.id) && rec.phase.abortable() {
+                return Err(SourceError::AbortRequested);
+            }
             match rec.phase {
                 Phase::Created => self.check(&rec).await?,
                 Phase::Preparing => self.prepare(&rec).await?,
@@ -386,6 +390,9 @@ impl Source {
         let mut peer_checked = Instant::now();
         let mut vmm_failing: Option<Instant> = None;
         loop {
+            if self.agent.abort_requested(&rec.id) {
+                return Err(SourceError::AbortRequested);
+            }
             match vmm.migration().await {
                 Ok(st) => {
                     vmm_failing = None;

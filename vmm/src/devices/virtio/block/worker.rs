@@ -190,6 +190,7 @@ impl QueueWorker {
         let tx = self.completions_tx.clone();
         match self.disk.prepare(&req, self.mem.as_ref()) {
             Job::Done(done) => {
+                self.disk.count_done(&done);
                 let _ = tx.send(Completion { req, done });
             }
             job => {
