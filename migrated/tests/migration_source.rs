@@ -18,7 +18,7 @@
 mod common;
 
 use axum::extract::State;
-use axum::routing::{get, post, put};
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use migrated::agent::Agent;
 use migrated::api::{IncomingReady, MigrateRequest};
@@ -133,11 +133,11 @@ fn vmm_router(vmm: Vmm) -> Router {
     }
     Router::new()
         .route("/v1/vm", get(info))
-        .route("/v1/vm/resume", put(resume))
-        .route("/v1/vm/shutdown", put(shutdown))
-        .route("/v1/migration/send", put(send))
+        .route("/v1/vm/resume", post(resume))
+        .route("/v1/vm/shutdown", post(shutdown))
+        .route("/v1/migration/send", post(send))
         .route("/v1/migration", get(status))
-        .route("/v1/migration/abort", put(abort))
+        .route("/v1/migration/abort", post(abort))
         .with_state(vmm)
 }
 
