@@ -106,6 +106,12 @@ fn only_from(caller: &Caller, source: &str, what: &'static str) -> R<()> {
     }
 }
 
+/// Refuses `what` on the incoming migration `id` unless the caller is its source host.
+fn from_its_source(a: &Agent, caller: &Caller, id: &str, what: &'static str) -> R<()> {
+    let mig = destination::incoming(a, id)?;
+    only_from(caller, &mig.source, what)
+}
+
 /// The API's routes.
 pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
@@ -333,8 +339,7 @@ async fn incoming_resume(
     caller: Caller,
     Path(id): Path<String>,
 ) -> R<Json<MigrationRecord>> {
-    let mig = destination::incoming(&a, &id)?;
-    only_from(&caller, &mig.source, "resume this migration")?;
+    from_its_source(&a, &caller, &id, "resume this migration")?;
     Ok(Json(destination::resume(&a, &id).await?))
 }
 
@@ -346,8 +351,7 @@ async fn incoming_abort(
     caller: Caller,
     Path(id): Path<String>,
 ) -> R<Json<MigrationRecord>> {
-    let mig = destination::incoming(&a, &id)?;
-    only_from(&caller, &mig.source, "abort this migration")?;
+    from_its_source(&a, &caller, &id, "abort this migration")?;
     let why = DestinationError::AbortRequested;
     Ok(Json(destination::abort(&a, &id, &why).await?))
 }
