@@ -4,7 +4,9 @@
 //! Each round: the standby sends `NBD_CMD_LEASE_FLIP` and waits for the acknowledgement (which
 //! includes the durable write of the lease table); then the deposed host's lease is revoked so
 //! that it can come back as the next standby. Prints percentiles of the client-observed flip
-//! latency and of the server-reported steps as one JSON object.
+//! latency and of the server-reported steps as one JSON object. With `FLIP_SAMPLES=FILE` it
+//! also writes every client-observed latency (microseconds, one a line) to FILE, for the CDF
+//! chart of `scripts/bench storaged`.
 
 use anyhow::{bail, Context, Result};
 use std::time::Instant;
@@ -60,6 +62,10 @@ async fn main() -> Result<()> {
         let next = Client::connect(&cfg(nbd, vol, hosts[p], RequestedState::Standby)).await?;
         primary = std::mem::replace(&mut standby, next);
         std::mem::swap(&mut p, &mut s);
+    }
+    if let Ok(path) = std::env::var("FLIP_SAMPLES") {
+        let lines: String = client_us.iter().map(|us| format!("{us}\n")).collect();
+        std::fs::write(&path, lines).with_context(|| format!("write {path}"))?;
     }
     let out = serde_json::json!({
         "flips": n,

@@ -14,6 +14,10 @@
 //! QEMU: source and destination (`-incoming tcp:...`) driven over QMP. Our VMM: destination
 //! `vmm run ... --incoming ADDR`, source `POST /v1/migration/send`, progress from
 //! `GET /v1/migration`.
+//!
+//! With `TIMELINES=DIR`, each VMM's progress samples of the last run of each memory size and
+//! case go to `DIR/migration-MEM-CASE-VMM.dat` (lines `MS MIB_LEFT MIB_SENT`, after a first
+//! line `# pause START_MS END_MS`) for the timeline chart of `scripts/bench migration`.
 
 use anyhow::{bail, Context, Result};
 use e2e::agent::AgentConn;
@@ -37,8 +41,8 @@ const REPLY: Duration = Duration::from_secs(180);
 const MIGRATION: Duration = Duration::from_secs(600);
 /// How long the workload runs before the migration, and the window of the baseline gap.
 const BASELINE: Duration = Duration::from_secs(3);
-/// Status polling interval.
-const POLL: Duration = Duration::from_millis(20);
+/// Status polling interval (also the resolution of the timelines).
+const POLL: Duration = Duration::from_millis(5);
 /// The downtime both VMMs are asked to stay under.
 const DOWNTIME_LIMIT_MS: u64 = 300;
 /// QEMU's bandwidth cap, lifted (bytes/s).
@@ -54,6 +58,35 @@ struct Outcome {
     baseline_gap_ms: f64,
     guest_gap_ms: f64,
     sent_mib: f64,
+}
+
+/// A migration's progress as the source reported it while polling: (ms since the start,
+/// MiB left to send, MiB sent), and the pause (start and end, ms since the start).
+#[derive(Debug, Default)]
+struct Timeline {
+    samples: Vec<(f64, f64, f64)>,
+    pause: (f64, f64),
+}
+
+impl Timeline {
+    fn push(&mut self, ms: f64, left_bytes: f64, sent_bytes: f64) {
+        self.samples
+            .push((ms, left_bytes / 1048576.0, sent_bytes / 1048576.0));
+    }
+
+    /// Ends the timeline at `total_ms` with nothing left; the pause is its last `downtime_ms`.
+    fn finish(&mut self, total_ms: f64, downtime_ms: f64, sent_bytes: f64) {
+        self.push(total_ms, 0.0, sent_bytes);
+        self.pause = (total_ms - downtime_ms, total_ms);
+    }
+
+    fn write(&self, path: &Path) -> Result<()> {
+        let mut text = format!("# pause {:.3} {:.3}\n", self.pause.0, self.pause.1);
+        for (ms, left, sent) in &self.samples {
+            text.push_str(&format!("{ms:.3} {left:.3} {sent:.3}\n"));
+        }
+        std::fs::write(path, text).with_context(|| format!("write {}", path.display()))
+    }
 }
 
 /// One row of the table: every run of one VMM, memory size and case.
@@ -89,6 +122,7 @@ fn main() -> Result<()> {
         .prefix("bench-migration.")
         .tempdir()?;
     let keep = std::env::var("KEEP").as_deref() == Ok("1");
+    let timelines = std::env::var_os("TIMELINES").map(std::path::PathBuf::from);
 
     let mut rows: Vec<Row> = Vec::new();
     for run in 1..=runs {
@@ -112,6 +146,13 @@ fn main() -> Result<()> {
                     let outcome = match vmm {
                         "qemu" => migrate_qemu(&c),
                         _ => migrate_vmm(&c),
+                    };
+                    let outcome = match (outcome, &timelines) {
+                        (Ok((o, timeline)), Some(dir)) => {
+                            let name = format!("migration-{mem_mib}-{case}-{vmm}.dat");
+                            timeline.write(&dir.join(name)).map(|()| o)
+                        }
+                        (outcome, _) => outcome.map(|(o, _)| o),
                     };
                     match &outcome {
                         Ok(o) => eprintln!("[bench migration]   {o:?}"),
@@ -362,7 +403,7 @@ impl Drop for Qemu {
     }
 }
 
-fn migrate_qemu(c: &Case) -> Result<Outcome> {
+fn migrate_qemu(c: &Case) -> Result<(Outcome, Timeline)> {
     let port = e2e::free_port()?;
     let mut dst = Qemu::start(c, &c.dir.join("dst"), Some(port))?;
     let mut src = Qemu::start(c, &c.dir.join("src"), None)?;
@@ -374,9 +415,17 @@ fn migrate_qemu(c: &Case) -> Result<Outcome> {
     )?;
     let uri = format!("tcp:127.0.0.1:{port}");
     src.qmp.execute("migrate", json!({ "uri": uri }))?;
-    let deadline = Instant::now() + MIGRATION;
+    let started = Instant::now();
+    let deadline = started + MIGRATION;
+    let mut timeline = Timeline::default();
     let status = loop {
         let s = src.qmp.execute("query-migrate", json!({}))?;
+        if let (Some(left), Some(sent)) = (
+            s["ram"]["remaining"].as_f64(),
+            s["ram"]["transferred"].as_f64(),
+        ) {
+            timeline.push(started.elapsed().as_secs_f64() * 1000.0, left, sent);
+        }
         match s["status"].as_str() {
             Some("completed") => break s,
             Some("failed" | "cancelled") => bail!("QEMU migration {}: {}", s["status"], s),
@@ -385,7 +434,7 @@ fn migrate_qemu(c: &Case) -> Result<Outcome> {
         }
     };
     eprintln!("[bench migration]   final status: {status}");
-    Ok(Outcome {
+    let outcome = Outcome {
         total_ms: status["total-time"].as_f64().context("total-time")?,
         downtime_ms: status["downtime"].as_f64().context("downtime")?,
         baseline_gap_ms: gap.baseline_ms,
@@ -394,7 +443,13 @@ fn migrate_qemu(c: &Case) -> Result<Outcome> {
             .as_f64()
             .context("transferred")?
             / 1048576.0,
-    })
+    };
+    timeline.finish(
+        outcome.total_ms,
+        outcome.downtime_ms,
+        outcome.sent_mib * 1048576.0,
+    );
+    Ok((outcome, timeline))
 }
 
 // ---- our VMM --------------------------------------------------------------------------------
@@ -412,7 +467,7 @@ fn api(socket: &Path, method: &str, path: &str, body: &Value) -> Result<(u16, Va
     Ok((status, if text.is_empty() { Value::Null } else { value }))
 }
 
-fn migrate_vmm(c: &Case) -> Result<Outcome> {
+fn migrate_vmm(c: &Case) -> Result<(Outcome, Timeline)> {
     if let Ok(why) = std::env::var("BENCH_VMM_UNAVAILABLE") {
         bail!("{why}");
     }
@@ -444,8 +499,16 @@ fn migrate_vmm(c: &Case) -> Result<Outcome> {
         bail!("POST /v1/migration/send: {code} {body}");
     }
     let deadline = Instant::now() + MIGRATION;
+    let mut timeline = Timeline::default();
     let status = loop {
         let (code, s) = api(&src.api_socket, "GET", "/v1/migration", &Value::Null)?;
+        if let (Some(ms), Some(left), Some(sent)) = (
+            s["total_ms"].as_f64(),
+            s["bytes_remaining"].as_f64(),
+            s["bytes_sent"].as_f64(),
+        ) {
+            timeline.push(ms, left, sent);
+        }
         match s["phase"].as_str() {
             Some("completed") => break s,
             Some("failed" | "aborted") => bail!("migration {}: {}", s["phase"], s["error"]),
@@ -458,11 +521,17 @@ fn migrate_vmm(c: &Case) -> Result<Outcome> {
     let guest_gap_ms = gap.after_migration(&mut dst.agent)?;
     let _ = api(&src.api_socket, "POST", "/v1/vm/shutdown", &Value::Null);
     let _ = src.wait_exit(Duration::from_secs(30));
-    Ok(Outcome {
+    let outcome = Outcome {
         total_ms: status["total_ms"].as_f64().context("total_ms")?,
         downtime_ms: status["downtime_ms"].as_f64().context("downtime_ms")?,
         baseline_gap_ms: gap.baseline_ms,
         guest_gap_ms,
         sent_mib: status["bytes_sent"].as_f64().context("bytes_sent")? / 1048576.0,
-    })
+    };
+    timeline.finish(
+        outcome.total_ms,
+        outcome.downtime_ms,
+        outcome.sent_mib * 1048576.0,
+    );
+    Ok((outcome, timeline))
 }
