@@ -72,6 +72,7 @@ struct VmDiskOp {
 }
 
 /// The migrations' metrics, kept for the life of the process.
+#[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     migrations: Family<Outcome, Counter>,
@@ -81,12 +82,6 @@ pub struct Metrics {
     sent_bytes: Counter,
     active: Gauge,
     instances: Family<State, Gauge>,
-}
-
-impl std::fmt::Debug for Metrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Metrics")
-    }
 }
 
 impl Default for Metrics {

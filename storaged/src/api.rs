@@ -364,13 +364,4 @@ async fn revoke(
 )]
 pub struct ApiDoc;
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn the_checked_in_openapi_document_is_the_code() {
-        vmhop_common::openapi::check::<super::ApiDoc>(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/openapi.yaml"
-        ));
-    }
-}
+vmhop_common::openapi_drift_test!(super::ApiDoc);

@@ -200,6 +200,7 @@ fn step_buckets() -> Histogram {
 }
 
 /// Every metric of the daemon, and the registry they are served from.
+#[derive(Debug)]
 pub struct Metrics {
     registry: Prom,
     requests: Family<VolumeOp, Counter>,
@@ -218,12 +219,6 @@ pub struct Metrics {
     flip_steps: HistogramFamily<Step>,
     rollbacks: Counter,
     revokes: Counter,
-}
-
-impl std::fmt::Debug for Metrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Metrics")
-    }
 }
 
 impl Default for Metrics {

@@ -178,6 +178,30 @@ impl Cluster {
         .await
     }
 
+    /// Creates `volume` of `size` with `replicas` copies through node `via`, then waits until
+    /// its first master is elected and serves it; returns the master's id and the view.
+    pub async fn create_replicated(
+        &self,
+        via: &str,
+        volume: &str,
+        size: &str,
+        replicas: u32,
+    ) -> Result<(String, ReplicatedVolumeView)> {
+        let copies = replicas.to_string();
+        self.node(via)
+            .storaged
+            .create_volume(volume, size, &["--replicas", &copies])?;
+        let v = self
+            .wait_view(via, volume, "a first master", |v| v.master.is_some())
+            .await?;
+        let master = v.master.clone().expect("a master");
+        self.wait_view(&master, volume, "the master serving", |v| {
+            v.role_here.as_deref() == Some("master")
+        })
+        .await?;
+        Ok((master, v))
+    }
+
     /// The TLS settings of a client on host `host` (its own certificate; the server checked
     /// against the address it is reached at).
     pub fn client_tls(&self, host: &str) -> Result<Option<ClientTls>> {

@@ -27,22 +27,12 @@ async fn armed_cluster(dir: &std::path::Path, point: &str) -> Result<(Cluster, S
     let env = [("VMHOP_STALL_AT", point)];
     c.add_node_with_env("node-a", &env)?;
     c.add_node_with_env("node-b", &env)?;
-    c.node("node-a")
-        .storaged
-        .create_volume("rv", "4M", &["--replicas", "2"])?;
-    let v = c
-        .wait_view("node-a", "rv", "a first master", |v| v.master.is_some())
-        .await?;
-    let master = v.master.expect("a master");
+    let (master, _) = c.create_replicated("node-a", "rv", "4M", 2).await?;
     let other = if master == "node-a" {
         "node-b"
     } else {
         "node-a"
     };
-    c.wait_view(&master, "rv", "the master serving", |v| {
-        v.role_here.as_deref() == Some("master")
-    })
-    .await?;
     Ok((c, master, other.to_string()))
 }
 

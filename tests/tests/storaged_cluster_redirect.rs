@@ -18,23 +18,13 @@ use storaged_client::rest::StoragedApi;
 async fn clients_of_a_node_that_is_not_master_are_sent_to_the_master() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let c = Cluster::start(dir.path(), &["node-a", "node-b", "node-c"], false)?;
-    c.node("node-a")
-        .storaged
-        .create_volume("rv", "4M", &["--replicas", "2"])?;
-    let v = c
-        .wait_view("node-a", "rv", "a first master", |v| v.master.is_some())
-        .await?;
+    let (master, v) = c.create_replicated("node-a", "rv", "4M", 2).await?;
     assert_eq!(v.placement.replicas, ["node-a", "node-b"]);
-    let master = v.master.clone().expect("a master");
     let slave = if master == "node-a" {
         "node-b"
     } else {
         "node-a"
     };
-    c.wait_view(&master, "rv", "the master serving", |v| {
-        v.role_here.as_deref() == Some("master")
-    })
-    .await?;
     let api_of = |n: &str| c.node(n).storaged.api.to_string();
     let nbd_of = |n: &str| c.node(n).storaged.nbd.to_string();
 

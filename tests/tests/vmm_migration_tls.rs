@@ -48,6 +48,25 @@ fn destination(
     (vmm, addr)
 }
 
+/// A VMM of host `host` (its certificate from `pki`) running the tiny kernel, named `name`.
+fn tls_vmm(dir: &Path, name: &str, kernel: &Path, pki: &Pki, host: &str) -> TinyVmm {
+    TinyVmm::start(
+        dir,
+        name,
+        kernel,
+        &["--tls-dir", s(&pki.host(host).unwrap())],
+    )
+    .unwrap()
+}
+
+/// Has `vmm` send its guest to `addr`, naming host b as the destination; the send is accepted.
+fn send_to_b(vmm: &TinyVmm, addr: &str) {
+    let (code, body) = vmm
+        .send(&json!({"destination": addr, "destination_host": "b"}))
+        .unwrap();
+    assert_eq!(code, 202, "{body}");
+}
+
 #[test]
 fn the_destination_admits_only_the_expected_source() {
     if !e2e::kvm_available("the_destination_admits_only_the_expected_source") {
@@ -68,18 +87,8 @@ fn the_destination_admits_only_the_expected_source() {
     let mut rest = Vec::new();
     let _ = plain.read_to_end(&mut rest);
     // A real VMM of host c, a host of the same cluster: not the source b was told to expect.
-    let stray = TinyVmm::start(
-        dir.path(),
-        "stray",
-        &kernel,
-        &["--tls-dir", s(&pki.host("c").unwrap())],
-    )
-    .unwrap();
-    let (code, body) = stray
-        .send(&json!({"destination": addr, "destination_host": "b"}))
-        .unwrap();
-    assert_eq!(code, 202, "{body}");
-    let mut stray = stray;
+    let mut stray = tls_vmm(dir.path(), "stray", &kernel, &pki, "c");
+    send_to_b(&stray, &addr);
     let m = stray.wait_phase(&["failed"], WAIT).unwrap();
     assert_eq!(stray.info().unwrap()["state"], "running", "{m}");
     // The destination still waits, with nothing loaded.
@@ -88,17 +97,8 @@ fn the_destination_admits_only_the_expected_source() {
     assert_eq!(dst.info().unwrap()["state"], "paused");
 
     // The source b expects.
-    let mut src = TinyVmm::start(
-        dir.path(),
-        "src",
-        &kernel,
-        &["--tls-dir", s(&pki.host("a").unwrap())],
-    )
-    .unwrap();
-    let (code, body) = src
-        .send(&json!({"destination": addr, "destination_host": "b"}))
-        .unwrap();
-    assert_eq!(code, 202, "{body}");
+    let mut src = tls_vmm(dir.path(), "src", &kernel, &pki, "a");
+    send_to_b(&src, &addr);
     let done = dst.wait_phase(&["completed"], WAIT).unwrap();
     assert_eq!(dst.info().unwrap()["state"], "running", "{done}");
     src.wait_phase(&["completed"], WAIT).unwrap();
@@ -129,17 +129,8 @@ fn the_source_refuses_a_destination_that_is_not_the_host_it_named() {
     let kernel = hlt_kernel(dir.path()).unwrap();
     // Host c listens where the source expects host b.
     let (mut dst, addr) = destination(dir.path(), &kernel, &pki.host("c").unwrap(), "a", &[]);
-    let mut src = TinyVmm::start(
-        dir.path(),
-        "src",
-        &kernel,
-        &["--tls-dir", s(&pki.host("a").unwrap())],
-    )
-    .unwrap();
-    let (code, body) = src
-        .send(&json!({"destination": addr, "destination_host": "b"}))
-        .unwrap();
-    assert_eq!(code, 202, "{body}");
+    let mut src = tls_vmm(dir.path(), "src", &kernel, &pki, "a");
+    send_to_b(&src, &addr);
     let m = src.wait_phase(&["failed"], WAIT).unwrap();
     let err = m["error"].as_str().unwrap_or_default();
     assert!(err.contains("checking that it is \"b\""), "{m}");

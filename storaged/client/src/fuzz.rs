@@ -173,14 +173,4 @@ fn option_replies(data: &[u8]) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Every checked-in corpus file of every target, through its entry point.
-    #[test]
-    fn corpora_pass() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
-        vmhop_common::corpus::replay(&root, &TARGETS);
-    }
-}
+vmhop_common::corpus_replay_test!(super::TARGETS, "fuzz/corpus");

@@ -1,7 +1,8 @@
 //! storaged's client side: everything a process needs to use storaged without linking the
 //! daemon (its server framework, its database).
 //!
-//! - [`protocol`]: the NBD wire format and the project's lease extension;
+//! - [`protocol`]: the NBD wire format and the project's lease extension, whose messages are
+//!   in [`lease`];
 //! - [`option`]: the handshake's options as the server decodes them;
 //! - [`meta`]: metadata contexts (`base:allocation`) and block status;
 //! - [`codec`]: the transmission phase's framing (`tokio_util::codec`), for servers and clients;
@@ -20,6 +21,7 @@ pub mod api;
 pub mod cluster;
 pub mod codec;
 pub mod fuzz;
+pub mod lease;
 pub mod meta;
 pub mod nbd;
 pub mod option;

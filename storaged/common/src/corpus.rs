@@ -24,3 +24,21 @@ pub fn replay(root: &Path, targets: &[(&str, Target)]) {
         }
     }
 }
+
+/// The unit test that replays a crate's corpora: `corpus_replay_test!(TARGETS, "fuzz/corpus")`
+/// where `TARGETS` (a path from the calling module) is the crate's `[(&str, Target)]` list and
+/// the second argument the corpora's folder, relative to the crate's `Cargo.toml`.
+#[macro_export]
+macro_rules! corpus_replay_test {
+    ($targets:path, $dir:literal) => {
+        #[cfg(test)]
+        mod corpus_replay {
+            /// Every checked-in corpus file of every target, through its entry point.
+            #[test]
+            fn corpora_pass() {
+                let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join($dir);
+                $crate::corpus::replay(&root, &$targets);
+            }
+        }
+    };
+}

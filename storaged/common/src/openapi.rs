@@ -1,6 +1,7 @@
 //! The daemons' OpenAPI documents: each daemon derives its document from its handlers
 //! (`utoipa`) and checks in the result beside its `Cargo.toml` (`openapi.yaml`); a unit test
-//! per daemon calls [`check`], which fails when the code and the file differ.
+//! per daemon ([`openapi_drift_test!`]) calls [`check`], which fails when the code and the file
+//! differ.
 //! `UPDATE_OPENAPI=1 cargo test openapi` writes the files anew.
 
 use std::path::Path;
@@ -32,4 +33,23 @@ pub fn check<T: utoipa::OpenApi>(path: &str) {
             doc.lines().nth(first).unwrap_or("<end>"),
         );
     }
+}
+
+/// The unit test of a daemon's OpenAPI document: `openapi_drift_test!(ApiDoc)` where `ApiDoc`
+/// (a path from the calling module) derives `utoipa::OpenApi` and the document is checked in as
+/// `openapi.yaml` beside the crate's `Cargo.toml`.
+#[macro_export]
+macro_rules! openapi_drift_test {
+    ($doc:path) => {
+        #[cfg(test)]
+        mod openapi_drift {
+            #[test]
+            fn the_checked_in_openapi_document_is_the_code() {
+                $crate::openapi::check::<$doc>(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/openapi.yaml"
+                ));
+            }
+        }
+    };
 }

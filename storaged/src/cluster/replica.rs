@@ -30,6 +30,50 @@ pub enum ReplicaError {
     Fenced,
 }
 
+/// Why a replication stream to a slave could not be opened, or why a slave could not join
+/// the in-sync set through it.
+#[derive(Debug, Error)]
+pub enum LinkError {
+    /// etcd could not say where the slave listens.
+    #[error("etcd")]
+    Etcd(#[source] etcd_client::Error),
+    /// The slave's record in etcd.
+    #[error(transparent)]
+    Record(ClusterError),
+    /// The slave has no record in etcd.
+    #[error("the node is not live (no record in etcd)")]
+    NotLive,
+    /// Connecting, TLS or the hello.
+    #[error("opening the stream")]
+    Open(#[source] wire::WireError),
+    /// The slave did not answer the hello, or an op, within the replication timeout.
+    #[error("no answer within the replication timeout")]
+    Timeout,
+    /// The slave refused the stream (e.g. it knows a newer term).
+    #[error("the slave refused the stream ({status:?}, its term {term})")]
+    Refused {
+        /// The slave's answer.
+        status: Status,
+        /// The term the slave knows.
+        term: u64,
+    },
+    /// The slave answered an op with anything but `Ok`.
+    #[error("the slave answered {0:?}")]
+    Answered(Status),
+    /// The stream ended (or failed) under the op.
+    #[error("the stream ended")]
+    Ended,
+    /// This node stopped being the volume's master.
+    #[error("the mastership ended")]
+    MastershipEnded,
+    /// Reading the master's own copy for a resync.
+    #[error("reading the master's copy")]
+    Read(#[source] std::io::Error),
+    /// Writing the new in-sync set to etcd.
+    #[error("writing the in-sync set")]
+    InSync(#[source] ClusterError),
+}
+
 /// One replicated command.
 #[derive(Debug, Clone)]
 pub enum Op {
@@ -180,15 +224,16 @@ impl Link {
         node: &str,
         volume: &str,
         term: i64,
-    ) -> Result<Link, String> {
+    ) -> Result<Link, LinkError> {
         let key = node_key(node);
-        let rec: NodeRecord = match cluster.etcd().get(key.clone(), None).await {
-            Ok(r) => match r.kvs().first().map(|kv| parse(&key, kv.value())) {
-                Some(Ok(rec)) => rec,
-                Some(Err(e)) => return Err(e.to_string()),
-                None => return Err("the node is not live (no record in etcd)".into()),
-            },
-            Err(e) => return Err(format!("etcd: {e}")),
+        let found = cluster
+            .etcd()
+            .get(key.clone(), None)
+            .await
+            .map_err(LinkError::Etcd)?;
+        let rec: NodeRecord = match found.kvs().first() {
+            Some(kv) => parse(&key, kv.value()).map_err(LinkError::Record)?,
+            None => return Err(LinkError::NotLive),
         };
         let hello = Hello {
             version: wire::VERSION,
@@ -214,14 +259,14 @@ impl Link {
         let (stream, reply) =
             match tokio::time::timeout(cluster.config.replication_timeout, open).await {
                 Ok(Ok(r)) => r,
-                Ok(Err(e)) => return Err(vmhop_common::error::chain(&e)),
-                Err(_) => return Err("no answer within the replication timeout".into()),
+                Ok(Err(e)) => return Err(LinkError::Open(e)),
+                Err(_) => return Err(LinkError::Timeout),
             };
         if reply.status != Status::Ok {
-            return Err(format!(
-                "the slave refused the stream ({:?}, its term {})",
-                reply.status, reply.term
-            ));
+            return Err(LinkError::Refused {
+                status: reply.status,
+                term: reply.term,
+            });
         }
         let (tx, rx) = mpsc::channel(LINK_QUEUE);
         let failed = Arc::new(AtomicBool::new(false));
@@ -329,7 +374,7 @@ impl Replicas {
             match Link::open(&cluster, m, volume, term).await {
                 Ok(l) => links.push(Arc::new(l)),
                 Err(e) => tracing::warn!(target: "storaged::cluster", volume, slave = %m,
-                    error = %e, "no replication stream to an in-sync slave: it leaves the set"),
+                    error = %vmhop_common::error::chain(&e), "no replication stream to an in-sync slave: it leaves the set"),
             }
         }
         let r = Arc::new(Replicas {
@@ -498,7 +543,7 @@ impl Replicas {
     /// unless its link failed or was dropped meanwhile: under the members lock, so that a
     /// failure of the link either comes before (and nothing is added) or after (and the
     /// slave leaves again before any client gets an answer without it).
-    pub(crate) async fn add_member(&self, node: &str, link: &Arc<Link>) -> Result<(), String> {
+    pub(crate) async fn add_member(&self, node: &str, link: &Arc<Link>) -> Result<(), LinkError> {
         let mut members = self.members.lock().await;
         let linked = self
             .links
@@ -507,13 +552,11 @@ impl Replicas {
             .iter()
             .any(|l| Arc::ptr_eq(l, link));
         if !linked || link.failed.load(Ordering::SeqCst) {
-            return Err("the stream failed before the slave could join".into());
+            return Err(LinkError::Ended);
         }
         let mut next = members.clone();
         next.push(node.to_string());
-        self.put_members(&next)
-            .await
-            .map_err(|e| vmhop_common::error::chain(&e))?;
+        self.put_members(&next).await.map_err(LinkError::InSync)?;
         *members = next;
         tracing::info!(target: "storaged::cluster", event = "insync", volume = %self.volume,
             members = ?members, joined = node, term = self.term, "in-sync set changed");

@@ -34,7 +34,7 @@
 //! `Ok`, a timeout, the stream ending) drops the stream and the resync starts over later.
 
 use super::placement_key;
-use super::replica::{Link, Op, Replicas};
+use super::replica::{Link, LinkError, Op, Replicas};
 use super::wire::{Ack, Status};
 use super::{parse, Placement};
 use crate::volume::{Volume, VolumeFile};
@@ -44,6 +44,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
+use vmhop_common::error::chain as error_chain;
 
 /// Bytes read and sent per step.
 pub const CHUNK: u32 = 1 << 20;
@@ -87,7 +88,8 @@ pub async fn run(rep: Arc<Replicas>, vol: Arc<Volume>) {
                 Err(e) => {
                     if logged.insert(node.clone()) {
                         tracing::info!(target: "storaged::cluster", volume = %rep.volume(),
-                            slave = %node, error = %e, "out-of-sync copy not reachable yet");
+                            slave = %node, error = %error_chain(&e),
+                            "out-of-sync copy not reachable yet");
                     }
                     continue;
                 }
@@ -106,7 +108,7 @@ pub async fn run(rep: Arc<Replicas>, vol: Arc<Volume>) {
                 }
                 Err(e) => {
                     tracing::warn!(target: "storaged::cluster", event = "resync-failed",
-                        volume = %rep.volume(), slave = %node, error = %e,
+                        volume = %rep.volume(), slave = %node, error = %error_chain(&e),
                         "resync failed; it starts over later");
                     if rep.drop_member(node).await.is_err() {
                         rep.fence();
@@ -151,18 +153,23 @@ fn read_chunk(file: &VolumeFile, offset: u64, len: u32) -> std::io::Result<Vec<O
 }
 
 /// Waits for one ack; anything but `Ok` in time is a failure.
-async fn acked(rep: &Replicas, rx: oneshot::Receiver<Ack>) -> Result<(), String> {
+async fn acked(rep: &Replicas, rx: oneshot::Receiver<Ack>) -> Result<(), LinkError> {
     match tokio::time::timeout(rep.cluster().config.replication_timeout, rx).await {
         Ok(Ok(a)) if a.status == Status::Ok => Ok(()),
-        Ok(Ok(a)) => Err(format!("the slave answered {:?}", a.status)),
-        Ok(Err(_)) => Err("the stream ended".into()),
-        Err(_) => Err("no ack within the replication timeout".into()),
+        Ok(Ok(a)) => Err(LinkError::Answered(a.status)),
+        Ok(Err(_)) => Err(LinkError::Ended),
+        Err(_) => Err(LinkError::Timeout),
     }
 }
 
 /// Copies the volume to `node` over `link` and adds it to the in-sync set; returns the bytes
 /// of data sent.
-async fn resync(rep: &Replicas, vol: &Volume, node: &str, link: &Arc<Link>) -> Result<u64, String> {
+async fn resync(
+    rep: &Replicas,
+    vol: &Volume,
+    node: &str,
+    link: &Arc<Link>,
+) -> Result<u64, LinkError> {
     link.counted.store(false, Ordering::SeqCst);
     {
         let _order = rep.order.lock().await;
@@ -177,18 +184,18 @@ async fn resync(rep: &Replicas, vol: &Volume, node: &str, link: &Arc<Link>) -> R
         {
             let _order = rep.order.lock().await;
             if !rep.usable() {
-                return Err("the mastership ended".into());
+                return Err(LinkError::MastershipEnded);
             }
             let file = vol.file.clone();
             let ops = tokio::task::spawn_blocking(move || read_chunk(&file, offset, len))
                 .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("reading the master's copy: {e}"))?;
+                .map_err(|e| LinkError::Read(std::io::Error::other(e)))?
+                .map_err(LinkError::Read)?;
             for op in &ops {
                 if let Op::Write { data, .. } = op {
                     sent += data.len() as u64;
                 }
-                window.push_back(link.send(op).await.ok_or("the stream ended")?);
+                window.push_back(link.send(op).await.ok_or(LinkError::Ended)?);
             }
         }
         while window.len() > WINDOW {
@@ -200,7 +207,7 @@ async fn resync(rep: &Replicas, vol: &Volume, node: &str, link: &Arc<Link>) -> R
     {
         let _order = rep.order.lock().await;
         link.counted.store(true, Ordering::SeqCst);
-        window.push_back(link.send(&Op::Flush).await.ok_or("the stream ended")?);
+        window.push_back(link.send(&Op::Flush).await.ok_or(LinkError::Ended)?);
     }
     while let Some(rx) = window.pop_front() {
         acked(rep, rx).await?;
