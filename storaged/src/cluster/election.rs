@@ -131,7 +131,7 @@ pub(crate) async fn read_insync(
     volume: &str,
 ) -> Result<(InSync, i64), ClusterError> {
     let key = insync_key(volume);
-    let resp = etcd.get(key.clone(), None).await?;
+    let resp = super::get(etcd, key.clone(), None).await?;
     let kv = resp
         .kvs()
         .first()
@@ -207,7 +207,7 @@ async fn term(
             serde_json::to_vec(&body).expect("in-sync record serialises"),
             None,
         )]);
-    if !etcd.txn(txn).await?.succeeded() {
+    if !super::txn(&etcd, txn).await?.succeeded() {
         resign(etcd, leader).await;
         return Ok(());
     }
@@ -244,28 +244,8 @@ async fn term(
     tracing::info!(target: "storaged::cluster", event = "master", volume = %name, term,
         slaves = ?replicas.slaves(), "this node is master");
     tokio::spawn(super::resync::run(replicas.clone(), vol.clone()));
-    let mut w = etcd
-        .watch(
-            leader.key().to_vec(),
-            Some(WatchOptions::new().with_start_revision(term + 1)),
-        )
-        .await?;
-    let key_gone = async {
-        loop {
-            match w.message().await {
-                Ok(Some(resp)) => {
-                    if resp
-                        .events()
-                        .iter()
-                        .any(|e| e.event_type() == EventType::Delete)
-                    {
-                        return;
-                    }
-                }
-                _ => return,
-            }
-        }
-    };
+    let retry = (cluster.config.lease_ttl / 20).max(Duration::from_millis(20));
+    let key_gone = until_deleted(cluster.etcd(), leader.key().to_vec(), term, retry);
     tokio::select! {
         _ = replicas.fenced() => {}
         _ = session_over(cluster, session) => {}
@@ -280,6 +260,44 @@ async fn term(
         resign(etcd, leader).await;
     }
     Ok(())
+}
+
+/// Returns once the election key `key` of term `term` is gone (deleted, or replaced by a key
+/// of another term). A watch stream goes to one etcd member: when it breaks (that member died)
+/// the key is read again and watched from there, through the client's other endpoints. While
+/// etcd answers nothing this waits; the session's deadline ends the term meanwhile.
+async fn until_deleted(mut etcd: etcd_client::Client, key: Vec<u8>, term: i64, retry: Duration) {
+    loop {
+        let from = match super::get(&etcd, key.clone(), None).await {
+            Ok(r) => {
+                if r.kvs().first().map(|kv| kv.create_revision()) != Some(term) {
+                    return;
+                }
+                r.header().map_or(term, |h| h.revision()) + 1
+            }
+            Err(_) => {
+                tokio::time::sleep(retry).await;
+                continue;
+            }
+        };
+        let opts = WatchOptions::new().with_start_revision(from);
+        if let Ok(mut stream) = etcd.watch(key.clone(), Some(opts)).await {
+            while let Ok(Some(resp)) = stream.message().await {
+                let deleted = resp
+                    .events()
+                    .iter()
+                    .any(|e| e.event_type() == EventType::Delete);
+                if deleted {
+                    return;
+                }
+                if resp.canceled() {
+                    break;
+                }
+            }
+        }
+        tracing::warn!(target: "storaged::cluster", "etcd watch of the election key broke; watching again");
+        tokio::time::sleep(retry).await;
+    }
 }
 
 /// Disconnects every client of the volume (they reconnect to the new master).

@@ -99,7 +99,7 @@ pub async fn ensure_local(
         return Ok(v);
     }
     let key = placement_key(volume);
-    let resp = cluster.etcd().get(key.clone(), None).await?;
+    let resp = super::get(&cluster.etcd(), key.clone(), None).await?;
     let kv = resp
         .kvs()
         .first()
@@ -115,13 +115,12 @@ pub async fn ensure_local(
 
 /// The live nodes, by id.
 async fn live_nodes(cluster: &Cluster) -> Result<Vec<NodeRecord>, ClusterError> {
-    let resp = cluster
-        .etcd()
-        .get(
-            format!("{PREFIX}nodes/"),
-            Some(GetOptions::new().with_prefix()),
-        )
-        .await?;
+    let resp = super::get(
+        &cluster.etcd(),
+        format!("{PREFIX}nodes/"),
+        Some(GetOptions::new().with_prefix()),
+    )
+    .await?;
     resp.kvs()
         .iter()
         .map(|kv| parse(&String::from_utf8_lossy(kv.key()), kv.value()))
@@ -184,7 +183,7 @@ pub async fn create(
                 None,
             ),
         ]);
-    if !cluster.etcd().txn(txn).await?.succeeded() {
+    if !super::txn(&cluster.etcd(), txn).await?.succeeded() {
         return Err(ClusterError::Exists(name));
     }
     tracing::info!(target: "storaged::cluster", event = "placed", volume = %name,
@@ -197,7 +196,7 @@ pub async fn create(
 pub async fn view(cluster: &Cluster, volume: &str) -> Result<ReplicatedVolumeView, ClusterError> {
     let mut etcd = cluster.etcd();
     let key = placement_key(volume);
-    let resp = etcd.get(key.clone(), None).await?;
+    let resp = super::get(&etcd, key.clone(), None).await?;
     let kv = resp
         .kvs()
         .first()
@@ -211,9 +210,7 @@ pub async fn view(cluster: &Cluster, volume: &str) -> Result<ReplicatedVolumeVie
             etcd_client::SortOrder::Ascend,
         )
         .with_limit(1);
-    let resp = etcd
-        .get(format!("{}/", election_name(volume)), Some(opts))
-        .await?;
+    let resp = super::get(&etcd, format!("{}/", election_name(volume)), Some(opts)).await?;
     let (master, term) = match resp.kvs().first() {
         Some(kv) => (
             Some(String::from_utf8_lossy(kv.value()).into_owned()),
@@ -224,7 +221,7 @@ pub async fn view(cluster: &Cluster, volume: &str) -> Result<ReplicatedVolumeVie
     let mut nbd_addresses = Vec::new();
     for n in &placement.replicas {
         let key = node_key(n);
-        if let Some(kv) = etcd.get(key.clone(), None).await?.kvs().first() {
+        if let Some(kv) = super::get(&etcd, key.clone(), None).await?.kvs().first() {
             let rec: NodeRecord = parse(&key, kv.value())?;
             nbd_addresses.push(rec.nbd.to_string());
         }

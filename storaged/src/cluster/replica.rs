@@ -182,7 +182,7 @@ impl Link {
         term: i64,
     ) -> Result<Link, String> {
         let key = node_key(node);
-        let rec: NodeRecord = match cluster.etcd().get(key.clone(), None).await {
+        let rec: NodeRecord = match super::get(&cluster.etcd(), key.clone(), None).await {
             Ok(r) => match r.kvs().first().map(|kv| parse(&key, kv.value())) {
                 Some(Ok(rec)) => rec,
                 Some(Err(e)) => return Err(e.to_string()),
@@ -538,7 +538,7 @@ impl Replicas {
                 None,
             )]);
         let limit = self.cluster.config.lease_ttl;
-        let resp = tokio::time::timeout(limit, self.cluster.etcd().txn(txn))
+        let resp = tokio::time::timeout(limit, super::txn(&self.cluster.etcd(), txn))
             .await
             .map_err(|_| ClusterError::Deposed(self.volume.clone()))??;
         if !resp.succeeded() {
