@@ -99,6 +99,19 @@ fn api(c: &Cluster, via: &str) -> StoragedApi {
     StoragedApi::new(&c.node(via).storaged.api.to_string(), None)
 }
 
+/// The nodes' warnings, for a failure's message.
+fn warnings(c: &Cluster) -> String {
+    let mut out = String::new();
+    for n in ["node-a", "node-b"] {
+        for l in c.node(n).storaged.log().lines() {
+            if l.contains("WARN") || l.contains("ERROR") {
+                out.push_str(&format!("{n}: {l}\n"));
+            }
+        }
+    }
+    out
+}
+
 /// Checks that both nodes' files hold every record of `written`.
 fn verify_copies(c: &Cluster, written: &[u64]) -> Result<()> {
     for n in ["node-a", "node-b"] {
@@ -127,7 +140,8 @@ async fn losing_one_etcd_member_of_three_changes_nothing() -> Result<()> {
         assert_eq!(
             (now.master.as_deref(), now.term),
             (Some(master.as_str()), first.term),
-            "etcd member m{i} down: the master changed ({first:?} -> {now:?})"
+            "etcd member m{i} down: the master changed ({first:?} -> {now:?})\n{}",
+            warnings(&c)
         );
         if i == c.etcd.len() - 1 {
             // A flip, with this member still down.

@@ -42,7 +42,7 @@
 //! grant or flip fails whatever its clock says.
 //!
 //! **(3) Clocks and timeouts.** A node's session is one etcd lease of TTL `T`
-//! (`--etcd-lease-ttl-secs`, default 5 s), kept alive every `T/3`. The node keeps a local
+//! (`--etcd-lease-ttl-secs`, default 5 s), kept alive every `T/6`. The node keeps a local
 //! deadline: the instant it *sent* the last keep-alive that succeeded, plus the TTL etcd
 //! granted, minus a margin of `T/4`. etcd expires the lease no earlier than `T` after it
 //! *received* that keep-alive (a change of etcd leader only extends leases), which is later

@@ -15,43 +15,65 @@ use storaged_client::cluster::ReplicatedVolumeView;
 
 /// Brings up the volumes placed here and watches for new ones.
 pub async fn start(cluster: Arc<Cluster>) -> Result<(), ClusterError> {
-    let prefix = format!("{PREFIX}placement/");
-    let resp = cluster
-        .etcd()
-        .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
-        .await?;
+    let rev = adopt_all(&cluster).await?;
+    tokio::spawn(follow(cluster, rev));
+    Ok(())
+}
+
+/// The prefix of every placement record.
+fn placement_prefix() -> String {
+    format!("{PREFIX}placement/")
+}
+
+/// Adopts every volume placed here; returns the etcd revision it read them at.
+async fn adopt_all(cluster: &Arc<Cluster>) -> Result<i64, ClusterError> {
+    let opts = GetOptions::new().with_prefix();
+    let resp = super::get(&cluster.etcd(), placement_prefix(), Some(opts)).await?;
     for kv in resp.kvs() {
         let p: Placement = parse(&String::from_utf8_lossy(kv.key()), kv.value())?;
-        adopt(&cluster, &p).await;
+        adopt(cluster, &p).await;
     }
-    let rev = resp.header().map_or(0, |h| h.revision());
-    let mut w = cluster
-        .etcd()
-        .watch(
-            prefix,
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(rev + 1),
-            ),
-        )
-        .await?;
-    tokio::spawn(async move {
-        while let Ok(Some(resp)) = w.message().await {
-            for ev in resp.events() {
-                let Some(kv) = ev.kv() else { continue };
-                if ev.event_type() != EventType::Put {
-                    continue;
+    Ok(resp.header().map_or(0, |h| h.revision()))
+}
+
+/// Adopts the volumes placed after revision `rev`, as etcd reports them. A watch goes to one
+/// etcd member: when it breaks (that member died) every placement is read again and the
+/// watch opened anew from there, so that no volume is missed.
+async fn follow(cluster: Arc<Cluster>, mut rev: i64) {
+    loop {
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(rev + 1);
+        if let Ok(mut w) = cluster.etcd().watch(placement_prefix(), Some(opts)).await {
+            while let Ok(Some(resp)) = w.message().await {
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    if ev.event_type() != EventType::Put {
+                        continue;
+                    }
+                    match parse::<Placement>(&String::from_utf8_lossy(kv.key()), kv.value()) {
+                        Ok(p) => adopt(&cluster, &p).await,
+                        Err(e) => tracing::warn!(error = %e, "unreadable placement"),
+                    }
                 }
-                match parse::<Placement>(&String::from_utf8_lossy(kv.key()), kv.value()) {
-                    Ok(p) => adopt(&cluster, &p).await,
-                    Err(e) => tracing::warn!(error = %e, "unreadable placement"),
+                if resp.canceled() {
+                    break;
                 }
             }
         }
-        tracing::error!("placement watch ended: new volumes are not picked up until restart");
-    });
-    Ok(())
+        tracing::warn!(target: "storaged::cluster", "placement watch broke; reading every placement again");
+        loop {
+            tokio::time::sleep(cluster.config.lease_ttl / 10).await;
+            match adopt_all(&cluster).await {
+                Ok(r) => {
+                    rev = r;
+                    break;
+                }
+                Err(e) => tracing::warn!(target: "storaged::cluster",
+                    error = %vmhop_common::error::chain(&e), "placements not read; retrying"),
+            }
+        }
+    }
 }
 
 /// Makes a volume placed here exist locally and starts its election.

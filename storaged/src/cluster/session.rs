@@ -31,6 +31,11 @@ impl Session {
     }
 }
 
+/// The pause before another keep-alive stream is tried: short, since the balancer may have
+/// picked a member that is down, and another pick is likely to find a live one before the
+/// session's deadline.
+const REOPEN: Duration = Duration::from_millis(10);
+
 /// The part of the TTL not trusted, against clock rate drift between this node and etcd.
 fn margin(ttl: Duration) -> Duration {
     ttl / 4
@@ -102,16 +107,20 @@ async fn grant(
 }
 
 /// Keeps `session` alive until its deadline passes or etcd says the lease is gone; returns
-/// why it ended. A keep-alive stream goes to one etcd member: when it breaks (that member
-/// died, or its connection did), another is opened, through the client's other endpoints,
-/// for as long as the deadline allows. Only a keep-alive that succeeded moves the deadline.
+/// why it ended. A keep-alive goes every `T/6`. A keep-alive stream goes to one etcd member:
+/// when it breaks (that member died, or its connection did) or a round has no answer within
+/// `T/4`, another is opened, through the client's other endpoints, for as long as the
+/// deadline allows. Only a keep-alive that succeeded moves the deadline.
 async fn keep_alive(
     mut etcd: etcd_client::Client,
     cfg: &ClusterConfig,
     session: &Session,
 ) -> String {
-    let period = (cfg.lease_ttl / 3).max(Duration::from_millis(200));
-    let retry = (cfg.lease_ttl / 20).max(Duration::from_millis(20));
+    // Frequent rounds, each given a fraction of the TTL: a round lost with an etcd member
+    // (or waiting out etcd's election of a new leader) leaves time for others before the
+    // deadline.
+    let period = (cfg.lease_ttl / 6).max(Duration::from_millis(100));
+    let round_limit = cfg.lease_ttl / 4;
     loop {
         let deadline = *session.deadline.lock().expect("deadline lock");
         let opened =
@@ -122,7 +131,7 @@ async fn keep_alive(
             Ok(Err(e)) => {
                 tracing::warn!(target: "storaged::cluster", lease = session.lease,
                     error = %e, "etcd keep-alive stream not opened; retrying");
-                tokio::time::sleep(retry).await;
+                tokio::time::sleep(REOPEN).await;
                 continue;
             }
         };
@@ -133,8 +142,16 @@ async fn keep_alive(
                 keeper.keep_alive().await?;
                 stream.message().await
             };
-            let resp = match tokio::time::timeout_at(deadline.into(), round).await {
-                Err(_) => return "the lease's deadline passed without a keep-alive".into(),
+            let limit = deadline.min(sent + round_limit);
+            let resp = match tokio::time::timeout_at(limit.into(), round).await {
+                Err(_) if Instant::now() >= deadline => {
+                    return "the lease's deadline passed without a keep-alive".into()
+                }
+                Err(_) => {
+                    tracing::warn!(target: "storaged::cluster", lease = session.lease,
+                        "no etcd keep-alive answer within {round_limit:?}; opening another stream");
+                    break;
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(target: "storaged::cluster", lease = session.lease,
                         error = %e, "etcd keep-alive stream broke; opening another");
@@ -155,6 +172,6 @@ async fn keep_alive(
                 sent + granted.saturating_sub(margin(granted));
             tokio::time::sleep(period).await;
         }
-        tokio::time::sleep(retry).await;
+        tokio::time::sleep(REOPEN).await;
     }
 }
