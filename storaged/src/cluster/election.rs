@@ -63,10 +63,30 @@
 //! takes about `T` (the dead master's lease must expire at etcd) plus the election, the
 //! winner's streams and the clients' reconnection backoff.
 //!
-//! **Losing etcd.** A master that cannot renew its lease (partition, quorum loss) stops
-//! acknowledging within `0.75 T` and no node can be elected until etcd is back: I/O on
-//! replicated volumes fails safe (clients are disconnected and hold their I/O while they look
-//! for a master) rather than go on without a way to be fenced; flips fail with an etcd error.
+//! **Losing etcd members.** etcd's client spreads calls over every endpoint given. A member
+//! of several that dies changes nothing: a call that could not be sent to it (connection
+//! refused) is made again, to another member ([`super::sent`]); a keep-alive stream or a
+//! watch that broke with it is opened again through the others; keep-alives go every `T/6`
+//! and a round without an answer within `T/4` moves to a new stream, so that a round lost
+//! with the member, or waiting out etcd's election of a new leader (which must take well
+//! under `T/2`: etcd's election timeout is set for that), leaves time for others before the
+//! deadline. The master keeps its term.
+//!
+//! **Losing etcd's quorum (or the master's link to it).** Why I/O fails safe rather than
+//! go on: no etcd member without a quorum renews a lease (a renewal needs the raft leader),
+//! so the master's session cannot be extended; and it must not go on acknowledging past its
+//! deadline, because it cannot tell a quorum loss (nobody can be elected) from a partition
+//! that cut only itself off (a successor is elected at `T`). Its deadline passes within
+//! `0.75 T` of its last renewal; from then it acknowledges no write, answers no read, closes
+//! its clients' connections and takes no new client, and no node can be elected until etcd
+//! is back. The clients hold their I/O while they look for a master (they retry the writes
+//! that had no reply). A lease change asked of any node meanwhile is answered
+//! `503 Service Unavailable` "etcd is unavailable to this node (unreachable, or without
+//! quorum)", and nothing changes. When the quorum is back each node opens a new session by
+//! itself; its old lease, extended by etcd's new leader, expires within `T` and frees the
+//! election, a master is elected (keeping only itself in the in-sync set and resyncing the
+//! others, as after any failover) and the clients find it, with no restart of storaged. A
+//! write acknowledged before the loss is on every in-sync copy, by (1).
 
 use super::leases;
 use super::replica::Replicas;
