@@ -79,6 +79,18 @@ impl Cluster {
         Ok(c)
     }
 
+    /// etcd and nodes `node-a` and `node-b`, both started with `env` (fault points: either
+    /// may win the election), and volume `rv` of `size` placed on both.
+    pub fn pair_with_env(dir: &Path, env: &[(&str, &str)], size: &str) -> Result<Cluster> {
+        let mut c = Cluster::start(dir, &[], false)?;
+        c.add_node_with_env("node-a", env)?;
+        c.add_node_with_env("node-b", env)?;
+        c.node("node-a")
+            .storaged
+            .create_volume("rv", size, &["--replicas", "2"])?;
+        Ok(c)
+    }
+
     /// Starts one more node, with extra `serve` flags.
     pub fn add_node(&mut self, id: &str, extra: &[&str]) -> Result<&Node> {
         let node = self.spawn(id, extra, &[])?;

@@ -250,13 +250,7 @@ async fn without_etcd_quorum_the_master_stops_and_service_resumes_after() -> Res
 async fn master_killed_mid_flip(point: &str, made: bool) -> Result<()> {
     let started = Instant::now();
     let dir = tempfile::tempdir()?;
-    let mut c = Cluster::start(dir.path(), &[], false)?;
-    let env = [("VMHOP_CRASH_AT", point)];
-    c.add_node_with_env("node-a", &env)?;
-    c.add_node_with_env("node-b", &env)?;
-    c.node("node-a")
-        .storaged
-        .create_volume("rv", "16M", &["--replicas", "2"])?;
+    let mut c = Cluster::pair_with_env(dir.path(), &[("VMHOP_CRASH_AT", point)], "16M")?;
     let master = serving_master(&c, "node-a").await?;
     let survivor = other(&master);
     let (primary, standby) = clients(&c, "host-1", "host-2").await?;
