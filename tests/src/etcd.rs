@@ -196,34 +196,17 @@ impl Etcd {
         self.members.is_empty()
     }
 
-    /// Member `i`'s client URL.
-    pub fn member_endpoint(&self, i: usize) -> &str {
-        &self.members[i].endpoint
-    }
-
     /// SIGKILL of member `i`.
     pub fn kill(&mut self, i: usize) {
         self.members[i].kill();
     }
 
-    /// Starts member `i` again on its data directory and ports. With `wait`, returns once it
-    /// serves clients (which needs a quorum of members running).
-    pub fn restart(&mut self, i: usize, wait: bool) -> Result<()> {
+    /// Starts member `i` again on its data directory and ports; returns once it serves
+    /// clients (which needs a quorum of members running).
+    pub fn restart(&mut self, i: usize) -> Result<()> {
         let m = &mut self.members[i];
         anyhow::ensure!(m.child.is_none(), "etcd member {} is running", m.name);
         let log = m.spawn()?;
-        if wait {
-            m.wait_ready(&log)?;
-        }
-        Ok(())
-    }
-
-    /// Waits until member `i` (started with [`Self::restart`] without waiting) serves
-    /// clients.
-    pub fn wait_ready(&mut self, i: usize) -> Result<()> {
-        let m = &mut self.members[i];
-        let n = std::fs::read_dir(&m.dir)?.count();
-        let log = m.dir.join(format!("{}.{}.log", m.name, n - 1));
         m.wait_ready(&log)
     }
 }

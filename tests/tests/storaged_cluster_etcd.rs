@@ -155,10 +155,10 @@ async fn losing_one_etcd_member_of_three_changes_nothing() -> Result<()> {
             assert_eq!(v.state_of("host-1"), Some(LeaseState::Deactivated), "{v:?}");
             standby.flush().await?;
             verify_copies(&c, &written)?;
-            c.etcd.restart(i, true)?;
+            c.etcd.restart(i)?;
             break;
         }
-        c.etcd.restart(i, true)?;
+        c.etcd.restart(i)?;
     }
     let last = c.view(&master, "rv").await?;
     assert_eq!(last.term, first.term, "{first:?} -> {last:?}");
@@ -223,7 +223,7 @@ async fn without_etcd_quorum_the_master_stops_and_service_resumes_after() -> Res
     );
 
     // The quorum comes back: the same processes serve again.
-    c.etcd.restart(1, true)?;
+    c.etcd.restart(1)?;
     let resumed = Instant::now();
     writers.wait_acked(stopped_at + 100).await?;
     eprintln!(
