@@ -37,7 +37,8 @@ impl IntoResponse for ApiError {
             }
             RegistryError::NotMaster { .. }
             | RegistryError::Deposed { .. }
-            | RegistryError::Etcd(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | RegistryError::Etcd(_)
+            | RegistryError::EtcdUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             RegistryError::Volume(crate::volume::VolumeError::Config(_)) => StatusCode::BAD_REQUEST,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };

@@ -77,6 +77,10 @@ pub enum RegistryError {
     /// Cluster mode: etcd could not be asked or did not answer.
     #[error("etcd: {0}")]
     Etcd(String),
+    /// Cluster mode: this node has no etcd session (etcd is unreachable from it, or has lost
+    /// its quorum), so no node can be confirmed as the volume's master and no lease changes.
+    #[error("etcd is unavailable to this node (unreachable, or without quorum): no lease of volume {0} can change until it is back")]
+    EtcdUnavailable(String),
     /// Cluster mode: a change of a set of volumes must name only replicated volumes mastered
     /// on this node, or only single-node volumes.
     #[error("volume {0} is not mastered on this node with the others of the set: a set changes in one transaction, all in etcd or all in the local store")]
@@ -507,6 +511,9 @@ impl Registry {
 /// The refusal of a node that is not `vol`'s master, naming the master when it is known.
 pub(crate) async fn not_master(vol: &Volume) -> RegistryError {
     let master = match vol.role.get().cluster() {
+        Some(c) if !c.has_session() => {
+            return RegistryError::EtcdUnavailable(vol.config.name.clone());
+        }
         Some(c) => c.master_of(&vol.config.name).await,
         None => None,
     };

@@ -4,6 +4,7 @@
 //! verified afterwards.
 
 use crate::etcd::Etcd;
+use crate::netns::Host;
 use crate::pki::Pki;
 use crate::process::wait_for_async;
 use crate::storaged::Storaged;
@@ -36,12 +37,15 @@ pub struct Node {
 pub struct Cluster {
     /// The test's directory.
     pub dir: PathBuf,
-    /// The etcd member.
+    /// etcd (one member or several).
     pub etcd: Etcd,
     /// The nodes, in the order given.
     pub nodes: Vec<Node>,
     /// The CA of the nodes and clients, with TLS.
     pub pki: Option<Pki>,
+    /// The test hosts (network namespaces) that nodes run in, by node id; the others run
+    /// here, on loopback.
+    homes: std::collections::HashMap<String, Host>,
 }
 
 /// A free loopback address (bound and released).
@@ -56,17 +60,34 @@ impl Cluster {
     /// of one CA, requires TLS from every NBD client (loopback too) and replicates in mutual
     /// TLS; node ids are the certificates' host ids.
     pub fn start(dir: &Path, ids: &[&str], tls: bool) -> Result<Cluster> {
-        let etcd = Etcd::start(dir)?;
+        Self::start_on(Etcd::start(dir)?, dir, ids, tls)
+    }
+
+    /// [`Cluster::start`] on a running `etcd` (several members, say).
+    pub fn start_on(etcd: Etcd, dir: &Path, ids: &[&str], tls: bool) -> Result<Cluster> {
         let pki = tls.then(|| Pki::new(dir, "cluster-ca")).transpose()?;
         let mut c = Cluster {
             dir: dir.to_path_buf(),
             etcd,
             nodes: Vec::new(),
             pki,
+            homes: Default::default(),
         };
         for id in ids {
             c.add_node(id, &[])?;
         }
+        Ok(c)
+    }
+
+    /// etcd and nodes `node-a` and `node-b`, both started with `env` (fault points: either
+    /// may win the election), and volume `rv` of `size` placed on both.
+    pub fn pair_with_env(dir: &Path, env: &[(&str, &str)], size: &str) -> Result<Cluster> {
+        let mut c = Cluster::start(dir, &[], false)?;
+        c.add_node_with_env("node-a", env)?;
+        c.add_node_with_env("node-b", env)?;
+        c.node("node-a")
+            .storaged
+            .create_volume("rv", size, &["--replicas", "2"])?;
         Ok(c)
     }
 
@@ -75,6 +96,13 @@ impl Cluster {
         let node = self.spawn(id, extra, &[])?;
         self.nodes.push(node);
         Ok(self.nodes.last().expect("just pushed"))
+    }
+
+    /// Starts one more node inside test host `host` (its namespace, listening on its
+    /// address).
+    pub fn add_node_in(&mut self, id: &str, host: &Host) -> Result<&Node> {
+        self.homes.insert(id.to_string(), host.clone());
+        self.add_node(id, &[])
     }
 
     /// Starts one more node with environment variables (fault points).
@@ -87,7 +115,16 @@ impl Cluster {
     fn spawn(&self, id: &str, extra: &[&str], env: &[(&str, &str)]) -> Result<Node> {
         let work = self.dir.join(id);
         std::fs::create_dir_all(&work)?;
-        let repl = free_addr()?;
+        let home = self.homes.get(id);
+        let repl = match home {
+            // A namespace of the rig has nothing bound: any free port number will do.
+            Some(h) => format!(
+                "{}:{}",
+                h.addr,
+                free_addr()?.rsplit_once(':').expect("port").1
+            ),
+            None => free_addr()?,
+        };
         let mut flags: Vec<String> = [
             "--etcd",
             &self.etcd.endpoint,
@@ -112,7 +149,10 @@ impl Cluster {
         }
         flags.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = flags.iter().map(String::as_str).collect();
-        let storaged = Storaged::start_with_env(&work, &args, env)?;
+        let storaged = match home {
+            Some(h) => Storaged::start_in(&work, &h.netns, h.addr.into(), &args, env)?,
+            None => Storaged::start_with_env(&work, &args, env)?,
+        };
         Ok(Node {
             id: id.to_string(),
             storaged,
@@ -191,6 +231,16 @@ impl Cluster {
         self.node(via)
             .storaged
             .create_volume(volume, size, &["--replicas", &copies])?;
+        self.wait_master(via, volume).await
+    }
+
+    /// Waits until node `via` shows a master of `volume` and that master serves it; returns
+    /// the master's id and the view.
+    pub async fn wait_master(
+        &self,
+        via: &str,
+        volume: &str,
+    ) -> Result<(String, ReplicatedVolumeView)> {
         let v = self
             .wait_view(via, volume, "a first master", |v| v.master.is_some())
             .await?;

@@ -13,6 +13,10 @@ pub struct Rig {
     prefix: String,
     switch: String,
     hosts: Vec<Host>,
+    /// The third byte of the rig's addresses.
+    subnet: u8,
+    /// This process's end of the link of [`Rig::reach_from_here`], once made.
+    gateway: Option<String>,
 }
 
 /// One test host.
@@ -53,10 +57,15 @@ impl Rig {
         let n = RIGS.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("vh{id}x{n}");
         let switch = format!("{prefix}-sw");
+        // Rigs of concurrent test processes get different subnets, so that the link of
+        // [`Rig::reach_from_here`] (whose route is in the shared namespace) names one rig only.
+        let subnet = ((id + n) % 250) as u8;
         let mut rig = Rig {
             prefix: prefix.clone(),
             switch: switch.clone(),
             hosts: Vec::new(),
+            subnet,
+            gateway: None,
         };
         ip(&["netns", "add", &switch])?;
         ip(&["-n", &switch, "link", "add", "br0", "type", "bridge"])?;
@@ -64,7 +73,7 @@ impl Rig {
         for (i, name) in names.iter().enumerate() {
             let netns = format!("{prefix}-{name}");
             ip(&["netns", "add", &netns])?;
-            let addr = std::net::Ipv4Addr::new(198, 18, (n % 250) as u8, 10 + i as u8);
+            let addr = std::net::Ipv4Addr::new(198, 18, subnet, 10 + i as u8);
             // Interface names are limited to 15 bytes: keep them short and unique per rig.
             let (inner, outer) = (format!("v{n}h{i}"), format!("v{n}s{i}"));
             rig.hosts.push(Host {
@@ -104,6 +113,41 @@ impl Rig {
     /// Namespace name prefix of this rig.
     pub fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// Joins the namespace this process runs in to the rig's bridge (address 198.18.X.1), so
+    /// that the test itself reaches every host (a client of daemons running in the hosts).
+    /// The link goes with the rig.
+    pub fn reach_from_here(&mut self) -> Result<std::net::Ipv4Addr> {
+        let addr = std::net::Ipv4Addr::new(198, 18, self.subnet, 1);
+        let ours = format!("vg{}", &self.prefix[2..]);
+        anyhow::ensure!(ours.len() <= 15, "interface name {ours} too long");
+        ip(&[
+            "link",
+            "add",
+            &ours,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "gw",
+            "netns",
+            &self.switch,
+        ])?;
+        self.gateway = Some(ours.clone());
+        ip(&[
+            "-n",
+            &self.switch,
+            "link",
+            "set",
+            "gw",
+            "master",
+            "br0",
+            "up",
+        ])?;
+        ip(&["addr", "add", &format!("{addr}/24"), "dev", &ours])?;
+        ip(&["link", "set", &ours, "up"])?;
+        Ok(addr)
     }
 }
 
@@ -226,6 +270,9 @@ impl Host {
 
 impl Drop for Rig {
     fn drop(&mut self) {
+        if let Some(g) = &self.gateway {
+            let _ = ip(&["link", "del", g]);
+        }
         for h in &self.hosts {
             let _ = ip(&["netns", "del", &h.netns]);
         }

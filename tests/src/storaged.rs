@@ -27,6 +27,8 @@ pub struct Storaged {
     pub api: SocketAddr,
     /// stderr log of this run.
     pub log_path: PathBuf,
+    /// The network namespace it runs in (`ip netns exec`), if not this process's.
+    netns: Option<String>,
 }
 
 impl Storaged {
@@ -47,12 +49,26 @@ impl Storaged {
         env: &[(&str, &str)],
     ) -> Result<Storaged> {
         let any = "127.0.0.1:0".parse()?;
-        Self::spawn(work_dir, (any, any), extra, env)
+        Self::spawn(work_dir, None, (any, any), extra, env)
+    }
+
+    /// Starts storaged inside network namespace `netns`, listening on `ip` (NBD and API on
+    /// ports it picks), with extra `serve` flags and environment variables.
+    pub fn start_in(
+        work_dir: &Path,
+        netns: &str,
+        ip: std::net::IpAddr,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Storaged> {
+        let any = SocketAddr::new(ip, 0);
+        Self::spawn(work_dir, Some(netns), (any, any), extra, env)
     }
 
     /// Starts storaged listening on `listen` (NBD, API).
     fn spawn(
         work_dir: &Path,
+        netns: Option<&str>,
         listen: (SocketAddr, SocketAddr),
         extra: &[&str],
         env: &[(&str, &str)],
@@ -63,7 +79,16 @@ impl Storaged {
         let n = std::fs::read_dir(work_dir)?.count();
         let log_path = work_dir.join(format!("storaged.{n}.log"));
         let log = std::fs::File::create(&log_path)?;
-        let child = Command::new(crate::binary("storaged"))
+        let mut cmd = match netns {
+            // `ip netns exec` execs the program: the child's pid is storaged's.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(crate::binary("storaged"));
+                c
+            }
+            None => Command::new(crate::binary("storaged")),
+        };
+        let child = cmd
             .arg("serve")
             .arg("--data-dir")
             .arg(&data_dir)
@@ -88,6 +113,7 @@ impl Storaged {
             nbd: "127.0.0.1:0".parse()?,
             api: "127.0.0.1:0".parse()?,
             log_path,
+            netns: netns.map(str::to_string),
         };
         let child = s.child.as_mut().expect("child");
         let json: serde_json::Value = wait_for("storaged ready file", DEADLINE, || {
@@ -151,14 +177,26 @@ impl Storaged {
     /// Starts again, after [`Self::terminate`] or [`Self::kill9`], on the same data dir and
     /// the same ports: as a service manager restarts it, clients find it where it was.
     pub fn start_again(&mut self) -> Result<()> {
-        let fresh = Storaged::spawn(&self.work_dir, (self.nbd, self.api), &[], &[])?;
+        let fresh = Storaged::spawn(
+            &self.work_dir,
+            self.netns.as_deref(),
+            (self.nbd, self.api),
+            &[],
+            &[],
+        )?;
         *self = fresh;
         Ok(())
     }
 
     /// [`Self::start_again`] with `serve` flags (a cluster node's).
     pub fn start_again_with(&mut self, extra: &[&str]) -> Result<()> {
-        let fresh = Storaged::spawn(&self.work_dir, (self.nbd, self.api), extra, &[])?;
+        let fresh = Storaged::spawn(
+            &self.work_dir,
+            self.netns.as_deref(),
+            (self.nbd, self.api),
+            extra,
+            &[],
+        )?;
         *self = fresh;
         Ok(())
     }

@@ -23,11 +23,8 @@ const DEADLINE: Duration = Duration::from_secs(60);
 /// A cluster of two nodes both armed to stop at `point`, a volume on both, its first master
 /// elected; returns the cluster, the master and the other node.
 async fn armed_cluster(dir: &std::path::Path, point: &str) -> Result<(Cluster, String, String)> {
-    let mut c = Cluster::start(dir, &[], false)?;
-    let env = [("VMHOP_STALL_AT", point)];
-    c.add_node_with_env("node-a", &env)?;
-    c.add_node_with_env("node-b", &env)?;
-    let (master, _) = c.create_replicated("node-a", "rv", "4M", 2).await?;
+    let c = Cluster::pair_with_env(dir, &[("VMHOP_STALL_AT", point)], "4M")?;
+    let (master, _) = c.wait_master("node-a", "rv").await?;
     let other = if master == "node-a" {
         "node-b"
     } else {

@@ -42,7 +42,7 @@
 //! grant or flip fails whatever its clock says.
 //!
 //! **(3) Clocks and timeouts.** A node's session is one etcd lease of TTL `T`
-//! (`--etcd-lease-ttl-secs`, default 5 s), kept alive every `T/3`. The node keeps a local
+//! (`--etcd-lease-ttl-secs`, default 5 s), kept alive every `T/6`. The node keeps a local
 //! deadline: the instant it *sent* the last keep-alive that succeeded, plus the TTL etcd
 //! granted, minus a margin of `T/4`. etcd expires the lease no earlier than `T` after it
 //! *received* that keep-alive (a change of etcd leader only extends leases), which is later
@@ -63,10 +63,30 @@
 //! takes about `T` (the dead master's lease must expire at etcd) plus the election, the
 //! winner's streams and the clients' reconnection backoff.
 //!
-//! **Losing etcd.** A master that cannot renew its lease (partition, quorum loss) stops
-//! acknowledging within `0.75 T` and no node can be elected until etcd is back: I/O on
-//! replicated volumes fails safe (clients are disconnected and hold their I/O while they look
-//! for a master) rather than go on without a way to be fenced; flips fail with an etcd error.
+//! **Losing etcd members.** etcd's client spreads calls over every endpoint given. A member
+//! of several that dies changes nothing: a call that could not be sent to it (connection
+//! refused) is made again, to another member ([`super::sent`]); a keep-alive stream or a
+//! watch that broke with it is opened again through the others; keep-alives go every `T/6`
+//! and a round without an answer within `T/4` moves to a new stream, so that a round lost
+//! with the member, or waiting out etcd's election of a new leader (which must take well
+//! under `T/2`: etcd's election timeout is set for that), leaves time for others before the
+//! deadline. The master keeps its term.
+//!
+//! **Losing etcd's quorum (or the master's link to it).** Why I/O fails safe rather than
+//! go on: no etcd member without a quorum renews a lease (a renewal needs the raft leader),
+//! so the master's session cannot be extended; and it must not go on acknowledging past its
+//! deadline, because it cannot tell a quorum loss (nobody can be elected) from a partition
+//! that cut only itself off (a successor is elected at `T`). Its deadline passes within
+//! `0.75 T` of its last renewal; from then it acknowledges no write, answers no read, closes
+//! its clients' connections and takes no new client, and no node can be elected until etcd
+//! is back. The clients hold their I/O while they look for a master (they retry the writes
+//! that had no reply). A lease change asked of any node meanwhile is answered
+//! `503 Service Unavailable` "etcd is unavailable to this node (unreachable, or without
+//! quorum)", and nothing changes. When the quorum is back each node opens a new session by
+//! itself; its old lease, extended by etcd's new leader, expires within `T` and frees the
+//! election, a master is elected (keeping only itself in the in-sync set and resyncing the
+//! others, as after any failover) and the clients find it, with no restart of storaged. A
+//! write acknowledged before the loss is on every in-sync copy, by (1).
 
 use super::leases;
 use super::replica::Replicas;
@@ -131,7 +151,7 @@ pub(crate) async fn read_insync(
     volume: &str,
 ) -> Result<(InSync, i64), ClusterError> {
     let key = insync_key(volume);
-    let resp = etcd.get(key.clone(), None).await?;
+    let resp = super::get(etcd, key.clone(), None).await?;
     let kv = resp
         .kvs()
         .first()
@@ -207,7 +227,7 @@ async fn term(
             serde_json::to_vec(&body).expect("in-sync record serialises"),
             None,
         )]);
-    if !etcd.txn(txn).await?.succeeded() {
+    if !super::txn(&etcd, txn).await?.succeeded() {
         resign(etcd, leader).await;
         return Ok(());
     }
@@ -244,28 +264,8 @@ async fn term(
     tracing::info!(target: "storaged::cluster", event = "master", volume = %name, term,
         slaves = ?replicas.slaves(), "this node is master");
     tokio::spawn(super::resync::run(replicas.clone(), vol.clone()));
-    let mut w = etcd
-        .watch(
-            leader.key().to_vec(),
-            Some(WatchOptions::new().with_start_revision(term + 1)),
-        )
-        .await?;
-    let key_gone = async {
-        loop {
-            match w.message().await {
-                Ok(Some(resp)) => {
-                    if resp
-                        .events()
-                        .iter()
-                        .any(|e| e.event_type() == EventType::Delete)
-                    {
-                        return;
-                    }
-                }
-                _ => return,
-            }
-        }
-    };
+    let retry = (cluster.config.lease_ttl / 20).max(Duration::from_millis(20));
+    let key_gone = until_deleted(cluster.etcd(), leader.key().to_vec(), term, retry);
     tokio::select! {
         _ = replicas.fenced() => {}
         _ = session_over(cluster, session) => {}
@@ -280,6 +280,44 @@ async fn term(
         resign(etcd, leader).await;
     }
     Ok(())
+}
+
+/// Returns once the election key `key` of term `term` is gone (deleted, or replaced by a key
+/// of another term). A watch stream goes to one etcd member: when it breaks (that member died)
+/// the key is read again and watched from there, through the client's other endpoints. While
+/// etcd answers nothing this waits; the session's deadline ends the term meanwhile.
+async fn until_deleted(mut etcd: etcd_client::Client, key: Vec<u8>, term: i64, retry: Duration) {
+    loop {
+        let from = match super::get(&etcd, key.clone(), None).await {
+            Ok(r) => {
+                if r.kvs().first().map(|kv| kv.create_revision()) != Some(term) {
+                    return;
+                }
+                r.header().map_or(term, |h| h.revision()) + 1
+            }
+            Err(_) => {
+                tokio::time::sleep(retry).await;
+                continue;
+            }
+        };
+        let opts = WatchOptions::new().with_start_revision(from);
+        if let Ok(mut stream) = etcd.watch(key.clone(), Some(opts)).await {
+            while let Ok(Some(resp)) = stream.message().await {
+                let deleted = resp
+                    .events()
+                    .iter()
+                    .any(|e| e.event_type() == EventType::Delete);
+                if deleted {
+                    return;
+                }
+                if resp.canceled() {
+                    break;
+                }
+            }
+        }
+        tracing::warn!(target: "storaged::cluster", "etcd watch of the election key broke; watching again");
+        tokio::time::sleep(retry).await;
+    }
 }
 
 /// Disconnects every client of the volume (they reconnect to the new master).

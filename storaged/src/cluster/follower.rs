@@ -43,7 +43,7 @@ pub(crate) async fn elected(
         .with_sort(SortTarget::Create, SortOrder::Ascend)
         .with_limit(1);
     let prefix = format!("{}/", election_name(volume));
-    let resp = cluster.etcd().get(prefix, Some(opts)).await?;
+    let resp = super::get(&cluster.etcd(), prefix, Some(opts)).await?;
     Ok(resp.kvs().first().map_or((0, String::new()), |kv| {
         let node = String::from_utf8_lossy(kv.value()).into_owned();
         (kv.create_revision(), node)

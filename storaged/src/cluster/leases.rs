@@ -40,7 +40,7 @@ use std::sync::Arc;
 /// Reads a replicated volume's lease table and its mod revision.
 pub async fn read(cluster: &Cluster, volume: &str) -> Result<(LeaseTable, i64), ClusterError> {
     let key = lease_key(volume);
-    let resp = cluster.etcd().get(key.clone(), None).await?;
+    let resp = super::get(&cluster.etcd(), key.clone(), None).await?;
     let kv = resp
         .kvs()
         .first()
@@ -102,7 +102,7 @@ pub async fn commit(changes: &[(Arc<Replicas>, &Volume, LeaseTable)]) -> Result<
     }
     let txn = Txn::new().when(compares).and_then(puts);
     let limit = cluster.config.lease_ttl;
-    let outcome = tokio::time::timeout(limit, cluster.etcd().txn(txn)).await;
+    let outcome = tokio::time::timeout(limit, super::txn(&cluster.etcd(), txn)).await;
     let refused = |why: &str| {
         for (rep, ..) in changes {
             rep.fence();

@@ -230,6 +230,11 @@ impl Cluster {
         self.etcd.clone()
     }
 
+    /// Whether this node's etcd session is certainly alive (see [`session`]).
+    pub fn has_session(&self) -> bool {
+        self.session.borrow().as_ref().is_some_and(|s| s.valid())
+    }
+
     /// A newly elected master's step before it serves: its term becomes the highest seen for
     /// the volume and every replication stream applying to its copy stops (after the op in
     /// progress, if any).
@@ -255,7 +260,7 @@ impl Cluster {
         let lookup = async {
             let (_, node) = follower::elected(self, volume).await.ok()?;
             let key = node_key(&node);
-            let resp = self.etcd().get(key.clone(), None).await.ok()?;
+            let resp = get(&self.etcd(), key.clone(), None).await.ok()?;
             let rec: NodeRecord = parse(&key, resp.kvs().first()?.value()).ok()?;
             Some(MasterHint {
                 node,
@@ -281,6 +286,70 @@ impl Cluster {
         let mut a = self.appliers.lock().expect("appliers lock");
         a.entry(volume.to_string()).or_default().clone()
     }
+}
+
+/// gRPC's status code `UNAVAILABLE`.
+const GRPC_UNAVAILABLE: i32 = 14;
+
+/// Attempts of one etcd call that could not be sent ([`unsent`]).
+const SEND_ATTEMPTS: usize = 8;
+
+/// Whether etcd's client failed before it sent the request: it could not connect to the
+/// endpoint it picked (a member that is down). Such a call had no effect, so it may be made
+/// again, a transaction too; any other failure may have come after etcd applied it.
+fn unsent(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            i32::from(s.code()) == GRPC_UNAVAILABLE && s.message().contains("connect error")
+        }
+        _ => false,
+    }
+}
+
+/// Runs the etcd call `f` until it is sent: the client spreads calls over every endpoint, and
+/// one that went to a member that is down is made again (on another, as the client's balancer
+/// picks), so that a lost member out of several changes nothing.
+pub(crate) async fn sent<T, F, Fut>(f: F) -> Result<T, etcd_client::Error>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut attempt = 1;
+    loop {
+        match f().await {
+            Err(e) if unsent(&e) && attempt < SEND_ATTEMPTS => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// etcd's `get`, made again while it could not be sent (see [`sent`]).
+pub(crate) async fn get(
+    etcd: &etcd_client::Client,
+    key: impl Into<Vec<u8>>,
+    opts: Option<etcd_client::GetOptions>,
+) -> Result<etcd_client::GetResponse, etcd_client::Error> {
+    let key = key.into();
+    sent(|| {
+        let (mut etcd, key, opts) = (etcd.clone(), key.clone(), opts.clone());
+        async move { etcd.get(key, opts).await }
+    })
+    .await
+}
+
+/// etcd's `txn`, made again while it could not be sent (see [`sent`]).
+pub(crate) async fn txn(
+    etcd: &etcd_client::Client,
+    txn: etcd_client::Txn,
+) -> Result<etcd_client::TxnResponse, etcd_client::Error> {
+    sent(|| {
+        let (mut etcd, txn) = (etcd.clone(), txn.clone());
+        async move { etcd.txn(txn).await }
+    })
+    .await
 }
 
 /// Parses a JSON record read from etcd.

@@ -15,43 +15,65 @@ use storaged_client::cluster::ReplicatedVolumeView;
 
 /// Brings up the volumes placed here and watches for new ones.
 pub async fn start(cluster: Arc<Cluster>) -> Result<(), ClusterError> {
-    let prefix = format!("{PREFIX}placement/");
-    let resp = cluster
-        .etcd()
-        .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
-        .await?;
+    let rev = adopt_all(&cluster).await?;
+    tokio::spawn(follow(cluster, rev));
+    Ok(())
+}
+
+/// The prefix of every placement record.
+fn placement_prefix() -> String {
+    format!("{PREFIX}placement/")
+}
+
+/// Adopts every volume placed here; returns the etcd revision it read them at.
+async fn adopt_all(cluster: &Arc<Cluster>) -> Result<i64, ClusterError> {
+    let opts = GetOptions::new().with_prefix();
+    let resp = super::get(&cluster.etcd(), placement_prefix(), Some(opts)).await?;
     for kv in resp.kvs() {
         let p: Placement = parse(&String::from_utf8_lossy(kv.key()), kv.value())?;
-        adopt(&cluster, &p).await;
+        adopt(cluster, &p).await;
     }
-    let rev = resp.header().map_or(0, |h| h.revision());
-    let mut w = cluster
-        .etcd()
-        .watch(
-            prefix,
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(rev + 1),
-            ),
-        )
-        .await?;
-    tokio::spawn(async move {
-        while let Ok(Some(resp)) = w.message().await {
-            for ev in resp.events() {
-                let Some(kv) = ev.kv() else { continue };
-                if ev.event_type() != EventType::Put {
-                    continue;
+    Ok(resp.header().map_or(0, |h| h.revision()))
+}
+
+/// Adopts the volumes placed after revision `rev`, as etcd reports them. A watch goes to one
+/// etcd member: when it breaks (that member died) every placement is read again and the
+/// watch opened anew from there, so that no volume is missed.
+async fn follow(cluster: Arc<Cluster>, mut rev: i64) {
+    loop {
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(rev + 1);
+        if let Ok(mut w) = cluster.etcd().watch(placement_prefix(), Some(opts)).await {
+            while let Ok(Some(resp)) = w.message().await {
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    if ev.event_type() != EventType::Put {
+                        continue;
+                    }
+                    match parse::<Placement>(&String::from_utf8_lossy(kv.key()), kv.value()) {
+                        Ok(p) => adopt(&cluster, &p).await,
+                        Err(e) => tracing::warn!(error = %e, "unreadable placement"),
+                    }
                 }
-                match parse::<Placement>(&String::from_utf8_lossy(kv.key()), kv.value()) {
-                    Ok(p) => adopt(&cluster, &p).await,
-                    Err(e) => tracing::warn!(error = %e, "unreadable placement"),
+                if resp.canceled() {
+                    break;
                 }
             }
         }
-        tracing::error!("placement watch ended: new volumes are not picked up until restart");
-    });
-    Ok(())
+        tracing::warn!(target: "storaged::cluster", "placement watch broke; reading every placement again");
+        loop {
+            tokio::time::sleep(cluster.config.lease_ttl / 10).await;
+            match adopt_all(&cluster).await {
+                Ok(r) => {
+                    rev = r;
+                    break;
+                }
+                Err(e) => tracing::warn!(target: "storaged::cluster",
+                    error = %vmhop_common::error::chain(&e), "placements not read; retrying"),
+            }
+        }
+    }
 }
 
 /// Makes a volume placed here exist locally and starts its election.
@@ -99,7 +121,7 @@ pub async fn ensure_local(
         return Ok(v);
     }
     let key = placement_key(volume);
-    let resp = cluster.etcd().get(key.clone(), None).await?;
+    let resp = super::get(&cluster.etcd(), key.clone(), None).await?;
     let kv = resp
         .kvs()
         .first()
@@ -115,13 +137,12 @@ pub async fn ensure_local(
 
 /// The live nodes, by id.
 async fn live_nodes(cluster: &Cluster) -> Result<Vec<NodeRecord>, ClusterError> {
-    let resp = cluster
-        .etcd()
-        .get(
-            format!("{PREFIX}nodes/"),
-            Some(GetOptions::new().with_prefix()),
-        )
-        .await?;
+    let resp = super::get(
+        &cluster.etcd(),
+        format!("{PREFIX}nodes/"),
+        Some(GetOptions::new().with_prefix()),
+    )
+    .await?;
     resp.kvs()
         .iter()
         .map(|kv| parse(&String::from_utf8_lossy(kv.key()), kv.value()))
@@ -184,7 +205,7 @@ pub async fn create(
                 None,
             ),
         ]);
-    if !cluster.etcd().txn(txn).await?.succeeded() {
+    if !super::txn(&cluster.etcd(), txn).await?.succeeded() {
         return Err(ClusterError::Exists(name));
     }
     tracing::info!(target: "storaged::cluster", event = "placed", volume = %name,
@@ -197,7 +218,7 @@ pub async fn create(
 pub async fn view(cluster: &Cluster, volume: &str) -> Result<ReplicatedVolumeView, ClusterError> {
     let mut etcd = cluster.etcd();
     let key = placement_key(volume);
-    let resp = etcd.get(key.clone(), None).await?;
+    let resp = super::get(&etcd, key.clone(), None).await?;
     let kv = resp
         .kvs()
         .first()
@@ -211,9 +232,7 @@ pub async fn view(cluster: &Cluster, volume: &str) -> Result<ReplicatedVolumeVie
             etcd_client::SortOrder::Ascend,
         )
         .with_limit(1);
-    let resp = etcd
-        .get(format!("{}/", election_name(volume)), Some(opts))
-        .await?;
+    let resp = super::get(&etcd, format!("{}/", election_name(volume)), Some(opts)).await?;
     let (master, term) = match resp.kvs().first() {
         Some(kv) => (
             Some(String::from_utf8_lossy(kv.value()).into_owned()),
@@ -224,7 +243,7 @@ pub async fn view(cluster: &Cluster, volume: &str) -> Result<ReplicatedVolumeVie
     let mut nbd_addresses = Vec::new();
     for n in &placement.replicas {
         let key = node_key(n);
-        if let Some(kv) = etcd.get(key.clone(), None).await?.kvs().first() {
+        if let Some(kv) = super::get(&etcd, key.clone(), None).await?.kvs().first() {
             let rec: NodeRecord = parse(&key, kv.value())?;
             nbd_addresses.push(rec.nbd.to_string());
         }

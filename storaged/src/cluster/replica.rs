@@ -226,9 +226,7 @@ impl Link {
         term: i64,
     ) -> Result<Link, LinkError> {
         let key = node_key(node);
-        let found = cluster
-            .etcd()
-            .get(key.clone(), None)
+        let found = super::get(&cluster.etcd(), key.clone(), None)
             .await
             .map_err(LinkError::Etcd)?;
         let rec: NodeRecord = match found.kvs().first() {
@@ -581,7 +579,7 @@ impl Replicas {
                 None,
             )]);
         let limit = self.cluster.config.lease_ttl;
-        let resp = tokio::time::timeout(limit, self.cluster.etcd().txn(txn))
+        let resp = tokio::time::timeout(limit, super::txn(&self.cluster.etcd(), txn))
             .await
             .map_err(|_| ClusterError::Deposed(self.volume.clone()))??;
         if !resp.succeeded() {

@@ -67,7 +67,7 @@ pub async fn run(rep: Arc<Replicas>, vol: Arc<Volume>) {
         }
         if placed.is_none() {
             let key = placement_key(rep.volume());
-            if let Ok(resp) = cluster.etcd().get(key.clone(), None).await {
+            if let Ok(resp) = super::get(&cluster.etcd(), key.clone(), None).await {
                 if let Some(kv) = resp.kvs().first() {
                     placed = parse::<Placement>(&key, kv.value())
                         .ok()

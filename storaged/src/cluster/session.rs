@@ -31,6 +31,11 @@ impl Session {
     }
 }
 
+/// The pause before another keep-alive stream is tried: short, since the balancer may have
+/// picked a member that is down, and another pick is likely to find a live one before the
+/// session's deadline.
+const REOPEN: Duration = Duration::from_millis(10);
+
 /// The part of the TTL not trusted, against clock rate drift between this node and etcd.
 fn margin(ttl: Duration) -> Duration {
     ttl / 4
@@ -101,36 +106,72 @@ async fn grant(
     Ok(session)
 }
 
-/// Keeps `session` alive until that fails or its deadline passes; returns why it ended.
+/// Keeps `session` alive until its deadline passes or etcd says the lease is gone; returns
+/// why it ended. A keep-alive goes every `T/6`. A keep-alive stream goes to one etcd member:
+/// when it breaks (that member died, or its connection did) or a round has no answer within
+/// `T/4`, another is opened, through the client's other endpoints, for as long as the
+/// deadline allows. Only a keep-alive that succeeded moves the deadline.
 async fn keep_alive(
     mut etcd: etcd_client::Client,
     cfg: &ClusterConfig,
     session: &Session,
 ) -> String {
-    let (mut keeper, mut stream) = match etcd.lease_keep_alive(session.lease).await {
-        Ok(k) => k,
-        Err(e) => return e.to_string(),
-    };
-    let period = (cfg.lease_ttl / 3).max(Duration::from_millis(200));
+    // Frequent rounds, each given a fraction of the TTL: a round lost with an etcd member
+    // (or waiting out etcd's election of a new leader) leaves time for others before the
+    // deadline.
+    let period = (cfg.lease_ttl / 6).max(Duration::from_millis(100));
+    let round_limit = cfg.lease_ttl / 4;
     loop {
-        let sent = Instant::now();
         let deadline = *session.deadline.lock().expect("deadline lock");
-        let round = async {
-            keeper.keep_alive().await?;
-            stream.message().await
-        };
-        let resp = match tokio::time::timeout_at(deadline.into(), round).await {
+        let opened =
+            tokio::time::timeout_at(deadline.into(), etcd.lease_keep_alive(session.lease)).await;
+        let (mut keeper, mut stream) = match opened {
             Err(_) => return "the lease's deadline passed without a keep-alive".into(),
-            Ok(Err(e)) => return e.to_string(),
-            Ok(Ok(None)) => return "keep-alive stream ended".into(),
-            Ok(Ok(Some(r))) => r,
+            Ok(Ok(k)) => k,
+            Ok(Err(e)) => {
+                tracing::warn!(target: "storaged::cluster", lease = session.lease,
+                    error = %e, "etcd keep-alive stream not opened; retrying");
+                tokio::time::sleep(REOPEN).await;
+                continue;
+            }
         };
-        if resp.ttl() <= 0 {
-            return "the lease expired at etcd".into();
+        loop {
+            let sent = Instant::now();
+            let deadline = *session.deadline.lock().expect("deadline lock");
+            let round = async {
+                keeper.keep_alive().await?;
+                stream.message().await
+            };
+            let limit = deadline.min(sent + round_limit);
+            let resp = match tokio::time::timeout_at(limit.into(), round).await {
+                Err(_) if Instant::now() >= deadline => {
+                    return "the lease's deadline passed without a keep-alive".into()
+                }
+                Err(_) => {
+                    tracing::warn!(target: "storaged::cluster", lease = session.lease,
+                        "no etcd keep-alive answer within {round_limit:?}; opening another stream");
+                    break;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(target: "storaged::cluster", lease = session.lease,
+                        error = %e, "etcd keep-alive stream broke; opening another");
+                    break;
+                }
+                Ok(Ok(None)) => {
+                    tracing::warn!(target: "storaged::cluster", lease = session.lease,
+                        "etcd keep-alive stream ended; opening another");
+                    break;
+                }
+                Ok(Ok(Some(r))) => r,
+            };
+            if resp.ttl() <= 0 {
+                return "the lease expired at etcd".into();
+            }
+            let granted = Duration::from_secs(resp.ttl() as u64);
+            *session.deadline.lock().expect("deadline lock") =
+                sent + granted.saturating_sub(margin(granted));
+            tokio::time::sleep(period).await;
         }
-        let granted = Duration::from_secs(resp.ttl() as u64);
-        *session.deadline.lock().expect("deadline lock") =
-            sent + granted.saturating_sub(margin(granted));
-        tokio::time::sleep(period).await;
+        tokio::time::sleep(REOPEN).await;
     }
 }

@@ -133,7 +133,8 @@ fn refusal_code(e: &RegistryError) -> u32 {
         // The master that could not write to etcd ended its term: another node will serve.
         RegistryError::NotMaster { .. }
         | RegistryError::Deposed { .. }
-        | RegistryError::Etcd(_) => NBD_REP_ERR_NOT_MASTER,
+        | RegistryError::Etcd(_)
+        | RegistryError::EtcdUnavailable(_) => NBD_REP_ERR_NOT_MASTER,
         _ => NBD_REP_ERR_POLICY,
     }
 }
