@@ -36,6 +36,7 @@ fn broken_guest(dir: &std::path::Path) -> String {
 #[test]
 fn hosts_say_whether_storaged_answers() {
     let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("storaged")).unwrap();
     let mut storaged = Storaged::start(&dir.path().join("storaged")).unwrap();
     let api = storaged.api.to_string();
     let m = Migrated::start(
