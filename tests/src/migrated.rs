@@ -303,6 +303,20 @@ impl Migrated {
     }
 }
 
+/// `migratectl ARGS` with stdin closed: its exit code, stdout and stderr.
+pub fn migratectl(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(crate::binary("migratectl"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running migratectl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Whether `pid` is a live (non-zombie) process of the project's `vmm` binary.
 pub fn is_vmm(pid: u32) -> bool {
     is_process_of(pid, "vmm")

@@ -4,23 +4,9 @@
 //! cause and no HTTP status, as JSON with `--json`; migrated started with `--log-json` has its
 //! VMMs log JSON lines too, and `vmm --log-json` does on its own.
 
-use e2e::migrated::{Migrated, MigratedOptions};
+use e2e::migrated::{migratectl as ctl, Migrated, MigratedOptions};
 use e2e::storaged::Storaged;
-use std::process::{Command, Stdio};
-
-/// migratectl ARGS: its exit code, stdout and stderr.
-fn ctl(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(e2e::binary("migratectl"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use std::process::Command;
 
 /// A guest whose VMM cannot start (its kernel does not exist).
 fn broken_guest(dir: &std::path::Path) -> String {
