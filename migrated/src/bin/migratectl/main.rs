@@ -62,7 +62,7 @@ struct Cli {
     /// address of --host].
     #[arg(long, requires = "tls_dir")]
     server_name: Option<String>,
-    /// Print JSON.
+    /// Print JSON (an error too, as `{"error": "..."}` on stdout).
     #[arg(long, global = true)]
     json: bool,
     /// Seconds to wait for an answer (starting a guest waits for its VMM).
@@ -74,7 +74,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// This host and its peers, and whether they answer.
+    /// This host and whether it reaches storaged (where the leases are), and its peers and
+    /// whether they answer.
     Hosts,
     /// The instances this host knows.
     Instances,
