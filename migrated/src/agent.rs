@@ -5,7 +5,7 @@
 //!
 //! Every change of a record is one structured event line (target `migrated::state`).
 
-use crate::api::{ErrorKind, HostInfo};
+use crate::api::{ErrorKind, HostInfo, StopAnswer};
 use crate::client::MigratedClient;
 use crate::config::{AgentConfig, ConfigError, InstanceConfig};
 use crate::disk_backend::{self, DiskBackendError};
@@ -40,8 +40,18 @@ pub enum AgentError {
     /// No migration of that id on this host.
     #[error("migration {0} not found")]
     NoMigration(String),
+    /// The instance left this host by a migration: the operator asked the wrong host.
+    #[error("{name} now runs on {host} ({addr})")]
+    MovedAway {
+        /// The instance.
+        name: String,
+        /// The host it migrated to.
+        host: String,
+        /// That host's REST address.
+        addr: String,
+    },
     /// An instance of that name still has a VMM here.
-    #[error("instance {name} already exists here ({state:?})")]
+    #[error("instance {name} already exists here ({})", .state.words())]
     InstanceExists {
         /// The instance.
         name: String,
@@ -49,7 +59,7 @@ pub enum AgentError {
         state: InstanceState,
     },
     /// A migration owns the instance: it cannot be stopped now.
-    #[error("instance {name} is {state:?}: a migration owns it")]
+    #[error("instance {name} is {}: a migration owns it", .state.words())]
     Migrating {
         /// The instance.
         name: String,
@@ -57,7 +67,7 @@ pub enum AgentError {
         state: InstanceState,
     },
     /// The instance still has (or may have) a VMM here: it cannot be removed.
-    #[error("instance {name} is {state}: stop it first (only an instance whose VMM is gone can be removed)")]
+    #[error("instance {name} is {}: stop it first (only an instance whose VMM is gone can be removed)", .state.words())]
     Active {
         /// The instance.
         name: String,
@@ -84,6 +94,7 @@ impl AgentError {
         match self {
             AgentError::NoInstance(_) | AgentError::NoMigration(_) => ErrorKind::NotFound,
             AgentError::InstanceExists { .. }
+            | AgentError::MovedAway { .. }
             | AgentError::Migrating { .. }
             | AgentError::Active { .. } => ErrorKind::Conflict,
             AgentError::Invalid(_) => ErrorKind::BadRequest,
@@ -225,6 +236,36 @@ impl Agent {
     /// Every instance.
     pub fn instances(&self) -> Vec<InstanceRecord> {
         self.instances.all()
+    }
+
+    /// Where instance `name` went when it last left this host by a completed migration: the
+    /// destination's host id and REST address.
+    pub fn moved_to(&self, name: &str) -> Option<(String, String)> {
+        self.migrations()
+            .into_iter()
+            .filter(|m| m.instance == name && m.role == Role::Source)
+            .filter(|m| m.phase == crate::migration::record::Phase::Completed)
+            .max_by_key(|m| m.started_ms)
+            .map(|m| (m.destination, m.peer_addr))
+    }
+
+    /// Instance `name` as an operator's request about it here sees it: an instance that left
+    /// this host by a migration (migrated away, or forgotten since) is an error that names the
+    /// host it went to.
+    pub fn instance_here(&self, name: &str) -> Result<InstanceRecord, AgentError> {
+        let found = self.instance(name);
+        let gone = match &found {
+            Ok(r) => r.state == InstanceState::MigratedAway,
+            Err(e) => matches!(e, AgentError::NoInstance(_)),
+        };
+        match (gone, self.moved_to(name)) {
+            (true, Some((host, addr))) => Err(AgentError::MovedAway {
+                name: name.to_string(),
+                host,
+                addr,
+            }),
+            _ => found,
+        }
     }
 
     /// Forgets an instance whose VMM is gone (stopped, exited, lost, migrated away, failed):
@@ -415,8 +456,7 @@ impl Agent {
             lease,
         )
         .await?;
-        let tls = self.cfg.tls.is_some();
-        let child = match spawn_vmm(&self.cfg.vmm_binary, rec, &config_path, incoming, tls) {
+        let child = match spawn_vmm(&self.cfg, rec, &config_path, incoming) {
             Ok(c) => c,
             Err(e) => {
                 disk_backend::stop_all(&rec.work_dir).await;
@@ -569,12 +609,16 @@ impl Agent {
             .await
     }
 
-    /// Stops a guest: API shutdown, then SIGTERM, then SIGKILL, each with a deadline.
-    pub async fn stop(self: &Arc<Self>, name: &str) -> Result<InstanceRecord, AgentError> {
-        let rec = self.instance(name)?;
+    /// Stops a guest: API shutdown, then SIGTERM, then SIGKILL, each with a deadline. Once its
+    /// VMM (and its disk backends) are gone, this host's leases on its storaged volumes are
+    /// released, so that it can start on another host; what storaged did not take is reported
+    /// with the command that releases it later. A guest stopped or ended already has only its
+    /// leases released.
+    pub async fn stop(self: &Arc<Self>, name: &str) -> Result<StopAnswer, AgentError> {
+        let rec = self.instance_here(name)?;
         match rec.state {
             InstanceState::Running | InstanceState::Starting | InstanceState::Stopping => {}
-            s if s.is_terminal() => return Ok(rec),
+            s if s.is_terminal() => return Ok(self.release_leases(rec).await),
             state => {
                 return Err(AgentError::Migrating {
                     name: name.to_string(),
@@ -586,15 +630,35 @@ impl Agent {
             .update_instance(name, |r| r.state = InstanceState::Stopping)
             .await?;
         self.end_vmm(&rec).await;
-        self.update_instance(name, |r| {
-            if !r.state.is_terminal() {
-                r.state = InstanceState::Stopped;
-            }
-            if r.exit.is_none() {
-                r.exit = Some("stopped".into());
-            }
-        })
-        .await
+        let rec = self
+            .update_instance(name, |r| {
+                if !r.state.is_terminal() {
+                    r.state = InstanceState::Stopped;
+                }
+                if r.exit.is_none() {
+                    r.exit = Some("stopped".into());
+                }
+            })
+            .await?;
+        Ok(self.release_leases(rec).await)
+    }
+
+    /// Releases this host's leases of the stopped or ended instance `rec`, unless its VMM
+    /// still runs (it could not be ended).
+    async fn release_leases(&self, rec: InstanceRecord) -> StopAnswer {
+        if rec.vmm_alive() {
+            return StopAnswer {
+                record: rec,
+                leases: Vec::new(),
+            };
+        }
+        // The disks served outside the VMM hold leases too: they end first.
+        disk_backend::stop_all(&rec.work_dir).await;
+        let leases = crate::release::release(self, &rec.name, &rec.config.volumes(), None).await;
+        StopAnswer {
+            record: rec,
+            leases,
+        }
     }
 }
 
@@ -635,6 +699,8 @@ mod tests {
             ready_file: None,
             token: None,
             storaged_token: None,
+            storaged_token_file: None,
+            log_json: false,
             tls_dir: None,
             tls: None,
             storaged_name: None,

@@ -17,7 +17,7 @@
 //! | POST   | /v1/instances                     | `InstanceConfig`   | 201 `InstanceRecord`  |
 //! | GET    | /v1/instances/{name}              |                    | `InstanceRecord`      |
 //! | DELETE | /v1/instances/{name}              |                    | `InstanceRecord` (removed; only without a VMM) |
-//! | POST   | /v1/instances/{name}/stop         |                    | `InstanceRecord`      |
+//! | POST   | /v1/instances/{name}/stop         |                    | `StopAnswer`          |
 //! | POST   | /v1/instances/{name}/migrate      | `MigrateRequest`   | 202 `MigrationRecord` |
 //! | GET    | /v1/migrations                    |                    | `[MigrationInfo]`     |
 //! | GET    | /v1/migrations/{id}               |                    | `MigrationInfo`       |
@@ -29,6 +29,7 @@
 //! | POST   | /v1/incoming/{id}/abort           |                    | `MigrationRecord`     |
 
 use crate::config::InstanceConfig;
+use crate::instance::InstanceRecord;
 use crate::migration::record::{MigrationParams, MigrationRecord, Progress};
 use hyper::StatusCode;
 use serde::{Deserialize, Serialize};
@@ -144,6 +145,79 @@ pub struct HostEntry {
     pub info: Option<HostInfo>,
     /// Why it did not answer.
     pub error: Option<String>,
+    /// For this host: whether it reaches storaged.
+    #[serde(default)]
+    pub storaged: Option<StoragedReach>,
+}
+
+/// Whether a host reaches storaged's REST API, where the leases of its guests' volumes are
+/// held, flipped and released.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StoragedReach {
+    /// storaged's REST address as this host calls it.
+    pub addr: String,
+    /// Answered just now.
+    pub reachable: bool,
+    /// Why it did not answer.
+    pub error: Option<String>,
+}
+
+/// Answer to `POST /v1/instances/{name}/stop`: the instance, and what became of this host's
+/// leases on its storaged volumes once its VMM was gone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StopAnswer {
+    /// The instance as it is now.
+    #[serde(flatten)]
+    pub record: InstanceRecord,
+    /// One entry per storaged volume of the guest.
+    #[serde(default)]
+    pub leases: Vec<LeaseRelease>,
+}
+
+/// What became of this host's lease on one volume of a guest whose VMM is gone here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct LeaseRelease {
+    /// The volume.
+    pub volume: String,
+    /// Released, not held, or kept.
+    pub outcome: ReleaseOutcome,
+    /// The state of the lease this host held (released or kept).
+    pub state: Option<storaged_client::api::LeaseState>,
+    /// Why it was kept.
+    pub error: Option<String>,
+    /// The command that releases a kept lease once storaged answers.
+    pub command: Option<String>,
+}
+
+/// What became of a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReleaseOutcome {
+    /// storaged ended it: another host may take the volume.
+    Released,
+    /// This host held no lease on the volume for this instance.
+    NotHeld,
+    /// storaged did not answer (or refused): the lease stays until it is revoked.
+    Kept,
+}
+
+impl std::fmt::Display for LeaseRelease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match self.state {
+            Some(s) => format!("{s} lease"),
+            None => "lease".to_string(),
+        };
+        match self.outcome {
+            ReleaseOutcome::Released => write!(f, "{state} released"),
+            ReleaseOutcome::NotHeld => write!(f, "no lease held by this host"),
+            ReleaseOutcome::Kept => write!(
+                f,
+                "{state} kept: {}; release it with: {}",
+                self.error.as_deref().unwrap_or("storaged did not answer"),
+                self.command.as_deref().unwrap_or("storaged lease revoke")
+            ),
+        }
+    }
 }
 
 /// Body of `POST /v1/instances/{name}/migrate`.

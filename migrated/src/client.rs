@@ -4,6 +4,7 @@
 
 use crate::api::{
     route, HostEntry, HostInfo, IncomingReady, IncomingRequest, MigrateRequest, MigrationInfo,
+    StopAnswer,
 };
 use crate::config::InstanceConfig;
 use crate::instance::InstanceRecord;
@@ -121,7 +122,7 @@ impl MigratedClient {
     }
 
     /// `POST /v1/instances/{name}/stop`.
-    pub async fn stop(&self, name: &str) -> Result<InstanceRecord, HttpError> {
+    pub async fn stop(&self, name: &str) -> Result<StopAnswer, HttpError> {
         self.post(&route::fill(route::INSTANCE_STOP, name), None::<&()>)
             .await
     }

@@ -180,6 +180,10 @@ pub struct AgentConfig {
     /// The token of storaged's API, if it requires one.
     #[serde(skip)]
     pub storaged_token: Option<Token>,
+    /// The file it was read from (named in the commands the operator is told to run).
+    pub storaged_token_file: Option<PathBuf>,
+    /// Log as JSON lines (`--log-json`); the VMMs and disk backends this agent starts do too.
+    pub log_json: bool,
     /// This host's TLS directory.
     pub tls_dir: Option<PathBuf>,
     /// Its certificates, read at start.
@@ -222,6 +226,7 @@ impl AgentConfigFile {
             .or(self.vhost_user_binary)
             .unwrap_or_else(|| vmm_binary.with_file_name(VHOST_USER_BINARY_NAME));
         let tls_dir = over.tls_dir.or(self.tls_dir);
+        let storaged_token_file = over.storaged_token_file.or(self.storaged_token_file);
         Ok(AgentConfig {
             state_dir: over
                 .state_dir
@@ -257,11 +262,12 @@ impl AgentConfigFile {
                 .or(self.token_file)
                 .map(|p| Token::load(&p))
                 .transpose()?,
-            storaged_token: over
-                .storaged_token_file
-                .or(self.storaged_token_file)
-                .map(|p| Token::load(&p))
+            storaged_token: storaged_token_file
+                .as_deref()
+                .map(Token::load)
                 .transpose()?,
+            storaged_token_file,
+            log_json: false,
             tls: tls_dir
                 .as_deref()
                 .map(|d| AgentTls::load(d, &host_id))

@@ -136,6 +136,9 @@ async fn start_one(
     if spec.read_only {
         cmd.arg("--read-only");
     }
+    if agent.log_json {
+        cmd.arg("--json-logs");
+    }
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(log)

@@ -64,6 +64,16 @@ impl InstanceState {
     }
 }
 
+impl InstanceState {
+    /// The state as words in a sentence ("migrated away"), for messages.
+    pub fn words(self) -> &'static str {
+        match self {
+            InstanceState::MigratedAway => "migrated away",
+            s => s.as_str(),
+        }
+    }
+}
+
 impl std::fmt::Display for InstanceState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.pad(self.as_str())

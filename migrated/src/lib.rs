@@ -8,7 +8,8 @@
 //! drives migrations ([`migration`]: the [`migration::source`] and
 //! [`migration::destination`] sides and their shared [`migration::record`]). It talks to the
 //! VMM through `vmm_api::client`, to storaged through `storaged_client::rest`, and to other
-//! hosts through [`client`]; it counts what it does in [`metrics`] (`GET /metrics`); its TCP API takes only requests that carry the cluster's token
+//! hosts through [`client`]; it counts what it does in [`metrics`] (`GET /metrics`) and releases the leases a guest no
+//! longer needs here ([`release`]); its TCP API takes only requests that carry the cluster's token
 //! (`vmhop_common::token`).
 //!
 //! Modules depend one way: `config`, `instance`, `store`, `api` and `migration::record` are
@@ -25,6 +26,7 @@ pub mod instance;
 pub mod metrics;
 pub mod migration;
 pub mod recovery;
+pub mod release;
 pub mod scope;
 pub mod server;
 pub mod store;

@@ -81,7 +81,8 @@ struct Cli {
     /// Write `{"listen": ADDR, "socket": PATH, "pid": N}` here once serving.
     #[arg(long)]
     ready_file: Option<PathBuf>,
-    /// Log as JSON lines instead of text.
+    /// Log as JSON lines instead of text; the VMMs and vhost-user disk backends this agent
+    /// starts log as JSON lines too (in their logs in each instance's directory).
     #[arg(long)]
     log_json: bool,
 }
@@ -112,7 +113,8 @@ fn main() -> Result<()> {
         tls_dir: cli.tls_dir,
         storaged_name: cli.storaged_name,
     };
-    let cfg = file.merge(flags)?;
+    let mut cfg = file.merge(flags)?;
+    cfg.log_json = cli.log_json;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(serve(cfg))
 }

@@ -11,7 +11,7 @@
 use crate::agent::{Agent, AgentError};
 use crate::api::{
     route, ErrorAnswer, ErrorKind, HostEntry, HostInfo, IncomingReady, IncomingRequest,
-    MigrateRequest, MigrationInfo,
+    MigrateRequest, MigrationInfo, StopAnswer, StoragedReach,
 };
 use crate::config::InstanceConfig;
 use crate::instance::InstanceRecord;
@@ -147,9 +147,14 @@ async fn host(State(a): St) -> Json<HostInfo> {
     Json(a.host_info())
 }
 
-/// This host and its peers, each probed.
+/// How long `GET /v1/hosts` waits for each peer and for storaged.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// This host (with whether it reaches storaged) and its peers, each probed.
 #[utoipa::path(get, path = "/v1/hosts", tag = "hosts", responses((status = 200, description = "The hosts", body = Vec<HostEntry>)))]
 async fn hosts(State(a): St) -> Json<Vec<HostEntry>> {
+    let storaged = a.storaged().with_timeout(PROBE_TIMEOUT);
+    let probe = tokio::spawn(async move { storaged.health().await });
     let mut out = vec![HostEntry {
         host_id: a.cfg.host_id.clone(),
         addr: a.cfg.listen.to_string(),
@@ -157,12 +162,13 @@ async fn hosts(State(a): St) -> Json<Vec<HostEntry>> {
         reachable: true,
         info: Some(a.host_info()),
         error: None,
+        storaged: None,
     }];
     let peers: Vec<(String, String)> = a.cfg.peers.clone().into_iter().collect();
     let probes = peers.into_iter().map(|(id, addr)| {
         let peer = a.peer(&id, &addr);
         async move {
-            let r = peer.with_timeout(Duration::from_secs(2)).host().await;
+            let r = peer.with_timeout(PROBE_TIMEOUT).host().await;
             HostEntry {
                 host_id: id,
                 addr,
@@ -170,10 +176,20 @@ async fn hosts(State(a): St) -> Json<Vec<HostEntry>> {
                 reachable: r.is_ok(),
                 error: r.as_ref().err().map(|e| vmhop_common::error::chain(e)),
                 info: r.ok(),
+                storaged: None,
             }
         }
     });
     out.extend(futures_join(probes).await);
+    let answered = match probe.await {
+        Ok(r) => r.map_err(|e| vmhop_common::error::chain(&e)),
+        Err(e) => Err(e.to_string()),
+    };
+    out[0].storaged = Some(StoragedReach {
+        addr: a.cfg.storaged_api.clone(),
+        reachable: answered.is_ok(),
+        error: answered.err(),
+    });
     Json(out)
 }
 
@@ -203,7 +219,11 @@ async fn instances(State(a): St) -> Json<Vec<InstanceRecord>> {
 #[utoipa::path(get, path = "/v1/instances/{name}", tag = "instances", params(("name" = String, Path, description = "The instance's name")),
     responses((status = 200, description = "The instance", body = InstanceRecord), (status = 404, description = "Not found", body = ErrorAnswer)))]
 async fn instance(State(a): St, Path(name): Path<String>) -> R<Json<InstanceRecord>> {
-    Ok(Json(a.instance(&name)?))
+    // A record of a guest that migrated away is shown; a forgotten one says where it went.
+    match a.instance(&name) {
+        Err(AgentError::NoInstance(_)) => Ok(Json(a.instance_here(&name)?)),
+        found => Ok(Json(found?)),
+    }
 }
 
 /// Forgets a guest that no longer runs (stopped, lost or gone to another host).
@@ -225,10 +245,10 @@ async fn run(
     Ok((StatusCode::CREATED, Json(rec)))
 }
 
-/// Stops a guest.
+/// Stops a guest and releases this host's leases on its storaged volumes.
 #[utoipa::path(post, path = "/v1/instances/{name}/stop", tag = "instances", params(("name" = String, Path, description = "The instance's name")),
-    responses((status = 200, description = "Stopped", body = InstanceRecord), (status = 404, description = "Not found", body = ErrorAnswer), (status = 409, description = "Refused in the current state", body = ErrorAnswer)))]
-async fn stop(State(a): St, Path(name): Path<String>) -> R<Json<InstanceRecord>> {
+    responses((status = 200, description = "Stopped; what became of each lease", body = StopAnswer), (status = 404, description = "Not found", body = ErrorAnswer), (status = 409, description = "Refused in the current state, or the guest migrated to another host", body = ErrorAnswer)))]
+async fn stop(State(a): St, Path(name): Path<String>) -> R<Json<StopAnswer>> {
     Ok(Json(a.stop(&name).await?))
 }
 

@@ -202,14 +202,14 @@ fn rotate_log(path: &Path) -> std::io::Result<()> {
 /// SNAPSHOT]` in its own process group (so a signal to migrated's group does not reach the
 /// guest) and, under systemd, in a scope of its own ([`crate::scope`]), its output in a log of
 /// its own (the earlier ones rotated, see [`KEPT_LOGS`]). `--incoming-from` is given with TLS
-/// (`tls`).
+/// (`agent.tls`), `--log-json` when the agent logs JSON lines itself.
 pub fn spawn_vmm(
-    vmm_binary: &Path,
+    agent: &AgentConfig,
     rec: &InstanceRecord,
     config_path: &Path,
     incoming: Option<IncomingFrom<'_>>,
-    tls: bool,
 ) -> Result<tokio::process::Child, VmmProcessError> {
+    let vmm_binary = &agent.vmm_binary;
     rotate_log(&rec.log).map_err(|e| VmmProcessError::WorkDir(rec.log.clone(), e))?;
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -226,10 +226,13 @@ pub fn spawn_vmm(
         &format!("vmhop guest {}", rec.name),
     );
     cmd.arg("run").arg("--config").arg(config_path);
+    if agent.log_json {
+        cmd.arg("--log-json");
+    }
     match (incoming, &rec.config.restore) {
         (Some(i), _) => {
             cmd.arg("--incoming").arg(i.addr);
-            if tls {
+            if agent.tls.is_some() {
                 cmd.arg("--incoming-from").arg(i.source);
             }
         }

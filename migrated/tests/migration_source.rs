@@ -292,6 +292,8 @@ async fn setup(stream: Stream, standby_for: Vec<&'static str>) -> Setup {
         ready_file: None,
         token: None,
         storaged_token: None,
+        storaged_token_file: None,
+        log_json: false,
         tls_dir: None,
         tls: None,
         storaged_name: None,

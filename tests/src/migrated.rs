@@ -42,6 +42,8 @@ pub struct MigratedOptions {
     pub tls_dir: Option<PathBuf>,
     /// The host id in storaged's certificate (`--storaged-name`).
     pub storaged_name: Option<String>,
+    /// Log JSON lines (`--log-json`; the VMMs it starts too).
+    pub log_json: bool,
 }
 
 impl MigratedOptions {
@@ -60,6 +62,7 @@ impl MigratedOptions {
             env: Vec::new(),
             tls_dir: None,
             storaged_name: None,
+            log_json: false,
         }
     }
 }
@@ -82,6 +85,24 @@ pub struct Migrated {
 }
 
 impl Migrated {
+    /// Starts migrated as host `host` on loopback with the storaged `s` and `peers` (id,
+    /// address), its state under `dir/host`, with the options `tune` sets.
+    pub fn on_loopback(
+        dir: &Path,
+        host: &str,
+        s: &crate::storaged::Storaged,
+        peers: &[(&str, &str)],
+        tune: impl FnOnce(&mut MigratedOptions),
+    ) -> Result<Migrated> {
+        let mut o = MigratedOptions::local(host, &s.api.to_string(), &s.nbd.to_string());
+        o.peers = peers
+            .iter()
+            .map(|(h, a)| (h.to_string(), a.to_string()))
+            .collect();
+        tune(&mut o);
+        Migrated::start(&dir.join(host), o)
+    }
+
     /// Starts migrated with its state under `work_dir`.
     pub fn start(work_dir: &Path, opts: MigratedOptions) -> Result<Migrated> {
         std::fs::create_dir_all(work_dir)?;
@@ -136,6 +157,9 @@ impl Migrated {
         }
         if let Some(n) = &self.opts.storaged_name {
             cmd.args(["--storaged-name", n]);
+        }
+        if self.opts.log_json {
+            cmd.arg("--log-json");
         }
         let log = std::fs::File::create(&self.log_path)?;
         let mut child = cmd
@@ -277,6 +301,20 @@ impl Migrated {
     pub fn backend_pids(&self) -> Vec<u32> {
         processes_with("vhost-user-blk", &self.state_dir.display().to_string())
     }
+}
+
+/// `migratectl ARGS` with stdin closed: its exit code, stdout and stderr.
+pub fn migratectl(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(crate::binary("migratectl"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running migratectl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Whether `pid` is a live (non-zombie) process of the project's `vmm` binary.
@@ -632,6 +670,7 @@ impl TwoHosts {
             token_file: Some(token_file.clone()),
             storaged_token_file: Some(token_file.clone()),
             env: Vec::new(),
+            log_json: false,
         };
         let a = Migrated::start(&dir.join("a"), opts("a", "b"))?;
         let b = Migrated::start(&dir.join("b"), opts("b", "a"))?;

@@ -258,6 +258,15 @@ impl Storaged {
         format!("nbd://{}/{volume}", self.nbd)
     }
 
+    /// The state `host` holds on `volume` (as `storaged lease list` shows it), if any.
+    pub fn lease_state(&self, volume: &str, host: &str) -> Option<String> {
+        let text = self.cli(&["lease", "list", volume]).ok()?;
+        text.lines().skip(2).find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 4 && f[0] == host).then(|| f[2].to_string())
+        })
+    }
+
     /// Runs a `storaged` CLI subcommand against this server; returns stdout.
     pub fn cli(&self, args: &[&str]) -> Result<String> {
         let out = run_ok(

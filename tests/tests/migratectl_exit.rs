@@ -3,22 +3,7 @@
 //! that does not exist; and migrated's `GET /metrics` answers at zero.
 
 use e2e::metrics::scrape_unix;
-use e2e::migrated::{Migrated, MigratedOptions};
-use std::process::{Command, Stdio};
-
-/// migratectl ARGS: its exit code, stdout and stderr.
-fn ctl(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(e2e::binary("migratectl"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use e2e::migrated::{migratectl as ctl, Migrated, MigratedOptions};
 
 #[test]
 fn migratectl_exit_statuses_are_distinct_and_documented() {

@@ -14,14 +14,6 @@ use std::time::Duration;
 
 const REPLY: Duration = Duration::from_secs(120);
 
-fn lease_state(s: &Storaged, volume: &str, host: &str) -> Option<String> {
-    let text = s.cli(&["lease", "list", volume]).ok()?;
-    text.lines().skip(2).find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        (f.len() == 4 && f[0] == host).then(|| f[2].to_string())
-    })
-}
-
 #[test]
 fn migrated_runs_readopts_and_stops_a_guest() {
     let Some(GuestTest { image, dir }) = GuestTest::new("migrated_runs_readopts_and_stops_a_guest")
@@ -53,7 +45,7 @@ fn migrated_runs_readopts_and_stops_a_guest() {
     let boot_id = booted.boot_id.clone();
     agent.command("mem start 8", REPLY).unwrap();
     assert_eq!(
-        lease_state(&storaged, "vm1-data", "host-a").as_deref(),
+        storaged.lease_state("vm1-data", "host-a").as_deref(),
         Some("primary")
     );
     let text = m.ctl_raw(&["instances"]).unwrap();

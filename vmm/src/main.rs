@@ -22,6 +22,10 @@ use vmm_api::config::{BootProtocol, DiskConfig, SerialConfig, VmConfig};
 #[derive(Parser)]
 #[command(name = "vmm", version, about = "A minimal KVM VMM")]
 struct Cli {
+    /// Log as JSON lines on stderr instead of text (the exit message too), as migrated and
+    /// storaged do with the same flag; migrated passes its own setting to the VMMs it starts.
+    #[arg(long, global = true)]
+    log_json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -157,18 +161,44 @@ impl RunArgs {
 fn main() {
     vmhop_common::man::generate_if_asked(Cli::command);
     let started = Instant::now();
-    vmhop_common::logging::init(false);
     let cli = Cli::parse();
+    vmhop_common::logging::init(cli.log_json);
+    let say = Say { json: cli.log_json };
     let code = match cli.command {
         Command::Run(args) => match run(args, started) {
-            Ok(reason) => report(&reason),
+            Ok(reason) => report(&reason, say),
             Err(e) => {
-                eprintln!("vmm: {e:#}");
+                say.error(format_args!("{e:#}"));
                 1
             }
         },
     };
     std::process::exit(code);
+}
+
+/// Where the exit message goes: a plain `vmm: ...` line on stderr, or with `--log-json` a log
+/// event like every other line.
+#[derive(Clone, Copy)]
+struct Say {
+    json: bool,
+}
+
+impl Say {
+    fn info(self, msg: std::fmt::Arguments) {
+        if self.json {
+            tracing::info!("{msg}");
+        } else {
+            eprintln!("vmm: {msg}");
+        }
+    }
+
+    fn error(self, msg: std::fmt::Arguments) {
+        if self.json {
+            tracing::error!("{msg}");
+        } else {
+            eprintln!("vmm: {msg}");
+        }
+    }
 }
 
 fn run(args: RunArgs, started: Instant) -> Result<ExitReason> {
@@ -186,21 +216,31 @@ fn run(args: RunArgs, started: Instant) -> Result<ExitReason> {
     Ok(vm.run())
 }
 
-fn report(reason: &ExitReason) -> i32 {
+fn report(reason: &ExitReason, say: Say) -> i32 {
     let code = reason.exit_code();
     match reason {
-        ExitReason::GuestReset => eprintln!("vmm: the guest reset the machine; exiting ({code})"),
-        ExitReason::GuestShutdown => eprintln!("vmm: the guest powered off; exiting ({code})"),
-        ExitReason::ApiShutdown => eprintln!("vmm: shut down through the API; exiting ({code})"),
-        ExitReason::Terminated(sig) => eprintln!("vmm: stopped by {sig}; exiting ({code})"),
-        ExitReason::TripleFault(r) => eprintln!("vmm: guest triple fault; exiting ({code})\n{r}"),
-        ExitReason::VcpuFailed(r) => eprintln!("vmm: vCPU failed; exiting ({code})\n{r}"),
+        ExitReason::GuestReset => say.info(format_args!(
+            "the guest reset the machine; exiting ({code})"
+        )),
+        ExitReason::GuestShutdown => {
+            say.info(format_args!("the guest powered off; exiting ({code})"))
+        }
+        ExitReason::ApiShutdown => {
+            say.info(format_args!("shut down through the API; exiting ({code})"))
+        }
+        ExitReason::Terminated(sig) => say.info(format_args!("stopped by {sig}; exiting ({code})")),
+        ExitReason::TripleFault(r) => {
+            say.error(format_args!("guest triple fault; exiting ({code})\n{r}"))
+        }
+        ExitReason::VcpuFailed(r) => say.error(format_args!("vCPU failed; exiting ({code})\n{r}")),
         ExitReason::IncomingFailed(e) => {
             let why = vmhop_common::error::chain(e);
-            eprintln!("vmm: incoming migration failed: {why}; exiting ({code})")
+            say.error(format_args!(
+                "incoming migration failed: {why}; exiting ({code})"
+            ))
         }
         ExitReason::IncomingAborted => {
-            eprintln!("vmm: incoming migration aborted; exiting ({code})")
+            say.info(format_args!("incoming migration aborted; exiting ({code})"))
         }
     }
     code

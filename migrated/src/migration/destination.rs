@@ -14,6 +14,9 @@
 //! unanswered take-over is read back: primary on every volume, the guest resumes here; else,
 //! refused, it is abandoned; unanswered, retried.
 //!
+//! An abandoned migration leaves no standby lease of this host behind: once the incoming VMM is
+//! gone they are revoked, retried until storaged answers ([`crate::release`]).
+//!
 //! Failures and the reasons to abandon are [`DestinationError`]s until they become the record's
 //! `error` text, a log line or an API answer.
 
@@ -295,6 +298,15 @@ async fn abort_locked(
                     r.exit = Some(format!("incoming migration abandoned: {reason}"));
                 })
                 .await?;
+            // The standby leases the VMM held serve nobody now; storaged would keep them
+            // until its standby expiry. Released here, or once storaged answers again.
+            if !inst.vmm_alive() {
+                crate::release::release_standby_later(
+                    agent.clone(),
+                    inst.name.clone(),
+                    mig.volumes.clone(),
+                );
+            }
         }
     }
     Ok(agent

@@ -277,6 +277,8 @@ pub async fn hosts_with(opts: HostsOptions) -> Hosts {
         ready_file: None,
         token: Some(token.clone()),
         storaged_token: None,
+        storaged_token_file: None,
+        log_json: false,
     };
     let a = Agent::open(cfg("a", addr_a, "b", addr_b.to_string())).unwrap();
     let b = Agent::open(cfg("b", addr_b, "a", addr_a.to_string())).unwrap();

@@ -267,6 +267,17 @@ pub enum LeaseState {
     Deactivated,
 }
 
+impl std::fmt::Display for LeaseState {
+    /// The state's name on the wire.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(match self {
+            LeaseState::Primary => "primary",
+            LeaseState::Standby => "standby",
+            LeaseState::Deactivated => "deactivated",
+        })
+    }
+}
+
 /// When a flip happens.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]

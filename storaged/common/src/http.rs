@@ -35,8 +35,9 @@ pub enum HttpError {
     /// No answer within the deadline.
     #[error("{0} did not answer within {1:?}")]
     Timeout(String, Duration),
-    /// The server answered with an error status.
-    #[error("{target}: {status}: {message}")]
+    /// The server answered with an error status: its message first, then who said it (the
+    /// status is for programs: [`HttpError::status`]).
+    #[error("{message} ({target})")]
     Status {
         /// Who answered.
         target: String,
@@ -315,6 +316,12 @@ impl Client {
                 .ok()
                 .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
                 .unwrap_or_else(|| String::from_utf8_lossy(&bytes).trim().to_string());
+            // An answer without a body still says what went wrong, in words.
+            let message = if message.is_empty() {
+                status.canonical_reason().unwrap_or("error").to_lowercase()
+            } else {
+                message
+            };
             return Err(HttpError::Status {
                 target: name,
                 status,

@@ -28,7 +28,7 @@ pub enum SourceError {
     #[error("{0} is this host")]
     ThisHost(String),
     /// Only a running instance that no migration owns can migrate.
-    #[error("instance {name} is {state:?}{}: only a running instance can migrate",
+    #[error("instance {name} is {}{}: only a running instance can migrate", .state.words(),
         .migration.as_ref().map(|m| format!(" (migration {m})")).unwrap_or_default())]
     NotRunning {
         /// The instance.
@@ -108,7 +108,7 @@ pub enum SourceError {
     Leases(#[source] HttpError),
     /// This host does not hold a volume of the guest as primary.
     #[error("volume {volume}: this host holds {}, not the primary lease",
-        .state.map_or("no lease".to_string(), |s| format!("a {s:?} lease")))]
+        .state.map_or("no lease".to_string(), |s| format!("a {s} lease")))]
     NotPrimary {
         /// The volume.
         volume: String,
@@ -135,7 +135,7 @@ pub enum SourceError {
     #[error("the source VMM (pid {0:?}) did not end; its leases stay deactivated")]
     VmmStays(Option<u32>),
     /// migrated restarted in a phase from which the migration cannot go on.
-    #[error("migrated restarted during {0:?}")]
+    #[error("migrated restarted during {0}")]
     Restarted(Phase),
     /// A rollback was under way (its recorded reason).
     #[error("{0}")]

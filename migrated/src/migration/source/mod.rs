@@ -25,7 +25,7 @@ pub use abort::request_abort;
 pub use error::SourceError;
 
 use crate::agent::{Agent, AgentError};
-use crate::api::{IncomingRequest, MigrateRequest};
+use crate::api::{IncomingRequest, MigrateRequest, ReleaseOutcome};
 use crate::client::MigratedClient;
 use crate::instance::{InstanceRecord, InstanceState};
 use crate::migration::leases::{self, Holding};
@@ -72,6 +72,7 @@ pub async fn start(
     if destination == agent.cfg.host_id {
         return Err(SourceError::ThisHost(destination));
     }
+    agent.instance_here(name)?;
     let id = format!("{name}.{}.{}", agent.cfg.host_id, crate::now_ms());
     let mut claimed = false;
     let inst = agent
@@ -582,30 +583,21 @@ impl Source {
     /// come back here. A failure is recorded and left to the operator (`storaged lease revoke`).
     async fn release_deactivated(&self, rec: &MigrationRecord) {
         let me = &self.agent.cfg.host_id;
-        for v in &rec.volumes {
-            let outcome = match self.leases.state_of(v, me).await {
-                Ok(Some(LeaseState::Deactivated)) => self
-                    .leases
-                    .revoke_host(v, me, Some(LeaseState::Deactivated))
-                    .await
-                    .map(|_| format!("volume {v}: deactivated lease of {me} released")),
-                Ok(other) => Ok(format!(
-                    "volume {v}: {me} holds {other:?}; nothing to release"
-                )),
-                Err(e) => Err(e),
-            };
-            let note = match outcome {
-                Ok(note) => note,
-                Err(e) => {
-                    tracing::warn!(migration = %rec.id, volume = %v, error = %error_chain(&e),
-                        "releasing the old host's deactivated lease");
-                    format!(
-                        "volume {v}: the deactivated lease of {me} stays (run `storaged lease revoke {v} --host {me}`): {}",
-                        error_chain(&e)
-                    )
+        let released = crate::release::release(
+            &self.agent,
+            &rec.instance,
+            &rec.volumes,
+            Some(LeaseState::Deactivated),
+        )
+        .await;
+        for r in released {
+            let note = match r.outcome {
+                ReleaseOutcome::Released => {
+                    format!("volume {}: deactivated lease of {me} released", r.volume)
                 }
+                _ => format!("volume {}: {r}", r.volume),
             };
-            let _ = self.modify(|r| r.note(note)).await;
+            let _ = self.modify(|m| m.note(note)).await;
         }
     }
 }
