@@ -537,7 +537,10 @@ mod tests {
         assert_eq!(defaults.storaged_nbd, DEFAULT_STORAGED_NBD);
         let local = file("storaged_api = '127.0.0.1:9000'");
         assert_eq!(
-            local.merge(AgentConfigFile::default()).unwrap().storaged_nbd,
+            local
+                .merge(AgentConfigFile::default())
+                .unwrap()
+                .storaged_nbd,
             DEFAULT_STORAGED_NBD
         );
         let e = file("storaged_api = '10.0.0.9:10810'")

@@ -220,7 +220,6 @@ struct LimitArgs {
     max_standby: Option<usize>,
 }
 
-
 #[derive(Subcommand)]
 enum LeaseCmd {
     /// List the leases of a volume.
@@ -341,7 +340,6 @@ fn parse_volume_epoch(s: &str) -> Result<VolumeEpoch> {
         epoch,
     })
 }
-
 
 async fn lease_cmd(cmd: LeaseCmd, json: bool) -> Result<()> {
     match cmd {

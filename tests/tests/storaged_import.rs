@@ -76,7 +76,10 @@ fn import_creates_the_volume_with_the_files_size_and_releases_its_lease() -> Res
     ensure!(leases["leases"] == serde_json::json!([]), "{leases}");
     let got = volume_content(&s, "root", dir.path())?;
     ensure!(got.len() as u64 == rounded, "{} bytes", got.len());
-    ensure!(got[..data.len()] == data[..], "the volume differs from the file");
+    ensure!(
+        got[..data.len()] == data[..],
+        "the volume differs from the file"
+    );
     ensure!(got[data.len()..].iter().all(|&b| b == 0));
 
     // Text output says what happened; a volume smaller than the file is refused.
@@ -131,7 +134,10 @@ fn import_refuses_a_volume_with_a_primary_unless_forced_and_overwrites_old_data(
     ensure!(rt.block_on(a.write(0, vec![1; 512], false)).is_err());
     let got = volume_content(&s, "disk", dir.path())?;
     // The zero chunk overwrote the old 0xff; past the file's end the old data stays.
-    ensure!(got[..data.len()] == data[..], "the volume differs from the file");
+    ensure!(
+        got[..data.len()] == data[..],
+        "the volume differs from the file"
+    );
     ensure!(got[data.len()..].iter().all(|&b| b == 0xff));
     Ok(())
 }
@@ -163,7 +169,10 @@ fn import_over_tls_holds_the_lease_as_the_certificates_host() -> Result<()> {
 
     let a = pki.host("a")?;
     let a = a.to_str().unwrap_or_default();
-    let out = import(&s, &["vol", path, "--tls-dir", a, "--server-name", "storage"])?;
+    let out = import(
+        &s,
+        &["vol", path, "--tls-dir", a, "--server-name", "storage"],
+    )?;
     ensure!(out.status.success(), "{}", text(&out));
     ensure!(
         String::from_utf8_lossy(&out.stdout).contains("(host a) released"),
@@ -218,10 +227,7 @@ fn set_access_lets_tools_without_a_lease_write_and_says_why_they_could_not() -> 
     );
     let out = write()?;
     let said = text(&out);
-    ensure!(
-        out.status.success() && !said.contains("failed"),
-        "{said}"
-    );
+    ensure!(out.status.success() && !said.contains("failed"), "{said}");
     let got = volume_content(&s, "v", dir.path())?;
     ensure!(got[..MIB].iter().all(|&b| b == 0x5a));
     Ok(())

@@ -117,7 +117,9 @@ fn a_host_off_the_volumes_list_gets_no_lease_until_the_operator_adds_it() -> Res
         ensure!(why.contains("not on its host list"), "{why}");
         ensure!(a.write(0, vec![7; 512], true).await.is_ok());
 
-        let out = s.cli(&["--json", "volume", "access", "vol", "--host", "a", "--host", "c"])?;
+        let out = s.cli(&[
+            "--json", "volume", "access", "vol", "--host", "a", "--host", "c",
+        ])?;
         ensure!(out.contains("\"c\""), "{out}");
         let c = Client::connect(&c).await?;
         ensure!(c.lease() == Some((RequestedState::Standby, 1)));

@@ -118,7 +118,10 @@ pub(crate) async fn import(args: ImportArgs, json: bool) -> Result<()> {
     };
     let (volume_size, created) = ensure_volume(&api, &args, len).await?;
     if created {
-        say(format!("created volume {} ({volume_size} bytes)", args.name));
+        say(format!(
+            "created volume {} ({volume_size} bytes)",
+            args.name
+        ));
     }
     let revoked_primary = clear_primary(&api, &args.name, &host, args.force).await?;
     if let Some(h) = &revoked_primary {

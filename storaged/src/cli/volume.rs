@@ -41,14 +41,17 @@ pub(crate) enum VolumeCmd {
         #[command(flatten)]
         api: ApiArgs,
     },
-    /// Copy a raw image file into a volume (created with the file's size if missing), over
-    /// NBD under a primary lease of its own that it releases when done; refused while another
-    /// host holds the primary lease unless --force.
+    /// Copy a raw image file into a volume (created with the file's size if missing).
+    ///
+    /// The copy runs over NBD under a primary lease of its own, released when the data is
+    /// flushed; a volume on which another host holds the primary lease is refused unless
+    /// --force.
     Import(Box<super::import::ImportArgs>),
-    /// Change who may use a volume: its anonymous access and its host list. What is not
-    /// given stays as it is. `storaged volume set-access NAME MODE` changes the anonymous
-    /// access alone: `read-write-without-primary` lets qemu-img and other NBD tools without a
-    /// lease write to it while no host is primary.
+    /// Change who may use a volume: its anonymous access (MODE) and its host list.
+    ///
+    /// What is not given stays as it is. `storaged volume set-access NAME MODE` changes the
+    /// anonymous access alone: `read-write-without-primary` lets qemu-img and other NBD tools
+    /// without a lease write to the volume while no host is primary.
     #[command(visible_alias = "set-access")]
     Access {
         /// Volume name.
