@@ -147,14 +147,7 @@ fn import_over_tls_holds_the_lease_as_the_certificates_host() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let pki = Pki::new(dir.path(), "cluster")?;
     let tls_dir = pki.host("storage")?;
-    let s = Storaged::start_with(
-        dir.path(),
-        &[
-            "--tls-dir",
-            tls_dir.to_str().unwrap_or_default(),
-            "--no-plaintext-loopback",
-        ],
-    )?;
+    let s = Storaged::start_tls_only(dir.path(), &tls_dir)?;
     s.create_volume("vol", "16M", &["--host", "a"])?;
     let (path, data) = image(dir.path(), 0)?;
     let path = path.to_str().unwrap_or_default();

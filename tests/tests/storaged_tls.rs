@@ -16,14 +16,7 @@ use storaged_client::protocol::{RequestedState, NBD_REP_ERR_POLICY, NBD_REP_ERR_
 /// `vol` that hosts a and b may hold leases on.
 fn storage(dir: &Path, pki: &Pki) -> Result<Storaged> {
     let tls_dir = pki.host("storage")?;
-    let s = Storaged::start_with(
-        dir,
-        &[
-            "--tls-dir",
-            tls_dir.to_str().unwrap_or_default(),
-            "--no-plaintext-loopback",
-        ],
-    )?;
+    let s = Storaged::start_tls_only(dir, &tls_dir)?;
     s.create_volume("vol", "16M", &["--host", "a", "--host", "b"])?;
     Ok(s)
 }
