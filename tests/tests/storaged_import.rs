@@ -181,9 +181,21 @@ fn import_over_tls_holds_the_lease_as_the_certificates_host() -> Result<()> {
         for off in (0..data.len()).step_by(4 * MIB) {
             got.extend(c.read(off as u64, 4 * MIB).await?);
         }
-        Ok::<_, anyhow::Error>(got)
+        Ok::<_, anyhow::Error>((c, got))
     })?;
-    ensure!(got == data, "the volume differs from the file");
+    ensure!(got.1 == data, "the volume differs from the file");
+    // Host a's own guest holds the volume now: an import as host a is refused all the same.
+    let out = import(
+        &s,
+        &["vol", path, "--tls-dir", a, "--server-name", "storage"],
+    )?;
+    ensure!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("primary lease held by host a"),
+        "{}",
+        text(&out)
+    );
+    ensure!(rt.block_on(got.0.write(0, vec![1; 512], true)).is_ok());
     Ok(())
 }
 

@@ -258,7 +258,8 @@ async fn ensure_volume(api: &StoragedApi, args: &ImportArgs, len: u64) -> Result
     }
 }
 
-/// Refuses (or with `force` revokes) another host's primary lease; returns the host revoked.
+/// Refuses (or with `force` revokes) a primary lease other than an earlier import's; returns
+/// the host revoked.
 async fn clear_primary(
     api: &StoragedApi,
     volume: &str,
@@ -269,7 +270,9 @@ async fn clear_primary(
     let Some(p) = view
         .leases
         .iter()
-        .find(|l| l.state == LeaseState::Primary && l.host != me)
+        // The same host's guest is another holder too: only a lease of an earlier import
+        // that was cut off is this import's own.
+        .find(|l| l.state == LeaseState::Primary && (l.host != me || l.instance != INSTANCE))
     else {
         return Ok(None);
     };
