@@ -91,6 +91,17 @@ pub enum ConfigError {
         /// Who the certificate names.
         certificate: String,
     },
+    /// storaged's REST API is on another host, but its NBD address was not given: the VMMs
+    /// would dial the default on this host.
+    #[error(
+        "storaged_api is {api}, on another host, but storaged_nbd (--storaged-nbd) is not \
+         set, so the VMMs would dial {DEFAULT_STORAGED_NBD}: set it to storaged's NBD address \
+         as this host reaches it (storaged's nbd_listen, port 10809 by default)"
+    )]
+    StoragedNbdUnknown {
+        /// The API address given.
+        api: String,
+    },
     /// A peer given on the command line is not `ID=HOST:PORT`.
     #[error("{0:?}: expected ID=HOST:PORT")]
     PeerSyntax(String),
@@ -227,6 +238,15 @@ impl AgentConfigFile {
             .unwrap_or_else(|| vmm_binary.with_file_name(VHOST_USER_BINARY_NAME));
         let tls_dir = over.tls_dir.or(self.tls_dir);
         let storaged_token_file = over.storaged_token_file.or(self.storaged_token_file);
+        let storaged_api = over
+            .storaged_api
+            .or(self.storaged_api)
+            .unwrap_or_else(|| DEFAULT_STORAGED_API.into());
+        let storaged_nbd = match over.storaged_nbd.or(self.storaged_nbd) {
+            Some(nbd) => nbd,
+            None if is_local(&storaged_api) => DEFAULT_STORAGED_NBD.into(),
+            None => return Err(ConfigError::StoragedNbdUnknown { api: storaged_api }),
+        };
         Ok(AgentConfig {
             state_dir: over
                 .state_dir
@@ -237,14 +257,8 @@ impl AgentConfigFile {
                 .socket
                 .or(self.socket)
                 .unwrap_or_else(|| DEFAULT_SOCKET.into()),
-            storaged_api: over
-                .storaged_api
-                .or(self.storaged_api)
-                .unwrap_or_else(|| DEFAULT_STORAGED_API.into()),
-            storaged_nbd: over
-                .storaged_nbd
-                .or(self.storaged_nbd)
-                .unwrap_or_else(|| DEFAULT_STORAGED_NBD.into()),
+            storaged_api,
+            storaged_nbd,
             vmm_binary,
             vhost_user_binary,
             migration_ip: over
@@ -277,6 +291,17 @@ impl AgentConfigFile {
             host_id,
         })
     }
+}
+
+/// Whether the first of the addresses `addrs` (`HOST:PORT,...`) is on this host (loopback).
+fn is_local(addrs: &str) -> bool {
+    let first = addrs.split(',').next().unwrap_or_default().trim();
+    let host = first.rsplit_once(':').map_or(first, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The agent's TLS, ready to serve and to call peers.
@@ -510,6 +535,34 @@ mod tests {
     }
 
     #[test]
+    fn a_remote_storaged_needs_its_nbd_address() {
+        let file = |extra: &str| -> AgentConfigFile {
+            toml::from_str(&format!("host_id = 'a'\nstate_dir = '/s'\n{extra}")).unwrap()
+        };
+        let defaults = file("").merge(AgentConfigFile::default()).unwrap();
+        assert_eq!(defaults.storaged_nbd, DEFAULT_STORAGED_NBD);
+        let local = file("storaged_api = '127.0.0.1:9000'");
+        assert_eq!(
+            local
+                .merge(AgentConfigFile::default())
+                .unwrap()
+                .storaged_nbd,
+            DEFAULT_STORAGED_NBD
+        );
+        let e = file("storaged_api = '10.0.0.9:10810'")
+            .merge(AgentConfigFile::default())
+            .unwrap_err();
+        assert!(matches!(e, ConfigError::StoragedNbdUnknown { .. }), "{e}");
+        assert!(e.to_string().contains("--storaged-nbd"), "{e}");
+        let flags = AgentConfigFile {
+            storaged_nbd: Some("10.0.0.9:10809".into()),
+            ..Default::default()
+        };
+        let c = file("storaged_api = 'storage:10810'").merge(flags).unwrap();
+        assert_eq!(c.storaged_nbd, "10.0.0.9:10809");
+    }
+
+    #[test]
     fn the_shipped_examples_parse() {
         let mut agent: AgentConfigFile =
             toml::from_str(include_str!("../../scripts/systemd/migrated.toml.example")).unwrap();
@@ -564,6 +617,12 @@ mod tests {
         .unwrap();
         guest.validate().unwrap();
         assert_eq!(guest.volumes(), vec!["vm1-root", "vm1-data"]);
+        // The example is the test guest: its command line is the one `guest-images/build`
+        // prints (GUEST_CMDLINE).
+        assert_eq!(
+            guest.cmdline,
+            include_str!("../../guest-images/kernel/cmdline").trim()
+        );
     }
 
     #[test]

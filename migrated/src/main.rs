@@ -44,7 +44,10 @@ struct Cli {
     /// storaged REST API address [default: 127.0.0.1:10810].
     #[arg(long)]
     storaged_api: Option<String>,
-    /// storaged NBD address as this host reaches it [default: 127.0.0.1:10809].
+    /// storaged's NBD address as this host reaches it, where the VMMs open the guests'
+    /// volumes (cluster mode: the nodes' addresses, comma-separated) [default:
+    /// 127.0.0.1:10809, only while --storaged-api is on this host too; with a remote
+    /// --storaged-api it must be given].
     #[arg(long)]
     storaged_nbd: Option<String>,
     /// The VMM binary [default: /usr/local/bin/vmm].

@@ -9,12 +9,15 @@ use storaged::config::{ServeConfig, ServeConfigFile};
 use storaged::registry::Registry;
 use storaged::server::{NbdTls, ServerConfig};
 use storaged_client::api::{
-    AnonymousPolicy, FlipMode, FlipRequest, GroupFlipRequest, GroupRevokeRequest,
-    GroupRollbackRequest, LeaseState, RevokeRequest, RollbackRequest, VolumeConfig, VolumeEpoch,
+    FlipMode, FlipRequest, GroupFlipRequest, GroupRevokeRequest, GroupRollbackRequest, LeaseState,
+    RevokeRequest, RollbackRequest, VolumeEpoch,
 };
-use storaged_client::rest::StoragedApi;
 use vmhop_common::tls::HostTls;
 use vmhop_common::token::Token;
+
+mod cli;
+use cli::volume::{volume_cmd, VolumeCmd};
+use cli::{print_json, ApiArgs};
 
 #[derive(Parser)]
 #[command(
@@ -217,97 +220,6 @@ struct LimitArgs {
     max_standby: Option<usize>,
 }
 
-#[derive(Args, Clone)]
-struct ApiArgs {
-    /// Address of the storaged REST API.
-    #[arg(long, env = "STORAGED_API", default_value = "127.0.0.1:10810")]
-    api: String,
-    /// File with the API's token, when the server has one (`serve --api-token-file`).
-    #[arg(long, env = "STORAGED_TOKEN_FILE")]
-    token_file: Option<PathBuf>,
-}
-
-impl ApiArgs {
-    fn client(self) -> Result<StoragedApi> {
-        let token = self.token_file.as_deref().map(Token::load).transpose()?;
-        Ok(StoragedApi::new(&self.api, token))
-    }
-}
-
-#[derive(Subcommand)]
-enum VolumeCmd {
-    /// Create a sparse volume.
-    Create {
-        /// Volume name (also the NBD export name).
-        name: String,
-        /// Size: bytes, or with a K/M/G/T suffix (powers of 1024).
-        #[arg(long)]
-        size: String,
-        /// Access for clients without a lease.
-        #[arg(long, value_enum, default_value = "read-only-without-primary")]
-        anonymous: AnonymousPolicy,
-        /// A host that may hold leases on the volume (repeatable; none: any host of the
-        /// cluster). Other hosts get no lease, not even standby, so they cannot flip it.
-        #[arg(long = "host", value_name = "HOST_ID")]
-        hosts: Vec<String>,
-        /// The first data command of a standby connection flips the lease to it.
-        #[arg(long)]
-        flip_on_first_access: bool,
-        /// A standby connection may promote itself with NBD_CMD_LEASE_FLIP (by default only
-        /// the REST API, or a flip it armed, promotes a standby).
-        #[arg(long)]
-        flip_over_nbd: bool,
-        /// Default deadline (ms) of armed flips.
-        #[arg(long)]
-        flip_timeout_ms: Option<u64>,
-        /// What the volume holds (NBD clients see it as the export's description).
-        #[arg(long)]
-        description: Option<String>,
-        /// Cluster mode: keep the volume on this many nodes (this one and the next live
-        /// ones), replicated synchronously.
-        #[arg(long)]
-        replicas: Option<u32>,
-        #[command(flatten)]
-        api: ApiArgs,
-    },
-    /// Change who may use a volume: its anonymous access and its host list. What is not
-    /// given stays as it is.
-    Access {
-        /// Volume name.
-        name: String,
-        /// Access for clients without a lease.
-        #[arg(long, value_enum)]
-        anonymous: Option<AnonymousPolicy>,
-        /// The hosts that may hold leases (repeatable; replaces the list).
-        #[arg(long = "host", value_name = "HOST_ID", conflicts_with = "any_host")]
-        hosts: Vec<String>,
-        /// Let any host of the cluster hold leases (empties the list).
-        #[arg(long)]
-        any_host: bool,
-        #[command(flatten)]
-        api: ApiArgs,
-    },
-    /// List volumes.
-    List {
-        #[command(flatten)]
-        api: ApiArgs,
-    },
-    /// Show one volume.
-    Show {
-        /// Volume name.
-        name: String,
-        #[command(flatten)]
-        api: ApiArgs,
-    },
-    /// Delete a volume without open connections (its data is removed).
-    Delete {
-        /// Volume name.
-        name: String,
-        #[command(flatten)]
-        api: ApiArgs,
-    },
-}
-
 #[derive(Subcommand)]
 enum LeaseCmd {
     /// List the leases of a volume.
@@ -417,19 +329,6 @@ enum LeaseCmd {
     },
 }
 
-fn parse_size(s: &str) -> Result<u64> {
-    let s = s.trim();
-    let (num, mult) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
-        Some('T' | 't') => (&s[..s.len() - 1], 1 << 40),
-        _ => (s, 1),
-    };
-    let n: u64 = num.parse().with_context(|| format!("size {s:?}"))?;
-    n.checked_mul(mult).context("size overflows")
-}
-
 /// `VOLUME@EPOCH`.
 fn parse_volume_epoch(s: &str) -> Result<VolumeEpoch> {
     let (volume, epoch) = s
@@ -440,102 +339,6 @@ fn parse_volume_epoch(s: &str) -> Result<VolumeEpoch> {
         volume: volume.to_string(),
         epoch,
     })
-}
-
-fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
-}
-
-async fn volume_cmd(cmd: VolumeCmd, json: bool) -> Result<()> {
-    match cmd {
-        VolumeCmd::Create {
-            name,
-            size,
-            anonymous,
-            hosts,
-            flip_on_first_access,
-            flip_over_nbd,
-            flip_timeout_ms,
-            description,
-            replicas,
-            api,
-        } => {
-            let cfg = VolumeConfig {
-                name,
-                size: parse_size(&size)?,
-                anonymous,
-                hosts,
-                flip_on_first_access,
-                flip_over_nbd,
-                flip_timeout_ms,
-                description,
-            };
-            if let Some(replicas) = replicas {
-                let req = storaged_client::cluster::ReplicatedVolumeRequest {
-                    config: cfg,
-                    replicas,
-                };
-                return print_json(&api.client()?.create_replicated_volume(&req).await?);
-            }
-            let v = api.client()?.create_volume(&cfg).await?;
-            print_json(&v)
-        }
-        VolumeCmd::Access {
-            name,
-            anonymous,
-            hosts,
-            any_host,
-            api,
-        } => {
-            let client = api.client()?;
-            let mut access = client.volume(&name).await?.config.access();
-            if let Some(a) = anonymous {
-                access.anonymous = a;
-            }
-            if any_host {
-                access.hosts.clear();
-            } else if !hosts.is_empty() {
-                access.hosts = hosts;
-            }
-            print_json(&client.set_access(&name, &access).await?)
-        }
-        VolumeCmd::List { api } => {
-            let vs = api.client()?.volumes().await?;
-            if json {
-                return print_json(&vs);
-            }
-            println!(
-                "{:<24} {:>16} {:>6} {:>5}  ANONYMOUS",
-                "NAME", "SIZE", "EPOCH", "CONNS"
-            );
-            for v in vs {
-                println!(
-                    "{:<24} {:>16} {:>6} {:>5}  {}",
-                    v.config.name,
-                    v.config.size,
-                    v.epoch,
-                    v.connections,
-                    serde_json::to_value(v.config.anonymous)?
-                        .as_str()
-                        .unwrap_or("?")
-                );
-            }
-            Ok(())
-        }
-        VolumeCmd::Show { name, api } => {
-            let v = api.client()?.volume(&name).await?;
-            print_json(&v)
-        }
-        VolumeCmd::Delete { name, api } => {
-            api.client()?.delete_volume(&name).await?;
-            match json {
-                true => print_json(&serde_json::json!({ "deleted": name }))?,
-                false => println!("deleted {name}"),
-            }
-            Ok(())
-        }
-    }
 }
 
 async fn lease_cmd(cmd: LeaseCmd, json: bool) -> Result<()> {

@@ -42,6 +42,13 @@ impl Storaged {
         Self::start_with_env(work_dir, extra, &[])
     }
 
+    /// Starts storaged with the TLS directory `tls_dir`, TLS required from loopback clients
+    /// too (`--no-plaintext-loopback`), as on a production host.
+    pub fn start_tls_only(work_dir: &Path, tls_dir: &Path) -> Result<Storaged> {
+        let tls_dir = tls_dir.to_str().context("TLS directory path")?;
+        Self::start_with(work_dir, &["--tls-dir", tls_dir, "--no-plaintext-loopback"])
+    }
+
     /// Starts storaged with extra `serve` flags and environment variables.
     pub fn start_with_env(
         work_dir: &Path,

@@ -16,14 +16,7 @@ use storaged_client::protocol::{RequestedState, NBD_REP_ERR_POLICY, NBD_REP_ERR_
 /// `vol` that hosts a and b may hold leases on.
 fn storage(dir: &Path, pki: &Pki) -> Result<Storaged> {
     let tls_dir = pki.host("storage")?;
-    let s = Storaged::start_with(
-        dir,
-        &[
-            "--tls-dir",
-            tls_dir.to_str().unwrap_or_default(),
-            "--no-plaintext-loopback",
-        ],
-    )?;
+    let s = Storaged::start_tls_only(dir, &tls_dir)?;
     s.create_volume("vol", "16M", &["--host", "a", "--host", "b"])?;
     Ok(s)
 }
@@ -117,7 +110,9 @@ fn a_host_off_the_volumes_list_gets_no_lease_until_the_operator_adds_it() -> Res
         ensure!(why.contains("not on its host list"), "{why}");
         ensure!(a.write(0, vec![7; 512], true).await.is_ok());
 
-        let out = s.cli(&["volume", "access", "vol", "--host", "a", "--host", "c"])?;
+        let out = s.cli(&[
+            "--json", "volume", "access", "vol", "--host", "a", "--host", "c",
+        ])?;
         ensure!(out.contains("\"c\""), "{out}");
         let c = Client::connect(&c).await?;
         ensure!(c.lease() == Some((RequestedState::Standby, 1)));

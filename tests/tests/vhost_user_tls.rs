@@ -31,14 +31,7 @@ fn the_backend_proves_its_host_with_the_certificate() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let pki = Pki::new(dir.path(), "cluster")?;
     let storage = pki.host("storage")?;
-    let s = Storaged::start_with(
-        dir.path(),
-        &[
-            "--tls-dir",
-            storage.to_str().unwrap_or_default(),
-            "--no-plaintext-loopback",
-        ],
-    )?;
+    let s = Storaged::start_tls_only(dir.path(), &storage)?;
     s.create_volume("vol", "16M", &["--host", "a"])?;
     let a = pki.host("a")?;
     let a = a.to_str().unwrap_or_default();

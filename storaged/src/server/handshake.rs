@@ -107,6 +107,22 @@ fn anonymous_read_only(vol: &Volume) -> bool {
     vol.access().anonymous != AnonymousPolicy::ReadWriteWithoutPrimary
 }
 
+/// Why a client without a lease may only read, and how to write: standard tools see only the
+/// export's read-only flag and say "Permission denied", so this goes into the export's
+/// description (`nbdinfo` shows it) and storaged's log.
+fn read_only_note(vol: &Volume) -> String {
+    let policy = serde_json::to_value(vol.access().anonymous)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    format!(
+        "read-only for clients without a lease (anonymous access {policy}); to write an image \
+         to it: storaged volume import {name} FILE, or storaged volume set-access {name} \
+         read-write-without-primary",
+        name = vol.config.name
+    )
+}
+
 /// Why a refused attach turned the connection away, for the metrics.
 pub(super) fn refusal_reason(e: &RegistryError) -> ConnRefusal {
     match e {
@@ -422,15 +438,23 @@ impl Haggle<'_> {
         };
         // From here on a failed write drops `att`, which detaches the connection again.
         let read_only = self.lease.is_none() && anonymous_read_only(&vol);
+        if read_only && att.is_some() {
+            tracing::info!(peer = %self.peer, volume = %name, "{}", read_only_note(&vol));
+        }
         let info = encode_info_export(vol.config.size, transmission_flags(read_only));
         reply(s, opt, NBD_REP_INFO, &info).await?;
         for item in &go.info {
             let data = match *item {
                 NBD_INFO_BLOCK_SIZE => encode_info_block_size(1, 4096, MAX_REQUEST_LEN),
                 NBD_INFO_NAME => encode_info_string(NBD_INFO_NAME, &vol.config.name),
-                NBD_INFO_DESCRIPTION => match &vol.config.description {
-                    Some(d) => encode_info_string(NBD_INFO_DESCRIPTION, d),
-                    None => continue,
+                NBD_INFO_DESCRIPTION => match (&vol.config.description, read_only) {
+                    (Some(d), false) => encode_info_string(NBD_INFO_DESCRIPTION, d),
+                    (Some(d), true) => encode_info_string(
+                        NBD_INFO_DESCRIPTION,
+                        &format!("{d} ({})", read_only_note(&vol)),
+                    ),
+                    (None, true) => encode_info_string(NBD_INFO_DESCRIPTION, &read_only_note(&vol)),
+                    (None, false) => continue,
                 },
                 _ => continue,
             };
