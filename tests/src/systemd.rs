@@ -107,6 +107,8 @@ pub struct Container {
     nspawn: Child,
     leader: u32,
     console: PathBuf,
+    /// nspawn was told to shut the container down.
+    stopping: bool,
 }
 
 /// The pid of `parent`'s child that is pid 1 of its own pid namespace (nspawn's container init).
@@ -182,6 +184,7 @@ impl Container {
             nspawn,
             leader: 0,
             console,
+            stopping: false,
         };
         let parent = c.nspawn.id();
         let nspawn = &mut c.nspawn;
@@ -278,13 +281,31 @@ impl Container {
     }
 }
 
+impl Container {
+    /// Tells nspawn to shut the container down (SIGTERM: its init gets SIGRTMIN+3) without
+    /// waiting for it.
+    fn begin_shutdown(&mut self) {
+        if !self.stopping {
+            self.stopping = true;
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.nspawn.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+
+    /// Shuts `containers` down together: all are told at once, so that their systemds stop
+    /// their units side by side, then each is waited for (as it drops).
+    pub fn shut_down_all(mut containers: Vec<Container>) {
+        for c in &mut containers {
+            c.begin_shutdown();
+        }
+    }
+}
+
 impl Drop for Container {
     fn drop(&mut self) {
-        // SIGTERM makes nspawn shut the container down (its init gets SIGRTMIN+3).
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.nspawn.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
+        self.begin_shutdown();
         let nspawn = &mut self.nspawn;
         if wait_for("the container to stop", SHUTDOWN, || {
             nspawn.try_wait().ok().flatten()

@@ -409,4 +409,6 @@ fn systemd_hosts_run_restart_and_migrate_a_guest() {
 
     ctl(&b, "stop vm1");
     eprintln!("done after {:?}", t0.elapsed());
+    Container::shut_down_all(vec![storage, a, b]);
+    eprintln!("containers shut down after {:?}", t0.elapsed());
 }
