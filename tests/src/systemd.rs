@@ -3,8 +3,10 @@
 //! the project's Debian packages and runs the daemons as units.
 //!
 //! The root file system comes from `scripts/systemd-root` (debootstrap of Debian 12 with systemd,
-//! made once and cached by its inputs); each container boots a copy of it:
-//! `systemd-nspawn --keep-unit --register=no -D COPY -b --network-namespace-path=NETNS`. The two
+//! made once and cached by its inputs); each container boots an overlay of it (the cached root
+//! read-only below, the container's own changes in a directory of the test above), so that
+//! nothing is copied or deleted file by file:
+//! `systemd-nspawn --keep-unit --register=no -D OVERLAY -b --network-namespace-path=NETNS`. The two
 //! flags keep nspawn away from the host's system bus and machined, which hosts without systemd
 //! as their init do not have. A test reaches a container with `nsenter` into all namespaces of
 //! the container's init (its leader pid, found as nspawn's child that is pid 1 of its own pid
@@ -98,7 +100,54 @@ impl Bind {
     }
 }
 
-/// A booted container; shut down (and its copy of the root removed) on drop.
+/// An overlay mount of the cached root at `dir`, with the writable layer beside it; unmounted
+/// and removed on drop.
+struct Overlay {
+    dir: PathBuf,
+    upper: PathBuf,
+    work: PathBuf,
+}
+
+impl Overlay {
+    /// Mounts `root` read-only under a new writable layer at `dir`.
+    fn mount(root: &Path, dir: &Path) -> Result<Overlay> {
+        let o = Overlay {
+            dir: dir.into(),
+            upper: dir.with_extension("upper"),
+            work: dir.with_extension("work"),
+        };
+        for d in [&o.dir, &o.upper, &o.work] {
+            std::fs::create_dir_all(d)?;
+        }
+        let options = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            root.display(),
+            o.upper.display(),
+            o.work.display()
+        );
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "overlay", "overlay", "-o", &options])
+                .arg(&o.dir),
+        )
+        .context("mounting an overlay of the Debian root")?;
+        Ok(o)
+    }
+}
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg(&self.dir)
+            .stderr(Stdio::null())
+            .status();
+        for d in [&self.dir, &self.upper, &self.work] {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// A booted container; shut down (and its overlay of the root removed) on drop.
 pub struct Container {
     /// Its name (also its hostname).
     pub name: String,
@@ -107,6 +156,10 @@ pub struct Container {
     nspawn: Child,
     leader: u32,
     console: PathBuf,
+    /// Its root; dropped (unmounted) after the container stopped.
+    _root: Overlay,
+    /// nspawn was told to shut the container down.
+    stopping: bool,
 }
 
 /// The pid of `parent`'s child that is pid 1 of its own pid namespace (nspawn's container init).
@@ -134,8 +187,7 @@ fn init_child_of(parent: u32) -> Option<u32> {
 }
 
 impl Container {
-    /// Copies `root` to `work/NAME`, writes `files` into the copy (host path inside, content)
-    /// and boots it in the network namespace `netns` (a name under /run/netns) with `binds`.
+    /// Mounts an overlay of `root` at `work/NAME` and boots it in the network namespace `netns` (a name under /run/netns) with `binds`.
     /// Returns once its init runs; see [`Container::wait_running`].
     pub fn boot(
         name: &str,
@@ -145,13 +197,7 @@ impl Container {
         binds: &[Bind],
     ) -> Result<Container> {
         let dir = work.join(name);
-        run_ok(
-            Command::new("cp")
-                .args(["-a", "--reflink=auto"])
-                .arg(root)
-                .arg(&dir),
-        )
-        .context("copying the Debian root")?;
+        let overlay = Overlay::mount(root, &dir)?;
         std::fs::write(dir.join("etc/hostname"), format!("{name}\n"))?;
         let console = work.join(format!("{name}-console.log"));
         let log = std::fs::File::create(&console)?;
@@ -182,6 +228,8 @@ impl Container {
             nspawn,
             leader: 0,
             console,
+            _root: overlay,
+            stopping: false,
         };
         let parent = c.nspawn.id();
         let nspawn = &mut c.nspawn;
@@ -278,13 +326,31 @@ impl Container {
     }
 }
 
+impl Container {
+    /// Tells nspawn to shut the container down (SIGTERM: its init gets SIGRTMIN+3) without
+    /// waiting for it.
+    fn begin_shutdown(&mut self) {
+        if !self.stopping {
+            self.stopping = true;
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.nspawn.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+
+    /// Shuts `containers` down together: all are told at once, so that their systemds stop
+    /// their units side by side, then each is waited for (as it drops).
+    pub fn shut_down_all(mut containers: Vec<Container>) {
+        for c in &mut containers {
+            c.begin_shutdown();
+        }
+    }
+}
+
 impl Drop for Container {
     fn drop(&mut self) {
-        // SIGTERM makes nspawn shut the container down (its init gets SIGRTMIN+3).
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.nspawn.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
+        self.begin_shutdown();
         let nspawn = &mut self.nspawn;
         if wait_for("the container to stop", SHUTDOWN, || {
             nspawn.try_wait().ok().flatten()
@@ -294,6 +360,5 @@ impl Drop for Container {
             let _ = self.nspawn.kill();
             let _ = self.nspawn.wait();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
