@@ -185,6 +185,12 @@ pub struct MigrationStatus {
     pub downtime_ms: u64,
     /// Same, in microseconds.
     pub downtime_us: u64,
+    /// Destination, once it resumed: when the source's vCPUs paused for the last time (the
+    /// source's wall clock, microseconds since the epoch), 0 until known.
+    pub paused_at_us: u64,
+    /// Destination, once it resumed: when its first vCPU ran (its wall clock, microseconds
+    /// since the epoch), 0 until known.
+    pub resumed_at_us: u64,
     /// Pages sent (source) or received (destination) as data.
     pub pages_sent: u64,
     /// Zero pages sent as markers (dirty pages that became zero).

@@ -318,6 +318,8 @@ impl Vm {
             s.phase = Phase::Completed;
             s.downtime_us = downtime_us;
             s.downtime_ms = downtime_us.div_ceil(1000);
+            s.paused_at_us = self.source_paused_at_us;
+            s.resumed_at_us = resumed_at_us;
             s.total_ms = total_ms;
             s.bytes_remaining = 0;
         });

@@ -404,8 +404,10 @@ impl Source {
                         }
                         VmmPhase::HandedOver | VmmPhase::Completed => {
                             self.paused_at.get_or_insert_with(Instant::now);
+                            let seen_us = crate::now_us();
                             self.modify(|r| {
                                 r.figures.bytes_sent = st.bytes_sent;
+                                r.figures.timeline.handed_over_at_us = seen_us;
                                 r.step(
                                     Phase::HandedOver,
                                     format!(
@@ -499,9 +501,14 @@ impl Source {
                 }
             }
         };
+        let flipped_us = crate::now_us();
         self.flip_ms += t.elapsed().as_millis() as u64;
         let flip_ms = self.flip_ms;
-        self.modify(|r| r.figures.flip_ms = flip_ms).await?;
+        self.modify(|r| {
+            r.figures.flip_ms = flip_ms;
+            r.figures.timeline.flipped_at_us = flipped_us;
+        })
+        .await?;
         self.flipped(note).await?;
         Ok(())
     }
@@ -543,6 +550,8 @@ impl Source {
             r.figures.downtime_ms = downtime;
             r.figures.vmm_downtime_ms = resumed.figures.vmm_downtime_ms;
             r.figures.vmm_downtime_us = resumed.figures.vmm_downtime_us;
+            r.figures.timeline.paused_at_us = resumed.figures.timeline.paused_at_us;
+            r.figures.timeline.resumed_at_us = resumed.figures.timeline.resumed_at_us;
             r.step(Phase::Cleanup, "the destination runs the guest");
         })
         .await?;
