@@ -204,8 +204,12 @@ pub async fn resume(agent: &Arc<Agent>, id: &str) -> Result<MigrationRecord, Des
         }
         _ => {}
     }
+    // Not durable before the VMM runs the guest: `resuming` in memory is what keeps an abort
+    // out (under `DECIDE`). After a crash the record shows the phase before it with the guest
+    // maybe running; the restarted watch then sees the source past its flip and resumes again
+    // (a no-op on a running VM); the source, past its flip, can no longer abort.
     agent
-        .update_migration(id, |r| r.step(Phase::Resuming, "resuming the guest"))
+        .update_migration_in_memory(id, |r| r.step(Phase::Resuming, "resuming the guest"))
         .await?;
     let inst = agent.instance(&mig.instance)?;
     if let Err(e) = agent.vmm(&inst).resume().await {
@@ -249,12 +253,13 @@ async fn vmm_resumed(agent: &Agent, inst: &InstanceRecord) -> vmm_api::migration
     let vmm = agent.vmm(inst).with_timeout(Duration::from_secs(2));
     let deadline = Instant::now() + FIGURES_WAIT;
     while Instant::now() < deadline {
-        if let Ok(s) = vmm.migration().await {
-            if s.phase == VmmPhase::Completed {
-                return s;
-            }
+        match vmm
+            .migration_change(VmmPhase::HandedOver, FIGURES_WAIT)
+            .await
+        {
+            Ok(s) if s.phase == VmmPhase::Completed => return s,
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Default::default()
 }

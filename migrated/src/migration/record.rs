@@ -37,7 +37,8 @@ pub enum Phase {
     Preparing,
     /// The source VMM streams memory.
     Precopy,
-    /// Source paused, destination holds all state and waits.
+    /// The source VMM stops the guest for the hand-over (then the destination holds all state
+    /// and waits): a flip may follow.
     HandedOver,
     /// Flipping the volumes' leases at storaged.
     Flipping,

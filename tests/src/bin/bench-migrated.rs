@@ -160,6 +160,9 @@ fn percentile(v: &[f64], p: f64) -> f64 {
     v[rank - 1]
 }
 
+/// One row of the table: its name and its figure of a run.
+type Row = (&'static str, fn(&Run) -> f64);
+
 fn report(results: &[Run], mem: u32, tls: bool) {
     println!(
         "migratectl migrate, idle guest {mem} MiB, {} storaged volumes, TLS {tls}, {} migrations \
@@ -168,7 +171,7 @@ fn report(results: &[Run], mem: u32, tls: bool) {
         results.len()
     );
     println!("{:<30} {:>9} {:>9} {:>9}", "", "p50", "p99", "max");
-    let rows: [(&str, fn(&Run) -> f64); 6] = [
+    let rows: [Row; 6] = [
         ("total", |r| r.total),
         ("downtime (pause -> vCPU run)", |r| r.downtime),
         ("  pause -> handed-over", |r| r.handover),

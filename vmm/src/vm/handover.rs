@@ -158,11 +158,13 @@ impl Vm {
         }
         let abort = Arc::new(AtomicBool::new(false));
         let stream = Arc::new(Mutex::new(None));
-        *lock(&self.migration) = MigrationStatus {
-            role: MigrationRole::Source,
-            phase: Phase::Precopy,
-            ..Default::default()
-        };
+        migration::update(&self.migration, |s| {
+            *s = MigrationStatus {
+                role: MigrationRole::Source,
+                phase: Phase::Precopy,
+                ..Default::default()
+            }
+        });
         let ctx = SourceCtx {
             params: params.clone(),
             name: self.config.name.clone(),
