@@ -317,8 +317,36 @@ impl Agent {
         Ok(rec)
     }
 
+    /// Changes a migration record with `f` and publishes it (the API, the log and the fault
+    /// points see it) without writing the store: for the steps of the guest's pause that a
+    /// crash may lose because recovery reads storaged instead (the caller says why). The next
+    /// durable write ([`Self::update_migration`]) carries them. Never for a terminal phase.
+    pub async fn update_migration_in_memory(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut MigrationRecord),
+    ) -> Result<MigrationRecord, AgentError> {
+        let _one = self.migrations.writer.lock().await;
+        let mut rec = self.migrations.get(id)?;
+        f(&mut rec);
+        debug_assert!(
+            !rec.phase.is_terminal(),
+            "a terminal phase is always durable"
+        );
+        self.announce_migration(&rec);
+        self.migrations.publish(rec.clone());
+        Ok(rec)
+    }
+
     async fn save_migration(&self, rec: &mut MigrationRecord) -> Result<(), AgentError> {
         self.store.put_migration(rec).await?;
+        self.announce_migration(rec);
+        Ok(())
+    }
+
+    /// What follows a change of a migration record: its log line, the fault point of its
+    /// phase, and, once it ended, its live progress and abort request dropped.
+    fn announce_migration(&self, rec: &MigrationRecord) {
         log_migration(rec);
         if vmhop_common::faults::is_armed() {
             let role = match rec.role {
@@ -331,7 +359,6 @@ impl Agent {
             lock(&self.progress).remove(&rec.id);
             lock(&self.aborts).remove(&rec.id);
         }
-        Ok(())
     }
 
     /// One migration.
@@ -748,5 +775,41 @@ mod tests {
         assert_eq!(rec.pid, Some(42));
         assert_eq!(agent.instance("vm1").unwrap().pid, Some(42));
         holder.join().unwrap();
+    }
+
+    /// A step published in memory is what readers see, but not what the store holds until
+    /// the next durable write, which carries it.
+    #[tokio::test]
+    async fn steps_in_memory_reach_the_store_with_the_next_durable_write() {
+        use crate::migration::record::Phase;
+        let dir = tempfile::tempdir().unwrap();
+        let agent = Agent::open(config(dir.path())).unwrap();
+        let mut rec = crate::migration::record::MigrationRecord::new(
+            "vm1.a.1".into(),
+            "vm1".into(),
+            crate::migration::record::Role::Source,
+            Default::default(),
+            vec!["v1".into()],
+        );
+        rec.step(Phase::Precopy, "streaming");
+        agent.put_migration(rec).await.unwrap();
+        let stored = |agent: &Agent| agent.store.migrations().unwrap().remove(0);
+
+        agent
+            .update_migration_in_memory("vm1.a.1", |r| r.step(Phase::HandedOver, "handed over"))
+            .await
+            .unwrap();
+        assert_eq!(agent.migration("vm1.a.1").unwrap().phase, Phase::HandedOver);
+        assert_eq!(stored(&agent).phase, Phase::Precopy);
+
+        agent
+            .update_migration("vm1.a.1", |r| r.step(Phase::Flipping, "flipping"))
+            .await
+            .unwrap();
+        let on_disk = stored(&agent);
+        assert_eq!(on_disk.phase, Phase::Flipping);
+        let phases: Vec<Phase> = on_disk.steps.iter().map(|s| s.phase).collect();
+        assert_eq!(phases, [Phase::Precopy, Phase::HandedOver, Phase::Flipping]);
+        assert_eq!(on_disk, agent.migration("vm1.a.1").unwrap());
     }
 }

@@ -13,7 +13,7 @@ use hyper::Method;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::time::Duration;
-use vmhop_common::http::{Client, HttpError, HttpTls, Target};
+use vmhop_common::http::{Client, HttpError, HttpTls, Prepared, Target};
 use vmhop_common::token::Token;
 
 /// Deadline of ordinary peer calls.
@@ -166,6 +166,26 @@ impl MigratedClient {
     pub async fn resume_incoming(&self, id: &str) -> Result<MigrationRecord, HttpError> {
         self.post(&route::fill(route::INCOMING_RESUME, id), None::<&()>)
             .await
+    }
+
+    /// A connection opened ahead of a call whose latency matters (see [`Prepared`]).
+    pub async fn prepare(&self) -> Result<Prepared, HttpError> {
+        self.http.prepare().await
+    }
+
+    /// [`Self::resume_incoming`] on `conn` (from [`Self::prepare`]) when there is one.
+    pub async fn resume_incoming_on(
+        &self,
+        conn: Option<Prepared>,
+        id: &str,
+    ) -> Result<MigrationRecord, HttpError> {
+        match conn {
+            Some(c) => {
+                let path = route::fill(route::INCOMING_RESUME, id);
+                c.call(Method::POST, &path, None::<&()>).await
+            }
+            None => self.resume_incoming(id).await,
+        }
     }
 
     /// `POST /v1/migrations/{id}/abort`: the operator aborts a migration at its source.

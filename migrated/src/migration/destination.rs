@@ -207,8 +207,12 @@ pub async fn resume(agent: &Arc<Agent>, id: &str) -> Result<MigrationRecord, Des
         }
         _ => {}
     }
+    // Not durable before the VMM runs the guest: `resuming` in memory is what keeps an abort
+    // out (under `DECIDE`). After a crash the record shows the phase before it with the guest
+    // maybe running; the restarted watch then sees the source past its flip and resumes again
+    // (a no-op on a running VM); the source, past its flip, can no longer abort.
     agent
-        .update_migration(id, |r| r.step(Phase::Resuming, "resuming the guest"))
+        .update_migration_in_memory(id, |r| r.step(Phase::Resuming, "resuming the guest"))
         .await?;
     let inst = agent.instance(&mig.instance)?;
     if let Err(e) = agent.vmm(&inst).resume().await {
@@ -224,7 +228,7 @@ pub async fn resume(agent: &Arc<Agent>, id: &str) -> Result<MigrationRecord, Des
         }
         return Err(DestinationError::Vmm(e));
     }
-    let (downtime_ms, downtime_us) = vmm_downtime(agent, &inst).await;
+    let resumed = vmm_resumed(agent, &inst).await;
     agent
         .update_instance(&inst.name, |r| {
             r.state = InstanceState::Running;
@@ -234,8 +238,10 @@ pub async fn resume(agent: &Arc<Agent>, id: &str) -> Result<MigrationRecord, Des
         .await?;
     Ok(agent
         .update_migration(id, |r| {
-            r.figures.vmm_downtime_ms = downtime_ms;
-            r.figures.vmm_downtime_us = downtime_us;
+            r.figures.vmm_downtime_ms = resumed.downtime_ms;
+            r.figures.vmm_downtime_us = resumed.downtime_us;
+            r.figures.timeline.paused_at_us = resumed.paused_at_us;
+            r.figures.timeline.resumed_at_us = resumed.resumed_at_us;
             r.step(Phase::Completed, "the guest runs here");
         })
         .await?)
@@ -244,20 +250,21 @@ pub async fn resume(agent: &Arc<Agent>, id: &str) -> Result<MigrationRecord, Des
 /// How long to wait for the resumed VMM to report its figures.
 const FIGURES_WAIT: Duration = Duration::from_secs(5);
 
-/// The downtime the resumed VMM measured (it reports it once its vCPUs ran); zero if it does
-/// not tell in time (the figure is informative, the guest runs either way).
-async fn vmm_downtime(agent: &Agent, inst: &InstanceRecord) -> (u64, u64) {
+/// The figures of the resumed VMM (it reports its downtime once its vCPUs ran); zeros if it
+/// does not tell in time (the figures are informative, the guest runs either way).
+async fn vmm_resumed(agent: &Agent, inst: &InstanceRecord) -> vmm_api::migration::MigrationStatus {
     let vmm = agent.vmm(inst).with_timeout(Duration::from_secs(2));
     let deadline = Instant::now() + FIGURES_WAIT;
     while Instant::now() < deadline {
-        if let Ok(s) = vmm.migration().await {
-            if s.phase == VmmPhase::Completed {
-                return (s.downtime_ms, s.downtime_us);
-            }
+        match vmm
+            .migration_change(VmmPhase::HandedOver, FIGURES_WAIT)
+            .await
+        {
+            Ok(s) if s.phase == VmmPhase::Completed => return s,
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    (0, 0)
+    Default::default()
 }
 
 /// `POST /v1/incoming/{id}/abort`: ends the incoming VMM for `reason` (refused once the guest

@@ -24,7 +24,7 @@
 //!     |                                                          vmm run --incoming (standby)
 //!     |                                                          preparing, precopy
 //!     |               precopy --------------> POST migration/send ==== stream ====>
-//!     |                 poll GET /v1/migration until handed-over
+//!     |                 long poll GET /v1/migration?phase= until handed-over
 //!     |                 GET /v1/incoming/{id} every second ----->
 //!     |                                                   <------ GET /v1/migrations/{id}
 //!     |                                                           (the watch, every 500 ms)
@@ -37,7 +37,8 @@
 //! ```
 //!
 //! Each phase is written to the store before its action is taken, so a restarted migrated
-//! ([`crate::recovery`]) knows what may have happened. Before `flipped` every failure aborts:
+//! ([`crate::recovery`]) knows what may have happened; while the guest is paused only the ones
+//! recovery needs are (see [`source`] and [`destination`]'s resume). Before `flipped` every failure aborts:
 //! the destination's standby leases are revoked (so it can no longer take over), the
 //! destination is told to abort and the source VMM resumes; unless storaged shows that the
 //! destination won, and then the migration goes on to completion. From `flipped` on the guest

@@ -37,7 +37,8 @@ pub enum Phase {
     Preparing,
     /// The source VMM streams memory.
     Precopy,
-    /// Source paused, destination holds all state and waits.
+    /// The source VMM stops the guest for the hand-over (then the destination holds all state
+    /// and waits): a flip may follow.
     HandedOver,
     /// Flipping the volumes' leases at storaged.
     Flipping,
@@ -165,6 +166,26 @@ pub struct Figures {
     pub flip_ms: u64,
     /// Bytes the source VMM sent.
     pub bytes_sent: u64,
+    /// When each step of the guest's pause happened.
+    #[serde(default)]
+    pub timeline: Timeline,
+}
+
+/// The guest's pause, step by step: wall clocks in microseconds since the epoch (each host's
+/// own clock), 0 when unknown. From `paused_at_us` to `handed_over_at_us` the source VMM sends
+/// the rest of the state and migrated learns that it arrived; to `flipped_at_us` the leases
+/// flip; to `resumed_at_us` the destination is told to run the guest and its first vCPU runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(default)]
+pub struct Timeline {
+    /// The source VMM's last vCPU pause (its clock, as the destination VMM heard it).
+    pub paused_at_us: u64,
+    /// The source migrated saw the hand-over.
+    pub handed_over_at_us: u64,
+    /// The source migrated had storaged's answer to the flip (or read the flip back).
+    pub flipped_at_us: u64,
+    /// The destination VMM's first vCPU run (its clock).
+    pub resumed_at_us: u64,
 }
 
 /// The durable record of one migration.

@@ -10,7 +10,7 @@ use hyper::Method;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
-use vmhop_common::http::{Client, HttpError, Target};
+use vmhop_common::http::{Client, HttpError, Prepared, Target};
 use vmhop_common::token::Token;
 
 /// Default deadline of one call (a flip waits for the old primary's admitted requests).
@@ -175,6 +175,23 @@ impl StoragedApi {
     /// Flips a set of volumes as one decision (see [`GroupFlipRequest`]).
     pub async fn flip_group(&self, req: &GroupFlipRequest) -> Result<GroupFlipReport, HttpError> {
         self.post("/v1/leases/flip", Some(req)).await
+    }
+
+    /// A connection opened ahead of a call whose latency matters (see [`Prepared`]).
+    pub async fn prepare(&self) -> Result<Prepared, HttpError> {
+        self.http.prepare().await
+    }
+
+    /// [`Self::flip_group`] on `conn` (from [`Self::prepare`]) when there is one.
+    pub async fn flip_group_on(
+        &self,
+        conn: Option<Prepared>,
+        req: &GroupFlipRequest,
+    ) -> Result<GroupFlipReport, HttpError> {
+        match conn {
+            Some(c) => c.call(Method::POST, "/v1/leases/flip", Some(req)).await,
+            None => self.flip_group(req).await,
+        }
     }
 
     /// Ends a host's standby leases on a set of volumes as one decision (see

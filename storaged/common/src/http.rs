@@ -1,7 +1,7 @@
 //! The HTTP/1.1 + JSON client of the project's APIs: storaged's REST API and migrated's over
 //! TCP (migrated's in mutual TLS with the host's certificate when it has one, see
 //! [`HttpTls`]), a VMM's and the local migrated's over a Unix socket. One connection per
-//! request; every request has a deadline; error answers (`{"error": "..."}`) become
+//! request, which may be opened ahead of it ([`Prepared`]); every request has a deadline; error answers (`{"error": "..."}`) become
 //! [`HttpError::Status`]. A `307 Temporary Redirect` whose body names another server
 //! (`{"error": "...", "redirect": "host:port"}`: storaged in cluster mode sends a lease change
 //! to the volume's master) is followed, at most [`MAX_REDIRECTS`] times.
@@ -139,33 +139,70 @@ pub struct Client {
     tls: Option<HttpTls>,
 }
 
-async fn exchange<S>(
-    io: S,
-    req: Request<Full<Bytes>>,
-    name: &str,
-) -> Result<(StatusCode, Bytes), HttpError>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let http = |e| HttpError::Http(name.to_string(), e);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-        .await
-        .map_err(http)?;
-    let driver = tokio::spawn(conn);
-    let resp = sender.send_request(req).await.map_err(http);
-    let out = match resp {
-        Ok(resp) => {
-            let status = resp.status();
-            resp.into_body()
-                .collect()
-                .await
-                .map(|b| (status, b.to_bytes()))
-                .map_err(http)
-        }
-        Err(e) => Err(e),
-    };
-    driver.abort();
-    out
+/// An open HTTP/1.1 connection that carries one request. [`Client::prepare`] opens one ahead
+/// of a request whose latency matters (the lease flip and the resume while a guest is paused),
+/// so that the request does not wait for the TCP connect and the TLS handshake.
+pub struct Prepared {
+    client: Client,
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("target", &self.client.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+impl Prepared {
+    async fn over<S>(client: &Client, io: S) -> Result<Prepared, HttpError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| HttpError::Http(client.target.to_string(), e))?;
+        let driver = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Prepared {
+            client: client.clone(),
+            sender,
+            driver,
+        })
+    }
+
+    /// Sends the request and reads the whole answer.
+    async fn exchange(
+        mut self,
+        req: Request<Full<Bytes>>,
+    ) -> Result<(StatusCode, Bytes), HttpError> {
+        let name = self.client.target.to_string();
+        let http = |e| HttpError::Http(name.clone(), e);
+        let resp = self.sender.send_request(req).await.map_err(http)?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await.map_err(http)?;
+        Ok((status, body.to_bytes()))
+    }
+
+    /// [`Client::call`] on this connection (a redirect goes on with new ones).
+    pub async fn call<T: DeserializeOwned>(
+        self,
+        method: Method,
+        path: &str,
+        body: Option<&(impl Serialize + ?Sized)>,
+    ) -> Result<T, HttpError> {
+        let client = self.client.clone();
+        client.call_on(Some(self), method, path, body).await
+    }
 }
 
 /// The server a `307` answer sends the request to (`"redirect"` in its JSON body).
@@ -227,9 +264,58 @@ impl Client {
         }
     }
 
+    /// Opens a connection for one request (the TLS handshake done), within the deadline.
+    pub async fn prepare(&self) -> Result<Prepared, HttpError> {
+        match tokio::time::timeout(self.timeout, self.open()).await {
+            Ok(r) => r,
+            Err(_) => Err(HttpError::Timeout(self.target.to_string(), self.timeout)),
+        }
+    }
+
+    async fn open(&self) -> Result<Prepared, HttpError> {
+        let name = self.target.to_string();
+        match &self.target {
+            Target::Tcp(addr) => {
+                let s = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(|e| HttpError::Connect(name.clone(), e))?;
+                // The requests are small and each waits for its answer: no Nagle delay.
+                let _ = s.set_nodelay(true);
+                match &self.tls {
+                    None => Prepared::over(self, s).await,
+                    Some(tls) => {
+                        let failed = |e| HttpError::Tls(name.clone(), tls.server.clone(), e);
+                        let server = server_name(&tls.server).map_err(|e| {
+                            failed(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+                        })?;
+                        let s = tls.connector.connect(server, s).await.map_err(failed)?;
+                        Prepared::over(self, s).await
+                    }
+                }
+            }
+            Target::Unix(path) => {
+                let s = tokio::net::UnixStream::connect(path)
+                    .await
+                    .map_err(|e| HttpError::Connect(name.clone(), e))?;
+                Prepared::over(self, s).await
+            }
+        }
+    }
+
     /// Sends one request; returns the status and the body.
     pub async fn raw(
         &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Bytes), HttpError> {
+        self.raw_on(None, method, path, body).await
+    }
+
+    /// [`Self::raw`] on `conn` if given, else on a new connection.
+    async fn raw_on(
+        &self,
+        conn: Option<Prepared>,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
@@ -255,30 +341,11 @@ impl Client {
             }
         };
         let fut = async {
-            match &self.target {
-                Target::Tcp(addr) => {
-                    let s = tokio::net::TcpStream::connect(addr)
-                        .await
-                        .map_err(|e| HttpError::Connect(name.clone(), e))?;
-                    match &self.tls {
-                        None => exchange(s, req, &name).await,
-                        Some(tls) => {
-                            let failed = |e| HttpError::Tls(name.clone(), tls.server.clone(), e);
-                            let server = server_name(&tls.server).map_err(|e| {
-                                failed(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
-                            })?;
-                            let s = tls.connector.connect(server, s).await.map_err(failed)?;
-                            exchange(s, req, &name).await
-                        }
-                    }
-                }
-                Target::Unix(path) => {
-                    let s = tokio::net::UnixStream::connect(path)
-                        .await
-                        .map_err(|e| HttpError::Connect(name.clone(), e))?;
-                    exchange(s, req, &name).await
-                }
-            }
+            let conn = match conn {
+                Some(c) => c,
+                None => self.open().await?,
+            };
+            conn.exchange(req).await
         };
         match tokio::time::timeout(self.timeout, fut).await {
             Ok(r) => r,
@@ -294,6 +361,17 @@ impl Client {
         path: &str,
         body: Option<&(impl Serialize + ?Sized)>,
     ) -> Result<T, HttpError> {
+        self.call_on(None, method, path, body).await
+    }
+
+    /// [`Self::call`], its first request on `conn` if given.
+    async fn call_on<T: DeserializeOwned>(
+        &self,
+        conn: Option<Prepared>,
+        method: Method,
+        path: &str,
+        body: Option<&(impl Serialize + ?Sized)>,
+    ) -> Result<T, HttpError> {
         let name = self.target.to_string();
         let body = body
             .map(serde_json::to_vec)
@@ -301,7 +379,7 @@ impl Client {
             .map_err(|e| HttpError::Decode(name.clone(), e))?;
         let mut hop = self.clone();
         let mut name = name;
-        let (mut status, mut bytes) = hop.raw(method.clone(), path, body.clone()).await?;
+        let (mut status, mut bytes) = hop.raw_on(conn, method.clone(), path, body.clone()).await?;
         for _ in 0..MAX_REDIRECTS {
             let Some(to) = redirect_of(status, &bytes) else {
                 break;
@@ -353,5 +431,34 @@ mod tests {
             redirect_of(StatusCode::TEMPORARY_REDIRECT, b"not json"),
             None
         );
+    }
+
+    /// A prepared connection is open (accepted by the server) before its request is sent,
+    /// and carries that request.
+    #[tokio::test]
+    async fn a_prepared_connection_is_open_before_its_request() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let client = Client::new(Target::Unix(path), Duration::from_secs(30));
+        let conn = client.prepare().await.unwrap();
+        let (mut s, _) = listener.accept().await.unwrap();
+        let call = tokio::spawn(async move {
+            conn.call::<serde_json::Value>(Method::POST, "/v1/x", Some(&1))
+                .await
+        });
+        let mut request = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !request.ends_with(b"\r\n\r\n1") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the request never came");
+            request.extend_from_slice(&buf[..n]);
+        }
+        assert!(request.starts_with(b"POST /v1/x HTTP/1.1\r\n"));
+        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n{\"a\":1}")
+            .await
+            .unwrap();
+        assert_eq!(call.await.unwrap().unwrap(), serde_json::json!({"a": 1}));
     }
 }

@@ -9,13 +9,13 @@
 //! | POST   | /v1/vm/shutdown       | -> [`VmInfo`]; the VMM exits                    |
 //! | POST   | /v1/vm/snapshot       | [`SnapshotRequest`] -> [`VmInfo`]               |
 //! | POST   | /v1/migration/send    | [`SendParams`] -> 202 [`MigrationStatus`]       |
-//! | GET    | /v1/migration         | -> [`MigrationStatus`]                          |
+//! | GET    | /v1/migration         | -> [`MigrationStatus`]; `?phase=&wait_ms=` waits for a change |
 //! | POST   | /v1/migration/abort   | -> [`MigrationStatus`]; the source keeps the guest |
 //!
 //! Errors are `{"error": "..."}` with 400 (bad request), 409 (not in this state), 500, or
 //! 503 while the VM shuts down.
 
-use crate::migration::{MigrationStatus, SendParams};
+use crate::migration::{MigrationStatus, MigrationWait, Phase, SendParams};
 use crate::vm::{SnapshotRequest, VmCounters, VmInfo};
 use hyper::{Method, StatusCode};
 use std::path::Path;
@@ -123,6 +123,21 @@ impl VmmClient {
     pub async fn migration(&self) -> Result<MigrationStatus, VmmError> {
         self.http
             .call(Method::GET, "/v1/migration", None::<&()>)
+            .await
+            .map_err(|e| self.no_api(e))
+    }
+
+    /// `GET /v1/migration?phase=PHASE&wait_ms=..`: the status once its phase is no longer
+    /// `phase`, or as it is after `wait`; a 404/405 is [`VmmError::NoMigrationApi`].
+    pub async fn migration_change(
+        &self,
+        phase: Phase,
+        wait: Duration,
+    ) -> Result<MigrationStatus, VmmError> {
+        let path = format!("/v1/migration?{}", MigrationWait::query(phase, wait));
+        self.http
+            .with_timeout(wait + CALL_TIMEOUT)
+            .call(Method::GET, &path, None::<&()>)
             .await
             .map_err(|e| self.no_api(e))
     }

@@ -145,6 +145,29 @@ impl std::fmt::Display for Phase {
     }
 }
 
+/// The longest wait a long poll of the migration's phase may ask for.
+pub const MAX_WAIT_MS: u64 = 60_000;
+
+/// `GET /v1/migration?phase=P&wait_ms=N`: answer once the phase is no longer `phase`, or after
+/// `wait_ms` (at most [`MAX_WAIT_MS`]) with the status as it is then. Without `phase` the
+/// status is answered at once.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct MigrationWait {
+    /// The phase the caller knows: the answer waits for another one.
+    pub phase: Option<Phase>,
+    /// How long to wait at most, in milliseconds (0 without `phase`).
+    #[serde(default)]
+    pub wait_ms: u64,
+}
+
+impl MigrationWait {
+    /// The query string of a wait for a phase other than `phase`, up to `wait`.
+    pub fn query(phase: Phase, wait: std::time::Duration) -> String {
+        format!("phase={phase}&wait_ms={}", wait.as_millis())
+    }
+}
+
 /// Which side of a migration a VMM is.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -185,6 +208,12 @@ pub struct MigrationStatus {
     pub downtime_ms: u64,
     /// Same, in microseconds.
     pub downtime_us: u64,
+    /// Destination, once it resumed: when the source's vCPUs paused for the last time (the
+    /// source's wall clock, microseconds since the epoch), 0 until known.
+    pub paused_at_us: u64,
+    /// Destination, once it resumed: when its first vCPU ran (its wall clock, microseconds
+    /// since the epoch), 0 until known.
+    pub resumed_at_us: u64,
     /// Pages sent (source) or received (destination) as data.
     pub pages_sent: u64,
     /// Zero pages sent as markers (dirty pages that became zero).

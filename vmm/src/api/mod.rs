@@ -10,14 +10,17 @@
 //! | POST   | /v1/vm/shutdown   | end the VM; the VMM exits with 0       |
 //! | POST   | /v1/vm/snapshot   | `{"path"}`: state + memory to a file   |
 //! | POST   | /v1/migration/send| start a live migration (202)           |
-//! | GET    | /v1/migration     | migration progress and final figures   |
+//! | GET    | /v1/migration     | migration progress and final figures;  |
+//! |        |                   | `?phase=P&wait_ms=N`: once not in P    |
 //! | POST   | /v1/migration/abort | stop it; the source keeps the guest  |
 //!
 //! The vm endpoints return the VM info after the action, the migration ones the migration
 //! status; errors return `{"error": "..."}` with 400 (bad request), 409 (not in this state)
 //! or 500.
 //! Handlers only forward requests to the VM's control loop and wait for its answer, except
-//! the counters, which are read from the atomics the vCPUs and disks keep ([`Counters`]).
+//! the counters, which are read from the atomics the vCPUs and disks keep ([`Counters`]), and
+//! the long poll of the migration's phase, which waits on the shared status without the loop
+//! (the loop is busy saving the guest during a stop-and-copy).
 
 mod server;
 
@@ -59,7 +62,7 @@ impl Counters {
                 },
             })
             .collect();
-        let migration = self.migration.lock().unwrap_or_else(|p| p.into_inner());
+        let migration = crate::migration::current(&self.migration);
         let migrating = migration.phase == vmm_api::migration::Phase::Precopy;
         vmm_api::vm::VmCounters {
             exits: self.vcpus.exits.snapshot(),

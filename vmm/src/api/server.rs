@@ -1,8 +1,9 @@
 //! The HTTP side: axum on a tokio Unix listener.
 
 use super::{ApiError, ApiRequest, ApiResponse, Counters};
+use crate::migration::SharedStatus;
 use crate::vm::{VmError, VmEvent};
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -10,7 +11,7 @@ use std::future::Future;
 use std::path::Path;
 use std::sync::mpsc::Sender;
 use std::time::Duration;
-use vmm_api::migration::{MigrationStatus, SendParams};
+use vmm_api::migration::{MigrationStatus, MigrationWait, SendParams, MAX_WAIT_MS};
 use vmm_api::vm::{SnapshotRequest, VmCounters, VmInfo};
 
 /// How long a handler waits for the control loop (a pause waits for every vCPU; a snapshot
@@ -34,7 +35,11 @@ pub fn bind(
     let std_listener = std::os::unix::net::UnixListener::bind(path).map_err(err)?;
     std_listener.set_nonblocking(true).map_err(err)?;
     let listener = tokio::net::UnixListener::from_std(std_listener).map_err(err)?;
+    let status = counters.migration.clone();
     let read_counters = get(move || counters_of(counters.clone()));
+    let read_migration = get(move |events: State<Events>, wait: Query<MigrationWait>| {
+        migration(events, wait, status.clone())
+    });
     // Actions are POST, as in storaged's and migrated's APIs; PUT stays accepted for the
     // clients written against earlier versions.
     let app = Router::new()
@@ -44,7 +49,7 @@ pub fn bind(
         .route("/v1/vm/resume", post(resume).put(resume))
         .route("/v1/vm/shutdown", post(shutdown).put(shutdown))
         .route("/v1/vm/snapshot", post(snapshot).put(snapshot))
-        .route("/v1/migration", get(migration))
+        .route("/v1/migration", read_migration)
         .route("/v1/migration/send", post(send).put(send))
         .route("/v1/migration/abort", post(abort).put(abort))
         .with_state(events);
@@ -144,13 +149,30 @@ async fn resume(State(e): State<Events>) -> Reply {
 async fn shutdown(State(e): State<Events>) -> Reply {
     call(&e, ApiRequest::Shutdown).await
 }
-/// The migration's progress, then its final figures.
-#[utoipa::path(get, path = "/v1/migration", tag = "migration",
+/// The migration's progress, then its final figures. With `phase`, a long poll: the answer
+/// comes once the phase is another one (at once if it is already), or after `wait_ms`.
+#[utoipa::path(get, path = "/v1/migration", tag = "migration", params(MigrationWait),
     responses((status = 200, description = "The migration", body = MigrationStatus),
         (status = 503, description = "The VM is shutting down", body = ErrorBody),
         (status = 504, description = "The VM did not answer in time", body = ErrorBody)))]
-async fn migration(State(e): State<Events>) -> Reply {
-    call(&e, ApiRequest::MigrationStatus).await
+async fn migration(
+    State(e): State<Events>,
+    Query(wait): Query<MigrationWait>,
+    status: SharedStatus,
+) -> Reply {
+    let Some(known) = wait.phase else {
+        return call(&e, ApiRequest::MigrationStatus).await;
+    };
+    // Read from the shared status, not through the control loop: the loop saves the guest
+    // during a stop-and-copy, and the hand-over that follows is what the caller waits for.
+    let mut changes = status.subscribe();
+    let limit = Duration::from_millis(wait.wait_ms.min(MAX_WAIT_MS));
+    let _ = tokio::time::timeout(limit, changes.wait_for(|s| s.phase != known)).await;
+    let now = changes.borrow().clone();
+    (
+        StatusCode::OK,
+        Json(serde_json::to_value(now).unwrap_or_default()),
+    )
 }
 /// Aborts the migration: a source keeps (or gets back) the guest; a source undecided after
 /// COMMIT resumes only through this call, once the destination was fenced off.
@@ -237,5 +259,43 @@ mod tests {
             body.0["error"],
             "pause the vCPUs: vCPU 1 did not reach Paused within 5s"
         );
+    }
+
+    /// The long poll: a known phase other than the current one answers at once; the current
+    /// one waits for the change; the wait's end answers the status as it is.
+    #[tokio::test]
+    async fn the_long_poll_answers_when_the_phase_changes() {
+        use vmm_api::migration::Phase;
+        let (events, _loop) = std::sync::mpsc::channel();
+        let status = SharedStatus::default();
+        crate::migration::update(&status, |s| s.phase = Phase::Precopy);
+        let ask = |phase: Phase, wait_ms: u64| {
+            let wait = MigrationWait {
+                phase: Some(phase),
+                wait_ms,
+            };
+            super::migration(State(events.clone()), Query(wait), status.clone())
+        };
+        let (code, body) = ask(Phase::Idle, MAX_WAIT_MS).await;
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(body.0["phase"], "precopy");
+
+        let waiting = tokio::spawn(ask(Phase::Precopy, MAX_WAIT_MS));
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiting.is_finished());
+        crate::migration::update(&status, |s| s.bytes_sent = 1);
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiting.is_finished(), "progress is not a change of phase");
+        crate::migration::update(&status, |s| s.phase = Phase::HandedOver);
+        let (_, body) = waiting.await.unwrap();
+        assert_eq!(body.0["phase"], "handed-over");
+
+        let (code, body) = ask(Phase::HandedOver, 0).await;
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(body.0["phase"], "handed-over");
     }
 }

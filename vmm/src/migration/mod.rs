@@ -35,26 +35,38 @@ pub mod send;
 pub mod transport;
 pub mod wire;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 pub(crate) use vmm_api::migration::{
     MigrationRole, MigrationStatus, Phase, ResumeMode, SendParams,
 };
 
-/// The status shared between a migration thread, the VM loop and the API.
-pub type SharedStatus = Arc<Mutex<MigrationStatus>>;
+/// The status shared between a migration thread, the VM loop and the API. Every change wakes
+/// the API's long polls of the phase (`GET /v1/migration?phase=...`), so that migrated learns
+/// of a hand-over when it happens rather than at its next poll.
+#[derive(Debug, Clone)]
+pub struct SharedStatus(Arc<tokio::sync::watch::Sender<MigrationStatus>>);
 
-/// Updates a shared status.
-pub fn update(status: &SharedStatus, f: impl FnOnce(&mut MigrationStatus)) {
-    match status.lock() {
-        Ok(mut s) => f(&mut s),
-        Err(poisoned) => f(&mut poisoned.into_inner()),
+impl Default for SharedStatus {
+    fn default() -> Self {
+        SharedStatus(Arc::new(tokio::sync::watch::Sender::new(
+            MigrationStatus::default(),
+        )))
     }
+}
+
+impl SharedStatus {
+    /// A receiver that sees every later change.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<MigrationStatus> {
+        self.0.subscribe()
+    }
+}
+
+/// Updates a shared status and wakes whoever waits for a change.
+pub fn update(status: &SharedStatus, f: impl FnOnce(&mut MigrationStatus)) {
+    status.0.send_modify(f);
 }
 
 /// A copy of a shared status as it is now.
 pub fn current(status: &SharedStatus) -> MigrationStatus {
-    match status.lock() {
-        Ok(s) => s.clone(),
-        Err(poisoned) => poisoned.into_inner().clone(),
-    }
+    status.0.borrow().clone()
 }

@@ -30,7 +30,6 @@ use std::time::Instant;
 use thiserror::Error;
 use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_F_RO;
 use vmm_api::config::{ConfigError, DiskConfig, VmConfig};
-use vmm_api::migration::MigrationStatus;
 use vmm_api::vm::RunState;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -357,7 +356,7 @@ impl Vm {
 
         let api_tx = events_tx.clone();
         let mut api_server = None;
-        let migration = Arc::new(Mutex::new(MigrationStatus::default()));
+        let migration = crate::migration::SharedStatus::default();
         if let Some(path) = &config.api_socket {
             let _guard = runtime.enter();
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();

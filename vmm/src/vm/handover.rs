@@ -158,11 +158,13 @@ impl Vm {
         }
         let abort = Arc::new(AtomicBool::new(false));
         let stream = Arc::new(Mutex::new(None));
-        *lock(&self.migration) = MigrationStatus {
-            role: MigrationRole::Source,
-            phase: Phase::Precopy,
-            ..Default::default()
-        };
+        migration::update(&self.migration, |s| {
+            *s = MigrationStatus {
+                role: MigrationRole::Source,
+                phase: Phase::Precopy,
+                ..Default::default()
+            }
+        });
         let ctx = SourceCtx {
             params: params.clone(),
             name: self.config.name.clone(),
@@ -318,6 +320,8 @@ impl Vm {
             s.phase = Phase::Completed;
             s.downtime_us = downtime_us;
             s.downtime_ms = downtime_us.div_ceil(1000);
+            s.paused_at_us = self.source_paused_at_us;
+            s.resumed_at_us = resumed_at_us;
             s.total_ms = total_ms;
             s.bytes_remaining = 0;
         });

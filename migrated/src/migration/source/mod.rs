@@ -2,7 +2,15 @@
 //! host drives, one task per migration, through the phases of [`super::record::Phase`] (see
 //! the sequence diagram in [`super`]).
 //!
-//! Each phase is written to the store before its action. The flip is one group flip of every
+//! Each phase is written to the store before its action, except while the guest is paused:
+//! there only `handed-over` is, as soon as the source VMM starts its stop-and-copy (so that
+//! the fsync overlaps it), and before the flip can be sent (a restarted migrated that finds it
+//! asks storaged whether the flip happened); `flipping`, `flipped` and `resuming` are
+//! published without a write, because recovery from the phase recorded before each reaches
+//! the same decision by reading the leases (see the comments where they are taken). The
+//! hand-over is learnt from a long poll of the source VMM's phase, and the connections of the
+//! flip and of the resume are opened while the VMM stops, so that the pause waits for the
+//! flip and the resume's round trip only. The flip is one group flip of every
 //! volume, conditional on this host holding each at the epoch recorded in `created`. Before
 //! `flipped` every failure aborts: the source resumes only once storaged confirmed, with a group
 //! revoke, that the destination can no longer become primary; if storaged shows the destination
@@ -36,12 +44,15 @@ use std::time::{Duration, Instant};
 use storaged_client::api::{GroupFlipRequest, LeaseState};
 use storaged_client::rest::StoragedApi;
 use vmhop_common::error::chain as error_chain;
-use vmhop_common::http::HttpError;
+use vmhop_common::http::{HttpError, Prepared};
 use vmm_api::migration::{Phase as VmmPhase, ResumeMode, SendParams};
 
-/// How often the source VMM's progress is read. The flip waits for the hand-over to be seen
-/// here, with the guest paused: this interval is added to the downtime (up to its length).
-const POLL: Duration = Duration::from_millis(5);
+/// The longest wait of one long poll of the source VMM's phase (it answers as soon as the
+/// phase changes, so the hand-over is seen when it happens): the progress, the operator's
+/// abort and the destination are checked at least this often.
+const POLL: Duration = Duration::from_millis(200);
+/// Pause between two calls to a source VMM whose API failed.
+const VMM_RETRY: Duration = Duration::from_millis(50);
 /// How long the live source VMM's API may fail to answer before the migration gives up.
 const VMM_SILENCE: Duration = Duration::from_secs(5);
 /// How often the destination is checked during pre-copy.
@@ -133,6 +144,18 @@ struct Source {
     started: Instant,
     paused_at: Option<Instant>,
     flip_ms: u64,
+    /// The connection for the flip, opened while the source VMM stops (see [`Self::open_ahead`]).
+    flip_conn: Option<Opening>,
+    /// The connection for the destination's resume, opened likewise.
+    resume_conn: Option<Opening>,
+}
+
+/// A connection being opened ahead of the call that will use it.
+type Opening = tokio::task::JoinHandle<Result<Prepared, HttpError>>;
+
+/// The connection `opening` opened, if it did.
+async fn opened(opening: Option<Opening>) -> Option<Prepared> {
+    opening?.await.ok()?.ok()
 }
 
 impl Source {
@@ -145,6 +168,23 @@ impl Source {
             started: Instant::now(),
             paused_at: None,
             flip_ms: 0,
+            flip_conn: None,
+            resume_conn: None,
+        }
+    }
+
+    /// Opens the connections of the calls that the guest's pause waits for, the flip at
+    /// storaged and the resume at the destination (TCP and TLS handshakes), while the source
+    /// VMM sends the rest of the state and the record is written: those calls then only send
+    /// their request. A connection that failed to open is opened again by its call.
+    fn open_ahead(&mut self) {
+        if self.flip_conn.is_none() {
+            let leases = self.leases.clone();
+            self.flip_conn = Some(tokio::spawn(async move { leases.prepare().await }));
+        }
+        if self.resume_conn.is_none() {
+            let peer = self.peer.clone();
+            self.resume_conn = Some(tokio::spawn(async move { peer.prepare().await }));
         }
     }
 
@@ -390,30 +430,36 @@ impl Source {
         let mut peer_ok = Instant::now();
         let mut peer_checked = Instant::now();
         let mut vmm_failing: Option<Instant> = None;
+        let mut phase = VmmPhase::Precopy;
         loop {
             if self.agent.abort_requested(&rec.id) {
                 return Err(SourceError::AbortRequested);
             }
-            match vmm.migration().await {
+            match vmm.migration_change(phase, POLL).await {
                 Ok(st) => {
                     vmm_failing = None;
+                    phase = st.phase;
                     let progress = Progress::of(&st, self.started.elapsed());
                     self.agent.set_progress(&rec.id, progress);
                     match st.phase {
                         VmmPhase::Stopcopy => {
                             self.paused_at.get_or_insert_with(Instant::now);
+                            self.stopping().await?;
                         }
                         VmmPhase::HandedOver | VmmPhase::Completed => {
                             self.paused_at.get_or_insert_with(Instant::now);
-                            self.modify(|r| {
+                            self.stopping().await?;
+                            let seen_us = crate::now_us();
+                            // Not durable: `handed-over` is, and its recovery reads the leases
+                            // as that of `flipping` does.
+                            self.agent.update_migration_in_memory(&self.id, |r| {
                                 r.figures.bytes_sent = st.bytes_sent;
-                                r.step(
-                                    Phase::HandedOver,
-                                    format!(
-                                        "source paused, destination holds the state ({} iterations, {} bytes)",
-                                        st.iteration, st.bytes_sent
-                                    ),
-                                );
+                                r.figures.timeline.handed_over_at_us = seen_us;
+                                r.note(format!(
+                                    "source paused, destination holds the state ({} iterations, {} bytes)",
+                                    st.iteration, st.bytes_sent
+                                ));
+                                r.step(Phase::Flipping, "flipping the leases");
                             }).await?;
                             return Ok(());
                         }
@@ -431,6 +477,7 @@ impl Source {
                     if !inst.vmm_alive() || since.elapsed() > VMM_SILENCE {
                         return Err(SourceError::VmmLost(err));
                     }
+                    tokio::time::sleep(VMM_RETRY).await;
                 }
             }
             if peer_checked.elapsed() >= PEER_CHECK {
@@ -449,8 +496,27 @@ impl Source {
                     Err(_) => {}
                 }
             }
-            tokio::time::sleep(POLL).await;
         }
+    }
+
+    /// The source VMM stops the guest for the hand-over: opens the connections ahead and
+    /// records `handed-over` durably, once. The record must say that a flip may follow before
+    /// the flip can be sent: a restarted migrated that finds `handed-over` (or `flipping`) asks
+    /// storaged whether the flip happened before it decides. Written here, while the VMM still
+    /// sends the rest of the state, its fsync is not part of the guest's pause. Recorded before
+    /// the hand-over completed it is still right: no flip happens before the hand-over, and
+    /// the recovery that finds no flip is the abort path, as from `precopy` (the destination
+    /// is fenced off at storaged before the source resumes).
+    async fn stopping(&mut self) -> Result<(), SourceError> {
+        self.open_ahead();
+        if self.rec()?.phase == Phase::Precopy {
+            self.set(
+                Phase::HandedOver,
+                "the source VMM stops the guest for the hand-over; the flip may follow",
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     /// flipping: every volume's lease goes to the destination, in one group flip conditional
@@ -465,20 +531,19 @@ impl Source {
             volumes,
             migration: Some(rec.id.clone()),
         };
+        let mut flipped_notes = Vec::new();
         let note = if rec.volumes.is_empty() {
             "no storaged volume to flip".to_string()
         } else {
-            match self.leases.flip_group(&req).await {
+            let conn = opened(self.flip_conn.take()).await;
+            match self.leases.flip_group_on(conn, &req).await {
                 Ok(report) => {
-                    self.modify(|r| {
-                        for (v, rep) in &report.volumes {
-                            r.note(format!(
-                                "volume {v}: lease flipped to {} (epoch {}, {} us)",
-                                rec.destination, rep.epoch, rep.total_us
-                            ));
-                        }
-                    })
-                    .await?;
+                    for (v, rep) in &report.volumes {
+                        flipped_notes.push(format!(
+                            "volume {v}: lease flipped to {} (epoch {}, {} us)",
+                            rec.destination, rep.epoch, rep.total_us
+                        ));
+                    }
                     "every lease belongs to the destination".to_string()
                 }
                 Err(e) => {
@@ -500,10 +565,30 @@ impl Source {
                 }
             }
         };
+        let flipped_us = crate::now_us();
         self.flip_ms += t.elapsed().as_millis() as u64;
         let flip_ms = self.flip_ms;
-        self.modify(|r| r.figures.flip_ms = flip_ms).await?;
-        self.flipped(note).await?;
+        // Not durable while the guest waits: a crash before the next durable write leaves
+        // `handed-over` recorded, and its recovery reads the leases back: the destination
+        // holding every volume is this same `flipped`, and the migration goes on to resume it.
+        // Only these notes would be lost. The destination may resume as soon as it reads this
+        // record (it asks every `WATCH`), which is right: the leases are its.
+        self.agent
+            .update_migration_in_memory(&self.id, |r| {
+                for n in flipped_notes {
+                    r.note(n);
+                }
+                r.figures.flip_ms = flip_ms;
+                r.figures.timeline.flipped_at_us = flipped_us;
+                r.flipped = r.volumes.clone();
+                r.step(Phase::Flipped, note);
+            })
+            .await?;
+        self.agent
+            .update_migration_in_memory(&self.id, |r| {
+                r.step(Phase::Resuming, "resuming the destination")
+            })
+            .await?;
         Ok(())
     }
 
@@ -511,8 +596,9 @@ impl Source {
     async fn resume_destination(&mut self, rec: &MigrationRecord) -> Result<(), SourceError> {
         let deadline =
             Instant::now() + Duration::from_millis(self.agent.cfg.peer_timeout_ms.max(1000) * 6);
+        let mut conn = opened(self.resume_conn.take()).await;
         let resumed = loop {
-            match self.peer.resume_incoming(&rec.id).await {
+            match self.peer.resume_incoming_on(conn.take(), &rec.id).await {
                 Ok(dest) => break dest,
                 Err(err) => {
                     // Has the destination given the migration up for good (its VMM gone)?
@@ -544,6 +630,8 @@ impl Source {
             r.figures.downtime_ms = downtime;
             r.figures.vmm_downtime_ms = resumed.figures.vmm_downtime_ms;
             r.figures.vmm_downtime_us = resumed.figures.vmm_downtime_us;
+            r.figures.timeline.paused_at_us = resumed.figures.timeline.paused_at_us;
+            r.figures.timeline.resumed_at_us = resumed.figures.timeline.resumed_at_us;
             r.step(Phase::Cleanup, "the destination runs the guest");
         })
         .await?;
