@@ -400,7 +400,7 @@ fn migrated_restarted_during_precopy_on_either_side() {
         done["error"]
             .as_str()
             .unwrap()
-            .contains("migrated restarted during Precopy"),
+            .contains("migrated restarted during precopy"),
         "{done}"
     );
     h.b.wait_state("vm1", "stopped", PHASE).unwrap();

@@ -192,6 +192,8 @@ fn vmm_busy_guest_completes_with_the_throttle() {
     // Whether the guest outran the link (and was throttled) depends on the machine; either
     // way pre-copy ran rounds and the migration completed.
     assert!(m["iteration"].as_u64().unwrap() >= 2, "{m}");
+    // `completed` comes with the destination's measure of the pause.
+    assert!(m["downtime_us"].as_u64().unwrap() > 0, "{m}");
     dst.wait_migration(&["completed"], MIGRATION_TIMEOUT)
         .unwrap();
     let s = mem_seq_after(&mut dst.agent, before + 3);

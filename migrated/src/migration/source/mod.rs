@@ -256,7 +256,7 @@ impl Source {
                 if self.holding(&rec).await != Holding::Destination {
                     return Err(SourceError::Restarted(rec.phase));
                 }
-                let note = format!("migrated restarted during {:?}", rec.phase);
+                let note = format!("migrated restarted during {}", rec.phase);
                 self.flipped(format!("{note}: the destination holds every volume"))
                     .await?;
                 self.drive().await

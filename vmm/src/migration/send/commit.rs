@@ -60,13 +60,11 @@ pub(super) fn run(
             )));
         }
     }
-    // From here on the guest is the destination's: nothing below may resume it here.
+    // From here on the guest is the destination's: nothing below may resume it here. With
+    // `resume: auto` the phase becomes `completed` only with the destination's answer, so that
+    // whoever sees `completed` sees the downtime too.
     update(&ctx.status, |s| {
-        s.phase = if auto {
-            Phase::Completed
-        } else {
-            Phase::HandedOver
-        };
+        s.phase = Phase::HandedOver;
         s.bytes_sent = sent;
         s.bytes_remaining = 0;
         s.total_ms = started.elapsed().as_millis() as u64;
@@ -86,6 +84,7 @@ pub(super) fn run(
         Ok(r) => {
             let us = r.resumed_at_us.saturating_sub(paused_at_us);
             update(&ctx.status, |s| {
+                s.phase = Phase::Completed;
                 s.downtime_us = us;
                 s.downtime_ms = us.div_ceil(1000);
                 s.total_ms = started.elapsed().as_millis() as u64;
@@ -97,10 +96,16 @@ pub(super) fn run(
                 "migration completed"
             );
         }
-        Err(e) => tracing::warn!(
-            error = %vmhop_common::error::chain(&e),
-            "migration handed over, but the destination did not report its resume"
-        ),
+        Err(e) => {
+            update(&ctx.status, |s| {
+                s.phase = Phase::Completed;
+                s.total_ms = started.elapsed().as_millis() as u64;
+            });
+            tracing::warn!(
+                error = %vmhop_common::error::chain(&e),
+                "migration handed over, but the destination did not report its resume"
+            )
+        }
     }
     Ok(())
 }
