@@ -131,4 +131,56 @@ mod tests {
         (plain.tls_dir, plain.server_name) = (None, None);
         assert!(StoragedBackend::connect(&plain, "vm1").await.is_err());
     }
+
+    /// Requests sent while storaged reads nothing fill the socket; a request whose bytes the
+    /// TLS layer then holds back must still go out once storaged reads again, although its
+    /// sender is by then only waiting for the reply: every request is answered.
+    #[test]
+    fn requests_sent_into_a_full_tls_socket_reach_storaged() {
+        const ROUNDS: usize = 100;
+        let dir = tempfile::tempdir().unwrap();
+        // storaged on a runtime of its own, one worker that a test task can hold.
+        let storaged_rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let storage = HostTls::load(&host(dir.path(), "storage")).unwrap();
+        let (addr, _stop) = storaged_rt.block_on(async {
+            let reg = Arc::new(Registry::open(&dir.path().join("data")).unwrap());
+            reg.create(VolumeConfig::new("v", 64 << 20)).await.unwrap();
+            let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = nbd.local_addr().unwrap().to_string();
+            let (stop, rx) = tokio::sync::watch::channel(false);
+            let tls = NbdTls::new(&storage, false).unwrap();
+            let server = storaged::server::run(nbd, reg, Some(tls), rx, Duration::from_secs(1));
+            tokio::spawn(server);
+            (addr, stop)
+        });
+        let vmm_rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let a = host(dir.path(), "a");
+        let d = Arc::new(
+            vmm_rt
+                .block_on(StoragedBackend::connect(&disk(&addr, None, &a), "vm1"))
+                .unwrap(),
+        );
+        // As a guest does: one large write, then wait for it; storaged (receiving and
+        // decrypting) is the slower end, so the socket is often full when a write's last
+        // bytes go out.
+        vmm_rt.block_on(async {
+            for round in 0..ROUNDS {
+                let write = d.write(0, vec![round as u8; 8 << 20]);
+                if tokio::time::timeout(Duration::from_secs(60), write)
+                    .await
+                    .is_err()
+                {
+                    panic!("write {round} never answered");
+                }
+            }
+        });
+    }
 }
