@@ -60,6 +60,12 @@ fn observe(cluster: &Cluster, volume: &str, term: i64) -> (i64, bool) {
     (*t, term == *t)
 }
 
+/// Sends the answer to a hello, flushed: over TLS it could otherwise wait in the TLS layer.
+async fn send_reply(s: &mut NbdStream, r: HelloReply) -> Result<(), WireError> {
+    s.write_all(&r.encode()).await?;
+    Ok(s.flush().await?)
+}
+
 async fn stream_task(tcp: TcpStream, cluster: &Arc<Cluster>) -> Result<(), WireError> {
     tcp.set_nodelay(true)?;
     let mut s = NbdStream::Plain(tcp);
@@ -85,21 +91,19 @@ async fn stream_task(tcp: TcpStream, cluster: &Arc<Cluster>) -> Result<(), WireE
         status,
         term: seen.max(0) as u64,
     };
-    let reply = |r: HelloReply| r.encode();
     if hello.version != wire::VERSION {
-        s.write_all(&reply(refuse(Status::BadVersion, 0))).await?;
+        send_reply(&mut s, refuse(Status::BadVersion, 0)).await?;
         return Ok(());
     }
     let Ok(vol) = placement::ensure_local(cluster, &hello.volume).await else {
-        s.write_all(&reply(refuse(Status::UnknownVolume, 0)))
-            .await?;
+        send_reply(&mut s, refuse(Status::UnknownVolume, 0)).await?;
         return Ok(());
     };
     if proven.as_ref().is_some_and(|id| *id != hello.from) {
         tracing::warn!(target: "storaged::cluster", volume = %hello.volume,
             claimed = %hello.from, certificate = ?proven,
             "replication stream refused: the certificate names another node");
-        s.write_all(&reply(refuse(Status::Forbidden, 0))).await?;
+        send_reply(&mut s, refuse(Status::Forbidden, 0)).await?;
         return Ok(());
     }
     match elected(cluster, &hello.volume).await {
@@ -108,23 +112,23 @@ async fn stream_task(tcp: TcpStream, cluster: &Arc<Cluster>) -> Result<(), WireE
             tracing::warn!(target: "storaged::cluster", volume = %hello.volume,
                 claimed = %hello.from, master = %node,
                 "replication stream refused: the sender is not the elected master");
-            s.write_all(&reply(refuse(Status::Forbidden, t))).await?;
+            send_reply(&mut s, refuse(Status::Forbidden, t)).await?;
             return Ok(());
         }
         Ok((t, _)) => {
             tracing::warn!(target: "storaged::cluster", volume = %hello.volume,
                 master = %hello.from, term, elected = t, "replication from a stale term refused");
-            s.write_all(&reply(refuse(Status::StaleTerm, t))).await?;
+            send_reply(&mut s, refuse(Status::StaleTerm, t)).await?;
             return Ok(());
         }
         Err(_) => {
-            s.write_all(&reply(refuse(Status::Unavailable, 0))).await?;
+            send_reply(&mut s, refuse(Status::Unavailable, 0)).await?;
             return Ok(());
         }
     }
     let (seen, current) = observe(cluster, &hello.volume, term);
     if !current {
-        s.write_all(&reply(refuse(Status::StaleTerm, seen))).await?;
+        send_reply(&mut s, refuse(Status::StaleTerm, seen)).await?;
         return Ok(());
     }
     // A newer master exists: if this node thought it was master, it is not.
@@ -144,7 +148,7 @@ async fn stream_task(tcp: TcpStream, cluster: &Arc<Cluster>) -> Result<(), WireE
     };
     tracing::info!(target: "storaged::cluster", event = "slave", volume = %hello.volume,
         master = %hello.from, term, "replication stream accepted");
-    s.write_all(&reply(refuse(Status::Ok, term))).await?;
+    send_reply(&mut s, refuse(Status::Ok, term)).await?;
     let (mut rd, mut wr) = s.into_halves();
     let mut hb = [0u8; wire::OP_LEN];
     loop {
@@ -186,7 +190,9 @@ async fn stream_task(tcp: TcpStream, cluster: &Arc<Cluster>) -> Result<(), WireE
             status,
             term: seen.max(0) as u64,
         };
+        // Flushed, or over TLS the ack could wait in the TLS layer for the next one.
         wr.write_all(&ack.encode()).await?;
+        wr.flush().await?;
         if status == Status::StaleTerm {
             return Ok(());
         }

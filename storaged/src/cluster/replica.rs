@@ -250,6 +250,7 @@ impl Link {
                 s.connect_tls(&tls.connector, name).await?;
             }
             s.write_all(&hello.encode()?).await?;
+            s.flush().await?;
             let mut b = [0u8; wire::HELLO_REPLY_LEN];
             s.read_exact(&mut b).await?;
             Ok::<_, wire::WireError>((s, HelloReply::decode(&b)?))
@@ -328,7 +329,13 @@ async fn run_link(
             break;
         }
         // A slave that stops reading ends its stream (and its place in the set) in time.
-        match tokio::time::timeout(stall, wr.write_all(&frame)).await {
+        // Flushed: over TLS the last records of a write can stay in the TLS layer when the
+        // socket is full, and the next frame may never come.
+        let send = async {
+            wr.write_all(&frame).await?;
+            wr.flush().await
+        };
+        match tokio::time::timeout(stall, send).await {
             Ok(Ok(())) => {}
             _ => break,
         }

@@ -108,8 +108,8 @@ enum End {
     Writer,
 }
 
-/// Sends replies as they come, as many as are ready in one socket write; the data of long
-/// reads goes out from its own buffer (see [`send_frame`]). A write that makes no progress
+/// Sends replies as they come, as many as are ready in one socket write, flushed once none is
+/// left; the data of long reads goes out from its own buffer (see [`send_frame`]). A write that makes no progress
 /// for `stall` ends the connection.
 async fn writer(
     mut wr: WriteHalf,
@@ -138,7 +138,13 @@ async fn writer(
                 .map_err(|_| stalled())??;
             next = rx.try_recv().ok();
         }
-        tokio::time::timeout(stall, wr.write_all_buf(&mut buf))
+        // Flushed: over TLS a write can return with the last records still held in the TLS
+        // layer (the socket was full), and no later write may come to push them out.
+        let send = async {
+            wr.write_all_buf(&mut buf).await?;
+            wr.flush().await
+        };
+        tokio::time::timeout(stall, send)
             .await
             .map_err(|_| stalled())??;
     }

@@ -252,7 +252,9 @@ struct Pending {
 type PendingMap = Arc<Mutex<HashMap<u64, Pending>>>;
 
 /// The sending half: each request is encoded into `buf` and written at once (a write's data
-/// from the caller's memory when it is long, see [`send_frame`]).
+/// from the caller's memory when it is long, see [`send_frame`]), then flushed: over TLS a
+/// write can return with the last records still held in the TLS layer (the socket was full),
+/// and nothing else would push them out while the caller only waits for the reply.
 struct Sender {
     io: WriteHalf,
     buf: BytesMut,
@@ -263,7 +265,8 @@ struct Sender {
 impl Sender {
     async fn send(&mut self, out: OutgoingRequest<'_>) -> Result<(), CodecError> {
         let payload = RequestEncoder.encode_head(out, &mut self.buf)?;
-        Ok(send_frame(&mut self.io, &mut self.buf, payload, 0).await?)
+        send_frame(&mut self.io, &mut self.buf, payload, 0).await?;
+        Ok(self.io.flush().await?)
     }
 }
 

@@ -497,3 +497,131 @@ mod outage_tests {
         assert_eq!(a.read(0, 4096).await.unwrap(), vec![3; 4096]);
     }
 }
+
+#[cfg(test)]
+mod starved_tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+    use storaged::registry::Registry;
+    use storaged_client::api::VolumeConfig;
+
+    /// Requests in flight at once, as a guest's queue keeps them.
+    const IN_FLIGHT: usize = 64;
+    /// Requests in all.
+    const REQUESTS: usize = 4000;
+
+    /// Many requests in flight on a VMM-sized runtime (two workers) whose threads compete for
+    /// the CPU with busy threads: every one of them reaches storaged and completes, as the
+    /// virtio-blk worker spawns them (one task each, completions over a channel).
+    #[test]
+    fn every_request_completes_on_a_starved_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        // storaged runs in its own runtime, as the separate process it is.
+        let storaged_rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (addr, _stop) = storaged_rt.block_on(async {
+            let reg = Arc::new(Registry::open(dir.path()).unwrap());
+            reg.create(VolumeConfig::new("v", 64 << 20)).await.unwrap();
+            let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = nbd.local_addr().unwrap().to_string();
+            let (tx, rx) = tokio::sync::watch::channel(false);
+            tokio::spawn(storaged::server::run(
+                nbd,
+                reg,
+                None,
+                rx,
+                Duration::from_secs(1),
+            ));
+            (addr, tx)
+        });
+        let vmm_rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let cfg = StoragedDiskConfig {
+            address: addr,
+            addresses: Vec::new(),
+            volume: "v".into(),
+            host_id: Some("a".into()),
+            instance_id: None,
+            lease: LeaseMode::Primary,
+            io_hold_secs: None,
+            tls_dir: None,
+            server_name: None,
+        };
+        let backend = Arc::new(
+            vmm_rt
+                .block_on(StoragedBackend::connect(&cfg, "vm1"))
+                .unwrap(),
+        );
+
+        // Busy threads, one per core and one more.
+        let stop = Arc::new(AtomicBool::new(false));
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let hogs: Vec<_> = (0..=cores)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        vmm_rt.spawn(async move {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let mut started = 0usize;
+            let mut completed = 0usize;
+            let start = |i: usize| {
+                let backend = backend.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    // Small writes (copied into one send), large ones (sent in place),
+                    // flushes and reads, at offsets of their own.
+                    let offset = (i % 256) as u64 * (256 << 10);
+                    let r = match i % 4 {
+                        0 => backend.write(offset, vec![i as u8; 4096]).await,
+                        1 => backend.write(offset, vec![i as u8; 128 << 10]).await,
+                        2 => backend.flush().await,
+                        _ => backend.read(offset, 4096).await.map(|_| ()),
+                    };
+                    let _ = tx.send((i, r));
+                });
+            };
+            while started < IN_FLIGHT {
+                start(started);
+                started += 1;
+            }
+            while let Some((i, r)) = rx.recv().await {
+                if let Err(e) = r {
+                    panic!("request {i}: {e}");
+                }
+                completed += 1;
+                let _ = done_tx.send(completed);
+                if started < REQUESTS {
+                    start(started);
+                    started += 1;
+                }
+            }
+        });
+        let mut completed = 0;
+        while completed < REQUESTS {
+            match done_rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(n) => completed = n,
+                Err(_) => break,
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        for h in hogs {
+            h.join().unwrap();
+        }
+        assert_eq!(completed, REQUESTS, "requests stuck in flight");
+    }
+}

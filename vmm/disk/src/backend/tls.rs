@@ -131,4 +131,82 @@ mod tests {
         (plain.tls_dir, plain.server_name) = (None, None);
         assert!(StoragedBackend::connect(&plain, "vm1").await.is_err());
     }
+
+    /// Requests sent while storaged reads nothing fill the socket; a request whose bytes the
+    /// TLS layer then holds back must still go out once storaged reads again, although its
+    /// sender is by then only waiting for the reply: every request is answered.
+    /// The same for replies: large reads, one at a time, while the client (receiving and
+    /// decrypting) is the slower end.
+    #[test]
+    fn replies_sent_into_a_full_tls_socket_reach_the_client() {
+        const ROUNDS: usize = 100;
+        let (_dir, rt, d, _storaged) = tls_disk();
+        rt.block_on(async {
+            for round in 0..ROUNDS {
+                let read = d.read(0, 8 << 20);
+                match tokio::time::timeout(Duration::from_secs(60), read).await {
+                    Ok(r) => assert_eq!(r.unwrap().len(), 8 << 20),
+                    Err(_) => panic!("read {round} never answered"),
+                }
+            }
+        });
+    }
+
+    /// A volume of a TLS storaged that runs on a runtime of its own (one worker, as a busy
+    /// separate process), and a disk on it from a VMM-sized runtime (two workers).
+    fn tls_disk() -> (
+        tempfile::TempDir,
+        tokio::runtime::Runtime,
+        StoragedBackend,
+        (tokio::runtime::Runtime, tokio::sync::watch::Sender<bool>),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let storaged_rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let storage = HostTls::load(&host(dir.path(), "storage")).unwrap();
+        let (addr, stop) = storaged_rt.block_on(async {
+            let reg = Arc::new(Registry::open(&dir.path().join("data")).unwrap());
+            reg.create(VolumeConfig::new("v", 64 << 20)).await.unwrap();
+            let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = nbd.local_addr().unwrap().to_string();
+            let (stop, rx) = tokio::sync::watch::channel(false);
+            let tls = NbdTls::new(&storage, false).unwrap();
+            let server = storaged::server::run(nbd, reg, Some(tls), rx, Duration::from_secs(1));
+            tokio::spawn(server);
+            (addr, stop)
+        });
+        let vmm_rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let a = host(dir.path(), "a");
+        let d = vmm_rt
+            .block_on(StoragedBackend::connect(&disk(&addr, None, &a), "vm1"))
+            .unwrap();
+        (dir, vmm_rt, d, (storaged_rt, stop))
+    }
+
+    /// As a guest does: one large write, then wait for it. storaged (receiving and
+    /// decrypting) is the slower end, so the socket is often full when a request's last bytes
+    /// go out: they must reach storaged although the client then only waits for the reply.
+    #[test]
+    fn requests_sent_into_a_full_tls_socket_reach_storaged() {
+        const ROUNDS: usize = 100;
+        let (_dir, rt, d, _storaged) = tls_disk();
+        rt.block_on(async {
+            for round in 0..ROUNDS {
+                let write = d.write(0, vec![round as u8; 8 << 20]);
+                if tokio::time::timeout(Duration::from_secs(60), write)
+                    .await
+                    .is_err()
+                {
+                    panic!("write {round} never answered");
+                }
+            }
+        });
+    }
 }
