@@ -12,6 +12,50 @@ mod outage;
 mod storaged;
 mod tls;
 
+#[cfg(test)]
+mod testing {
+    //! A storaged for the backend's tests that runs apart from the disk, as the separate
+    //! process it is: on a runtime of its own, with one worker.
+    use std::sync::Arc;
+    use std::time::Duration;
+    use storaged::registry::Registry;
+    use storaged::server::NbdTls;
+    use storaged_client::api::VolumeConfig;
+
+    /// A multi-thread runtime of `workers` workers.
+    pub(super) fn runtime(workers: usize) -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// A storaged serving a 64 MiB volume `v` from `dir`: its runtime, its NBD address, and
+    /// the sender that stops it.
+    pub(super) fn storaged_apart(
+        dir: &std::path::Path,
+        tls: Option<NbdTls>,
+    ) -> (
+        tokio::runtime::Runtime,
+        String,
+        tokio::sync::watch::Sender<bool>,
+    ) {
+        let rt = runtime(1);
+        let (addr, stop) = rt.block_on(async {
+            let reg = Arc::new(Registry::open(dir).unwrap());
+            reg.create(VolumeConfig::new("v", 64 << 20)).await.unwrap();
+            let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = nbd.local_addr().unwrap().to_string();
+            let (stop, rx) = tokio::sync::watch::channel(false);
+            let server = storaged::server::run(nbd, reg, tls, rx, Duration::from_secs(1));
+            tokio::spawn(server);
+            (addr, stop)
+        });
+        (rt, addr, stop)
+    }
+}
+
 pub use file::FileBackend;
 pub use storaged::StoragedBackend;
 

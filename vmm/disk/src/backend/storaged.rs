@@ -293,7 +293,7 @@ mod tests {
         (reg, addr, tx)
     }
 
-    fn disk(addr: &str, host: &str, lease: LeaseMode) -> StoragedDiskConfig {
+    pub(super) fn disk(addr: &str, host: &str, lease: LeaseMode) -> StoragedDiskConfig {
         StoragedDiskConfig {
             address: addr.into(),
             addresses: Vec::new(),
@@ -500,11 +500,10 @@ mod outage_tests {
 
 #[cfg(test)]
 mod starved_tests {
+    use super::super::testing::{runtime, storaged_apart};
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
-    use storaged::registry::Registry;
-    use storaged_client::api::VolumeConfig;
 
     /// Requests in flight at once, as a guest's queue keeps them.
     const IN_FLIGHT: usize = 64;
@@ -517,43 +516,9 @@ mod starved_tests {
     #[test]
     fn every_request_completes_on_a_starved_runtime() {
         let dir = tempfile::tempdir().unwrap();
-        // storaged runs in its own runtime, as the separate process it is.
-        let storaged_rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let (addr, _stop) = storaged_rt.block_on(async {
-            let reg = Arc::new(Registry::open(dir.path()).unwrap());
-            reg.create(VolumeConfig::new("v", 64 << 20)).await.unwrap();
-            let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = nbd.local_addr().unwrap().to_string();
-            let (tx, rx) = tokio::sync::watch::channel(false);
-            tokio::spawn(storaged::server::run(
-                nbd,
-                reg,
-                None,
-                rx,
-                Duration::from_secs(1),
-            ));
-            (addr, tx)
-        });
-        let vmm_rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let cfg = StoragedDiskConfig {
-            address: addr,
-            addresses: Vec::new(),
-            volume: "v".into(),
-            host_id: Some("a".into()),
-            instance_id: None,
-            lease: LeaseMode::Primary,
-            io_hold_secs: None,
-            tls_dir: None,
-            server_name: None,
-        };
+        let (_storaged, addr, _stop) = storaged_apart(dir.path(), None);
+        let vmm_rt = runtime(2);
+        let cfg = super::tests::disk(&addr, "a", LeaseMode::Primary);
         let backend = Arc::new(
             vmm_rt
                 .block_on(StoragedBackend::connect(&cfg, "vm1"))

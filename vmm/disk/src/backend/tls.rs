@@ -51,6 +51,7 @@ impl DiskIdentity {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::testing::{runtime, storaged_apart};
     use crate::backend::StoragedBackend;
     use std::path::Path;
     use std::sync::Arc;
@@ -161,28 +162,10 @@ mod tests {
         (tokio::runtime::Runtime, tokio::sync::watch::Sender<bool>),
     ) {
         let dir = tempfile::tempdir().unwrap();
-        let storaged_rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
         let storage = HostTls::load(&host(dir.path(), "storage")).unwrap();
-        let (addr, stop) = storaged_rt.block_on(async {
-            let reg = Arc::new(Registry::open(&dir.path().join("data")).unwrap());
-            reg.create(VolumeConfig::new("v", 64 << 20)).await.unwrap();
-            let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = nbd.local_addr().unwrap().to_string();
-            let (stop, rx) = tokio::sync::watch::channel(false);
-            let tls = NbdTls::new(&storage, false).unwrap();
-            let server = storaged::server::run(nbd, reg, Some(tls), rx, Duration::from_secs(1));
-            tokio::spawn(server);
-            (addr, stop)
-        });
-        let vmm_rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let tls = NbdTls::new(&storage, false).unwrap();
+        let (storaged_rt, addr, stop) = storaged_apart(&dir.path().join("data"), Some(tls));
+        let vmm_rt = runtime(2);
         let a = host(dir.path(), "a");
         let d = vmm_rt
             .block_on(StoragedBackend::connect(&disk(&addr, None, &a), "vm1"))
