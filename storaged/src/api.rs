@@ -38,7 +38,8 @@ impl IntoResponse for ApiError {
             RegistryError::NotMaster { .. }
             | RegistryError::Deposed { .. }
             | RegistryError::Etcd(_)
-            | RegistryError::EtcdUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | RegistryError::EtcdUnavailable(_)
+            | RegistryError::EtcdUnreadable(_) => StatusCode::SERVICE_UNAVAILABLE,
             RegistryError::Volume(crate::volume::VolumeError::Config(_)) => StatusCode::BAD_REQUEST,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };

@@ -81,6 +81,10 @@ pub enum RegistryError {
     /// its quorum), so no node can be confirmed as the volume's master and no lease changes.
     #[error("etcd is unavailable to this node (unreachable, or without quorum): no lease of volume {0} can change until it is back")]
     EtcdUnavailable(String),
+    /// Cluster mode: a node that is not the volume's master could not read its lease table
+    /// from etcd (etcd unreachable from it, or without quorum).
+    #[error("etcd is unavailable to this node (unreachable, or without quorum): the lease table of volume {0} cannot be read here until it is back")]
+    EtcdUnreadable(String),
     /// Cluster mode: a change of a set of volumes must name only replicated volumes mastered
     /// on this node, or only single-node volumes.
     #[error("volume {0} is not mastered on this node with the others of the set: a set changes in one transaction, all in etcd or all in the local store")]

@@ -5,7 +5,8 @@
 //!   the master keeps its term, writes go on, a flip succeeds, every acknowledged record is on
 //!   both copies;
 //! - two of three lost (no quorum): the master stops acknowledging once its etcd lease may have
-//!   expired, a flip is refused with an answer that says etcd is unavailable, and once the
+//!   expired, a flip and a lease query are refused with an answer that says etcd is
+//!   unavailable (the query after at most a lease TTL, not etcd's own timeout), and once the
 //!   quorum is back service resumes (no restart of storaged) with every acknowledged record;
 //! - the master cut off from etcd (network namespaces, a prohibit route): it stops
 //!   acknowledging before the slave is elected, writes sent to it afterwards are refused and
@@ -214,6 +215,29 @@ async fn without_etcd_quorum_the_master_stops_and_service_resumes_after() -> Res
         eprintln!("flip through {via} without etcd quorum: {text}");
         assert_eq!(refused.status().map(|s| s.as_u16()), Some(503), "{text}");
         assert!(text.contains("etcd is unavailable"), "{text}");
+    }
+    // A lease query reads the table from etcd on a node that is not the master: it answers
+    // nonetheless, saying why it cannot (it waits no longer than the lease TTL for etcd).
+    for via in ["node-a", "node-b"] {
+        let asked = Instant::now();
+        let answer = tokio::time::timeout(DEADLINE, api(&c, via).leases("rv"))
+            .await
+            .with_context(|| {
+                format!("a lease query through {via} got no answer without etcd quorum")
+            })?;
+        let refused = answer
+            .err()
+            .with_context(|| format!("a lease query through {via} read etcd without its quorum"))?;
+        let text = format!("{refused:#}");
+        eprintln!(
+            "lease query through {via} without etcd quorum, after {:?}: {text}",
+            asked.elapsed()
+        );
+        assert_eq!(refused.status().map(|s| s.as_u16()), Some(503), "{text}");
+        assert!(
+            text.contains("etcd is unavailable") && text.contains("cannot be read"),
+            "{text}"
+        );
     }
     // No write was acknowledged since the master gave up (the writers wait, reconnecting).
     assert_eq!(

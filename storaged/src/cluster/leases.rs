@@ -23,7 +23,8 @@
 //! elsewhere, is refused), and every volume changes or none does.
 //!
 //! Every node answers lease queries: a node that is not a volume's master reads the table
-//! from etcd (a linearizable read) instead of its own stale copy.
+//! from etcd (a linearizable read) instead of its own stale copy. Without etcd's quorum that
+//! read cannot be answered: the query is refused after at most a lease TTL, saying so.
 //!
 //! Fault points (see `vmhop_common::faults`): `cluster.lease.grant`, `cluster.lease.flip` and
 //! `cluster.lease.change` (other changes), reached by the master just before the
@@ -52,10 +53,21 @@ pub async fn read(cluster: &Cluster, volume: &str) -> Result<(LeaseTable, i64), 
 /// replicated), etcd's otherwise.
 pub async fn current(vol: &Volume) -> Result<LeaseTable, RegistryError> {
     match vol.role.get() {
-        super::role::Role::NotMaster(c) => read(&c, &vol.config.name)
-            .await
-            .map(|(t, _)| t)
-            .map_err(|e| RegistryError::Etcd(vmhop_common::error::chain(&e))),
+        super::role::Role::NotMaster(c) => {
+            // A linearizable read waits for etcd's quorum: no longer than a lease TTL here.
+            let unreadable = || RegistryError::EtcdUnreadable(vol.config.name.clone());
+            match tokio::time::timeout(c.config.lease_ttl, read(&c, &vol.config.name)).await {
+                Ok(Ok((t, _))) => Ok(t),
+                Ok(Err(ClusterError::Etcd(e))) => {
+                    tracing::warn!(target: "storaged::cluster", event = "lease-query-failed",
+                        volume = %vol.config.name, error = %vmhop_common::error::chain(&e),
+                        "the lease table could not be read from etcd");
+                    Err(unreadable())
+                }
+                Ok(Err(e)) => Err(RegistryError::Etcd(vmhop_common::error::chain(&e))),
+                Err(_) => Err(unreadable()),
+            }
+        }
         _ => Ok(vol.table()),
     }
 }

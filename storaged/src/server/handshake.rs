@@ -150,7 +150,8 @@ fn refusal_code(e: &RegistryError) -> u32 {
         RegistryError::NotMaster { .. }
         | RegistryError::Deposed { .. }
         | RegistryError::Etcd(_)
-        | RegistryError::EtcdUnavailable(_) => NBD_REP_ERR_NOT_MASTER,
+        | RegistryError::EtcdUnavailable(_)
+        | RegistryError::EtcdUnreadable(_) => NBD_REP_ERR_NOT_MASTER,
         _ => NBD_REP_ERR_POLICY,
     }
 }
