@@ -358,9 +358,10 @@ mod tests {
 
     #[test]
     fn the_example_settings_of_a_cluster_node_are_valid() {
-        let file: ServeConfigFile =
-            toml::from_str(include_str!("../../scripts/systemd/storaged-cluster.toml.example"))
-                .unwrap();
+        let file: ServeConfigFile = toml::from_str(include_str!(
+            "../../scripts/systemd/storaged-cluster.toml.example"
+        ))
+        .unwrap();
         let c = file.merge(ServeConfigFile::default()).unwrap();
         let cluster = c.cluster.expect("cluster mode");
         assert!(!cluster.cluster.endpoints.is_empty());
