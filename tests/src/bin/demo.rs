@@ -167,7 +167,7 @@ fn main() -> Result<()> {
         "VMM pid {} on a, guest boot id {boot_id}",
         rec["pid"]
     ));
-    say(h.cli(NODES[0], &["lease", "list", "vm1-data"])?.trim_end());
+    say(leases(&h)?);
 
     step(4, "the agent's workloads");
     let m = agent.command(&format!("mem start {MEM_MIB}"), MEM_START)?;
@@ -207,7 +207,7 @@ fn main() -> Result<()> {
             say(format!("step: {note}"));
         }
     }
-    say(h.cli(NODES[0], &["lease", "list", "vm1-data"])?.trim_end());
+    say(leases(&h)?);
 
     step(6, "fencing: host a writes after the flip");
     for line in stale.attempt()? {
@@ -265,7 +265,7 @@ fn main() -> Result<()> {
     });
     let w = workloads(&mut agent, w.seq, at_kill)?;
     say(&w.text);
-    say(h.cli(slave, &["lease", "list", "vm1-data"])?.trim_end());
+    say(leases(&h)?);
     let t = Instant::now();
     h.cluster.restart(&master)?;
     let back = e2e::block_on(
@@ -304,6 +304,14 @@ fn main() -> Result<()> {
         started.elapsed().as_secs_f64()
     ));
     Ok(())
+}
+
+/// vm1-data's lease table, from its master (which also counts the holders' connections).
+fn leases(h: &ClusterHosts) -> Result<String> {
+    let (master, _) = h.wait_master(NODES[0], "vm1-data")?;
+    Ok(h.cli(&master, &["lease", "list", "vm1-data"])?
+        .trim_end()
+        .to_string())
 }
 
 /// The guest's acknowledged disk records.
