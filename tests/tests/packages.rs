@@ -8,7 +8,7 @@ use e2e::pki::Pki;
 use e2e::process::{run_ok, terminate, wait_for};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 /// One package: its name, binaries, unit and conffile.
@@ -213,24 +213,7 @@ fn packages_hold_binaries_pages_units_and_settings() {
         .replace("/etc/storaged/token", &token.display().to_string())
         .replace("0.0.0.0:10809", "127.0.0.1:0")
         .replace("0.0.0.0:10810", "127.0.0.1:0");
-    let config = dir.path().join("storaged.toml");
-    std::fs::write(&config, settings).unwrap();
-    let ready = dir.path().join("ready");
-    let mut storaged = Command::new(root.join("usr/bin/storaged"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .arg("--ready-file")
-        .arg(&ready)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for("storaged to be ready", Duration::from_secs(30), || {
-        ready.exists().then_some(())
-    })
-    .unwrap();
-    let status = terminate(&mut storaged, "storaged", Duration::from_secs(30)).unwrap();
-    let mut log = String::new();
-    std::io::Read::read_to_string(&mut storaged.stderr.take().unwrap(), &mut log).unwrap();
+    let (_, status, log) = serve_packaged(&root, dir.path(), &settings);
     assert!(status.success(), "{status}: {log}");
     assert!(
         log.contains("tls_dir=")
@@ -292,9 +275,25 @@ fn cluster_node_from_the_examples(dir: &Path, root: &Path, pki: &Pki, token: &Pa
         assert!(settings.contains(&addr), "{settings}");
         settings = settings.replace(&addr, "\"127.0.0.1:0\"");
     }
-    let config = node_dir.join("storaged.toml");
-    std::fs::write(&config, &settings).unwrap();
-    let ready = node_dir.join("ready");
+    let (joined, status, log) = serve_packaged(root, &node_dir, &settings);
+    assert!(joined["repl"].is_string(), "{joined}: {log}");
+    assert!(status.success(), "{status}: {log}");
+    assert!(
+        log.contains("cluster mode") && log.contains("node=storage-1"),
+        "the node joins under its certificate's host id:\n{log}"
+    );
+}
+
+/// Runs the packaged storaged on `settings` (written to `dir/storaged.toml`) until it is ready,
+/// then stops it with SIGTERM; returns what its ready file says, its exit status and its log.
+fn serve_packaged(
+    root: &Path,
+    dir: &Path,
+    settings: &str,
+) -> (serde_json::Value, ExitStatus, String) {
+    let config = dir.join("storaged.toml");
+    std::fs::write(&config, settings).unwrap();
+    let ready = dir.join("ready");
     let mut storaged = Command::new(root.join("usr/bin/storaged"))
         .args(["serve", "--config"])
         .arg(&config)
@@ -303,28 +302,22 @@ fn cluster_node_from_the_examples(dir: &Path, root: &Path, pki: &Pki, token: &Pa
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let joined = wait_for(
-        "the cluster node to be ready",
-        Duration::from_secs(30),
-        || {
-            if let Ok(Some(st)) = storaged.try_wait() {
-                return Some(Err(st));
-            }
-            let text = std::fs::read_to_string(&ready).ok()?;
-            serde_json::from_str::<serde_json::Value>(&text)
-                .ok()
-                .map(Ok)
-        },
-    )
+    let said = wait_for("storaged to be ready", Duration::from_secs(30), || {
+        if let Ok(Some(st)) = storaged.try_wait() {
+            return Some(Err(st));
+        }
+        let text = std::fs::read_to_string(&ready).ok()?;
+        serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .map(Ok)
+    })
     .unwrap();
-    let status = terminate(&mut storaged, "storaged", Duration::from_secs(30)).unwrap();
+    let status = match said {
+        Ok(_) => terminate(&mut storaged, "storaged", Duration::from_secs(30)).unwrap(),
+        Err(st) => st,
+    };
     let mut log = String::new();
     std::io::Read::read_to_string(&mut storaged.stderr.take().unwrap(), &mut log).unwrap();
-    let joined = joined.unwrap_or_else(|st| panic!("the node exited ({st}):\n{log}\n{settings}"));
-    assert!(joined["repl"].is_string(), "{joined}: {log}");
-    assert!(status.success(), "{status}: {log}");
-    assert!(
-        log.contains("cluster mode") && log.contains("node=storage-1"),
-        "the node joins under its certificate's host id:\n{log}"
-    );
+    let said = said.unwrap_or_else(|st| panic!("storaged exited ({st}):\n{log}\n{settings}"));
+    (said, status, log)
 }
