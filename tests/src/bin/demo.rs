@@ -167,7 +167,7 @@ fn main() -> Result<()> {
         "VMM pid {} on a, guest boot id {boot_id}",
         rec["pid"]
     ));
-    say(leases(&h)?);
+    say(leases(&h, NODES[0])?);
 
     step(4, "the agent's workloads");
     let m = agent.command(&format!("mem start {MEM_MIB}"), MEM_START)?;
@@ -207,7 +207,7 @@ fn main() -> Result<()> {
             say(format!("step: {note}"));
         }
     }
-    say(leases(&h)?);
+    say(leases(&h, NODES[0])?);
 
     step(6, "fencing: host a writes after the flip");
     for line in stale.attempt()? {
@@ -265,7 +265,7 @@ fn main() -> Result<()> {
     });
     let w = workloads(&mut agent, w.seq, at_kill)?;
     say(&w.text);
-    say(leases(&h)?);
+    say(leases(&h, slave)?);
     let t = Instant::now();
     h.cluster.restart(&master)?;
     let back = e2e::block_on(
@@ -306,9 +306,10 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// vm1-data's lease table, from its master (which also counts the holders' connections).
-fn leases(h: &ClusterHosts) -> Result<String> {
-    let (master, _) = h.wait_master(NODES[0], "vm1-data")?;
+/// vm1-data's lease table, from its master (which also counts the holders' connections) as
+/// node `via` names it.
+fn leases(h: &ClusterHosts, via: &str) -> Result<String> {
+    let (master, _) = h.wait_master(via, "vm1-data")?;
     Ok(h.cli(&master, &["lease", "list", "vm1-data"])?
         .trim_end()
         .to_string())
