@@ -246,10 +246,13 @@ fn main() -> Result<()> {
     let (now, v) = h.wait_new_master(slave, "vm1-data", &master)?;
     say(format!(
         "{now} is master of vm1-data (term {}, was {master}) {} ms after the kill: its etcd \
-         session outlived {master}'s, whose election key expired with its etcd lease",
+         session outlived {master}'s, whose election key expired with its etcd lease; in sync: \
+         {}",
         v.term,
-        killed.elapsed().as_millis()
+        killed.elapsed().as_millis(),
+        v.insync.members.join(", ")
     ));
+    let term = v.term;
     let first_ack = acked_past(&mut agent, at_kill)?.duration_since(killed);
     say(format!(
         "the guest's first write acknowledged after the kill seen {} ms after it (by {now}; \
@@ -271,7 +274,7 @@ fn main() -> Result<()> {
     let back = e2e::block_on(
         h.cluster
             .wait_view(slave, "vm1-data", "both copies in sync", |v| {
-                v.insync.members.len() == NODES.len()
+                v.insync.term == term && v.insync.members.len() == NODES.len()
             }),
     )?;
     say(format!(
