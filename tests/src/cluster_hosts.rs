@@ -89,7 +89,8 @@ impl ClusterHosts {
     }
 
     /// Waits until node `via` sees `volume` served by a master other than `not`; returns it
-    /// and the view.
+    /// and the view from the new master once it serves (its term begun: the in-sync set as
+    /// that term wrote it).
     pub fn wait_new_master(
         &self,
         via: &str,
@@ -100,12 +101,12 @@ impl ClusterHosts {
             v.master.as_deref().is_some_and(|m| m != not)
         }))?;
         let master = v.master.clone().context("a master")?;
-        crate::block_on(
-            self.cluster
-                .wait_view(&master, volume, "the new master serving", |v| {
-                    v.role_here.as_deref() == Some("master")
-                }),
-        )?;
+        let v = crate::block_on(self.cluster.wait_view(
+            &master,
+            volume,
+            "the new master serving",
+            |v| v.role_here.as_deref() == Some("master") && v.insync.term == v.term,
+        ))?;
         Ok((master, v))
     }
 
