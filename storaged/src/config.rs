@@ -22,6 +22,12 @@ pub enum ConfigError {
     /// A setting is out of its range.
     #[error("{0} must be at least {1}")]
     TooSmall(&'static str, u64),
+    /// A cluster node listens on a wildcard address, which it cannot publish to the others.
+    #[error(
+        "{0} is {1}: a cluster node publishes its listen addresses in etcd for the other \
+         nodes and the clients, so give it this host's own address"
+    )]
+    Wildcard(&'static str, SocketAddr),
 }
 
 /// The `[serve]` settings as written in the TOML file; every field optional.
@@ -135,7 +141,7 @@ impl ServeConfigFile {
             max: pick(over.max_standby, self.max_standby).unwrap_or(StandbyPolicy::default().max),
         };
         let tls_dir = over.tls_dir.or(self.tls_dir);
-        Ok(ServeConfig {
+        ServeConfig {
             data_dir: over
                 .data_dir
                 .or(self.data_dir)
@@ -196,7 +202,26 @@ impl ServeConfigFile {
                 }),
             },
             tls_dir,
-        })
+        }
+        .checked()
+    }
+}
+
+impl ServeConfig {
+    /// Refuses what cannot work: a cluster node on a wildcard address.
+    fn checked(self) -> Result<ServeConfig, ConfigError> {
+        if let Some(c) = &self.cluster {
+            for (key, addr) in [
+                ("nbd_listen", self.nbd_listen),
+                ("api_listen", self.api_listen),
+                ("repl_listen", c.repl_listen),
+            ] {
+                if addr.ip().is_unspecified() {
+                    return Err(ConfigError::Wildcard(key, addr));
+                }
+            }
+        }
+        Ok(self)
     }
 }
 
@@ -291,5 +316,55 @@ mod tests {
         let c = file.merge(flags).unwrap();
         assert_eq!(c.limits.max_connections, 4);
         assert_eq!(c.limits.idle_timeout, Duration::from_secs(9));
+    }
+
+    #[test]
+    fn a_cluster_node_listens_on_the_addresses_it_is_reached_at() {
+        let node = |listen: &str| {
+            let toml = format!(
+                "data_dir = \"/a\"\netcd = [\"http://10.0.0.20:2379\"]\nnode_id = \"s1\"\n\
+                 nbd_listen = \"10.0.0.9:10809\"\napi_listen = \"10.0.0.9:10810\"\n\
+                 repl_listen = \"10.0.0.9:10811\"\n{listen}"
+            );
+            toml::from_str::<ServeConfigFile>(&toml)
+                .unwrap()
+                .merge(ServeConfigFile::default())
+        };
+        let c = node("").unwrap();
+        assert_eq!(c.cluster.unwrap().repl_listen.port(), 10811);
+        // The other nodes and the clients are sent the addresses a node listens on: a
+        // wildcard one reaches nobody (or the sender itself).
+        for key in ["nbd_listen", "api_listen", "repl_listen"] {
+            let port = match key {
+                "nbd_listen" => 10809,
+                "api_listen" => 10810,
+                _ => 10811,
+            };
+            let over = format!("{key} = \"0.0.0.0:{port}\"\n");
+            let toml = format!(
+                "data_dir = \"/a\"\netcd = [\"http://10.0.0.20:2379\"]\nnode_id = \"s1\"\n{over}"
+            );
+            let e = toml::from_str::<ServeConfigFile>(&toml)
+                .unwrap()
+                .merge(ServeConfigFile::default())
+                .unwrap_err();
+            assert!(e.to_string().contains(key), "{e}");
+        }
+        // A single node may listen on every address.
+        let single: ServeConfigFile =
+            toml::from_str("data_dir = \"/a\"\nnbd_listen = \"0.0.0.0:10809\"\n").unwrap();
+        assert!(single.merge(ServeConfigFile::default()).is_ok());
+    }
+
+    #[test]
+    fn the_example_settings_of_a_cluster_node_are_valid() {
+        let file: ServeConfigFile = toml::from_str(include_str!(
+            "../../scripts/systemd/storaged-cluster.toml.example"
+        ))
+        .unwrap();
+        let c = file.merge(ServeConfigFile::default()).unwrap();
+        let cluster = c.cluster.expect("cluster mode");
+        assert!(!cluster.cluster.endpoints.is_empty());
+        assert!(c.tls_dir.is_some() && !c.plaintext_loopback);
     }
 }

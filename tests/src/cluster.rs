@@ -18,6 +18,7 @@ use storaged_client::nbd::{ClientConfig, ClientTls, FailoverClient, LeaseSpec};
 use storaged_client::protocol::RequestedState;
 use storaged_client::rest::StoragedApi;
 use vmhop_common::tls::HostTls;
+use vmhop_common::token::Token;
 
 /// TTL of the nodes' etcd leases (seconds): a dead master's mastership ends within it.
 pub const LEASE_TTL_SECS: &str = "2";
@@ -46,6 +47,8 @@ pub struct Cluster {
     /// The test hosts (network namespaces) that nodes run in, by node id; the others run
     /// here, on loopback.
     homes: std::collections::HashMap<String, Host>,
+    /// The token the nodes' REST APIs require (`--api-token-file`), if they require one.
+    api_token: Option<(PathBuf, Token)>,
 }
 
 /// A free loopback address (bound and released).
@@ -72,6 +75,7 @@ impl Cluster {
             nodes: Vec::new(),
             pki,
             homes: Default::default(),
+            api_token: None,
         };
         for id in ids {
             c.add_node(id, &[])?;
@@ -98,8 +102,15 @@ impl Cluster {
         Ok(self.nodes.last().expect("just pushed"))
     }
 
+    /// Makes the nodes started from now on require the token in `file` on their REST APIs;
+    /// the fixture's own REST calls carry it.
+    pub fn require_api_token(&mut self, file: &Path) -> Result<()> {
+        self.api_token = Some((file.to_path_buf(), Token::load(file)?));
+        Ok(())
+    }
+
     /// Starts one more node inside test host `host` (its namespace, listening on its
-    /// address).
+    /// address; with TLS, its certificate is valid for that address too).
     pub fn add_node_in(&mut self, id: &str, host: &Host) -> Result<&Node> {
         self.homes.insert(id.to_string(), host.clone());
         self.add_node(id, &[])
@@ -139,13 +150,20 @@ impl Cluster {
         match &self.pki {
             None => flags.extend(["--node-id".to_string(), id.to_string()]),
             Some(pki) => {
-                let tls = pki.host(id)?;
+                let tls = match home {
+                    // Clients on other hosts check the address they reach the node at.
+                    Some(h) => pki.host_at(id, &[h.addr.into()])?,
+                    None => pki.host(id)?,
+                };
                 flags.extend([
                     "--tls-dir".to_string(),
                     tls.display().to_string(),
                     "--no-plaintext-loopback".to_string(),
                 ]);
             }
+        }
+        if let Some((file, _)) = &self.api_token {
+            flags.extend(["--api-token-file".to_string(), file.display().to_string()]);
         }
         flags.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = flags.iter().map(String::as_str).collect();
@@ -199,7 +217,8 @@ impl Cluster {
 
     /// The volume's records in etcd, as node `via` shows them.
     pub async fn view(&self, via: &str, volume: &str) -> Result<ReplicatedVolumeView> {
-        let api = StoragedApi::new(&self.node(via).storaged.api.to_string(), None);
+        let token = self.api_token.as_ref().map(|(_, t)| t.clone());
+        let api = StoragedApi::new(&self.node(via).storaged.api.to_string(), token);
         Ok(api.replicated_volume(volume).await?)
     }
 

@@ -1,7 +1,8 @@
 //! A real etcd (Debian's `etcd-server`, /usr/bin/etcd) for the cluster-mode tests: one member,
 //! or several forming one cluster, on ports of the given address, each member with its own
 //! data directory; a member can be killed (SIGKILL) and started again on its data and ports.
-//! Every member is killed on drop.
+//! Every member is killed on drop. A member can also be configured by `ETCD_*` variables
+//! alone, as Debian's unit runs it.
 //!
 //! Members elect their leader with a short heartbeat and election timeout
 //! ([`HEARTBEAT_MS`], [`ELECTION_MS`]): the storaged nodes' etcd leases in these tests last
@@ -26,6 +27,8 @@ struct Member {
     name: String,
     /// The command line (without the program), the same at every start.
     args: Vec<String>,
+    /// Its environment (`ETCD_*` variables stand for the flags of the same name).
+    env: Vec<(String, String)>,
     dir: PathBuf,
     child: Option<Child>,
     /// Where `ip netns exec NETNS` runs it, if anywhere.
@@ -62,6 +65,7 @@ impl Member {
         };
         let child = cmd
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -162,6 +166,7 @@ impl Etcd {
             members.push(Member {
                 name: name.clone(),
                 args,
+                env: Vec::new(),
                 dir: mdir,
                 child: None,
                 netns: netns.map(str::to_string),
@@ -183,6 +188,36 @@ impl Etcd {
         for (m, log) in e.members.iter_mut().zip(&logs) {
             m.wait_ready(log)?;
         }
+        Ok(e)
+    }
+
+    /// Starts one member configured by its environment alone, as Debian's `etcd.service`
+    /// runs it from `/etc/default/etcd`: `env` holds the `ETCD_*` variables, `endpoint` is
+    /// its client URL among them. Logs go to `dir/etcd-env-logs`.
+    pub fn start_from_env(dir: &Path, env: Vec<(String, String)>, endpoint: &str) -> Result<Etcd> {
+        anyhow::ensure!(
+            Path::new(ETCD).exists(),
+            "{ETCD} is missing: run scripts/setup (it installs Debian's etcd-server)"
+        );
+        let mdir = dir.join("etcd-env-logs");
+        std::fs::create_dir_all(&mdir)?;
+        let mut m = Member {
+            name: "env".into(),
+            args: Vec::new(),
+            env,
+            dir: mdir,
+            child: None,
+            netns: None,
+            endpoint: endpoint.to_string(),
+        };
+        let log = m.spawn()?;
+        let mut e = Etcd {
+            members: Vec::new(),
+            endpoint: endpoint.to_string(),
+        };
+        // Pushed before waiting, so that a member that never gets ready is killed on drop.
+        e.members.push(m);
+        e.members[0].wait_ready(&log)?;
         Ok(e)
     }
 

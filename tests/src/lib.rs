@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod cluster;
+pub mod cluster_hosts;
 pub mod etcd;
 pub mod faults;
 pub mod fencing;

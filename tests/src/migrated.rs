@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
-use storaged_client::nbd::{Client, ClientConfig, LeaseSpec};
+use storaged_client::nbd::{Client, ClientConfig, ClientTls, LeaseSpec};
 use storaged_client::protocol::RequestedState;
 
 /// How a migrated is started.
@@ -480,15 +480,7 @@ impl NsStoraged {
 
     /// `storaged ARGS... --api API` inside the namespace; returns stdout.
     pub fn cli(&self, args: &[&str]) -> Result<String> {
-        let out = run_ok(
-            self.host
-                .command(crate::binary("storaged"))
-                .args(args)
-                .args(["--api", &self.api])
-                .arg("--token-file")
-                .arg(&self.token_file),
-        )?;
-        Ok(String::from_utf8(out.stdout)?)
+        storaged_cli(&self.host, &self.api, &self.token_file, args)
     }
 
     /// Sends `sig` to storaged (SIGSTOP holds every answer, NBD and REST, until SIGCONT).
@@ -515,6 +507,18 @@ impl NsStoraged {
             })
             .collect())
     }
+}
+
+/// `storaged ARGS... --api API --token-file TOKEN` inside `host`'s namespace; returns stdout.
+pub fn storaged_cli(host: &Host, api: &str, token_file: &Path, args: &[&str]) -> Result<String> {
+    let out = run_ok(
+        host.command(crate::binary("storaged"))
+            .args(args)
+            .args(["--api", api])
+            .arg("--token-file")
+            .arg(token_file),
+    )?;
+    Ok(String::from_utf8(out.stdout)?)
 }
 
 impl Drop for NsStoraged {
@@ -637,43 +641,26 @@ impl TwoHosts {
         let pki = tls
             .then(|| crate::pki::Pki::new(dir, "cluster"))
             .transpose()?;
-        let tls_dir = |h: &str| -> Result<Option<PathBuf>> {
-            pki.as_ref()
-                .map(|p| p.host_at(h, &[rig.host(h).addr.into()]))
-                .transpose()
-        };
+        let storage_tls = pki
+            .as_ref()
+            .map(|p| p.host_at("storage", &[rig.host("storage").addr.into()]))
+            .transpose()?;
         let storaged = NsStoraged::start(
             rig.host("storage"),
             &dir.join("storaged"),
             &token_file,
-            tls_dir("storage")?.as_deref(),
+            storage_tls.as_deref(),
         )?;
         for v in volumes {
             storaged.cli(&["volume", "create", v, "--size", "64M"])?;
         }
-        let addr = |h: &str| format!("{}:{AGENT_PORT}", rig.host(h).addr);
-        let (tls_a, tls_b) = (tls_dir("a")?, tls_dir("b")?);
-        let opts = |me: &str, peer: &str| MigratedOptions {
-            tls_dir: if me == "a" {
-                tls_a.clone()
-            } else {
-                tls_b.clone()
-            },
-            storaged_name: tls.then(|| "storage".to_string()),
-            host_id: me.into(),
-            listen: addr(me),
-            storaged_api: storaged.api.clone(),
-            storaged_nbd: storaged.nbd.clone(),
-            peers: vec![(peer.into(), addr(peer))],
-            netns: Some(rig.host(me).clone()),
-            peer_timeout_ms,
-            token_file: Some(token_file.clone()),
-            storaged_token_file: Some(token_file.clone()),
-            env: Vec::new(),
-            log_json: false,
+        let storage = HostsStorage {
+            api: &storaged.api,
+            nbd: &storaged.nbd,
+            name: tls.then_some("storage"),
+            token_file: &token_file,
         };
-        let a = Migrated::start(&dir.join("a"), opts("a", "b"))?;
-        let b = Migrated::start(&dir.join("b"), opts("b", "a"))?;
+        let (a, b) = start_agents(dir, &rig, pki.as_ref(), &storage, peer_timeout_ms)?;
         Ok(TwoHosts {
             a,
             b,
@@ -691,6 +678,53 @@ impl TwoHosts {
             _ => panic!("no host {name}"),
         }
     }
+}
+
+/// Where the agents of [`start_agents`] find storaged.
+pub struct HostsStorage<'a> {
+    /// Its REST API (one node's, for a cluster).
+    pub api: &'a str,
+    /// Its NBD address (every node's, comma-separated, for a cluster).
+    pub nbd: &'a str,
+    /// The host id its certificate proves (`None`: the address it is reached at).
+    pub name: Option<&'a str>,
+    /// The cluster's token: storaged's API and the agents' APIs require it.
+    pub token_file: &'a Path,
+}
+
+/// The agents of hosts "a" and "b" of `rig` (REST on [`AGENT_PORT`] of their addresses), peers
+/// of each other, their state under `dir/a` and `dir/b`; with `pki`, each with a certificate
+/// of its host (valid for its address) for TLS to storaged, between VMMs and between agents.
+pub fn start_agents(
+    dir: &Path,
+    rig: &crate::netns::Rig,
+    pki: Option<&crate::pki::Pki>,
+    storage: &HostsStorage<'_>,
+    peer_timeout_ms: u64,
+) -> Result<(Migrated, Migrated)> {
+    let addr = |h: &str| format!("{}:{AGENT_PORT}", rig.host(h).addr);
+    let opts = |me: &str, peer: &str| -> Result<MigratedOptions> {
+        Ok(MigratedOptions {
+            tls_dir: pki
+                .map(|p| p.host_at(me, &[rig.host(me).addr.into()]))
+                .transpose()?,
+            storaged_name: storage.name.map(str::to_string),
+            host_id: me.into(),
+            listen: addr(me),
+            storaged_api: storage.api.to_string(),
+            storaged_nbd: storage.nbd.to_string(),
+            peers: vec![(peer.into(), addr(peer))],
+            netns: Some(rig.host(me).clone()),
+            peer_timeout_ms,
+            token_file: Some(storage.token_file.to_path_buf()),
+            storaged_token_file: Some(storage.token_file.to_path_buf()),
+            env: Vec::new(),
+            log_json: false,
+        })
+    };
+    let a = Migrated::start(&dir.join("a"), opts("a", "b")?)?;
+    let b = Migrated::start(&dir.join("b"), opts("b", "a")?)?;
+    Ok((a, b))
 }
 
 /// `migratectl --socket SOCKET --json migrate ARGS...` started in the background: the
@@ -766,19 +800,31 @@ pub struct StaleWriter {
 impl StaleWriter {
     /// Opens the connection (and reads a block through it).
     pub fn open(h: &TwoHosts, host: &str, volume: &str) -> Result<StaleWriter> {
-        let netns = format!("/var/run/netns/{}", h.rig.host(host).netns);
-        let plain = ClientConfig::new(vec![h.storaged.nbd.clone()], volume).with_lease(LeaseSpec {
-            host: host.into(),
-            instance: "vm1".into(),
-            state: RequestedState::Primary,
-            expected_epoch: 0,
-        });
         // In TLS, with the host's own certificate: the old host itself, not an impostor.
         let tls = h
             .pki
             .as_ref()
             .map(|p| p.client(host, "storage"))
             .transpose()?;
+        Self::open_at(h.rig.host(host), vec![h.storaged.nbd.clone()], tls, volume)
+    }
+
+    /// Opens the connection from test host `from` (as host `from.name`) to storaged at
+    /// `addresses` (every node of a cluster), in TLS with `tls` if given.
+    pub fn open_at(
+        from: &Host,
+        addresses: Vec<String>,
+        tls: Option<ClientTls>,
+        volume: &str,
+    ) -> Result<StaleWriter> {
+        let host = from.name.as_str();
+        let netns = format!("/var/run/netns/{}", from.netns);
+        let plain = ClientConfig::new(addresses, volume).with_lease(LeaseSpec {
+            host: host.into(),
+            instance: "vm1".into(),
+            state: RequestedState::Primary,
+            expected_epoch: 0,
+        });
         let cfg = match &tls {
             Some(t) => plain.clone().with_tls(t.clone()),
             None => plain.clone(),

@@ -8,7 +8,7 @@ use e2e::pki::Pki;
 use e2e::process::{run_ok, terminate, wait_for};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 /// One package: its name, binaries, unit and conffile.
@@ -17,6 +17,8 @@ struct Package {
     bins: &'static [&'static str],
     unit: &'static str,
     conffile: &'static str,
+    /// Files of `/usr/share/doc/NAME/examples/`.
+    examples: &'static [&'static str],
 }
 
 const PACKAGES: [Package; 2] = [
@@ -25,12 +27,18 @@ const PACKAGES: [Package; 2] = [
         bins: &["storaged"],
         unit: "storaged.service",
         conffile: "/etc/storaged/storaged.toml",
+        examples: &[
+            "storaged-cluster.toml",
+            "storaged-cluster.conf",
+            "etcd.default",
+        ],
     },
     Package {
         name: "vmhop-migrated",
         bins: &["migrated", "migratectl", "vmm", "vhost-user-blk"],
         unit: "migrated.service",
         conffile: "/etc/migrated/migrated.toml",
+        examples: &["guest.toml"],
     },
 ];
 
@@ -131,6 +139,11 @@ fn packages_hold_binaries_pages_units_and_settings() {
             p.conffile
         );
 
+        for e in p.examples {
+            let path = format!("/usr/share/doc/{}/examples/{e}", p.name);
+            assert!(files.contains(&path), "{} lacks {path}", p.name);
+        }
+
         let control = dir.path().join(format!("{}.control", p.name));
         run_ok(Command::new("dpkg-deb").arg("-e").arg(&deb).arg(&control)).unwrap();
         let conffiles = std::fs::read_to_string(control.join("conffiles")).unwrap();
@@ -151,7 +164,16 @@ fn packages_hold_binaries_pages_units_and_settings() {
     }
 
     // The units as installed, against the host's own units for the targets they name; no
-    // warning either (an unknown key or section is only a warning).
+    // warning either (an unknown key or section is only a warning). storaged's with the drop-in
+    // of a cluster node installed as the README says.
+    let examples = root.join("usr/share/doc/vmhop-storaged/examples");
+    let drop_in = root.join("etc/systemd/system/storaged.service.d");
+    std::fs::create_dir_all(&drop_in).unwrap();
+    std::fs::copy(
+        examples.join("storaged-cluster.conf"),
+        drop_in.join("cluster.conf"),
+    )
+    .unwrap();
     let units = root.join("usr/lib/systemd/system");
     for entry in std::fs::read_dir("/usr/lib/systemd/system").unwrap() {
         let entry = entry.unwrap();
@@ -191,9 +213,87 @@ fn packages_hold_binaries_pages_units_and_settings() {
         .replace("/etc/storaged/token", &token.display().to_string())
         .replace("0.0.0.0:10809", "127.0.0.1:0")
         .replace("0.0.0.0:10810", "127.0.0.1:0");
-    let config = dir.path().join("storaged.toml");
+    let (_, status, log) = serve_packaged(&root, dir.path(), &settings);
+    assert!(status.success(), "{status}: {log}");
+    assert!(
+        log.contains("tls_dir=")
+            && log.contains("plaintext_loopback=false")
+            && !log.contains("WARN"),
+        "the packaged settings require TLS of every client:\n{log}"
+    );
+    cluster_node_from_the_examples(dir.path(), &root, &pki, &token);
+}
+
+/// etcd from the packaged `etcd.default` (the variables Debian's etcd unit passes it) and a
+/// storaged node from the packaged `storaged-cluster.toml`, their addresses and paths moved
+/// into this test: etcd serves, the node joins the cluster under its certificate's host id
+/// and becomes ready.
+fn cluster_node_from_the_examples(dir: &Path, root: &Path, pki: &Pki, token: &Path) {
+    let examples = root.join("usr/share/doc/vmhop-storaged/examples");
+    let (client, peer) = (e2e::free_port().unwrap(), e2e::free_port().unwrap());
+    let etcd_url = format!("http://127.0.0.1:{client}");
+    let move_etcd = |v: &str| {
+        v.replace("10.0.0.20:2379", &format!("127.0.0.1:{client}"))
+            .replace("10.0.0.20:2380", &format!("127.0.0.1:{peer}"))
+            .replace(
+                "/var/lib/etcd/default",
+                &dir.join("etcd-data").display().to_string(),
+            )
+    };
+    let text = std::fs::read_to_string(examples.join("etcd.default")).unwrap();
+    let env: Vec<(String, String)> = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (k, v) = l
+                .split_once('=')
+                .unwrap_or_else(|| panic!("not KEY=VALUE: {l}"));
+            assert!(k.starts_with("ETCD_"), "{l}");
+            (k.to_string(), move_etcd(v))
+        })
+        .collect();
+    assert!(
+        env.iter().any(|(k, _)| k == "ETCD_LISTEN_CLIENT_URLS"),
+        "{text}"
+    );
+    let _etcd = e2e::etcd::Etcd::start_from_env(dir, env, &etcd_url).unwrap();
+
+    let node_dir = dir.join("node");
+    std::fs::create_dir_all(&node_dir).unwrap();
+    let tls = pki.host("storage-1").unwrap();
+    let mut settings = std::fs::read_to_string(examples.join("storaged-cluster.toml"))
+        .unwrap()
+        .replace(
+            "/var/lib/storaged",
+            &node_dir.join("data").display().to_string(),
+        )
+        .replace("/etc/vmhop/tls", &tls.display().to_string())
+        .replace("/etc/storaged/token", &token.display().to_string())
+        .replace("http://10.0.0.20:2379", &etcd_url);
+    for port in [10809, 10810, 10811] {
+        let addr = format!("\"10.0.0.9:{port}\"");
+        assert!(settings.contains(&addr), "{settings}");
+        settings = settings.replace(&addr, "\"127.0.0.1:0\"");
+    }
+    let (joined, status, log) = serve_packaged(root, &node_dir, &settings);
+    assert!(joined["repl"].is_string(), "{joined}: {log}");
+    assert!(status.success(), "{status}: {log}");
+    assert!(
+        log.contains("cluster mode") && log.contains("node=storage-1"),
+        "the node joins under its certificate's host id:\n{log}"
+    );
+}
+
+/// Runs the packaged storaged on `settings` (written to `dir/storaged.toml`) until it is ready,
+/// then stops it with SIGTERM; returns what its ready file says, its exit status and its log.
+fn serve_packaged(
+    root: &Path,
+    dir: &Path,
+    settings: &str,
+) -> (serde_json::Value, ExitStatus, String) {
+    let config = dir.join("storaged.toml");
     std::fs::write(&config, settings).unwrap();
-    let ready = dir.path().join("ready");
+    let ready = dir.join("ready");
     let mut storaged = Command::new(root.join("usr/bin/storaged"))
         .args(["serve", "--config"])
         .arg(&config)
@@ -202,18 +302,22 @@ fn packages_hold_binaries_pages_units_and_settings() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for("storaged to be ready", Duration::from_secs(30), || {
-        ready.exists().then_some(())
+    let said = wait_for("storaged to be ready", Duration::from_secs(30), || {
+        if let Ok(Some(st)) = storaged.try_wait() {
+            return Some(Err(st));
+        }
+        let text = std::fs::read_to_string(&ready).ok()?;
+        serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .map(Ok)
     })
     .unwrap();
-    let status = terminate(&mut storaged, "storaged", Duration::from_secs(30)).unwrap();
+    let status = match said {
+        Ok(_) => terminate(&mut storaged, "storaged", Duration::from_secs(30)).unwrap(),
+        Err(st) => st,
+    };
     let mut log = String::new();
     std::io::Read::read_to_string(&mut storaged.stderr.take().unwrap(), &mut log).unwrap();
-    assert!(status.success(), "{status}: {log}");
-    assert!(
-        log.contains("tls_dir=")
-            && log.contains("plaintext_loopback=false")
-            && !log.contains("WARN"),
-        "the packaged settings require TLS of every client:\n{log}"
-    );
+    let said = said.unwrap_or_else(|st| panic!("storaged exited ({st}):\n{log}\n{settings}"));
+    (said, status, log)
 }

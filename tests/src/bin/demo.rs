@@ -1,30 +1,45 @@
 //! The demo that `scripts/demo` runs: the product end to end, narrated.
 //!
-//! storaged and two hosts "a" and "b", each in its own network namespace joined by veth, each
-//! host with its own migrated, and TLS everywhere: a cluster CA (`storaged pki ca`) certifies
-//! every host (`storaged pki host`); storaged takes NBD only in TLS with a certificate of the
-//! cluster from clients not on loopback, the VMMs and the vhost-user-blk backends prove their
-//! host with it, and the migration streams and the agents' calls to each other run in mutual
-//! TLS. The test guest boots on host a from a storaged root volume (and a data volume for its
-//! disk workload, served by a vhost-user-blk process beside the VMM); its memory and disk
-//! workloads run; migratectl moves it to host b and back with its progress bar, and the figures
-//! are printed. Between the two legs, a connection host a opened as the volume's primary before
-//! the flip tries to write: refused, and so are a new connection from host a and one without a
-//! certificate. Everything started is stopped at the end.
+//! Storage is a small cluster: one etcd member (Debian's etcd-server) and two storaged nodes,
+//! storage-1 and storage-2, each on a host of its own; two KVM hosts "a" and "b" each run their
+//! migrated. Every host is a network namespace on one bridge, and TLS runs everywhere: a
+//! cluster CA (`storaged pki ca`) certifies every host and node (`storaged pki host`); the nodes
+//! take NBD only in TLS with a certificate of the cluster and replicate to each other in mutual
+//! TLS, the VMMs and the vhost-user-blk backends prove their host with it, and the migration
+//! streams and the agents' calls to each other run in mutual TLS. The guest's data volume has a
+//! copy on both nodes (a per-volume master elected in etcd forwards every write to the slave
+//! before acknowledging it); the agents, and so the VMMs and disk backends, are given both
+//! nodes' addresses.
+//!
+//! The test guest boots on host a from its image (read-only, the same file on both hosts),
+//! with its data volume for its disk workload, served by a vhost-user-blk process beside the
+//! VMM; its memory and disk workloads run; migratectl moves it to host b and back with its
+//! progress bar, and the figures are printed. Between the two legs, a connection host a opened
+//! as the volume's primary before the flip tries to write: refused, and so are a new connection
+//! from host a and one without a certificate. Then, while the guest's disk workload writes, the
+//! master of its data volume is killed (SIGKILL): the slave is elected, the disk backend
+//! reconnects to it with its lease, the workload goes on, the killed node comes back as a slave
+//! and is copied in sync again, and every acknowledged record verifies in the guest. Everything
+//! started is stopped at the end.
 
 use anyhow::{bail, Context, Result};
 use e2e::agent::AgentConn;
+use e2e::cluster_hosts::{other_node, ClusterHosts, NODES};
 use e2e::image::guest_image;
-use e2e::migrated::{agent_of, StaleWriter, TwoHosts};
+use e2e::migrated::agent_of;
 use serde_json::Value;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use storaged_client::cluster::ReplicatedVolumeView;
 
 const BOOT: Duration = Duration::from_secs(600);
 const REPLY: Duration = Duration::from_secs(120);
 const MEM_MIB: usize = 8;
 /// `mem start` faults its buffer in, page by page in emulated guest kernel code.
 const MEM_START: Duration = Duration::from_secs(600);
+/// The volume's copies: one on each node.
+const REPLICAS: &str = "2";
 
 fn step(n: u32, text: &str) {
     println!("\n[{n}] {text}");
@@ -34,6 +49,17 @@ fn say(text: impl AsRef<str>) {
     for line in text.as_ref().lines() {
         println!("    {line}");
     }
+}
+
+/// Where a replicated volume's copies are and who is master.
+fn copies(volume: &str, master: &str, v: &ReplicatedVolumeView) -> String {
+    format!(
+        "{volume}: copies on {}, in sync: {}; master {master} (term {}), slave {}",
+        v.placement.replicas.join(" and "),
+        v.insync.members.join(", "),
+        v.term,
+        other_node(master)
+    )
 }
 
 fn main() -> Result<()> {
@@ -52,87 +78,80 @@ fn main() -> Result<()> {
 
     step(
         1,
-        "three hosts, each a network namespace on one bridge: storage, a and b",
+        "five hosts, each a network namespace on one bridge: etcd, storage-1, storage-2, a and b",
     );
-    let h = TwoHosts::start_with(dir.path(), &["vm1-data"], 3000, true)?;
-    for name in ["storage", "a", "b"] {
+    let mut h = ClusterHosts::start(dir.path(), 3000)?;
+    for name in ["etcd", NODES[0], NODES[1], "a", "b"] {
         let host = h.rig.host(name);
-        say(format!("{name:<8} {} (netns {})", host.addr, host.netns));
+        say(format!("{name:<10} {} (netns {})", host.addr, host.netns));
     }
     say(
         "TLS: `storaged pki ca` made the cluster's CA, `storaged pki host` a certificate per \
-         host; its identity is the host id",
+         host and per storage node; its identity is the host id (a node's id is its own)",
     );
     say(format!(
-        "storaged on storage: NBD {} (TLS with a cluster certificate required off loopback), \
-         REST API {} (it and both agents' APIs take only requests with the cluster's token)",
-        h.storaged.nbd, h.storaged.api
+        "etcd (Debian's etcd-server, one member): {}",
+        h.cluster.etcd.endpoint
     ));
+    for n in NODES {
+        let s = &h.cluster.node(n).storaged;
+        say(format!(
+            "storaged on {n}: `storaged serve --etcd ...`, NBD {} (TLS with a cluster \
+             certificate required), REST API {}",
+            s.nbd, s.api
+        ));
+    }
+    say("every REST API (both nodes', both agents') takes only requests with the cluster's token");
     say(format!(
-        "migrated on a: {}, on b: {} (peers of each other, in mutual TLS)",
+        "migrated on a: {}, on b: {} (peers of each other, in mutual TLS), each given both \
+         nodes' NBD addresses",
         h.a.listen, h.b.listen
     ));
 
-    step(2, "the guest's volumes on storaged");
-    let root_size = std::fs::metadata(&image.rootfs)?.len();
-    h.storaged.cli(&[
-        "volume",
-        "create",
-        "vm1-root",
-        "--size",
-        &root_size.to_string(),
-        "--anonymous",
-        "read-write-without-primary",
-        "--host",
-        "a",
-        "--host",
-        "b",
-    ])?;
-    h.storaged
-        .cli(&["volume", "access", "vm1-data", "--host", "a", "--host", "b"])?;
-    // An operator's certificate of the cluster, for qemu-img (it holds no lease: anonymous).
-    let storage = h.rig.host("storage");
-    let pki = h.pki.as_ref().context("TLS")?;
-    let admin = pki.host_at("admin", &[storage.addr.into()])?;
-    let nbd_port = h.storaged.nbd.rsplit_once(':').context("NBD address")?.1;
-    let out = storage
-        .command("qemu-img")
-        .args(["convert", "-n", "-f", "raw", "--object"])
-        .arg(format!(
-            "tls-creds-x509,id=tls0,endpoint=client,dir={}",
-            admin.display()
-        ))
-        .arg("--target-image-opts")
-        .arg(&image.rootfs)
-        .arg(format!(
-            "driver=nbd,host={},port={nbd_port},export=vm1-root,tls-creds=tls0",
-            storage.addr
-        ))
-        .output()?;
-    if !out.status.success() {
-        bail!("qemu-img convert: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    say(format!(
-        "vm1-root ({} MiB): the guest's root filesystem, written by an unmodified qemu-img over \
-         NBD in TLS with an operator's certificate",
-        root_size >> 20
-    ));
+    step(
+        2,
+        "the guest's data volume, replicated on both storage nodes",
+    );
+    h.cli(
+        NODES[0],
+        &[
+            "volume",
+            "create",
+            "vm1-data",
+            "--size",
+            "64M",
+            "--replicas",
+            REPLICAS,
+            "--host",
+            "a",
+            "--host",
+            "b",
+        ],
+    )?;
+    let (master, v) = h.wait_master(NODES[0], "vm1-data")?;
     say("vm1-data (64 MiB): the agent's disk workload, served by a vhost-user-blk process");
-    say("leases on both: hosts a and b only (any other host of the cluster gets none)");
+    say("leases: hosts a and b only (any other host of the cluster gets none)");
+    say(copies("vm1-data", &master, &v));
+    say(
+        "the guest's root: its image file, read-only, at the same path on both hosts (the \
+         volumes of one migration flip in one transaction on their master node, so they must \
+         share one; a single volume always does)",
+    );
 
     step(
         3,
-        "migratectl run: the guest boots on host a from its storaged volumes",
+        "migratectl run: the guest boots on host a, its data disk on the storage cluster",
     );
     let toml = dir.path().join("vm1.toml");
     std::fs::write(
         &toml,
         format!(
             "name = \"vm1\"\nkernel = {:?}\ncmdline = {:?}\nmemory_mib = 256\nvcpus = 1\n\
-             [[disks]]\nvolume = \"vm1-root\"\n\
+             [[disks]]\npath = {:?}\nread_only = true\n\
              [[disks]]\nvolume = \"vm1-data\"\nbackend = \"vhost-user\"\n",
             image.kernel.display().to_string(),
-            image.cmdline
+            image.cmdline,
+            image.rootfs.display().to_string()
         ),
     )?;
     let t = Instant::now();
@@ -148,7 +167,7 @@ fn main() -> Result<()> {
         "VMM pid {} on a, guest boot id {boot_id}",
         rec["pid"]
     ));
-    say(h.storaged.cli(&["lease", "list", "vm1-data"])?.trim_end());
+    say(leases(&h, NODES[0])?);
 
     step(4, "the agent's workloads");
     let m = agent.command(&format!("mem start {MEM_MIB}"), MEM_START)?;
@@ -162,7 +181,7 @@ fn main() -> Result<()> {
 
     // A second connection of host a to vm1-data, as the primary holder, opened before the
     // flip: what a slow or buggy old host could still try to write with.
-    let stale = StaleWriter::open(&h, "a", "vm1-data")?;
+    let stale = h.stale_writer("a", "vm1-data")?;
     say(format!("host a: {}", stale.opened));
 
     step(5, "migratectl migrate vm1 --to b");
@@ -188,7 +207,7 @@ fn main() -> Result<()> {
             say(format!("step: {note}"));
         }
     }
-    say(h.storaged.cli(&["lease", "list", "vm1-data"])?.trim_end());
+    say(leases(&h, NODES[0])?);
 
     step(6, "fencing: host a writes after the flip");
     for line in stale.attempt()? {
@@ -205,10 +224,70 @@ fn main() -> Result<()> {
     same_boot(&mut agent, &boot_id)?;
     say(format!("on a again (VMM pid {}), same boot:", on_a["pid"]));
     say(&w.text);
+
+    step(
+        8,
+        "storage failover: the master of vm1-data is killed (SIGKILL) while the guest writes",
+    );
+    let (master, v) = h.wait_master(NODES[0], "vm1-data")?;
+    let slave = other_node(&master);
+    say(copies("vm1-data", &master, &v));
+    let backend_log = on_a["work_dir"]
+        .as_str()
+        .map(|d| Path::new(d).join("disk-1.log"))
+        .context("the instance's work_dir")?;
+    let reconnects = count_reconnects(&backend_log);
+    h.cluster.kill9(&master);
+    let killed = Instant::now();
+    let at_kill = disk_acked(&mut agent)?;
+    say(format!(
+        "{master} killed with SIGKILL; the guest's writer had {at_kill} records acknowledged"
+    ));
+    let (now, v) = h.wait_new_master(slave, "vm1-data", &master)?;
+    say(format!(
+        "{now} is master of vm1-data (term {}, was {master}) {} ms after the kill: its etcd \
+         session outlived {master}'s, whose election key expired with its etcd lease; in sync: \
+         {}",
+        v.term,
+        killed.elapsed().as_millis(),
+        v.insync.members.join(", ")
+    ));
+    let term = v.term;
+    let first_ack = acked_past(&mut agent, at_kill)?.duration_since(killed);
+    say(format!(
+        "the guest's first write acknowledged after the kill seen {} ms after it (by {now}; \
+         seen by polling the guest, so at most that)",
+        first_ack.as_millis()
+    ));
+    say(match reconnect_after(&backend_log, reconnects) {
+        Some(fields) => format!(
+            "the disk backend on a held the guest's I/O while no node was master and \
+             reconnected to {now} with its primary lease: {fields}"
+        ),
+        None => format!("the disk backend on a reconnected to {now} with its primary lease"),
+    });
+    let w = workloads(&mut agent, w.seq, at_kill)?;
+    say(&w.text);
+    say(leases(&h, slave)?);
+    let t = Instant::now();
+    h.cluster.restart(&master)?;
+    let back = e2e::block_on(
+        h.cluster
+            .wait_view(slave, "vm1-data", "both copies in sync", |v| {
+                v.insync.term == term && v.insync.members.len() == NODES.len()
+            }),
+    )?;
+    say(format!(
+        "{master} started again: a slave now, copied from {now} while the guest wrote, in sync \
+         again {:.1} s later ({})",
+        t.elapsed().as_secs_f64(),
+        back.insync.members.join(", ")
+    ));
     let acked = agent.command("disk stop", REPLY)?.num("acked").unwrap_or(0);
     let v = agent.command("disk verify", REPLY)?;
     say(format!(
-        "disk: {} of the {acked} acknowledged records verify, written by {} boot(s)",
+        "disk: {} of the {acked} acknowledged records verify, written by {} boot(s), across two \
+         migrations and a storage failover",
         v.num("verified").unwrap_or(0),
         v.num("boot_ids").unwrap_or(0)
     ));
@@ -218,16 +297,70 @@ fn main() -> Result<()> {
     let vmms = h.a.vmm_pids().len() + h.b.vmm_pids().len();
     say(format!("VMMs running the guest: {vmms}"));
 
-    step(8, "teardown");
+    step(9, "teardown");
     let stopped = h.a.ctl(&["stop", "vm1"])?;
     say(format!("migratectl stop vm1: {}", stopped["state"]));
     drop(agent);
     drop(h);
     say(format!(
-        "agents, storaged and namespaces removed; demo took {:.0} s",
+        "agents, storage nodes, etcd and namespaces removed; demo took {:.0} s",
         started.elapsed().as_secs_f64()
     ));
     Ok(())
+}
+
+/// vm1-data's lease table, from its master (which also counts the holders' connections) as
+/// node `via` names it.
+fn leases(h: &ClusterHosts, via: &str) -> Result<String> {
+    let (master, _) = h.wait_master(via, "vm1-data")?;
+    Ok(h.cli(&master, &["lease", "list", "vm1-data"])?
+        .trim_end()
+        .to_string())
+}
+
+/// The guest's acknowledged disk records.
+fn disk_acked(agent: &mut AgentConn) -> Result<u64> {
+    agent
+        .command("disk status", REPLY)?
+        .num("acked")
+        .context("disk status without acked")
+}
+
+/// Waits until the guest acknowledged more than `acked` disk records; returns when that was
+/// seen.
+fn acked_past(agent: &mut AgentConn, acked: u64) -> Result<Instant> {
+    let deadline = Instant::now() + REPLY;
+    loop {
+        if disk_acked(agent)? > acked {
+            return Ok(Instant::now());
+        }
+        if Instant::now() > deadline {
+            bail!("no disk record acknowledged after {acked}");
+        }
+    }
+}
+
+/// The disk backend log's "storaged volume reconnected" lines so far.
+fn count_reconnects(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(RECONNECTED))
+        .count()
+}
+
+/// What the disk backend logs when its storaged connection is back.
+const RECONNECTED: &str = "storaged volume reconnected";
+
+/// The fields of the first "reconnected" line of the backend's log after the first `seen`.
+fn reconnect_after(log: &Path, seen: usize) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let line = text.lines().filter(|l| l.contains(RECONNECTED)).nth(seen)?;
+    let fields: Vec<&str> = line
+        .split_whitespace()
+        .filter(|f| f.starts_with("held_ms=") || f.starts_with("generation="))
+        .collect();
+    Some(fields.join(" "))
 }
 
 /// What the workloads report.
@@ -282,7 +415,7 @@ fn same_boot(agent: &mut AgentConn, boot_id: &str) -> Result<()> {
 
 /// Runs `migratectl migrate` on `from` with its progress bar on the terminal, then returns the
 /// record and the figures.
-fn migrate(h: &TwoHosts, from: &str, to: &str) -> Result<(Value, String)> {
+fn migrate(h: &ClusterHosts, from: &str, to: &str) -> Result<(Value, String)> {
     let agent = h.agent(from);
     let status = Command::new(e2e::binary("migratectl"))
         .arg("--socket")
