@@ -15,7 +15,7 @@ use e2e::cluster::Cluster;
 use e2e::etcd::Etcd;
 use e2e::migrated::{agent_of, write_restored_guest_toml, Migrated, MigratedOptions, Migration};
 use e2e::netns::Rig;
-use e2e::process::wait_for;
+use e2e::process::{stopped, wait_for};
 use e2e::workload::{disk_acked_past, mem_seq_after, stop_and_verify_disk, REPLY};
 use std::path::Path;
 
@@ -80,17 +80,6 @@ impl ClusterHosts {
             _rig: rig,
         }
     }
-}
-
-/// Whether process `pid` is stopped (SIGSTOP).
-fn stopped(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, r)| r.trim_start().starts_with('T'))
-        })
-        .unwrap_or(false)
 }
 
 #[test]
