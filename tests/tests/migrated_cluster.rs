@@ -5,7 +5,8 @@
 //! The source agent is started with `VMHOP_STALL_AT=source.precopy`: it stops itself right
 //! after recording the pre-copy phase, so the kill lands in the pre-copy, not before or after
 //! it. The agents know every node of the cluster (`--storaged-api` and `--storaged-nbd` list
-//! both). Expected: the slave becomes master, the migration completes (the standby lease taken
+//! both; an agent that knew only the dead master's API could neither flip nor read the leases
+//! back, and kept the guest paused). Expected: the slave becomes master, the migration completes (the standby lease taken
 //! at the prepare, the flip made by the new master), the guest runs on the destination without
 //! a reboot, its disk writer keeps going and every record it acknowledged verifies, in the
 //! guest and in the new master's copy of the volume.
