@@ -7,7 +7,7 @@
 //! state_dir = "/var/lib/migrated"
 //! listen = "10.0.0.1:7070"          # REST API for peers
 //! socket = "/run/migrated/migrated.sock"
-//! storaged_api = "10.0.0.9:10810"
+//! storaged_api = "10.0.0.9:10810"      # a storaged cluster: "10.0.0.9:10810,10.0.0.10:10810"
 //! storaged_nbd = "10.0.0.9:10809"      # a storaged cluster: "10.0.0.9:10809,10.0.0.10:10809"
 //! vmm_binary = "/usr/local/bin/vmm"
 //! vhost_user_binary = "/usr/local/bin/vhost-user-blk"

@@ -41,7 +41,8 @@ struct Cli {
     /// Unix socket for local tools [default: /run/migrated/migrated.sock].
     #[arg(long)]
     socket: Option<PathBuf>,
-    /// storaged REST API address [default: 127.0.0.1:10810].
+    /// storaged REST API address (cluster mode: the nodes' addresses, comma-separated; a call
+    /// moves to the next node when one cannot be reached) [default: 127.0.0.1:10810].
     #[arg(long)]
     storaged_api: Option<String>,
     /// storaged's NBD address as this host reaches it, where the VMMs open the guests'

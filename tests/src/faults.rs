@@ -329,7 +329,10 @@ fn cell(fault: Fault, image: &GuestImage, dir: &Path) -> Result<Verdict> {
             // link to it is cut, storaged goes on, its answer is lost.
             unshape(&h)?;
             wait_for("storaged to stop at flip.acknowledge", PHASE, || {
-                h.storaged.pid().filter(|&p| stopped(p)).map(|_| ())
+                h.storaged
+                    .pid()
+                    .filter(|&p| crate::process::stopped(p))
+                    .map(|_| ())
             })?;
             let (a, s) = (h.rig.host("a"), h.rig.host("storage"));
             a.cut(s)?;
@@ -446,17 +449,6 @@ fn cut(h: &TwoHosts, link: Link, on: bool) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Whether `pid` is stopped (SIGSTOP).
-fn stopped(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, r)| r.trim_start().starts_with('T'))
-        })
-        .unwrap_or(false)
 }
 
 /// Waits until none of `hosts`' agents has a migration of vm1 in progress.

@@ -20,6 +20,7 @@ pub mod pki;
 pub mod process;
 pub mod qemu;
 pub mod snapshot;
+pub mod stats;
 pub mod storaged;
 pub mod systemd;
 pub mod tiny;

@@ -62,3 +62,14 @@ pub fn run_ok(cmd: &mut Command) -> Result<Output> {
     }
     Ok(out)
 }
+
+/// Whether process `pid` is stopped (SIGSTOP: a fault point's stall, say).
+pub fn stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| r.trim_start().starts_with('T'))
+        })
+        .unwrap_or(false)
+}

@@ -1,5 +1,12 @@
 //! The client of storaged's REST API (the routes are in [`crate::api`]): what storaged's CLI,
 //! migrated and the tests use to manage volumes and leases. Every call has a deadline.
+//!
+//! A storaged cluster has one API per node: the client takes their addresses as a
+//! comma-separated list. Any node answers (reads from etcd; a change goes to the volume's
+//! master by a redirect), so a call goes to the node that answered last and moves on to the
+//! next only when a node cannot be reached at all ([`HttpError::Connect`]: nothing was sent, so
+//! no change can be made twice). An answer that times out is not retried elsewhere: its
+//! outcome is unknown, and the caller reads the leases back before deciding anything.
 
 use crate::api::{
     ArmedFlip, FlipReport, FlipRequest, GroupFlipReport, GroupFlipRequest, GroupRevokeRequest,
@@ -9,6 +16,8 @@ use crate::api::{
 use hyper::Method;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use vmhop_common::http::{Client, HttpError, Prepared, Target};
 use vmhop_common::token::Token;
@@ -27,30 +36,83 @@ pub enum FlipAnswer {
     Done(FlipReport),
 }
 
-/// A client of one storaged's REST API.
+/// A client of storaged's REST API: one node's, or any of a cluster's nodes'.
 #[derive(Debug, Clone)]
 pub struct StoragedApi {
-    http: Client,
+    /// One client per node, in the order given.
+    nodes: Vec<Client>,
+    /// The node that answered last (where the next call goes first).
+    current: Arc<AtomicUsize>,
 }
 
 impl StoragedApi {
-    /// A client for the API at `addr` (`host:port`), sending the cluster's `token` when
-    /// storaged requires one.
+    /// A client for the API at `addr` (`host:port`, or a cluster's nodes as
+    /// `host:port,host:port,...`), sending the cluster's `token` when storaged requires one.
     pub fn new(addr: &str, token: Option<Token>) -> StoragedApi {
+        let nodes = addr
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(|a| {
+                Client::new(Target::Tcp(a.to_string()), DEFAULT_TIMEOUT).with_token(token.clone())
+            })
+            .collect();
         StoragedApi {
-            http: Client::new(Target::Tcp(addr.to_string()), DEFAULT_TIMEOUT).with_token(token),
+            nodes,
+            current: Arc::default(),
         }
     }
 
     /// The same client with another deadline per call.
     pub fn with_timeout(&self, timeout: Duration) -> StoragedApi {
         StoragedApi {
-            http: self.http.with_timeout(timeout),
+            nodes: self.nodes.iter().map(|c| c.with_timeout(timeout)).collect(),
+            current: self.current.clone(),
         }
     }
 
+    /// `f` on the node that answered last, then on each other node in turn while the one
+    /// tried cannot be reached (see the module's documentation).
+    async fn on_any<'a, R, F, Fut>(&'a self, f: F) -> Result<R, HttpError>
+    where
+        F: Fn(&'a Client) -> Fut,
+        Fut: std::future::Future<Output = Result<R, HttpError>>,
+    {
+        let n = self.nodes.len();
+        let first = self.current.load(Ordering::Relaxed);
+        let mut last = None;
+        for i in 0..n {
+            let at = (first + i) % n;
+            match f(&self.nodes[at]).await {
+                Err(e @ HttpError::Connect(..)) => {
+                    if n > 1 {
+                        tracing::warn!(error = %e, "storaged node unreachable, trying the next");
+                    }
+                    last = Some(e);
+                }
+                answer => {
+                    self.current.store(at, Ordering::Relaxed);
+                    return answer;
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            let none = std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address");
+            HttpError::Connect("storaged".into(), none)
+        }))
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&(impl Serialize + ?Sized)>,
+    ) -> Result<T, HttpError> {
+        self.on_any(|c| c.call(method.clone(), path, body)).await
+    }
+
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, HttpError> {
-        self.http.call(Method::GET, path, None::<&()>).await
+        self.call(Method::GET, path, None::<&()>).await
     }
 
     async fn post<T: DeserializeOwned>(
@@ -58,7 +120,7 @@ impl StoragedApi {
         path: &str,
         body: Option<&(impl Serialize + ?Sized)>,
     ) -> Result<T, HttpError> {
-        self.http.call(Method::POST, path, body).await
+        self.call(Method::POST, path, body).await
     }
 
     /// `GET /v1/health`: whether storaged answers.
@@ -103,19 +165,17 @@ impl StoragedApi {
         name: &str,
         access: &VolumeAccess,
     ) -> Result<VolumeInfo, HttpError> {
-        self.http
-            .call(
-                Method::PUT,
-                &format!("/v1/volumes/{name}/access"),
-                Some(access),
-            )
-            .await
+        self.call(
+            Method::PUT,
+            &format!("/v1/volumes/{name}/access"),
+            Some(access),
+        )
+        .await
     }
 
     /// Deletes a volume without open connections (its data is removed).
     pub async fn delete_volume(&self, name: &str) -> Result<(), HttpError> {
-        self.http
-            .call::<serde_json::Value>(Method::DELETE, &format!("/v1/volumes/{name}"), None::<&()>)
+        self.call::<serde_json::Value>(Method::DELETE, &format!("/v1/volumes/{name}"), None::<&()>)
             .await
             .map(drop)
     }
@@ -163,13 +223,12 @@ impl StoragedApi {
         let query = migration
             .map(|m| format!("?migration={m}"))
             .unwrap_or_default();
-        self.http
-            .call(
-                Method::DELETE,
-                &format!("/v1/volumes/{volume}/flip{query}"),
-                None::<&()>,
-            )
-            .await
+        self.call(
+            Method::DELETE,
+            &format!("/v1/volumes/{volume}/flip{query}"),
+            None::<&()>,
+        )
+        .await
     }
 
     /// Flips a set of volumes as one decision (see [`GroupFlipRequest`]).
@@ -179,7 +238,7 @@ impl StoragedApi {
 
     /// A connection opened ahead of a call whose latency matters (see [`Prepared`]).
     pub async fn prepare(&self) -> Result<Prepared, HttpError> {
-        self.http.prepare().await
+        self.on_any(Client::prepare).await
     }
 
     /// [`Self::flip_group`] on `conn` (from [`Self::prepare`]) when there is one.
@@ -248,5 +307,54 @@ impl StoragedApi {
         host: &str,
     ) -> Result<Option<LeaseState>, HttpError> {
         Ok(self.leases(volume).await?.state_of(host))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A node that answers every request with `{"ok":true}`; returns its address and how many
+    /// requests it answered.
+    async fn node() -> (String, Arc<AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let served = Arc::new(AtomicUsize::new(0));
+        let count = served.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                count.fetch_add(1, Ordering::SeqCst);
+                let body = r#"{"ok":true}"#;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+            }
+        });
+        (addr, served)
+    }
+
+    /// An address nothing listens on (bound, then released).
+    fn dead() -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    }
+
+    #[tokio::test]
+    async fn a_call_moves_to_the_next_node_when_one_is_unreachable() {
+        let (live, served) = node().await;
+        let api = StoragedApi::new(&format!("{},{live}", dead()), None);
+        api.health().await.unwrap();
+        api.health().await.unwrap();
+        // The second call went straight to the node that answered.
+        assert_eq!(served.load(Ordering::SeqCst), 2);
+        assert_eq!(api.current.load(Ordering::SeqCst), 1);
+        // One address that cannot be reached: the error says so.
+        let e = StoragedApi::new(&dead(), None).health().await.unwrap_err();
+        assert!(e.is_unreachable(), "{e}");
     }
 }

@@ -20,6 +20,7 @@
 use anyhow::{bail, Context, Result};
 use e2e::image::guest_image;
 use e2e::migrated::{agent_of, write_guest_toml, TwoHosts};
+use e2e::stats::percentile;
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -152,12 +153,6 @@ fn main() -> Result<()> {
     }
     report(&results, mem, tls);
     Ok(())
-}
-
-/// The value at `p` (0..=1) of sorted `v`, nearest rank.
-fn percentile(v: &[f64], p: f64) -> f64 {
-    let rank = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len());
-    v[rank - 1]
 }
 
 /// One row of the table: its name and its figure of a run.

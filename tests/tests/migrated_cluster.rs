@@ -1,0 +1,165 @@
+//! A live migration of a guest whose data volume is replicated (a storaged cluster: one etcd
+//! member and two storaged nodes, each on a test host of its own), between two hosts that each
+//! run a migrated, with the volume's master killed (SIGKILL) during the pre-copy.
+//!
+//! The source agent is started with `VMHOP_STALL_AT=source.precopy`: it stops itself right
+//! after recording the pre-copy phase, so the kill lands in the pre-copy, not before or after
+//! it. The agents know every node of the cluster (`--storaged-api` and `--storaged-nbd` list
+//! both; an agent that knew only the dead master's API could neither flip nor read the leases
+//! back, and kept the guest paused). Expected: the slave becomes master, the migration completes (the standby lease taken
+//! at the prepare, the flip made by the new master), the guest runs on the destination without
+//! a reboot, its disk writer keeps going and every record it acknowledged verifies, in the
+//! guest and in the new master's copy of the volume.
+
+use agent_proto::{Record, RECORD_SIZE};
+use e2e::cluster::Cluster;
+use e2e::etcd::Etcd;
+use e2e::migrated::{agent_of, write_restored_guest_toml, Migrated, MigratedOptions, Migration};
+use e2e::netns::Rig;
+use e2e::process::{stopped, wait_for};
+use e2e::workload::{disk_acked_past, mem_seq_after, stop_and_verify_disk, REPLY};
+use std::path::Path;
+
+/// The volume of the guest's data disk.
+const VOLUME: &str = "vm1-data";
+/// The REST port of the agents.
+const AGENT_PORT: u16 = 7070;
+
+/// Two migration hosts and a storaged cluster, every process on a test host of its own.
+struct ClusterHosts {
+    // Field order is drop order: the agents (and their VMMs) first, the namespaces last.
+    a: Migrated,
+    b: Migrated,
+    cluster: Cluster,
+    _rig: Rig,
+}
+
+impl ClusterHosts {
+    /// Starts everything under `dir`, creates `VOLUME` with two copies and waits for its first
+    /// master; the source agent `a` runs with the environment `env_a`.
+    fn start(dir: &Path, env_a: &[(&str, &str)]) -> ClusterHosts {
+        let mut rig = Rig::new(&["etcd", "s1", "s2", "a", "b"]).unwrap();
+        rig.reach_from_here().unwrap();
+        let etcd_host = rig.host("etcd").clone();
+        let ip = etcd_host.addr.to_string();
+        let etcd = Etcd::start_members(dir, 1, &ip, Some(&etcd_host.netns)).unwrap();
+        let mut cluster = Cluster::start_on(etcd, dir, &[], false).unwrap();
+        cluster.add_node_in("node-1", rig.host("s1")).unwrap();
+        cluster.add_node_in("node-2", rig.host("s2")).unwrap();
+        let size = e2e::snapshot::DATA_DISK_BYTES.to_string();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(cluster.create_replicated("node-1", VOLUME, &size, 2))
+            .unwrap();
+        let list = |f: fn(&e2e::storaged::Storaged) -> String| {
+            cluster
+                .nodes
+                .iter()
+                .map(|n| f(&n.storaged))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let apis = list(|s| s.api.to_string());
+        let nbds = list(|s| s.nbd.to_string());
+        let addr = |h: &str| format!("{}:{AGENT_PORT}", rig.host(h).addr);
+        let opts = |me: &str, peer: &str, env: &[(&str, &str)]| MigratedOptions {
+            listen: addr(me),
+            peers: vec![(peer.into(), addr(peer))],
+            netns: Some(rig.host(me).clone()),
+            peer_timeout_ms: 3000,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..MigratedOptions::local(me, &apis, &nbds)
+        };
+        let a = Migrated::start(&dir.join("a"), opts("a", "b", env_a)).unwrap();
+        let b = Migrated::start(&dir.join("b"), opts("b", "a", &[])).unwrap();
+        ClusterHosts {
+            a,
+            b,
+            cluster,
+            _rig: rig,
+        }
+    }
+}
+
+#[test]
+fn a_guest_migrates_while_its_volumes_master_is_killed_in_the_precopy() {
+    if !e2e::kvm_available("a_guest_migrates_while_its_volumes_master_is_killed_in_the_precopy") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let stall = [(vmhop_common::faults::STALL_AT, "source.precopy")];
+    let mut h = ClusterHosts::start(dir.path(), &stall);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (master, _) = rt
+        .block_on(h.cluster.wait_master("node-1", VOLUME))
+        .unwrap();
+    let survivor = if master == "node-1" {
+        "node-2"
+    } else {
+        "node-1"
+    };
+
+    let image = e2e::image::guest_image();
+    let booted = e2e::snapshot::booted(&image).unwrap();
+    let toml = dir.path().join("vm1.toml");
+    write_restored_guest_toml(&toml, "vm1", &image, &booted, VOLUME).unwrap();
+    let rec = h.a.ctl(&["run", toml.to_str().unwrap()]).unwrap();
+    let mut agent = agent_of(&rec, &dir.path().join("serial-a.log")).unwrap();
+    agent.command("mem start 8", REPLY).unwrap();
+    let r = agent.command("disk start", REPLY).unwrap();
+    assert_eq!(r.num("next"), Some(0), "{r:?}");
+    let seq = mem_seq_after(&mut agent, 0).num("seq").unwrap();
+    let acked = disk_acked_past(&mut agent, 16);
+    drop(agent);
+
+    // The source agent stops itself once it has recorded the pre-copy: kill the master there.
+    let migration = Migration::start(&h.a, &["vm1", "--to", "b", "--downtime-ms", "300"]).unwrap();
+    let pid = h.a.pid().unwrap();
+    wait_for("the source agent at the pre-copy", REPLY, || {
+        stopped(pid).then_some(())
+    })
+    .unwrap();
+    let precopy = h.b.wait_migration_phase("vm1", "precopy", REPLY).unwrap();
+    eprintln!("destination in the pre-copy: {precopy}");
+    h.cluster.kill9(&master);
+    eprintln!("master {master} killed in the pre-copy; {survivor} remains");
+    // SAFETY: kill(2) on the pid of the agent this test started (stopped, not reaped).
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) }, 0);
+
+    let (ok, m, stderr) = migration.wait().unwrap();
+    assert!(
+        ok,
+        "{m}\n{stderr}\nsource log:\n{}\ndestination log:\n{}",
+        h.a.log(),
+        h.b.log()
+    );
+    assert_eq!(m["phase"], "completed", "{m}");
+    eprintln!("migration: {}", m["figures"]);
+    let view = rt.block_on(h.cluster.view(survivor, VOLUME)).unwrap();
+    assert_eq!(view.master.as_deref(), Some(survivor), "{view:?}");
+
+    let on_b = h.b.wait_state("vm1", "running", REPLY).unwrap();
+    assert_eq!(h.a.instance("vm1").unwrap()["state"], "migrated-away");
+    let mut agent = agent_of(&on_b, &dir.path().join("serial-b.log")).unwrap();
+    let clock = agent.command("clock", REPLY).unwrap();
+    assert_eq!(
+        clock.get("boot_id"),
+        Some(booted.boot_id.as_str()),
+        "rebooted"
+    );
+    let s = mem_seq_after(&mut agent, seq);
+    assert_eq!(s.num("errors"), Some(0), "{s:?}");
+    disk_acked_past(&mut agent, acked + 16);
+    let acked = stop_and_verify_disk(&mut agent);
+
+    // The new master's copy holds every acknowledged record.
+    let bytes = std::fs::read(h.cluster.node(survivor).storaged.volume_file(VOLUME)).unwrap();
+    for seq in 0..acked {
+        let at = seq as usize * RECORD_SIZE;
+        let rec = Record::decode(&bytes[at..at + RECORD_SIZE], seq)
+            .unwrap_or_else(|| panic!("record {seq} of {acked} invalid on the new master"));
+        assert_eq!(&rec.boot_id[..], &booted.boot_id.as_bytes()[..16]);
+    }
+}
