@@ -69,11 +69,7 @@ impl ClusterHosts {
 
     /// The agent of host `name`.
     pub fn agent(&self, name: &str) -> &Migrated {
-        match name {
-            "a" => &self.a,
-            "b" => &self.b,
-            _ => panic!("no host {name}"),
-        }
+        crate::migrated::agent_named(&self.a, &self.b, name)
     }
 
     /// `storaged ARGS...` against node `node`'s REST API, run on its host; returns stdout.

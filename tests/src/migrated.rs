@@ -672,11 +672,7 @@ impl TwoHosts {
 
     /// The agent of host `name`.
     pub fn agent(&self, name: &str) -> &Migrated {
-        match name {
-            "a" => &self.a,
-            "b" => &self.b,
-            _ => panic!("no host {name}"),
-        }
+        crate::migrated::agent_named(&self.a, &self.b, name)
     }
 }
 
@@ -900,5 +896,14 @@ impl StaleWriter {
             bail!("the old host was not fenced: {}", out.join("; "));
         }
         Ok(out)
+    }
+}
+
+/// Host `name`'s agent of the two hosts' agents `a` and `b`.
+pub fn agent_named<'a>(a: &'a Migrated, b: &'a Migrated, name: &str) -> &'a Migrated {
+    match name {
+        "a" => a,
+        "b" => b,
+        _ => panic!("no host {name}"),
     }
 }
