@@ -92,6 +92,7 @@ impl MigratedClient {
                 target: self.http.target().to_string(),
                 status,
                 message: text,
+                details: None,
             }),
         }
     }

@@ -40,10 +40,19 @@ impl IntoResponse for ApiError {
             | RegistryError::Etcd(_)
             | RegistryError::EtcdUnavailable(_)
             | RegistryError::EtcdUnreadable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            RegistryError::SplitMasters(_) => StatusCode::MISDIRECTED_REQUEST,
             RegistryError::Volume(crate::volume::VolumeError::Config(_)) => StatusCode::BAD_REQUEST,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let error = vmhop_common::error::chain(&self.0);
+        let masters = match &self.0 {
+            RegistryError::SplitMasters(m) => Some(
+                m.iter()
+                    .map(|(volume, hint)| (volume.clone(), hint.api.clone()))
+                    .collect(),
+            ),
+            _ => None,
+        };
         // Cluster mode: a change sent to a node that is not the volume's master goes to the
         // master (see `locate_master`, which adds the Location header).
         if let RegistryError::NotMaster {
@@ -53,6 +62,7 @@ impl IntoResponse for ApiError {
             let body = ErrorBody {
                 error,
                 redirect: Some(m.api.clone()),
+                masters: None,
             };
             let mut r = (StatusCode::TEMPORARY_REDIRECT, Json(body)).into_response();
             r.extensions_mut().insert(MasterApi(m.api.clone()));
@@ -61,6 +71,7 @@ impl IntoResponse for ApiError {
         let body = ErrorBody {
             error,
             redirect: None,
+            masters,
         };
         (status, Json(body)).into_response()
     }
@@ -96,10 +107,50 @@ async fn mastered_here(vols: &[std::sync::Arc<crate::volume::Volume>]) -> Result
     Ok(())
 }
 
-/// [`mastered_here`] for volumes named in a request.
+/// Cluster mode: a change of the set of volumes `names` is this node's to make when it masters
+/// every one of them. When one other node masters them all, the request goes there (a
+/// redirect); when they are mastered on different nodes, the answer names each volume's master
+/// ([`RegistryError::SplitMasters`]) so that the client sends each master its part. A volume
+/// whose master is not known yet refuses as [`mastered_here`] does (retry later).
 async fn names_mastered_here(reg: &Registry, names: &[&str]) -> Result<(), ApiError> {
-    let vols: Vec<_> = names.iter().filter_map(|n| reg.get(n).ok()).collect();
-    mastered_here(&vols).await
+    let mut masters = Vec::with_capacity(names.len());
+    let mut here = None;
+    let mut elsewhere = None;
+    for name in names {
+        let refusal = match reg.find(name).await {
+            Ok(v) if !v.role.refuses_clients() => {
+                if let Some(c) = v.role.get().cluster() {
+                    here = Some(name);
+                    masters.push((name.to_string(), c.hint()));
+                }
+                continue;
+            }
+            Ok(v) => crate::registry::not_master(&v).await,
+            Err(e) => e,
+        };
+        match refusal {
+            RegistryError::NotMaster {
+                volume,
+                master: Some(m),
+            } => {
+                elsewhere.get_or_insert_with(|| RegistryError::NotMaster {
+                    volume: volume.clone(),
+                    master: Some(m.clone()),
+                });
+                masters.push((volume, m));
+            }
+            // Unknown, not elected yet, or etcd out of reach: the volume's own answer.
+            e => return Err(e.into()),
+        }
+    }
+    let mut nodes: Vec<&str> = masters.iter().map(|(_, m)| m.node.as_str()).collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    match (here, elsewhere) {
+        (_, None) => Ok(()),
+        (None, Some(redirect)) if nodes.len() == 1 => Err(redirect.into()),
+        _ => Err(RegistryError::SplitMasters(masters).into()),
+    }
 }
 
 type Reg = State<Arc<Registry>>;
@@ -190,7 +241,8 @@ async fn set_access(
 #[utoipa::path(get, path = "/v1/volumes/{id}", tag = "volumes", params(("id" = String, Path, description = "The volume's name")),
     responses((status = 200, description = "The volume", body = VolumeInfo), (status = 404, description = "No such volume", body = ErrorBody)))]
 async fn show(State(reg): Reg, Path(id): Path<String>) -> ApiResult<Json<VolumeInfo>> {
-    let vol = reg.get(&id)?;
+    // Cluster mode: a node without a copy sends the client to the volume's master.
+    let vol = reg.find(&id).await?;
     let table = crate::cluster::leases::current(&vol).await?;
     Ok(Json(vol.info_with(&table)))
 }
@@ -208,7 +260,8 @@ async fn delete(State(reg): Reg, Path(id): Path<String>) -> ApiResult<StatusCode
 #[utoipa::path(get, path = "/v1/volumes/{id}/leases", tag = "leases", params(("id" = String, Path, description = "The volume's name")),
     responses((status = 200, description = "The lease table", body = LeaseView), (status = 404, description = "No such volume", body = ErrorBody)))]
 async fn leases(State(reg): Reg, Path(id): Path<String>) -> ApiResult<Json<LeaseView>> {
-    let vol = reg.get(&id)?;
+    // Cluster mode: a node without a copy sends the client to the volume's master.
+    let vol = reg.find(&id).await?;
     let table = crate::cluster::leases::current(&vol).await?;
     Ok(Json(vol.lease_view_of(table)))
 }
@@ -288,7 +341,7 @@ async fn rollback(
 /// Flips several volumes from one host to another at once (all or none).
 #[utoipa::path(post, path = "/v1/leases/flip", tag = "leases", request_body = GroupFlipRequest,
     responses((status = 200, description = "Flipped", body = GroupFlipReport),
-        (status = 400, description = "No volumes, or one twice", body = ErrorBody), (status = 404, description = "No such volume", body = ErrorBody), (status = 409, description = "Refused: the lease state does not allow it", body = ErrorBody)))]
+        (status = 400, description = "No volumes, or one twice", body = ErrorBody), (status = 404, description = "No such volume", body = ErrorBody), (status = 409, description = "Refused: the lease state does not allow it", body = ErrorBody), (status = 421, description = "Cluster mode: the volumes are mastered on different nodes; `masters` names each one's, to send each its part", body = ErrorBody)))]
 async fn flip_group(
     State(reg): Reg,
     Json(req): Json<GroupFlipRequest>,
@@ -302,7 +355,7 @@ async fn flip_group(
 
 /// Revokes a host's leases on several volumes.
 #[utoipa::path(post, path = "/v1/leases/revoke", tag = "leases", request_body = GroupRevokeRequest,
-    responses((status = 200, description = "The lease tables", body = Vec<LeaseView>), (status = 404, description = "No such volume", body = ErrorBody), (status = 409, description = "Refused: the lease state does not allow it", body = ErrorBody)))]
+    responses((status = 200, description = "The lease tables", body = Vec<LeaseView>), (status = 404, description = "No such volume", body = ErrorBody), (status = 409, description = "Refused: the lease state does not allow it", body = ErrorBody), (status = 421, description = "Cluster mode: the volumes are mastered on different nodes; `masters` names each one's, to send each its part", body = ErrorBody)))]
 async fn revoke_group(
     State(reg): Reg,
     Json(req): Json<GroupRevokeRequest>,
@@ -314,7 +367,7 @@ async fn revoke_group(
 
 /// Undoes a group flip on every volume that has not moved on since.
 #[utoipa::path(post, path = "/v1/leases/rollback", tag = "leases", request_body = GroupRollbackRequest,
-    responses((status = 200, description = "Rolled back", body = GroupFlipReport), (status = 404, description = "No such volume", body = ErrorBody), (status = 409, description = "Refused: the lease state does not allow it", body = ErrorBody)))]
+    responses((status = 200, description = "Rolled back", body = GroupFlipReport), (status = 404, description = "No such volume", body = ErrorBody), (status = 409, description = "Refused: the lease state does not allow it", body = ErrorBody), (status = 421, description = "Cluster mode: the volumes are mastered on different nodes; `masters` names each one's, to send each its part", body = ErrorBody)))]
 async fn rollback_group(
     State(reg): Reg,
     Json(req): Json<GroupRollbackRequest>,

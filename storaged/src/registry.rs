@@ -65,6 +65,11 @@ pub enum RegistryError {
         /// Its master.
         master: Option<storaged_client::cluster::MasterHint>,
     },
+    /// Cluster mode: a change of a set of volumes names volumes mastered on different nodes,
+    /// so no one node can make it; each part goes to its master (nothing changed here).
+    #[error("the volumes are mastered on different nodes ({}): each master takes its part",
+        .0.iter().map(|(v, m)| format!("{v} at {}", m.node)).collect::<Vec<_>>().join(", "))]
+    SplitMasters(Vec<(String, storaged_client::cluster::MasterHint)>),
     /// Cluster mode: this node's mastership of the volume ended before the change could be
     /// made (the change was not made; the clients reconnect to the new master).
     #[error("this node is no longer the master of volume {volume} (its term {term} is over): nothing changed")]

@@ -78,6 +78,11 @@ impl ClusterHosts {
         storaged_cli(self.rig.host(node), &api, &self.token_file, args)
     }
 
+    /// The file of the token every REST API takes.
+    pub fn token_file(&self) -> &Path {
+        &self.token_file
+    }
+
     /// Waits until `volume` has a master that serves it (as node `via` sees it); returns the
     /// master's id and the view.
     pub fn wait_master(&self, via: &str, volume: &str) -> Result<(String, ReplicatedVolumeView)> {

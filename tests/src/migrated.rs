@@ -538,7 +538,7 @@ pub fn write_guest_toml(
     memory_mib: u32,
     data_volumes: &[&str],
 ) -> Result<()> {
-    write_toml(path, name, image, memory_mib, data_volumes, None)
+    write_toml(path, name, image, memory_mib, None, data_volumes, None)
 }
 
 /// Writes a guest description for `migratectl run` that starts from the suite's booted guest
@@ -550,11 +550,26 @@ pub fn write_restored_guest_toml(
     booted: &crate::snapshot::Booted,
     data_volume: &str,
 ) -> Result<()> {
+    write_restored_guest_toml_with_root(path, name, image, booted, None, data_volume)
+}
+
+/// [`write_restored_guest_toml`], with the root file system on storaged volume `root_volume`
+/// when given (read-only; a copy of the image's root file system, of its size) instead of the
+/// image file.
+pub fn write_restored_guest_toml_with_root(
+    path: &Path,
+    name: &str,
+    image: &crate::image::GuestImage,
+    booted: &crate::snapshot::Booted,
+    root_volume: Option<&str>,
+    data_volume: &str,
+) -> Result<()> {
     write_toml(
         path,
         name,
         image,
         crate::snapshot::MEM_MIB,
+        root_volume,
         &[data_volume],
         Some(&booted.path),
     )
@@ -565,6 +580,7 @@ fn write_toml(
     name: &str,
     image: &crate::image::GuestImage,
     memory_mib: u32,
+    root_volume: Option<&str>,
     data_volumes: &[&str],
     restore: Option<&Path>,
 ) -> Result<()> {
@@ -577,10 +593,13 @@ fn write_toml(
     if let Some(r) = restore {
         t.push_str(&format!("restore = {:?}\n", r.display().to_string()));
     }
-    t.push_str(&format!(
-        "[[disks]]\npath = {:?}\nread_only = true\n",
-        image.rootfs.display().to_string()
-    ));
+    t.push_str(&match root_volume {
+        Some(v) => format!("[[disks]]\nvolume = {v:?}\nread_only = true\n"),
+        None => format!(
+            "[[disks]]\npath = {:?}\nread_only = true\n",
+            image.rootfs.display().to_string()
+        ),
+    });
     for v in data_volumes {
         t.push_str(&format!("[[disks]]\nvolume = {v:?}\n"));
     }

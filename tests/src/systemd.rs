@@ -74,11 +74,14 @@ pub fn packages(out: &Path) -> Result<(PathBuf, PathBuf)> {
     Ok((deb("vmhop-storaged"), deb("vmhop-migrated")))
 }
 
-/// What a container sees of the host: a path bound at the same place, read-only or not.
+/// What a container sees of the host: a path bound at the same place (or at `at`), read-only
+/// or not.
 #[derive(Debug, Clone)]
 pub struct Bind {
-    /// The host path (and the path inside).
+    /// The host path (and the path inside, without `at`).
     pub path: PathBuf,
+    /// Where the container sees it, when not at the same place.
+    pub at: Option<PathBuf>,
     /// Read-only.
     pub read_only: bool,
 }
@@ -88,15 +91,28 @@ impl Bind {
     pub fn ro(path: impl Into<PathBuf>) -> Bind {
         Bind {
             path: path.into(),
+            at: None,
             read_only: true,
+        }
+    }
+    /// `path` read-only, seen at `at` in the container.
+    pub fn ro_at(path: impl Into<PathBuf>, at: impl Into<PathBuf>) -> Bind {
+        Bind {
+            at: Some(at.into()),
+            ..Bind::ro(path)
         }
     }
     /// `path` read-write (a device such as /dev/kvm).
     pub fn rw(path: impl Into<PathBuf>) -> Bind {
         Bind {
-            path: path.into(),
             read_only: false,
+            ..Bind::ro(path)
         }
+    }
+
+    /// The path in the container.
+    pub fn inside(&self) -> &Path {
+        self.at.as_deref().unwrap_or(&self.path)
     }
 }
 
@@ -214,7 +230,11 @@ impl Container {
             .arg(format!("--network-namespace-path=/run/netns/{netns}"));
         for b in binds {
             let flag = if b.read_only { "--bind-ro" } else { "--bind" };
-            cmd.arg(format!("{flag}={}", b.path.display()));
+            cmd.arg(format!(
+                "{flag}={}:{}",
+                b.path.display(),
+                b.inside().display()
+            ));
         }
         let nspawn = cmd
             .stdin(Stdio::null())

@@ -10,11 +10,19 @@
 //! at the prepare, the flip made by the new master), the guest runs on the destination without
 //! a reboot, its disk writer keeps going and every record it acknowledged verifies, in the
 //! guest and in the new master's copy of the volume.
+//!
+//! A guest whose two volumes are mastered on different nodes (its root file system, one copy
+//! on one node, and its data volume, mastered on the other) migrates there and back: each
+//! flip is cut into one per master (storaged answers `421` naming both), both volumes follow
+//! the guest each time, and its workloads verify.
 
 use agent_proto::{Record, RECORD_SIZE};
 use e2e::cluster::Cluster;
 use e2e::etcd::Etcd;
-use e2e::migrated::{agent_of, write_restored_guest_toml, Migrated, MigratedOptions, Migration};
+use e2e::migrated::{
+    agent_of, write_restored_guest_toml, write_restored_guest_toml_with_root, Migrated,
+    MigratedOptions, Migration,
+};
 use e2e::netns::Rig;
 use e2e::process::{stopped, wait_for};
 use e2e::workload::{disk_acked_past, mem_seq_after, stop_and_verify_disk, REPLY};
@@ -22,6 +30,8 @@ use std::path::Path;
 
 /// The volume of the guest's data disk.
 const VOLUME: &str = "vm1-data";
+/// The volume of the guest's root file system, where a test puts it on a volume.
+const ROOT: &str = "vm1-root";
 /// The REST port of the agents.
 const AGENT_PORT: u16 = 7070;
 
@@ -83,6 +93,18 @@ impl ClusterHosts {
     }
 }
 
+/// Runs the guest of `toml` on `host` and starts its memory and disk workloads; returns the
+/// memory pass and the disk records acknowledged so far.
+fn run_with_workloads(host: &Migrated, toml: &Path, dir: &Path) -> (u64, u64) {
+    let rec = host.ctl(&["run", toml.to_str().unwrap()]).unwrap();
+    let mut agent = agent_of(&rec, &dir.join("serial-a.log")).unwrap();
+    agent.command("mem start 8", REPLY).unwrap();
+    let r = agent.command("disk start", REPLY).unwrap();
+    assert_eq!(r.num("next"), Some(0), "{r:?}");
+    let seq = mem_seq_after(&mut agent, 0).num("seq").unwrap();
+    (seq, disk_acked_past(&mut agent, 16))
+}
+
 #[test]
 fn a_guest_migrates_while_its_volumes_master_is_killed_in_the_precopy() {
     if !e2e::kvm_available("a_guest_migrates_while_its_volumes_master_is_killed_in_the_precopy") {
@@ -105,14 +127,7 @@ fn a_guest_migrates_while_its_volumes_master_is_killed_in_the_precopy() {
     let booted = e2e::snapshot::booted(&image).unwrap();
     let toml = dir.path().join("vm1.toml");
     write_restored_guest_toml(&toml, "vm1", &image, &booted, VOLUME).unwrap();
-    let rec = h.a.ctl(&["run", toml.to_str().unwrap()]).unwrap();
-    let mut agent = agent_of(&rec, &dir.path().join("serial-a.log")).unwrap();
-    agent.command("mem start 8", REPLY).unwrap();
-    let r = agent.command("disk start", REPLY).unwrap();
-    assert_eq!(r.num("next"), Some(0), "{r:?}");
-    let seq = mem_seq_after(&mut agent, 0).num("seq").unwrap();
-    let acked = disk_acked_past(&mut agent, 16);
-    drop(agent);
+    let (seq, acked) = run_with_workloads(&h.a, &toml, dir.path());
 
     // The source agent stops itself once it has recorded the pre-copy: kill the master there.
     let migration = Migration::start(&h.a, &["vm1", "--to", "b", "--downtime-ms", "300"]).unwrap();
@@ -162,4 +177,90 @@ fn a_guest_migrates_while_its_volumes_master_is_killed_in_the_precopy() {
             .unwrap_or_else(|| panic!("record {seq} of {acked} invalid on the new master"));
         assert_eq!(&rec.boot_id[..], &booted.boot_id.as_bytes()[..16]);
     }
+}
+
+#[test]
+fn a_guest_whose_volumes_have_different_masters_migrates_there_and_back() {
+    if !e2e::kvm_available("a_guest_whose_volumes_have_different_masters_migrates_there_and_back") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let h = ClusterHosts::start(dir.path(), &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (master, _) = rt
+        .block_on(h.cluster.wait_master("node-1", VOLUME))
+        .unwrap();
+    let other = if master == "node-1" {
+        "node-2"
+    } else {
+        "node-1"
+    };
+    // The root file system's one copy is placed on the node that creates it: the other one.
+    let image = e2e::image::guest_image();
+    let size = std::fs::metadata(&image.rootfs).unwrap().len().to_string();
+    let node = &h.cluster.node(other).storaged;
+    node.create_volume(ROOT, &size, &["--replicas", "1"])
+        .unwrap();
+    e2e::process::run_ok(
+        std::process::Command::new(e2e::binary("storaged"))
+            .args(["volume", "import", ROOT])
+            .arg(&image.rootfs)
+            .args([
+                "--api",
+                &node.api.to_string(),
+                "--nbd",
+                &node.nbd.to_string(),
+            ]),
+    )
+    .unwrap();
+    let (root_master, _) = rt.block_on(h.cluster.wait_master(other, ROOT)).unwrap();
+    assert_eq!(root_master, other);
+
+    let booted = e2e::snapshot::booted(&image).unwrap();
+    let toml = dir.path().join("vm1.toml");
+    write_restored_guest_toml_with_root(&toml, "vm1", &image, &booted, Some(ROOT), VOLUME).unwrap();
+    let (mut seq, mut acked) = run_with_workloads(&h.a, &toml, dir.path());
+
+    // Through the first node's API only: the agents' lease changes are cut there.
+    let api = storaged_client::rest::StoragedApi::new(
+        &h.cluster.node("node-1").storaged.api.to_string(),
+        None,
+    );
+    let volumes = [ROOT.to_string(), VOLUME.to_string()];
+    for (from, to) in [(&h.a, "b"), (&h.b, "a")] {
+        let migration = Migration::start(from, &["vm1", "--to", to]).unwrap();
+        let (ok, m, stderr) = migration.wait().unwrap();
+        assert!(
+            ok,
+            "{m}\n{stderr}\nsource log:\n{}\ndestination log:\n{}",
+            h.a.log(),
+            h.b.log()
+        );
+        assert_eq!(m["phase"], "completed", "{m}");
+        eprintln!("migration to {to}: {}", m["figures"]);
+        let views = rt.block_on(api.leases_of(&volumes)).unwrap();
+        for v in &views {
+            assert_eq!(
+                v.state_of(to),
+                Some(storaged_client::api::LeaseState::Primary),
+                "{views:?}"
+            );
+        }
+        let dest = if to == "b" { &h.b } else { &h.a };
+        let on = dest.wait_state("vm1", "running", REPLY).unwrap();
+        let mut agent = agent_of(&on, &dir.path().join(format!("serial-{to}.log"))).unwrap();
+        let clock = agent.command("clock", REPLY).unwrap();
+        assert_eq!(
+            clock.get("boot_id"),
+            Some(booted.boot_id.as_str()),
+            "rebooted"
+        );
+        let s = mem_seq_after(&mut agent, seq);
+        assert_eq!(s.num("errors"), Some(0), "{s:?}");
+        seq = s.num("seq").unwrap();
+        acked = disk_acked_past(&mut agent, acked + 16);
+    }
+    let on_a = h.a.wait_state("vm1", "running", REPLY).unwrap();
+    let mut agent = agent_of(&on_a, &dir.path().join("serial-end.log")).unwrap();
+    stop_and_verify_disk(&mut agent);
 }

@@ -4,12 +4,19 @@
 //!   with the master's address and connects there;
 //! - a lease change sent to the slave's REST API is answered `307 Temporary Redirect` to the
 //!   master (the `Location` header and the body name it), which the project's client follows:
-//!   the flip is made by the master.
+//!   the flip is made by the master;
+//! - a change of a set of volumes whose masters are different nodes (a guest's disks, each
+//!   mastered where it was created) is answered `421 Misdirected Request` naming each volume's
+//!   master, and the project's client sends each master its part: the group flip, its rollback
+//!   and the group revoke all complete through either node; a part refused while another was
+//!   made is reported as an outcome to read back, never as a refusal.
 
 use anyhow::{Context, Result};
 use e2e::cluster::Cluster;
 use std::io::{Read, Write};
-use storaged_client::api::LeaseState;
+use storaged_client::api::{
+    GroupFlipRequest, GroupRevokeRequest, GroupRollbackRequest, LeaseState, LeaseView, VolumeEpoch,
+};
 use storaged_client::nbd::{Client, LeaseSpec};
 use storaged_client::protocol::RequestedState;
 use storaged_client::rest::StoragedApi;
@@ -110,5 +117,170 @@ async fn clients_of_a_node_that_is_not_master_are_sent_to_the_master() -> Result
     assert_eq!(state("host-2"), Some(LeaseState::Primary), "{after:?}");
     assert_eq!(state("host-1"), Some(LeaseState::Deactivated), "{after:?}");
     standby.write_slice(4096, &[2u8; 4096], false).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_of_volumes_with_different_masters_goes_to_each_master() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let c = Cluster::start(dir.path(), &["node-a", "node-b"], false)?;
+    // One copy each, placed on the node that creates it: each node masters one of them.
+    let (ma, _) = c.create_replicated("node-a", "va", "4M", 1).await?;
+    let (mb, _) = c.create_replicated("node-b", "vb", "4M", 1).await?;
+    assert_eq!((ma.as_str(), mb.as_str()), ("node-a", "node-b"));
+    let volumes = ["va".to_string(), "vb".to_string()];
+    let api_of = |n: &str| StoragedApi::new(&c.node(n).storaged.api.to_string(), None);
+    let (api_a, api_b) = (api_of("node-a"), api_of("node-b"));
+
+    let connect = |volume: &str, host: &str, state| {
+        let cfg = c.client_config(volume, host).map(|cfg| {
+            cfg.with_lease(LeaseSpec {
+                host: host.into(),
+                instance: format!("{host}-vm"),
+                state,
+                expected_epoch: 0,
+            })
+        });
+        async move { Client::connect(&cfg?).await.context("connecting") }
+    };
+    let mut standbys = Vec::new();
+    for v in &volumes {
+        connect(v, "host-1", RequestedState::Primary)
+            .await?
+            .write_slice(0, &[1u8; 4096], false)
+            .await?;
+        standbys.push(connect(v, "host-2", RequestedState::Standby).await?);
+    }
+    let state = |views: &[LeaseView], volume: &str, host: &str| {
+        views
+            .iter()
+            .find(|v| v.volume == volume)
+            .and_then(|v| v.state_of(host))
+    };
+    let epochs = |views: &[LeaseView]| -> Vec<VolumeEpoch> {
+        views
+            .iter()
+            .map(|v| VolumeEpoch {
+                volume: v.volume.clone(),
+                epoch: v.epoch,
+            })
+            .collect()
+    };
+
+    // The group flip, sent to node-a: each master flips its volume.
+    let before = api_a.leases_of(&volumes).await?;
+    let flip = GroupFlipRequest {
+        from: "host-1".into(),
+        to: "host-2".into(),
+        volumes: epochs(&before),
+        migration: None,
+    };
+    let report = api_a.flip_group(&flip).await.context("the group flip")?;
+    assert_eq!(
+        report.volumes.keys().collect::<Vec<_>>(),
+        ["va", "vb"],
+        "{report:?}"
+    );
+    let after = api_b.leases_of(&volumes).await?;
+    for v in &volumes {
+        assert_eq!(
+            state(&after, v, "host-2"),
+            Some(LeaseState::Primary),
+            "{after:?}"
+        );
+        assert_eq!(
+            state(&after, v, "host-1"),
+            Some(LeaseState::Deactivated),
+            "{after:?}"
+        );
+    }
+    for s in &standbys {
+        s.write_slice(4096, &[2u8; 4096], false).await?;
+    }
+
+    // Its rollback, sent to node-b, names each flip by the epoch it produced.
+    let undo = GroupRollbackRequest {
+        primary: "host-2".into(),
+        volumes: epochs(&after),
+        migration: None,
+    };
+    api_b.rollback_group(&undo).await.context("the rollback")?;
+    let back = api_a.leases_of(&volumes).await?;
+    for v in &volumes {
+        assert_eq!(
+            state(&back, v, "host-1"),
+            Some(LeaseState::Primary),
+            "{back:?}"
+        );
+    }
+
+    // A flip whose part at node-b is refused (a stale epoch) while node-a's part is made:
+    // the answer is an outcome to read back, not a refusal (something changed).
+    let mut stale = epochs(&back);
+    stale[1].epoch -= 1;
+    let mixed = GroupFlipRequest {
+        volumes: stale,
+        ..flip.clone()
+    };
+    let e = api_b
+        .flip_group(&mixed)
+        .await
+        .expect_err("a part is refused");
+    assert_ne!(
+        e.status(),
+        Some(hyper::StatusCode::CONFLICT),
+        "reported as refused although va flipped: {e}"
+    );
+    let split = api_a.leases_of(&volumes).await?;
+    assert_eq!(
+        state(&split, "va", "host-2"),
+        Some(LeaseState::Primary),
+        "{split:?}"
+    );
+    assert_eq!(
+        state(&split, "vb", "host-1"),
+        Some(LeaseState::Primary),
+        "{split:?}"
+    );
+    api_a
+        .rollback_group(&GroupRollbackRequest {
+            primary: "host-2".into(),
+            volumes: epochs(&split[..1]),
+            migration: None,
+        })
+        .await
+        .context("rolling va back")?;
+
+    // Every part refused: the refusal stands (nothing changed).
+    let e = api_a
+        .flip_group(&flip)
+        .await
+        .expect_err("stale epochs everywhere");
+    assert_eq!(e.status(), Some(hyper::StatusCode::CONFLICT), "{e}");
+
+    // The group revoke of host-2's standby leases, sent to node-a (its clients gone first, so
+    // that none of them asks for the lease again).
+    drop(standbys);
+    let views = api_a
+        .revoke_group(&GroupRevokeRequest {
+            host: "host-2".into(),
+            volumes: volumes.to_vec(),
+            primary: Some("host-1".into()),
+            migration: None,
+        })
+        .await
+        .context("the group revoke")?;
+    assert_eq!(
+        views.iter().map(|v| v.volume.as_str()).collect::<Vec<_>>(),
+        ["va", "vb"]
+    );
+    for v in &volumes {
+        assert_eq!(state(&views, v, "host-2"), None, "{views:?}");
+        assert_eq!(
+            state(&views, v, "host-1"),
+            Some(LeaseState::Primary),
+            "{views:?}"
+        );
+    }
     Ok(())
 }

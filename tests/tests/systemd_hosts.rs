@@ -168,11 +168,17 @@ fn systemd_hosts_run_restart_and_migrate_a_guest() {
         rig.host("b").addr,
     );
     // What every host sees of this machine: the guest's image and booted snapshot (read-only),
-    // and the KVM hosts /dev/kvm.
+    // and the KVM hosts /dev/kvm. The snapshot is seen outside /tmp (the build directory may
+    // be there): the units' PrivateTmp gives migrated, and so its VMMs, a /tmp of their own.
+    let snapshots = Bind::ro_at(booted.path.parent().unwrap(), "/var/lib/vmhop-suite");
+    let booted = e2e::snapshot::Booted {
+        path: snapshots.inside().join(booted.path.file_name().unwrap()),
+        ..booted
+    };
     let mut shared = vec![
         Bind::ro(image.kernel.parent().unwrap()),
         Bind::ro(image.rootfs.parent().unwrap()),
-        Bind::ro(booted.path.parent().unwrap()),
+        snapshots,
     ];
     shared.dedup_by(|x, y| x.path == y.path);
     let mut kvm = shared.clone();

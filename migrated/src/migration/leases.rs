@@ -60,6 +60,13 @@ pub fn refused(e: &HttpError) -> bool {
     e.status() == Some(hyper::StatusCode::CONFLICT)
 }
 
+/// Whether a change cut into one request per master (see `storaged_client::group`) was made
+/// by some of them and refused by the others (none failed otherwise): storaged decided every
+/// part, though not all alike.
+pub fn partly_refused(e: &HttpError) -> bool {
+    matches!(e, HttpError::Partial { failed, .. } if refused(failed))
+}
+
 /// The epoch of each volume at which `host` holds its primary lease, or the first volume it
 /// does not hold as primary (with what it holds there).
 pub fn primary_epochs(
@@ -165,5 +172,24 @@ mod tests {
         let epochs = primary_epochs(&split[1..], "a").unwrap();
         assert_eq!(named(&["v2".into()], &epochs).unwrap()[0].epoch, 4);
         assert!(named(&["v1".into()], &epochs).is_none());
+    }
+
+    #[test]
+    fn a_part_refused_while_another_was_made_is_partly_refused() {
+        let status = |code: u16| HttpError::Status {
+            target: "n".into(),
+            status: hyper::StatusCode::from_u16(code).unwrap(),
+            message: "m".into(),
+            details: None,
+        };
+        let partial = |failed| HttpError::Partial {
+            done: 1,
+            parts: 2,
+            failed: Box::new(failed),
+        };
+        assert!(refused(&status(409)) && !partly_refused(&status(409)));
+        assert!(partly_refused(&partial(status(409))));
+        assert!(!refused(&partial(status(409))), "something was made");
+        assert!(!partly_refused(&partial(status(503))), "an outcome unknown");
     }
 }

@@ -335,6 +335,11 @@ pub struct ErrorBody {
     /// `Location` header names it as a URL too).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redirect: Option<String>,
+    /// With `421 Misdirected Request` (cluster mode, a change of a set of volumes mastered on
+    /// different nodes): each volume's master API address (`host:port`); the same change, cut
+    /// into one request per master, is to be sent to each.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub masters: Option<std::collections::BTreeMap<String, String>>,
 }
 
 // ---- Lease changes of a set of volumes, and rollbacks that name what they undo ----

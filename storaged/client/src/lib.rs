@@ -21,6 +21,7 @@ pub mod api;
 pub mod cluster;
 pub mod codec;
 pub mod fuzz;
+pub mod group;
 pub mod lease;
 pub mod meta;
 pub mod nbd;

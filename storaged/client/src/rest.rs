@@ -4,15 +4,19 @@
 //! A storaged cluster has one API per node: the client takes their addresses as a
 //! comma-separated list. Any node answers (reads from etcd; a change goes to the volume's
 //! master by a redirect), so a call goes to the node that answered last and moves on to the
-//! next only when a node cannot be reached at all ([`HttpError::Connect`]: nothing was sent, so
-//! no change can be made twice). An answer that times out is not retried elsewhere: its
-//! outcome is unknown, and the caller reads the leases back before deciding anything.
+//! next only when a node cannot be reached at all ([`HttpError::Connect`]: refused, or not
+//! accepted within [`vmhop_common::http::CONNECT_TIMEOUT`], as for a node cut off by the
+//! network; nothing was sent, so no change can be made twice). An answer that times out is not retried elsewhere: its
+//! outcome is unknown, and the caller reads the leases back before deciding anything. A change
+//! of a set of volumes mastered on different nodes goes to each master in its part
+//! ([`crate::group`]).
 
 use crate::api::{
     ArmedFlip, FlipReport, FlipRequest, GroupFlipReport, GroupFlipRequest, GroupRevokeRequest,
     GroupRollbackRequest, LeaseState, LeaseView, RevokeRequest, RollbackRequest, VolumeAccess,
     VolumeConfig, VolumeInfo,
 };
+use crate::group::{self, GroupAnswer, GroupChange};
 use hyper::Method;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -231,9 +235,34 @@ impl StoragedApi {
         .await
     }
 
-    /// Flips a set of volumes as one decision (see [`GroupFlipRequest`]).
+    /// A change of a set of volumes (sent on `conn` when there is one): one request, or one
+    /// per master when the volumes are mastered on different nodes (see [`crate::group`]).
+    async fn group<Req: GroupChange, Resp: GroupAnswer>(
+        &self,
+        conn: Option<Prepared>,
+        path: &str,
+        req: &Req,
+    ) -> Result<Resp, HttpError> {
+        let answer = match conn {
+            Some(c) => c.call(Method::POST, path, Some(req)).await,
+            None => self.post(path, Some(req)).await,
+        };
+        match answer {
+            Err(e) if group::masters_of(&e).is_some() => {
+                let at = self.current.load(Ordering::Relaxed) % self.nodes.len().max(1);
+                match self.nodes.get(at) {
+                    Some(node) => group::split(node, path, req, e).await,
+                    None => Err(e),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Flips a set of volumes as one decision (see [`GroupFlipRequest`]); on a cluster whose
+    /// masters of these volumes differ, one decision per master (see [`crate::group`]).
     pub async fn flip_group(&self, req: &GroupFlipRequest) -> Result<GroupFlipReport, HttpError> {
-        self.post("/v1/leases/flip", Some(req)).await
+        self.group(None, "/v1/leases/flip", req).await
     }
 
     /// A connection opened ahead of a call whose latency matters (see [`Prepared`]).
@@ -247,10 +276,7 @@ impl StoragedApi {
         conn: Option<Prepared>,
         req: &GroupFlipRequest,
     ) -> Result<GroupFlipReport, HttpError> {
-        match conn {
-            Some(c) => c.call(Method::POST, "/v1/leases/flip", Some(req)).await,
-            None => self.flip_group(req).await,
-        }
+        self.group(conn, "/v1/leases/flip", req).await
     }
 
     /// Ends a host's standby leases on a set of volumes as one decision (see
@@ -259,15 +285,16 @@ impl StoragedApi {
         &self,
         req: &GroupRevokeRequest,
     ) -> Result<Vec<LeaseView>, HttpError> {
-        self.post("/v1/leases/revoke", Some(req)).await
+        self.group(None, "/v1/leases/revoke", req).await
     }
 
-    /// Undoes the flips of a set of volumes as one decision (see [`GroupRollbackRequest`]).
+    /// Undoes the flips of a set of volumes as one decision (see [`GroupRollbackRequest`]; one
+    /// per master as [`Self::flip_group`]).
     pub async fn rollback_group(
         &self,
         req: &GroupRollbackRequest,
     ) -> Result<GroupFlipReport, HttpError> {
-        self.post("/v1/leases/rollback", Some(req)).await
+        self.group(None, "/v1/leases/rollback", req).await
     }
 
     /// The lease views of `volumes`, read one after the other.
@@ -356,5 +383,33 @@ mod tests {
         // One address that cannot be reached: the error says so.
         let e = StoragedApi::new(&dead(), None).health().await.unwrap_err();
         assert!(e.is_unreachable(), "{e}");
+    }
+
+    /// An address whose listener takes no more connections: its accept queue is full and
+    /// never drained, so the kernel drops further SYNs, as for a node cut off by the network.
+    /// Returns the address and what must live as long as it is used.
+    fn silent() -> (String, tokio::net::TcpListener, Vec<std::net::TcpStream>) {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = sock.local_addr().unwrap();
+        let listener = sock.listen(0).unwrap();
+        // The queue takes backlog + 1 connections; the connects after those hang.
+        let mut filled = Vec::new();
+        while let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+            filled.push(s);
+            assert!(filled.len() < 64, "the accept queue never filled");
+        }
+        (addr.to_string(), listener, filled)
+    }
+
+    #[tokio::test]
+    async fn a_call_moves_on_from_a_node_that_takes_no_connection() {
+        let (cut_off, _listener, _filled) = silent();
+        let (live, served) = node().await;
+        let api = StoragedApi::new(&format!("{cut_off},{live}"), None);
+        api.health().await.unwrap();
+        assert_eq!(served.load(Ordering::SeqCst), 1);
+        let e = StoragedApi::new(&cut_off, None).health().await.unwrap_err();
+        assert!(matches!(e, HttpError::Connect(..)), "{e}");
     }
 }

@@ -45,10 +45,24 @@ pub enum HttpError {
         status: StatusCode,
         /// The `error` field of the body, or the body.
         message: String,
+        /// The body, when it is JSON (for the fields an answer adds to `error`).
+        details: Option<serde_json::Value>,
     },
     /// The answer was not the JSON expected.
     #[error("decoding the answer of {0}")]
     Decode(String, #[source] serde_json::Error),
+    /// A request cut into parts, one per server, of which some were made and another failed:
+    /// the outcome is neither done nor refused, and is to be read back.
+    #[error("{done} of {parts} parts of the request were made, then")]
+    Partial {
+        /// Parts made.
+        done: usize,
+        /// Parts sent.
+        parts: usize,
+        /// The first part that failed.
+        #[source]
+        failed: Box<HttpError>,
+    },
 }
 
 impl HttpError {
@@ -56,6 +70,14 @@ impl HttpError {
     pub fn status(&self) -> Option<StatusCode> {
         match self {
             HttpError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The JSON body of an error answer, when it had one.
+    pub fn details(&self) -> Option<&serde_json::Value> {
+        match self {
+            HttpError::Status { details, .. } => details.as_ref(),
             _ => None,
         }
     }
@@ -126,6 +148,10 @@ impl HttpTls {
         &self.server
     }
 }
+
+/// How long a TCP connection may take to be accepted before the server counts as out of
+/// reach ([`HttpError::Connect`]).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Redirects followed per call.
 pub const MAX_REDIRECTS: usize = 3;
@@ -241,7 +267,7 @@ impl Client {
 
     /// The same client for the TCP server `to` (`host:port`); in TLS, checking that server's
     /// certificate against its address.
-    fn redirected(&self, to: &str) -> Client {
+    pub fn redirected(&self, to: &str) -> Client {
         let host = to.rsplit_once(':').map_or(to, |(h, _)| h);
         let host = host.trim_start_matches('[').trim_end_matches(']');
         Client {
@@ -276,9 +302,20 @@ impl Client {
         let name = self.target.to_string();
         match &self.target {
             Target::Tcp(addr) => {
-                let s = tokio::net::TcpStream::connect(addr)
-                    .await
-                    .map_err(|e| HttpError::Connect(name.clone(), e))?;
+                // A server that does not take the connection soon is out of reach (cut off, or
+                // gone without a reset): nothing was sent, so a caller may try another one.
+                let limit = self.timeout.min(CONNECT_TIMEOUT);
+                let s =
+                    match tokio::time::timeout(limit, tokio::net::TcpStream::connect(addr)).await {
+                        Ok(s) => s.map_err(|e| HttpError::Connect(name.clone(), e))?,
+                        Err(_) => {
+                            let e = std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                format!("no connection within {limit:?}"),
+                            );
+                            return Err(HttpError::Connect(name, e));
+                        }
+                    };
                 // The requests are small and each waits for its answer: no Nagle delay.
                 let _ = s.set_nodelay(true);
                 match &self.tls {
@@ -390,8 +427,9 @@ impl Client {
             (status, bytes) = hop.raw(method.clone(), path, body.clone()).await?;
         }
         if !status.is_success() {
-            let message = serde_json::from_slice::<serde_json::Value>(&bytes)
-                .ok()
+            let details = serde_json::from_slice::<serde_json::Value>(&bytes).ok();
+            let message = details
+                .as_ref()
                 .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
                 .unwrap_or_else(|| String::from_utf8_lossy(&bytes).trim().to_string());
             // An answer without a body still says what went wrong, in words.
@@ -404,6 +442,7 @@ impl Client {
                 target: name,
                 status,
                 message,
+                details,
             });
         }
         let bytes: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };

@@ -30,6 +30,7 @@ impl IntoResponse for Failure {
         let body = ErrorBody {
             error,
             redirect: None,
+            masters: None,
         };
         (status, Json(body)).into_response()
     }

@@ -225,6 +225,15 @@ impl Cluster {
         &self.config.node_id
     }
 
+    /// Where this node is, as a client is told of a volume's master.
+    pub fn hint(&self) -> MasterHint {
+        MasterHint {
+            node: self.node().to_string(),
+            nbd: self.record.nbd.to_string(),
+            api: self.record.api.to_string(),
+        }
+    }
+
     /// A handle on etcd.
     pub fn etcd(&self) -> etcd_client::Client {
         self.etcd.clone()

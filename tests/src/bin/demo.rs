@@ -11,9 +11,11 @@
 //! before acknowledging it); the agents, and so the VMMs and disk backends, are given both
 //! nodes' addresses.
 //!
-//! The test guest boots on host a from its image (read-only, the same file on both hosts),
-//! with its data volume for its disk workload, served by a vhost-user-blk process beside the
-//! VMM; its memory and disk workloads run; migratectl moves it to host b and back with its
+//! The guest's root file system is a second replicated volume, imported from the image and
+//! attached read-only; when the two volumes' masters are different nodes, every lease change
+//! of a migration goes to both, each master taking its volume. The test guest boots on host a
+//! from it, with its data volume for its disk workload, served by a vhost-user-blk process
+//! beside the VMM; its memory and disk workloads run; migratectl moves it to host b and back with its
 //! progress bar, and the figures are printed. Between the two legs, a connection host a opened
 //! as the volume's primary before the flip tries to write: refused, and so are a new connection
 //! from host a and one without a certificate. Then, while the guest's disk workload writes, the
@@ -112,31 +114,52 @@ fn main() -> Result<()> {
         2,
         "the guest's data volume, replicated on both storage nodes",
     );
-    h.cli(
-        NODES[0],
-        &[
-            "volume",
-            "create",
-            "vm1-data",
-            "--size",
-            "64M",
-            "--replicas",
-            REPLICAS,
-            "--host",
-            "a",
-            "--host",
-            "b",
-        ],
-    )?;
+    create_volume(&h, NODES[0], "vm1-data", "64M")?;
     let (master, v) = h.wait_master(NODES[0], "vm1-data")?;
     say("vm1-data (64 MiB): the agent's disk workload, served by a vhost-user-blk process");
     say("leases: hosts a and b only (any other host of the cluster gets none)");
     say(copies("vm1-data", &master, &v));
-    say(
-        "the guest's root: its image file, read-only, at the same path on both hosts (the \
-         volumes of one migration flip in one transaction on their master node, so they must \
-         share one; a single volume always does)",
-    );
+    // The root file system: created through the other node (whose election starts first
+    // there), imported over NBD in TLS as host a.
+    let size = std::fs::metadata(&image.rootfs)?.len().to_string();
+    create_volume(&h, NODES[1], "vm1-root", &size)?;
+    let t = Instant::now();
+    let pki = h.cluster.pki.as_ref().context("the cluster's CA")?;
+    let imported = e2e::process::run_ok(
+        h.rig
+            .host("a")
+            .command(e2e::binary("storaged"))
+            .args(["volume", "import", "vm1-root"])
+            .arg(&image.rootfs)
+            .args(["--nbd", &h.cluster.nbd_addresses().join(",")])
+            .args(["--api", &h.cluster.node(NODES[1]).storaged.api.to_string()])
+            .arg("--token-file")
+            .arg(h.token_file())
+            .arg("--tls-dir")
+            .arg(pki.host("a")?),
+    )?;
+    let (root_master, rv) = h.wait_master(NODES[1], "vm1-root")?;
+    say(format!(
+        "vm1-root ({} MiB): the guest's root file system, imported from its image in {:.1} s \
+         (`storaged volume import`, over NBD in TLS as host a: {})",
+        image_mib(&image.rootfs),
+        t.elapsed().as_secs_f64(),
+        String::from_utf8_lossy(&imported.stdout)
+            .lines()
+            .last()
+            .unwrap_or("")
+            .trim()
+    ));
+    say(copies("vm1-root", &root_master, &rv));
+    say(if root_master == master {
+        format!("both volumes are mastered on {master}: each flip is one transaction there")
+    } else {
+        format!(
+            "the volumes are mastered on different nodes: each lease change of a migration \
+             goes to both masters, each taking its volume ({master}: vm1-data, {root_master}: \
+             vm1-root)"
+        )
+    });
 
     step(
         3,
@@ -147,11 +170,10 @@ fn main() -> Result<()> {
         &toml,
         format!(
             "name = \"vm1\"\nkernel = {:?}\ncmdline = {:?}\nmemory_mib = 256\nvcpus = 1\n\
-             [[disks]]\npath = {:?}\nread_only = true\n\
+             [[disks]]\nvolume = \"vm1-root\"\nread_only = true\n\
              [[disks]]\nvolume = \"vm1-data\"\nbackend = \"vhost-user\"\n",
             image.kernel.display().to_string(),
             image.cmdline,
-            image.rootfs.display().to_string()
         ),
     )?;
     let t = Instant::now();
@@ -316,6 +338,27 @@ fn leases(h: &ClusterHosts, via: &str) -> Result<String> {
     Ok(h.cli(&master, &["lease", "list", "vm1-data"])?
         .trim_end()
         .to_string())
+}
+
+/// Creates `volume` of `size` with [`REPLICAS`] copies through node `via`, leased to hosts a
+/// and b only.
+fn create_volume(h: &ClusterHosts, via: &str, volume: &str, size: &str) -> Result<()> {
+    let args = [
+        "volume",
+        "create",
+        volume,
+        "--size",
+        size,
+        "--replicas",
+        REPLICAS,
+    ];
+    h.cli(via, &[&args[..], &["--host", "a", "--host", "b"]].concat())?;
+    Ok(())
+}
+
+/// The size of a file in MiB.
+fn image_mib(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len() >> 20)
 }
 
 /// The guest's acknowledged disk records.

@@ -153,7 +153,8 @@ impl Source {
     /// all), which also moves every epoch: after it the destination can no longer become
     /// primary, and the source may resume. Retried while storaged does not answer; a refusal
     /// is read back: the destination primary everywhere won; primary on some, those flips are
-    /// rolled back (each named by its epoch) and the revoke is tried again.
+    /// rolled back (each named by its epoch) and the revoke is tried again. So is a revoke made
+    /// by some masters of the volumes and refused by the others ([`leases::partly_refused`]).
     async fn fence_destination(&self, rec: &MigrationRecord) -> Result<Fence, SourceError> {
         let req = GroupRevokeRequest {
             host: rec.destination.clone(),
@@ -178,7 +179,7 @@ impl Source {
                 }
                 Err(e) => e,
             };
-            let refused = leases::refused(&refusal);
+            let refused = leases::refused(&refusal) || leases::partly_refused(&refusal);
             if !refused {
                 self.waiting_for_storaged(attempt, "fencing the destination off", &refusal)
                     .await;

@@ -121,8 +121,9 @@ pub enum SourceError {
     /// storaged refused to flip the volumes' leases to the destination.
     #[error("flip refused")]
     FlipRefused(#[source] HttpError),
-    /// The flip's answer did not come, and the leases show that it did not happen.
-    #[error("the flip was not confirmed, and the destination holds no volume")]
+    /// The flip's answer did not come (or only some of the volumes' masters made it), and the
+    /// leases show that it did not happen on every volume.
+    #[error("the flip was not confirmed, and the destination does not hold every volume")]
     FlipUnconfirmed(#[source] HttpError),
     /// The destination did not confirm that the guest runs there.
     #[error("the destination did not confirm the resume")]
