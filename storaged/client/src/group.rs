@@ -219,7 +219,9 @@ mod tests {
             target: "n".into(),
             status: StatusCode::MISDIRECTED_REQUEST,
             message: "e".into(),
-            details: Some(serde_json::json!({"error": "e", "masters": masters})),
+            details: Some(Box::new(
+                serde_json::json!({"error": "e", "masters": masters}),
+            )),
         };
         assert_eq!(masters_of(&refusal), Some(masters));
         assert_eq!(masters_of(&status(409)), None);

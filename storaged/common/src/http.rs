@@ -45,8 +45,9 @@ pub enum HttpError {
         status: StatusCode,
         /// The `error` field of the body, or the body.
         message: String,
-        /// The body, when it is JSON (for the fields an answer adds to `error`).
-        details: Option<serde_json::Value>,
+        /// The body, when it is JSON (for the fields an answer adds to `error`); boxed, as it
+        /// is rare and would make every result carrying this error larger.
+        details: Option<Box<serde_json::Value>>,
     },
     /// The answer was not the JSON expected.
     #[error("decoding the answer of {0}")]
@@ -77,7 +78,7 @@ impl HttpError {
     /// The JSON body of an error answer, when it had one.
     pub fn details(&self) -> Option<&serde_json::Value> {
         match self {
-            HttpError::Status { details, .. } => details.as_ref(),
+            HttpError::Status { details, .. } => details.as_deref(),
             _ => None,
         }
     }
@@ -442,7 +443,7 @@ impl Client {
                 target: name,
                 status,
                 message,
-                details,
+                details: details.map(Box::new),
             });
         }
         let bytes: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
