@@ -107,6 +107,14 @@ async fn mastered_here(vols: &[std::sync::Arc<crate::volume::Volume>]) -> Result
     Ok(())
 }
 
+/// The volume `id` to change here: in cluster mode a node that is not its master, with a
+/// copy or without, refuses with the master's address (a redirect).
+async fn changed_here(reg: &Registry, id: &str) -> Result<Arc<crate::volume::Volume>, ApiError> {
+    let vol = reg.find(id).await?;
+    mastered_here(std::slice::from_ref(&vol)).await?;
+    Ok(vol)
+}
+
 /// Cluster mode: a change of the set of volumes `names` is this node's to make when it masters
 /// every one of them. When one other node masters them all, the request goes there (a
 /// redirect); when they are mastered on different nodes, the answer names each volume's master
@@ -277,8 +285,7 @@ async fn flip_volume(
     body: Option<Json<FlipRequest>>,
 ) -> ApiResult<Response> {
     let req = body.map(|Json(b)| b).unwrap_or_default();
-    let vol = reg.get(&id)?;
-    mastered_here(std::slice::from_ref(&vol)).await?;
+    let vol = changed_here(&reg, &id).await?;
     match req.mode {
         FlipMode::Now => {
             let rep = flip::flip(&reg, &vol, req.to.as_deref(), FlipTrigger::Api).await?;
@@ -317,8 +324,7 @@ async fn cancel_flip(
     Path(id): Path<String>,
     Query(q): Query<CancelQuery>,
 ) -> ApiResult<Json<LeaseView>> {
-    let vol = reg.get(&id)?;
-    mastered_here(std::slice::from_ref(&vol)).await?;
+    let vol = changed_here(&reg, &id).await?;
     flip::cancel_armed(&vol, q.migration.as_deref()).await?;
     Ok(Json(vol.lease_view()))
 }
@@ -331,8 +337,7 @@ async fn rollback(
     Path(id): Path<String>,
     Json(req): Json<RollbackRequest>,
 ) -> ApiResult<Json<FlipReport>> {
-    let vol = reg.get(&id)?;
-    mastered_here(std::slice::from_ref(&vol)).await?;
+    let vol = changed_here(&reg, &id).await?;
     Ok(Json(
         flip::rollback_flip(&reg, &vol, req.epoch, &req.primary).await?,
     ))
@@ -385,8 +390,7 @@ async fn revoke(
     Path(id): Path<String>,
     Json(req): Json<RevokeRequest>,
 ) -> ApiResult<Json<LeaseView>> {
-    let vol = reg.get(&id)?;
-    mastered_here(std::slice::from_ref(&vol)).await?;
+    let vol = changed_here(&reg, &id).await?;
     flip::revoke(&reg, &vol, &req.host, req.only_if).await?;
     Ok(Json(vol.lease_view()))
 }

@@ -4,7 +4,7 @@
 //!   with the master's address and connects there;
 //! - a lease change sent to the slave's REST API is answered `307 Temporary Redirect` to the
 //!   master (the `Location` header and the body name it), which the project's client follows:
-//!   the flip is made by the master;
+//!   the flip is made by the master; the node without a copy redirects a lease change too;
 //! - a change of a set of volumes whose masters are different nodes (a guest's disks, each
 //!   mastered where it was created) is answered `421 Misdirected Request` naming each volume's
 //!   master, and the project's client sends each master its part: the group flip, its rollback
@@ -117,6 +117,19 @@ async fn clients_of_a_node_that_is_not_master_are_sent_to_the_master() -> Result
     assert_eq!(state("host-2"), Some(LeaseState::Primary), "{after:?}");
     assert_eq!(state("host-1"), Some(LeaseState::Deactivated), "{after:?}");
     standby.write_slice(4096, &[2u8; 4096], false).await?;
+
+    // Every single-volume change is the master's, whichever node it is sent to: the node
+    // without a copy redirects the release of the deactivated lease as the slave does.
+    let after = StoragedApi::new(&api_of("node-c"), None)
+        .revoke_host("rv", "host-1", Some(LeaseState::Deactivated))
+        .await
+        .context("releasing the deactivated lease through the node without a copy")?;
+    assert_eq!(after.state_of("host-1"), None, "{after:?}");
+    assert_eq!(
+        after.state_of("host-2"),
+        Some(LeaseState::Primary),
+        "{after:?}"
+    );
     Ok(())
 }
 
