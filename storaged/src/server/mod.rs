@@ -1,6 +1,7 @@
 //! The NBD server: accepts connections, runs the handshake, then serves transmission, within
 //! the [`Limits`] of its [`ServerConfig`].
 
+mod buffers;
 mod handshake;
 mod limits;
 mod tls;
@@ -13,6 +14,7 @@ pub use tls::NbdTls;
 
 use crate::metrics::ConnRefusal;
 use crate::registry::Registry;
+use buffers::ReadBuffers;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -61,6 +63,7 @@ pub async fn serve(
 ) {
     let cfg = Arc::new(cfg);
     let budget = Budget::new(&cfg.limits);
+    let buffers = ReadBuffers::default();
     let mut conns = JoinSet::new();
     let mut refused = 0u64;
     loop {
@@ -97,6 +100,7 @@ pub async fn serve(
             reg: reg.clone(),
             cfg: cfg.clone(),
             budget: budget.clone(),
+            buffers: buffers.clone(),
             peer,
         };
         conns.spawn(conn.run(NbdStream::Plain(stream), shutdown.clone()));
@@ -125,6 +129,7 @@ struct Connection {
     reg: Arc<Registry>,
     cfg: Arc<ServerConfig>,
     budget: Budget,
+    buffers: ReadBuffers,
     peer: std::net::SocketAddr,
 }
 
@@ -169,6 +174,7 @@ impl Connection {
                     reg: self.reg,
                     limits: &self.cfg.limits,
                     budget: self.budget,
+                    buffers: self.buffers,
                 };
                 t.serve(stream, neg, sd).await;
             }

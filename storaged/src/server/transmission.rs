@@ -19,6 +19,7 @@ use crate::lease::flip;
 use crate::lease::gate::{Access, Admitted, Gate, Need, Refusal};
 use crate::metrics::{ConnMetrics, Op as MetricOp};
 use crate::registry::{Attachment, Registry};
+use crate::server::buffers::{ReadBuf, ReadBuffers};
 use crate::server::handshake::Negotiated;
 use crate::server::limits::{Budget, Limits, Permit};
 use crate::volume::{Span, Volume, VolumeFile};
@@ -61,7 +62,7 @@ struct Held {
 /// One reply for the writer task, holding its request's share of the memory budgets until it
 /// is encoded.
 struct Outgoing {
-    reply: Reply<Vec<u8>>,
+    reply: Reply<ReadBuf>,
     _permit: Held,
 }
 
@@ -82,7 +83,7 @@ impl Outgoing {
 
     /// The reply to a read of `data` at the request's offset with `error` (with structured
     /// replies an error is an error chunk: a reply to a read must never be a simple one there).
-    fn read(req: &Request, error: u32, data: Vec<u8>, permit: Held) -> Outgoing {
+    fn read(req: &Request, error: u32, data: ReadBuf, permit: Held) -> Outgoing {
         let offset = req.offset;
         Outgoing {
             reply: Reply {
@@ -189,6 +190,8 @@ struct Ctx {
     tx: ReplyTx,
     budget: Budget,
     conn_budget: Arc<Semaphore>,
+    /// Where read buffers come from.
+    buffers: ReadBuffers,
     peer: std::net::SocketAddr,
     structured: bool,
     block_status: bool,
@@ -372,7 +375,7 @@ async fn handle(
 /// The reply refusing `req` with `error` before any I/O, in the form its command needs.
 fn refused(ctx: &Ctx, req: &Request, error: u32, permit: Held) -> Outgoing {
     match req.kind {
-        NBD_CMD_READ => Outgoing::read(req, error, Vec::new(), permit),
+        NBD_CMD_READ => Outgoing::read(req, error, ReadBuf::default(), permit),
         NBD_CMD_BLOCK_STATUS if ctx.structured => Outgoing {
             reply: Reply {
                 handle: req.handle,
@@ -464,10 +467,10 @@ async fn read(ctx: &Ctx, req: Request, permit: Held) {
         ctx.gate.set_access(Access::Closed);
         return;
     }
-    let mut buf = vec![0u8; req.length as usize];
+    let mut buf = ctx.buffers.take(req.length as usize);
     // Fast path: data in the page cache is copied here, without the hop to a blocking thread.
     let error = |res: std::io::Result<()>| res.as_ref().map_or_else(io_errno, |_| 0);
-    match ctx.vol.file.read_cached(&mut buf, req.offset) {
+    match ctx.vol.file.read_cached(buf.as_mut(), req.offset) {
         Ok(false) => {}
         done => {
             drop(adm);
@@ -475,7 +478,7 @@ async fn read(ctx: &Ctx, req: Request, permit: Held) {
         }
     }
     ctx.blocking(move |file| {
-        let res = file.read_at(&mut buf, req.offset);
+        let res = file.read_at(buf.as_mut(), req.offset);
         drop(adm);
         Outgoing::read(&req, error(res), buf, permit)
     });
@@ -629,7 +632,7 @@ async fn flip_request(ctx: &Ctx, req: Request, permit: Held) {
                 error: 0,
                 body: ReplyBody::Data(ReplyData {
                     offset: 0,
-                    data: rep.encode().to_vec(),
+                    data: ReadBuf::from(rep.encode().to_vec()),
                 }),
             },
             _permit: permit,
@@ -647,6 +650,7 @@ pub(super) struct Transmission<'a> {
     pub(super) reg: Arc<Registry>,
     pub(super) limits: &'a Limits,
     pub(super) budget: Budget,
+    pub(super) buffers: ReadBuffers,
 }
 
 impl Transmission<'_> {
@@ -688,6 +692,7 @@ impl Transmission<'_> {
             tx: ReplyTx(tx),
             conn_budget: self.budget.connection(),
             budget: self.budget,
+            buffers: self.buffers,
             peer: entry.peer,
             structured,
             block_status,
