@@ -160,6 +160,33 @@ impl<T: Clone> Records<T> {
     fn publish(&self, rec: T) {
         lock(&self.map).insert((self.key)(&rec).to_string(), rec);
     }
+
+    /// Saves `rec` with `save`, then publishes it.
+    async fn put(
+        &self,
+        mut rec: T,
+        save: impl AsyncFnOnce(&mut T) -> Result<(), AgentError>,
+    ) -> Result<(), AgentError> {
+        let _one = self.writer.lock().await;
+        save(&mut rec).await?;
+        self.publish(rec);
+        Ok(())
+    }
+
+    /// Changes record `key` with `f`, saves it with `save`, then publishes it; returns it.
+    async fn update(
+        &self,
+        key: &str,
+        f: impl FnOnce(&mut T),
+        save: impl AsyncFnOnce(&mut T) -> Result<(), AgentError>,
+    ) -> Result<T, AgentError> {
+        let _one = self.writer.lock().await;
+        let mut rec = self.get(key)?;
+        f(&mut rec);
+        save(&mut rec).await?;
+        self.publish(rec.clone());
+        Ok(rec)
+    }
 }
 
 fn log_instance(r: &InstanceRecord) {
@@ -200,11 +227,9 @@ impl Agent {
     // ----- records -----
 
     /// Writes an instance record durably, then publishes it.
-    pub async fn put_instance(&self, mut rec: InstanceRecord) -> Result<(), AgentError> {
-        let _one = self.instances.writer.lock().await;
-        self.save_instance(&mut rec).await?;
-        self.instances.publish(rec);
-        Ok(())
+    pub async fn put_instance(&self, rec: InstanceRecord) -> Result<(), AgentError> {
+        let save = async |r: &mut InstanceRecord| self.save_instance(r).await;
+        self.instances.put(rec, save).await
     }
 
     /// Changes an instance record with `f`, durably, then publishes it.
@@ -213,12 +238,8 @@ impl Agent {
         name: &str,
         f: impl FnOnce(&mut InstanceRecord),
     ) -> Result<InstanceRecord, AgentError> {
-        let _one = self.instances.writer.lock().await;
-        let mut rec = self.instances.get(name)?;
-        f(&mut rec);
-        self.save_instance(&mut rec).await?;
-        self.instances.publish(rec.clone());
-        Ok(rec)
+        let save = async |r: &mut InstanceRecord| self.save_instance(r).await;
+        self.instances.update(name, f, save).await
     }
 
     async fn save_instance(&self, rec: &mut InstanceRecord) -> Result<(), AgentError> {
@@ -292,11 +313,9 @@ impl Agent {
     }
 
     /// Writes a migration record durably, then publishes it.
-    pub async fn put_migration(&self, mut rec: MigrationRecord) -> Result<(), AgentError> {
-        let _one = self.migrations.writer.lock().await;
-        self.save_migration(&mut rec).await?;
-        self.migrations.publish(rec);
-        Ok(())
+    pub async fn put_migration(&self, rec: MigrationRecord) -> Result<(), AgentError> {
+        let save = async |r: &mut MigrationRecord| self.save_migration(r).await;
+        self.migrations.put(rec, save).await
     }
 
     /// Changes a migration record with `f`, durably, then publishes it.
@@ -305,12 +324,13 @@ impl Agent {
         id: &str,
         f: impl FnOnce(&mut MigrationRecord),
     ) -> Result<MigrationRecord, AgentError> {
-        let _one = self.migrations.writer.lock().await;
-        let mut rec = self.migrations.get(id)?;
-        let ended_before = rec.phase.is_terminal();
-        f(&mut rec);
-        self.save_migration(&mut rec).await?;
-        self.migrations.publish(rec.clone());
+        let mut ended_before = false;
+        let change = |r: &mut MigrationRecord| {
+            ended_before = r.phase.is_terminal();
+            f(r)
+        };
+        let save = async |r: &mut MigrationRecord| self.save_migration(r).await;
+        let rec = self.migrations.update(id, change, save).await?;
         if rec.phase.is_terminal() && !ended_before {
             self.metrics.migration_ended(&rec);
         }
@@ -326,16 +346,12 @@ impl Agent {
         id: &str,
         f: impl FnOnce(&mut MigrationRecord),
     ) -> Result<MigrationRecord, AgentError> {
-        let _one = self.migrations.writer.lock().await;
-        let mut rec = self.migrations.get(id)?;
-        f(&mut rec);
-        debug_assert!(
-            !rec.phase.is_terminal(),
-            "a terminal phase is always durable"
-        );
-        self.announce_migration(&rec);
-        self.migrations.publish(rec.clone());
-        Ok(rec)
+        let announce = async |r: &mut MigrationRecord| {
+            debug_assert!(!r.phase.is_terminal(), "a terminal phase is always durable");
+            self.announce_migration(r);
+            Ok(())
+        };
+        self.migrations.update(id, f, announce).await
     }
 
     async fn save_migration(&self, rec: &mut MigrationRecord) -> Result<(), AgentError> {
