@@ -93,6 +93,12 @@ pub fn verify_on_host(data: &Path, acked: u64, boot_id: Option<&str>) {
     }
 }
 
+/// Asserts that the guest behind `agent` still runs the boot `boot_id` (it was not rebooted).
+pub fn assert_same_boot(agent: &mut AgentConn, boot_id: &str) {
+    let clock = agent.command("clock", REPLY).unwrap();
+    assert_eq!(clock.get("boot_id"), Some(boot_id), "rebooted");
+}
+
 /// Stops the disk writer; returns how many records it acknowledged.
 pub fn stop_disk(agent: &mut AgentConn) -> u64 {
     agent

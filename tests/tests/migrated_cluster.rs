@@ -25,7 +25,9 @@ use e2e::migrated::{
 };
 use e2e::netns::Rig;
 use e2e::process::{stopped, wait_for};
-use e2e::workload::{disk_acked_past, mem_seq_after, stop_and_verify_disk, REPLY};
+use e2e::workload::{
+    assert_same_boot, disk_acked_past, mem_seq_after, stop_and_verify_disk, REPLY,
+};
 use std::path::Path;
 
 /// The volume of the guest's data disk.
@@ -93,6 +95,28 @@ impl ClusterHosts {
     }
 }
 
+/// The other one of the cluster's two nodes.
+fn other_node(node: &str) -> &'static str {
+    match node {
+        "node-1" => "node-2",
+        _ => "node-1",
+    }
+}
+
+/// Waits for `migration` and asserts that it completed (with both agents' logs if not);
+/// returns its record.
+fn completed(h: &ClusterHosts, migration: Migration) -> serde_json::Value {
+    let (ok, m, stderr) = migration.wait().unwrap();
+    assert!(
+        ok,
+        "{m}\n{stderr}\nsource log:\n{}\ndestination log:\n{}",
+        h.a.log(),
+        h.b.log()
+    );
+    assert_eq!(m["phase"], "completed", "{m}");
+    m
+}
+
 /// Runs the guest of `toml` on `host` and starts its memory and disk workloads; returns the
 /// memory pass and the disk records acknowledged so far.
 fn run_with_workloads(host: &Migrated, toml: &Path, dir: &Path) -> (u64, u64) {
@@ -117,11 +141,7 @@ fn a_guest_migrates_while_its_volumes_master_is_killed_in_the_precopy() {
     let (master, _) = rt
         .block_on(h.cluster.wait_master("node-1", VOLUME))
         .unwrap();
-    let survivor = if master == "node-1" {
-        "node-2"
-    } else {
-        "node-1"
-    };
+    let survivor = other_node(&master);
 
     let image = e2e::image::guest_image();
     let booted = e2e::snapshot::booted(&image).unwrap();
@@ -143,14 +163,7 @@ fn a_guest_migrates_while_its_volumes_master_is_killed_in_the_precopy() {
     // SAFETY: kill(2) on the pid of the agent this test started (stopped, not reaped).
     assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) }, 0);
 
-    let (ok, m, stderr) = migration.wait().unwrap();
-    assert!(
-        ok,
-        "{m}\n{stderr}\nsource log:\n{}\ndestination log:\n{}",
-        h.a.log(),
-        h.b.log()
-    );
-    assert_eq!(m["phase"], "completed", "{m}");
+    let m = completed(&h, migration);
     eprintln!("migration: {}", m["figures"]);
     let view = rt.block_on(h.cluster.view(survivor, VOLUME)).unwrap();
     assert_eq!(view.master.as_deref(), Some(survivor), "{view:?}");
@@ -158,12 +171,7 @@ fn a_guest_migrates_while_its_volumes_master_is_killed_in_the_precopy() {
     let on_b = h.b.wait_state("vm1", "running", REPLY).unwrap();
     assert_eq!(h.a.instance("vm1").unwrap()["state"], "migrated-away");
     let mut agent = agent_of(&on_b, &dir.path().join("serial-b.log")).unwrap();
-    let clock = agent.command("clock", REPLY).unwrap();
-    assert_eq!(
-        clock.get("boot_id"),
-        Some(booted.boot_id.as_str()),
-        "rebooted"
-    );
+    assert_same_boot(&mut agent, &booted.boot_id);
     let s = mem_seq_after(&mut agent, seq);
     assert_eq!(s.num("errors"), Some(0), "{s:?}");
     disk_acked_past(&mut agent, acked + 16);
@@ -190,11 +198,7 @@ fn a_guest_whose_volumes_have_different_masters_migrates_there_and_back() {
     let (master, _) = rt
         .block_on(h.cluster.wait_master("node-1", VOLUME))
         .unwrap();
-    let other = if master == "node-1" {
-        "node-2"
-    } else {
-        "node-1"
-    };
+    let other = other_node(&master);
     // The root file system's one copy is placed on the node that creates it: the other one.
     let image = e2e::image::guest_image();
     let size = std::fs::metadata(&image.rootfs).unwrap().len().to_string();
@@ -229,14 +233,7 @@ fn a_guest_whose_volumes_have_different_masters_migrates_there_and_back() {
     let volumes = [ROOT.to_string(), VOLUME.to_string()];
     for (from, to) in [(&h.a, "b"), (&h.b, "a")] {
         let migration = Migration::start(from, &["vm1", "--to", to]).unwrap();
-        let (ok, m, stderr) = migration.wait().unwrap();
-        assert!(
-            ok,
-            "{m}\n{stderr}\nsource log:\n{}\ndestination log:\n{}",
-            h.a.log(),
-            h.b.log()
-        );
-        assert_eq!(m["phase"], "completed", "{m}");
+        let m = completed(&h, migration);
         eprintln!("migration to {to}: {}", m["figures"]);
         let views = rt.block_on(api.leases_of(&volumes)).unwrap();
         for v in &views {
@@ -249,12 +246,7 @@ fn a_guest_whose_volumes_have_different_masters_migrates_there_and_back() {
         let dest = if to == "b" { &h.b } else { &h.a };
         let on = dest.wait_state("vm1", "running", REPLY).unwrap();
         let mut agent = agent_of(&on, &dir.path().join(format!("serial-{to}.log"))).unwrap();
-        let clock = agent.command("clock", REPLY).unwrap();
-        assert_eq!(
-            clock.get("boot_id"),
-            Some(booted.boot_id.as_str()),
-            "rebooted"
-        );
+        assert_same_boot(&mut agent, &booted.boot_id);
         let s = mem_seq_after(&mut agent, seq);
         assert_eq!(s.num("errors"), Some(0), "{s:?}");
         seq = s.num("seq").unwrap();

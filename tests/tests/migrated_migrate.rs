@@ -10,7 +10,7 @@ use e2e::agent::AgentConn;
 use e2e::image::guest_image;
 use e2e::migrated::{agent_of, write_restored_guest_toml, Migrated, StaleWriter, TwoHosts};
 use e2e::process::wait_for;
-use e2e::workload::disk_acked_past;
+use e2e::workload::{assert_same_boot, disk_acked_past};
 use serde_json::Value;
 use std::path::Path;
 use std::time::Duration;
@@ -178,8 +178,7 @@ fn migrated_migrates_a_guest_there_and_back() {
     let mut agent_b = agent_of(&on_b, &dir.path().join("serial-b.log")).unwrap();
     mem_advances(&mut agent_b, seq);
     let acked = disk_acked_past(&mut agent_b, acked);
-    let clock = agent_b.command("clock", REPLY).unwrap();
-    assert_eq!(clock.get("boot_id"), Some(boot_id.as_str()), "rebooted");
+    assert_same_boot(&mut agent_b, &boot_id);
     // b holds the volume; a's lease, deactivated by the flip, was released at cleanup once its
     // VMM was gone (so the guest can come back).
     let leases = h.storaged.leases("vm1-data").unwrap();
@@ -193,8 +192,7 @@ fn migrated_migrates_a_guest_there_and_back() {
     let mut agent_a = agent_of(&on_a, &dir.path().join("serial-a2.log")).unwrap();
     mem_advances(&mut agent_a, seq + 1);
     disk_acked_past(&mut agent_a, acked);
-    let clock = agent_a.command("clock", REPLY).unwrap();
-    assert_eq!(clock.get("boot_id"), Some(boot_id.as_str()), "rebooted");
+    assert_same_boot(&mut agent_a, &boot_id);
     let leases = h.storaged.leases("vm1-data").unwrap();
     assert_eq!(leases, vec![("a".into(), "primary".into())], "{m}");
     assert_eq!(h.b.instance("vm1").unwrap()["state"], "migrated-away");

@@ -8,7 +8,7 @@
 use e2e::image::guest_image;
 use e2e::migrated::{agent_of, process_gone, write_restored_guest_toml, Migrated, TwoHosts};
 use e2e::process::wait_for;
-use e2e::workload::disk_acked_past;
+use e2e::workload::{assert_same_boot, disk_acked_past};
 use serde_json::Value;
 use std::time::Duration;
 
@@ -81,12 +81,7 @@ fn migrated_runs_and_migrates_a_guest_with_a_vhost_user_disk() {
     );
     let mut agent = agent_of(&on_b, &dir.path().join("serial-b.log")).unwrap();
     let acked = disk_acked_past(&mut agent, acked);
-    let clock = agent.command("clock", REPLY).unwrap();
-    assert_eq!(
-        clock.get("boot_id"),
-        Some(booted.boot_id.as_str()),
-        "rebooted"
-    );
+    assert_same_boot(&mut agent, &booted.boot_id);
     drop(agent);
 
     // And back.

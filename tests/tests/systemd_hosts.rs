@@ -28,7 +28,7 @@ use e2e::netns::Rig;
 use e2e::pki::Pki;
 use e2e::process::wait_for;
 use e2e::systemd::{Bind, Container, BOOT};
-use e2e::workload::{disk_acked_past, stop_and_verify_disk, REPLY};
+use e2e::workload::{assert_same_boot, disk_acked_past, stop_and_verify_disk, REPLY};
 use serde_json::Value;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -361,12 +361,7 @@ fn systemd_hosts_run_restart_and_migrate_a_guest() {
     let mut agent = agent_of(&b, &on_b, &dir.path().join("serial-b.log"));
     let seq = mem_advances(&mut agent, seq);
     let acked = disk_acked_past(&mut agent, acked);
-    let clock = agent.command("clock", REPLY).unwrap();
-    assert_eq!(
-        clock.get("boot_id"),
-        Some(booted.boot_id.as_str()),
-        "rebooted"
-    );
+    assert_same_boot(&mut agent, &booted.boot_id);
     // The source VMM ends. (Its scope is not checked: in these nested containers the scope's
     // cgroup keeps a member from outside the container's pid namespace after the VMM exited,
     // so systemd inside keeps it active.)
