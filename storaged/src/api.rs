@@ -96,22 +96,14 @@ async fn locate_master(req: axum::extract::Request, next: axum::middleware::Next
     r
 }
 
-/// Cluster mode: a lease change is the master's to make; a node that is not the master of
-/// one of `vols` refuses with the master's address (a redirect).
-async fn mastered_here(vols: &[std::sync::Arc<crate::volume::Volume>]) -> Result<(), ApiError> {
-    for v in vols {
-        if v.role.refuses_clients() {
-            return Err(crate::registry::not_master(v).await.into());
-        }
-    }
-    Ok(())
-}
-
-/// The volume `id` to change here: in cluster mode a node that is not its master, with a
-/// copy or without, refuses with the master's address (a redirect).
+/// The volume `id`, to change here. Cluster mode: a lease change is the master's to make; a
+/// node that is not the volume's master, with a copy or without, refuses with the master's
+/// address (a redirect).
 async fn changed_here(reg: &Registry, id: &str) -> Result<Arc<crate::volume::Volume>, ApiError> {
     let vol = reg.find(id).await?;
-    mastered_here(std::slice::from_ref(&vol)).await?;
+    if vol.role.refuses_clients() {
+        return Err(crate::registry::not_master(&vol).await.into());
+    }
     Ok(vol)
 }
 
@@ -119,7 +111,7 @@ async fn changed_here(reg: &Registry, id: &str) -> Result<Arc<crate::volume::Vol
 /// every one of them. When one other node masters them all, the request goes there (a
 /// redirect); when they are mastered on different nodes, the answer names each volume's master
 /// ([`RegistryError::SplitMasters`]) so that the client sends each master its part. A volume
-/// whose master is not known yet refuses as [`mastered_here`] does (retry later).
+/// whose master is not known yet refuses as [`changed_here`] does (retry later).
 async fn names_mastered_here(reg: &Registry, names: &[&str]) -> Result<(), ApiError> {
     let mut masters = Vec::with_capacity(names.len());
     let mut here = None;

@@ -20,7 +20,7 @@ use e2e::migrated::{
     agent_of, write_guest_toml, write_restored_guest_toml, Migration, TwoHosts, AGENT_PORT,
 };
 use e2e::process::wait_for;
-use e2e::workload::{stop_and_verify_disk, stop_disk};
+use e2e::workload::{assert_same_boot, stop_and_verify_disk, stop_disk};
 use e2e::GuestTest;
 use serde_json::Value;
 use std::path::Path;
@@ -106,12 +106,7 @@ fn mem_status(agent: &mut AgentConn) -> Fields {
 /// The same boot, the memory pattern intact and advancing, the disk writer running and
 /// acknowledging more records.
 fn advances(agent: &mut AgentConn, g: &mut Guest) {
-    let clock = agent.command("clock", REPLY).unwrap();
-    assert_eq!(
-        clock.get("boot_id"),
-        Some(g.boot_id.as_str()),
-        "the guest rebooted"
-    );
+    assert_same_boot(agent, &g.boot_id);
     g.seq = wait_for("the memory workload to advance", REPLY, || {
         let s = mem_status(agent).num("seq")?;
         (s > g.seq).then_some(s)
