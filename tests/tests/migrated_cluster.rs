@@ -160,6 +160,16 @@ fn a_guest_migrates_while_its_volumes_master_is_killed_in_the_precopy() {
     eprintln!("destination in the pre-copy: {precopy}");
     h.cluster.kill9(&master);
     eprintln!("master {master} killed in the pre-copy; {survivor} remains");
+    // The failover completes within the pre-copy: the source goes on once the survivor serves
+    // as master. (A flip sent while no node is master yet is refused, and migrated rolls the
+    // migration back with the guest on the source.)
+    rt.block_on(
+        h.cluster
+            .wait_view(survivor, VOLUME, "the survivor as master", |v| {
+                v.role_here.as_deref() == Some("master")
+            }),
+    )
+    .unwrap();
     // SAFETY: kill(2) on the pid of the agent this test started (stopped, not reaped).
     assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) }, 0);
 
