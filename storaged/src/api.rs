@@ -63,17 +63,31 @@ impl IntoResponse for ApiError {
                 error,
                 redirect: Some(m.api.clone()),
                 masters: None,
+                electing: false,
             };
             let mut r = (StatusCode::TEMPORARY_REDIRECT, Json(body)).into_response();
             r.extensions_mut().insert(MasterApi(m.api.clone()));
             return r;
         }
+        // No master now, one to come: the request may be made again shortly.
+        let electing = matches!(
+            &self.0,
+            RegistryError::NotMaster { master: None, .. } | RegistryError::Deposed { .. }
+        );
         let body = ErrorBody {
             error,
             redirect: None,
             masters,
+            electing,
         };
-        (status, Json(body)).into_response()
+        let mut r = (status, Json(body)).into_response();
+        if electing {
+            r.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        r
     }
 }
 

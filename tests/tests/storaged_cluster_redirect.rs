@@ -9,11 +9,15 @@
 //!   mastered where it was created) is answered `421 Misdirected Request` naming each volume's
 //!   master, and the project's client sends each master its part: the group flip, its rollback
 //!   and the group revoke all complete through either node; a part refused while another was
-//!   made is reported as an outcome to read back, never as a refusal.
+//!   made is reported as an outcome to read back, never as a refusal;
+//! - a lease change sent while the master is being replaced (killed, its etcd lease not yet
+//!   expired: the slave still sends changes to it) is made by the next master: the client asks
+//!   again until there is one, instead of failing.
 
 use anyhow::{Context, Result};
 use e2e::cluster::Cluster;
 use std::io::{Read, Write};
+use std::time::Instant;
 use storaged_client::api::{
     GroupFlipRequest, GroupRevokeRequest, GroupRollbackRequest, LeaseState, LeaseView, VolumeEpoch,
 };
@@ -295,5 +299,66 @@ async fn a_change_of_volumes_with_different_masters_goes_to_each_master() -> Res
             "{views:?}"
         );
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_change_sent_while_the_master_is_replaced_is_made_by_the_next_master() -> Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let mut c = Cluster::start(dir.path(), &["node-a", "node-b"], false)?;
+    let (master, _) = c.create_replicated("node-a", "rv", "4M", 2).await?;
+    let slave = if master == "node-a" {
+        "node-b"
+    } else {
+        "node-a"
+    };
+    let (master_api, slave_api) = (
+        c.node(&master).storaged.api.to_string(),
+        c.node(slave).storaged.api.to_string(),
+    );
+    let connect = |host: &str, state| {
+        let cfg = c.client_config("rv", host).map(|cfg| {
+            cfg.with_lease(LeaseSpec {
+                host: host.into(),
+                instance: format!("{host}-vm"),
+                state,
+                expected_epoch: 0,
+            })
+        });
+        async move { Client::connect(&cfg?).await.context("connecting") }
+    };
+    let primary = connect("host-1", RequestedState::Primary).await?;
+    primary.write_slice(0, &[1u8; 4096], false).await?;
+    let _standby = connect("host-2", RequestedState::Standby).await?;
+    let before = StoragedApi::new(&master_api, None).leases("rv").await?;
+    // The client knows both nodes, the slave first: it sends the flip on to the master it
+    // still knows, which is dead; the dead master itself refuses connections.
+    let api = StoragedApi::new(&format!("{slave_api},{master_api}"), None);
+
+    c.kill9(&master);
+    let killed = Instant::now();
+    let report = api
+        .flip_to("rv", "host-2")
+        .await
+        .context("the flip sent while the master is replaced")?;
+    eprintln!(
+        "flip sent at the kill made after {} ms: {report:?}",
+        killed.elapsed().as_millis()
+    );
+    let view = c.view(slave, "rv").await?;
+    assert_eq!(view.master.as_deref(), Some(slave), "{view:?}");
+    let after = StoragedApi::new(&slave_api, None).leases("rv").await?;
+    assert_eq!(after.epoch, before.epoch + 1, "{before:?} -> {after:?}");
+    assert_eq!(
+        after.state_of("host-2"),
+        Some(LeaseState::Primary),
+        "{after:?}"
+    );
+    assert_eq!(
+        after.state_of("host-1"),
+        Some(LeaseState::Deactivated),
+        "{after:?}"
+    );
     Ok(())
 }

@@ -340,6 +340,11 @@ pub struct ErrorBody {
     /// into one request per master, is to be sent to each.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub masters: Option<std::collections::BTreeMap<String, String>>,
+    /// With `503 Service Unavailable` (cluster mode): true when the volume has no master now
+    /// and is getting one (none elected yet, or this node's term just ended); nothing changed,
+    /// and the same request may be made again in a moment (`Retry-After` says when).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub electing: bool,
 }
 
 // ---- Lease changes of a set of volumes, and rollbacks that name what they undo ----

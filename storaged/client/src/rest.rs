@@ -6,10 +6,18 @@
 //! master by a redirect), so a call goes to the node that answered last and moves on to the
 //! next only when a node cannot be reached at all ([`HttpError::Connect`]: refused, or not
 //! accepted within [`vmhop_common::http::CONNECT_TIMEOUT`], as for a node cut off by the
-//! network; nothing was sent, so no change can be made twice). An answer that times out is not retried elsewhere: its
-//! outcome is unknown, and the caller reads the leases back before deciding anything. A change
-//! of a set of volumes mastered on different nodes goes to each master in its part
-//! ([`crate::group`]).
+//! network; nothing was sent, so no change can be made twice). An answer that times out is not
+//! retried elsewhere: its outcome is unknown, and the caller reads the leases back before
+//! deciding anything. A change of a set of volumes mastered on different nodes goes to each
+//! master in its part ([`crate::group`]).
+//!
+//! Between two masters of a volume (the master died and its etcd lease has not yet expired, or
+//! the survivors are electing the next), a node either redirects to the dead master, which
+//! cannot be reached, or answers `503 Service Unavailable`; neither made any change. When a
+//! round over the nodes ends that way, the call is made again, rounds apart, for at most
+//! [`ELECTION_WAIT`] ([`StoragedApi::with_election_wait`]): a lease change sent in those
+//! seconds (a migration's flip, say) waits for the new master instead of failing. Nodes that
+//! are all unreachable themselves are no election: that error is answered at once.
 
 use crate::api::{
     ArmedFlip, FlipReport, FlipRequest, GroupFlipReport, GroupFlipRequest, GroupRevokeRequest,
@@ -17,17 +25,25 @@ use crate::api::{
     VolumeConfig, VolumeInfo,
 };
 use crate::group::{self, GroupAnswer, GroupChange};
-use hyper::Method;
+use hyper::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use vmhop_common::http::{Client, HttpError, Prepared, Target};
 use vmhop_common::token::Token;
 
 /// Default deadline of one call (a flip waits for the old primary's admitted requests).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Default time a call waits for a volume's next master (see the module's documentation):
+/// twice storaged's default etcd lease TTL (5 s), within which a dead master's mastership
+/// ends, and the election after it.
+pub const ELECTION_WAIT: Duration = Duration::from_secs(12);
+
+/// The pause between two rounds over the nodes while a master is elected.
+const ROUND_PAUSE: Duration = Duration::from_millis(100);
 
 /// What `POST /v1/volumes/{id}/flip` answered.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -47,6 +63,8 @@ pub struct StoragedApi {
     nodes: Vec<Client>,
     /// The node that answered last (where the next call goes first).
     current: Arc<AtomicUsize>,
+    /// How long a call waits for a volume's next master.
+    election_wait: Duration,
 }
 
 impl StoragedApi {
@@ -64,6 +82,7 @@ impl StoragedApi {
         StoragedApi {
             nodes,
             current: Arc::default(),
+            election_wait: ELECTION_WAIT,
         }
     }
 
@@ -71,39 +90,80 @@ impl StoragedApi {
     pub fn with_timeout(&self, timeout: Duration) -> StoragedApi {
         StoragedApi {
             nodes: self.nodes.iter().map(|c| c.with_timeout(timeout)).collect(),
-            current: self.current.clone(),
+            ..self.clone()
+        }
+    }
+
+    /// The same client waiting at most `wait` for a volume's next master (zero: not at all).
+    pub fn with_election_wait(&self, wait: Duration) -> StoragedApi {
+        StoragedApi {
+            election_wait: wait,
+            ..self.clone()
         }
     }
 
     /// `f` on the node that answered last, then on each other node in turn while the one
-    /// tried cannot be reached (see the module's documentation).
+    /// tried cannot be reached; rounds again while the nodes are between two masters (see the
+    /// module's documentation).
     async fn on_any<'a, R, F, Fut>(&'a self, f: F) -> Result<R, HttpError>
+    where
+        F: Fn(&'a Client) -> Fut,
+        Fut: std::future::Future<Output = Result<R, HttpError>>,
+    {
+        let deadline = Instant::now() + self.election_wait;
+        loop {
+            match self.round(&f).await {
+                Err(Round::Electing(e)) if Instant::now() + ROUND_PAUSE < deadline => {
+                    tracing::info!(error = %e, "storaged is electing a volume's master; asking again");
+                    tokio::time::sleep(ROUND_PAUSE).await;
+                }
+                Err(Round::Electing(e) | Round::Unreachable(e)) => return Err(e),
+                Ok(answer) => return answer,
+            }
+        }
+    }
+
+    /// One round of [`Self::on_any`]: an answer (which may be an error answer), or why there
+    /// was none.
+    async fn round<'a, R, F, Fut>(&'a self, f: &F) -> Result<Result<R, HttpError>, Round>
     where
         F: Fn(&'a Client) -> Fut,
         Fut: std::future::Future<Output = Result<R, HttpError>>,
     {
         let n = self.nodes.len();
         let first = self.current.load(Ordering::Relaxed);
-        let mut last = None;
+        let mut unreachable = None;
+        let mut electing = None;
         for i in 0..n {
             let at = (first + i) % n;
-            match f(&self.nodes[at]).await {
+            let node = &self.nodes[at];
+            match f(node).await {
+                Err(e) if between_masters(&e, node) => {
+                    if n > 1 {
+                        tracing::warn!(error = %e, "no master of the volume at this node, trying the next");
+                    }
+                    electing = Some(e);
+                }
                 Err(e @ HttpError::Connect(..)) => {
                     if n > 1 {
                         tracing::warn!(error = %e, "storaged node unreachable, trying the next");
                     }
-                    last = Some(e);
+                    unreachable = Some(e);
                 }
                 answer => {
                     self.current.store(at, Ordering::Relaxed);
-                    return answer;
+                    return Ok(answer);
                 }
             }
         }
-        Err(last.unwrap_or_else(|| {
-            let none = std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address");
-            HttpError::Connect("storaged".into(), none)
-        }))
+        Err(match (electing, unreachable) {
+            (Some(e), _) => Round::Electing(e),
+            (None, Some(e)) => Round::Unreachable(e),
+            (None, None) => {
+                let none = std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address");
+                Round::Unreachable(HttpError::Connect("storaged".into(), none))
+            }
+        })
     }
 
     async fn call<T: DeserializeOwned>(
@@ -244,7 +304,13 @@ impl StoragedApi {
         req: &Req,
     ) -> Result<Resp, HttpError> {
         let answer = match conn {
-            Some(c) => c.call(Method::POST, path, Some(req)).await,
+            // The connection was made: a connection error is a redirect's, to a dead master.
+            Some(c) => match c.call(Method::POST, path, Some(req)).await {
+                Err(e) if matches!(e, HttpError::Connect(..)) || electing(&e) => {
+                    self.post(path, Some(req)).await
+                }
+                answer => answer,
+            },
             None => self.post(path, Some(req)).await,
         };
         match answer {
@@ -337,6 +403,34 @@ impl StoragedApi {
     }
 }
 
+/// Why a round over the nodes had no answer.
+enum Round {
+    /// A node had no master to send the call to (see [`between_masters`]).
+    Electing(HttpError),
+    /// No node could be reached.
+    Unreachable(HttpError),
+}
+
+/// Whether `e`, the error of a call to `node`, says the volume is between two masters: `node`
+/// answered `503` saying a master is being elected, or sent the call on to a master that
+/// cannot be reached (a redirect whose target refused it). Either way nothing changed.
+fn between_masters(e: &HttpError, node: &Client) -> bool {
+    match e {
+        HttpError::Connect(target, _) => *target != node.target().to_string(),
+        _ => electing(e),
+    }
+}
+
+/// Whether `e` is a `503` answer saying the volume's master is being elected
+/// ([`crate::api::ErrorBody::electing`]).
+fn electing(e: &HttpError) -> bool {
+    e.status() == Some(StatusCode::SERVICE_UNAVAILABLE)
+        && e.details()
+            .and_then(|d| d.get("electing"))
+            .and_then(serde_json::Value::as_bool)
+            == Some(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,6 +439,12 @@ mod tests {
     /// A node that answers every request with `{"ok":true}`; returns its address and how many
     /// requests it answered.
     async fn node() -> (String, Arc<AtomicUsize>) {
+        scripted(Vec::new()).await
+    }
+
+    /// A node that answers its requests with `answers` (status line, JSON body) in order, then
+    /// with `200 {"ok":true}`; returns its address and how many requests it answered.
+    async fn scripted(answers: Vec<(&'static str, String)>) -> (String, Arc<AtomicUsize>) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();
         let served = Arc::new(AtomicUsize::new(0));
@@ -353,16 +453,31 @@ mod tests {
             while let Ok((mut s, _)) = l.accept().await {
                 let mut buf = [0u8; 4096];
                 let _ = s.read(&mut buf).await;
-                count.fetch_add(1, Ordering::SeqCst);
-                let body = r#"{"ok":true}"#;
+                let i = count.fetch_add(1, Ordering::SeqCst);
+                let (status, body) = answers
+                    .get(i)
+                    .cloned()
+                    .unwrap_or(("200 OK", r#"{"ok":true}"#.to_string()));
                 let answer = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                     body.len()
                 );
                 let _ = s.write_all(answer.as_bytes()).await;
             }
         });
         (addr, served)
+    }
+
+    /// A redirect to the master at `to`.
+    fn redirect(to: &str) -> (&'static str, String) {
+        let body = format!(r#"{{"error":"not master","redirect":"{to}"}}"#);
+        ("307 Temporary Redirect", body)
+    }
+
+    /// A `503` answer, saying a master is being elected or not.
+    fn unavailable(electing: bool) -> (&'static str, String) {
+        let body = format!(r#"{{"error":"no master","electing":{electing}}}"#);
+        ("503 Service Unavailable", body)
     }
 
     /// An address nothing listens on (bound, then released).
@@ -411,5 +526,62 @@ mod tests {
         assert_eq!(served.load(Ordering::SeqCst), 1);
         let e = StoragedApi::new(&cut_off, None).health().await.unwrap_err();
         assert!(matches!(e, HttpError::Connect(..)), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_call_sent_on_to_a_dead_master_is_made_again_until_the_next_master_answers() {
+        let dead_master = dead();
+        let (slave, served) = scripted(vec![redirect(&dead_master); 3]).await;
+        let api = StoragedApi::new(&format!("{slave},{dead_master}"), None);
+        api.health().await.unwrap();
+        assert_eq!(served.load(Ordering::SeqCst), 4);
+        // Prepared on the slave, as a migration's flip is: the same wait.
+        let mut answers = vec![redirect(&dead_master); 2];
+        answers.push(("200 OK", "[]".to_string()));
+        let (slave, served) = scripted(answers).await;
+        let api = StoragedApi::new(&slave, None);
+        let req = GroupRevokeRequest {
+            host: "h".into(),
+            volumes: vec!["v".into()],
+            primary: None,
+            migration: None,
+        };
+        let conn = api.prepare().await.unwrap();
+        let views: Vec<LeaseView> = api
+            .group(Some(conn), "/v1/leases/revoke", &req)
+            .await
+            .unwrap();
+        assert!(views.is_empty());
+        assert_eq!(served.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_a_master_is_being_elected_is_asked_again() {
+        let (node, served) = scripted(vec![unavailable(true); 2]).await;
+        StoragedApi::new(&node, None).health().await.unwrap();
+        assert_eq!(served.load(Ordering::SeqCst), 3);
+        // Any other 503 (etcd out of reach, say) is the answer.
+        let (node, served) = scripted(vec![unavailable(false)]).await;
+        let e = StoragedApi::new(&node, None).health().await.unwrap_err();
+        assert_eq!(e.status(), Some(StatusCode::SERVICE_UNAVAILABLE), "{e}");
+        assert_eq!(served.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn the_wait_for_a_master_ends() {
+        let dead_master = dead();
+        let (slave, served) = scripted(vec![redirect(&dead_master); 1000]).await;
+        let api = StoragedApi::new(&slave, None).with_election_wait(Duration::from_millis(500));
+        let e = api.health().await.unwrap_err();
+        assert!(
+            matches!(&e, HttpError::Connect(to, _) if *to == dead_master),
+            "{e}"
+        );
+        assert!(served.load(Ordering::SeqCst) > 1);
+        // No wait at all: one round.
+        let (slave, served) = scripted(vec![redirect(&dead_master); 1000]).await;
+        let api = StoragedApi::new(&slave, None).with_election_wait(Duration::ZERO);
+        api.health().await.unwrap_err();
+        assert_eq!(served.load(Ordering::SeqCst), 1);
     }
 }

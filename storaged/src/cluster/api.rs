@@ -31,6 +31,7 @@ impl IntoResponse for Failure {
             error,
             redirect: None,
             masters: None,
+            electing: false,
         };
         (status, Json(body)).into_response()
     }
