@@ -3,8 +3,13 @@
 //! A fresh buffer for every large read costs a new mapping and a page fault per 4 KiB page
 //! (the allocator maps large blocks anew and unmaps them on free), which for 1 MiB reads was a
 //! fifth of the server's time. [`ReadBuffers`] keeps buffers of 128 KiB to 4 MiB that the
-//! writer has sent, up to [`IDLE_MAX`] bytes in all, and hands them out again. A buffer is
-//! zeroed before it is handed out again, so no reply can ever carry another request's data.
+//! writer has sent, up to [`IDLE_MAX`] bytes in all, and hands them out again.
+//!
+//! A buffer handed out again still holds an earlier read's bytes (zeroing it was a fifth of
+//! the server's time on 1 MiB reads); only the part beyond the earlier length is zeroed. No
+//! reply carries them: a read replies with its buffer only when it filled every byte
+//! (`read_exact_at`, or a page-cache read of the whole length), and a reply with an error
+//! carries no data, simple or structured (the encoder, `ReplyEncoder::encode_head`, sends none).
 //! Idle buffers are outside the memory [`super::Budget`]: that counts the requests in flight,
 //! this adds at most [`IDLE_MAX`] to the server's memory.
 
@@ -22,7 +27,7 @@ const SIZES: usize = (POOLED_MAX / POOLED_MIN).trailing_zeros() as usize + 1;
 
 #[derive(Default)]
 struct Idle {
-    /// Per size, the idle buffers (each with that capacity and no length).
+    /// Per size, the idle buffers (each with that capacity, and the length of its last read).
     free: [Vec<Vec<u8>>; SIZES],
     /// Their capacities' sum.
     bytes: usize,
@@ -33,7 +38,8 @@ struct Idle {
 pub struct ReadBuffers(Arc<Mutex<Idle>>);
 
 impl ReadBuffers {
-    /// A zeroed buffer of `len` bytes; it comes back here when dropped.
+    /// A buffer of `len` bytes, to be filled by a read (it may hold an earlier read's bytes;
+    /// see the module's documentation); it comes back here when dropped.
     pub fn take(&self, len: usize) -> ReadBuf {
         let Some(size) = size_class(len) else {
             return ReadBuf::from(vec![0u8; len]);
@@ -47,6 +53,8 @@ impl ReadBuffers {
             buf
         };
         let mut data = reused.unwrap_or_else(|| Vec::with_capacity(POOLED_MIN << size));
+        // Shorter: cut; longer: the new part is zeroed (a buffer's length only grows to its
+        // class's size, so a steady stream of one read size zeroes nothing).
         data.resize(len, 0);
         ReadBuf {
             data,
@@ -55,7 +63,7 @@ impl ReadBuffers {
     }
 
     /// Keeps `data` for a later read, if it has a kept size and the idle total allows.
-    fn give_back(&self, mut data: Vec<u8>) {
+    fn give_back(&self, data: Vec<u8>) {
         let Some(size) = size_class(data.capacity()) else {
             return;
         };
@@ -66,7 +74,6 @@ impl ReadBuffers {
         if idle.bytes + data.capacity() > IDLE_MAX {
             return;
         }
-        data.clear();
         idle.bytes += data.capacity();
         idle.free[size].push(data);
     }
@@ -125,19 +132,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_returned_buffer_is_reused_zeroed() {
+    fn a_returned_buffer_is_reused_and_only_its_growth_zeroed() {
         let pool = ReadBuffers::default();
-        let mut b = pool.take(1 << 20);
+        let mut b = pool.take((1 << 20) - 8192);
         let ptr = b.as_ref().as_ptr();
         b.as_mut().fill(0xab);
         drop(b);
         assert_eq!(pool.idle_bytes(), 1 << 20);
-        // A smaller read of the same size class gets the same memory, zeroed.
-        let b = pool.take((1 << 20) - 4096);
+        // A read of the same size class gets the same memory, the part beyond the earlier
+        // read's length zeroed.
+        let b = pool.take(1 << 20);
         assert_eq!(b.as_ref().as_ptr(), ptr);
-        assert_eq!(b.as_ref().len(), (1 << 20) - 4096);
-        assert!(b.as_ref().iter().all(|&x| x == 0));
+        assert_eq!(b.as_ref().len(), 1 << 20);
+        assert!(b.as_ref()[(1 << 20) - 8192..].iter().all(|&x| x == 0));
         assert_eq!(pool.idle_bytes(), 0);
+        drop(b);
+        // A shorter one is cut to its length.
+        assert_eq!(pool.take(POOLED_MIN * 5).as_ref().len(), POOLED_MIN * 5);
     }
 
     #[test]
