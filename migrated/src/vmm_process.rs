@@ -122,6 +122,7 @@ pub fn vmm_config(rec: &InstanceRecord, agent: &AgentConfig, lease: LeaseMode) -
         initramfs: None,
         cmdline: c.cmdline.clone(),
         memory_mib: c.memory_mib,
+        memory_file: None,
         vcpus: c.vcpus,
         boot: BootProtocol::default(),
         disks,

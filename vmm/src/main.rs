@@ -56,6 +56,12 @@ struct RunArgs {
     /// Guest memory in MiB.
     #[arg(long)]
     memory: Option<u64>,
+    /// Guest RAM in this file (mapped shared; created if missing, extended to --memory,
+    /// locked while the VM runs) instead of anonymous memory: RAM the guest has not written
+    /// holds the file's bytes (with --incoming the file is emptied first: the guest arrives
+    /// into zeroed memory). A file on hugetlbfs gives huge pages.
+    #[arg(long, value_name = "FILE", conflicts_with = "restore")]
+    memory_file: Option<PathBuf>,
     /// vCPUs.
     #[arg(long)]
     vcpus: Option<u8>,
@@ -114,6 +120,7 @@ impl RunArgs {
                 initramfs: None,
                 cmdline: String::new(),
                 memory_mib: 256,
+                memory_file: None,
                 vcpus: 1,
                 boot: BootProtocol::Auto,
                 disks: Vec::new(),
@@ -136,6 +143,9 @@ impl RunArgs {
         }
         if let Some(m) = self.memory {
             c.memory_mib = m;
+        }
+        if let Some(f) = self.memory_file {
+            c.memory_file = Some(f);
         }
         if let Some(v) = self.vcpus {
             c.vcpus = v;

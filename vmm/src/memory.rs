@@ -55,6 +55,12 @@ pub enum MemoryError {
     /// Regions overlap or are out of order.
     #[error("assemble guest memory regions")]
     Regions(#[source] vm_memory::GuestRegionCollectionError),
+    /// The memory file could not be opened or sized.
+    #[error("guest memory file {0}")]
+    File(std::path::PathBuf, #[source] std::io::Error),
+    /// Another process holds the memory file's lock (another VMM runs on it).
+    #[error("guest memory file {0} is in use by another process (its lock is held)")]
+    FileInUse(std::path::PathBuf),
 }
 
 /// The RAM ranges `(guest address, size)` for `mem_bytes` of memory: below the MMIO hole, and
@@ -78,6 +84,40 @@ pub fn create_guest_memory(mib: u64) -> Result<(Arc<GuestMem>, Arc<File>), Memor
         .map_err(|e| MemoryError::Memfd(e.into()))?;
     let file = Arc::new(File::from(fd));
     file.set_len(bytes).map_err(MemoryError::Truncate)?;
+    let mem = map_regions(mib, &file, 0, libc::MAP_SHARED)?;
+    Ok((mem, file))
+}
+
+/// Guest memory in the file at `path`, mapped shared (see `VmConfig::memory_file`): opened or
+/// created, extended to `mib` MiB if shorter (with `emptied`, emptied first: all zero, as a
+/// migration's destination needs), and locked (`flock`) for as long as the memory is mapped.
+/// Returns the memory and the file.
+pub fn open_guest_memory_file(
+    mib: u64,
+    path: &std::path::Path,
+    emptied: bool,
+) -> Result<(Arc<GuestMem>, Arc<File>), MemoryError> {
+    let bytes = check_size(mib)?;
+    let failed = |e| MemoryError::File(path.to_path_buf(), e);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(failed)?;
+    // Released when the last descriptor of this open file closes: the mappings hold it.
+    file.try_lock().map_err(|e| match e {
+        std::fs::TryLockError::WouldBlock => MemoryError::FileInUse(path.to_path_buf()),
+        std::fs::TryLockError::Error(e) => failed(e),
+    })?;
+    if emptied {
+        file.set_len(0).map_err(failed)?;
+    }
+    if file.metadata().map_err(failed)?.len() < bytes {
+        file.set_len(bytes).map_err(failed)?;
+    }
+    let file = Arc::new(file);
     let mem = map_regions(mib, &file, 0, libc::MAP_SHARED)?;
     Ok((mem, file))
 }
@@ -253,6 +293,34 @@ mod tests {
         assert_eq!(r[1].0, GuestAddress(MMIO_HOLE_END));
         assert_eq!(r[0].1 + r[1].1, 4 << 30);
         assert_eq!(ram_ranges(1 << 30), vec![(GuestAddress(0), 1 << 30)]);
+    }
+
+    #[test]
+    fn guest_memory_in_a_file_holds_its_bytes_and_is_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ram");
+        std::fs::write(&path, vec![0x5au8; 1 << 20]).unwrap();
+        let (mem, file) = open_guest_memory_file(16, &path, false).unwrap();
+        assert_eq!(file.metadata().unwrap().len(), 16 << 20, "extended");
+        let mut buf = [0u8; 8];
+        mem.read_slice(&mut buf, GuestAddress(4096)).unwrap();
+        assert_eq!(buf, [0x5a; 8], "the file's bytes");
+        mem.read_slice(&mut buf, GuestAddress(2 << 20)).unwrap();
+        assert_eq!(buf, [0; 8], "zero beyond the file's old end");
+        mem.write_slice(&[7u8; 8], GuestAddress(0)).unwrap();
+        let mut head = [0u8; 8];
+        std::os::unix::fs::FileExt::read_exact_at(&*file, &mut head, 0).unwrap();
+        assert_eq!(head, [7; 8], "the guest's writes go to the file");
+        // A second VMM on the same file is refused while this one maps it.
+        match open_guest_memory_file(16, &path, true) {
+            Err(MemoryError::FileInUse(p)) => assert_eq!(p, path),
+            other => panic!("{:?}", other.map(drop)),
+        }
+        drop((mem, file));
+        // Emptied, as for an incoming guest: all zero.
+        let (mem, _file) = open_guest_memory_file(16, &path, true).unwrap();
+        mem.read_slice(&mut buf, GuestAddress(0)).unwrap();
+        assert_eq!(buf, [0; 8]);
     }
 
     #[test]

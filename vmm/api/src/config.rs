@@ -77,6 +77,13 @@ pub struct VmConfig {
     /// Guest memory in MiB.
     #[serde(default = "default_memory_mib")]
     pub memory_mib: u64,
+    /// Guest RAM in this file, mapped shared, instead of anonymous memory: RAM the guest has
+    /// not written holds the file's bytes, and the guest's writes go to the file (a file on
+    /// hugetlbfs gives huge pages). Created if missing and extended to the memory's size;
+    /// locked while the VM runs, so no second VMM maps it. A migration's destination empties
+    /// it first (the guest arrives into zeroed memory); a snapshot restore cannot use one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_file: Option<PathBuf>,
     /// vCPU count.
     #[serde(default = "default_vcpus")]
     pub vcpus: u8,
@@ -128,6 +135,13 @@ impl VmConfig {
                 "memory_mib must be 16..=1048576, not {}",
                 self.memory_mib
             ));
+        }
+        if self
+            .memory_file
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return bad("memory_file must not be empty".into());
         }
         if self.name.is_empty() || self.name.len() > 64 {
             return bad("name must be 1..=64 bytes".into());

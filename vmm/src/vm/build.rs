@@ -42,6 +42,9 @@ pub enum BuildError {
     /// The configuration is invalid.
     #[error("configuration")]
     Config(#[from] ConfigError),
+    /// A restored guest's memory is the snapshot's file: a memory file cannot be given too.
+    #[error("memory_file cannot be used with a snapshot restore (the guest's memory is mapped from the snapshot)")]
+    MemoryFileWithRestore,
     /// /dev/kvm could not be opened.
     #[error("open /dev/kvm")]
     OpenKvm(#[source] kvm_ioctls::Error),
@@ -193,6 +196,9 @@ impl Vm {
                 _ => {}
             }
         }
+        if matches!(mode, StartMode::Restore(_)) && config.memory_file.is_some() {
+            return Err(BuildError::MemoryFileWithRestore);
+        }
         kick::install_handler().map_err(BuildError::Signal)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -229,7 +235,12 @@ impl Vm {
                 (r.mem, r.memfd, Some(r.state))
             }
             _ => {
-                let (mem, fd) = memory::create_guest_memory(config.memory_mib)?;
+                // An incoming guest's memory must start zeroed: the stream skips zero pages.
+                let emptied = matches!(mode, StartMode::Incoming(_));
+                let (mem, fd) = match &config.memory_file {
+                    Some(path) => memory::open_guest_memory_file(config.memory_mib, path, emptied)?,
+                    None => memory::create_guest_memory(config.memory_mib)?,
+                };
                 (mem, Some(fd), None)
             }
         };
