@@ -2,8 +2,12 @@
 //! two processes on loopback, QEMU beside our VMM, one guest pair at a time.
 //!
 //! For each guest memory size (`MEMS`, MiB) and case (`CASES`: `idle` runs the agent's memory
-//! workload over 1 MiB so that its loop gap is measured; `busy` dirties `MEM_BUSY` MiB nonstop),
-//! `RUNS` times, it reports what the source VMM says (total time, downtime, bytes sent) and the
+//! workload over 1 MiB so that its loop gap is measured; `busy` dirties `MEM_BUSY` MiB nonstop;
+//! `full` is the idle guest whose free memory is not zero: the source's RAM is a file filled
+//! with random bytes before the boot, `vmm run --memory-file` and QEMU's
+//! `memory-backend-file,share=off`, so that the pre-copy's first pass carries all of memory,
+//! and QEMU runs twice, with its default single stream and with multifd over
+//! [`MULTIFD_CHANNELS`] connections), `RUNS` times, it reports what the source VMM says (total time, downtime, bytes sent) and the
 //! pause the guest saw: the agent's `maxgap_us`, its largest loop gap over a [`BASELINE`]
 //! window that contains the migration, read on the destination. The same figure over the window
 //! before, without migration, is reported beside it: on the development machines the guest's
@@ -49,6 +53,8 @@ const DOWNTIME_LIMIT_MS: u64 = 300;
 const QEMU_MAX_BANDWIDTH: u64 = 100 << 30;
 /// Working set of the idle case: just enough to measure the loop gap.
 const IDLE_MIB: usize = 1;
+/// QEMU's multifd connections in the `full` case.
+const MULTIFD_CHANNELS: u32 = 4;
 
 /// One migration's figures.
 #[derive(Debug, Clone, Copy)]
@@ -103,6 +109,28 @@ struct Case<'a> {
     mem_mib: u32,
     workload_mib: usize,
     dir: &'a Path,
+    /// The source's RAM: a file of random bytes (the `full` case).
+    memory_file: Option<std::path::PathBuf>,
+    /// QEMU with multifd.
+    multifd: bool,
+}
+
+/// Writes `mib` MiB of pseudo-random bytes (xorshift: no page is zero) to `path`.
+fn random_file(path: &Path, mib: u32) -> Result<()> {
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ u64::from(mib);
+    let mut block = vec![0u8; 1 << 20];
+    for _ in 0..mib {
+        for word in block.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            word.copy_from_slice(&x.to_le_bytes());
+        }
+        w.write_all(&block)?;
+    }
+    w.flush()?;
+    Ok(())
 }
 
 fn env_or(key: &str, default: &str) -> String {
@@ -128,25 +156,35 @@ fn main() -> Result<()> {
     for run in 1..=runs {
         for &mem_mib in &mems {
             for case in cases.split_whitespace() {
-                let workload_mib = match case {
-                    "idle" => IDLE_MIB,
-                    "busy" => busy_mib,
-                    other => bail!("unknown case {other}: CASES takes idle and busy"),
+                let (workload_mib, vmms) = match case {
+                    "idle" => (IDLE_MIB, &["qemu", "vmm"][..]),
+                    "busy" => (busy_mib, &["qemu", "vmm"][..]),
+                    "full" => (IDLE_MIB, &["qemu", "qemu-multifd", "vmm"][..]),
+                    other => bail!("unknown case {other}: CASES takes idle, busy and full"),
                 };
-                for vmm in ["qemu", "vmm"] {
+                for &vmm in vmms {
                     let work = dir.path().join(format!("{vmm}-{mem_mib}-{case}-{run}"));
                     std::fs::create_dir_all(&work)?;
                     eprintln!("[bench migration] run {run}/{runs}: {vmm} {mem_mib} MiB {case}");
+                    let memory_file = (case == "full").then(|| work.join("ram"));
+                    if let Some(f) = &memory_file {
+                        random_file(f, mem_mib).context("the random memory file")?;
+                    }
                     let c = Case {
                         image: &image,
                         mem_mib,
                         workload_mib,
                         dir: &work,
+                        memory_file,
+                        multifd: vmm == "qemu-multifd",
                     };
                     let outcome = match vmm {
-                        "qemu" => migrate_qemu(&c),
-                        _ => migrate_vmm(&c),
+                        "vmm" => migrate_vmm(&c),
+                        _ => migrate_qemu(&c),
                     };
+                    if let Some(f) = &c.memory_file {
+                        let _ = std::fs::remove_file(f);
+                    }
                     let outcome = match (outcome, &timelines) {
                         (Ok((o, timeline)), Some(dir)) => {
                             let name = format!("migration-{mem_mib}-{case}-{vmm}.dat");
@@ -191,9 +229,18 @@ fn report(rows: &[Row], runs: usize, busy_mib: usize) {
          baseline gap: the same over the {s}s before",
         s = BASELINE.as_secs()
     );
+    println!("full: idle, RAM not zero (the first pass sends all of it); GiB/s: sent / total time");
     println!(
-        "{:<5} {:>7} {:<5} {:>10} {:>12} {:>13} {:>14} {:>9}",
-        "vmm", "MiB", "case", "total ms", "downtime ms", "guest gap ms", "baseline gap", "MiB sent"
+        "{:<12} {:>7} {:<5} {:>10} {:>12} {:>13} {:>14} {:>9} {:>7}",
+        "vmm",
+        "MiB",
+        "case",
+        "total ms",
+        "downtime ms",
+        "guest gap ms",
+        "baseline gap",
+        "MiB sent",
+        "GiB/s"
     );
     let medians = |runs: &[Result<Outcome>]| -> Result<[f64; 5], String> {
         let ok: Vec<Outcome> = runs
@@ -230,23 +277,34 @@ fn report(rows: &[Row], runs: usize, busy_mib: usize) {
         let (vmm, mem, case) = (r.vmm, r.mem_mib, &r.case);
         match medians(&r.runs) {
             Ok([t, d, g, b, s]) => println!(
-                "{vmm:<5} {mem:>7} {case:<5} {t:>10.1} {d:>12.1} {g:>13.1} {b:>14.1} {s:>9.1}"
+                "{vmm:<12} {mem:>7} {case:<5} {t:>10.1} {d:>12.1} {g:>13.1} {b:>14.1} {s:>9.1} {:>7.2}",
+                s / 1024.0 / (t / 1000.0)
             ),
-            Err(e) => println!("{vmm:<5} {mem:>7} {case:<5} n/a ({e})"),
+            Err(e) => println!("{vmm:<12} {mem:>7} {case:<5} n/a ({e})"),
         }
     }
     println!("ratios ours/qemu (total, downtime, guest gap, MiB sent):");
     for ours in rows.iter().filter(|r| r.vmm == "vmm") {
-        let qemu = rows
-            .iter()
-            .find(|q| q.vmm == "qemu" && q.mem_mib == ours.mem_mib && q.case == ours.case);
-        let line = match (medians(&ours.runs), qemu.map(|q| medians(&q.runs))) {
-            (Ok(o), Some(Ok(q))) => [0, 1, 2, 4]
-                .map(|i| format!("{:.3}", o[i] / q[i]))
-                .join(", "),
-            _ => "n/a".to_string(),
-        };
-        println!("  {} MiB {}: {line}", ours.mem_mib, ours.case);
+        for reference in ["qemu", "qemu-multifd"] {
+            let Some(qemu) = rows
+                .iter()
+                .find(|q| q.vmm == reference && q.mem_mib == ours.mem_mib && q.case == ours.case)
+            else {
+                continue;
+            };
+            let line = match (medians(&ours.runs), medians(&qemu.runs)) {
+                (Ok(o), Ok(q)) => [0, 1, 2, 4]
+                    .map(|i| format!("{:.3}", o[i] / q[i]))
+                    .join(", "),
+                _ => "n/a".to_string(),
+            };
+            let vs = if reference == "qemu" {
+                ""
+            } else {
+                " vs multifd"
+            };
+            println!("  {} MiB {}{vs}: {line}", ours.mem_mib, ours.case);
+        }
     }
 }
 
@@ -377,8 +435,24 @@ impl Qemu {
             .args(["-serial", "chardev:ser"])
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp.display()));
-        if let Some(port) = incoming {
-            cmd.args(["-incoming", &format!("tcp:127.0.0.1:{port}")]);
+        match (incoming, &c.memory_file) {
+            // multifd's parameters are set on the destination before it listens.
+            (Some(_), _) if c.multifd => {
+                cmd.args(["-incoming", "defer"]);
+            }
+            (Some(port), _) => {
+                cmd.args(["-incoming", &format!("tcp:127.0.0.1:{port}")]);
+            }
+            (None, Some(file)) => {
+                cmd.arg("-object")
+                    .arg(format!(
+                        "memory-backend-file,id=ram,size={}M,mem-path={},share=off",
+                        c.mem_mib,
+                        file.display()
+                    ))
+                    .args(["-machine", "memory-backend=ram"]);
+            }
+            (None, None) => {}
         }
         let child = cmd
             .stdin(Stdio::null())
@@ -405,15 +479,28 @@ impl Drop for Qemu {
 
 fn migrate_qemu(c: &Case) -> Result<(Outcome, Timeline)> {
     let port = e2e::free_port()?;
+    let uri = format!("tcp:127.0.0.1:{port}");
     let mut dst = Qemu::start(c, &c.dir.join("dst"), Some(port))?;
     let mut src = Qemu::start(c, &c.dir.join("src"), None)?;
+    if c.multifd {
+        for qmp in [&mut dst.qmp, &mut src.qmp] {
+            qmp.execute(
+                "migrate-set-capabilities",
+                json!({ "capabilities": [{ "capability": "multifd", "state": true }] }),
+            )?;
+            qmp.execute(
+                "migrate-set-parameters",
+                json!({ "multifd-channels": MULTIFD_CHANNELS }),
+            )?;
+        }
+        dst.qmp.execute("migrate-incoming", json!({ "uri": uri }))?;
+    }
     src.agent.wait_ready(BOOT)?;
     let gap = Gap::start(&mut src.agent, c.workload_mib)?;
     src.qmp.execute(
         "migrate-set-parameters",
         json!({ "downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": QEMU_MAX_BANDWIDTH }),
     )?;
-    let uri = format!("tcp:127.0.0.1:{port}");
     src.qmp.execute("migrate", json!({ "uri": uri }))?;
     let started = Instant::now();
     let deadline = started + MIGRATION;
@@ -484,7 +571,13 @@ fn migrate_vmm(c: &Case) -> Result<(Outcome, Timeline)> {
     std::fs::create_dir_all(&dst_dir)?;
     std::fs::create_dir_all(&src_dir)?;
     let mut dst = VmmGuest::start_with(&cfg(&dst_dir), &["--incoming", &addr])?;
-    let mut src = VmmGuest::start(&cfg(&src_dir))?;
+    let mut src = match &c.memory_file {
+        Some(f) => {
+            let f = f.to_str().context("memory file path")?;
+            VmmGuest::start_with(&cfg(&src_dir), &["--memory-file", f])?
+        }
+        None => VmmGuest::start(&cfg(&src_dir))?,
+    };
     src.agent.wait_ready(BOOT)?;
     let gap = Gap::start(&mut src.agent, c.workload_mib)?;
     let request = json!({
