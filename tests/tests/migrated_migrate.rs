@@ -8,8 +8,9 @@
 use agent_proto::{expected_checksum, Fields};
 use e2e::agent::AgentConn;
 use e2e::image::guest_image;
-use e2e::migrated::{agent_of, write_restored_guest_toml, Migrated, StaleWriter, TwoHosts};
+use e2e::migrated::{agent_of, write_restored_guest_toml, Migrated};
 use e2e::process::wait_for;
+use e2e::two_hosts::{StaleWriter, TwoHosts};
 use e2e::workload::{assert_same_boot, disk_acked_past};
 use serde_json::Value;
 use std::path::Path;

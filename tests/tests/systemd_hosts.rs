@@ -72,19 +72,12 @@ fn mem_advances(agent: &mut AgentConn, after: u64) -> u64 {
 
 /// The leases of `volume` as storaged lists them: (host, state).
 fn leases(storage: &Container, volume: &str) -> Vec<(String, String)> {
-    storage
+    let text = storage
         .sh(&format!(
             "storaged lease list {volume} --token-file /etc/storaged/token"
         ))
-        .unwrap()
-        .lines()
-        .skip(2)
-        .filter(|l| !l.starts_with("anonymous"))
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() == 4).then(|| (f[0].to_string(), f[2].to_string()))
-        })
-        .collect()
+        .unwrap();
+    e2e::storaged::lease_rows(&text)
 }
 
 /// The unit a process of container `c` belongs to, from its cgroup path.
