@@ -53,20 +53,7 @@ fn agent_of(c: &Container, instance: &Value, log: &Path) -> AgentConn {
 
 /// Waits for the memory workload to pass `after` and checks it is intact; returns its sequence.
 fn mem_advances(agent: &mut AgentConn, after: u64) -> u64 {
-    let s = wait_for("the memory workload to advance", REPLY, || {
-        let s = agent.command("mem status", REPLY).ok()?;
-        (s.num("seq")? > after).then_some(s)
-    })
-    .unwrap();
-    assert_eq!(s.num("errors"), Some(0), "{s:?}");
-    assert_eq!(
-        s.num("checksum"),
-        Some(agent_proto::expected_checksum(
-            MIB,
-            &s.nums("seqs").unwrap()
-        )),
-        "{s:?}"
-    );
+    let s = e2e::workload::mem_advances(agent, MIB, after);
     s.num("seq").unwrap()
 }
 
