@@ -44,6 +44,12 @@ pub struct MigratedOptions {
 }
 
 impl MigratedOptions {
+    /// On loopback with no storaged: its addresses are the discard port, where nothing
+    /// answers (for the tests that boot no guest).
+    pub fn without_storaged(host_id: &str) -> MigratedOptions {
+        MigratedOptions::local(host_id, "127.0.0.1:9", "127.0.0.1:9")
+    }
+
     /// On loopback, with storaged at the given addresses.
     pub fn local(host_id: &str, storaged_api: &str, storaged_nbd: &str) -> MigratedOptions {
         MigratedOptions {
