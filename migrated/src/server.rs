@@ -217,7 +217,7 @@ async fn instances(State(a): St) -> Json<Vec<InstanceRecord>> {
 
 /// One guest.
 #[utoipa::path(get, path = "/v1/instances/{name}", tag = "instances", params(("name" = String, Path, description = "The instance's name")),
-    responses((status = 200, description = "The instance", body = InstanceRecord), (status = 404, description = "Not found", body = ErrorAnswer)))]
+    responses((status = 200, description = "The instance", body = InstanceRecord), NotFound))]
 async fn instance(State(a): St, Path(name): Path<String>) -> R<Json<InstanceRecord>> {
     // A record of a guest that migrated away is shown; a forgotten one says where it went.
     match a.instance(&name) {
@@ -228,14 +228,14 @@ async fn instance(State(a): St, Path(name): Path<String>) -> R<Json<InstanceReco
 
 /// Forgets a guest that no longer runs (stopped, lost or gone to another host).
 #[utoipa::path(delete, path = "/v1/instances/{name}", tag = "instances", params(("name" = String, Path, description = "The instance's name")),
-    responses((status = 200, description = "Forgotten", body = InstanceRecord), (status = 404, description = "Not found", body = ErrorAnswer), (status = 409, description = "Refused in the current state", body = ErrorAnswer)))]
+    responses((status = 200, description = "Forgotten", body = InstanceRecord), NotFound, Refused))]
 async fn remove(State(a): St, Path(name): Path<String>) -> R<Json<InstanceRecord>> {
     Ok(Json(a.remove_instance(&name).await?))
 }
 
 /// Starts a guest on this host.
 #[utoipa::path(post, path = "/v1/instances", tag = "instances", request_body = InstanceConfig,
-    responses((status = 201, description = "Started", body = InstanceRecord), (status = 400, description = "Invalid request", body = ErrorAnswer), (status = 409, description = "Refused in the current state", body = ErrorAnswer)))]
+    responses((status = 201, description = "Started", body = InstanceRecord), InvalidRequest, Refused))]
 async fn run(
     State(a): St,
     body: Result<Json<InstanceConfig>, JsonRejection>,
@@ -247,14 +247,14 @@ async fn run(
 
 /// Stops a guest and releases this host's leases on its storaged volumes.
 #[utoipa::path(post, path = "/v1/instances/{name}/stop", tag = "instances", params(("name" = String, Path, description = "The instance's name")),
-    responses((status = 200, description = "Stopped; what became of each lease", body = StopAnswer), (status = 404, description = "Not found", body = ErrorAnswer), (status = 409, description = "Refused in the current state, or the guest migrated to another host", body = ErrorAnswer)))]
+    responses((status = 200, description = "Stopped; what became of each lease", body = StopAnswer), NotFound, (status = 409, description = "Refused in the current state, or the guest migrated to another host", body = ErrorAnswer)))]
 async fn stop(State(a): St, Path(name): Path<String>) -> R<Json<StopAnswer>> {
     Ok(Json(a.stop(&name).await?))
 }
 
 /// Starts a live migration of a guest to another host.
 #[utoipa::path(post, path = "/v1/instances/{name}/migrate", tag = "migrations", params(("name" = String, Path, description = "The instance's name")), request_body = MigrateRequest,
-    responses((status = 202, description = "Started", body = MigrationRecord), (status = 400, description = "Invalid request", body = ErrorAnswer), (status = 404, description = "Not found", body = ErrorAnswer), (status = 409, description = "Refused in the current state", body = ErrorAnswer)))]
+    responses((status = 202, description = "Started", body = MigrationRecord), InvalidRequest, NotFound, Refused))]
 async fn migrate(
     State(a): St,
     Path(name): Path<String>,
@@ -282,7 +282,7 @@ async fn migrations(State(a): St) -> Json<Vec<MigrationInfo>> {
 
 /// One migration with its progress.
 #[utoipa::path(get, path = "/v1/migrations/{id}", tag = "migrations", params(("id" = String, Path, description = "The migration's id")),
-    responses((status = 200, description = "The migration", body = MigrationInfo), (status = 404, description = "Not found", body = ErrorAnswer)))]
+    responses((status = 200, description = "The migration", body = MigrationInfo), NotFound))]
 async fn migration(State(a): St, Path(id): Path<String>) -> R<Json<MigrationInfo>> {
     Ok(Json(info(&a, a.migration(&id)?)))
 }
@@ -290,7 +290,7 @@ async fn migration(State(a): St, Path(id): Path<String>) -> R<Json<MigrationInfo
 /// Aborts a migration this host is the source of (until the guest was handed over); answers
 /// once the abort is under way.
 #[utoipa::path(post, path = "/v1/migrations/{id}/abort", tag = "migrations", params(("id" = String, Path, description = "The migration's id")),
-    responses((status = 202, description = "Aborting", body = MigrationRecord), (status = 404, description = "Not found", body = ErrorAnswer), (status = 409, description = "Refused in the current state", body = ErrorAnswer)))]
+    responses((status = 202, description = "Aborting", body = MigrationRecord), NotFound, Refused))]
 async fn abort_migration(
     State(a): St,
     Path(id): Path<String>,
@@ -303,8 +303,12 @@ const VMM_COUNTERS_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// `GET /metrics`: the migrations' metrics and, per instance with a VMM, the VMM's counters
 /// (see [`crate::metrics`]).
-#[utoipa::path(get, path = "/metrics", tag = "metrics",
-    responses((status = 200, description = "Prometheus text exposition format 0.0.4", content_type = "text/plain", body = String)))]
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "metrics",
+    responses(vmhop_common::openapi::PrometheusText)
+)]
 async fn metrics(State(a): St) -> impl IntoResponse {
     let instances = a.instances();
     let states: Vec<&'static str> = instances.iter().map(|i| i.state.as_str()).collect();
@@ -333,7 +337,7 @@ async fn metrics(State(a): St) -> impl IntoResponse {
 
 /// Prepares this host as a migration's destination (called by the source host).
 #[utoipa::path(post, path = "/v1/incoming", tag = "peers", request_body = IncomingRequest,
-    responses((status = 200, description = "Ready to receive", body = IncomingReady), (status = 400, description = "Invalid request", body = ErrorAnswer), (status = 403, description = "Only the migration's source host may do this", body = ErrorAnswer), (status = 409, description = "Refused in the current state", body = ErrorAnswer)))]
+    responses((status = 200, description = "Ready to receive", body = IncomingReady), InvalidRequest, NotItsSource, Refused))]
 async fn incoming_prepare(
     State(a): St,
     caller: Caller,
@@ -346,14 +350,14 @@ async fn incoming_prepare(
 
 /// An incoming migration as this destination sees it.
 #[utoipa::path(get, path = "/v1/incoming/{id}", tag = "peers", params(("id" = String, Path, description = "The migration's id")),
-    responses((status = 200, description = "The migration", body = MigrationRecord), (status = 404, description = "Not found", body = ErrorAnswer)))]
+    responses((status = 200, description = "The migration", body = MigrationRecord), NotFound))]
 async fn incoming_show(State(a): St, Path(id): Path<String>) -> R<Json<MigrationRecord>> {
     Ok(Json(destination::incoming(&a, &id)?))
 }
 
 /// Runs the received guest here, once the leases were flipped (called by the source host).
 #[utoipa::path(post, path = "/v1/incoming/{id}/resume", tag = "peers", params(("id" = String, Path, description = "The migration's id")),
-    responses((status = 200, description = "Running here", body = MigrationRecord), (status = 403, description = "Only the migration's source host may do this", body = ErrorAnswer), (status = 404, description = "Not found", body = ErrorAnswer), (status = 409, description = "Refused in the current state", body = ErrorAnswer)))]
+    responses((status = 200, description = "Running here", body = MigrationRecord), NotItsSource, NotFound, Refused))]
 async fn incoming_resume(
     State(a): St,
     caller: Caller,
@@ -365,7 +369,7 @@ async fn incoming_resume(
 
 /// Abandons an incoming migration (called by the source host).
 #[utoipa::path(post, path = "/v1/incoming/{id}/abort", tag = "peers", params(("id" = String, Path, description = "The migration's id")),
-    responses((status = 200, description = "Abandoned", body = MigrationRecord), (status = 403, description = "Only the migration's source host may do this", body = ErrorAnswer), (status = 404, description = "Not found", body = ErrorAnswer), (status = 409, description = "Refused in the current state", body = ErrorAnswer)))]
+    responses((status = 200, description = "Abandoned", body = MigrationRecord), NotItsSource, NotFound, Refused))]
 async fn incoming_abort(
     State(a): St,
     caller: Caller,
@@ -374,6 +378,22 @@ async fn incoming_abort(
     from_its_source(&a, &caller, &id, "abort this migration")?;
     let why = DestinationError::AbortRequested;
     Ok(Json(destination::abort(&a, &id, &why).await?))
+}
+
+vmhop_common::error_answers! {
+    ErrorAnswer;
+    /// The answer to a request about an instance or a migration this host does not know
+    /// ([`ErrorKind::NotFound`]).
+    NotFound = 404, "Not found";
+    /// The answer to a request that the instance's or the migration's state does not allow
+    /// ([`ErrorKind::Conflict`]).
+    Refused = 409, "Refused in the current state";
+    /// The answer to a request whose body does not parse or does not hold
+    /// ([`ErrorKind::BadRequest`]).
+    InvalidRequest = 400, "Invalid request";
+    /// The answer to a peer call from a host that is not the migration's source
+    /// ([`ErrorKind::Forbidden`]).
+    NotItsSource = 403, "Only the migration's source host may do this";
 }
 
 /// The REST API's OpenAPI document, made from the handlers above; `migrated/openapi.yaml` is

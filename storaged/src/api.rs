@@ -193,8 +193,12 @@ pub fn router(reg: Arc<Registry>) -> Router {
 }
 
 /// `GET /metrics`: the Prometheus exposition (see [`crate::metrics`]).
-#[utoipa::path(get, path = "/metrics", tag = "metrics",
-    responses((status = 200, description = "Prometheus text exposition format 0.0.4", content_type = "text/plain", body = String)))]
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "metrics",
+    responses(vmhop_common::openapi::PrometheusText)
+)]
 async fn metrics(State(reg): Reg) -> impl IntoResponse {
     let body = reg.metrics.encode(&reg.list());
     (
@@ -240,7 +244,7 @@ async fn create(State(reg): Reg, Json(cfg): Json<VolumeConfig>) -> ApiResult<imp
 /// Sets who may use the volume: the hosts that may hold leases and anonymous access.
 #[utoipa::path(put, path = "/v1/volumes/{id}/access", tag = "volumes", params(("id" = String, Path, description = "The volume's name")), request_body = VolumeAccess,
     responses((status = 200, description = "The volume with its new policy", body = VolumeInfo),
-        (status = 404, description = "No such volume", body = ErrorBody), (status = 409, description = "Refused: the lease state does not allow it", body = ErrorBody)))]
+        NoSuchVolume, LeaseRefused))]
 async fn set_access(
     State(reg): Reg,
     Path(id): Path<String>,
@@ -253,7 +257,7 @@ async fn set_access(
 
 /// One volume.
 #[utoipa::path(get, path = "/v1/volumes/{id}", tag = "volumes", params(("id" = String, Path, description = "The volume's name")),
-    responses((status = 200, description = "The volume", body = VolumeInfo), (status = 404, description = "No such volume", body = ErrorBody)))]
+    responses((status = 200, description = "The volume", body = VolumeInfo), NoSuchVolume))]
 async fn show(State(reg): Reg, Path(id): Path<String>) -> ApiResult<Json<VolumeInfo>> {
     // Cluster mode: a node without a copy sends the client to the volume's master.
     let vol = reg.find(&id).await?;
@@ -263,7 +267,7 @@ async fn show(State(reg): Reg, Path(id): Path<String>) -> ApiResult<Json<VolumeI
 
 /// Deletes a volume that no lease holder uses.
 #[utoipa::path(delete, path = "/v1/volumes/{id}", tag = "volumes", params(("id" = String, Path, description = "The volume's name")),
-    responses((status = 204, description = "Deleted"), (status = 404, description = "No such volume", body = ErrorBody),
+    responses((status = 204, description = "Deleted"), NoSuchVolume,
         (status = 409, description = "The volume is in use", body = ErrorBody)))]
 async fn delete(State(reg): Reg, Path(id): Path<String>) -> ApiResult<StatusCode> {
     reg.delete(&id).await?;
@@ -272,7 +276,7 @@ async fn delete(State(reg): Reg, Path(id): Path<String>) -> ApiResult<StatusCode
 
 /// The volume's lease table.
 #[utoipa::path(get, path = "/v1/volumes/{id}/leases", tag = "leases", params(("id" = String, Path, description = "The volume's name")),
-    responses((status = 200, description = "The lease table", body = LeaseView), (status = 404, description = "No such volume", body = ErrorBody)))]
+    responses((status = 200, description = "The lease table", body = LeaseView), NoSuchVolume))]
 async fn leases(State(reg): Reg, Path(id): Path<String>) -> ApiResult<Json<LeaseView>> {
     // Cluster mode: a node without a copy sends the client to the volume's master.
     let vol = reg.find(&id).await?;
@@ -284,7 +288,7 @@ async fn leases(State(reg): Reg, Path(id): Path<String>) -> ApiResult<Json<Lease
 /// the deadline) completes.
 #[utoipa::path(post, path = "/v1/volumes/{id}/flip", tag = "leases", params(("id" = String, Path, description = "The volume's name")), request_body(content = Option<FlipRequest>, description = "Without a body: flip now to the only standby"),
     responses((status = 200, description = "Flipped", body = FlipReport),
-        (status = 202, description = "Armed", body = ArmedFlip), (status = 404, description = "No such volume", body = ErrorBody), (status = 409, description = "Refused: the lease state does not allow it", body = ErrorBody)))]
+        (status = 202, description = "Armed", body = ArmedFlip), NoSuchVolume, LeaseRefused))]
 async fn flip_volume(
     State(reg): Reg,
     Path(id): Path<String>,
@@ -323,7 +327,7 @@ struct CancelQuery {
 
 /// Cancels an armed flip.
 #[utoipa::path(delete, path = "/v1/volumes/{id}/flip", tag = "leases", params(("id" = String, Path, description = "The volume's name"), CancelQuery),
-    responses((status = 200, description = "The lease table", body = LeaseView), (status = 404, description = "No such volume", body = ErrorBody), (status = 409, description = "Refused: the lease state does not allow it", body = ErrorBody)))]
+    responses((status = 200, description = "The lease table", body = LeaseView), NoSuchVolume, LeaseRefused))]
 
 async fn cancel_flip(
     State(reg): Reg,
@@ -337,7 +341,7 @@ async fn cancel_flip(
 
 /// Undoes the flip that made `epoch`, if the volume has not moved on since.
 #[utoipa::path(post, path = "/v1/volumes/{id}/rollback", tag = "leases", params(("id" = String, Path, description = "The volume's name")), request_body = RollbackRequest,
-    responses((status = 200, description = "Rolled back", body = FlipReport), (status = 404, description = "No such volume", body = ErrorBody), (status = 409, description = "Refused: the lease state does not allow it", body = ErrorBody)))]
+    responses((status = 200, description = "Rolled back", body = FlipReport), NoSuchVolume, LeaseRefused))]
 async fn rollback(
     State(reg): Reg,
     Path(id): Path<String>,
@@ -352,7 +356,7 @@ async fn rollback(
 /// Flips several volumes from one host to another at once (all or none).
 #[utoipa::path(post, path = "/v1/leases/flip", tag = "leases", request_body = GroupFlipRequest,
     responses((status = 200, description = "Flipped", body = GroupFlipReport),
-        (status = 400, description = "No volumes, or one twice", body = ErrorBody), (status = 404, description = "No such volume", body = ErrorBody), (status = 409, description = "Refused: the lease state does not allow it", body = ErrorBody), (status = 421, description = "Cluster mode: the volumes are mastered on different nodes; `masters` names each one's, to send each its part", body = ErrorBody)))]
+        (status = 400, description = "No volumes, or one twice", body = ErrorBody), NoSuchVolume, LeaseRefused, SplitMasters))]
 async fn flip_group(
     State(reg): Reg,
     Json(req): Json<GroupFlipRequest>,
@@ -366,7 +370,7 @@ async fn flip_group(
 
 /// Revokes a host's leases on several volumes.
 #[utoipa::path(post, path = "/v1/leases/revoke", tag = "leases", request_body = GroupRevokeRequest,
-    responses((status = 200, description = "The lease tables", body = Vec<LeaseView>), (status = 404, description = "No such volume", body = ErrorBody), (status = 409, description = "Refused: the lease state does not allow it", body = ErrorBody), (status = 421, description = "Cluster mode: the volumes are mastered on different nodes; `masters` names each one's, to send each its part", body = ErrorBody)))]
+    responses((status = 200, description = "The lease tables", body = Vec<LeaseView>), NoSuchVolume, LeaseRefused, SplitMasters))]
 async fn revoke_group(
     State(reg): Reg,
     Json(req): Json<GroupRevokeRequest>,
@@ -378,7 +382,7 @@ async fn revoke_group(
 
 /// Undoes a group flip on every volume that has not moved on since.
 #[utoipa::path(post, path = "/v1/leases/rollback", tag = "leases", request_body = GroupRollbackRequest,
-    responses((status = 200, description = "Rolled back", body = GroupFlipReport), (status = 404, description = "No such volume", body = ErrorBody), (status = 409, description = "Refused: the lease state does not allow it", body = ErrorBody), (status = 421, description = "Cluster mode: the volumes are mastered on different nodes; `masters` names each one's, to send each its part", body = ErrorBody)))]
+    responses((status = 200, description = "Rolled back", body = GroupFlipReport), NoSuchVolume, LeaseRefused, SplitMasters))]
 async fn rollback_group(
     State(reg): Reg,
     Json(req): Json<GroupRollbackRequest>,
@@ -390,7 +394,7 @@ async fn rollback_group(
 
 /// Revokes a host's lease on the volume (optionally only in a given state).
 #[utoipa::path(post, path = "/v1/volumes/{id}/leases/revoke", tag = "leases", params(("id" = String, Path, description = "The volume's name")), request_body = RevokeRequest,
-    responses((status = 200, description = "The lease table", body = LeaseView), (status = 404, description = "No such volume", body = ErrorBody), (status = 409, description = "Refused: the lease state does not allow it", body = ErrorBody)))]
+    responses((status = 200, description = "The lease table", body = LeaseView), NoSuchVolume, LeaseRefused))]
 async fn revoke(
     State(reg): Reg,
     Path(id): Path<String>,
@@ -399,6 +403,17 @@ async fn revoke(
     let vol = changed_here(&reg, &id).await?;
     flip::revoke(&reg, &vol, &req.host, req.only_if).await?;
     Ok(Json(vol.lease_view()))
+}
+
+vmhop_common::error_answers! {
+    ErrorBody;
+    /// The answer to a request about a volume that does not exist ([`RegistryError::NotFound`]).
+    NoSuchVolume = 404, "No such volume";
+    /// The answer to a lease change that the volume's lease state does not allow.
+    LeaseRefused = 409, "Refused: the lease state does not allow it";
+    /// The answer to a change of several volumes mastered on different nodes
+    /// ([`RegistryError::SplitMasters`]).
+    SplitMasters = 421, "Cluster mode: the volumes are mastered on different nodes; `masters` names each one's, to send each its part";
 }
 
 /// The REST API's OpenAPI document, made from the handlers above; `storaged/openapi.yaml` is

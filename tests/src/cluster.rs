@@ -17,7 +17,6 @@ use storaged_client::cluster::ReplicatedVolumeView;
 use storaged_client::nbd::{ClientConfig, ClientTls, FailoverClient, LeaseSpec};
 use storaged_client::protocol::RequestedState;
 use storaged_client::rest::StoragedApi;
-use vmhop_common::tls::HostTls;
 use vmhop_common::token::Token;
 
 /// TTL of the nodes' etcd leases (seconds): a dead master's mastership ends within it.
@@ -277,8 +276,7 @@ impl Cluster {
         let Some(pki) = &self.pki else {
             return Ok(None);
         };
-        let tls = HostTls::load(&pki.host(host)?)?;
-        Ok(Some(ClientTls::new(&tls, None)?))
+        Ok(Some(pki.client_checking(host, None)?))
     }
 
     /// A lease-aware client configuration for `volume` with every node's address, holding the

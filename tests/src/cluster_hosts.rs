@@ -8,8 +8,10 @@
 
 use crate::cluster::Cluster;
 use crate::etcd::Etcd;
-use crate::migrated::{start_agents, storaged_cli, HostsStorage, Migrated, StaleWriter};
+use crate::migrated::Migrated;
 use crate::netns::Rig;
+use crate::ns_storaged::storaged_cli;
+use crate::two_hosts::{start_agents, HostsStorage, StaleWriter};
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use storaged_client::cluster::ReplicatedVolumeView;

@@ -18,10 +18,9 @@
 
 use crate::agent::AgentConn;
 use crate::image::GuestImage;
-use crate::migrated::{
-    agent_of, vmm_processes_with, write_restored_guest_toml, Migration, TwoHosts, AGENT_PORT,
-};
+use crate::migrated::{agent_of, vmm_processes_with, write_restored_guest_toml, Migration};
 use crate::process::wait_for;
+use crate::two_hosts::{TwoHosts, AGENT_PORT};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};

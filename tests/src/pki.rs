@@ -74,7 +74,13 @@ impl Pki {
 
     /// The NBD client TLS settings of `host`, checking that the server is `server`.
     pub fn client(&self, host: &str, server: &str) -> Result<ClientTls> {
+        self.client_checking(host, Some(server.to_string()))
+    }
+
+    /// The NBD client TLS settings of `host`, checking the server against `server_name` or,
+    /// when `None`, against the address it is reached at.
+    pub fn client_checking(&self, host: &str, server_name: Option<String>) -> Result<ClientTls> {
         let tls = HostTls::load(&self.host(host)?)?;
-        Ok(ClientTls::new(&tls, Some(server.to_string()))?)
+        Ok(ClientTls::new(&tls, server_name)?)
     }
 }

@@ -14,6 +14,19 @@ use std::time::Duration;
 /// Generous: the machine is shared with guest boots and builds.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
+/// The holders' rows of `storaged lease list`'s table, as (host, state) pairs (the header
+/// lines and the anonymous-access line left out).
+pub fn lease_rows(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .skip(2)
+        .filter(|l| !l.starts_with("anonymous"))
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 4).then(|| (f[0].to_string(), f[2].to_string()))
+        })
+        .collect()
+}
+
 /// A running storaged.
 pub struct Storaged {
     child: Option<Child>,
@@ -268,10 +281,9 @@ impl Storaged {
     /// The state `host` holds on `volume` (as `storaged lease list` shows it), if any.
     pub fn lease_state(&self, volume: &str, host: &str) -> Option<String> {
         let text = self.cli(&["lease", "list", volume]).ok()?;
-        text.lines().skip(2).find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() == 4 && f[0] == host).then(|| f[2].to_string())
-        })
+        lease_rows(&text)
+            .into_iter()
+            .find_map(|(h, state)| (h == host).then_some(state))
     }
 
     /// Runs a `storaged` CLI subcommand against this server; returns stdout.

@@ -133,6 +133,24 @@ pub fn mem_seq_after(agent: &mut AgentConn, after: u64) -> agent_proto::Fields {
     }
 }
 
+/// Waits (up to [`REPLY`]) until the memory workload over `mib` MiB has passed sequence
+/// `after`, then checks that no word was ever wrong and that the checksum matches the pattern;
+/// returns that status.
+pub fn mem_advances(agent: &mut AgentConn, mib: usize, after: u64) -> Fields {
+    let s = crate::process::wait_for("the memory workload to advance", REPLY, || {
+        let s = agent.command("mem status", REPLY).ok()?;
+        (s.num("seq")? > after).then_some(s)
+    })
+    .unwrap();
+    assert_eq!(s.num("errors"), Some(0), "{s:?}");
+    assert_eq!(
+        s.num("checksum"),
+        Some(expected_checksum(mib, &s.nums("seqs").unwrap())),
+        "{s:?}"
+    );
+    s
+}
+
 /// Waits until the disk writer acknowledged more than `after` records, checking on every
 /// status that it still runs; returns the count.
 pub fn disk_acked_past(agent: &mut AgentConn, after: u64) -> u64 {

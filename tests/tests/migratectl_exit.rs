@@ -38,11 +38,7 @@ fn migratectl_exit_statuses_are_distinct_and_documented() {
     assert!(v["error"].as_str().unwrap().contains("127.0.0.1:9"), "{v}");
 
     // Refused by a running migrated: failed.
-    let m = Migrated::start(
-        dir.path(),
-        MigratedOptions::local("host-a", "127.0.0.1:9", "127.0.0.1:9"),
-    )
-    .unwrap();
+    let m = Migrated::start(dir.path(), MigratedOptions::without_storaged("host-a")).unwrap();
     let sock = m.socket.to_str().unwrap();
     let (code, _, err) = ctl(&["--socket", sock, "abort", "vm1.host-a.1"]);
     assert_eq!(code, 1, "{err}");

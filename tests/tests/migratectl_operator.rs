@@ -58,11 +58,7 @@ fn hosts_say_whether_storaged_answers() {
 #[test]
 fn console_needs_the_local_host_and_a_running_guest() {
     let dir = tempfile::tempdir().unwrap();
-    let m = Migrated::start(
-        dir.path(),
-        MigratedOptions::local("host-a", "127.0.0.1:9", "127.0.0.1:9"),
-    )
-    .unwrap();
+    let m = Migrated::start(dir.path(), MigratedOptions::without_storaged("host-a")).unwrap();
     let sock = m.socket.to_str().unwrap();
 
     // Over --host there is no serial socket to reach: a usage error that says what to do.
@@ -106,7 +102,7 @@ fn all_json(what: &str, text: &str) {
 #[test]
 fn vmms_log_json_lines_when_migrated_does() {
     let dir = tempfile::tempdir().unwrap();
-    let mut opts = MigratedOptions::local("host-a", "127.0.0.1:9", "127.0.0.1:9");
+    let mut opts = MigratedOptions::without_storaged("host-a");
     opts.log_json = true;
     let m = Migrated::start(dir.path(), opts).unwrap();
     let out = m.ctl_raw(&["run", &broken_guest(dir.path())]).unwrap();

@@ -29,7 +29,7 @@ fn exchange(mut s: impl Read + Write, req: &str) -> (u16, String) {
 #[test]
 fn migrated_serves_its_api_and_cli_and_survives_bad_input() {
     let dir = tempfile::tempdir().unwrap();
-    let mut opts = MigratedOptions::local("host-a", "127.0.0.1:9", "127.0.0.1:9");
+    let mut opts = MigratedOptions::without_storaged("host-a");
     // A peer nobody listens on.
     opts.peers.push(("host-b".into(), "127.0.0.1:9".into()));
     let mut m = Migrated::start(dir.path(), opts).unwrap();
@@ -116,11 +116,7 @@ fn migrated_serves_its_api_and_cli_and_survives_bad_input() {
 #[test]
 fn migrated_reports_a_vmm_that_cannot_start() {
     let dir = tempfile::tempdir().unwrap();
-    let m = Migrated::start(
-        dir.path(),
-        MigratedOptions::local("host-a", "127.0.0.1:9", "127.0.0.1:9"),
-    )
-    .unwrap();
+    let m = Migrated::start(dir.path(), MigratedOptions::without_storaged("host-a")).unwrap();
     let guest = dir.path().join("vm.toml");
     std::fs::write(
         &guest,
@@ -149,7 +145,7 @@ fn migrated_tcp_api_takes_only_requests_with_the_cluster_token() {
     let dir = tempfile::tempdir().unwrap();
     let token = write_token(dir.path(), "e2e-cluster-secret-0123456789").unwrap();
     let with_token = |host: &str, peers: Vec<(String, String)>| {
-        let mut o = MigratedOptions::local(host, "127.0.0.1:9", "127.0.0.1:9");
+        let mut o = MigratedOptions::without_storaged(host);
         o.token_file = Some(token.clone());
         o.peers = peers;
         o

@@ -16,10 +16,9 @@
 use agent_proto::{expected_checksum, Fields};
 use e2e::agent::AgentConn;
 use e2e::image::GuestImage;
-use e2e::migrated::{
-    agent_of, write_guest_toml, write_restored_guest_toml, Migration, TwoHosts, AGENT_PORT,
-};
+use e2e::migrated::{agent_of, write_guest_toml, write_restored_guest_toml, Migration};
 use e2e::process::wait_for;
+use e2e::two_hosts::{TwoHosts, AGENT_PORT};
 use e2e::workload::{assert_same_boot, stop_and_verify_disk, stop_disk};
 use e2e::GuestTest;
 use serde_json::Value;

@@ -7,11 +7,7 @@ use e2e::migrated::{Migrated, MigratedOptions};
 #[test]
 fn each_vmm_start_has_a_log_of_its_own() {
     let dir = tempfile::tempdir().unwrap();
-    let m = Migrated::start(
-        dir.path(),
-        MigratedOptions::local("host-a", "127.0.0.1:9", "127.0.0.1:9"),
-    )
-    .unwrap();
+    let m = Migrated::start(dir.path(), MigratedOptions::without_storaged("host-a")).unwrap();
     let guest = dir.path().join("vm.toml");
     let write = |kernel: &str| {
         let toml = format!("name = 'vm1'\nkernel = '{kernel}'\nmemory_mib = 64\n");
@@ -43,11 +39,7 @@ fn each_vmm_start_has_a_log_of_its_own() {
 #[test]
 fn migratectl_rm_forgets_an_instance_whose_vmm_is_gone() {
     let dir = tempfile::tempdir().unwrap();
-    let m = Migrated::start(
-        dir.path(),
-        MigratedOptions::local("host-a", "127.0.0.1:9", "127.0.0.1:9"),
-    )
-    .unwrap();
+    let m = Migrated::start(dir.path(), MigratedOptions::without_storaged("host-a")).unwrap();
     let guest = dir.path().join("vm.toml");
     let toml = "name = 'vm1'\nkernel = '/nonexistent/vmlinux'\nmemory_mib = 64\n";
     std::fs::write(&guest, toml).unwrap();

@@ -6,8 +6,9 @@
 
 use e2e::image::guest_image;
 use e2e::metrics::{scrape_unix, Exposition};
-use e2e::migrated::{agent_of, write_restored_guest_toml, Migrated, TwoHosts, AGENT_PORT};
+use e2e::migrated::{agent_of, write_restored_guest_toml, Migrated};
 use e2e::process::wait_for;
+use e2e::two_hosts::{TwoHosts, AGENT_PORT};
 use serde_json::Value;
 use std::process::{Command, Stdio};
 use std::time::Duration;

@@ -5,11 +5,11 @@
 //! never reboots, the figures are reported, and after the flip host a is fenced (a write
 //! through its old connection and a new primary connection are refused).
 
-use agent_proto::{expected_checksum, Fields};
+use agent_proto::Fields;
 use e2e::agent::AgentConn;
 use e2e::image::guest_image;
-use e2e::migrated::{agent_of, write_restored_guest_toml, Migrated, StaleWriter, TwoHosts};
-use e2e::process::wait_for;
+use e2e::migrated::{agent_of, write_restored_guest_toml, Migrated};
+use e2e::two_hosts::{StaleWriter, TwoHosts};
 use e2e::workload::{assert_same_boot, disk_acked_past};
 use serde_json::Value;
 use std::path::Path;
@@ -26,18 +26,7 @@ fn hosts(dir: &Path) -> Hosts {
 
 /// Waits for the memory workload to pass `after` and checks it is intact.
 fn mem_advances(agent: &mut AgentConn, after: u64) -> Fields {
-    let s = wait_for("the memory workload to advance", REPLY, || {
-        let s = agent.command("mem status", REPLY).ok()?;
-        (s.num("seq")? > after).then_some(s)
-    })
-    .unwrap();
-    assert_eq!(s.num("errors"), Some(0), "{s:?}");
-    assert_eq!(
-        s.num("checksum"),
-        Some(expected_checksum(MIB, &s.nums("seqs").unwrap())),
-        "{s:?}"
-    );
-    s
+    e2e::workload::mem_advances(agent, MIB, after)
 }
 
 /// `migratectl --json migrate ARGS` on `m`: exit status and the final record.

@@ -6,8 +6,9 @@
 //! and stopping the guest ends its backend.
 
 use e2e::image::guest_image;
-use e2e::migrated::{agent_of, process_gone, write_restored_guest_toml, Migrated, TwoHosts};
+use e2e::migrated::{agent_of, process_gone, write_restored_guest_toml, Migrated};
 use e2e::process::wait_for;
+use e2e::two_hosts::TwoHosts;
 use e2e::workload::{assert_same_boot, disk_acked_past};
 use serde_json::Value;
 use std::time::Duration;

@@ -53,38 +53,18 @@ fn agent_of(c: &Container, instance: &Value, log: &Path) -> AgentConn {
 
 /// Waits for the memory workload to pass `after` and checks it is intact; returns its sequence.
 fn mem_advances(agent: &mut AgentConn, after: u64) -> u64 {
-    let s = wait_for("the memory workload to advance", REPLY, || {
-        let s = agent.command("mem status", REPLY).ok()?;
-        (s.num("seq")? > after).then_some(s)
-    })
-    .unwrap();
-    assert_eq!(s.num("errors"), Some(0), "{s:?}");
-    assert_eq!(
-        s.num("checksum"),
-        Some(agent_proto::expected_checksum(
-            MIB,
-            &s.nums("seqs").unwrap()
-        )),
-        "{s:?}"
-    );
+    let s = e2e::workload::mem_advances(agent, MIB, after);
     s.num("seq").unwrap()
 }
 
 /// The leases of `volume` as storaged lists them: (host, state).
 fn leases(storage: &Container, volume: &str) -> Vec<(String, String)> {
-    storage
+    let text = storage
         .sh(&format!(
             "storaged lease list {volume} --token-file /etc/storaged/token"
         ))
-        .unwrap()
-        .lines()
-        .skip(2)
-        .filter(|l| !l.starts_with("anonymous"))
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() == 4).then(|| (f[0].to_string(), f[2].to_string()))
-        })
-        .collect()
+        .unwrap();
+    e2e::storaged::lease_rows(&text)
 }
 
 /// The unit a process of container `c` belongs to, from its cgroup path.

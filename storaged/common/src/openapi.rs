@@ -2,9 +2,42 @@
 //! (`utoipa`) and checks in the result beside its `Cargo.toml` (`openapi.yaml`); a unit test
 //! per daemon ([`openapi_drift_test!`]) calls [`check`], which fails when the code and the file
 //! differ.
-//! `UPDATE_OPENAPI=1 cargo test openapi` writes the files anew.
+//! `UPDATE_OPENAPI=1 cargo test openapi` writes the files anew. [`PrometheusText`] is the
+//! `GET /metrics` answer that every daemon's document shares.
 
 use std::path::Path;
+
+/// Declares a daemon's error answers for its handlers' `responses(...)`: each a type that
+/// documents one status, with its description and the daemon's error body, so that a handler
+/// names the answer instead of repeating the three.
+///
+/// ```ignore
+/// vmhop_common::error_answers! {
+///     ErrorBody;
+///     /// The answer to a request about a volume that does not exist.
+///     NoSuchVolume = 404, "No such volume";
+/// }
+/// ```
+#[macro_export]
+macro_rules! error_answers {
+    ($body:ident; $($(#[$doc:meta])* $name:ident = $status:tt, $description:tt;)+) => {
+        $(
+            $(#[$doc])*
+            #[derive(utoipa::IntoResponses)]
+            #[response(status = $status, description = $description)]
+            pub struct $name(pub $body);
+        )+
+    };
+}
+
+/// The answer of a daemon's `GET /metrics`, for its handler's `responses(...)`.
+#[derive(utoipa::IntoResponses)]
+#[response(
+    status = 200,
+    description = "Prometheus text exposition format 0.0.4",
+    content_type = "text/plain"
+)]
+pub struct PrometheusText(pub String);
 
 /// Compares `T`'s document with the file at `path`; with `UPDATE_OPENAPI=1` writes the file
 /// instead. Panics (it is meant for tests) with the command that updates the file.

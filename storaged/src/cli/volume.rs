@@ -2,38 +2,61 @@
 
 use super::{parse_size, print_json, ApiArgs};
 use anyhow::Result;
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use storaged_client::api::{AnonymousPolicy, VolumeConfig};
+
+/// The settings of a new volume (`volume create`).
+#[derive(Args)]
+pub(crate) struct VolumeArgs {
+    /// Volume name (also the NBD export name).
+    name: String,
+    /// Size: bytes, or with a K/M/G/T suffix (powers of 1024).
+    #[arg(long)]
+    size: String,
+    /// Access for clients without a lease.
+    #[arg(long, value_enum, default_value = "read-only-without-primary")]
+    anonymous: AnonymousPolicy,
+    /// A host that may hold leases on the volume (repeatable; none: any host of the
+    /// cluster). Other hosts get no lease, not even standby, so they cannot flip it.
+    #[arg(long = "host", value_name = "HOST_ID")]
+    hosts: Vec<String>,
+    /// The first data command of a standby connection flips the lease to it.
+    #[arg(long)]
+    flip_on_first_access: bool,
+    /// A standby connection may promote itself with NBD_CMD_LEASE_FLIP (by default only
+    /// the REST API, or a flip it armed, promotes a standby).
+    #[arg(long)]
+    flip_over_nbd: bool,
+    /// Default deadline (ms) of armed flips.
+    #[arg(long)]
+    flip_timeout_ms: Option<u64>,
+    /// What the volume holds (NBD clients see it as the export's description).
+    #[arg(long)]
+    description: Option<String>,
+}
+
+impl VolumeArgs {
+    /// The volume's configuration as the API takes it.
+    fn config(self) -> Result<VolumeConfig> {
+        Ok(VolumeConfig {
+            size: parse_size(&self.size)?,
+            name: self.name,
+            anonymous: self.anonymous,
+            hosts: self.hosts,
+            flip_on_first_access: self.flip_on_first_access,
+            flip_over_nbd: self.flip_over_nbd,
+            flip_timeout_ms: self.flip_timeout_ms,
+            description: self.description,
+        })
+    }
+}
 
 #[derive(Subcommand)]
 pub(crate) enum VolumeCmd {
     /// Create a sparse volume.
     Create {
-        /// Volume name (also the NBD export name).
-        name: String,
-        /// Size: bytes, or with a K/M/G/T suffix (powers of 1024).
-        #[arg(long)]
-        size: String,
-        /// Access for clients without a lease.
-        #[arg(long, value_enum, default_value = "read-only-without-primary")]
-        anonymous: AnonymousPolicy,
-        /// A host that may hold leases on the volume (repeatable; none: any host of the
-        /// cluster). Other hosts get no lease, not even standby, so they cannot flip it.
-        #[arg(long = "host", value_name = "HOST_ID")]
-        hosts: Vec<String>,
-        /// The first data command of a standby connection flips the lease to it.
-        #[arg(long)]
-        flip_on_first_access: bool,
-        /// A standby connection may promote itself with NBD_CMD_LEASE_FLIP (by default only
-        /// the REST API, or a flip it armed, promotes a standby).
-        #[arg(long)]
-        flip_over_nbd: bool,
-        /// Default deadline (ms) of armed flips.
-        #[arg(long)]
-        flip_timeout_ms: Option<u64>,
-        /// What the volume holds (NBD clients see it as the export's description).
-        #[arg(long)]
-        description: Option<String>,
+        #[command(flatten)]
+        volume: VolumeArgs,
         /// Cluster mode: keep the volume on this many nodes (this one and the next live
         /// ones), replicated synchronously.
         #[arg(long)]
@@ -95,27 +118,11 @@ pub(crate) enum VolumeCmd {
 pub(crate) async fn volume_cmd(cmd: VolumeCmd, json: bool) -> Result<()> {
     match cmd {
         VolumeCmd::Create {
-            name,
-            size,
-            anonymous,
-            hosts,
-            flip_on_first_access,
-            flip_over_nbd,
-            flip_timeout_ms,
-            description,
+            volume,
             replicas,
             api,
         } => {
-            let cfg = VolumeConfig {
-                name,
-                size: parse_size(&size)?,
-                anonymous,
-                hosts,
-                flip_on_first_access,
-                flip_over_nbd,
-                flip_timeout_ms,
-                description,
-            };
+            let cfg = volume.config()?;
             if let Some(replicas) = replicas {
                 let req = storaged_client::cluster::ReplicatedVolumeRequest {
                     config: cfg,

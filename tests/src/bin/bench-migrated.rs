@@ -19,8 +19,9 @@
 
 use anyhow::{bail, Context, Result};
 use e2e::image::guest_image;
-use e2e::migrated::{agent_of, write_guest_toml, TwoHosts};
+use e2e::migrated::{agent_of, write_guest_toml};
 use e2e::stats::percentile;
+use e2e::two_hosts::TwoHosts;
 use serde_json::Value;
 use std::time::{Duration, Instant};
 

@@ -24,7 +24,7 @@
 
 mod server;
 
-pub use server::{bind, ApiDoc};
+pub use server::{bind, ApiDoc, ErrorBody, Failed, Refused, Unanswered};
 
 use thiserror::Error;
 

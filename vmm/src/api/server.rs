@@ -118,43 +118,33 @@ async fn counters_of(c: Counters) -> Json<VmCounters> {
 
 /// The VM: its name, run state, shape and disks.
 #[utoipa::path(get, path = "/v1/vm", tag = "vm",
-    responses((status = 200, description = "The VM", body = VmInfo),
-        (status = 503, description = "The VM is shutting down", body = ErrorBody),
-        (status = 504, description = "The VM did not answer in time", body = ErrorBody)))]
+    responses((status = 200, description = "The VM", body = VmInfo), Unanswered))]
 async fn info(State(e): State<Events>) -> Reply {
     call(&e, ApiRequest::Info).await
 }
 /// Pauses every vCPU.
 #[utoipa::path(post, path = "/v1/vm/pause", tag = "vm",
-    responses((status = 200, description = "Paused", body = VmInfo), (status = 409, description = "Refused in the VM's current state", body = ErrorBody), (status = 500, description = "Failed", body = ErrorBody),
-        (status = 503, description = "The VM is shutting down", body = ErrorBody),
-        (status = 504, description = "The VM did not answer in time", body = ErrorBody)))]
+    responses((status = 200, description = "Paused", body = VmInfo), Refused, Failed, Unanswered))]
 async fn pause(State(e): State<Events>) -> Reply {
     call(&e, ApiRequest::Pause).await
 }
 /// Runs the vCPUs again; on a destination that received the guest with `resume: wait`, runs
 /// the guest for the first time.
 #[utoipa::path(post, path = "/v1/vm/resume", tag = "vm",
-    responses((status = 200, description = "Running", body = VmInfo), (status = 409, description = "Refused in the VM's current state", body = ErrorBody), (status = 500, description = "Failed", body = ErrorBody),
-        (status = 503, description = "The VM is shutting down", body = ErrorBody),
-        (status = 504, description = "The VM did not answer in time", body = ErrorBody)))]
+    responses((status = 200, description = "Running", body = VmInfo), Refused, Failed, Unanswered))]
 async fn resume(State(e): State<Events>) -> Reply {
     call(&e, ApiRequest::Resume).await
 }
 /// Ends the VMM: the disks are flushed and the process exits.
 #[utoipa::path(post, path = "/v1/vm/shutdown", tag = "vm",
-    responses((status = 200, description = "Shutting down", body = VmInfo), (status = 409, description = "Refused in the VM's current state", body = ErrorBody), (status = 500, description = "Failed", body = ErrorBody),
-        (status = 503, description = "The VM is shutting down", body = ErrorBody),
-        (status = 504, description = "The VM did not answer in time", body = ErrorBody)))]
+    responses((status = 200, description = "Shutting down", body = VmInfo), Refused, Failed, Unanswered))]
 async fn shutdown(State(e): State<Events>) -> Reply {
     call(&e, ApiRequest::Shutdown).await
 }
 /// The migration's progress, then its final figures. With `phase`, a long poll: the answer
 /// comes once the phase is another one (at once if it is already), or after `wait_ms`.
 #[utoipa::path(get, path = "/v1/migration", tag = "migration", params(MigrationWait),
-    responses((status = 200, description = "The migration", body = MigrationStatus),
-        (status = 503, description = "The VM is shutting down", body = ErrorBody),
-        (status = 504, description = "The VM did not answer in time", body = ErrorBody)))]
+    responses((status = 200, description = "The migration", body = MigrationStatus), Unanswered))]
 async fn migration(
     State(e): State<Events>,
     Query(wait): Query<MigrationWait>,
@@ -177,9 +167,7 @@ async fn migration(
 /// Aborts the migration: a source keeps (or gets back) the guest; a source undecided after
 /// COMMIT resumes only through this call, once the destination was fenced off.
 #[utoipa::path(post, path = "/v1/migration/abort", tag = "migration",
-    responses((status = 200, description = "Aborted", body = MigrationStatus), (status = 409, description = "Refused in the VM's current state", body = ErrorBody), (status = 500, description = "Failed", body = ErrorBody),
-        (status = 503, description = "The VM is shutting down", body = ErrorBody),
-        (status = 504, description = "The VM did not answer in time", body = ErrorBody)))]
+    responses((status = 200, description = "Aborted", body = MigrationStatus), Refused, Failed, Unanswered))]
 async fn abort(State(e): State<Events>) -> Reply {
     call(&e, ApiRequest::MigrationAbort).await
 }
@@ -193,9 +181,7 @@ fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Reply> {
 /// Starts a live migration of the guest to a destination VMM started with `--incoming`.
 #[utoipa::path(post, path = "/v1/migration/send", tag = "migration", request_body = SendParams,
     responses((status = 202, description = "Started", body = MigrationStatus),
-        (status = 400, description = "Invalid parameters", body = ErrorBody), (status = 409, description = "Refused in the VM's current state", body = ErrorBody),
-        (status = 503, description = "The VM is shutting down", body = ErrorBody),
-        (status = 504, description = "The VM did not answer in time", body = ErrorBody)))]
+        (status = 400, description = "Invalid parameters", body = ErrorBody), Refused, Unanswered))]
 async fn send(State(e): State<Events>, bytes: axum::body::Bytes) -> Reply {
     match body::<vmm_api::migration::SendParams>(&bytes) {
         Ok(p) => match p.validate() {
@@ -208,9 +194,7 @@ async fn send(State(e): State<Events>, bytes: axum::body::Bytes) -> Reply {
 /// Writes a snapshot of the paused VM (memory, vCPU and device state) to a file.
 #[utoipa::path(post, path = "/v1/vm/snapshot", tag = "vm", request_body = SnapshotRequest,
     responses((status = 200, description = "Written", body = VmInfo),
-        (status = 400, description = "Invalid request", body = ErrorBody), (status = 409, description = "Refused in the VM's current state", body = ErrorBody), (status = 500, description = "Failed", body = ErrorBody),
-        (status = 503, description = "The VM is shutting down", body = ErrorBody),
-        (status = 504, description = "The VM did not answer in time", body = ErrorBody)))]
+        (status = 400, description = "Invalid request", body = ErrorBody), Refused, Failed, Unanswered))]
 async fn snapshot(State(e): State<Events>, bytes: axum::body::Bytes) -> Reply {
     match body::<vmm_api::vm::SnapshotRequest>(&bytes) {
         Ok(r) => call(&e, ApiRequest::Snapshot(r.path)).await,
@@ -223,6 +207,25 @@ async fn snapshot(State(e): State<Events>, bytes: axum::body::Bytes) -> Reply {
 pub struct ErrorBody {
     /// What went wrong.
     pub error: String,
+}
+
+vmhop_common::error_answers! {
+    ErrorBody;
+    /// The answer to a request the VM's current state does not allow.
+    Refused = 409, "Refused in the VM's current state";
+    /// The answer to a request the VM failed to carry out.
+    Failed = 500, "Failed";
+}
+
+/// The answers of a request that the control loop did not answer.
+#[derive(utoipa::IntoResponses)]
+pub enum Unanswered {
+    /// The loop has ended.
+    #[response(status = 503, description = "The VM is shutting down")]
+    ShuttingDown(ErrorBody),
+    /// The loop did not answer within [`REPLY_TIMEOUT`].
+    #[response(status = 504, description = "The VM did not answer in time")]
+    TimedOut(ErrorBody),
 }
 
 /// The API's OpenAPI document, made from the handlers above; `vmm/openapi.yaml` is this
