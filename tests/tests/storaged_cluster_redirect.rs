@@ -149,24 +149,13 @@ async fn a_change_of_volumes_with_different_masters_goes_to_each_master() -> Res
     let api_of = |n: &str| StoragedApi::new(&c.node(n).storaged.api.to_string(), None);
     let (api_a, api_b) = (api_of("node-a"), api_of("node-b"));
 
-    let connect = |volume: &str, host: &str, state| {
-        let cfg = c.client_config(volume, host).map(|cfg| {
-            cfg.with_lease(LeaseSpec {
-                host: host.into(),
-                instance: format!("{host}-vm"),
-                state,
-                expected_epoch: 0,
-            })
-        });
-        async move { Client::connect(&cfg?).await.context("connecting") }
-    };
     let mut standbys = Vec::new();
     for v in &volumes {
-        connect(v, "host-1", RequestedState::Primary)
+        connect(&c, v, "host-1", RequestedState::Primary)
             .await?
             .write_slice(0, &[1u8; 4096], false)
             .await?;
-        standbys.push(connect(v, "host-2", RequestedState::Standby).await?);
+        standbys.push(connect(&c, v, "host-2", RequestedState::Standby).await?);
     }
     let state = |views: &[LeaseView], volume: &str, host: &str| {
         views
@@ -317,20 +306,9 @@ async fn a_lease_change_sent_while_the_master_is_replaced_is_made_by_the_next_ma
         c.node(&master).storaged.api.to_string(),
         c.node(slave).storaged.api.to_string(),
     );
-    let connect = |host: &str, state| {
-        let cfg = c.client_config("rv", host).map(|cfg| {
-            cfg.with_lease(LeaseSpec {
-                host: host.into(),
-                instance: format!("{host}-vm"),
-                state,
-                expected_epoch: 0,
-            })
-        });
-        async move { Client::connect(&cfg?).await.context("connecting") }
-    };
-    let primary = connect("host-1", RequestedState::Primary).await?;
+    let primary = connect(&c, "rv", "host-1", RequestedState::Primary).await?;
     primary.write_slice(0, &[1u8; 4096], false).await?;
-    let _standby = connect("host-2", RequestedState::Standby).await?;
+    let _standby = connect(&c, "rv", "host-2", RequestedState::Standby).await?;
     let before = StoragedApi::new(&master_api, None).leases("rv").await?;
     // The client knows both nodes, the slave first: it sends the flip on to the master it
     // still knows, which is dead; the dead master itself refuses connections.
@@ -361,4 +339,15 @@ async fn a_lease_change_sent_while_the_master_is_replaced_is_made_by_the_next_ma
         "{after:?}"
     );
     Ok(())
+}
+
+/// A lease-aware client of `volume` on `host`, asking for `state`, knowing every node.
+async fn connect(c: &Cluster, volume: &str, host: &str, state: RequestedState) -> Result<Client> {
+    let cfg = c.client_config(volume, host)?.with_lease(LeaseSpec {
+        host: host.into(),
+        instance: format!("{host}-vm"),
+        state,
+        expected_epoch: 0,
+    });
+    Client::connect(&cfg).await.context("connecting")
 }
