@@ -435,6 +435,13 @@ impl Qemu {
             .args(["-serial", "chardev:ser"])
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+        // The destination's RAM is a backend of the same id as the source's (QEMU matches RAM
+        // blocks by name), in memory of its own.
+        if let (Some(_), Some(_)) = (incoming, &c.memory_file) {
+            cmd.arg("-object")
+                .arg(format!("memory-backend-ram,id=ram,size={}M", c.mem_mib))
+                .args(["-machine", "memory-backend=ram"]);
+        }
         match (incoming, &c.memory_file) {
             // multifd's parameters are set on the destination before it listens.
             (Some(_), _) if c.multifd => {
