@@ -127,6 +127,25 @@ impl RequestDecoder {
     }
 }
 
+impl RequestDecoder {
+    /// The length of the write data expected next, when the last frame was a write's header:
+    /// the caller may then receive that data itself, straight from the stream (after the
+    /// part the read buffer already holds), and tell the decoder with [`Self::data_received`].
+    pub fn pending_data(&self) -> Option<usize> {
+        match self.state {
+            RequestState::WriteData(len) => Some(len),
+            _ => None,
+        }
+    }
+
+    /// The write data announced by [`Self::pending_data`] was received by the caller; the next
+    /// frame is a request header.
+    pub fn data_received(&mut self) {
+        debug_assert!(self.pending_data().is_some());
+        self.state = RequestState::Header;
+    }
+}
+
 impl Default for RequestDecoder {
     fn default() -> Self {
         Self::new()
@@ -586,6 +605,30 @@ mod tests {
         assert_eq!(
             trickle(&mut RequestDecoder::new(), &bytes).unwrap(),
             expected
+        );
+    }
+
+    #[test]
+    fn write_data_received_by_the_caller_puts_the_stream_in_step() {
+        let write = request(NBD_CMD_WRITE, 1, 8);
+        let next = request(NBD_CMD_FLUSH, 2, 0);
+        let mut buf = BytesMut::new();
+        encode_request(&mut buf, write, b"abcdefgh");
+        encode_request(&mut buf, next, &[]);
+        let mut d = RequestDecoder::new();
+        assert_eq!(d.pending_data(), None);
+        assert_eq!(
+            d.decode(&mut buf).unwrap(),
+            Some(RequestFrame::Request(write))
+        );
+        assert_eq!(d.pending_data(), Some(8));
+        // The caller takes the data from the buffer (and would read the rest from the stream).
+        assert_eq!(&buf.split_to(8)[..], b"abcdefgh");
+        d.data_received();
+        assert_eq!(d.pending_data(), None);
+        assert_eq!(
+            decode_all(&mut d, &mut buf),
+            vec![RequestFrame::Request(next)]
         );
     }
 

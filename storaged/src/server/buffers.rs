@@ -1,23 +1,26 @@
-//! Read buffers reused across requests and connections.
+//! Buffers for reads and for long write data, reused across requests and connections.
 //!
-//! A fresh buffer for every large read costs a new mapping and a page fault per 4 KiB page
-//! (the allocator maps large blocks anew and unmaps them on free), which for 1 MiB reads was a
-//! fifth of the server's time. [`ReadBuffers`] keeps buffers of 128 KiB to 4 MiB that the
-//! writer has sent, up to [`IDLE_MAX`] bytes in all, and hands them out again.
+//! A fresh buffer for every large read or write costs a new mapping and a page fault per 4 KiB
+//! page (the allocator maps large blocks anew and unmaps them on free), which for 1 MiB reads
+//! was a fifth of the server's time, and for 1 MiB writes the faults on receipt were a tenth.
+//! [`Buffers`] keeps buffers of 128 KiB to 4 MiB that came back (a read's once the writer sent
+//! it, a write's once its data is in the file), up to [`IDLE_MAX`] bytes in all, and hands them
+//! out again.
 //!
-//! A buffer handed out again still holds an earlier read's bytes (zeroing it was a fifth of
+//! A buffer handed out again still holds an earlier request's bytes (zeroing it was a fifth of
 //! the server's time on 1 MiB reads); only the part beyond the earlier length is zeroed. No
 //! reply carries them: a read replies with its buffer only when it filled every byte
 //! (`read_exact_at`, or a page-cache read of the whole length), and a reply with an error
-//! carries no data, simple or structured (the encoder, `ReplyEncoder::encode_head`, sends none).
+//! carries no data, simple or structured (the encoder, `ReplyEncoder::encode_head`, sends none);
+//! write data is used only once the whole of it was received into the buffer.
 //! Idle buffers are outside the memory [`super::Budget`]: that counts the requests in flight,
 //! this adds at most [`IDLE_MAX`] to the server's memory.
 
 use std::sync::{Arc, Mutex};
 
-/// Reads smaller than this use a fresh buffer (the allocator serves them from its own caches).
+/// Buffers smaller than this are fresh ones (the allocator serves them from its own caches).
 pub const POOLED_MIN: usize = 128 << 10;
-/// Reads larger than this use a fresh buffer.
+/// Buffers larger than this are fresh ones.
 pub const POOLED_MAX: usize = 4 << 20;
 /// Most bytes kept in idle buffers, over all sizes.
 pub const IDLE_MAX: usize = 32 << 20;
@@ -27,25 +30,25 @@ const SIZES: usize = (POOLED_MAX / POOLED_MIN).trailing_zeros() as usize + 1;
 
 #[derive(Default)]
 struct Idle {
-    /// Per size, the idle buffers (each with that capacity, and the length of its last read).
+    /// Per size, the idle buffers (each with that capacity, and the length of its last use).
     free: [Vec<Vec<u8>>; SIZES],
     /// Their capacities' sum.
     bytes: usize,
 }
 
-/// The server's idle read buffers; cheap to clone.
+/// The server's idle buffers; cheap to clone.
 #[derive(Clone, Default)]
-pub struct ReadBuffers(Arc<Mutex<Idle>>);
+pub struct Buffers(Arc<Mutex<Idle>>);
 
-impl ReadBuffers {
-    /// A buffer of `len` bytes, to be filled by a read (it may hold an earlier read's bytes;
+impl Buffers {
+    /// A buffer of `len` bytes, to be filled by a read or a write's data (it may hold earlier bytes;
     /// see the module's documentation); it comes back here when dropped.
-    pub fn take(&self, len: usize) -> ReadBuf {
+    pub fn take(&self, len: usize) -> PooledBuf {
         let Some(size) = size_class(len) else {
-            return ReadBuf::from(vec![0u8; len]);
+            return PooledBuf::from(vec![0u8; len]);
         };
         let reused = {
-            let mut idle = self.0.lock().expect("read buffers lock");
+            let mut idle = self.0.lock().expect("buffers lock");
             let buf = idle.free[size].pop();
             if let Some(b) = &buf {
                 idle.bytes -= b.capacity();
@@ -56,13 +59,13 @@ impl ReadBuffers {
         // Shorter: cut; longer: the new part is zeroed (a buffer's length only grows to its
         // class's size, so a steady stream of one read size zeroes nothing).
         data.resize(len, 0);
-        ReadBuf {
+        PooledBuf {
             data,
             home: Some(self.clone()),
         }
     }
 
-    /// Keeps `data` for a later read, if it has a kept size and the idle total allows.
+    /// Keeps `data` for a later request, if it has a kept size and the idle total allows.
     fn give_back(&self, data: Vec<u8>) {
         let Some(size) = size_class(data.capacity()) else {
             return;
@@ -70,7 +73,7 @@ impl ReadBuffers {
         if data.capacity() != POOLED_MIN << size {
             return;
         }
-        let mut idle = self.0.lock().expect("read buffers lock");
+        let mut idle = self.0.lock().expect("buffers lock");
         if idle.bytes + data.capacity() > IDLE_MAX {
             return;
         }
@@ -81,7 +84,7 @@ impl ReadBuffers {
     /// Bytes held in idle buffers.
     #[cfg(test)]
     fn idle_bytes(&self) -> usize {
-        self.0.lock().expect("read buffers lock").bytes
+        self.0.lock().expect("buffers lock").bytes
     }
 }
 
@@ -94,32 +97,32 @@ fn size_class(len: usize) -> Option<usize> {
     Some(size.trailing_zeros() as usize)
 }
 
-/// A read's data; a buffer from [`ReadBuffers`] goes back there when this is dropped.
+/// A read's or a write's data; a buffer from [`Buffers`] goes back there when this is dropped.
 #[derive(Default)]
-pub struct ReadBuf {
+pub struct PooledBuf {
     data: Vec<u8>,
-    home: Option<ReadBuffers>,
+    home: Option<Buffers>,
 }
 
-impl From<Vec<u8>> for ReadBuf {
-    fn from(data: Vec<u8>) -> ReadBuf {
-        ReadBuf { data, home: None }
+impl From<Vec<u8>> for PooledBuf {
+    fn from(data: Vec<u8>) -> PooledBuf {
+        PooledBuf { data, home: None }
     }
 }
 
-impl AsRef<[u8]> for ReadBuf {
+impl AsRef<[u8]> for PooledBuf {
     fn as_ref(&self) -> &[u8] {
         &self.data
     }
 }
 
-impl AsMut<[u8]> for ReadBuf {
+impl AsMut<[u8]> for PooledBuf {
     fn as_mut(&mut self) -> &mut [u8] {
         &mut self.data
     }
 }
 
-impl Drop for ReadBuf {
+impl Drop for PooledBuf {
     fn drop(&mut self) {
         if let Some(home) = self.home.take() {
             home.give_back(std::mem::take(&mut self.data));
@@ -133,7 +136,7 @@ mod tests {
 
     #[test]
     fn a_returned_buffer_is_reused_and_only_its_growth_zeroed() {
-        let pool = ReadBuffers::default();
+        let pool = Buffers::default();
         let mut b = pool.take((1 << 20) - 8192);
         let ptr = b.as_ref().as_ptr();
         b.as_mut().fill(0xab);
@@ -153,7 +156,7 @@ mod tests {
 
     #[test]
     fn small_and_huge_reads_are_not_kept() {
-        let pool = ReadBuffers::default();
+        let pool = Buffers::default();
         drop(pool.take(4096));
         drop(pool.take(POOLED_MAX + 1));
         assert_eq!(pool.idle_bytes(), 0);
@@ -162,7 +165,7 @@ mod tests {
 
     #[test]
     fn idle_buffers_stay_within_their_limit() {
-        let pool = ReadBuffers::default();
+        let pool = Buffers::default();
         let held: Vec<_> = (0..(IDLE_MAX / POOLED_MAX + 3))
             .map(|_| pool.take(POOLED_MAX))
             .collect();

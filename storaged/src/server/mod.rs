@@ -14,7 +14,7 @@ pub use tls::NbdTls;
 
 use crate::metrics::ConnRefusal;
 use crate::registry::Registry;
-use buffers::ReadBuffers;
+use buffers::Buffers;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -63,7 +63,7 @@ pub async fn serve(
 ) {
     let cfg = Arc::new(cfg);
     let budget = Budget::new(&cfg.limits);
-    let buffers = ReadBuffers::default();
+    let buffers = Buffers::default();
     let mut conns = JoinSet::new();
     let mut refused = 0u64;
     loop {
@@ -129,7 +129,7 @@ struct Connection {
     reg: Arc<Registry>,
     cfg: Arc<ServerConfig>,
     budget: Budget,
-    buffers: ReadBuffers,
+    buffers: Buffers,
     peer: std::net::SocketAddr,
 }
 

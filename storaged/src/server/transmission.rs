@@ -19,11 +19,11 @@ use crate::lease::flip;
 use crate::lease::gate::{Access, Admitted, Gate, Need, Refusal};
 use crate::metrics::{ConnMetrics, Op as MetricOp};
 use crate::registry::{Attachment, Registry};
-use crate::server::buffers::{ReadBuf, ReadBuffers};
+use crate::server::buffers::{Buffers, PooledBuf, POOLED_MIN};
 use crate::server::handshake::Negotiated;
 use crate::server::limits::{Budget, Limits, Permit};
 use crate::volume::{Span, Volume, VolumeFile};
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures::StreamExt;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -37,7 +37,7 @@ use storaged_client::meta::{NBD_CMD_BLOCK_STATUS, NBD_CMD_FLAG_REQ_ONE};
 use storaged_client::meta::{NBD_STATE_HOLE, NBD_STATE_ZERO};
 use storaged_client::protocol::*;
 use storaged_client::stream::{NbdStream, WriteHalf};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::codec::FramedRead;
 
@@ -62,7 +62,7 @@ struct Held {
 /// One reply for the writer task, holding its request's share of the memory budgets until it
 /// is encoded.
 struct Outgoing {
-    reply: Reply<ReadBuf>,
+    reply: Reply<PooledBuf>,
     _permit: Held,
 }
 
@@ -83,7 +83,7 @@ impl Outgoing {
 
     /// The reply to a read of `data` at the request's offset with `error` (with structured
     /// replies an error is an error chunk: a reply to a read must never be a simple one there).
-    fn read(req: &Request, error: u32, data: ReadBuf, permit: Held) -> Outgoing {
+    fn read(req: &Request, error: u32, data: PooledBuf, permit: Held) -> Outgoing {
         let offset = req.offset;
         Outgoing {
             reply: Reply {
@@ -190,8 +190,8 @@ struct Ctx {
     tx: ReplyTx,
     budget: Budget,
     conn_budget: Arc<Semaphore>,
-    /// Where read buffers come from.
-    buffers: ReadBuffers,
+    /// Where read buffers and long write data's buffers come from.
+    buffers: Buffers,
     peer: std::net::SocketAddr,
     structured: bool,
     block_status: bool,
@@ -355,7 +355,7 @@ async fn handle(
     }
     match req.kind {
         NBD_CMD_WRITE => {
-            let data = write_data(rd).await?;
+            let data = write_data(rd, &ctx.buffers).await?;
             write(ctx, req, data, permit).await;
         }
         NBD_CMD_READ => read(ctx, req, permit).await,
@@ -375,7 +375,7 @@ async fn handle(
 /// The reply refusing `req` with `error` before any I/O, in the form its command needs.
 fn refused(ctx: &Ctx, req: &Request, error: u32, permit: Held) -> Outgoing {
     match req.kind {
-        NBD_CMD_READ => Outgoing::read(req, error, ReadBuf::default(), permit),
+        NBD_CMD_READ => Outgoing::read(req, error, PooledBuf::default(), permit),
         NBD_CMD_BLOCK_STATUS if ctx.structured => Outgoing {
             reply: Reply {
                 handle: req.handle,
@@ -392,7 +392,20 @@ fn refused(ctx: &Ctx, req: &Request, error: u32, permit: Held) -> Outgoing {
 }
 
 /// The frame after a write's header: its data.
-async fn write_data(rd: &mut Requests) -> Result<Bytes, CodecError> {
+/// Long write data is received straight into a pooled buffer (the part the read buffer
+/// already holds is copied there first): a fresh buffer per write cost a page fault per 4 KiB
+/// on receipt; shorter data comes as a frame.
+async fn write_data(rd: &mut Requests, buffers: &Buffers) -> Result<Bytes, CodecError> {
+    if let Some(len) = rd.decoder().pending_data().filter(|&n| n >= POOLED_MIN) {
+        let mut buf = buffers.take(len);
+        let data = buf.as_mut();
+        let held = rd.read_buffer().len().min(len);
+        data[..held].copy_from_slice(&rd.read_buffer()[..held]);
+        rd.read_buffer_mut().advance(held);
+        rd.get_mut().read_exact(&mut data[held..]).await?;
+        rd.decoder_mut().data_received();
+        return Ok(Bytes::from_owner(buf));
+    }
     match rd.next().await {
         Some(Ok(RequestFrame::WriteData(data))) => Ok(data),
         Some(Err(e)) => Err(e),
@@ -632,7 +645,7 @@ async fn flip_request(ctx: &Ctx, req: Request, permit: Held) {
                 error: 0,
                 body: ReplyBody::Data(ReplyData {
                     offset: 0,
-                    data: ReadBuf::from(rep.encode().to_vec()),
+                    data: PooledBuf::from(rep.encode().to_vec()),
                 }),
             },
             _permit: permit,
@@ -650,7 +663,7 @@ pub(super) struct Transmission<'a> {
     pub(super) reg: Arc<Registry>,
     pub(super) limits: &'a Limits,
     pub(super) budget: Budget,
-    pub(super) buffers: ReadBuffers,
+    pub(super) buffers: Buffers,
 }
 
 impl Transmission<'_> {
