@@ -17,7 +17,9 @@
 //! [`MAX_REQUEST_LEN`] is read and dropped piece by piece and then reported as
 //! [`RequestFrame::Oversize`] (the stream stays usable); a chunk longer than [`MAX_CHUNK_LEN`]
 //! is a protocol error. A write's data comes as a frame of its own after its header, so that
-//! the server can take the request's share of its memory budget before the data is buffered.
+//! the server can take the request's share of its memory budget before the data is buffered;
+//! or the server receives long data itself, into a buffer of its own, and tells the decoder
+//! ([`RequestDecoder::pending_data`], [`RequestDecoder::data_received`]).
 //!
 //! The [`Encoder`] impls write whole frames. A sender that wants long payloads to go out without
 //! a copy writes the head with `encode_head` and then the frame with [`send_frame`], which is
@@ -125,9 +127,7 @@ impl RequestDecoder {
             state: RequestState::Header,
         }
     }
-}
 
-impl RequestDecoder {
     /// The length of the write data expected next, when the last frame was a write's header:
     /// the caller may then receive that data itself, straight from the stream (after the
     /// part the read buffer already holds), and tell the decoder with [`Self::data_received`].
