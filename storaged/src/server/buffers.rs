@@ -2,7 +2,7 @@
 //!
 //! A fresh buffer for every large read or write costs a new mapping and a page fault per 4 KiB
 //! page (the allocator maps large blocks anew and unmaps them on free), which for 1 MiB reads
-//! was a fifth of the server's time, and for 1 MiB writes the faults on receipt were a tenth.
+//! was a fifth of the server's time, and for 1 MiB writes the faults on receipt about 8%.
 //! [`Buffers`] keeps buffers of 128 KiB to 4 MiB that came back (a read's once the writer sent
 //! it, a write's once its data is in the file), up to [`IDLE_MAX`] bytes in all, and hands them
 //! out again.
@@ -41,8 +41,8 @@ struct Idle {
 pub struct Buffers(Arc<Mutex<Idle>>);
 
 impl Buffers {
-    /// A buffer of `len` bytes, to be filled by a read or a write's data (it may hold earlier bytes;
-    /// see the module's documentation); it comes back here when dropped.
+    /// A buffer of `len` bytes, to be filled by a read or a write's data (it may hold earlier
+    /// bytes; see the module's documentation); it comes back here when dropped.
     pub fn take(&self, len: usize) -> PooledBuf {
         let Some(size) = size_class(len) else {
             return PooledBuf::from(vec![0u8; len]);
@@ -57,7 +57,7 @@ impl Buffers {
         };
         let mut data = reused.unwrap_or_else(|| Vec::with_capacity(POOLED_MIN << size));
         // Shorter: cut; longer: the new part is zeroed (a buffer's length only grows to its
-        // class's size, so a steady stream of one read size zeroes nothing).
+        // class's size, so a steady stream of one request size zeroes nothing).
         data.resize(len, 0);
         PooledBuf {
             data,

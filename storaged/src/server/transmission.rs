@@ -391,9 +391,9 @@ fn refused(ctx: &Ctx, req: &Request, error: u32, permit: Held) -> Outgoing {
     }
 }
 
-/// The data after a write's header. Long write data is received straight into a pooled buffer (the part the read buffer
-/// already holds is copied there first): a fresh buffer per write cost a page fault per 4 KiB
-/// on receipt; shorter data comes as a frame.
+/// The data after a write's header. Long data is received straight into a pooled buffer (the
+/// part the read buffer already holds is copied there first): a fresh buffer per write cost a
+/// page fault per 4 KiB on receipt. Shorter data comes as a frame.
 async fn write_data(rd: &mut Requests, buffers: &Buffers) -> Result<Bytes, CodecError> {
     if let Some(len) = rd.decoder().pending_data().filter(|&n| n >= POOLED_MIN) {
         let mut buf = buffers.take(len);
