@@ -137,7 +137,7 @@ async fn start_one(
         cmd.arg("--read-only");
     }
     if agent.log_json {
-        cmd.arg("--json-logs");
+        cmd.arg("--log-json");
     }
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())

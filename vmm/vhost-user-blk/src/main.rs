@@ -90,19 +90,26 @@ struct Cli {
     /// What the guest reads as the disk's serial (GET_ID, at most 20 bytes).
     #[arg(long, value_name = "SERIAL", default_value = "vmhop-vhost-user")]
     id: String,
-    /// Log JSON lines instead of text.
-    #[arg(long)]
-    json_logs: bool,
+    /// Log JSON lines instead of text (the same flag as the other daemons; `--json-logs` is
+    /// still taken).
+    #[arg(long, alias = "json-logs")]
+    log_json: bool,
 }
 
 fn main() {
     vmhop_common::man::generate_if_asked(Cli::command);
     let cli = Cli::parse();
-    vmhop_common::logging::init(cli.json_logs);
+    vmhop_common::logging::init(cli.log_json);
+    let json = cli.log_json;
     let code = match run(cli) {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("vhost-user-blk: {e:#}");
+            let why = vmhop_common::error::chain(e.as_ref());
+            if json {
+                tracing::error!("{why}; exiting (1)");
+            } else {
+                eprintln!("vhost-user-blk: {why}");
+            }
             1
         }
     };
@@ -117,10 +124,7 @@ fn run(cli: Cli) -> Result<()> {
         .build()
         .context("start the I/O runtime")?;
     let backend = match (&cli.file, &cli.storaged) {
-        (Some(path), _) => Backend::File(
-            FileBackend::open(path, cli.read_only)
-                .with_context(|| format!("open {}", path.display()))?,
-        ),
+        (Some(path), _) => Backend::File(FileBackend::open(path, cli.read_only)?),
         (None, Some(address)) => {
             let mut nodes = address.split(',').map(str::trim).map(String::from);
             let cfg = StoragedDiskConfig {
