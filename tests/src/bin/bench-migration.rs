@@ -226,12 +226,13 @@ fn report(rows: &[Row], runs: usize, busy_mib: usize) {
          {runs} run(s)\nidle: `mem start {IDLE_MIB}`; busy: `mem start {busy_mib}`, {busy_mib} MiB \
          dirtied nonstop (the issue asks for 64 MiB; this machine's guest zeroes pages at ~1 MB/s)\n\
          guest gap: the guest's largest loop gap (TSC-timed) over {s}s around the migration; \
-         baseline gap: the same over the {s}s before",
+         baseline gap: the same over the {s}s before; over baseline: the median over runs of \
+         each run's guest gap less its own baseline gap (0 when not above it)",
         s = BASELINE.as_secs()
     );
     println!("full: idle, RAM not zero (the first pass sends all of it); GiB/s: sent / total time");
     println!(
-        "{:<12} {:>7} {:<5} {:>10} {:>12} {:>13} {:>14} {:>9} {:>7}",
+        "{:<12} {:>7} {:<5} {:>10} {:>12} {:>13} {:>14} {:>14} {:>9} {:>7}",
         "vmm",
         "MiB",
         "case",
@@ -239,10 +240,11 @@ fn report(rows: &[Row], runs: usize, busy_mib: usize) {
         "downtime ms",
         "guest gap ms",
         "baseline gap",
+        "over baseline",
         "MiB sent",
         "GiB/s"
     );
-    let medians = |runs: &[Result<Outcome>]| -> Result<[f64; 5], String> {
+    let medians = |runs: &[Result<Outcome>]| -> Result<[f64; 6], String> {
         let ok: Vec<Outcome> = runs
             .iter()
             .filter_map(|r| r.as_ref().ok().copied())
@@ -255,7 +257,7 @@ fn report(rows: &[Row], runs: usize, busy_mib: usize) {
                 .join(" ");
             return Err(text.chars().take(200).collect());
         }
-        let med = |f: fn(&Outcome) -> f64| {
+        let med = |f: &dyn Fn(&Outcome) -> f64| {
             let mut v: Vec<f64> = ok.iter().map(f).collect();
             v.sort_by(f64::total_cmp);
             let n = v.len();
@@ -266,24 +268,25 @@ fn report(rows: &[Row], runs: usize, busy_mib: usize) {
             }
         };
         Ok([
-            med(|o| o.total_ms),
-            med(|o| o.downtime_ms),
-            med(|o| o.guest_gap_ms),
-            med(|o| o.baseline_gap_ms),
-            med(|o| o.sent_mib),
+            med(&|o| o.total_ms),
+            med(&|o| o.downtime_ms),
+            med(&|o| o.guest_gap_ms),
+            med(&|o| o.baseline_gap_ms),
+            med(&|o| o.sent_mib),
+            med(&|o| (o.guest_gap_ms - o.baseline_gap_ms).max(0.0)),
         ])
     };
     for r in rows {
         let (vmm, mem, case) = (r.vmm, r.mem_mib, &r.case);
         match medians(&r.runs) {
-            Ok([t, d, g, b, s]) => println!(
-                "{vmm:<12} {mem:>7} {case:<5} {t:>10.1} {d:>12.1} {g:>13.1} {b:>14.1} {s:>9.1} {:>7.2}",
+            Ok([t, d, g, b, s, p]) => println!(
+                "{vmm:<12} {mem:>7} {case:<5} {t:>10.1} {d:>12.1} {g:>13.1} {b:>14.1} {p:>14.1} {s:>9.1} {:>7.2}",
                 s / 1024.0 / (t / 1000.0)
             ),
             Err(e) => println!("{vmm:<12} {mem:>7} {case:<5} n/a ({e})"),
         }
     }
-    println!("ratios ours/qemu (total, downtime, guest gap, MiB sent):");
+    println!("ratios ours/qemu (total, downtime, guest gap, MiB sent; then the pause over baseline in ms, ours vs qemu):");
     for ours in rows.iter().filter(|r| r.vmm == "vmm") {
         for reference in ["qemu", "qemu-multifd"] {
             let Some(qemu) = rows
@@ -293,9 +296,14 @@ fn report(rows: &[Row], runs: usize, busy_mib: usize) {
                 continue;
             };
             let line = match (medians(&ours.runs), medians(&qemu.runs)) {
-                (Ok(o), Ok(q)) => [0, 1, 2, 4]
-                    .map(|i| format!("{:.3}", o[i] / q[i]))
-                    .join(", "),
+                (Ok(o), Ok(q)) => format!(
+                    "{}; {:.1} vs {:.1}",
+                    [0, 1, 2, 4]
+                        .map(|i| format!("{:.3}", o[i] / q[i]))
+                        .join(", "),
+                    o[5],
+                    q[5]
+                ),
                 _ => "n/a".to_string(),
             };
             let vs = if reference == "qemu" {
