@@ -93,6 +93,12 @@ pub enum BuildError {
     /// An eventfd could not be created.
     #[error("eventfd")]
     EventFd(#[source] std::io::Error),
+    /// A build thread (kernel loading) could not start.
+    #[error("start a build thread")]
+    Thread(#[source] std::io::Error),
+    /// A build thread panicked (a bug).
+    #[error("the {0} thread panicked")]
+    Panicked(&'static str),
     /// The I/O runtime could not start.
     #[error("start the I/O runtime")]
     Runtime(#[source] std::io::Error),
@@ -199,6 +205,38 @@ impl Vm {
         if matches!(mode, StartMode::Restore(_)) && config.memory_file.is_some() {
             return Err(BuildError::MemoryFileWithRestore);
         }
+        // A vhost-user backend maps guest memory: it must be a shared memfd.
+        let shared = config.disks.iter().any(|d| d.vhost_user.is_some());
+        let (mem, memfd, snapshot_state) = match &mode {
+            StartMode::Restore(path) => {
+                let r = crate::snapshot::open(path, config.memory_mib, shared)
+                    .map_err(BuildError::Restore)?;
+                (r.mem, r.memfd, Some(r.state))
+            }
+            _ => {
+                // An incoming guest's memory must start zeroed: the stream skips zero pages.
+                let emptied = matches!(mode, StartMode::Incoming(_));
+                let (mem, fd) = match &config.memory_file {
+                    Some(path) => memory::open_guest_memory_file(config.memory_mib, path, emptied)?,
+                    None => memory::create_guest_memory(config.memory_mib)?,
+                };
+                (mem, Some(fd), None)
+            }
+        };
+        // The kernel is copied into guest memory on its own thread while the VM is built (the
+        // KVM calls below take several milliseconds each on some hosts); joined before the
+        // boot structures are written.
+        let booting = matches!(mode, StartMode::Boot);
+        let kernel_loader = if booting {
+            let (mem, path) = (mem.clone(), config.kernel.clone());
+            let loader = std::thread::Builder::new()
+                .name("kernel-load".into())
+                .spawn(move || boot::load_kernel(&mem, &path))
+                .map_err(BuildError::Thread)?;
+            Some(loader)
+        } else {
+            None
+        };
         kick::install_handler().map_err(BuildError::Signal)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -226,24 +264,6 @@ impl Vm {
             })
             .map_err(|e| BuildError::Kvm("KVM_CREATE_PIT2", e))?;
 
-        // A vhost-user backend maps guest memory: it must be a shared memfd.
-        let shared = config.disks.iter().any(|d| d.vhost_user.is_some());
-        let (mem, memfd, snapshot_state) = match &mode {
-            StartMode::Restore(path) => {
-                let r = crate::snapshot::open(path, config.memory_mib, shared)
-                    .map_err(BuildError::Restore)?;
-                (r.mem, r.memfd, Some(r.state))
-            }
-            _ => {
-                // An incoming guest's memory must start zeroed: the stream skips zero pages.
-                let emptied = matches!(mode, StartMode::Incoming(_));
-                let (mem, fd) = match &config.memory_file {
-                    Some(path) => memory::open_guest_memory_file(config.memory_mib, path, emptied)?,
-                    None => memory::create_guest_memory(config.memory_mib)?,
-                };
-                (mem, Some(fd), None)
-            }
-        };
         memory::register_slots(&vm_fd, &mem, false)
             .map_err(|e| BuildError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
 
@@ -320,13 +340,15 @@ impl Vm {
             tracing::info!(disk = %name, base, irq, read_only, "disk");
         }
 
-        let booting = matches!(mode, StartMode::Boot);
         let mut entry = None;
         let mut cmdline = config.cmdline.clone();
-        if booting {
+        if let Some(loader) = kernel_loader {
+            let kernel = loader
+                .join()
+                .map_err(|_| BuildError::Panicked("kernel-load"))??;
             let loaded = boot::load(
                 &mem,
-                &config.kernel,
+                kernel,
                 config.initramfs.as_deref(),
                 &config.cmdline,
                 &announced,

@@ -8,7 +8,10 @@
 //! 3. `KVM_SET_USER_MEMORY_REGION` for each RAM region.
 //! 4. Devices: `KVM_IRQFD` for each interrupt line (needs the irqchip), `KVM_IOEVENTFD` for each
 //!    virtio queue's notify register.
-//! 5. The kernel and boot structures are written into guest memory.
+//! 5. The kernel and boot structures are written into guest memory. The kernel's segments are
+//!    copied on their own thread, started as soon as the guest memory exists (before step 1):
+//!    the copy needs no KVM call, and the KVM calls of steps 1-4 mostly wait (SRCU grace
+//!    periods), so the two overlap; the thread is joined here, before the boot structures.
 //! 6. `KVM_CREATE_VCPU` and each vCPU's setup (see [`crate::vcpu::regs`] for its own order),
 //!    then the vCPU threads start.
 //!
