@@ -93,7 +93,7 @@ pub enum BuildError {
     /// An eventfd could not be created.
     #[error("eventfd")]
     EventFd(#[source] std::io::Error),
-    /// A build thread (kernel loading) could not start.
+    /// A build thread (kernel loading, memory registration) could not start.
     #[error("start a build thread")]
     Thread(#[source] std::io::Error),
     /// A build thread panicked (a bug).
@@ -248,12 +248,23 @@ impl Vm {
 
         let kvm = Kvm::new().map_err(BuildError::OpenKvm)?;
         check_kvm(&kvm)?;
-        let vm_fd = kvm
-            .create_vm()
-            .map_err(|e| BuildError::Kvm("KVM_CREATE_VM", e))?;
+        let vm_fd = Arc::new(
+            kvm.create_vm()
+                .map_err(|e| BuildError::Kvm("KVM_CREATE_VM", e))?,
+        );
         vm_fd
             .set_tss_address(memory::KVM_TSS_ADDR)
             .map_err(|e| BuildError::Kvm("KVM_SET_TSS_ADDR", e))?;
+        // Registering the memory waits for KVM to retire the old memory slots (an SRCU grace
+        // period, several milliseconds on a busy host): done on its own thread beside the
+        // device setup, joined before the vCPUs start.
+        let slots = {
+            let (vm_fd, mem) = (vm_fd.clone(), mem.clone());
+            std::thread::Builder::new()
+                .name("memory-slots".into())
+                .spawn(move || memory::register_slots(&vm_fd, &mem, false))
+                .map_err(BuildError::Thread)?
+        };
         vm_fd
             .create_irq_chip()
             .map_err(|e| BuildError::Kvm("KVM_CREATE_IRQCHIP", e))?;
@@ -263,9 +274,6 @@ impl Vm {
                 ..Default::default()
             })
             .map_err(|e| BuildError::Kvm("KVM_CREATE_PIT2", e))?;
-
-        memory::register_slots(&vm_fd, &mem, false)
-            .map_err(|e| BuildError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
 
         let mut pio = Bus::default();
         let (console_tx, console_rx) = std::sync::mpsc::channel();
@@ -408,6 +416,11 @@ impl Vm {
             }
         });
 
+        slots
+            .join()
+            .map_err(|_| BuildError::Panicked("memory-slots"))?
+            .map_err(|e| BuildError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+
         let mut vcpus = Vec::new();
         for (i, fd) in vcpu_fds.into_iter().enumerate() {
             let vcpu = Vcpu::new(
@@ -425,7 +438,7 @@ impl Vm {
         let mut vm = Vm {
             config,
             _kvm: kvm,
-            vm_fd: Arc::new(vm_fd),
+            vm_fd,
             mem,
             memfd,
             serial,
