@@ -76,32 +76,33 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 pub fn load(mem: &GuestMem, path: &Path) -> Result<Kernel, BootError> {
     let name = || path.display().to_string();
     let file = File::open(path).map_err(|e| BootError::OpenKernel(name(), e))?;
+    let bad = |why| BootError::BadKernel(name(), why);
     let read = |buf: &mut [u8], at: u64| {
-        file.read_exact_at(buf, at)
-            .map_err(|e| BootError::ReadKernel(name(), e))
+        file.read_exact_at(buf, at).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => bad("the file ends inside its headers"),
+            _ => BootError::ReadKernel(name(), e),
+        })
     };
     let mut ehdr = [0u8; EHDR_SIZE];
     read(&mut ehdr, 0)?;
     if ehdr[..4] != ELF_MAGIC || ehdr[4] != ELFCLASS64 {
-        return Err(BootError::BadKernel("not a 64-bit ELF file"));
+        return Err(bad("not a 64-bit ELF file"));
     }
     if ehdr[5] != ELFDATA2LSB {
-        return Err(BootError::BadKernel("big-endian ELF"));
+        return Err(bad("big-endian ELF"));
     }
     let entry = u64_at(&ehdr, 24);
     let phoff = u64_at(&ehdr, 32);
     let phentsize = usize::from(u16_at(&ehdr, 54));
     let phnum = usize::from(u16_at(&ehdr, 56));
     if phentsize != PHDR_SIZE {
-        return Err(BootError::BadKernel("program header size is not 56"));
+        return Err(bad("program header size is not 56"));
     }
     if phoff < EHDR_SIZE as u64 {
-        return Err(BootError::BadKernel(
-            "program headers overlap the ELF header",
-        ));
+        return Err(bad("program headers overlap the ELF header"));
     }
     if entry < HIMEM_START {
-        return Err(BootError::BadKernel("entry point below 1 MiB"));
+        return Err(bad("entry point below 1 MiB"));
     }
     let mut table = vec![0u8; phnum * PHDR_SIZE];
     read(&mut table, phoff)?;
@@ -121,8 +122,7 @@ pub fn load(mem: &GuestMem, path: &Path) -> Result<Kernel, BootError> {
     for seg in segments {
         match seg.kind {
             PT_LOAD if seg.filesz > 0 => {
-                let len = usize::try_from(seg.filesz)
-                    .map_err(|_| BootError::BadKernel("segment too large"))?;
+                let len = usize::try_from(seg.filesz).map_err(|_| bad("segment too large"))?;
                 fill_from_file(mem, GuestAddress(seg.paddr), &file, seg.offset, len).map_err(
                     |e| BootError::KernelSegment {
                         paddr: seg.paddr,
@@ -133,12 +133,12 @@ pub fn load(mem: &GuestMem, path: &Path) -> Result<Kernel, BootError> {
                 let end = seg
                     .paddr
                     .checked_add(seg.memsz)
-                    .ok_or(BootError::BadKernel("segment end overflows"))?;
+                    .ok_or_else(|| bad("segment end overflows"))?;
                 kernel.end = kernel.end.max(end);
             }
             PT_NOTE if kernel.pvh_entry.is_none() => {
                 if seg.filesz > NOTES_MAX {
-                    return Err(BootError::BadKernel("note segment too large"));
+                    return Err(bad("note segment too large"));
                 }
                 let mut notes = vec![0u8; seg.filesz as usize];
                 read(&mut notes, seg.offset)?;
@@ -284,7 +284,7 @@ mod tests {
         );
         assert_eq!(
             vmhop_common::error::chain(&e),
-            "kernel segment of 8192 bytes at 0x1000000: unexpected end of file"
+            "load kernel segment of 8192 bytes at 0x1000000: unexpected end of file"
         );
     }
 
@@ -305,12 +305,16 @@ mod tests {
         let (mem, _fd) = create_guest_memory(8).unwrap();
         let e = load(&mem, Path::new("/nonexistent/vmlinux")).unwrap_err();
         assert!(matches!(e, BootError::OpenKernel(..)), "{e:?}");
-        let f = file_with(b"#!/bin/sh\n");
+        let f = file_with(b"not a kernel");
         let e = load(&mem, f.path()).unwrap_err();
-        assert!(matches!(e, BootError::ReadKernel(..)), "{e:?}");
+        assert!(matches!(e, BootError::BadKernel(_, _)), "{e:?}");
+        assert!(e.to_string().contains("ends inside its headers"), "{e}");
         let f = file_with(&[0u8; 4096]);
         let e = load(&mem, f.path()).unwrap_err();
-        assert!(matches!(e, BootError::BadKernel(_)), "{e:?}");
+        assert!(
+            matches!(e, BootError::BadKernel(_, "not a 64-bit ELF file")),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -51,14 +51,14 @@ pub enum BootError {
     /// The kernel file could not be opened.
     #[error("open kernel {0}")]
     OpenKernel(String, #[source] std::io::Error),
-    /// The kernel file could not be read (it is shorter than its headers say).
-    #[error("read kernel {0}")]
+    /// The kernel file could not be read.
+    #[error("load kernel {0}")]
     ReadKernel(String, #[source] std::io::Error),
     /// The kernel is not an ELF file this VMM can load.
-    #[error("kernel: {0} (an uncompressed ELF vmlinux is expected)")]
-    BadKernel(&'static str),
+    #[error("load kernel {0}: {1} (an uncompressed ELF vmlinux is expected)")]
+    BadKernel(String, &'static str),
     /// A kernel segment could not be copied into guest memory.
-    #[error("kernel segment of {len} bytes at {paddr:#x}")]
+    #[error("load kernel segment of {len} bytes at {paddr:#x}")]
     KernelSegment {
         /// Guest physical address of the segment.
         paddr: u64,
