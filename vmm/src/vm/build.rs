@@ -93,6 +93,12 @@ pub enum BuildError {
     /// An eventfd could not be created.
     #[error("eventfd")]
     EventFd(#[source] std::io::Error),
+    /// A build thread (kernel loading, memory registration) could not start.
+    #[error("start a build thread")]
+    Thread(#[source] std::io::Error),
+    /// A build thread panicked (a bug).
+    #[error("the {0} thread panicked")]
+    Panicked(&'static str),
     /// The I/O runtime could not start.
     #[error("start the I/O runtime")]
     Runtime(#[source] std::io::Error),
@@ -199,33 +205,6 @@ impl Vm {
         if matches!(mode, StartMode::Restore(_)) && config.memory_file.is_some() {
             return Err(BuildError::MemoryFileWithRestore);
         }
-        kick::install_handler().map_err(BuildError::Signal)?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("vmm-io")
-            .enable_all()
-            .build()
-            .map_err(BuildError::Runtime)?;
-        let (events_tx, events) = std::sync::mpsc::channel();
-
-        let kvm = Kvm::new().map_err(BuildError::OpenKvm)?;
-        check_kvm(&kvm)?;
-        let vm_fd = kvm
-            .create_vm()
-            .map_err(|e| BuildError::Kvm("KVM_CREATE_VM", e))?;
-        vm_fd
-            .set_tss_address(memory::KVM_TSS_ADDR)
-            .map_err(|e| BuildError::Kvm("KVM_SET_TSS_ADDR", e))?;
-        vm_fd
-            .create_irq_chip()
-            .map_err(|e| BuildError::Kvm("KVM_CREATE_IRQCHIP", e))?;
-        vm_fd
-            .create_pit2(kvm_pit_config {
-                flags: KVM_PIT_SPEAKER_DUMMY,
-                ..Default::default()
-            })
-            .map_err(|e| BuildError::Kvm("KVM_CREATE_PIT2", e))?;
-
         // A vhost-user backend maps guest memory: it must be a shared memfd.
         let shared = config.disks.iter().any(|d| d.vhost_user.is_some());
         let (mem, memfd, snapshot_state) = match &mode {
@@ -244,8 +223,57 @@ impl Vm {
                 (mem, Some(fd), None)
             }
         };
-        memory::register_slots(&vm_fd, &mem, false)
-            .map_err(|e| BuildError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+        // The kernel is copied into guest memory on its own thread while the VM is built (the
+        // KVM calls below take several milliseconds each on some hosts); joined before the
+        // boot structures are written.
+        let booting = matches!(mode, StartMode::Boot);
+        let kernel_loader = if booting {
+            let (mem, path) = (mem.clone(), config.kernel.clone());
+            let loader = std::thread::Builder::new()
+                .name("kernel-load".into())
+                .spawn(move || boot::load_kernel(&mem, &path))
+                .map_err(BuildError::Thread)?;
+            Some(loader)
+        } else {
+            None
+        };
+        kick::install_handler().map_err(BuildError::Signal)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("vmm-io")
+            .enable_all()
+            .build()
+            .map_err(BuildError::Runtime)?;
+        let (events_tx, events) = std::sync::mpsc::channel();
+
+        let kvm = Kvm::new().map_err(BuildError::OpenKvm)?;
+        check_kvm(&kvm)?;
+        let vm_fd = Arc::new(
+            kvm.create_vm()
+                .map_err(|e| BuildError::Kvm("KVM_CREATE_VM", e))?,
+        );
+        vm_fd
+            .set_tss_address(memory::KVM_TSS_ADDR)
+            .map_err(|e| BuildError::Kvm("KVM_SET_TSS_ADDR", e))?;
+        // Registering the memory waits for KVM to retire the old memory slots (an SRCU grace
+        // period, several milliseconds on a busy host): done on its own thread beside the
+        // device setup, joined before the vCPUs start.
+        let slots = {
+            let (vm_fd, mem) = (vm_fd.clone(), mem.clone());
+            std::thread::Builder::new()
+                .name("memory-slots".into())
+                .spawn(move || memory::register_slots(&vm_fd, &mem, false))
+                .map_err(BuildError::Thread)?
+        };
+        vm_fd
+            .create_irq_chip()
+            .map_err(|e| BuildError::Kvm("KVM_CREATE_IRQCHIP", e))?;
+        vm_fd
+            .create_pit2(kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            })
+            .map_err(|e| BuildError::Kvm("KVM_CREATE_PIT2", e))?;
 
         let mut pio = Bus::default();
         let (console_tx, console_rx) = std::sync::mpsc::channel();
@@ -320,13 +348,15 @@ impl Vm {
             tracing::info!(disk = %name, base, irq, read_only, "disk");
         }
 
-        let booting = matches!(mode, StartMode::Boot);
         let mut entry = None;
         let mut cmdline = config.cmdline.clone();
-        if booting {
+        if let Some(loader) = kernel_loader {
+            let kernel = loader
+                .join()
+                .map_err(|_| BuildError::Panicked("kernel-load"))??;
             let loaded = boot::load(
                 &mem,
-                &config.kernel,
+                kernel,
                 config.initramfs.as_deref(),
                 &config.cmdline,
                 &announced,
@@ -386,6 +416,11 @@ impl Vm {
             }
         });
 
+        slots
+            .join()
+            .map_err(|_| BuildError::Panicked("memory-slots"))?
+            .map_err(|e| BuildError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+
         let mut vcpus = Vec::new();
         for (i, fd) in vcpu_fds.into_iter().enumerate() {
             let vcpu = Vcpu::new(
@@ -403,7 +438,7 @@ impl Vm {
         let mut vm = Vm {
             config,
             _kvm: kvm,
-            vm_fd: Arc::new(vm_fd),
+            vm_fd,
             mem,
             memfd,
             serial,

@@ -5,10 +5,15 @@
 //! 1. `KVM_CREATE_VM`, then `KVM_SET_TSS_ADDR` (Intel needs it before any vCPU runs).
 //! 2. `KVM_CREATE_IRQCHIP` before any vCPU exists: each vCPU gets its in-kernel LAPIC only
 //!    when the irqchip is already there. Then `KVM_CREATE_PIT2`, which needs the irqchip.
-//! 3. `KVM_SET_USER_MEMORY_REGION` for each RAM region.
+//! 3. `KVM_SET_USER_MEMORY_REGION` for each RAM region, on its own thread started right after
+//!    step 1 and joined before the vCPU threads start (a memory slot change waits for an SRCU
+//!    grace period, milliseconds on a busy host; nothing before the first `KVM_RUN` needs it).
 //! 4. Devices: `KVM_IRQFD` for each interrupt line (needs the irqchip), `KVM_IOEVENTFD` for each
 //!    virtio queue's notify register.
-//! 5. The kernel and boot structures are written into guest memory.
+//! 5. The kernel and boot structures are written into guest memory. The kernel's segments are
+//!    copied on their own thread, started as soon as the guest memory exists (before step 1):
+//!    the copy needs no KVM call, and the KVM calls of steps 1-4 mostly wait (SRCU grace
+//!    periods), so the two overlap; the thread is joined here, before the boot structures.
 //! 6. `KVM_CREATE_VCPU` and each vCPU's setup (see [`crate::vcpu::regs`] for its own order),
 //!    then the vCPU threads start.
 //!
