@@ -12,11 +12,13 @@
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use storaged_client::protocol::REQUEST_LEN;
 use storaged_client::stream::ReadHalf;
 use tokio::io::{AsyncRead, ReadBuf};
 
-/// How far the read after a long write looks ahead: a header and some data.
-pub const AFTER_LONG_WRITE: usize = 8 << 10;
+/// How far the read after a long write looks ahead: a header and some data (when that is the
+/// next write's, 8 KiB of it, so that the rest is received from a cache-line boundary on).
+pub const AFTER_LONG_WRITE: usize = REQUEST_LEN + (8 << 10);
 
 /// A reader whose next read can be held to a few bytes.
 pub struct Lookahead {
