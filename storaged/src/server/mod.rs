@@ -4,6 +4,7 @@
 mod buffers;
 mod handshake;
 mod limits;
+mod lookahead;
 mod tls;
 mod transmission;
 

@@ -19,9 +19,10 @@ use crate::lease::flip;
 use crate::lease::gate::{Access, Admitted, Gate, Need, Refusal};
 use crate::metrics::{ConnMetrics, Op as MetricOp};
 use crate::registry::{Attachment, Registry};
-use crate::server::buffers::{Buffers, PooledBuf, POOLED_MIN};
+use crate::server::buffers::{Buffers, PooledBuf, ALIGN, POOLED_MIN};
 use crate::server::handshake::Negotiated;
 use crate::server::limits::{Budget, Limits, Permit};
+use crate::server::lookahead::{Lookahead, AFTER_LONG_WRITE};
 use crate::volume::{Span, Volume, VolumeFile};
 use bytes::{Buf, Bytes, BytesMut};
 use futures::StreamExt;
@@ -48,7 +49,7 @@ const BATCHED_WRITE_MAX: u32 = 64 << 10;
 /// Most writes in one batch.
 const BATCH_MAX: usize = 64;
 
-type Requests = FramedRead<storaged_client::stream::ReadHalf, RequestDecoder>;
+type Requests = FramedRead<Lookahead, RequestDecoder>;
 
 /// A request's share of the memory budgets, with what its reply is counted as in the
 /// metrics when the writer sends it.
@@ -393,7 +394,9 @@ fn refused(ctx: &Ctx, req: &Request, error: u32, permit: Held) -> Outgoing {
 
 /// The data after a write's header. Long data is received straight into a pooled buffer (the
 /// part the read buffer already holds is copied there first): a fresh buffer per write cost a
-/// page fault per 4 KiB on receipt. Shorter data comes as a frame.
+/// page fault per 4 KiB on receipt. The read after it looks ahead only a little, so that
+/// little of the next long write lands in the read buffer (see [`super::lookahead`]).
+/// Shorter data comes as a frame.
 async fn write_data(rd: &mut Requests, buffers: &Buffers) -> Result<Bytes, CodecError> {
     if let Some(len) = rd.decoder().pending_data().filter(|&n| n >= POOLED_MIN) {
         let mut buf = buffers.take(len);
@@ -401,8 +404,13 @@ async fn write_data(rd: &mut Requests, buffers: &Buffers) -> Result<Bytes, Codec
         let held = rd.read_buffer().len().min(len);
         data[..held].copy_from_slice(&rd.read_buffer()[..held]);
         rd.read_buffer_mut().advance(held);
-        rd.get_mut().read_exact(&mut data[held..]).await?;
+        // The rest is received from a cache-line boundary on (see [`ALIGN`]): the few bytes
+        // before the next one first.
+        let edge = held.next_multiple_of(ALIGN).min(len);
+        rd.get_mut().read_exact(&mut data[held..edge]).await?;
+        rd.get_mut().read_exact(&mut data[edge..]).await?;
         rd.decoder_mut().data_received();
+        rd.get_mut().limit_next(AFTER_LONG_WRITE);
         return Ok(Bytes::from_owner(buf));
     }
     match rd.next().await {
@@ -685,7 +693,8 @@ impl Transmission<'_> {
             entry, attached, ..
         } = att;
         let (rd, wr) = stream.into_halves();
-        let mut rd = FramedRead::with_capacity(rd, RequestDecoder::new(), READ_CHUNK);
+        let mut rd =
+            FramedRead::with_capacity(Lookahead::new(rd), RequestDecoder::new(), READ_CHUNK);
         let (tx, rx) = mpsc::unbounded_channel();
         let encoder = ReplyEncoder::new(structured);
         let metrics = self.reg.metrics.connection(&vol.config.name);
