@@ -28,8 +28,9 @@ use vmhop_common::error::chain as error_chain;
 const LOOP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Deadline of each read once a source is connected.
 const IO_TIMEOUT: Duration = Duration::from_secs(120);
-/// Read buffer of the stream (two PAGES frames).
-const READ_BUFFER: usize = 2 << 20;
+/// Read buffer of the stream: small frames come in one read; the payload of a PAGES frame,
+/// larger, is read past it straight into the frame's buffer (one copy less).
+const READ_BUFFER: usize = 64 << 10;
 
 /// Why an incoming migration failed before the hand-over.
 #[derive(Debug, Error)]
@@ -339,5 +340,113 @@ pub fn receive_stream<R: Read, W: Write>(
             }
             other => return Err(WireError::Unexpected(other, "during the transfer").into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::create_guest_memory;
+    use crate::migration::wire::PageBatch;
+
+    struct Dest {
+        shape: Shape,
+        mem: Arc<GuestMem>,
+        status: SharedStatus,
+    }
+
+    impl Incoming for Dest {
+        fn shape(&self) -> &Shape {
+            &self.shape
+        }
+        fn mem(&self) -> &GuestMem {
+            &self.mem
+        }
+        fn status(&self) -> &SharedStatus {
+            &self.status
+        }
+        fn load_state(&mut self, _state: Vec<u8>) -> Result<(), ReceiveError> {
+            Ok(())
+        }
+        fn commit(&mut self, _c: Commit, _auto: bool) -> Option<CommitDone> {
+            Some(CommitDone { resumed_at_us: 0 })
+        }
+    }
+
+    fn dest() -> Dest {
+        let (mem, _file) = create_guest_memory(2).unwrap();
+        Dest {
+            shape: Shape {
+                memory_mib: 2,
+                vcpus: 1,
+                disks: 0,
+            },
+            mem,
+            status: SharedStatus::default(),
+        }
+    }
+
+    /// A stream's preamble and HELLO for `d`.
+    fn start(d: &Dest) -> Vec<u8> {
+        let mut out = Vec::new();
+        wire::write_preamble(&mut out).unwrap();
+        let hello = Hello {
+            name: "test".into(),
+            shape: d.shape.clone(),
+            resume: super::super::ResumeMode::Auto,
+        };
+        wire::write_json(&mut out, Kind::Hello, &hello).unwrap();
+        out
+    }
+
+    fn page_at(d: &Dest, addr: u64) -> Vec<u8> {
+        let mut p = vec![0u8; PAGE_SIZE];
+        d.mem.read_slice(&mut p, GuestAddress(addr)).unwrap();
+        p
+    }
+
+    #[test]
+    fn pages_land_at_their_addresses_and_a_corrupt_frame_is_refused() {
+        let mut d = dest();
+        d.mem
+            .write_slice(&[3u8; PAGE_SIZE], GuestAddress(0x3000))
+            .unwrap();
+        let mut out = start(&d);
+        let mut b = PageBatch::new(1 << 20);
+        b.push(0x2000, &[7u8; PAGE_SIZE]);
+        b.push_zero(0x3000);
+        b.push(0x1f_f000, &[9u8; PAGE_SIZE]);
+        b.flush(&mut out).unwrap();
+        let good = out.len();
+        b.push(0x5000, &[1u8; PAGE_SIZE]);
+        b.flush(&mut out).unwrap();
+        out[good + 100] ^= 0x40;
+
+        let mut answers = Vec::new();
+        let e = receive_stream(&out[..], &mut answers, &mut d).unwrap_err();
+        assert!(matches!(
+            e,
+            ReceiveError::Wire(WireError::Checksum(2, Kind::Pages, ..))
+        ));
+        assert!(error_chain(&e).contains("checksum"), "{}", error_chain(&e));
+        assert_eq!(page_at(&d, 0x2000), vec![7u8; PAGE_SIZE]);
+        assert_eq!(page_at(&d, 0x3000), vec![0u8; PAGE_SIZE]);
+        assert_eq!(page_at(&d, 0x1f_f000), vec![9u8; PAGE_SIZE]);
+        // Nothing of the corrupt frame reached guest memory.
+        assert_eq!(page_at(&d, 0x5000), vec![0u8; PAGE_SIZE]);
+    }
+
+    #[test]
+    fn a_page_outside_guest_memory_is_refused() {
+        let mut d = dest();
+        let mut out = start(&d);
+        let mut b = PageBatch::new(1 << 20);
+        b.push(2 << 20, &[7u8; PAGE_SIZE]);
+        b.flush(&mut out).unwrap();
+        let e = receive_stream(&out[..], &mut Vec::new(), &mut d).unwrap_err();
+        assert!(
+            matches!(e, ReceiveError::PageOutside(0x20_0000, _)),
+            "{e:?}"
+        );
     }
 }

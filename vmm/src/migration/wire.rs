@@ -41,6 +41,8 @@ pub const FRAME_HEADER: usize = 12;
 pub const MAX_FRAME: u32 = 64 << 20;
 /// Flag in a page entry's address: the page is all zeroes and no data follows.
 pub const PAGE_ZERO: u64 = 1;
+/// How much of a payload is read (and the buffer grown) at a time.
+const READ_STEP: usize = 1 << 20;
 
 /// Frame kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,14 +266,22 @@ impl<R: Read> FrameReader<R> {
             return Err(WireError::TooLong(n, len));
         }
         let stored = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
-        // The buffer grows with what arrives, not with what the header claims: a peer that
-        // announces 64 MiB and sends nothing costs nothing.
-        buf.clear();
-        let got = (&mut self.inner).take(u64::from(len)).read_to_end(buf)?;
-        if got < len as usize {
-            return Err(WireError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        // The buffer keeps its length from the frame before, so that bytes already
+        // initialised are not zeroed again (PAGES frames are all about one size); it grows
+        // with what arrives, not with what the header claims: a peer that announces 64 MiB
+        // and sends nothing costs at most one step.
+        let len = len as usize;
+        buf.truncate(len);
+        let mut got = 0;
+        while got < len {
+            let end = (got + READ_STEP).min(len);
+            if buf.len() < end {
+                buf.resize(end, 0);
+            }
+            self.inner.read_exact(&mut buf[got..end])?;
+            got = end;
         }
-        self.bytes += (FRAME_HEADER as u64) + u64::from(len);
+        self.bytes += (FRAME_HEADER + len) as u64;
         let computed = crc32fast::hash(buf);
         if computed != stored {
             return Err(WireError::Checksum(n, kind, stored, computed));
@@ -436,5 +446,33 @@ mod tests {
             Err(WireError::Magic(_))
         ));
         assert!(pages(&[1, 2, 3]).any(|p| p.is_err()));
+    }
+
+    #[test]
+    fn the_frame_buffer_is_reused_across_frames_of_any_size() {
+        let big: Vec<u8> = (0..READ_STEP + 5000).map(|i| (i % 251) as u8).collect();
+        let mut out = Vec::new();
+        write_frame(&mut out, Kind::State, &big).unwrap();
+        write_frame(&mut out, Kind::Progress, b"{}").unwrap();
+        write_frame(&mut out, Kind::State, &big[7..]).unwrap();
+        write_frame(&mut out, Kind::Sync, &[]).unwrap();
+        let mut r = FrameReader::new(&out[..]);
+        let mut buf = Vec::new();
+        assert_eq!(r.read(&mut buf).unwrap(), Kind::State);
+        assert_eq!(buf, big);
+        assert_eq!(r.read(&mut buf).unwrap(), Kind::Progress);
+        assert_eq!(buf, b"{}");
+        assert_eq!(r.read(&mut buf).unwrap(), Kind::State);
+        assert_eq!(buf, &big[7..]);
+        assert_eq!(r.read(&mut buf).unwrap(), Kind::Sync);
+        assert!(buf.is_empty());
+
+        // A frame that ends early is an end of stream, whatever its header said.
+        let mut cut = Vec::new();
+        write_frame(&mut cut, Kind::State, &big).unwrap();
+        cut.truncate(FRAME_HEADER + 100);
+        let mut r = FrameReader::new(&cut[..]);
+        assert!(matches!(r.read(&mut buf), Err(WireError::Io(e))
+            if e.kind() == std::io::ErrorKind::UnexpectedEof));
     }
 }
