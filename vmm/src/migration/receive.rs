@@ -21,7 +21,7 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmhop_common::error::chain as error_chain;
 
 /// How long the VM loop may take to load the state or resume.
@@ -258,6 +258,7 @@ pub fn receive_stream<R: Read, W: Write>(
         });
         match kind {
             Kind::Pages => {
+                populate(dest.mem(), &buf);
                 for page in wire::pages(&buf) {
                     let (addr, data) = page?;
                     pages += 1;
@@ -340,6 +341,49 @@ pub fn receive_stream<R: Read, W: Write>(
             }
             other => return Err(WireError::Unexpected(other, "during the transfer").into()),
         }
+    }
+}
+
+/// Has the kernel put in the guest pages a PAGES payload is about to write, one call per run
+/// of consecutive pages with data, rather than a fault per page on its first write (a trap,
+/// then the allocation and zeroing, which stay). Measured on the development hosts: faults
+/// took about half of this thread's time in a full pass, and filling 1 GiB of a fresh memfd
+/// took 1.0 s of CPU page by page, 0.8 s populated a MiB at a time. Only a hint: a page it
+/// leaves out (an address outside guest memory, a kernel without it) is faulted in by the
+/// write, or refused there.
+fn populate(mem: &GuestMem, payload: &[u8]) {
+    let mut run: Option<(u64, u64)> = None;
+    let entries = wire::pages(payload).filter_map(|p| match p {
+        Ok((addr, Some(_))) => Some(addr),
+        _ => None,
+    });
+    for addr in entries.map(Some).chain([None]) {
+        match (run, addr) {
+            (Some((start, end)), Some(a)) if a == end => {
+                run = Some((start, end + PAGE_SIZE as u64))
+            }
+            _ => {
+                if let Some((start, end)) = run {
+                    populate_range(mem, start, (end - start) as usize);
+                }
+                run = addr.map(|a| (a, a + PAGE_SIZE as u64));
+            }
+        }
+    }
+}
+
+/// See [`populate`]: `len` bytes of guest memory from `addr`, if they lie in one region.
+fn populate_range(mem: &GuestMem, addr: u64, len: usize) {
+    let Ok(slice) = mem.get_slice(GuestAddress(addr), len) else {
+        return;
+    };
+    let ptr = slice.ptr_guard_mut();
+    // SAFETY: the range lies in one mapping of guest memory, which `mem` keeps mapped.
+    // MADV_POPULATE_WRITE allocates and maps the pages that are not there yet and changes no
+    // byte of them (a missing page of the memfd reads as zero before and after); it fails
+    // harmlessly on a kernel without it.
+    unsafe {
+        libc::madvise(ptr.as_ptr().cast(), len, libc::MADV_POPULATE_WRITE);
     }
 }
 
@@ -434,6 +478,46 @@ mod tests {
         assert_eq!(page_at(&d, 0x1f_f000), vec![9u8; PAGE_SIZE]);
         // Nothing of the corrupt frame reached guest memory.
         assert_eq!(page_at(&d, 0x5000), vec![0u8; PAGE_SIZE]);
+    }
+
+    /// Whether the page of guest memory at `addr` is in memory (in the memfd).
+    fn resident(d: &Dest, addr: u64) -> bool {
+        let slice = d.mem.get_slice(GuestAddress(addr), PAGE_SIZE).unwrap();
+        let mut v = [0u8; 1];
+        // SAFETY: a page-aligned page of a mapping `d.mem` holds; mincore writes one byte.
+        let r = unsafe {
+            libc::mincore(
+                slice.ptr_guard().as_ptr() as *mut _,
+                PAGE_SIZE,
+                v.as_mut_ptr(),
+            )
+        };
+        assert_eq!(r, 0);
+        v[0] & 1 == 1
+    }
+
+    #[test]
+    fn populating_a_frame_puts_its_pages_in_and_changes_no_byte() {
+        let d = dest();
+        d.mem
+            .write_slice(&[0xaa; PAGE_SIZE], GuestAddress(0x2000))
+            .unwrap();
+        let mut out = Vec::new();
+        let mut b = PageBatch::new(1 << 20);
+        for addr in [0x1000, 0x2000, 0x3000, 0x8000, 2 << 20] {
+            b.push(addr, &[1u8; PAGE_SIZE]);
+        }
+        b.push_zero(0x9000);
+        b.flush(&mut out).unwrap();
+        let payload = &out[wire::FRAME_HEADER..];
+        assert!(!resident(&d, 0x8000));
+        populate(&d.mem, payload);
+        for addr in [0x1000, 0x2000, 0x3000, 0x8000] {
+            assert!(resident(&d, addr), "{addr:#x}");
+        }
+        assert!(!resident(&d, 0x9000));
+        assert_eq!(page_at(&d, 0x2000), vec![0xaa; PAGE_SIZE]);
+        assert_eq!(page_at(&d, 0x3000), vec![0; PAGE_SIZE]);
     }
 
     #[test]
