@@ -45,11 +45,12 @@ pub(super) fn full_pass(ctx: &SourceCtx, w: &mut impl Write) -> Result<u64, Send
             let mut at = off & !(PAGE_SIZE as u64 - 1);
             let end = (off + len).min(region.len());
             while at < end {
+                // Per page, not per frame: a run of zero pages fills no frame.
+                check_abort(ctx)?;
                 if !push_page(ctx, &mut batch, base + at, false)? {
                     pages += 1;
                 }
                 if batch.full() {
-                    check_abort(ctx)?;
                     sent += batch.flush(w)?;
                     update(&ctx.status, |s| {
                         s.bytes_sent += BATCH_BYTES as u64;
