@@ -145,6 +145,10 @@ fn main() -> Result<()> {
     let cases = env_or("CASES", "idle busy");
     let runs: usize = env_or("RUNS", "1").parse().context("RUNS")?;
     let busy_mib: usize = env_or("MEM_BUSY", "16").parse().context("MEM_BUSY")?;
+    // A profile of one VMM needs no run of the others.
+    let only: Option<Vec<String>> = std::env::var("VMMS")
+        .ok()
+        .map(|v| v.split_whitespace().map(str::to_string).collect());
     let image = guest_image();
     let dir = tempfile::Builder::new()
         .prefix("bench-migration.")
@@ -163,6 +167,9 @@ fn main() -> Result<()> {
                     other => bail!("unknown case {other}: CASES takes idle, busy and full"),
                 };
                 for &vmm in vmms {
+                    if only.as_ref().is_some_and(|o| !o.iter().any(|v| v == vmm)) {
+                        continue;
+                    }
                     let work = dir.path().join(format!("{vmm}-{mem_mib}-{case}-{run}"));
                     std::fs::create_dir_all(&work)?;
                     eprintln!("[bench migration] run {run}/{runs}: {vmm} {mem_mib} MiB {case}");

@@ -28,6 +28,8 @@ use crate::memory::PAGE_SIZE;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::io::{Read, Write};
 use thiserror::Error;
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::VolatileSlice;
 
 /// First bytes of a stream.
 pub const MAGIC: &[u8; 8] = b"VMHOPMIG";
@@ -41,6 +43,12 @@ pub const FRAME_HEADER: usize = 12;
 pub const MAX_FRAME: u32 = 64 << 20;
 /// Flag in a page entry's address: the page is all zeroes and no data follows.
 pub const PAGE_ZERO: u64 = 1;
+/// Bytes of a page entry's address.
+const ENTRY_HEADER: usize = 8;
+/// How much of a payload is read (and the buffer grown) at a time.
+const READ_STEP: usize = 1 << 20;
+/// What a page is compared with (a `memcmp`, vectorised, unlike a loop over the bytes).
+static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 
 /// Frame kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -209,12 +217,18 @@ pub fn read_version(r: &mut impl Read) -> Result<(), WireError> {
     Ok(())
 }
 
-/// Writes one frame.
-pub fn write_frame(w: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<(), WireError> {
+/// A frame's header.
+fn frame_header(kind: Kind, len: usize, crc: u32) -> [u8; FRAME_HEADER] {
     let mut h = [0u8; FRAME_HEADER];
     h[0] = kind as u8;
-    h[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-    h[8..12].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    h[4..8].copy_from_slice(&(len as u32).to_le_bytes());
+    h[8..12].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// Writes one frame.
+pub fn write_frame(w: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<(), WireError> {
+    let h = frame_header(kind, payload.len(), crc32fast::hash(payload));
     w.write_all(&h)?;
     w.write_all(payload)?;
     Ok(())
@@ -264,14 +278,22 @@ impl<R: Read> FrameReader<R> {
             return Err(WireError::TooLong(n, len));
         }
         let stored = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
-        // The buffer grows with what arrives, not with what the header claims: a peer that
-        // announces 64 MiB and sends nothing costs nothing.
-        buf.clear();
-        let got = (&mut self.inner).take(u64::from(len)).read_to_end(buf)?;
-        if got < len as usize {
-            return Err(WireError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        // The buffer keeps its length from the frame before, so that bytes already
+        // initialised are not zeroed again (PAGES frames are all about one size); it grows
+        // with what arrives, not with what the header claims: a peer that announces 64 MiB
+        // and sends nothing costs at most one step.
+        let len = len as usize;
+        buf.truncate(len);
+        let mut got = 0;
+        while got < len {
+            let end = (got + READ_STEP).min(len);
+            if buf.len() < end {
+                buf.resize(end, 0);
+            }
+            self.inner.read_exact(&mut buf[got..end])?;
+            got = end;
         }
-        self.bytes += (FRAME_HEADER as u64) + u64::from(len);
+        self.bytes += (FRAME_HEADER + len) as u64;
         let computed = crc32fast::hash(buf);
         if computed != stored {
             return Err(WireError::Checksum(n, kind, stored, computed));
@@ -299,10 +321,17 @@ pub fn json<T: DeserializeOwned>(kind: Kind, buf: &[u8]) -> Result<T, WireError>
     serde_json::from_slice(buf).map_err(|e| WireError::Json(kind, e))
 }
 
-/// Builds PAGES payloads of at most `max` bytes.
+/// Builds PAGES frames of about `max` bytes in one buffer, header included, so that a frame
+/// goes out in one write (past the writer's buffer when it is the larger). The buffer is
+/// allocated and initialised once; a page is copied into it straight from guest memory, and
+/// the checksum is updated while the page is still in the cache.
 pub struct PageBatch {
+    /// The frame header, then the entries.
     buf: Vec<u8>,
+    /// Bytes of `buf` in use, the header included.
+    len: usize,
     max: usize,
+    crc: crc32fast::Hasher,
     /// Pages with data in the batch.
     pub pages: u64,
     /// Zero markers in the batch.
@@ -313,40 +342,80 @@ impl PageBatch {
     /// An empty batch.
     pub fn new(max: usize) -> PageBatch {
         PageBatch {
-            buf: Vec::with_capacity(max + PAGE_SIZE + 8),
+            buf: vec![0; FRAME_HEADER + max + ENTRY_HEADER + PAGE_SIZE],
+            len: FRAME_HEADER,
             max,
+            crc: crc32fast::Hasher::new(),
             pages: 0,
             zeroes: 0,
         }
     }
 
     /// Adds a page with data.
-    pub fn push(&mut self, addr: u64, data: &[u8]) {
-        self.buf.extend_from_slice(&addr.to_le_bytes());
-        self.buf.extend_from_slice(data);
+    pub fn push(&mut self, addr: u64, data: &[u8; PAGE_SIZE]) {
+        let at = self.len;
+        self.buf[at..at + ENTRY_HEADER].copy_from_slice(&addr.to_le_bytes());
+        self.buf[at + ENTRY_HEADER..at + ENTRY_HEADER + PAGE_SIZE].copy_from_slice(data);
+        self.commit(at, ENTRY_HEADER + PAGE_SIZE);
         self.pages += 1;
+    }
+
+    /// Adds the page at `addr` read from `page` (a page of guest memory), with its data, or
+    /// as a zero marker when `zero_marker` is set and the page is all zeroes. Returns whether
+    /// it was all zeroes; such a page is left out when `zero_marker` is not set.
+    pub fn push_from<B: BitmapSlice>(
+        &mut self,
+        addr: u64,
+        page: &VolatileSlice<B>,
+        zero_marker: bool,
+    ) -> bool {
+        let at = self.len;
+        let data = &mut self.buf[at + ENTRY_HEADER..at + ENTRY_HEADER + PAGE_SIZE];
+        // One read of guest memory; the zero test runs on the copy (the guest may change
+        // the page meanwhile: the dirty log has it sent again).
+        page.copy_to(data);
+        if *data == ZERO_PAGE {
+            if zero_marker {
+                self.push_zero(addr);
+            }
+            return true;
+        }
+        self.buf[at..at + ENTRY_HEADER].copy_from_slice(&addr.to_le_bytes());
+        self.commit(at, ENTRY_HEADER + PAGE_SIZE);
+        self.pages += 1;
+        false
     }
 
     /// Adds a zero page marker.
     pub fn push_zero(&mut self, addr: u64) {
-        self.buf
-            .extend_from_slice(&(addr | PAGE_ZERO).to_le_bytes());
+        let at = self.len;
+        self.buf[at..at + ENTRY_HEADER].copy_from_slice(&(addr | PAGE_ZERO).to_le_bytes());
+        self.commit(at, ENTRY_HEADER);
         self.zeroes += 1;
+    }
+
+    /// Takes the `n` bytes written at `at` into the frame.
+    fn commit(&mut self, at: usize, n: usize) {
+        self.crc.update(&self.buf[at..at + n]);
+        self.len = at + n;
     }
 
     /// The batch is full.
     pub fn full(&self) -> bool {
-        self.buf.len() >= self.max
+        self.len - FRAME_HEADER >= self.max
     }
 
     /// Sends the batch if not empty and empties it; returns the bytes written.
     pub fn flush(&mut self, w: &mut impl Write) -> Result<u64, WireError> {
-        if self.buf.is_empty() {
+        if self.len == FRAME_HEADER {
             return Ok(0);
         }
-        write_frame(w, Kind::Pages, &self.buf)?;
-        let n = (FRAME_HEADER + self.buf.len()) as u64;
-        self.buf.clear();
+        let crc = std::mem::take(&mut self.crc).finalize();
+        let header = frame_header(Kind::Pages, self.len - FRAME_HEADER, crc);
+        self.buf[..FRAME_HEADER].copy_from_slice(&header);
+        w.write_all(&self.buf[..self.len])?;
+        let n = self.len as u64;
+        self.len = FRAME_HEADER;
         Ok(n)
     }
 }
@@ -436,5 +505,69 @@ mod tests {
             Err(WireError::Magic(_))
         ));
         assert!(pages(&[1, 2, 3]).any(|p| p.is_err()));
+    }
+
+    #[test]
+    fn a_batch_takes_pages_from_guest_memory_and_marks_or_skips_zero_pages() {
+        let mut guest = vec![0u8; 4 * PAGE_SIZE];
+        guest[PAGE_SIZE..2 * PAGE_SIZE].fill(5);
+        guest[3 * PAGE_SIZE - 1] = 9;
+        let mem = VolatileSlice::from(&mut guest[..]);
+        let page = |i: usize| mem.subslice(i * PAGE_SIZE, PAGE_SIZE).unwrap();
+        let mut b = PageBatch::new(1 << 20);
+        assert!(b.push_from(0, &page(0), true));
+        assert!(!b.push_from(0x1000, &page(1), true));
+        assert!(!b.push_from(0x2000, &page(2), false));
+        assert!(b.push_from(0x3000, &page(3), false));
+        assert_eq!((b.pages, b.zeroes), (2, 1));
+        let mut out = Vec::new();
+        let n = b.flush(&mut out).unwrap();
+        assert_eq!(n as usize, out.len());
+        // The checksum starts again with each frame.
+        b.push_zero(0x5000);
+        b.flush(&mut out).unwrap();
+        assert_eq!(b.flush(&mut out).unwrap(), 0);
+
+        let mut r = FrameReader::new(&out[..]);
+        let mut buf = Vec::new();
+        assert_eq!(r.read(&mut buf).unwrap(), Kind::Pages);
+        let seen: Vec<_> = pages(&buf).collect::<Result<_, _>>().unwrap();
+        assert_eq!(seen.len(), 3);
+        assert_eq!(seen[0], (0, None));
+        assert_eq!(seen[1], (0x1000, Some(&guest[PAGE_SIZE..2 * PAGE_SIZE])));
+        assert_eq!(
+            seen[2],
+            (0x2000, Some(&guest[2 * PAGE_SIZE..3 * PAGE_SIZE]))
+        );
+        assert_eq!(r.read(&mut buf).unwrap(), Kind::Pages);
+        assert_eq!(pages(&buf).collect::<Vec<_>>().len(), 1);
+    }
+
+    #[test]
+    fn the_frame_buffer_is_reused_across_frames_of_any_size() {
+        let big: Vec<u8> = (0..READ_STEP + 5000).map(|i| (i % 251) as u8).collect();
+        let mut out = Vec::new();
+        write_frame(&mut out, Kind::State, &big).unwrap();
+        write_frame(&mut out, Kind::Progress, b"{}").unwrap();
+        write_frame(&mut out, Kind::State, &big[7..]).unwrap();
+        write_frame(&mut out, Kind::Sync, &[]).unwrap();
+        let mut r = FrameReader::new(&out[..]);
+        let mut buf = Vec::new();
+        assert_eq!(r.read(&mut buf).unwrap(), Kind::State);
+        assert_eq!(buf, big);
+        assert_eq!(r.read(&mut buf).unwrap(), Kind::Progress);
+        assert_eq!(buf, b"{}");
+        assert_eq!(r.read(&mut buf).unwrap(), Kind::State);
+        assert_eq!(buf, &big[7..]);
+        assert_eq!(r.read(&mut buf).unwrap(), Kind::Sync);
+        assert!(buf.is_empty());
+
+        // A frame that ends early is an end of stream, whatever its header said.
+        let mut cut = Vec::new();
+        write_frame(&mut cut, Kind::State, &big).unwrap();
+        cut.truncate(FRAME_HEADER + 100);
+        let mut r = FrameReader::new(&cut[..]);
+        assert!(matches!(r.read(&mut buf), Err(WireError::Io(e))
+            if e.kind() == std::io::ErrorKind::UnexpectedEof));
     }
 }

@@ -3,7 +3,6 @@
 //! [`crate::migration::transport`]), the preamble, HELLO with the VM's shape and resume mode,
 //! and the destination's REPLY.
 
-use super::pages::BATCH_BYTES;
 use super::{SendError, SourceCtx};
 use crate::migration::transport::{self, StreamHalf};
 use crate::migration::wire::{self, FrameReader, Hello, Kind, Reply};
@@ -15,6 +14,9 @@ use std::time::{Duration, Instant};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Deadline of each read or write on the stream (a stuck destination fails the migration).
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// Write buffer of the stream: small frames go out together; a PAGES frame, larger, is
+/// written past it in one write (one copy less).
+const WRITE_BUFFER: usize = 64 << 10;
 
 /// The connected stream: frames from the destination, buffered frames to it.
 pub(super) struct Link {
@@ -72,7 +74,7 @@ pub(super) fn connect(ctx: &SourceCtx) -> Result<Link, SendError> {
     let (r, w) = stream.split();
     let mut link = Link {
         reader: FrameReader::new(r),
-        w: BufWriter::with_capacity(BATCH_BYTES * 2, w),
+        w: BufWriter::with_capacity(WRITE_BUFFER, w),
     };
 
     wire::write_preamble(&mut link.w)?;

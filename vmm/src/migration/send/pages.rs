@@ -7,18 +7,29 @@ use crate::migration::dirty::DirtyPages;
 use crate::migration::update;
 use crate::migration::wire::PageBatch;
 use std::io::Write;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 /// Size of a PAGES frame.
 pub(super) const BATCH_BYTES: usize = 1 << 20;
-/// Read granularity of the full pass.
-const CHUNK: usize = 64 * PAGE_SIZE;
-static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+
+/// Adds the page at `addr` to `batch` straight from guest memory (see
+/// [`PageBatch::push_from`]); returns whether it was all zeroes.
+fn push_page(
+    ctx: &SourceCtx,
+    batch: &mut PageBatch,
+    addr: u64,
+    zero_marker: bool,
+) -> Result<bool, SendError> {
+    let page = ctx
+        .mem
+        .get_slice(GuestAddress(addr), PAGE_SIZE)
+        .map_err(|e| SendError::ReadGuest(addr, e))?;
+    Ok(batch.push_from(addr, &page, zero_marker))
+}
 
 /// Sends every non-zero page (the destination's memory starts zeroed); returns the bytes sent.
 pub(super) fn full_pass(ctx: &SourceCtx, w: &mut impl Write) -> Result<u64, SendError> {
     let mut batch = PageBatch::new(BATCH_BYTES);
-    let mut chunk = vec![0u8; CHUNK];
     let mut sent = 0u64;
     let mut pages = 0u64;
     for region in ctx.mem.iter() {
@@ -32,29 +43,21 @@ pub(super) fn full_pass(ctx: &SourceCtx, w: &mut impl Write) -> Result<u64, Send
         };
         for (off, len) in extents {
             let mut at = off & !(PAGE_SIZE as u64 - 1);
-            let end = off + len;
+            let end = (off + len).min(region.len());
             while at < end {
+                // Per page, not per frame: a run of zero pages fills no frame.
                 check_abort(ctx)?;
-                let n = ((end - at) as usize).min(CHUNK).next_multiple_of(PAGE_SIZE);
-                let n = n.min((region.len() - at) as usize);
-                let buf = &mut chunk[..n];
-                ctx.mem
-                    .read_slice(buf, GuestAddress(base + at))
-                    .map_err(|e| SendError::ReadGuest(base + at, e))?;
-                for (i, page) in buf.chunks(PAGE_SIZE).enumerate() {
-                    if page != ZERO_PAGE.as_slice() {
-                        batch.push(base + at + (i * PAGE_SIZE) as u64, page);
-                        pages += 1;
-                    }
-                    if batch.full() {
-                        sent += batch.flush(w)?;
-                        update(&ctx.status, |s| {
-                            s.bytes_sent += BATCH_BYTES as u64;
-                            s.pages_sent = pages;
-                        });
-                    }
+                if !push_page(ctx, &mut batch, base + at, false)? {
+                    pages += 1;
                 }
-                at += n as u64;
+                if batch.full() {
+                    sent += batch.flush(w)?;
+                    update(&ctx.status, |s| {
+                        s.bytes_sent += BATCH_BYTES as u64;
+                        s.pages_sent = pages;
+                    });
+                }
+                at += PAGE_SIZE as u64;
             }
         }
     }
@@ -73,18 +76,12 @@ pub(super) fn send_pages(
     dirty: &DirtyPages,
 ) -> Result<u64, SendError> {
     let mut batch = PageBatch::new(BATCH_BYTES);
-    let mut page = [0u8; PAGE_SIZE];
     let mut sent = 0u64;
     let (mut pages, mut zeroes) = (0u64, 0u64);
     for addr in dirty.addresses() {
-        ctx.mem
-            .read_slice(&mut page, GuestAddress(addr))
-            .map_err(|e| SendError::ReadGuest(addr, e))?;
-        if page == ZERO_PAGE {
-            batch.push_zero(addr);
+        if push_page(ctx, &mut batch, addr, true)? {
             zeroes += 1;
         } else {
-            batch.push(addr, &page);
             pages += 1;
         }
         if batch.full() {
