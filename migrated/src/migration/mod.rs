@@ -37,8 +37,9 @@
 //! ```
 //!
 //! Each phase is written to the store before its action is taken, so a restarted migrated
-//! ([`crate::recovery`]) knows what may have happened; while the guest is paused only the ones
-//! recovery needs are (see [`source`] and [`destination`]'s resume). Before `flipped` every failure aborts:
+//! ([`crate::recovery`]) knows what may have happened; the steps of the guest's pause are only
+//! published, as recovery reads the leases instead (see [`source`] and [`destination`]'s
+//! resume). Before `flipped` every failure aborts:
 //! the destination's standby leases are revoked (so it can no longer take over), the
 //! destination is told to abort and the source VMM resumes; unless storaged shows that the
 //! destination won, and then the migration goes on to completion. From `flipped` on the guest

@@ -2,22 +2,23 @@
 //! host drives, one task per migration, through the phases of [`super::record::Phase`] (see
 //! the sequence diagram in [`super`]).
 //!
-//! Each phase is written to the store before its action, except while the guest is paused:
-//! there only `handed-over` is, as soon as the source VMM starts its stop-and-copy (so that
-//! the fsync overlaps it), and before the flip can be sent (a restarted migrated that finds it
-//! asks storaged whether the flip happened); `flipping`, `flipped` and `resuming` are
-//! published without a write, because recovery from the phase recorded before each reaches
-//! the same decision by reading the leases (see the comments where they are taken). The
-//! hand-over is learnt from a long poll of the source VMM's phase, and the connections of the
-//! flip and of the resume are opened while the VMM stops, so that the pause waits for the
-//! flip and the resume's round trip only. The flip is one group flip of every
-//! volume, conditional on this host holding each at the epoch recorded in `created`. Before
-//! `flipped` every failure aborts: the source resumes only once storaged confirmed, with a group
-//! revoke, that the destination can no longer become primary; if storaged shows the destination
-//! primary on every volume instead, the destination won and the migration goes on (the source
-//! stays paused and has the destination resume). When storaged does not answer, the source reads
-//! the leases again and retries instead of guessing; the guest stays paused meanwhile. From
-//! `flipped` on the guest may only continue on the destination.
+//! Each phase is written to the store before its action, except the steps of the guest's
+//! pause: `handed-over`, `flipping`, `flipped` and `resuming` are published without a write, so
+//! that no fsync is part of the pause. Recovery from `precopy`, the phase recorded before them,
+//! reads the leases as theirs would: a flip that happened (ours, or the destination's
+//! take-over) shows as the destination holding every volume, and the migration goes on to
+//! resume it; anything else takes the abort path, whose group revoke is refused once the
+//! destination is primary anywhere. The hand-over is learnt from a long poll of the source
+//! VMM's phase, and the connections of the flip and of the resume are opened while the VMM
+//! stops, so that the pause waits for the flip and the resume's round trip only. The flip is
+//! one group flip of every volume, conditional on this host holding each at the epoch recorded
+//! in `created`. Before `flipped` every failure aborts: the source resumes only once storaged
+//! confirmed, with a group revoke, that the destination can no longer become primary; if
+//! storaged shows the destination primary on every volume instead, the destination won and the
+//! migration goes on (the source stays paused and has the destination resume). When storaged
+//! does not answer, the source reads the leases again and retries instead of guessing; the
+//! guest stays paused meanwhile. From `flipped` on the guest may only continue on the
+//! destination.
 //!
 //! Failures are [`SourceError`]s until they become the record's `error` text and a log line
 //! (in [`Source::finish`]); the refusals of [`start`] are answered to the API.
@@ -248,11 +249,10 @@ impl Source {
     async fn recovered(&mut self) -> Result<(), SourceError> {
         let rec = self.rec()?;
         match rec.phase {
-            Phase::Created | Phase::Preparing | Phase::Precopy => {
-                Err(SourceError::Restarted(rec.phase))
-            }
-            Phase::HandedOver | Phase::Flipping => {
-                // Did the flip happen before the restart (or the destination take over)?
+            Phase::Created | Phase::Preparing => Err(SourceError::Restarted(rec.phase)),
+            Phase::Precopy | Phase::HandedOver | Phase::Flipping => {
+                // Did the flip happen before the restart (or the destination take over)? The
+                // steps of the pause are not written: `precopy` may be the last one recorded.
                 if self.holding(&rec).await != Holding::Destination {
                     return Err(SourceError::Restarted(rec.phase));
                 }
@@ -450,8 +450,7 @@ impl Source {
                             self.paused_at.get_or_insert_with(Instant::now);
                             self.stopping().await?;
                             let seen_us = crate::now_us();
-                            // Not durable: `handed-over` is, and its recovery reads the leases
-                            // as that of `flipping` does.
+                            // Not durable, like `handed-over` (see `stopping`).
                             self.agent.update_migration_in_memory(&self.id, |r| {
                                 r.figures.bytes_sent = st.bytes_sent;
                                 r.figures.timeline.handed_over_at_us = seen_us;
@@ -500,21 +499,22 @@ impl Source {
     }
 
     /// The source VMM stops the guest for the hand-over: opens the connections ahead and
-    /// records `handed-over` durably, once. The record must say that a flip may follow before
-    /// the flip can be sent: a restarted migrated that finds `handed-over` (or `flipping`) asks
-    /// storaged whether the flip happened before it decides. Written here, while the VMM still
-    /// sends the rest of the state, its fsync is not part of the guest's pause. Recorded before
-    /// the hand-over completed it is still right: no flip happens before the hand-over, and
-    /// the recovery that finds no flip is the abort path, as from `precopy` (the destination
-    /// is fenced off at storaged before the source resumes).
+    /// publishes `handed-over`, once. Not written: a restarted migrated that finds `precopy`
+    /// asks storaged whether the flip happened before it decides, as it would from
+    /// `handed-over`. Published before the hand-over completed it is still right: no flip
+    /// happens before the hand-over, and the recovery that finds no flip is the abort path (the
+    /// destination is fenced off at storaged before the source resumes).
     async fn stopping(&mut self) -> Result<(), SourceError> {
         self.open_ahead();
         if self.rec()?.phase == Phase::Precopy {
-            self.set(
-                Phase::HandedOver,
-                "the source VMM stops the guest for the hand-over; the flip may follow",
-            )
-            .await?;
+            self.agent
+                .update_migration_in_memory(&self.id, |r| {
+                    r.step(
+                        Phase::HandedOver,
+                        "the source VMM stops the guest for the hand-over; the flip may follow",
+                    )
+                })
+                .await?;
         }
         Ok(())
     }
@@ -569,7 +569,7 @@ impl Source {
         self.flip_ms += t.elapsed().as_millis() as u64;
         let flip_ms = self.flip_ms;
         // Not durable while the guest waits: a crash before the next durable write leaves
-        // `handed-over` recorded, and its recovery reads the leases back: the destination
+        // `precopy` recorded, and its recovery reads the leases back: the destination
         // holding every volume is this same `flipped`, and the migration goes on to resume it.
         // Only these notes would be lost. The destination may resume as soon as it reads this
         // record (it asks every `WATCH`), which is right: the leases are its.
