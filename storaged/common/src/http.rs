@@ -207,16 +207,31 @@ impl Prepared {
         })
     }
 
-    /// Sends the request and reads the whole answer.
-    async fn exchange(
-        mut self,
-        req: Request<Full<Bytes>>,
-    ) -> Result<(StatusCode, Bytes), HttpError> {
+    /// True once the connection is known to be closed (the server ended it, or it failed).
+    pub fn is_closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+
+    /// Sends the request and reads the whole answer. A connection that was closed before it
+    /// took the request (the server ended it while it waited) gives the request back unsent.
+    async fn exchange(mut self, req: Request<Full<Bytes>>) -> Result<(StatusCode, Bytes), Failed> {
         let name = self.client.target.to_string();
         let http = |e| HttpError::Http(name.clone(), e);
-        let resp = self.sender.send_request(req).await.map_err(http)?;
+        let resp = match self.sender.try_send_request(req).await {
+            Ok(resp) => resp,
+            Err(mut e) => {
+                return Err(match e.take_message() {
+                    Some(req) => Failed::Unsent(Box::new(req), http(e.into_error())),
+                    None => Failed::Error(http(e.into_error())),
+                })
+            }
+        };
         let status = resp.status();
-        let body = resp.into_body().collect().await.map_err(http)?;
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| Failed::Error(http(e)))?;
         Ok((status, body.to_bytes()))
     }
 
@@ -229,6 +244,23 @@ impl Prepared {
     ) -> Result<T, HttpError> {
         let client = self.client.clone();
         client.call_on(Some(self), method, path, body).await
+    }
+}
+
+/// Why [`Prepared::exchange`] has no answer.
+enum Failed {
+    /// The connection closed before it took the request: it reached no server, and may go on
+    /// another connection.
+    Unsent(Box<Request<Full<Bytes>>>, HttpError),
+    /// The request may have reached the server.
+    Error(HttpError),
+}
+
+impl Failed {
+    fn into_error(self) -> HttpError {
+        match self {
+            Failed::Unsent(_, e) | Failed::Error(e) => e,
+        }
     }
 }
 
@@ -379,11 +411,24 @@ impl Client {
             }
         };
         let fut = async {
-            let conn = match conn {
-                Some(c) => c,
-                None => self.open().await?,
+            // A connection opened ahead may have been closed by the server since: the request
+            // then goes on a new one (it was not sent).
+            let req = match conn {
+                Some(c) => match c.exchange(req).await {
+                    Err(Failed::Unsent(req, e)) => {
+                        tracing::debug!(target = %name, error = %e,
+                            "the connection opened ahead was closed; sending on a new one");
+                        *req
+                    }
+                    done => return done.map_err(Failed::into_error),
+                },
+                None => req,
             };
-            conn.exchange(req).await
+            self.open()
+                .await?
+                .exchange(req)
+                .await
+                .map_err(Failed::into_error)
         };
         match tokio::time::timeout(self.timeout, fut).await {
             Ok(r) => r,
@@ -488,6 +533,52 @@ mod tests {
             conn.call::<serde_json::Value>(Method::POST, "/v1/x", Some(&1))
                 .await
         });
+        let mut request = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !request.ends_with(b"\r\n\r\n1") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the request never came");
+            request.extend_from_slice(&buf[..n]);
+        }
+        assert!(request.starts_with(b"POST /v1/x HTTP/1.1\r\n"));
+        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n{\"a\":1}")
+            .await
+            .unwrap();
+        assert_eq!(call.await.unwrap().unwrap(), serde_json::json!({"a": 1}));
+    }
+
+    /// A prepared connection that the server closed before the request (an idle connection
+    /// ended) does not fail the call: the request goes on a new connection, once.
+    #[tokio::test]
+    async fn a_request_for_a_closed_prepared_connection_goes_on_a_new_one() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let client = Client::new(Target::Unix(path), Duration::from_secs(30));
+        let conn = client.prepare().await.unwrap();
+        let (s, _) = listener.accept().await.unwrap();
+        drop(s);
+        // The connection's driver sees the end of the stream.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !conn.is_closed() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the close was never seen"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let call = tokio::spawn(async move {
+            conn.call::<serde_json::Value>(Method::POST, "/v1/x", Some(&1))
+                .await
+        });
+        let accepted = tokio::time::timeout(Duration::from_secs(10), listener.accept()).await;
+        let Ok(Ok((mut s, _))) = accepted else {
+            panic!(
+                "no new connection; the call ended {:?}",
+                call.await.unwrap()
+            );
+        };
         let mut request = Vec::new();
         let mut buf = [0u8; 1024];
         while !request.ends_with(b"\r\n\r\n1") {

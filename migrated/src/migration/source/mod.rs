@@ -9,8 +9,9 @@
 //! take-over) shows as the destination holding every volume, and the migration goes on to
 //! resume it; anything else takes the abort path, whose group revoke is refused once the
 //! destination is primary anywhere. The hand-over is learnt from a long poll of the source
-//! VMM's phase, and the connections of the flip and of the resume are opened while the VMM
-//! stops, so that the pause waits for the flip and the resume's round trip only. The flip is
+//! VMM's phase, and the connections of the flip and of the resume are opened when pre-copy
+//! starts, so that the pause waits for the flip and the resume's round trip only (no TCP or
+//! TLS handshake, nor their CPU, in the pause). The flip is
 //! one group flip of every volume, conditional on this host holding each at the epoch recorded
 //! in `created`. Before `flipped` every failure aborts: the source resumes only once storaged
 //! confirmed, with a group revoke, that the destination can no longer become primary; if
@@ -145,7 +146,7 @@ struct Source {
     started: Instant,
     paused_at: Option<Instant>,
     flip_ms: u64,
-    /// The connection for the flip, opened while the source VMM stops (see [`Self::open_ahead`]).
+    /// The connection for the flip, opened when pre-copy starts (see [`Self::open_ahead`]).
     flip_conn: Option<Opening>,
     /// The connection for the destination's resume, opened likewise.
     resume_conn: Option<Opening>,
@@ -175,9 +176,11 @@ impl Source {
     }
 
     /// Opens the connections of the calls that the guest's pause waits for, the flip at
-    /// storaged and the resume at the destination (TCP and TLS handshakes), while the source
-    /// VMM sends the rest of the state and the record is written: those calls then only send
-    /// their request. A connection that failed to open is opened again by its call.
+    /// storaged and the resume at the destination (TCP and TLS handshakes), when pre-copy
+    /// starts: those calls then only send their request, and the handshakes' CPU is not taken
+    /// from the VMMs while the guest is paused. A connection that failed to open is opened
+    /// again by its call; one that the server closed in the meantime takes no request, which
+    /// then goes on a new connection.
     fn open_ahead(&mut self) {
         if self.flip_conn.is_none() {
             let leases = self.leases.clone();
@@ -426,6 +429,7 @@ impl Source {
         })
         .await
         .map_err(SourceError::Vmm)?;
+        self.open_ahead();
         let timeout = Duration::from_millis(self.agent.cfg.peer_timeout_ms);
         let mut peer_ok = Instant::now();
         let mut peer_checked = Instant::now();
@@ -498,14 +502,12 @@ impl Source {
         }
     }
 
-    /// The source VMM stops the guest for the hand-over: opens the connections ahead and
-    /// publishes `handed-over`, once. Not written: a restarted migrated that finds `precopy`
-    /// asks storaged whether the flip happened before it decides, as it would from
-    /// `handed-over`. Published before the hand-over completed it is still right: no flip
+    /// The source VMM stops the guest for the hand-over: publishes `handed-over`, once. Not
+    /// written: a restarted migrated that finds `precopy` asks storaged whether the flip
+    /// happened before it decides, as it would from `handed-over`. Published before the hand-over completed it is still right: no flip
     /// happens before the hand-over, and the recovery that finds no flip is the abort path (the
     /// destination is fenced off at storaged before the source resumes).
     async fn stopping(&mut self) -> Result<(), SourceError> {
-        self.open_ahead();
         if self.rec()?.phase == Phase::Precopy {
             self.agent
                 .update_migration_in_memory(&self.id, |r| {
