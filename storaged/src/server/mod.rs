@@ -2,6 +2,7 @@
 //! the [`Limits`] of its [`ServerConfig`].
 
 mod buffers;
+mod direct;
 mod handshake;
 mod limits;
 mod lookahead;

@@ -6,8 +6,10 @@
 //! allows), passes the admission gate and hands the I/O to a blocking thread. Completed requests
 //! go over a channel to the writer task, which encodes their replies with [`ReplyEncoder`] in
 //! completion order (so they may overtake each other) and writes them out whenever no more are
-//! ready. Every reply, errors included, holds its request's share until it has been encoded, so
-//! a client that does not read its replies stops being read.
+//! ready; on a plaintext connection a blocking thread writes replies without data itself when
+//! the socket is free (see [`super::direct`]). Every reply, errors included, holds its
+//! request's share until it has been encoded, so a client that does not read its replies
+//! stops being read.
 //!
 //! No file I/O that can block runs on the runtime's threads: reads try the page cache without
 //! blocking first (`RWF_NOWAIT`); small buffered writes are gathered while more requests are
@@ -20,6 +22,7 @@ use crate::lease::gate::{Access, Admitted, Gate, Need, Refusal};
 use crate::metrics::{ConnMetrics, Op as MetricOp};
 use crate::registry::{Attachment, Registry};
 use crate::server::buffers::{Buffers, PooledBuf, ALIGN, POOLED_MIN};
+use crate::server::direct::{Direct, DirectReplies};
 use crate::server::handshake::Negotiated;
 use crate::server::limits::{Budget, Limits, Permit};
 use crate::server::lookahead::{Lookahead, AFTER_LONG_WRITE};
@@ -64,7 +67,15 @@ struct Held {
 /// is encoded.
 struct Outgoing {
     reply: Reply<PooledBuf>,
-    _permit: Held,
+    held: Held,
+}
+
+/// What the writer task is sent.
+enum ToWriter {
+    /// A reply to send.
+    Reply(Outgoing),
+    /// A direct write left bytes pending (see [`DirectReplies`]).
+    Pending,
 }
 
 impl Outgoing {
@@ -72,7 +83,7 @@ impl Outgoing {
     fn status(handle: u64, error: u32, permit: Held) -> Outgoing {
         Outgoing {
             reply: Reply::status(handle, error),
-            _permit: permit,
+            held: permit,
         }
     }
 
@@ -92,7 +103,7 @@ impl Outgoing {
                 error,
                 body: ReplyBody::Data(ReplyData { offset, data }),
             },
-            _permit: permit,
+            held: permit,
         }
     }
 }
@@ -116,9 +127,10 @@ enum End {
 async fn writer(
     mut wr: WriteHalf,
     encoder: ReplyEncoder,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    mut rx: mpsc::UnboundedReceiver<ToWriter>,
     stall: Duration,
     metrics: ConnMetrics,
+    direct: Option<Arc<DirectReplies>>,
 ) -> std::io::Result<()> {
     let stalled = || {
         let why = format!("the client read no reply for {stall:?}");
@@ -126,19 +138,21 @@ async fn writer(
     };
     let mut buf = BytesMut::with_capacity(WRITE_BATCH);
     while let Some(first) = rx.recv().await {
+        if let Some(direct) = &direct {
+            direct.writer_begins(&mut buf);
+        }
         let mut next = Some(first);
-        while let Some(Outgoing {
-            reply,
-            _permit: held,
-        }) = next
-        {
+        while let Some(msg) = next {
+            next = rx.try_recv().ok();
+            let ToWriter::Reply(Outgoing { reply, held }) = msg else {
+                continue;
+            };
             let data = encoder.encode_head(&reply, &mut buf);
             metrics.answered(held.op, held.len, reply.error, held.started);
             let send = send_frame(&mut wr, &mut buf, data, WRITE_BATCH);
             tokio::time::timeout(stall, send)
                 .await
                 .map_err(|_| stalled())??;
-            next = rx.try_recv().ok();
         }
         // Flushed: over TLS a write can return with the last records still held in the TLS
         // layer (the socket was full), and no later write may come to push them out.
@@ -149,6 +163,9 @@ async fn writer(
         tokio::time::timeout(stall, send)
             .await
             .map_err(|_| stalled())??;
+        if let Some(direct) = &direct {
+            direct.writer_ends();
+        }
     }
     Ok(())
 }
@@ -163,14 +180,56 @@ fn io_errno(e: &std::io::Error) -> u32 {
     }
 }
 
-/// Where replies go: the writer task. It only goes away when the socket failed, which the
-/// reader learns from the writer's end, so a failed send is ignored.
+/// Where replies go: the writer task, or from a blocking thread on a plaintext connection
+/// the socket itself (see [`DirectReplies`]). The writer only goes away when the socket
+/// failed, which the reader learns from the writer's end, so a failed send is ignored.
 #[derive(Clone)]
-struct ReplyTx(mpsc::UnboundedSender<Outgoing>);
+struct ReplyTx {
+    tx: mpsc::UnboundedSender<ToWriter>,
+    direct: Option<Arc<DirectReplies>>,
+    structured: bool,
+    metrics: ConnMetrics,
+}
 
 impl ReplyTx {
+    /// Sends a reply through the writer task.
     fn send(&self, r: Outgoing) {
-        let _ = self.0.send(r);
+        let _ = self.tx.send(ToWriter::Reply(r));
+    }
+
+    /// Sends the replies of requests done on a blocking thread: those without data straight
+    /// to the socket when it is free (in one write), the others through the writer task.
+    fn send_done(&self, replies: impl IntoIterator<Item = Outgoing>) {
+        let Some(direct) = &self.direct else {
+            return replies.into_iter().for_each(|r| self.send(r));
+        };
+        let encoder = ReplyEncoder::new(self.structured);
+        let mut frames = BytesMut::new();
+        let mut encoded = Vec::new();
+        for r in replies {
+            let start = frames.len();
+            if encoder.encode_head(&r.reply, &mut frames).is_empty() {
+                encoded.push(r);
+            } else {
+                frames.truncate(start);
+                self.send(r);
+            }
+        }
+        if encoded.is_empty() {
+            return;
+        }
+        match direct.try_send(&frames) {
+            Direct::Busy => encoded.into_iter().for_each(|r| self.send(r)),
+            outcome => {
+                for Outgoing { reply, held } in encoded {
+                    self.metrics
+                        .answered(held.op, held.len, reply.error, held.started);
+                }
+                if outcome == Direct::Pending {
+                    let _ = self.tx.send(ToWriter::Pending);
+                }
+            }
+        }
     }
 }
 
@@ -256,7 +315,7 @@ impl Ctx {
     /// Runs `f` on a blocking thread with the volume's file; its reply goes to the writer.
     fn blocking(&self, f: impl FnOnce(&VolumeFile) -> Outgoing + Send + 'static) {
         let (file, tx) = (self.vol.file.clone(), self.tx.clone());
-        tokio::task::spawn_blocking(move || tx.send(f(&file)));
+        tokio::task::spawn_blocking(move || tx.send_done([f(&file)]));
     }
 
     /// Queues a small write for the next batch.
@@ -280,6 +339,7 @@ impl Ctx {
         }
         let (file, tx) = (self.vol.file.clone(), self.tx.clone());
         tokio::task::spawn_blocking(move || {
+            let mut done = Vec::with_capacity(batch.len());
             for QueuedWrite {
                 req,
                 data,
@@ -289,8 +349,9 @@ impl Ctx {
             {
                 let res = file.write_at(&data, req.offset, false);
                 drop(adm);
-                tx.send(Outgoing::done(req.handle, res, permit));
+                done.push(Outgoing::done(req.handle, res, permit));
             }
+            tx.send_done(done);
         });
     }
 }
@@ -386,7 +447,7 @@ fn refused(ctx: &Ctx, req: &Request, error: u32, permit: Held) -> Outgoing {
                     extents: Vec::new(),
                 }),
             },
-            _permit: permit,
+            held: permit,
         },
         _ => Outgoing::status(req.handle, error, permit),
     }
@@ -408,7 +469,11 @@ async fn write_data(rd: &mut Requests, buffers: &Buffers) -> Result<Bytes, Codec
         // before the next one first.
         let edge = held.next_multiple_of(ALIGN).min(len);
         rd.get_mut().read_exact(&mut data[held..edge]).await?;
-        rd.get_mut().read_exact(&mut data[edge..]).await?;
+        // Woken once all of it is there, not for each segment (see [`super::lookahead`]).
+        rd.get_mut().whole_reads(true);
+        let rest = rd.get_mut().read_exact(&mut data[edge..]).await;
+        rd.get_mut().whole_reads(false);
+        rest?;
         rd.decoder_mut().data_received();
         rd.get_mut().limit_next(AFTER_LONG_WRITE);
         return Ok(Bytes::from_owner(buf));
@@ -591,7 +656,7 @@ async fn block_status(ctx: &Ctx, req: Request, permit: Held) {
                 error,
                 body: ReplyBody::BlockStatus(status),
             },
-            _permit: permit,
+            held: permit,
         }
     });
 }
@@ -655,7 +720,7 @@ async fn flip_request(ctx: &Ctx, req: Request, permit: Held) {
                     data: PooledBuf::from(rep.encode().to_vec()),
                 }),
             },
-            _permit: permit,
+            held: permit,
         }),
         Err(e) => {
             tracing::warn!(peer = %ctx.peer, volume = %ctx.vol.config.name, error = %e,
@@ -692,9 +757,21 @@ impl Transmission<'_> {
         let Attachment {
             entry, attached, ..
         } = att;
+        // A plaintext socket takes replies from blocking threads too, and its receive
+        // low-water mark is raised for long writes (duplicates of its descriptor; without
+        // them, every reply goes through the writer task and reads wake as data comes).
+        let plain_fd = || match (&stream, stream.tcp()) {
+            (NbdStream::Plain(_), Some(tcp)) => {
+                use std::os::fd::AsFd;
+                tcp.as_fd().try_clone_to_owned().ok()
+            }
+            _ => None,
+        };
+        let direct = plain_fd().map(|fd| Arc::new(DirectReplies::new(fd)));
+        let low_water = plain_fd();
         let (rd, wr) = stream.into_halves();
-        let mut rd =
-            FramedRead::with_capacity(Lookahead::new(rd), RequestDecoder::new(), READ_CHUNK);
+        let rd = Lookahead::new(rd, low_water);
+        let mut rd = FramedRead::with_capacity(rd, RequestDecoder::new(), READ_CHUNK);
         let (tx, rx) = mpsc::unbounded_channel();
         let encoder = ReplyEncoder::new(structured);
         let metrics = self.reg.metrics.connection(&vol.config.name);
@@ -704,13 +781,19 @@ impl Transmission<'_> {
             rx,
             self.limits.reply_timeout,
             metrics.clone(),
+            direct.clone(),
         ));
         let ctx = Ctx {
             reg: self.reg,
             vol: vol.clone(),
             gate: entry.gate.clone(),
             holder: entry.holder.clone(),
-            tx: ReplyTx(tx),
+            tx: ReplyTx {
+                tx,
+                direct,
+                structured,
+                metrics: metrics.clone(),
+            },
             conn_budget: self.budget.connection(),
             budget: self.budget,
             buffers: self.buffers,

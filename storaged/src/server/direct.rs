@@ -1,0 +1,161 @@
+//! Replies a blocking thread writes to a plaintext socket itself.
+//!
+//! A request done on a blocking thread (a long write, a batch of small ones, a flush) used to
+//! send its reply to the writer task, which woke a runtime thread only to write a 16-byte
+//! status: perf counted ~9 context switches and ~17 system calls per 1 MiB write against
+//! nbdkit's 3-6 and 6-10. When no one else is writing to the socket and nothing is left over, the
+//! blocking thread writes its replies itself, without waiting ([`DirectReplies::try_send`]).
+//!
+//! Frames never interleave: the socket has one writer at a time, the writer task from
+//! [`DirectReplies::writer_begins`] to [`DirectReplies::writer_ends`], or a blocking thread
+//! for one non-blocking `send` under the lock. What a full socket leaves of a direct write is
+//! pending: the writer task sends it before anything else, and no direct write is made until
+//! it has. Replies may overtake each other on the wire (NBD allows it); a frame is always
+//! whole and in order.
+
+use bytes::BytesMut;
+use nix::errno::Errno;
+use nix::sys::socket::{send, MsgFlags};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Mutex;
+
+/// What [`DirectReplies::try_send`] did with the frames.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Direct {
+    /// Written (or dropped: the socket failed, which the connection learns elsewhere).
+    Written,
+    /// Partly written; the writer task must be woken to send the rest.
+    Pending,
+    /// Not taken: someone else is writing; the caller sends them through the writer task.
+    Busy,
+}
+
+#[derive(Default)]
+struct State {
+    /// The writer task is writing.
+    writer: bool,
+    /// Bytes of direct writes the socket did not take.
+    pending: BytesMut,
+}
+
+/// A connection's socket as blocking threads write to it.
+pub struct DirectReplies {
+    /// The socket (a duplicate of the connection's descriptor: it stays valid for as long as a
+    /// blocking thread may use it).
+    sock: OwnedFd,
+    state: Mutex<State>,
+}
+
+impl DirectReplies {
+    /// Writes to `sock`.
+    pub fn new(sock: OwnedFd) -> DirectReplies {
+        DirectReplies {
+            sock,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// Writes `frames` (whole encoded replies) without waiting, if the socket is free.
+    pub fn try_send(&self, frames: &[u8]) -> Direct {
+        let Ok(mut state) = self.state.lock() else {
+            return Direct::Busy;
+        };
+        if state.writer || !state.pending.is_empty() {
+            return Direct::Busy;
+        }
+        let mut rest = frames;
+        let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+        while !rest.is_empty() {
+            match send(self.sock.as_raw_fd(), rest, flags) {
+                Ok(n) => rest = &rest[n..],
+                Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN) => {
+                    state.pending.extend_from_slice(rest);
+                    return Direct::Pending;
+                }
+                Err(_) => return Direct::Written,
+            }
+        }
+        Direct::Written
+    }
+
+    /// The writer task starts writing: what direct writes left pending goes to the front of
+    /// `buf` (which holds nothing yet), to be written first.
+    pub fn writer_begins(&self, buf: &mut BytesMut) {
+        if let Ok(mut state) = self.state.lock() {
+            state.writer = true;
+            let pending = state.pending.split();
+            buf.extend_from_slice(&pending);
+        }
+    }
+
+    /// The writer task has written everything it had.
+    pub fn writer_ends(&self) {
+        if let Ok(mut state) = self.state.lock() {
+            state.writer = false;
+        }
+    }
+
+    /// Bytes left pending (for tests).
+    #[cfg(test)]
+    fn pending(&self) -> usize {
+        self.state.lock().map(|s| s.pending.len()).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn a_free_socket_takes_replies_directly() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let d = DirectReplies::new(a.into());
+        assert_eq!(d.try_send(b"reply one"), Direct::Written);
+        let mut got = [0u8; 9];
+        b.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"reply one");
+    }
+
+    #[test]
+    fn no_direct_write_while_the_writer_writes() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let d = DirectReplies::new(a.into());
+        let mut buf = BytesMut::new();
+        d.writer_begins(&mut buf);
+        assert_eq!(d.try_send(b"x"), Direct::Busy);
+        d.writer_ends();
+        assert_eq!(d.try_send(b"x"), Direct::Written);
+    }
+
+    #[test]
+    fn what_a_full_socket_leaves_goes_first_through_the_writer() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let d = DirectReplies::new(a.into());
+        // Fill the socket until a direct write is cut short.
+        let frame = vec![7u8; 4096];
+        let mut sent = 0usize;
+        let outcome = loop {
+            match d.try_send(&frame) {
+                Direct::Written => sent += frame.len(),
+                other => break other,
+            }
+        };
+        assert_eq!(outcome, Direct::Pending);
+        let pending = d.pending();
+        assert!(pending > 0 && pending <= frame.len());
+        // Nothing more goes directly until the writer has sent the rest.
+        assert_eq!(d.try_send(b"later"), Direct::Busy);
+        let mut buf = BytesMut::new();
+        d.writer_begins(&mut buf);
+        assert_eq!(buf.len(), pending);
+        assert_eq!(d.pending(), 0);
+        // The reader sees whole frames: every byte sent directly, then the rest.
+        let mut got = vec![0u8; sent + frame.len() - pending];
+        b.read_exact(&mut got).unwrap();
+        assert!(got.iter().all(|&x| x == 7));
+        d.writer_ends();
+    }
+}
