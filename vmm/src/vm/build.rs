@@ -1,6 +1,7 @@
 //! Building a VM: KVM checks, memory, devices, vCPUs, in the order the module docs of
 //! [`super`] give.
 
+use super::io::IoRuntime;
 use super::{Role, StartMode, Vm, VmError, VmEvent};
 use crate::api::{self, ApiError};
 use crate::boot::{self, BootError};
@@ -162,7 +163,7 @@ fn check_kvm(kvm: &Kvm) -> Result<(), BuildError> {
 fn open_backend(
     disk: &DiskConfig,
     vm_name: &str,
-    runtime: &tokio::runtime::Runtime,
+    runtime: &IoRuntime,
 ) -> Result<Backend, BuildError> {
     let name = disk.describe();
     match (&disk.path, &disk.storaged) {
@@ -238,12 +239,7 @@ impl Vm {
             None
         };
         kick::install_handler().map_err(BuildError::Signal)?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("vmm-io")
-            .enable_all()
-            .build()
-            .map_err(BuildError::Runtime)?;
+        let runtime = IoRuntime::start().map_err(BuildError::Runtime)?;
         let (events_tx, events) = std::sync::mpsc::channel();
 
         let kvm = Kvm::new().map_err(BuildError::OpenKvm)?;
@@ -399,7 +395,7 @@ impl Vm {
         let mut api_server = None;
         let migration = crate::migration::SharedStatus::default();
         if let Some(path) = &config.api_socket {
-            let _guard = runtime.enter();
+            let _guard = runtime.handle().enter();
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
             let counters = api::Counters {
                 vcpus: vcpu_shared.clone(),
@@ -407,10 +403,10 @@ impl Vm {
                 migration: migration.clone(),
             };
             let server = api::bind(path, api_tx, counters, stop_rx)?;
-            api_server = Some((stop_tx, runtime.spawn(server)));
+            api_server = Some((stop_tx, runtime.handle().spawn(server)));
         }
         let sig_tx = events_tx.clone();
-        runtime.spawn(async move {
+        runtime.handle().spawn(async move {
             if let Ok(name) = vmhop_common::signal::stop_requested().await {
                 let _ = sig_tx.send(VmEvent::Terminate(name));
             }

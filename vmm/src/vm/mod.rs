@@ -24,6 +24,7 @@
 
 mod build;
 mod handover;
+mod io;
 pub mod kvm_state;
 
 pub use build::BuildError;
@@ -322,7 +323,7 @@ pub struct Vm {
     vcpus: Vec<VcpuHandle>,
     events: Receiver<VmEvent>,
     events_tx: Sender<VmEvent>,
-    runtime: Option<tokio::runtime::Runtime>,
+    runtime: Option<io::IoRuntime>,
     state: RunState,
     cmdline: String,
     started: Instant,
@@ -551,7 +552,7 @@ impl Vm {
                 let _ = stop.send(());
                 let _ = rt.block_on(async { tokio::time::timeout(API_DRAIN, server).await });
             }
-            rt.shutdown_timeout(Duration::from_secs(2));
+            rt.shutdown(Duration::from_secs(2));
         }
     }
 }
