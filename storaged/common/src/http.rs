@@ -518,21 +518,9 @@ mod tests {
         );
     }
 
-    /// A prepared connection is open (accepted by the server) before its request is sent,
-    /// and carries that request.
-    #[tokio::test]
-    async fn a_prepared_connection_is_open_before_its_request() {
+    /// Reads the tests' `POST /v1/x` with body `1` from `s` and answers `{"a":1}`.
+    async fn answer_the_test_call(s: &mut tokio::net::UnixStream) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("api.sock");
-        let listener = tokio::net::UnixListener::bind(&path).unwrap();
-        let client = Client::new(Target::Unix(path), Duration::from_secs(30));
-        let conn = client.prepare().await.unwrap();
-        let (mut s, _) = listener.accept().await.unwrap();
-        let call = tokio::spawn(async move {
-            conn.call::<serde_json::Value>(Method::POST, "/v1/x", Some(&1))
-                .await
-        });
         let mut request = Vec::new();
         let mut buf = [0u8; 1024];
         while !request.ends_with(b"\r\n\r\n1") {
@@ -544,6 +532,23 @@ mod tests {
         s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n{\"a\":1}")
             .await
             .unwrap();
+    }
+
+    /// A prepared connection is open (accepted by the server) before its request is sent,
+    /// and carries that request.
+    #[tokio::test]
+    async fn a_prepared_connection_is_open_before_its_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let client = Client::new(Target::Unix(path), Duration::from_secs(30));
+        let conn = client.prepare().await.unwrap();
+        let (mut s, _) = listener.accept().await.unwrap();
+        let call = tokio::spawn(async move {
+            conn.call::<serde_json::Value>(Method::POST, "/v1/x", Some(&1))
+                .await
+        });
+        answer_the_test_call(&mut s).await;
         assert_eq!(call.await.unwrap().unwrap(), serde_json::json!({"a": 1}));
     }
 
@@ -551,7 +556,6 @@ mod tests {
     /// ended) does not fail the call: the request goes on a new connection, once.
     #[tokio::test]
     async fn a_request_for_a_closed_prepared_connection_goes_on_a_new_one() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("api.sock");
         let listener = tokio::net::UnixListener::bind(&path).unwrap();
@@ -579,17 +583,7 @@ mod tests {
                 call.await.unwrap()
             );
         };
-        let mut request = Vec::new();
-        let mut buf = [0u8; 1024];
-        while !request.ends_with(b"\r\n\r\n1") {
-            let n = s.read(&mut buf).await.unwrap();
-            assert!(n > 0, "the request never came");
-            request.extend_from_slice(&buf[..n]);
-        }
-        assert!(request.starts_with(b"POST /v1/x HTTP/1.1\r\n"));
-        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n{\"a\":1}")
-            .await
-            .unwrap();
+        answer_the_test_call(&mut s).await;
         assert_eq!(call.await.unwrap().unwrap(), serde_json::json!({"a": 1}));
     }
 }

@@ -11,9 +11,8 @@
 //! destination is primary anywhere. The hand-over is learnt from a long poll of the source
 //! VMM's phase, and the connections of the flip and of the resume are opened when pre-copy
 //! starts, so that the pause waits for the flip and the resume's round trip only (no TCP or
-//! TLS handshake, nor their CPU, in the pause). The flip is
-//! one group flip of every volume, conditional on this host holding each at the epoch recorded
-//! in `created`. Before `flipped` every failure aborts: the source resumes only once storaged
+//! TLS handshake, nor their CPU, in the pause). The flip is one group flip of every volume,
+//! conditional on this host holding each at the epoch recorded in `created`. Before `flipped` every failure aborts: the source resumes only once storaged
 //! confirmed, with a group revoke, that the destination can no longer become primary; if
 //! storaged shows the destination primary on every volume instead, the destination won and the
 //! migration goes on (the source stays paused and has the destination resume). When storaged
@@ -504,10 +503,11 @@ impl Source {
 
     /// The source VMM stops the guest for the hand-over: publishes `handed-over`, once. Not
     /// written: a restarted migrated that finds `precopy` asks storaged whether the flip
-    /// happened before it decides, as it would from `handed-over`. Published before the hand-over completed it is still right: no flip
-    /// happens before the hand-over, and the recovery that finds no flip is the abort path (the
-    /// destination is fenced off at storaged before the source resumes).
-    async fn stopping(&mut self) -> Result<(), SourceError> {
+    /// happened before it decides, as it would from `handed-over`. Published before the
+    /// hand-over completed it is still right: no flip happens before the hand-over, and the
+    /// recovery that finds no flip is the abort path (the destination is fenced off at storaged
+    /// before the source resumes).
+    async fn stopping(&self) -> Result<(), SourceError> {
         if self.rec()?.phase == Phase::Precopy {
             self.agent
                 .update_migration_in_memory(&self.id, |r| {
