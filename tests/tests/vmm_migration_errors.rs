@@ -55,7 +55,8 @@ fn feed_incoming_after(
     for p in probes {
         let mut s = TcpStream::connect(&addr).unwrap();
         s.write_all(p).unwrap();
-        s.shutdown(std::net::Shutdown::Write).unwrap();
+        // The VMM may have refused and reset the probe already (it left bytes unread).
+        let _ = s.shutdown(std::net::Shutdown::Write);
         let mut answer = Vec::new();
         let _ = s.read_to_end(&mut answer);
     }

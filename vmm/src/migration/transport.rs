@@ -392,9 +392,13 @@ fn accept_loop(listener: TcpListener, rules: Arc<GateRules>, tx: mpsc::Sender<Ev
         let spawned = std::thread::Builder::new()
             .name("mig-handshake".into())
             .spawn(move || {
+                // A refused connection closes only once its refusal is reported: a peer that
+                // sees it close and connects again is counted after it, not before.
+                let open = tcp.try_clone();
                 let r = admit(tcp, &thread_rules);
                 thread_running.fetch_sub(1, Ordering::SeqCst);
                 let _ = thread_tx.send(Event::Handshake(peer, r));
+                drop(open);
             });
         if let Err(e) = spawned {
             running.fetch_sub(1, Ordering::SeqCst);
