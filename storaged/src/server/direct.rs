@@ -17,7 +17,7 @@ use bytes::BytesMut;
 use nix::errno::Errno;
 use nix::sys::socket::{send, MsgFlags};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// What [`DirectReplies::try_send`] did with the frames.
 #[derive(Debug, PartialEq, Eq)]
@@ -42,13 +42,13 @@ struct State {
 pub struct DirectReplies {
     /// The socket (a duplicate of the connection's descriptor: it stays valid for as long as a
     /// blocking thread may use it).
-    sock: OwnedFd,
+    sock: Arc<OwnedFd>,
     state: Mutex<State>,
 }
 
 impl DirectReplies {
     /// Writes to `sock`.
-    pub fn new(sock: OwnedFd) -> DirectReplies {
+    pub fn new(sock: Arc<OwnedFd>) -> DirectReplies {
         DirectReplies {
             sock,
             state: Mutex::new(State::default()),
@@ -112,7 +112,7 @@ mod tests {
     #[test]
     fn a_free_socket_takes_replies_directly() {
         let (a, mut b) = UnixStream::pair().unwrap();
-        let d = DirectReplies::new(a.into());
+        let d = DirectReplies::new(Arc::new(a.into()));
         assert_eq!(d.try_send(b"reply one"), Direct::Written);
         let mut got = [0u8; 9];
         b.read_exact(&mut got).unwrap();
@@ -122,7 +122,7 @@ mod tests {
     #[test]
     fn no_direct_write_while_the_writer_writes() {
         let (a, _b) = UnixStream::pair().unwrap();
-        let d = DirectReplies::new(a.into());
+        let d = DirectReplies::new(Arc::new(a.into()));
         let mut buf = BytesMut::new();
         d.writer_begins(&mut buf);
         assert_eq!(d.try_send(b"x"), Direct::Busy);
@@ -133,7 +133,7 @@ mod tests {
     #[test]
     fn what_a_full_socket_leaves_goes_first_through_the_writer() {
         let (a, mut b) = UnixStream::pair().unwrap();
-        let d = DirectReplies::new(a.into());
+        let d = DirectReplies::new(Arc::new(a.into()));
         // Fill the socket until a direct write is cut short.
         let frame = vec![7u8; 4096];
         let mut sent = 0usize;

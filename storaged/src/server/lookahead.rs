@@ -19,6 +19,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use storaged_client::protocol::REQUEST_LEN;
 use storaged_client::stream::ReadHalf;
@@ -37,7 +38,7 @@ pub struct Lookahead {
     /// Most bytes the next read that returns data may take.
     next: usize,
     /// The socket, for its receive low-water mark (plaintext TCP only).
-    sock: Option<OwnedFd>,
+    sock: Option<Arc<OwnedFd>>,
     /// The low-water mark set on it.
     low_water: usize,
     /// Reads wait for all the bytes they ask for (see [`Self::whole_reads`]).
@@ -48,7 +49,7 @@ impl Lookahead {
     /// Reads from `inner`, as far as the caller's buffer allows; `sock` is the same socket
     /// (a duplicate descriptor of a plaintext connection), whose low-water mark whole reads
     /// raise.
-    pub fn new(inner: ReadHalf, sock: Option<OwnedFd>) -> Lookahead {
+    pub fn new(inner: ReadHalf, sock: Option<Arc<OwnedFd>>) -> Lookahead {
         Lookahead {
             inner,
             next: usize::MAX,
@@ -170,7 +171,7 @@ mod tests {
             tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
         let (mut client, (server, _)) = (client.unwrap(), server.unwrap());
         let fd = server.as_fd().try_clone_to_owned().unwrap();
-        let mut r = Lookahead::new(Box::new(server), Some(fd));
+        let mut r = Lookahead::new(Box::new(server), Some(Arc::new(fd)));
         r.whole_reads(true);
         let reader = tokio::spawn(async move {
             let mut buf = vec![0u8; 300_000];

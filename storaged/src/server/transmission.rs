@@ -758,19 +758,18 @@ impl Transmission<'_> {
             entry, attached, ..
         } = att;
         // A plaintext socket takes replies from blocking threads too, and its receive
-        // low-water mark is raised for long writes (duplicates of its descriptor; without
-        // them, every reply goes through the writer task and reads wake as data comes).
-        let plain_fd = || match (&stream, stream.tcp()) {
+        // low-water mark is raised for long writes (through a duplicate of its descriptor;
+        // without one, every reply goes through the writer task and reads wake as data comes).
+        let plain = match (&stream, stream.tcp()) {
             (NbdStream::Plain(_), Some(tcp)) => {
                 use std::os::fd::AsFd;
-                tcp.as_fd().try_clone_to_owned().ok()
+                tcp.as_fd().try_clone_to_owned().ok().map(Arc::new)
             }
             _ => None,
         };
-        let direct = plain_fd().map(|fd| Arc::new(DirectReplies::new(fd)));
-        let low_water = plain_fd();
+        let direct = plain.clone().map(|fd| Arc::new(DirectReplies::new(fd)));
         let (rd, wr) = stream.into_halves();
-        let rd = Lookahead::new(rd, low_water);
+        let rd = Lookahead::new(rd, plain.clone());
         let mut rd = FramedRead::with_capacity(rd, RequestDecoder::new(), READ_CHUNK);
         let (tx, rx) = mpsc::unbounded_channel();
         let encoder = ReplyEncoder::new(structured);
@@ -853,6 +852,12 @@ impl Transmission<'_> {
                 .is_err()
         {
             wtask.abort();
+        }
+        // The duplicate descriptor lives on in blocking tasks still running; the client learns
+        // now that the connection is over.
+        if let Some(fd) = &plain {
+            use std::os::fd::AsRawFd;
+            let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
         }
         drop(attached);
         match end {
