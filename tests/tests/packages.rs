@@ -1,8 +1,9 @@
 //! The Debian packages (`scripts/package`, cargo-deb), made from the binaries the suite built:
-//! each holds its binaries, a manual page for every command and subcommand (as the binaries
-//! make them), its systemd unit (clean under `systemd-analyze verify`, installed neither
-//! enabled nor started) and its settings as a conffile; the settings file as packaged is what
-//! the daemon reads: pointed at a test directory and certificate, storaged starts from it.
+//! each holds its binaries (the VMM linked statically, the others not), a manual page for every
+//! command and subcommand (as the binaries make them), its systemd unit (clean under
+//! `systemd-analyze verify`, installed neither enabled nor started) and its settings as a
+//! conffile; the settings file as packaged is what the daemon reads: pointed at a test directory
+//! and certificate, storaged starts from it.
 
 use e2e::pki::Pki;
 use e2e::process::{run_ok, terminate, wait_for};
@@ -161,6 +162,21 @@ fn packages_hold_binaries_pages_units_and_settings() {
         run_ok(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root)).unwrap();
         let version = stdout(Command::new(root.join("usr/bin").join(p.bins[0])).arg("--version"));
         assert!(version.contains(env!("CARGO_PKG_VERSION")), "{version}");
+        for bin in p.bins {
+            // The VMM is packaged linked statically; the daemons are not.
+            let headers = stdout(
+                Command::new("readelf")
+                    .arg("-lW")
+                    .arg(root.join("usr/bin").join(bin)),
+            );
+            let dynamic = headers.contains("INTERP");
+            assert_eq!(
+                dynamic,
+                *bin != "vmm",
+                "/usr/bin/{bin} of {}:\n{headers}",
+                p.name
+            );
+        }
     }
 
     // The units as installed, against the host's own units for the targets they name; no
