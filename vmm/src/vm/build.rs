@@ -251,16 +251,11 @@ impl Vm {
         vm_fd
             .set_tss_address(memory::KVM_TSS_ADDR)
             .map_err(|e| BuildError::Kvm("KVM_SET_TSS_ADDR", e))?;
-        // Registering the memory waits for KVM to retire the old memory slots (an SRCU grace
-        // period, several milliseconds on a busy host): done on its own thread beside the
-        // device setup, joined before the vCPUs start.
-        let slots = {
-            let (vm_fd, mem) = (vm_fd.clone(), mem.clone());
-            std::thread::Builder::new()
-                .name("memory-slots".into())
-                .spawn(move || memory::register_slots(&vm_fd, &mem, false))
-                .map_err(BuildError::Thread)?
-        };
+        // The memory is registered before the in-kernel irqchip and PIT exist: registering
+        // it then costs a fraction of a millisecond, after them KVM waits for a grace period
+        // of its SRCU (a timer tick, 4-8 ms on these hosts) to retire the old memory slots.
+        memory::register_slots(&vm_fd, &mem, false)
+            .map_err(|e| BuildError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
         vm_fd
             .create_irq_chip()
             .map_err(|e| BuildError::Kvm("KVM_CREATE_IRQCHIP", e))?;
@@ -411,11 +406,6 @@ impl Vm {
                 let _ = sig_tx.send(VmEvent::Terminate(name));
             }
         });
-
-        slots
-            .join()
-            .map_err(|_| BuildError::Panicked("memory-slots"))?
-            .map_err(|e| BuildError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
 
         let mut vcpus = Vec::new();
         for (i, fd) in vcpu_fds.into_iter().enumerate() {
