@@ -189,3 +189,38 @@ print("after", len(h.pread(4096, 0)))
     ensure!(out.contains("after 4096"), "{out}");
     Ok(())
 }
+
+#[test]
+fn long_reads_arrive_whole_with_and_without_structured_replies() -> Result<()> {
+    // Reads of data, of holes and of both, one at a time and several in flight.
+    let (_dir, s) = volume_with_data()?;
+    for structured in ["True", "False"] {
+        let out = python(&format!(
+            r#"
+h = nbd.NBD()
+h.set_request_structured_replies({structured})
+h.connect_uri({uri:?})
+print("structured", h.get_structured_replies_negotiated())
+one = h.pread(1 << 20, 1 << 20)
+print("one", one == b"\x01" * (1 << 20))
+span = h.pread(3 << 20, (1 << 20) - (64 << 10))
+print("span", span == b"\x00" * (64 << 10) + b"\x01" * (1 << 20) + b"\x00" * ((2 << 20) - (64 << 10)))
+tail = h.pread(64 << 10, 10 << 20)
+print("tail", tail == b"\x02" * (64 << 10))
+# Several in flight at once: their replies may come in any order, each whole.
+bufs = [nbd.Buffer(256 << 10) for _ in range(8)]
+cookies = [h.aio_pread(b, (1 << 20) + i * (128 << 10)) for i, b in enumerate(bufs)]
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+print("completed", all(h.aio_command_completed(c) for c in cookies))
+print("aio", all(b.to_bytearray() == b"\x01" * min(256 << 10, (1 << 20) - i * (128 << 10)) + b"\x00" * max(0, (256 << 10) - ((1 << 20) - i * (128 << 10))) for i, b in enumerate(bufs)))
+"#,
+            uri = s.uri("v")
+        ))?;
+        ensure!(out.contains(&format!("structured {structured}")), "{out}");
+        for what in ["one", "span", "tail", "completed", "aio"] {
+            ensure!(out.contains(&format!("{what} True")), "{structured}: {out}");
+        }
+    }
+    Ok(())
+}
