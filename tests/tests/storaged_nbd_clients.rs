@@ -201,19 +201,22 @@ h = nbd.NBD()
 h.set_request_structured_replies({structured})
 h.connect_uri({uri:?})
 print("structured", h.get_structured_replies_negotiated())
-one = h.pread(1 << 20, 1 << 20)
-print("one", one == b"\x01" * (1 << 20))
-span = h.pread(3 << 20, (1 << 20) - (64 << 10))
-print("span", span == b"\x00" * (64 << 10) + b"\x01" * (1 << 20) + b"\x00" * ((2 << 20) - (64 << 10)))
-tail = h.pread(64 << 10, 10 << 20)
-print("tail", tail == b"\x02" * (64 << 10))
+# The volume's first 4 MiB: a hole, 1 MiB of data, a hole.
+disk = bytes(1 << 20) + b"\x01" * (1 << 20) + bytes(2 << 20)
+def want(offset, length):
+    return disk[offset:offset + length]
+print("one", h.pread(1 << 20, 1 << 20) == want(1 << 20, 1 << 20))
+span = (1 << 20) - (64 << 10)
+print("span", h.pread(3 << 20, span) == want(span, 3 << 20))
+print("tail", h.pread(64 << 10, 10 << 20) == b"\x02" * (64 << 10))
 # Several in flight at once: their replies may come in any order, each whole.
-bufs = [nbd.Buffer(256 << 10) for _ in range(8)]
-cookies = [h.aio_pread(b, (1 << 20) + i * (128 << 10)) for i, b in enumerate(bufs)]
+at = [(1 << 20) + i * (128 << 10) for i in range(8)]
+bufs = [nbd.Buffer(256 << 10) for _ in at]
+cookies = [h.aio_pread(b, o) for b, o in zip(bufs, at)]
 while h.aio_in_flight() > 0:
     h.poll(-1)
 print("completed", all(h.aio_command_completed(c) for c in cookies))
-print("aio", all(b.to_bytearray() == b"\x01" * min(256 << 10, (1 << 20) - i * (128 << 10)) + b"\x00" * max(0, (256 << 10) - ((1 << 20) - i * (128 << 10))) for i, b in enumerate(bufs)))
+print("aio", all(b.to_bytearray() == want(o, 256 << 10) for b, o in zip(bufs, at)))
 "#,
             uri = s.uri("v")
         ))?;
