@@ -207,11 +207,6 @@ impl Prepared {
         })
     }
 
-    /// True once the connection is known to be closed (the server ended it, or it failed).
-    pub fn is_closed(&self) -> bool {
-        self.sender.is_closed()
-    }
-
     /// Sends the request and reads the whole answer. A connection that was closed before it
     /// took the request (the server ended it while it waited) gives the request back unsent.
     async fn exchange(mut self, req: Request<Full<Bytes>>) -> Result<(StatusCode, Bytes), Failed> {
@@ -565,7 +560,7 @@ mod tests {
         drop(s);
         // The connection's driver sees the end of the stream.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !conn.is_closed() {
+        while !conn.sender.is_closed() {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "the close was never seen"
