@@ -351,7 +351,9 @@ impl PageBatch {
         }
     }
 
-    /// Adds a page with data.
+    /// Adds a page with data (the tests' pages; the VMM's come from guest memory through
+    /// [`PageBatch::push_from`]).
+    #[cfg(test)]
     pub fn push(&mut self, addr: u64, data: &[u8; PAGE_SIZE]) {
         let at = self.len;
         self.buf[at..at + ENTRY_HEADER].copy_from_slice(&addr.to_le_bytes());
