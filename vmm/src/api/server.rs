@@ -72,18 +72,9 @@ async fn call(events: &Events, req: ApiRequest) -> Reply {
         return error(StatusCode::SERVICE_UNAVAILABLE, "the VM is shutting down");
     }
     match tokio::time::timeout(REPLY_TIMEOUT, rx).await {
-        Ok(Ok(ApiResponse::Info(info))) => (
-            StatusCode::OK,
-            Json(serde_json::to_value(info).unwrap_or_default()),
-        ),
-        Ok(Ok(ApiResponse::Migration(m))) => (
-            StatusCode::OK,
-            Json(serde_json::to_value(m).unwrap_or_default()),
-        ),
-        Ok(Ok(ApiResponse::Accepted(m))) => (
-            StatusCode::ACCEPTED,
-            Json(serde_json::to_value(m).unwrap_or_default()),
-        ),
+        Ok(Ok(ApiResponse::Info(info))) => reply(StatusCode::OK, &info),
+        Ok(Ok(ApiResponse::Migration(m))) => reply(StatusCode::OK, &m),
+        Ok(Ok(ApiResponse::Accepted(m))) => reply(StatusCode::ACCEPTED, &m),
         Ok(Ok(ApiResponse::Failed(e))) => failure(&e),
         Ok(Err(_)) => error(StatusCode::SERVICE_UNAVAILABLE, "the VM is shutting down"),
         Err(_) => error(StatusCode::GATEWAY_TIMEOUT, "the VM did not answer in time"),
@@ -105,6 +96,11 @@ fn error(code: StatusCode, msg: &str) -> Reply {
     let body = ErrorBody {
         error: msg.to_string(),
     };
+    reply(code, &body)
+}
+
+/// An answer with `body` as its JSON.
+fn reply(code: StatusCode, body: &impl serde::Serialize) -> Reply {
     (code, Json(serde_json::to_value(body).unwrap_or_default()))
 }
 
@@ -159,10 +155,7 @@ async fn migration(
     let limit = Duration::from_millis(wait.wait_ms.min(MAX_WAIT_MS));
     let _ = tokio::time::timeout(limit, changes.wait_for(|s| s.phase != known)).await;
     let now = changes.borrow().clone();
-    (
-        StatusCode::OK,
-        Json(serde_json::to_value(now).unwrap_or_default()),
-    )
+    reply(StatusCode::OK, &now)
 }
 /// Aborts the migration: a source keeps (or gets back) the guest; a source undecided after
 /// COMMIT resumes only through this call, once the destination was fenced off.
