@@ -30,6 +30,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserVringAddrFlags,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -235,14 +236,19 @@ impl Session {
                     .map(|p| p as u64)
                     .map_err(|_| VhostUserError::RingOutside(i))
             };
+            // The used ring's guest address is where the backend logs its writes to the ring
+            // while the dirty log is on: without it libvhost-user (qemu-storage-daemon) logs
+            // them at guest address 0, the ring's page is never sent again, and the destination
+            // starts from a stale used ring (the guest then reads old entries: "id 0 is not a
+            // head"). Always given, so that turning the log on needs no new SET_VRING_ADDR.
             let config = VringConfigData {
                 queue_max_size: q.max_size,
                 queue_size: q.size,
-                flags: 0,
+                flags: VhostUserVringAddrFlags::VHOST_VRING_F_LOG.bits(),
                 desc_table_addr: hva(q.desc_table)?,
                 used_ring_addr: hva(q.used_ring)?,
                 avail_ring_addr: hva(q.avail_ring)?,
-                log_addr: None,
+                log_addr: Some(q.used_ring),
             };
             self.fe
                 .set_vring_num(i, q.size)
