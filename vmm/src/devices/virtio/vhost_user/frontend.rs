@@ -356,3 +356,103 @@ pub fn used_index(mem: &GuestMem, used_ring: u64) -> Option<u16> {
     mem.read_obj::<u16>(GuestAddress(used_ring.checked_add(2)?))
         .ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::net::UnixListener;
+
+    const GET_FEATURES: u32 = 1;
+    const SET_VRING_ADDR: u32 = 9;
+    const GET_PROTOCOL_FEATURES: u32 = 15;
+    /// VIRTIO_F_VERSION_1.
+    const VERSION_1: u64 = 1 << 32;
+
+    /// A backend that offers the least the frontend accepts (PROTOCOL_FEATURES, CONFIG; no
+    /// REPLY_ACK, so only the GET requests are answered) and returns every message it got,
+    /// as (request, body), once the frontend hangs up.
+    fn recording_backend(listener: UnixListener) -> std::thread::JoinHandle<Vec<(u32, Vec<u8>)>> {
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            let mut seen = Vec::new();
+            let mut hdr = [0u8; HDR_LEN];
+            // A plain read drops the messages' file descriptors (closed by the kernel).
+            while s.read_exact(&mut hdr).is_ok() {
+                let field = |i: usize| u32::from_le_bytes(hdr[i..i + 4].try_into().unwrap());
+                let (request, size) = (field(0), field(8) as usize);
+                let mut body = vec![0u8; size];
+                s.read_exact(&mut body).expect("message body");
+                let answer = match request {
+                    GET_FEATURES => {
+                        Some(VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | VERSION_1)
+                    }
+                    GET_PROTOCOL_FEATURES => Some(VhostUserProtocolFeatures::CONFIG.bits()),
+                    _ => None,
+                };
+                if let Some(value) = answer {
+                    let mut reply = Vec::new();
+                    for f in [request, HDR_VERSION_1 | HDR_REPLY, 8] {
+                        reply.extend_from_slice(&f.to_le_bytes());
+                    }
+                    reply.extend_from_slice(&value.to_le_bytes());
+                    s.write_all(&reply).expect("reply");
+                }
+                seen.push((request, body));
+            }
+            seen
+        })
+    }
+
+    #[test]
+    fn set_vring_addr_gives_the_used_ring_guest_address_as_the_log_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("backend.sock");
+        let backend = recording_backend(UnixListener::bind(&path).unwrap());
+        let (mem, _file) = crate::memory::create_guest_memory(2).unwrap();
+        let state = QueueState {
+            max_size: 256,
+            size: 256,
+            ready: true,
+            desc_table: 0x10_0000,
+            avail_ring: 0x10_1000,
+            used_ring: 0x10_2000,
+            ..QueueState::default()
+        };
+        let kick = EventFd::new(0).unwrap();
+        let call = EventFd::new(0).unwrap();
+        let (mut session, watch) = Session::connect(&path, CONNECT_TIMEOUT).unwrap();
+        session
+            .start(
+                &mem,
+                &[RingSetup { state, kick: &kick }],
+                VERSION_1,
+                &call,
+                None,
+            )
+            .unwrap();
+        drop((session, watch));
+        let seen = backend.join().unwrap();
+
+        let (_, addr) = seen
+            .iter()
+            .find(|(request, _)| *request == SET_VRING_ADDR)
+            .expect("SET_VRING_ADDR sent");
+        assert_eq!(addr.len(), 40, "index, flags, then four addresses");
+        let flags = u32::from_le_bytes(addr[4..8].try_into().unwrap());
+        let word = |i: usize| u64::from_le_bytes(addr[8 + 8 * i..16 + 8 * i].try_into().unwrap());
+        let (used, log) = (word(1), word(3));
+        assert_eq!(
+            flags & VhostUserVringAddrFlags::VHOST_VRING_F_LOG.bits(),
+            VhostUserVringAddrFlags::VHOST_VRING_F_LOG.bits(),
+            "VHOST_VRING_F_LOG set"
+        );
+        // The log is indexed by guest physical address; the ring addresses are the VMM's.
+        assert_eq!(
+            log, state.used_ring,
+            "log address = the used ring's guest address"
+        );
+        let used_hva = mem.get_host_address(GuestAddress(state.used_ring)).unwrap() as u64;
+        assert_eq!(used, used_hva, "used ring address = its address in the VMM");
+    }
+}
