@@ -5,8 +5,9 @@
 //! exit with status 5 and say why; a connection that is not a migration stream at all (a port
 //! scanner, an HTTP probe) is refused and the VMM keeps waiting for its source.
 //! Source side (the suite's restored guest): a destination that answers garbage, one that dies
-//! in the middle of the stream, a destination VMM killed in the middle of the stream, and an
-//! abort while the destination stalls each leave the guest running on the source with its
+//! in the middle of the stream, a destination VMM killed in the middle of the stream, an
+//! abort while the destination stalls, and a destination whose READY says it could not load
+//! the state (after COMMIT went out) each leave the guest running on the source with its
 //! memory workload intact, and a migration afterwards still succeeds.
 
 use e2e::image::GuestImage;
@@ -238,6 +239,49 @@ fn source_keeps_the_guest_when_the_destination_fails() {
     eprintln!("aborted: {m}");
     drop(hold_tx);
     still_running(&mut guest, &mut seq);
+
+    // A destination that cannot load the state: its READY says why. COMMIT follows STATE
+    // without waiting for READY, so it is already on its way; such a destination exits
+    // without reading it, and the guest stays here.
+    let (commit_tx, commit_rx) = std::sync::mpsc::channel::<bool>();
+    let addr = fake_destination(move |mut s| {
+        accept_hello(&mut s);
+        let mut commit_seen = false;
+        loop {
+            let mut header = [0u8; 12];
+            if s.read_exact(&mut header).is_err() {
+                break;
+            }
+            read_exactly(
+                &mut s,
+                u32::from_le_bytes(header[4..8].try_into().unwrap()) as usize,
+            );
+            match header[0] {
+                10 => {
+                    let _ = s.write_all(&frame(11, &[]));
+                }
+                5 => {
+                    let refusal = br#"{"ok":false,"error":"state refused by the test"}"#;
+                    let _ = s.write_all(&frame(6, refusal));
+                }
+                7 => commit_seen = true,
+                _ => {}
+            }
+        }
+        let _ = commit_tx.send(commit_seen);
+    });
+    send(&guest, &addr);
+    let m = guest.wait_migration(&["failed"], EXIT).unwrap();
+    assert!(
+        m["error"]
+            .as_str()
+            .unwrap()
+            .contains("state refused by the test"),
+        "{m}"
+    );
+    still_running(&mut guest, &mut seq);
+    // The source ends the stream once it resumed the guest; COMMIT had gone out before READY.
+    assert!(commit_rx.recv_timeout(EXIT).unwrap(), "COMMIT before READY");
 
     // And a real destination still takes it.
     let addr = format!("127.0.0.1:{}", e2e::free_port().unwrap());

@@ -16,14 +16,17 @@
 //!           ◄──── SYNCED ──────────────────────────   memory (the pause then holds no backlog)
 //!   pause vCPUs, drain block I/O, save state
 //!   last dirty pages + STATE ──────────────────►  restores VM, vCPUs, devices (data path off)
-//!           ◄──── READY ──────────────────────────
-//!   COMMIT (pause time) ───────────────────────►  resume: "auto" runs the guest now,
+//!   COMMIT (pause time), not waiting for READY ►
+//!           ◄──── READY ──────────────────────────  (a failed load: READY says why, and the
+//!                                                    destination exits without reading COMMIT)
+//!                                                  COMMIT: "auto" runs the guest now,
 //!           ◄──── RESUMED (auto) ─────────────────          "wait" waits for POST /v1/vm/resume
 //!           ◄──── COMMITTED (wait) ───────────────
 //! ```
 //! Until COMMIT is written the source can resume at any failure (the destination then exits).
 //! Once COMMIT is on its way the guest may be the destination's: the source stays paused, as
-//! handed over once COMMITTED (or RESUMED) came, as undecided when the stream failed first; an
+//! handed over once COMMITTED (or RESUMED) came, as undecided when the stream failed first
+//! (but not when READY said the state did not load: that destination never reads COMMIT); an
 //! undecided guest runs here again only on `POST /v1/migration/abort`, which the caller sends
 //! once it knows that the destination cannot run it (migrated: once storaged fenced the
 //! destination off). The wire format is in [`wire`]; the source side in [`send`], the

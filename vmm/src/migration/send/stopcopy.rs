@@ -1,12 +1,13 @@
 //! The stop-and-copy: the destination catches up (SYNC), the VM loop pauses the guest and saves
-//! its state, and the last dirty pages and the STATE go out until the destination says READY.
+//! its state, and the last dirty pages and the STATE go out; COMMIT follows at once and the
+//! destination's READY is read with it (see [`super::commit`]).
 
 use super::handshake::Link;
 use super::pages::send_pages;
 use super::precopy::Precopy;
 use super::{check_abort, SendError, SourceCtx};
 use crate::memory::PAGE_SIZE;
-use crate::migration::wire::{self, Kind, Reply, WireError, FRAME_HEADER};
+use crate::migration::wire::{self, Kind, WireError, FRAME_HEADER};
 use crate::migration::{update, Phase};
 use crate::vm::VmEvent;
 use std::sync::mpsc::RecvTimeoutError;
@@ -17,10 +18,12 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(120);
 /// How often an abort is looked for while the VM loop works.
 const ABORT_POLL: Duration = Duration::from_millis(100);
 
-/// The guest is paused here and its state is loaded on the destination.
+/// The guest is paused here and its last pages and state are on their way.
 pub(super) struct Stopped {
     /// Wall-clock microseconds when the last vCPU paused.
     pub paused_at_us: u64,
+    /// When this thread had the VM loop's answer that the guest is paused.
+    pub paused: Instant,
     /// Bytes sent in all.
     pub sent: u64,
 }
@@ -71,20 +74,15 @@ pub(super) fn run(ctx: &SourceCtx, link: &mut Link, pre: Precopy) -> Result<Stop
     wire::write_frame(&mut link.w, Kind::State, &stop.state)?;
     sent += (FRAME_HEADER + stop.state.len()) as u64;
     link.flush()?;
-    let sent_us = paused.elapsed().as_micros() as u64;
-    let ready: Reply = link.reader.read_json(Kind::Ready, "answer to STATE")?;
     tracing::info!(
         pages_bytes = final_bytes,
         state_bytes = stop.state.len(),
-        sent_us,
-        loaded_us = paused.elapsed().as_micros() as u64,
-        "migration: stop-and-copy sent and loaded"
+        sent_us = paused.elapsed().as_micros() as u64,
+        "migration: stop-and-copy sent"
     );
-    if !ready.ok {
-        return Err(SendError::NotLoaded(ready.error.unwrap_or_default()));
-    }
     Ok(Stopped {
         paused_at_us: stop.paused_at_us,
+        paused,
         sent,
     })
 }
