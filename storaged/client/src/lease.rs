@@ -127,8 +127,7 @@ pub struct FlipReport {
     pub deactivate_us: u64,
     /// Waiting for its admitted requests to finish.
     pub drain_us: u64,
-    /// Disconnecting its connections (in a flip, while the table is written: `persist_us`
-    /// runs over the same time, and the step takes the longer of the two).
+    /// Disconnecting its connections.
     pub disconnect_us: u64,
     /// Writing the new lease table durably.
     pub persist_us: u64,

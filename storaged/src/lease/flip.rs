@@ -7,10 +7,6 @@
 //! 4. persist: write the new table (old primary deactivated, standby primary, epoch + 1);
 //! 5. promote: the standby's connections get read/write access.
 //!
-//! The wait for the closed connections to end (3) runs while the table is written (4): after
-//! the drain nothing of the old primary reaches the disk, so the two do not depend on each
-//! other, and the flip waits for the longer of them instead of their sum.
-//!
 //! Then the caller acknowledges. If drain or persist fails the flip is abandoned and the old
 //! table stays in force (a drain failure also lifts the barrier again).
 //!
@@ -111,24 +107,13 @@ async fn fence_host(reg: &Registry, vol: &Volume, host: &str) -> Result<u64, Fli
     Ok(inflight)
 }
 
-/// Closes the (already fenced and drained) connections of `host` and waits for them to end.
+/// Closes the (already fenced and drained) connections of `host`.
 async fn disconnect_host(vol: &Volume, host: &str) {
-    let conns = close_host(vol, host);
-    wait_closed(vol, &conns).await;
-}
-
-/// Tells the connections of `host` to close; returns them, for [`wait_closed`].
-fn close_host(vol: &Volume, host: &str) -> Vec<ConnEntry> {
     let conns = vol.conns_of_host(host);
     for c in &conns {
         c.gate.set_access(Access::Closed);
     }
-    conns
-}
-
-/// Waits for closed connections of `vol` to end.
-async fn wait_closed(vol: &Volume, conns: &[ConnEntry]) {
-    for c in conns {
+    for c in &conns {
         // The barrier already stops its I/O; this only bounds how long we wait for the socket.
         if c.gate.gone(Duration::from_secs(5)).await.is_err() {
             tracing::warn!(volume = %vol.config.name, peer = %c.peer,
@@ -268,31 +253,22 @@ async fn apply_flips(
     step.drain_us = us(t);
     fault_point("flip.drain");
 
-    // Disconnect and persist, overlapped (see the module's doc); each timed from here.
     let t = Instant::now();
-    let closing: Vec<(&Volume, Vec<ConnEntry>)> = plans
-        .iter()
-        .filter_map(|(v, p)| Some((v.as_ref(), close_host(v, &p.old_primary.as_ref()?.host))))
-        .collect();
+    for (vol, plan) in plans {
+        if let Some(old) = &plan.old_primary {
+            disconnect_host(vol, &old.host).await;
+        }
+    }
+    step.disconnect_us = us(t);
     fault_point("flip.disconnect");
+
+    let t = Instant::now();
     let changes: Vec<(&Volume, LeaseTable)> = plans
         .iter()
         .map(|(v, p)| (v.as_ref(), p.table.clone()))
         .collect();
-    let disconnected = async {
-        for (vol, conns) in &closing {
-            wait_closed(vol, conns).await;
-        }
-        us(t)
-    };
-    let persisted = async {
-        let r = reg.commit_tables(&changes).await;
-        (r, us(t))
-    };
-    let (disconnect_us, (persisted, persist_us)) = tokio::join!(disconnected, persisted);
-    persisted?;
-    step.disconnect_us = disconnect_us;
-    step.persist_us = persist_us;
+    reg.commit_tables(&changes).await?;
+    step.persist_us = us(t);
     fault_point("flip.persist");
 
     let t = Instant::now();
