@@ -36,6 +36,18 @@ static_vmm_path() {
   [ "$dir" = dev ] && dir=debug
   echo "${CARGO_TARGET_DIR:-target}/$(rustc -vV | sed -n 's/^host: //p')/$dir/vmm"
 }
+# The before/after benchmarks build a git revision beside the tree: BASE_TARGET is where.
+BASE_TARGET="$PWD/target/bench-base"
+# at_revision REV COMMAND...: runs COMMAND (a build) in a temporary worktree of revision REV,
+# with CARGO_TARGET_DIR=$BASE_TARGET; the worktree is removed afterwards, failed or not.
+at_revision() {
+  local rev=$1 src top=$PWD
+  shift
+  src=$(mktemp -d /tmp/bench-base.XXXXXX)
+  git worktree add -q --detach "$src" "$rev"
+  (trap 'cd "$top" && git worktree remove --force "$src"' EXIT
+    cd "$src" && CARGO_TARGET_DIR="$BASE_TARGET" "$@")
+}
 # static_vmm PROFILE: builds it; prints its path.
 static_vmm() {
   local triple
