@@ -159,11 +159,11 @@ impl VcpuSaved {
     pub fn restore(&self, fd: &VcpuFd) -> Result<(), VcpuStateError> {
         let index = self.index;
         let k = |what: &'static str| move |e| VcpuStateError::Kvm(index, what, e);
-        let cpuid = CpuId::from_entries(&self.cpuid).map_err(|_| {
-            VcpuStateError::Kvm(index, "build CPUID", kvm_ioctls::Error::new(libc::E2BIG))
-        })?;
         let current = fd.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES);
         if !current.is_ok_and(|c| same_cpuid(c.as_slice(), &self.cpuid)) {
+            let cpuid = CpuId::from_entries(&self.cpuid).map_err(|_| {
+                VcpuStateError::Kvm(index, "build CPUID", kvm_ioctls::Error::new(libc::E2BIG))
+            })?;
             fd.set_cpuid2(&cpuid).map_err(k("KVM_SET_CPUID2"))?;
         }
         if self.tsc_khz != 0 && fd.get_tsc_khz().ok() != Some(self.tsc_khz) {

@@ -29,7 +29,7 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    FrontendReq, VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
     VhostUserVringAddrFlags,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
@@ -44,7 +44,7 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the VMM waits for a backend's socket to accept when the VM is built.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// SET_LOG_BASE's request code.
-const REQ_SET_LOG_BASE: u32 = 6;
+const REQ_SET_LOG_BASE: u32 = FrontendReq::SET_LOG_BASE as u32;
 /// Header flags: protocol version 1.
 const HDR_VERSION_1: u32 = 0x1;
 /// Header flags: a reply.
@@ -362,10 +362,9 @@ mod tests {
     use super::*;
     use std::io::Write;
     use std::os::unix::net::UnixListener;
+    use vhost::vhost_user::message::VhostUserVringAddr;
+    use vm_memory::ByteValued;
 
-    const GET_FEATURES: u32 = 1;
-    const SET_VRING_ADDR: u32 = 9;
-    const GET_PROTOCOL_FEATURES: u32 = 15;
     /// VIRTIO_F_VERSION_1.
     const VERSION_1: u64 = 1 << 32;
 
@@ -383,11 +382,13 @@ mod tests {
                 let (request, size) = (field(0), field(8) as usize);
                 let mut body = vec![0u8; size];
                 s.read_exact(&mut body).expect("message body");
-                let answer = match request {
-                    GET_FEATURES => {
+                let answer = match FrontendReq::try_from(request) {
+                    Ok(FrontendReq::GET_FEATURES) => {
                         Some(VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | VERSION_1)
                     }
-                    GET_PROTOCOL_FEATURES => Some(VhostUserProtocolFeatures::CONFIG.bits()),
+                    Ok(FrontendReq::GET_PROTOCOL_FEATURES) => {
+                        Some(VhostUserProtocolFeatures::CONFIG.bits())
+                    }
                     _ => None,
                 };
                 if let Some(value) = answer {
@@ -434,14 +435,12 @@ mod tests {
         drop((session, watch));
         let seen = backend.join().unwrap();
 
-        let (_, addr) = seen
+        let (_, body) = seen
             .iter()
-            .find(|(request, _)| *request == SET_VRING_ADDR)
+            .find(|(request, _)| *request == FrontendReq::SET_VRING_ADDR as u32)
             .expect("SET_VRING_ADDR sent");
-        assert_eq!(addr.len(), 40, "index, flags, then four addresses");
-        let flags = u32::from_le_bytes(addr[4..8].try_into().unwrap());
-        let word = |i: usize| u64::from_le_bytes(addr[8 + 8 * i..16 + 8 * i].try_into().unwrap());
-        let (used, log) = (word(1), word(3));
+        let addr = VhostUserVringAddr::from_slice(body).expect("a vring address body");
+        let (flags, used, log) = (addr.flags, addr.used, addr.log);
         assert_eq!(
             flags & VhostUserVringAddrFlags::VHOST_VRING_F_LOG.bits(),
             VhostUserVringAddrFlags::VHOST_VRING_F_LOG.bits(),
