@@ -63,6 +63,8 @@ pub mod route {
     pub const INCOMING_ONE: &str = "/v1/incoming/{id}";
     /// The leases are the destination's: resume the guest there.
     pub const INCOMING_RESUME: &str = "/v1/incoming/{id}/resume";
+    /// The source handed the guest over: the destination flips the leases and runs it.
+    pub const INCOMING_COMPLETE: &str = "/v1/incoming/{id}/complete";
     /// The source gave up: end the incoming VMM.
     pub const INCOMING_ABORT: &str = "/v1/incoming/{id}/abort";
 

@@ -128,6 +128,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route(route::INCOMING, post(incoming_prepare))
         .route(route::INCOMING_ONE, get(incoming_show))
         .route(route::INCOMING_RESUME, post(incoming_resume))
+        .route(route::INCOMING_COMPLETE, post(incoming_complete))
         .route(route::INCOMING_ABORT, post(incoming_abort))
         .with_state(agent)
 }
@@ -367,6 +368,20 @@ async fn incoming_resume(
     Ok(Json(destination::resume(&a, &id).await?))
 }
 
+/// The source handed the guest over: flips every volume here (conditional on the source still
+/// holding each at its recorded epoch) and runs the guest, or answers why not (called by the
+/// source host; this host does the same on its own as soon as its VMM holds the whole state).
+#[utoipa::path(post, path = "/v1/incoming/{id}/complete", tag = "peers", params(("id" = String, Path, description = "The migration's id")),
+    responses((status = 200, description = "Running here", body = MigrationRecord), NotItsSource, NotFound, Refused))]
+async fn incoming_complete(
+    State(a): St,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> R<Json<MigrationRecord>> {
+    from_its_source(&a, &caller, &id, "complete this migration")?;
+    Ok(Json(destination::complete(&a, &id).await?))
+}
+
 /// Abandons an incoming migration (called by the source host).
 #[utoipa::path(post, path = "/v1/incoming/{id}/abort", tag = "peers", params(("id" = String, Path, description = "The migration's id")),
     responses((status = 200, description = "Abandoned", body = MigrationRecord), NotItsSource, NotFound, Refused))]
@@ -420,6 +435,7 @@ vmhop_common::error_answers! {
         incoming_prepare,
         incoming_show,
         incoming_resume,
+        incoming_complete,
         incoming_abort
     )
 )]

@@ -5,8 +5,8 @@
 //!
 //! Covered: a migration there and back (every lease flips, the destination VMM runs, the source
 //! VMM ends and its deactivated leases are released); a flip storaged refuses because the
-//! destination lost a standby lease (nothing moves, the destination's VMM is ended, the real
-//! source VMM resumed); a destination still deactivated on a volume (its incoming VMM is
+//! destination lost a standby lease (nothing moves, the destination abandons the migration and
+//! its VMM is ended, the real source VMM resumed); a destination still deactivated on a volume (its incoming VMM is
 //! refused: the migration aborts before anything moved).
 //! The phases a real guest needs time in (pre-copy, a restart in the middle) are driven with
 //! doubles in `migration_source.rs` and with real guests in the end-to-end tests; cut links
@@ -34,6 +34,20 @@ async fn real_vmms_migrate_there_and_back_flipping_and_releasing_every_lease() {
     let r = migrate(&h.a, "b").await;
     assert_eq!(r.phase, Phase::Completed, "{r:?}");
     assert_eq!(r.flipped, VOLUMES.to_vec());
+    // The destination flipped the leases (the source did not: it has no note of its own flip).
+    let notes: Vec<&str> = r.steps.iter().map(|s| s.note.as_str()).collect();
+    assert!(
+        notes.contains(&"the destination flipped every volume to itself"),
+        "{notes:#?}"
+    );
+    assert!(!notes.iter().any(|n| n.contains("from here")), "{notes:#?}");
+    let t = r.figures.timeline;
+    assert!(
+        t.paused_at_us < t.handed_over_at_us
+            && t.handed_over_at_us < t.flipped_at_us
+            && t.flipped_at_us < t.resumed_at_us,
+        "{t:?}"
+    );
     assert!(r.figures.bytes_sent > 0, "{r:?}");
     assert!(r.figures.vmm_downtime_us > 0, "{r:?}");
     assert_eq!(
@@ -60,13 +74,13 @@ async fn a_refused_flip_moves_nothing_and_the_real_source_vmm_resumes() {
     let h = hosts().await;
     let started = h.guest_on_a().await;
 
-    // When the source asks for the flip, b has lost its standby lease on v2.
-    h.links.storaged_a.hold(is_flip);
+    // When the destination asks for the flip, it has lost its standby lease on v2.
+    h.links.storaged_b.hold(is_flip);
     let id = start_migration(&h.a, "b").await;
     wait_phase(&h.a, &id, |p| p == Phase::Flipping).await;
     let v2 = h.storage.reg.get("v2").unwrap();
     flip::revoke(&h.storage.reg, &v2, "b", None).await.unwrap();
-    h.links.storaged_a.release();
+    h.links.storaged_b.release();
 
     let r = wait_phase(&h.a, &id, Phase::is_terminal).await;
     assert_eq!(r.phase, Phase::Aborted, "{r:?}");

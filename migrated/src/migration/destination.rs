@@ -1,18 +1,25 @@
-//! The destination side of a migration: start the VMM in incoming mode, watch the source
-//! while the state arrives, resume when told (or take over when the source is lost after the
-//! hand-over), or abort.
+//! The destination side of a migration: start the VMM in incoming mode, follow it until it
+//! holds the whole state and then take the leases and run the guest here, watch the source
+//! meanwhile, or abort.
+//!
+//! The flip is the destination's: once its VMM holds the whole state (the source committed to
+//! the hand-over), [`follow`] makes the group flip of every volume to this host, conditional on
+//! the source holding each at the epochs it recorded when the migration began, and resumes the
+//! guest, without waiting for the source's word (so that the guest's pause holds no round trip
+//! to the source). storaged decides a race with a source that aborts at the same moment: the
+//! source's group revoke of our standby leases moves those epochs (and is refused once we are
+//! primary). A refused flip abandons the migration here; an unanswered one is read back:
+//! primary on every volume, the guest resumes here; else retried. The source learns the
+//! outcome from [`complete`] (`POST /v1/incoming/{id}/complete`), which waits for the same
+//! decision, or makes it. A guest without storaged volumes has no arbiter: it resumes only on
+//! the source's word (`POST /v1/incoming/{id}/resume`, also what a source that flipped itself
+//! sends).
 //!
 //! The watch asks the source for its record every [`WATCH`]: if the source aborted (or is
 //! rolling back before our VMM holds the whole state), the incoming VMM is ended; if the source
 //! passed the flip, the guest resumes here. If the source stays silent for `peer_timeout_ms`, or
-//! stays that long in its flip (it may not reach storaged), the destination decides alone: a VMM
-//! that holds the whole state (`handed-over`) takes the leases over and resumes, anything
-//! earlier is abandoned. The take-over is the source's own group flip, conditional on the source
-//! holding every volume at the epochs it recorded when the migration began: storaged decides a
-//! race with a source that aborts at the same moment, because the source's group revoke of our
-//! standby leases moves those epochs (and is refused once we are primary). A refused or
-//! unanswered take-over is read back: primary on every volume, the guest resumes here; else,
-//! refused, it is abandoned; unanswered, retried.
+//! stays that long in its flip, the destination decides alone: a VMM that holds the whole state
+//! completes here as above, anything earlier is abandoned.
 //!
 //! An abandoned migration leaves no standby lease of this host behind: once the incoming VMM is
 //! gone they are revoked, retried until storaged answers ([`crate::release`]).
@@ -31,12 +38,17 @@ use std::time::{Duration, Instant};
 use storaged_client::api::GroupFlipRequest;
 use thiserror::Error;
 use vmhop_common::error::chain as error_chain;
-use vmhop_common::http::HttpError;
+use vmhop_common::http::{HttpError, Prepared};
 use vmm_api::client::VmmError;
 use vmm_api::migration::Phase as VmmPhase;
 
 /// Interval of the watch of the source.
 const WATCH: Duration = Duration::from_millis(500);
+/// The longest wait of one long poll of the incoming VMM's phase (it answers as soon as the
+/// phase changes, so the hand-over is seen when it happens).
+const POLL: Duration = Duration::from_millis(200);
+/// Pause between two calls to an incoming VMM whose API failed.
+const VMM_RETRY: Duration = Duration::from_millis(50);
 
 /// Why an incoming migration was refused, could not resume, or was abandoned here.
 #[derive(Debug, Error)]
@@ -84,8 +96,11 @@ pub enum DestinationError {
         source: HttpError,
     },
     /// storaged refused to flip the volumes here: the source kept them (or took them back).
-    #[error("taking the leases over was refused")]
+    #[error("flip refused: the volumes stay with the source")]
     TakeOverRefused(#[source] HttpError),
+    /// Asked to complete before the incoming VMM holds the whole state.
+    #[error("the incoming VMM does not hold the whole state")]
+    NoState,
     /// The source sent no lease epochs: without them no take-over can be conditional.
     #[error("no lease epochs from the source: the volumes cannot be taken over")]
     NoEpochs,
@@ -108,7 +123,8 @@ impl DestinationError {
             | DestinationError::Abandoned { .. }
             | DestinationError::Resumed(_)
             | DestinationError::AbortRequested
-            | DestinationError::SourceAborted(_) => ErrorKind::Conflict,
+            | DestinationError::SourceAborted(_)
+            | DestinationError::NoState => ErrorKind::Conflict,
             DestinationError::Vmm(_)
             | DestinationError::SourceLost { .. }
             | DestinationError::TakeOverRefused(_)
@@ -171,6 +187,7 @@ pub async fn prepare(
     mig.step(Phase::Precopy, "incoming VMM ready");
     agent.put_migration(mig.clone()).await?;
     tokio::spawn(watch(agent.clone(), mig.id.clone()));
+    tokio::spawn(follow(agent.clone(), mig.id.clone()));
     Ok(IncomingReady {
         host: agent.cfg.host_id.clone(),
         stream_addr,
@@ -193,9 +210,120 @@ pub fn incoming(agent: &Agent, id: &str) -> Result<MigrationRecord, DestinationE
     Ok(mig)
 }
 
-/// `POST /v1/incoming/{id}/resume`: the leases are ours; the guest runs here.
+/// `POST /v1/incoming/{id}/resume`: the leases are ours (the source flipped them); the guest
+/// runs here.
 pub async fn resume(agent: &Arc<Agent>, id: &str) -> Result<MigrationRecord, DestinationError> {
     let _d = DECIDE.lock().await;
+    resume_locked(agent, id).await
+}
+
+/// `POST /v1/incoming/{id}/complete`: the source handed the guest over; answers once the guest
+/// runs here (the leases flipped here first, if [`follow`] has not done it already), or why
+/// it cannot.
+pub async fn complete(agent: &Arc<Agent>, id: &str) -> Result<MigrationRecord, DestinationError> {
+    let _d = DECIDE.lock().await;
+    complete_locked(agent, id, None).await
+}
+
+/// Follows the incoming VMM until it holds the whole state, then completes the migration here
+/// ([`complete_locked`]). The connection to storaged for the flip is opened now, so that the
+/// guest's pause holds no TCP or TLS handshake. A guest without storaged volumes waits for the
+/// source's word instead (nothing would arbitrate a race with the source's abort).
+async fn follow(agent: Arc<Agent>, id: String) {
+    let Ok(rec) = agent.migration(&id) else {
+        return;
+    };
+    if rec.volumes.is_empty() {
+        return;
+    }
+    let Ok(inst) = agent.instance(&rec.instance) else {
+        return;
+    };
+    let api = agent.storaged();
+    let opening = tokio::spawn(async move { api.prepare().await });
+    let vmm = agent.vmm(&inst);
+    let mut phase = VmmPhase::Idle;
+    loop {
+        match agent.migration(&id) {
+            Ok(r) if !r.phase.is_terminal() => {}
+            _ => return,
+        }
+        match vmm.migration_change(phase, POLL).await {
+            Ok(st) if st.phase == VmmPhase::HandedOver => break,
+            // Resumed (by an earlier run of migrated), or failed: the watch decides.
+            Ok(st) if st.phase.is_final() => return,
+            Ok(st) => phase = st.phase,
+            Err(_) if !inst.vmm_alive() => return,
+            Err(_) => tokio::time::sleep(VMM_RETRY).await,
+        }
+    }
+    let conn = opening.await.ok().and_then(Result::ok);
+    let _d = DECIDE.lock().await;
+    if let Err(e) = complete_locked(&agent, &id, conn).await {
+        tracing::warn!(migration = %id, error = %error_chain(&e),
+            "the incoming VMM holds the whole state, but the guest does not run here");
+    }
+}
+
+/// The incoming VMM holds the whole state: flips every volume here (unless done already) and
+/// runs the guest; a refused flip abandons the migration. The caller holds [`DECIDE`].
+async fn complete_locked(
+    agent: &Arc<Agent>,
+    id: &str,
+    conn: Option<Prepared>,
+) -> Result<MigrationRecord, DestinationError> {
+    let mig = incoming(agent, id)?;
+    match mig.phase {
+        Phase::Completed => return Ok(mig),
+        Phase::Aborted | Phase::Failed => {
+            return Err(DestinationError::Abandoned {
+                id: id.to_string(),
+                reason: mig.error.unwrap_or_default(),
+            })
+        }
+        _ => {}
+    }
+    if mig.flipped.len() != mig.volumes.len() {
+        // Resumed already (a crash of migrated after the resume): the flip happened before it.
+        let state = vmm_phase(agent, &mig).await;
+        if !matches!(state, Some(VmmPhase::HandedOver | VmmPhase::Completed)) {
+            return Err(DestinationError::NoState);
+        }
+        let seen_us = crate::now_us();
+        agent
+            .update_migration_in_memory(id, |r| {
+                r.figures.timeline.handed_over_at_us = seen_us;
+                r.note("the incoming VMM holds the whole state: flipping every volume here");
+            })
+            .await?;
+        let t = Instant::now();
+        let notes = match take_over(agent, &mig, conn).await {
+            Ok(notes) => notes,
+            Err(e @ DestinationError::TakeOverRefused(_)) => {
+                abort_locked(agent, id, &error_chain(&e)).await?;
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        let (flipped_us, flip_ms) = (crate::now_us(), t.elapsed().as_millis() as u64);
+        // Not durable while the guest waits: a crash before the record's next durable write
+        // finds the flip again (refused, its epochs moved, and read back as ours).
+        agent
+            .update_migration_in_memory(id, |r| {
+                for n in notes {
+                    r.note(n);
+                }
+                r.flipped = r.volumes.clone();
+                r.figures.flip_ms = flip_ms;
+                r.figures.timeline.flipped_at_us = flipped_us;
+            })
+            .await?;
+    }
+    resume_locked(agent, id).await
+}
+
+/// Runs the guest here; the caller holds [`DECIDE`] and the leases are this host's.
+async fn resume_locked(agent: &Arc<Agent>, id: &str) -> Result<MigrationRecord, DestinationError> {
     let mig = incoming(agent, id)?;
     match mig.phase {
         Phase::Completed => return Ok(mig),
@@ -332,6 +460,7 @@ pub fn resume_after_restart(agent: Arc<Agent>, rec: MigrationRecord) {
             .map(|i| i.vmm_alive())
             .unwrap_or(false);
         if alive {
+            tokio::spawn(follow(agent.clone(), rec.id.clone()));
             watch(agent, rec.id).await;
         } else if let Err(e) = abort(&agent, &rec.id, &DestinationError::VmmGone).await {
             tracing::warn!(migration = %rec.id, error = %error_chain(&e),
@@ -415,55 +544,47 @@ async fn watch(agent: Arc<Agent>, id: String) {
     }
 }
 
+/// The incoming VMM's migration phase, if it answers.
+async fn vmm_phase(agent: &Agent, rec: &MigrationRecord) -> Option<VmmPhase> {
+    let inst = agent.instance(&rec.instance).ok()?;
+    agent.vmm(&inst).migration().await.ok().map(|s| s.phase)
+}
+
 /// Whether this host's incoming VMM holds the whole state (the source handed it over).
 async fn holds_the_state(agent: &Agent, rec: &MigrationRecord) -> bool {
-    match agent.instance(&rec.instance) {
-        Ok(inst) => agent
-            .vmm(&inst)
-            .migration()
-            .await
-            .is_ok_and(|s| s.phase == VmmPhase::HandedOver),
-        Err(_) => false,
-    }
+    vmm_phase(agent, rec).await == Some(VmmPhase::HandedOver)
 }
 
 /// The source is gone or stuck (`why`): complete here if the whole state arrived and storaged
 /// lets us take the volumes over, else give up.
 async fn take_over_or_abort(agent: &Arc<Agent>, rec: &MigrationRecord, why: &str) {
     let _d = DECIDE.lock().await;
-    let refusal = if !holds_the_state(agent, rec).await {
-        None
-    } else {
-        tracing::warn!(migration = %rec.id, reason = %why,
-            "the source is lost after the hand-over: taking the leases over");
-        match take_over(agent, rec).await {
-            Ok(()) => {
-                drop(_d);
-                if let Err(e) = resume(agent, &rec.id).await {
-                    tracing::error!(migration = %rec.id, error = %error_chain(&e),
-                        "resuming after taking over");
-                }
-                return;
-            }
-            Err(refused) => Some(refused),
+    if !holds_the_state(agent, rec).await {
+        if let Err(e) = abort_locked(agent, &rec.id, why).await {
+            tracing::warn!(migration = %rec.id, error = %error_chain(&e), "abandoning");
         }
-    };
-    let why = match refusal {
-        Some(e) => format!("{why}; {}", error_chain(&e)),
-        None => why.to_string(),
-    };
-    if let Err(e) = abort_locked(agent, &rec.id, &why).await {
-        tracing::warn!(migration = %rec.id, error = %error_chain(&e), "abandoning");
+        return;
+    }
+    tracing::warn!(migration = %rec.id, reason = %why,
+        "the source is lost after the hand-over: completing here");
+    if let Err(e) = complete_locked(agent, &rec.id, None).await {
+        tracing::error!(migration = %rec.id, error = %error_chain(&e),
+            "completing after the source was lost");
     }
 }
 
-/// Flips every volume here with the group flip conditional on the source's recorded epochs;
-/// a refusal or a lost answer is read back (primary on every volume is success, whoever
-/// flipped). Retried while storaged does not answer.
-async fn take_over(agent: &Arc<Agent>, rec: &MigrationRecord) -> Result<(), DestinationError> {
+/// Flips every volume here with the group flip conditional on the source's recorded epochs
+/// (the first attempt on `conn` when there is one); a refusal or a lost answer is read back
+/// (primary on every volume is success, whoever flipped). Retried while storaged does not
+/// answer. Returns the notes for the record: storaged's report of each volume's flip.
+async fn take_over(
+    agent: &Arc<Agent>,
+    rec: &MigrationRecord,
+    mut conn: Option<Prepared>,
+) -> Result<Vec<String>, DestinationError> {
     let me = &agent.cfg.host_id;
     if rec.volumes.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let volumes = leases::named(&rec.volumes, &rec.epochs).ok_or(DestinationError::NoEpochs)?;
     let req = GroupFlipRequest {
@@ -474,12 +595,23 @@ async fn take_over(agent: &Arc<Agent>, rec: &MigrationRecord) -> Result<(), Dest
     };
     let api = agent.storaged();
     loop {
-        let failed = match api.flip_group(&req).await {
-            Ok(_) => break,
+        let failed = match api.flip_group_on(conn.take(), &req).await {
+            Ok(report) => {
+                return Ok(report
+                    .volumes
+                    .iter()
+                    .map(|(v, rep)| {
+                        format!(
+                            "volume {v}: lease flipped to {me} (epoch {}, {} us)",
+                            rep.epoch, rep.total_us
+                        )
+                    })
+                    .collect())
+            }
             Err(e) => e,
         };
         tracing::warn!(migration = %rec.id, error = %error_chain(&failed),
-            "taking the leases over failed; reading them back");
+            "flipping the leases here failed; reading them back");
         let views = leases::read_until_known(&api, &rec.volumes, |attempt, e| {
             tracing::warn!(migration = %rec.id, attempt, error = %error_chain(&e),
                 "reading the leases: storaged did not answer; retrying");
@@ -487,18 +619,11 @@ async fn take_over(agent: &Arc<Agent>, rec: &MigrationRecord) -> Result<(), Dest
         })
         .await;
         match Holding::of(&views, me) {
-            Holding::Destination => break,
+            Holding::Destination => return Ok(vec!["every volume is this host's".to_string()]),
             _ if leases::refused(&failed) => {
                 return Err(DestinationError::TakeOverRefused(failed));
             }
             _ => tokio::time::sleep(leases::RETRY).await,
         }
     }
-    let _ = agent
-        .update_migration(&rec.id, |r| {
-            r.flipped = r.volumes.clone();
-            r.note("every volume is this host's");
-        })
-        .await;
-    Ok(())
 }

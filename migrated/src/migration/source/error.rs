@@ -103,6 +103,10 @@ pub enum SourceError {
         #[source]
         source: HttpError,
     },
+    /// The destination said that it runs the guest, but storaged does not show it holding
+    /// every volume.
+    #[error("the destination says that it runs the guest, but storaged does not show it holding every volume")]
+    DestinationClaims,
     /// The guest's leases could not be read.
     #[error("reading the leases of the guest's volumes")]
     Leases(#[source] HttpError),
@@ -200,6 +204,7 @@ impl SourceError {
             | SourceError::StreamFailed { .. }
             | SourceError::VmmLost(_)
             | SourceError::DestinationGaveUp(_)
+            | SourceError::DestinationClaims
             | SourceError::DestinationLost { .. }
             | SourceError::Leases(_)
             | SourceError::FlipRefused(_)

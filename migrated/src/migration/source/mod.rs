@@ -145,9 +145,8 @@ struct Source {
     started: Instant,
     paused_at: Option<Instant>,
     flip_ms: u64,
-    /// The connection for the flip, opened when pre-copy starts (see [`Self::open_ahead`]).
-    flip_conn: Option<Opening>,
-    /// The connection for the destination's resume, opened likewise.
+    /// The connection for the call that asks the destination for the outcome of the pause,
+    /// opened when pre-copy starts (see [`Self::open_ahead`]).
     resume_conn: Option<Opening>,
 }
 
@@ -169,22 +168,16 @@ impl Source {
             started: Instant::now(),
             paused_at: None,
             flip_ms: 0,
-            flip_conn: None,
             resume_conn: None,
         }
     }
 
-    /// Opens the connections of the calls that the guest's pause waits for, the flip at
-    /// storaged and the resume at the destination (TCP and TLS handshakes), when pre-copy
-    /// starts: those calls then only send their request, and the handshakes' CPU is not taken
-    /// from the VMMs while the guest is paused. A connection that failed to open is opened
-    /// again by its call; one that the server closed in the meantime takes no request, which
-    /// then goes on a new connection.
+    /// Opens the connection of the call to the destination that follows the hand-over (TCP
+    /// and TLS handshakes) when pre-copy starts: the call then only sends its request, and the
+    /// handshakes' CPU is not taken from the VMMs while the guest is paused. A connection that
+    /// failed to open is opened again by its call; one that the server closed in the meantime
+    /// takes no request, which then goes on a new connection.
     fn open_ahead(&mut self) {
-        if self.flip_conn.is_none() {
-            let leases = self.leases.clone();
-            self.flip_conn = Some(tokio::spawn(async move { leases.prepare().await }));
-        }
         if self.resume_conn.is_none() {
             let peer = self.peer.clone();
             self.resume_conn = Some(tokio::spawn(async move { peer.prepare().await }));
@@ -521,10 +514,80 @@ impl Source {
         Ok(())
     }
 
-    /// flipping: every volume's lease goes to the destination, in one group flip conditional
-    /// on this host holding each at the recorded epoch. A refusal or a lost answer is read back:
-    /// the destination primary everywhere means the flip happened (ours, or its take-over).
+    /// flipping: the destination flips every volume to itself and runs the guest, as soon as
+    /// its VMM holds the whole state (see [`super::destination`]); this asks it for the outcome
+    /// ([`Self::completed_there`]). A destination that gave up takes the abort path (storaged
+    /// decides there whether it won after all). One that does not answer, or knows no such
+    /// call, gets the flip from here instead ([`Self::flip_here`]).
     async fn flip(&mut self, rec: &MigrationRecord) -> Result<(), SourceError> {
+        if rec.volumes.is_empty() {
+            return self.flip_here(rec).await;
+        }
+        let conn = opened(self.resume_conn.take()).await;
+        let why = match self.peer.complete_incoming_on(conn, &rec.id).await {
+            Ok(dest) if dest.phase == Phase::Completed => {
+                return self.completed_there(rec, dest).await
+            }
+            Ok(dest) => format!("it answered {}", dest.phase),
+            Err(e) if leases::refused(&e) => {
+                return Err(SourceError::DestinationGaveUp(error_chain(&e)))
+            }
+            Err(e) => error_chain(&e),
+        };
+        tracing::warn!(migration = %rec.id, reason = %why,
+            "the destination did not complete the migration; flipping the leases from here");
+        let _ = self
+            .modify(|r| {
+                r.note(format!(
+                    "the destination did not complete the migration ({why}): flipping the leases from here"
+                ))
+            })
+            .await;
+        self.flip_here(rec).await
+    }
+
+    /// The destination says that it flipped every volume and runs the guest (`dest`, its
+    /// record): once storaged confirms that the destination holds every volume, the migration
+    /// is past the flip, with the destination's figures of it.
+    async fn completed_there(
+        &mut self,
+        rec: &MigrationRecord,
+        dest: MigrationRecord,
+    ) -> Result<(), SourceError> {
+        // A peer's word alone does not end the guest here.
+        if self.holding(rec).await != Holding::Destination {
+            return Err(SourceError::DestinationClaims);
+        }
+        let notes: Vec<String> = dest
+            .steps
+            .iter()
+            .filter(|s| s.note.contains(": lease flipped to "))
+            .map(|s| s.note.clone())
+            .collect();
+        let t = dest.figures.timeline;
+        self.agent
+            .update_migration_in_memory(&self.id, |r| {
+                for n in notes {
+                    r.note(n);
+                }
+                r.figures.flip_ms = dest.figures.flip_ms;
+                r.figures.timeline.handed_over_at_us = t.handed_over_at_us;
+                r.figures.timeline.flipped_at_us = t.flipped_at_us;
+                r.flipped = r.volumes.clone();
+                r.step(
+                    Phase::Flipped,
+                    "the destination flipped every volume to itself",
+                );
+            })
+            .await?;
+        self.ran_there(&dest).await
+    }
+
+    /// The flip from here: every volume's lease goes to the destination, in one group flip
+    /// conditional on this host holding each at the recorded epoch. A refusal or a lost answer
+    /// is read back: the destination primary everywhere means the flip happened (ours, or its
+    /// own).
+    async fn flip_here(&mut self, rec: &MigrationRecord) -> Result<(), SourceError> {
         let t = Instant::now();
         let volumes = leases::named(&rec.volumes, &rec.epochs).ok_or(SourceError::NoEpochs)?;
         let req = GroupFlipRequest {
@@ -537,8 +600,7 @@ impl Source {
         let note = if rec.volumes.is_empty() {
             "no storaged volume to flip".to_string()
         } else {
-            let conn = opened(self.flip_conn.take()).await;
-            match self.leases.flip_group_on(conn, &req).await {
+            match self.leases.flip_group(&req).await {
                 Ok(report) => {
                     for (v, rep) in &report.volumes {
                         flipped_notes.push(format!(
@@ -619,6 +681,12 @@ impl Source {
                 }
             }
         };
+        self.ran_there(&resumed).await
+    }
+
+    /// The destination runs the guest (`resumed`, its record): its figures go into the record,
+    /// which moves on to cleanup.
+    async fn ran_there(&self, resumed: &MigrationRecord) -> Result<(), SourceError> {
         // The destination VMM's measure (from the source's last vCPU pause) when it reports
         // one; else from the moment we saw the source paused.
         let downtime = match resumed.figures.vmm_downtime_us {
