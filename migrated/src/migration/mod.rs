@@ -2,13 +2,15 @@
 //! both ends keep ([`record`]), the state machine of the host the guest leaves ([`source`]) and
 //! that of the host it goes to ([`destination`]).
 //!
-//! The source drives; the destination follows and watches the source. Storage (storaged) is
+//! The source drives until the hand-over; the destination follows, watches the source, and
+//! makes the flip. Storage (storaged) is
 //! the arbiter: a volume's lease is held by one host at a time and moves with a flip, and a
 //! guest's volumes move together: each side changes them only with storaged's operations on
 //! the whole set ([`leases`]), each conditional, so that exactly one side can win whatever is
 //! cut:
-//! - the flip (the source's, or the destination's take-over) promotes the destination only if
-//!   the source still holds every volume at the epochs recorded when the migration began;
+//! - the flip (the destination's, or the source's when it hears nothing from the destination)
+//!   promotes the destination only if the source still holds every volume at the epochs
+//!   recorded when the migration began;
 //! - the source's abort resumes the guest only after storaged ended the destination's standby
 //!   leases on every volume (refused if the destination is primary on any), which also moves
 //!   every epoch, so no flip can promote the destination afterwards;
@@ -24,17 +26,25 @@
 //!     |                                                          vmm run --incoming (standby)
 //!     |                                                          preparing, precopy
 //!     |               precopy --------------> POST migration/send ==== stream ====>
-//!     |                 long poll GET /v1/migration?phase= until handed-over
+//!     |                 long poll GET /v1/migration?phase= until  long poll of its VMM's phase
+//!     |                 handed-over                              until handed-over
 //!     |                 GET /v1/incoming/{id} every second ----->
 //!     |                                                   <------ GET /v1/migrations/{id}
 //!     |                                                           (the watch, every 500 ms)
-//!     |               handed-over, flipping ----------------------------------------> group flip
-//!     |               flipped, resuming ----------------------> POST /v1/incoming/{id}/resume
+//!     |                                                          group flip to itself -----> flip
 //!     |                                                          resuming, completed
-//!     |               cleanup --------------> POST vm/shutdown
+//!     |               handed-over, flipping ------------------> POST /v1/incoming/{id}/complete
+//!     |                 (answered once the guest runs there)
+//!     |               leases read back: the destination's ---------------------------> leases
+//!     |               flipped, cleanup -----> POST vm/shutdown
 //!     |                 release the source's deactivated leases ---------------------> revoke
 //!     |               completed
 //! ```
+//!
+//! The destination flips as soon as its VMM holds the whole state, so that the guest's pause
+//! waits for no call between the hosts; a source whose call for the outcome gets no answer
+//! makes the same conditional flip itself, then has the destination resume
+//! (`POST /v1/incoming/{id}/resume`).
 //!
 //! Each phase is written to the store before its action is taken, so a restarted migrated
 //! ([`crate::recovery`]) knows what may have happened; the steps of the guest's pause are only
@@ -43,8 +53,8 @@
 //! the destination's standby leases are revoked (so it can no longer take over), the
 //! destination is told to abort and the source VMM resumes; unless storaged shows that the
 //! destination won, and then the migration goes on to completion. From `flipped` on the guest
-//! may only continue on the destination. A destination that loses the source after its VMM
-//! holds the whole state takes the leases over itself, with the same conditional flip.
+//! may only continue on the destination. A destination whose VMM holds the whole state flips
+//! whether or not it still hears from the source.
 
 pub mod destination;
 pub mod leases;

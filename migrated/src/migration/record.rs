@@ -173,16 +173,17 @@ pub struct Figures {
 
 /// The guest's pause, step by step: wall clocks in microseconds since the epoch (each host's
 /// own clock), 0 when unknown. From `paused_at_us` to `handed_over_at_us` the source VMM sends
-/// the rest of the state and migrated learns that it arrived; to `flipped_at_us` the leases
-/// flip; to `resumed_at_us` the destination is told to run the guest and its first vCPU runs.
+/// the rest of the state and the migrated that flips (the destination's, or the source's when
+/// the destination did not answer) learns that it arrived; to `flipped_at_us` the leases flip;
+/// to `resumed_at_us` the destination VMM is told to run the guest and its first vCPU runs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default)]
 pub struct Timeline {
     /// The source VMM's last vCPU pause (its clock, as the destination VMM heard it).
     pub paused_at_us: u64,
-    /// The source migrated saw the hand-over.
+    /// The migrated that flips saw the hand-over.
     pub handed_over_at_us: u64,
-    /// The source migrated had storaged's answer to the flip (or read the flip back).
+    /// The migrated that flips had storaged's answer to the flip (or read the flip back).
     pub flipped_at_us: u64,
     /// The destination VMM's first vCPU run (its clock).
     pub resumed_at_us: u64,

@@ -12,10 +12,10 @@
 //! The table: p50, p99 (nearest rank) and max over the runs of the total time, the downtime
 //! (the destination VMM's measure: the source's last vCPU pause to its own first vCPU run) and
 //! its parts from the record's timeline: pause -> handed-over (the rest of the state sent and
-//! migrated told of it), handed-over -> flipped (records and the group flip of both volumes;
-//! storaged's own flip time beside it) and flipped -> resumed (the destination told to run the
-//! guest, its first vCPU run). The parts come from the wall clocks of both hosts: here they
-//! are one machine's.
+//! the migrated that flips, the destination's, told of it), handed-over -> flipped (its group
+//! flip of both volumes; storaged's own flip time beside it) and flipped -> resumed (its VMM
+//! told to run the guest, its first vCPU run). The parts come from the wall clocks of both
+//! hosts: here they are one machine's.
 
 use anyhow::{bail, Context, Result};
 use e2e::image::guest_image;

@@ -5,20 +5,22 @@
 //! Each phase is written to the store before its action, except the steps of the guest's
 //! pause: `handed-over`, `flipping`, `flipped` and `resuming` are published without a write, so
 //! that no fsync is part of the pause. Recovery from `precopy`, the phase recorded before them,
-//! reads the leases as theirs would: a flip that happened (ours, or the destination's
-//! take-over) shows as the destination holding every volume, and the migration goes on to
-//! resume it; anything else takes the abort path, whose group revoke is refused once the
-//! destination is primary anywhere. The hand-over is learnt from a long poll of the source
-//! VMM's phase, and the connections of the flip and of the resume are opened when pre-copy
-//! starts, so that the pause waits for the flip and the resume's round trip only (no TCP or
-//! TLS handshake, nor their CPU, in the pause). The flip is one group flip of every volume,
-//! conditional on this host holding each at the epoch recorded in `created`. Before `flipped` every failure aborts: the source resumes only once storaged
-//! confirmed, with a group revoke, that the destination can no longer become primary; if
-//! storaged shows the destination primary on every volume instead, the destination won and the
-//! migration goes on (the source stays paused and has the destination resume). When storaged
-//! does not answer, the source reads the leases again and retries instead of guessing; the
-//! guest stays paused meanwhile. From `flipped` on the guest may only continue on the
-//! destination.
+//! reads the leases as theirs would: a flip that happened (the destination's, or ours) shows as
+//! the destination holding every volume, and the migration goes on to resume it; anything else
+//! takes the abort path, whose group revoke is refused once the destination is primary
+//! anywhere. The hand-over is learnt from a long poll of the source VMM's phase. The flip is
+//! the destination's: it makes it as soon as its VMM holds the whole state and then resumes the
+//! guest ([`super::destination`]); `flipping` here asks it for the outcome, on a connection
+//! opened when pre-copy starts (no TCP or TLS handshake after the pause), and ends the guest
+//! here only once storaged shows the destination holding every volume. A destination that
+//! does not answer gets the same group flip from here (conditional on this host holding every
+//! volume at the epochs recorded in `created`) and then a call to resume. Before `flipped`
+//! every failure aborts: the source resumes only once storaged confirmed, with a group revoke,
+//! that the destination can no longer become primary; if storaged shows the destination
+//! primary on every volume instead, the destination won and the migration goes on (the source
+//! stays paused and has the destination resume). When storaged does not answer, the source
+//! reads the leases again and retries instead of guessing; the guest stays paused meanwhile.
+//! From `flipped` on the guest may only continue on the destination.
 //!
 //! Failures are [`SourceError`]s until they become the record's `error` text and a log line
 //! (in [`Source::finish`]); the refusals of [`start`] are answered to the API.
