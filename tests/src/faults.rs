@@ -6,8 +6,9 @@
 //! it answered (fault points, see `vmhop_common::faults`; started again as systemd would);
 //! either host's migrated killed right after it recorded each phase (started again); either
 //! VMM killed during pre-copy or while the source waits on the flip (not started again: a VMM
-//! is the guest); the flip's answer lost on its way to the source; the network cut during the
-//! flip between the source and storage, the source and the destination, or both.
+//! is the guest); the flip's answer lost on its way to the destination (which flips); the
+//! network cut during the flip between the source and storage, the source and the destination,
+//! or both.
 //!
 //! Each cell runs the guest's memory and disk workloads, samples every VMM of the guest
 //! throughout (two running at once is a split brain), lets the cluster settle, then judges:
@@ -87,7 +88,7 @@ pub enum Fault {
     Agent(&'static str),
     /// A host's VMM killed.
     Vmm(Side, Window),
-    /// storaged flips, but its answer never reaches the source.
+    /// storaged flips, but its answer never reaches the destination (which asked for it).
     FlipAnswerLost,
     /// A network cut while the source waits on the flip, healed once the cluster settled.
     Cut(Link),
@@ -324,8 +325,9 @@ fn cell(fault: Fault, image: &GuestImage, dir: &Path) -> Result<Verdict> {
             leave_window(&h, window)?;
         }
         Fault::FlipAnswerLost => {
-            // storaged stops itself once the flip is done, before it answers; the source's
-            // link to it is cut, storaged goes on, its answer is lost.
+            // storaged stops itself once the flip is done, before it answers; the link of the
+            // destination (which flips) to it is cut, storaged goes on, its answer is lost.
+            // The link heals once the destination gave the answer up and reads the leases.
             unshape(&h)?;
             wait_for("storaged to stop at flip.acknowledge", PHASE, || {
                 h.storaged
@@ -333,10 +335,23 @@ fn cell(fault: Fault, image: &GuestImage, dir: &Path) -> Result<Verdict> {
                     .filter(|&p| crate::process::stopped(p))
                     .map(|_| ())
             })?;
-            let (a, s) = (h.rig.host("a"), h.rig.host("storage"));
-            a.cut(s)?;
+            let (b, s) = (h.rig.host("b"), h.rig.host("storage"));
+            b.cut(s)?;
             h.storaged.signal(libc::SIGCONT)?;
-            heal = Some(Link::SourceStorage);
+            wait_for("the destination to read the leases back", PHASE, || {
+                let ms = h.b.migrations().ok()?;
+                let noted = ms.iter().any(|m| {
+                    m["steps"].as_array().is_some_and(|st| {
+                        st.iter().any(|x| {
+                            x["note"]
+                                .as_str()
+                                .is_some_and(|n| n.contains("reading the leases back"))
+                        })
+                    })
+                });
+                noted.then_some(())
+            })?;
+            b.heal(s)?;
         }
         Fault::Cut(link) => {
             in_window(&h, Window::Flip)?;

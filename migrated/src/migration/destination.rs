@@ -610,8 +610,16 @@ async fn take_over(
             }
             Err(e) => e,
         };
-        tracing::warn!(migration = %rec.id, error = %error_chain(&failed),
+        let error = error_chain(&failed);
+        tracing::warn!(migration = %rec.id, error = %error,
             "flipping the leases here failed; reading them back");
+        let _ = agent
+            .update_migration(&rec.id, |r| {
+                r.note(format!(
+                    "the flip failed ({error}): reading the leases back"
+                ))
+            })
+            .await;
         let views = leases::read_until_known(&api, &rec.volumes, |attempt, e| {
             tracing::warn!(migration = %rec.id, attempt, error = %error_chain(&e),
                 "reading the leases: storaged did not answer; retrying");

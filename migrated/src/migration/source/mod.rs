@@ -582,6 +582,11 @@ impl Source {
                 );
             })
             .await?;
+        self.agent
+            .update_migration_in_memory(&self.id, |r| {
+                r.step(Phase::Resuming, "the destination resumed the guest")
+            })
+            .await?;
         self.ran_there(&dest).await
     }
 
@@ -658,20 +663,26 @@ impl Source {
         Ok(())
     }
 
-    /// resuming: the destination runs the guest. Retried: there is no way back from here.
+    /// resuming: the destination runs the guest. Retried: there is no way back from here; the
+    /// source gives up (for the operator) only once the destination stopped answering.
     async fn resume_destination(&mut self, rec: &MigrationRecord) -> Result<(), SourceError> {
-        let deadline =
-            Instant::now() + Duration::from_millis(self.agent.cfg.peer_timeout_ms.max(1000) * 6);
+        let patience = Duration::from_millis(self.agent.cfg.peer_timeout_ms.max(1000) * 6);
+        let mut deadline = Instant::now() + patience;
         let mut conn = opened(self.resume_conn.take()).await;
         let resumed = loop {
             match self.peer.resume_incoming_on(conn.take(), &rec.id).await {
                 Ok(dest) => break dest,
                 Err(err) => {
-                    // Has the destination given the migration up for good (its VMM gone)?
+                    // Has the destination given the migration up for good (its VMM gone)? One
+                    // that answers and has not is still at it (its own flip may wait for
+                    // storaged): only silence counts towards the deadline.
                     if let Ok(d) = self.peer.migration(&rec.id).await {
                         if d.record.phase == Phase::Aborted {
                             let why = d.record.error.unwrap_or_default();
                             return Err(SourceError::DestinationAbandoned(why));
+                        }
+                        if !d.record.phase.is_terminal() {
+                            deadline = Instant::now() + patience;
                         }
                     }
                     if Instant::now() > deadline {
