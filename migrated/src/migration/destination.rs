@@ -222,7 +222,7 @@ pub async fn resume(agent: &Arc<Agent>, id: &str) -> Result<MigrationRecord, Des
 /// it cannot.
 pub async fn complete(agent: &Arc<Agent>, id: &str) -> Result<MigrationRecord, DestinationError> {
     let _d = DECIDE.lock().await;
-    complete_locked(agent, id, None).await
+    complete_locked(agent, id, None, None).await
 }
 
 /// Follows the incoming VMM until it holds the whole state, then completes the migration here
@@ -243,34 +243,36 @@ async fn follow(agent: Arc<Agent>, id: String) {
     let opening = tokio::spawn(async move { api.prepare().await });
     let vmm = agent.vmm(&inst);
     let mut phase = VmmPhase::Idle;
-    loop {
+    let seen_us = loop {
         match agent.migration(&id) {
             Ok(r) if !r.phase.is_terminal() => {}
             _ => return,
         }
         match vmm.migration_change(phase, POLL).await {
-            Ok(st) if st.phase == VmmPhase::HandedOver => break,
+            Ok(st) if st.phase == VmmPhase::HandedOver => break crate::now_us(),
             // Resumed (by an earlier run of migrated), or failed: the watch decides.
             Ok(st) if st.phase.is_final() => return,
             Ok(st) => phase = st.phase,
             Err(_) if !inst.vmm_alive() => return,
             Err(_) => tokio::time::sleep(VMM_RETRY).await,
         }
-    }
+    };
     let conn = opening.await.ok().and_then(Result::ok);
     let _d = DECIDE.lock().await;
-    if let Err(e) = complete_locked(&agent, &id, conn).await {
+    if let Err(e) = complete_locked(&agent, &id, conn, Some(seen_us)).await {
         tracing::warn!(migration = %id, error = %error_chain(&e),
             "the incoming VMM holds the whole state, but the guest does not run here");
     }
 }
 
 /// The incoming VMM holds the whole state: flips every volume here (unless done already) and
-/// runs the guest; a refused flip abandons the migration. The caller holds [`DECIDE`].
+/// runs the guest; a refused flip abandons the migration. `seen_us`: when the caller saw the
+/// VMM take the hand-over (else its phase is asked for here). The caller holds [`DECIDE`].
 async fn complete_locked(
     agent: &Arc<Agent>,
     id: &str,
     conn: Option<Prepared>,
+    seen_us: Option<u64>,
 ) -> Result<MigrationRecord, DestinationError> {
     let mig = incoming(agent, id)?;
     match mig.phase {
@@ -284,18 +286,18 @@ async fn complete_locked(
         _ => {}
     }
     if mig.flipped.len() != mig.volumes.len() {
-        // Resumed already (a crash of migrated after the resume): the flip happened before it.
-        let state = vmm_phase(agent, &mig).await;
-        if !matches!(state, Some(VmmPhase::HandedOver | VmmPhase::Completed)) {
-            return Err(DestinationError::NoState);
-        }
-        let seen_us = crate::now_us();
-        agent
-            .update_migration_in_memory(id, |r| {
-                r.figures.timeline.handed_over_at_us = seen_us;
-                r.note("the incoming VMM holds the whole state: flipping every volume here");
-            })
-            .await?;
+        let seen_us = match seen_us {
+            Some(t) => t,
+            None => {
+                // Resumed already (a crash of migrated after the resume): the flip happened
+                // before it.
+                let state = vmm_phase(agent, &mig).await;
+                if !matches!(state, Some(VmmPhase::HandedOver | VmmPhase::Completed)) {
+                    return Err(DestinationError::NoState);
+                }
+                crate::now_us()
+            }
+        };
         let t = Instant::now();
         let notes = match take_over(agent, &mig, conn).await {
             Ok(notes) => notes,
@@ -310,9 +312,11 @@ async fn complete_locked(
         // finds the flip again (refused, its epochs moved, and read back as ours).
         agent
             .update_migration_in_memory(id, |r| {
+                r.note("the incoming VMM holds the whole state: every volume flipped here");
                 for n in notes {
                     r.note(n);
                 }
+                r.figures.timeline.handed_over_at_us = seen_us;
                 r.flipped = r.volumes.clone();
                 r.figures.flip_ms = flip_ms;
                 r.figures.timeline.flipped_at_us = flipped_us;
@@ -567,7 +571,7 @@ async fn take_over_or_abort(agent: &Arc<Agent>, rec: &MigrationRecord, why: &str
     }
     tracing::warn!(migration = %rec.id, reason = %why,
         "the source is lost after the hand-over: completing here");
-    if let Err(e) = complete_locked(agent, &rec.id, None).await {
+    if let Err(e) = complete_locked(agent, &rec.id, None, None).await {
         tracing::error!(migration = %rec.id, error = %error_chain(&e),
             "completing after the source was lost");
     }
