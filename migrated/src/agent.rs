@@ -116,6 +116,8 @@ pub struct Agent {
     aborts: Mutex<std::collections::HashSet<String>>,
     /// The Prometheus metrics (`GET /metrics`).
     pub metrics: crate::metrics::Metrics,
+    /// Told whenever a migration record ended (published terminal), for [`Agent::ended`].
+    ended: tokio::sync::watch::Sender<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -221,6 +223,7 @@ impl Agent {
             progress: Mutex::new(HashMap::new()),
             aborts: Mutex::new(Default::default()),
             metrics: crate::metrics::Metrics::new(),
+            ended: tokio::sync::watch::Sender::new(()),
         }))
     }
 
@@ -315,7 +318,29 @@ impl Agent {
     /// Writes a migration record durably, then publishes it.
     pub async fn put_migration(&self, rec: MigrationRecord) -> Result<(), AgentError> {
         let save = async |r: &mut MigrationRecord| self.save_migration(r).await;
-        self.migrations.put(rec, save).await
+        let ended = rec.phase.is_terminal();
+        self.migrations.put(rec, save).await?;
+        if ended {
+            self.ended.send_replace(());
+        }
+        Ok(())
+    }
+
+    /// Migration `id` once it ended here, or as it is after `wait` (a long poll).
+    pub async fn ended(&self, id: &str, wait: Duration) -> Result<MigrationRecord, AgentError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        // Subscribed before the record is read: an end published after the read wakes it.
+        let mut ended = self.ended.subscribe();
+        loop {
+            let rec = self.migration(id)?;
+            if rec.phase.is_terminal() {
+                return Ok(rec);
+            }
+            match tokio::time::timeout_at(deadline, ended.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return self.migration(id),
+            }
+        }
     }
 
     /// Changes a migration record with `f`, durably, then publishes it.
@@ -333,6 +358,7 @@ impl Agent {
         let rec = self.migrations.update(id, change, save).await?;
         if rec.phase.is_terminal() && !ended_before {
             self.metrics.migration_ended(&rec);
+            self.ended.send_replace(());
         }
         Ok(rec)
     }

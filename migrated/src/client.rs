@@ -163,6 +163,26 @@ impl MigratedClient {
         self.get(&route::fill(route::INCOMING_ONE, id)).await
     }
 
+    /// `GET /v1/incoming/{id}?wait_ms=` on `conn` (from [`Self::prepare`]) when there is one:
+    /// the record once the migration ended at the destination, or as it is after `wait`.
+    /// The client's deadline must exceed `wait`.
+    pub async fn incoming_ended_on(
+        &self,
+        conn: Option<Prepared>,
+        id: &str,
+        wait: Duration,
+    ) -> Result<MigrationRecord, HttpError> {
+        let path = format!(
+            "{}?wait_ms={}",
+            route::fill(route::INCOMING_ONE, id),
+            wait.as_millis()
+        );
+        match conn {
+            Some(c) => c.call(Method::GET, &path, None::<&()>).await,
+            None => self.get(&path).await,
+        }
+    }
+
     /// `POST /v1/incoming/{id}/resume`.
     pub async fn resume_incoming(&self, id: &str) -> Result<MigrationRecord, HttpError> {
         self.post(&route::fill(route::INCOMING_RESUME, id), None::<&()>)

@@ -19,7 +19,7 @@ use crate::migration::destination::{self, DestinationError};
 use crate::migration::record::MigrationRecord;
 use crate::migration::source::{self, SourceError};
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -349,11 +349,35 @@ async fn incoming_prepare(
     Ok(Json(destination::prepare(&a, req).await?))
 }
 
-/// An incoming migration as this destination sees it.
-#[utoipa::path(get, path = "/v1/incoming/{id}", tag = "peers", params(("id" = String, Path, description = "The migration's id")),
+/// The longest wait of `GET /v1/incoming/{id}?wait_ms=`.
+pub const MAX_ENDED_WAIT: Duration = Duration::from_secs(60);
+
+/// `GET /v1/incoming/{id}`'s query.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EndedQuery {
+    /// Answer once the migration ended here (completed or aborted), or after this many
+    /// milliseconds (at most 60000); without it, at once.
+    pub wait_ms: Option<u64>,
+}
+
+/// An incoming migration as this destination sees it; with `wait_ms`, once it ended (the
+/// source waits so for the outcome of the hand-over).
+#[utoipa::path(get, path = "/v1/incoming/{id}", tag = "peers", params(("id" = String, Path, description = "The migration's id"), EndedQuery),
     responses((status = 200, description = "The migration", body = MigrationRecord), NotFound))]
-async fn incoming_show(State(a): St, Path(id): Path<String>) -> R<Json<MigrationRecord>> {
-    Ok(Json(destination::incoming(&a, &id)?))
+async fn incoming_show(
+    State(a): St,
+    Path(id): Path<String>,
+    Query(q): Query<EndedQuery>,
+) -> R<Json<MigrationRecord>> {
+    let mig = destination::incoming(&a, &id)?;
+    match q.wait_ms {
+        Some(ms) if ms > 0 && !mig.phase.is_terminal() => {
+            let wait = Duration::from_millis(ms).min(MAX_ENDED_WAIT);
+            Ok(Json(a.ended(&id, wait).await?))
+        }
+        _ => Ok(Json(mig)),
+    }
 }
 
 /// Runs the received guest here, once the leases were flipped (called by the source host).

@@ -147,17 +147,35 @@ struct Source {
     started: Instant,
     paused_at: Option<Instant>,
     flip_ms: u64,
-    /// The connection for the call that asks the destination for the outcome of the pause,
-    /// opened when pre-copy starts (see [`Self::open_ahead`]).
+    /// The destination's record once the migration ended there, asked for from the start of
+    /// pre-copy (see [`Self::open_ahead`]).
+    outcome: Option<Outcome>,
+    /// The connection for the call to the destination that follows the flip from here,
+    /// opened likewise for a guest without storaged volumes.
     resume_conn: Option<Opening>,
 }
 
 /// A connection being opened ahead of the call that will use it.
 type Opening = tokio::task::JoinHandle<Result<Prepared, HttpError>>;
 
+/// The long polls of the destination's record until the migration ended there.
+type Outcome = tokio::task::JoinHandle<Result<MigrationRecord, HttpError>>;
+
+/// The longest wait of one long poll of the destination's record.
+const OUTCOME_WAIT: Duration = Duration::from_secs(30);
+
 /// The connection `opening` opened, if it did.
 async fn opened(opening: Option<Opening>) -> Option<Prepared> {
     opening?.await.ok()?.ok()
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        // The long polls serve this task only.
+        if let Some(outcome) = &self.outcome {
+            outcome.abort();
+        }
+    }
 }
 
 impl Source {
@@ -170,19 +188,57 @@ impl Source {
             started: Instant::now(),
             paused_at: None,
             flip_ms: 0,
+            outcome: None,
             resume_conn: None,
         }
     }
 
-    /// Opens the connection of the call to the destination that follows the hand-over (TCP
-    /// and TLS handshakes) when pre-copy starts: the call then only sends its request, and the
-    /// handshakes' CPU is not taken from the VMMs while the guest is paused. A connection that
-    /// failed to open is opened again by its call; one that the server closed in the meantime
-    /// takes no request, which then goes on a new connection.
-    fn open_ahead(&mut self) {
-        if self.resume_conn.is_none() {
-            let peer = self.peer.clone();
-            self.resume_conn = Some(tokio::spawn(async move { peer.prepare().await }));
+    /// Starts, when pre-copy starts, what the guest's pause will wait for at the destination:
+    /// the long polls of its record until the migration ended there (the destination flips
+    /// and resumes on its own), or, for a guest without storaged volumes, the connection of the
+    /// call to resume. Either way no TCP or TLS handshake, nor a request to the destination,
+    /// takes CPU from the VMMs and the flip while the guest is paused. A connection that failed
+    /// to open is opened again by its call; one that the server closed in the meantime takes
+    /// no request, which then goes on a new connection.
+    fn open_ahead(&mut self, rec: &MigrationRecord) {
+        if rec.volumes.is_empty() {
+            if self.resume_conn.is_none() {
+                let peer = self.peer.clone();
+                self.resume_conn = Some(tokio::spawn(async move { peer.prepare().await }));
+            }
+            return;
+        }
+        if self.outcome.is_none() {
+            let peer = self
+                .peer
+                .with_timeout(OUTCOME_WAIT + crate::client::PEER_TIMEOUT);
+            let id = rec.id.clone();
+            self.outcome = Some(tokio::spawn(async move {
+                let mut conn = peer.prepare().await.ok();
+                loop {
+                    let dest = peer
+                        .incoming_ended_on(conn.take(), &id, OUTCOME_WAIT)
+                        .await?;
+                    if dest.phase.is_terminal() {
+                        return Ok(dest);
+                    }
+                }
+            }));
+        }
+    }
+
+    /// The destination's record once the migration ended there, if the long polls of
+    /// [`Self::open_ahead`] have it within the peer timeout.
+    async fn outcome(&mut self) -> Option<MigrationRecord> {
+        let task = self.outcome.take()?;
+        let stop = task.abort_handle();
+        let patience = Duration::from_millis(self.agent.cfg.peer_timeout_ms);
+        match tokio::time::timeout(patience, task).await {
+            Ok(Ok(Ok(dest))) => Some(dest),
+            _ => {
+                stop.abort();
+                None
+            }
         }
     }
 
@@ -423,7 +479,7 @@ impl Source {
         })
         .await
         .map_err(SourceError::Vmm)?;
-        self.open_ahead();
+        self.open_ahead(rec);
         let timeout = Duration::from_millis(self.agent.cfg.peer_timeout_ms);
         let mut peer_ok = Instant::now();
         let mut peer_checked = Instant::now();
@@ -517,18 +573,27 @@ impl Source {
     }
 
     /// flipping: the destination flips every volume to itself and runs the guest, as soon as
-    /// its VMM holds the whole state (see [`super::destination`]); this asks it for the outcome
-    /// ([`Self::completed_there`]). A destination that gave up takes the abort path (storaged
+    /// its VMM holds the whole state (see [`super::destination`]); this takes the outcome from
+    /// the long polls started with pre-copy, or asks for it ([`Self::completed_there`]). A destination that gave up takes the abort path (storaged
     /// decides there whether it won after all). One that does not answer, or knows no such
     /// call, gets the flip from here instead ([`Self::flip_here`]).
     async fn flip(&mut self, rec: &MigrationRecord) -> Result<(), SourceError> {
         if rec.volumes.is_empty() {
             return self.flip_here(rec).await;
         }
-        let conn = opened(self.resume_conn.take()).await;
-        let why = match self.peer.complete_incoming_on(conn, &rec.id).await {
+        // Asked for only when the long polls did not tell: the destination completes (or
+        // says why not) on this call as well.
+        let answer = match self.outcome().await {
+            Some(dest) => Ok(dest),
+            None => self.peer.complete_incoming_on(None, &rec.id).await,
+        };
+        let why = match answer {
             Ok(dest) if dest.phase == Phase::Completed => {
                 return self.completed_there(rec, dest).await
+            }
+            Ok(dest) if dest.phase.is_terminal() => {
+                let why = dest.error.unwrap_or_else(|| dest.phase.to_string());
+                return Err(SourceError::DestinationGaveUp(why));
             }
             Ok(dest) => format!("it answered {}", dest.phase),
             Err(e) if leases::refused(&e) => {
