@@ -10,8 +10,9 @@
 //! source's group revoke of our standby leases moves those epochs (and is refused once we are
 //! primary). A refused flip abandons the migration here; an unanswered one is read back:
 //! primary on every volume, the guest resumes here; else retried. The source learns the
-//! outcome from [`complete`] (`POST /v1/incoming/{id}/complete`), which waits for the same
-//! decision, or makes it. A guest without storaged volumes has no arbiter: it resumes only on
+//! outcome from a long poll of this record (`GET /v1/incoming/{id}?wait_ms=`), or from
+//! [`complete`] (`POST /v1/incoming/{id}/complete`), which waits for the same decision, or
+//! makes it. A guest without storaged volumes has no arbiter: it resumes only on
 //! the source's word (`POST /v1/incoming/{id}/resume`, also what a source that flipped itself
 //! sends).
 //!
@@ -289,8 +290,8 @@ async fn complete_locked(
         let seen_us = match seen_us {
             Some(t) => t,
             None => {
-                // Resumed already (a crash of migrated after the resume): the flip happened
-                // before it.
+                // The VMM must hold the whole state, or run the guest already (migrated
+                // crashed after the resume, which came after the flip).
                 let state = vmm_phase(agent, &mig).await;
                 if !matches!(state, Some(VmmPhase::HandedOver | VmmPhase::Completed)) {
                     return Err(DestinationError::NoState);

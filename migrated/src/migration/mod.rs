@@ -29,12 +29,12 @@
 //!     |                 long poll GET /v1/migration?phase= until  long poll of its VMM's phase
 //!     |                 handed-over                              until handed-over
 //!     |                 GET /v1/incoming/{id} every second ----->
+//!     |                 long poll GET /v1/incoming/{id}?wait_ms= (answered once it ended)
 //!     |                                                   <------ GET /v1/migrations/{id}
 //!     |                                                           (the watch, every 500 ms)
-//!     |                                                          group flip to itself -----> flip
+//!     |               handed-over, flipping                      group flip to itself -----> flip
 //!     |                                                          resuming, completed
-//!     |               handed-over, flipping ------------------> POST /v1/incoming/{id}/complete
-//!     |                 (answered once the guest runs there)
+//!     |                 <------------------------------------- the long poll's answer
 //!     |               leases read back: the destination's ---------------------------> leases
 //!     |               flipped, cleanup -----> POST vm/shutdown
 //!     |                 release the source's deactivated leases ---------------------> revoke
@@ -42,9 +42,10 @@
 //! ```
 //!
 //! The destination flips as soon as its VMM holds the whole state, so that the guest's pause
-//! waits for no call between the hosts; a source whose call for the outcome gets no answer
-//! makes the same conditional flip itself, then has the destination resume
-//! (`POST /v1/incoming/{id}/resume`).
+//! waits for no call between the hosts. A source that does not learn the outcome within the
+//! peer timeout asks for it (`POST /v1/incoming/{id}/complete`, which completes there as well);
+//! one that gets no answer makes the same conditional flip itself, then has the destination
+//! resume (`POST /v1/incoming/{id}/resume`).
 //!
 //! Each phase is written to the store before its action is taken, so a restarted migrated
 //! ([`crate::recovery`]) knows what may have happened; the steps of the guest's pause are only

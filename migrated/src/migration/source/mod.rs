@@ -10,11 +10,13 @@
 //! takes the abort path, whose group revoke is refused once the destination is primary
 //! anywhere. The hand-over is learnt from a long poll of the source VMM's phase. The flip is
 //! the destination's: it makes it as soon as its VMM holds the whole state and then resumes the
-//! guest ([`super::destination`]); `flipping` here asks it for the outcome, on a connection
-//! opened when pre-copy starts (no TCP or TLS handshake after the pause), and ends the guest
-//! here only once storaged shows the destination holding every volume. A destination that
-//! does not answer gets the same group flip from here (conditional on this host holding every
-//! volume at the epochs recorded in `created`) and then a call to resume. Before `flipped`
+//! guest ([`super::destination`]); `flipping` here takes the outcome from a long poll of the
+//! destination's record started with pre-copy (no request to the destination, nor a TCP or
+//! TLS handshake, while the guest is paused), and ends the guest here only once storaged shows
+//! the destination holding every volume. A destination that does not tell within the peer
+//! timeout is asked (`POST /v1/incoming/{id}/complete`); one that does not answer that gets
+//! the same group flip from here (conditional on this host holding every volume at the epochs
+//! recorded in `created`) and then a call to resume. Before `flipped`
 //! every failure aborts: the source resumes only once storaged confirmed, with a group revoke,
 //! that the destination can no longer become primary; if storaged shows the destination
 //! primary on every volume instead, the destination won and the migration goes on (the source
@@ -574,9 +576,10 @@ impl Source {
 
     /// flipping: the destination flips every volume to itself and runs the guest, as soon as
     /// its VMM holds the whole state (see [`super::destination`]); this takes the outcome from
-    /// the long polls started with pre-copy, or asks for it ([`Self::completed_there`]). A destination that gave up takes the abort path (storaged
-    /// decides there whether it won after all). One that does not answer, or knows no such
-    /// call, gets the flip from here instead ([`Self::flip_here`]).
+    /// the long polls started with pre-copy, or asks for it ([`Self::completed_there`]). A
+    /// destination that gave up takes the abort path (storaged decides there whether it won
+    /// after all). One that does not answer, or knows no such call, gets the flip from here
+    /// instead ([`Self::flip_here`]).
     async fn flip(&mut self, rec: &MigrationRecord) -> Result<(), SourceError> {
         if rec.volumes.is_empty() {
             return self.flip_here(rec).await;
