@@ -821,6 +821,55 @@ mod tests {
 
     /// A step published in memory is what readers see, but not what the store holds until
     /// the next durable write, which carries it.
+    /// The long poll of a migration's end: answers when the record ends (not at a change of
+    /// phase before), or with the record as it is once the wait is over.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_long_poll_answers_when_the_migration_ended() {
+        use crate::migration::record::Phase;
+        let dir = tempfile::tempdir().unwrap();
+        let agent = Agent::open(config(dir.path())).unwrap();
+        let mut rec = crate::migration::record::MigrationRecord::new(
+            "vm1.a.1".into(),
+            "vm1".into(),
+            crate::migration::record::Role::Destination,
+            Default::default(),
+            vec!["v1".into()],
+        );
+        rec.step(Phase::Precopy, "incoming VMM ready");
+        agent.put_migration(rec).await.unwrap();
+
+        let r = agent.ended("vm1.a.1", Duration::ZERO).await.unwrap();
+        assert_eq!(r.phase, Phase::Precopy);
+
+        let waiting = tokio::spawn({
+            let agent = agent.clone();
+            async move { agent.ended("vm1.a.1", Duration::from_secs(600)).await }
+        });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        agent
+            .update_migration_in_memory("vm1.a.1", |r| r.step(Phase::Resuming, "resuming"))
+            .await
+            .unwrap();
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiting.is_finished(), "a change of phase is not the end");
+        agent
+            .update_migration("vm1.a.1", |r| r.step(Phase::Completed, "runs here"))
+            .await
+            .unwrap();
+        let r = waiting.await.unwrap().unwrap();
+        assert_eq!(r.phase, Phase::Completed);
+        // Ended already: at once.
+        let r = agent
+            .ended("vm1.a.1", Duration::from_secs(600))
+            .await
+            .unwrap();
+        assert_eq!(r.phase, Phase::Completed);
+    }
+
     #[tokio::test]
     async fn steps_in_memory_reach_the_store_with_the_next_durable_write() {
         use crate::migration::record::Phase;
