@@ -276,15 +276,8 @@ async fn complete_locked(
     seen_us: Option<u64>,
 ) -> Result<MigrationRecord, DestinationError> {
     let mig = incoming(agent, id)?;
-    match mig.phase {
-        Phase::Completed => return Ok(mig),
-        Phase::Aborted | Phase::Failed => {
-            return Err(DestinationError::Abandoned {
-                id: id.to_string(),
-                reason: mig.error.unwrap_or_default(),
-            })
-        }
-        _ => {}
+    if let Some(answer) = over(&mig) {
+        return answer;
     }
     if mig.flipped.len() != mig.volumes.len() {
         let seen_us = match seen_us {
@@ -327,18 +320,24 @@ async fn complete_locked(
     resume_locked(agent, id).await
 }
 
+/// The answer about an incoming migration that is over: its record once the guest runs here,
+/// why not once it was abandoned; `None` while undecided.
+fn over(mig: &MigrationRecord) -> Option<Result<MigrationRecord, DestinationError>> {
+    match mig.phase {
+        Phase::Completed => Some(Ok(mig.clone())),
+        Phase::Aborted | Phase::Failed => Some(Err(DestinationError::Abandoned {
+            id: mig.id.clone(),
+            reason: mig.error.clone().unwrap_or_default(),
+        })),
+        _ => None,
+    }
+}
+
 /// Runs the guest here; the caller holds [`DECIDE`] and the leases are this host's.
 async fn resume_locked(agent: &Arc<Agent>, id: &str) -> Result<MigrationRecord, DestinationError> {
     let mig = incoming(agent, id)?;
-    match mig.phase {
-        Phase::Completed => return Ok(mig),
-        Phase::Aborted | Phase::Failed => {
-            return Err(DestinationError::Abandoned {
-                id: id.to_string(),
-                reason: mig.error.unwrap_or_default(),
-            })
-        }
-        _ => {}
+    if let Some(answer) = over(&mig) {
+        return answer;
     }
     // Not durable before the VMM runs the guest: `resuming` in memory is what keeps an abort
     // out (under `DECIDE`). After a crash the record shows the phase before it with the guest
