@@ -209,18 +209,11 @@ impl MigratedClient {
         }
     }
 
-    /// `POST /v1/incoming/{id}/complete` on `conn` (from [`Self::prepare`]) when there is
-    /// one: answers once the guest runs at the destination, or why it does not.
-    pub async fn complete_incoming_on(
-        &self,
-        conn: Option<Prepared>,
-        id: &str,
-    ) -> Result<MigrationRecord, HttpError> {
-        let path = route::fill(route::INCOMING_COMPLETE, id);
-        match conn {
-            Some(c) => c.call(Method::POST, &path, None::<&()>).await,
-            None => self.post(&path, None::<&()>).await,
-        }
+    /// `POST /v1/incoming/{id}/complete`: answers once the guest runs at the destination, or
+    /// why it does not.
+    pub async fn complete_incoming(&self, id: &str) -> Result<MigrationRecord, HttpError> {
+        self.post(&route::fill(route::INCOMING_COMPLETE, id), None::<&()>)
+            .await
     }
 
     /// `POST /v1/migrations/{id}/abort`: the operator aborts a migration at its source.

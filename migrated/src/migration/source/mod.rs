@@ -588,7 +588,7 @@ impl Source {
         // says why not) on this call as well.
         let answer = match self.outcome().await {
             Some(dest) => Ok(dest),
-            None => self.peer.complete_incoming_on(None, &rec.id).await,
+            None => self.peer.complete_incoming(&rec.id).await,
         };
         let why = match answer {
             Ok(dest) if dest.phase == Phase::Completed => {
