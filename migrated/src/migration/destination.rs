@@ -571,7 +571,8 @@ async fn take_over_or_abort(agent: &Arc<Agent>, rec: &MigrationRecord, why: &str
     }
     tracing::warn!(migration = %rec.id, reason = %why,
         "the source is lost after the hand-over: completing here");
-    if let Err(e) = complete_locked(agent, &rec.id, None, None).await {
+    // The VMM's phase was just read (under `DECIDE`): not asked again.
+    if let Err(e) = complete_locked(agent, &rec.id, None, Some(crate::now_us())).await {
         tracing::error!(migration = %rec.id, error = %error_chain(&e),
             "completing after the source was lost");
     }
