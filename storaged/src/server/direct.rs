@@ -6,6 +6,10 @@
 //! nbdkit's 3-6 and 6-10. When no one else is writing to the socket and nothing is left over, the
 //! blocking thread writes its replies itself, without waiting ([`DirectReplies::try_send`]).
 //!
+//! The writer task writes the replies of long reads itself this way too, waiting for the
+//! socket in `poll` ([`DirectReplies::send_waiting`], in a blocking section; see
+//! `transmission`'s `LongRead`).
+//!
 //! Frames never interleave: the socket has one writer at a time, the writer task from
 //! [`DirectReplies::writer_begins`] to [`DirectReplies::writer_ends`], or a blocking thread
 //! for one non-blocking `send` under the lock. What a full socket leaves of a direct write is
@@ -15,9 +19,11 @@
 
 use bytes::BytesMut;
 use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{send, MsgFlags};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// What [`DirectReplies::try_send`] did with the frames.
 #[derive(Debug, PartialEq, Eq)]
@@ -96,6 +102,41 @@ impl DirectReplies {
         }
     }
 
+    /// Writes all of `head`, then all of `data`, as the writer task (between
+    /// [`DirectReplies::writer_begins`] and [`DirectReplies::writer_ends`], in a blocking
+    /// section: this blocks the thread), waiting in `poll` while the socket is full. The head
+    /// goes in its own `send` with `MSG_MORE` (the socket holds it for the data), as nbdkit
+    /// sends: with head and data in one `sendmsg`, the same long reads ran at 0.77-0.82x
+    /// nbdkit's rate, below the writer task's `writev` (0.85-0.93x in that run); so, at
+    /// 0.92-0.99x. A socket that takes nothing for `stall` is an error, as is one that failed.
+    pub fn send_waiting(&self, head: &[u8], data: &[u8], stall: Duration) -> std::io::Result<()> {
+        let last = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+        // nix names no MSG_MORE.
+        let more = last | MsgFlags::from_bits_retain(libc::MSG_MORE);
+        let wait = PollTimeout::try_from(stall).unwrap_or(PollTimeout::MAX);
+        for (mut rest, flags) in [(head, more), (data, last)] {
+            while !rest.is_empty() {
+                match send(self.sock.as_raw_fd(), rest, flags) {
+                    Ok(n) => rest = &rest[n..],
+                    Err(Errno::EINTR) => {}
+                    Err(Errno::EAGAIN) => {
+                        let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::POLLOUT)];
+                        match poll(&mut fds, wait) {
+                            Ok(0) => {
+                                let why = format!("the client read no reply for {stall:?}");
+                                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, why));
+                            }
+                            Ok(_) | Err(Errno::EINTR) => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Bytes left pending (for tests).
     #[cfg(test)]
     fn pending(&self) -> usize {
@@ -128,6 +169,35 @@ mod tests {
         assert_eq!(d.try_send(b"x"), Direct::Busy);
         d.writer_ends();
         assert_eq!(d.try_send(b"x"), Direct::Written);
+    }
+
+    #[test]
+    fn a_waiting_send_writes_head_and_data_whole_through_a_full_socket() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let d = DirectReplies::new(Arc::new(a.into()));
+        let head = b"head:".to_vec();
+        let data: Vec<u8> = (0..(4u32 << 20)).map(|i| (i % 251) as u8).collect();
+        let expected = [head.clone(), data.clone()].concat();
+        // Far more than the socket holds: the sender waits for the reader.
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0u8; expected.len()];
+            b.read_exact(&mut got).unwrap();
+            got == expected
+        });
+        d.send_waiting(&head, &data, Duration::from_secs(60))
+            .unwrap();
+        assert!(reader.join().unwrap());
+    }
+
+    #[test]
+    fn a_waiting_send_gives_up_on_a_client_that_reads_nothing() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let d = DirectReplies::new(Arc::new(a.into()));
+        let data = vec![0u8; 8 << 20];
+        let err = d
+            .send_waiting(b"", &data, Duration::from_millis(200))
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
     }
 
     #[test]

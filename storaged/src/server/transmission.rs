@@ -15,6 +15,10 @@
 //! blocking first (`RWF_NOWAIT`); small buffered writes are gathered while more requests are
 //! ready on the socket and go to one blocking thread together, just before the reader would
 //! wait (which keeps the cost of the hop off each 4 KiB write).
+//!
+//! Long reads on a plaintext connection are made by the writer, from the page cache, just
+//! before their reply goes out, and sent from the same thread, which waits for the socket
+//! (see [`LongRead`]).
 
 use crate::cluster::replica::{Op, ReplicaError, Replicas};
 use crate::lease::flip;
@@ -74,6 +78,8 @@ struct Outgoing {
 enum ToWriter {
     /// A reply to send.
     Reply(Outgoing),
+    /// A long read to make and send (plaintext connections).
+    LongRead(LongRead),
     /// A direct write left bytes pending (see [`DirectReplies`]).
     Pending,
 }
@@ -144,8 +150,24 @@ async fn writer(
         let mut next = Some(first);
         while let Some(msg) = next {
             next = rx.try_recv().ok();
-            let ToWriter::Reply(Outgoing { reply, held }) = msg else {
-                continue;
+            let Outgoing { reply, held } = match msg {
+                ToWriter::Reply(r) => r,
+                ToWriter::Pending => continue,
+                ToWriter::LongRead(long) => {
+                    // What came before goes first.
+                    tokio::time::timeout(stall, wr.write_all_buf(&mut buf))
+                        .await
+                        .map_err(|_| stalled())??;
+                    // This thread waits for the socket: the runtime's other tasks move on.
+                    match tokio::task::block_in_place(|| long.serve(&encoder, stall))? {
+                        Served::Sent(held) => {
+                            metrics.answered(held.op, held.len, 0, held.started);
+                            continue;
+                        }
+                        Served::Reply(r) => r,
+                        Served::Elsewhere => continue,
+                    }
+                }
             };
             let data = encoder.encode_head(&reply, &mut buf);
             metrics.answered(held.op, held.len, reply.error, held.started);
@@ -195,6 +217,17 @@ impl ReplyTx {
     /// Sends a reply through the writer task.
     fn send(&self, r: Outgoing) {
         let _ = self.tx.send(ToWriter::Reply(r));
+    }
+
+    /// Runs `f` on a blocking thread with `file`; its reply goes out as
+    /// [`ReplyTx::send_done`] sends it.
+    fn blocking(
+        &self,
+        file: Arc<VolumeFile>,
+        f: impl FnOnce(&VolumeFile) -> Outgoing + Send + 'static,
+    ) {
+        let tx = self.clone();
+        tokio::task::spawn_blocking(move || tx.send_done([f(&file)]));
     }
 
     /// Sends the replies of requests done on a blocking thread: those without data straight
@@ -259,6 +292,8 @@ struct Ctx {
     refusal_logged: std::sync::atomic::AtomicBool,
     /// Small writes gathered for one blocking thread (see [`Ctx::flush_writes`]).
     batch: Mutex<Vec<QueuedWrite>>,
+    /// Long reads go to the writer (see [`LongRead`]).
+    long_reads: bool,
     /// This connection's metrics.
     metrics: ConnMetrics,
 }
@@ -314,8 +349,7 @@ impl Ctx {
 
     /// Runs `f` on a blocking thread with the volume's file; its reply goes to the writer.
     fn blocking(&self, f: impl FnOnce(&VolumeFile) -> Outgoing + Send + 'static) {
-        let (file, tx) = (self.vol.file.clone(), self.tx.clone());
-        tokio::task::spawn_blocking(move || tx.send_done([f(&file)]));
+        self.tx.blocking(self.vol.file.clone(), f);
     }
 
     /// Queues a small write for the next batch.
@@ -552,21 +586,118 @@ async fn read(ctx: &Ctx, req: Request, permit: Held) {
         ctx.gate.set_access(Access::Closed);
         return;
     }
+    if let (true, Some(direct)) = (ctx.long_reads, &ctx.tx.direct) {
+        if req.length as usize >= LONG_READ_MIN {
+            // Admitted again when it is made.
+            drop(adm);
+            let _ = ctx.tx.tx.send(ToWriter::LongRead(LongRead {
+                req,
+                held: permit,
+                file: ctx.vol.file.clone(),
+                gate: ctx.gate.clone(),
+                buffers: ctx.buffers.clone(),
+                direct: direct.clone(),
+                tx: ctx.tx.clone(),
+            }));
+            return;
+        }
+    }
     let mut buf = ctx.buffers.take(req.length as usize);
     // Fast path: data in the page cache is copied here, without the hop to a blocking thread.
-    let error = |res: std::io::Result<()>| res.as_ref().map_or_else(io_errno, |_| 0);
     match ctx.vol.file.read_cached(buf.as_mut(), req.offset) {
         Ok(false) => {}
         done => {
             drop(adm);
-            return ctx.send(Outgoing::read(&req, error(done.map(drop)), buf, permit));
+            let error = done.as_ref().map_or_else(io_errno, |_| 0);
+            return ctx.send(Outgoing::read(&req, error, buf, permit));
         }
     }
-    ctx.blocking(move |file| {
-        let res = file.read_at(buf.as_mut(), req.offset);
-        drop(adm);
-        Outgoing::read(&req, error(res), buf, permit)
-    });
+    ctx.blocking(move |file| read_waiting(file, &req, buf, adm, permit));
+}
+
+/// A read that may wait for the disk (on a blocking thread), and its reply.
+fn read_waiting(
+    file: &VolumeFile,
+    req: &Request,
+    mut buf: PooledBuf,
+    adm: Admitted,
+    permit: Held,
+) -> Outgoing {
+    let res = file.read_at(buf.as_mut(), req.offset);
+    drop(adm);
+    let error = res.as_ref().map_or_else(io_errno, |_| 0);
+    Outgoing::read(req, error, buf, permit)
+}
+
+/// Reads of this many bytes or more are [`LongRead`]s on plaintext connections.
+const LONG_READ_MIN: usize = POOLED_MIN;
+
+/// A long read the writer makes itself, as nbdkit's threads do: admitted at the gate again,
+/// read from the page cache into a buffer just before its reply goes out, and sent from the
+/// same thread, which waits for the socket in a blocking section (one buffer serves one read
+/// after another, its data still in the CPU's caches when the socket copies it). Data not in
+/// the page cache is read on a blocking thread, as the reader would have, and its reply comes
+/// back through the writer. Read by the reader ahead of the writer (up to 32 MiB ahead with
+/// 32 reads of 1 MiB in flight) and sent with `writev`, 1 MiB reads at iodepth 32 over one
+/// connection ran at 0.78-0.90x nbdkit's rate; made here, at 0.92-0.99x (both builds and
+/// nbdkit serving one file, taking turns, 5 rounds).
+struct LongRead {
+    req: Request,
+    held: Held,
+    file: Arc<VolumeFile>,
+    gate: Arc<Gate>,
+    buffers: Buffers,
+    /// The connection's socket.
+    direct: Arc<DirectReplies>,
+    /// Where a read that must wait for the disk sends its reply.
+    tx: ReplyTx,
+}
+
+/// What became of a [`LongRead`].
+enum Served {
+    /// Its reply went out.
+    Sent(Held),
+    /// Its reply is this one (an error), for the writer to send.
+    Reply(Outgoing),
+    /// It went to a blocking thread.
+    Elsewhere,
+}
+
+impl LongRead {
+    /// Makes the read and sends its reply (blocking this thread while the socket is full).
+    fn serve(self, encoder: &ReplyEncoder, stall: Duration) -> std::io::Result<Served> {
+        let Ok(adm) = self.gate.admit(Need::Read) else {
+            let (req, held) = (&self.req, self.held);
+            let refused = Outgoing::read(req, NBD_EPERM, PooledBuf::default(), held);
+            return Ok(Served::Reply(refused));
+        };
+        let mut buf = self.buffers.take(self.req.length as usize);
+        match self.file.read_cached(buf.as_mut(), self.req.offset) {
+            Ok(true) => drop(adm),
+            Ok(false) => {
+                let (req, held) = (self.req, self.held);
+                let read = move |file: &VolumeFile| read_waiting(file, &req, buf, adm, held);
+                self.tx.blocking(self.file, read);
+                return Ok(Served::Elsewhere);
+            }
+            Err(e) => {
+                let (req, held) = (&self.req, self.held);
+                return Ok(Served::Reply(Outgoing::read(req, io_errno(&e), buf, held)));
+            }
+        }
+        let reply = Reply {
+            handle: self.req.handle,
+            error: 0,
+            body: ReplyBody::Data(ReplyData {
+                offset: self.req.offset,
+                data: buf,
+            }),
+        };
+        let mut head = BytesMut::new();
+        let data = encoder.encode_head(&reply, &mut head);
+        self.direct.send_waiting(&head, data, stall)?;
+        Ok(Served::Sent(self.held))
+    }
 }
 
 /// `NBD_CMD_FLUSH`, `NBD_CMD_TRIM`, `NBD_CMD_WRITE_ZEROES` and `NBD_CMD_CACHE`: commands
@@ -768,6 +899,10 @@ impl Transmission<'_> {
             _ => None,
         };
         let direct = plain.clone().map(|fd| Arc::new(DirectReplies::new(fd)));
+        // Long reads go to the writer where it may block its thread (see [`LongRead`]).
+        let multi_thread = tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::MultiThread;
+        let long_reads = direct.is_some() && multi_thread;
         let (rd, wr) = stream.into_halves();
         let rd = Lookahead::new(rd, plain.clone());
         let mut rd = FramedRead::with_capacity(rd, RequestDecoder::new(), READ_CHUNK);
@@ -801,6 +936,7 @@ impl Transmission<'_> {
             block_status,
             refusal_logged: Default::default(),
             batch: Mutex::new(Vec::new()),
+            long_reads,
             metrics,
         };
         let closed = entry.gate.closed();
