@@ -819,23 +819,30 @@ mod tests {
         holder.join().unwrap();
     }
 
-    /// A step published in memory is what readers see, but not what the store holds until
-    /// the next durable write, which carries it.
+    /// Migration `vm1.a.1` of `vm1` (one volume) in `role`, at pre-copy since `why`.
+    fn precopy(
+        role: crate::migration::record::Role,
+        why: &str,
+    ) -> crate::migration::record::MigrationRecord {
+        let mut rec = crate::migration::record::MigrationRecord::new(
+            "vm1.a.1".into(),
+            "vm1".into(),
+            role,
+            Default::default(),
+            vec!["v1".into()],
+        );
+        rec.step(crate::migration::record::Phase::Precopy, why);
+        rec
+    }
+
     /// The long poll of a migration's end: answers when the record ends (not at a change of
     /// phase before), or with the record as it is once the wait is over.
     #[tokio::test(flavor = "current_thread")]
     async fn a_long_poll_answers_when_the_migration_ended() {
-        use crate::migration::record::Phase;
+        use crate::migration::record::{Phase, Role};
         let dir = tempfile::tempdir().unwrap();
         let agent = Agent::open(config(dir.path())).unwrap();
-        let mut rec = crate::migration::record::MigrationRecord::new(
-            "vm1.a.1".into(),
-            "vm1".into(),
-            crate::migration::record::Role::Destination,
-            Default::default(),
-            vec!["v1".into()],
-        );
-        rec.step(Phase::Precopy, "incoming VMM ready");
+        let rec = precopy(Role::Destination, "incoming VMM ready");
         agent.put_migration(rec).await.unwrap();
 
         let r = agent.ended("vm1.a.1", Duration::ZERO).await.unwrap();
@@ -870,19 +877,14 @@ mod tests {
         assert_eq!(r.phase, Phase::Completed);
     }
 
+    /// A step published in memory is what readers see, but not what the store holds until
+    /// the next durable write, which carries it.
     #[tokio::test]
     async fn steps_in_memory_reach_the_store_with_the_next_durable_write() {
-        use crate::migration::record::Phase;
+        use crate::migration::record::{Phase, Role};
         let dir = tempfile::tempdir().unwrap();
         let agent = Agent::open(config(dir.path())).unwrap();
-        let mut rec = crate::migration::record::MigrationRecord::new(
-            "vm1.a.1".into(),
-            "vm1".into(),
-            crate::migration::record::Role::Source,
-            Default::default(),
-            vec!["v1".into()],
-        );
-        rec.step(Phase::Precopy, "streaming");
+        let rec = precopy(Role::Source, "streaming");
         agent.put_migration(rec).await.unwrap();
         let stored = |agent: &Agent| agent.store.migrations().unwrap().remove(0);
 
