@@ -48,6 +48,8 @@ pub struct ServeConfigFile {
     pub drain_limit_secs: Option<u64>,
     /// The NBD export a client gets when it names none.
     pub default_export: Option<String>,
+    /// Threads NBD connections run on (0: the main runtime's).
+    pub nbd_threads: Option<usize>,
     /// Open NBD connections in all.
     pub max_connections: Option<usize>,
     /// NBD connections per volume.
@@ -103,6 +105,9 @@ pub struct ServeConfig {
     pub drain_limit_secs: u64,
     /// The NBD export a client gets when it names none.
     pub default_export: Option<String>,
+    /// Threads NBD connections run on, each on one (see `server::Lanes`); 0: the main
+    /// runtime's.
+    pub nbd_threads: usize,
     /// What NBD clients may hold.
     pub limits: Limits,
     /// How long standby leases without a connection live, and how many a volume keeps.
@@ -164,6 +169,10 @@ impl ServeConfigFile {
                 .or(self.drain_limit_secs)
                 .unwrap_or(30),
             default_export: over.default_export.or(self.default_export),
+            nbd_threads: over
+                .nbd_threads
+                .or(self.nbd_threads)
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
             limits,
             standby,
             api_token_file: over.api_token_file.or(self.api_token_file),
@@ -316,6 +325,12 @@ mod tests {
         let c = file.merge(flags).unwrap();
         assert_eq!(c.limits.max_connections, 4);
         assert_eq!(c.limits.idle_timeout, Duration::from_secs(9));
+        assert!(c.nbd_threads >= 1, "one NBD thread per CPU by default");
+        let file: ServeConfigFile = toml::from_str("data_dir = \"/a\"\nnbd_threads = 0\n").unwrap();
+        assert_eq!(
+            file.merge(ServeConfigFile::default()).unwrap().nbd_threads,
+            0
+        );
     }
 
     #[test]

@@ -144,6 +144,10 @@ struct ServeArgs {
     /// The volume an NBD client gets when it names no export (the empty export name).
     #[arg(long, value_name = "VOLUME")]
     default_export: Option<String>,
+    /// Threads that serve NBD connections, each connection on one of them (the one with the
+    /// fewest) [default: one per CPU]. 0 serves them on the threads of the REST API.
+    #[arg(long, value_name = "N")]
+    nbd_threads: Option<usize>,
     #[command(flatten)]
     limits: LimitArgs,
     /// File with the cluster's token: the REST API refuses requests that do not carry it
@@ -468,7 +472,7 @@ async fn lease_cmd(cmd: LeaseCmd, json: bool) -> Result<()> {
     }
 }
 
-async fn serve(cfg: ServeConfig) -> Result<()> {
+async fn serve(cfg: ServeConfig, lanes: storaged::server::LaneSpawner) -> Result<()> {
     // Before anyone can learn that we are ready: a SIGTERM right after READY=1 must find the
     // handler in place, not the default action.
     use tokio::signal::unix::{signal, SignalKind};
@@ -555,7 +559,7 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
         }
     };
     tracing::info!(nbd = %nbd_addr, api = %api_addr, data_dir = %cfg.data_dir.display(),
-        volumes = reg.list().len(), "storaged listening");
+        volumes = reg.list().len(), nbd_threads = cfg.nbd_threads, "storaged listening");
     if let Some(path) = &cfg.ready_file {
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, ready.to_string())?;
@@ -576,6 +580,7 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
         grace,
         default_export: cfg.default_export.clone(),
         limits: cfg.limits.clone(),
+        lanes,
     };
     let nbd_task = tokio::spawn(storaged::server::serve(
         nbd,
@@ -674,6 +679,7 @@ fn main() -> Result<()> {
                 shutdown_grace_secs: a.shutdown_grace_secs,
                 drain_limit_secs: a.drain_limit_secs,
                 default_export: a.default_export,
+                nbd_threads: a.nbd_threads,
                 max_connections: a.limits.max_connections,
                 max_connections_per_volume: a.limits.max_connections_per_volume,
                 handshake_timeout_secs: a.limits.handshake_timeout_secs,
@@ -693,7 +699,9 @@ fn main() -> Result<()> {
                 replication_timeout_ms: a.replication_timeout_ms,
             };
             let cfg = file.merge(flags)?;
-            rt.block_on(serve(cfg))
+            let lanes = storaged::server::Lanes::start(cfg.nbd_threads)
+                .context("starting the NBD threads")?;
+            rt.block_on(serve(cfg, lanes.spawner()))
         }
         Cmd::Volume(c) => json_errors(cli.json, rt.block_on(volume_cmd(c, cli.json))),
         Cmd::Lease(c) => json_errors(cli.json, rt.block_on(lease_cmd(c, cli.json))),

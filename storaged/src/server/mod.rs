@@ -4,12 +4,14 @@
 mod buffers;
 mod direct;
 mod handshake;
+mod lanes;
 mod limits;
 mod lookahead;
 mod tls;
 mod transmission;
 
 pub use handshake::HandshakeError;
+pub use lanes::{LaneSpawner, Lanes};
 pub use limits::{Budget, Limits, Permit, REQUEST_OVERHEAD};
 use storaged_client::stream::NbdStream;
 pub use tls::NbdTls;
@@ -35,6 +37,8 @@ pub struct ServerConfig {
     pub default_export: Option<String>,
     /// What clients may hold.
     pub limits: Limits,
+    /// Where connections run (see [`Lanes`]); by default on the caller's runtime.
+    pub lanes: LaneSpawner,
 }
 
 /// Accepts NBD connections until `shutdown` turns true, then waits for the open connections to
@@ -105,7 +109,22 @@ pub async fn serve(
             buffers: buffers.clone(),
             peer,
         };
-        conns.spawn(conn.run(NbdStream::Plain(stream), shutdown.clone()));
+        // The socket is registered again on the runtime the connection runs on, so that
+        // its events wake it there.
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "accepted connection lost");
+                continue;
+            }
+        };
+        let sd = shutdown.clone();
+        cfg.lanes.spawn(&mut conns, async move {
+            match tokio::net::TcpStream::from_std(stream) {
+                Ok(s) => conn.run(NbdStream::Plain(s), sd).await,
+                Err(e) => tracing::warn!(%peer, error = %e, "accepted connection lost"),
+            }
+        });
     }
     drop(listener);
     tracing::info!(
