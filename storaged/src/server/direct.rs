@@ -25,6 +25,12 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// The error of a connection whose client took none of its replies for `stall`.
+pub fn stalled(stall: Duration) -> std::io::Error {
+    let why = format!("the client read no reply for {stall:?}");
+    std::io::Error::new(std::io::ErrorKind::TimedOut, why)
+}
+
 /// What [`DirectReplies::try_send`] did with the frames.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Direct {
@@ -122,10 +128,7 @@ impl DirectReplies {
                     Err(Errno::EAGAIN) => {
                         let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::POLLOUT)];
                         match poll(&mut fds, wait) {
-                            Ok(0) => {
-                                let why = format!("the client read no reply for {stall:?}");
-                                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, why));
-                            }
+                            Ok(0) => return Err(stalled(stall)),
                             Ok(_) | Err(Errno::EINTR) => {}
                             Err(e) => return Err(e.into()),
                         }

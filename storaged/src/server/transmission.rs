@@ -26,7 +26,7 @@ use crate::lease::gate::{Access, Admitted, Gate, Need, Refusal};
 use crate::metrics::{ConnMetrics, Op as MetricOp};
 use crate::registry::{Attachment, Registry};
 use crate::server::buffers::{Buffers, PooledBuf, ALIGN, POOLED_MIN};
-use crate::server::direct::{Direct, DirectReplies};
+use crate::server::direct::{stalled, Direct, DirectReplies};
 use crate::server::handshake::Negotiated;
 use crate::server::limits::{Budget, Limits, Permit};
 use crate::server::lookahead::{Lookahead, AFTER_LONG_WRITE};
@@ -138,10 +138,7 @@ async fn writer(
     metrics: ConnMetrics,
     direct: Option<Arc<DirectReplies>>,
 ) -> std::io::Result<()> {
-    let stalled = || {
-        let why = format!("the client read no reply for {stall:?}");
-        std::io::Error::new(std::io::ErrorKind::TimedOut, why)
-    };
+    let stalled = || stalled(stall);
     let mut buf = BytesMut::with_capacity(WRITE_BATCH);
     while let Some(first) = rx.recv().await {
         if let Some(direct) = &direct {
@@ -1049,6 +1046,8 @@ mod tests {
     use crate::metrics::Metrics;
     use std::io::Read;
     use std::os::unix::net::UnixStream;
+    use storaged_client::codec::{ReplyDecoder, ReplyFrame};
+    use tokio_util::codec::Decoder;
 
     const LEN: usize = LONG_READ_MIN;
 
@@ -1155,18 +1154,25 @@ mod tests {
             matches!(after, Some(ToWriter::Pending)),
             "the section ends at Pending"
         );
-        let all = reader.join().unwrap();
-        for (i, reply) in all.chunks(16 + LEN).enumerate() {
-            assert_eq!(
-                u64::from_be_bytes(reply[8..16].try_into().unwrap()),
-                i as u64
-            );
-            let at = i * LEN;
-            assert!(reply[16..]
+        let mut all = BytesMut::from(&reader.join().unwrap()[..]);
+        let mut decoder = ReplyDecoder::new(false, |_| Some(LEN as u32));
+        for i in 0..3u64 {
+            let Some(ReplyFrame::Simple {
+                error,
+                handle,
+                data,
+            }) = decoder.decode(&mut all).unwrap()
+            else {
+                panic!("reply {i} missing");
+            };
+            assert_eq!((handle, error), (i, 0));
+            let at = i as usize * LEN;
+            assert!(data
                 .iter()
                 .enumerate()
                 .all(|(j, &b)| b == ((at + j) % 251) as u8));
         }
+        assert!(all.is_empty());
         assert!(matches!(c.rx.try_recv(), Ok(ToWriter::LongRead(l)) if l.req.handle == 3));
     }
 
